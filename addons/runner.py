@@ -1,0 +1,133 @@
+"""Run mitmproxy embedded, with only the addons a gateway needs.
+
+Stock mitmdump loads ~31 addons; a gateway wants none of Block (drops public clients),
+Onboarding (answers mitm.it), script loading or flow saving. The listener is a TLS reverse proxy
+whose upstream is chosen per flow by ``Routing``; ``lazy`` connections mean nothing is opened
+upstream before the access decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from mitmproxy import options
+from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+from mitmproxy.master import Master
+
+from addons.access_gate import AccessGate
+from addons.routing import Routing
+from gateway.access import AccessService
+from gateway.bootstrap import Loaded, build_service
+from gateway.certs import ensure_server_certificate
+from gateway.config import Config
+from gateway.demo import DemoUpstreams
+from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
+
+logger = logging.getLogger(__name__)
+
+PLACEHOLDER_UPSTREAM = "https://upstream.invalid:443"
+
+
+class Ready:
+    """Signals when the listener is bound, with the addresses it bound."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.addresses: list[tuple[str, int]] = []
+
+    def running(self) -> None:
+        from mitmproxy import ctx
+
+        server: proxyserver.Proxyserver = ctx.master.addons.get("proxyserver")
+        self.addresses = [tuple(a[:2]) for a in server.listen_addrs()]  # type: ignore[misc]  (IPv4/6 tuples)
+        self.event.set()
+
+
+def build_master(service: AccessService) -> tuple[Master, Ready]:
+    """Must be called inside the event loop that will run the master."""
+    config = service.config
+    settings = config.gateway_file.gateway
+    opts = options.Options()
+    master = Master(opts, with_termlog=False)
+    ready = Ready()
+    master.addons.add(
+        core.Core(),
+        proxyserver.Proxyserver(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        errorcheck.ErrorCheck(),
+        Routing(service),
+        AccessGate(service),
+        ready,
+    )
+    state_dir = config.path(settings.state_dir)
+    (state_dir / "mitmproxy").mkdir(parents=True, exist_ok=True)
+    opts.update(
+        mode=[f"reverse:{PLACEHOLDER_UPSTREAM}@{settings.listen.host}:{settings.listen.port}"],
+        confdir=str(state_dir / "mitmproxy"),
+        certs=[f"{host}={config.path(c.file)}" for c in settings.certificates for host in c.hosts],
+        connection_strategy="lazy",
+        keep_host_header=True,
+        rawtcp=False,
+        http3=False,
+        websocket=False,
+        stream_large_bodies="1m",
+        validate_inbound_headers=True,
+    )
+    return master, ready
+
+
+@dataclass(frozen=True, slots=True)
+class RunningGateway:
+    service: AccessService
+    addresses: list[tuple[str, int]]
+    upstreams: DemoUpstreams | None
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterator[RunningGateway]:
+    """Start the gateway (and, for the demo, its issuer and backends) in the running loop."""
+    config = loaded.config
+    upstreams = None
+    if demo:
+        for certificate in config.gateway_file.gateway.certificates:
+            ensure_server_certificate(config.path(certificate.file), certificate.hosts)
+        upstreams = DemoUpstreams(config)
+        await upstreams.start()
+    _check_certificates(config)
+    service, jwks = build_service(loaded)
+    try:
+        try:
+            await jwks.refresh()
+        except SignalUnavailable as error:
+            logger.warning("signing keys not fetched yet (%s); requests get 503 until they are", error)
+        master, ready = build_master(service)
+        task = asyncio.create_task(master.run())
+        waiter = asyncio.create_task(ready.event.wait())
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        if not ready.event.is_set():
+            waiter.cancel()
+            raise RuntimeError("the gateway listener did not start; see the log above")
+        try:
+            yield RunningGateway(service, ready.addresses, upstreams)
+        finally:
+            master.shutdown()
+            await task
+    finally:
+        service.close()
+        if upstreams is not None:
+            await upstreams.stop()
+
+
+def _check_certificates(config: Config) -> None:
+    missing = [config.path(c.file) for c in config.gateway_file.gateway.certificates
+               if not config.path(c.file).is_file()]
+    if missing:
+        raise ConfigError([ConfigProblem(str(p), None, None, "gateway.certificates",
+                                         "certificate file not found: a PEM with the certificate chain "
+                                         "and its private key (`portcullis demo` creates its own)")
+                           for p in missing])

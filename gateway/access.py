@@ -1,0 +1,145 @@
+"""The access service: one request in, one outcome out (forward with these headers, or answer).
+
+All I/O around the pure ``evaluate`` happens here: token validation, the device lookup and the
+decision log. A signal source that cannot answer makes the outcome a 503, never a forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from gateway import headers
+from gateway.audit import DecisionLog, sign_in_record
+from gateway.config import Config
+from gateway.errors import SignalUnavailable
+from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
+from gateway.paths import canonical_path
+from gateway.policy.conditions import client_app_type
+from gateway.policy.evaluate import evaluate
+from gateway.policy.model import (
+    AccessRequest,
+    ClientApp,
+    Decision,
+    DecisionResult,
+    DeviceSignals,
+    ErrorCode,
+    Identity,
+)
+from gateway.signals.devices import DeviceInventory
+from gateway.web import pages
+
+logger = logging.getLogger(__name__)
+
+type Clock = Callable[[], datetime]
+
+
+def new_correlation_id() -> str:
+    return str(uuid.uuid4())
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Either forward (``response`` is None) with ``upstream_headers`` set, or answer ``response``."""
+
+    decision: Decision
+    response: pages.GatewayResponse | None
+    upstream_headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def forward(self) -> bool:
+        return self.response is None
+
+
+class AccessService:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        validator: BearerValidator,
+        inventory: DeviceInventory,
+        decision_log: DecisionLog,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.config = config
+        self._validator = validator
+        self._inventory = inventory
+        self._log = decision_log
+        self._clock = clock
+        self._app_names = config.app_names_by_client_id()
+
+    def close(self) -> None:
+        self._log.close()
+
+    def upstream_for(self, host: str) -> str | None:
+        """The upstream URL of a protected host, or None if the gateway does not serve it."""
+        protected = self.config.gateway_file.protected_hosts.get(host)
+        return protected.upstream if protected else None
+
+    async def authorize(self, request: AccessRequest, authorization: list[str]) -> Outcome:
+        now = self._clock()
+        path = canonical_path(request.path)
+        if path is None:
+            return self._refuse(request, 400, "ambiguous request path", now)
+        request = replace(request, path=path)
+        token = bearer_token(authorization)
+        if isinstance(token, RejectedToken):
+            return self._unauthenticated(request, token, now)
+        audiences = frozenset(self.config.gateway_file.protected_hosts[request.host].audiences)
+        try:
+            identity = await self._validator.validate(token, audiences)
+            if isinstance(identity, RejectedToken):
+                return self._unauthenticated(request, identity, now)
+            device = await self._device_signals(identity)
+        except SignalUnavailable as error:
+            logger.error("[%s] signal unavailable, blocking: %s", request.correlation_id, error)
+            return self._refuse(request, 503, "a signal source is unavailable; try again shortly", now)
+        app = ClientApp(client_id=identity.client_id, name=self._app_names.get(identity.client_id or ""))
+        decision = evaluate(request=request, identity=identity, device=device, app=app,
+                            resources=self.config.resources, policies=self.config.policies, now=now)
+        self._log.write(sign_in_record(request=request, decision=decision, now=now,
+                                       identity=identity, device=device, app=app))
+        if decision.allowed:
+            return Outcome(decision, None, _upstream_headers(request, identity, app))
+        response = pages.blocked(decision=decision, request=request, app=app, device=device,
+                                 remediation_url=self.config.gateway_file.gateway.remediation_url, now=now)
+        return Outcome(decision, response)
+
+    async def _device_signals(self, identity: Identity) -> DeviceSignals:
+        if identity.device_id is None:
+            return DeviceSignals(device_id=None, device=None, source=self._inventory.name)
+        device = await self._inventory.managed_device(identity.device_id)
+        return DeviceSignals(device_id=identity.device_id, device=device, source=self._inventory.name)
+
+    def _unauthenticated(self, request: AccessRequest, rejected: RejectedToken, now: datetime) -> Outcome:
+        decision = Decision(result=DecisionResult.unauthenticated, status_code=401, error_code=None,
+                            reason=rejected.reason, resource=None,
+                            client_app_type=client_app_type(request, None))
+        self._log.write(sign_in_record(request=request, decision=decision, now=now))
+        return Outcome(decision, pages.unauthenticated(rejected.reason, request.correlation_id))
+
+    def _refuse(self, request: AccessRequest, status: int, reason: str, now: datetime) -> Outcome:
+        decision = Decision(result=DecisionResult.block, status_code=status,
+                            error_code=ErrorCode.blocked_by_conditional_access, reason=reason, resource=None,
+                            client_app_type=client_app_type(request, None))
+        self._log.write(sign_in_record(request=request, decision=decision, now=now))
+        render = pages.bad_request if status == 400 else pages.unavailable
+        return Outcome(decision, render(reason, request.correlation_id))
+
+
+def _upstream_headers(request: AccessRequest, identity: Identity, app: ClientApp) -> tuple[tuple[str, str], ...]:
+    """What the upstream may trust, because the gateway removed any client-sent copy first."""
+    values = (
+        (headers.CORRELATION_ID, request.correlation_id),
+        (headers.USER, identity.user_principal_name or identity.subject),
+        (headers.CLIENT_APP, app.name or app.client_id or ""),
+        (headers.DEVICE_ID, identity.device_id or ""),
+    )
+    return tuple((name, value) for name, value in values if value)

@@ -1,0 +1,257 @@
+"""Typed models of the YAML files under a config directory.
+
+Keys use Entra's spelling (``grantControls``, ``builtInControls``); Python uses snake_case.
+Every model forbids unknown keys, so a typo is an error rather than a silently ignored rule.
+
+Files:
+    portcullis.yaml   gateway listener, identity provider, protected hosts, resources, apps
+    policies.yaml     Conditional Access policies
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from gateway.policy.model import BuiltInControl, DeviceThreatLevel, PolicyState
+
+HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME_HELP = "lower-case letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+class Model(BaseModel):
+    """Base for config models: camelCase keys, unknown keys rejected, values checked strictly."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=False,
+        frozen=True,
+        strict=True,
+    )
+
+
+class SigningAlgorithm(StrEnum):
+    """Asymmetric JWS algorithms only: ``none`` and HMAC are never accepted for an issuer."""
+
+    RS256 = "RS256"
+    RS384 = "RS384"
+    RS512 = "RS512"
+    PS256 = "PS256"
+    PS384 = "PS384"
+    PS512 = "PS512"
+    ES256 = "ES256"
+    ES384 = "ES384"
+    ES512 = "ES512"
+    EdDSA = "EdDSA"
+
+
+class GrantOperator(StrEnum):
+    AND = "AND"
+    OR = "OR"
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(value: str, *, what: str) -> str:
+    """https everywhere; plain http only on loopback (demo issuer, backends on the same host)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an absolute http(s) URL")
+    if parts.scheme == "http" and not _is_loopback_host(parts.hostname):
+        raise ValueError(f"{what} {value!r} must use https (plain http is allowed on loopback only)")
+    return value
+
+
+class Listen(Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8443
+
+
+class CertificateFile(Model):
+    """A PEM file holding a certificate chain and its private key, served for these host names."""
+
+    hosts: Annotated[list[str], Field(min_length=1)]
+    file: Path
+
+
+class GatewaySettings(Model):
+    listen: Listen = Listen()
+    certificates: Annotated[list[CertificateFile], Field(min_length=1)]
+    state_dir: Path = Path("../.portcullis")
+    remediation_url: str = "https://portal.manage.microsoft.com/"
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 32 * 1024
+
+
+class IdentitySettings(Model):
+    issuer: str
+    algorithms: Annotated[list[SigningAlgorithm], Field(min_length=1)] = [SigningAlgorithm.RS256]
+    clock_skew_seconds: Annotated[int, Field(ge=0, le=300)] = 30
+    jwks_cache_seconds: Annotated[int, Field(ge=60, le=86400)] = 3600
+    jwks_refresh_min_interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
+    http_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 5.0
+
+    @field_validator("algorithms", mode="before")
+    @classmethod
+    def _no_symmetric(cls, value: object) -> object:
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, str) and (item.lower() == "none" or item.upper().startswith("HS")):
+                    raise ValueError(
+                        f"{item!r} is never accepted: tokens must be signed with the issuer's "
+                        "private key (use RS*, PS*, ES* or EdDSA)"
+                    )
+        return value
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, value: str) -> str:
+        return _check_url(value, what="issuer").rstrip("/")
+
+
+class ProtectedHost(Model):
+    """A host name the gateway answers for, the upstream it forwards to, and the token audiences
+    that are valid for it (a SharePoint token must not open Exchange)."""
+
+    upstream: str
+    audiences: Annotated[list[str], Field(min_length=1)]
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{value!r}: an upstream is scheme://host[:port] with no path")
+        return _check_url(value, what="upstream").rstrip("/")
+
+
+class Resource(Model):
+    """A named part of a protected host: its host and the path prefixes that belong to it."""
+
+    host: str
+    paths: Annotated[list[str], Field(min_length=1)]
+    display_name: str | None = None
+
+    @field_validator("paths")
+    @classmethod
+    def _absolute_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/") or "?" in path or "#" in path or "%" in path:
+                raise ValueError(f"{path!r} must be a plain absolute path like '/owa/' (no query, no %)")
+            if any(segment in (".", "..") for segment in path.split("/")):
+                raise ValueError(f"{path!r} must not contain '.' or '..' segments")
+        return value
+
+
+class DeviceSignalsSettings(Model):
+    inventory: Path = Path("devices.yaml")
+
+
+class DecisionLogSettings(Model):
+    path: Path = Path("../.portcullis/decisions.jsonl")
+
+
+class PortcullisFile(Model):
+    """``portcullis.yaml``."""
+
+    gateway: GatewaySettings
+    identity: IdentitySettings
+    protected_hosts: Annotated[dict[str, ProtectedHost], Field(min_length=1)]
+    resources: dict[str, Resource] = {}
+    applications: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
+    device_signals: DeviceSignalsSettings = DeviceSignalsSettings()
+    decision_log: DecisionLogSettings = DecisionLogSettings()
+
+    @field_validator("protected_hosts")
+    @classmethod
+    def _host_names(cls, value: dict[str, ProtectedHost]) -> dict[str, ProtectedHost]:
+        for host in value:
+            if not HOST_NAME.match(host):
+                raise ValueError(f"{host!r} is not a lower-case DNS host name")
+        return value
+
+    @field_validator("applications", mode="before")
+    @classmethod
+    def _one_client_id_or_many(cls, value: object) -> object:
+        """``outlook-mobile: <client id>`` is short for a list of one."""
+        if isinstance(value, dict):
+            return {k: [v] if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("resources", "applications")
+    @classmethod
+    def _names(cls, value: dict[str, object]) -> dict[str, object]:
+        for name in value:
+            if not NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid name ({NAME_HELP})")
+        return value
+
+
+class Include(Model):
+    """Entra's include/exclude pair; ``All`` in ``include`` means every named item."""
+
+    include: list[str] = []
+    exclude: list[str] = []
+
+
+class PolicyConditions(Model):
+    resources: Include
+
+
+class GrantControls(Model):
+    operator: GrantOperator = GrantOperator.AND
+    built_in_controls: list[BuiltInControl] = []
+    approved_applications: list[str] = []
+    max_device_threat_level: DeviceThreatLevel | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GrantControls:
+        controls = set(self.built_in_controls)
+        if BuiltInControl.block in controls and (
+            len(controls) > 1 or self.max_device_threat_level is not None
+        ):
+            raise ValueError("'block' cannot be combined with other grant controls")
+        if (BuiltInControl.approved_application in controls) != bool(self.approved_applications):
+            raise ValueError(
+                "'approvedApplication' in builtInControls and a non-empty 'approvedApplications' "
+                "list go together"
+            )
+        if not controls and self.max_device_threat_level is None:
+            raise ValueError("a policy needs at least one grant control")
+        return self
+
+
+class ConditionalAccessPolicy(Model):
+    name: str
+    display_name: str | None = None
+    state: PolicyState
+    conditions: PolicyConditions
+    grant_controls: GrantControls
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid name ({NAME_HELP})")
+        return value
+
+
+class PoliciesFile(Model):
+    """``policies.yaml``."""
+
+    policies: list[ConditionalAccessPolicy]

@@ -1,0 +1,195 @@
+"""The embedded demo: the demo issuer and backends on the loopback ports the config names, and the
+scenarios whose ready-to-paste curl commands ``portcullis demo`` prints (the tests run the same
+scenarios through the real listener and check every expectation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import uvicorn
+
+from gateway.config import Config
+from gateway.web.demo_backends import exchange_app, sharepoint_app
+from gateway.web.demo_idp import DemoIdentityProvider
+
+EXCHANGE = "00000002-0000-0ff1-ce00-000000000000"
+SHAREPOINT = "00000003-0000-0ff1-ce00-000000000000"
+OUTLOOK_MOBILE = "27922004-5251-4030-b22d-91ecd9a37ea4"
+TEAMS = "1fec8e78-bce4-4aaf-ab1b-5451cc387264"
+OFFICE = "d3590ed6-52b3-4102-aeff-aad2292ab01c"
+ONEDRIVE = "ab9b8c07-8f02-4f72-87fa-80105867a763"
+
+ALEX_IPHONE = "3c5f0b1e-7a2d-4e8f-9b61-0d2a4c8e1f01"  # compliant, threat level low
+BLAKE_ANDROID = "8d2e6f4a-1b3c-4d5e-8f70-2a4b6c8d0e02"  # noncompliant
+CASEY_IPAD = "1a7b9c3d-5e6f-4a8b-9c0d-4e6f8a0b2c03"  # in grace period
+DREW_IPHONE = "5e9f1a2b-3c4d-4e5f-a6b7-6c8d0e2f4a04"  # compliant, threat level high
+
+BROWSER_UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/126.0 Safari/537.36"
+ACTIVESYNC_UA = "Outlook-iOS-Android/1.0"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scenario:
+    title: str
+    host: str
+    path: str
+    expect_status: int
+    expect_text: str | None = None
+    method: str = "GET"
+    token: str = "valid"  # valid | none | tampered
+    user: str = "alex@contoso.test"
+    client_id: str = OUTLOOK_MOBILE
+    audience: str = EXCHANGE
+    device_id: str | None = ALEX_IPHONE
+    headers: tuple[tuple[str, str], ...] = field(default=(("User-Agent", ACTIVESYNC_UA),))
+
+
+ACTIVESYNC = "/Microsoft-Server-ActiveSync?Cmd=Sync&User=alex&DeviceId=ALEXIPHONE&DeviceType=iPhone"
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario(title="Outlook (by its client id) on a compliant, low-risk device reaches ActiveSync",
+             host="mail.contoso.test", path=ACTIVESYNC, method="POST", expect_status=200,
+             expect_text='"backend":"exchange"'),
+    Scenario(title="Another app (Teams) with the same user and device is refused",
+             host="mail.contoso.test", path=ACTIVESYNC, method="POST", client_id=TEAMS,
+             expect_status=403, expect_text="app not approved"),
+    Scenario(title="Outlook on a noncompliant device is refused",
+             host="mail.contoso.test", path=ACTIVESYNC, method="POST", user="blake@contoso.test",
+             device_id=BLAKE_ANDROID, expect_status=403, expect_text="device not compliant"),
+    Scenario(title="Outlook on a device in its compliance grace period gets through",
+             host="mail.contoso.test", path=ACTIVESYNC, method="POST", user="casey@contoso.test",
+             device_id=CASEY_IPAD, expect_status=200, expect_text='"backend":"exchange"'),
+    Scenario(title="Outlook on a device whose MTD threat level is high is refused",
+             host="mail.contoso.test", path=ACTIVESYNC, method="POST", user="drew@contoso.test",
+             device_id=DREW_IPHONE, expect_status=403, expect_text="device risk high, allowed: low"),
+    Scenario(title="No token: 401 with a Bearer challenge",
+             host="mail.contoso.test", path=ACTIVESYNC, method="POST", token="none",
+             expect_status=401, expect_text='error="invalid_token"'),
+    Scenario(title="A bad token (tampered signature): 401 with a Bearer challenge",
+             host="mail.contoso.test", path=ACTIVESYNC, method="POST", token="tampered",
+             expect_status=401, expect_text='error="invalid_token"'),
+    Scenario(title="A browser on the noncompliant device opening OWA gets the HTML block page",
+             host="mail.contoso.test", path="/owa/", user="blake@contoso.test", client_id=OFFICE,
+             device_id=BLAKE_ANDROID, expect_status=403, expect_text="You can't get there from here",
+             headers=(("User-Agent", BROWSER_UA), ("Accept", "text/html,application/xhtml+xml"))),
+    Scenario(title="OneDrive on a compliant device downloads a SharePoint document",
+             host="docs.contoso.test", path="/_layouts/15/download.aspx?UniqueId=7f1c",
+             client_id=ONEDRIVE, audience=SHAREPOINT, expect_status=200,
+             expect_text="attachment", headers=(("User-Agent", "OneDrive/24.0"),)),
+    Scenario(title="A path of a protected host that no resource names is denied",
+             host="mail.contoso.test", path="/ecp/", expect_status=403,
+             expect_text="path is not part of any protected resource"),
+)
+
+
+def scenario_token(idp: DemoIdentityProvider, scenario: Scenario) -> str | None:
+    if scenario.token == "none":
+        return None
+    token = idp.mint(user=scenario.user, client_id=scenario.client_id, audience=scenario.audience,
+                     device_id=scenario.device_id)
+    if scenario.token == "tampered":
+        header, payload, signature = token.split(".")
+        flipped = ("A" if signature[10] != "A" else "B")
+        token = ".".join((header, payload, signature[:10] + flipped + signature[11:]))
+    return token
+
+
+def curl_command(scenario: Scenario, token: str | None, *, port: int, ca_file: str) -> str:
+    parts = ["curl", "-sS", "-i", "--cacert", ca_file, "--resolve", f"{scenario.host}:{port}:127.0.0.1"]
+    if scenario.method != "GET":
+        parts += ["-X", scenario.method]
+    for name, value in scenario.headers:
+        parts += ["-H", f"{name}: {value}"]
+    if token:
+        parts += ["-H", f"Authorization: Bearer {token}"]
+    parts.append(f"https://{scenario.host}:{port}{scenario.path}")
+    return shlex.join(parts)
+
+
+def expectation(scenario: Scenario) -> str:
+    text = f" and {scenario.expect_text}" if scenario.expect_text else ""
+    return f"expect: {scenario.expect_status}{text}"
+
+
+def banner(config: Config, idp: DemoIdentityProvider, ca_file: Path, port: int) -> str:
+    shown_ca = _relative(ca_file)
+    hosts = ", ".join(f"https://{h}:{port}" for h in config.gateway_file.protected_hosts)
+    lines = [
+        f"Portcullis demo is up: {hosts} (on 127.0.0.1; trust {shown_ca})",
+        f"Decision log: {_relative(config.path(config.gateway_file.decision_log.path))}",
+        "Paste any command below; each token is fresh (valid for one hour). Ctrl-C stops the demo.",
+        "",
+    ]
+    for number, scenario in enumerate(SCENARIOS, start=1):
+        token = scenario_token(idp, scenario)
+        lines += [f"# {number}. {scenario.title}", f"#    {expectation(scenario)}",
+                  curl_command(scenario, token, port=port, ca_file=shown_ca), ""]
+    lines += [
+        "# Mint more tokens from the demo issuer (dev only): user, client_id, audience, device_id",
+        shlex.join(["curl", "-sS", "-X", "POST", f"{idp.issuer}/demo/token", "-d", "user=alex@contoso.test",
+                    "-d", f"client_id={OUTLOOK_MOBILE}", "-d", f"audience={EXCHANGE}",
+                    "-d", f"device_id={ALEX_IPHONE}"]),
+    ]
+    return "\n".join(lines)
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+DEMO_BACKENDS = {"mail.contoso.test": exchange_app, "docs.contoso.test": sharepoint_app}
+
+
+class DemoUpstreams:
+    """The demo issuer and backends, served by uvicorn on the loopback ports the config names."""
+
+    def __init__(self, config: Config) -> None:
+        identity = config.gateway_file.identity
+        self.idp = DemoIdentityProvider(identity.issuer)
+        self._servers: list[uvicorn.Server] = [_server(self.idp.app(), identity.issuer)]
+        for host, protected in config.gateway_file.protected_hosts.items():
+            if host not in DEMO_BACKENDS:
+                raise ValueError(f"the demo has no backend for {host!r}; it serves {', '.join(DEMO_BACKENDS)}")
+            self._servers.append(_server(DEMO_BACKENDS[host](), protected.upstream))
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        sockets = [_listen(server.config) for server in self._servers]
+        for server, sock in zip(self._servers, sockets, strict=True):
+            self._tasks.append(asyncio.create_task(server.serve(sockets=[sock])))
+        while not all(s.started for s in self._servers):
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.should_exit = True
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _listen(config: uvicorn.Config) -> socket.socket:
+    """Bind first, so a port in use is a clear error rather than uvicorn exiting the process."""
+    try:
+        return socket.create_server((config.host, config.port))
+    except OSError as error:
+        raise RuntimeError(f"the demo cannot listen on {config.host}:{config.port}: {error.strerror}") from error
+
+
+def _server(app: object, url: str) -> uvicorn.Server:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"the demo serves {url} itself, so it must be http on 127.0.0.1")
+    config = uvicorn.Config(app, host=parts.hostname, port=parts.port or 80, log_level="warning",
+                            lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  (the CLI owns signals)
+    return server

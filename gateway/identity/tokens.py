@@ -1,0 +1,135 @@
+"""Bearer access token validation with pyjwt: signature by a key from the issuer's JWKS, exact
+``iss``, ``aud`` among those of the protected host, ``exp``/``nbf`` with a small leeway, and an
+algorithm from the pinned list. Verified tokens are cached until their ``exp``, keyed by the
+whole token and the audiences asked for.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import jwt
+from cachetools import TLRUCache
+
+from gateway.config.models import IdentitySettings
+from gateway.identity.jwks import JwksCache
+from gateway.policy.model import Identity
+
+MAX_TOKEN_BYTES = 16 * 1024
+MAX_KID_LENGTH = 256
+CACHE_SIZE = 10_000
+REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
+TOKEN68 = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedToken:
+    """Why a request has no valid identity. ``reason`` goes into the 401 and the decision log."""
+
+    reason: str
+
+
+def bearer_token(authorization_values: list[str]) -> str | RejectedToken:
+    """RFC 6750: exactly one ``Authorization: Bearer <token>``; the scheme is case-insensitive."""
+    if not authorization_values:
+        return RejectedToken("no bearer token")
+    if len(authorization_values) > 1:
+        return RejectedToken("more than one Authorization header")
+    scheme, _, token = authorization_values[0].strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return RejectedToken("Authorization is not a bearer token")
+    if len(token) > MAX_TOKEN_BYTES:
+        return RejectedToken("token too large")
+    if not TOKEN68.match(token):
+        return RejectedToken("malformed token")
+    return token
+
+
+class BearerValidator:
+    def __init__(self, settings: IdentitySettings, jwks: JwksCache) -> None:
+        self._issuer = settings.issuer
+        self._algorithms = {a.value for a in settings.algorithms}
+        self._leeway = settings.clock_skew_seconds
+        self._jwks = jwks
+        self._verified: TLRUCache[tuple[str, frozenset[str]], Identity] = TLRUCache(
+            maxsize=CACHE_SIZE, ttu=_until_exp, timer=time.time
+        )
+
+    async def validate(self, token: str, audiences: frozenset[str]) -> Identity | RejectedToken:
+        """Raises SignalUnavailable only when no signing key can be had at all."""
+        cache_key = (token, audiences)
+        cached = self._verified.get(cache_key)
+        if cached is not None:
+            return cached
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            return RejectedToken("malformed token")
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if algorithm not in self._algorithms:
+            return RejectedToken(f"signing algorithm {str(algorithm)[:20]!r} not allowed")
+        if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH:
+            return RejectedToken("token has no usable kid")
+        key = await self._jwks.key(kid)
+        if key is None:
+            return RejectedToken("unknown signing key")
+        result = self._decode(token, key, algorithm, audiences)
+        if isinstance(result, Identity):
+            self._verified[cache_key] = result
+        return result
+
+    def _decode(self, token: str, key: jwt.PyJWK, algorithm: str, audiences: frozenset[str]) -> Identity | RejectedToken:
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=[algorithm],
+                audience=sorted(audiences),
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": REQUIRED_CLAIMS, "strict_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            return RejectedToken("token expired")
+        except jwt.ImmatureSignatureError:
+            return RejectedToken("token not yet valid")
+        except jwt.InvalidAudienceError:
+            return RejectedToken("token audience not accepted for this host")
+        except jwt.InvalidIssuerError:
+            return RejectedToken("token issuer not accepted")
+        except jwt.InvalidSignatureError:
+            return RejectedToken("token signature invalid")
+        except jwt.MissingRequiredClaimError as error:
+            return RejectedToken(f"token has no {error.claim!r} claim")
+        except jwt.InvalidTokenError:
+            return RejectedToken("malformed token")
+        return identity_from_claims(claims, audiences)
+
+
+def identity_from_claims(claims: dict[str, object], audiences: frozenset[str]) -> Identity:
+    """Entra's claim names: ``azp`` (v2) or ``appid`` (v1) is the client app, ``deviceid`` the device."""
+    aud = claims["aud"]
+    matched = next(iter(sorted(audiences & ({aud} if isinstance(aud, str) else set(aud)))), "")  # type: ignore[arg-type]  (JSON)
+    groups = claims.get("groups")
+    return Identity(
+        subject=str(claims["sub"]),
+        user_principal_name=_text(claims.get("upn")) or _text(claims.get("preferred_username")),
+        object_id=_text(claims.get("oid")),
+        tenant_id=_text(claims.get("tid")),
+        client_id=(_text(claims.get("azp")) or _text(claims.get("appid")) or "").lower() or None,
+        device_id=(_text(claims.get("deviceid")) or "").lower() or None,
+        groups=frozenset(g for g in groups if isinstance(g, str)) if isinstance(groups, list) else frozenset(),
+        audience=matched,
+        expires_at=float(claims["exp"]),  # type: ignore[arg-type]  (required and checked numeric by pyjwt)
+    )
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _until_exp(_key: object, identity: Identity, _now: float) -> float:
+    return identity.expires_at

@@ -1,0 +1,1 @@
+"""Conditional Access evaluation: a pure function of request, identity, signals and policies."""

@@ -1,0 +1,1 @@
+"""Device and risk signals behind small provider interfaces; they never decide access."""

@@ -1,0 +1,110 @@
+"""Device inventory and MTD threat level providers.
+
+Providers are Protocols so tests and later connectors (Graph, SQLite, MTD webhooks) plug in
+without touching policy code. The embedded default reads a YAML file under ``config/``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Protocol
+
+from pydantic import AwareDatetime, Field
+
+from gateway.config.loader import locate, raise_if, read_yaml, validate
+from gateway.config.models import Model
+from gateway.errors import ConfigProblem
+from gateway.policy.model import ComplianceState, DeviceThreatLevel, ManagedDevice
+
+
+class DeviceInventory(Protocol):
+    """Looks up a device by its Entra device id (the token's ``deviceid`` claim)."""
+
+    name: str
+
+    async def managed_device(self, device_id: str) -> ManagedDevice | None:
+        """The device, or None if the inventory does not know it. Raises SignalUnavailable."""
+        ...
+
+
+class DeviceRecord(Model):
+    """One entry of the inventory file, in Intune's field names."""
+
+    azure_ad_device_id: Annotated[str, Field(min_length=1, alias="azureADDeviceId")]
+    device_name: str | None = None
+    user_principal_name: str | None = None
+    operating_system: str | None = None
+    compliance_state: ComplianceState
+    compliance_grace_period_expiration_date_time: AwareDatetime | None = None
+    threat_level: DeviceThreatLevel | None = None
+    threat_source: str | None = None
+
+    def to_managed_device(self) -> ManagedDevice:
+        return ManagedDevice(
+            device_id=self.azure_ad_device_id.lower(),
+            display_name=self.device_name,
+            user_principal_name=self.user_principal_name,
+            operating_system=self.operating_system,
+            compliance_state=self.compliance_state,
+            compliance_grace_period_expiration=self.compliance_grace_period_expiration_date_time,
+            threat_level=self.threat_level,
+            threat_source=self.threat_source,
+        )
+
+
+class InventoryFile(Model):
+    devices: list[DeviceRecord]
+
+
+class FileDeviceInventory:
+    """The embedded inventory: a YAML file read once at start, answered from memory."""
+
+    name = "file"
+
+    def __init__(self, devices: dict[str, ManagedDevice]) -> None:
+        self._devices = devices
+
+    @classmethod
+    def load(cls, path: Path, display_name: str | None = None) -> FileDeviceInventory:
+        shown = display_name or str(path)
+        data, problems = read_yaml(path, shown)
+        inventory = None
+        if not problems:
+            inventory, problems = validate(InventoryFile, data, shown)
+        if inventory is not None:
+            problems += _duplicates(inventory, data, shown)
+        raise_if(problems)
+        assert inventory is not None  # noqa: S101  (no problems)
+        return cls({d.azure_ad_device_id.lower(): d.to_managed_device() for d in inventory.devices})
+
+    async def managed_device(self, device_id: str) -> ManagedDevice | None:
+        return self._devices.get(device_id.lower())
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+
+def _duplicates(inventory: InventoryFile, data: object, shown: str) -> list[ConfigProblem]:
+    seen: set[str] = set()
+    problems = []
+    for index, record in enumerate(inventory.devices):
+        key = record.azure_ad_device_id.lower()
+        if key in seen:
+            problems.append(locate(data, ("devices", index, "azureADDeviceId"), shown,
+                                   f"device {record.azure_ad_device_id!r} is listed twice"))
+        seen.add(key)
+    return problems
+
+
+def is_compliant(device: ManagedDevice | None, now: datetime) -> bool:
+    """Intune: ``inGracePeriod`` keeps access until the grace period ends; an unknown device is
+    not compliant."""
+    if device is None:
+        return False
+    if device.compliance_state is ComplianceState.compliant:
+        return True
+    if device.compliance_state is ComplianceState.in_grace_period:
+        end = device.compliance_grace_period_expiration
+        return end is not None and now < end
+    return False

@@ -1,0 +1,52 @@
+"""Demo upstreams shaped like Exchange (OWA, ActiveSync, EWS, Autodiscover) and SharePoint
+(sites, REST, downloads). Each answers JSON describing what it received, so a person (or a test)
+can see exactly which headers the gateway forwarded."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+NOT_ECHOED = {"authorization", "cookie"}
+
+
+async def _echo(request: Request) -> JSONResponse:
+    backend = request.app.state.backend
+    received = {k: v for k, v in request.headers.items() if k not in NOT_ECHOED}
+    return JSONResponse({
+        "backend": backend, "method": request.method, "path": request.url.path,
+        "query": request.url.query, "receivedHeaders": received,
+    })
+
+
+async def _download(request: Request) -> Response:
+    name = "Quarterly report.docx"
+    return Response(
+        b"demo document bytes\n",
+        media_type="application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+def exchange_app() -> Starlette:
+    app = Starlette(routes=[
+        Route("/owa/{rest:path}", _echo, methods=ALL_METHODS),
+        Route("/Microsoft-Server-ActiveSync", _echo, methods=ALL_METHODS),
+        Route("/EWS/Exchange.asmx", _echo, methods=ALL_METHODS),
+        Route("/autodiscover/{rest:path}", _echo, methods=ALL_METHODS),
+    ])
+    app.state.backend = "exchange"
+    return app
+
+
+def sharepoint_app() -> Starlette:
+    app = Starlette(routes=[
+        Route("/sites/{rest:path}", _echo, methods=ALL_METHODS),
+        Route("/_api/{rest:path}", _echo, methods=ALL_METHODS),
+        Route("/_layouts/15/download.aspx", _download, methods=["GET", "HEAD"]),
+    ])
+    app.state.backend = "sharepoint"
+    return app

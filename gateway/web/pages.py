@@ -1,0 +1,134 @@
+"""Answers the gateway gives itself: 401 for missing or bad tokens, 403 block pages (HTML for
+browsers, JSON for apps), 400/503. Plain accessible HTML, no external assets, nothing internal
+(no upstream address, no stack trace)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from html import escape
+
+from gateway.headers import CORRELATION_ID
+from gateway.policy.model import AccessRequest, ClientApp, Decision, DeviceSignals, ErrorCode
+
+SECURITY_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+)
+
+HEADLINES = {
+    ErrorCode.device_not_compliant: "This device does not meet your organisation's compliance requirements.",
+    ErrorCode.app_not_approved: "This app is not approved to reach this resource.",
+    ErrorCode.blocked_by_conditional_access: "Your organisation's policy blocks access to this resource.",
+    ErrorCode.blocked_due_to_risk: "This device's threat level is too high to reach this resource.",
+}
+FIXES = {
+    ErrorCode.device_not_compliant: "Open the company portal on this device, check its compliance and fix what it lists.",
+    ErrorCode.app_not_approved: "Use an approved app, such as Outlook, to open your mail and documents.",
+    ErrorCode.blocked_by_conditional_access: "Contact your helpdesk with the details below.",
+    ErrorCode.blocked_due_to_risk: "Open your threat defence app and resolve the threats it reports; access returns once the device is secure.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayResponse:
+    status_code: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def unauthenticated(reason: str, correlation_id: str) -> GatewayResponse:
+    """RFC 6750 challenge. The reason is ours (never echoed client input), so it is safe to quote."""
+    challenge = f'Bearer error="invalid_token", error_description="{reason}"'
+    body = {"error": "invalid_token", "error_description": reason, "correlationId": correlation_id}
+    return _json(401, body, correlation_id, (("WWW-Authenticate", challenge),))
+
+
+def bad_request(reason: str, correlation_id: str) -> GatewayResponse:
+    return _json(400, {"error": "bad_request", "error_description": reason, "correlationId": correlation_id},
+                 correlation_id)
+
+
+def unavailable(reason: str, correlation_id: str) -> GatewayResponse:
+    body = {"error": "temporarily_unavailable", "error_description": reason, "correlationId": correlation_id}
+    return _json(503, body, correlation_id, (("Retry-After", "30"),))
+
+
+def blocked(
+    *,
+    decision: Decision,
+    request: AccessRequest,
+    app: ClientApp,
+    device: DeviceSignals,
+    remediation_url: str,
+    now: datetime,
+) -> GatewayResponse:
+    code = decision.error_code or ErrorCode.blocked_by_conditional_access
+    details = {
+        "errorCode": int(code),
+        "reason": decision.reason,
+        "policy": decision.failed_policy,
+        "correlationId": request.correlation_id,
+        "timestamp": now.isoformat(timespec="seconds"),
+        "app": app.name or app.client_id,
+        "ipAddress": request.client_ip,
+        "deviceId": device.device_id,
+        "devicePlatform": device.device.operating_system if device.device else None,
+        "deviceState": _device_state(device),
+        "remediationUrl": remediation_url,
+    }
+    if not request.accepts_html:
+        return _json(decision.status_code, {"error": "access_denied", **details}, request.correlation_id)
+    return GatewayResponse(
+        decision.status_code,
+        (("Content-Type", "text/html; charset=utf-8"), (CORRELATION_ID, request.correlation_id), *SECURITY_HEADERS),
+        _block_page(code, details).encode(),
+    )
+
+
+def _device_state(device: DeviceSignals) -> str:
+    if device.device_id is None:
+        return "not identified"
+    if device.device is None:
+        return "unregistered"
+    return device.device.compliance_state.value
+
+
+def _json(status: int, body: dict[str, object], correlation_id: str,
+          extra: tuple[tuple[str, str], ...] = ()) -> GatewayResponse:
+    headers = (("Content-Type", "application/json"), (CORRELATION_ID, correlation_id), *extra, *SECURITY_HEADERS)
+    return GatewayResponse(status, headers, json.dumps(body).encode())
+
+
+def _block_page(code: ErrorCode, details: dict[str, object]) -> str:
+    labels = {
+        "errorCode": "Error code", "reason": "Reason", "policy": "Policy", "correlationId": "Correlation ID",
+        "timestamp": "Timestamp", "app": "App", "ipAddress": "IP address", "deviceId": "Device ID",
+        "devicePlatform": "Device platform", "deviceState": "Device state",
+    }
+    rows = "\n".join(
+        f"<tr><th scope=\"row\">{escape(label)}</th><td>{escape(str(details[key] or '—'))}</td></tr>"
+        for key, label in labels.items()
+    )
+    url = escape(str(details["remediationUrl"]), quote=True)
+    return f"""<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>You can't get there from here</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem;color:#1b1b1b}}
+h1{{font-size:1.6rem}}table{{border-collapse:collapse;width:100%}}th,td{{text-align:left;padding:.3rem .5rem;
+border-bottom:1px solid #ddd;vertical-align:top}}th{{width:11rem}}a.button{{display:inline-block;padding:.6rem 1rem;
+background:#0067b8;color:#fff;text-decoration:none;border-radius:2px}}</style></head>
+<body><main>
+<h1>You can't get there from here</h1>
+<p>{escape(HEADLINES[code])}</p>
+<p><strong>How to fix it:</strong> {escape(FIXES[code])}</p>
+<p><a class="button" href="{url}">Check device compliance</a></p>
+<details open><summary>More details</summary>
+<table>
+{rows}
+</table></details>
+</main></body></html>
+"""
