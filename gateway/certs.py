@@ -21,13 +21,13 @@ CA_KEY_FILE = "ca-key.pem"
 def ensure_server_certificate(cert_file: Path, hosts: list[str]) -> Path:
     """Create ``cert_file`` (and a CA beside it) if missing. Returns the CA certificate path."""
     directory = cert_file.parent
+    if cert_file.exists():
+        return directory / CA_FILE
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = _load_or_create_ca(directory)
-    if not cert_file.exists():
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _server_certificate(hosts, key, ca_cert, ca_key)
-        pem = cert.public_bytes(serialization.Encoding.PEM) + _private_pem(key)
-        _write_private(cert_file, pem)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _server_certificate(hosts, key, ca_cert, ca_key)
+    _write_private(cert_file, cert.public_bytes(serialization.Encoding.PEM) + _private_pem(key))
     return directory / CA_FILE
 
 

@@ -1,0 +1,184 @@
+"""Shared harness: the shipped demo config on free ports, trustme certificates, and a real gateway
+(mitmproxy listener, demo issuer, demo backends) running in a background event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import ssl
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trustme
+from ruamel.yaml import YAML
+
+from addons.runner import build_master, running_gateway
+from gateway import bootstrap
+from gateway.access import AccessService
+from gateway.web.demo_idp import DemoIdentityProvider
+
+REPO = Path(__file__).resolve().parents[1]
+HOSTS = ["mail.contoso.test", "docs.contoso.test"]
+START_TIMEOUT = 30
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Ports:
+    gateway: int
+    idp: int
+    mail: int
+    docs: int
+
+    @classmethod
+    def fresh(cls) -> Ports:
+        return cls(free_port(), free_port(), free_port(), free_port())
+
+
+def demo_config_copy(directory: Path, ports: Ports) -> Path:
+    """The shipped ``config/`` copied to ``directory/config`` with its ports replaced."""
+    target = directory / "config"
+    shutil.copytree(REPO / "config", target)
+    yaml = YAML()
+    path = target / "portcullis.yaml"
+    data = yaml.load(path)
+    data["gateway"]["listen"]["port"] = ports.gateway
+    data["identity"]["issuer"] = f"http://127.0.0.1:{ports.idp}/contoso"
+    data["protectedHosts"]["mail.contoso.test"]["upstream"] = f"http://127.0.0.1:{ports.mail}"
+    data["protectedHosts"]["docs.contoso.test"]["upstream"] = f"http://127.0.0.1:{ports.docs}"
+    yaml.dump(data, path)
+    return target
+
+
+def write_trustme_certificate(ca: trustme.CA, config_dir: Path) -> None:
+    """A trustme server certificate where the config expects the gateway's PEM (chain + key)."""
+    pem = config_dir.parent / "certs" / "gateway.pem"
+    pem.parent.mkdir(parents=True, exist_ok=True)
+    server = ca.issue_cert(*HOSTS)
+    pem.write_bytes(b"".join(b.bytes() for b in server.cert_chain_pems) + server.private_key_pem.bytes())
+
+
+class Background[T]:
+    """Runs an async context manager in its own thread and event loop, as a sync one."""
+
+    def __init__(self, factory: Callable[[], contextlib.AbstractAsyncContextManager[T]]) -> None:
+        self._factory = factory
+        self._ready = threading.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            async with self._factory() as value:
+                self._value = value
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as error:  # noqa: BLE001  (handed to the test thread)
+            self._error = error
+            self._ready.set()
+
+    def __enter__(self) -> T:
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT):
+            raise TimeoutError("background service did not start")
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+    def __exit__(self, *_: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(START_TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def proxy_for(service: AccessService) -> AsyncIterator[int]:
+    """Only the mitmproxy listener, for a service a test built itself (fault injection)."""
+    master, ready = build_master(service)
+    task = asyncio.create_task(master.run())
+    await asyncio.wait_for(ready.event.wait(), START_TIMEOUT)
+    try:
+        yield ready.addresses[0][1]
+    finally:
+        master.shutdown()
+        await task
+        service.close()
+
+
+@dataclass
+class Gateway:
+    """A running gateway and a TLS client that trusts it."""
+
+    port: int
+    idp: DemoIdentityProvider
+    ca: trustme.CA
+    config_dir: Path
+    decision_log: Path
+
+    def client(self) -> httpx.Client:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return httpx.Client(verify=context, timeout=10)
+
+    def request(self, host: str, path: str, *, method: str = "GET", token: str | None = None,
+                headers: dict[str, str] | None = None, port: int | None = None,
+                sni: str | None = None, **kwargs: Any) -> httpx.Response:
+        """Connect to 127.0.0.1 but speak TLS (SNI, certificate check) and HTTP as ``host``."""
+        sent = {"Host": host, **(headers or {})}
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        with self.client() as client:
+            return client.request(method, f"https://127.0.0.1:{port or self.port}{path}", headers=sent,
+                                  extensions={"sni_hostname": sni or host}, **kwargs)
+
+    def decision(self, correlation_id: str) -> dict[str, Any]:
+        for line in self.decision_log.read_text().splitlines():
+            record = json.loads(line)
+            if record["correlationId"] == correlation_id:
+                return record
+        raise AssertionError(f"no decision logged for {correlation_id}")
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def demo_ports() -> Ports:
+    return Ports.fresh()
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA, demo_ports: Ports) -> Iterator[Gateway]:
+    """The shipped demo config, served for real: issuer, backends and the mitmproxy listener."""
+    config_dir = demo_config_copy(tmp_path_factory.mktemp("demo"), demo_ports)
+    write_trustme_certificate(ca, config_dir)
+    loaded = bootstrap.load(config_dir)
+    with Background(lambda: running_gateway(loaded, demo=True)) as running:
+        assert running.upstreams is not None
+        yield Gateway(
+            port=running.addresses[0][1],
+            idp=running.upstreams.idp,
+            ca=ca,
+            config_dir=config_dir,
+            decision_log=loaded.config.path(loaded.config.gateway_file.decision_log.path),
+        )

@@ -1,0 +1,227 @@
+"""Behaviour of the real listener beyond the demo scenarios: routing, header hygiene, token
+rejections, path canonicalisation, and failing closed when something breaks."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from gateway import bootstrap
+from gateway.access import AccessService
+from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, SHAREPOINT, TEAMS
+from gateway.errors import SignalUnavailable
+from gateway.policy.model import ManagedDevice
+from gateway.web.demo_idp import DemoIdentityProvider
+from tests.conftest import Background, Gateway, Ports, demo_config_copy, proxy_for, write_trustme_certificate
+
+ACTIVESYNC = "/Microsoft-Server-ActiveSync?Cmd=Sync&DeviceType=iPhone"
+MAIL = "mail.contoso.test"
+
+
+def outlook_token(gateway: Gateway, **kwargs: object) -> str:
+    claims = {"user": "alex@contoso.test", "client_id": OUTLOOK_MOBILE, "audience": EXCHANGE,
+              "device_id": ALEX_IPHONE, **kwargs}
+    return gateway.idp.mint(**claims)  # type: ignore[arg-type]  (test helper)
+
+
+def test_client_sent_identity_headers_never_reach_the_upstream(gateway: Gateway) -> None:
+    forged = {
+        "X-Portcullis-User": "ceo@contoso.test",
+        "x-portcullis-device-id": "forged-device",
+        "X-Forwarded-User": "ceo@contoso.test",
+        "X_Forwarded_User": "ceo@contoso.test",
+        "X-Auth-Request-Email": "ceo@contoso.test",
+        "Remote-User": "ceo",
+        "X-Portcullis-Correlation-Id": "chosen-by-client",
+    }
+    response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=outlook_token(gateway), headers=forged)
+    assert response.status_code == 200
+    received = response.json()["receivedHeaders"]
+    assert received["x-portcullis-user"] == "alex@contoso.test"
+    assert received["x-portcullis-device-id"] == ALEX_IPHONE
+    assert received["x-portcullis-correlation-id"] != "chosen-by-client"
+    for name in ("x-forwarded-user", "x_forwarded_user", "x-auth-request-email", "remote-user"):
+        assert name not in received
+
+
+def test_unknown_host_is_misdirected(gateway: Gateway) -> None:
+    response = gateway.request("intranet.contoso.test", "/owa/", token=outlook_token(gateway),
+                               sni=MAIL)
+    assert response.status_code == 421
+
+
+def test_sni_and_host_must_agree(gateway: Gateway) -> None:
+    response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=outlook_token(gateway),
+                               sni="docs.contoso.test")
+    assert response.status_code == 421
+
+
+def test_plaintext_http_on_the_tls_listener_is_refused(gateway: Gateway) -> None:
+    token = outlook_token(gateway)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\n"
+                     "Content-Length: 0\r\n\r\n".encode())
+        answer = b"".join(iter(lambda: sock.recv(4096), b"")).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 400")
+    assert "tls_required" in answer
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        pytest.param({"lifetime": -120}, "token expired", id="expired beyond the leeway"),
+        pytest.param({"not_before_offset": 600}, "token not yet valid", id="nbf in the future"),
+        pytest.param({"audience": SHAREPOINT}, "token audience not accepted for this host",
+                     id="SharePoint token used at Exchange"),
+    ],
+)
+def test_invalid_token_claims_get_401(gateway: Gateway, claims: dict[str, object], reason: str) -> None:
+    response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=outlook_token(gateway, **claims))
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == f'Bearer error="invalid_token", error_description="{reason}"'
+
+
+def test_token_within_the_clock_skew_leeway_is_accepted(gateway: Gateway) -> None:
+    response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=outlook_token(gateway, lifetime=-10))
+    assert response.status_code == 200
+
+
+def test_token_from_another_issuer_key_is_rejected(gateway: Gateway) -> None:
+    impostor = DemoIdentityProvider(gateway.idp.issuer)
+    impostor.kid = gateway.idp.kid  # same kid, other key: only the signature can tell
+    token = impostor.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
+                          device_id=ALEX_IPHONE)
+    response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=token)
+    assert response.status_code == 401
+    assert "token signature invalid" in response.headers["www-authenticate"]
+
+
+@pytest.mark.parametrize("algorithm", ["none", "HS256"])
+def test_unsigned_or_hmac_tokens_are_rejected(gateway: Gateway, algorithm: str) -> None:
+    now = int(time.time())
+    claims = {"iss": gateway.idp.issuer, "aud": EXCHANGE, "exp": now + 600, "sub": "x",
+              "azp": OUTLOOK_MOBILE, "deviceid": ALEX_IPHONE}
+    public_pem = gateway.idp.key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    if algorithm == "none":
+        token = jwt.encode(claims, None, algorithm="none", headers={"kid": gateway.idp.kid})
+    else:  # the classic confusion: HMAC keyed with the issuer's public key
+        token = _hmac_token(claims, public_pem, gateway.idp.kid)
+    response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=token)
+    assert response.status_code == 401
+    assert "not allowed" in response.headers["www-authenticate"]
+
+
+def _hmac_token(claims: dict[str, object], secret: bytes, kid: str) -> str:
+    """Signed by hand: pyjwt itself refuses to use a PEM public key as an HMAC secret."""
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = f"{part(json.dumps({'alg': 'HS256', 'typ': 'JWT', 'kid': kid}).encode())}." \
+                    f"{part(json.dumps(claims).encode())}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{part(signature)}"
+
+
+def test_bearer_scheme_is_case_insensitive(gateway: Gateway) -> None:
+    response = gateway.request(MAIL, ACTIVESYNC, method="POST",
+                               headers={"Authorization": f"bEaReR {outlook_token(gateway)}"})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param("/owa/%2e%2e/ecp/", id="encoded dot segment"),
+        pytest.param("/owa/..%2fecp/", id="encoded slash"),
+        pytest.param("/owa/%252e%252e/ecp/", id="double encoding"),
+        pytest.param("/owa/x%5c..%5cecp", id="encoded backslash"),
+    ],
+)
+def test_ambiguous_paths_are_refused_with_400(gateway: Gateway, path: str) -> None:
+    response = gateway.request(MAIL, path, token=outlook_token(gateway))
+    assert response.status_code == 400
+
+
+def test_rules_match_paths_case_insensitively(gateway: Gateway) -> None:
+    """IIS serves /microsoft-server-activesync as ActiveSync: the rule must still apply."""
+    token = outlook_token(gateway, client_id=TEAMS)
+    response = gateway.request(MAIL, "/microsoft-server-activesync?Cmd=Sync", method="POST", token=token)
+    assert response.status_code == 403
+    assert response.json()["reason"] == "app not approved"
+
+
+class FailingInventory:
+    name = "failing"
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+
+    async def managed_device(self, device_id: str) -> ManagedDevice | None:
+        self.calls += 1
+        raise self.error
+
+
+def _service_with(tmp_path: Path, ca: object, ports: Ports, inventory: FailingInventory) -> AccessService:
+    config_dir = demo_config_copy(tmp_path, ports)
+    write_trustme_certificate(ca, config_dir)  # type: ignore[arg-type]  (trustme.CA)
+    loaded = bootstrap.load(config_dir)
+    service, _ = bootstrap.build_service(loaded)
+    service._inventory = inventory  # the one part under test is swapped for a fake that fails
+    return service
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        pytest.param(SignalUnavailable("inventory timed out"), 503, id="signal source down -> 503"),
+        pytest.param(RuntimeError("bug in a provider"), 500, id="unexpected exception -> 500"),
+    ],
+)
+def test_a_failing_signal_source_blocks_instead_of_forwarding(
+    gateway: Gateway, tmp_path: Path, demo_ports: Ports, error: Exception, status: int
+) -> None:
+    ports = Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs)
+    inventory = FailingInventory(error)
+    service = _service_with(tmp_path, gateway.ca, ports, inventory)
+    with Background(lambda: proxy_for(service)) as port:
+        response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=outlook_token(gateway), port=port)
+    assert inventory.calls == 1
+    assert response.status_code == status
+    assert "backend" not in response.text
+
+
+def test_unreachable_issuer_fails_closed_with_503(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    dead_issuer = Ports(0, _closed_port(), demo_ports.mail, demo_ports.docs)
+    inventory = FailingInventory(AssertionError("never asked"))
+    service = _service_with(tmp_path, gateway.ca, dead_issuer, inventory)
+    with Background(lambda: proxy_for(service)) as port:
+        response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=outlook_token(gateway), port=port)
+    assert response.status_code == 503
+    assert inventory.calls == 0
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_tls_certificate_is_the_configured_one(gateway: Gateway) -> None:
+    context = ssl.create_default_context()
+    gateway.ca.configure_trust(context)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="docs.contoso.test") as tls:
+        names = [v for k, v in tls.getpeercert()["subjectAltName"] if k == "DNS"]
+    assert names == ["mail.contoso.test", "docs.contoso.test"]
