@@ -87,8 +87,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 async def _serve(config_dir: Path, *, demo: bool) -> None:
-    from addons.runner import running_gateway  # the core never imports mitmproxy; only this command does
-
+    from addons.runner import (
+        running_gateway,  # the core never imports mitmproxy; only this command does
+    )
     from gateway.certs import CA_FILE
     from gateway.demo import banner
 

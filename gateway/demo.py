@@ -43,7 +43,7 @@ class Scenario:
     expect_status: int
     expect_text: str | None = None
     method: str = "GET"
-    token: str = "valid"  # valid | none | tampered
+    credential: str = "valid"  # valid | none | tampered
     user: str = "alex@contoso.test"
     client_id: str = OUTLOOK_MOBILE
     audience: str = EXCHANGE
@@ -70,10 +70,10 @@ SCENARIOS: tuple[Scenario, ...] = (
              host="mail.contoso.test", path=ACTIVESYNC, method="POST", user="drew@contoso.test",
              device_id=DREW_IPHONE, expect_status=403, expect_text="device risk high, allowed: low"),
     Scenario(title="No token: 401 with a Bearer challenge",
-             host="mail.contoso.test", path=ACTIVESYNC, method="POST", token="none",
+             host="mail.contoso.test", path=ACTIVESYNC, method="POST", credential="none",
              expect_status=401, expect_text='error="invalid_token"'),
     Scenario(title="A bad token (tampered signature): 401 with a Bearer challenge",
-             host="mail.contoso.test", path=ACTIVESYNC, method="POST", token="tampered",
+             host="mail.contoso.test", path=ACTIVESYNC, method="POST", credential="tampered",
              expect_status=401, expect_text='error="invalid_token"'),
     Scenario(title="A browser on the noncompliant device opening OWA gets the HTML block page",
              host="mail.contoso.test", path="/owa/", user="blake@contoso.test", client_id=OFFICE,
@@ -90,11 +90,11 @@ SCENARIOS: tuple[Scenario, ...] = (
 
 
 def scenario_token(idp: DemoIdentityProvider, scenario: Scenario) -> str | None:
-    if scenario.token == "none":
+    if scenario.credential == "none":
         return None
     token = idp.mint(user=scenario.user, client_id=scenario.client_id, audience=scenario.audience,
                      device_id=scenario.device_id)
-    if scenario.token == "tampered":
+    if scenario.credential == "tampered":
         header, payload, signature = token.split(".")
         flipped = ("A" if signature[10] != "A" else "B")
         token = ".".join((header, payload, signature[:10] + flipped + signature[11:]))

@@ -22,7 +22,14 @@ from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, SHAREPOINT, TEAM
 from gateway.errors import SignalUnavailable
 from gateway.policy.model import ManagedDevice
 from gateway.web.demo_idp import DemoIdentityProvider
-from tests.conftest import Background, Gateway, Ports, demo_config_copy, proxy_for, write_trustme_certificate
+from tests.conftest import (
+    Background,
+    Gateway,
+    Ports,
+    demo_config_copy,
+    proxy_for,
+    write_trustme_certificate,
+)
 
 ACTIVESYNC = "/Microsoft-Server-ActiveSync?Cmd=Sync&DeviceType=iPhone"
 MAIL = "mail.contoso.test"

@@ -81,7 +81,9 @@ class BearerValidator:
             self._verified[cache_key] = result
         return result
 
-    def _decode(self, token: str, key: jwt.PyJWK, algorithm: str, audiences: frozenset[str]) -> Identity | RejectedToken:
+    def _decode(
+        self, token: str, key: jwt.PyJWK, algorithm: str, audiences: frozenset[str]
+    ) -> Identity | RejectedToken:
         try:
             claims = jwt.decode(
                 token,

@@ -19,16 +19,20 @@ SECURITY_HEADERS = (
 )
 
 HEADLINES = {
-    ErrorCode.device_not_compliant: "This device does not meet your organisation's compliance requirements.",
+    ErrorCode.device_not_compliant:
+        "This device does not meet your organisation's compliance requirements.",
     ErrorCode.app_not_approved: "This app is not approved to reach this resource.",
     ErrorCode.blocked_by_conditional_access: "Your organisation's policy blocks access to this resource.",
     ErrorCode.blocked_due_to_risk: "This device's threat level is too high to reach this resource.",
 }
 FIXES = {
-    ErrorCode.device_not_compliant: "Open the company portal on this device, check its compliance and fix what it lists.",
+    ErrorCode.device_not_compliant:
+        "Open the company portal on this device, check its compliance and fix what it lists.",
     ErrorCode.app_not_approved: "Use an approved app, such as Outlook, to open your mail and documents.",
     ErrorCode.blocked_by_conditional_access: "Contact your helpdesk with the details below.",
-    ErrorCode.blocked_due_to_risk: "Open your threat defence app and resolve the threats it reports; access returns once the device is secure.",
+    ErrorCode.blocked_due_to_risk:
+        "Open your threat defence app and resolve the threats it reports; "
+        "access returns once the device is secure.",
 }
 
 

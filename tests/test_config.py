@@ -1,0 +1,149 @@
+"""Config loading: every problem is reported with file:line:column, the key, and what is allowed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_config
+from gateway.errors import ConfigError
+from tests.conftest import REPO
+
+PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    target = tmp_path / "config"
+    shutil.copytree(REPO / "config", target)
+    return target
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path.name}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def problems(config_dir: Path) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_dir)
+    return [str(p) for p in caught.value.problems]
+
+
+def line_of(path: Path, needle: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), start=1) if needle in line)
+
+
+def test_shipped_demo_config_is_valid() -> None:
+    config = load_config(REPO / "config")
+    assert [p.name for p in config.policies] == ["exchange-outlook-only", "owa-compliant-device",
+                                                  "sharepoint-compliant-device"]
+
+
+def test_misspelt_state_names_file_line_key_and_suggests(config_dir: Path) -> None:
+    policies = config_dir / "policies.yaml"
+    edit(policies, "state: enabled", "state: enabld")
+    line = line_of(policies, "enabld")
+    assert problems(config_dir) == [
+        f"{policies}:{line}:12: policies[0].state: 'enabld' is not allowed; did you mean 'enabled'? "
+        "(allowed: enabled, disabled, reportOnly)"
+    ]
+
+
+def test_unknown_key_is_an_error_listing_allowed_keys(config_dir: Path) -> None:
+    policies = config_dir / "policies.yaml"
+    edit(policies, "operator: AND", "operatr: AND")
+    [problem] = problems(config_dir)
+    assert problem.startswith(f"{policies}:{line_of(policies, 'operatr')}:7: policies[0].grantControls.operatr:")
+    assert "unknown key 'operatr'; did you mean 'operator'?" in problem
+    assert "(allowed: approvedApplications, builtInControls, maxDeviceThreatLevel, operator)" in problem
+
+
+def test_every_problem_of_every_file_is_reported_at_once(config_dir: Path) -> None:
+    edit(config_dir / "policies.yaml", "maxDeviceThreatLevel: low", "maxDeviceThreatLevel: severe")
+    edit(config_dir / "portcullis.yaml", "port: 8443", 'port: "8443"')
+    edit(config_dir / "portcullis.yaml", "algorithms: [RS256]", "algorithms: [HS256]")
+    found = problems(config_dir)
+    assert len(found) == 3
+    assert any("gateway.listen.port: Input should be a valid integer, got '8443'" in p for p in found)
+    assert any("identity.algorithms: 'HS256' is never accepted" in p for p in found)
+    assert any("maxDeviceThreatLevel: 'severe' is not allowed; did you mean 'secured'? "
+               "(allowed: secured, low, medium, high)" in p
+               for p in found)
+
+
+def test_missing_required_key_is_named(config_dir: Path) -> None:
+    edit(config_dir / "portcullis.yaml", "  issuer: http://127.0.0.1:9400/contoso", "  # no issuer")
+    [problem] = problems(config_dir)
+    assert "identity: required key 'issuer' is missing" in problem
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        pytest.param("include: [exchange-owa]", "include: [exchange-ow]",
+                     "policies[1].conditions.resources.include[0]: 'exchange-ow' is not a resource",
+                     id="unknown resource"),
+        pytest.param("approvedApplications: [outlook-mobile, outlook-desktop]",
+                     "approvedApplications: [outlook-mobile, outlok]",
+                     "policies[0].grantControls.approvedApplications[1]: 'outlok' is not an application",
+                     id="unknown application"),
+        pytest.param("name: owa-compliant-device", "name: exchange-outlook-only",
+                     "policies[1].name: 'exchange-outlook-only' is used by more than one policy",
+                     id="duplicate policy name"),
+        pytest.param("builtInControls: [compliantDevice]\n      maxDeviceThreatLevel: low",
+                     "builtInControls: [block, compliantDevice]\n      maxDeviceThreatLevel: low",
+                     "'block' cannot be combined with other grant controls", id="block with others"),
+    ],
+)
+def test_policy_references_and_combinations_are_checked(config_dir: Path, old: str, new: str, message: str) -> None:
+    edit(config_dir / "policies.yaml", old, new)
+    assert any(message in p for p in problems(config_dir)), problems(config_dir)
+
+
+def test_plain_http_issuer_off_loopback_is_refused(config_dir: Path) -> None:
+    edit(config_dir / "portcullis.yaml", "issuer: http://127.0.0.1:9400/contoso", "issuer: http://login.contoso.test")
+    [problem] = problems(config_dir)
+    assert "must use https (plain http is allowed on loopback only)" in problem
+
+
+def test_resource_on_an_unprotected_host_is_refused(config_dir: Path) -> None:
+    edit(config_dir / "portcullis.yaml", "host: docs.contoso.test\n    paths: [/_layouts",
+         "host: files.contoso.test\n    paths: [/_layouts")
+    [problem] = problems(config_dir)
+    assert "resources.sharepoint-downloads.host: 'files.contoso.test' is not a protected host" in problem
+
+
+def test_yaml_syntax_error_has_its_line(config_dir: Path) -> None:
+    policies = config_dir / "policies.yaml"
+    edit(policies, "    state: enabled", "    state: [enabled")
+    [problem] = problems(config_dir)
+    assert problem.startswith(f"{policies}:") and "invalid YAML" in problem
+
+
+def test_check_command_prints_problems_and_exits_1(config_dir: Path) -> None:
+    edit(config_dir / "policies.yaml", "state: enabled", "state: on")
+    result = subprocess.run([PORTCULLIS, "check", "--config", str(config_dir)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.startswith("portcullis: ") and "policies[0].state" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_command_accepts_the_demo_config() -> None:
+    result = subprocess.run([PORTCULLIS, "check", "--config", str(REPO / "config")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "3 policies, 4 devices in the inventory" in result.stdout
+
+
+def test_inventory_problems_are_reported_with_their_line(config_dir: Path) -> None:
+    devices = config_dir / "devices.yaml"
+    edit(devices, "complianceState: noncompliant", "complianceState: broken")
+    result = subprocess.run([PORTCULLIS, "check", "--config", str(config_dir)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"devices.yaml:{line_of(devices, 'broken')}:" in result.stderr
+    assert "devices[1].complianceState: 'broken' is not allowed" in result.stderr

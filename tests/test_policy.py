@@ -1,0 +1,170 @@
+"""The pure policy engine, table-driven: each case names the situation and the outcome."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from gateway.config.models import ConditionalAccessPolicy, Resource
+from gateway.policy.conditions import match_resource, path_has_prefix
+from gateway.policy.evaluate import evaluate
+from gateway.policy.model import (
+    AccessRequest,
+    ClientApp,
+    ComplianceState,
+    Decision,
+    DecisionResult,
+    DeviceSignals,
+    DeviceThreatLevel,
+    Identity,
+    ManagedDevice,
+    PolicyResultKind,
+)
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+RESOURCES = {
+    "exchange-activesync": Resource.model_validate_json(json.dumps(
+        {"host": "mail.contoso.test", "paths": ["/Microsoft-Server-ActiveSync"]})),
+    "exchange-owa": Resource.model_validate_json(json.dumps({"host": "mail.contoso.test", "paths": ["/owa/"]})),
+}
+
+
+def policy(name: str = "p", *, state: str = "enabled", include: list[str] | None = None,
+           exclude: list[str] | None = None, **grant: Any) -> ConditionalAccessPolicy:
+    return ConditionalAccessPolicy.model_validate_json(json.dumps({
+        "name": name, "state": state,
+        "conditions": {"resources": {"include": include or ["All"], "exclude": exclude or []}},
+        "grantControls": grant,
+    }), strict=True)
+
+
+def device(state: str = "compliant", threat: str | None = "low", grace_end: datetime | None = None) -> DeviceSignals:
+    record = ManagedDevice(device_id="d1", display_name=None, user_principal_name=None, operating_system="iOS",
+                           compliance_state=ComplianceState(state), compliance_grace_period_expiration=grace_end,
+                           threat_level=DeviceThreatLevel(threat) if threat else None, threat_source="test")
+    return DeviceSignals(device_id="d1", device=record, source="test")
+
+
+UNKNOWN_DEVICE = DeviceSignals(device_id="d9", device=None, source="test")
+NO_DEVICE_ID = DeviceSignals(device_id=None, device=None, source="test")
+OUTLOOK = ClientApp(client_id="27922004-5251-4030-b22d-91ecd9a37ea4", name="outlook-mobile")
+TEAMS = ClientApp(client_id="1fec8e78-bce4-4aaf-ab1b-5451cc387264", name="teams")
+OUTLOOK_ONLY = {"builtInControls": ["compliantDevice", "approvedApplication"],
+                "approvedApplications": ["outlook-mobile"], "maxDeviceThreatLevel": "low"}
+
+
+COMPLIANT = device()
+
+
+def decide(policies: list[ConditionalAccessPolicy], dev: DeviceSignals = COMPLIANT, app: ClientApp = OUTLOOK,
+           path: str = "/Microsoft-Server-ActiveSync") -> Decision:
+    request = AccessRequest(correlation_id="c", host="mail.contoso.test", path=path, method="POST",
+                            client_ip="127.0.0.1", user_agent="Outlook-iOS-Android/1.0", accepts_html=False)
+    identity = Identity(subject="s", user_principal_name="alex@contoso.test", object_id=None, tenant_id=None,
+                        client_id=app.client_id, device_id=dev.device_id, groups=frozenset(), audience="a",
+                        expires_at=0)
+    return evaluate(request=request, identity=identity, device=dev, app=app, resources=RESOURCES,
+                    policies=policies, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("policies", "dev", "app", "status", "code", "reason"),
+    [
+        pytest.param([policy(**OUTLOOK_ONLY)], device(), OUTLOOK, 200, None, "allowed",
+                     id="compliant low-risk device + approved app -> allow"),
+        pytest.param([policy(**OUTLOOK_ONLY)], device(), TEAMS, 403, 53002, "app not approved",
+                     id="unapproved app -> 53002"),
+        pytest.param([policy(**OUTLOOK_ONLY)], device("noncompliant"), OUTLOOK, 403, 53000,
+                     "device not compliant (complianceState: noncompliant)", id="noncompliant -> 53000"),
+        pytest.param([policy(**OUTLOOK_ONLY)], device("inGracePeriod", grace_end=NOW + timedelta(days=1)),
+                     OUTLOOK, 200, None, "allowed", id="in grace period -> allow"),
+        pytest.param([policy(**OUTLOOK_ONLY)], device("inGracePeriod", grace_end=NOW - timedelta(seconds=1)),
+                     OUTLOOK, 403, 53000, "device not compliant (grace period ended)", id="grace ended -> 53000"),
+        pytest.param([policy(**OUTLOOK_ONLY)], device("unknown"), OUTLOOK, 403, 53000,
+                     "device not compliant (complianceState: unknown)", id="compliance unknown -> 53000"),
+        pytest.param([policy(**OUTLOOK_ONLY)], UNKNOWN_DEVICE, OUTLOOK, 403, 53000,
+                     "device not registered (unknown to the device inventory)", id="unregistered device -> 53000"),
+        pytest.param([policy(**OUTLOOK_ONLY)], NO_DEVICE_ID, OUTLOOK, 403, 53000,
+                     "device not identified (the token has no deviceid claim)", id="no deviceid claim -> 53000"),
+        pytest.param([policy(**OUTLOOK_ONLY)], device(threat="high"), OUTLOOK, 403, 53004,
+                     "device risk high, allowed: low", id="threat high over low -> 53004"),
+        pytest.param([policy(**OUTLOOK_ONLY)], device(threat=None), OUTLOOK, 403, 53004,
+                     "device risk unknown, allowed: low", id="threat level unknown -> 53004 (fail closed)"),
+        pytest.param([policy(**OUTLOOK_ONLY)], device(threat="secured"), OUTLOOK, 200, None, "allowed",
+                     id="secured is under low -> allow"),
+        pytest.param([policy(builtInControls=["compliantDevice", "approvedApplication"], operator="OR",
+                             approvedApplications=["outlook-mobile"])], device("noncompliant"), OUTLOOK,
+                     200, None, "allowed", id="OR: approved app alone is enough"),
+        pytest.param([policy(builtInControls=["compliantDevice", "approvedApplication"], operator="OR",
+                             approvedApplications=["outlook-mobile"])], device("noncompliant"), TEAMS,
+                     403, 53000, "device not compliant (complianceState: noncompliant)",
+                     id="OR: neither control holds -> first failure"),
+        pytest.param([policy("a", **OUTLOOK_ONLY), policy("b", builtInControls=["block"])], device(), OUTLOOK,
+                     403, 53003, "blocked by policy", id="block wins over a satisfied policy"),
+        pytest.param([policy("a", builtInControls=["compliantDevice"]), policy("b", builtInControls=["block"])],
+                     device("noncompliant"), OUTLOOK, 403, 53003, "blocked by policy",
+                     id="block wins over another failure"),
+        pytest.param([policy(builtInControls=["block"], state="reportOnly")], device(), OUTLOOK, 200, None,
+                     "allowed", id="report-only block never blocks"),
+        pytest.param([policy(builtInControls=["block"], state="disabled")], device(), OUTLOOK, 200, None,
+                     "allowed", id="disabled policy is not enforced"),
+        pytest.param([policy(builtInControls=["block"], include=["All"], exclude=["exchange-activesync"])],
+                     device(), OUTLOOK, 200, None, "allowed", id="exclude beats include"),
+        pytest.param([policy(builtInControls=["block"], include=["exchange-owa"])], device(), OUTLOOK, 200,
+                     None, "allowed", id="policy for another resource does not apply"),
+        pytest.param([], device("noncompliant"), TEAMS, 200, None, "allowed",
+                     id="no applicable policy -> allowed (notApplied)"),
+    ],
+)
+def test_policy_decision(policies: list[ConditionalAccessPolicy], dev: DeviceSignals, app: ClientApp,
+                         status: int, code: int | None, reason: str) -> None:
+    decision = decide(policies, dev, app)
+    assert (decision.status_code, decision.error_code, decision.reason) == (status, code, reason)
+
+
+def test_path_no_resource_names_is_denied_with_53003() -> None:
+    decision = decide([], path="/ecp/")
+    assert (decision.result, decision.error_code) == (DecisionResult.block, 53003)
+    assert decision.reason == "path is not part of any protected resource"
+
+
+def test_every_policy_result_is_explained() -> None:
+    decision = decide([
+        policy("outlook", **OUTLOOK_ONLY),
+        policy("owa", include=["exchange-owa"], builtInControls=["compliantDevice"]),
+        policy("audit", state="reportOnly", builtInControls=["compliantDevice"]),
+        policy("old", state="disabled", builtInControls=["block"]),
+    ], device("noncompliant"), TEAMS)
+    results = {r.name: r for r in decision.policies}
+    assert results["outlook"].result is PolicyResultKind.failure
+    assert [f.control for f in results["outlook"].failures] == ["compliantDevice", "approvedApplication"]
+    assert results["owa"].result is PolicyResultKind.not_applied
+    assert results["owa"].not_applied_because == "resource 'exchange-activesync' is not included"
+    assert results["audit"].result is PolicyResultKind.report_only_failure
+    assert results["old"].result is PolicyResultKind.not_enabled
+    assert decision.failed_policy == "outlook"
+
+
+@pytest.mark.parametrize(
+    ("path", "prefix", "matches"),
+    [
+        ("/owa", "/owa/", True), ("/owa/", "/owa/", True), ("/owa/x/y", "/owa/", True),
+        ("/owax", "/owa/", False), ("/OWA/inbox", "/owa/", True), ("/ow", "/owa/", False),
+        ("/Microsoft-Server-ActiveSyncX", "/Microsoft-Server-ActiveSync", False),
+    ],
+)
+def test_path_prefix_matches_whole_segments_case_insensitively(path: str, prefix: str, matches: bool) -> None:
+    assert path_has_prefix(path, prefix) is matches
+
+
+def test_longest_resource_prefix_wins() -> None:
+    resources = {
+        "sites": Resource.model_validate_json('{"host": "h", "paths": ["/sites/"]}'),
+        "finance": Resource.model_validate_json('{"host": "h", "paths": ["/sites/finance/"]}'),
+    }
+    assert match_resource(resources, "h", "/sites/finance/q3.xlsx") == "finance"
+    assert match_resource(resources, "h", "/sites/hr/") == "sites"
+    assert match_resource(resources, "other", "/sites/hr/") is None

@@ -1,0 +1,67 @@
+"""Canonical paths and the identity headers the gateway owns (pure functions)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.headers import is_client_identity_header
+from gateway.identity.tokens import RejectedToken, bearer_token
+from gateway.paths import canonical_path
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/owa/", "/owa/"),
+        ("/owa/?ae=Folder&t=IPF.Note", "/owa/"),
+        ("/sites/team%20site/doc.docx", "/sites/team site/doc.docx"),
+        ("/Microsoft-Server-ActiveSync?Cmd=Sync", "/Microsoft-Server-ActiveSync"),
+        ("/owa/../ecp/", None),
+        ("/owa/./x", None),
+        ("/owa/%2e%2e/ecp/", None),
+        ("/owa%2fecp", None),
+        ("/owa/%252e%252e/", None),
+        ("/owa\\..\\ecp", None),
+        ("/owa/%5cecp", None),
+        ("/owa/%00", None),
+        ("/owa//ecp", None),
+        ("/owa./", None),
+        ("/owa%20/", None),
+        ("/owa/%zz", None),
+        ("owa/", None),
+        ("*", None),
+    ],
+)
+def test_canonical_path_or_refusal(target: str, expected: str | None) -> None:
+    assert canonical_path(target) == expected
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["X-Portcullis-User", "x-portcullis-anything", "X_Portcullis_User", "X-Forwarded-User", "x_forwarded_user",
+     "X.Forwarded.User", "X-Auth-Request-Email", "Remote-User", "X-MS-CLIENT-PRINCIPAL-NAME"],
+)
+def test_client_identity_headers_are_recognised_in_every_spelling(name: str) -> None:
+    assert is_client_identity_header(name)
+
+
+@pytest.mark.parametrize("name", ["Authorization", "User-Agent", "X-Forwarded-For", "MS-ASProtocolVersion"])
+def test_ordinary_headers_are_not_identity_headers(name: str) -> None:
+    assert not is_client_identity_header(name)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (["Bearer abc.def.ghi"], "abc.def.ghi"),
+        (["bearer abc.def.ghi"], "abc.def.ghi"),
+        ([], RejectedToken("no bearer token")),
+        (["Basic dXNlcjpwYXNz"], RejectedToken("Authorization is not a bearer token")),
+        (["Bearer "], RejectedToken("Authorization is not a bearer token")),
+        (["Bearer a.b.c", "Bearer d.e.f"], RejectedToken("more than one Authorization header")),
+        (["Bearer a.b.c<script>"], RejectedToken("malformed token")),
+        (["Bearer " + "a" * 20000], RejectedToken("token too large")),
+    ],
+)
+def test_bearer_token_parsing(values: list[str], expected: str | RejectedToken) -> None:
+    assert bearer_token(values) == expected
