@@ -147,3 +147,12 @@ def test_inventory_problems_are_reported_with_their_line(config_dir: Path) -> No
     assert result.returncode == 1
     assert f"devices.yaml:{line_of(devices, 'broken')}:" in result.stderr
     assert "devices[1].complianceState: 'broken' is not allowed" in result.stderr
+
+
+def test_run_without_its_certificate_file_says_which_file(config_dir: Path) -> None:
+    result = subprocess.run([PORTCULLIS, "run", "--config", str(config_dir)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    expected = config_dir.parent / "certs" / "gateway.pem"
+    assert f"portcullis: {expected}: gateway.certificates: certificate file not found" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -95,7 +95,12 @@ class GatewaySettings(Model):
     certificates: Annotated[list[CertificateFile], Field(min_length=1)]
     state_dir: Path = Path("../.portcullis")
     remediation_url: str = "https://portal.manage.microsoft.com/"
-    max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = 32 * 1024
+
+    @field_validator("remediation_url")
+    @classmethod
+    def _remediation_url(cls, value: str) -> str:
+        """It becomes a link on block pages: an http(s) URL, never ``javascript:`` or relative."""
+        return _check_url(value, what="remediationUrl")
 
 
 class IdentitySettings(Model):
