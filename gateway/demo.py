@@ -133,7 +133,7 @@ def banner(config: Config, idp: DemoIdentityProvider, ca_file: Path, port: int) 
                   curl_command(scenario, token, port=port, ca_file=shown_ca), ""]
     lines += [
         "# Mint more tokens from the demo issuer (dev only): user, client_id, audience, device_id",
-        shlex.join(["curl", "-sS", "-X", "POST", f"{idp.issuer}/demo/token", "-d", "user=alex@contoso.test",
+        shlex.join(["curl", "-sS", "-X", "POST", f"{idp.issuer.rstrip('/')}/demo/token", "-d", "user=alex@contoso.test",
                     "-d", f"client_id={OUTLOOK_MOBILE}", "-d", f"audience={EXCHANGE}",
                     "-d", f"device_id={ALEX_IPHONE}"]),
     ]

@@ -4,11 +4,14 @@ real RSA keys, real signatures, and the JWKS refresh rules."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -161,3 +164,100 @@ def _lying_app(idp: DemoIdentityProvider) -> Starlette:
         return JSONResponse({"issuer": idp.issuer, "jwks_uri": f"{ISSUER}/discovery/keys"})
 
     return Starlette(routes=[Route("/contoso/.well-known/openid-configuration", discovery)])
+
+
+def _signed(idp: DemoIdentityProvider, header: dict[str, object]) -> str:
+    """A token with a hostile header but a real RS256 signature over it."""
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    claims = jwt.decode(mint(idp), options={"verify_signature": False})
+    signing_input = f"{part(json.dumps(header).encode())}.{part(json.dumps(claims).encode())}"
+    signature = idp.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{part(signature)}"
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        pytest.param({"alg": ["RS256"], "kid": "k"}, "signing algorithm not allowed", id="alg is a list"),
+        pytest.param({"alg": 'x", realm="evil', "kid": "k"}, "signing algorithm not allowed",
+                     id="alg tries to inject an auth-param"),
+        pytest.param({"alg": "RS256", "kid": ["k"]}, "malformed token", id="kid is a list"),
+        pytest.param({"alg": "RS256", "kid": "k" * 300}, "token has no usable kid", id="kid too long"),
+    ],
+)
+def test_hostile_headers_are_rejected_with_fixed_reasons(header: dict[str, object], reason: str) -> None:
+    idp = DemoIdentityProvider(ISSUER)
+    validator, _ = validator_for(idp)
+    assert asyncio.run(validator.validate(_signed(idp, header), AUDIENCES)) == RejectedToken(reason)
+
+
+def test_issuer_with_trailing_slash_is_matched_exactly() -> None:
+    """Entra v1 tokens (Exchange, SharePoint) carry iss https://sts.windows.net/<tenant>/."""
+    issuer = "http://127.0.0.1:9/tenant/"
+    idp = DemoIdentityProvider(issuer)
+    settings = IdentitySettings.model_validate_json(json.dumps({"issuer": issuer}), strict=True)
+    assert settings.issuer == issuer
+    jwks = JwksCache(issuer, cache_seconds=3600, min_refresh_interval=30, timeout=5,
+                     transport=httpx.ASGITransport(app=idp.app()))
+    validator = BearerValidator(settings, jwks)
+    assert isinstance(asyncio.run(validator.validate(mint(idp), AUDIENCES)), Identity)
+
+
+def test_failed_first_fetch_keeps_answering_unavailable_not_invalid_token() -> None:
+    calls = 0
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        raise httpx.ConnectError("connection refused", request=request)
+
+    settings = IdentitySettings.model_validate_json(json.dumps({"issuer": ISSUER}), strict=True)
+    jwks = JwksCache(ISSUER, cache_seconds=3600, min_refresh_interval=30, timeout=5, timer=Clock(),
+                     transport=httpx.MockTransport(refuse))
+    validator = BearerValidator(settings, jwks)
+    token = mint(DemoIdentityProvider(ISSUER))
+
+    async def twice() -> None:
+        with pytest.raises(SignalUnavailable):
+            await jwks.refresh()
+        for _ in range(3):
+            with pytest.raises(SignalUnavailable):
+                await validator.validate(token, AUDIENCES)
+
+    asyncio.run(twice())
+    assert calls == 1, "the rate limit still holds while no keys are known"
+
+
+def test_jwk_without_alg_serves_the_pinned_algorithm_the_token_names() -> None:
+    """Entra's JWKS entries carry no alg: a PS256-pinned gateway must still verify PS256 tokens."""
+    idp = DemoIdentityProvider(ISSUER)
+    settings = IdentitySettings.model_validate_json(json.dumps({"issuer": ISSUER, "algorithms": ["PS256"]}),
+                                                    strict=True)
+    jwks_without_alg = {"keys": [{k: v for k, v in idp.jwks()["keys"][0].items() if k != "alg"}]}
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("openid-configuration"):
+            return httpx.Response(200, json={"issuer": ISSUER, "jwks_uri": f"{ISSUER}/keys"})
+        return httpx.Response(200, json=jwks_without_alg)
+
+    jwks = JwksCache(ISSUER, cache_seconds=3600, min_refresh_interval=30, timeout=5,
+                     transport=httpx.MockTransport(serve))
+    validator = BearerValidator(settings, jwks)
+    claims = jwt.decode(mint(idp), options={"verify_signature": False})
+    ps256 = jwt.encode(claims, idp.key, algorithm="PS256", headers={"kid": idp.kid})
+    rs256 = jwt.encode(claims, idp.key, algorithm="RS256", headers={"kid": idp.kid})
+    assert isinstance(asyncio.run(validator.validate(ps256, AUDIENCES)), Identity)
+    assert asyncio.run(validator.validate(rs256, AUDIENCES)) == RejectedToken("signing algorithm not allowed")
+
+
+def test_jwk_bound_to_another_algorithm_is_not_used() -> None:
+    idp = DemoIdentityProvider(ISSUER)
+    settings = IdentitySettings.model_validate_json(json.dumps({"issuer": ISSUER, "algorithms": ["RS256", "PS256"]}),
+                                                    strict=True)
+    validator, _ = validator_for(idp)
+    validator._algorithms = {a.value for a in settings.algorithms}  # the JWK says alg RS256
+    claims = jwt.decode(mint(idp), options={"verify_signature": False})
+    ps256 = jwt.encode(claims, idp.key, algorithm="PS256", headers={"kid": idp.kid})
+    assert asyncio.run(validator.validate(ps256, AUDIENCES)) == RejectedToken("unknown signing key")

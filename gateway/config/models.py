@@ -126,7 +126,9 @@ class IdentitySettings(Model):
     @field_validator("issuer")
     @classmethod
     def _issuer_url(cls, value: str) -> str:
-        return _check_url(value, what="issuer").rstrip("/")
+        """Kept exactly as written: ``iss`` is compared byte for byte, and Entra v1 issuers
+        (``https://sts.windows.net/<tenant>/``) end with a slash."""
+        return _check_url(value, what="issuer")
 
 
 class ProtectedHost(Model):

@@ -1,8 +1,12 @@
 """The issuer's signing keys: discovery document, then JWKS, cached and refreshed on demand.
 
 An unknown ``kid`` triggers a refetch at most once per ``min_refresh_interval`` so that a storm of
-forged kids cannot hammer the issuer. When the issuer cannot be reached, known keys keep working;
-with no keys at all, ``SignalUnavailable`` is raised and the caller fails closed.
+forged kids cannot hammer the issuer. When the issuer cannot be reached, known keys keep working
+(a warning is logged); with no keys at all, ``SignalUnavailable`` is raised and the caller fails
+closed with a 503, never a 401 that would make clients discard good tokens.
+
+Keys are bound to one algorithm each: a JWK's own ``alg`` must equal the token's, and a JWK without
+``alg`` (Entra publishes none) is used only with the pinned algorithm the token names.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Callable
 
 import httpx
 import jwt
-from jwt import PyJWK, PyJWKSet
+from jwt import PyJWK
 
 from gateway.errors import SignalUnavailable
 
@@ -41,7 +45,8 @@ class JwksCache:
         self._timeout = timeout
         self._timer = timer
         self._transport = transport
-        self._keys: dict[str, PyJWK] = {}
+        self._keys: dict[str, dict[str, object]] = {}
+        self._bound: dict[tuple[str, str], PyJWK] = {}
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
         self._lock = asyncio.Lock()
@@ -50,11 +55,19 @@ class JwksCache:
     def fetched_at(self) -> float | None:
         return self._fetched_at
 
-    async def key(self, kid: str) -> PyJWK | None:
-        """The key with this kid, refreshing the set if it is stale or the kid is new."""
+    async def key(self, kid: str, algorithm: str) -> PyJWK | None:
+        """The key with this kid for this algorithm, refreshing the set if it is stale or the kid
+        is new; None if the issuer has no such key or the key is for another algorithm."""
         if self._stale() or kid not in self._keys:
             await self._refresh(force=kid not in self._keys)
-        return self._keys.get(kid)
+        if kid not in self._keys:
+            return None
+        bound = self._bound.get((kid, algorithm))
+        if bound is None:
+            bound = _bind(self._keys[kid], algorithm)
+            if bound is not None and len(self._bound) < 4 * MAX_KEYS:
+                self._bound[(kid, algorithm)] = bound
+        return bound
 
     async def refresh(self) -> None:
         """Fetch now (at start-up), raising SignalUnavailable if the issuer cannot be reached."""
@@ -68,6 +81,8 @@ class JwksCache:
         async with self._lock:
             now = self._timer()
             if self._attempted_at is not None and now - self._attempted_at < self._min_refresh_interval:
+                if not self._keys:
+                    raise SignalUnavailable(f"no signing keys from {self.issuer} yet; next fetch after the interval")
                 return  # rate limit: unknown kids do not reach the issuer more often than this
             if not force and not self._stale():
                 return
@@ -82,7 +97,7 @@ class JwksCache:
         self._attempted_at = self._timer()
         async with httpx.AsyncClient(timeout=self._timeout, transport=self._transport,
                                      follow_redirects=False) as client:
-            discovery = await _get_json(client, f"{self.issuer}/.well-known/openid-configuration")
+            discovery = await _get_json(client, f"{self.issuer.rstrip('/')}/.well-known/openid-configuration")
             if discovery.get("issuer") != self.issuer:
                 raise SignalUnavailable(
                     f"discovery document names issuer {discovery.get('issuer')!r}, expected {self.issuer!r}"
@@ -92,6 +107,7 @@ class JwksCache:
                 raise SignalUnavailable("discovery document has no jwks_uri")
             jwks = await _get_json(client, jwks_uri)
         self._keys = _signing_keys(jwks)
+        self._bound = {}
         self._fetched_at = self._timer()
         logger.info("fetched %d signing keys from %s", len(self._keys), jwks_uri)
 
@@ -114,14 +130,25 @@ async def _get_json(client: httpx.AsyncClient, url: str) -> dict[str, object]:
     return body
 
 
-def _signing_keys(jwks: dict[str, object]) -> dict[str, PyJWK]:
-    """Keys with a kid meant for signatures; symmetric keys are dropped (an issuer never shares one)."""
+def _signing_keys(jwks: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Asymmetric keys with a kid meant for signatures; an issuer never shares a symmetric one."""
+    keys = jwks.get("keys")
+    if not isinstance(keys, list):
+        raise SignalUnavailable("JWKS has no 'keys' list")
     usable = [
-        k for k in jwks.get("keys", []) if isinstance(k, dict)  # type: ignore[union-attr]  (JSON)
-        and isinstance(k.get("kid"), str) and k.get("use", "sig") == "sig" and k.get("kty") != "oct"
+        k for k in keys
+        if isinstance(k, dict) and isinstance(k.get("kid"), str) and k.get("use", "sig") == "sig"
+        and k.get("kty") in ("RSA", "EC", "OKP")
     ][:MAX_KEYS]
+    if not usable:
+        raise SignalUnavailable("JWKS holds no usable signing key")
+    return {k["kid"]: k for k in usable}
+
+
+def _bind(jwk: dict[str, object], algorithm: str) -> PyJWK | None:
+    if jwk.get("alg") not in (None, algorithm):
+        return None
     try:
-        key_set = PyJWKSet.from_dict({"keys": usable})
-    except jwt.PyJWKSetError as error:
-        raise SignalUnavailable(f"JWKS holds no usable key: {error}") from error
-    return {k.key_id: k for k in key_set.keys if k.key_id}
+        return PyJWK(jwk, algorithm=algorithm)
+    except (jwt.PyJWKError, jwt.InvalidKeyError, KeyError, TypeError, ValueError):
+        return None  # the key cannot be used with this algorithm (wrong kty or curve)

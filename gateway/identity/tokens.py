@@ -69,11 +69,11 @@ class BearerValidator:
         except jwt.InvalidTokenError:
             return RejectedToken("malformed token")
         algorithm, kid = header.get("alg"), header.get("kid")
-        if algorithm not in self._algorithms:
-            return RejectedToken(f"signing algorithm {str(algorithm)[:20]!r} not allowed")
+        if not isinstance(algorithm, str) or algorithm not in self._algorithms:
+            return RejectedToken("signing algorithm not allowed")
         if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH:
             return RejectedToken("token has no usable kid")
-        key = await self._jwks.key(kid)
+        key = await self._jwks.key(kid, algorithm)
         if key is None:
             return RejectedToken("unknown signing key")
         result = self._decode(token, key, algorithm, audiences)

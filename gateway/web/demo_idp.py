@@ -27,7 +27,7 @@ MAX_LIFETIME_SECONDS = 24 * 3600
 
 class DemoIdentityProvider:
     def __init__(self, issuer: str) -> None:
-        self.issuer = issuer.rstrip("/")
+        self.issuer = issuer
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.kid = secrets.token_hex(8)
 
@@ -71,8 +71,8 @@ class DemoIdentityProvider:
     async def _discovery(self, request: Request) -> JSONResponse:
         return JSONResponse({
             "issuer": self.issuer,
-            "jwks_uri": f"{self.issuer}/discovery/keys",
-            "token_endpoint": f"{self.issuer}/demo/token",
+            "jwks_uri": f"{self.issuer.rstrip('/')}/discovery/keys",
+            "token_endpoint": f"{self.issuer.rstrip('/')}/demo/token",
             "id_token_signing_alg_values_supported": ["RS256"],
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
