@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from addons.flows import access_request
 from addons.routing import HOST_KEY
 from addons.safety import ALLOWED_KEY, CORRELATION_KEY, fail_closed, respond
-from gateway.access import AccessService, Outcome, new_correlation_id
-from gateway.headers import CORRELATION_ID, is_client_identity_header
-from gateway.policy.model import AccessRequest
+from gateway.access import AccessService, Outcome
+from gateway.headers import CORRELATION_ID, headers_to_strip
+
+JSON = (("Content-Type", "application/json"),)
 
 
 class AccessGate:
@@ -20,36 +22,28 @@ class AccessGate:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        flow.metadata[CORRELATION_KEY] = correlation_id = new_correlation_id()
-        request = _access_request(flow, correlation_id)
-        outcome = await self.service.authorize(request, flow.request.headers.get_all("authorization"))
+        request = access_request(flow, flow.metadata[CORRELATION_KEY], flow.metadata[HOST_KEY])
+        if "trailer" in flow.request.headers:
+            outcome = self.service.refuse(request, 400, "request trailers are not accepted")
+        else:
+            outcome = await self.service.authorize(request, flow.request.headers.get_all("authorization"))
         _apply(flow, outcome)
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        """Second line: a flow that reaches here undecided never goes upstream."""
+        """Second line: a flow that reaches here undecided never goes upstream. Trailers (HTTP/2;
+        declared ones are refused earlier) would carry headers past the stripping done above."""
         if flow.response or flow.error or not flow.live:
             return
         if flow.metadata.get(ALLOWED_KEY) is not True:
-            respond(flow, 403, b'{"error": "access_denied"}', (("Content-Type", "application/json"),))
+            respond(flow, 403, b'{"error": "access_denied"}', JSON)
+        elif flow.request.trailers:
+            respond(flow, 400, b'{"error": "bad_request", "error_description": "request trailers"}', JSON)
 
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None and CORRELATION_KEY in flow.metadata:
             flow.response.headers[CORRELATION_ID] = flow.metadata[CORRELATION_KEY]
-
-
-def _access_request(flow: http.HTTPFlow, correlation_id: str) -> AccessRequest:
-    headers = flow.request.headers
-    return AccessRequest(
-        correlation_id=correlation_id,
-        host=flow.metadata[HOST_KEY],
-        path=flow.request.path,
-        method=flow.request.method,
-        client_ip=flow.client_conn.peername[0],
-        user_agent=headers.get("user-agent", ""),
-        accepts_html="text/html" in headers.get("accept", "").lower(),
-    )
 
 
 def _apply(flow: http.HTTPFlow, outcome: Outcome) -> None:
@@ -58,8 +52,8 @@ def _apply(flow: http.HTTPFlow, outcome: Outcome) -> None:
         respond(flow, response.status_code, response.body, response.headers)
         return
     headers = flow.request.headers
-    for name in {n for n in headers if is_client_identity_header(n)}:
-        del headers[name]
+    for name in headers_to_strip(list(headers), headers.get_all("connection")):
+        headers.pop(name, None)
     for name, value in outcome.upstream_headers:
         headers[name] = value
     flow.metadata[ALLOWED_KEY] = True

@@ -1,7 +1,8 @@
 """Routing: which protected host a flow is for, and the upstream it goes to.
 
-Runs first in ``requestheaders``. Refuses plaintext on the TLS listener, a Host the gateway does
-not serve (421), and a TLS SNI that names another host than the Host header (421).
+Runs first in ``requestheaders`` and gives every flow its correlation id. Refuses plaintext on the
+TLS listener (400), a Host the gateway does not serve (421), and a TLS SNI that is missing or names
+another host than the Host header (421).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from urllib.parse import urlsplit
 
 from mitmproxy import http
 
-from addons.safety import fail_closed, respond
-from gateway.access import AccessService
+from addons.flows import access_request
+from addons.safety import CORRELATION_KEY, fail_closed, respond
+from gateway.access import AccessService, new_correlation_id
 
 HOST_KEY = "portcullis.host"
-JSON = (("Content-Type", "application/json"), ("Connection", "close"))
+PLAINTEXT_ANSWER = (("Content-Type", "application/json"), ("Connection", "close"))
 
 
 class Routing:
@@ -25,14 +27,18 @@ class Routing:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
+        flow.metadata[CORRELATION_KEY] = correlation_id = new_correlation_id()
         if not flow.client_conn.tls_established:
-            respond(flow, 400, b'{"error": "tls_required"}', JSON)
+            respond(flow, 400, b'{"error": "tls_required"}', PLAINTEXT_ANSWER)
             return
         host = _host_without_port(flow.request.host_header or "")
         upstream = self.service.upstream_for(host)
         sni = (flow.client_conn.sni or "").lower().rstrip(".")
-        if upstream is None or (sni and sni != host):
-            respond(flow, 421, b'{"error": "misdirected_request"}', JSON)
+        if upstream is None or sni != host:
+            reason = "this gateway does not serve that host" if upstream is None else "TLS SNI and Host differ"
+            outcome = self.service.refuse(access_request(flow, correlation_id, host), 421, reason)
+            assert outcome.response is not None  # noqa: S101  (a refusal always answers)
+            respond(flow, outcome.response.status_code, outcome.response.body, outcome.response.headers)
             return
         target = urlsplit(upstream)
         flow.request.scheme = target.scheme

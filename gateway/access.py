@@ -87,7 +87,7 @@ class AccessService:
         now = self._clock()
         path = canonical_path(request.path)
         if path is None:
-            return self._refuse(request, 400, "ambiguous request path", now)
+            return self.refuse(request, 400, "ambiguous request path")
         request = replace(request, path=path)
         token = bearer_token(authorization)
         if isinstance(token, RejectedToken):
@@ -100,7 +100,7 @@ class AccessService:
             device = await self._device_signals(identity)
         except SignalUnavailable as error:
             logger.error("[%s] signal unavailable, blocking: %s", request.correlation_id, error)
-            return self._refuse(request, 503, "a signal source is unavailable; try again shortly", now)
+            return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
         app = ClientApp(client_id=identity.client_id, name=self._app_names.get(identity.client_id or ""))
         decision = evaluate(request=request, identity=identity, device=device, app=app,
                             resources=self.config.resources, policies=self.config.policies, now=now)
@@ -125,18 +125,20 @@ class AccessService:
         self._log.write(sign_in_record(request=request, decision=decision, now=now))
         return Outcome(decision, pages.unauthenticated(rejected.reason, request.correlation_id))
 
-    def _refuse(self, request: AccessRequest, status: int, reason: str, now: datetime) -> Outcome:
+    def refuse(self, request: AccessRequest, status: int, reason: str) -> Outcome:
+        """A request refused before policy: ambiguous (400), misdirected (421), a signal source
+        down (503). Logged like every decision."""
         decision = Decision(result=DecisionResult.block, status_code=status,
                             error_code=ErrorCode.blocked_by_conditional_access, reason=reason, resource=None,
                             client_app_type=client_app_type(request, None))
-        self._log.write(sign_in_record(request=request, decision=decision, now=now))
-        render = pages.bad_request if status == 400 else pages.unavailable
-        return Outcome(decision, render(reason, request.correlation_id))
+        self._log.write(sign_in_record(request=request, decision=decision, now=self._clock()))
+        return Outcome(decision, pages.refused(status, reason, request.correlation_id))
 
 
 def _upstream_headers(request: AccessRequest, identity: Identity, app: ClientApp) -> tuple[tuple[str, str], ...]:
     """What the upstream may trust, because the gateway removed any client-sent copy first."""
     values = (
+        *headers.forwarding_headers(request.client_ip, request.host),
         (headers.CORRELATION_ID, request.correlation_id),
         (headers.USER, identity.user_principal_name or identity.subject),
         (headers.CLIENT_APP, app.name or app.client_id or ""),

@@ -1,7 +1,14 @@
-"""Headers the gateway owns. Whatever a client sends under these names is removed before
-forwarding: an upstream must be able to trust them because only Portcullis sets them."""
+"""Headers the gateway owns or distrusts.
+
+Before forwarding, the gateway removes every header a client could use to claim an identity, to
+make the upstream route or authorise differently, or to smuggle hop-by-hop semantics; then it sets
+its own. An upstream can trust ``X-Portcullis-*`` and ``X-Forwarded-*`` because only Portcullis
+sets them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 PREFIX = "x-portcullis-"
 CORRELATION_ID = "X-Portcullis-Correlation-Id"
@@ -10,15 +17,49 @@ CLIENT_APP = "X-Portcullis-Client-App"
 DEVICE_ID = "X-Portcullis-Device-Id"
 
 IDENTITY_HEADERS = frozenset({
-    "x-forwarded-user", "x-forwarded-email", "x-forwarded-preferred-username",
-    "x-forwarded-groups", "x-forwarded-access-token", "x-remote-user", "remote-user",
-    "x-remote-email", "x-remote-group", "x-user", "x-email", "x-authenticated-user",
-    "x-ms-client-principal", "x-ms-client-principal-name", "x-ms-client-principal-id",
+    "x-forwarded-user", "x-forwarded-email", "x-forwarded-preferred-username", "x-forwarded-groups",
+    "x-forwarded-access-token", "remote-user", "x-user", "x-email", "x-userinfo", "x-id-token",
+    "x-access-token", "x-auth-user", "x-auth-token",
 })
-IDENTITY_PREFIXES = (PREFIX, "x-auth-request-")
+IDENTITY_PREFIXES = (
+    PREFIX, "x-auth-request-", "x-ms-client-principal", "x-ms-token-", "x-webauth-", "x-authenticated-",
+    "x-amzn-oidc-", "x-goog-authenticated-user-", "cf-access-", "x-remote-",
+)
+REWRITE_HEADERS = frozenset({
+    "x-original-url", "x-rewrite-url", "x-override-url", "x-original-uri", "x-http-method-override",
+    "x-http-method", "x-method-override",
+})
+FORWARDING_HEADERS = frozenset({
+    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
+    "x-forwarded-prefix", "x-forwarded-server", "x-real-ip", "x-client-ip", "true-client-ip",
+    "x-cluster-client-ip",
+})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te"})
+FRAMING = frozenset({"host", "content-length", "transfer-encoding"})  # never removed by a Connection: nomination
+
+
+def fold(name: str) -> str:
+    """Case, ``_`` and ``.`` variants are one name: some upstream stacks fold them into ``-``."""
+    return name.strip().lower().replace("_", "-").replace(".", "-")
 
 
 def is_client_identity_header(name: str) -> bool:
-    """Case, ``_`` and ``.`` variants count too: some upstream stacks fold them into ``-``."""
-    folded = name.lower().replace("_", "-").replace(".", "-")
+    folded = fold(name)
     return folded in IDENTITY_HEADERS or folded.startswith(IDENTITY_PREFIXES)
+
+
+def headers_to_strip(names: Iterable[str], connection_values: Iterable[str]) -> set[str]:
+    """The request header names (as sent) that must not reach the upstream."""
+    nominated = {fold(token) for value in connection_values for token in value.split(",") if token.strip()} - FRAMING
+    strip = set()
+    for name in names:
+        folded = fold(name)
+        if (is_client_identity_header(name) or folded in REWRITE_HEADERS or folded in FORWARDING_HEADERS
+                or folded in HOP_BY_HOP or folded.startswith("proxy-") or folded in nominated):
+            strip.add(name)
+    return strip
+
+
+def forwarding_headers(client_ip: str, host: str) -> tuple[tuple[str, str], ...]:
+    """The gateway's own view of where the request came from; client-sent ones are never kept."""
+    return (("X-Forwarded-For", client_ip), ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", host))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.headers import is_client_identity_header
+from gateway.headers import headers_to_strip, is_client_identity_header
 from gateway.identity.tokens import RejectedToken, bearer_token
 from gateway.paths import canonical_path
 
@@ -39,7 +39,9 @@ def test_canonical_path_or_refusal(target: str, expected: str | None) -> None:
 @pytest.mark.parametrize(
     "name",
     ["X-Portcullis-User", "x-portcullis-anything", "X_Portcullis_User", "X-Forwarded-User", "x_forwarded_user",
-     "X.Forwarded.User", "X-Auth-Request-Email", "Remote-User", "X-MS-CLIENT-PRINCIPAL-NAME"],
+     "X.Forwarded.User", "X-Auth-Request-Email", "Remote-User", "X-MS-CLIENT-PRINCIPAL-NAME",
+     "X-MS-TOKEN-AAD-ID-TOKEN", "X-WebAuth-User", "X-Authenticated-Userid", "x-amzn-oidc-identity",
+     "X-Goog-Authenticated-User-Email", "Cf-Access-Jwt-Assertion", "X-Remote-Group"],
 )
 def test_client_identity_headers_are_recognised_in_every_spelling(name: str) -> None:
     assert is_client_identity_header(name)
@@ -48,6 +50,15 @@ def test_client_identity_headers_are_recognised_in_every_spelling(name: str) -> 
 @pytest.mark.parametrize("name", ["Authorization", "User-Agent", "X-Forwarded-For", "MS-ASProtocolVersion"])
 def test_ordinary_headers_are_not_identity_headers(name: str) -> None:
     assert not is_client_identity_header(name)
+
+
+def test_headers_to_strip_covers_rewrites_forwarding_proxy_and_hop_by_hop() -> None:
+    sent = ["Host", "Authorization", "User-Agent", "X-Original-URL", "X-Rewrite-URL", "X-HTTP-Method-Override",
+            "X-Forwarded-For", "Forwarded", "X-Real-IP", "Proxy-Authorization", "Keep-Alive", "Connection",
+            "X-Custom", "Accept", "MS-ASProtocolVersion"]
+    stripped = headers_to_strip(sent, ["keep-alive, X-Custom", "Accept, Host"])
+    assert stripped == {"X-Original-URL", "X-Rewrite-URL", "X-HTTP-Method-Override", "X-Forwarded-For", "Forwarded",
+                        "X-Real-IP", "Proxy-Authorization", "Keep-Alive", "Connection", "X-Custom", "Accept"}
 
 
 @pytest.mark.parametrize(

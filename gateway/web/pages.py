@@ -50,14 +50,13 @@ def unauthenticated(reason: str, correlation_id: str) -> GatewayResponse:
     return _json(401, body, correlation_id, (("WWW-Authenticate", challenge),))
 
 
-def bad_request(reason: str, correlation_id: str) -> GatewayResponse:
-    return _json(400, {"error": "bad_request", "error_description": reason, "correlationId": correlation_id},
-                 correlation_id)
+REFUSALS = {400: "bad_request", 421: "misdirected_request", 503: "temporarily_unavailable"}
 
 
-def unavailable(reason: str, correlation_id: str) -> GatewayResponse:
-    body = {"error": "temporarily_unavailable", "error_description": reason, "correlationId": correlation_id}
-    return _json(503, body, correlation_id, (("Retry-After", "30"),))
+def refused(status: int, reason: str, correlation_id: str) -> GatewayResponse:
+    """An answer before policy: ambiguous (400), misdirected (421), a signal source down (503)."""
+    body = {"error": REFUSALS[status], "error_description": reason, "correlationId": correlation_id}
+    return _json(status, body, correlation_id, (("Retry-After", "30"),) if status == 503 else ())
 
 
 def blocked(

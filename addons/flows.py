@@ -1,0 +1,20 @@
+"""What the addons read from a flow: the access request handed to the core."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from gateway.policy.model import AccessRequest
+
+
+def access_request(flow: http.HTTPFlow, correlation_id: str, host: str) -> AccessRequest:
+    headers = flow.request.headers
+    return AccessRequest(
+        correlation_id=correlation_id,
+        host=host,
+        path=flow.request.path,
+        method=flow.request.method,
+        client_ip=flow.client_conn.peername[0],
+        user_agent=headers.get("user-agent", ""),
+        accepts_html="text/html" in headers.get("accept", "").lower(),
+    )
