@@ -12,7 +12,7 @@ from gateway.audit import DecisionLog
 from gateway.config import Config, load_config
 from gateway.identity.jwks import JwksCache
 from gateway.identity.tokens import BearerValidator
-from gateway.signals.devices import FileDeviceInventory
+from gateway.signals.devices import DeviceInventory, FileDeviceInventory
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +29,13 @@ def load(config_dir: Path) -> Loaded:
 
 
 def build_service(
-    loaded: Loaded, *, clock: Clock = utc_now, transport: httpx.AsyncBaseTransport | None = None
+    loaded: Loaded,
+    *,
+    clock: Clock = utc_now,
+    transport: httpx.AsyncBaseTransport | None = None,
+    inventory: DeviceInventory | None = None,
 ) -> tuple[AccessService, JwksCache]:
+    """``transport`` and ``inventory`` let tests put a failing issuer or signal source in place."""
     config = loaded.config
     identity = config.gateway_file.identity
     jwks = JwksCache(
@@ -43,7 +48,7 @@ def build_service(
     service = AccessService(
         config,
         validator=BearerValidator(identity, jwks),
-        inventory=loaded.inventory,
+        inventory=inventory or loaded.inventory,
         decision_log=DecisionLog(config.path(config.gateway_file.decision_log.path)),
         clock=clock,
     )

@@ -229,8 +229,7 @@ def _service_with(tmp_path: Path, ca: object, ports: Ports, inventory: FailingIn
     config_dir = demo_config_copy(tmp_path, ports)
     write_trustme_certificate(ca, config_dir)  # type: ignore[arg-type]  (trustme.CA)
     loaded = bootstrap.load(config_dir)
-    service, _ = bootstrap.build_service(loaded)
-    service._inventory = inventory  # the one part under test is swapped for a fake that fails
+    service, _ = bootstrap.build_service(loaded, inventory=inventory)
     return service
 
 

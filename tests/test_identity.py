@@ -48,9 +48,11 @@ class Clock:
         return self.now
 
 
-def validator_for(idp: DemoIdentityProvider, clock: Clock | None = None) -> tuple[BearerValidator, CountingTransport]:
+def validator_for(idp: DemoIdentityProvider, clock: Clock | None = None,
+                  algorithms: tuple[str, ...] = ("RS256",)) -> tuple[BearerValidator, CountingTransport]:
     transport = CountingTransport(idp)
-    settings = IdentitySettings.model_validate_json(json.dumps({"issuer": ISSUER}), strict=True)
+    settings = IdentitySettings.model_validate_json(
+        json.dumps({"issuer": ISSUER, "algorithms": list(algorithms)}), strict=True)
     jwks = JwksCache(ISSUER, cache_seconds=3600, min_refresh_interval=30, timeout=5,
                      timer=clock or Clock(), transport=transport)
     return BearerValidator(settings, jwks), transport
@@ -254,10 +256,7 @@ def test_jwk_without_alg_serves_the_pinned_algorithm_the_token_names() -> None:
 
 def test_jwk_bound_to_another_algorithm_is_not_used() -> None:
     idp = DemoIdentityProvider(ISSUER)
-    settings = IdentitySettings.model_validate_json(json.dumps({"issuer": ISSUER, "algorithms": ["RS256", "PS256"]}),
-                                                    strict=True)
-    validator, _ = validator_for(idp)
-    validator._algorithms = {a.value for a in settings.algorithms}  # the JWK says alg RS256
+    validator, _ = validator_for(idp, algorithms=("RS256", "PS256"))  # the demo JWK says alg RS256
     claims = jwt.decode(mint(idp), options={"verify_signature": False})
     ps256 = jwt.encode(claims, idp.key, algorithm="PS256", headers={"kid": idp.kid})
     assert asyncio.run(validator.validate(ps256, AUDIENCES)) == RejectedToken("unknown signing key")
