@@ -19,7 +19,7 @@ from gateway.errors import SignalUnavailable
 from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
 from gateway.paths import canonical_path
 from gateway.policy.conditions import client_app_type
-from gateway.policy.evaluate import evaluate
+from gateway.policy.evaluate import NO_RESOURCE_REASON, evaluate
 from gateway.policy.model import (
     AccessRequest,
     ClientApp,
@@ -29,6 +29,7 @@ from gateway.policy.model import (
     ErrorCode,
     Identity,
 )
+from gateway.policy.policy_set import PolicySet
 from gateway.signals.devices import DeviceInventory
 from gateway.web import pages
 
@@ -74,6 +75,7 @@ class AccessService:
         self._log = decision_log
         self._clock = clock
         self._app_names = config.app_names_by_client_id()
+        self.policy_set = PolicySet.build(config.resources, config.policies, config.gateway_file.named_locations)
 
     def close(self) -> None:
         self._log.close()
@@ -89,6 +91,9 @@ class AccessService:
         if path is None:
             return self.refuse(request, 400, "ambiguous request path")
         request = replace(request, path=path)
+        resource = self.policy_set.resource_for(request.host, path)
+        if resource is None or resource in self.policy_set.public_resources:
+            return self._without_identity(request, resource, now)
         token = bearer_token(authorization)
         if isinstance(token, RejectedToken):
             return self._unauthenticated(request, token, now)
@@ -102,8 +107,8 @@ class AccessService:
             logger.error("[%s] signal unavailable, blocking: %s", request.correlation_id, error)
             return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
         app = ClientApp(client_id=identity.client_id, name=self._app_names.get(identity.client_id or ""))
-        decision = evaluate(request=request, identity=identity, device=device, app=app,
-                            resources=self.config.resources, policies=self.config.policies, now=now)
+        decision = evaluate(request=request, identity=identity, device=device, app=app, resource=resource,
+                            policy_set=self.policy_set, now=now)
         self._log.write(sign_in_record(request=request, decision=decision, now=now,
                                        identity=identity, device=device, app=app))
         if decision.allowed:
@@ -117,6 +122,26 @@ class AccessService:
             return DeviceSignals(device_id=None, device=None, source=self._inventory.name)
         device = await self._inventory.managed_device(identity.device_id)
         return DeviceSignals(device_id=identity.device_id, device=device, source=self._inventory.name)
+
+    def _without_identity(self, request: AccessRequest, resource: str | None, now: datetime) -> Outcome:
+        """Before any token: a public resource is forwarded, a path no resource names is denied."""
+        app_type = client_app_type(request, None)
+        if resource is None:
+            decision = Decision(result=DecisionResult.block, status_code=403,
+                                error_code=ErrorCode.blocked_by_conditional_access, reason=NO_RESOURCE_REASON,
+                                resource=None, client_app_type=app_type)
+        else:
+            decision = Decision(result=DecisionResult.allow, status_code=200, error_code=None,
+                                reason="public resource", resource=resource, client_app_type=app_type)
+        self._log.write(sign_in_record(request=request, decision=decision, now=now))
+        if decision.allowed:
+            return Outcome(decision, None, ((headers.CORRELATION_ID, request.correlation_id),
+                                            *headers.forwarding_headers(request.client_ip, request.host)))
+        nobody = DeviceSignals(device_id=None, device=None, source=self._inventory.name)
+        response = pages.blocked(decision=decision, request=request, app=ClientApp(client_id=None, name=None),
+                                 device=nobody, remediation_url=self.config.gateway_file.gateway.remediation_url,
+                                 now=now)
+        return Outcome(decision, response)
 
     def _unauthenticated(self, request: AccessRequest, rejected: RejectedToken, now: datetime) -> Outcome:
         decision = Decision(result=DecisionResult.unauthenticated, status_code=401, error_code=None,

@@ -55,7 +55,8 @@ def sign_in_record(
         "result": decision.result.value,
         "httpStatus": decision.status_code,
         "conditionalAccessStatus": _conditional_access_status(decision),
-        "appliedConditionalAccessPolicies": [_policy(p) for p in decision.policies],
+        "appliedConditionalAccessPolicies": [policy_entry(p) for p in decision.all_policies()],
+        "enforcedSessionControls": list(decision.session_controls.names()),
     }
 
 
@@ -84,12 +85,13 @@ def _conditional_access_status(decision: Decision) -> str:
     return "notApplied"
 
 
-def _policy(result: PolicyResult) -> dict[str, Any]:
+def policy_entry(result: PolicyResult) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": result.name,
         "displayName": result.display_name,
         "result": result.result.value,
         "enforcedGrantControls": list(result.enforced_grant_controls),
+        "enforcedSessionControls": list(result.enforced_session_controls),
     }
     if result.not_applied_because:
         entry["notAppliedBecause"] = result.not_applied_because

@@ -1,8 +1,10 @@
 """The ``portcullis`` command.
 
-    portcullis demo  [--config DIR]   start the demo issuer, backends and gateway; print curl commands
-    portcullis run    --config DIR    start the gateway on a config directory
-    portcullis check  --config DIR    validate a config directory; list every problem
+    portcullis demo   [--config DIR]   start the demo issuer, backends and gateway; print curl commands
+    portcullis run     --config DIR    start the gateway on a config directory
+    portcullis check   --config DIR    validate; list problems, warnings, public resources; run cases.yaml
+    portcullis whatif  --config DIR --user U --url URL [--app A] [--device ID] [--ip IP] ... [--json]
+    portcullis test    --config DIR CASES.yaml   run policy test cases; exit 1 if any fails
 
 Exit codes: 0 ok, 1 config or start-up failure, 2 usage. Errors go to stderr as
 ``portcullis: <message>``, without a traceback unless ``--debug``.
@@ -12,13 +14,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import bootstrap
+from gateway.access import utc_now
+from gateway.config import CASES_FILE
+from gateway.config.lint import config_warnings, public_resources
 from gateway.errors import ConfigError
+from gateway.policy.model import ClientAppType, DevicePlatform
+from gateway.policy_cases import load_cases, run_cases
+from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, as_text, policy_states
+
+CLIENT_APP_TYPES = [t for t in ClientAppType if t is not ClientAppType.all]
 
 DEFAULT_CONFIG = Path("config")
 logger = logging.getLogger("portcullis")
@@ -53,9 +64,28 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the gateway on a config directory")
     run.add_argument("--config", type=Path, required=True, help="config directory")
     run.set_defaults(command=_run)
-    check = commands.add_parser("check", help="validate a config directory and list every problem")
+    check = commands.add_parser("check", help="validate a config directory; list problems and warnings")
     check.add_argument("--config", type=Path, required=True, help="config directory")
     check.set_defaults(command=_check)
+    whatif = commands.add_parser("whatif", help="what would happen if this user opened this URL?")
+    whatif.add_argument("--config", type=Path, required=True, help="config directory")
+    whatif.add_argument("--user", required=True, help="user principal name")
+    whatif.add_argument("--url", required=True, help="https URL on a protected host")
+    whatif.add_argument("--app", help="application name from the config, or an OAuth client id")
+    whatif.add_argument("--device", help="device id (looked up in the config's inventory)")
+    whatif.add_argument("--ip", default=DEFAULT_IP, help=f"client address (default {DEFAULT_IP})")
+    whatif.add_argument("--client-app-type", type=ClientAppType, choices=CLIENT_APP_TYPES,
+                        help="browser, mobileAppsAndDesktopClients, exchangeActiveSync or other (default: inferred)")
+    whatif.add_argument("--group", action="append", default=[], help="a group of the user (repeatable)")
+    whatif.add_argument("--mfa", action="store_true", help="the user did multifactor authentication")
+    whatif.add_argument("--platform", type=DevicePlatform, choices=list(DevicePlatform),
+                        help="device platform when the device is not in the inventory")
+    whatif.add_argument("--json", action="store_true", help="print the stable JSON form")
+    whatif.set_defaults(command=_whatif)
+    test = commands.add_parser("test", help="run policy test cases against a config")
+    test.add_argument("--config", type=Path, required=True, help="config directory")
+    test.add_argument("cases", type=Path, help="YAML file of cases")
+    test.set_defaults(command=_test)
     return parser
 
 
@@ -73,7 +103,51 @@ def _check(args: argparse.Namespace) -> int:
     print(f"{args.config}: OK: {len(config.gateway_file.protected_hosts)} protected hosts, "
           f"{len(config.resources)} resources, {len(config.policies)} policies, "
           f"{len(loaded.inventory)} devices in the inventory")
+    public = public_resources(config)
+    print(f"public resources (reachable without a token): {len(public)}")
+    for line in public:
+        print(f"  {line}")
+    for warning in config_warnings(config):
+        print(f"warning: {warning}")
+    cases_file = args.config / CASES_FILE
+    if cases_file.exists():
+        return _run_cases(loaded, cases_file)
+    print(f"no {CASES_FILE} in {args.config}: no policy tests ran")
     return 0
+
+
+def _whatif(args: argparse.Namespace) -> int:
+    loaded = bootstrap.load(args.config)
+    question = Question(user=args.user, url=args.url, app=args.app, device=args.device, ip=args.ip,
+                        client_app_type=args.client_app_type, groups=tuple(args.group), mfa=args.mfa,
+                        platform=args.platform)
+    try:
+        decision = asyncio.run(WhatIf(loaded.config, loaded.inventory).ask(question, utc_now()))
+    except WhatIfError as error:
+        print(f"portcullis: {error}", file=sys.stderr)
+        return 2
+    states = policy_states(loaded.config)
+    if args.json:
+        print(json.dumps(as_json(question, decision, states), indent=2))
+    else:
+        print(as_text(question, decision, states))
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    return _run_cases(bootstrap.load(args.config), args.cases)
+
+
+def _run_cases(loaded: bootstrap.Loaded, cases_file: Path) -> int:
+    cases = load_cases(cases_file)
+    outcomes = asyncio.run(run_cases(WhatIf(loaded.config, loaded.inventory), cases, utc_now()))
+    for outcome in outcomes:
+        print(f"{'PASS' if outcome.passed else 'FAIL'}: {outcome.name}")
+        for difference in outcome.differences:
+            print(f"    {difference}")
+    failed = sum(not o.passed for o in outcomes)
+    print(f"{cases_file}: {len(outcomes) - failed} of {len(outcomes)} cases passed")
+    return 1 if failed or not outcomes else 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ def line_of(path: Path, needle: str) -> int:
 def test_shipped_demo_config_is_valid() -> None:
     config = load_config(REPO / "config")
     assert [p.name for p in config.policies] == ["exchange-outlook-only", "owa-compliant-device",
-                                                  "sharepoint-compliant-device"]
+                                                  "sharepoint-compliant-device", "mfa-outside-head-office"]
 
 
 def test_misspelt_state_names_file_line_key_and_suggests(config_dir: Path) -> None:
@@ -86,7 +86,7 @@ def test_missing_required_key_is_named(config_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        pytest.param("include: [exchange-owa]", "include: [exchange-ow]",
+        pytest.param("include: [exchange-owa, exchange-owa-attachments]", "include: [exchange-ow]",
                      "policies[1].conditions.resources.include[0]: 'exchange-ow' is not a resource",
                      id="unknown resource"),
         pytest.param("approvedApplications: [outlook-mobile, outlook-desktop]",
@@ -113,10 +113,13 @@ def test_plain_http_issuer_off_loopback_is_refused(config_dir: Path) -> None:
 
 
 def test_resource_on_an_unprotected_host_is_refused(config_dir: Path) -> None:
-    edit(config_dir / "portcullis.yaml", "host: docs.contoso.test\n    paths: [/_layouts",
-         "host: files.contoso.test\n    paths: [/_layouts")
-    [problem] = problems(config_dir)
-    assert "resources.sharepoint-downloads.host: 'files.contoso.test' is not a protected host" in problem
+    edit(config_dir / "portcullis.yaml", "hosts: [mail.contoso.test]\n    paths: [/owa/auth/]",
+         "hosts: [files.contoso.test]\n    paths: [/owa/auth/]")
+    edit(config_dir / "portcullis.yaml", "sharepoint: [docs.contoso.test]", "sharepoint: [docs.contoso.tst]")
+    found = problems(config_dir)
+    assert any("resources.exchange-owa-sign-in-page.hosts[0]: 'files.contoso.test' is not a protected host" in p
+               for p in found), found
+    assert any("resourcePresets.sharepoint[0]: 'docs.contoso.tst' is not a protected host" in p for p in found)
 
 
 def test_yaml_syntax_error_has_its_line(config_dir: Path) -> None:
@@ -137,7 +140,9 @@ def test_check_command_prints_problems_and_exits_1(config_dir: Path) -> None:
 def test_check_command_accepts_the_demo_config() -> None:
     result = subprocess.run([PORTCULLIS, "check", "--config", str(REPO / "config")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "3 policies, 4 devices in the inventory" in result.stdout
+    assert "4 policies, 4 devices in the inventory" in result.stdout
+    assert "public resources (reachable without a token): 1\n  exchange-owa-sign-in-page:" in result.stdout
+    assert "warning" not in result.stdout
 
 
 def test_inventory_problems_are_reported_with_their_line(config_dir: Path) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.config.models import ConditionalAccessPolicy, Resource
-from gateway.policy.conditions import match_resource, path_has_prefix
+from gateway.config.models import ConditionalAccessPolicy, NamedLocation, Resource
+from gateway.policy.conditions import compile_resources, match_resource, path_has_prefix
 from gateway.policy.evaluate import evaluate
 from gateway.policy.model import (
     AccessRequest,
@@ -23,28 +23,39 @@ from gateway.policy.model import (
     ManagedDevice,
     PolicyResultKind,
 )
+from gateway.policy.policy_set import PolicySet
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 RESOURCES = {
     "exchange-activesync": Resource.model_validate_json(json.dumps(
-        {"host": "mail.contoso.test", "paths": ["/Microsoft-Server-ActiveSync"]})),
-    "exchange-owa": Resource.model_validate_json(json.dumps({"host": "mail.contoso.test", "paths": ["/owa/"]})),
+        {"hosts": ["mail.contoso.test"], "paths": ["/Microsoft-Server-ActiveSync"]})),
+    "exchange-owa": Resource.model_validate_json(json.dumps({"hosts": ["mail.contoso.test"], "paths": ["/owa/"]})),
 }
+LOCATIONS = {"office": NamedLocation.model_validate_json('{"ipRanges": ["10.0.0.0/8"], "trusted": true}'),
+             "guest-wifi": NamedLocation.model_validate_json('{"ipRanges": ["192.0.2.0/24"]}')}
 
 
 def policy(name: str = "p", *, state: str = "enabled", include: list[str] | None = None,
-           exclude: list[str] | None = None, **grant: Any) -> ConditionalAccessPolicy:
-    return ConditionalAccessPolicy.model_validate_json(json.dumps({
+           exclude: list[str] | None = None, conditions: dict[str, Any] | None = None,
+           session: dict[str, Any] | None = None, **grant: Any) -> ConditionalAccessPolicy:
+    document: dict[str, Any] = {
         "name": name, "state": state,
-        "conditions": {"resources": {"include": include or ["All"], "exclude": exclude or []}},
-        "grantControls": grant,
-    }), strict=True)
+        "conditions": {"resources": {"include": include or ["All"], "exclude": exclude or []}, **(conditions or {})},
+    }
+    if grant:
+        document["grantControls"] = grant
+    if session:
+        document["sessionControls"] = session
+    return ConditionalAccessPolicy.model_validate_json(json.dumps(document), strict=True)
 
 
-def device(state: str = "compliant", threat: str | None = "low", grace_end: datetime | None = None) -> DeviceSignals:
-    record = ManagedDevice(device_id="d1", display_name=None, user_principal_name=None, operating_system="iOS",
+def device(state: str = "compliant", threat: str | None = "low", grace_end: datetime | None = None,
+           **attributes: Any) -> DeviceSignals:
+    record = ManagedDevice(device_id="d1", display_name=None, user_principal_name=None,
+                           operating_system=attributes.pop("operating_system", "iOS"),
                            compliance_state=ComplianceState(state), compliance_grace_period_expiration=grace_end,
-                           threat_level=DeviceThreatLevel(threat) if threat else None, threat_source="test")
+                           threat_level=DeviceThreatLevel(threat) if threat else None, threat_source="test",
+                           **attributes)
     return DeviceSignals(device_id="d1", device=record, source="test")
 
 
@@ -60,14 +71,17 @@ COMPLIANT = device()
 
 
 def decide(policies: list[ConditionalAccessPolicy], dev: DeviceSignals = COMPLIANT, app: ClientApp = OUTLOOK,
-           path: str = "/Microsoft-Server-ActiveSync") -> Decision:
+           path: str = "/Microsoft-Server-ActiveSync", *, ip: str = "203.0.113.9",
+           user: str = "alex@contoso.test", groups: frozenset[str] = frozenset(), amr: frozenset[str] = frozenset(),
+           user_agent: str = "Outlook-iOS-Android/1.0", accepts_html: bool = False) -> Decision:
     request = AccessRequest(correlation_id="c", host="mail.contoso.test", path=path, method="POST",
-                            client_ip="127.0.0.1", user_agent="Outlook-iOS-Android/1.0", accepts_html=False)
-    identity = Identity(subject="s", user_principal_name="alex@contoso.test", object_id=None, tenant_id=None,
-                        client_id=app.client_id, device_id=dev.device_id, groups=frozenset(), audience="a",
-                        expires_at=0)
-    return evaluate(request=request, identity=identity, device=dev, app=app, resources=RESOURCES,
-                    policies=policies, now=NOW)
+                            client_ip=ip, user_agent=user_agent, accepts_html=accepts_html)
+    identity = Identity(subject="s", user_principal_name=user, object_id="oid-1", tenant_id=None,
+                        client_id=app.client_id, device_id=dev.device_id, groups=groups, audience="a",
+                        expires_at=0, authentication_methods=amr)
+    policy_set = PolicySet.build(RESOURCES, tuple(policies), LOCATIONS)
+    return evaluate(request=request, identity=identity, device=dev, app=app,
+                    resource=policy_set.resource_for("mail.contoso.test", path), policy_set=policy_set, now=NOW)
 
 
 @pytest.mark.parametrize(
@@ -138,7 +152,7 @@ def test_every_policy_result_is_explained() -> None:
         policy("audit", state="reportOnly", builtInControls=["compliantDevice"]),
         policy("old", state="disabled", builtInControls=["block"]),
     ], device("noncompliant"), TEAMS)
-    results = {r.name: r for r in decision.policies}
+    results = {r.name: r for r in decision.all_policies()}
     assert results["outlook"].result is PolicyResultKind.failure
     assert [f.control for f in results["outlook"].failures] == ["compliantDevice", "approvedApplication"]
     assert results["owa"].result is PolicyResultKind.not_applied
@@ -161,10 +175,14 @@ def test_path_prefix_matches_whole_segments_case_insensitively(path: str, prefix
 
 
 def test_longest_resource_prefix_wins() -> None:
-    resources = {
-        "sites": Resource.model_validate_json('{"host": "h", "paths": ["/sites/"]}'),
-        "finance": Resource.model_validate_json('{"host": "h", "paths": ["/sites/finance/"]}'),
-    }
+    resources = compile_resources({
+        "sites": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/sites/"]}'),
+        "finance": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/sites/finance/"]}'),
+        "downloads": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/sites/*/_layouts/15/download.aspx"]}'),
+    })
     assert match_resource(resources, "h", "/sites/finance/q3.xlsx") == "finance"
     assert match_resource(resources, "h", "/sites/hr/") == "sites"
+    assert match_resource(resources, "h", "/sites/hr/_layouts/15/download.aspx") == "downloads"
+    assert match_resource(resources, "h", "/sites/finance/_layouts/15/download.aspx") == "downloads"
+    assert match_resource(resources, "h", "/sites/a/b/_layouts/15/download.aspx") == "sites"
     assert match_resource(resources, "other", "/sites/hr/") is None

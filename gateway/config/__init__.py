@@ -8,23 +8,28 @@ Relative paths in the files are relative to the config directory.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.config.loader import locate, raise_if, read_yaml, validate
 from gateway.config.models import (
     ConditionalAccessPolicy,
+    Include,
     PoliciesFile,
     PortcullisFile,
     Resource,
 )
+from gateway.config.presets import expand_presets
 from gateway.errors import ConfigError, ConfigProblem
 
 __all__ = ["Config", "ConfigError", "load_config", "GATEWAY_FILE", "POLICIES_FILE"]
 
 GATEWAY_FILE = "portcullis.yaml"
+CASES_FILE = "cases.yaml"
 POLICIES_FILE = "policies.yaml"
 ALL = "All"
+ALL_TRUSTED = "AllTrusted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,7 @@ class Config:
     directory: Path
     gateway_file: PortcullisFile
     policies: tuple[ConditionalAccessPolicy, ...]
+    sources: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # file -> parsed YAML
 
     def path(self, relative: Path) -> Path:
         """A path from the config files, resolved against the config directory."""
@@ -39,7 +45,8 @@ class Config:
 
     @property
     def resources(self) -> dict[str, Resource]:
-        return self.gateway_file.resources
+        """Preset resources and the file's own, by name (a clash is a config error)."""
+        return {**expand_presets(self.gateway_file.resource_presets), **self.gateway_file.resources}
 
     def app_names_by_client_id(self) -> dict[str, str]:
         return {
@@ -70,7 +77,8 @@ def load_config(directory: Path) -> Config:
         problems += _check_policies(gateway_file, policies_file, policies_data, policies_name)
     raise_if(problems)
     assert gateway_file is not None and policies_file is not None  # noqa: S101  (no problems)
-    return Config(directory.resolve(), gateway_file, tuple(policies_file.policies))
+    return Config(directory.resolve(), gateway_file, tuple(policies_file.policies),
+                  {gateway_name: gateway_data, policies_name: policies_data})
 
 
 def _display(path: Path) -> str:
@@ -82,34 +90,58 @@ def _display(path: Path) -> str:
 
 def _check_resources(gateway_file: PortcullisFile, data: object, name: str) -> list[ConfigProblem]:
     hosts = sorted(gateway_file.protected_hosts)
-    return [
-        locate(data, ("resources", resource_name, "host"), name,
-               f"{resource.host!r} is not a protected host; known: {', '.join(hosts)}")
-        for resource_name, resource in gateway_file.resources.items()
-        if resource.host not in gateway_file.protected_hosts
-    ]
+    problems = []
+    for preset, preset_hosts in gateway_file.resource_presets.items():
+        for index, host in enumerate(preset_hosts):
+            if host not in gateway_file.protected_hosts:
+                problems.append(locate(data, ("resourcePresets", preset.value, index), name,
+                                       f"{host!r} is not a protected host; known: {', '.join(hosts)}"))
+    preset_names = expand_presets(gateway_file.resource_presets)
+    for resource_name, resource in gateway_file.resources.items():
+        if resource_name in preset_names:
+            problems.append(locate(data, ("resources", resource_name), name,
+                                   f"{resource_name!r} is already defined by resourcePresets; pick another name",
+                                   at_value=False))
+        for index, host in enumerate(resource.hosts):
+            if host not in gateway_file.protected_hosts:
+                problems.append(locate(data, ("resources", resource_name, "hosts", index), name,
+                                       f"{host!r} is not a protected host; known: {', '.join(hosts)}"))
+    return problems
 
 
 def _check_policies(
     gateway_file: PortcullisFile, policies_file: PoliciesFile, data: object, name: str
 ) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
-    resources = sorted(gateway_file.resources)
+    resources = sorted({*expand_presets(gateway_file.resource_presets), *gateway_file.resources})
+    locations = sorted(gateway_file.named_locations)
     apps = sorted(gateway_file.applications)
     counts = Counter(p.name for p in policies_file.policies)
     for index, policy in enumerate(policies_file.policies):
         if counts[policy.name] > 1:
             problems.append(locate(data, ("policies", index, "name"), name,
                                    f"{policy.name!r} is used by more than one policy"))
-        for side in ("include", "exclude"):
-            for item_index, item in enumerate(getattr(policy.conditions.resources, side)):
-                if item != ALL and item not in gateway_file.resources:
-                    loc = ("policies", index, "conditions", "resources", side, item_index)
-                    known = ", ".join([ALL, *resources])
-                    problems.append(locate(data, loc, name, f"{item!r} is not a resource; known: {known}"))
-        for item_index, app in enumerate(policy.grant_controls.approved_applications):
+        conditions = ("policies", index, "conditions")
+        problems += _unknown_names(data, name, (*conditions, "resources"), policy.conditions.resources,
+                                   "resource", [ALL], resources)
+        if policy.conditions.locations is not None:
+            problems += _unknown_names(data, name, (*conditions, "locations"), policy.conditions.locations,
+                                       "named location", [ALL, ALL_TRUSTED], locations)
+        grant = policy.grant_controls
+        for item_index, app in enumerate(grant.approved_applications if grant else []):
             if app not in gateway_file.applications:
                 loc = ("policies", index, "grantControls", "approvedApplications", item_index)
                 problems.append(locate(data, loc, name,
                                        f"{app!r} is not an application; known: {', '.join(apps)}"))
     return problems
+
+
+def _unknown_names(data: object, file: str, loc: tuple[str | int, ...], assignment: Include, what: str,
+                   keywords: list[str], known: list[str]) -> list[ConfigProblem]:
+    return [
+        locate(data, (*loc, side, item_index), file,
+               f"{item!r} is not a {what}; known: {', '.join([*keywords, *known]) or '(none defined)'}")
+        for side in ("include", "exclude")
+        for item_index, item in enumerate(getattr(assignment, side))
+        if item not in keywords and item not in known
+    ]

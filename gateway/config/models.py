@@ -17,10 +17,18 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from gateway.policy.model import BuiltInControl, DeviceThreatLevel, PolicyState
+from gateway.policy.device_filter import Rule, RuleSyntaxError, parse_rule
+from gateway.policy.model import (
+    BuiltInControl,
+    ClientAppType,
+    DevicePlatform,
+    DeviceThreatLevel,
+    PersistentBrowser,
+    PolicyState,
+)
 
 HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -52,6 +60,15 @@ class SigningAlgorithm(StrEnum):
     ES384 = "ES384"
     ES512 = "ES512"
     EdDSA = "EdDSA"
+
+
+class PlatformOrAll(StrEnum):
+    all = "all"
+    android = "android"
+    ios = "iOS"
+    windows = "windows"
+    macos = "macOS"
+    linux = "linux"
 
 
 class GrantOperator(StrEnum):
@@ -148,21 +165,40 @@ class ProtectedHost(Model):
 
 
 class Resource(Model):
-    """A named part of a protected host: its host and the path prefixes that belong to it."""
+    """A named part of protected hosts: host names and path patterns. A pattern is a path prefix
+    matched on whole segments; ``*`` stands for exactly one segment
+    (``/sites/*/_layouts/15/download.aspx``). ``public: true`` lets requests through without a
+    token; it is never the default and covers only the paths listed."""
 
-    host: str
+    hosts: Annotated[list[str], Field(min_length=1)]
     paths: Annotated[list[str], Field(min_length=1)]
     display_name: str | None = None
+    public: bool = False
 
     @field_validator("paths")
     @classmethod
     def _absolute_paths(cls, value: list[str]) -> list[str]:
         for path in value:
-            if not path.startswith("/") or "?" in path or "#" in path or "%" in path:
-                raise ValueError(f"{path!r} must be a plain absolute path like '/owa/' (no query, no %)")
-            if any(segment in (".", "..") for segment in path.split("/")):
+            if not path.startswith("/") or any(c in path for c in "?#%;\\"):
+                raise ValueError(f"{path!r} must be a plain absolute path like '/owa/' (no query, %, ; or \\)")
+            segments = path.split("/")
+            if any(segment in (".", "..") for segment in segments):
                 raise ValueError(f"{path!r} must not contain '.' or '..' segments")
+            if any("*" in segment and segment != "*" for segment in segments):
+                raise ValueError(f"{path!r}: '*' stands for a whole segment ('/sites/*/...'), not part of one")
         return value
+
+
+class ResourcePreset(StrEnum):
+    exchange = "exchange"
+    sharepoint = "sharepoint"
+
+
+class NamedLocation(Model):
+    """IP ranges the gateway sees clients come from; ``trusted`` ones make up ``AllTrusted``."""
+
+    ip_ranges: Annotated[list[IPvAnyNetwork], Field(min_length=1)]
+    trusted: bool = False
 
 
 class DeviceSignalsSettings(Model):
@@ -179,7 +215,9 @@ class PortcullisFile(Model):
     gateway: GatewaySettings
     identity: IdentitySettings
     protected_hosts: Annotated[dict[str, ProtectedHost], Field(min_length=1)]
+    resource_presets: dict[ResourcePreset, Annotated[list[str], Field(min_length=1)]] = {}
     resources: dict[str, Resource] = {}
+    named_locations: dict[str, NamedLocation] = {}
     applications: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
     device_signals: DeviceSignalsSettings = DeviceSignalsSettings()
     decision_log: DecisionLogSettings = DecisionLogSettings()
@@ -200,7 +238,7 @@ class PortcullisFile(Model):
             return {k: [v] if isinstance(v, str) else v for k, v in value.items()}
         return value
 
-    @field_validator("resources", "applications")
+    @field_validator("resources", "applications", "named_locations")
     @classmethod
     def _names(cls, value: dict[str, object]) -> dict[str, object]:
         for name in value:
@@ -216,8 +254,51 @@ class Include(Model):
     exclude: list[str] = []
 
 
+class UsersCondition(Model):
+    """Users by UPN or object id, ``All`` or ``None``; groups by the names or ids the token's
+    ``groups`` claim carries. Exclusions beat inclusions."""
+
+    include_users: list[str] = ["All"]
+    exclude_users: list[str] = []
+    include_groups: list[str] = []
+    exclude_groups: list[str] = []
+
+
+class PlatformsCondition(Model):
+    include: Annotated[list[PlatformOrAll], Field(min_length=1)]
+    exclude: list[DevicePlatform] = []
+
+
+class DeviceFilterMode(StrEnum):
+    include = "include"
+    exclude = "exclude"
+
+
+class DeviceFilter(Model):
+    mode: DeviceFilterMode
+    rule: str
+
+    @field_validator("rule")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        try:
+            parse_rule(value)
+        except RuleSyntaxError as error:
+            raise ValueError(f"device filter rule: {error}") from None
+        return value
+
+    @property
+    def parsed(self) -> Rule:
+        return parse_rule(self.rule)
+
+
 class PolicyConditions(Model):
+    users: UsersCondition = UsersCondition()
     resources: Include
+    client_app_types: Annotated[list[ClientAppType], Field(min_length=1)] = [ClientAppType.all]
+    platforms: PlatformsCondition | None = None
+    locations: Include | None = None
+    device_filter: DeviceFilter | None = None
 
 
 class GrantControls(Model):
@@ -239,8 +320,41 @@ class GrantControls(Model):
                 "list go together"
             )
         if not controls and self.max_device_threat_level is None:
-            raise ValueError("a policy needs at least one grant control")
+            raise ValueError("grantControls needs at least one control (or leave grantControls out)")
         return self
+
+
+class FrequencyUnit(StrEnum):
+    hours = "hours"
+    days = "days"
+
+
+class SignInFrequency(Model):
+    """``{value: 8, type: hours}``, or ``{everyTime: true}``."""
+
+    value: Annotated[int, Field(ge=1, le=365)] | None = None
+    type: FrequencyUnit | None = None
+    every_time: bool = False
+
+    @model_validator(mode="after")
+    def _one_form(self) -> SignInFrequency:
+        if self.every_time == (self.value is not None or self.type is not None):
+            raise ValueError("give either 'value' and 'type' (hours or days), or 'everyTime: true'")
+        if not self.every_time and (self.value is None or self.type is None):
+            raise ValueError("'value' and 'type' go together")
+        return self
+
+    @property
+    def seconds(self) -> int:
+        if self.every_time or self.value is None:
+            return 0
+        return self.value * (3600 if self.type is FrequencyUnit.hours else 86400)
+
+
+class SessionControlsConfig(Model):
+    block_downloads: bool = False
+    sign_in_frequency: SignInFrequency | None = None
+    persistent_browser: PersistentBrowser | None = None
 
 
 class ConditionalAccessPolicy(Model):
@@ -248,7 +362,8 @@ class ConditionalAccessPolicy(Model):
     display_name: str | None = None
     state: PolicyState
     conditions: PolicyConditions
-    grant_controls: GrantControls
+    grant_controls: GrantControls | None = None
+    session_controls: SessionControlsConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -256,6 +371,12 @@ class ConditionalAccessPolicy(Model):
         if not NAME.match(value):
             raise ValueError(f"{value!r} is not a valid name ({NAME_HELP})")
         return value
+
+    @model_validator(mode="after")
+    def _has_controls(self) -> ConditionalAccessPolicy:
+        if self.grant_controls is None and self.session_controls is None:
+            raise ValueError("a policy needs grantControls, sessionControls or both")
+        return self
 
 
 class PoliciesFile(Model):

@@ -116,6 +116,7 @@ def identity_from_claims(claims: dict[str, object], audiences: frozenset[str]) -
     aud = claims["aud"]
     matched = next(iter(sorted(audiences & ({aud} if isinstance(aud, str) else set(aud)))), "")  # type: ignore[arg-type]  (JSON)
     groups = claims.get("groups")
+    amr = claims.get("amr")
     return Identity(
         subject=str(claims["sub"]),
         user_principal_name=_text(claims.get("upn")) or _text(claims.get("preferred_username")),
@@ -126,6 +127,9 @@ def identity_from_claims(claims: dict[str, object], audiences: frozenset[str]) -
         groups=frozenset(g for g in groups if isinstance(g, str)) if isinstance(groups, list) else frozenset(),
         audience=matched,
         expires_at=float(claims["exp"]),  # type: ignore[arg-type]  (required and checked numeric by pyjwt)
+        authentication_methods=(frozenset(m for m in amr if isinstance(m, str))
+                                if isinstance(amr, list) else frozenset()),
+        authentication_context=_text(claims.get("acr")),
     )
 
 

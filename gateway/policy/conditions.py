@@ -1,36 +1,88 @@
-"""Matching the request against policy assignments: resources and client app types.
+"""Matching a request against policy assignments: users, resources, client app types, platforms,
+locations and the device filter. Each check answers None when it matches, or why it does not.
 
-No I/O here. Paths arrive canonical (see ``gateway.paths``); matching is case-insensitive
-because Exchange and SharePoint run on IIS, where ``/OWA/`` and ``/owa/`` are the same page.
+No I/O here. Paths arrive canonical (see ``gateway.paths``); resource matching is
+case-insensitive because Exchange and SharePoint run on IIS, where ``/OWA/`` and ``/owa/`` are the
+same page.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
 
-from gateway.config.models import Include, Resource
-from gateway.policy.model import AccessRequest, ClientAppType, Identity
+from gateway.config.models import Include, PlatformsCondition, Resource, UsersCondition
+from gateway.policy.device_filter import DeviceAttributes
+from gateway.policy.model import (
+    AccessRequest,
+    ClientAppType,
+    DevicePlatform,
+    DeviceSignals,
+    Identity,
+    ManagedDevice,
+)
+from gateway.signals.devices import is_compliant
 
 ALL = "All"
+NONE = "None"
+ALL_TRUSTED = "AllTrusted"
 ACTIVESYNC_PATH = "/microsoft-server-activesync"
+
+type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class PathPattern:
+    """A resource path: a prefix on whole segments, ``*`` standing for one segment."""
+
+    resource: str
+    pattern: str
+    regex: re.Pattern[str]
+    specificity: tuple[int, int]
+
+    @classmethod
+    def compile(cls, resource: str, pattern: str) -> PathPattern:
+        segments = pattern.rstrip("/").split("/")
+        body = "/".join("[^/]+" if s == "*" else re.escape(s) for s in segments)
+        literal = sum(len(s) for s in segments if s != "*")
+        return cls(resource, pattern, re.compile(f"^{body}(?:/.*)?$", re.IGNORECASE | re.DOTALL),
+                   (literal, -segments.count("*")))
+
+
+def compile_resources(resources: Mapping[str, Resource]) -> dict[str, tuple[PathPattern, ...]]:
+    """Host -> its path patterns, most specific first, so the first match is the longest."""
+    by_host: dict[str, list[PathPattern]] = {}
+    for name, resource in resources.items():
+        for host in resource.hosts:
+            by_host.setdefault(host, []).extend(PathPattern.compile(name, p) for p in resource.paths)
+    return {host: tuple(sorted(patterns, key=lambda p: p.specificity, reverse=True))
+            for host, patterns in by_host.items()}
 
 
 def path_has_prefix(path: str, prefix: str) -> bool:
     """Prefix match on whole segments: ``/owa/`` matches ``/owa`` and ``/owa/x``, not ``/owax``."""
-    path, base = path.lower(), prefix.lower().rstrip("/")
-    return path == base or path.startswith(base + "/")
+    return PathPattern.compile("", prefix).regex.match(path) is not None
 
 
-def match_resource(resources: Mapping[str, Resource], host: str, path: str) -> str | None:
-    """The named resource for host + path, the longest matching prefix winning; None if none."""
-    best: tuple[int, str] | None = None
-    for name, resource in resources.items():
-        if resource.host != host:
-            continue
-        for prefix in resource.paths:
-            if path_has_prefix(path, prefix) and (best is None or len(prefix) > best[0]):
-                best = (len(prefix), name)
-    return best[1] if best else None
+def match_resource(patterns_by_host: Mapping[str, tuple[PathPattern, ...]], host: str, path: str) -> str | None:
+    for pattern in patterns_by_host.get(host, ()):
+        if pattern.regex.match(path):
+            return pattern.resource
+    return None
+
+
+def users_not_matched(condition: UsersCondition, identity: Identity) -> str | None:
+    names = {n.lower() for n in (identity.user_principal_name, identity.object_id, identity.subject) if n}
+    excluded_users = {u.lower() for u in condition.exclude_users}
+    if names & excluded_users or identity.groups & set(condition.exclude_groups):
+        return "user is excluded"
+    included_users = {u.lower() for u in condition.include_users}
+    if ALL.lower() in included_users or names & included_users or identity.groups & set(condition.include_groups):
+        return None
+    return "user is not included"
 
 
 def resource_not_included(assignment: Include, resource: str) -> str | None:
@@ -45,6 +97,8 @@ def resource_not_included(assignment: Include, resource: str) -> str | None:
 def client_app_type(request: AccessRequest, identity: Identity | None) -> ClientAppType:
     """Entra's client app types, worked out from the request. The ActiveSync URL and a modern-auth
     client id are strong signals; a browser is recognised by what it asks for."""
+    if request.declared_client_app_type is not None:
+        return request.declared_client_app_type
     if path_has_prefix(request.path, ACTIVESYNC_PATH):
         return ClientAppType.exchange_active_sync
     if request.accepts_html and "mozilla/" in request.user_agent.lower():
@@ -52,3 +106,72 @@ def client_app_type(request: AccessRequest, identity: Identity | None) -> Client
     if identity is not None and identity.client_id:
         return ClientAppType.mobile_apps_and_desktop_clients
     return ClientAppType.other
+
+
+def client_app_type_not_matched(types: list[ClientAppType], actual: ClientAppType) -> str | None:
+    if ClientAppType.all in types or actual in types:
+        return None
+    return f"client app type {actual.value!r} is not included"
+
+
+PLATFORM_WORDS = (
+    (DevicePlatform.ios, ("ios", "ipados", "iphone", "ipad")),
+    (DevicePlatform.android, ("android",)),
+    (DevicePlatform.windows, ("windows",)),
+    (DevicePlatform.macos, ("macos", "mac os", "macintosh")),
+    (DevicePlatform.linux, ("linux",)),
+)
+
+
+def device_platform(device: ManagedDevice | None, user_agent: str) -> DevicePlatform | None:
+    """The inventory's operating system when the device is known; otherwise the User-Agent,
+    as Entra does (a weak signal: a block for one platform is evaded by claiming another)."""
+    text = (device.operating_system if device and device.operating_system else user_agent).lower()
+    for platform, words in PLATFORM_WORDS:
+        if any(word in text for word in words):
+            return platform
+    return None
+
+
+def platform_not_matched(condition: PlatformsCondition, platform: DevicePlatform | None) -> str | None:
+    shown = platform.value if platform else "unknown"
+    if platform is not None and platform in condition.exclude:
+        return f"device platform {shown!r} is excluded"
+    if "all" in condition.include or (platform is not None and platform.value in condition.include):
+        return None
+    return f"device platform {shown!r} is not included"
+
+
+def locations_of(client_ip: str, named: Mapping[str, tuple[tuple[Network, ...], bool]]) -> tuple[set[str], bool]:
+    """The named locations the address is in, and whether any of them is trusted."""
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return set(), False
+    inside = {name for name, (networks, _) in named.items() if any(address in n for n in networks)}
+    return inside, any(named[name][1] for name in inside)
+
+
+def location_not_matched(condition: Include, inside: set[str], trusted: bool, client_ip: str) -> str | None:
+    def hits(names: list[str]) -> bool:
+        return ALL in names or (ALL_TRUSTED in names and trusted) or bool(inside & set(names))
+
+    if hits(condition.exclude):
+        return f"location of {client_ip} is excluded"
+    if hits(condition.include):
+        return None
+    return f"location of {client_ip} is not included"
+
+
+def device_filter_attributes(device: DeviceSignals, now: datetime) -> DeviceAttributes | None:
+    """Entra's device attributes for filter rules; None for an unregistered device."""
+    record = device.device
+    if record is None:
+        return None
+    return {
+        "deviceId": record.device_id, "displayName": record.display_name,
+        "deviceOwnership": record.device_ownership, "isCompliant": is_compliant(record, now),
+        "manufacturer": record.manufacturer, "model": record.model,
+        "operatingSystem": record.operating_system, "operatingSystemVersion": record.operating_system_version,
+        "trustType": record.trust_type, **dict(record.extension_attributes),
+    }

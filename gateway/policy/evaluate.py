@@ -1,35 +1,70 @@
-"""Evaluate every Conditional Access policy for one request and combine the results.
+"""Evaluate the Conditional Access policies that can apply to one request and combine the results.
 
 Entra's semantics: every applicable enabled policy must be satisfied, a ``block`` anywhere wins,
 report-only policies are evaluated and recorded but never enforced, disabled ones are recorded as
-``notEnabled``. A path that no resource names is denied: nothing is forwarded by default.
+``notEnabled``. For each policy the first condition that does not match is recorded (users,
+resources, client app types, platforms, locations, device filter, in that order); for applied
+ones, the controls that failed. A path that no resource names is denied.
 Pure: no I/O, no clock, no randomness; ``now`` is passed in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.config.models import ConditionalAccessPolicy, Resource
-from gateway.policy.conditions import client_app_type, match_resource, resource_not_included
+from gateway.config.models import DeviceFilterMode
+from gateway.policy.conditions import (
+    client_app_type,
+    client_app_type_not_matched,
+    device_filter_attributes,
+    device_platform,
+    location_not_matched,
+    locations_of,
+    platform_not_matched,
+    resource_not_included,
+    users_not_matched,
+)
+from gateway.policy.device_filter import DeviceAttributes
 from gateway.policy.grant_controls import controls_named, failed_controls
 from gateway.policy.model import (
+    NO_SESSION_CONTROLS,
     AccessRequest,
     BuiltInControl,
     ClientApp,
+    ClientAppType,
     ControlFailure,
     Decision,
     DecisionResult,
+    DevicePlatform,
     DeviceSignals,
     ErrorCode,
     Identity,
     PolicyResult,
     PolicyResultKind,
     PolicyState,
+    SessionControls,
 )
+from gateway.policy.policy_set import CompiledPolicy, PolicySet
 
 NO_RESOURCE_REASON = "path is not part of any protected resource"
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the conditions look at, worked out once per request."""
+
+    request: AccessRequest
+    identity: Identity
+    device: DeviceSignals
+    app: ClientApp
+    resource: str
+    client_app_type: ClientAppType
+    platform: DevicePlatform | None
+    locations: set[str]
+    trusted_location: bool
+    device_attributes: DeviceAttributes | None
+    now: datetime
 
 
 def evaluate(
@@ -38,45 +73,96 @@ def evaluate(
     identity: Identity,
     device: DeviceSignals,
     app: ClientApp,
-    resources: Mapping[str, Resource],
-    policies: Iterable[ConditionalAccessPolicy],
+    resource: str | None,
+    policy_set: PolicySet,
     now: datetime,
 ) -> Decision:
     app_type = client_app_type(request, identity)
-    resource = match_resource(resources, request.host, request.path)
     if resource is None:
         return Decision(result=DecisionResult.block, status_code=403,
                         error_code=ErrorCode.blocked_by_conditional_access, reason=NO_RESOURCE_REASON,
                         resource=None, client_app_type=app_type)
-    results = tuple(_evaluate_policy(p, resource, device, app, now) for p in policies)
+    inside, trusted = locations_of(request.client_ip, policy_set.named_locations)
+    facts = Facts(request=request, identity=identity, device=device, app=app, resource=resource,
+                  client_app_type=app_type, platform=device_platform(device.device, request.user_agent),
+                  locations=inside, trusted_location=trusted,
+                  device_attributes=device_filter_attributes(device, now), now=now)
+    results = tuple(_evaluate_policy(c, facts) for c in policy_set.candidates.get(resource, ()))
+    not_targeted = policy_set.not_targeted.get(resource, ())
     failed = _deciding_failure(results)
     if failed is None:
         return Decision(result=DecisionResult.allow, status_code=200, error_code=None, reason="allowed",
-                        resource=resource, client_app_type=app_type, policies=results)
+                        resource=resource, client_app_type=app_type, policies=results, not_targeted=not_targeted,
+                        session_controls=_session_controls(policy_set, results))
     policy, failure = failed
     return Decision(result=DecisionResult.block, status_code=403, error_code=failure.error_code,
-                    reason=failure.reason, resource=resource, client_app_type=app_type,
-                    policies=results, failed_policy=policy.display_name)
+                    reason=failure.reason, resource=resource, client_app_type=app_type, policies=results,
+                    not_targeted=not_targeted, failed_policy=policy.display_name, failed_policy_id=policy.name)
 
 
-def _evaluate_policy(
-    policy: ConditionalAccessPolicy, resource: str, device: DeviceSignals, app: ClientApp, now: datetime
-) -> PolicyResult:
-    name, display_name = policy.name, policy.display_name or policy.name
-    if policy.state is PolicyState.disabled:
-        return PolicyResult(name=name, display_name=display_name, result=PolicyResultKind.not_enabled)
+def not_applied_because(compiled: CompiledPolicy, facts: Facts) -> str | None:
+    """The first assignment the request falls outside of, or None if the policy applies."""
+    conditions = compiled.policy.conditions
+    return (
+        users_not_matched(conditions.users, facts.identity)
+        or resource_not_included(conditions.resources, facts.resource)
+        or client_app_type_not_matched(conditions.client_app_types, facts.client_app_type)
+        or (conditions.platforms and platform_not_matched(conditions.platforms, facts.platform))
+        or (conditions.locations and location_not_matched(conditions.locations, facts.locations,
+                                                          facts.trusted_location, facts.request.client_ip))
+        or _device_filter_not_matched(compiled, facts.device_attributes)
+    ) or None
+
+
+def _device_filter_not_matched(compiled: CompiledPolicy, attributes: DeviceAttributes | None) -> str | None:
+    device_filter = compiled.policy.conditions.device_filter
+    if device_filter is None or compiled.device_filter is None:
+        return None
+    matched = compiled.device_filter.matches(attributes)
+    if device_filter.mode is DeviceFilterMode.include and not matched:
+        return "device does not match the device filter (mode include)"
+    if device_filter.mode is DeviceFilterMode.exclude and matched:
+        return "device matches the device filter (mode exclude)"
+    return None
+
+
+def _evaluate_policy(compiled: CompiledPolicy, facts: Facts) -> PolicyResult:
+    policy = compiled.policy
     report_only = policy.state is PolicyState.report_only
-    why_not = resource_not_included(policy.conditions.resources, resource)
+    why_not = not_applied_because(compiled, facts)
     if why_not is not None:
         kind = PolicyResultKind.report_only_not_applied if report_only else PolicyResultKind.not_applied
-        return PolicyResult(name=name, display_name=display_name, result=kind, not_applied_because=why_not)
-    failures = failed_controls(policy.grant_controls, device, app, now)
+        return PolicyResult(name=policy.name, display_name=compiled.display_name, result=kind,
+                            not_applied_because=why_not)
+    failures = failed_controls(policy.grant_controls, facts.identity, facts.device, facts.app, facts.now)
     if report_only:
         kind = PolicyResultKind.report_only_failure if failures else PolicyResultKind.report_only_success
     else:
         kind = PolicyResultKind.failure if failures else PolicyResultKind.success
-    return PolicyResult(name=name, display_name=display_name, result=kind,
-                        enforced_grant_controls=controls_named(policy.grant_controls), failures=failures)
+    session = _policy_session_controls(compiled)
+    return PolicyResult(name=policy.name, display_name=compiled.display_name, result=kind,
+                        enforced_grant_controls=controls_named(policy.grant_controls),
+                        enforced_session_controls=session.names(), failures=failures)
+
+
+def _policy_session_controls(compiled: CompiledPolicy) -> SessionControls:
+    config = compiled.policy.session_controls
+    if config is None:
+        return NO_SESSION_CONTROLS
+    return SessionControls(
+        block_downloads=config.block_downloads,
+        sign_in_frequency_seconds=config.sign_in_frequency.seconds if config.sign_in_frequency else None,
+        persistent_browser=config.persistent_browser,
+    )
+
+
+def _session_controls(policy_set: PolicySet, results: tuple[PolicyResult, ...]) -> SessionControls:
+    """The session controls of the enforced policies that applied, strictest value winning."""
+    merged = NO_SESSION_CONTROLS
+    applied = {r.name for r in results if r.result is PolicyResultKind.success}
+    for name in applied:
+        merged = merged.merge(_policy_session_controls(policy_set.by_name[name]))
+    return merged
 
 
 def _deciding_failure(results: tuple[PolicyResult, ...]) -> tuple[PolicyResult, ControlFailure] | None:

@@ -13,10 +13,20 @@ from gateway.policy.model import (
     DeviceSignals,
     DeviceThreatLevel,
     ErrorCode,
+    Identity,
 )
 from gateway.signals.devices import is_compliant
 
 MAX_DEVICE_THREAT_LEVEL = "maxDeviceThreatLevel"
+MFA_METHODS = frozenset({"mfa", "ngcmfa"})
+
+
+def mfa(identity: Identity) -> ControlFailure | None:
+    """Entra puts ``mfa`` in the token's ``amr`` claim once the user did multifactor authentication."""
+    if identity.authentication_methods & MFA_METHODS:
+        return None
+    return ControlFailure(control=BuiltInControl.mfa, error_code=ErrorCode.mfa_required,
+                          reason="multifactor authentication required")
 
 
 def compliant_device(device: DeviceSignals, now: datetime) -> ControlFailure | None:
@@ -57,7 +67,9 @@ def block() -> ControlFailure:
                           reason="blocked by policy")
 
 
-def controls_named(grant: GrantControls) -> tuple[str, ...]:
+def controls_named(grant: GrantControls | None) -> tuple[str, ...]:
+    if grant is None:
+        return ()
     names: list[str] = [c.value for c in grant.built_in_controls]
     if grant.max_device_threat_level is not None:
         names.append(MAX_DEVICE_THREAT_LEVEL)
@@ -65,13 +77,17 @@ def controls_named(grant: GrantControls) -> tuple[str, ...]:
 
 
 def failed_controls(
-    grant: GrantControls, device: DeviceSignals, app: ClientApp, now: datetime
+    grant: GrantControls | None, identity: Identity, device: DeviceSignals, app: ClientApp, now: datetime
 ) -> tuple[ControlFailure, ...]:
     """The controls that failed, in the order Entra asks for them; empty when the grant holds."""
+    if grant is None:
+        return ()
     outcomes: list[ControlFailure | None] = []
     controls = set(grant.built_in_controls)
     if BuiltInControl.block in controls:
         return (block(),)
+    if BuiltInControl.mfa in controls:
+        outcomes.append(mfa(identity))
     if BuiltInControl.compliant_device in controls:
         outcomes.append(compliant_device(device, now))
     if BuiltInControl.approved_application in controls:

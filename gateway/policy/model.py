@@ -15,9 +15,25 @@ class PolicyState(StrEnum):
 
 
 class BuiltInControl(StrEnum):
+    """In the order Entra asks for missing controls (MFA first)."""
+
     block = "block"
+    mfa = "mfa"
     compliant_device = "compliantDevice"
     approved_application = "approvedApplication"
+
+
+class DevicePlatform(StrEnum):
+    android = "android"
+    ios = "iOS"
+    windows = "windows"
+    macos = "macOS"
+    linux = "linux"
+
+
+class PersistentBrowser(StrEnum):
+    always = "always"
+    never = "never"
 
 
 class DeviceThreatLevel(StrEnum):
@@ -46,6 +62,7 @@ class ComplianceState(StrEnum):
 
 
 class ClientAppType(StrEnum):
+    all = "all"  # in conditions only: every client app type
     browser = "browser"
     mobile_apps_and_desktop_clients = "mobileAppsAndDesktopClients"
     exchange_active_sync = "exchangeActiveSync"
@@ -55,6 +72,7 @@ class ClientAppType(StrEnum):
 class ErrorCode(IntEnum):
     """Sign-in error codes helpdesks recognise."""
 
+    mfa_required = 50076
     device_not_compliant = 53000
     app_not_approved = 53002
     blocked_by_conditional_access = 53003
@@ -88,6 +106,7 @@ class AccessRequest:
     client_ip: str
     user_agent: str
     accepts_html: bool
+    declared_client_app_type: ClientAppType | None = None  # What If only; never set from a request
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +122,8 @@ class Identity:
     groups: frozenset[str]
     audience: str
     expires_at: float
+    authentication_methods: frozenset[str] = frozenset()  # the amr claim
+    authentication_context: str | None = None  # the acr claim
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,6 +138,12 @@ class ManagedDevice:
     compliance_grace_period_expiration: datetime | None
     threat_level: DeviceThreatLevel | None
     threat_source: str | None
+    device_ownership: str | None = None  # "Company" | "Personal"
+    manufacturer: str | None = None
+    model: str | None = None
+    operating_system_version: str | None = None
+    trust_type: str | None = None
+    extension_attributes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,12 +172,42 @@ class ControlFailure:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SessionControls:
+    """Session controls of the policies that applied, merged: the strictest value wins."""
+
+    block_downloads: bool = False
+    sign_in_frequency_seconds: int | None = None  # 0 means every time
+    persistent_browser: PersistentBrowser | None = None
+
+    def merge(self, other: SessionControls) -> SessionControls:
+        frequencies = [f for f in (self.sign_in_frequency_seconds, other.sign_in_frequency_seconds) if f is not None]
+        browsers = {self.persistent_browser, other.persistent_browser} - {None}
+        return SessionControls(
+            block_downloads=self.block_downloads or other.block_downloads,
+            sign_in_frequency_seconds=min(frequencies) if frequencies else None,
+            persistent_browser=(PersistentBrowser.never if PersistentBrowser.never in browsers
+                                else next(iter(browsers), None)),
+        )
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, on in (
+            ("blockDownloads", self.block_downloads),
+            ("signInFrequency", self.sign_in_frequency_seconds is not None),
+            ("persistentBrowser", self.persistent_browser is not None),
+        ) if on)
+
+
+NO_SESSION_CONTROLS = SessionControls()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PolicyResult:
     name: str
     display_name: str
     result: PolicyResultKind
     not_applied_because: str | None = None
     enforced_grant_controls: tuple[str, ...] = ()
+    enforced_session_controls: tuple[str, ...] = ()
     failures: tuple[ControlFailure, ...] = ()
 
 
@@ -163,7 +220,13 @@ class Decision:
     resource: str | None
     client_app_type: ClientAppType
     policies: tuple[PolicyResult, ...] = ()
-    failed_policy: str | None = None
+    not_targeted: tuple[PolicyResult, ...] = ()  # policies whose resources cannot include this one
+    failed_policy: str | None = None  # display name, as users see it
+    failed_policy_id: str | None = None
+    session_controls: SessionControls = NO_SESSION_CONTROLS
+
+    def all_policies(self) -> tuple[PolicyResult, ...]:
+        return self.policies + self.not_targeted
 
     @property
     def allowed(self) -> bool:

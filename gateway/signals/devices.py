@@ -7,10 +7,11 @@ without touching policy code. The embedded default reads a YAML file under ``con
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Protocol
 
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, field_validator
 
 from gateway.config.loader import locate, raise_if, read_yaml, validate
 from gateway.config.models import Model
@@ -28,6 +29,13 @@ class DeviceInventory(Protocol):
         ...
 
 
+class OwnerType(StrEnum):
+    """Intune ``managedDeviceOwnerType``; device filters see it as ``deviceOwnership`` Company/Personal."""
+
+    company = "company"
+    personal = "personal"
+
+
 class DeviceRecord(Model):
     """One entry of the inventory file, in Intune's field names."""
 
@@ -39,6 +47,21 @@ class DeviceRecord(Model):
     compliance_grace_period_expiration_date_time: AwareDatetime | None = None
     threat_level: DeviceThreatLevel | None = None
     threat_source: str | None = None
+    managed_device_owner_type: OwnerType | None = None
+    manufacturer: str | None = None
+    model: str | None = None
+    os_version: str | None = None
+    trust_type: str | None = None
+    extension_attributes: dict[str, str] = {}
+
+    @field_validator("extension_attributes")
+    @classmethod
+    def _extension_names(cls, value: dict[str, str]) -> dict[str, str]:
+        allowed = [f"extensionAttribute{i}" for i in range(1, 16)]
+        for name in value:
+            if name not in allowed:
+                raise ValueError(f"{name!r} is not one of extensionAttribute1..extensionAttribute15")
+        return value
 
     def to_managed_device(self) -> ManagedDevice:
         return ManagedDevice(
@@ -50,10 +73,19 @@ class DeviceRecord(Model):
             compliance_grace_period_expiration=self.compliance_grace_period_expiration_date_time,
             threat_level=self.threat_level,
             threat_source=self.threat_source,
+            device_ownership=(self.managed_device_owner_type.value.capitalize()
+                              if self.managed_device_owner_type else None),
+            manufacturer=self.manufacturer,
+            model=self.model,
+            operating_system_version=self.os_version,
+            trust_type=self.trust_type,
+            extension_attributes=tuple(sorted(self.extension_attributes.items())),
         )
 
 
 class InventoryFile(Model):
+    """The inventory file: ``devices:`` followed by device records."""
+
     devices: list[DeviceRecord]
 
 

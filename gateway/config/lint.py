@@ -1,0 +1,91 @@
+"""Warnings for a config that loads but probably does not say what its authors meant: policies
+that can never apply, resources no policy covers, apps listed twice. ``portcullis check`` prints
+them; they do not stop the gateway."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+from gateway.config import ALL, ALL_TRUSTED, GATEWAY_FILE, POLICIES_FILE, Config
+from gateway.config.loader import locate
+from gateway.config.models import ConditionalAccessPolicy, PlatformOrAll, PolicyState
+from gateway.errors import ConfigProblem
+
+
+def config_warnings(config: Config) -> list[ConfigProblem]:
+    return [*_policies_that_never_apply(config), *_uncovered_resources(config), *_apps_listed_twice(config)]
+
+
+def public_resources(config: Config) -> list[str]:
+    return [f"{name}: {', '.join(r.hosts)} {', '.join(r.paths)}" for name, r in config.resources.items() if r.public]
+
+
+def _source(config: Config, file: str) -> tuple[str, object]:
+    return next(((name, data) for name, data in config.sources.items() if name.endswith(file)), (file, None))
+
+
+def _policies_that_never_apply(config: Config) -> Iterator[ConfigProblem]:
+    name, data = _source(config, POLICIES_FILE)
+    for index, policy in enumerate(config.policies):
+        if policy.state is PolicyState.disabled:
+            continue
+        reason = _never_applies(policy, set(config.resources))
+        if reason:
+            yield locate(data, ("policies", index, "conditions"), name,
+                         f"policy {policy.name!r} can never apply: {reason}", at_value=False)
+
+
+def _never_applies(policy: ConditionalAccessPolicy, resources: set[str]) -> str | None:
+    conditions = policy.conditions
+    included = resources if ALL in conditions.resources.include else set(conditions.resources.include)
+    if ALL in conditions.resources.exclude or not included - set(conditions.resources.exclude):
+        return "every resource it includes is excluded (or it includes none)"
+    users = conditions.users
+    if ALL in users.exclude_users:
+        return "excludeUsers has All"
+    if not users.include_groups and set(users.include_users) <= {"None"}:
+        return "it includes no users"
+    if conditions.platforms is not None:
+        included_platforms = {p.value for p in PlatformOrAll if p is not PlatformOrAll.all} \
+            if PlatformOrAll.all in conditions.platforms.include else {p.value for p in conditions.platforms.include}
+        if not included_platforms - {p.value for p in conditions.platforms.exclude}:
+            return "every platform it includes is excluded"
+    if conditions.locations is not None:
+        excluded = set(conditions.locations.exclude)
+        if ALL in excluded or (set(conditions.locations.include) <= excluded and ALL not in
+                               conditions.locations.include and ALL_TRUSTED not in conditions.locations.include):
+            return "every location it includes is excluded"
+    return None
+
+
+def _uncovered_resources(config: Config) -> Iterator[ConfigProblem]:
+    name, data = _source(config, GATEWAY_FILE)
+    covered: set[str] = set()
+    for policy in config.policies:
+        if policy.state is PolicyState.enabled:
+            include = policy.conditions.resources.include
+            covered |= set(config.resources) if ALL in include else set(include)
+    for resource_name, resource in config.resources.items():
+        if not resource.public and resource_name not in covered:
+            own = resource_name in config.gateway_file.resources
+            loc = ("resources", resource_name) if own else ("resourcePresets",)
+            yield locate(data, loc, name, f"resource {resource_name!r} is covered by no enabled policy: "
+                                          "any valid token reaches it", at_value=False)
+
+
+def _apps_listed_twice(config: Config) -> Iterator[ConfigProblem]:
+    name, data = _source(config, GATEWAY_FILE)
+    owners = Counter(client_id.lower() for ids in config.gateway_file.applications.values() for client_id in ids)
+    for app, ids in config.gateway_file.applications.items():
+        for index, client_id in enumerate(ids):
+            if owners[client_id.lower()] > 1:
+                yield locate(data, ("applications", app, index), name,
+                             f"client id {client_id} is listed under more than one application")
+    policies_name, policies_data = _source(config, POLICIES_FILE)
+    for index, policy in enumerate(config.policies):
+        approved = policy.grant_controls.approved_applications if policy.grant_controls else []
+        for app, count in Counter(approved).items():
+            if count > 1:
+                yield locate(policies_data, ("policies", index, "grantControls", "approvedApplications"),
+                             policies_name, f"{app!r} is listed {count} times")

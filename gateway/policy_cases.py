@@ -1,0 +1,116 @@
+"""Policy tests: named What If questions with the answer a team expects, kept in YAML beside the
+policies (OPA-style), run by ``portcullis test`` and ``portcullis check``.
+
+    cases:
+      - name: Outlook on a compliant phone reaches ActiveSync
+        user: alex@contoso.test
+        app: outlook-mobile              # a configured application name, or a client id
+        device: 3c5f0b1e-...             # looked up in the config's inventory; omit for none
+        url: https://mail.contoso.test/Microsoft-Server-ActiveSync
+        ip: 10.20.1.5                    # optional (default 203.0.113.10, outside every location)
+        clientAppType: browser           # optional; else worked out as the gateway does
+        groups: [finance]                # optional: the token's groups claim
+        mfa: true                        # optional: amr contains mfa
+        platform: iOS                    # optional: when the device is not in the inventory
+        expect:
+          result: block                  # allow | block
+          errorCode: 53002               # optional
+          failedPolicy: exchange-outlook-only   # optional: the deciding policy's name
+          sessionControls: [blockDownloads]     # optional: exactly these
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
+
+from gateway.config.loader import raise_if, read_yaml, validate
+from gateway.config.models import Model
+from gateway.policy.model import ClientAppType, DevicePlatform
+from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError
+
+
+class ExpectedResult(StrEnum):
+    allow = "allow"
+    block = "block"
+
+
+class Expectation(Model):
+    result: ExpectedResult
+    error_code: int | None = None
+    failed_policy: str | None = None
+    session_controls: list[str] | None = None
+
+
+class Case(Model):
+    name: Annotated[str, Field(min_length=1)]
+    user: str
+    url: str
+    app: str | None = None
+    device: str | None = None
+    ip: str = DEFAULT_IP
+    client_app_type: ClientAppType | None = None
+    groups: list[str] = []
+    mfa: bool = False
+    platform: DevicePlatform | None = None
+    expect: Expectation
+
+    def question(self) -> Question:
+        return Question(user=self.user, url=self.url, app=self.app, device=self.device, ip=self.ip,
+                        client_app_type=self.client_app_type, groups=tuple(self.groups), mfa=self.mfa,
+                        platform=self.platform)
+
+
+class CasesFile(Model):
+    cases: Annotated[list[Case], Field(min_length=1)]
+
+
+@dataclass(frozen=True, slots=True)
+class CaseOutcome:
+    name: str
+    differences: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.differences
+
+
+def load_cases(path: Path) -> list[Case]:
+    """Raises ConfigError (file:line) for a malformed cases file."""
+    data, problems = read_yaml(path, str(path))
+    cases_file = None
+    if not problems:
+        cases_file, problems = validate(CasesFile, data, str(path))
+    raise_if(problems)
+    assert cases_file is not None  # noqa: S101  (no problems)
+    return cases_file.cases
+
+
+async def run_cases(what_if: WhatIf, cases: list[Case], now: datetime) -> list[CaseOutcome]:
+    return [await _run(what_if, case, now) for case in cases]
+
+
+async def _run(what_if: WhatIf, case: Case, now: datetime) -> CaseOutcome:
+    try:
+        decision = await what_if.ask(case.question(), now)
+    except WhatIfError as error:
+        return CaseOutcome(case.name, (f"cannot ask: {error}",))
+    expected, differences = case.expect, []
+    got_code = int(decision.error_code) if decision.error_code else None
+    if decision.result.value != expected.result.value:
+        by = f", {decision.failed_policy_id}" if decision.failed_policy_id else ""
+        differences.append(f"result: expected {expected.result.value}, got {decision.result.value}"
+                           f" ({decision.reason}{by})")
+    if expected.error_code is not None and got_code != expected.error_code:
+        differences.append(f"errorCode: expected {expected.error_code}, got {got_code}")
+    if expected.failed_policy is not None and decision.failed_policy_id != expected.failed_policy:
+        differences.append(f"failedPolicy: expected {expected.failed_policy}, got {decision.failed_policy_id}")
+    got_session = list(decision.session_controls.names())
+    if expected.session_controls is not None and sorted(got_session) != sorted(expected.session_controls):
+        differences.append(f"sessionControls: expected {expected.session_controls}, got {got_session}")
+    return CaseOutcome(case.name, tuple(differences))
