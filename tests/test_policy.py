@@ -186,3 +186,126 @@ def test_longest_resource_prefix_wins() -> None:
     assert match_resource(resources, "h", "/sites/finance/_layouts/15/download.aspx") == "downloads"
     assert match_resource(resources, "h", "/sites/a/b/_layouts/15/download.aspx") == "sites"
     assert match_resource(resources, "other", "/sites/hr/") is None
+
+
+MFA = {"builtInControls": ["mfa"]}
+ANDROID_PHONE = device(operating_system="Android")
+
+
+@pytest.mark.parametrize(
+    ("case", "policies", "kwargs", "status", "reason"),
+    [
+        ("user in an included group -> applies", [policy(conditions={"users": {
+            "includeUsers": [], "includeGroups": ["finance"]}}, **MFA)], {"groups": frozenset({"finance"})},
+         403, "multifactor authentication required"),
+        ("user outside the included groups -> notApplied", [policy(conditions={"users": {
+            "includeUsers": [], "includeGroups": ["finance"]}}, **MFA)], {}, 200, "allowed"),
+        ("excluded user beats All", [policy(conditions={"users": {"excludeUsers": ["ALEX@contoso.test"]}}, **MFA)],
+         {}, 200, "allowed"),
+        ("excluded group beats an included user", [policy(conditions={"users": {
+            "includeUsers": ["alex@contoso.test"], "excludeGroups": ["break-glass"]}}, **MFA)],
+         {"groups": frozenset({"break-glass"})}, 200, "allowed"),
+        ("mfa in amr satisfies mfa", [policy(**MFA)], {"amr": frozenset({"pwd", "mfa"})}, 200, "allowed"),
+        ("client app type not included -> notApplied", [policy(conditions={"clientAppTypes": ["browser"]},
+                                                               builtInControls=["block"])], {}, 200, "allowed"),
+        ("browser recognised from Accept and User-Agent", [policy(conditions={"clientAppTypes": ["browser"]},
+                                                                  builtInControls=["block"])],
+         {"path": "/owa/", "accepts_html": True, "user_agent": "Mozilla/5.0 (iPhone)"}, 403, "blocked by policy"),
+        ("ActiveSync URL is exchangeActiveSync", [policy(conditions={"clientAppTypes": ["exchangeActiveSync"]},
+                                                         builtInControls=["block"])], {}, 403, "blocked by policy"),
+        ("platform from the inventory", [policy(conditions={"platforms": {"include": ["android"]}},
+                                                builtInControls=["block"])],
+         {"dev": ANDROID_PHONE}, 403, "blocked by policy"),
+        ("platform excluded", [policy(conditions={"platforms": {"include": ["all"], "exclude": ["iOS"]}},
+                                      builtInControls=["block"])], {}, 200, "allowed"),
+        ("platform from the User-Agent for an unregistered device",
+         [policy(conditions={"platforms": {"include": ["android"]}}, builtInControls=["block"])],
+         {"dev": UNKNOWN_DEVICE, "user_agent": "Android-Mail/7.1"}, 403, "blocked by policy"),
+        ("unknown platform is outside a specific include",
+         [policy(conditions={"platforms": {"include": ["android"]}}, builtInControls=["block"])],
+         {"dev": UNKNOWN_DEVICE, "user_agent": "curl/8"}, 200, "allowed"),
+        ("trusted location excluded -> notApplied inside it",
+         [policy(conditions={"locations": {"include": ["All"], "exclude": ["AllTrusted"]}}, **MFA)],
+         {"ip": "10.1.2.3"}, 200, "allowed"),
+        ("trusted location excluded -> applies outside it",
+         [policy(conditions={"locations": {"include": ["All"], "exclude": ["AllTrusted"]}}, **MFA)],
+         {"ip": "192.0.2.7"}, 403, "multifactor authentication required"),
+        ("named untrusted location included",
+         [policy(conditions={"locations": {"include": ["guest-wifi"]}}, builtInControls=["block"])],
+         {"ip": "192.0.2.7"}, 403, "blocked by policy"),
+        ("device filter include: matching device",
+         [policy(conditions={"deviceFilter": {"mode": "include", "rule": 'device.extensionAttribute1 -eq "Shared"'}},
+                 builtInControls=["block"])],
+         {"dev": device(extension_attributes=(("extensionAttribute1", "Shared"),))}, 403, "blocked by policy"),
+        ("device filter include: unregistered device never matches",
+         [policy(conditions={"deviceFilter": {"mode": "include", "rule": 'device.extensionAttribute1 -eq "Shared"'}},
+                 builtInControls=["block"])], {"dev": UNKNOWN_DEVICE}, 200, "allowed"),
+        ("device filter exclude: company devices spared",
+         [policy(conditions={"deviceFilter": {"mode": "exclude", "rule": 'device.deviceOwnership -eq "Company"'}},
+                 builtInControls=["block"])], {"dev": device(device_ownership="Company")}, 200, "allowed"),
+        ("device filter exclude: unregistered device is not spared",
+         [policy(conditions={"deviceFilter": {"mode": "exclude", "rule": 'device.deviceOwnership -eq "Company"'}},
+                 builtInControls=["block"])], {"dev": UNKNOWN_DEVICE}, 403, "blocked by policy"),
+        ("mfa is asked before compliance (Entra's order)",
+         [policy(builtInControls=["mfa", "compliantDevice"])], {"dev": device("noncompliant")}, 403,
+         "multifactor authentication required"),
+    ],
+)
+def test_assignment_conditions(case: str, policies: list[ConditionalAccessPolicy], kwargs: dict[str, Any],
+                               status: int, reason: str) -> None:
+    kwargs = dict(kwargs)
+    dev = kwargs.pop("dev", COMPLIANT)
+    decision = decide(policies, dev, OUTLOOK, **kwargs)
+    assert (decision.status_code, decision.reason) == (status, reason), case
+
+
+def test_first_unmatched_condition_is_reported_in_order() -> None:
+    decision = decide([
+        policy("users", conditions={"users": {"includeUsers": ["someone@else"]}}, **MFA),
+        policy("apps", conditions={"clientAppTypes": ["browser"]}, **MFA),
+        policy("places", conditions={"locations": {"include": ["guest-wifi"]}}, **MFA),
+        policy("filter", conditions={"deviceFilter": {"mode": "include", "rule": 'device.model -eq "x"'}}, **MFA),
+    ])
+    because = {r.name: r.not_applied_because for r in decision.all_policies()}
+    assert because == {
+        "users": "user is not included",
+        "apps": "client app type 'exchangeActiveSync' is not included",
+        "places": "location of 203.0.113.9 is not included",
+        "filter": "device does not match the device filter (mode include)",
+    }
+
+
+def test_session_controls_of_applied_policies_merge_strictest() -> None:
+    decision = decide([
+        policy("a", session={"blockDownloads": True, "signInFrequency": {"value": 8, "type": "hours"}}),
+        policy("b", session={"signInFrequency": {"value": 1, "type": "hours"}, "persistentBrowser": "never"}),
+        policy("c", include=["exchange-owa"], session={"signInFrequency": {"everyTime": True}}),
+    ])
+    assert decision.allowed
+    controls = decision.session_controls
+    assert (controls.block_downloads, controls.sign_in_frequency_seconds, controls.persistent_browser) == \
+        (True, 3600, "never")
+    assert {r.name: r.enforced_session_controls for r in decision.policies}["a"] == \
+        ("blockDownloads", "signInFrequency")
+
+
+def test_report_only_results_are_reported_not_enforced() -> None:
+    decision = decide([
+        policy("would-block", state="reportOnly", builtInControls=["block"]),
+        policy("would-pass", state="reportOnly", builtInControls=["compliantDevice"]),
+        policy("elsewhere", state="reportOnly", include=["exchange-owa"], builtInControls=["block"]),
+    ])
+    assert decision.allowed
+    assert {r.name: r.result for r in decision.all_policies()} == {
+        "would-block": PolicyResultKind.report_only_failure,
+        "would-pass": PolicyResultKind.report_only_success,
+        "elsewhere": PolicyResultKind.report_only_not_applied,
+    }
+
+
+def test_only_policies_that_can_target_the_resource_are_evaluated() -> None:
+    policies = [policy(f"owa-{i}", include=["exchange-owa"], builtInControls=["block"]) for i in range(50)]
+    decision = decide([*policies, policy("eas", **OUTLOOK_ONLY)])
+    assert [r.name for r in decision.policies] == ["eas"]
+    assert len(decision.not_targeted) == 50
+    assert decision.not_targeted[0].not_applied_because == "resource 'exchange-activesync' is not included"

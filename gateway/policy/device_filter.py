@@ -33,7 +33,7 @@ NEGATIVE = {"ne": "eq", "notStartsWith": "startsWith", "notEndsWith": "endsWith"
 OPERATORS = {op.lower(): op for op in (*POSITIVE, *NEGATIVE)}
 ATTRIBUTE_NAMES = {a.lower(): a for a in ATTRIBUTES}
 TOKEN = re.compile(
-    r'\s*(?:(\()|(\))|(\[)|(\])|(,)|"([^"]*)"|\'([^\']*)\'|(-[A-Za-z]+)|(device\.[A-Za-z0-9]+)|([A-Za-z]+))'
+    r'\s*(?:(\()|(\))|(\[)|(\])|(,)|"([^"]*)"|\'([^\']*)\'|(-[A-Za-z]+)|([Dd][Ee][Vv][Ii][Cc][Ee]\.[A-Za-z0-9]+)|([A-Za-z]+))'
 )
 
 type Value = str | bool | tuple[str | bool, ...]
@@ -97,7 +97,8 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
     while position < len(text.rstrip()):
         match = TOKEN.match(text, position)
         if match is None or match.end() == position:
-            raise RuleSyntaxError(f"cannot read the rule at character {position + 1}: {text[position:position + 20]!r}")
+            at = len(text) - len(text[position:].lstrip())
+            raise RuleSyntaxError(f"cannot read the rule at character {at + 1}: {text[at:at + 20]!r}")
         index = next(i for i, group in enumerate(match.groups()) if group is not None)
         tokens.append((kinds[index], match.group(index + 1)))
         position = match.end()
