@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import mitmproxy.ctx
 import pytest
 import trustme
 from ruamel.yaml import YAML
@@ -111,7 +112,11 @@ class Background[T]:
 
 @contextlib.asynccontextmanager
 async def proxy_for(service: AccessService) -> AsyncIterator[int]:
-    """Only the mitmproxy listener, for a service a test built itself (fault injection)."""
+    """Only the mitmproxy listener, for a service a test built itself (fault injection).
+
+    mitmproxy keeps one master per process in ``mitmproxy.ctx`` and hands every new connection
+    to it, so the session's gateway is put back in place once this one stops."""
+    previous = (mitmproxy.ctx.master, mitmproxy.ctx.options)
     master, ready = build_master(service)
     task = asyncio.create_task(master.run())
     await asyncio.wait_for(ready.event.wait(), START_TIMEOUT)
@@ -121,6 +126,7 @@ async def proxy_for(service: AccessService) -> AsyncIterator[int]:
         master.shutdown()
         await task
         service.close()
+        mitmproxy.ctx.master, mitmproxy.ctx.options = previous
 
 
 @dataclass

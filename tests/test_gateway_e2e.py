@@ -276,3 +276,29 @@ def test_tls_certificate_is_the_configured_one(gateway: Gateway) -> None:
             context.wrap_socket(raw, server_hostname="docs.contoso.test") as tls:
         names = [v for k, v in tls.getpeercert()["subjectAltName"] if k == "DNS"]
     assert names == ["mail.contoso.test", "docs.contoso.test"]
+
+
+def test_public_resource_needs_no_token_but_its_neighbours_do(gateway: Gateway) -> None:
+    public = gateway.request(MAIL, "/owa/auth/logon.aspx")
+    assert public.status_code == 200
+    assert public.json()["receivedHeaders"]["x-portcullis-correlation-id"] == \
+        public.headers["x-portcullis-correlation-id"]
+    assert gateway.decision(public.headers["x-portcullis-correlation-id"])["status"]["failureReason"] is None
+    for neighbour in ("/owa/authx", "/owa/", "/owa/au"):
+        assert gateway.request(MAIL, neighbour).status_code == 401, neighbour
+
+
+def test_public_resource_still_strips_forged_identity(gateway: Gateway) -> None:
+    response = gateway.request(MAIL, "/owa/auth/logon.aspx", headers={"X-Portcullis-User": "ceo@contoso.test"})
+    assert "x-portcullis-user" not in response.json()["receivedHeaders"]
+
+
+def test_report_only_policy_is_logged_but_never_blocks(gateway: Gateway) -> None:
+    """127.0.0.1 is outside the trusted head office, so the MFA trial applies and fails: logged only."""
+    response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=outlook_token(gateway))
+    assert response.status_code == 200
+    record = gateway.decision(response.headers["x-portcullis-correlation-id"])
+    results = {p["id"]: p for p in record["appliedConditionalAccessPolicies"]}
+    assert results["mfa-outside-head-office"]["result"] == "reportOnlyFailure"
+    assert results["mfa-outside-head-office"]["failedControls"][0]["control"] == "mfa"
+    assert results["exchange-outlook-only"]["result"] == "success"

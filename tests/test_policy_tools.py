@@ -1,0 +1,152 @@
+"""The rule writers' tools as subprocesses: check (warnings, public resources, cases), whatif
+(text and JSON), test (pass, fail with a diff, malformed cases)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
+ALEX_IPHONE = "3c5f0b1e-7a2d-4e8f-9b61-0d2a4c8e1f01"
+ACTIVESYNC = "https://mail.contoso.test/Microsoft-Server-ActiveSync"
+
+
+def portcullis(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PORTCULLIS, *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    target = tmp_path / "config"
+    shutil.copytree(REPO / "config", target)
+    return target
+
+
+def test_whatif_json_is_the_documented_shape() -> None:
+    result = portcullis("whatif", "--config", REPO / "config", "--user", "alex@contoso.test", "--url", ACTIVESYNC,
+                        "--app", "teams", "--device", ALEX_IPHONE, "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert set(answer) == {"input", "result", "httpStatus", "errorCode", "reason", "resource", "clientAppType",
+                           "failedPolicy", "sessionControls", "policies"}
+    assert (answer["result"], answer["errorCode"], answer["failedPolicy"]) == \
+        ("block", 53002, "exchange-outlook-only")
+    policies = {p["id"]: p for p in answer["policies"]}
+    assert len(policies) == 4
+    assert policies["exchange-outlook-only"]["failedControls"][0]["control"] == "approvedApplication"
+    assert policies["exchange-outlook-only"]["enforcedGrantControls"] == \
+        ["compliantDevice", "approvedApplication", "maxDeviceThreatLevel"]
+    assert policies["owa-compliant-device"]["notAppliedBecause"] == "resource 'exchange-activesync' is not included"
+    assert policies["mfa-outside-head-office"]["state"] == "reportOnly"
+    assert policies["mfa-outside-head-office"]["result"] == "reportOnlyFailure"
+
+
+def test_whatif_text_explains_each_policy() -> None:
+    result = portcullis("whatif", "--config", REPO / "config", "--user", "alex@contoso.test", "--url", ACTIVESYNC,
+                        "--app", "outlook-mobile", "--device", ALEX_IPHONE, "--ip", "10.20.3.4")
+    assert result.returncode == 0, result.stderr
+    assert "result: ALLOW (200)" in result.stdout
+    assert "exchange-outlook-only [enabled]: success; requires compliantDevice, approvedApplication" in result.stdout
+    assert "mfa-outside-head-office [reportOnly]: reportOnlyNotApplied (location of 10.20.3.4 is excluded)" \
+        in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--url", "https://intranet.contoso.test/"], "is not on a protected host"),
+        (["--url", ACTIVESYNC, "--app", "whatsapp"], "'whatsapp' is neither a configured application"),
+        (["--url", "https://mail.contoso.test/owa/%2e%2e/ecp"], "has an ambiguous path"),
+    ],
+)
+def test_whatif_refuses_questions_it_cannot_answer(args: list[str], message: str) -> None:
+    result = portcullis("whatif", "--config", REPO / "config", "--user", "alex@contoso.test", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+CASES = """
+cases:
+  - name: Outlook on a compliant phone reaches ActiveSync
+    user: alex@contoso.test
+    app: outlook-mobile
+    device: 3c5f0b1e-7a2d-4e8f-9b61-0d2a4c8e1f01
+    url: https://mail.contoso.test/Microsoft-Server-ActiveSync
+    expect: {result: allow}
+  - name: Teams is not an approved app
+    user: alex@contoso.test
+    app: teams
+    device: 3c5f0b1e-7a2d-4e8f-9b61-0d2a4c8e1f01
+    url: https://mail.contoso.test/Microsoft-Server-ActiveSync
+    expect: {result: block, errorCode: 53002, failedPolicy: exchange-outlook-only}
+"""
+
+
+def test_test_command_passes_and_fails_with_a_diff(tmp_path: Path) -> None:
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(CASES)
+    passing = portcullis("test", "--config", REPO / "config", cases)
+    assert passing.returncode == 0, passing.stdout + passing.stderr
+    assert "PASS: Outlook on a compliant phone reaches ActiveSync" in passing.stdout
+    assert f"{cases}: 2 of 2 cases passed" in passing.stdout
+
+    cases.write_text(CASES.replace("errorCode: 53002", "errorCode: 53000").replace(
+        "expect: {result: allow}", "expect: {result: block}"))
+    failing = portcullis("test", "--config", REPO / "config", cases)
+    assert failing.returncode == 1
+    assert "FAIL: Outlook on a compliant phone reaches ActiveSync\n    result: expected block, got allow (allowed)" \
+        in failing.stdout
+    assert "FAIL: Teams is not an approved app\n    errorCode: expected 53000, got 53002" in failing.stdout
+    assert f"{cases}: 0 of 2 cases passed" in failing.stdout
+
+
+def test_malformed_cases_file_names_file_and_line(tmp_path: Path) -> None:
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(CASES.replace("expect: {result: allow}", "expect: {result: allowed}"))
+    result = portcullis("test", "--config", REPO / "config", cases)
+    assert result.returncode == 1
+    assert f"{cases}:8:22:" in result.stderr
+    assert "cases[0].expect.result: 'allowed' is not allowed; did you mean 'allow'?" in result.stderr
+
+
+def test_empty_cases_file_fails(tmp_path: Path) -> None:
+    cases = tmp_path / "cases.yaml"
+    cases.write_text("cases: []\n")
+    result = portcullis("test", "--config", REPO / "config", cases)
+    assert result.returncode == 1
+    assert "cases: List should have at least 1 item" in result.stderr
+
+
+def test_check_warns_about_policies_and_resources_that_do_nothing(config_dir: Path) -> None:
+    policies = config_dir / "policies.yaml"
+    policies.write_text(policies.read_text().replace(
+        "include: [sharepoint-sites, sharepoint-api, sharepoint-csom, sharepoint-downloads]",
+        "include: [sharepoint-sites, sharepoint-api, sharepoint-csom]\n        exclude: [sharepoint-sites, "
+        "sharepoint-api, sharepoint-csom]"))
+    gateway_file = config_dir / "portcullis.yaml"
+    gateway_file.write_text(gateway_file.read_text().replace(
+        "  office: d3590ed6-52b3-4102-aeff-aad2292ab01c",
+        "  office: [d3590ed6-52b3-4102-aeff-aad2292ab01c, 27922004-5251-4030-b22d-91ecd9a37ea4]"))
+    result = portcullis("check", "--config", config_dir)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert any("policy 'sharepoint-compliant-device' can never apply: every resource it includes is excluded"
+               in w for w in warnings), warnings
+    assert any("resource 'sharepoint-downloads' is covered by no enabled policy" in w for w in warnings)
+    assert any("client id 27922004-5251-4030-b22d-91ecd9a37ea4 is listed under more than one application" in w
+               for w in warnings)
+    assert all(":" in w.split(" ", 2)[1] for w in warnings), "every warning names file:line"
+
+
+def test_check_runs_the_cases_beside_the_config(config_dir: Path) -> None:
+    (config_dir / "cases.yaml").write_text(CASES.replace("errorCode: 53002", "errorCode: 53004"))
+    result = portcullis("check", "--config", config_dir)
+    assert result.returncode == 1
+    assert "FAIL: Teams is not an approved app" in result.stdout
