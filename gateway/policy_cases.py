@@ -17,6 +17,8 @@ policies (OPA-style), run by ``portcullis test`` and ``portcullis check``.
           errorCode: 53002               # optional
           failedPolicy: exchange-outlook-only   # optional: the deciding policy's name
           sessionControls: [blockDownloads]     # optional: exactly these
+          policyResults:                        # optional: per policy name, e.g. for report-only trials
+            new-mfa-trial: reportOnlyFailure
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pydantic import Field
 
 from gateway.config.loader import raise_if, read_yaml, validate
 from gateway.config.models import Model
-from gateway.policy.model import ClientAppType, DevicePlatform
+from gateway.policy.model import ClientAppType, DevicePlatform, PolicyResultKind
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError
 
 
@@ -45,6 +47,7 @@ class Expectation(Model):
     error_code: int | None = None
     failed_policy: str | None = None
     session_controls: list[str] | None = None
+    policy_results: dict[str, PolicyResultKind] = {}
 
 
 class Case(Model):
@@ -113,4 +116,9 @@ async def _run(what_if: WhatIf, case: Case, now: datetime) -> CaseOutcome:
     got_session = list(decision.session_controls.names())
     if expected.session_controls is not None and sorted(got_session) != sorted(expected.session_controls):
         differences.append(f"sessionControls: expected {expected.session_controls}, got {got_session}")
+    results = {r.name: r.result for r in decision.all_policies()}
+    for name, wanted in expected.policy_results.items():
+        if results.get(name) is not wanted:
+            differences.append(f"policyResults.{name}: expected {wanted.value}, got "
+                               f"{results[name].value if name in results else 'no such policy'}")
     return CaseOutcome(case.name, tuple(differences))

@@ -1,0 +1,48 @@
+"""Every shipped config (the demo's and config/examples/*) with its cases.yaml, OPA-style: each
+case by name through the library, and each directory through `portcullis check` for its exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import bootstrap
+from gateway.access import utc_now
+from gateway.policy_cases import Case, load_cases, run_cases
+from gateway.whatif import WhatIf
+from tests.conftest import REPO
+
+PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
+CONFIG_DIRS = [REPO / "config", *sorted(p for p in (REPO / "config" / "examples").iterdir() if p.is_dir())]
+EXPECTED_EXAMPLES = {"on-premises-mail", "personal-devices", "corporate-phones", "shared-tablets", "public-kiosk",
+                     "report-only-trial"}
+
+
+def _cases() -> list[object]:
+    return [pytest.param(directory, case, id=f"{directory.name}: {case.name}")
+            for directory in CONFIG_DIRS for case in load_cases(directory / "cases.yaml")]
+
+
+def test_every_scenario_ships_with_cases() -> None:
+    assert {p.name for p in CONFIG_DIRS[1:]} == EXPECTED_EXAMPLES
+    assert all((p / "cases.yaml").is_file() for p in CONFIG_DIRS)
+
+
+@pytest.mark.parametrize(("directory", "case"), _cases())
+def test_example_case(directory: Path, case: Case) -> None:
+    loaded = bootstrap.load(directory)
+    [outcome] = asyncio.run(run_cases(WhatIf(loaded.config, loaded.inventory), [case], utc_now()))
+    assert outcome.passed, "\n".join(outcome.differences)
+
+
+@pytest.mark.parametrize("directory", CONFIG_DIRS, ids=lambda p: p.name)
+def test_check_passes_without_warnings(directory: Path) -> None:
+    result = subprocess.run([PORTCULLIS, "check", "--config", str(directory)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning:" not in result.stdout
+    assert "cases passed" in result.stdout
