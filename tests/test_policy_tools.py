@@ -125,6 +125,7 @@ def test_empty_cases_file_fails(tmp_path: Path) -> None:
 
 
 def test_check_warns_about_policies_and_resources_that_do_nothing(config_dir: Path) -> None:
+    (config_dir / "cases.yaml").unlink()  # the edits below are meant to change decisions
     policies = config_dir / "policies.yaml"
     policies.write_text(policies.read_text().replace(
         "include: [sharepoint-sites, sharepoint-api, sharepoint-csom, sharepoint-downloads]",
