@@ -186,6 +186,17 @@ def test_longest_resource_prefix_wins() -> None:
     assert match_resource(resources, "h", "/sites/finance/_layouts/15/download.aspx") == "downloads"
     assert match_resource(resources, "h", "/sites/a/b/_layouts/15/download.aspx") == "sites"
     assert match_resource(resources, "other", "/sites/hr/") is None
+    assert match_resource(resources, "h", "/SITES/HR/") == "sites"
+
+
+def test_whole_host_resource_catches_what_nothing_more_specific_names() -> None:
+    resources = compile_resources({
+        "everything": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/"]}'),
+        "owa": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/owa/"]}'),
+    })
+    assert match_resource(resources, "h", "/owa/inbox") == "owa"
+    assert match_resource(resources, "h", "/ecp/") == "everything"
+    assert match_resource(resources, "h", "/") == "everything"
 
 
 MFA = {"builtInControls": ["mfa"]}

@@ -13,8 +13,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from gateway.config.models import Include, PlatformsCondition, Resource, UsersCondition
+from gateway.config.models import Include, PlatformsCondition, Resource
 from gateway.policy.device_filter import DeviceAttributes
 from gateway.policy.model import (
     AccessRequest,
@@ -25,6 +26,9 @@ from gateway.policy.model import (
     ManagedDevice,
 )
 from gateway.signals.devices import is_compliant
+
+if TYPE_CHECKING:
+    from gateway.policy.policy_set import CompiledUsers
 
 ALL = "All"
 NONE = "None"
@@ -52,14 +56,23 @@ class PathPattern:
                    (literal, -segments.count("*")))
 
 
-def compile_resources(resources: Mapping[str, Resource]) -> dict[str, tuple[PathPattern, ...]]:
-    """Host -> its path patterns, most specific first, so the first match is the longest."""
-    by_host: dict[str, list[PathPattern]] = {}
+type ResourceIndex = Mapping[str, Mapping[str, tuple[PathPattern, ...]]]
+WILDCARD = "*"
+
+
+def compile_resources(resources: Mapping[str, Resource]) -> ResourceIndex:
+    """Host -> first path segment (lower-cased; ``*`` for patterns starting with one, ``""`` for
+    ``/``) -> patterns, most specific first: a lookup reads three short lists, however many
+    resources there are."""
+    index: dict[str, dict[str, list[PathPattern]]] = {}
     for name, resource in resources.items():
         for host in resource.hosts:
-            by_host.setdefault(host, []).extend(PathPattern.compile(name, p) for p in resource.paths)
-    return {host: tuple(sorted(patterns, key=lambda p: p.specificity, reverse=True))
-            for host, patterns in by_host.items()}
+            for path in resource.paths:
+                first = path.split("/")[1].lower()
+                index.setdefault(host, {}).setdefault(first, []).append(PathPattern.compile(name, path))
+    return {host: {first: tuple(sorted(patterns, key=lambda p: p.specificity, reverse=True))
+                   for first, patterns in by_first.items()}
+            for host, by_first in index.items()}
 
 
 def path_has_prefix(path: str, prefix: str) -> bool:
@@ -67,20 +80,31 @@ def path_has_prefix(path: str, prefix: str) -> bool:
     return PathPattern.compile("", prefix).regex.match(path) is not None
 
 
-def match_resource(patterns_by_host: Mapping[str, tuple[PathPattern, ...]], host: str, path: str) -> str | None:
-    for pattern in patterns_by_host.get(host, ()):
-        if pattern.regex.match(path):
-            return pattern.resource
-    return None
+def match_resource(index: ResourceIndex, host: str, path: str) -> str | None:
+    """The most specific resource whose pattern matches; None if none does."""
+    by_first = index.get(host)
+    if by_first is None:
+        return None
+    first = path.split("/", 2)[1].lower() if path.startswith("/") else ""
+    best: PathPattern | None = None
+    for candidates in (by_first.get(first, ()), by_first.get(WILDCARD, ()), by_first.get("", ())):
+        for pattern in candidates:
+            if pattern.regex.match(path):
+                if best is None or pattern.specificity > best.specificity:
+                    best = pattern
+                break  # sorted: the first match in a list is its most specific
+    return best.resource if best else None
 
 
-def users_not_matched(condition: UsersCondition, identity: Identity) -> str | None:
-    names = {n.lower() for n in (identity.user_principal_name, identity.object_id, identity.subject) if n}
-    excluded_users = {u.lower() for u in condition.exclude_users}
-    if names & excluded_users or identity.groups & set(condition.exclude_groups):
+def user_names(identity: Identity) -> frozenset[str]:
+    """The names a users assignment may list for this user: UPN, object id, subject (folded)."""
+    return frozenset(n.lower() for n in (identity.user_principal_name, identity.object_id, identity.subject) if n)
+
+
+def users_not_matched(users: CompiledUsers, names: frozenset[str], groups: frozenset[str]) -> str | None:
+    if not names.isdisjoint(users.exclude_users) or not groups.isdisjoint(users.exclude_groups):
         return "user is excluded"
-    included_users = {u.lower() for u in condition.include_users}
-    if ALL.lower() in included_users or names & included_users or identity.groups & set(condition.include_groups):
+    if users.include_all or not names.isdisjoint(users.include_users) or not groups.isdisjoint(users.include_groups):
         return None
     return "user is not included"
 

@@ -23,10 +23,11 @@ from gateway.policy.conditions import (
     locations_of,
     platform_not_matched,
     resource_not_included,
+    user_names,
     users_not_matched,
 )
 from gateway.policy.device_filter import DeviceAttributes
-from gateway.policy.grant_controls import controls_named, failed_controls
+from gateway.policy.grant_controls import failed_controls
 from gateway.policy.model import (
     NO_SESSION_CONTROLS,
     AccessRequest,
@@ -60,6 +61,7 @@ class Facts:
     app: ClientApp
     resource: str
     client_app_type: ClientAppType
+    user_names: frozenset[str]
     platform: DevicePlatform | None
     locations: set[str]
     trusted_location: bool
@@ -84,8 +86,9 @@ def evaluate(
                         resource=None, client_app_type=app_type)
     inside, trusted = locations_of(request.client_ip, policy_set.named_locations)
     facts = Facts(request=request, identity=identity, device=device, app=app, resource=resource,
-                  client_app_type=app_type, platform=device_platform(device.device, request.user_agent),
-                  locations=inside, trusted_location=trusted,
+                  client_app_type=app_type, user_names=user_names(identity),
+                  platform=device_platform(device.device, request.user_agent), locations=inside,
+                  trusted_location=trusted,
                   device_attributes=device_filter_attributes(device, now), now=now)
     results = tuple(_evaluate_policy(c, facts) for c in policy_set.candidates.get(resource, ()))
     not_targeted = policy_set.not_targeted.get(resource, ())
@@ -104,7 +107,7 @@ def not_applied_because(compiled: CompiledPolicy, facts: Facts) -> str | None:
     """The first assignment the request falls outside of, or None if the policy applies."""
     conditions = compiled.policy.conditions
     return (
-        users_not_matched(conditions.users, facts.identity)
+        users_not_matched(compiled.users, facts.user_names, facts.identity.groups)
         or resource_not_included(conditions.resources, facts.resource)
         or client_app_type_not_matched(conditions.client_app_types, facts.client_app_type)
         or (conditions.platforms and platform_not_matched(conditions.platforms, facts.platform))
@@ -139,29 +142,17 @@ def _evaluate_policy(compiled: CompiledPolicy, facts: Facts) -> PolicyResult:
         kind = PolicyResultKind.report_only_failure if failures else PolicyResultKind.report_only_success
     else:
         kind = PolicyResultKind.failure if failures else PolicyResultKind.success
-    session = _policy_session_controls(compiled)
     return PolicyResult(name=policy.name, display_name=compiled.display_name, result=kind,
-                        enforced_grant_controls=controls_named(policy.grant_controls),
-                        enforced_session_controls=session.names(), failures=failures)
-
-
-def _policy_session_controls(compiled: CompiledPolicy) -> SessionControls:
-    config = compiled.policy.session_controls
-    if config is None:
-        return NO_SESSION_CONTROLS
-    return SessionControls(
-        block_downloads=config.block_downloads,
-        sign_in_frequency_seconds=config.sign_in_frequency.seconds if config.sign_in_frequency else None,
-        persistent_browser=config.persistent_browser,
-    )
+                        enforced_grant_controls=compiled.grant_control_names,
+                        enforced_session_controls=compiled.session_controls.names(), failures=failures)
 
 
 def _session_controls(policy_set: PolicySet, results: tuple[PolicyResult, ...]) -> SessionControls:
     """The session controls of the enforced policies that applied, strictest value winning."""
     merged = NO_SESSION_CONTROLS
-    applied = {r.name for r in results if r.result is PolicyResultKind.success}
-    for name in applied:
-        merged = merged.merge(_policy_session_controls(policy_set.by_name[name]))
+    for result in results:
+        if result.result is PolicyResultKind.success and result.enforced_session_controls:
+            merged = merged.merge(policy_set.by_name[result.name].session_controls)
     return merged
 
 

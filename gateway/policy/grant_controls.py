@@ -83,7 +83,7 @@ def failed_controls(
     if grant is None:
         return ()
     outcomes: list[ControlFailure | None] = []
-    controls = set(grant.built_in_controls)
+    controls = grant.built_in_controls
     if BuiltInControl.block in controls:
         return (block(),)
     if BuiltInControl.mfa in controls:

@@ -46,7 +46,10 @@ class DeviceThreatLevel(StrEnum):
 
     @property
     def rank(self) -> int:
-        return list(DeviceThreatLevel).index(self)
+        return THREAT_RANKS[self]
+
+
+THREAT_RANKS = {level: rank for rank, level in enumerate(DeviceThreatLevel)}
 
 
 class ComplianceState(StrEnum):

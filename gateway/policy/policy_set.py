@@ -8,17 +8,47 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.config.models import ConditionalAccessPolicy, NamedLocation, Resource
+from gateway.config.models import (
+    ConditionalAccessPolicy,
+    NamedLocation,
+    Resource,
+    SessionControlsConfig,
+    UsersCondition,
+)
 from gateway.policy.conditions import (
     ALL,
     Network,
-    PathPattern,
+    ResourceIndex,
     compile_resources,
     match_resource,
     resource_not_included,
 )
 from gateway.policy.device_filter import Rule
-from gateway.policy.model import PolicyResult, PolicyResultKind, PolicyState
+from gateway.policy.grant_controls import controls_named
+from gateway.policy.model import (
+    NO_SESSION_CONTROLS,
+    PolicyResult,
+    PolicyResultKind,
+    PolicyState,
+    SessionControls,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledUsers:
+    """The users assignment with names folded once (UPNs compare case-insensitively)."""
+
+    include_all: bool
+    include_users: frozenset[str]
+    exclude_users: frozenset[str]
+    include_groups: frozenset[str]
+    exclude_groups: frozenset[str]
+
+    @classmethod
+    def of(cls, users: UsersCondition) -> CompiledUsers:
+        return cls(ALL.lower() in {u.lower() for u in users.include_users},
+                   frozenset(u.lower() for u in users.include_users), frozenset(u.lower() for u in users.exclude_users),
+                   frozenset(users.include_groups), frozenset(users.exclude_groups))
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,11 +56,32 @@ class CompiledPolicy:
     policy: ConditionalAccessPolicy
     display_name: str
     device_filter: Rule | None
+    users: CompiledUsers
+    grant_control_names: tuple[str, ...]
+    session_controls: SessionControls
+
+    @classmethod
+    def of(cls, policy: ConditionalAccessPolicy) -> CompiledPolicy:
+        conditions = policy.conditions
+        return cls(policy, policy.display_name or policy.name,
+                   conditions.device_filter.parsed if conditions.device_filter else None,
+                   CompiledUsers.of(conditions.users), controls_named(policy.grant_controls),
+                   _session_controls(policy.session_controls))
+
+
+def _session_controls(config: SessionControlsConfig | None) -> SessionControls:
+    if config is None:
+        return NO_SESSION_CONTROLS
+    return SessionControls(
+        block_downloads=config.block_downloads,
+        sign_in_frequency_seconds=config.sign_in_frequency.seconds if config.sign_in_frequency else None,
+        persistent_browser=config.persistent_browser,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class PolicySet:
-    patterns_by_host: Mapping[str, tuple[PathPattern, ...]]
+    patterns_by_host: ResourceIndex
     public_resources: frozenset[str]
     candidates: Mapping[str, tuple[CompiledPolicy, ...]]
     not_targeted: Mapping[str, tuple[PolicyResult, ...]]
@@ -40,9 +91,7 @@ class PolicySet:
     @classmethod
     def build(cls, resources: Mapping[str, Resource], policies: tuple[ConditionalAccessPolicy, ...],
               named_locations: Mapping[str, NamedLocation]) -> PolicySet:
-        compiled = [CompiledPolicy(p, p.display_name or p.name,
-                                   p.conditions.device_filter.parsed if p.conditions.device_filter else None)
-                    for p in policies]
+        compiled = [CompiledPolicy.of(p) for p in policies]
         candidates = {name: tuple(c for c in compiled if _targets(c.policy, name)) for name in resources}
         not_targeted = {name: tuple(_static_result(c, name) for c in compiled if not _targets(c.policy, name))
                         for name in resources}
