@@ -207,10 +207,13 @@ ANDROID_PHONE = device(operating_system="Android")
     ("case", "policies", "kwargs", "status", "reason"),
     [
         ("user in an included group -> applies", [policy(conditions={"users": {
-            "includeUsers": [], "includeGroups": ["finance"]}}, **MFA)], {"groups": frozenset({"finance"})},
+            "includeGroups": ["finance"]}}, **MFA)], {"groups": frozenset({"finance"})},
          403, "multifactor authentication required"),
-        ("user outside the included groups -> notApplied", [policy(conditions={"users": {
-            "includeUsers": [], "includeGroups": ["finance"]}}, **MFA)], {}, 200, "allowed"),
+        ("naming only groups includes only them", [policy(conditions={"users": {
+            "includeGroups": ["finance"]}}, **MFA)], {}, 200, "allowed"),
+        ("no users key covers All", [policy(**MFA)], {}, 403, "multifactor authentication required"),
+        ("includeUsers None covers nobody", [policy(conditions={"users": {"includeUsers": ["None"]}}, **MFA)],
+         {}, 200, "allowed"),
         ("excluded user beats All", [policy(conditions={"users": {"excludeUsers": ["ALEX@contoso.test"]}}, **MFA)],
          {}, 200, "allowed"),
         ("excluded group beats an included user", [policy(conditions={"users": {

@@ -256,9 +256,10 @@ class Include(Model):
 
 class UsersCondition(Model):
     """Users by UPN or object id, ``All`` or ``None``; groups by the names or ids the token's
-    ``groups`` claim carries. Exclusions beat inclusions."""
+    ``groups`` claim carries. Exclusions beat inclusions. Naming only groups includes only them:
+    ``includeUsers`` is empty unless written (a policy without ``users`` at all covers All)."""
 
-    include_users: list[str] = ["All"]
+    include_users: list[str] = []
     exclude_users: list[str] = []
     include_groups: list[str] = []
     exclude_groups: list[str] = []
@@ -292,8 +293,12 @@ class DeviceFilter(Model):
         return parse_rule(self.rule)
 
 
+ALL_USERS = UsersCondition.model_construct(include_users=["All"], exclude_users=[], include_groups=[],
+                                           exclude_groups=[])
+
+
 class PolicyConditions(Model):
-    users: UsersCondition = UsersCondition()
+    users: UsersCondition = ALL_USERS
     resources: Include
     client_app_types: Annotated[list[ClientAppType], Field(min_length=1)] = [ClientAppType.all]
     platforms: PlatformsCondition | None = None
