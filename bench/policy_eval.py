@@ -68,9 +68,9 @@ def measure(count: int) -> tuple[float, int]:
     app = ClientApp(client_id="c", name="outlook")
 
     def decide() -> object:
-        resource = policy_set.resource_for(HOST, request.path)
-        return evaluate(request=request, identity=identity, device=device, app=app, resource=resource,
-                        policy_set=policy_set, now=NOW)
+        found = policy_set.match(HOST, request.path)
+        return evaluate(request=request, identity=identity, device=device, app=app,
+                        resources=found.names if found else (), policy_set=policy_set, now=NOW)
 
     decision = decide()
     assert decision.allowed, decision.reason  # type: ignore[attr-defined]

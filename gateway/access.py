@@ -91,9 +91,9 @@ class AccessService:
         if path is None:
             return self.refuse(request, 400, "ambiguous request path")
         request = replace(request, path=path)
-        resource = self.policy_set.resource_for(request.host, path)
-        if resource is None or resource in self.policy_set.public_resources:
-            return self._without_identity(request, resource, now)
+        found = self.policy_set.match(request.host, path)
+        if found is None or found.public:
+            return self._without_identity(request, found.primary if found else None, now)
         token = bearer_token(authorization)
         if isinstance(token, RejectedToken):
             return self._unauthenticated(request, token, now)
@@ -107,7 +107,7 @@ class AccessService:
             logger.error("[%s] signal unavailable, blocking: %s", request.correlation_id, error)
             return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
         app = ClientApp(client_id=identity.client_id, name=self._app_names.get(identity.client_id or ""))
-        decision = evaluate(request=request, identity=identity, device=device, app=app, resource=resource,
+        decision = evaluate(request=request, identity=identity, device=device, app=app, resources=found.names,
                             policy_set=self.policy_set, now=now)
         self._log.write(sign_in_record(request=request, decision=decision, now=now,
                                        identity=identity, device=device, app=app))
@@ -132,7 +132,8 @@ class AccessService:
                                 resource=None, client_app_type=app_type)
         else:
             decision = Decision(result=DecisionResult.allow, status_code=200, error_code=None,
-                                reason="public resource", resource=resource, client_app_type=app_type)
+                                reason="public resource", resource=resource, resources=(resource,),
+                                client_app_type=app_type)
         self._log.write(sign_in_record(request=request, decision=decision, now=now))
         if decision.allowed:
             return Outcome(decision, None, ((headers.CORRELATION_ID, request.correlation_id),

@@ -45,6 +45,7 @@ def sign_in_record(
         "appId": app.client_id if app else None,
         "appDisplayName": app.name if app else None,
         "resourceDisplayName": decision.resource,
+        "matchedResources": list(decision.resources),
         "resourceId": identity.audience if identity else None,
         "clientAppUsed": decision.client_app_type.value,
         "ipAddress": request.client_ip,

@@ -91,8 +91,11 @@ class WhatIf:
                             tenant_id=None, client_id=app.client_id, device_id=device.device_id,
                             groups=frozenset(question.groups), audience="what-if", expires_at=0,
                             authentication_methods=frozenset({"pwd", "mfa"} if question.mfa else {"pwd"}))
+        found = self.policy_set.match(host, path)
+        if found is not None and found.public:
+            raise WhatIfError(f"{question.url!r} is a public resource ({found.primary}): no policy applies to it")
         return evaluate(request=request, identity=identity, device=device, app=app,
-                        resource=self.policy_set.resource_for(host, path), policy_set=self.policy_set, now=now)
+                        resources=found.names if found else (), policy_set=self.policy_set, now=now)
 
     def _target(self, url: str) -> tuple[str, str]:
         parts = urlsplit(url)

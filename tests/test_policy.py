@@ -80,8 +80,9 @@ def decide(policies: list[ConditionalAccessPolicy], dev: DeviceSignals = COMPLIA
                         client_id=app.client_id, device_id=dev.device_id, groups=groups, audience="a",
                         expires_at=0, authentication_methods=amr)
     policy_set = PolicySet.build(RESOURCES, tuple(policies), LOCATIONS)
+    found = policy_set.match("mail.contoso.test", path)
     return evaluate(request=request, identity=identity, device=dev, app=app,
-                    resource=policy_set.resource_for("mail.contoso.test", path), policy_set=policy_set, now=NOW)
+                    resources=found.names if found else (), policy_set=policy_set, now=NOW)
 
 
 @pytest.mark.parametrize(
@@ -200,6 +201,7 @@ def test_whole_host_resource_catches_what_nothing_more_specific_names() -> None:
 
 
 MFA = {"builtInControls": ["mfa"]}
+BROWSER_SESSION = ClientApp(client_id=None, name=None)
 ANDROID_PHONE = device(operating_system="Android")
 
 
@@ -224,6 +226,10 @@ ANDROID_PHONE = device(operating_system="Android")
                                                                builtInControls=["block"])], {}, 200, "allowed"),
         ("browser recognised from Accept and User-Agent", [policy(conditions={"clientAppTypes": ["browser"]},
                                                                   builtInControls=["block"])],
+         {"path": "/owa/", "accepts_html": True, "user_agent": "Mozilla/5.0 (iPhone)", "app": BROWSER_SESSION},
+         403, "blocked by policy"),
+        ("browser headers never outrank a configured app's client id",
+         [policy(conditions={"clientAppTypes": ["mobileAppsAndDesktopClients"]}, builtInControls=["block"])],
          {"path": "/owa/", "accepts_html": True, "user_agent": "Mozilla/5.0 (iPhone)"}, 403, "blocked by policy"),
         ("ActiveSync URL is exchangeActiveSync", [policy(conditions={"clientAppTypes": ["exchangeActiveSync"]},
                                                          builtInControls=["block"])], {}, 403, "blocked by policy"),
@@ -269,7 +275,7 @@ def test_assignment_conditions(case: str, policies: list[ConditionalAccessPolicy
                                status: int, reason: str) -> None:
     kwargs = dict(kwargs)
     dev = kwargs.pop("dev", COMPLIANT)
-    decision = decide(policies, dev, OUTLOOK, **kwargs)
+    decision = decide(policies, dev, kwargs.pop("app", OUTLOOK), **kwargs)
     assert (decision.status_code, decision.reason) == (status, reason), case
 
 

@@ -19,6 +19,7 @@ from gateway.config.models import Include, PlatformsCondition, Resource
 from gateway.policy.device_filter import DeviceAttributes
 from gateway.policy.model import (
     AccessRequest,
+    ClientApp,
     ClientAppType,
     DevicePlatform,
     DeviceSignals,
@@ -45,15 +46,15 @@ class PathPattern:
     resource: str
     pattern: str
     regex: re.Pattern[str]
-    specificity: tuple[int, int]
+    specificity: tuple[int, int, int]  # literal segments, literal characters, fewer wildcards
 
     @classmethod
     def compile(cls, resource: str, pattern: str) -> PathPattern:
         segments = pattern.rstrip("/").split("/")
         body = "/".join("[^/]+" if s == "*" else re.escape(s) for s in segments)
-        literal = sum(len(s) for s in segments if s != "*")
+        literal = [s for s in segments if s and s != "*"]
         return cls(resource, pattern, re.compile(f"^{body}(?:/.*)?$", re.IGNORECASE | re.DOTALL),
-                   (literal, -segments.count("*")))
+                   (len(literal), sum(map(len, literal)), -segments.count("*")))
 
 
 type ResourceIndex = Mapping[str, Mapping[str, tuple[PathPattern, ...]]]
@@ -80,20 +81,23 @@ def path_has_prefix(path: str, prefix: str) -> bool:
     return PathPattern.compile("", prefix).regex.match(path) is not None
 
 
-def match_resource(index: ResourceIndex, host: str, path: str) -> str | None:
-    """The most specific resource whose pattern matches; None if none does."""
+def matching_patterns(index: ResourceIndex, host: str, path: str) -> list[PathPattern]:
+    """Every pattern that matches, most specific first."""
     by_first = index.get(host)
     if by_first is None:
-        return None
+        return []
     first = path.split("/", 2)[1].lower() if path.startswith("/") else ""
-    best: PathPattern | None = None
-    for candidates in (by_first.get(first, ()), by_first.get(WILDCARD, ()), by_first.get("", ())):
-        for pattern in candidates:
-            if pattern.regex.match(path):
-                if best is None or pattern.specificity > best.specificity:
-                    best = pattern
-                break  # sorted: the first match in a list is its most specific
-    return best.resource if best else None
+    lists = [by_first.get(first, ()), by_first.get(WILDCARD, ())]
+    if first:
+        lists.append(by_first.get("", ()))
+    found = [pattern for patterns in lists for pattern in patterns if pattern.regex.match(path)]
+    return sorted(found, key=lambda p: p.specificity, reverse=True)
+
+
+def match_resource(index: ResourceIndex, host: str, path: str) -> str | None:
+    """The most specific resource whose pattern matches; None if none does."""
+    patterns = matching_patterns(index, host, path)
+    return patterns[0].resource if patterns else None
 
 
 def user_names(identity: Identity) -> frozenset[str]:
@@ -102,29 +106,43 @@ def user_names(identity: Identity) -> frozenset[str]:
 
 
 def users_not_matched(users: CompiledUsers, names: frozenset[str], groups: frozenset[str]) -> str | None:
-    if not names.isdisjoint(users.exclude_users) or not groups.isdisjoint(users.exclude_groups):
+    """``names`` and ``groups`` arrive folded to lower case, as the compiled assignment is."""
+    if users.exclude_all or not names.isdisjoint(users.exclude_users) or not groups.isdisjoint(users.exclude_groups):
         return "user is excluded"
     if users.include_all or not names.isdisjoint(users.include_users) or not groups.isdisjoint(users.include_groups):
         return None
     return "user is not included"
 
 
-def resource_not_included(assignment: Include, resource: str) -> str | None:
-    """Why the resource is outside the assignment (exclude beats include), or None if inside."""
-    if resource in assignment.exclude or ALL in assignment.exclude:
-        return f"resource {resource!r} is excluded"
-    if resource in assignment.include or ALL in assignment.include:
+def resource_not_included(assignment: Include, resources: tuple[str, ...]) -> str | None:
+    """Why the request's resources are outside the assignment, or None if one of them is inside.
+    A request is every resource whose paths match it, so excluding one (``sharepoint-sites``)
+    does not exclude another that also matches (``sharepoint-downloads``); exclude beats include
+    for each resource."""
+    if ALL in assignment.exclude:
+        return f"{_named(resources)} excluded (All)"
+    inside = [r for r in resources if r in assignment.include or ALL in assignment.include]
+    if any(r not in assignment.exclude for r in inside):
         return None
-    return f"resource {resource!r} is not included"
+    return f"{_named(resources)} {'excluded' if inside else 'not included'}"
 
 
-def client_app_type(request: AccessRequest, identity: Identity | None) -> ClientAppType:
-    """Entra's client app types, worked out from the request. The ActiveSync URL and a modern-auth
-    client id are strong signals; a browser is recognised by what it asks for."""
+def _named(resources: tuple[str, ...]) -> str:
+    if len(resources) == 1:
+        return f"resource {resources[0]!r} is"
+    return f"resources {', '.join(repr(r) for r in resources)} are"
+
+
+def client_app_type(request: AccessRequest, identity: Identity | None, app: ClientApp | None = None) -> ClientAppType:
+    """Entra's client app types, strongest signal first: the ActiveSync URL; a token whose client
+    id is a configured (native) application; browser headers (a weak signal: anyone can send
+    them, so they never outrank a known client id); any other client id; else ``other``."""
     if request.declared_client_app_type is not None:
         return request.declared_client_app_type
     if path_has_prefix(request.path, ACTIVESYNC_PATH):
         return ClientAppType.exchange_active_sync
+    if app is not None and app.name is not None:
+        return ClientAppType.mobile_apps_and_desktop_clients
     if request.accepts_html and "mozilla/" in request.user_agent.lower():
         return ClientAppType.browser
     if identity is not None and identity.client_id:
@@ -138,23 +156,24 @@ def client_app_type_not_matched(types: list[ClientAppType], actual: ClientAppTyp
     return f"client app type {actual.value!r} is not included"
 
 
-PLATFORM_WORDS = (
-    (DevicePlatform.ios, ("ios", "ipados", "iphone", "ipad")),
-    (DevicePlatform.android, ("android",)),
-    (DevicePlatform.windows, ("windows",)),
-    (DevicePlatform.macos, ("macos", "mac os", "macintosh")),
-    (DevicePlatform.linux, ("linux",)),
-)
+PLATFORM_WORDS = {
+    "ios": DevicePlatform.ios, "ipados": DevicePlatform.ios, "iphone": DevicePlatform.ios,
+    "ipad": DevicePlatform.ios, "android": DevicePlatform.android, "windows": DevicePlatform.windows,
+    "macos": DevicePlatform.macos, "macintosh": DevicePlatform.macos, "linux": DevicePlatform.linux,
+}
+WORD = re.compile(r"[a-z0-9]+")
 
 
 def device_platform(device: ManagedDevice | None, user_agent: str) -> DevicePlatform | None:
     """The inventory's operating system when the device is known; otherwise the User-Agent,
-    as Entra does (a weak signal: a block for one platform is evaded by claiming another)."""
-    text = (device.operating_system if device and device.operating_system else user_agent).lower()
-    for platform, words in PLATFORM_WORDS:
-        if any(word in text for word in words):
-            return platform
-    return None
+    as Entra does (a weak signal: a block for one platform is evaded by claiming another).
+    Whole words only; Android's "Linux" is Android; a text naming two platforms
+    (``Outlook-iOS-Android``) names none."""
+    text = device.operating_system if device and device.operating_system else user_agent
+    found = {PLATFORM_WORDS[w] for w in WORD.findall(text.lower()) if w in PLATFORM_WORDS}
+    if DevicePlatform.android in found:
+        found.discard(DevicePlatform.linux)
+    return found.pop() if len(found) == 1 else None
 
 
 def platform_not_matched(condition: PlatformsCondition, platform: DevicePlatform | None) -> str | None:

@@ -59,9 +59,10 @@ class Facts:
     identity: Identity
     device: DeviceSignals
     app: ClientApp
-    resource: str
+    resources: tuple[str, ...]
     client_app_type: ClientAppType
     user_names: frozenset[str]
+    groups: frozenset[str]
     platform: DevicePlatform | None
     locations: set[str]
     trusted_location: bool
@@ -75,31 +76,36 @@ def evaluate(
     identity: Identity,
     device: DeviceSignals,
     app: ClientApp,
-    resource: str | None,
+    resources: tuple[str, ...],
     policy_set: PolicySet,
     now: datetime,
 ) -> Decision:
-    app_type = client_app_type(request, identity)
-    if resource is None:
+    """``resources``: what ``PolicySet.match`` found for the request (empty: no resource names it)."""
+    app_type = client_app_type(request, identity, app)
+    if not resources:
         return Decision(result=DecisionResult.block, status_code=403,
                         error_code=ErrorCode.blocked_by_conditional_access, reason=NO_RESOURCE_REASON,
                         resource=None, client_app_type=app_type)
     inside, trusted = locations_of(request.client_ip, policy_set.named_locations)
-    facts = Facts(request=request, identity=identity, device=device, app=app, resource=resource,
+    facts = Facts(request=request, identity=identity, device=device, app=app, resources=resources,
                   client_app_type=app_type, user_names=user_names(identity),
+                  groups=frozenset(g.lower() for g in identity.groups),
                   platform=device_platform(device.device, request.user_agent), locations=inside,
                   trusted_location=trusted,
                   device_attributes=device_filter_attributes(device, now), now=now)
-    results = tuple(_evaluate_policy(c, facts) for c in policy_set.candidates.get(resource, ()))
-    not_targeted = policy_set.not_targeted.get(resource, ())
+    targeting = policy_set.targeting(resources)
+    results = tuple(_evaluate_policy(c, facts) for c in targeting.candidates)
+    not_targeted, resource = targeting.not_targeted, resources[0]
     failed = _deciding_failure(results)
     if failed is None:
         return Decision(result=DecisionResult.allow, status_code=200, error_code=None, reason="allowed",
-                        resource=resource, client_app_type=app_type, policies=results, not_targeted=not_targeted,
+                        resource=resource, resources=resources, client_app_type=app_type, policies=results,
+                        not_targeted=not_targeted,
                         session_controls=_session_controls(policy_set, results))
     policy, failure = failed
     return Decision(result=DecisionResult.block, status_code=403, error_code=failure.error_code,
-                    reason=failure.reason, resource=resource, client_app_type=app_type, policies=results,
+                    reason=failure.reason, resource=resource, resources=resources, client_app_type=app_type,
+                    policies=results,
                     not_targeted=not_targeted, failed_policy=policy.display_name, failed_policy_id=policy.name)
 
 
@@ -107,8 +113,8 @@ def not_applied_because(compiled: CompiledPolicy, facts: Facts) -> str | None:
     """The first assignment the request falls outside of, or None if the policy applies."""
     conditions = compiled.policy.conditions
     return (
-        users_not_matched(compiled.users, facts.user_names, facts.identity.groups)
-        or resource_not_included(conditions.resources, facts.resource)
+        users_not_matched(compiled.users, facts.user_names, facts.groups)
+        or resource_not_included(conditions.resources, facts.resources)
         or client_app_type_not_matched(conditions.client_app_types, facts.client_app_type)
         or (conditions.platforms and platform_not_matched(conditions.platforms, facts.platform))
         or (conditions.locations and location_not_matched(conditions.locations, facts.locations,
@@ -156,14 +162,19 @@ def _session_controls(policy_set: PolicySet, results: tuple[PolicyResult, ...]) 
     return merged
 
 
+CONTROL_ORDER = {name: rank for rank, name in enumerate(
+    (BuiltInControl.block, BuiltInControl.mfa, BuiltInControl.compliant_device,
+     BuiltInControl.approved_application, "maxDeviceThreatLevel"))}
+
+
 def _deciding_failure(results: tuple[PolicyResult, ...]) -> tuple[PolicyResult, ControlFailure] | None:
-    """The failure shown to the user: a block anywhere wins, else the first failed policy's first
-    failed control (controls are ordered as Entra asks for them)."""
-    enforced = [r for r in results if r.result is PolicyResultKind.failure]
-    for result in enforced:
-        for failure in result.failures:
-            if failure.control == BuiltInControl.block:
-                return result, failure
-    if enforced:
-        return enforced[0], enforced[0].failures[0]
-    return None
+    """The failure shown to the user, across every enforced policy that failed: a block wins,
+    then Entra's order of asking (MFA, compliant device, approved app, threat level), then the
+    policies' order in the file."""
+    failures = [(CONTROL_ORDER.get(f.control, len(CONTROL_ORDER)), index, result, f)
+                for index, result in enumerate(results) if result.result is PolicyResultKind.failure
+                for f in result.failures]
+    if not failures:
+        return None
+    _, _, result, failure = min(failures, key=lambda item: item[:2])
+    return result, failure

@@ -222,6 +222,7 @@ class Decision:
     reason: str
     resource: str | None
     client_app_type: ClientAppType
+    resources: tuple[str, ...] = ()  # every resource the request belongs to; ``resource`` is the most specific
     policies: tuple[PolicyResult, ...] = ()
     not_targeted: tuple[PolicyResult, ...] = ()  # policies whose resources cannot include this one
     failed_policy: str | None = None  # display name, as users see it

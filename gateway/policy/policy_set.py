@@ -1,12 +1,19 @@
-"""Policies compiled for evaluation: resources indexed by host and path, and for each resource the
-policies that can apply to it. Evaluation then costs what the candidate policies cost, not what
-all policies cost; the others' results ("not included", "notEnabled") are computed once here.
+"""Policies compiled for evaluation: resources indexed by host and first path segment, and for each
+set of matching resources the policies that can apply. Evaluation then costs what the candidate
+policies cost, not what all policies cost; the others' results ("not included", "notEnabled")
+are computed once per set of resources and cached.
+
+A request is every resource whose paths match it (``/sites/finance/_api/x`` is both
+``finance-sites`` and ``sharepoint-api``), so the policies of each apply. Only ``public`` is
+decided by the most specific match alone: it is a carve-out (``/owa/auth/`` inside ``/owa/``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from cachetools import LRUCache
 
 from gateway.config.models import (
     ConditionalAccessPolicy,
@@ -20,7 +27,7 @@ from gateway.policy.conditions import (
     Network,
     ResourceIndex,
     compile_resources,
-    match_resource,
+    matching_patterns,
     resource_not_included,
 )
 from gateway.policy.device_filter import Rule
@@ -33,12 +40,16 @@ from gateway.policy.model import (
     SessionControls,
 )
 
+TARGETING_CACHE_SIZE = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class CompiledUsers:
-    """The users assignment with names folded once (UPNs compare case-insensitively)."""
+    """The users assignment with names and groups folded once (both compare case-insensitively).
+    With nothing included but exclusions given, every user is included, as in Entra's portal."""
 
     include_all: bool
+    exclude_all: bool
     include_users: frozenset[str]
     exclude_users: frozenset[str]
     include_groups: frozenset[str]
@@ -46,14 +57,18 @@ class CompiledUsers:
 
     @classmethod
     def of(cls, users: UsersCondition) -> CompiledUsers:
-        return cls(ALL.lower() in {u.lower() for u in users.include_users},
-                   frozenset(u.lower() for u in users.include_users), frozenset(u.lower() for u in users.exclude_users),
-                   frozenset(users.include_groups), frozenset(users.exclude_groups))
+        include = frozenset(u.lower() for u in users.include_users)
+        exclude = frozenset(u.lower() for u in users.exclude_users)
+        nothing_included = not users.include_users and not users.include_groups
+        return cls("all" in include or nothing_included, "all" in exclude, include, exclude,
+                   frozenset(g.lower() for g in users.include_groups),
+                   frozenset(g.lower() for g in users.exclude_groups))
 
 
 @dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     policy: ConditionalAccessPolicy
+    index: int
     display_name: str
     device_filter: Rule | None
     users: CompiledUsers
@@ -61,12 +76,85 @@ class CompiledPolicy:
     session_controls: SessionControls
 
     @classmethod
-    def of(cls, policy: ConditionalAccessPolicy) -> CompiledPolicy:
+    def of(cls, policy: ConditionalAccessPolicy, index: int) -> CompiledPolicy:
         conditions = policy.conditions
-        return cls(policy, policy.display_name or policy.name,
+        return cls(policy, index, policy.display_name or policy.name,
                    conditions.device_filter.parsed if conditions.device_filter else None,
                    CompiledUsers.of(conditions.users), controls_named(policy.grant_controls),
                    _session_controls(policy.session_controls))
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceMatch:
+    """The resources a request belongs to, most specific first."""
+
+    names: tuple[str, ...]
+    public: bool
+
+    @property
+    def primary(self) -> str:
+        return self.names[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Targeting:
+    candidates: tuple[CompiledPolicy, ...]
+    not_targeted: tuple[PolicyResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    index: ResourceIndex
+    public_resources: frozenset[str]
+    policies: tuple[CompiledPolicy, ...]
+    targeting_by_resource: Mapping[str, frozenset[int]]
+    named_locations: Mapping[str, tuple[tuple[Network, ...], bool]]
+    by_name: Mapping[str, CompiledPolicy]
+    _targeting: LRUCache[tuple[str, ...], Targeting] = field(
+        default_factory=lambda: LRUCache(maxsize=TARGETING_CACHE_SIZE), compare=False, repr=False)
+
+    @classmethod
+    def build(cls, resources: Mapping[str, Resource], policies: tuple[ConditionalAccessPolicy, ...],
+              named_locations: Mapping[str, NamedLocation]) -> PolicySet:
+        compiled = tuple(CompiledPolicy.of(p, i) for i, p in enumerate(policies))
+        return cls(
+            index=compile_resources(resources),
+            public_resources=frozenset(name for name, r in resources.items() if r.public),
+            policies=compiled,
+            targeting_by_resource={name: frozenset(c.index for c in compiled if _targets(c.policy, name))
+                                   for name in resources},
+            named_locations={name: (tuple(location.ip_ranges), location.trusted)  # type: ignore[arg-type]
+                             for name, location in named_locations.items()},
+            by_name={c.policy.name: c for c in compiled},
+        )
+
+    def match(self, host: str, path: str) -> ResourceMatch | None:
+        patterns = matching_patterns(self.index, host, path)
+        if not patterns:
+            return None
+        best = patterns[0]
+        public = best.resource in self.public_resources and not any(
+            p.specificity == best.specificity and p.resource not in self.public_resources for p in patterns)
+        if public:
+            return ResourceMatch((best.resource,), True)
+        names = tuple(dict.fromkeys(p.resource for p in patterns if p.resource not in self.public_resources))
+        return ResourceMatch(names, False)
+
+    def resource_for(self, host: str, path: str) -> str | None:
+        found = self.match(host, path)
+        return found.primary if found else None
+
+    def targeting(self, resources: tuple[str, ...]) -> Targeting:
+        """The policies worth evaluating for these resources, and the others' fixed results."""
+        cached = self._targeting.get(resources)
+        if cached is None:
+            wanted = frozenset().union(*(self.targeting_by_resource.get(r, frozenset()) for r in resources))
+            cached = Targeting(
+                candidates=tuple(c for c in self.policies if c.index in wanted),
+                not_targeted=tuple(_static_result(c, resources) for c in self.policies if c.index not in wanted),
+            )
+            self._targeting[resources] = cached
+        return cached
 
 
 def _session_controls(config: SessionControlsConfig | None) -> SessionControls:
@@ -79,36 +167,6 @@ def _session_controls(config: SessionControlsConfig | None) -> SessionControls:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class PolicySet:
-    patterns_by_host: ResourceIndex
-    public_resources: frozenset[str]
-    candidates: Mapping[str, tuple[CompiledPolicy, ...]]
-    not_targeted: Mapping[str, tuple[PolicyResult, ...]]
-    named_locations: Mapping[str, tuple[tuple[Network, ...], bool]]
-    by_name: Mapping[str, CompiledPolicy]
-
-    @classmethod
-    def build(cls, resources: Mapping[str, Resource], policies: tuple[ConditionalAccessPolicy, ...],
-              named_locations: Mapping[str, NamedLocation]) -> PolicySet:
-        compiled = [CompiledPolicy.of(p) for p in policies]
-        candidates = {name: tuple(c for c in compiled if _targets(c.policy, name)) for name in resources}
-        not_targeted = {name: tuple(_static_result(c, name) for c in compiled if not _targets(c.policy, name))
-                        for name in resources}
-        return cls(
-            patterns_by_host=compile_resources(resources),
-            public_resources=frozenset(name for name, r in resources.items() if r.public),
-            candidates=candidates,
-            not_targeted=not_targeted,
-            named_locations={name: (tuple(location.ip_ranges), location.trusted)  # type: ignore[arg-type]
-                             for name, location in named_locations.items()},
-            by_name={c.policy.name: c for c in compiled},
-        )
-
-    def resource_for(self, host: str, path: str) -> str | None:
-        return match_resource(self.patterns_by_host, host, path)
-
-
 def _targets(policy: ConditionalAccessPolicy, resource: str) -> bool:
     """Enabled or report-only, and naming the resource (or All) in ``include``: the policies worth
     evaluating. Exclusions are left to evaluation so that they are explained."""
@@ -116,11 +174,11 @@ def _targets(policy: ConditionalAccessPolicy, resource: str) -> bool:
     return policy.state is not PolicyState.disabled and (resource in include or ALL in include)
 
 
-def _static_result(compiled: CompiledPolicy, resource: str) -> PolicyResult:
+def _static_result(compiled: CompiledPolicy, resources: tuple[str, ...]) -> PolicyResult:
     policy = compiled.policy
     if policy.state is PolicyState.disabled:
         return PolicyResult(name=policy.name, display_name=compiled.display_name, result=PolicyResultKind.not_enabled)
     kind = PolicyResultKind.report_only_not_applied if policy.state is PolicyState.report_only \
         else PolicyResultKind.not_applied
     return PolicyResult(name=policy.name, display_name=compiled.display_name, result=kind,
-                        not_applied_because=resource_not_included(policy.conditions.resources, resource))
+                        not_applied_because=resource_not_included(policy.conditions.resources, resources))
