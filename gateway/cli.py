@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import sys
@@ -73,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     whatif.add_argument("--url", required=True, help="https URL on a protected host")
     whatif.add_argument("--app", help="application name from the config, or an OAuth client id")
     whatif.add_argument("--device", help="device id (looked up in the config's inventory)")
-    whatif.add_argument("--ip", default=DEFAULT_IP, help=f"client address (default {DEFAULT_IP})")
+    whatif.add_argument("--ip", default=DEFAULT_IP, type=_ip_address, help=f"client address (default {DEFAULT_IP})")
     whatif.add_argument("--client-app-type", type=ClientAppType, choices=CLIENT_APP_TYPES,
                         help="browser, mobileAppsAndDesktopClients, exchangeActiveSync or other (default: inferred)")
     whatif.add_argument("--group", action="append", default=[], help="a group of the user (repeatable)")
@@ -87,6 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("cases", type=Path, help="YAML file of cases")
     test.set_defaults(command=_test)
     return parser
+
+
+def _ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
 def _configure_logging(debug: bool) -> None:

@@ -23,13 +23,14 @@ policies (OPA-style), run by ``portcullis test`` and ``portcullis check``.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, IPvAnyAddress
 
 from gateway.config.loader import raise_if, read_yaml, validate
 from gateway.config.models import Model
@@ -56,7 +57,7 @@ class Case(Model):
     url: str
     app: str | None = None
     device: str | None = None
-    ip: str = DEFAULT_IP
+    ip: IPvAnyAddress = ipaddress.ip_address(DEFAULT_IP)
     client_app_type: ClientAppType | None = None
     groups: list[str] = []
     mfa: bool = False
@@ -64,7 +65,7 @@ class Case(Model):
     expect: Expectation
 
     def question(self) -> Question:
-        return Question(user=self.user, url=self.url, app=self.app, device=self.device, ip=self.ip,
+        return Question(user=self.user, url=self.url, app=self.app, device=self.device, ip=str(self.ip),
                         client_app_type=self.client_app_type, groups=tuple(self.groups), mfa=self.mfa,
                         platform=self.platform)
 

@@ -161,3 +161,46 @@ def test_run_without_its_certificate_file_says_which_file(config_dir: Path) -> N
     expected = config_dir.parent / "certs" / "gateway.pem"
     assert f"portcullis: {expected}: gateway.certificates: certificate file not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "message"),
+    [
+        pytest.param("policies.yaml",
+                     "      operator: AND\n      builtInControls: [compliantDevice, approvedApplication]",
+                     "      operator: OR\n      builtInControls: [compliantDevice, approvedApplication]",
+                     "maxDeviceThreatLevel cannot be one alternative of operator OR", id="OR waiving the threat level"),
+        pytest.param("portcullis.yaml", "ipRanges: [10.20.0.0/16,", "ipRanges: [10.20.0.1/16,",
+                     "'10.20.0.1/16': 10.20.0.1/16 has host bits set", id="CIDR with host bits"),
+        pytest.param("portcullis.yaml", "ipRanges: [10.20.0.0/16,", "ipRanges: [10.20.0.0,",
+                     "'10.20.0.0' needs a prefix length", id="address without prefix"),
+        pytest.param("portcullis.yaml", "paths: [/owa/auth/]", "paths: [/OWA/]",
+                     "'/OWA/' on mail.contoso.test is already a path of resource 'exchange-owa'",
+                     id="same path in two resources"),
+        pytest.param("policies.yaml", "clientAppTypes: [all]", "clientAppTypes: [Browser]",
+                     "'Browser' is not allowed; did you mean 'browser'?", id="suggestion ignores case first"),
+        pytest.param("policies.yaml", "      locations: {include: [All], exclude: [AllTrusted]}",
+                     "      locations: {include: [All], exclude: [AllTrusted]}\n      deviceFilter: {mode: include, "
+                     "rule: '" + "(" * 20 + 'device.model -eq "x"' + ")" * 20 + "'}",
+                     "parentheses nested deeper than 16", id="deeply nested device filter"),
+        pytest.param("policies.yaml", "      locations: {include: [All], exclude: [AllTrusted]}",
+                     "      locations: {include: [All], exclude: [AllTrusted]}\n      deviceFilter: {mode: include, "
+                     "rule: 'device.modell -eq \"x\"'}",
+                     "device filter rule: 'device.modell' is not a device attribute", id="unknown filter attribute"),
+    ],
+)
+def test_config_mistakes_are_errors_with_a_place(config_dir: Path, file: str, old: str, new: str,
+                                                  message: str) -> None:
+    edit(config_dir / file, old, new)
+    found = problems(config_dir)
+    assert any(message in p and p.startswith(str(config_dir / file) + ":") for p in found), found
+
+
+def test_cases_with_a_malformed_ip_are_refused(tmp_path: Path) -> None:
+    cases = tmp_path / "cases.yaml"
+    cases.write_text("cases:\n  - name: x\n    user: u\n    url: https://mail.contoso.test/owa/\n"
+                     "    ip: 10.20.1\n    expect: {result: allow}\n")
+    result = subprocess.run([PORTCULLIS, "test", "--config", str(REPO / "config"), str(cases)],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"{cases}:5:9: cases[0].ip:" in result.stderr

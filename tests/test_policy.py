@@ -329,3 +329,93 @@ def test_only_policies_that_can_target_the_resource_are_evaluated() -> None:
     assert [r.name for r in decision.policies] == ["eas"]
     assert len(decision.not_targeted) == 50
     assert decision.not_targeted[0].not_applied_because == "resource 'exchange-activesync' is not included"
+
+
+NESTED = {
+    "finance-sites": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/sites/finance/"]}'),
+    "sharepoint-api": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/_api/", "/sites/*/_api/"]}'),
+    "sites": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/sites/"]}'),
+    "sign-in": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/sites/finance/login/"], "public": true}'),
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "names", "public"),
+    [
+        ("/sites/finance/_api/web", ("finance-sites", "sharepoint-api", "sites"), False),
+        ("/sites/fin/_api/web", ("sharepoint-api", "sites"), False),
+        ("/sites/finance/q3.xlsx", ("finance-sites", "sites"), False),
+        ("/sites/finance/login/page", ("sign-in",), True),
+        ("/sites/finance/loginx", ("finance-sites", "sites"), False),
+    ],
+)
+def test_a_request_belongs_to_every_matching_resource(path: str, names: tuple[str, ...], public: bool) -> None:
+    found = PolicySet.build(NESTED, (), {}).match("h", path)
+    assert found is not None and (found.names, found.public) == (names, public)
+
+
+def test_policies_of_every_matching_resource_apply() -> None:
+    """A finance-only policy is not skipped because the path is also a (longer) API path."""
+    policies = (policy("finance-mfa", include=["finance-sites"], **MFA),
+                policy("api-compliant", include=["sharepoint-api"], builtInControls=["compliantDevice"]),
+                policy("all-but-sites", include=["All"], exclude=["sites"], builtInControls=["block"]))
+    policy_set = PolicySet.build(NESTED, policies, {})
+    found = policy_set.match("h", "/sites/finance/_api/web")
+    assert found is not None
+    request = AccessRequest(correlation_id="c", host="h", path="/sites/finance/_api/web", method="GET",
+                            client_ip="203.0.113.1", user_agent="x", accepts_html=False)
+    identity = Identity(subject="s", user_principal_name="u", object_id=None, tenant_id=None, client_id=None,
+                        device_id="d1", groups=frozenset(), audience="a", expires_at=0)
+    decision = evaluate(request=request, identity=identity, device=device("noncompliant"), app=BROWSER_SESSION,
+                        resources=found.names, policy_set=policy_set, now=NOW)
+    results = {r.name: r.result for r in decision.all_policies()}
+    assert results == {"finance-mfa": PolicyResultKind.failure, "api-compliant": PolicyResultKind.failure,
+                       "all-but-sites": PolicyResultKind.failure}
+    assert decision.failed_policy_id == "all-but-sites"  # excluding 'sites' does not exclude the API
+
+
+def test_public_carve_out_loses_a_tie_with_a_protected_resource() -> None:
+    resources = {
+        "open": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/a/b/"], "public": true}'),
+        "closed": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/a/*/"]}'),
+        "closed-too": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/a/c/"]}'),
+    }
+    policy_set = PolicySet.build(resources, (), {})
+    assert policy_set.match("h", "/a/b/x") == policy_set.match("h", "/a/b/x")
+    found = policy_set.match("h", "/a/b/x")
+    assert found is not None and found.public and found.names == ("open",)
+
+
+@pytest.mark.parametrize(
+    ("user_agent", "platform"),
+    [("Outlook-iOS-Android/1.0", None), ("Mozilla/5.0 (Linux; Android 14; Pixel 9)", "android"),
+     ("Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X)", "iOS"), ("KioskBrowser/2.0", None),
+     ("Mozilla/5.0 (Windows NT 10.0; Win64; x64)", "windows"), ("Mozilla/5.0 (X11; Linux x86_64)", "linux"),
+     ("Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5)", "macOS")],
+)
+def test_platform_from_user_agent_uses_whole_words(user_agent: str, platform: str | None) -> None:
+    from gateway.policy.conditions import device_platform
+
+    found = device_platform(None, user_agent)
+    assert (found.value if found else None) == platform
+
+
+def test_group_names_compare_case_insensitively() -> None:
+    decision = decide([policy(conditions={"users": {"includeGroups": ["AB12CD34-0000-4000-8000-0000000000AA"]}},
+                              **MFA)], groups=frozenset({"ab12cd34-0000-4000-8000-0000000000aa"}))
+    assert decision.reason == "multifactor authentication required"
+
+
+@pytest.mark.parametrize(
+    ("users", "applies"),
+    [({"excludeGroups": ["break-glass"]}, True), ({"excludeUsers": ["All"]}, False),
+     ({"includeUsers": ["All"], "excludeUsers": ["all"]}, False)],
+)
+def test_users_assignment_edges(users: dict[str, list[str]], applies: bool) -> None:
+    decision = decide([policy(conditions={"users": users}, builtInControls=["block"])])
+    assert (decision.status_code == 403) is applies
+
+
+def test_the_failure_shown_follows_entras_order_across_policies() -> None:
+    decision = decide([policy("risk", maxDeviceThreatLevel="secured"), policy("admins", **MFA)])
+    assert (decision.error_code, decision.failed_policy_id) == (50076, "admins")

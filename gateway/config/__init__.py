@@ -106,6 +106,22 @@ def _check_resources(gateway_file: PortcullisFile, data: object, name: str) -> l
             if host not in gateway_file.protected_hosts:
                 problems.append(locate(data, ("resources", resource_name, "hosts", index), name,
                                        f"{host!r} is not a protected host; known: {', '.join(hosts)}"))
+    return problems + _same_paths(gateway_file, preset_names, data, name)
+
+
+def _same_paths(gateway_file: PortcullisFile, presets: dict[str, Resource], data: object,
+                name: str) -> list[ConfigProblem]:
+    """Two resources with the same path on the same host would silently share or shadow it."""
+    owners: dict[tuple[str, str], str] = {}
+    problems = []
+    for resource_name, resource in {**presets, **gateway_file.resources}.items():
+        for index, path in enumerate(resource.paths):
+            for host in resource.hosts:
+                key = (host, path.lower().rstrip("/"))
+                owner = owners.setdefault(key, resource_name)
+                if owner != resource_name:
+                    problems.append(locate(data, ("resources", resource_name, "paths", index), name,
+                                           f"{path!r} on {host} is already a path of resource {owner!r}"))
     return problems
 
 

@@ -44,8 +44,8 @@ def _never_applies(policy: ConditionalAccessPolicy, resources: set[str]) -> str 
     users = conditions.users
     if ALL in users.exclude_users:
         return "excludeUsers has All"
-    if not users.include_groups and set(users.include_users) <= {"None"}:
-        return "it includes no users"
+    if not users.include_groups and users.include_users and {u.lower() for u in users.include_users} <= {"none"}:
+        return "it includes no users (None)"
     if conditions.platforms is not None:
         included_platforms = {p.value for p in PlatformOrAll if p is not PlatformOrAll.all} \
             if PlatformOrAll.all in conditions.platforms.include else {p.value for p in conditions.platforms.include}
@@ -64,8 +64,9 @@ def _uncovered_resources(config: Config) -> Iterator[ConfigProblem]:
     covered: set[str] = set()
     for policy in config.policies:
         if policy.state is PolicyState.enabled:
-            include = policy.conditions.resources.include
-            covered |= set(config.resources) if ALL in include else set(include)
+            include, exclude = policy.conditions.resources.include, policy.conditions.resources.exclude
+            if ALL not in exclude:
+                covered |= (set(config.resources) if ALL in include else set(include)) - set(exclude)
     for resource_name, resource in config.resources.items():
         if not resource.public and resource_name not in covered:
             own = resource_name in config.gateway_file.resources

@@ -48,7 +48,7 @@ def read_yaml(path: Path, display_name: str) -> tuple[Any, list[ConfigProblem]]:
 def validate[M: BaseModel](model: type[M], data: Any, display_name: str) -> tuple[M | None, list[ConfigProblem]]:
     """Validate parsed YAML against ``model``; every error is located in the file."""
     if not isinstance(data, dict):
-        found = "an empty file" if data is None else f"a {type(data).__name__}"
+        found = "an empty file" if data is None else "a list" if isinstance(data, list) else f"the value {data!r}"
         return None, [ConfigProblem(display_name, 1, 1, "", f"expected a mapping of keys, found {found}")]
     try:
         return model.model_validate_json(json.dumps(_plain(data)), strict=True), []
@@ -132,7 +132,8 @@ def _problem(model: type[BaseModel], data: Any, display_name: str, error: Any) -
 
 
 def _suggest(value: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(value, allowed, n=1)
+    same_but_case = [a for a in allowed if a.lower() == value.lower()]
+    close = same_but_case or difflib.get_close_matches(value, allowed, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 

@@ -200,6 +200,18 @@ class NamedLocation(Model):
     ip_ranges: Annotated[list[IPvAnyNetwork], Field(min_length=1)]
     trusted: bool = False
 
+    @field_validator("ip_ranges", mode="before")
+    @classmethod
+    def _cidr(cls, value: object) -> object:
+        for item in value if isinstance(value, list) else []:
+            if not isinstance(item, str) or "/" not in item:
+                raise ValueError(f"{item!r} needs a prefix length, like 10.20.0.0/16 (or /32 for one address)")
+            try:
+                ipaddress.ip_network(item)
+            except ValueError as error:
+                raise ValueError(f"{item!r}: {error}") from None
+        return value
+
 
 class DeviceSignalsSettings(Model):
     inventory: Path = Path("devices.yaml")
@@ -326,6 +338,9 @@ class GrantControls(Model):
             )
         if not controls and self.max_device_threat_level is None:
             raise ValueError("grantControls needs at least one control (or leave grantControls out)")
+        if self.operator is GrantOperator.OR and self.max_device_threat_level is not None:
+            raise ValueError("maxDeviceThreatLevel cannot be one alternative of operator OR (any other control would "
+                             "waive it); put it in a policy of its own: every applicable policy must hold")
         return self
 
 

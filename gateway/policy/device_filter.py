@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 ATTRIBUTES = (
     "deviceId", "displayName", "deviceOwnership", "isCompliant", "manufacturer", "model",
-    "operatingSystem", "operatingSystemVersion", "trustType", "mdmAppId", "profileType",
+    "operatingSystem", "operatingSystemVersion", "trustType",
     *(f"extensionAttribute{i}" for i in range(1, 16)),
 )
 POSITIVE = ("eq", "startsWith", "endsWith", "contains", "in")
@@ -105,9 +105,12 @@ def _tokenize(text: str) -> list[tuple[str, str]]:
     return tokens
 
 
+MAX_DEPTH = 16
+
+
 class _Parser:
     def __init__(self, tokens: list[tuple[str, str]]) -> None:
-        self.tokens, self.position = tokens, 0
+        self.tokens, self.position, self.depth = tokens, 0, 0
 
     def peek(self) -> tuple[str, str] | None:
         return self.tokens[self.position] if self.position < len(self.tokens) else None
@@ -136,9 +139,13 @@ class _Parser:
     def factor(self) -> Rule:
         token = self.peek()
         if token is not None and token[0] == "(":
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise RuleSyntaxError(f"parentheses nested deeper than {MAX_DEPTH}")
             self.position += 1
             inner = self.rule()
             self.take(")", "')'")
+            self.depth -= 1
             return inner
         attribute = self.take("attribute", "'device.<attribute>'")
         name = ATTRIBUTE_NAMES.get(attribute.split(".", 1)[1].lower())
