@@ -21,7 +21,7 @@ from mitmproxy.master import Master
 from addons.access_gate import AccessGate
 from addons.routing import Routing
 from gateway.access import AccessService
-from gateway.bootstrap import Loaded, build_service
+from gateway.bootstrap import Loaded, build_service, seed_store
 from gateway.certs import ensure_server_certificate
 from gateway.config import Config
 from gateway.demo import DemoUpstreams
@@ -99,6 +99,7 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterato
         upstreams = DemoUpstreams(config)
         await upstreams.start()
     _check_certificates(config)
+    seed_store(loaded)
     service, jwks = build_service(loaded)
     try:
         try:

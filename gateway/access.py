@@ -31,6 +31,7 @@ from gateway.policy.model import (
 )
 from gateway.policy.policy_set import PolicySet
 from gateway.signals.devices import DeviceInventory
+from gateway.signals.sqlite_store import DeviceStore
 from gateway.web import pages
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,11 @@ class AccessService:
         inventory: DeviceInventory,
         decision_log: DecisionLog,
         clock: Clock = utc_now,
+        store: DeviceStore | None = None,
     ) -> None:
         self.config = config
+        self.store = store
+        self._compliance = config.gateway_file.device_signals.compliance.settings()
         self._validator = validator
         self._inventory = inventory
         self._log = decision_log
@@ -119,9 +123,11 @@ class AccessService:
 
     async def _device_signals(self, identity: Identity) -> DeviceSignals:
         if identity.device_id is None:
-            return DeviceSignals(device_id=None, device=None, source=self._inventory.name)
+            return DeviceSignals(device_id=None, device=None, source=self._inventory.name,
+                                 compliance=self._compliance)
         device = await self._inventory.managed_device(identity.device_id)
-        return DeviceSignals(device_id=identity.device_id, device=device, source=self._inventory.name)
+        return DeviceSignals(device_id=identity.device_id, device=device, source=self._inventory.name,
+                             compliance=self._compliance)
 
     def _without_identity(self, request: AccessRequest, resource: str | None, now: datetime) -> Outcome:
         """Before any token: a public resource is forwarded, a path no resource names is denied."""

@@ -22,7 +22,7 @@ from gateway.policy.model import (
     PolicyResult,
     PolicyResultKind,
 )
-from gateway.signals.devices import is_compliant
+from gateway.signals.compliance import is_compliant
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _device_detail(device: DeviceSignals | None, now: datetime) -> dict[str, Any
         "displayName": record.display_name if record else None,
         "operatingSystem": record.operating_system if record else None,
         "isManaged": record is not None,
-        "isCompliant": is_compliant(record, now),
+        "isCompliant": is_compliant(record, now, device.compliance),
         "complianceState": record.compliance_state.value if record else None,
         "threatLevel": record.threat_level.value if record and record.threat_level else None,
         "threatSource": record.threat_source if record else None,

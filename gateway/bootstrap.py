@@ -1,4 +1,5 @@
-"""Build a ready-to-use access service from a config directory (what ``run`` and ``check`` share)."""
+"""Build the gateway's parts from a config directory (what ``run``, ``demo``, ``check``,
+``whatif`` and ``test`` share)."""
 
 from __future__ import annotations
 
@@ -12,20 +13,52 @@ from gateway.audit import DecisionLog
 from gateway.config import Config, load_config
 from gateway.identity.jwks import JwksCache
 from gateway.identity.tokens import BearerValidator
-from gateway.signals.devices import DeviceInventory, FileDeviceInventory
+from gateway.signals.cache import CachedInventory
+from gateway.signals.devices import DeviceInventory, FileDeviceInventory, OverlayInventory
+from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
 
 
 @dataclass(frozen=True, slots=True)
 class Loaded:
     config: Config
-    inventory: FileDeviceInventory
+    file_inventory: FileDeviceInventory | None
+    store: DeviceStore | None
+
+    @property
+    def inventory(self) -> DeviceInventory:
+        """What a gateway started now would see: the store with the YAML seed laid over it (the
+        seed is written at start), or whichever of the two is configured. For the rule tools."""
+        if self.store is None:
+            assert self.file_inventory is not None  # noqa: S101  (the config requires one of them)
+            return self.file_inventory
+        if self.file_inventory is None:
+            return SqliteInventory(self.store)
+        return OverlayInventory(self.file_inventory, SqliteInventory(self.store))
+
+    @property
+    def live_inventory(self) -> DeviceInventory:
+        """What a running gateway reads: the store when configured (seeded at start), else the file."""
+        return SqliteInventory(self.store) if self.store is not None else self.inventory
+
+    def device_count(self) -> int:
+        seeded = {r.azure_ad_device_id.lower() for r in self.file_inventory.records} if self.file_inventory else set()
+        stored = {str(r["azureADDeviceId"]).lower() for r in self.store.records()} if self.store else set()
+        return len(seeded | stored)
 
 
 def load(config_dir: Path) -> Loaded:
     """Validate everything a gateway reads at start; raises ConfigError listing every problem."""
     config = load_config(config_dir)
-    inventory_path = config.path(config.gateway_file.device_signals.inventory)
-    return Loaded(config, FileDeviceInventory.load(inventory_path))
+    signals = config.gateway_file.device_signals
+    file_inventory = FileDeviceInventory.load(config.path(signals.inventory)) if signals.inventory else None
+    store = DeviceStore(config.path(signals.database)) if signals.database else None
+    return Loaded(config, file_inventory, store)
+
+
+def seed_store(loaded: Loaded, now_clock: Clock = utc_now) -> None:
+    """With both a YAML inventory and a database, the YAML file seeds the store at start."""
+    if loaded.store is not None and loaded.file_inventory is not None:
+        loaded.store.replace_all(loaded.file_inventory.records, now=now_clock())
 
 
 def build_service(
@@ -38,6 +71,7 @@ def build_service(
     """``transport`` and ``inventory`` let tests put a failing issuer or signal source in place."""
     config = loaded.config
     identity = config.gateway_file.identity
+    cache = config.gateway_file.device_signals.cache
     jwks = JwksCache(
         identity.issuer,
         cache_seconds=identity.jwks_cache_seconds,
@@ -45,11 +79,14 @@ def build_service(
         timeout=identity.http_timeout_seconds,
         transport=transport,
     )
+    cached = CachedInventory(inventory or loaded.live_inventory, ttl=cache.ttl_seconds, miss_ttl=cache.miss_ttl_seconds,
+                             max_staleness=cache.max_staleness_seconds, max_entries=cache.max_entries)
     service = AccessService(
         config,
         validator=BearerValidator(identity, jwks),
-        inventory=inventory or loaded.inventory,
+        inventory=cached,
         decision_log=DecisionLog(config.path(config.gateway_file.decision_log.path)),
         clock=clock,
+        store=loaded.store,
     )
     return service, jwks

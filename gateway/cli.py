@@ -5,6 +5,7 @@
     portcullis check   --config DIR    validate; list problems, warnings, public resources; run cases.yaml
     portcullis whatif  --config DIR --user U --url URL [--app A] [--device ID] [--ip IP] ... [--json]
     portcullis test    --config DIR CASES.yaml   run policy test cases; exit 1 if any fails
+    portcullis devices --config DIR import FILE | export [--format csv] | list | show ID | set-risk ID LEVEL
 
 Exit codes: 0 ok, 1 config or start-up failure, 2 usage. Errors go to stderr as
 ``portcullis: <message>``, without a traceback unless ``--debug``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -23,11 +25,12 @@ from pathlib import Path
 
 from gateway import bootstrap
 from gateway.access import utc_now
-from gateway.config import CASES_FILE
+from gateway.config import CASES_FILE, GATEWAY_FILE
 from gateway.config.lint import config_warnings, public_resources
-from gateway.errors import ConfigError
-from gateway.policy.model import ClientAppType, DevicePlatform
+from gateway.errors import ConfigError, ConfigProblem
+from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLevel
 from gateway.policy_cases import load_cases, run_cases
+from gateway.signals.sqlite_store import DeviceStore, export, parse_import
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, as_text, policy_states
 
 CLIENT_APP_TYPES = [t for t in ClientAppType if t is not ClientAppType.all]
@@ -83,6 +86,24 @@ def _parser() -> argparse.ArgumentParser:
                         help="device platform when the device is not in the inventory")
     whatif.add_argument("--json", action="store_true", help="print the stable JSON form")
     whatif.set_defaults(command=_whatif)
+    devices = commands.add_parser("devices", help="manage the SQLite device inventory")
+    devices.add_argument("--config", type=Path, required=True, help="config directory (deviceSignals.database)")
+    actions = devices.add_subparsers(required=True, metavar="ACTION")
+    imports = actions.add_parser("import", help="import devices from CSV or JSON; all or nothing")
+    imports.add_argument("file", type=Path)
+    imports.set_defaults(command=_devices_import)
+    exports = actions.add_parser("export", help="print every device as JSON or CSV")
+    exports.add_argument("--format", choices=["json", "csv"], default="json")
+    exports.set_defaults(command=_devices_export)
+    actions.add_parser("list", help="one line per device").set_defaults(command=_devices_list)
+    show = actions.add_parser("show", help="one device, as policy sees it")
+    show.add_argument("device_id")
+    show.set_defaults(command=_devices_show)
+    set_risk = actions.add_parser("set-risk", help="record an MTD verdict for a device")
+    set_risk.add_argument("device_id")
+    set_risk.add_argument("level", type=DeviceThreatLevel, choices=list(DeviceThreatLevel))
+    set_risk.add_argument("--vendor", default="manual", help="the MTD vendor this verdict is from (default manual)")
+    set_risk.set_defaults(command=_devices_set_risk)
     test = commands.add_parser("test", help="run policy test cases against a config")
     test.add_argument("--config", type=Path, required=True, help="config directory")
     test.add_argument("cases", type=Path, help="YAML file of cases")
@@ -110,7 +131,7 @@ def _check(args: argparse.Namespace) -> int:
     config = loaded.config
     print(f"{args.config}: OK: {len(config.gateway_file.protected_hosts)} protected hosts, "
           f"{len(config.resources)} resources, {len(config.policies)} policies, "
-          f"{len(loaded.inventory)} devices in the inventory")
+          f"{loaded.device_count()} devices in the inventory")
     public = public_resources(config)
     print(f"public resources (reachable without a token): {len(public)}")
     for line in public:
@@ -139,6 +160,54 @@ def _whatif(args: argparse.Namespace) -> int:
         print(json.dumps(as_json(question, decision, states), indent=2))
     else:
         print(as_text(question, decision, states))
+    return 0
+
+
+def _store(args: argparse.Namespace) -> DeviceStore:
+    loaded = bootstrap.load(args.config)
+    if loaded.store is None:
+        raise ConfigError([ConfigProblem(str(args.config / GATEWAY_FILE), None, None, "deviceSignals.database",
+                                         "not set: these commands manage the SQLite inventory")])
+    return loaded.store
+
+
+def _devices_import(args: argparse.Namespace) -> int:
+    records = parse_import(args.file)
+    count = _store(args).replace_all(records, now=utc_now())
+    print(f"imported {count} devices from {args.file}")
+    return 0
+
+
+def _devices_export(args: argparse.Namespace) -> int:
+    print(export(_store(args), args.format), end="")
+    return 0
+
+
+def _devices_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    for record in store.records():
+        device = store.managed_device(str(record["azureADDeviceId"]))
+        assert device is not None  # noqa: S101  (just listed)
+        threat = f"{device.threat_level.value} ({device.threat_source})" if device.threat_level else "-"
+        print(f"{device.device_id}  {device.compliance_state.value:<13} threat {threat:<20} "
+              f"{device.operating_system or '-':<8} {device.user_principal_name or '-'}  {device.display_name or ''}")
+    return 0
+
+
+def _devices_show(args: argparse.Namespace) -> int:
+    device = _store(args).managed_device(args.device_id)
+    if device is None:
+        print(f"portcullis: no device {args.device_id!r} in the inventory", file=sys.stderr)
+        return 1
+    print(json.dumps(dataclasses.asdict(device), indent=2, default=str))
+    return 0
+
+
+def _devices_set_risk(args: argparse.Namespace) -> int:
+    if not _store(args).set_threat_level(args.device_id, args.vendor, args.level, now=utc_now()):
+        print(f"portcullis: no device {args.device_id!r} in the inventory", file=sys.stderr)
+        return 1
+    print(f"{args.device_id}: threat level {args.level.value} from {args.vendor}")
     return 0
 
 

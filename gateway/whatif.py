@@ -79,7 +79,8 @@ class WhatIf:
         app = self._app(question.app)
         record = await self.inventory.managed_device(question.device) if question.device else None
         device = DeviceSignals(device_id=question.device.lower() if question.device else None, device=record,
-                               source=self.inventory.name)
+                               source=self.inventory.name,
+                               compliance=self.config.gateway_file.device_signals.compliance.settings())
         user_agent = USER_AGENTS.get(question.client_app_type or ClientAppType.other, "What-If/1.0")
         if question.platform is not None:
             user_agent += f" ({question.platform.value})"

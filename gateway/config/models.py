@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +25,7 @@ from gateway.policy.device_filter import Rule, RuleSyntaxError, parse_rule
 from gateway.policy.model import (
     BuiltInControl,
     ClientAppType,
+    ComplianceSettings,
     DevicePlatform,
     DeviceThreatLevel,
     PersistentBrowser,
@@ -213,8 +215,49 @@ class NamedLocation(Model):
         return value
 
 
+class DeviceCacheSettings(Model):
+    """Lookups are cached per device; a failing source is answered from cache up to
+    ``maxStalenessSeconds``, then requests are blocked."""
+
+    ttl_seconds: Annotated[float, Field(gt=0, le=3600)] = 60
+    miss_ttl_seconds: Annotated[float, Field(gt=0, le=600)] = 5
+    max_staleness_seconds: Annotated[float, Field(ge=0, le=86400)] = 300
+    max_entries: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+
+
+class NoPolicyDevices(StrEnum):
+    compliant = "compliant"
+    not_compliant = "notCompliant"
+
+
+class ComplianceTenantSettings(Model):
+    """Intune's tenant settings: how devices with no compliance policy count, and the compliance
+    status validity period (a device that has not synced within it is noncompliant)."""
+
+    devices_without_compliance_policy: NoPolicyDevices = NoPolicyDevices.not_compliant
+    validity_days: Annotated[int, Field(ge=1, le=120)] | None = 30
+
+    def settings(self) -> ComplianceSettings:
+        return ComplianceSettings(
+            devices_without_policy_compliant=self.devices_without_compliance_policy is NoPolicyDevices.compliant,
+            validity=timedelta(days=self.validity_days) if self.validity_days else None,
+        )
+
+
 class DeviceSignalsSettings(Model):
-    inventory: Path = Path("devices.yaml")
+    """``inventory``: a YAML file read at start. ``database``: the SQLite store (``portcullis
+    devices ...``). With both, the YAML file seeds the store each time the gateway starts."""
+
+    inventory: Path | None = None
+    database: Path | None = None
+    cache: DeviceCacheSettings = DeviceCacheSettings()
+    compliance: ComplianceTenantSettings = ComplianceTenantSettings()
+
+    @model_validator(mode="after")
+    def _a_source(self) -> DeviceSignalsSettings:
+        if self.inventory is None and self.database is None:
+            raise ValueError("give 'inventory' (a YAML file), 'database' (SQLite), or both")
+        return self
 
 
 class DecisionLogSettings(Model):
@@ -231,7 +274,7 @@ class PortcullisFile(Model):
     resources: dict[str, Resource] = {}
     named_locations: dict[str, NamedLocation] = {}
     applications: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
-    device_signals: DeviceSignalsSettings = DeviceSignalsSettings()
+    device_signals: DeviceSignalsSettings
     decision_log: DecisionLogSettings = DecisionLogSettings()
 
     @field_validator("protected_hosts")

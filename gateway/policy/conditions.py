@@ -26,7 +26,7 @@ from gateway.policy.model import (
     Identity,
     ManagedDevice,
 )
-from gateway.signals.devices import is_compliant
+from gateway.signals.compliance import is_compliant
 
 if TYPE_CHECKING:
     from gateway.policy.policy_set import CompiledUsers
@@ -213,7 +213,7 @@ def device_filter_attributes(device: DeviceSignals, now: datetime) -> DeviceAttr
         return None
     return {
         "deviceId": record.device_id, "displayName": record.display_name,
-        "deviceOwnership": record.device_ownership, "isCompliant": is_compliant(record, now),
+        "deviceOwnership": record.device_ownership, "isCompliant": is_compliant(record, now, device.compliance),
         "manufacturer": record.manufacturer, "model": record.model,
         "operatingSystem": record.operating_system, "operatingSystemVersion": record.operating_system_version,
         "trustType": record.trust_type, **dict(record.extension_attributes),

@@ -8,14 +8,13 @@ from gateway.config.models import GrantControls, GrantOperator
 from gateway.policy.model import (
     BuiltInControl,
     ClientApp,
-    ComplianceState,
     ControlFailure,
     DeviceSignals,
     DeviceThreatLevel,
     ErrorCode,
     Identity,
 )
-from gateway.signals.devices import is_compliant
+from gateway.signals.compliance import noncompliance_reason
 
 MAX_DEVICE_THREAT_LEVEL = "maxDeviceThreatLevel"
 MFA_METHODS = frozenset({"mfa", "ngcmfa"})
@@ -30,16 +29,11 @@ def mfa(identity: Identity) -> ControlFailure | None:
 
 
 def compliant_device(device: DeviceSignals, now: datetime) -> ControlFailure | None:
-    if is_compliant(device.device, now):
+    reason = noncompliance_reason(device.device, now, device.compliance)
+    if reason is None:
         return None
     if device.device_id is None:
         reason = "device not identified (the token has no deviceid claim)"
-    elif device.device is None:
-        reason = "device not registered (unknown to the device inventory)"
-    elif device.device.compliance_state is ComplianceState.in_grace_period:
-        reason = "device not compliant (grace period ended)"
-    else:
-        reason = f"device not compliant (complianceState: {device.device.compliance_state})"
     return ControlFailure(control=BuiltInControl.compliant_device, error_code=ErrorCode.device_not_compliant,
                           reason=reason)
 

@@ -4,7 +4,7 @@ explanation. Frozen dataclasses and StrEnums whose values are Entra's strings.""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import IntEnum, StrEnum
 
 
@@ -141,12 +141,29 @@ class ManagedDevice:
     compliance_grace_period_expiration: datetime | None
     threat_level: DeviceThreatLevel | None
     threat_source: str | None
+    eas_device_id: str | None = None  # the ActiveSync DeviceId registered for this device
+    management_agent: str | None = None
+    jail_broken: bool | None = None
+    last_sync: datetime | None = None
+    threat_reported_at: datetime | None = None
     device_ownership: str | None = None  # "Company" | "Personal"
     manufacturer: str | None = None
     model: str | None = None
     operating_system_version: str | None = None
     trust_type: str | None = None
     extension_attributes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ComplianceSettings:
+    """Intune's tenant-wide compliance settings. ``unknown`` is how a device with no compliance
+    policy assigned reports; Intune's default ("secure by default") marks it not compliant."""
+
+    devices_without_policy_compliant: bool = False
+    validity: timedelta | None = timedelta(days=30)  # a device not synced within it is noncompliant
+
+
+DEFAULT_COMPLIANCE = ComplianceSettings()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,6 +174,7 @@ class DeviceSignals:
     device_id: str | None
     device: ManagedDevice | None
     source: str
+    compliance: ComplianceSettings = DEFAULT_COMPLIANCE
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,7 +6,6 @@ without touching policy code. The embedded default reads a YAML file under ``con
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Protocol
@@ -40,6 +39,7 @@ class DeviceRecord(Model):
     """One entry of the inventory file, in Intune's field names."""
 
     azure_ad_device_id: Annotated[str, Field(min_length=1, alias="azureADDeviceId")]
+    eas_device_id: str | None = None
     device_name: str | None = None
     user_principal_name: str | None = None
     operating_system: str | None = None
@@ -47,6 +47,10 @@ class DeviceRecord(Model):
     compliance_grace_period_expiration_date_time: AwareDatetime | None = None
     threat_level: DeviceThreatLevel | None = None
     threat_source: str | None = None
+    threat_reported_date_time: AwareDatetime | None = None
+    management_agent: str | None = None
+    jail_broken: bool | None = None
+    last_sync_date_time: AwareDatetime | None = None
     managed_device_owner_type: OwnerType | None = None
     manufacturer: str | None = None
     model: str | None = None
@@ -73,6 +77,11 @@ class DeviceRecord(Model):
             compliance_grace_period_expiration=self.compliance_grace_period_expiration_date_time,
             threat_level=self.threat_level,
             threat_source=self.threat_source,
+            eas_device_id=self.eas_device_id,
+            management_agent=self.management_agent,
+            jail_broken=self.jail_broken,
+            last_sync=self.last_sync_date_time,
+            threat_reported_at=self.threat_reported_date_time,
             device_ownership=(self.managed_device_owner_type.value.capitalize()
                               if self.managed_device_owner_type else None),
             manufacturer=self.manufacturer,
@@ -94,8 +103,9 @@ class FileDeviceInventory:
 
     name = "file"
 
-    def __init__(self, devices: dict[str, ManagedDevice]) -> None:
+    def __init__(self, devices: dict[str, ManagedDevice], records: tuple[DeviceRecord, ...] = ()) -> None:
         self._devices = devices
+        self.records = records
 
     @classmethod
     def load(cls, path: Path, display_name: str | None = None) -> FileDeviceInventory:
@@ -108,13 +118,25 @@ class FileDeviceInventory:
             problems += _duplicates(inventory, data, shown)
         raise_if(problems)
         assert inventory is not None  # noqa: S101  (no problems)
-        return cls({d.azure_ad_device_id.lower(): d.to_managed_device() for d in inventory.devices})
+        return cls({d.azure_ad_device_id.lower(): d.to_managed_device() for d in inventory.devices},
+                   tuple(inventory.devices))
 
     async def managed_device(self, device_id: str) -> ManagedDevice | None:
         return self._devices.get(device_id.lower())
 
     def __len__(self) -> int:
         return len(self._devices)
+
+
+class OverlayInventory:
+    """One inventory laid over another: the top one answers for the devices it knows."""
+
+    def __init__(self, top: DeviceInventory, bottom: DeviceInventory) -> None:
+        self.top, self.bottom = top, bottom
+        self.name = f"{top.name}+{bottom.name}"
+
+    async def managed_device(self, device_id: str) -> ManagedDevice | None:
+        return await self.top.managed_device(device_id) or await self.bottom.managed_device(device_id)
 
 
 def _duplicates(inventory: InventoryFile, data: object, shown: str) -> list[ConfigProblem]:
@@ -127,16 +149,3 @@ def _duplicates(inventory: InventoryFile, data: object, shown: str) -> list[Conf
                                    f"device {record.azure_ad_device_id!r} is listed twice"))
         seen.add(key)
     return problems
-
-
-def is_compliant(device: ManagedDevice | None, now: datetime) -> bool:
-    """Intune: ``inGracePeriod`` keeps access until the grace period ends; an unknown device is
-    not compliant."""
-    if device is None:
-        return False
-    if device.compliance_state is ComplianceState.compliant:
-        return True
-    if device.compliance_state is ComplianceState.in_grace_period:
-        end = device.compliance_grace_period_expiration
-        return end is not None and now < end
-    return False

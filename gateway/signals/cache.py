@@ -1,0 +1,92 @@
+"""A bounded cache in front of a device source.
+
+- Hits are served for ``ttl`` seconds; misses (unknown devices) for ``miss_ttl``. Both caches are
+  bounded, so a flood of random device ids cannot grow memory.
+- Concurrent lookups of one device share one call to the source.
+- When the source fails, the last good answer is served while it is younger than
+  ``max_staleness`` (logged as degraded); after that ``SignalUnavailable`` propagates and the
+  request is blocked.
+- ``invalidate`` drops devices at once: a risk raise or compliance loss is seen by the very next
+  request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from cachetools import LRUCache, TTLCache
+
+from gateway.errors import SignalUnavailable
+from gateway.policy.model import ManagedDevice
+from gateway.signals.devices import DeviceInventory
+
+logger = logging.getLogger(__name__)
+
+MISSING = object()
+
+
+class CachedInventory:
+    def __init__(self, source: DeviceInventory, *, ttl: float, miss_ttl: float, max_staleness: float,
+                 max_entries: int, timer: Callable[[], float] = time.monotonic) -> None:
+        self.source = source
+        self.name = source.name
+        self._timer = timer
+        self._max_staleness = max_staleness
+        self._fresh: TTLCache[str, ManagedDevice] = TTLCache(maxsize=max_entries, ttl=ttl, timer=timer)
+        self._misses: TTLCache[str, bool] = TTLCache(maxsize=max(1024, max_entries // 10), ttl=miss_ttl, timer=timer)
+        self._last_good: LRUCache[str, tuple[ManagedDevice | None, float]] = LRUCache(maxsize=max_entries)
+        self._in_flight: dict[str, asyncio.Future[ManagedDevice | None]] = {}
+        self.source_calls = 0
+
+    async def managed_device(self, device_id: str) -> ManagedDevice | None:
+        key = device_id.lower()
+        hit = self._fresh.get(key, MISSING)
+        if hit is not MISSING:
+            return hit  # type: ignore[return-value]
+        if key in self._misses:
+            return None
+        pending = self._in_flight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[ManagedDevice | None] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            value = await self._fetch(key)
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved: waiters re-raise it, nobody else must log it
+            raise
+        else:
+            future.set_result(value)
+            return value
+        finally:
+            del self._in_flight[key]
+
+    def invalidate(self, device_ids: Iterable[str]) -> None:
+        for key in device_ids:
+            key = key.lower()
+            self._fresh.pop(key, None)
+            self._misses.pop(key, None)
+            self._last_good.pop(key, None)
+
+    async def _fetch(self, key: str) -> ManagedDevice | None:
+        self.source_calls += 1
+        try:
+            value = await self.source.managed_device(key)
+        except SignalUnavailable as error:
+            last = self._last_good.get(key)
+            age = self._timer() - last[1] if last else None
+            if last is not None and age is not None and age <= self._max_staleness:
+                logger.warning("device source %s unavailable (%s); answering %s from a %.0f s old copy",
+                               self.name, error, key, age)
+                return last[0]
+            raise
+        if value is None:
+            self._misses[key] = True
+        else:
+            self._fresh[key] = value
+        self._last_good[key] = (value, self._timer())
+        return value
