@@ -18,7 +18,7 @@ from gateway.config import Config
 from gateway.errors import SignalUnavailable
 from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
 from gateway.paths import canonical_path
-from gateway.policy.conditions import client_app_type
+from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, path_has_prefix
 from gateway.policy.evaluate import NO_RESOURCE_REASON, evaluate
 from gateway.policy.model import (
     AccessRequest,
@@ -30,6 +30,7 @@ from gateway.policy.model import (
     Identity,
 )
 from gateway.policy.policy_set import PolicySet
+from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
 from gateway.signals.devices import DeviceInventory
 from gateway.signals.sqlite_store import DeviceStore
 from gateway.web import pages
@@ -94,7 +95,7 @@ class AccessService:
         path = canonical_path(request.path)
         if path is None:
             return self.refuse(request, 400, "ambiguous request path")
-        request = replace(request, path=path)
+        request = replace(request, path=path, target=request.path)
         found = self.policy_set.match(request.host, path)
         if found is None or found.public:
             return self._without_identity(request, found.primary if found else None, now)
@@ -110,6 +111,9 @@ class AccessService:
         except SignalUnavailable as error:
             logger.error("[%s] signal unavailable, blocking: %s", request.correlation_id, error)
             return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
+        mismatch = _device_binding_problem(request, found.names, device)
+        if mismatch is not None:
+            return self._device_mismatch(request, identity, device, mismatch, now)
         app = ClientApp(client_id=identity.client_id, name=self._app_names.get(identity.client_id or ""))
         decision = evaluate(request=request, identity=identity, device=device, app=app, resources=found.names,
                             policy_set=self.policy_set, now=now)
@@ -128,6 +132,17 @@ class AccessService:
         device = await self._inventory.managed_device(identity.device_id)
         return DeviceSignals(device_id=identity.device_id, device=device, source=self._inventory.name,
                              compliance=self._compliance)
+
+    def _device_mismatch(self, request: AccessRequest, identity: Identity, device: DeviceSignals, reason: str,
+                         now: datetime) -> Outcome:
+        decision = Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
+                            reason=reason, resource=None, client_app_type=client_app_type(request, identity))
+        app = ClientApp(client_id=identity.client_id, name=self._app_names.get(identity.client_id or ""))
+        self._log.write(sign_in_record(request=request, decision=decision, now=now, identity=identity,
+                                       device=device, app=app))
+        response = pages.blocked(decision=decision, request=request, app=app, device=device,
+                                 remediation_url=self.config.gateway_file.gateway.remediation_url, now=now)
+        return Outcome(decision, response)
 
     def _without_identity(self, request: AccessRequest, resource: str | None, now: datetime) -> Outcome:
         """Before any token: a public resource is forwarded, a path no resource names is denied."""
@@ -165,6 +180,22 @@ class AccessService:
                             client_app_type=client_app_type(request, None))
         self._log.write(sign_in_record(request=request, decision=decision, now=self._clock()))
         return Outcome(decision, pages.refused(status, reason, request.correlation_id))
+
+
+def _device_binding_problem(request: AccessRequest, resources: tuple[str, ...], device: DeviceSignals) -> str | None:
+    """ActiveSync names its device in the URL: it must be the one registered for the token's device."""
+    if not path_has_prefix(request.path, ACTIVESYNC_PATH):
+        return None
+    try:
+        named = activesync_device_ids(request.target or "")
+    except MalformedActiveSyncQuery as error:
+        return f"ActiveSync query unreadable: {error}"
+    if not named:
+        return None
+    registered = (device.device.eas_device_id or "").lower() if device.device else ""
+    if named != {registered}:
+        return "ActiveSync DeviceId is not the device the token was issued to"
+    return None
 
 
 def _upstream_headers(request: AccessRequest, identity: Identity, app: ClientApp) -> tuple[tuple[str, str], ...]:

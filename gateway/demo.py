@@ -51,7 +51,16 @@ class Scenario:
     headers: tuple[tuple[str, str], ...] = field(default=(("User-Agent", ACTIVESYNC_UA),))
 
 
-ACTIVESYNC = "/Microsoft-Server-ActiveSync?Cmd=Sync&User=alex&DeviceId=ALEXIPHONE&DeviceType=iPhone"
+EAS_IDS = {ALEX_IPHONE: "ApplF17XK2ALEX1", BLAKE_ANDROID: "androidc0ffee42b1", CASEY_IPAD: "ApplDMPCASEY01",
+           DREW_IPHONE: "ApplF17DREW001"}
+
+
+def activesync(device_id: str, user: str = "alex") -> str:
+    """An ActiveSync Sync command as the device's mail app sends it (DeviceId bound to the device)."""
+    return f"/Microsoft-Server-ActiveSync?Cmd=Sync&User={user}&DeviceId={EAS_IDS[device_id]}&DeviceType=iPhone"
+
+
+ACTIVESYNC = activesync(ALEX_IPHONE)
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(title="Outlook (by its client id) on a compliant, low-risk device reaches ActiveSync",
@@ -61,14 +70,18 @@ SCENARIOS: tuple[Scenario, ...] = (
              host="mail.contoso.test", path=ACTIVESYNC, method="POST", client_id=TEAMS,
              expect_status=403, expect_text="app not approved"),
     Scenario(title="Outlook on a noncompliant device is refused",
-             host="mail.contoso.test", path=ACTIVESYNC, method="POST", user="blake@contoso.test",
+             host="mail.contoso.test", path=activesync(BLAKE_ANDROID, "blake"), method="POST",
+             user="blake@contoso.test",
              device_id=BLAKE_ANDROID, expect_status=403, expect_text="device not compliant"),
     Scenario(title="Outlook on a device in its compliance grace period gets through",
-             host="mail.contoso.test", path=ACTIVESYNC, method="POST", user="casey@contoso.test",
+             host="mail.contoso.test", path=activesync(CASEY_IPAD, "casey"), method="POST", user="casey@contoso.test",
              device_id=CASEY_IPAD, expect_status=200, expect_text='"backend":"exchange"'),
     Scenario(title="Outlook on a device whose MTD threat level is high is refused",
-             host="mail.contoso.test", path=ACTIVESYNC, method="POST", user="drew@contoso.test",
+             host="mail.contoso.test", path=activesync(DREW_IPHONE, "drew"), method="POST", user="drew@contoso.test",
              device_id=DREW_IPHONE, expect_status=403, expect_text="device risk high, allowed: low"),
+    Scenario(title="Alex's token replayed from another phone (another ActiveSync DeviceId) is refused",
+             host="mail.contoso.test", path=activesync(DREW_IPHONE), method="POST", expect_status=403,
+             expect_text="ActiveSync DeviceId is not the device the token was issued to"),
     Scenario(title="No token: 401 with a Bearer challenge",
              host="mail.contoso.test", path=ACTIVESYNC, method="POST", credential="none",
              expect_status=401, expect_text='error="invalid_token"'),

@@ -110,6 +110,7 @@ class AccessRequest:
     user_agent: str
     accepts_html: bool
     declared_client_app_type: ClientAppType | None = None  # What If only; never set from a request
+    target: str | None = None  # the original request target (path and query), once the path is canonical
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
