@@ -7,7 +7,15 @@ from mitmproxy import http
 
 from addons.flows import access_request
 from addons.routing import HOST_KEY
-from addons.safety import ALLOWED_KEY, CORRELATION_KEY, fail_closed, respond
+from addons.safety import (
+    ALLOWED_KEY,
+    AUTHORIZATION_KEY,
+    CORRELATION_KEY,
+    DEVICE_KEY,
+    REQUEST_KEY,
+    fail_closed,
+    respond,
+)
 from gateway.access import AccessService, Outcome
 from gateway.headers import CORRELATION_ID, headers_to_strip
 
@@ -23,11 +31,15 @@ class AccessGate:
         if flow.response or flow.error or not flow.live:
             return
         request = access_request(flow, flow.metadata[CORRELATION_KEY], flow.metadata[HOST_KEY])
+        authorization = flow.request.headers.get_all("authorization")
         if "trailer" in flow.request.headers:
             outcome = self.service.refuse(request, 400, "request trailers are not accepted")
         else:
-            outcome = await self.service.authorize(request, flow.request.headers.get_all("authorization"))
+            outcome = await self.service.authorize(request, authorization)
         _apply(flow, outcome)
+        if outcome.forward and outcome.device_id:
+            flow.metadata.update({DEVICE_KEY: outcome.device_id, REQUEST_KEY: request,
+                                  AUTHORIZATION_KEY: authorization})
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:

@@ -19,6 +19,7 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfi
 from mitmproxy.master import Master
 
 from addons.access_gate import AccessGate
+from addons.continuous_access import ContinuousAccess
 from addons.routing import Routing
 from gateway.access import AccessService
 from gateway.bootstrap import Loaded, build_service, seed_store
@@ -62,6 +63,7 @@ def build_master(service: AccessService) -> tuple[Master, Ready]:
         errorcheck.ErrorCheck(),
         Routing(service),
         AccessGate(service),
+        ContinuousAccess(service),
         ready,
     )
     state_dir = config.path(settings.state_dir)
@@ -113,9 +115,11 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterato
         if not ready.event.is_set():
             waiter.cancel()
             raise RuntimeError("the gateway listener did not start; see the log above")
+        watcher = asyncio.create_task(service.watch_changes())
         try:
             yield RunningGateway(service, ready.addresses, upstreams)
         finally:
+            watcher.cancel()
             master.shutdown()
             await task
     finally:

@@ -15,6 +15,9 @@ logger = logging.getLogger(__name__)
 
 CORRELATION_KEY = "portcullis.correlation_id"
 ALLOWED_KEY = "portcullis.allowed"
+DEVICE_KEY = "portcullis.device_id"
+REQUEST_KEY = "portcullis.request"
+AUTHORIZATION_KEY = "portcullis.authorization"  # kept in memory for re-evaluation, never logged
 
 type Hook[A] = Callable[[A, http.HTTPFlow], Awaitable[None]]
 

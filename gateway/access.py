@@ -6,7 +6,9 @@ decision log. A signal source that cannot answer makes the outcome a 503, never 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,7 +33,7 @@ from gateway.policy.model import (
 )
 from gateway.policy.policy_set import PolicySet
 from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
-from gateway.signals.devices import DeviceInventory
+from gateway.signals.cache import CachedInventory
 from gateway.signals.sqlite_store import DeviceStore
 from gateway.web import pages
 
@@ -50,11 +52,13 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """Either forward (``response`` is None) with ``upstream_headers`` set, or answer ``response``."""
+    """Either forward (``response`` is None) with ``upstream_headers`` set, or answer ``response``.
+    ``device_id`` names the device an allowed request depends on, for continuous evaluation."""
 
     decision: Decision
     response: pages.GatewayResponse | None
     upstream_headers: tuple[tuple[str, str], ...] = ()
+    device_id: str | None = None
 
     @property
     def forward(self) -> bool:
@@ -67,13 +71,16 @@ class AccessService:
         config: Config,
         *,
         validator: BearerValidator,
-        inventory: DeviceInventory,
+        inventory: CachedInventory,
         decision_log: DecisionLog,
         clock: Clock = utc_now,
         store: DeviceStore | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        self._listeners: list[Callable[[set[str]], None]] = []
+        self._seen_change = store.last_change() if store is not None else 0
+        self._data_version = store.data_version() if store is not None else 0
         self._compliance = config.gateway_file.device_signals.compliance.settings()
         self._validator = validator
         self._inventory = inventory
@@ -84,6 +91,37 @@ class AccessService:
 
     def close(self) -> None:
         self._log.close()
+
+    def subscribe(self, listener: Callable[[set[str]], None]) -> None:
+        """``listener(device_ids)`` is called whenever those devices' signals change."""
+        self._listeners.append(listener)
+
+    def devices_changed(self, device_ids: set[str]) -> None:
+        """Continuous access evaluation: forget cached signals, tell listeners (open flows)."""
+        device_ids = {d.lower() for d in device_ids}
+        self._inventory.invalidate(device_ids)
+        for listener in self._listeners:
+            listener(device_ids)
+
+    def pick_up_changes(self) -> None:
+        """Changes other processes committed (``portcullis devices set-risk``, another worker):
+        the data version check is cheap, so it runs before every device lookup."""
+        if self.store is None or self.store.data_version() == self._data_version:
+            return
+        self._data_version = self.store.data_version()
+        self._seen_change, changed = self.store.changes_since(self._seen_change)
+        if changed:
+            self.devices_changed(changed)
+
+    async def watch_changes(self, interval: float = 0.25) -> None:
+        """Long-lived connections of a device that lost access must close within a second,
+        even when no new request arrives: poll for changes."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.pick_up_changes()
+            except sqlite3.Error as error:
+                logger.warning("cannot read device changes: %s", error)
 
     def upstream_for(self, host: str) -> str | None:
         """The upstream URL of a protected host, or None if the gateway does not serve it."""
@@ -120,12 +158,16 @@ class AccessService:
         self._log.write(sign_in_record(request=request, decision=decision, now=now,
                                        identity=identity, device=device, app=app))
         if decision.allowed:
-            return Outcome(decision, None, _upstream_headers(request, identity, app))
+            return Outcome(decision, None, _upstream_headers(request, identity, app), identity.device_id)
         response = pages.blocked(decision=decision, request=request, app=app, device=device,
                                  remediation_url=self.config.gateway_file.gateway.remediation_url, now=now)
         return Outcome(decision, response)
 
     async def _device_signals(self, identity: Identity) -> DeviceSignals:
+        try:
+            self.pick_up_changes()
+        except sqlite3.Error as error:
+            raise SignalUnavailable(f"device inventory: {error}") from error
         if identity.device_id is None:
             return DeviceSignals(device_id=None, device=None, source=self._inventory.name,
                                  compliance=self._compliance)

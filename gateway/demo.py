@@ -202,7 +202,7 @@ def _server(app: object, url: str) -> uvicorn.Server:
     if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost"):
         raise ValueError(f"the demo serves {url} itself, so it must be http on 127.0.0.1")
     config = uvicorn.Config(app, host=parts.hostname, port=parts.port or 80, log_level="warning",
-                            lifespan="off", access_log=False)
+                            lifespan="off", access_log=False, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  (the CLI owns signals)
     return server

@@ -112,6 +112,11 @@ class DeviceStore:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
 
+    def data_version(self) -> int:
+        """Changes when another connection (the CLI, another worker) commits: cheap to ask often."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
     def last_change(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])

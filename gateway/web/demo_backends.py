@@ -4,6 +4,8 @@ can see exactly which headers the gateway forwarded."""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -13,8 +15,13 @@ ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 NOT_ECHOED = {"authorization", "cookie"}
 
 
+MAX_PING_SECONDS = 60
+
+
 async def _echo(request: Request) -> JSONResponse:
     backend = request.app.state.backend
+    if request.query_params.get("Cmd") == "Ping":  # ActiveSync long-poll: answer when the heartbeat ends
+        await asyncio.sleep(min(float(request.query_params.get("HeartbeatInterval", "30")), MAX_PING_SECONDS))
     received = {k: v for k, v in request.headers.items() if k not in NOT_ECHOED}
     return JSONResponse({
         "backend": backend, "method": request.method, "path": request.url.path,

@@ -1,0 +1,76 @@
+"""ContinuousAccess: when a device's signals change (MTD webhook, inventory sync, CLI), every open
+flow of that device is decided again, and its connection closed if it is no longer allowed: an
+ActiveSync Ping long-poll or a streamed download does not outlive a risk raise.
+
+mitmproxy cannot kill a flow in transit (``Flow.kill`` only marks it), so the client connection
+is closed through the proxyserver's connection handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mitmproxy import ctx, http
+
+from addons.safety import ALLOWED_KEY, AUTHORIZATION_KEY, CORRELATION_KEY, DEVICE_KEY, REQUEST_KEY, fail_closed
+from gateway.access import AccessService
+
+logger = logging.getLogger(__name__)
+
+
+class ContinuousAccess:
+    def __init__(self, service: AccessService) -> None:
+        self.service = service
+        self.open_flows: dict[str, set[http.HTTPFlow]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        service.subscribe(self.devices_changed)
+
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        device_id = flow.metadata.get(DEVICE_KEY)
+        if flow.metadata.get(ALLOWED_KEY) is True and device_id:
+            self.open_flows.setdefault(device_id, set()).add(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._forget(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._forget(flow)
+
+    def devices_changed(self, device_ids: set[str]) -> None:
+        for device_id in device_ids:
+            for flow in list(self.open_flows.get(device_id, ())):
+                task = asyncio.get_running_loop().create_task(self._decide_again(flow))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _decide_again(self, flow: http.HTTPFlow) -> None:
+        try:
+            outcome = await self.service.authorize(flow.metadata[REQUEST_KEY], flow.metadata[AUTHORIZATION_KEY])
+            allowed = outcome.forward
+        except Exception:  # noqa: BLE001  (an edge: a failed re-decision closes the flow)
+            logger.exception("[%s] re-evaluation failed; closing", flow.metadata.get(CORRELATION_KEY))
+            allowed = False
+        if not allowed:
+            logger.info("[%s] device signals changed: access withdrawn, closing the connection",
+                        flow.metadata.get(CORRELATION_KEY))
+            close_client(flow)
+            self._forget(flow)
+
+    def _forget(self, flow: http.HTTPFlow) -> None:
+        device_id = flow.metadata.get(DEVICE_KEY)
+        flows = self.open_flows.get(device_id) if device_id else None
+        if flows is not None:
+            flows.discard(flow)
+            if not flows:
+                del self.open_flows[device_id]
+
+
+def close_client(flow: http.HTTPFlow) -> None:
+    if flow.killable:
+        flow.kill()
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+    if handler is not None:
+        handler.close_connection(flow.client_conn)
