@@ -16,6 +16,7 @@ from addons.safety import (
     fail_closed,
     respond,
 )
+from addons.service_endpoints import SERVICE_KEY
 from gateway.access import AccessService, Outcome
 from gateway.headers import CORRELATION_ID, headers_to_strip
 
@@ -28,7 +29,7 @@ class AccessGate:
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live:
+        if flow.response or flow.error or not flow.live or flow.metadata.get(SERVICE_KEY):
             return
         request = access_request(flow, flow.metadata[CORRELATION_KEY], flow.metadata[HOST_KEY])
         authorization = flow.request.headers.get_all("authorization")
@@ -45,7 +46,7 @@ class AccessGate:
     async def request(self, flow: http.HTTPFlow) -> None:
         """Second line: a flow that reaches here undecided never goes upstream. Trailers (HTTP/2;
         declared ones are refused earlier) would carry headers past the stripping done above."""
-        if flow.response or flow.error or not flow.live:
+        if flow.response or flow.error or not flow.live or flow.metadata.get(SERVICE_KEY):
             return
         if flow.metadata.get(ALLOWED_KEY) is not True:
             respond(flow, 403, b'{"error": "access_denied"}', JSON)

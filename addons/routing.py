@@ -13,7 +13,9 @@ from mitmproxy import http
 
 from addons.flows import access_request
 from addons.safety import CORRELATION_KEY, fail_closed, respond
+from addons.service_endpoints import SERVICE_KEY
 from gateway.access import AccessService, new_correlation_id
+from gateway.signals.mtd import MAX_BODY_BYTES
 
 HOST_KEY = "portcullis.host"
 PLAINTEXT_ANSWER = (("Content-Type", "application/json"), ("Connection", "close"))
@@ -32,8 +34,11 @@ class Routing:
             respond(flow, 400, b'{"error": "tls_required"}', PLAINTEXT_ANSWER)
             return
         host = _host_without_port(flow.request.host_header or "")
-        upstream = self.service.upstream_for(host)
         sni = (flow.client_conn.sni or "").lower().rstrip(".")
+        if host == self.service.service_host and sni == host:
+            self._service_flow(flow)
+            return
+        upstream = self.service.upstream_for(host)
         if upstream is None or sni != host:
             reason = "this gateway does not serve that host" if upstream is None else "TLS SNI and Host differ"
             outcome = self.service.refuse(access_request(flow, correlation_id, host), 421, reason)
@@ -46,6 +51,18 @@ class Routing:
         flow.request.port = target.port or (443 if target.scheme == "https" else 80)
         flow.request.host_header = host
         flow.metadata[HOST_KEY] = host
+
+
+    def _service_flow(self, flow: http.HTTPFlow) -> None:
+        """The gateway's own endpoints: small bodies only, buffered, never streamed upstream."""
+        declared = flow.request.headers.get("content-length", "0")
+        if "transfer-encoding" in flow.request.headers or not declared.isdigit():
+            respond(flow, 411, b'{"error": "length_required"}', PLAINTEXT_ANSWER)
+        elif int(declared) > MAX_BODY_BYTES:
+            respond(flow, 413, b'{"error": "payload_too_large"}', PLAINTEXT_ANSWER)
+        else:
+            flow.request.stream = False
+            flow.metadata[SERVICE_KEY] = True
 
 
 def _host_without_port(host_header: str) -> str:

@@ -21,12 +21,16 @@ from mitmproxy.master import Master
 from addons.access_gate import AccessGate
 from addons.continuous_access import ContinuousAccess
 from addons.routing import Routing
-from gateway.access import AccessService
+from addons.service_endpoints import ServiceEndpoints
+from gateway.access import AccessService, utc_now
 from gateway.bootstrap import Loaded, build_service, seed_store
 from gateway.certs import ensure_server_certificate
 from gateway.config import Config
 from gateway.demo import DemoUpstreams
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
+from gateway.signals.mtd import MtdReceiver, partners_from_config
+from gateway.web.mtd_webhook import mtd_webhook_app
+from gateway.web.types import ASGIApp
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ class Ready:
         self.event.set()
 
 
-def build_master(service: AccessService) -> tuple[Master, Ready]:
+def build_master(service: AccessService, endpoints: ASGIApp | None = None) -> tuple[Master, Ready]:
     """Must be called inside the event loop that will run the master."""
     config = service.config
     settings = config.gateway_file.gateway
@@ -66,6 +70,8 @@ def build_master(service: AccessService) -> tuple[Master, Ready]:
         ContinuousAccess(service),
         ready,
     )
+    if endpoints is not None:
+        master.addons.add(ServiceEndpoints(endpoints))
     state_dir = config.path(settings.state_dir)
     (state_dir / "mitmproxy").mkdir(parents=True, exist_ok=True)
     opts.update(
@@ -108,7 +114,9 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterato
             await jwks.refresh()
         except SignalUnavailable as error:
             logger.warning("signing keys not fetched yet (%s); requests get 503 until they are", error)
-        master, ready = build_master(service)
+        partners = partners_from_config(config.gateway_file.mtd_partners)
+        endpoints = mtd_webhook_app(MtdReceiver(partners), service, utc_now) if partners else None
+        master, ready = build_master(service, endpoints)
         task = asyncio.create_task(master.run())
         waiter = asyncio.create_task(ready.event.wait())
         await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)

@@ -34,6 +34,7 @@ from gateway.policy.model import (
 from gateway.policy.policy_set import PolicySet
 from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
 from gateway.signals.cache import CachedInventory
+from gateway.signals.mtd import Verdict
 from gateway.signals.sqlite_store import DeviceStore
 from gateway.web import pages
 
@@ -79,6 +80,7 @@ class AccessService:
         self.config = config
         self.store = store
         self._listeners: list[Callable[[set[str]], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._seen_change = store.last_change() if store is not None else 0
         self._data_version = store.data_version() if store is not None else 0
         self._compliance = config.gateway_file.device_signals.compliance.settings()
@@ -103,6 +105,33 @@ class AccessService:
         for listener in self._listeners:
             listener(device_ids)
 
+    def record_threat_verdicts(self, partner: str, verdicts: list[Verdict], now: datetime) -> list[str]:
+        """Store an MTD partner's verdicts (blocking: run it in a thread); returns unknown device ids."""
+        if self.store is None:
+            raise SignalUnavailable("MTD verdicts need the SQLite inventory")
+        unknown, changed = [], set()
+        for verdict in verdicts:
+            if verdict.level is None:
+                known = self.store.clear_threat_level(verdict.device_id, partner, now=now)
+            else:
+                known = self.store.set_threat_level(verdict.device_id, partner, verdict.level, now=now)
+            (changed.add if known else unknown.append)(verdict.device_id)
+        self.record_partner_contact(partner, now)
+        if changed:
+            self._loop_call(self.devices_changed, changed)
+        return unknown
+
+    def record_partner_contact(self, partner: str, now: datetime) -> None:
+        if self.store is not None:
+            self.store.partner_contact(partner, now=now)
+
+    def _loop_call(self, function: Callable[[set[str]], None], argument: set[str]) -> None:
+        """Listeners (open flows) live in the event loop; verdicts are stored in a worker thread."""
+        if self._loop is None:
+            function(argument)
+        else:
+            self._loop.call_soon_threadsafe(function, argument)
+
     def pick_up_changes(self) -> None:
         """Changes other processes committed (``portcullis devices set-risk``, another worker):
         the data version check is cheap, so it runs before every device lookup."""
@@ -116,12 +145,17 @@ class AccessService:
     async def watch_changes(self, interval: float = 0.25) -> None:
         """Long-lived connections of a device that lost access must close within a second,
         even when no new request arrives: poll for changes."""
+        self._loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             try:
                 self.pick_up_changes()
             except sqlite3.Error as error:
                 logger.warning("cannot read device changes: %s", error)
+
+    @property
+    def service_host(self) -> str | None:
+        return self.config.gateway_file.gateway.service_host
 
     def upstream_for(self, host: str) -> str | None:
         """The upstream URL of a protected host, or None if the gateway does not serve it."""

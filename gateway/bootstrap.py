@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -38,7 +39,11 @@ class Loaded:
     @property
     def live_inventory(self) -> DeviceInventory:
         """What a running gateway reads: the store when configured (seeded at start), else the file."""
-        return SqliteInventory(self.store) if self.store is not None else self.inventory
+        if self.store is None:
+            return self.inventory
+        partners = self.config.gateway_file.mtd_partners
+        return SqliteInventory(self.store, {name: timedelta(seconds=p.unresponsive_after_seconds)
+                                            for name, p in partners.items()})
 
     def device_count(self) -> int:
         seeded = {r.azure_ad_device_id.lower() for r in self.file_inventory.records} if self.file_inventory else set()

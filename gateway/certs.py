@@ -21,7 +21,7 @@ CA_KEY_FILE = "ca-key.pem"
 def ensure_server_certificate(cert_file: Path, hosts: list[str]) -> Path:
     """Create ``cert_file`` (and a CA beside it) if missing. Returns the CA certificate path."""
     directory = cert_file.parent
-    if cert_file.exists():
+    if cert_file.exists() and _covers(cert_file, hosts):
         return directory / CA_FILE
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = _load_or_create_ca(directory)
@@ -29,6 +29,16 @@ def ensure_server_certificate(cert_file: Path, hosts: list[str]) -> Path:
     cert = _server_certificate(hosts, key, ca_cert, ca_key)
     _write_private(cert_file, cert.public_bytes(serialization.Encoding.PEM) + _private_pem(key))
     return directory / CA_FILE
+
+
+def _covers(cert_file: Path, hosts: list[str]) -> bool:
+    """A certificate made before a host name was added to the config is made again."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return set(hosts) <= set(names.get_values_for_type(x509.DNSName))
 
 
 def _load_or_create_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

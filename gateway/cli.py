@@ -19,13 +19,15 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import os
+import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import bootstrap
 from gateway.access import utc_now
-from gateway.config import CASES_FILE, GATEWAY_FILE
+from gateway.config import CASES_FILE, GATEWAY_FILE, Config
 from gateway.config.lint import config_warnings, public_resources
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLevel
@@ -124,6 +126,16 @@ def _configure_logging(debug: bool) -> None:
     if not debug:
         for noisy in ("mitmproxy", "uvicorn", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _demo_partner_secrets(config: Config) -> dict[str, str]:
+    """The demo's MTD partners need shared secrets: made up for this run unless the environment has one."""
+    secrets_made = {}
+    for name, partner in config.gateway_file.mtd_partners.items():
+        if not os.environ.get(partner.secret_env):
+            os.environ[partner.secret_env] = secrets.token_urlsafe(24)
+        secrets_made[name] = os.environ[partner.secret_env]
+    return secrets_made
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -245,12 +257,13 @@ async def _serve(config_dir: Path, *, demo: bool) -> None:
     from gateway.demo import banner
 
     loaded = bootstrap.load(config_dir)
+    demo_secrets = _demo_partner_secrets(loaded.config) if demo else {}
     async with running_gateway(loaded, demo=demo) as gateway:
         port = gateway.addresses[0][1]
         if gateway.upstreams is not None:
             certificate = loaded.config.gateway_file.gateway.certificates[0]
             ca_file = loaded.config.path(certificate.file).parent / CA_FILE
-            print(banner(loaded.config, gateway.upstreams.idp, ca_file, port), flush=True)
+            print(banner(loaded.config, gateway.upstreams.idp, ca_file, port, demo_secrets), flush=True)
         else:
             listen = ", ".join(f"{h}:{p}" for h, p in gateway.addresses)
             logger.info("Portcullis is listening on %s", listen)

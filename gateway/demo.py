@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shlex
 import socket
 from dataclasses import dataclass, field
@@ -131,7 +132,8 @@ def expectation(scenario: Scenario) -> str:
     return f"expect: {scenario.expect_status}{text}"
 
 
-def banner(config: Config, idp: DemoIdentityProvider, ca_file: Path, port: int) -> str:
+def banner(config: Config, idp: DemoIdentityProvider, ca_file: Path, port: int,
+           partner_secrets: dict[str, str] | None = None) -> str:
     shown_ca = _relative(ca_file)
     hosts = ", ".join(f"https://{h}:{port}" for h in config.gateway_file.protected_hosts)
     lines = [
@@ -144,6 +146,12 @@ def banner(config: Config, idp: DemoIdentityProvider, ca_file: Path, port: int) 
         token = scenario_token(idp, scenario)
         lines += [f"# {number}. {scenario.title}", f"#    {expectation(scenario)}",
                   curl_command(scenario, token, port=port, ca_file=shown_ca), ""]
+    service_host = config.gateway_file.gateway.service_host
+    for partner, secret in (partner_secrets or {}).items():
+        if service_host is None:
+            break
+        lines += [f"# The MTD partner {partner!r} raises Alex's iPhone to high risk (try request 1 again; "
+                  "send 'low' to restore):", webhook_command(service_host, port, partner, secret, shown_ca), ""]
     lines += [
         "# Mint more tokens from the demo issuer (dev only): user, client_id, audience, device_id",
         shlex.join(["curl", "-sS", "-X", "POST", f"{idp.issuer.rstrip('/')}/demo/token", "-d", "user=alex@contoso.test",
@@ -151,6 +159,17 @@ def banner(config: Config, idp: DemoIdentityProvider, ca_file: Path, port: int) 
                     "-d", f"device_id={ALEX_IPHONE}"]),
     ]
     return "\n".join(lines)
+
+
+def webhook_command(host: str, port: int, partner: str, secret: str, ca_file: str) -> str:
+    """A signed push as an MTD partner sends it, in plain shell (openssl computes the HMAC)."""
+    body = json.dumps({"events": [{"deviceId": ALEX_IPHONE, "threatLevel": "highSeverity"}]}, separators=(",", ":"))
+    return (f"ts=$(date +%s); body={shlex.quote(body)}; "
+            f"sig=$(printf '%s.%s' \"$ts\" \"$body\" | openssl dgst -sha256 -hmac {shlex.quote(secret)} | "
+            "sed 's/^.* //'); "
+            f"curl -sS -i --cacert {ca_file} --resolve {host}:{port}:127.0.0.1 -H 'Content-Type: application/json' "
+            f"-H \"X-Portcullis-Timestamp: $ts\" -H \"X-Portcullis-Signature: sha256=$sig\" --data \"$body\" "
+            f"https://{host}:{port}/mtd/{partner}/events")
 
 
 def _relative(path: Path) -> str:

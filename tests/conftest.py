@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -27,7 +28,9 @@ from gateway.access import AccessService
 from gateway.web.demo_idp import DemoIdentityProvider
 
 REPO = Path(__file__).resolve().parents[1]
-HOSTS = ["mail.contoso.test", "docs.contoso.test"]
+HOSTS = ["mail.contoso.test", "docs.contoso.test", "portcullis.contoso.test"]
+MTD_SECRET = "test-mtd-shared-secret-0123456789"
+os.environ["PORTCULLIS_DEMO_MTD_SECRET"] = MTD_SECRET  # the demo config's partner reads it at start
 START_TIMEOUT = 30
 
 

@@ -114,6 +114,7 @@ class GatewaySettings(Model):
     certificates: Annotated[list[CertificateFile], Field(min_length=1)]
     state_dir: Path = Path("../.portcullis")
     remediation_url: str = "https://portal.manage.microsoft.com/"
+    service_host: str | None = None  # the gateway's own endpoints (MTD webhook); list it in a certificate
 
     @field_validator("remediation_url")
     @classmethod
@@ -236,11 +237,13 @@ class ComplianceTenantSettings(Model):
 
     devices_without_compliance_policy: NoPolicyDevices = NoPolicyDevices.not_compliant
     validity_days: Annotated[int, Field(ge=1, le=120)] | None = 30
+    block_without_partner_data: bool = False  # Intune's "block when no data from the MTD partner"
 
     def settings(self) -> ComplianceSettings:
         return ComplianceSettings(
             devices_without_policy_compliant=self.devices_without_compliance_policy is NoPolicyDevices.compliant,
             validity=timedelta(days=self.validity_days) if self.validity_days else None,
+            block_without_partner_data=self.block_without_partner_data,
         )
 
 
@@ -260,6 +263,14 @@ class DeviceSignalsSettings(Model):
         return self
 
 
+class MtdPartnerSettings(Model):
+    """An MTD partner that pushes device risk to the gateway (see gateway/signals/mtd.py)."""
+
+    secret_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")]  # the shared secret's environment variable
+    timestamp_tolerance_seconds: Annotated[int, Field(ge=30, le=3600)] = 300
+    unresponsive_after_seconds: Annotated[int, Field(ge=60, le=90 * 86400)] = 7 * 86400
+
+
 class DecisionLogSettings(Model):
     path: Path = Path("../.portcullis/decisions.jsonl")
 
@@ -275,6 +286,7 @@ class PortcullisFile(Model):
     named_locations: dict[str, NamedLocation] = {}
     applications: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
     device_signals: DeviceSignalsSettings
+    mtd_partners: dict[str, MtdPartnerSettings] = {}
     decision_log: DecisionLogSettings = DecisionLogSettings()
 
     @field_validator("protected_hosts")
@@ -284,6 +296,18 @@ class PortcullisFile(Model):
             if not HOST_NAME.match(host):
                 raise ValueError(f"{host!r} is not a lower-case DNS host name")
         return value
+
+    @model_validator(mode="after")
+    def _partners_need_a_store(self) -> PortcullisFile:
+        if self.mtd_partners and self.device_signals.database is None:
+            raise ValueError("mtdPartners write threat levels into the SQLite inventory: set deviceSignals.database")
+        service_host = self.gateway.service_host
+        if service_host is not None and service_host in self.protected_hosts:
+            raise ValueError(f"gateway.serviceHost {service_host!r} is also a protected host")
+        certified = {h for c in self.gateway.certificates for h in c.hosts}
+        if service_host is not None and service_host not in certified:
+            raise ValueError(f"gateway.serviceHost {service_host!r} is in no gateway.certificates entry")
+        return self
 
     @field_validator("applications", mode="before")
     @classmethod

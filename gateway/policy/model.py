@@ -162,6 +162,7 @@ class ComplianceSettings:
 
     devices_without_policy_compliant: bool = False
     validity: timedelta | None = timedelta(days=30)  # a device not synced within it is noncompliant
+    block_without_partner_data: bool = False  # no current MTD verdict: not compliant
 
 
 DEFAULT_COMPLIANCE = ComplianceSettings()

@@ -5,6 +5,7 @@
 - A jailbroken device is not compliant, whatever its state says.
 - A device that has not synced within the compliance validity period is not compliant.
 - An unknown device (not in the inventory) is not compliant.
+- With "block when no data from the MTD partner", a device without a current verdict is not compliant.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def noncompliance_reason(device: ManagedDevice | None, now: datetime,
         return "device not compliant (jailbroken)"
     if settings.validity is not None and device.last_sync is not None and now - device.last_sync > settings.validity:
         return f"device not compliant (last synced {(now - device.last_sync).days} days ago)"
+    if settings.block_without_partner_data and device.threat_level is None:
+        return "device not compliant (no data from the MTD partner)"
     state = device.compliance_state
     if state is ComplianceState.compliant:
         return None

@@ -14,9 +14,9 @@ import io
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,10 @@ CREATE TABLE IF NOT EXISTS threat_levels (
     level TEXT NOT NULL,                   -- secured | low | medium | high
     reported_at TEXT NOT NULL,
     PRIMARY KEY (device_id, vendor)
+);
+CREATE TABLE IF NOT EXISTS partners (
+    vendor TEXT PRIMARY KEY,
+    last_contact TEXT NOT NULL             -- last signed push or heartbeat
 );
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -68,7 +72,8 @@ class DeviceStore:
         with self._lock:
             self._db.close()
 
-    def managed_device(self, device_id: str) -> ManagedDevice | None:
+    def managed_device(self, device_id: str, ignored_vendors: frozenset[str] = frozenset()) -> ManagedDevice | None:
+        """The device with the highest current MTD level, leaving out ``ignored_vendors``."""
         key = device_id.lower()
         with self._lock:
             row = self._db.execute("SELECT record FROM devices WHERE device_id = ?", (key,)).fetchone()
@@ -77,7 +82,7 @@ class DeviceStore:
         if row is None:
             return None
         device = DeviceRecord.model_validate_json(row[0]).to_managed_device()
-        return _with_threats(device, threats)
+        return _with_threats(device, [t for t in threats if t[0] not in ignored_vendors])
 
     def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime) -> int:
         """Import: upsert every record in one transaction (vendors' threat levels included)."""
@@ -101,6 +106,28 @@ class DeviceStore:
                              (key, vendor, level.value, now.isoformat()))
             self._changed(key, now)
         return True
+
+    def clear_threat_level(self, device_id: str, vendor: str, *, now: datetime) -> bool:
+        key = device_id.lower()
+        with self._lock, self._transaction():
+            if self._db.execute("SELECT 1 FROM devices WHERE device_id = ?", (key,)).fetchone() is None:
+                return False
+            self._db.execute("DELETE FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, vendor))
+            self._changed(key, now)
+        return True
+
+    def partner_contact(self, vendor: str, *, now: datetime) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO partners VALUES (?, ?)", (vendor, now.isoformat()))
+
+    def partner_contacts(self) -> dict[str, datetime]:
+        """When each partner was last heard from: a signed push, a heartbeat, or its newest verdict
+        (imported or synced verdicts carry their report time)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT vendor, MAX(at) FROM (SELECT vendor, last_contact AS at FROM partners "
+                "UNION ALL SELECT vendor, reported_at AS at FROM threat_levels) GROUP BY vendor").fetchall()
+        return {vendor: datetime.fromisoformat(at) for vendor, at in rows}
 
     def records(self) -> Iterator[dict[str, Any]]:
         with self._lock:
@@ -246,15 +273,29 @@ def export(store: DeviceStore, fmt: str) -> str:
 
 
 class SqliteInventory:
-    """The store as an async ``DeviceInventory``: lookups run in a worker thread."""
+    """The store as an async ``DeviceInventory``: lookups run in a worker thread. Verdicts of an
+    MTD partner not heard from for its ``unresponsive_after`` are left out."""
 
     name = "sqlite"
 
-    def __init__(self, store: DeviceStore) -> None:
+    def __init__(self, store: DeviceStore, unresponsive_after: Mapping[str, timedelta] | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.store = store
+        self._unresponsive_after = dict(unresponsive_after or {})
+        self._clock = clock
+
+    def ignored_vendors(self) -> frozenset[str]:
+        if not self._unresponsive_after:
+            return frozenset()
+        contacts, now = self.store.partner_contacts(), self._clock()
+        return frozenset(vendor for vendor, limit in self._unresponsive_after.items()
+                         if vendor not in contacts or now - contacts[vendor] > limit)
 
     async def managed_device(self, device_id: str) -> ManagedDevice | None:
         try:
-            return await asyncio.to_thread(self.store.managed_device, device_id)
+            return await asyncio.to_thread(self._lookup, device_id)
         except sqlite3.Error as error:
             raise SignalUnavailable(f"device inventory {self.store.path}: {error}") from error
+
+    def _lookup(self, device_id: str) -> ManagedDevice | None:
+        return self.store.managed_device(device_id, self.ignored_vendors())

@@ -1,0 +1,142 @@
+"""Mobile Threat Defense partners pushing device risk to the gateway.
+
+A partner signs each push: ``X-Portcullis-Signature: sha256=<hex>`` is HMAC-SHA256 with the
+partner's shared secret over ``<timestamp>.<body>``, and ``X-Portcullis-Timestamp`` is Unix time.
+A push is accepted once, within ``timestampToleranceSeconds`` of the gateway's clock.
+
+    POST /mtd/<partner>/events      {"events": [{"deviceId": "...", "threatLevel": "highSeverity"}]}
+    POST /mtd/<partner>/heartbeat   {}
+
+Levels: ``secured | low | medium | high``, Graph's ``partnerReportedThreatState`` values
+(``secured``, ``lowSeverity``, ``mediumSeverity``, ``highSeverity``, ``compromised`` = high;
+``deactivated`` and ``unknown`` clear the partner's verdict; ``activated``, ``misconfigured`` and
+``unresponsive`` carry no level and are ignored) and common vendor words (``none``, ``clean``,
+``critical``). A partner that has not been heard from for ``unresponsiveAfterSeconds`` has its
+verdicts ignored, as Intune does after ``partnerUnresponsivenessThresholdInDays``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from cachetools import TTLCache
+
+from gateway.config.models import MtdPartnerSettings
+from gateway.policy.model import DeviceThreatLevel
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_EVENTS = 1000
+LEVELS = {
+    "secured": DeviceThreatLevel.secured, "none": DeviceThreatLevel.secured, "clean": DeviceThreatLevel.secured,
+    "low": DeviceThreatLevel.low, "lowseverity": DeviceThreatLevel.low,
+    "medium": DeviceThreatLevel.medium, "mediumseverity": DeviceThreatLevel.medium,
+    "high": DeviceThreatLevel.high, "highseverity": DeviceThreatLevel.high,
+    "compromised": DeviceThreatLevel.high, "critical": DeviceThreatLevel.high,
+}
+CLEARS = frozenset({"deactivated", "unknown"})
+NO_LEVEL = frozenset({"activated", "misconfigured", "unresponsive"})
+
+
+class WebhookRejected(Exception):
+    """A push the gateway refuses; ``status`` is the HTTP answer (4xx)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Partner:
+    name: str
+    secret: bytes
+    tolerance_seconds: int
+    unresponsive_after_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    device_id: str
+    level: DeviceThreatLevel | None  # None: the partner no longer reports on this device
+
+
+def partners_from_config(settings: Mapping[str, MtdPartnerSettings],
+                         environ: Mapping[str, str] | None = None) -> dict[str, Partner]:
+    """Secrets come from the environment, never from config files; a missing one stops start-up."""
+    env = os.environ if environ is None else environ
+    partners = {}
+    for name, raw in settings.items():
+        secret = env.get(raw.secret_env, "")
+        if len(secret) < 16:
+            raise ValueError(f"mtdPartners.{name}: environment variable {raw.secret_env} must hold the partner's "
+                             "shared secret (16 characters or more)")
+        partners[name] = Partner(name, secret.encode(), raw.timestamp_tolerance_seconds,
+                                 raw.unresponsive_after_seconds)
+    return partners
+
+
+def sign(secret: bytes, timestamp: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+class MtdReceiver:
+    """Checks pushes (signature, time window, replay, size, shape) and turns them into verdicts."""
+
+    def __init__(self, partners: dict[str, Partner]) -> None:
+        self.partners = partners
+        longest = max((p.tolerance_seconds for p in partners.values()), default=300)
+        self._seen: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=2 * longest)
+
+    def authenticate(self, partner_name: str, timestamp: str | None, signature: str | None, body: bytes,
+                     now: datetime) -> Partner:
+        partner = self.partners.get(partner_name)
+        if partner is None:
+            raise WebhookRejected(404, "unknown MTD partner")
+        if len(body) > MAX_BODY_BYTES:
+            raise WebhookRejected(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        if not timestamp or not signature:
+            raise WebhookRejected(401, "X-Portcullis-Timestamp and X-Portcullis-Signature are required")
+        if not timestamp.isdigit() or abs(now.timestamp() - int(timestamp)) > partner.tolerance_seconds:
+            raise WebhookRejected(401, "timestamp outside the accepted window")
+        if not hmac.compare_digest(sign(partner.secret, timestamp, body), signature.strip()):
+            raise WebhookRejected(401, "signature does not match")
+        if signature in self._seen:
+            raise WebhookRejected(409, "this push was already received")
+        self._seen[signature] = True
+        return partner
+
+    def verdicts(self, body: bytes) -> tuple[list[Verdict], list[str]]:
+        """The verdicts a push carries, and the states it carried that set no level."""
+        try:
+            document = json.loads(body)
+        except ValueError as error:
+            raise WebhookRejected(400, "body is not JSON") from error
+        events = document.get("events", [document]) if isinstance(document, dict) else document
+        if not isinstance(events, list) or not events or len(events) > MAX_EVENTS:
+            raise WebhookRejected(400, f"expected 1 to {MAX_EVENTS} events")
+        verdicts, ignored = [], []
+        for index, event in enumerate(events):
+            device_id = event.get("deviceId") if isinstance(event, dict) else None
+            state = event.get("threatLevel", event.get("partnerReportedThreatState")) if isinstance(event, dict) \
+                else None
+            if not isinstance(device_id, str) or not device_id or not isinstance(state, str):
+                raise WebhookRejected(400, f"events[{index}] needs deviceId and threatLevel strings")
+            key = state.strip().lower()
+            if key in LEVELS:
+                verdicts.append(Verdict(device_id.lower(), LEVELS[key]))
+            elif key in CLEARS:
+                verdicts.append(Verdict(device_id.lower(), None))
+            elif key in NO_LEVEL:
+                ignored.append(f"{device_id}: {state}")
+            else:
+                raise WebhookRejected(400, f"events[{index}].threatLevel {state!r} is not a known level "
+                                           f"({', '.join(sorted(LEVELS))}, {', '.join(sorted(CLEARS | NO_LEVEL))})")
+        return verdicts, ignored
+
+
