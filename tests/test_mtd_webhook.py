@@ -1,0 +1,147 @@
+"""The MTD webhook through the real listener: signed pushes change what the next request gets,
+close open long-polls, and everything malformed or forged is refused with a clear 4xx."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+
+from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.signals.mtd import sign
+from tests.conftest import MTD_SECRET, Gateway
+
+SERVICE = "portcullis.contoso.test"
+MAIL = "mail.contoso.test"
+
+
+def push(gateway: Gateway, body: bytes | str, *, partner: str = "demo-mtd", secret: str = MTD_SECRET,
+         timestamp: int | None = None, path: str = "events", headers: dict[str, str] | None = None) -> httpx.Response:
+    raw = body.encode() if isinstance(body, str) else body
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    sent = {"Content-Type": "application/json", "X-Portcullis-Timestamp": ts,
+            "X-Portcullis-Signature": sign(secret.encode(), ts, raw), **(headers or {})}
+    return gateway.request(SERVICE, f"/mtd/{partner}/{path}", method="POST", content=raw, headers=sent)
+
+
+def level(device_id: str, state: str) -> str:
+    """A push as partners send them: each carries its own event id, so two pushes differ."""
+    return json.dumps({"events": [{"deviceId": device_id, "threatLevel": state, "eventId": str(uuid.uuid4())}]})
+
+
+def sync(gateway: Gateway, path: str = activesync(ALEX_IPHONE), **kwargs: object) -> httpx.Response:
+    token = gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
+                             device_id=ALEX_IPHONE)
+    return gateway.request(MAIL, path, method="POST", token=token, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def restore_alex(gateway: Gateway):  # noqa: ANN201  (fixture)
+    yield
+    assert push(gateway, level(ALEX_IPHONE, "low")).status_code == 202
+
+
+def test_signed_push_raises_risk_closes_long_poll_and_lowering_restores(gateway: Gateway, restore_alex: None) -> None:
+    ping = activesync(ALEX_IPHONE).replace("Cmd=Sync", "Cmd=Ping") + "&HeartbeatInterval=8"
+    outcome: dict[str, object] = {}
+
+    def long_poll() -> None:
+        try:
+            outcome["response"] = sync(gateway, ping, timeout=20)
+        except httpx.HTTPError as error:
+            outcome["error"] = error
+        outcome["ended"] = time.monotonic()
+
+    before = gateway.decision_log.read_text().count("\n")
+    poller = threading.Thread(target=long_poll)
+    poller.start()
+    deadline = time.monotonic() + 10
+    while gateway.decision_log.read_text().count("\n") == before:
+        assert time.monotonic() < deadline, "the long-poll never reached the gateway"
+        time.sleep(0.01)
+    raised = time.monotonic()
+    answer = push(gateway, level(ALEX_IPHONE, "highSeverity"))
+    assert (answer.status_code, answer.json()) == (202, {"accepted": 1, "unknownDevices": [], "ignored": []})
+    blocked = sync(gateway)
+    assert (blocked.status_code, blocked.json()["reason"]) == (403, "device risk high, allowed: low")
+    poller.join(15)
+    assert "error" in outcome and float(outcome["ended"]) - raised < 1.0  # type: ignore[arg-type]
+    assert push(gateway, level(ALEX_IPHONE, "secured")).status_code == 202
+    assert sync(gateway).status_code == 200
+
+
+def test_deactivated_clears_the_partners_verdict(gateway: Gateway, restore_alex: None) -> None:
+    assert push(gateway, level(ALEX_IPHONE, "high")).status_code == 202
+    assert sync(gateway).status_code == 403
+    assert push(gateway, level(ALEX_IPHONE, "deactivated")).status_code == 202
+    assert sync(gateway).status_code == 403  # no verdict at all: the threat level is unknown, fail closed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "message"),
+    [
+        pytest.param({"secret": "another-secret-of-enough-length"}, 401, "signature does not match",
+                     id="wrong secret"),
+        pytest.param({"timestamp": int(time.time()) - 3600}, 401, "timestamp outside the accepted window",
+                     id="stale timestamp"),
+        pytest.param({"partner": "acme"}, 404, "unknown MTD partner", id="unknown partner"),
+        pytest.param({"headers": {"Content-Type": "text/plain"}}, 415, "Content-Type must be application/json",
+                     id="not JSON"),
+        pytest.param({"headers": {"X-Portcullis-Signature": ""}}, 401, "are required", id="no signature"),
+    ],
+)
+def test_forged_or_malformed_pushes_are_refused(gateway: Gateway, kwargs: dict[str, object], status: int,
+                                                message: str) -> None:
+    answer = push(gateway, level(ALEX_IPHONE, "high"), **kwargs)  # type: ignore[arg-type]
+    assert answer.status_code == status
+    assert message in answer.json()["error"]
+    assert sync(gateway).status_code == 200
+
+
+def test_a_push_is_accepted_only_once(gateway: Gateway, restore_alex: None) -> None:
+    ts, body = str(int(time.time())), level(ALEX_IPHONE, "low")
+    headers = {"Content-Type": "application/json", "X-Portcullis-Timestamp": ts,
+               "X-Portcullis-Signature": sign(MTD_SECRET.encode(), ts, body.encode())}
+    first = gateway.request(SERVICE, "/mtd/demo-mtd/events", method="POST", content=body, headers=headers)
+    again = gateway.request(SERVICE, "/mtd/demo-mtd/events", method="POST", content=body, headers=headers)
+    assert (first.status_code, again.status_code) == (202, 409)
+
+
+def test_oversized_push_is_refused_before_it_is_read(gateway: Gateway) -> None:
+    answer = push(gateway, b'{"events": [' + b" " * 70_000 + b"]}")
+    assert answer.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [("not json", "body is not JSON"), ('{"events": []}', "expected 1 to 1000 events"),
+     (level(ALEX_IPHONE, "purple"), "'purple' is not a known level"),
+     ('{"events": [{"deviceId": 7, "threatLevel": "high"}]}', "needs deviceId and threatLevel strings")],
+)
+def test_malformed_bodies_get_400(gateway: Gateway, body: str, message: str) -> None:
+    answer = push(gateway, body)
+    assert answer.status_code == 400 and message in answer.json()["error"]
+
+
+def test_unknown_devices_and_stateless_verdicts_are_reported(gateway: Gateway) -> None:
+    body = json.dumps({"events": [{"deviceId": "00000000-0000-0000-0000-000000000000", "threatLevel": "low"},
+                                  {"deviceId": ALEX_IPHONE, "partnerReportedThreatState": "activated"}]})
+    answer = push(gateway, body)
+    assert answer.status_code == 202
+    assert answer.json() == {"accepted": 0, "unknownDevices": ["00000000-0000-0000-0000-000000000000"],
+                             "ignored": [f"{ALEX_IPHONE}: activated"]}
+
+
+def test_heartbeat_is_recorded_and_other_methods_refused(gateway: Gateway) -> None:
+    assert push(gateway, "{}", path="heartbeat").status_code == 202
+    assert gateway.request(SERVICE, "/mtd/demo-mtd/events").status_code == 405
+
+
+def test_service_host_is_never_forwarded_upstream(gateway: Gateway) -> None:
+    answer = gateway.request(SERVICE, "/owa/")
+    assert answer.status_code == 404
+    assert "backend" not in answer.text
