@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.demo import ALEX_IPHONE, CASEY_IPAD, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.signals.mtd import sign
 from tests.conftest import MTD_SECRET, Gateway
 
@@ -74,11 +74,21 @@ def test_signed_push_raises_risk_closes_long_poll_and_lowering_restores(gateway:
     assert sync(gateway).status_code == 200
 
 
-def test_deactivated_clears_the_partners_verdict(gateway: Gateway, restore_alex: None) -> None:
-    assert push(gateway, level(ALEX_IPHONE, "high")).status_code == 202
-    assert sync(gateway).status_code == 403
-    assert push(gateway, level(ALEX_IPHONE, "deactivated")).status_code == 202
-    assert sync(gateway).status_code == 403  # no verdict at all: the threat level is unknown, fail closed
+def test_deactivated_clears_the_partners_verdict(gateway: Gateway) -> None:
+    """Casey's iPad has one partner only: without its verdict the level is unknown (fail closed)."""
+    token = gateway.idp.mint(user="casey@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
+                             device_id=CASEY_IPAD)
+
+    def casey_syncs() -> int:
+        return gateway.request(MAIL, activesync(CASEY_IPAD, "casey"), method="POST", token=token).status_code
+
+    assert casey_syncs() == 200
+    assert push(gateway, level(CASEY_IPAD, "deactivated")).status_code == 202
+    try:
+        assert casey_syncs() == 403
+    finally:
+        assert push(gateway, level(CASEY_IPAD, "lowSeverity")).status_code == 202
+    assert casey_syncs() == 200
 
 
 @pytest.mark.parametrize(
