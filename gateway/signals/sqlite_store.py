@@ -224,8 +224,8 @@ def _parse_csv(path: Path) -> list[DeviceRecord]:
     records, problems = [], []
     for row in reader:
         line = reader.line_num
-        item = {k: _csv_value(k, v) for k, v in row.items() if k and v not in (None, "")}
         try:
+            item = {k: _csv_value(k, v) for k, v in row.items() if k and v not in (None, "")}
             records.append(DeviceRecord.model_validate_json(json.dumps(item), strict=True))
         except (ValidationError, ValueError) as error:
             details = error.errors() if isinstance(error, ValidationError) else [{"loc": (), "msg": str(error)}]
@@ -240,7 +240,10 @@ def _csv_value(key: str, value: str) -> object:
             raise ValueError(f"jailBroken: {value!r} is not true or false")
         return value.lower() == "true"
     if key in CSV_LIST_FIELDS:
-        return json.loads(value)
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError(f"{key}: {value!r} is not JSON") from None
     return value
 
 

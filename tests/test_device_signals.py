@@ -1,0 +1,240 @@
+"""Device signals without the proxy: the SQLite store and its imports, the cache in front of a
+source, Intune's compliance semantics, MTD partners going quiet, ActiveSync DeviceIds."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ConfigError, SignalUnavailable
+from gateway.policy.model import ComplianceSettings, ComplianceState, DeviceThreatLevel, ManagedDevice
+from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
+from gateway.signals.cache import CachedInventory
+from gateway.signals.compliance import noncompliance_reason
+from gateway.signals.sqlite_store import DeviceStore, SqliteInventory, export, parse_import
+from tests.conftest import REPO
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
+
+
+def device(**fields: object) -> ManagedDevice:
+    base: dict[str, object] = {"device_id": "d1", "display_name": None, "user_principal_name": None,
+                               "operating_system": "iOS", "compliance_state": ComplianceState.compliant,
+                               "compliance_grace_period_expiration": None, "threat_level": DeviceThreatLevel.low,
+                               "threat_source": "x"}
+    return ManagedDevice(**{**base, **fields})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "settings", "reason"),
+    [
+        ({}, ComplianceSettings(), None),
+        ({"jail_broken": True}, ComplianceSettings(), "device not compliant (jailbroken)"),
+        ({"last_sync": NOW - timedelta(days=31)}, ComplianceSettings(),
+         "device not compliant (last synced 31 days ago)"),
+        ({"last_sync": NOW - timedelta(days=29)}, ComplianceSettings(), None),
+        ({"last_sync": NOW - timedelta(days=300)}, ComplianceSettings(validity=None), None),
+        ({"compliance_state": ComplianceState.unknown}, ComplianceSettings(),
+         "device not compliant (complianceState: unknown)"),
+        ({"compliance_state": ComplianceState.unknown},
+         ComplianceSettings(devices_without_policy_compliant=True), None),
+        ({"threat_level": None}, ComplianceSettings(block_without_partner_data=True),
+         "device not compliant (no data from the MTD partner)"),
+        ({"compliance_state": ComplianceState.conflict}, ComplianceSettings(),
+         "device not compliant (complianceState: conflict)"),
+    ],
+)
+def test_intune_compliance_semantics(fields: dict[str, object], settings: ComplianceSettings,
+                                     reason: str | None) -> None:
+    assert noncompliance_reason(device(**fields), NOW, settings) == reason
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DeviceStore:
+    created = DeviceStore(tmp_path / "devices.sqlite")
+    created.replace_all(parse_import(REPO / "config" / "devices.yaml"), now=NOW)
+    return created
+
+
+ALEX = "3c5f0b1e-7a2d-4e8f-9b61-0d2a4c8e1f01"
+
+
+def test_highest_level_of_responsive_partners_wins(store: DeviceStore) -> None:
+    store.set_threat_level(ALEX, "lookout", DeviceThreatLevel.medium, now=NOW)
+    store.set_threat_level(ALEX, "zimperium", DeviceThreatLevel.secured, now=NOW)
+    record = store.managed_device(ALEX.upper())
+    assert record is not None and (record.threat_level, record.threat_source) == (DeviceThreatLevel.medium, "lookout")
+    quiet = SqliteInventory(store, {"lookout": timedelta(days=7)}, clock=lambda: NOW + timedelta(days=8))
+    record = asyncio.run(quiet.managed_device(ALEX))
+    assert record is not None and record.threat_source != "lookout"  # an unresponsive partner's verdict is ignored
+
+
+def test_import_is_all_or_nothing_with_lines(store: DeviceStore, tmp_path: Path) -> None:
+    exported = tmp_path / "devices.csv"
+    exported.write_text(export(store, "csv"))
+    rows = exported.read_text().splitlines()
+    rows[2] = rows[2].replace("compliant", "compliantish", 1)
+    rows.append("not-a-device,,,,,,,,maybe,,compliant,,,,,{}")
+    exported.write_text("\n".join(rows) + "\n")
+    fresh = DeviceStore(tmp_path / "other.sqlite")
+    with pytest.raises(ConfigError) as caught:
+        fresh.replace_all(parse_import(exported), now=NOW)
+    messages = [str(p) for p in caught.value.problems]
+    assert any(m.startswith(f"{exported}:3: complianceState:") for m in messages), messages
+    assert any(m.startswith(f"{exported}:6: ") and "jailBroken" in m for m in messages), messages
+    assert fresh.count() == 0
+
+
+def test_json_import_names_item_lines_and_graph_shape_is_accepted(tmp_path: Path) -> None:
+    graph = tmp_path / "graph.json"
+    graph.write_text(json.dumps({"value": [
+        {"azureADDeviceId": "a1", "complianceState": "compliant", "jailBroken": False},
+        {"azureADDeviceId": "a2", "complianceState": "sideways"},
+    ]}, indent=2))
+    with pytest.raises(ConfigError) as caught:
+        parse_import(graph)
+    [problem] = caught.value.problems
+    assert (problem.line, problem.key) == (10, "value[1].complianceState")
+
+
+def test_export_import_round_trip(store: DeviceStore, tmp_path: Path) -> None:
+    for fmt in ("json", "csv"):
+        path = tmp_path / f"devices.{fmt}"
+        path.write_text(export(store, fmt))
+        copy = DeviceStore(tmp_path / f"copy-{fmt}.sqlite")
+        copy.replace_all(parse_import(path), now=NOW)
+        assert list(copy.records()) == list(store.records())
+
+
+class CountingSource:
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail = False
+        self.known = {"d1": device()}
+
+    async def managed_device(self, device_id: str) -> ManagedDevice | None:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.fail:
+            raise SignalUnavailable("down")
+        return self.known.get(device_id)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cached(source: CountingSource, clock: Clock, max_entries: int = 1000) -> CachedInventory:
+    return CachedInventory(source, ttl=60, miss_ttl=5, max_staleness=300, max_entries=max_entries, timer=clock)
+
+
+def test_concurrent_lookups_of_one_device_share_one_call() -> None:
+    source, clock = CountingSource(), Clock()
+    inventory = cached(source, clock)
+
+    async def many() -> list[ManagedDevice | None]:
+        return await asyncio.gather(*(inventory.managed_device("D1") for _ in range(50)))
+
+    assert all(r is not None for r in asyncio.run(many()))
+    assert source.calls == 1
+
+
+def test_a_flood_of_unknown_ids_stays_bounded() -> None:
+    source, clock = CountingSource(), Clock()
+    inventory = cached(source, clock, max_entries=100)
+
+    async def flood() -> None:
+        for i in range(5000):
+            assert await inventory.managed_device(f"random-{i}") is None
+        assert await inventory.managed_device("random-4999") is None
+
+    asyncio.run(flood())
+    assert source.calls == 5000  # the last repeat was a cached miss
+    assert len(inventory._misses) <= 1024 and len(inventory._last_good) <= 100
+
+
+def test_source_down_is_answered_from_cache_until_max_staleness() -> None:
+    source, clock = CountingSource(), Clock()
+    inventory = cached(source, clock)
+
+    async def scenario() -> None:
+        assert await inventory.managed_device("d1") is not None
+        source.fail = True
+        clock.now += 120  # past the TTL: the source is asked again, fails, the copy is 120 s old
+        assert await inventory.managed_device("d1") is not None
+        clock.now += 300  # past max staleness
+        with pytest.raises(SignalUnavailable):
+            await inventory.managed_device("d1")
+
+    asyncio.run(scenario())
+
+
+def test_invalidate_makes_the_next_lookup_ask_the_source() -> None:
+    source, clock = CountingSource(), Clock()
+    inventory = cached(source, clock)
+
+    async def scenario() -> None:
+        await inventory.managed_device("d1")
+        inventory.invalidate({"D1"})
+        await inventory.managed_device("d1")
+
+    asyncio.run(scenario())
+    assert source.calls == 2
+
+
+def _base64_query(device_id: bytes) -> str:
+    raw = bytes([141, 0, 9, 4, len(device_id)]) + device_id + bytes([0, 6]) + b"iPhone"
+    return base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/Microsoft-Server-ActiveSync?Cmd=Sync&User=a&DeviceId=ApplABC&DeviceType=iPhone", {"applabc"}),
+        ("/Microsoft-Server-ActiveSync?Cmd=Sync&deviceid=A&DeviceId=B", {"a", "b"}),
+        ("/Microsoft-Server-ActiveSync", set()),
+        (f"/Microsoft-Server-ActiveSync?{_base64_query(b'ApplXYZ')}", {"applxyz"}),
+        (f"/Microsoft-Server-ActiveSync?{_base64_query(bytes([1, 2, 254]))}", {"0102fe"}),
+    ],
+)
+def test_activesync_device_ids(target: str, expected: set[str]) -> None:
+    assert activesync_device_ids(target) == expected
+
+
+def test_unreadable_base64_query_is_an_error() -> None:
+    with pytest.raises(MalformedActiveSyncQuery):
+        activesync_device_ids("/Microsoft-Server-ActiveSync?" + base64.b64encode(bytes([141, 0, 9, 4, 50])).decode())
+
+
+def test_devices_cli(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PORTCULLIS, "devices", "--config", str(config), *args], capture_output=True,
+                              text=True, timeout=60)
+
+    seed = config / "devices.yaml"
+    assert cli("import", str(seed)).stdout == f"imported 4 devices from {seed}\n"
+    assert ALEX in cli("list").stdout
+    assert cli("set-risk", ALEX, "high", "--vendor", "lookout").returncode == 0
+    shown = json.loads(cli("show", ALEX).stdout)
+    assert (shown["threat_level"], shown["threat_source"]) == ("high", "lookout")
+    assert cli("set-risk", "nope", "high").returncode == 1
+    assert cli("show", "nope").stderr == "portcullis: no device 'nope' in the inventory\n"
+    exported = json.loads(cli("export").stdout)
+    assert len(exported["devices"]) == 4
