@@ -28,6 +28,7 @@ from gateway.certs import ensure_server_certificate
 from gateway.config import Config
 from gateway.demo import DemoUpstreams
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
+from gateway.signals.graph import GraphInventory
 from gateway.signals.mtd import MtdReceiver, partners_from_config
 from gateway.web.mtd_webhook import mtd_webhook_app
 from gateway.web.types import ASGIApp
@@ -123,17 +124,35 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterato
         if not ready.event.is_set():
             waiter.cancel()
             raise RuntimeError("the gateway listener did not start; see the log above")
-        watcher = asyncio.create_task(service.watch_changes())
+        background = [asyncio.create_task(service.watch_changes())]
+        if loaded.graph_client is not None:
+            background.append(asyncio.create_task(_sync_from_graph(loaded)))
         try:
             yield RunningGateway(service, ready.addresses, upstreams)
         finally:
-            watcher.cancel()
+            for job in background:
+                job.cancel()
             master.shutdown()
             await task
     finally:
         service.close()
         if upstreams is not None:
             await upstreams.stop()
+
+
+async def _sync_from_graph(loaded: Loaded) -> None:
+    """A full Graph sync at start and every ``syncIntervalSeconds``; failures are logged and the
+    cache's staleness rules apply to what the inventory already holds."""
+    graph = loaded.config.gateway_file.device_signals.graph
+    inventory = loaded.live_inventory
+    assert graph is not None and isinstance(inventory, GraphInventory)  # noqa: S101  (graph configured)
+    while True:
+        try:
+            count = await inventory.full_sync()
+            logger.info("Graph sync: %d managed devices", count)
+        except SignalUnavailable as error:
+            logger.warning("Graph sync failed: %s", error)
+        await asyncio.sleep(graph.sync_interval_seconds)
 
 
 def _check_certificates(config: Config) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -12,10 +14,12 @@ import httpx
 from gateway.access import AccessService, Clock, utc_now
 from gateway.audit import DecisionLog
 from gateway.config import Config, load_config
+from gateway.config.models import GraphConnectorSettings
 from gateway.identity.jwks import JwksCache
 from gateway.identity.tokens import BearerValidator
 from gateway.signals.cache import CachedInventory
 from gateway.signals.devices import DeviceInventory, FileDeviceInventory, OverlayInventory
+from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings
 from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
 
 
@@ -24,6 +28,7 @@ class Loaded:
     config: Config
     file_inventory: FileDeviceInventory | None
     store: DeviceStore | None
+    _graph_client: GraphClient | None = None
 
     @property
     def inventory(self) -> DeviceInventory:
@@ -42,8 +47,20 @@ class Loaded:
         if self.store is None:
             return self.inventory
         partners = self.config.gateway_file.mtd_partners
-        return SqliteInventory(self.store, {name: timedelta(seconds=p.unresponsive_after_seconds)
-                                            for name, p in partners.items()})
+        local = SqliteInventory(self.store, {name: timedelta(seconds=p.unresponsive_after_seconds)
+                                             for name, p in partners.items()})
+        if self.graph_client is None:
+            return local
+        return GraphInventory(self.store, local, self.graph_client, clock=utc_now)
+
+    @property
+    def graph_client(self) -> GraphClient | None:
+        graph = self.config.gateway_file.device_signals.graph
+        if graph is None:
+            return None
+        if self._graph_client is None:
+            object.__setattr__(self, "_graph_client", GraphClient(graph_settings(graph, os.environ)))
+        return self._graph_client
 
     def device_count(self) -> int:
         seeded = {r.azure_ad_device_id.lower() for r in self.file_inventory.records} if self.file_inventory else set()
@@ -58,6 +75,16 @@ def load(config_dir: Path) -> Loaded:
     file_inventory = FileDeviceInventory.load(config.path(signals.inventory)) if signals.inventory else None
     store = DeviceStore(config.path(signals.database)) if signals.database else None
     return Loaded(config, file_inventory, store)
+
+
+def graph_settings(graph: GraphConnectorSettings, environ: Mapping[str, str]) -> GraphSettings:
+    secret = environ.get(graph.client_secret_env, "")
+    if not secret:
+        raise ValueError(f"deviceSignals.graph: environment variable {graph.client_secret_env} must hold the "
+                         "client secret")
+    return GraphSettings(token_url=f"{graph.authority}/{graph.tenant_id}/oauth2/v2.0/token",
+                         graph_url=graph.graph_url, client_id=graph.client_id, client_secret=secret,
+                         lookups_per_second=graph.lookups_per_second)
 
 
 def seed_store(loaded: Loaded, now_clock: Clock = utc_now) -> None:

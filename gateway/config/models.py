@@ -247,12 +247,30 @@ class ComplianceTenantSettings(Model):
         )
 
 
+class GraphConnectorSettings(Model):
+    """Intune's managed devices from Microsoft Graph, with OAuth 2.0 client credentials."""
+
+    tenant_id: Annotated[str, Field(min_length=1)]
+    client_id: Annotated[str, Field(min_length=1)]
+    client_secret_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")]
+    authority: str = "https://login.microsoftonline.com"
+    graph_url: str = "https://graph.microsoft.com/v1.0"
+    sync_interval_seconds: Annotated[int, Field(ge=60, le=86400)] = 900
+    lookups_per_second: Annotated[float, Field(gt=0, le=100)] = 5
+
+    @field_validator("authority", "graph_url")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        return _check_url(value, what="URL").rstrip("/")
+
+
 class DeviceSignalsSettings(Model):
     """``inventory``: a YAML file read at start. ``database``: the SQLite store (``portcullis
     devices ...``). With both, the YAML file seeds the store each time the gateway starts."""
 
     inventory: Path | None = None
     database: Path | None = None
+    graph: GraphConnectorSettings | None = None
     cache: DeviceCacheSettings = DeviceCacheSettings()
     compliance: ComplianceTenantSettings = ComplianceTenantSettings()
 
@@ -260,6 +278,8 @@ class DeviceSignalsSettings(Model):
     def _a_source(self) -> DeviceSignalsSettings:
         if self.inventory is None and self.database is None:
             raise ValueError("give 'inventory' (a YAML file), 'database' (SQLite), or both")
+        if self.graph is not None and self.database is None:
+            raise ValueError("'graph' syncs into the SQLite inventory: set 'database' too")
         return self
 
 

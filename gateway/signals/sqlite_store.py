@@ -84,12 +84,20 @@ class DeviceStore:
         device = DeviceRecord.model_validate_json(row[0]).to_managed_device()
         return _with_threats(device, [t for t in threats if t[0] not in ignored_vendors])
 
-    def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime) -> int:
-        """Import: upsert every record in one transaction (vendors' threat levels included)."""
+    def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune: bool = False) -> int:
+        """Import: upsert every record in one transaction (vendors' threat levels included);
+        with ``prune``, devices not in ``records`` are removed (a full sync)."""
         rows = list(records)
         with self._lock, self._transaction():
             for record in rows:
                 self._upsert(record, now)
+            if prune:
+                keep = {r.azure_ad_device_id.lower() for r in rows}
+                gone = [d for (d,) in self._db.execute("SELECT device_id FROM devices") if d not in keep]
+                for device_id in gone:
+                    self._db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+                    self._db.execute("DELETE FROM threat_levels WHERE device_id = ?", (device_id,))
+                    self._changed(device_id, now)
         return len(rows)
 
     def upsert(self, record: DeviceRecord, *, now: datetime) -> None:

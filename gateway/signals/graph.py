@@ -1,0 +1,205 @@
+"""The Microsoft Graph connector: Intune's managed devices into the SQLite inventory.
+
+- OAuth 2.0 client credentials (authlib) against ``{authority}/{tenantId}/oauth2/v2.0/token``,
+  scope ``https://graph.microsoft.com/.default``; the secret comes from the environment.
+- A full sync reads ``/deviceManagement/managedDevices`` page by page (``@odata.nextLink``) and
+  replaces the inventory's records in one transaction (nothing half-synced; devices Intune no
+  longer lists are removed).
+- A device the inventory does not know is looked up on its own
+  (``$filter=azureADDeviceId eq '<id>'``), at most ``lookupsPerSecond``, so a flood of random
+  device ids cannot hammer Graph; beyond the rate the device counts as unknown (not compliant).
+- ``429`` and ``503`` are retried after ``Retry-After`` (bounded); other failures raise
+  ``SignalUnavailable`` and the cache's staleness rules apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from gateway.errors import SignalUnavailable
+from gateway.policy.model import ManagedDevice
+from gateway.signals.devices import DeviceRecord
+from gateway.signals.mtd import LEVELS
+from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
+
+logger = logging.getLogger(__name__)
+
+import authlib.deprecate  # noqa: E402  (its "always" filter must exist before ours is added)
+
+with warnings.catch_warnings():
+    # authlib 1.9 prefers the httpx2 fork and warns when it runs on httpx, which Portcullis uses
+    # everywhere (Starlette's test client, JWKS fetching): same API, so the warning is noise here.
+    warnings.filterwarnings("ignore", category=authlib.deprecate.AuthlibDeprecationWarning)
+    from authlib.integrations.base_client.errors import OAuthError  # noqa: E402
+    from authlib.integrations.httpx_client import AsyncOAuth2Client  # noqa: E402
+
+SELECT = ("azureADDeviceId,easDeviceId,deviceName,userPrincipalName,operatingSystem,osVersion,jailBroken,"
+          "managedDeviceOwnerType,managementAgent,lastSyncDateTime,complianceState,"
+          "complianceGracePeriodExpirationDateTime,partnerReportedThreatState,manufacturer,model")
+MAX_RETRIES = 4
+MAX_RETRY_AFTER_SECONDS = 30.0
+MAX_PAGES = 10_000
+GRAPH_VENDOR = "graph"  # partnerReportedThreatState, as Intune last heard it from the MTD partner
+DEVICE_ID = re.compile(r"^[0-9a-fA-F-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class GraphSettings:
+    token_url: str
+    graph_url: str
+    client_id: str
+    client_secret: str
+    lookups_per_second: float
+    timeout: float = 10.0
+
+
+def device_record(item: Mapping[str, Any]) -> DeviceRecord | None:
+    """Graph's managedDevice as an inventory record; None for one without an Entra device id."""
+    if not item.get("azureADDeviceId") or item.get("azureADDeviceId") == "00000000-0000-0000-0000-000000000000":
+        return None
+    owner = str(item.get("managedDeviceOwnerType") or "").lower()
+    threat = str(item.get("partnerReportedThreatState") or "").lower()
+    fields = {
+        "azureADDeviceId": item["azureADDeviceId"],
+        "easDeviceId": item.get("easDeviceId") or None,
+        "deviceName": item.get("deviceName"),
+        "userPrincipalName": item.get("userPrincipalName") or None,
+        "operatingSystem": item.get("operatingSystem"),
+        "osVersion": item.get("osVersion"),
+        "jailBroken": {"true": True, "false": False}.get(str(item.get("jailBroken", "")).lower()),
+        "managedDeviceOwnerType": owner if owner in ("company", "personal") else None,
+        "managementAgent": item.get("managementAgent"),
+        "lastSyncDateTime": item.get("lastSyncDateTime"),
+        "complianceState": item.get("complianceState") or "unknown",
+        "complianceGracePeriodExpirationDateTime": item.get("complianceGracePeriodExpirationDateTime"),
+        "manufacturer": item.get("manufacturer"),
+        "model": item.get("model"),
+    }
+    if threat in LEVELS:
+        fields["threatLevel"], fields["threatSource"] = LEVELS[threat].value, GRAPH_VENDOR
+    return DeviceRecord.model_validate_json(json.dumps({k: v for k, v in fields.items() if v is not None}),
+                                            strict=True)
+
+
+class GraphClient:
+    def __init__(self, settings: GraphSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        self._client = AsyncOAuth2Client(
+            client_id=settings.client_id, client_secret=settings.client_secret,
+            token_endpoint=settings.token_url, scope="https://graph.microsoft.com/.default",
+            grant_type="client_credentials", timeout=settings.timeout, transport=transport,
+        )
+        self._token_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def managed_devices(self, filter_: str | None = None) -> list[DeviceRecord]:
+        """Every managed device (or those matching ``filter_``), across all pages."""
+        url: str | None = f"{self.settings.graph_url}/deviceManagement/managedDevices"
+        params: dict[str, str] | None = {"$select": SELECT, **({"$filter": filter_} if filter_ else {})}
+        records: list[DeviceRecord] = []
+        for _ in range(MAX_PAGES):
+            if url is None:
+                return records
+            page = await self._get(url, params)
+            params = None  # nextLink carries the query
+            for item in page.get("value", []):
+                try:
+                    record = device_record(item)
+                except ValidationError as error:
+                    logger.warning("Graph device %s skipped: %s", item.get("azureADDeviceId"), error)
+                    continue
+                if record is not None:
+                    records.append(record)
+            url = page.get("@odata.nextLink")
+        raise SignalUnavailable(f"Graph returned more than {MAX_PAGES} pages")
+
+    async def _get(self, url: str, params: dict[str, str] | None) -> dict[str, Any]:
+        for attempt in range(MAX_RETRIES + 1):
+            await self._ensure_token()
+            try:
+                response = await self._client.get(url, params=params)
+            except httpx.HTTPError as error:
+                raise SignalUnavailable(f"Graph unreachable: {type(error).__name__}") from error
+            if response.status_code in (429, 503) and attempt < MAX_RETRIES:
+                delay = _retry_after(response.headers.get("retry-after"))
+                logger.warning("Graph answered %s; retrying in %.1f s", response.status_code, delay)
+                await asyncio.sleep(delay)
+                continue
+            if response.status_code == 401 and attempt < MAX_RETRIES:
+                self._client.token = None  # expired or revoked: fetch a new one once
+                continue
+            if response.status_code != 200:
+                raise SignalUnavailable(f"Graph answered {response.status_code}")
+            body = response.json()
+            if not isinstance(body, dict):
+                raise SignalUnavailable("Graph answered something other than a JSON object")
+            return body
+        raise SignalUnavailable("Graph kept throttling")
+
+    async def _ensure_token(self) -> None:
+        async with self._token_lock:
+            token = self._client.token
+            if token and not token.is_expired():
+                return
+            try:
+                await self._client.fetch_token()
+            except (httpx.HTTPError, OAuthError, ValueError, KeyError) as error:
+                raise SignalUnavailable(f"Graph token request failed: {error}") from error
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(max(float(value or 1), 0.0), MAX_RETRY_AFTER_SECONDS)
+    except ValueError:
+        return 1.0
+
+
+class GraphInventory:
+    """The SQLite inventory, filled by Graph: misses are looked up in Graph, rate-limited."""
+
+    name = "graph"
+
+    def __init__(self, store: DeviceStore, local: SqliteInventory, client: GraphClient, *,
+                 clock: Callable[[], datetime], timer: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.local, self.client = store, local, client
+        self._clock, self._timer = clock, timer
+        self._allowance = client.settings.lookups_per_second
+        self._checked = timer()
+
+    async def managed_device(self, device_id: str) -> ManagedDevice | None:
+        found = await self.local.managed_device(device_id)
+        if found is not None or not DEVICE_ID.match(device_id) or not self._may_look_up():
+            return found
+        records = await self.client.managed_devices(f"azureADDeviceId eq '{device_id.lower()}'")
+        for record in records:
+            await asyncio.to_thread(self.store.upsert, record, now=self._clock())
+        return await self.local.managed_device(device_id) if records else None
+
+    async def full_sync(self) -> int:
+        records = await self.client.managed_devices()
+        return await asyncio.to_thread(self.store.replace_all, records, now=self._clock(), prune=True)
+
+    def _may_look_up(self) -> bool:
+        """A token bucket of ``lookupsPerSecond``: misses beyond it are not looked up."""
+        rate = self.client.settings.lookups_per_second
+        now = self._timer()
+        self._allowance = min(rate, self._allowance + (now - self._checked) * rate)
+        self._checked = now
+        if self._allowance < 1:
+            return False
+        self._allowance -= 1
+        return True

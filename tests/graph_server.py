@@ -1,0 +1,109 @@
+"""A local server in Microsoft Graph's shapes for the connector's tests: the v2.0 token endpoint
+(client credentials), and /deviceManagement/managedDevices with $select, $filter on
+azureADDeviceId, paging by @odata.nextLink, and throttling (429/503 with Retry-After)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+TENANT = "c0a7e1d5-0000-4000-8000-00000000c0de"
+CLIENT_ID = "portcullis-connector"
+CLIENT_SECRET = "connector-secret-0123456789"  # noqa: S105  (a test server's fake credential)
+
+
+def managed_device(index: int, **overrides: Any) -> dict[str, Any]:
+    """A managedDevice as Graph v1.0 returns it (only the fields the connector selects, plus noise)."""
+    return {
+        "id": f"1b2c3d4e-0000-4000-8000-{index:012d}",
+        "azureADDeviceId": f"aa000000-0000-4000-8000-{index:012d}",
+        "easDeviceId": f"Appl{index:08d}",
+        "deviceName": f"Phone {index}",
+        "userPrincipalName": f"user{index}@contoso.test",
+        "operatingSystem": "iOS",
+        "osVersion": "18.1",
+        "jailBroken": "False",
+        "managedDeviceOwnerType": "company",
+        "managementAgent": "mdm",
+        "lastSyncDateTime": "2026-11-23T08:00:00Z",
+        "complianceState": "compliant",
+        "complianceGracePeriodExpirationDateTime": "9999-12-31T23:59:59Z",
+        "partnerReportedThreatState": "secured",
+        "manufacturer": "Apple",
+        "model": "iPhone 16",
+        **overrides,
+    }
+
+
+@dataclass
+class GraphState:
+    devices: list[dict[str, Any]]
+    page_size: int = 2
+    throttle: list[int] = field(default_factory=list)  # statuses to answer before the next page
+    tokens_issued: int = 0
+    requests: list[str] = field(default_factory=list)
+
+
+def graph_app(state: GraphState) -> Starlette:
+    async def token(request: Request) -> JSONResponse:
+        form = await request.form()
+        basic = request.headers.get("authorization", "")
+        credentials = base64.b64decode(basic.removeprefix("Basic ")).decode() if basic.startswith("Basic ") else \
+            f"{form.get('client_id')}:{form.get('client_secret')}"
+        if form.get("grant_type") != "client_credentials" or credentials != f"{CLIENT_ID}:{CLIENT_SECRET}":
+            return JSONResponse({"error": "invalid_client"}, status_code=401)
+        state.tokens_issued += 1
+        return JSONResponse({"token_type": "Bearer", "expires_in": 3599, "access_token": f"t{state.tokens_issued}"})
+
+    async def devices(request: Request) -> JSONResponse:
+        state.requests.append(str(request.url))
+        if not request.headers.get("authorization", "").startswith("Bearer t"):
+            return JSONResponse({"error": {"code": "InvalidAuthenticationToken"}}, status_code=401)
+        if state.throttle:
+            status = state.throttle.pop(0)
+            return JSONResponse({"error": {"code": "TooManyRequests"}}, status_code=status,
+                                headers={"Retry-After": "0"})
+        selected = state.devices
+        wanted = request.query_params.get("$filter", "")
+        if wanted.startswith("azureADDeviceId eq '"):
+            key = wanted.removeprefix("azureADDeviceId eq '").rstrip("'")
+            selected = [d for d in selected if d["azureADDeviceId"] == key]
+        start = int(request.query_params.get("$skiptoken", "0"))
+        page = selected[start:start + state.page_size]
+        body: dict[str, Any] = {"@odata.context": "https://graph.microsoft.com/v1.0/$metadata#deviceManagement/"
+                                                  "managedDevices", "value": page}
+        if start + state.page_size < len(selected):
+            body["@odata.nextLink"] = str(request.url.include_query_params(**{"$skiptoken": start + state.page_size}))
+        return JSONResponse(body)
+
+    return Starlette(routes=[
+        Route(f"/{TENANT}/oauth2/v2.0/token", token, methods=["POST"]),
+        Route("/v1.0/deviceManagement/managedDevices", devices),
+    ])
+
+
+@contextlib.asynccontextmanager
+async def serving(state: GraphState) -> AsyncIterator[str]:
+    """The Graph-shaped server on a free loopback port; yields its base URL."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(graph_app(state), log_level="warning", lifespan="off"))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  (not the main thread)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
