@@ -14,7 +14,7 @@ import logging
 from mitmproxy import ctx, http
 
 from addons.safety import ALLOWED_KEY, AUTHORIZATION_KEY, CORRELATION_KEY, DEVICE_KEY, REQUEST_KEY, fail_closed
-from gateway.access import AccessService
+from gateway.access import EVERY_DEVICE, AccessService
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ class ContinuousAccess:
         self._forget(flow)
 
     def devices_changed(self, device_ids: set[str]) -> None:
+        if EVERY_DEVICE in device_ids:
+            device_ids = set(self.open_flows)
         for device_id in device_ids:
             for flow in list(self.open_flows.get(device_id, ())):
                 task = asyncio.get_running_loop().create_task(self._decide_again(flow))

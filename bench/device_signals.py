@@ -20,7 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.config import load_config  # noqa: E402
 from gateway.policy.evaluate import evaluate  # noqa: E402
-from gateway.policy.model import AccessRequest, ClientApp, DeviceSignals, Identity  # noqa: E402
+from gateway.policy.model import (  # noqa: E402
+    AccessRequest,
+    ClientApp,
+    ComplianceSettings,
+    DeviceSignals,
+    Identity,
+)
 from gateway.policy.policy_set import PolicySet  # noqa: E402
 from gateway.signals.cache import CachedInventory  # noqa: E402
 from gateway.signals.devices import DeviceRecord  # noqa: E402
@@ -40,7 +46,8 @@ def fill(store: DeviceStore, count: int) -> list[str]:
     return ids
 
 
-async def decide_all(inventory: CachedInventory, policy_set: PolicySet, device_ids: list[str]) -> float:
+async def decide_all(inventory: CachedInventory, policy_set: PolicySet, device_ids: list[str],
+                     compliance: ComplianceSettings) -> float:
     request = AccessRequest(correlation_id="b", host="mail.contoso.test", path="/Microsoft-Server-ActiveSync",
                             method="POST", client_ip="203.0.113.4", user_agent="Outlook-iOS-Android/1.0",
                             accepts_html=False)
@@ -53,7 +60,8 @@ async def decide_all(inventory: CachedInventory, policy_set: PolicySet, device_i
         identity = Identity(subject="s", user_principal_name="u@contoso.test", object_id=None, tenant_id=None,
                             client_id=OUTLOOK, device_id=device_id, groups=frozenset(), audience="a", expires_at=0)
         decision = evaluate(request=request, identity=identity, app=app, resources=found.names,
-                            device=DeviceSignals(device_id=device_id, device=record, source="sqlite"),
+                            device=DeviceSignals(device_id=device_id, device=record, source="sqlite",
+                                                 compliance=compliance),
                             policy_set=policy_set, now=NOW)
         assert decision.allowed, decision.reason
     return len(device_ids) / (time.perf_counter() - started)
@@ -70,8 +78,9 @@ async def main(devices: int, decisions: int) -> None:
         sample = random.Random(7).sample(ids, decisions)  # noqa: S311  (a repeatable sample, not a secret)
         inventory = CachedInventory(SqliteInventory(store), ttl=3600, miss_ttl=5, max_staleness=300,
                                     max_entries=devices)
-        cold = await decide_all(inventory, policy_set, sample)
-        warm = await decide_all(inventory, policy_set, sample)
+        compliance = config.gateway_file.device_signals.compliance.settings()
+        cold = await decide_all(inventory, policy_set, sample, compliance)
+        warm = await decide_all(inventory, policy_set, sample, compliance)
         print(f"{'cache':>6} {'decisions/s':>12} {'µs/decision':>12}")
         for name, rate in (("cold", cold), ("warm", warm)):
             print(f"{name:>6} {rate:>12,.0f} {1e6 / rate:>12.1f}")

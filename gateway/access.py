@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 type Clock = Callable[[], datetime]
 
 
+EVERY_DEVICE = "*"  # in a change notification: every device may have changed
+
+
 def new_correlation_id() -> str:
     return str(uuid.uuid4())
 
@@ -109,21 +112,21 @@ class AccessService:
         """Store an MTD partner's verdicts (blocking: run it in a thread); returns unknown device ids."""
         if self.store is None:
             raise SignalUnavailable("MTD verdicts need the SQLite inventory")
-        unknown, changed = [], set()
-        for verdict in verdicts:
-            if verdict.level is None:
-                known = self.store.clear_threat_level(verdict.device_id, partner, now=now)
-            else:
-                known = self.store.set_threat_level(verdict.device_id, partner, verdict.level, now=now)
-            (changed.add if known else unknown.append)(verdict.device_id)
-        self.record_partner_contact(partner, now)
+        try:
+            changed, unknown = self.store.apply_verdicts(partner, [(v.device_id, v.level) for v in verdicts],
+                                                         now=now)
+        except sqlite3.Error as error:
+            raise SignalUnavailable(f"device inventory: {error}") from error
         if changed:
             self._loop_call(self.devices_changed, changed)
         return unknown
 
     def record_partner_contact(self, partner: str, now: datetime) -> None:
         if self.store is not None:
-            self.store.partner_contact(partner, now=now)
+            try:
+                self.store.partner_contact(partner, now=now)
+            except sqlite3.Error as error:
+                raise SignalUnavailable(f"device inventory: {error}") from error
 
     def _loop_call(self, function: Callable[[set[str]], None], argument: set[str]) -> None:
         """Listeners (open flows) live in the event loop; verdicts are stored in a worker thread."""
@@ -138,7 +141,11 @@ class AccessService:
         if self.store is None or self.store.data_version() == self._data_version:
             return
         self._data_version = self.store.data_version()
-        self._seen_change, changed = self.store.changes_since(self._seen_change)
+        self._seen_change, changed, complete = self.store.changes_since(self._seen_change)
+        if not complete:  # this gateway fell behind the change log: forget every device
+            logger.warning("device change log moved past this gateway; re-reading every device")
+            self._inventory.invalidate_all()
+            changed = {EVERY_DEVICE}
         if changed:
             self.devices_changed(changed)
 

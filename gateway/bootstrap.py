@@ -42,15 +42,23 @@ class Loaded:
         return OverlayInventory(self.file_inventory, SqliteInventory(self.store))
 
     @property
+    def local_inventory(self) -> SqliteInventory | None:
+        """The SQLite store as policy reads it: unresponsive partners' verdicts left out."""
+        if self.store is None:
+            return None
+        partners = self.config.gateway_file.mtd_partners
+        return SqliteInventory(self.store, {name: timedelta(seconds=p.unresponsive_after_seconds)
+                                            for name, p in partners.items()})
+
+    @property
     def live_inventory(self) -> DeviceInventory:
         """What a running gateway reads: the store when configured (seeded at start), else the file."""
-        if self.store is None:
+        local = self.local_inventory
+        if local is None:
             return self.inventory
-        partners = self.config.gateway_file.mtd_partners
-        local = SqliteInventory(self.store, {name: timedelta(seconds=p.unresponsive_after_seconds)
-                                             for name, p in partners.items()})
         if self.graph_client is None:
             return local
+        assert self.store is not None  # noqa: S101  (local inventory implies a store)
         return GraphInventory(self.store, local, self.graph_client, clock=utc_now)
 
     @property
@@ -90,7 +98,7 @@ def graph_settings(graph: GraphConnectorSettings, environ: Mapping[str, str]) ->
 def seed_store(loaded: Loaded, now_clock: Clock = utc_now) -> None:
     """With both a YAML inventory and a database, the YAML file seeds the store at start."""
     if loaded.store is not None and loaded.file_inventory is not None:
-        loaded.store.replace_all(loaded.file_inventory.records, now=now_clock())
+        loaded.store.replace_all(loaded.file_inventory.records, now=now_clock(), seed=True)
 
 
 def build_service(

@@ -183,6 +183,12 @@ def _store(args: argparse.Namespace) -> DeviceStore:
     return loaded.store
 
 
+def _ignored_partners(args: argparse.Namespace) -> frozenset[str]:
+    """The MTD partners whose verdicts policy ignores now (unresponsive), as the gateway does."""
+    local = bootstrap.load(args.config).local_inventory
+    return local.ignored_vendors() if local is not None else frozenset()
+
+
 def _devices_import(args: argparse.Namespace) -> int:
     records = parse_import(args.file)
     count = _store(args).replace_all(records, now=utc_now())
@@ -196,9 +202,9 @@ def _devices_export(args: argparse.Namespace) -> int:
 
 
 def _devices_list(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store, ignored = _store(args), _ignored_partners(args)
     for record in store.records():
-        device = store.managed_device(str(record["azureADDeviceId"]))
+        device = store.managed_device(str(record["azureADDeviceId"]), ignored)
         assert device is not None  # noqa: S101  (just listed)
         threat = f"{device.threat_level.value} ({device.threat_source})" if device.threat_level else "-"
         print(f"{device.device_id}  {device.compliance_state.value:<13} threat {threat:<20} "
@@ -207,7 +213,7 @@ def _devices_list(args: argparse.Namespace) -> int:
 
 
 def _devices_show(args: argparse.Namespace) -> int:
-    device = _store(args).managed_device(args.device_id)
+    device = _store(args).managed_device(args.device_id, _ignored_partners(args))
     if device is None:
         print(f"portcullis: no device {args.device_id!r} in the inventory", file=sys.stderr)
         return 1

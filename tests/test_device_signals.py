@@ -29,7 +29,7 @@ def device(**fields: object) -> ManagedDevice:
     base: dict[str, object] = {"device_id": "d1", "display_name": None, "user_principal_name": None,
                                "operating_system": "iOS", "compliance_state": ComplianceState.compliant,
                                "compliance_grace_period_expiration": None, "threat_level": DeviceThreatLevel.low,
-                               "threat_source": "x"}
+                               "threat_source": "x", "last_sync": NOW - timedelta(hours=2)}
     return ManagedDevice(**{**base, **fields})  # type: ignore[arg-type]
 
 
@@ -41,6 +41,8 @@ def device(**fields: object) -> ManagedDevice:
         ({"last_sync": NOW - timedelta(days=31)}, ComplianceSettings(),
          "device not compliant (last synced 31 days ago)"),
         ({"last_sync": NOW - timedelta(days=29)}, ComplianceSettings(), None),
+        ({"last_sync": None}, ComplianceSettings(),
+         "device not compliant (never synced, and a compliance validity period is set)"),
         ({"last_sync": NOW - timedelta(days=300)}, ComplianceSettings(validity=None), None),
         ({"compliance_state": ComplianceState.unknown}, ComplianceSettings(),
          "device not compliant (complianceState: unknown)"),
@@ -238,3 +240,80 @@ def test_devices_cli(tmp_path: Path) -> None:
     assert cli("show", "nope").stderr == "portcullis: no device 'nope' in the inventory\n"
     exported = json.loads(cli("export").stdout)
     assert len(exported["devices"]) == 4
+
+
+def test_a_full_sync_keeps_other_partners_verdicts_and_an_empty_sync_prunes_nothing(store: DeviceStore) -> None:
+    store.set_threat_level(ALEX, "lookout", DeviceThreatLevel.high, now=NOW)
+    others = [r for r in parse_import(REPO / "config" / "devices.yaml") if r.azure_ad_device_id.lower() != ALEX]
+    assert store.replace_all([], now=NOW, prune_vendor="graph") == 0
+    assert store.count() == 4
+    store.replace_all(others, now=NOW, prune_vendor="graph")
+    assert store.managed_device(ALEX) is None
+    store.replace_all(parse_import(REPO / "config" / "devices.yaml"), now=NOW, prune_vendor="graph")
+    back = store.managed_device(ALEX)
+    assert back is not None and (back.threat_level, back.threat_source) == (DeviceThreatLevel.high, "lookout")
+
+
+def test_a_restart_seed_never_undoes_a_live_verdict(store: DeviceStore) -> None:
+    store.set_threat_level(ALEX, "demo-mtd", DeviceThreatLevel.high, now=NOW)
+    store.replace_all(parse_import(REPO / "config" / "devices.yaml"), now=NOW + timedelta(hours=1), seed=True)
+    record = store.managed_device(ALEX)
+    assert record is not None and record.threat_level is DeviceThreatLevel.high
+
+
+def test_a_source_that_stops_reporting_a_level_clears_its_verdict(store: DeviceStore) -> None:
+    record = parse_import(REPO / "config" / "devices.yaml")[0]
+    with_graph = record.model_copy(update={"threat_level": DeviceThreatLevel.high, "threat_source": "graph"})
+    store.upsert(with_graph, now=NOW, clear_vendor="graph")
+    store.upsert(record.model_copy(update={"threat_level": None, "threat_source": None}), now=NOW,
+                 clear_vendor="graph")
+    found = store.managed_device(record.azure_ad_device_id)
+    assert found is not None and found.threat_source != "graph"
+
+
+def test_writes_through_the_gateways_own_connection_change_the_data_version(store: DeviceStore) -> None:
+    before = store.data_version()
+    store.set_threat_level(ALEX, "graph", DeviceThreatLevel.medium, now=NOW)
+    assert store.data_version() != before
+    seq, changed, complete = store.changes_since(0)
+    assert ALEX in changed and complete and seq == store.last_change()
+
+
+def test_the_change_log_is_trimmed_and_a_reader_left_behind_learns_it(store: DeviceStore,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.signals.sqlite_store as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "CHANGES_KEPT", 3)
+    behind = store.last_change()
+    for level in (DeviceThreatLevel.low, DeviceThreatLevel.medium, DeviceThreatLevel.high, DeviceThreatLevel.low):
+        store.set_threat_level(ALEX, "x", level, now=NOW)
+    assert int(store._read("SELECT COUNT(*) FROM changes")[0][0]) <= 4
+    _, _, complete = store.changes_since(behind)
+    assert not complete
+
+
+def test_short_long_and_duplicate_csv_rows_are_refused_with_their_lines(tmp_path: Path) -> None:
+    path = tmp_path / "devices.csv"
+    path.write_text("azureADDeviceId,complianceState,jailBroken\n"
+                    "a1,compliant,false\n"
+                    "a2,compliant\n"
+                    "a3,compliant,false,extra\n"
+                    "A1,compliant,false\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_import(path)
+    assert [(p.line, p.key) for p in caught.value.problems] == [(3, ""), (4, ""), (5, "azureADDeviceId")]
+
+
+def test_an_answer_read_across_an_invalidation_is_not_kept() -> None:
+    source, clock = CountingSource(), Clock()
+    inventory = cached(source, clock)
+
+    async def scenario() -> None:
+        lookup = asyncio.create_task(inventory.managed_device("d1"))
+        await asyncio.sleep(0)  # the source call is under way
+        inventory.invalidate({"d1"})
+        await lookup
+        await inventory.managed_device("d1")
+
+    asyncio.run(scenario())
+    assert source.calls == 2

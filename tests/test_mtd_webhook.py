@@ -4,15 +4,20 @@ close open long-polls, and everything malformed or forged is refused with a clea
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from gateway.demo import ALEX_IPHONE, CASEY_IPAD, EXCHANGE, OUTLOOK_MOBILE, activesync
-from gateway.signals.mtd import sign
+from gateway.errors import SignalUnavailable
+from gateway.signals.mtd import MtdReceiver, Partner, sign
+from gateway.web.mtd_webhook import mtd_webhook_app
 from tests.conftest import MTD_SECRET, Gateway
 
 SERVICE = "portcullis.contoso.test"
@@ -155,3 +160,56 @@ def test_service_host_is_never_forwarded_upstream(gateway: Gateway) -> None:
     answer = gateway.request(SERVICE, "/owa/")
     assert answer.status_code == 404
     assert "backend" not in answer.text
+
+
+def raw_post(gateway: Gateway, path: str, headers: list[tuple[str, str]], body: bytes) -> int:
+    """An HTTP/1.1 request written byte for byte (header values an HTTP library would refuse)."""
+    context = ssl.create_default_context()
+    gateway.ca.configure_trust(context)
+    head = "".join(f"{name}: {value}\r\n" for name, value in [("Host", SERVICE), *headers,
+                                                                ("Content-Length", str(len(body))),
+                                                                ("Connection", "close")])
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=SERVICE) as tls:
+        tls.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode("latin-1") + body)
+        answer = b"".join(iter(lambda: tls.recv(4096), b""))
+    return int(answer.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("mangle", [lambda s: s + "\xa0", lambda s: s + " \xa0", lambda s: s.upper(),
+                                    lambda s: s.replace("sha256=", "SHA256=")])
+def test_a_captured_signature_cannot_be_reused_in_another_spelling(gateway: Gateway, mangle) -> None:  # noqa: ANN001
+    ts, body = str(int(time.time())), level(ALEX_IPHONE, "low").encode()
+    signature = sign(MTD_SECRET.encode(), ts, body)
+    headers = [("Content-Type", "application/json"), ("X-Portcullis-Timestamp", ts)]
+    assert raw_post(gateway, "/mtd/demo-mtd/events", [*headers, ("X-Portcullis-Signature", signature)], body) == 202
+    again = raw_post(gateway, "/mtd/demo-mtd/events", [*headers, ("X-Portcullis-Signature", mangle(signature))], body)
+    assert again in (400, 401, 409)
+
+
+class FlakyService:
+    """The webhook's one dependency, failing its first store as a locked database would."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def record_threat_verdicts(self, partner: str, verdicts: list[object], now: object) -> list[str]:
+        self.calls += 1
+        if self.calls == 1:
+            raise SignalUnavailable("database is locked")
+        return []
+
+
+def test_a_push_that_could_not_be_stored_gets_503_and_its_retry_is_accepted() -> None:
+    from starlette.testclient import TestClient
+
+    receiver = MtdReceiver({"acme": Partner("acme", MTD_SECRET.encode(), 300, 3600)})
+    app = mtd_webhook_app(receiver, FlakyService(), lambda: datetime.now(UTC))  # type: ignore[arg-type]
+    ts, body = str(int(time.time())), level(ALEX_IPHONE, "high")
+    headers = {"Content-Type": "application/json", "X-Portcullis-Timestamp": ts,
+               "X-Portcullis-Signature": sign(MTD_SECRET.encode(), ts, body.encode())}
+    with TestClient(app) as client:
+        failed = client.post("/mtd/acme/events", content=body, headers=headers)
+        retried = client.post("/mtd/acme/events", content=body, headers=headers)
+        replayed = client.post("/mtd/acme/events", content=body, headers=headers)
+    assert (failed.status_code, retried.status_code, replayed.status_code) == (503, 202, 409)

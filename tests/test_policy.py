@@ -51,6 +51,7 @@ def policy(name: str = "p", *, state: str = "enabled", include: list[str] | None
 
 def device(state: str = "compliant", threat: str | None = "low", grace_end: datetime | None = None,
            **attributes: Any) -> DeviceSignals:
+    attributes.setdefault("last_sync", NOW - timedelta(hours=2))
     record = ManagedDevice(device_id="d1", display_name=None, user_principal_name=None,
                            operating_system=attributes.pop("operating_system", "iOS"),
                            compliance_state=ComplianceState(state), compliance_grace_period_expiration=grace_end,

@@ -39,6 +39,7 @@ class CachedInventory:
         self._misses: TTLCache[str, bool] = TTLCache(maxsize=max(1024, max_entries // 10), ttl=miss_ttl, timer=timer)
         self._last_good: LRUCache[str, tuple[ManagedDevice | None, float]] = LRUCache(maxsize=max_entries)
         self._in_flight: dict[str, asyncio.Future[ManagedDevice | None]] = {}
+        self._generation = 0  # bumped by every invalidation: an answer fetched across one is not kept
         self.source_calls = 0
 
     async def managed_device(self, device_id: str) -> ManagedDevice | None:
@@ -65,7 +66,14 @@ class CachedInventory:
         finally:
             del self._in_flight[key]
 
+    def invalidate_all(self) -> None:
+        self._generation += 1
+        self._fresh.clear()
+        self._misses.clear()
+        self._last_good.clear()
+
     def invalidate(self, device_ids: Iterable[str]) -> None:
+        self._generation += 1
         for key in device_ids:
             key = key.lower()
             self._fresh.pop(key, None)
@@ -74,6 +82,7 @@ class CachedInventory:
 
     async def _fetch(self, key: str) -> ManagedDevice | None:
         self.source_calls += 1
+        generation = self._generation
         try:
             value = await self.source.managed_device(key)
         except SignalUnavailable as error:
@@ -84,6 +93,8 @@ class CachedInventory:
                                self.name, error, key, age)
                 return last[0]
             raise
+        if generation != self._generation:
+            return value  # invalidated while it was being read: answer this request, keep nothing
         if value is None:
             self._misses[key] = True
         else:

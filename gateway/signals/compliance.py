@@ -3,7 +3,7 @@
 - ``compliant`` passes; ``inGracePeriod`` passes until its grace period ends.
 - ``unknown`` (no compliance policy assigned) follows the tenant setting, not compliant by default.
 - A jailbroken device is not compliant, whatever its state says.
-- A device that has not synced within the compliance validity period is not compliant.
+- A device that has not synced within the compliance validity period (or never) is not compliant.
 - An unknown device (not in the inventory) is not compliant.
 - With "block when no data from the MTD partner", a device without a current verdict is not compliant.
 """
@@ -22,8 +22,11 @@ def noncompliance_reason(device: ManagedDevice | None, now: datetime,
         return "device not registered (unknown to the device inventory)"
     if device.jail_broken:
         return "device not compliant (jailbroken)"
-    if settings.validity is not None and device.last_sync is not None and now - device.last_sync > settings.validity:
-        return f"device not compliant (last synced {(now - device.last_sync).days} days ago)"
+    if settings.validity is not None:
+        if device.last_sync is None:
+            return "device not compliant (never synced, and a compliance validity period is set)"
+        if now - device.last_sync > settings.validity:
+            return f"device not compliant (last synced {(now - device.last_sync).days} days ago)"
     if settings.block_without_partner_data and device.threat_level is None:
         return "device not compliant (no data from the MTD partner)"
     state = device.compliance_state

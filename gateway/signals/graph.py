@@ -3,8 +3,9 @@
 - OAuth 2.0 client credentials (authlib) against ``{authority}/{tenantId}/oauth2/v2.0/token``,
   scope ``https://graph.microsoft.com/.default``; the secret comes from the environment.
 - A full sync reads ``/deviceManagement/managedDevices`` page by page (``@odata.nextLink``) and
-  replaces the inventory's records in one transaction (nothing half-synced; devices Intune no
-  longer lists are removed).
+  replaces the inventory's records in one transaction (nothing half-synced). Devices Intune no
+  longer lists are removed with Graph's verdict on them; other MTD partners' verdicts stay. An
+  empty answer removes nothing.
 - A device the inventory does not know is looked up on its own
   (``$filter=azureADDeviceId eq '<id>'``), at most ``lookupsPerSecond``, so a flood of random
   device ids cannot hammer Graph; beyond the rate the device counts as unknown (not compliant).
@@ -51,6 +52,7 @@ SELECT = ("azureADDeviceId,easDeviceId,deviceName,userPrincipalName,operatingSys
 MAX_RETRIES = 4
 MAX_RETRY_AFTER_SECONDS = 30.0
 MAX_PAGES = 10_000
+MISS_LOOKUP_SECONDS = 3.0  # a request waits at most this for Graph to answer about an unknown device
 GRAPH_VENDOR = "graph"  # partnerReportedThreatState, as Intune last heard it from the MTD partner
 DEVICE_ID = re.compile(r"^[0-9a-fA-F-]{1,64}$")
 
@@ -184,20 +186,26 @@ class GraphInventory:
         found = await self.local.managed_device(device_id)
         if found is not None or not DEVICE_ID.match(device_id) or not self._may_look_up():
             return found
-        records = await self.client.managed_devices(f"azureADDeviceId eq '{device_id.lower()}'")
+        try:
+            records = await asyncio.wait_for(
+                self.client.managed_devices(f"azureADDeviceId eq '{device_id.lower()}'"), MISS_LOOKUP_SECONDS)
+        except TimeoutError:
+            logger.warning("Graph lookup of %s took longer than %s s; the device counts as unknown",
+                           device_id, MISS_LOOKUP_SECONDS)
+            return None
         for record in records:
-            await asyncio.to_thread(self.store.upsert, record, now=self._clock())
+            await asyncio.to_thread(self.store.upsert, record, now=self._clock(), clear_vendor=GRAPH_VENDOR)
         return await self.local.managed_device(device_id) if records else None
 
     async def full_sync(self) -> int:
         records = await self.client.managed_devices()
-        return await asyncio.to_thread(self.store.replace_all, records, now=self._clock(), prune=True)
+        return await asyncio.to_thread(self.store.replace_all, records, now=self._clock(), prune_vendor=GRAPH_VENDOR)
 
     def _may_look_up(self) -> bool:
         """A token bucket of ``lookupsPerSecond``: misses beyond it are not looked up."""
         rate = self.client.settings.lookups_per_second
         now = self._timer()
-        self._allowance = min(rate, self._allowance + (now - self._checked) * rate)
+        self._allowance = min(max(1.0, rate), self._allowance + (now - self._checked) * rate)
         self._checked = now
         if self._allowance < 1:
             return False

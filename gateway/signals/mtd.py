@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +32,7 @@ from gateway.config.models import MtdPartnerSettings
 from gateway.policy.model import DeviceThreatLevel
 
 MAX_BODY_BYTES = 64 * 1024
+SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
 MAX_EVENTS = 1000
 LEVELS = {
     "secured": DeviceThreatLevel.secured, "none": DeviceThreatLevel.secured, "clean": DeviceThreatLevel.secured,
@@ -104,12 +106,17 @@ class MtdReceiver:
             raise WebhookRejected(401, "X-Portcullis-Timestamp and X-Portcullis-Signature are required")
         if not timestamp.isdigit() or abs(now.timestamp() - int(timestamp)) > partner.tolerance_seconds:
             raise WebhookRejected(401, "timestamp outside the accepted window")
-        if not hmac.compare_digest(sign(partner.secret, timestamp, body), signature.strip()):
+        if not SIGNATURE.fullmatch(signature):
+            raise WebhookRejected(401, "X-Portcullis-Signature must be sha256=<64 lower-case hex digits>")
+        if not hmac.compare_digest(sign(partner.secret, timestamp, body), signature):
             raise WebhookRejected(401, "signature does not match")
         if signature in self._seen:
             raise WebhookRejected(409, "this push was already received")
-        self._seen[signature] = True
         return partner
+
+    def accepted(self, signature: str) -> None:
+        """Remember a push once it was stored, so that a partner's retry after a failure works."""
+        self._seen[signature] = True
 
     def verdicts(self, body: bytes) -> tuple[list[Verdict], list[str]]:
         """The verdicts a push carries, and the states it carried that set no level."""

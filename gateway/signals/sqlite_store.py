@@ -57,126 +57,169 @@ EXPORT_FIELDS = (
 )
 
 
+CHANGES_KEPT = 100_000  # a reader further behind than this re-reads everything (``changes_since``)
+
+
 class DeviceStore:
-    """Synchronous and thread-safe (one connection, one lock); async callers use ``to_thread``."""
+    """Thread-safe. Writes go through one connection, reads through another: in WAL mode a long
+    write (a full sync) never holds up lookups or the change check made before every request.
+    Async callers use ``to_thread`` for anything but ``data_version``/``changes_since``."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._lock = threading.Lock()
+        self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
 
     def close(self) -> None:
-        with self._lock:
+        with self._write_lock, self._read_lock:
             self._db.close()
+            self._reader.close()
+
+    def _read(self, sql: str, parameters: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._read_lock:
+            return self._reader.execute(sql, parameters).fetchall()
 
     def managed_device(self, device_id: str, ignored_vendors: frozenset[str] = frozenset()) -> ManagedDevice | None:
         """The device with the highest current MTD level, leaving out ``ignored_vendors``."""
         key = device_id.lower()
-        with self._lock:
-            row = self._db.execute("SELECT record FROM devices WHERE device_id = ?", (key,)).fetchone()
-            threats = self._db.execute(
-                "SELECT vendor, level, reported_at FROM threat_levels WHERE device_id = ?", (key,)).fetchall()
+        with self._read_lock:
+            self._reader.execute("BEGIN")  # one snapshot for the record and its verdicts
+            try:
+                row = self._reader.execute("SELECT record FROM devices WHERE device_id = ?", (key,)).fetchone()
+                threats = self._reader.execute(
+                    "SELECT vendor, level, reported_at FROM threat_levels WHERE device_id = ?", (key,)).fetchall()
+            finally:
+                self._reader.execute("COMMIT")
         if row is None:
             return None
         device = DeviceRecord.model_validate_json(row[0]).to_managed_device()
         return _with_threats(device, [t for t in threats if t[0] not in ignored_vendors])
 
-    def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune: bool = False) -> int:
-        """Import: upsert every record in one transaction (vendors' threat levels included);
-        with ``prune``, devices not in ``records`` are removed (a full sync)."""
+    def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_vendor: str | None = None,
+                    seed: bool = False) -> int:
+        """Upsert every record in one transaction (threat verdicts included).
+
+        ``prune_vendor`` (a full sync): devices not in ``records`` are removed, with that vendor's
+        verdicts; other vendors' verdicts stay for when the device returns. An empty sync prunes
+        nothing. ``seed``: a record's verdict never replaces a newer one already stored (a
+        restart must not undo a webhook's raise)."""
         rows = list(records)
-        with self._lock, self._transaction():
+        with self._write_lock, self._transaction():
             for record in rows:
-                self._upsert(record, now)
-            if prune:
+                self._upsert(record, now, clear_vendor=prune_vendor, seed=seed)
+            if prune_vendor is not None and rows:
                 keep = {r.azure_ad_device_id.lower() for r in rows}
                 gone = [d for (d,) in self._db.execute("SELECT device_id FROM devices") if d not in keep]
                 for device_id in gone:
                     self._db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
-                    self._db.execute("DELETE FROM threat_levels WHERE device_id = ?", (device_id,))
+                    self._db.execute("DELETE FROM threat_levels WHERE device_id = ? AND vendor = ?",
+                                     (device_id, prune_vendor))
                     self._changed(device_id, now)
+            self._trim_changes()
         return len(rows)
 
-    def upsert(self, record: DeviceRecord, *, now: datetime) -> None:
-        with self._lock, self._transaction():
-            self._upsert(record, now)
+    def upsert(self, record: DeviceRecord, *, now: datetime, clear_vendor: str | None = None) -> None:
+        with self._write_lock, self._transaction():
+            self._upsert(record, now, clear_vendor=clear_vendor, seed=False)
+
+    def apply_verdicts(self, vendor: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
+                       now: datetime) -> tuple[set[str], list[str]]:
+        """One partner's verdicts in one transaction (``None`` clears its verdict); returns the
+        devices changed and the ids the inventory does not know."""
+        changed, unknown = set(), []
+        with self._write_lock, self._transaction():
+            for device_id, level in verdicts:
+                key = device_id.lower()
+                if self._db.execute("SELECT 1 FROM devices WHERE device_id = ?", (key,)).fetchone() is None:
+                    unknown.append(device_id)
+                    continue
+                if level is None:
+                    self._db.execute("DELETE FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, vendor))
+                else:
+                    self._db.execute("INSERT OR REPLACE INTO threat_levels VALUES (?, ?, ?, ?)",
+                                     (key, vendor, level.value, now.isoformat()))
+                self._changed(key, now)
+                changed.add(key)
+            self._db.execute("INSERT OR REPLACE INTO partners VALUES (?, ?)", (vendor, now.isoformat()))
+            self._trim_changes()
+        return changed, unknown
 
     def set_threat_level(self, device_id: str, vendor: str, level: DeviceThreatLevel, *, now: datetime) -> bool:
         """Record a vendor's verdict; False if the device is not in the inventory."""
-        key = device_id.lower()
-        with self._lock, self._transaction():
-            if self._db.execute("SELECT 1 FROM devices WHERE device_id = ?", (key,)).fetchone() is None:
-                return False
-            self._db.execute("INSERT OR REPLACE INTO threat_levels VALUES (?, ?, ?, ?)",
-                             (key, vendor, level.value, now.isoformat()))
-            self._changed(key, now)
-        return True
+        changed, _ = self.apply_verdicts(vendor, [(device_id, level)], now=now)
+        return bool(changed)
 
     def clear_threat_level(self, device_id: str, vendor: str, *, now: datetime) -> bool:
-        key = device_id.lower()
-        with self._lock, self._transaction():
-            if self._db.execute("SELECT 1 FROM devices WHERE device_id = ?", (key,)).fetchone() is None:
-                return False
-            self._db.execute("DELETE FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, vendor))
-            self._changed(key, now)
-        return True
+        changed, _ = self.apply_verdicts(vendor, [(device_id, None)], now=now)
+        return bool(changed)
 
     def partner_contact(self, vendor: str, *, now: datetime) -> None:
-        with self._lock:
+        with self._write_lock:
             self._db.execute("INSERT OR REPLACE INTO partners VALUES (?, ?)", (vendor, now.isoformat()))
 
     def partner_contacts(self) -> dict[str, datetime]:
         """When each partner was last heard from: a signed push, a heartbeat, or its newest verdict
         (imported or synced verdicts carry their report time)."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT vendor, MAX(at) FROM (SELECT vendor, last_contact AS at FROM partners "
-                "UNION ALL SELECT vendor, reported_at AS at FROM threat_levels) GROUP BY vendor").fetchall()
+        rows = self._read("SELECT vendor, MAX(at) FROM (SELECT vendor, last_contact AS at FROM partners "
+                          "UNION ALL SELECT vendor, reported_at AS at FROM threat_levels) GROUP BY vendor")
         return {vendor: datetime.fromisoformat(at) for vendor, at in rows}
 
     def records(self) -> Iterator[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute("SELECT record FROM devices ORDER BY device_id").fetchall()
-        for (record,) in rows:
+        for (record,) in self._read("SELECT record FROM devices ORDER BY device_id"):
             yield json.loads(record)
 
     def count(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
+        return int(self._read("SELECT COUNT(*) FROM devices")[0][0])
 
     def data_version(self) -> int:
-        """Changes when another connection (the CLI, another worker) commits: cheap to ask often."""
-        with self._lock:
-            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        """Changes whenever any other connection commits, the gateway's own writer included:
+        cheap enough to ask before every request."""
+        return int(self._read("PRAGMA data_version")[0][0])
 
     def last_change(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+        return int(self._read("SELECT COALESCE(MAX(seq), 0) FROM changes")[0][0])
 
-    def changes_since(self, seq: int) -> tuple[int, set[str]]:
-        with self._lock:
-            rows = self._db.execute("SELECT seq, device_id FROM changes WHERE seq > ?", (seq,)).fetchall()
+    def changes_since(self, seq: int) -> tuple[int, set[str], bool]:
+        """The devices changed after ``seq``, the new position, and whether the log still held
+        everything since ``seq`` (if not, the caller must treat every device as changed)."""
+        rows = self._read("SELECT seq, device_id FROM changes WHERE seq > ?", (seq,))
+        oldest = self._read("SELECT COALESCE(MIN(seq), 0) FROM changes")[0][0]
+        complete = seq == 0 or oldest <= seq + 1
         if not rows:
-            return seq, set()
-        return max(r[0] for r in rows), {r[1] for r in rows}
+            return seq, set(), complete
+        return max(r[0] for r in rows), {r[1] for r in rows}, complete
 
-    def _upsert(self, record: DeviceRecord, now: datetime) -> None:
+    def _upsert(self, record: DeviceRecord, now: datetime, *, clear_vendor: str | None, seed: bool) -> None:
         key = record.azure_ad_device_id.lower()
         fields = record.model_dump(mode="json", by_alias=True, exclude_none=True,
                                    exclude={"threat_level", "threat_source", "threat_reported_date_time"})
         self._db.execute("INSERT OR REPLACE INTO devices VALUES (?, ?)", (key, json.dumps(fields)))
+        vendor = record.threat_source or clear_vendor or "inventory"
         if record.threat_level is not None:
-            reported = record.threat_reported_date_time or now
-            self._db.execute("INSERT OR REPLACE INTO threat_levels VALUES (?, ?, ?, ?)",
-                             (key, record.threat_source or "inventory", record.threat_level.value,
-                              reported.isoformat()))
+            reported = (record.threat_reported_date_time or now).isoformat()
+            if seed and record.threat_reported_date_time is None:
+                sql = "INSERT OR IGNORE INTO threat_levels VALUES (?, ?, ?, ?)"  # never over a live verdict
+            else:
+                sql = ("INSERT INTO threat_levels VALUES (?, ?, ?, ?) ON CONFLICT (device_id, vendor) DO UPDATE "
+                       "SET level = excluded.level, reported_at = excluded.reported_at "
+                       "WHERE excluded.reported_at >= threat_levels.reported_at OR ?")
+                self._db.execute(sql, (key, vendor, record.threat_level.value, reported, not seed))
+                self._changed(key, now)
+                return
+            self._db.execute(sql, (key, vendor, record.threat_level.value, reported))
+        elif clear_vendor is not None:  # the source reports no level any more: its old verdict goes
+            self._db.execute("DELETE FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, clear_vendor))
         self._changed(key, now)
 
     def _changed(self, key: str, now: datetime) -> None:
         self._db.execute("INSERT INTO changes (device_id, changed_at) VALUES (?, ?)", (key, now.isoformat()))
+
+    def _trim_changes(self) -> None:
+        self._db.execute("DELETE FROM changes WHERE seq <= (SELECT MAX(seq) FROM changes) - ?", (CHANGES_KEPT,))
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
@@ -213,15 +256,19 @@ def parse_import(path: Path) -> list[DeviceRecord]:
     if not isinstance(items, list):
         raise ConfigError([ConfigProblem(str(path), 1, 1, "", "expected a list of devices, "
                                          "or an object with 'devices' or Graph's 'value'")])
-    records, problems = [], []
+    records, problems, seen = [], [], set()
+    prefix = ["value"] if isinstance(data, dict) and "value" in data else ["devices"] if isinstance(data, dict) else []
     for index, item in enumerate(items):
         try:
-            records.append(DeviceRecord.model_validate_json(json.dumps(_plain(item)), strict=True))
+            record = DeviceRecord.model_validate_json(json.dumps(_plain(item)), strict=True)
         except ValidationError as error:
-            for e in error.errors():
-                loc = (*(["value"] if isinstance(data, dict) and "value" in data else
-                         ["devices"] if isinstance(data, dict) else []), index, *e["loc"])
-                problems.append(locate(data, loc, str(path), e["msg"]))
+            problems += [locate(data, (*prefix, index, *e["loc"]), str(path), e["msg"]) for e in error.errors()]
+            continue
+        if record.azure_ad_device_id.lower() in seen:
+            problems.append(locate(data, (*prefix, index, "azureADDeviceId"), str(path),
+                                   f"{record.azure_ad_device_id!r} is listed twice"))
+        seen.add(record.azure_ad_device_id.lower())
+        records.append(record)
     _raise(problems)
     return records
 
@@ -229,9 +276,19 @@ def parse_import(path: Path) -> list[DeviceRecord]:
 def _parse_csv(path: Path) -> list[DeviceRecord]:
     text = path.read_text(encoding="utf-8-sig")
     reader = csv.DictReader(io.StringIO(text))
-    records, problems = [], []
+    records, problems, seen = [], [], {}
     for row in reader:
         line = reader.line_num
+        if None in row or None in row.values():
+            problems.append(ConfigProblem(str(path), line, None, "", f"{len(reader.fieldnames or [])} columns "
+                                          "expected: this row has more or fewer values"))
+            continue
+        device_id = (row.get("azureADDeviceId") or "").lower()
+        if device_id and device_id in seen:
+            problems.append(ConfigProblem(str(path), line, None, "azureADDeviceId",
+                                          f"{row['azureADDeviceId']!r} is already on line {seen[device_id]}"))
+            continue
+        seen[device_id] = line
         try:
             item = {k: _csv_value(k, v) for k, v in row.items() if k and v not in (None, "")}
             records.append(DeviceRecord.model_validate_json(json.dumps(item), strict=True))

@@ -3,7 +3,7 @@ device's next request and closes its open connections if access is withdrawn.
 
 Answers: 202 accepted (with unknown devices and ignored states listed), 400 malformed, 401 bad or
 missing signature or timestamp outside the window, 404 unknown partner, 409 replayed push,
-413 body too large, 415 not JSON.
+413 body too large, 415 not JSON, 503 not stored (retry: a push counts as received only once stored).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gateway.access import AccessService
+from gateway.errors import SignalUnavailable
 from gateway.signals.mtd import MAX_BODY_BYTES, MtdReceiver, WebhookRejected
 
 
@@ -28,7 +29,12 @@ def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callab
             verdicts, ignored = receiver.verdicts(body)
         except WebhookRejected as rejected:
             return JSONResponse({"error": rejected.message}, status_code=rejected.status)
-        unknown = await asyncio.to_thread(service.record_threat_verdicts, partner.name, verdicts, clock())
+        try:
+            unknown = await asyncio.to_thread(service.record_threat_verdicts, partner.name, verdicts, clock())
+        except SignalUnavailable as error:
+            return JSONResponse({"error": f"not stored, retry: {error}"}, status_code=503,
+                                headers={"Retry-After": "5"})
+        receiver.accepted(request.headers["x-portcullis-signature"])
         return JSONResponse({"accepted": len(verdicts) - len(unknown), "unknownDevices": unknown,
                              "ignored": ignored}, status_code=202)
 
@@ -37,7 +43,12 @@ def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callab
             partner, _ = await _authenticated(request, receiver, clock())
         except WebhookRejected as rejected:
             return JSONResponse({"error": rejected.message}, status_code=rejected.status)
-        await asyncio.to_thread(service.record_partner_contact, partner.name, clock())
+        try:
+            await asyncio.to_thread(service.record_partner_contact, partner.name, clock())
+        except SignalUnavailable as error:
+            return JSONResponse({"error": f"not stored, retry: {error}"}, status_code=503,
+                                headers={"Retry-After": "5"})
+        receiver.accepted(request.headers["x-portcullis-signature"])
         return JSONResponse({"partner": partner.name, "heartbeat": "recorded"}, status_code=202)
 
     return Starlette(routes=[
