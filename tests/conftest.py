@@ -11,6 +11,7 @@ import shutil
 import socket
 import ssl
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,3 +192,41 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA, demo_ports
             config_dir=config_dir,
             decision_log=loaded.config.path(loaded.config.gateway_file.decision_log.path),
         )
+
+
+class AlexPing:
+    """Alex's Outlook holding an ActiveSync Ping long-poll open through the gateway, in a thread.
+    ``started()`` returns once the gateway has decided and forwarded it; ``closed_after(t)``
+    waits for the end and says how long after ``t`` the connection was closed (None if the
+    Ping was answered instead of closed)."""
+
+    def __init__(self, gateway: Gateway, heartbeat_seconds: int = 8) -> None:
+        from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+
+        token = gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
+                                 device_id=ALEX_IPHONE)
+        path = activesync(ALEX_IPHONE).replace("Cmd=Sync", "Cmd=Ping") + f"&HeartbeatInterval={heartbeat_seconds}"
+        self._gateway, self._token, self._path = gateway, token, path
+        self._error: Exception | None = None
+        self._ended = 0.0
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            self._gateway.request("mail.contoso.test", self._path, method="POST", token=self._token, timeout=20)
+        except httpx.HTTPError as error:
+            self._error = error
+        self._ended = time.monotonic()
+
+    def started(self) -> AlexPing:
+        before = self._gateway.decision_log.read_text().count("\n")
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while self._gateway.decision_log.read_text().count("\n") == before:
+            assert time.monotonic() < deadline, "the long-poll never reached the gateway"
+            time.sleep(0.01)
+        return self
+
+    def closed_after(self, since: float) -> float | None:
+        self._thread.join(15)
+        return self._ended - since if self._error is not None else None

@@ -4,7 +4,6 @@ open ActiveSync long-poll; lowering the risk restores access."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ from gateway.access import utc_now
 from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.policy.model import DeviceThreatLevel
 from gateway.signals.sqlite_store import DeviceStore
-from tests.conftest import Gateway
+from tests.conftest import AlexPing, Gateway
 
 MAIL = "mail.contoso.test"
 
@@ -57,25 +56,8 @@ def test_highest_vendor_level_wins(gateway: Gateway, store: DeviceStore) -> None
 
 
 def test_open_long_poll_is_closed_within_a_second_of_a_risk_raise(gateway: Gateway, store: DeviceStore) -> None:
-    ping = activesync(ALEX_IPHONE).replace("Cmd=Sync", "Cmd=Ping") + "&HeartbeatInterval=8"
-    outcome: dict[str, object] = {}
-
-    def long_poll() -> None:
-        try:
-            outcome["response"] = sync(gateway, ping, timeout=20)
-        except httpx.HTTPError as error:
-            outcome["error"] = error
-        outcome["ended"] = time.monotonic()
-
-    before = gateway.decision_log.read_text().count("\n")
-    poller = threading.Thread(target=long_poll)
-    poller.start()
-    deadline = time.monotonic() + 10
-    while gateway.decision_log.read_text().count("\n") == before:  # the Ping was decided and forwarded
-        assert time.monotonic() < deadline, "the long-poll never reached the gateway"
-        time.sleep(0.01)
+    ping = AlexPing(gateway).started()
     raised = time.monotonic()
     store.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.high, now=utc_now())
-    poller.join(15)
-    assert "error" in outcome, f"the long-poll was not closed: {outcome}"
-    assert float(outcome["ended"]) - raised < 1.0  # type: ignore[arg-type]
+    closed = ping.closed_after(raised)
+    assert closed is not None and closed < 1.0, f"the long-poll was not closed within a second: {closed}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -18,7 +17,7 @@ from gateway.demo import ALEX_IPHONE, CASEY_IPAD, EXCHANGE, OUTLOOK_MOBILE, acti
 from gateway.errors import SignalUnavailable
 from gateway.signals.mtd import MtdReceiver, Partner, sign
 from gateway.web.mtd_webhook import mtd_webhook_app
-from tests.conftest import MTD_SECRET, Gateway
+from tests.conftest import MTD_SECRET, AlexPing, Gateway
 
 SERVICE = "portcullis.contoso.test"
 MAIL = "mail.contoso.test"
@@ -51,30 +50,14 @@ def restore_alex(gateway: Gateway):  # noqa: ANN201  (fixture)
 
 
 def test_signed_push_raises_risk_closes_long_poll_and_lowering_restores(gateway: Gateway, restore_alex: None) -> None:
-    ping = activesync(ALEX_IPHONE).replace("Cmd=Sync", "Cmd=Ping") + "&HeartbeatInterval=8"
-    outcome: dict[str, object] = {}
-
-    def long_poll() -> None:
-        try:
-            outcome["response"] = sync(gateway, ping, timeout=20)
-        except httpx.HTTPError as error:
-            outcome["error"] = error
-        outcome["ended"] = time.monotonic()
-
-    before = gateway.decision_log.read_text().count("\n")
-    poller = threading.Thread(target=long_poll)
-    poller.start()
-    deadline = time.monotonic() + 10
-    while gateway.decision_log.read_text().count("\n") == before:
-        assert time.monotonic() < deadline, "the long-poll never reached the gateway"
-        time.sleep(0.01)
+    ping = AlexPing(gateway).started()
     raised = time.monotonic()
     answer = push(gateway, level(ALEX_IPHONE, "highSeverity"))
     assert (answer.status_code, answer.json()) == (202, {"accepted": 1, "unknownDevices": [], "ignored": []})
     blocked = sync(gateway)
     assert (blocked.status_code, blocked.json()["reason"]) == (403, "device risk high, allowed: low")
-    poller.join(15)
-    assert "error" in outcome and float(outcome["ended"]) - raised < 1.0  # type: ignore[arg-type]
+    closed = ping.closed_after(raised)
+    assert closed is not None and closed < 1.0
     assert push(gateway, level(ALEX_IPHONE, "secured")).status_code == 202
     assert sync(gateway).status_code == 200
 
