@@ -13,6 +13,7 @@ from addons.safety import (
     CORRELATION_KEY,
     DEVICE_KEY,
     REQUEST_KEY,
+    SESSION_KEY,
     fail_closed,
     respond,
 )
@@ -38,6 +39,8 @@ class AccessGate:
         else:
             outcome = await self.service.authorize(request, authorization)
         _apply(flow, outcome)
+        if outcome.forward and outcome.session_controls.names():
+            flow.metadata[SESSION_KEY] = outcome.session_controls
         if outcome.forward and outcome.device_id:
             flow.metadata.update({DEVICE_KEY: outcome.device_id, REQUEST_KEY: request,
                                   AUTHORIZATION_KEY: authorization})

@@ -17,4 +17,6 @@ def access_request(flow: http.HTTPFlow, correlation_id: str, host: str) -> Acces
         client_ip=flow.client_conn.peername[0],
         user_agent=headers.get("user-agent", ""),
         accepts_html="text/html" in headers.get("accept", "").lower(),
+        content_type=headers.get("content-type", ""),
+        content_length=headers.get("content-length", ""),
     )

@@ -22,6 +22,7 @@ from addons.access_gate import AccessGate
 from addons.continuous_access import ContinuousAccess
 from addons.routing import Routing
 from addons.service_endpoints import ServiceEndpoints
+from addons.session_enforcement import SessionEnforcement
 from gateway.access import AccessService, utc_now
 from gateway.bootstrap import Loaded, build_service, seed_store
 from gateway.certs import ensure_server_certificate
@@ -69,6 +70,7 @@ def build_master(service: AccessService, endpoints: ASGIApp | None = None) -> tu
         Routing(service),
         AccessGate(service),
         ContinuousAccess(service),
+        SessionEnforcement(service),
         ready,
     )
     if endpoints is not None:

@@ -17,6 +17,7 @@ CORRELATION_KEY = "portcullis.correlation_id"
 ALLOWED_KEY = "portcullis.allowed"
 DEVICE_KEY = "portcullis.device_id"
 REQUEST_KEY = "portcullis.request"
+SESSION_KEY = "portcullis.session_controls"
 AUTHORIZATION_KEY = "portcullis.authorization"  # kept in memory for re-evaluation, never logged
 
 type Hook[A] = Callable[[A, http.HTTPFlow], Awaitable[None]]

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import sqlite3
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -23,6 +23,7 @@ from gateway.paths import canonical_path
 from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, path_has_prefix
 from gateway.policy.evaluate import NO_RESOURCE_REASON, evaluate
 from gateway.policy.model import (
+    NO_SESSION_CONTROLS,
     AccessRequest,
     ClientApp,
     Decision,
@@ -30,8 +31,10 @@ from gateway.policy.model import (
     DeviceSignals,
     ErrorCode,
     Identity,
+    SessionControls,
 )
 from gateway.policy.policy_set import PolicySet
+from gateway.session_controls import request_restriction, response_restriction
 from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
 from gateway.signals.cache import CachedInventory
 from gateway.signals.mtd import Verdict
@@ -63,6 +66,7 @@ class Outcome:
     response: pages.GatewayResponse | None
     upstream_headers: tuple[tuple[str, str], ...] = ()
     device_id: str | None = None
+    session_controls: SessionControls = NO_SESSION_CONTROLS
 
     @property
     def forward(self) -> bool:
@@ -164,6 +168,15 @@ class AccessService:
     def service_host(self) -> str | None:
         return self.config.gateway_file.gateway.service_host
 
+    def response_restriction(self, controls: SessionControls, response_headers: Mapping[str, str],
+                             correlation_id: str, accepts_html: bool) -> pages.GatewayResponse | None:
+        """The page that replaces a response the session may not receive (a file download)."""
+        reason = response_restriction(controls, response_headers)
+        if reason is None:
+            return None
+        logger.info("[%s] %s: response replaced", correlation_id, reason)
+        return pages.session_restricted(reason, correlation_id, html=accepts_html, now=self._clock())
+
     def upstream_for(self, host: str) -> str | None:
         """The upstream URL of a protected host, or None if the gateway does not serve it."""
         protected = self.config.gateway_file.protected_hosts.get(host)
@@ -196,10 +209,20 @@ class AccessService:
         app = ClientApp(client_id=identity.client_id, name=self._app_names.get(identity.client_id or ""))
         decision = evaluate(request=request, identity=identity, device=device, app=app, resources=found.names,
                             policy_set=self.policy_set, now=now)
+        restriction = decision.allowed and request_restriction(
+            decision.session_controls, method=request.method, content_type=request.content_type,
+            content_length=request.content_length, resources=found.names,
+            download_resources=self.policy_set.download_resources)
+        if restriction:
+            decision = replace(decision, result=DecisionResult.block, status_code=403, reason=restriction)
         self._log.write(sign_in_record(request=request, decision=decision, now=now,
                                        identity=identity, device=device, app=app))
+        if restriction:
+            return Outcome(decision, pages.session_restricted(restriction, request.correlation_id,
+                                                              html=request.accepts_html, now=now))
         if decision.allowed:
-            return Outcome(decision, None, _upstream_headers(request, identity, app), identity.device_id)
+            return Outcome(decision, None, _upstream_headers(request, identity, app), identity.device_id,
+                           decision.session_controls)
         response = pages.blocked(decision=decision, request=request, app=app, device=device,
                                  remediation_url=self.config.gateway_file.gateway.remediation_url, now=now)
         return Outcome(decision, response)

@@ -63,7 +63,7 @@ def _uncovered_resources(config: Config) -> Iterator[ConfigProblem]:
     name, data = _source(config, GATEWAY_FILE)
     covered: set[str] = set()
     for policy in config.policies:
-        if policy.state is PolicyState.enabled:
+        if policy.state is PolicyState.enabled and policy.grant_controls is not None:  # session-only gates nothing
             include, exclude = policy.conditions.resources.include, policy.conditions.resources.exclude
             if ALL not in exclude:
                 covered |= (set(config.resources) if ALL in include else set(include)) - set(exclude)

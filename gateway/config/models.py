@@ -177,6 +177,7 @@ class Resource(Model):
     paths: Annotated[list[str], Field(min_length=1)]
     display_name: str | None = None
     public: bool = False
+    downloads: bool = False  # every response of it saves a file: blockDownloads refuses the request itself
 
     @field_validator("paths")
     @classmethod
@@ -460,6 +461,7 @@ class SignInFrequency(Model):
 
 class SessionControlsConfig(Model):
     block_downloads: bool = False
+    block_uploads: bool = False
     sign_in_frequency: SignInFrequency | None = None
     persistent_browser: PersistentBrowser | None = None
 

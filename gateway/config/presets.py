@@ -24,10 +24,14 @@ PRESETS: dict[ResourcePreset, dict[str, tuple[str, list[str]]]] = {
 }
 
 
+DOWNLOAD_RESOURCES = frozenset({"exchange-owa-attachments", "sharepoint-downloads"})
+
+
 def expand_presets(presets: dict[ResourcePreset, list[str]]) -> dict[str, Resource]:
     """The named resources a ``resourcePresets`` mapping stands for, on the hosts given."""
     return {
-        name: Resource.model_construct(hosts=list(hosts), paths=list(paths), display_name=display_name, public=False)
+        name: Resource.model_construct(hosts=list(hosts), paths=list(paths), display_name=display_name, public=False,
+                                       downloads=name in DOWNLOAD_RESOURCES)
         for preset, hosts in presets.items()
         for name, (display_name, paths) in PRESETS[preset].items()
     }

@@ -111,6 +111,8 @@ class AccessRequest:
     accepts_html: bool
     declared_client_app_type: ClientAppType | None = None  # What If only; never set from a request
     target: str | None = None  # the original request target (path and query), once the path is canonical
+    content_type: str = ""
+    content_length: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,6 +201,7 @@ class SessionControls:
     """Session controls of the policies that applied, merged: the strictest value wins."""
 
     block_downloads: bool = False
+    block_uploads: bool = False
     sign_in_frequency_seconds: int | None = None  # 0 means every time
     persistent_browser: PersistentBrowser | None = None
 
@@ -207,6 +210,7 @@ class SessionControls:
         browsers = {self.persistent_browser, other.persistent_browser} - {None}
         return SessionControls(
             block_downloads=self.block_downloads or other.block_downloads,
+            block_uploads=self.block_uploads or other.block_uploads,
             sign_in_frequency_seconds=min(frequencies) if frequencies else None,
             persistent_browser=(PersistentBrowser.never if PersistentBrowser.never in browsers
                                 else next(iter(browsers), None)),
@@ -215,6 +219,7 @@ class SessionControls:
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, on in (
             ("blockDownloads", self.block_downloads),
+            ("blockUploads", self.block_uploads),
             ("signInFrequency", self.sign_in_frequency_seconds is not None),
             ("persistentBrowser", self.persistent_browser is not None),
         ) if on)

@@ -106,6 +106,7 @@ class Targeting:
 class PolicySet:
     index: ResourceIndex
     public_resources: frozenset[str]
+    download_resources: frozenset[str]
     policies: tuple[CompiledPolicy, ...]
     targeting_by_resource: Mapping[str, frozenset[int]]
     named_locations: Mapping[str, tuple[tuple[Network, ...], bool]]
@@ -120,6 +121,7 @@ class PolicySet:
         return cls(
             index=compile_resources(resources),
             public_resources=frozenset(name for name, r in resources.items() if r.public),
+            download_resources=frozenset(name for name, r in resources.items() if r.downloads),
             policies=compiled,
             targeting_by_resource={name: frozenset(c.index for c in compiled if _targets(c.policy, name))
                                    for name in resources},
@@ -162,6 +164,7 @@ def _session_controls(config: SessionControlsConfig | None) -> SessionControls:
         return NO_SESSION_CONTROLS
     return SessionControls(
         block_downloads=config.block_downloads,
+        block_uploads=config.block_uploads,
         sign_in_frequency_seconds=config.sign_in_frequency.seconds if config.sign_in_frequency else None,
         persistent_browser=config.persistent_browser,
     )

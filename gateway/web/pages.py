@@ -59,6 +59,31 @@ def refused(status: int, reason: str, correlation_id: str) -> GatewayResponse:
     return _json(status, body, correlation_id, (("Retry-After", "30"),) if status == 503 else ())
 
 
+def session_restricted(reason: str, correlation_id: str, *, html: bool, now: datetime) -> GatewayResponse:
+    """Instead of a file the session may not save (or an upload it may not send): why, and that
+    viewing in the browser still works."""
+    if not html:
+        return _json(403, {"error": "session_restricted", "error_description": reason,
+                           "correlationId": correlation_id}, correlation_id)
+    page = f"""<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>This file can't be saved here</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem;color:#1b1b1b}}
+h1{{font-size:1.6rem}}dt{{font-weight:bold}}</style></head>
+<body><main>
+<h1>This file can't be saved here</h1>
+<p>Your organisation's policy for this session says: {escape(reason)}.
+You can still read your mail and open documents in the browser.</p>
+<p><strong>How to get the file:</strong> open it from a managed, compliant device.</p>
+<dl><dt>Correlation ID</dt><dd>{escape(correlation_id)}</dd>
+<dt>Timestamp</dt><dd>{escape(now.isoformat(timespec="seconds"))}</dd></dl>
+</main></body></html>
+"""
+    headers = (("Content-Type", "text/html; charset=utf-8"), (CORRELATION_ID, correlation_id), *SECURITY_HEADERS)
+    return GatewayResponse(403, headers, page.encode())
+
+
 def blocked(
     *,
     decision: Decision,

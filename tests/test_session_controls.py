@@ -1,0 +1,64 @@
+"""Session controls enforced through the real listener: a kiosk account (group kiosk-users in the
+demo policies) reads pages, but downloads and uploads are replaced by a page saying why."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from gateway.demo import ALEX_IPHONE, OUTLOOK_MOBILE, SHAREPOINT
+from tests.conftest import Gateway
+
+DOCS = "docs.contoso.test"
+BROWSER = {"Accept": "text/html", "User-Agent": "Mozilla/5.0 (Windows NT 10.0)"}
+
+
+def docs(gateway: Gateway, path: str, *, kiosk: bool, method: str = "GET", **kwargs: object) -> httpx.Response:
+    token = gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=SHAREPOINT,
+                             device_id=ALEX_IPHONE, extra={"groups": ["kiosk-users"]} if kiosk else None)
+    return gateway.request(DOCS, path, method=method, token=token, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", ["/_layouts/15/download.aspx?UniqueId=1",
+                                  "/sites/team/_layouts/15/download.aspx?UniqueId=1"])
+def test_download_urls_are_refused_for_the_session(gateway: Gateway, path: str) -> None:
+    blocked = docs(gateway, path, kiosk=True, headers=BROWSER)
+    assert blocked.status_code == 403
+    assert "This file can't be saved here" in blocked.text
+    assert "content-disposition" not in blocked.headers
+    record = gateway.decision(blocked.headers["x-portcullis-correlation-id"])
+    assert (record["result"], record["status"]["failureReason"]) == ("block", "downloads are blocked in this session")
+    assert record["enforcedSessionControls"] == ["blockDownloads", "blockUploads"]
+
+
+def test_an_attachment_from_an_ordinary_url_is_replaced_before_it_reaches_the_client(gateway: Gateway) -> None:
+    replaced = docs(gateway, "/sites/team/Shared%20Documents/report.docx?download=1", kiosk=True, headers=BROWSER)
+    assert replaced.status_code == 403
+    assert "content-disposition" not in replaced.headers
+    assert b"demo document bytes" not in replaced.content
+    assert "This file can't be saved here" in replaced.text
+    assert int(replaced.headers["content-length"]) == len(replaced.content)
+
+
+def test_viewing_still_works_for_the_session(gateway: Gateway) -> None:
+    page = docs(gateway, "/sites/team/", kiosk=True, headers=BROWSER)
+    assert page.status_code == 200 and page.json()["backend"] == "sharepoint"
+
+
+def test_other_sessions_download(gateway: Gateway) -> None:
+    for path in ("/_layouts/15/download.aspx?UniqueId=1", "/sites/team/report.docx?download=1"):
+        response = docs(gateway, path, kiosk=False)
+        assert response.status_code == 200
+        assert response.headers["content-disposition"].startswith("attachment")
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [("POST", {"files": {"file": ("a.txt", b"secret plans")}}),
+     ("PUT", {"content": b"secret plans", "headers": {"Content-Type": "application/octet-stream"}})],
+)
+def test_uploads_are_refused_for_the_session_only(gateway: Gateway, method: str, kwargs: dict[str, object]) -> None:
+    refused = docs(gateway, "/sites/team/Shared%20Documents/", kiosk=True, method=method, **kwargs)
+    assert refused.status_code == 403 and refused.json()["error_description"] == "uploads are blocked in this session"
+    allowed = docs(gateway, "/sites/team/Shared%20Documents/", kiosk=False, method=method, **kwargs)
+    assert allowed.status_code == 200 and allowed.json()["receivedHeaders"]["x-demo-body-bytes"] != "0"
