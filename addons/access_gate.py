@@ -20,6 +20,7 @@ from addons.safety import (
 from addons.service_endpoints import SERVICE_KEY
 from gateway.access import AccessService, Outcome
 from gateway.headers import CORRELATION_ID, headers_to_strip
+from gateway.identity.browser import without_session_cookie
 
 JSON = (("Content-Type", "application/json"),)
 
@@ -37,7 +38,7 @@ class AccessGate:
         if "trailer" in flow.request.headers:
             outcome = self.service.refuse(request, 400, "request trailers are not accepted")
         else:
-            outcome = await self.service.authorize(request, authorization)
+            outcome = await self.service.authorize(request, authorization, flow.request.headers.get_all("cookie"))
         _apply(flow, outcome)
         if outcome.forward and outcome.session_controls.names():
             flow.metadata[SESSION_KEY] = outcome.session_controls
@@ -70,6 +71,8 @@ def _apply(flow: http.HTTPFlow, outcome: Outcome) -> None:
     headers = flow.request.headers
     for name in headers_to_strip(list(headers), headers.get_all("connection")):
         headers.pop(name, None)
+    cookies = [without_session_cookie(c) for c in headers.get_all("cookie")]
+    headers.set_all("cookie", [c for c in cookies if c])
     for name, value in outcome.upstream_headers:
         headers[name] = value
     flow.metadata[ALLOWED_KEY] = True

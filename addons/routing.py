@@ -13,8 +13,9 @@ from mitmproxy import http
 
 from addons.flows import access_request
 from addons.safety import CORRELATION_KEY, fail_closed, respond
-from addons.service_endpoints import SERVICE_KEY
+from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, SERVICE_KEY
 from gateway.access import AccessService, new_correlation_id
+from gateway.identity.browser import RESERVED_PREFIX
 from gateway.signals.mtd import MAX_BODY_BYTES
 
 HOST_KEY = "portcullis.host"
@@ -36,9 +37,12 @@ class Routing:
         host = _host_without_port(flow.request.host_header or "")
         sni = (flow.client_conn.sni or "").lower().rstrip(".")
         if host == self.service.service_host and sni == host:
-            self._service_flow(flow)
+            self._service_flow(flow, MTD_ENDPOINTS)
             return
         upstream = self.service.upstream_for(host)
+        if upstream is not None and sni == host and flow.request.path.startswith(RESERVED_PREFIX):
+            self._service_flow(flow, BROWSER_ENDPOINTS)
+            return
         if upstream is None or sni != host:
             reason = "this gateway does not serve that host" if upstream is None else "TLS SNI and Host differ"
             outcome = self.service.refuse(access_request(flow, correlation_id, host), 421, reason)
@@ -53,7 +57,7 @@ class Routing:
         flow.metadata[HOST_KEY] = host
 
 
-    def _service_flow(self, flow: http.HTTPFlow) -> None:
+    def _service_flow(self, flow: http.HTTPFlow, endpoints: str) -> None:
         """The gateway's own endpoints: small bodies only, buffered, never streamed upstream."""
         declared = flow.request.headers.get("content-length", "0")
         if "transfer-encoding" in flow.request.headers or not declared.isdigit():
@@ -62,7 +66,7 @@ class Routing:
             respond(flow, 413, b'{"error": "payload_too_large"}', PLAINTEXT_ANSWER)
         else:
             flow.request.stream = False
-            flow.metadata[SERVICE_KEY] = True
+            flow.metadata[SERVICE_KEY] = endpoints
 
 
 def _host_without_port(host_header: str) -> str:

@@ -21,7 +21,7 @@ from mitmproxy.master import Master
 from addons.access_gate import AccessGate
 from addons.continuous_access import ContinuousAccess
 from addons.routing import Routing
-from addons.service_endpoints import ServiceEndpoints
+from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, ServiceEndpoints
 from addons.session_enforcement import SessionEnforcement
 from gateway.access import AccessService, utc_now
 from gateway.bootstrap import Loaded, build_service, seed_store
@@ -31,6 +31,7 @@ from gateway.demo import DemoUpstreams
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.signals.graph import GraphInventory
 from gateway.signals.mtd import MtdReceiver, partners_from_config
+from gateway.web.browser_pages import browser_app
 from gateway.web.mtd_webhook import mtd_webhook_app
 from gateway.web.types import ASGIApp
 
@@ -54,7 +55,7 @@ class Ready:
         self.event.set()
 
 
-def build_master(service: AccessService, endpoints: ASGIApp | None = None) -> tuple[Master, Ready]:
+def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = None) -> tuple[Master, Ready]:
     """Must be called inside the event loop that will run the master."""
     config = service.config
     settings = config.gateway_file.gateway
@@ -73,7 +74,7 @@ def build_master(service: AccessService, endpoints: ASGIApp | None = None) -> tu
         SessionEnforcement(service),
         ready,
     )
-    if endpoints is not None:
+    if endpoints:
         master.addons.add(ServiceEndpoints(endpoints))
     state_dir = config.path(settings.state_dir)
     (state_dir / "mitmproxy").mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,9 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterato
         except SignalUnavailable as error:
             logger.warning("signing keys not fetched yet (%s); requests get 503 until they are", error)
         partners = partners_from_config(config.gateway_file.mtd_partners)
-        endpoints = mtd_webhook_app(MtdReceiver(partners), service, utc_now) if partners else None
+        endpoints = {BROWSER_ENDPOINTS: browser_app(service)}
+        if partners:
+            endpoints[MTD_ENDPOINTS] = mtd_webhook_app(MtdReceiver(partners), service, utc_now)
         master, ready = build_master(service, endpoints)
         task = asyncio.create_task(master.run())
         waiter = asyncio.create_task(ready.event.wait())

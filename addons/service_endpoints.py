@@ -1,5 +1,6 @@
-"""ServiceEndpoints: the gateway's own HTTP endpoints (the MTD webhook), served inside the proxy
-on ``gateway.serviceHost``. Routing marks those flows; no policy applies to them (each endpoint
+"""ServiceEndpoints: the gateway's own HTTP endpoints, served inside the proxy: the MTD webhook on
+``gateway.serviceHost``, and the browser sign-in callback and logout under ``/.portcullis/`` on
+each protected host. Routing marks those flows; no policy applies to them (each endpoint
 authenticates its callers), and nothing of them is forwarded upstream."""
 
 from __future__ import annotations
@@ -11,16 +12,23 @@ from addons.safety import fail_closed, respond
 from gateway.web.types import ASGIApp
 
 SERVICE_KEY = "portcullis.service"
+MTD_ENDPOINTS = "mtd"  # on gateway.serviceHost
+BROWSER_ENDPOINTS = "browser"  # under /.portcullis/ on every protected host
 
 
 class ServiceEndpoints:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, apps: dict[str, ASGIApp]) -> None:
+        self.apps = apps
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.get(SERVICE_KEY) or flow.response or flow.error or not flow.live:
+        kind = flow.metadata.get(SERVICE_KEY)
+        if not kind or flow.response or flow.error or not flow.live:
             return
-        await serve(self.app, flow)
+        app = self.apps.get(kind)
+        if app is None:
+            respond(flow, 404, b'{"error": "not_found"}', (("Content-Type", "application/json"),))
+            return
+        await serve(app, flow)
         if flow.response is None:
             respond(flow, 500, b'{"error": "internal_error"}', (("Content-Type", "application/json"),))

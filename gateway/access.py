@@ -18,6 +18,13 @@ from gateway import headers
 from gateway.audit import DecisionLog, sign_in_record
 from gateway.config import Config
 from gateway.errors import SignalUnavailable
+from gateway.identity.browser import (
+    BrowserSession,
+    BrowserSignIn,
+    SignInFailed,
+    cleared_cookie,
+    cookie_value,
+)
 from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
 from gateway.paths import canonical_path
 from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, path_has_prefix
@@ -26,6 +33,7 @@ from gateway.policy.model import (
     NO_SESSION_CONTROLS,
     AccessRequest,
     ClientApp,
+    ClientAppType,
     Decision,
     DecisionResult,
     DeviceSignals,
@@ -83,8 +91,10 @@ class AccessService:
         decision_log: DecisionLog,
         clock: Clock = utc_now,
         store: DeviceStore | None = None,
+        browser: BrowserSignIn | None = None,
     ) -> None:
         self.config = config
+        self.browser = browser
         self.store = store
         self._listeners: list[Callable[[set[str]], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -182,7 +192,8 @@ class AccessService:
         protected = self.config.gateway_file.protected_hosts.get(host)
         return protected.upstream if protected else None
 
-    async def authorize(self, request: AccessRequest, authorization: list[str]) -> Outcome:
+    async def authorize(self, request: AccessRequest, authorization: list[str],
+                        cookies: list[str] | None = None) -> Outcome:
         now = self._clock()
         path = canonical_path(request.path)
         if path is None:
@@ -191,12 +202,20 @@ class AccessService:
         found = self.policy_set.match(request.host, path)
         if found is None or found.public:
             return self._without_identity(request, found.primary if found else None, now)
+        session: BrowserSession | None = None
+        if not authorization and self.browser is not None and request.accepts_html:
+            session = self.browser.session(cookie_value(cookies or []), request.host)
+            if session is None:
+                return self._sign_in(request)
         token = bearer_token(authorization)
-        if isinstance(token, RejectedToken):
+        if session is None and isinstance(token, RejectedToken):
             return self._unauthenticated(request, token, now)
         audiences = frozenset(self.config.gateway_file.protected_hosts[request.host].audiences)
         try:
-            identity = await self._validator.validate(token, audiences)
+            if session is not None:
+                identity: Identity | RejectedToken = session.identity
+            else:
+                identity = await self._validator.validate(str(token), audiences)
             if isinstance(identity, RejectedToken):
                 return self._unauthenticated(request, identity, now)
             device = await self._device_signals(identity)
@@ -209,6 +228,9 @@ class AccessService:
         app = ClientApp(client_id=identity.client_id, name=self._app_names.get(identity.client_id or ""))
         decision = evaluate(request=request, identity=identity, device=device, app=app, resources=found.names,
                             policy_set=self.policy_set, now=now)
+        if session is not None and self.browser is not None and decision.allowed and \
+                self.browser.needs_fresh_sign_in(session, decision.session_controls, now):
+            return self._sign_in(request)
         restriction = decision.allowed and request_restriction(
             decision.session_controls, method=request.method, content_type=request.content_type,
             content_length=request.content_length, resources=found.names,
@@ -238,6 +260,33 @@ class AccessService:
         device = await self._inventory.managed_device(identity.device_id)
         return DeviceSignals(device_id=identity.device_id, device=device, source=self._inventory.name,
                              compliance=self._compliance)
+
+    def _sign_in(self, request: AccessRequest) -> Outcome:
+        """A browser without a (fresh enough) session goes to the identity provider."""
+        assert self.browser is not None  # noqa: S101  (only called for browser sessions)
+        location = self.browser.login_url(request.host, f"https://{request.host}{request.target or request.path}")
+        decision = Decision(result=DecisionResult.unauthenticated, status_code=302, error_code=None,
+                            reason="sign-in required", resource=None, client_app_type=ClientAppType.browser)
+        self._log.write(sign_in_record(request=request, decision=decision, now=self._clock()))
+        return Outcome(decision, pages.redirect(location, request.correlation_id))
+
+    async def complete_sign_in(self, host: str, state: str, code: str) -> pages.GatewayResponse:
+        """The callback at ``https://<host>/.portcullis/callback``: a session, then the original URL."""
+        if self.browser is None or host not in self.config.gateway_file.protected_hosts:
+            return pages.sign_in_failed("browser sign-in is not configured here")
+        try:
+            controls = self.policy_set.session_controls_for_browsers()
+            return_url, cookie = await self.browser.complete(host, state, code, self._clock(), controls)
+        except SignInFailed as failure:
+            return pages.sign_in_failed(str(failure))
+        except SignalUnavailable:
+            return pages.sign_in_failed("the identity provider's keys cannot be fetched right now; try again")
+        return pages.redirect(return_url, new_correlation_id(), set_cookie=cookie.header)
+
+    def sign_out(self, cookies: list[str]) -> pages.GatewayResponse:
+        if self.browser is not None:
+            self.browser.end(cookie_value(cookies))
+        return pages.signed_out(cleared_cookie())
 
     def _device_mismatch(self, request: AccessRequest, identity: Identity, device: DeviceSignals, reason: str,
                          now: datetime) -> Outcome:

@@ -292,6 +292,14 @@ class MtdPartnerSettings(Model):
     unresponsive_after_seconds: Annotated[int, Field(ge=60, le=90 * 86400)] = 7 * 86400
 
 
+class BrowserSignInSettings(Model):
+    """Browsers sign in with the OIDC code flow (PKCE) and get a gateway session cookie."""
+
+    client_id: Annotated[str, Field(min_length=1)]
+    session_lifetime_seconds: Annotated[int, Field(ge=300, le=7 * 86400)] = 8 * 3600
+    session_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None  # else stateDir/session.key
+
+
 class DecisionLogSettings(Model):
     path: Path = Path("../.portcullis/decisions.jsonl")
 
@@ -308,6 +316,7 @@ class PortcullisFile(Model):
     applications: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
     device_signals: DeviceSignalsSettings
     mtd_partners: dict[str, MtdPartnerSettings] = {}
+    browser_sign_in: BrowserSignInSettings | None = None
     decision_log: DecisionLogSettings = DecisionLogSettings()
 
     @field_validator("protected_hosts")

@@ -81,8 +81,26 @@ class BearerValidator:
             self._verified[cache_key] = result
         return result
 
+    async def validate_id_token(self, token: str, client_id: str, nonce: str) -> Identity | RejectedToken:
+        """An OIDC ID token from the code flow: the issuer's signature, ``aud`` = our client id,
+        the ``nonce`` we sent. Never cached: each is used once."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            return RejectedToken("malformed token")
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if not isinstance(algorithm, str) or algorithm not in self._algorithms:
+            return RejectedToken("signing algorithm not allowed")
+        if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH:
+            return RejectedToken("token has no usable kid")
+        key = await self._jwks.key(kid, algorithm)
+        if key is None:
+            return RejectedToken("unknown signing key")
+        identity = self._decode(token, key, algorithm, frozenset({client_id}), nonce=nonce)
+        return identity
+
     def _decode(
-        self, token: str, key: jwt.PyJWK, algorithm: str, audiences: frozenset[str]
+        self, token: str, key: jwt.PyJWK, algorithm: str, audiences: frozenset[str], nonce: str | None = None
     ) -> Identity | RejectedToken:
         try:
             claims = jwt.decode(
@@ -108,6 +126,8 @@ class BearerValidator:
             return RejectedToken(f"token has no {error.claim!r} claim")
         except jwt.InvalidTokenError:
             return RejectedToken("malformed token")
+        if nonce is not None and claims.get("nonce") != nonce:
+            return RejectedToken("nonce does not match")
         return identity_from_claims(claims, audiences)
 
 

@@ -34,6 +34,7 @@ from gateway.policy.device_filter import Rule
 from gateway.policy.grant_controls import controls_named
 from gateway.policy.model import (
     NO_SESSION_CONTROLS,
+    ClientAppType,
     PolicyResult,
     PolicyResultKind,
     PolicyState,
@@ -141,6 +142,17 @@ class PolicySet:
             return ResourceMatch((best.resource,), True)
         names = tuple(dict.fromkeys(p.resource for p in patterns if p.resource not in self.public_resources))
         return ResourceMatch(names, False)
+
+    def session_controls_for_browsers(self) -> SessionControls:
+        """The strictest session controls any enabled policy could put on a browser session, for
+        what must be fixed when the session is made (``persistentBrowser``)."""
+        merged = NO_SESSION_CONTROLS
+        for compiled in self.policies:
+            types = compiled.policy.conditions.client_app_types
+            if compiled.policy.state is PolicyState.enabled and (
+                    ClientAppType.all in types or ClientAppType.browser in types):
+                merged = merged.merge(compiled.session_controls)
+        return merged
 
     def resource_for(self, host: str, path: str) -> str | None:
         found = self.match(host, path)

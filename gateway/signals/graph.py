@@ -20,7 +20,6 @@ import json
 import logging
 import re
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +29,7 @@ import httpx
 from pydantic import ValidationError
 
 from gateway.errors import SignalUnavailable
+from gateway.identity.oauth_client import AsyncOAuth2Client, OAuthError
 from gateway.policy.model import ManagedDevice
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.mtd import LEVELS
@@ -37,14 +37,6 @@ from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
 
 logger = logging.getLogger(__name__)
 
-import authlib.deprecate  # noqa: E402  (its "always" filter must exist before ours is added)
-
-with warnings.catch_warnings():
-    # authlib 1.9 prefers the httpx2 fork and warns when it runs on httpx, which Portcullis uses
-    # everywhere (Starlette's test client, JWKS fetching): same API, so the warning is noise here.
-    warnings.filterwarnings("ignore", category=authlib.deprecate.AuthlibDeprecationWarning)
-    from authlib.integrations.base_client.errors import OAuthError  # noqa: E402
-    from authlib.integrations.httpx_client import AsyncOAuth2Client  # noqa: E402
 
 SELECT = ("azureADDeviceId,easDeviceId,deviceName,userPrincipalName,operatingSystem,osVersion,jailBroken,"
           "managedDeviceOwnerType,managementAgent,lastSyncDateTime,complianceState,"

@@ -59,6 +59,27 @@ def refused(status: int, reason: str, correlation_id: str) -> GatewayResponse:
     return _json(status, body, correlation_id, (("Retry-After", "30"),) if status == 503 else ())
 
 
+def redirect(location: str, correlation_id: str, *, set_cookie: str | None = None) -> GatewayResponse:
+    headers = [("Location", location), (CORRELATION_ID, correlation_id), ("Cache-Control", "no-store")]
+    if set_cookie:
+        headers.append(("Set-Cookie", set_cookie))
+    return GatewayResponse(302, tuple(headers), b"")
+
+
+def signed_out(set_cookie: str) -> GatewayResponse:
+    page = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Signed out</title></head>"
+            "<body><main><h1>You are signed out</h1><p>Close this window, or open the page again to sign in."
+            "</p></main></body></html>")
+    return GatewayResponse(200, (("Content-Type", "text/html; charset=utf-8"), ("Set-Cookie", set_cookie),
+                                 *SECURITY_HEADERS), page.encode())
+
+
+def sign_in_failed(reason: str) -> GatewayResponse:
+    page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign-in failed</title></head>"
+            f"<body><main><h1>Sign-in failed</h1><p>{escape(reason)}</p></main></body></html>")
+    return GatewayResponse(400, (("Content-Type", "text/html; charset=utf-8"), *SECURITY_HEADERS), page.encode())
+
+
 def session_restricted(reason: str, correlation_id: str, *, html: bool, now: datetime) -> GatewayResponse:
     """Instead of a file the session may not save (or an upload it may not send): why, and that
     viewing in the browser still works."""

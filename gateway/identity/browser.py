@@ -1,0 +1,159 @@
+"""Browser sign-in: the OIDC authorization code flow with PKCE, ending in a gateway session.
+
+A browser without a session is sent (302) to the issuer's authorization endpoint with ``state``,
+``nonce`` and an S256 code challenge (authlib). The issuer redirects back to
+``https://<protected host>/.portcullis/callback``; the gateway exchanges the code, validates the
+ID token (signature, ``iss``, ``aud`` = its client id, ``nonce``), and creates a server-side
+session. The browser gets a cookie holding only the session id, encrypted and signed (Fernet),
+``HttpOnly; Secure; SameSite=Lax; Path=/``, host-only (``__Host-`` prefix). The original URL is
+kept server-side with ``state``, so the callback cannot be made to redirect anywhere else.
+
+``/.portcullis/logout`` deletes the session on the server: a copied cookie stops working too.
+``signInFrequency`` sends the browser to sign in again once that long has passed since it
+signed in; ``persistentBrowser: never`` makes the cookie a session cookie.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import urlsplit
+
+from cachetools import TTLCache
+from cryptography.fernet import Fernet, InvalidToken
+
+from gateway.identity.oauth_client import AsyncOAuth2Client, OAuthError
+from gateway.identity.tokens import BearerValidator, RejectedToken
+from gateway.policy.model import Identity, PersistentBrowser, SessionControls
+
+CALLBACK_PATH = "/.portcullis/callback"
+LOGOUT_PATH = "/.portcullis/logout"
+RESERVED_PREFIX = "/.portcullis/"
+COOKIE_NAME = "__Host-portcullis-session"
+PENDING_LOGINS = 10_000
+MAX_SESSIONS = 100_000
+
+
+class SignInFailed(Exception):
+    """The callback cannot complete the sign-in; the message is safe to show."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLogin:
+    host: str
+    return_url: str
+    code_verifier: str
+    nonce: str
+
+
+@dataclass(frozen=True, slots=True)
+class BrowserSession:
+    identity: Identity
+    host: str
+    signed_in_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCookie:
+    """What to set on the browser: the ``Set-Cookie`` header value."""
+
+    header: str
+
+
+class BrowserSignIn:
+    def __init__(self, *, issuer: str, client_id: str, authorization_endpoint: str, token_endpoint: str,
+                 validator: BearerValidator, key: bytes, lifetime_seconds: int,
+                 timeout: float = 10.0) -> None:
+        self.issuer = issuer
+        self.client_id = client_id
+        self.authorization_endpoint = authorization_endpoint
+        self.token_endpoint = token_endpoint
+        self._validator = validator
+        self._cipher = Fernet(key)
+        self._lifetime = lifetime_seconds
+        self._timeout = timeout
+        self._pending: TTLCache[str, PendingLogin] = TTLCache(maxsize=PENDING_LOGINS, ttl=600)
+        self._sessions: TTLCache[str, BrowserSession] = TTLCache(maxsize=MAX_SESSIONS, ttl=lifetime_seconds)
+
+    def login_url(self, host: str, return_url: str) -> str:
+        """Where to send a browser that has no session; ``return_url`` must be on ``host``."""
+        if urlsplit(return_url).hostname != host:
+            return_url = f"https://{host}/"
+        client = AsyncOAuth2Client(client_id=self.client_id, redirect_uri=f"https://{host}{CALLBACK_PATH}",
+                                   scope="openid profile", code_challenge_method="S256")
+        verifier, nonce = secrets.token_urlsafe(48), secrets.token_urlsafe(16)
+        url, state = client.create_authorization_url(self.authorization_endpoint, code_verifier=verifier, nonce=nonce)
+        self._pending[state] = PendingLogin(host, return_url, verifier, nonce)
+        return url
+
+    async def complete(self, host: str, state: str, code: str, now: datetime,
+                       controls: SessionControls) -> tuple[str, SessionCookie]:
+        """The callback: returns where to send the browser and the cookie to set."""
+        pending = self._pending.pop(state, None)
+        if pending is None or pending.host != host:
+            raise SignInFailed("this sign-in link expired or was not started here; open the page again")
+        client = AsyncOAuth2Client(client_id=self.client_id, redirect_uri=f"https://{host}{CALLBACK_PATH}",
+                                   token_endpoint_auth_method="none",  # noqa: S106  (a public client: PKCE)
+                                   timeout=self._timeout)
+        try:
+            token = await client.fetch_token(self.token_endpoint, code=code, code_verifier=pending.code_verifier)
+        except (OAuthError, OSError, ValueError) as error:
+            raise SignInFailed("the identity provider did not accept the sign-in") from error
+        finally:
+            await client.aclose()
+        identity = await self._validator.validate_id_token(str(token.get("id_token", "")), self.client_id,
+                                                           pending.nonce)
+        if isinstance(identity, RejectedToken):
+            raise SignInFailed(f"the identity provider's answer was refused: {identity.reason}")
+        session_id = secrets.token_urlsafe(32)
+        self._sessions[session_id] = BrowserSession(identity, host, now)
+        return pending.return_url, self._cookie(session_id, controls)
+
+    def session(self, cookie_value: str | None, host: str) -> BrowserSession | None:
+        if not cookie_value:
+            return None
+        try:
+            session_id = self._cipher.decrypt(cookie_value.encode(), ttl=self._lifetime).decode()
+        except (InvalidToken, ValueError):
+            return None
+        found = self._sessions.get(session_id)
+        return found if found is not None and found.host == host else None
+
+    def needs_fresh_sign_in(self, session: BrowserSession, controls: SessionControls, now: datetime) -> bool:
+        frequency = controls.sign_in_frequency_seconds
+        return frequency is not None and (now - session.signed_in_at).total_seconds() >= frequency
+
+    def end(self, cookie_value: str | None) -> None:
+        """Logout: the session is gone on the server, whatever copies of the cookie exist."""
+        try:
+            session_id = self._cipher.decrypt((cookie_value or "").encode()).decode()
+        except (InvalidToken, ValueError):
+            return
+        self._sessions.pop(session_id, None)
+
+    def _cookie(self, session_id: str, controls: SessionControls) -> SessionCookie:
+        value = self._cipher.encrypt(session_id.encode()).decode()
+        attributes = "Path=/; Secure; HttpOnly; SameSite=Lax"
+        if controls.persistent_browser is not PersistentBrowser.never:
+            attributes += f"; Max-Age={self._lifetime}"
+        return SessionCookie(f"{COOKIE_NAME}={value}; {attributes}")
+
+
+def cleared_cookie() -> str:
+    return f"{COOKIE_NAME}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"
+
+
+def cookie_value(cookie_headers: list[str]) -> str | None:
+    for header in cookie_headers:
+        for part in header.split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == COOKIE_NAME:
+                return value
+    return None
+
+
+def without_session_cookie(cookie_header: str) -> str:
+    """The Cookie header an upstream may see: the gateway's own cookie never reaches it."""
+    kept = [p.strip() for p in cookie_header.split(";") if p.strip() and not p.strip().startswith(f"{COOKIE_NAME}=")]
+    return "; ".join(kept)

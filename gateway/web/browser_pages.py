@@ -1,0 +1,32 @@
+"""The gateway's pages under ``/.portcullis/`` on every protected host: the sign-in callback and
+logout. Served inside the proxy (addons/service_endpoints.py); never forwarded upstream."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.access import AccessService
+from gateway.identity.browser import CALLBACK_PATH, LOGOUT_PATH
+from gateway.web.pages import GatewayResponse
+
+
+def browser_app(service: AccessService) -> Starlette:
+    async def callback(request: Request) -> Response:
+        host = request.headers.get("host", "").split(":")[0].lower()
+        state, code = request.query_params.get("state", ""), request.query_params.get("code", "")
+        return _response(await service.complete_sign_in(host, state, code))
+
+    async def logout(request: Request) -> Response:
+        return _response(service.sign_out(request.headers.getlist("cookie")))
+
+    return Starlette(routes=[Route(CALLBACK_PATH, callback), Route(LOGOUT_PATH, logout, methods=["GET", "POST"])])
+
+
+def _response(page: GatewayResponse) -> Response:
+    response = Response(page.body, status_code=page.status_code)
+    for name, value in page.headers:
+        response.headers.append(name, value)
+    return response
