@@ -7,6 +7,12 @@ from mitmproxy import http
 from gateway.policy.model import AccessRequest
 
 
+def authority(host_header: str, host: str) -> str:
+    """The Host header if it is the validated host with at most a port, else the host alone."""
+    _, _, port = host_header.lower().rpartition(":")
+    return f"{host}:{port}" if host_header.lower() == f"{host}:{port}" and port.isdigit() else host
+
+
 def access_request(flow: http.HTTPFlow, correlation_id: str, host: str) -> AccessRequest:
     headers = flow.request.headers
     return AccessRequest(
@@ -19,4 +25,5 @@ def access_request(flow: http.HTTPFlow, correlation_id: str, host: str) -> Acces
         accepts_html="text/html" in headers.get("accept", "").lower(),
         content_type=headers.get("content-type", ""),
         content_length=headers.get("content-length", ""),
+        authority=authority(flow.request.host_header or "", host),
     )

@@ -264,19 +264,19 @@ class AccessService:
     def _sign_in(self, request: AccessRequest) -> Outcome:
         """A browser without a (fresh enough) session goes to the identity provider."""
         assert self.browser is not None  # noqa: S101  (only called for browser sessions)
-        location = self.browser.login_url(request.host, f"https://{request.host}{request.target or request.path}")
+        location = self.browser.login_url(request.authority or request.host, request.target or request.path)
         decision = Decision(result=DecisionResult.unauthenticated, status_code=302, error_code=None,
                             reason="sign-in required", resource=None, client_app_type=ClientAppType.browser)
         self._log.write(sign_in_record(request=request, decision=decision, now=self._clock()))
         return Outcome(decision, pages.redirect(location, request.correlation_id))
 
-    async def complete_sign_in(self, host: str, state: str, code: str) -> pages.GatewayResponse:
+    async def complete_sign_in(self, authority: str, state: str, code: str) -> pages.GatewayResponse:
         """The callback at ``https://<host>/.portcullis/callback``: a session, then the original URL."""
-        if self.browser is None or host not in self.config.gateway_file.protected_hosts:
+        if self.browser is None:
             return pages.sign_in_failed("browser sign-in is not configured here")
         try:
             controls = self.policy_set.session_controls_for_browsers()
-            return_url, cookie = await self.browser.complete(host, state, code, self._clock(), controls)
+            return_url, cookie = await self.browser.complete(authority, state, code, self._clock(), controls)
         except SignInFailed as failure:
             return pages.sign_in_failed(str(failure))
         except SignalUnavailable:

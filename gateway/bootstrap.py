@@ -10,11 +10,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
+from cryptography.fernet import Fernet
 
 from gateway.access import AccessService, Clock, utc_now
 from gateway.audit import DecisionLog
 from gateway.config import Config, load_config
 from gateway.config.models import GraphConnectorSettings
+from gateway.identity.browser import BrowserSignIn
 from gateway.identity.jwks import JwksCache
 from gateway.identity.tokens import BearerValidator
 from gateway.signals.cache import CachedInventory
@@ -95,6 +97,25 @@ def graph_settings(graph: GraphConnectorSettings, environ: Mapping[str, str]) ->
                          lookups_per_second=graph.lookups_per_second)
 
 
+def session_key(config: Config, environ: Mapping[str, str]) -> bytes:
+    """The key that encrypts and signs session cookies: from the environment when configured
+    (every worker and host must share it), else a file made once in the state directory."""
+    settings = config.gateway_file.browser_sign_in
+    if settings is not None and settings.session_key_env:
+        value = environ.get(settings.session_key_env, "")
+        if not value:
+            raise ValueError(f"browserSignIn: environment variable {settings.session_key_env} must hold a "
+                             "Fernet key (Fernet.generate_key())")
+        return value.encode()
+    path = config.path(config.gateway_file.gateway.state_dir) / "session.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(Fernet.generate_key())
+    return path.read_bytes().strip()
+
+
 def seed_store(loaded: Loaded, now_clock: Clock = utc_now) -> None:
     """With both a YAML inventory and a database, the YAML file seeds the store at start."""
     if loaded.store is not None and loaded.file_inventory is not None:
@@ -121,9 +142,16 @@ def build_service(
     )
     cached = CachedInventory(inventory or loaded.live_inventory, ttl=cache.ttl_seconds, miss_ttl=cache.miss_ttl_seconds,
                              max_staleness=cache.max_staleness_seconds, max_entries=cache.max_entries)
+    validator = BearerValidator(identity, jwks)
+    browser = None
+    if config.gateway_file.browser_sign_in is not None:
+        settings = config.gateway_file.browser_sign_in
+        browser = BrowserSignIn(client_id=settings.client_id, jwks=jwks, validator=validator,
+                                key=session_key(config, os.environ), lifetime_seconds=settings.session_lifetime_seconds)
     service = AccessService(
         config,
-        validator=BearerValidator(identity, jwks),
+        browser=browser,
+        validator=validator,
         inventory=cached,
         decision_log=DecisionLog(config.path(config.gateway_file.decision_log.path)),
         clock=clock,

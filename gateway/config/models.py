@@ -441,6 +441,9 @@ class GrantControls(Model):
         return self
 
 
+EVERY_TIME_SECONDS = 300
+
+
 class FrequencyUnit(StrEnum):
     hours = "hours"
     days = "days"
@@ -463,8 +466,10 @@ class SignInFrequency(Model):
 
     @property
     def seconds(self) -> int:
+        """``everyTime`` asks for a sign-in at most five minutes old (a gateway session cannot be
+        re-authenticated per request without sending every request to the issuer)."""
         if self.every_time or self.value is None:
-            return 0
+            return EVERY_TIME_SECONDS
         return self.value * (3600 if self.type is FrequencyUnit.hours else 86400)
 
 

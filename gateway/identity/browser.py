@@ -18,11 +18,12 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import urlsplit
 
 from cachetools import TTLCache
 from cryptography.fernet import Fernet, InvalidToken
 
+from gateway.errors import SignalUnavailable
+from gateway.identity.jwks import JwksCache
 from gateway.identity.oauth_client import AsyncOAuth2Client, OAuthError
 from gateway.identity.tokens import BearerValidator, RejectedToken
 from gateway.policy.model import Identity, PersistentBrowser, SessionControls
@@ -41,7 +42,7 @@ class SignInFailed(Exception):
 
 @dataclass(frozen=True, slots=True)
 class PendingLogin:
-    host: str
+    authority: str  # host[:port] as the browser addressed it: the callback must be the same
     return_url: str
     code_verifier: str
     nonce: str
@@ -62,13 +63,10 @@ class SessionCookie:
 
 
 class BrowserSignIn:
-    def __init__(self, *, issuer: str, client_id: str, authorization_endpoint: str, token_endpoint: str,
-                 validator: BearerValidator, key: bytes, lifetime_seconds: int,
-                 timeout: float = 10.0) -> None:
-        self.issuer = issuer
+    def __init__(self, *, client_id: str, jwks: JwksCache, validator: BearerValidator, key: bytes,
+                 lifetime_seconds: int, timeout: float = 10.0) -> None:
         self.client_id = client_id
-        self.authorization_endpoint = authorization_endpoint
-        self.token_endpoint = token_endpoint
+        self._jwks = jwks
         self._validator = validator
         self._cipher = Fernet(key)
         self._lifetime = lifetime_seconds
@@ -76,28 +74,36 @@ class BrowserSignIn:
         self._pending: TTLCache[str, PendingLogin] = TTLCache(maxsize=PENDING_LOGINS, ttl=600)
         self._sessions: TTLCache[str, BrowserSession] = TTLCache(maxsize=MAX_SESSIONS, ttl=lifetime_seconds)
 
-    def login_url(self, host: str, return_url: str) -> str:
-        """Where to send a browser that has no session; ``return_url`` must be on ``host``."""
-        if urlsplit(return_url).hostname != host:
-            return_url = f"https://{host}/"
-        client = AsyncOAuth2Client(client_id=self.client_id, redirect_uri=f"https://{host}{CALLBACK_PATH}",
+    def _endpoint(self, name: str) -> str:
+        value = self._jwks.discovery.get(name)
+        if not isinstance(value, str) or not value.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+            raise SignalUnavailable(f"the identity provider's discovery document has no usable {name}")
+        return value
+
+    def login_url(self, authority: str, target: str) -> str:
+        """Where to send a browser that has no session. It comes back to ``target`` on the same
+        host only: the original URL is kept here, never taken from the callback."""
+        client = AsyncOAuth2Client(client_id=self.client_id, redirect_uri=f"https://{authority}{CALLBACK_PATH}",
                                    scope="openid profile", code_challenge_method="S256")
         verifier, nonce = secrets.token_urlsafe(48), secrets.token_urlsafe(16)
-        url, state = client.create_authorization_url(self.authorization_endpoint, code_verifier=verifier, nonce=nonce)
-        self._pending[state] = PendingLogin(host, return_url, verifier, nonce)
+        url, state = client.create_authorization_url(self._endpoint("authorization_endpoint"),
+                                                     code_verifier=verifier, nonce=nonce)
+        path = target if target.startswith("/") and not target.startswith("//") else "/"
+        self._pending[state] = PendingLogin(authority, f"https://{authority}{path}", verifier, nonce)
         return url
 
-    async def complete(self, host: str, state: str, code: str, now: datetime,
+    async def complete(self, authority: str, state: str, code: str, now: datetime,
                        controls: SessionControls) -> tuple[str, SessionCookie]:
         """The callback: returns where to send the browser and the cookie to set."""
         pending = self._pending.pop(state, None)
-        if pending is None or pending.host != host:
+        if pending is None or pending.authority != authority:
             raise SignInFailed("this sign-in link expired or was not started here; open the page again")
-        client = AsyncOAuth2Client(client_id=self.client_id, redirect_uri=f"https://{host}{CALLBACK_PATH}",
+        client = AsyncOAuth2Client(client_id=self.client_id, redirect_uri=f"https://{authority}{CALLBACK_PATH}",
                                    token_endpoint_auth_method="none",  # noqa: S106  (a public client: PKCE)
                                    timeout=self._timeout)
         try:
-            token = await client.fetch_token(self.token_endpoint, code=code, code_verifier=pending.code_verifier)
+            token = await client.fetch_token(self._endpoint("token_endpoint"), code=code,
+                                             code_verifier=pending.code_verifier)
         except (OAuthError, OSError, ValueError) as error:
             raise SignInFailed("the identity provider did not accept the sign-in") from error
         finally:
@@ -107,7 +113,7 @@ class BrowserSignIn:
         if isinstance(identity, RejectedToken):
             raise SignInFailed(f"the identity provider's answer was refused: {identity.reason}")
         session_id = secrets.token_urlsafe(32)
-        self._sessions[session_id] = BrowserSession(identity, host, now)
+        self._sessions[session_id] = BrowserSession(identity, _hostname(authority), now)
         return pending.return_url, self._cookie(session_id, controls)
 
     def session(self, cookie_value: str | None, host: str) -> BrowserSession | None:
@@ -138,6 +144,10 @@ class BrowserSignIn:
         if controls.persistent_browser is not PersistentBrowser.never:
             attributes += f"; Max-Age={self._lifetime}"
         return SessionCookie(f"{COOKIE_NAME}={value}; {attributes}")
+
+
+def _hostname(authority: str) -> str:
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 
 def cleared_cookie() -> str:

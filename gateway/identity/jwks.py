@@ -46,6 +46,7 @@ class JwksCache:
         self._timer = timer
         self._transport = transport
         self._keys: dict[str, dict[str, object]] = {}
+        self.discovery: dict[str, object] = {}
         self._bound: dict[tuple[str, str], PyJWK] = {}
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
@@ -106,6 +107,7 @@ class JwksCache:
             if not isinstance(jwks_uri, str):
                 raise SignalUnavailable("discovery document has no jwks_uri")
             jwks = await _get_json(client, jwks_uri)
+        self.discovery = discovery
         self._keys = _signing_keys(jwks)
         self._bound = {}
         self._fetched_at = self._timer()

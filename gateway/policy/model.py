@@ -113,6 +113,7 @@ class AccessRequest:
     target: str | None = None  # the original request target (path and query), once the path is canonical
     content_type: str = ""
     content_length: str = ""
+    authority: str = ""  # host[:port] as the client addressed it (the Host header, validated)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -15,9 +15,9 @@ from gateway.web.pages import GatewayResponse
 
 def browser_app(service: AccessService) -> Starlette:
     async def callback(request: Request) -> Response:
-        host = request.headers.get("host", "").split(":")[0].lower()
+        authority = request.headers.get("host", "").lower()  # validated by Routing against SNI
         state, code = request.query_params.get("state", ""), request.query_params.get("code", "")
-        return _response(await service.complete_sign_in(host, state, code))
+        return _response(await service.complete_sign_in(authority, state, code))
 
     async def logout(request: Request) -> Response:
         return _response(service.sign_out(request.headers.getlist("cookie")))

@@ -23,6 +23,8 @@ async def _echo(request: Request) -> JSONResponse:
     if request.query_params.get("Cmd") == "Ping":  # ActiveSync long-poll: answer when the heartbeat ends
         await asyncio.sleep(min(float(request.query_params.get("HeartbeatInterval", "30")), MAX_PING_SECONDS))
     received = {k: v for k, v in request.headers.items() if k not in NOT_ECHOED}
+    if request.cookies:  # names only: a demo page must not echo cookie values
+        received["x-demo-cookie-names"] = ",".join(sorted(request.cookies))
     if request.query_params.get("download") == "1":  # a file served from an ordinary URL
         return await _download(request)
     if request.method in ("POST", "PUT"):

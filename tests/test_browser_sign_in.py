@@ -1,0 +1,108 @@
+"""Browser sign-in through the real listener and the demo issuer: authorization code with PKCE,
+an encrypted host-only session cookie the upstream never sees, logout revoking the session on
+the server, and callbacks that cannot be forged or turned into an open redirect."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from gateway.demo import ALEX_IPHONE, BLAKE_ANDROID
+from gateway.identity.browser import COOKIE_NAME
+from tests.conftest import Gateway
+
+MAIL, DOCS = "mail.contoso.test", "docs.contoso.test"
+BROWSER = {"Accept": "text/html,application/xhtml+xml", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64)"}
+
+
+def sign_in(gateway: Gateway, *, user: str = "alex@contoso.test", device: str = ALEX_IPHONE,
+            path: str = "/owa/?folder=inbox") -> tuple[httpx.Response, str]:
+    """Open ``path`` as a browser, sign in at the demo issuer, follow the callback."""
+    start = gateway.request(MAIL, path, headers=BROWSER)
+    assert start.status_code == 302, start.text
+    authorize = start.headers["location"]
+    query = {k: v[0] for k, v in parse_qs(urlsplit(authorize).query).items()}
+    assert query["code_challenge_method"] == "S256" and query["state"] and query["nonce"]
+    assert query["redirect_uri"] == f"https://{MAIL}/.portcullis/callback"
+    with httpx.Client(timeout=10) as idp:
+        assert idp.get(authorize).status_code == 200  # the sign-in page
+        granted = idp.post(authorize.split("?")[0], data={**query, "user": user, "device_id": device})
+    assert granted.status_code == 302
+    callback = urlsplit(granted.headers["location"])
+    answer = gateway.request(MAIL, f"{callback.path}?{callback.query}")
+    cookie = answer.headers.get("set-cookie", "")
+    return answer, cookie.split(";", 1)[0]
+
+
+def test_a_browser_signs_in_and_comes_back_to_the_page_it_asked_for(gateway: Gateway) -> None:
+    answer, cookie = sign_in(gateway)
+    assert answer.status_code == 302
+    assert answer.headers["location"] == f"https://{MAIL}/owa/?folder=inbox"
+    attributes = answer.headers["set-cookie"].split("; ")[1:]
+    assert {"Path=/", "Secure", "HttpOnly", "SameSite=Lax"} <= set(attributes)
+    assert cookie.startswith(f"{COOKIE_NAME}=") and "Domain" not in answer.headers["set-cookie"]
+    page = gateway.request(MAIL, "/owa/?folder=inbox", headers={**BROWSER, "Cookie": f"{cookie}; theme=dark"})
+    assert page.status_code == 200
+    received = page.json()["receivedHeaders"]
+    assert received["x-portcullis-user"] == "alex@contoso.test"
+    assert received["x-demo-cookie-names"] == "theme"  # the gateway's cookie never reaches the upstream
+
+
+def test_a_noncompliant_browser_gets_the_block_page_after_signing_in(gateway: Gateway) -> None:
+    _, cookie = sign_in(gateway, user="blake@contoso.test", device=BLAKE_ANDROID)
+    page = gateway.request(MAIL, "/owa/", headers={**BROWSER, "Cookie": cookie})
+    assert page.status_code == 403
+    assert "You can't get there from here" in page.text and "53000" in page.text
+
+
+def test_logout_revokes_the_session_on_the_server(gateway: Gateway) -> None:
+    _, cookie = sign_in(gateway)
+    assert gateway.request(MAIL, "/owa/", headers={**BROWSER, "Cookie": cookie}).status_code == 200
+    out = gateway.request(MAIL, "/.portcullis/logout", headers={**BROWSER, "Cookie": cookie})
+    assert out.status_code == 200 and "Max-Age=0" in out.headers["set-cookie"]
+    again = gateway.request(MAIL, "/owa/", headers={**BROWSER, "Cookie": cookie})  # a copied cookie
+    assert again.status_code == 302 and "/oauth2/authorize?" in again.headers["location"]
+
+
+@pytest.mark.parametrize(
+    ("mangle", "host"),
+    [
+        pytest.param(lambda c: c[:-4] + ("AAAA" if not c.endswith("AAAA") else "BBBB"), MAIL, id="tampered cookie"),
+        pytest.param(lambda c: c, DOCS, id="cookie of another host"),
+    ],
+)
+def test_a_cookie_that_is_not_this_hosts_session_means_signing_in(gateway: Gateway, mangle, host: str) -> None:  # noqa: ANN001
+    _, cookie = sign_in(gateway)
+    path = "/sites/team/" if host == DOCS else "/owa/"
+    answer = gateway.request(host, path, headers={**BROWSER, "Cookie": mangle(cookie)})
+    assert answer.status_code == 302 and "/oauth2/authorize?" in answer.headers["location"]
+
+
+def test_a_callback_the_gateway_did_not_start_is_refused(gateway: Gateway) -> None:
+    forged = gateway.request(MAIL, "/.portcullis/callback?code=abc&state=made-up")
+    assert forged.status_code == 400 and "Sign-in failed" in forged.text
+    assert "set-cookie" not in forged.headers
+
+
+def test_the_return_url_cannot_leave_the_host(gateway: Gateway) -> None:
+    """The URL to return to is the one the browser asked this host for, kept server-side with the
+    state: a scheme-relative target is refused outright, and parameters added to the callback
+    change nothing."""
+    assert gateway.request(MAIL, "//evil.example/owa/", headers=BROWSER).status_code == 400
+    start = gateway.request(MAIL, "/owa/", headers=BROWSER)
+    authorize = start.headers["location"]
+    query = {k: v[0] for k, v in parse_qs(urlsplit(authorize).query).items()}
+    with httpx.Client(timeout=10) as idp:
+        granted = idp.post(authorize.split("?")[0], data={**query, "user": "alex@contoso.test",
+                                                           "device_id": ALEX_IPHONE})
+    callback = urlsplit(granted.headers["location"])
+    answer = gateway.request(MAIL, f"{callback.path}?{callback.query}&return_url=https://evil.example/"
+                                   "&redirect_uri=https://evil.example/")
+    assert answer.status_code == 302 and answer.headers["location"] == f"https://{MAIL}/owa/"
+
+
+def test_api_clients_still_get_401_not_a_redirect(gateway: Gateway) -> None:
+    answer = gateway.request(MAIL, "/owa/")
+    assert answer.status_code == 401
