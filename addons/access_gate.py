@@ -6,7 +6,8 @@ from __future__ import annotations
 from mitmproxy import http
 
 from addons.flows import access_request
-from addons.routing import HOST_KEY
+from addons.kiosk_proxy import KIOSK_KEY
+from addons.routing import HOST_KEY, UNPROTECTED_KEY
 from addons.safety import (
     ALLOWED_KEY,
     AUTHORIZATION_KEY,
@@ -33,7 +34,12 @@ class AccessGate:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flow.metadata.get(SERVICE_KEY):
             return
-        request = access_request(flow, flow.metadata[CORRELATION_KEY], flow.metadata[HOST_KEY])
+        if flow.metadata.get(UNPROTECTED_KEY):
+            _strip_client_headers(flow.request.headers)
+            flow.metadata[ALLOWED_KEY] = True
+            return
+        request = access_request(flow, flow.metadata[CORRELATION_KEY], flow.metadata[HOST_KEY],
+                                 self.service.kiosk_location if flow.metadata.get(KIOSK_KEY) else None)
         authorization = flow.request.headers.get_all("authorization")
         if "trailer" in flow.request.headers:
             outcome = self.service.refuse(request, 400, "request trailers are not accepted")
@@ -63,14 +69,18 @@ class AccessGate:
             flow.response.headers[CORRELATION_ID] = flow.metadata[CORRELATION_KEY]
 
 
+def _strip_client_headers(headers: http.Headers) -> None:
+    for name in headers_to_strip(list(headers), headers.get_all("connection")):
+        headers.pop(name, None)
+
+
 def _apply(flow: http.HTTPFlow, outcome: Outcome) -> None:
     if outcome.response is not None:
         response = outcome.response
         respond(flow, response.status_code, response.body, response.headers)
         return
     headers = flow.request.headers
-    for name in headers_to_strip(list(headers), headers.get_all("connection")):
-        headers.pop(name, None)
+    _strip_client_headers(headers)
     cookies = [without_session_cookie(c) for c in headers.get_all("cookie")]
     headers.set_all("cookie", [c for c in cookies if c])
     for name, value in outcome.upstream_headers:

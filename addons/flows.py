@@ -13,7 +13,8 @@ def authority(host_header: str, host: str) -> str:
     return f"{host}:{port}" if host_header.lower() == f"{host}:{port}" and port.isdigit() else host
 
 
-def access_request(flow: http.HTTPFlow, correlation_id: str, host: str) -> AccessRequest:
+def access_request(flow: http.HTTPFlow, correlation_id: str, host: str,
+                   kiosk_location: str | None = None) -> AccessRequest:
     headers = flow.request.headers
     return AccessRequest(
         correlation_id=correlation_id,
@@ -26,4 +27,5 @@ def access_request(flow: http.HTTPFlow, correlation_id: str, host: str) -> Acces
         content_type=headers.get("content-type", ""),
         content_length=headers.get("content-length", ""),
         authority=authority(flow.request.host_header or "", host),
+        kiosk_location=kiosk_location,
     )

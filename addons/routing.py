@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from addons.flows import access_request
+from addons.kiosk_proxy import KIOSK_KEY, is_kiosk
 from addons.safety import CORRELATION_KEY, fail_closed, respond
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, SERVICE_KEY
 from gateway.access import AccessService, new_correlation_id
@@ -19,6 +20,7 @@ from gateway.identity.browser import RESERVED_PREFIX
 from gateway.signals.mtd import MAX_BODY_BYTES
 
 HOST_KEY = "portcullis.host"
+UNPROTECTED_KEY = "portcullis.unprotected"
 PLAINTEXT_ANSWER = (("Content-Type", "application/json"), ("Connection", "close"))
 
 
@@ -31,6 +33,10 @@ class Routing:
         if flow.response or flow.error or not flow.live:
             return
         flow.metadata[CORRELATION_KEY] = correlation_id = new_correlation_id()
+        if is_kiosk(flow) and not flow.client_conn.tls_established and \
+                self.service.kiosk_destination(flow.request.host.lower()) == "pass":
+            flow.metadata[UNPROTECTED_KEY] = True  # plain HTTP to a pass-through destination (a demo issuer)
+            return
         if not flow.client_conn.tls_established:
             respond(flow, 400, b'{"error": "tls_required"}', PLAINTEXT_ANSWER)
             return
@@ -39,6 +45,12 @@ class Routing:
         if host == self.service.service_host and sni == host:
             self._service_flow(flow, MTD_ENDPOINTS)
             return
+        if is_kiosk(flow):
+            flow.metadata[KIOSK_KEY] = True
+            if self.service.kiosk_destination(host) == "intercept" and self.service.upstream_for(host) is None \
+                    and sni == host:
+                flow.metadata[UNPROTECTED_KEY] = True  # an allowed destination: forwarded as it is
+                return
         upstream = self.service.upstream_for(host)
         if upstream is not None and sni == host and flow.request.path.startswith(RESERVED_PREFIX):
             self._service_flow(flow, BROWSER_ENDPOINTS)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from mitmproxy import options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
@@ -20,12 +22,13 @@ from mitmproxy.master import Master
 
 from addons.access_gate import AccessGate
 from addons.continuous_access import ContinuousAccess
+from addons.kiosk_proxy import KioskProxy
 from addons.routing import Routing
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, ServiceEndpoints
 from addons.session_enforcement import SessionEnforcement
 from gateway.access import AccessService, utc_now
 from gateway.bootstrap import Loaded, build_service, seed_store
-from gateway.certs import ensure_server_certificate
+from gateway.certs import CA_FILE, CA_KEY_FILE, ensure_server_certificate
 from gateway.config import Config
 from gateway.demo import DemoUpstreams
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
@@ -72,14 +75,21 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         AccessGate(service),
         ContinuousAccess(service),
         SessionEnforcement(service),
+        KioskProxy(service),
         ready,
     )
     if endpoints:
         master.addons.add(ServiceEndpoints(endpoints))
     state_dir = config.path(settings.state_dir)
     (state_dir / "mitmproxy").mkdir(parents=True, exist_ok=True)
+    modes = [f"reverse:{PLACEHOLDER_UPSTREAM}@{settings.listen.host}:{settings.listen.port}"]
+    kiosk = config.gateway_file.kiosk
+    if kiosk is not None:
+        modes.append(f"regular@{kiosk.listen.host}:{kiosk.listen.port}")
+    _use_gateway_ca(config, state_dir / "mitmproxy")
     opts.update(
-        mode=[f"reverse:{PLACEHOLDER_UPSTREAM}@{settings.listen.host}:{settings.listen.port}"],
+        mode=modes,
+        ignore_hosts=[rf"^{re.escape(host)}(:\d+)?$" for host in (kiosk.pass_through if kiosk else [])],
         confdir=str(state_dir / "mitmproxy"),
         certs=[f"{host}={config.path(c.file)}" for c in settings.certificates for host in c.hosts],
         connection_strategy="lazy",
@@ -158,6 +168,17 @@ async def _sync_from_graph(loaded: Loaded) -> None:
         except SignalUnavailable as error:
             logger.warning("Graph sync failed: %s", error)
         await asyncio.sleep(graph.sync_interval_seconds)
+
+
+def _use_gateway_ca(config: Config, confdir: Path) -> None:
+    """Kiosks trust the gateway's CA: let mitmproxy sign intercepted destinations with it (the CA
+    beside the first certificate file, as ``portcullis demo`` makes it), not with a CA of its own."""
+    first = config.path(config.gateway_file.gateway.certificates[0].file).parent
+    cert, key = first / CA_FILE, first / CA_KEY_FILE
+    if cert.is_file() and key.is_file():
+        target = confdir / "mitmproxy-ca.pem"
+        target.write_bytes(key.read_bytes() + cert.read_bytes())
+        target.chmod(0o600)
 
 
 def _check_certificates(config: Config) -> None:

@@ -187,6 +187,21 @@ class AccessService:
         logger.info("[%s] %s: response replaced", correlation_id, reason)
         return pages.session_restricted(reason, correlation_id, html=accepts_html, now=self._clock())
 
+    @property
+    def kiosk_location(self) -> str | None:
+        kiosk = self.config.gateway_file.kiosk
+        return kiosk.location if kiosk is not None else None
+
+    def kiosk_destination(self, host: str) -> str:
+        """What the kiosk proxy does with a CONNECT to ``host``: intercept (a protected host or an
+        allowed one), pass through untouched, or deny."""
+        kiosk = self.config.gateway_file.kiosk
+        if kiosk is None:
+            return "deny"
+        if host in self.config.gateway_file.protected_hosts or host in kiosk.allow:
+            return "intercept"
+        return "pass" if host in kiosk.pass_through else "deny"
+
     def upstream_for(self, host: str) -> str | None:
         """The upstream URL of a protected host, or None if the gateway does not serve it."""
         protected = self.config.gateway_file.protected_hosts.get(host)
@@ -218,7 +233,7 @@ class AccessService:
                 identity = await self._validator.validate(str(token), audiences)
             if isinstance(identity, RejectedToken):
                 return self._unauthenticated(request, identity, now)
-            device = await self._device_signals(identity)
+            device = await self._device_signals(identity, request)
         except SignalUnavailable as error:
             logger.error("[%s] signal unavailable, blocking: %s", request.correlation_id, error)
             return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
@@ -249,12 +264,12 @@ class AccessService:
                                  remediation_url=self.config.gateway_file.gateway.remediation_url, now=now)
         return Outcome(decision, response)
 
-    async def _device_signals(self, identity: Identity) -> DeviceSignals:
+    async def _device_signals(self, identity: Identity, request: AccessRequest) -> DeviceSignals:
         try:
             self.pick_up_changes()
         except sqlite3.Error as error:
             raise SignalUnavailable(f"device inventory: {error}") from error
-        if identity.device_id is None:
+        if identity.device_id is None or request.kiosk_location is not None:  # a kiosk is unmanaged
             return DeviceSignals(device_id=None, device=None, source=self._inventory.name,
                                  compliance=self._compliance)
         device = await self._inventory.managed_device(identity.device_id)

@@ -47,10 +47,11 @@ class Ports:
     idp: int
     mail: int
     docs: int
+    kiosk: int = 0
 
     @classmethod
     def fresh(cls) -> Ports:
-        return cls(free_port(), free_port(), free_port(), free_port())
+        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
 
 
 def demo_config_copy(directory: Path, ports: Ports) -> Path:
@@ -64,6 +65,7 @@ def demo_config_copy(directory: Path, ports: Ports) -> Path:
     data["identity"]["issuer"] = f"http://127.0.0.1:{ports.idp}/contoso"
     data["protectedHosts"]["mail.contoso.test"]["upstream"] = f"http://127.0.0.1:{ports.mail}"
     data["protectedHosts"]["docs.contoso.test"]["upstream"] = f"http://127.0.0.1:{ports.docs}"
+    data["kiosk"]["listen"]["port"] = ports.kiosk or free_port()
     yaml.dump(data, path)
     return target
 

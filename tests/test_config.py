@@ -43,7 +43,7 @@ def test_shipped_demo_config_is_valid() -> None:
     config = load_config(REPO / "config")
     assert [p.name for p in config.policies] == ["exchange-outlook-only", "owa-compliant-device",
                                                   "sharepoint-compliant-device", "mfa-outside-head-office",
-                                                  "kiosk-accounts-view-only"]
+                                                  "kiosk-accounts-view-only", "kiosks-read-only-browser"]
 
 
 def test_misspelt_state_names_file_line_key_and_suggests(config_dir: Path) -> None:
@@ -141,7 +141,7 @@ def test_check_command_prints_problems_and_exits_1(config_dir: Path) -> None:
 def test_check_command_accepts_the_demo_config() -> None:
     result = subprocess.run([PORTCULLIS, "check", "--config", str(REPO / "config")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "5 policies, 4 devices in the inventory" in result.stdout
+    assert "6 policies, 4 devices in the inventory" in result.stdout
     assert "public resources (reachable without a token): 1\n  exchange-owa-sign-in-page:" in result.stdout
     assert "warning" not in result.stdout
 

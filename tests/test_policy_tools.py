@@ -39,7 +39,7 @@ def test_whatif_json_is_the_documented_shape() -> None:
     assert (answer["result"], answer["errorCode"], answer["failedPolicy"]) == \
         ("block", 53002, "exchange-outlook-only")
     policies = {p["id"]: p for p in answer["policies"]}
-    assert len(policies) == 5
+    assert len(policies) == 6
     assert policies["exchange-outlook-only"]["failedControls"][0]["control"] == "approvedApplication"
     assert policies["exchange-outlook-only"]["enforcedGrantControls"] == \
         ["compliantDevice", "approvedApplication", "maxDeviceThreatLevel"]

@@ -130,7 +130,7 @@ def _check_policies(
 ) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     resources = sorted({*expand_presets(gateway_file.resource_presets), *gateway_file.resources})
-    locations = sorted(gateway_file.named_locations)
+    locations = sorted({*gateway_file.named_locations, *([gateway_file.kiosk.location] if gateway_file.kiosk else [])})
     apps = sorted(gateway_file.applications)
     counts = Counter(p.name for p in policies_file.policies)
     for index, policy in enumerate(policies_file.policies):

@@ -292,6 +292,32 @@ class MtdPartnerSettings(Model):
     unresponsive_after_seconds: Annotated[int, Field(ge=60, le=90 * 86400)] = 7 * 86400
 
 
+class KioskSettings(Model):
+    """A forward proxy for kiosk browsers (they trust the gateway's CA). Requests through it are
+    unmanaged browsers, from the named location ``location``, whatever they claim."""
+
+    listen: Listen
+    location: Annotated[str, Field(pattern=NAME.pattern)] = "kiosk"
+    pass_through: list[str] = []  # tunnelled untouched, never intercepted (e.g. the identity provider)
+    allow: list[str] = []  # intercepted and forwarded without policy; every other destination is denied
+
+    @field_validator("pass_through", "allow")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not HOST_NAME.match(host) and not _is_ip(host):
+                raise ValueError(f"{host!r} is not a lower-case host name or an IP address")
+        return value
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 class BrowserSignInSettings(Model):
     """Browsers sign in with the OIDC code flow (PKCE) and get a gateway session cookie."""
 
@@ -317,6 +343,7 @@ class PortcullisFile(Model):
     device_signals: DeviceSignalsSettings
     mtd_partners: dict[str, MtdPartnerSettings] = {}
     browser_sign_in: BrowserSignInSettings | None = None
+    kiosk: KioskSettings | None = None
     decision_log: DecisionLogSettings = DecisionLogSettings()
 
     @field_validator("protected_hosts")

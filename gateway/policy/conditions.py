@@ -139,6 +139,8 @@ def client_app_type(request: AccessRequest, identity: Identity | None, app: Clie
     them, so they never outrank a known client id); any other client id; else ``other``."""
     if request.declared_client_app_type is not None:
         return request.declared_client_app_type
+    if request.kiosk_location is not None:
+        return ClientAppType.browser  # a kiosk is a browser, whatever its headers or token say
     if path_has_prefix(request.path, ACTIVESYNC_PATH):
         return ClientAppType.exchange_active_sync
     if app is not None and app.name is not None:

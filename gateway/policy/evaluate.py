@@ -87,6 +87,8 @@ def evaluate(
                         error_code=ErrorCode.blocked_by_conditional_access, reason=NO_RESOURCE_REASON,
                         resource=None, client_app_type=app_type)
     inside, trusted = locations_of(request.client_ip, policy_set.named_locations)
+    if request.kiosk_location is not None:
+        inside = inside | {request.kiosk_location}
     facts = Facts(request=request, identity=identity, device=device, app=app, resources=resources,
                   client_app_type=app_type, user_names=user_names(identity),
                   groups=frozenset(g.lower() for g in identity.groups),

@@ -114,6 +114,7 @@ class AccessRequest:
     content_type: str = ""
     content_length: str = ""
     authority: str = ""  # host[:port] as the client addressed it (the Host header, validated)
+    kiosk_location: str | None = None  # set for requests through the kiosk proxy: an unmanaged browser
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
