@@ -6,6 +6,8 @@ from mitmproxy import http
 
 from gateway.policy.model import AccessRequest
 
+AUTHORITY_KEY = "portcullis.authority"  # the Host header as the client sent it (Routing rewrites it)
+
 
 def authority(host_header: str, host: str) -> str:
     """The Host header if it is the validated host with at most a port, else the host alone."""
@@ -26,6 +28,6 @@ def access_request(flow: http.HTTPFlow, correlation_id: str, host: str,
         accepts_html="text/html" in headers.get("accept", "").lower(),
         content_type=headers.get("content-type", ""),
         content_length=headers.get("content-length", ""),
-        authority=authority(flow.request.host_header or "", host),
+        authority=authority(flow.metadata.get(AUTHORITY_KEY, ""), host),
         kiosk_location=kiosk_location,
     )

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import http
 
-from addons.flows import access_request
+from addons.flows import AUTHORITY_KEY, access_request, authority
 from addons.kiosk_proxy import KIOSK_KEY, is_kiosk
 from addons.safety import CORRELATION_KEY, fail_closed, respond
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, SERVICE_KEY
@@ -40,10 +40,11 @@ class Routing:
         if not flow.client_conn.tls_established:
             respond(flow, 400, b'{"error": "tls_required"}', PLAINTEXT_ANSWER)
             return
+        flow.metadata[AUTHORITY_KEY] = flow.request.host_header or ""  # as sent, before it is rewritten
         host = _host_without_port(flow.request.host_header or "")
         sni = (flow.client_conn.sni or "").lower().rstrip(".")
         if host == self.service.service_host and sni == host:
-            self._service_flow(flow, MTD_ENDPOINTS)
+            self._service_flow(flow, MTD_ENDPOINTS, host)
             return
         if is_kiosk(flow):
             flow.metadata[KIOSK_KEY] = True
@@ -53,7 +54,7 @@ class Routing:
                 return
         upstream = self.service.upstream_for(host)
         if upstream is not None and sni == host and flow.request.path.startswith(RESERVED_PREFIX):
-            self._service_flow(flow, BROWSER_ENDPOINTS)
+            self._service_flow(flow, BROWSER_ENDPOINTS, host)
             return
         if upstream is None or sni != host:
             reason = "this gateway does not serve that host" if upstream is None else "TLS SNI and Host differ"
@@ -69,7 +70,7 @@ class Routing:
         flow.metadata[HOST_KEY] = host
 
 
-    def _service_flow(self, flow: http.HTTPFlow, endpoints: str) -> None:
+    def _service_flow(self, flow: http.HTTPFlow, endpoints: str, host: str) -> None:
         """The gateway's own endpoints: small bodies only, buffered, never streamed upstream."""
         declared = flow.request.headers.get("content-length", "0")
         if "transfer-encoding" in flow.request.headers or not declared.isdigit():
@@ -79,6 +80,8 @@ class Routing:
         else:
             flow.request.stream = False
             flow.metadata[SERVICE_KEY] = endpoints
+            # HTTP/2 carries the host in :authority only; the endpoints read the validated one here
+            flow.request.headers["Host"] = authority(flow.metadata[AUTHORITY_KEY], host)
 
 
 def _host_without_port(host_header: str) -> str:
