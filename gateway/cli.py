@@ -6,6 +6,7 @@
     portcullis whatif  --config DIR --user U --url URL [--app A] [--device ID] [--ip IP] ... [--json]
     portcullis test    --config DIR CASES.yaml   run policy test cases; exit 1 if any fails
     portcullis devices --config DIR import FILE | export [--format csv] | list | show ID | set-risk ID LEVEL
+    portcullis certs  [--config DIR] init        create the CA and server certificates (kiosks trust the CA)
 
 Exit codes: 0 ok, 1 config or start-up failure, 2 usage. Errors go to stderr as
 ``portcullis: <message>``, without a traceback unless ``--debug``.
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from gateway import bootstrap
 from gateway.access import utc_now
-from gateway.config import CASES_FILE, GATEWAY_FILE, Config
+from gateway.certs import ensure_server_certificate
+from gateway.config import CASES_FILE, GATEWAY_FILE, Config, load_config
 from gateway.config.lint import config_warnings, public_resources
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLevel
@@ -106,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     set_risk.add_argument("level", type=DeviceThreatLevel, choices=list(DeviceThreatLevel))
     set_risk.add_argument("--vendor", default="manual", help="the MTD vendor this verdict is from (default manual)")
     set_risk.set_defaults(command=_devices_set_risk)
+    certs = commands.add_parser("certs", help="the gateway's CA and server certificates")
+    certs.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config directory (default: config)")
+    cert_actions = certs.add_subparsers(required=True, metavar="ACTION")
+    cert_actions.add_parser("init", help="create the CA and the server certificates the config names, if "
+                                         "missing or not covering its hosts").set_defaults(command=_certs_init)
     test = commands.add_parser("test", help="run policy test cases against a config")
     test.add_argument("--config", type=Path, required=True, help="config directory")
     test.add_argument("cases", type=Path, help="YAML file of cases")
@@ -172,6 +179,17 @@ def _whatif(args: argparse.Namespace) -> int:
         print(json.dumps(as_json(question, decision, states), indent=2))
     else:
         print(as_text(question, decision, states))
+    return 0
+
+
+def _certs_init(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    hosts = [h for c in config.gateway_file.gateway.certificates for h in c.hosts]
+    for certificate in config.gateway_file.gateway.certificates:
+        ca_file = ensure_server_certificate(config.path(certificate.file), certificate.hosts)
+        print(f"{config.path(certificate.file)}: certificate and key for {', '.join(certificate.hosts)}")
+    print(f"CA: {ca_file} (trust it on kiosks and test clients: curl --cacert {ca_file}; Chromium and Firefox: "
+          f"import it as an authority)\nhosts: {', '.join(hosts)}")
     return 0
 
 

@@ -106,3 +106,20 @@ def test_the_return_url_cannot_leave_the_host(gateway: Gateway) -> None:
 def test_api_clients_still_get_401_not_a_redirect(gateway: Gateway) -> None:
     answer = gateway.request(MAIL, "/owa/")
     assert answer.status_code == 401
+
+
+def test_sign_in_frequency_asks_for_a_fresh_sign_in_once_it_has_passed() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from gateway.identity.browser import BrowserSession, BrowserSignIn
+    from gateway.policy.model import Identity, SessionControls
+
+    signed_in = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+    identity = Identity(subject="s", user_principal_name="u", object_id=None, tenant_id=None, client_id=None,
+                        device_id=None, groups=frozenset(), audience="a", expires_at=0)
+    session = BrowserSession(identity, MAIL, signed_in)
+    hourly, none = SessionControls(sign_in_frequency_seconds=3600), SessionControls()
+    needs = BrowserSignIn.needs_fresh_sign_in
+    assert not needs(session, hourly, signed_in + timedelta(minutes=59))
+    assert needs(session, hourly, signed_in + timedelta(minutes=60))
+    assert not needs(session, none, signed_in + timedelta(days=2))

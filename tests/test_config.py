@@ -205,3 +205,19 @@ def test_cases_with_a_malformed_ip_are_refused(tmp_path: Path) -> None:
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert f"{cases}:5:9: cases[0].ip:" in result.stderr
+
+
+def test_certs_init_creates_a_ca_and_a_certificate_for_every_host(config_dir: Path) -> None:
+    result = subprocess.run([PORTCULLIS, "certs", "--config", str(config_dir), "init"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    certs = config_dir.parent / "certs"
+    from cryptography import x509
+
+    server = x509.load_pem_x509_certificate((certs / "gateway.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(names.get_values_for_type(x509.DNSName)) == {"mail.contoso.test", "docs.contoso.test",
+                                                            "portcullis.contoso.test"}
+    ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
+    assert server.issuer == ca.subject
+    assert oct((certs / "ca-key.pem").stat().st_mode & 0o777) == "0o600"

@@ -126,7 +126,8 @@ class BrowserSignIn:
         found = self._sessions.get(session_id)
         return found if found is not None and found.host == host else None
 
-    def needs_fresh_sign_in(self, session: BrowserSession, controls: SessionControls, now: datetime) -> bool:
+    @staticmethod
+    def needs_fresh_sign_in(session: BrowserSession, controls: SessionControls, now: datetime) -> bool:
         frequency = controls.sign_in_frequency_seconds
         return frequency is not None and (now - session.signed_in_at).total_seconds() >= frequency
 
