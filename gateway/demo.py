@@ -142,6 +142,14 @@ def banner(config: Config, idp: DemoIdentityProvider, ca_file: Path, port: int,
         "Paste any command below; each token is fresh (valid for one hour). Ctrl-C stops the demo.",
         "",
     ]
+    if config.gateway_file.browser_sign_in is not None:
+        lines += [f"# In a browser that trusts {shown_ca} and maps *.contoso.test to 127.0.0.1: "
+                  f"https://mail.contoso.test:{port}/owa/ (sign in at the demo issuer)"]
+    if config.gateway_file.kiosk is not None:
+        listen = config.gateway_file.kiosk.listen
+        lines += [f"# Kiosk browsers use the forward proxy {listen.host}:{listen.port} "
+                  f"(e.g. chromium --proxy-server={listen.host}:{listen.port}) and open https://mail.contoso.test/owa/"]
+    lines += [""]
     for number, scenario in enumerate(SCENARIOS, start=1):
         token = scenario_token(idp, scenario)
         lines += [f"# {number}. {scenario.title}", f"#    {expectation(scenario)}",
