@@ -28,6 +28,9 @@ def access_request(flow: http.HTTPFlow, correlation_id: str, host: str,
         accepts_html="text/html" in headers.get("accept", "").lower(),
         content_type=headers.get("content-type", ""),
         content_length=headers.get("content-length", ""),
+        chunked="chunked" in headers.get("transfer-encoding", "").lower() or (
+            flow.request.http_version.startswith("HTTP/2") and "content-length" not in headers
+            and flow.request.method.upper() in ("POST", "PUT", "PATCH")),
         authority=authority(flow.metadata.get(AUTHORITY_KEY, ""), host),
         kiosk_location=kiosk_location,
     )

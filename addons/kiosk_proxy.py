@@ -4,7 +4,7 @@ through untouched (``ignore_hosts``, e.g. the identity provider), or refused (40
 
 from __future__ import annotations
 
-from mitmproxy import http
+from mitmproxy import http, tls
 from mitmproxy.proxy.mode_specs import RegularMode
 
 from addons.safety import fail_closed, respond
@@ -25,5 +25,20 @@ class KioskProxy:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if not is_kiosk(flow) or flow.response:
             return
-        if self.service.kiosk_destination(flow.request.host.lower().rstrip(".")) == "deny":
+        if self.service.kiosk_destination(flow.request.host.lower().rstrip("."), flow.request.port) == "deny":
             respond(flow, 403, b'{"error": "destination_not_allowed"}', (("Content-Type", "application/json"),))
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """Pass-through is decided by the CONNECT target alone (never by SNI or Host): only an
+        exact ``passThrough`` host:port is tunnelled without interception."""
+        if not isinstance(data.context.client.proxy_mode, RegularMode) or data.context.server.address is None:
+            return
+        host, port = data.context.server.address
+        if self.service.kiosk_destination(str(host).lower(), int(port)) == "pass":
+            data.ignore_connection = True
+
+
+def connect_target(flow: http.HTTPFlow) -> tuple[str, int] | None:
+    """The destination the kiosk CONNECTed to (for requests inside the tunnel)."""
+    address = flow.server_conn.address
+    return (str(address[0]).lower().rstrip("."), int(address[1])) if address else None

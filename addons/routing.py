@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from addons.flows import AUTHORITY_KEY, access_request, authority
-from addons.kiosk_proxy import KIOSK_KEY, is_kiosk
+from addons.kiosk_proxy import KIOSK_KEY, connect_target, is_kiosk
 from addons.safety import CORRELATION_KEY, fail_closed, respond
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, SERVICE_KEY
 from gateway.access import AccessService, new_correlation_id
@@ -34,8 +34,8 @@ class Routing:
             return
         flow.metadata[CORRELATION_KEY] = correlation_id = new_correlation_id()
         if is_kiosk(flow) and not flow.client_conn.tls_established and \
-                self.service.kiosk_destination(flow.request.host.lower()) == "pass":
-            flow.metadata[UNPROTECTED_KEY] = True  # plain HTTP to a pass-through destination (a demo issuer)
+                self.service.kiosk_destination(flow.request.host.lower(), flow.request.port) == "pass":
+            flow.metadata[UNPROTECTED_KEY] = True  # plain HTTP to an exact pass-through host:port (a demo issuer)
             return
         if not flow.client_conn.tls_established:
             respond(flow, 400, b'{"error": "tls_required"}', PLAINTEXT_ANSWER)
@@ -48,8 +48,12 @@ class Routing:
             return
         if is_kiosk(flow):
             flow.metadata[KIOSK_KEY] = True
-            if self.service.kiosk_destination(host) == "intercept" and self.service.upstream_for(host) is None \
-                    and sni == host:
+            target = connect_target(flow)
+            if target is None or target[0] != host or sni != host:
+                respond(flow, 421, b'{"error": "misdirected_request"}', PLAINTEXT_ANSWER)
+                return  # Host, SNI and the CONNECT target must be one destination
+            allowed = self.service.kiosk_destination(host, target[1]) == "intercept"
+            if allowed and self.service.upstream_for(host) is None:
                 flow.metadata[UNPROTECTED_KEY] = True  # an allowed destination: forwarded as it is
                 return
         upstream = self.service.upstream_for(host)

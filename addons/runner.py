@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +88,6 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
     _use_gateway_ca(config, state_dir / "mitmproxy")
     opts.update(
         mode=modes,
-        ignore_hosts=[rf"^{re.escape(host)}(:\d+)?$" for host in (kiosk.pass_through if kiosk else [])],
         confdir=str(state_dir / "mitmproxy"),
         certs=[f"{host}={config.path(c.file)}" for c in settings.certificates for host in c.hosts],
         connection_strategy="lazy",

@@ -192,15 +192,18 @@ class AccessService:
         kiosk = self.config.gateway_file.kiosk
         return kiosk.location if kiosk is not None else None
 
-    def kiosk_destination(self, host: str) -> str:
-        """What the kiosk proxy does with a CONNECT to ``host``: intercept (a protected host or an
-        allowed one), pass through untouched, or deny."""
+    def kiosk_destination(self, host: str, port: int) -> str:
+        """What the kiosk proxy does with a connection to ``host:port``: intercept (a protected
+        host or an allowed one, on 443), pass through untouched (an exact ``passThrough`` entry),
+        or deny."""
         kiosk = self.config.gateway_file.kiosk
         if kiosk is None:
             return "deny"
-        if host in self.config.gateway_file.protected_hosts or host in kiosk.allow:
+        if f"{host}:{port}" in kiosk.pass_through:
+            return "pass"
+        if port == 443 and (host in self.config.gateway_file.protected_hosts or host in kiosk.allow):
             return "intercept"
-        return "pass" if host in kiosk.pass_through else "deny"
+        return "deny"
 
     def upstream_for(self, host: str) -> str | None:
         """The upstream URL of a protected host, or None if the gateway does not serve it."""
@@ -218,9 +221,9 @@ class AccessService:
         if found is None or found.public:
             return self._without_identity(request, found.primary if found else None, now)
         session: BrowserSession | None = None
-        if not authorization and self.browser is not None and request.accepts_html:
+        if not authorization and self.browser is not None:
             session = self.browser.session(cookie_value(cookies or []), request.host)
-            if session is None:
+            if session is None and request.accepts_html:
                 return self._sign_in(request)
         token = bearer_token(authorization)
         if session is None and isinstance(token, RejectedToken):
@@ -245,10 +248,10 @@ class AccessService:
                             policy_set=self.policy_set, now=now)
         if session is not None and self.browser is not None and decision.allowed and \
                 self.browser.needs_fresh_sign_in(session, decision.session_controls, now):
-            return self._sign_in(request)
+            return self._sign_in(request, decision.session_controls.sign_in_frequency_seconds)
         restriction = decision.allowed and request_restriction(
             decision.session_controls, method=request.method, content_type=request.content_type,
-            content_length=request.content_length, resources=found.names,
+            content_length=request.content_length, chunked=request.chunked, resources=found.names,
             download_resources=self.policy_set.download_resources)
         if restriction:
             decision = replace(decision, result=DecisionResult.block, status_code=403, reason=restriction)
@@ -276,22 +279,25 @@ class AccessService:
         return DeviceSignals(device_id=identity.device_id, device=device, source=self._inventory.name,
                              compliance=self._compliance)
 
-    def _sign_in(self, request: AccessRequest) -> Outcome:
+    def _sign_in(self, request: AccessRequest, max_age: int | None = None) -> Outcome:
         """A browser without a (fresh enough) session goes to the identity provider."""
         assert self.browser is not None  # noqa: S101  (only called for browser sessions)
-        location = self.browser.login_url(request.authority or request.host, request.target or request.path)
+        login = self.browser.login_redirect(request.authority or request.host, request.target or request.path,
+                                            max_age)
         decision = Decision(result=DecisionResult.unauthenticated, status_code=302, error_code=None,
                             reason="sign-in required", resource=None, client_app_type=ClientAppType.browser)
         self._log.write(sign_in_record(request=request, decision=decision, now=self._clock()))
-        return Outcome(decision, pages.redirect(location, request.correlation_id))
+        return Outcome(decision, pages.redirect(login.location, request.correlation_id, set_cookie=login.set_cookie))
 
-    async def complete_sign_in(self, authority: str, state: str, code: str) -> pages.GatewayResponse:
+    async def complete_sign_in(self, authority: str, state: str, code: str,
+                               binding: str | None) -> pages.GatewayResponse:
         """The callback at ``https://<host>/.portcullis/callback``: a session, then the original URL."""
         if self.browser is None:
             return pages.sign_in_failed("browser sign-in is not configured here")
         try:
             controls = self.policy_set.session_controls_for_browsers()
-            return_url, cookie = await self.browser.complete(authority, state, code, self._clock(), controls)
+            return_url, cookie = await self.browser.complete(authority, state, code, self._clock(), controls,
+                                                             binding)
         except SignInFailed as failure:
             return pages.sign_in_failed(str(failure))
         except SignalUnavailable:

@@ -4,7 +4,11 @@
 - A download is a request to a resource marked ``downloads: true`` (the presets mark SharePoint's
   ``download.aspx`` and OWA's attachment URLs; teams mark their own patterns), or any response
   with ``Content-Disposition: attachment``. Viewing a document in the browser still works.
-- An upload is a ``multipart/form-data`` body, or a ``PUT`` with a body.
+- An upload is any request with a body (POST, PUT, PATCH; a length or chunked encoding) except
+  the small form and JSON posts a web app needs to work (``application/x-www-form-urlencoded``,
+  ``application/json`` and ``+json`` types); a ``PUT`` with a body is always an upload.
+- A response is a download when its ``Content-Disposition`` is anything but ``inline``, or when
+  its type is one a browser saves rather than shows (octet-stream, archives, office documents).
 """
 
 from __future__ import annotations
@@ -17,25 +21,38 @@ DOWNLOAD_BLOCKED = "downloads are blocked in this session"
 UPLOAD_BLOCKED = "uploads are blocked in this session"
 
 
+FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "application/json"})
+SAVED_TYPES = ("application/octet-stream", "application/zip", "application/x-", "application/vnd.",
+               "application/pdf", "application/msword")
+
+
 def request_restriction(controls: SessionControls, *, method: str, content_type: str, content_length: str,
-                        resources: tuple[str, ...], download_resources: frozenset[str]) -> str | None:
+                        chunked: bool, resources: tuple[str, ...],
+                        download_resources: frozenset[str]) -> str | None:
     """Why the session may not make this request, or None."""
     if controls.block_downloads and any(r in download_resources for r in resources):
         return DOWNLOAD_BLOCKED
-    if controls.block_uploads and is_upload(method, content_type, content_length):
+    if controls.block_uploads and is_upload(method, content_type, content_length, chunked):
         return UPLOAD_BLOCKED
     return None
 
 
-def is_upload(method: str, content_type: str, content_length: str) -> bool:
-    if content_type.split(";")[0].strip().lower() == "multipart/form-data":
+def is_upload(method: str, content_type: str, content_length: str, chunked: bool = False) -> bool:
+    has_body = chunked or content_length not in ("", "0")
+    if not has_body:
+        return False
+    if method.upper() == "PUT":
         return True
-    return method.upper() == "PUT" and content_length not in ("", "0")
+    kind = content_type.split(";")[0].strip().lower()
+    return not (kind in FORM_TYPES or kind.endswith("+json"))
 
 
 def response_restriction(controls: SessionControls, headers: Mapping[str, str]) -> str | None:
     """Why the session may not receive this response, or None."""
+    if not controls.block_downloads:
+        return None
     disposition = headers.get("content-disposition", "").split(";")[0].strip().lower()
-    if controls.block_downloads and disposition == "attachment":
+    kind = headers.get("content-type", "").split(";")[0].strip().lower()
+    if (disposition and disposition != "inline") or kind.startswith(SAVED_TYPES):
         return DOWNLOAD_BLOCKED
     return None

@@ -66,6 +66,7 @@ def demo_config_copy(directory: Path, ports: Ports) -> Path:
     data["protectedHosts"]["mail.contoso.test"]["upstream"] = f"http://127.0.0.1:{ports.mail}"
     data["protectedHosts"]["docs.contoso.test"]["upstream"] = f"http://127.0.0.1:{ports.docs}"
     data["kiosk"]["listen"]["port"] = ports.kiosk or free_port()
+    data["kiosk"]["passThrough"] = [f"127.0.0.1:{ports.idp}"]
     yaml.dump(data, path)
     return target
 

@@ -31,7 +31,8 @@ def sign_in(gateway: Gateway, *, user: str = "alex@contoso.test", device: str = 
         granted = idp.post(authorize.split("?")[0], data={**query, "user": user, "device_id": device})
     assert granted.status_code == 302
     callback = urlsplit(granted.headers["location"])
-    answer = gateway.request(MAIL, f"{callback.path}?{callback.query}")
+    binding = start.headers["set-cookie"].split(";", 1)[0]  # the browser that started the sign-in
+    answer = gateway.request(MAIL, f"{callback.path}?{callback.query}", headers={"Cookie": binding})
     cookie = answer.headers.get("set-cookie", "")
     return answer, cookie.split(";", 1)[0]
 
@@ -99,7 +100,8 @@ def test_the_return_url_cannot_leave_the_host(gateway: Gateway) -> None:
                                                            "device_id": ALEX_IPHONE})
     callback = urlsplit(granted.headers["location"])
     answer = gateway.request(MAIL, f"{callback.path}?{callback.query}&return_url=https://evil.example/"
-                                   "&redirect_uri=https://evil.example/")
+                                   "&redirect_uri=https://evil.example/",
+                             headers={"Cookie": start.headers["set-cookie"].split(";", 1)[0]})
     assert answer.status_code == 302 and answer.headers["location"] == f"https://{MAIL}/owa/"
 
 
@@ -123,3 +125,22 @@ def test_sign_in_frequency_asks_for_a_fresh_sign_in_once_it_has_passed() -> None
     assert not needs(session, hourly, signed_in + timedelta(minutes=59))
     assert needs(session, hourly, signed_in + timedelta(minutes=60))
     assert not needs(session, none, signed_in + timedelta(days=2))
+
+
+def test_a_callback_from_another_browser_is_refused(gateway: Gateway) -> None:
+    """Login CSRF: an attacker's own callback URL, opened in a victim's browser, signs nobody in."""
+    start = gateway.request(MAIL, "/owa/", headers=BROWSER)
+    authorize = start.headers["location"]
+    query = {k: v[0] for k, v in parse_qs(urlsplit(authorize).query).items()}
+    with httpx.Client(timeout=10) as idp:
+        granted = idp.post(authorize.split("?")[0], data={**query, "user": "blake@contoso.test",
+                                                           "device_id": BLAKE_ANDROID})
+    callback = urlsplit(granted.headers["location"])
+    victim = gateway.request(MAIL, f"{callback.path}?{callback.query}")  # no sign-in cookie of its own
+    assert victim.status_code == 400 and "set-cookie" not in victim.headers
+
+
+def test_a_session_also_serves_the_pages_scripts_and_images(gateway: Gateway) -> None:
+    _, cookie = sign_in(gateway)
+    xhr = gateway.request(MAIL, "/owa/service.svc?action=GetFolder", headers={"Accept": "*/*", "Cookie": cookie})
+    assert xhr.status_code == 200

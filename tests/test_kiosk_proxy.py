@@ -65,3 +65,13 @@ def test_a_compliant_phones_token_is_still_an_unmanaged_browser_at_the_kiosk(gat
 def test_destinations_that_are_not_protected_are_refused(kiosk: httpx.Client) -> None:
     with pytest.raises(httpx.ProxyError):
         kiosk.get("https://intranet.example.test/")
+
+
+def test_the_kiosk_proxy_never_reaches_an_upstream_directly(kiosk: httpx.Client, demo_ports: object) -> None:
+    """Pass-through is an exact host:port (the issuer); the upstreams' own addresses are refused,
+    in plain HTTP and through CONNECT."""
+    mail_upstream = demo_ports.mail  # type: ignore[attr-defined]
+    plain = kiosk.get(f"http://127.0.0.1:{mail_upstream}/owa/")
+    assert plain.status_code == 400 and "backend" not in plain.text
+    with pytest.raises(httpx.ProxyError):
+        kiosk.get(f"https://127.0.0.1:{mail_upstream}/owa/")

@@ -298,10 +298,20 @@ class KioskSettings(Model):
 
     listen: Listen
     location: Annotated[str, Field(pattern=NAME.pattern)] = "kiosk"
-    pass_through: list[str] = []  # tunnelled untouched, never intercepted (e.g. the identity provider)
-    allow: list[str] = []  # intercepted and forwarded without policy; every other destination is denied
+    pass_through: list[str] = []  # host:port tunnelled untouched (e.g. the identity provider)
+    allow: list[str] = []  # host names intercepted and forwarded without policy; the rest is denied
 
-    @field_validator("pass_through", "allow")
+    @field_validator("pass_through")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            host, _, port = entry.rpartition(":")
+            if not port.isdigit() or not (HOST_NAME.match(host) or _is_ip(host)):
+                raise ValueError(f"{entry!r} must be host:port (the exact destination to tunnel, e.g. "
+                                 "login.microsoftonline.com:443)")
+        return value
+
+    @field_validator("allow")
     @classmethod
     def _hosts(cls, value: list[str]) -> list[str]:
         for host in value:
@@ -361,6 +371,13 @@ class PortcullisFile(Model):
         service_host = self.gateway.service_host
         if service_host is not None and service_host in self.protected_hosts:
             raise ValueError(f"gateway.serviceHost {service_host!r} is also a protected host")
+        if self.kiosk is not None:
+            upstreams = {urlsplit(p.upstream).netloc for p in self.protected_hosts.values()}
+            for entry in [*self.kiosk.pass_through, *self.kiosk.allow]:
+                host = entry.rpartition(":")[0] if entry in self.kiosk.pass_through else entry
+                if host in self.protected_hosts or entry in upstreams or host == service_host:
+                    raise ValueError(f"kiosk destination {entry!r} is a protected host or an upstream: kiosks "
+                                     "reach those only through policy")
         certified = {h for c in self.gateway.certificates for h in c.hosts}
         if service_host is not None and service_host not in certified:
             raise ValueError(f"gateway.serviceHost {service_host!r} is in no gateway.certificates entry")

@@ -15,9 +15,13 @@ signed in; ``persistentBrowser: never`` makes the cookie a session cookie.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from urllib.parse import urlencode
 
 from cachetools import TTLCache
 from cryptography.fernet import Fernet, InvalidToken
@@ -29,6 +33,8 @@ from gateway.identity.tokens import BearerValidator, RejectedToken
 from gateway.policy.model import Identity, PersistentBrowser, SessionControls
 
 CALLBACK_PATH = "/.portcullis/callback"
+BINDING_COOKIE = "__Host-portcullis-signin"
+GATEWAY_COOKIE_PREFIX = "__Host-portcullis-"
 LOGOUT_PATH = "/.portcullis/logout"
 RESERVED_PREFIX = "/.portcullis/"
 COOKIE_NAME = "__Host-portcullis-session"
@@ -46,6 +52,13 @@ class PendingLogin:
     return_url: str
     code_verifier: str
     nonce: str
+    browser_binding: str  # a hash of the pre-sign-in cookie: the callback must come from that browser
+
+
+@dataclass(frozen=True, slots=True)
+class LoginRedirect:
+    location: str
+    set_cookie: str  # binds the sign-in to this browser (login CSRF, session fixation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,24 +93,32 @@ class BrowserSignIn:
             raise SignalUnavailable(f"the identity provider's discovery document has no usable {name}")
         return value
 
-    def login_url(self, authority: str, target: str) -> str:
+    def login_redirect(self, authority: str, target: str, max_age: int | None = None) -> LoginRedirect:
         """Where to send a browser that has no session. It comes back to ``target`` on the same
-        host only: the original URL is kept here, never taken from the callback."""
-        client = AsyncOAuth2Client(client_id=self.client_id, redirect_uri=f"https://{authority}{CALLBACK_PATH}",
-                                   scope="openid profile", code_challenge_method="S256")
-        verifier, nonce = secrets.token_urlsafe(48), secrets.token_urlsafe(16)
-        url, state = client.create_authorization_url(self._endpoint("authorization_endpoint"),
-                                                     code_verifier=verifier, nonce=nonce)
+        host only: the original URL is kept here, never taken from the callback. The sign-in is
+        bound to this browser by a short-lived cookie that the callback must present."""
+        verifier, nonce, state, binding = (secrets.token_urlsafe(48), secrets.token_urlsafe(16),
+                                           secrets.token_urlsafe(24), secrets.token_urlsafe(24))
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        query = {"response_type": "code", "client_id": self.client_id,
+                 "redirect_uri": f"https://{authority}{CALLBACK_PATH}", "scope": "openid profile",
+                 "state": state, "nonce": nonce, "code_challenge": challenge, "code_challenge_method": "S256"}
+        if max_age is not None:
+            query["max_age"] = str(max_age)  # signInFrequency: the issuer must authenticate again
         path = target if target.startswith("/") and not target.startswith("//") else "/"
-        self._pending[state] = PendingLogin(authority, f"https://{authority}{path}", verifier, nonce)
-        return url
+        self._pending[state] = PendingLogin(authority, f"https://{authority}{path}", verifier, nonce,
+                                            _digest(binding))
+        return LoginRedirect(f"{self._endpoint('authorization_endpoint')}?{urlencode(query)}",
+                             f"{BINDING_COOKIE}={binding}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=600")
 
     async def complete(self, authority: str, state: str, code: str, now: datetime,
-                       controls: SessionControls) -> tuple[str, SessionCookie]:
+                       controls: SessionControls, binding: str | None) -> tuple[str, SessionCookie]:
         """The callback: returns where to send the browser and the cookie to set."""
-        pending = self._pending.pop(state, None)
-        if pending is None or pending.authority != authority:
-            raise SignInFailed("this sign-in link expired or was not started here; open the page again")
+        pending = self._pending.get(state)
+        if pending is None or pending.authority != authority or not binding or \
+                not hmac.compare_digest(pending.browser_binding, _digest(binding)):
+            raise SignInFailed("this sign-in link expired or was not started in this browser; open the page again")
+        del self._pending[state]
         client = AsyncOAuth2Client(client_id=self.client_id, redirect_uri=f"https://{authority}{CALLBACK_PATH}",
                                    token_endpoint_auth_method="none",  # noqa: S106  (a public client: PKCE)
                                    timeout=self._timeout)
@@ -113,7 +134,8 @@ class BrowserSignIn:
         if isinstance(identity, RejectedToken):
             raise SignInFailed(f"the identity provider's answer was refused: {identity.reason}")
         session_id = secrets.token_urlsafe(32)
-        self._sessions[session_id] = BrowserSession(identity, _hostname(authority), now)
+        signed_in = datetime.fromtimestamp(identity.authenticated_at, now.tzinfo) if identity.authenticated_at else now
+        self._sessions[session_id] = BrowserSession(identity, _hostname(authority), min(signed_in, now))
         return pending.return_url, self._cookie(session_id, controls)
 
     def session(self, cookie_value: str | None, host: str) -> BrowserSession | None:
@@ -147,6 +169,10 @@ class BrowserSignIn:
         return SessionCookie(f"{COOKIE_NAME}={value}; {attributes}")
 
 
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
 def _hostname(authority: str) -> str:
     return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
@@ -165,6 +191,7 @@ def cookie_value(cookie_headers: list[str]) -> str | None:
 
 
 def without_session_cookie(cookie_header: str) -> str:
-    """The Cookie header an upstream may see: the gateway's own cookie never reaches it."""
-    kept = [p.strip() for p in cookie_header.split(";") if p.strip() and not p.strip().startswith(f"{COOKIE_NAME}=")]
+    """The Cookie header an upstream may see: the gateway's own cookies never reach it."""
+    kept = [p.strip() for p in cookie_header.split(";")
+            if p.strip() and not p.strip().startswith(GATEWAY_COOKIE_PREFIX)]
     return "; ".join(kept)

@@ -150,6 +150,7 @@ def identity_from_claims(claims: dict[str, object], audiences: frozenset[str]) -
         authentication_methods=(frozenset(m for m in amr if isinstance(m, str))
                                 if isinstance(amr, list) else frozenset()),
         authentication_context=_text(claims.get("acr")),
+        authenticated_at=float(claims["auth_time"]) if isinstance(claims.get("auth_time"), int | float) else None,
     )
 
 

@@ -113,6 +113,7 @@ class AccessRequest:
     target: str | None = None  # the original request target (path and query), once the path is canonical
     content_type: str = ""
     content_length: str = ""
+    chunked: bool = False
     authority: str = ""  # host[:port] as the client addressed it (the Host header, validated)
     kiosk_location: str | None = None  # set for requests through the kiosk proxy: an unmanaged browser
 
@@ -131,6 +132,7 @@ class Identity:
     audience: str
     expires_at: float
     authentication_methods: frozenset[str] = frozenset()  # the amr claim
+    authenticated_at: float | None = None  # the auth_time claim (ID tokens)
     authentication_context: str | None = None  # the acr claim
 
 

@@ -9,7 +9,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.access import AccessService
-from gateway.identity.browser import CALLBACK_PATH, LOGOUT_PATH
+from gateway.identity.browser import BINDING_COOKIE, CALLBACK_PATH, LOGOUT_PATH
 from gateway.web.pages import GatewayResponse
 
 
@@ -17,7 +17,8 @@ def browser_app(service: AccessService) -> Starlette:
     async def callback(request: Request) -> Response:
         authority = request.headers.get("host", "").lower()  # validated by Routing against SNI
         state, code = request.query_params.get("state", ""), request.query_params.get("code", "")
-        return _response(await service.complete_sign_in(authority, state, code))
+        return _response(await service.complete_sign_in(authority, state, code,
+                                                        request.cookies.get(BINDING_COOKIE)))
 
     async def logout(request: Request) -> Response:
         return _response(service.sign_out(request.headers.getlist("cookie")))

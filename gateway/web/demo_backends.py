@@ -27,7 +27,7 @@ async def _echo(request: Request) -> JSONResponse:
         received["x-demo-cookie-names"] = ",".join(sorted(request.cookies))
     if request.query_params.get("download") == "1":  # a file served from an ordinary URL
         return await _download(request)
-    if request.method in ("POST", "PUT"):
+    if request.method in ("POST", "PUT", "PATCH"):
         received["x-demo-body-bytes"] = str(len(await request.body()))
     return JSONResponse({
         "backend": backend, "method": request.method, "path": request.url.path,
@@ -40,7 +40,7 @@ async def _download(request: Request) -> Response:
     return Response(
         b"demo document bytes\n",
         media_type="application/vnd.openxmlformats-officedocument.wordprocessingml.document",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        headers={"Content-Disposition": f'{request.query_params.get("disposition", "attachment")}; filename="{name}"'},
     )
 
 
