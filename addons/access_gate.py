@@ -11,6 +11,7 @@ from addons.routing import HOST_KEY, UNPROTECTED_KEY
 from addons.safety import (
     ALLOWED_KEY,
     AUTHORIZATION_KEY,
+    COOKIES_KEY,
     CORRELATION_KEY,
     DEVICE_KEY,
     REQUEST_KEY,
@@ -41,16 +42,17 @@ class AccessGate:
         request = access_request(flow, flow.metadata[CORRELATION_KEY], flow.metadata[HOST_KEY],
                                  self.service.kiosk_location if flow.metadata.get(KIOSK_KEY) else None)
         authorization = flow.request.headers.get_all("authorization")
+        cookies = flow.request.headers.get_all("cookie")
         if "trailer" in flow.request.headers:
             outcome = self.service.refuse(request, 400, "request trailers are not accepted")
         else:
-            outcome = await self.service.authorize(request, authorization, flow.request.headers.get_all("cookie"))
+            outcome = await self.service.authorize(request, authorization, cookies)
         _apply(flow, outcome)
         if outcome.forward and outcome.session_controls.names():
             flow.metadata[SESSION_KEY] = outcome.session_controls
         if outcome.forward and outcome.device_id:
             flow.metadata.update({DEVICE_KEY: outcome.device_id, REQUEST_KEY: request,
-                                  AUTHORIZATION_KEY: authorization})
+                                  AUTHORIZATION_KEY: authorization, COOKIES_KEY: cookies})
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:

@@ -13,7 +13,15 @@ import logging
 
 from mitmproxy import ctx, http
 
-from addons.safety import ALLOWED_KEY, AUTHORIZATION_KEY, CORRELATION_KEY, DEVICE_KEY, REQUEST_KEY, fail_closed
+from addons.safety import (
+    ALLOWED_KEY,
+    AUTHORIZATION_KEY,
+    COOKIES_KEY,
+    CORRELATION_KEY,
+    DEVICE_KEY,
+    REQUEST_KEY,
+    fail_closed,
+)
 from gateway.access import EVERY_DEVICE, AccessService
 
 logger = logging.getLogger(__name__)
@@ -49,7 +57,8 @@ class ContinuousAccess:
 
     async def _decide_again(self, flow: http.HTTPFlow) -> None:
         try:
-            outcome = await self.service.authorize(flow.metadata[REQUEST_KEY], flow.metadata[AUTHORIZATION_KEY])
+            outcome = await self.service.authorize(flow.metadata[REQUEST_KEY], flow.metadata[AUTHORIZATION_KEY],
+                                                   flow.metadata.get(COOKIES_KEY, []))
             allowed = outcome.forward
         except Exception:  # noqa: BLE001  (an edge: a failed re-decision closes the flow)
             logger.exception("[%s] re-evaluation failed; closing", flow.metadata.get(CORRELATION_KEY))

@@ -16,7 +16,7 @@ from addons.kiosk_proxy import KIOSK_KEY, connect_target, is_kiosk
 from addons.safety import CORRELATION_KEY, fail_closed, respond
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, SERVICE_KEY
 from gateway.access import AccessService, new_correlation_id
-from gateway.identity.browser import RESERVED_PREFIX
+from gateway.identity.browser import is_reserved
 from gateway.signals.mtd import MAX_BODY_BYTES
 
 HOST_KEY = "portcullis.host"
@@ -57,7 +57,7 @@ class Routing:
                 flow.metadata[UNPROTECTED_KEY] = True  # an allowed destination: forwarded as it is
                 return
         upstream = self.service.upstream_for(host)
-        if upstream is not None and sni == host and flow.request.path.startswith(RESERVED_PREFIX):
+        if upstream is not None and sni == host and is_reserved(flow.request.path):
             self._service_flow(flow, BROWSER_ENDPOINTS, host)
             return
         if upstream is None or sni != host:

@@ -19,6 +19,7 @@ DEVICE_KEY = "portcullis.device_id"
 REQUEST_KEY = "portcullis.request"
 SESSION_KEY = "portcullis.session_controls"
 AUTHORIZATION_KEY = "portcullis.authorization"  # kept in memory for re-evaluation, never logged
+COOKIES_KEY = "portcullis.cookies"  # likewise
 
 type Hook[A] = Callable[[A, http.HTTPFlow], Awaitable[None]]
 

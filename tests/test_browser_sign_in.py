@@ -61,7 +61,14 @@ def test_a_noncompliant_browser_gets_the_block_page_after_signing_in(gateway: Ga
 def test_logout_revokes_the_session_on_the_server(gateway: Gateway) -> None:
     _, cookie = sign_in(gateway)
     assert gateway.request(MAIL, "/owa/", headers={**BROWSER, "Cookie": cookie}).status_code == 200
-    out = gateway.request(MAIL, "/.portcullis/logout", headers={**BROWSER, "Cookie": cookie})
+    form = gateway.request(MAIL, "/.portcullis/logout", headers={**BROWSER, "Cookie": cookie})
+    assert form.status_code == 200 and "set-cookie" not in form.headers  # a GET only shows the button
+    forged = gateway.request(MAIL, "/.portcullis/logout", method="POST",
+                             headers={**BROWSER, "Cookie": cookie, "Origin": "https://evil.example"})
+    assert forged.status_code == 403
+    assert gateway.request(MAIL, "/owa/", headers={**BROWSER, "Cookie": cookie}).status_code == 200
+    out = gateway.request(MAIL, "/.portcullis/logout", method="POST",
+                          headers={**BROWSER, "Cookie": cookie, "Origin": f"https://{MAIL}"})
     assert out.status_code == 200 and "Max-Age=0" in out.headers["set-cookie"]
     again = gateway.request(MAIL, "/owa/", headers={**BROWSER, "Cookie": cookie})  # a copied cookie
     assert again.status_code == 302 and "/oauth2/authorize?" in again.headers["location"]
@@ -144,3 +151,9 @@ def test_a_session_also_serves_the_pages_scripts_and_images(gateway: Gateway) ->
     _, cookie = sign_in(gateway)
     xhr = gateway.request(MAIL, "/owa/service.svc?action=GetFolder", headers={"Accept": "*/*", "Cookie": cookie})
     assert xhr.status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/%2Eportcullis/callback?code=x&state=y", "/.PORTCULLIS/callback?code=x&state=y"])
+def test_the_reserved_prefix_in_any_spelling_is_the_gateways(gateway: Gateway, path: str) -> None:
+    answer = gateway.request(MAIL, path, headers=BROWSER)
+    assert answer.status_code in (400, 404) and "backend" not in answer.text

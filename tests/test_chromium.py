@@ -115,6 +115,8 @@ def test_after_logout_the_old_cookie_means_signing_in_again(chromium: object, ga
     [session] = [c for c in context.cookies() if c["name"] == COOKIE_NAME]
     assert session["httpOnly"] and session["secure"] and session["sameSite"] == "Lax"
     page.goto(f"https://{MAIL}:{gateway.port}/.portcullis/logout")
+    page.click("#sign-out")
+    page.wait_for_load_state()
     assert "You are signed out" in page.content()
     context.add_cookies([session])  # the copied cookie
     page.goto(f"https://{MAIL}:{gateway.port}/owa/")

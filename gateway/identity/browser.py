@@ -30,6 +30,7 @@ from gateway.errors import SignalUnavailable
 from gateway.identity.jwks import JwksCache
 from gateway.identity.oauth_client import AsyncOAuth2Client, OAuthError
 from gateway.identity.tokens import BearerValidator, RejectedToken
+from gateway.paths import canonical_path
 from gateway.policy.model import Identity, PersistentBrowser, SessionControls
 
 CALLBACK_PATH = "/.portcullis/callback"
@@ -167,6 +168,12 @@ class BrowserSignIn:
         if controls.persistent_browser is not PersistentBrowser.never:
             attributes += f"; Max-Age={self._lifetime}"
         return SessionCookie(f"{COOKIE_NAME}={value}; {attributes}")
+
+
+def is_reserved(target: str) -> bool:
+    """``/.portcullis/`` in any spelling (case, percent-encoding) is the gateway's, never forwarded."""
+    path = canonical_path(target)
+    return (path if path is not None else target).lower().startswith(RESERVED_PREFIX)
 
 
 def _digest(value: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from gateway.access import AccessService
@@ -20,10 +20,24 @@ def browser_app(service: AccessService) -> Starlette:
         return _response(await service.complete_sign_in(authority, state, code,
                                                         request.cookies.get(BINDING_COOKIE)))
 
+    async def logout_form(request: Request) -> Response:
+        """A link to log out shows a button: logging out changes state, so it takes a POST."""
+        return HTMLResponse(LOGOUT_FORM, headers={"Cache-Control": "no-store"})
+
     async def logout(request: Request) -> Response:
+        authority = request.headers.get("host", "").lower()
+        origin = request.headers.get("origin")
+        if origin is not None and origin.lower() != f"https://{authority}":
+            return Response("logout must come from this site", status_code=403)
         return _response(service.sign_out(request.headers.getlist("cookie")))
 
-    return Starlette(routes=[Route(CALLBACK_PATH, callback), Route(LOGOUT_PATH, logout, methods=["GET", "POST"])])
+    return Starlette(routes=[Route(CALLBACK_PATH, callback), Route(LOGOUT_PATH, logout_form, methods=["GET"]),
+                             Route(LOGOUT_PATH, logout, methods=["POST"])])
+
+
+LOGOUT_FORM = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign out</title></head>"
+               f"<body><main><h1>Sign out?</h1><form method=\"post\" action=\"{LOGOUT_PATH}\">"
+               "<button type=\"submit\" id=\"sign-out\">Sign out</button></form></main></body></html>")
 
 
 def _response(page: GatewayResponse) -> Response:
