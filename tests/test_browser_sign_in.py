@@ -17,6 +17,18 @@ MAIL, DOCS = "mail.contoso.test", "docs.contoso.test"
 BROWSER = {"Accept": "text/html,application/xhtml+xml", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64)"}
 
 
+def granted_callback(gateway: Gateway, user: str, device: str, path: str = "/owa/") -> tuple[str, str]:
+    """A browser opens ``path`` and signs in at the issuer: the callback target it is sent to,
+    and the sign-in cookie the gateway set on that browser."""
+    start = gateway.request(MAIL, path, headers=BROWSER)
+    authorize = start.headers["location"]
+    query = {k: v[0] for k, v in parse_qs(urlsplit(authorize).query).items()}
+    with httpx.Client(timeout=10) as idp:
+        granted = idp.post(authorize.split("?")[0], data={**query, "user": user, "device_id": device})
+    callback = urlsplit(granted.headers["location"])
+    return f"{callback.path}?{callback.query}", start.headers["set-cookie"].split(";", 1)[0]
+
+
 def sign_in(gateway: Gateway, *, user: str = "alex@contoso.test", device: str = ALEX_IPHONE,
             path: str = "/owa/?folder=inbox") -> tuple[httpx.Response, str]:
     """Open ``path`` as a browser, sign in at the demo issuer, follow the callback."""
@@ -99,16 +111,9 @@ def test_the_return_url_cannot_leave_the_host(gateway: Gateway) -> None:
     state: a scheme-relative target is refused outright, and parameters added to the callback
     change nothing."""
     assert gateway.request(MAIL, "//evil.example/owa/", headers=BROWSER).status_code == 400
-    start = gateway.request(MAIL, "/owa/", headers=BROWSER)
-    authorize = start.headers["location"]
-    query = {k: v[0] for k, v in parse_qs(urlsplit(authorize).query).items()}
-    with httpx.Client(timeout=10) as idp:
-        granted = idp.post(authorize.split("?")[0], data={**query, "user": "alex@contoso.test",
-                                                           "device_id": ALEX_IPHONE})
-    callback = urlsplit(granted.headers["location"])
-    answer = gateway.request(MAIL, f"{callback.path}?{callback.query}&return_url=https://evil.example/"
-                                   "&redirect_uri=https://evil.example/",
-                             headers={"Cookie": start.headers["set-cookie"].split(";", 1)[0]})
+    callback, binding = granted_callback(gateway, "alex@contoso.test", ALEX_IPHONE)
+    answer = gateway.request(MAIL, f"{callback}&return_url=https://evil.example/&redirect_uri=https://evil.example/",
+                             headers={"Cookie": binding})
     assert answer.status_code == 302 and answer.headers["location"] == f"https://{MAIL}/owa/"
 
 
@@ -136,14 +141,8 @@ def test_sign_in_frequency_asks_for_a_fresh_sign_in_once_it_has_passed() -> None
 
 def test_a_callback_from_another_browser_is_refused(gateway: Gateway) -> None:
     """Login CSRF: an attacker's own callback URL, opened in a victim's browser, signs nobody in."""
-    start = gateway.request(MAIL, "/owa/", headers=BROWSER)
-    authorize = start.headers["location"]
-    query = {k: v[0] for k, v in parse_qs(urlsplit(authorize).query).items()}
-    with httpx.Client(timeout=10) as idp:
-        granted = idp.post(authorize.split("?")[0], data={**query, "user": "blake@contoso.test",
-                                                           "device_id": BLAKE_ANDROID})
-    callback = urlsplit(granted.headers["location"])
-    victim = gateway.request(MAIL, f"{callback.path}?{callback.query}")  # no sign-in cookie of its own
+    callback, _attackers_cookie = granted_callback(gateway, "blake@contoso.test", BLAKE_ANDROID)
+    victim = gateway.request(MAIL, callback)  # the victim's browser has no sign-in cookie of its own
     assert victim.status_code == 400 and "set-cookie" not in victim.headers
 
 

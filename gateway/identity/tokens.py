@@ -64,19 +64,10 @@ class BearerValidator:
         cached = self._verified.get(cache_key)
         if cached is not None:
             return cached
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
-            return RejectedToken("malformed token")
-        algorithm, kid = header.get("alg"), header.get("kid")
-        if not isinstance(algorithm, str) or algorithm not in self._algorithms:
-            return RejectedToken("signing algorithm not allowed")
-        if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH:
-            return RejectedToken("token has no usable kid")
-        key = await self._jwks.key(kid, algorithm)
-        if key is None:
-            return RejectedToken("unknown signing key")
-        result = self._decode(token, key, algorithm, audiences)
+        signing = await self._signing_key(token)
+        if isinstance(signing, RejectedToken):
+            return signing
+        result = self._decode(token, *signing, audiences)
         if isinstance(result, Identity):
             self._verified[cache_key] = result
         return result
@@ -84,6 +75,13 @@ class BearerValidator:
     async def validate_id_token(self, token: str, client_id: str, nonce: str) -> Identity | RejectedToken:
         """An OIDC ID token from the code flow: the issuer's signature, ``aud`` = our client id,
         the ``nonce`` we sent. Never cached: each is used once."""
+        signing = await self._signing_key(token)
+        if isinstance(signing, RejectedToken):
+            return signing
+        return self._decode(token, *signing, frozenset({client_id}), nonce=nonce)
+
+    async def _signing_key(self, token: str) -> tuple[jwt.PyJWK, str] | RejectedToken:
+        """The issuer's key for this token's pinned algorithm and ``kid``, read from an unverified header."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
@@ -96,8 +94,7 @@ class BearerValidator:
         key = await self._jwks.key(kid, algorithm)
         if key is None:
             return RejectedToken("unknown signing key")
-        identity = self._decode(token, key, algorithm, frozenset({client_id}), nonce=nonce)
-        return identity
+        return key, algorithm
 
     def _decode(
         self, token: str, key: jwt.PyJWK, algorithm: str, audiences: frozenset[str], nonce: str | None = None
