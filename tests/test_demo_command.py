@@ -53,7 +53,7 @@ def test_every_printed_curl_command_behaves_as_printed(tmp_path: Path) -> None:
         assert '"access_token"' in _shell(lines[-1], tmp_path)
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+        process.wait(timeout=60)
     assert process.returncode == 0
 
 
