@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from gateway import headers
 from gateway.audit import DecisionLog, sign_in_record
@@ -26,14 +28,16 @@ from gateway.identity.browser import (
     cookie_value,
 )
 from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
+from gateway.metrics import GatewayMetrics
 from gateway.paths import canonical_path
-from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, path_has_prefix
+from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, locations_of, path_has_prefix
 from gateway.policy.evaluate import NO_RESOURCE_REASON, evaluate
 from gateway.policy.model import (
     NO_SESSION_CONTROLS,
     AccessRequest,
     ClientApp,
     ClientAppType,
+    ComplianceSettings,
     Decision,
     DecisionResult,
     DeviceSignals,
@@ -81,6 +85,29 @@ class Outcome:
         return self.response is None
 
 
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """Everything a decision reads from the config, built once per (re)load and swapped whole: a
+    request takes the rules in force when it starts and finishes under them."""
+
+    config: Config
+    policy_set: PolicySet
+    app_names: dict[str, str]
+    compliance: ComplianceSettings
+
+    @classmethod
+    def of(cls, config: Config) -> Rules:
+        return cls(config, PolicySet.build(config.resources, config.policies, config.gateway_file.named_locations),
+                   config.app_names_by_client_id(), config.gateway_file.device_signals.compliance.settings())
+
+    def app(self, identity: Identity) -> ClientApp:
+        return ClientApp(client_id=identity.client_id, name=self.app_names.get(identity.client_id or ""))
+
+    def locations(self, request: AccessRequest) -> set[str]:
+        """The named locations the client address is in (for the decision log's signals)."""
+        return locations_of(request.client_ip, self.policy_set.named_locations)[0]
+
+
 class AccessService:
     def __init__(
         self,
@@ -92,24 +119,40 @@ class AccessService:
         clock: Clock = utc_now,
         store: DeviceStore | None = None,
         browser: BrowserSignIn | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
-        self.config = config
+        self.rules = Rules.of(config)
+        self.metrics = metrics or GatewayMetrics()
         self.browser = browser
         self.store = store
         self._listeners: list[Callable[[set[str]], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seen_change = store.last_change() if store is not None else 0
         self._data_version = store.data_version() if store is not None else 0
-        self._compliance = config.gateway_file.device_signals.compliance.settings()
-        self._validator = validator
-        self._inventory = inventory
-        self._log = decision_log
+        self.validator = validator
+        self.inventory = inventory
+        self.decision_log = decision_log
         self._clock = clock
-        self._app_names = config.app_names_by_client_id()
-        self.policy_set = PolicySet.build(config.resources, config.policies, config.gateway_file.named_locations)
+
+    @property
+    def config(self) -> Config:
+        return self.rules.config
+
+    @property
+    def policy_set(self) -> PolicySet:
+        return self.rules.policy_set
+
+    def apply(self, rules: Rules) -> None:
+        """Swap the rules (a validated reload): one assignment, so no request sees half of each."""
+        self.rules = rules
 
     def close(self) -> None:
-        self._log.close()
+        self.decision_log.close()
+
+    def _record(self, record: dict[str, Any], decision: Decision, app_name: str | None = None) -> None:
+        """Every decision is logged and counted exactly once, here."""
+        self.decision_log.write(record)
+        self.metrics.record_decision(decision, app_name)
 
     def subscribe(self, listener: Callable[[set[str]], None]) -> None:
         """``listener(device_ids)`` is called whenever those devices' signals change."""
@@ -118,7 +161,7 @@ class AccessService:
     def devices_changed(self, device_ids: set[str]) -> None:
         """Continuous access evaluation: forget cached signals, tell listeners (open flows)."""
         device_ids = {d.lower() for d in device_ids}
-        self._inventory.invalidate(device_ids)
+        self.inventory.invalidate(device_ids)
         for listener in self._listeners:
             listener(device_ids)
 
@@ -158,7 +201,7 @@ class AccessService:
         self._seen_change, changed, complete = self.store.changes_since(self._seen_change)
         if not complete:  # this gateway fell behind the change log: forget every device
             logger.warning("device change log moved past this gateway; re-reading every device")
-            self._inventory.invalidate_all()
+            self.inventory.invalidate_all()
             changed = {EVERY_DEVICE}
         if changed:
             self.devices_changed(changed)
@@ -212,12 +255,20 @@ class AccessService:
 
     async def authorize(self, request: AccessRequest, authorization: list[str],
                         cookies: list[str] | None = None) -> Outcome:
+        started = time.perf_counter()
+        try:
+            return await self._authorize(self.rules, request, authorization, cookies)
+        finally:
+            self.metrics.decision_seconds.observe(time.perf_counter() - started)
+
+    async def _authorize(self, rules: Rules, request: AccessRequest, authorization: list[str],
+                         cookies: list[str] | None) -> Outcome:
         now = self._clock()
         path = canonical_path(request.path)
         if path is None:
             return self.refuse(request, 400, "ambiguous request path")
         request = replace(request, path=path, target=request.path)
-        found = self.policy_set.match(request.host, path)
+        found = rules.policy_set.match(request.host, path)
         if found is None or found.public:
             return self._without_identity(request, found.primary if found else None, now)
         session: BrowserSession | None = None
@@ -228,35 +279,37 @@ class AccessService:
         token = bearer_token(authorization)
         if session is None and isinstance(token, RejectedToken):
             return self._unauthenticated(request, token, now)
-        audiences = frozenset(self.config.gateway_file.protected_hosts[request.host].audiences)
+        audiences = frozenset(rules.config.gateway_file.protected_hosts[request.host].audiences)
         try:
             if session is not None:
                 identity: Identity | RejectedToken = session.identity
             else:
-                identity = await self._validator.validate(str(token), audiences)
+                identity = await self.validator.validate(str(token), audiences)
             if isinstance(identity, RejectedToken):
                 return self._unauthenticated(request, identity, now)
-            device = await self._device_signals(identity, request)
+            device = await self._device_signals(rules, identity, request)
         except SignalUnavailable as error:
             logger.error("[%s] signal unavailable, blocking: %s", request.correlation_id, error)
             return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
+        source = "browserSession" if session is not None else "accessToken"
         mismatch = _device_binding_problem(request, found.names, device)
         if mismatch is not None:
-            return self._device_mismatch(request, identity, device, mismatch, now)
-        app = ClientApp(client_id=identity.client_id, name=self._app_names.get(identity.client_id or ""))
+            return self._device_mismatch(rules, request, identity, source, device, mismatch, now)
+        app = rules.app(identity)
         decision = evaluate(request=request, identity=identity, device=device, app=app, resources=found.names,
-                            policy_set=self.policy_set, now=now)
+                            policy_set=rules.policy_set, now=now)
         if session is not None and self.browser is not None and decision.allowed and \
                 self.browser.needs_fresh_sign_in(session, decision.session_controls, now):
             return self._sign_in(request, decision.session_controls.sign_in_frequency_seconds)
         restriction = decision.allowed and request_restriction(
             decision.session_controls, method=request.method, content_type=request.content_type,
             content_length=request.content_length, chunked=request.chunked, resources=found.names,
-            download_resources=self.policy_set.download_resources)
+            download_resources=rules.policy_set.download_resources)
         if restriction:
             decision = replace(decision, result=DecisionResult.block, status_code=403, reason=restriction)
-        self._log.write(sign_in_record(request=request, decision=decision, now=now,
-                                       identity=identity, device=device, app=app))
+        self._record(sign_in_record(request=request, decision=decision, now=now, identity=identity, device=device,
+                                    app=app, identity_source=source, locations=rules.locations(request)),
+                     decision, app.name)
         if restriction:
             return Outcome(decision, pages.session_restricted(restriction, request.correlation_id,
                                                               html=request.accepts_html, now=now))
@@ -267,17 +320,17 @@ class AccessService:
                                  remediation_url=self.config.gateway_file.gateway.remediation_url, now=now)
         return Outcome(decision, response)
 
-    async def _device_signals(self, identity: Identity, request: AccessRequest) -> DeviceSignals:
+    async def _device_signals(self, rules: Rules, identity: Identity, request: AccessRequest) -> DeviceSignals:
         try:
             self.pick_up_changes()
         except sqlite3.Error as error:
             raise SignalUnavailable(f"device inventory: {error}") from error
         if identity.device_id is None or request.kiosk_location is not None:  # a kiosk is unmanaged
-            return DeviceSignals(device_id=None, device=None, source=self._inventory.name,
-                                 compliance=self._compliance)
-        device = await self._inventory.managed_device(identity.device_id)
-        return DeviceSignals(device_id=identity.device_id, device=device, source=self._inventory.name,
-                             compliance=self._compliance)
+            return DeviceSignals(device_id=None, device=None, source=self.inventory.name,
+                                 compliance=rules.compliance)
+        device = await self.inventory.managed_device(identity.device_id)
+        return DeviceSignals(device_id=identity.device_id, device=device, source=self.inventory.name,
+                             compliance=rules.compliance)
 
     def _sign_in(self, request: AccessRequest, max_age: int | None = None) -> Outcome:
         """A browser without a (fresh enough) session goes to the identity provider."""
@@ -286,7 +339,7 @@ class AccessService:
                                             max_age)
         decision = Decision(result=DecisionResult.unauthenticated, status_code=302, error_code=None,
                             reason="sign-in required", resource=None, client_app_type=ClientAppType.browser)
-        self._log.write(sign_in_record(request=request, decision=decision, now=self._clock()))
+        self._record(sign_in_record(request=request, decision=decision, now=self._clock()), decision)
         return Outcome(decision, pages.redirect(login.location, request.correlation_id, set_cookie=login.set_cookie))
 
     async def complete_sign_in(self, authority: str, state: str, code: str,
@@ -309,13 +362,14 @@ class AccessService:
             self.browser.end(cookie_value(cookies))
         return pages.signed_out(cleared_cookie())
 
-    def _device_mismatch(self, request: AccessRequest, identity: Identity, device: DeviceSignals, reason: str,
-                         now: datetime) -> Outcome:
+    def _device_mismatch(self, rules: Rules, request: AccessRequest, identity: Identity, source: str,
+                         device: DeviceSignals, reason: str, now: datetime) -> Outcome:
         decision = Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
                             reason=reason, resource=None, client_app_type=client_app_type(request, identity))
-        app = ClientApp(client_id=identity.client_id, name=self._app_names.get(identity.client_id or ""))
-        self._log.write(sign_in_record(request=request, decision=decision, now=now, identity=identity,
-                                       device=device, app=app))
+        app = rules.app(identity)
+        self._record(sign_in_record(request=request, decision=decision, now=now, identity=identity, device=device,
+                                    app=app, identity_source=source, locations=rules.locations(request)),
+                     decision, app.name)
         response = pages.blocked(decision=decision, request=request, app=app, device=device,
                                  remediation_url=self.config.gateway_file.gateway.remediation_url, now=now)
         return Outcome(decision, response)
@@ -331,11 +385,11 @@ class AccessService:
             decision = Decision(result=DecisionResult.allow, status_code=200, error_code=None,
                                 reason="public resource", resource=resource, resources=(resource,),
                                 client_app_type=app_type)
-        self._log.write(sign_in_record(request=request, decision=decision, now=now))
+        self._record(sign_in_record(request=request, decision=decision, now=now), decision)
         if decision.allowed:
             return Outcome(decision, None, ((headers.CORRELATION_ID, request.correlation_id),
                                             *headers.forwarding_headers(request.client_ip, request.host)))
-        nobody = DeviceSignals(device_id=None, device=None, source=self._inventory.name)
+        nobody = DeviceSignals(device_id=None, device=None, source=self.inventory.name)
         response = pages.blocked(decision=decision, request=request, app=ClientApp(client_id=None, name=None),
                                  device=nobody, remediation_url=self.config.gateway_file.gateway.remediation_url,
                                  now=now)
@@ -345,7 +399,7 @@ class AccessService:
         decision = Decision(result=DecisionResult.unauthenticated, status_code=401, error_code=None,
                             reason=rejected.reason, resource=None,
                             client_app_type=client_app_type(request, None))
-        self._log.write(sign_in_record(request=request, decision=decision, now=now))
+        self._record(sign_in_record(request=request, decision=decision, now=now), decision)
         return Outcome(decision, pages.unauthenticated(rejected.reason, request.correlation_id))
 
     def refuse(self, request: AccessRequest, status: int, reason: str) -> Outcome:
@@ -354,7 +408,7 @@ class AccessService:
         decision = Decision(result=DecisionResult.block, status_code=status,
                             error_code=ErrorCode.blocked_by_conditional_access, reason=reason, resource=None,
                             client_app_type=client_app_type(request, None))
-        self._log.write(sign_in_record(request=request, decision=decision, now=self._clock()))
+        self._record(sign_in_record(request=request, decision=decision, now=self._clock()), decision)
         return Outcome(decision, pages.refused(status, reason, request.correlation_id))
 
 

@@ -6,11 +6,19 @@ Authorization header are never part of a record.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from gateway.policy.model import (
     AccessRequest,
@@ -23,8 +31,13 @@ from gateway.policy.model import (
     PolicyResultKind,
 )
 from gateway.signals.compliance import is_compliant
+from gateway.signals.devices import device_record
 
 logger = logging.getLogger(__name__)
+
+GATEWAY_LISTENER = "gateway"  # the reverse proxy in front of the protected hosts
+KIOSK_LISTENER = "kiosk"  # the forward proxy kiosk browsers use
+USER_AGENT_LIMIT = 512
 
 
 def sign_in_record(
@@ -35,8 +48,12 @@ def sign_in_record(
     identity: Identity | None = None,
     device: DeviceSignals | None = None,
     app: ClientApp | None = None,
+    identity_source: str | None = None,
+    locations: Iterable[str] = (),
 ) -> dict[str, Any]:
-    return {
+    """``identity_source`` says where the identity came from (``accessToken`` or ``browserSession``);
+    ``locations`` are the named locations the client address is in."""
+    record: dict[str, Any] = {
         "id": request.correlation_id,
         "createdDateTime": now.isoformat(),
         "correlationId": request.correlation_id,
@@ -49,7 +66,9 @@ def sign_in_record(
         "resourceId": identity.audience if identity else None,
         "clientAppUsed": decision.client_app_type.value,
         "ipAddress": request.client_ip,
-        "request": {"method": request.method, "host": request.host, "path": request.path.split("?", 1)[0]},
+        "request": {"method": request.method, "host": request.host, "path": request.path.split("?", 1)[0],
+                    "userAgent": request.user_agent[:USER_AGENT_LIMIT], "acceptsHtml": request.accepts_html,
+                    "listener": KIOSK_LISTENER if request.kiosk_location is not None else GATEWAY_LISTENER},
         "deviceDetail": _device_detail(device, now),
         "status": {"errorCode": int(decision.error_code) if decision.error_code else 0,
                    "failureReason": None if decision.allowed else decision.reason},
@@ -58,7 +77,65 @@ def sign_in_record(
         "conditionalAccessStatus": _conditional_access_status(decision),
         "appliedConditionalAccessPolicies": [policy_entry(p) for p in decision.all_policies()],
         "enforcedSessionControls": list(decision.session_controls.names()),
+        "signals": signal_entries(request=request, identity=identity, identity_source=identity_source,
+                                  device=device, app=app, locations=locations, now=now),
     }
+    if identity is not None:
+        record["evaluationInput"] = evaluation_input(identity, device, request)
+    return record
+
+
+def evaluation_input(identity: Identity, device: DeviceSignals | None, request: AccessRequest) -> dict[str, Any]:
+    """Everything policy looked at that the rest of the record does not say, so that ``portcullis
+    replay`` can evaluate this request again under other rules with the signals of that moment."""
+    record = device.device if device is not None else None
+    return {
+        "subject": identity.subject,
+        "groups": sorted(identity.groups),
+        "authenticationMethods": sorted(identity.authentication_methods),
+        "authenticatedAt": identity.authenticated_at,
+        "deviceId": identity.device_id,
+        "kioskLocation": request.kiosk_location,
+        "device": (device_record(record).model_dump(by_alias=True, mode="json", exclude_none=True)
+                   if record is not None else None),
+    }
+
+
+def signal_entries(*, request: AccessRequest, identity: Identity | None, identity_source: str | None,
+                   device: DeviceSignals | None, app: ClientApp | None, locations: Iterable[str],
+                   now: datetime) -> list[dict[str, Any]]:
+    """Each signal policy used: its value, where it came from and how old it was."""
+    entries = []
+    if identity is not None:
+        age = now.timestamp() - identity.issued_at if identity.issued_at is not None else None
+        entries.append(_signal("identity", "valid", identity_source or "accessToken", age))
+        app_name = (app.name or app.client_id) if app else None
+        entries.append(_signal("clientApp", app_name or "unknown", "token (azp/appid)", None))
+    if device is not None and device.device_id is not None:
+        record = device.device
+        if record is None:
+            entries.append(_signal("complianceState", "notRegistered", device.source, None))
+        else:
+            sync_age = (now - record.last_sync).total_seconds() if record.last_sync else None
+            entries.append(_signal("complianceState", record.compliance_state.value, device.source, sync_age))
+            reported = (now - record.threat_reported_at).total_seconds() if record.threat_reported_at else None
+            entries.append(_signal("threatLevel", record.threat_level.value if record.threat_level else "none",
+                                   record.threat_source or device.source, reported))
+    named = sorted(locations)
+    entries.append(_signal("location", ",".join(named) if named else "none", f"client address {request.client_ip}",
+                           0))
+    return entries
+
+
+def _signal(name: str, value: str, source: str, age: float | None) -> dict[str, Any]:
+    return {"name": name, "value": value, "source": source,
+            "ageSeconds": None if age is None else max(0, round(age))}
+
+
+def signal_text(entry: dict[str, Any]) -> str:
+    """``threatLevel=high source=lookout age=240s``"""
+    age = entry.get("ageSeconds")
+    return f"{entry['name']}={entry['value']} source={entry['source']} age={'?' if age is None else f'{age}s'}"
 
 
 def _device_detail(device: DeviceSignals | None, now: datetime) -> dict[str, Any]:
@@ -102,17 +179,164 @@ def policy_entry(result: PolicyResult) -> dict[str, Any]:
     return entry
 
 
-class DecisionLog:
-    """Appends records to a JSON-lines file, one line per decision, flushed as written."""
+class Pseudonymizer:
+    """Replaces user names and ids with a keyed hash: the same user always gets the same
+    pseudonym (so a trail can be followed), which only a holder of the key can link to a name."""
 
-    def __init__(self, path: Path) -> None:
+    PREFIX = "pseudonym:"
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def pseudonym(self, value: str) -> str:
+        if value.startswith(self.PREFIX):
+            return value
+        digest = hmac.new(self._key, value.strip().lower().encode(), hashlib.sha256).hexdigest()
+        return f"{self.PREFIX}{digest[:24]}"
+
+    def apply(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A copy of ``record`` without the user's names."""
+        record = dict(record)
+        for key in ("userPrincipalName", "userId"):
+            if record.get(key):
+                record[key] = self.pseudonym(record[key])
+        if record.get("evaluationInput"):
+            given = dict(record["evaluationInput"])
+            given["subject"] = self.pseudonym(given["subject"])
+            if given.get("device") and given["device"].get("userPrincipalName"):
+                given["device"] = {**given["device"],
+                                   "userPrincipalName": self.pseudonym(given["device"]["userPrincipalName"])}
+            record["evaluationInput"] = given
+        return record
+
+
+class DecisionLog:
+    """The decision log: JSON lines, rotated by size, written by a thread of its own.
+
+    ``write`` never blocks the request path: a record goes into a bounded queue; when the queue is
+    full the record is dropped and counted (``dropped``, and the ``on_drop`` callback for the
+    metric), and a warning is logged at most every 10 s. The newest records stay in memory for the
+    admin API and dashboard.
+    """
+
+    def __init__(self, path: Path, *, max_bytes: int = 100 * 1024 * 1024, keep_files: int = 10,
+                 queue_size: int = 10_000, pseudonymizer: Pseudonymizer | None = None, keep_recent: int = 2000,
+                 on_drop: Callable[[], None] | None = None, on_error: Callable[[], None] | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file: TextIO = path.open("a", encoding="utf-8")
+        self.pseudonymizer = pseudonymizer
+        self.dropped = 0
+        self._on_drop = on_drop
+        self._on_error = on_error
+        self._last_drop_warning = 0.0
+        self._recent: deque[dict[str, Any]] = deque(maxlen=keep_recent)
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=queue_size)
+        self._handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=keep_files, encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._handler.handleError = self._write_failed  # type: ignore[method-assign]  (count, don't print)
+        self._writer = threading.Thread(target=self._write_records, name="decision-log", daemon=True)
+        self._writer.start()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._file.flush()
+        if self.pseudonymizer is not None:
+            record = self.pseudonymizer.apply(record)
+        self._recent.append(record)
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop()
+            now = time.monotonic()
+            if now - self._last_drop_warning > DROP_WARNING_INTERVAL:
+                self._last_drop_warning = now
+                logger.warning("decision log queue full: %d records dropped so far (see "
+                               "portcullis_decision_log_dropped_total)", self.dropped)
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The newest records first."""
+        return list(reversed(self._recent))
+
+    def find(self, correlation_id: str) -> dict[str, Any] | None:
+        """One record by its id: from memory, else from the files, newest first (blocking I/O)."""
+        for record in reversed(self._recent):
+            if record.get("correlationId") == correlation_id:
+                return record
+        self.flush()
+        return find_record(log_files(self.path), correlation_id)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued record is written (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
 
     def close(self) -> None:
-        self._file.close()
+        self.flush()
+        self._queue.put(None)
+        self._writer.join(5)
+        self._handler.close()
+
+    def _write_records(self) -> None:
+        while True:
+            record = self._queue.get()
+            try:
+                if record is None:
+                    return
+                line = json.dumps(record, separators=(",", ":"))
+                self._handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+            except Exception:  # noqa: BLE001  (the writer thread must survive any one record)
+                self._write_failed(None)
+            finally:
+                self._queue.task_done()
+
+    def _write_failed(self, _record: logging.LogRecord | None) -> None:
+        if self._on_error is not None:
+            self._on_error()
+        logger.exception("cannot write a decision log record to %s", self.path)
+
+
+def log_files(path: Path) -> list[Path]:
+    """The log and its rotated files, newest first."""
+    rotated = sorted((p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()),
+                     key=lambda p: int(p.suffix[1:]))
+    return [p for p in (path, *rotated) if p.is_file()]
+
+
+def find_record(files: Iterable[Path], correlation_id: str) -> dict[str, Any] | None:
+    needle = f'"correlationId":"{correlation_id}"'
+    for file in files:
+        found = None
+        with file.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if needle in line:
+                    try:
+                        found = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+        if found is not None:
+            return found
+    return None
+
+
+def read_records(files: Iterable[Path]) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    """Every record of decision log files with its file and line; unreadable lines are skipped
+    with a warning (a log cut short by a crash ends in half a line)."""
+    for file in files:
+        with file.open(encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    logger.warning("%s:%d: not a JSON record; skipped", file, number)
+                    continue
+                if isinstance(record, dict):
+                    yield file, number, record
+
+
+DROP_WARNING_INTERVAL = 10.0

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -13,12 +14,13 @@ import httpx
 from cryptography.fernet import Fernet
 
 from gateway.access import AccessService, Clock, utc_now
-from gateway.audit import DecisionLog
+from gateway.audit import DecisionLog, Pseudonymizer
 from gateway.config import Config, load_config
 from gateway.config.models import GraphConnectorSettings
 from gateway.identity.browser import BrowserSignIn
 from gateway.identity.jwks import JwksCache
 from gateway.identity.tokens import BearerValidator
+from gateway.metrics import GatewayMetrics
 from gateway.signals.cache import CachedInventory
 from gateway.signals.devices import DeviceInventory, FileDeviceInventory, OverlayInventory
 from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings
@@ -107,13 +109,40 @@ def session_key(config: Config, environ: Mapping[str, str]) -> bytes:
             raise ValueError(f"browserSignIn: environment variable {settings.session_key_env} must hold a "
                              "Fernet key (Fernet.generate_key())")
         return value.encode()
-    path = config.path(config.gateway_file.gateway.state_dir) / "session.key"
+    return _state_secret(config.path(config.gateway_file.gateway.state_dir) / "session.key", Fernet.generate_key)
+
+
+def pseudonym_key(config: Config, environ: Mapping[str, str]) -> bytes:
+    """The key of the decision log's user pseudonyms: from the environment when configured (so
+    every worker and host writes the same pseudonym for a user), else a file made once."""
+    settings = config.gateway_file.decision_log
+    if settings.pseudonym_key_env:
+        value = environ.get(settings.pseudonym_key_env, "")
+        if len(value) < 16:
+            raise ValueError(f"decisionLog: environment variable {settings.pseudonym_key_env} must hold the "
+                             "pseudonym key (at least 16 characters)")
+        return value.encode()
+    return _state_secret(config.path(config.gateway_file.gateway.state_dir) / "pseudonym.key",
+                         lambda: secrets.token_urlsafe(32).encode())
+
+
+def _state_secret(path: Path, make: Callable[[], bytes]) -> bytes:
+    """A secret kept in the state directory: made once, readable by this user only."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as file:
-            file.write(Fernet.generate_key())
+            file.write(make())
     return path.read_bytes().strip()
+
+
+def decision_log(config: Config, metrics: GatewayMetrics | None = None) -> DecisionLog:
+    settings = config.gateway_file.decision_log
+    pseudonymizer = Pseudonymizer(pseudonym_key(config, os.environ)) if settings.pseudonymize_users else None
+    return DecisionLog(config.path(settings.path), max_bytes=settings.max_file_bytes, keep_files=settings.keep_files,
+                       queue_size=settings.queue_size, pseudonymizer=pseudonymizer,
+                       on_drop=metrics.log_dropped.inc if metrics else None,
+                       on_error=metrics.log_errors.inc if metrics else None)
 
 
 def seed_store(loaded: Loaded, now_clock: Clock = utc_now) -> None:
@@ -143,6 +172,7 @@ def build_service(
     cached = CachedInventory(inventory or loaded.live_inventory, ttl=cache.ttl_seconds, miss_ttl=cache.miss_ttl_seconds,
                              max_staleness=cache.max_staleness_seconds, max_entries=cache.max_entries)
     validator = BearerValidator(identity, jwks)
+    metrics = GatewayMetrics()
     browser = None
     if config.gateway_file.browser_sign_in is not None:
         settings = config.gateway_file.browser_sign_in
@@ -153,8 +183,9 @@ def build_service(
         browser=browser,
         validator=validator,
         inventory=cached,
-        decision_log=DecisionLog(config.path(config.gateway_file.decision_log.path)),
+        decision_log=decision_log(config, metrics),
         clock=clock,
         store=loaded.store,
+        metrics=metrics,
     )
     return service, jwks

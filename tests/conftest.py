@@ -163,11 +163,16 @@ class Gateway:
                                   extensions={"sni_hostname": sni or host}, **kwargs)
 
     def decision(self, correlation_id: str) -> dict[str, Any]:
-        for line in self.decision_log.read_text().splitlines():
-            record = json.loads(line)
-            if record["correlationId"] == correlation_id:
-                return record
-        raise AssertionError(f"no decision logged for {correlation_id}")
+        """The logged record; the log is written by a thread of its own, so wait for it a little."""
+        deadline = time.monotonic() + 5
+        while True:
+            for line in self.decision_log.read_text().splitlines():
+                record = json.loads(line)
+                if record["correlationId"] == correlation_id:
+                    return record
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no decision logged for {correlation_id}")
+            time.sleep(0.01)
 
 
 @pytest.fixture(scope="session")

@@ -338,6 +338,11 @@ class BrowserSignInSettings(Model):
 
 class DecisionLogSettings(Model):
     path: Path = Path("../.portcullis/decisions.jsonl")
+    max_file_bytes: Annotated[int, Field(ge=64 * 1024, le=2**40)] = 100 * 1024 * 1024  # then rotate
+    keep_files: Annotated[int, Field(ge=1, le=1000)] = 10  # rotated files kept: decisions.jsonl.1 ... .N
+    queue_size: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000  # beyond it records are dropped, counted
+    pseudonymize_users: bool = False  # user names and ids replaced by a keyed hash (data minimisation)
+    pseudonym_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None  # else stateDir/pseudonym.key
 
 
 class PortcullisFile(Model):

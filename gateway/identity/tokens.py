@@ -134,6 +134,7 @@ def identity_from_claims(claims: dict[str, object], audiences: frozenset[str]) -
     matched = next(iter(sorted(audiences & ({aud} if isinstance(aud, str) else set(aud)))), "")  # type: ignore[arg-type]  (JSON)
     groups = claims.get("groups")
     amr = claims.get("amr")
+    roles = claims.get("roles")
     return Identity(
         subject=str(claims["sub"]),
         user_principal_name=_text(claims.get("upn")) or _text(claims.get("preferred_username")),
@@ -148,6 +149,8 @@ def identity_from_claims(claims: dict[str, object], audiences: frozenset[str]) -
                                 if isinstance(amr, list) else frozenset()),
         authentication_context=_text(claims.get("acr")),
         authenticated_at=float(claims["auth_time"]) if isinstance(claims.get("auth_time"), int | float) else None,
+        issued_at=float(claims["iat"]) if isinstance(claims.get("iat"), int | float) else None,
+        roles=frozenset(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else frozenset(),
     )
 
 

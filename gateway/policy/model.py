@@ -134,6 +134,8 @@ class Identity:
     authentication_methods: frozenset[str] = frozenset()  # the amr claim
     authenticated_at: float | None = None  # the auth_time claim (ID tokens)
     authentication_context: str | None = None  # the acr claim
+    issued_at: float | None = None  # the iat claim: how old the token's view of the user is
+    roles: frozenset[str] = frozenset()  # app roles (the roles claim), for the admin API
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

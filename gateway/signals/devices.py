@@ -92,6 +92,33 @@ class DeviceRecord(Model):
         )
 
 
+def device_record(device: ManagedDevice) -> DeviceRecord:
+    """The inverse of ``to_managed_device``: how a device is written down (decision log, replay)."""
+    fields = dict(
+        azure_ad_device_id=device.device_id,
+        eas_device_id=device.eas_device_id,
+        device_name=device.display_name,
+        user_principal_name=device.user_principal_name,
+        operating_system=device.operating_system,
+        compliance_state=device.compliance_state,
+        compliance_grace_period_expiration_date_time=device.compliance_grace_period_expiration,
+        threat_level=device.threat_level,
+        threat_source=device.threat_source,
+        threat_reported_date_time=device.threat_reported_at,
+        management_agent=device.management_agent,
+        jail_broken=device.jail_broken,
+        last_sync_date_time=device.last_sync,
+        managed_device_owner_type=OwnerType(device.device_ownership.lower()) if device.device_ownership else None,
+        manufacturer=device.manufacturer,
+        model=device.model,
+        os_version=device.operating_system_version,
+        trust_type=device.trust_type,
+        extension_attributes=dict(device.extension_attributes),
+    )
+    return DeviceRecord.model_validate({DeviceRecord.model_fields[name].alias: value
+                                        for name, value in fields.items() if value is not None})
+
+
 class InventoryFile(Model):
     """The inventory file: ``devices:`` followed by device records."""
 
