@@ -65,6 +65,11 @@ class AccessGate:
         elif flow.request.trailers:
             respond(flow, 400, b'{"error": "bad_request", "error_description": "request trailers"}', JSON)
 
+    def error(self, flow: http.HTTPFlow) -> None:
+        """An allowed request whose upstream failed (refused, reset, timed out): counted per host."""
+        if flow.metadata.get(ALLOWED_KEY) is True and HOST_KEY in flow.metadata:
+            self.service.metrics.upstream_errors.labels(flow.metadata[HOST_KEY]).inc()
+
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None and CORRELATION_KEY in flow.metadata:

@@ -31,8 +31,10 @@ from gateway.certs import CA_FILE, CA_KEY_FILE, ensure_server_certificate
 from gateway.config import Config
 from gateway.demo import DemoUpstreams
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
+from gateway.operations import Operations
 from gateway.signals.graph import GraphInventory
 from gateway.signals.mtd import MtdReceiver, partners_from_config
+from gateway.web.assertion_keys import service_host_app
 from gateway.web.browser_pages import browser_app
 from gateway.web.mtd_webhook import mtd_webhook_app
 from gateway.web.types import ASGIApp
@@ -106,6 +108,7 @@ class RunningGateway:
     service: AccessService
     addresses: list[tuple[str, int]]
     upstreams: DemoUpstreams | None
+    operations: Operations
 
 
 @contextlib.asynccontextmanager
@@ -130,6 +133,8 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterato
         endpoints = {BROWSER_ENDPOINTS: browser_app(service)}
         if partners:
             endpoints[MTD_ENDPOINTS] = mtd_webhook_app(MtdReceiver(partners), service, utc_now)
+        if service.assertions is not None:  # the service host publishes the assertion keys too
+            endpoints[MTD_ENDPOINTS] = service_host_app(service.assertions, endpoints.get(MTD_ENDPOINTS))
         master, ready = build_master(service, endpoints)
         task = asyncio.create_task(master.run())
         waiter = asyncio.create_task(ready.event.wait())
@@ -137,11 +142,14 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterato
         if not ready.event.is_set():
             waiter.cancel()
             raise RuntimeError("the gateway listener did not start; see the log above")
-        background = [asyncio.create_task(service.watch_changes())]
-        if loaded.graph_client is not None:
-            background.append(asyncio.create_task(_sync_from_graph(loaded)))
+        graph = service.inventory.source if isinstance(service.inventory.source, GraphInventory) else None
+        operations = Operations.of(service, jwks, loaded.inventory, graph)
+        background = [asyncio.create_task(service.watch_changes()),
+                      asyncio.create_task(operations.reloader.watch())]
+        if graph is not None:
+            background.append(asyncio.create_task(_sync_from_graph(loaded, graph)))
         try:
-            yield RunningGateway(service, ready.addresses, upstreams)
+            yield RunningGateway(service, ready.addresses, upstreams, operations)
         finally:
             for job in background:
                 job.cancel()
@@ -153,12 +161,11 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterato
             await upstreams.stop()
 
 
-async def _sync_from_graph(loaded: Loaded) -> None:
+async def _sync_from_graph(loaded: Loaded, inventory: GraphInventory) -> None:
     """A full Graph sync at start and every ``syncIntervalSeconds``; failures are logged and the
     cache's staleness rules apply to what the inventory already holds."""
     graph = loaded.config.gateway_file.device_signals.graph
-    inventory = loaded.live_inventory
-    assert graph is not None and isinstance(inventory, GraphInventory)  # noqa: S101  (graph configured)
+    assert graph is not None  # noqa: S101  (graph configured)
     while True:
         try:
             count = await inventory.full_sync()

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -283,6 +284,14 @@ async def _serve(config_dir: Path, *, demo: bool) -> None:
     loaded = bootstrap.load(config_dir)
     demo_secrets = _demo_partner_secrets(loaded.config) if demo else {}
     async with running_gateway(loaded, demo=demo) as gateway:
+        reloads: set[asyncio.Task[object]] = set()
+
+        def reload_on_hangup() -> None:
+            task = asyncio.create_task(gateway.operations.reloader.reload("SIGHUP"))
+            reloads.add(task)  # keep a reference until it is done
+            task.add_done_callback(reloads.discard)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_on_hangup)
         port = gateway.addresses[0][1]
         if gateway.upstreams is not None:
             certificate = loaded.config.gateway_file.gateway.certificates[0]

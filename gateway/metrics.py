@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.policy.model import Decision, DecisionResult, ErrorCode
@@ -92,9 +92,7 @@ class CacheCollector:
     def __init__(self, caches: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
         self._caches = caches
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        from prometheus_client.core import CounterMetricFamily
-
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         hits = CounterMetricFamily("portcullis_cache_hits", "Cache hits", labels=["cache"])
         misses = CounterMetricFamily("portcullis_cache_misses", "Cache misses", labels=["cache"])
         ratio = GaugeMetricFamily("portcullis_cache_hit_ratio", "Hits / (hits + misses) since start",
@@ -104,7 +102,7 @@ class CacheCollector:
             misses.add_metric([name], miss_count)
             total = hit_count + miss_count
             ratio.add_metric([name], hit_count / total if total else 0.0)
-        yield from (hits, misses, ratio)  # type: ignore[misc]  (CounterMetricFamily is a Metric too)
+        yield from (hits, misses, ratio)
 
 
 class SignalAgeCollector:

@@ -167,9 +167,9 @@ class Gateway:
         deadline = time.monotonic() + 5
         while True:
             for line in self.decision_log.read_text().splitlines():
-                record = json.loads(line)
-                if record["correlationId"] == correlation_id:
-                    return record
+                if f'"correlationId":"{correlation_id}"' in line:
+                    with contextlib.suppress(json.JSONDecodeError):  # the writer may be mid-line
+                        return json.loads(line)
             if time.monotonic() > deadline:
                 raise AssertionError(f"no decision logged for {correlation_id}")
             time.sleep(0.01)

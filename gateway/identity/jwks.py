@@ -56,6 +56,11 @@ class JwksCache:
     def fetched_at(self) -> float | None:
         return self._fetched_at
 
+    @property
+    def refresh_failing(self) -> bool:
+        """The last fetch attempt failed (the keys in use are older than that attempt)."""
+        return self._attempted_at is not None and (self._fetched_at is None or self._attempted_at > self._fetched_at)
+
     async def key(self, kid: str, algorithm: str) -> PyJWK | None:
         """The key with this kid for this algorithm, refreshing the set if it is stale or the kid
         is new; None if the issuer has no such key or the key is for another algorithm."""

@@ -54,6 +54,7 @@ class BearerValidator:
         self._algorithms = {a.value for a in settings.algorithms}
         self._leeway = settings.clock_skew_seconds
         self._jwks = jwks
+        self.cache_hits = self.cache_misses = 0
         self._verified: TLRUCache[tuple[str, frozenset[str]], Identity] = TLRUCache(
             maxsize=CACHE_SIZE, ttu=_until_exp, timer=time.time
         )
@@ -63,7 +64,9 @@ class BearerValidator:
         cache_key = (token, audiences)
         cached = self._verified.get(cache_key)
         if cached is not None:
+            self.cache_hits += 1
             return cached
+        self.cache_misses += 1
         signing = await self._signing_key(token)
         if isinstance(signing, RejectedToken):
             return signing

@@ -41,14 +41,18 @@ class CachedInventory:
         self._in_flight: dict[str, asyncio.Future[ManagedDevice | None]] = {}
         self._generation = 0  # bumped by every invalidation: an answer fetched across one is not kept
         self.source_calls = 0
+        self.hits = self.misses = 0  # answered from the cache, or not (for the hit-ratio metric)
 
     async def managed_device(self, device_id: str) -> ManagedDevice | None:
         key = device_id.lower()
         hit = self._fresh.get(key, MISSING)
         if hit is not MISSING:
+            self.hits += 1
             return hit  # type: ignore[return-value]
         if key in self._misses:
+            self.hits += 1
             return None
+        self.misses += 1
         pending = self._in_flight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)

@@ -173,6 +173,7 @@ class GraphInventory:
         self._clock, self._timer = clock, timer
         self._allowance = client.settings.lookups_per_second
         self._checked = timer()
+        self.synced_at: datetime | None = None  # the last full sync that succeeded (readiness, metrics)
 
     async def managed_device(self, device_id: str) -> ManagedDevice | None:
         found = await self.local.managed_device(device_id)
@@ -191,7 +192,9 @@ class GraphInventory:
 
     async def full_sync(self) -> int:
         records = await self.client.managed_devices()
-        return await asyncio.to_thread(self.store.replace_all, records, now=self._clock(), prune_vendor=GRAPH_VENDOR)
+        count = await asyncio.to_thread(self.store.replace_all, records, now=self._clock(), prune_vendor=GRAPH_VENDOR)
+        self.synced_at = self._clock()
+        return count
 
     def _may_look_up(self) -> bool:
         """A token bucket of ``lookupsPerSecond``: misses beyond it are not looked up."""

@@ -1,0 +1,168 @@
+"""Hot reload: the config directory is read again, validated, tested and only then swapped in.
+
+Triggers: a change of the files (polled), SIGHUP, ``POST /admin/reload``. A reload is all or
+nothing. It is rejected, and the rules in force stay, when a file does not validate, when a
+policy test in ``cases.yaml`` fails, or when a setting changed that only a restart can apply
+(listeners, certificates, the identity provider, signal sources, the decision log). Requests
+that started before the swap finish under the rules they started with (``AccessService.apply``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.access import AccessService, Rules, utc_now
+from gateway.config import CASES_FILE, GATEWAY_FILE, POLICIES_FILE, Config, load_config
+from gateway.config.loader import locate
+from gateway.errors import ConfigError, ConfigProblem
+from gateway.metrics import GatewayMetrics
+from gateway.policy_cases import load_cases, run_cases
+from gateway.signals.devices import DeviceInventory
+from gateway.whatif import WhatIf
+
+logger = logging.getLogger(__name__)
+
+WATCHED_FILES = (GATEWAY_FILE, POLICIES_FILE, CASES_FILE)
+
+# Settings a running gateway can take over; every other one needs a restart. Top-level keys of
+# portcullis.yaml, and for three sections the keys inside them.
+RELOADABLE = {"protected_hosts", "resource_presets", "resources", "named_locations", "applications"}
+RELOADABLE_INSIDE = {"gateway": {"remediation_url"}, "device_signals": {"compliance"},
+                     "kiosk": {"location", "pass_through", "allow"}}
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadOutcome:
+    trigger: str
+    at: datetime
+    applied: bool
+    problems: tuple[str, ...] = ()  # file:line:col: key: message
+    policies: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"trigger": self.trigger, "at": self.at.isoformat(), "applied": self.applied,
+                "problems": list(self.problems), "policies": self.policies}
+
+
+class ConfigReloader:
+    """Owns reloading one gateway's config directory; reloads run one at a time."""
+
+    def __init__(self, service: AccessService, inventory: DeviceInventory, *,
+                 metrics: GatewayMetrics | None = None, clock: Callable[[], datetime] = utc_now) -> None:
+        self.service = service
+        self.directory = service.config.directory
+        self._inventory = inventory  # for cases.yaml: the devices the policy tests name
+        self._metrics = metrics or service.metrics
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self.last: ReloadOutcome | None = None
+        self.loaded_at = clock()
+        self._signature = files_signature(self.directory)
+
+    @property
+    def last_failed(self) -> ReloadOutcome | None:
+        """The last attempt, if it was rejected: the files on disk are not what is running."""
+        return self.last if self.last is not None and not self.last.applied else None
+
+    async def reload(self, trigger: str) -> ReloadOutcome:
+        async with self._lock:
+            self._signature = files_signature(self.directory)
+            outcome = await self._reload(trigger)
+            self.last = outcome
+            self._metrics.reloads.labels("success" if outcome.applied else "failure", trigger).inc()
+            self._metrics.config_valid.set(1 if outcome.applied else 0)
+            if outcome.applied:
+                self.loaded_at = outcome.at
+                logger.info("config reloaded (%s): %d policies in force", trigger, outcome.policies)
+            else:
+                for problem in outcome.problems:
+                    logger.error("config reload (%s) rejected, the previous rules stay in force: %s", trigger,
+                                 problem)
+            return outcome
+
+    async def _reload(self, trigger: str) -> ReloadOutcome:
+        now = self._clock()
+        try:
+            config = load_config(self.directory)
+        except ConfigError as error:
+            return ReloadOutcome(trigger, now, False, tuple(str(p) for p in error.problems))
+        problems = restart_only_changes(self.service.config, config)
+        if not problems:
+            problems = await self._failing_cases(config, now)
+        if problems:
+            return ReloadOutcome(trigger, now, False, tuple(str(p) for p in problems))
+        self.service.apply(Rules.of(config))
+        return ReloadOutcome(trigger, now, True, policies=len(config.policies))
+
+    async def _failing_cases(self, config: Config, now: datetime) -> list[ConfigProblem]:
+        """The directory's own policy tests must pass before its rules go live."""
+        cases_file = config.directory / CASES_FILE
+        if not cases_file.exists():
+            return []
+        try:
+            cases = load_cases(cases_file)
+            outcomes = await run_cases(WhatIf(config, self._inventory), cases, now)
+        except ConfigError as error:
+            return list(error.problems)
+        except Exception as error:  # noqa: BLE001  (a case that cannot run fails the reload, never the gateway)
+            return [ConfigProblem(str(cases_file), None, None, "", f"policy tests could not run: {error}")]
+        return [ConfigProblem(str(cases_file), None, None, "", f"policy test failed: {o.name}: "
+                              + "; ".join(o.differences)) for o in outcomes if not o.passed]
+
+    async def watch(self, interval: float = 1.0, settle: float = 0.3) -> None:
+        """Reload when a watched file changes (and has stopped changing for ``settle`` seconds:
+        an editor writing in steps would otherwise be read half-written)."""
+        while True:
+            await asyncio.sleep(interval)
+            signature = files_signature(self.directory)
+            if signature == self._signature:
+                continue
+            await asyncio.sleep(settle)
+            if files_signature(self.directory) != signature:
+                continue  # still being written: look again next time
+            await self.reload("fileWatch")
+
+
+def files_signature(directory: Path) -> tuple[tuple[str, int, int, int], ...]:
+    signature = []
+    for name in WATCHED_FILES:
+        try:
+            stat = (directory / name).stat()
+        except OSError:
+            continue
+        signature.append((name, stat.st_mtime_ns, stat.st_size, stat.st_ino))
+    return tuple(signature)
+
+
+def restart_only_changes(running: Config, candidate: Config) -> list[ConfigProblem]:
+    """Changed settings the running gateway cannot take over, each at its line in the new file."""
+    old, new = running.gateway_file, candidate.gateway_file
+    data = candidate.sources.get(_source_name(candidate))
+    problems = []
+    for name, field in type(new).model_fields.items():
+        if name in RELOADABLE:
+            continue
+        before, after = getattr(old, name), getattr(new, name)
+        inside = RELOADABLE_INSIDE.get(name)
+        if inside is not None and before is not None and after is not None:
+            for sub_name, sub_field in type(after).model_fields.items():
+                if sub_name not in inside and getattr(before, sub_name) != getattr(after, sub_name):
+                    problems.append(_needs_restart(data, candidate, (field.alias or name, sub_field.alias or sub_name)))
+        elif before != after:
+            problems.append(_needs_restart(data, candidate, (field.alias or name,)))
+    return problems
+
+
+def _needs_restart(data: object, candidate: Config, loc: tuple[str, ...]) -> ConfigProblem:
+    return locate(data, loc, _source_name(candidate), "changed, but only a restart applies this setting; "
+                  "the running gateway keeps its rules until it restarts or this change is undone", at_value=False)
+
+
+def _source_name(config: Config) -> str:
+    return next((name for name in config.sources if name.endswith(GATEWAY_FILE)), GATEWAY_FILE)
