@@ -5,6 +5,7 @@
     portcullis check   --config DIR    validate; list problems, warnings, public resources; run cases.yaml
     portcullis whatif  --config DIR --user U --url URL [--app A] [--device ID] [--ip IP] ... [--json]
     portcullis test    --config DIR CASES.yaml   run policy test cases; exit 1 if any fails
+    portcullis why    [--config DIR] CORRELATION_ID [--json]   explain one logged decision
     portcullis devices --config DIR import FILE | export [--format csv] | list | show ID | set-risk ID LEVEL
     portcullis certs  [--config DIR] init        create the CA and server certificates (kiosks trust the CA)
 
@@ -29,10 +30,12 @@ from pathlib import Path
 
 from gateway import bootstrap
 from gateway.access import utc_now
+from gateway.audit import find_record, log_files
 from gateway.certs import ensure_server_certificate
 from gateway.config import CASES_FILE, GATEWAY_FILE, Config, load_config
 from gateway.config.lint import config_warnings, public_resources
 from gateway.errors import ConfigError, ConfigProblem
+from gateway.explain import explain
 from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLevel
 from gateway.policy_cases import load_cases, run_cases
 from gateway.signals.sqlite_store import DeviceStore, export, parse_import
@@ -109,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     set_risk.add_argument("level", type=DeviceThreatLevel, choices=list(DeviceThreatLevel))
     set_risk.add_argument("--vendor", default="manual", help="the MTD vendor this verdict is from (default manual)")
     set_risk.set_defaults(command=_devices_set_risk)
+    why = commands.add_parser("why", help="explain one logged decision by its correlation id")
+    why.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config directory (default: config)")
+    why.add_argument("correlation_id", help="the correlation id (block pages and X-Portcullis-Correlation-Id show it)")
+    why.add_argument("--json", action="store_true", help="print the logged record itself")
+    why.set_defaults(command=_why)
     certs = commands.add_parser("certs", help="the gateway's CA and server certificates")
     certs.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config directory (default: config)")
     cert_actions = certs.add_subparsers(required=True, metavar="ACTION")
@@ -180,6 +188,17 @@ def _whatif(args: argparse.Namespace) -> int:
         print(json.dumps(as_json(question, decision, states), indent=2))
     else:
         print(as_text(question, decision, states))
+    return 0
+
+
+def _why(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    log_path = config.path(config.gateway_file.decision_log.path)
+    record = find_record(log_files(log_path), args.correlation_id.strip())
+    if record is None:
+        print(f"portcullis: no decision {args.correlation_id!r} in {log_path} or its rotated files", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=2) if args.json else explain(record))
     return 0
 
 

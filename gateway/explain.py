@@ -1,0 +1,79 @@
+"""A decision log record told as a trace a person can follow: what was asked, who asked with
+which app and device, every signal with its source and age, and each policy's verdict with the
+first condition that did not match or the controls that failed. ``portcullis why`` prints it;
+the admin dashboard shows it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.audit import signal_text
+
+RESULT_MARKS = {
+    "success": "+", "failure": "x", "notApplied": "-", "notEnabled": " ",
+    "reportOnlySuccess": "+", "reportOnlyFailure": "x", "reportOnlyNotApplied": "-",
+}
+
+
+def explain(record: dict[str, Any]) -> str:
+    request = record.get("request") or {}
+    status = record.get("status") or {}
+    device = record.get("deviceDetail") or {}
+    result = record.get("result", "?")
+    lines = [
+        f"Decision {record.get('correlationId')} at {record.get('createdDateTime')}",
+        f"  result:   {result} (HTTP {record.get('httpStatus')}"
+        + (f", error {status['errorCode']}" if status.get("errorCode") else "") + ")",
+    ]
+    if status.get("failureReason"):
+        lines.append(f"  reason:   {status['failureReason']}")
+    lines += [
+        f"  request:  {request.get('method')} https://{request.get('host')}{request.get('path')} "
+        f"from {record.get('ipAddress')} via the {request.get('listener', 'gateway')} listener",
+        f"  client:   {record.get('clientAppUsed')}; app {_app(record)}",
+        f"  user:     {record.get('userPrincipalName') or record.get('userId') or '(no identity)'}",
+        f"  device:   {device.get('deviceId') or '(none)'}"
+        + (f" ({device.get('displayName')}, {device.get('operatingSystem')})" if device.get("displayName") else ""),
+        f"  resource: {record.get('resourceDisplayName') or '(none)'}" + _also(record),
+    ]
+    signals = record.get("signals") or []
+    if signals:
+        lines.append("  signals:")
+        lines += [f"    {signal_text(s)}" for s in signals]
+    policies = record.get("appliedConditionalAccessPolicies") or []
+    if policies:
+        lines.append("  policies:")
+        lines += [f"    {_policy_line(p)}" for p in policies]
+    else:
+        lines.append("  policies: none evaluated (decided before policy: see the reason)")
+    controls = record.get("enforcedSessionControls") or []
+    if controls:
+        lines.append(f"  session controls: {', '.join(controls)}")
+    return "\n".join(lines)
+
+
+def _also(record: dict[str, Any]) -> str:
+    others = [r for r in record.get("matchedResources") or [] if r != record.get("resourceDisplayName")]
+    return f" (also {', '.join(others)})" if others else ""
+
+
+def _app(record: dict[str, Any]) -> str:
+    name, client_id = record.get("appDisplayName"), record.get("appId")
+    if name and client_id:
+        return f"{name} ({client_id})"
+    return name or client_id or "(none)"
+
+
+def _policy_line(policy: dict[str, Any]) -> str:
+    result = policy.get("result", "?")
+    text = f"[{RESULT_MARKS.get(result, '?')}] {policy.get('id')}: {result}"
+    if policy.get("rollout"):
+        text += f" (rollout: {policy['rollout']})"
+    if policy.get("notAppliedBecause"):
+        text += f" - {policy['notAppliedBecause']}"
+    failures = policy.get("failedControls") or []
+    if failures:
+        text += " - " + "; ".join(f"{f.get('control')}: {f.get('reason')}" for f in failures)
+    elif result in ("success", "reportOnlySuccess") and policy.get("enforcedGrantControls"):
+        text += f" - satisfied: {', '.join(policy['enforcedGrantControls'])}"
+    return text

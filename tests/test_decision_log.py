@@ -1,0 +1,191 @@
+"""The decision log explains every decision (signals with value, source and age; per-policy
+verdicts), never blocks the request path, rotates by size, pseudonymises users when asked, and
+``portcullis why`` tells one decision as a trace."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from gateway import bootstrap
+from gateway.audit import DecisionLog, Pseudonymizer, find_record, log_files
+from gateway.demo import DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.metrics import GatewayMetrics
+from tests.conftest import Background, Gateway, Ports, demo_config_copy, proxy_for, write_trustme_certificate
+
+MAIL = "mail.contoso.test"
+PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
+
+
+def drew_syncs(gateway: Gateway, port: int | None = None) -> str:
+    """Drew's iPhone (MTD: high) asks for mail; returns the correlation id of the 403."""
+    token = gateway.idp.mint(user="drew@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
+                             device_id=DREW_IPHONE, extra={"groups": ["sales"], "amr": ["pwd"]})
+    response = gateway.request(MAIL, activesync(DREW_IPHONE, "drew"), method="POST", token=token, port=port)
+    assert response.status_code == 403
+    return response.headers["x-portcullis-correlation-id"]
+
+
+@contextlib.asynccontextmanager
+async def listener(config_dir: Path) -> AsyncIterator[tuple[int, Path]]:
+    loaded = bootstrap.load(config_dir)
+    bootstrap.seed_store(loaded)
+    service, jwks = bootstrap.build_service(loaded)
+    await jwks.refresh()
+    async with proxy_for(service) as port:
+        yield port, service.decision_log.path
+
+
+def own_config(tmp_path: Path, gateway: Gateway, demo_ports: Ports, **decision_log: Any) -> Path:
+    config_dir = demo_config_copy(tmp_path, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
+    write_trustme_certificate(gateway.ca, config_dir)
+    yaml = YAML()
+    settings = yaml.load(config_dir / "portcullis.yaml")
+    settings["decisionLog"].update(decision_log)
+    yaml.dump(settings, config_dir / "portcullis.yaml")
+    return config_dir
+
+
+def logged(path: Path, correlation_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 5
+    while (record := find_record(log_files(path), correlation_id)) is None:
+        assert time.monotonic() < deadline, f"{correlation_id} never logged"
+        time.sleep(0.01)
+    return record
+
+
+def test_each_signal_is_logged_with_its_value_source_and_age(gateway: Gateway, tmp_path: Path,
+                                                              demo_ports: Ports) -> None:
+    config_dir = own_config(tmp_path, gateway, demo_ports)
+    yaml = YAML()
+    devices = yaml.load(config_dir / "devices.yaml")
+    drew = next(d for d in devices["devices"] if d["azureADDeviceId"] == DREW_IPHONE)
+    reported = datetime.now(UTC) - timedelta(seconds=240)
+    drew["threatReportedDateTime"] = reported.isoformat().replace("+00:00", "Z")
+    drew["lastSyncDateTime"] = (reported - timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+    yaml.dump(devices, config_dir / "devices.yaml")
+    with Background(lambda: listener(config_dir)) as (port, log_path):
+        record = logged(log_path, drew_syncs(gateway, port))
+    signals = {s["name"]: s for s in record["signals"]}
+    assert signals["threatLevel"]["value"] == "high"
+    assert signals["threatLevel"]["source"] == "demo-mtd"
+    assert 238 <= signals["threatLevel"]["ageSeconds"] <= 300
+    assert signals["complianceState"] == {"name": "complianceState", "value": "compliant", "source": "sqlite",
+                                          "ageSeconds": signals["complianceState"]["ageSeconds"]}
+    assert 3838 <= signals["complianceState"]["ageSeconds"] <= 3900
+    assert signals["identity"]["source"] == "accessToken" and signals["identity"]["ageSeconds"] <= 60
+    assert signals["clientApp"]["value"] == "outlook-mobile"
+    assert signals["location"] == {"name": "location", "value": "none", "source": "client address 127.0.0.1",
+                                   "ageSeconds": 0}
+    failing = next(p for p in record["appliedConditionalAccessPolicies"] if p["result"] == "failure")
+    assert failing["id"] == "exchange-outlook-only"
+    assert failing["failedControls"][0]["control"] == "maxDeviceThreatLevel"
+    not_applied = next(p for p in record["appliedConditionalAccessPolicies"] if p["id"] == "owa-compliant-device")
+    assert not_applied["notAppliedBecause"] == "resource 'exchange-activesync' is not included"
+    given = record["evaluationInput"]
+    assert given["groups"] == ["sales"] and given["authenticationMethods"] == ["pwd"]
+    assert given["device"]["threatLevel"] == "high" and given["device"]["azureADDeviceId"] == DREW_IPHONE
+
+
+def test_why_prints_the_trace_of_a_logged_decision(gateway: Gateway) -> None:
+    correlation_id = drew_syncs(gateway)
+    gateway.decision(correlation_id)  # written
+    result = subprocess.run([PORTCULLIS, "why", "--config", str(gateway.config_dir), correlation_id],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    trace = result.stdout
+    assert f"Decision {correlation_id}" in trace
+    assert "result:   block (HTTP 403, error 53004)" in trace
+    assert "threatLevel=high source=demo-mtd" in trace
+    assert "[x] exchange-outlook-only: failure - maxDeviceThreatLevel: device risk high, allowed: low" in trace
+    assert "[-] owa-compliant-device: notApplied - resource 'exchange-activesync' is not included" in trace
+    missing = subprocess.run([PORTCULLIS, "why", "--config", str(gateway.config_dir), "no-such-id"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "no decision 'no-such-id'" in missing.stderr
+
+
+def test_users_are_pseudonymised_with_a_keyed_hash_when_configured(gateway: Gateway, tmp_path: Path,
+                                                                   demo_ports: Ports) -> None:
+    config_dir = own_config(tmp_path, gateway, demo_ports, pseudonymizeUsers=True)
+    with Background(lambda: listener(config_dir)) as (port, log_path):
+        first = logged(log_path, drew_syncs(gateway, port))
+        second = logged(log_path, drew_syncs(gateway, port))
+    key = (tmp_path / ".portcullis" / "pseudonym.key").read_bytes().strip()
+    expected = "pseudonym:" + hmac.new(key, b"drew@contoso.test", hashlib.sha256).hexdigest()[:24]
+    assert first["userPrincipalName"] == second["userPrincipalName"] == expected
+    assert first["evaluationInput"]["device"]["userPrincipalName"] == expected
+    assert first["userId"].startswith("pseudonym:") and first["evaluationInput"]["subject"].startswith("pseudonym:")
+    assert "drew@contoso.test" not in log_path.read_text()
+    assert first["evaluationInput"]["groups"] == ["sales"]  # groups are not personal: replay still matches them
+
+
+def test_records_are_never_lost_silently_when_the_disk_is_slow(tmp_path: Path) -> None:
+    metrics = GatewayMetrics()
+    log = DecisionLog(tmp_path / "decisions.jsonl", queue_size=1, on_drop=metrics.log_dropped.inc)
+    disk = threading.Event()
+    write = log._handler.handle
+    log._handler.handle = lambda record: disk.wait(10) and write(record)  # type: ignore[method-assign]  (a stalled disk)
+    started = time.monotonic()
+    for number in range(10):
+        log.write({"correlationId": f"c{number}"})
+    assert time.monotonic() - started < 1  # the request path never waited for the disk
+    time.sleep(0.1)
+    assert log.dropped >= 8  # one being written, one queued, the rest dropped
+    assert metrics.log_dropped._value.get() == log.dropped
+    disk.set()
+    log.close()
+    written = (tmp_path / "decisions.jsonl").read_text().splitlines()
+    assert len(written) == 10 - log.dropped
+    assert [r["correlationId"] for r in log.recent()][-1] == "c0"  # every record stays visible in memory
+
+
+def test_the_log_rotates_by_size_and_old_records_stay_findable(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path, max_bytes=4096, keep_files=3, keep_recent=1)
+    for number in range(200):
+        log.write({"correlationId": f"c{number:03d}", "padding": "x" * 100})
+    log.flush()
+    files = log_files(path)
+    assert [f.name for f in files] == ["decisions.jsonl", "decisions.jsonl.1", "decisions.jsonl.2",
+                                       "decisions.jsonl.3"]
+    assert all(f.stat().st_size <= 4096 for f in files)
+    oldest_kept = json.loads(files[-1].read_text().splitlines()[0])["correlationId"]
+    assert log.find(oldest_kept) is not None  # from a rotated file, not from memory
+    assert log.find("c000") is None  # beyond the retention count
+    log.close()
+
+
+def test_pseudonyms_are_stable_and_keyed() -> None:
+    one, other = Pseudonymizer(b"k" * 32), Pseudonymizer(b"j" * 32)
+    assert one.pseudonym("Drew@Contoso.test") == one.pseudonym("drew@contoso.test")
+    assert one.pseudonym("drew@contoso.test") != other.pseudonym("drew@contoso.test")
+    assert one.pseudonym(one.pseudonym("drew@contoso.test")) == one.pseudonym("drew@contoso.test")
+
+
+def test_the_log_takes_records_from_the_event_loop_and_from_threads(tmp_path: Path) -> None:
+    """The log is written from the proxy's event loop and from worker threads alike."""
+    log = DecisionLog(tmp_path / "d.jsonl")
+
+    async def from_the_loop() -> None:
+        log.write({"correlationId": "loop"})
+
+    asyncio.run(from_the_loop())
+    writer = threading.Thread(target=lambda: log.write({"correlationId": "thread"}))
+    writer.start()
+    writer.join()
+    log.close()
+    assert sorted(json.loads(line)["correlationId"] for line in (tmp_path / "d.jsonl").read_text().splitlines()) == \
+        ["loop", "thread"]

@@ -1,0 +1,252 @@
+"""Hot reload: validated and tested before the swap, atomic, no request lost or decided under
+half of each config; a bad change keeps the last good rules and says where it is wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+
+from gateway import bootstrap
+from gateway.access import AccessService
+from gateway.demo import ACTIVESYNC, ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
+from gateway.operations import Operations
+from gateway.policy.model import AccessRequest, ManagedDevice
+from tests.conftest import (
+    Background,
+    Gateway,
+    Ports,
+    demo_config_copy,
+    proxy_for,
+    write_trustme_certificate,
+)
+
+MAIL = "mail.contoso.test"
+PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
+STRICT = "maxDeviceThreatLevel: secured"  # Alex's iPhone reports "low": blocked under these rules
+
+
+def stricter(policies: str) -> str:
+    """The demo policies with Exchange sync allowed only on "secured" devices (first occurrence:
+    the exchange-outlook-only policy)."""
+    assert "maxDeviceThreatLevel: low" in policies
+    return policies.replace("maxDeviceThreatLevel: low", STRICT, 1)
+
+
+def own_config(tmp_path: Path, gateway: Gateway, demo_ports: Ports, *, keep_cases: bool = False) -> Path:
+    config_dir = demo_config_copy(tmp_path, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
+    write_trustme_certificate(gateway.ca, config_dir)
+    if not keep_cases:
+        (config_dir / "cases.yaml").unlink()  # the stricter rules break a demo case on purpose
+    return config_dir
+
+
+@contextlib.asynccontextmanager
+async def reloading_gateway(config_dir: Path) -> AsyncIterator[tuple[int, Operations]]:
+    """A listener of its own whose config directory is watched, as `portcullis run` does."""
+    loaded = bootstrap.load(config_dir)
+    bootstrap.seed_store(loaded)
+    service, jwks = bootstrap.build_service(loaded)
+    await jwks.refresh()
+    operations = Operations.of(service, jwks, loaded.inventory)
+    watcher = asyncio.create_task(operations.reloader.watch(interval=0.05, settle=0.05))
+    try:
+        async with proxy_for(service) as port:
+            yield port, operations
+    finally:
+        watcher.cancel()
+
+
+def alex_syncs(gateway: Gateway, port: int, token: str) -> int:
+    return gateway.request(MAIL, ACTIVESYNC, method="POST", token=token, port=port).status_code
+
+
+def alex_token(gateway: Gateway) -> str:
+    return gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
+                            device_id=ALEX_IPHONE)
+
+
+def wait_for_reloads(operations: Operations, count: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while operations.service.metrics.reloads.labels("success", "fileWatch")._value.get() \
+            + operations.service.metrics.reloads.labels("failure", "fileWatch")._value.get() < count:
+        assert time.monotonic() < deadline, f"fewer than {count} reloads happened"
+        time.sleep(0.02)
+
+
+def test_reload_under_load_loses_no_request(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    config_dir = own_config(tmp_path, gateway, demo_ports)
+    policies = config_dir / "policies.yaml"
+    original = policies.read_text()
+    token = alex_token(gateway)
+    statuses: Counter[object] = Counter()
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with gateway.client() as client:
+            while not stop.is_set():
+                try:
+                    response = client.post(f"https://127.0.0.1:{port}{ACTIVESYNC}",
+                                           headers={"Host": MAIL, "Authorization": f"Bearer {token}"},
+                                           extensions={"sni_hostname": MAIL})
+                    statuses[response.status_code] += 1
+                except httpx.HTTPError as error:
+                    statuses[type(error).__name__] += 1
+
+    with Background(lambda: reloading_gateway(config_dir)) as (port, operations):
+        assert alex_syncs(gateway, port, token) == 200
+        workers = [threading.Thread(target=hammer) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for round_ in range(1, 9):
+            policies.write_text(stricter(original) if round_ % 2 else original)
+            wait_for_reloads(operations, round_)
+            time.sleep(0.05)
+        stop.set()
+        for worker in workers:
+            worker.join(15)
+        policies.write_text(stricter(original))
+        wait_for_reloads(operations, 9)
+        assert alex_syncs(gateway, port, token) == 403  # the last rules are in force
+        applied = operations.service.metrics.reloads.labels("success", "fileWatch")._value.get()
+    assert applied == 9
+    assert set(statuses) == {200, 403}, statuses  # every request answered under one of the two rule sets
+    assert statuses[200] > 0 and statuses[403] > 0
+
+
+def test_a_request_in_flight_finishes_under_the_rules_it_started_with(gateway: Gateway, tmp_path: Path,
+                                                                      demo_ports: Ports) -> None:
+    config_dir = own_config(tmp_path, gateway, demo_ports)
+    loaded = bootstrap.load(config_dir)
+    bootstrap.seed_store(loaded)
+    looked_up, release = threading.Event(), asyncio.Event()
+
+    class SlowInventory:
+        """Holds the device lookup until the test has reloaded stricter rules."""
+
+        name = "slow"
+
+        async def managed_device(self, device_id: str) -> ManagedDevice | None:
+            looked_up.set()
+            await release.wait()
+            return await loaded.inventory.managed_device(device_id)
+
+    async def scenario() -> tuple[int, int]:
+        service, jwks = bootstrap.build_service(loaded, inventory=SlowInventory())
+        await jwks.refresh()
+        operations = Operations.of(service, jwks, loaded.inventory)
+        token = alex_token(gateway)
+        in_flight = asyncio.create_task(decide(service, token))
+        while not looked_up.is_set():
+            await asyncio.sleep(0.01)
+        (config_dir / "policies.yaml").write_text(stricter((config_dir / "policies.yaml").read_text()))
+        assert (await operations.reloader.reload("test")).applied
+        release.set()
+        first = await in_flight
+        second = await decide(service, token)
+        service.close()
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert (first, second) == (200, 403)
+
+
+async def decide(service: AccessService, token: str) -> int:
+    request = AccessRequest(correlation_id=f"c-{time.monotonic_ns()}", host=MAIL, path=ACTIVESYNC.split("?")[0],
+                            target=ACTIVESYNC, method="POST", client_ip="127.0.0.1",
+                            user_agent="Outlook-iOS-Android/1.0", accepts_html=False)
+    outcome = await service.authorize(request, [f"Bearer {token}"])
+    return outcome.decision.status_code
+
+
+def test_an_invalid_change_keeps_the_last_good_rules(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    config_dir = own_config(tmp_path, gateway, demo_ports)
+    policies = config_dir / "policies.yaml"
+    original = policies.read_text()
+    token = alex_token(gateway)
+    with Background(lambda: reloading_gateway(config_dir)) as (port, operations):
+        broken = original.replace("    state: enabled\n", "    state: enabeld\n", 1)
+        line = original[:original.index("    state: enabled\n")].count("\n") + 1
+        policies.write_text(stricter(broken))
+        wait_for_reloads(operations, 1)
+        outcome = operations.reloader.last
+        assert outcome is not None and not outcome.applied
+        assert any(f"policies.yaml:{line}:" in p and "enabeld" in p for p in outcome.problems), outcome.problems
+        assert alex_syncs(gateway, port, token) == 200  # not half-applied: the stricter threat level is not in force
+        config_check = next(c for c in operations.health.checks() if c.name == "config")
+        assert config_check.status == "warn" and "enabeld" in config_check.detail
+        assert operations.service.metrics.config_valid._value.get() == 0
+        policies.write_text(stricter(original))
+        wait_for_reloads(operations, 2)
+        assert operations.reloader.last is not None and operations.reloader.last.applied
+        assert alex_syncs(gateway, port, token) == 403
+        assert next(c for c in operations.health.checks() if c.name == "config").status == "pass"
+        assert operations.service.metrics.config_valid._value.get() == 1
+
+
+def test_a_change_only_a_restart_can_apply_is_refused_with_its_line(gateway: Gateway, tmp_path: Path,
+                                                                   demo_ports: Ports) -> None:
+    config_dir = own_config(tmp_path, gateway, demo_ports)
+    settings = config_dir / "portcullis.yaml"
+    text = settings.read_text()
+    changed = text.replace("clockSkewSeconds: 30", "clockSkewSeconds: 60")
+    assert changed != text
+    line = changed[:changed.index("clockSkewSeconds: 60")].count("\n") + 1
+    with Background(lambda: reloading_gateway(config_dir)) as (_, operations):
+        settings.write_text(changed)
+        wait_for_reloads(operations, 1)
+        outcome = operations.reloader.last
+    assert outcome is not None and not outcome.applied
+    assert len(outcome.problems) == 1
+    problem = outcome.problems[0]
+    assert "portcullis.yaml:" in problem and "identity" in problem and "only a restart" in problem
+    reported_line = int(problem.split("portcullis.yaml:")[1].split(":")[0])
+    assert reported_line <= line  # the section that changed, at or above the changed key
+
+
+def test_a_change_that_fails_the_policy_tests_is_refused(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    config_dir = own_config(tmp_path, gateway, demo_ports, keep_cases=True)
+    policies = config_dir / "policies.yaml"
+    token = alex_token(gateway)
+    with Background(lambda: reloading_gateway(config_dir)) as (port, operations):
+        policies.write_text(stricter(policies.read_text()))
+        wait_for_reloads(operations, 1)
+        outcome = operations.reloader.last
+        assert outcome is not None and not outcome.applied
+        assert any("Outlook on Alex's compliant, low-risk iPhone syncs" in p for p in outcome.problems)
+        assert alex_syncs(gateway, port, token) == 200
+
+
+def test_sighup_reloads_a_running_gateway(tmp_path: Path) -> None:
+    config_dir = demo_config_copy(tmp_path, Ports.fresh())
+    (config_dir / "cases.yaml").unlink()
+    process = subprocess.Popen([PORTCULLIS, "demo", "--config", str(config_dir)], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    assert process.stdout is not None and process.stderr is not None
+    reader = threading.Thread(target=lambda: log.extend(iter(process.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not process.stdout.readline().startswith("curl"):
+            assert time.monotonic() < deadline and process.poll() is None, "".join(log)
+        policies = config_dir / "policies.yaml"
+        policies.write_text(stricter(policies.read_text()))
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while not any("config reloaded (SIGHUP)" in line for line in log):
+            assert time.monotonic() < deadline and process.poll() is None, "".join(log)
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(60)
+    assert process.returncode == 0
