@@ -1,0 +1,92 @@
+"""Readiness checks and the metrics that do not need the admin listener: what an operator's
+load balancer and alerts see when a dependency fails."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+from gateway import bootstrap
+from gateway.demo import ACTIVESYNC, ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
+from gateway.errors import SignalUnavailable
+from gateway.health import overall
+from gateway.operations import Operations
+from tests.conftest import Background, Gateway, Ports, demo_config_copy, free_port, proxy_for, write_trustme_certificate
+
+MAIL = "mail.contoso.test"
+
+
+def own_config(tmp_path: Path, gateway: Gateway, ports: Ports) -> Path:
+    config_dir = demo_config_copy(tmp_path, ports)
+    write_trustme_certificate(gateway.ca, config_dir)
+    return config_dir
+
+
+@contextlib.asynccontextmanager
+async def operated(config_dir: Path, *, fetch_keys: bool = True) -> AsyncIterator[tuple[int, Operations]]:
+    loaded = bootstrap.load(config_dir)
+    bootstrap.seed_store(loaded)
+    service, jwks = bootstrap.build_service(loaded)
+    if fetch_keys:
+        await jwks.refresh()
+    operations = Operations.of(service, jwks, loaded.inventory)
+    async with proxy_for(service) as port:
+        yield port, operations
+
+
+def test_an_upstream_that_fails_is_counted_per_host(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    dead_mail = Ports(0, demo_ports.idp, free_port(), demo_ports.docs)
+    config_dir = own_config(tmp_path, gateway, dead_mail)
+    token = gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
+                             device_id=ALEX_IPHONE)
+    with Background(lambda: operated(config_dir)) as (port, operations):
+        response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=token, port=port)
+        refused = gateway.request(MAIL, ACTIVESYNC, method="POST", port=port)  # never forwarded: not an upstream error
+        counted = operations.service.metrics.upstream_errors.labels(MAIL)._value.get()
+    assert response.status_code == 502 and refused.status_code == 401
+    assert counted == 1
+
+
+def test_readiness_fails_while_the_issuer_keys_were_never_fetched(gateway: Gateway, tmp_path: Path,
+                                                                  demo_ports: Ports) -> None:
+    dead_issuer = Ports(0, free_port(), demo_ports.mail, demo_ports.docs)
+    config_dir = own_config(tmp_path, gateway, dead_issuer)
+
+    async def checks() -> list[tuple[str, str]]:
+        async with operated(config_dir, fetch_keys=False) as (_, operations):
+            with contextlib.suppress(SignalUnavailable):
+                await operations.health.jwks.refresh()
+            found = operations.health.checks()
+            assert overall(found) == "fail"
+            return [(c.name, c.status) for c in found]
+
+    found = asyncio.run(checks())
+    assert ("jwks", "fail") in found
+    assert ("config", "pass") in found and ("deviceInventory", "pass") in found
+
+
+def test_readiness_passes_with_fresh_signals_and_warns_about_a_silent_mtd_partner(
+        gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    config_dir = own_config(tmp_path, gateway, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
+    yaml = YAML()
+    settings = yaml.load(config_dir / "portcullis.yaml")
+    settings["mtdPartners"]["lookout"] = {"secretEnv": "LOOKOUT_SECRET"}  # a second partner, not heard from yet
+    yaml.dump(settings, config_dir / "portcullis.yaml")
+    with Background(lambda: operated(config_dir)) as (_, operations):
+        before = {c.name: c for c in operations.health.checks()}
+        assert operations.service.store is not None
+        operations.service.store.partner_contact("lookout", now=datetime.now(UTC))
+        after = {c.name: c for c in operations.health.checks()}
+        ages = dict(operations.health.signal_ages())
+    assert before["jwks"].status == "pass" and before["jwks"].age_seconds is not None
+    assert before["mtd:demo-mtd"].status == "pass"  # the seeded verdicts carry their report time
+    assert before["mtd:lookout"].status == "warn" and "never heard from" in before["mtd:lookout"].detail
+    assert overall(list(before.values())) == "warn"
+    assert after["mtd:lookout"].status == "pass"
+    assert overall(list(after.values())) == "pass"
+    assert ages["jwks"] is not None and ages["mtd:lookout"] is not None and ages["mtd:lookout"] < 60
