@@ -6,6 +6,7 @@ Authorization header are never part of a record.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -27,6 +28,7 @@ from gateway.policy.model import (
     DecisionResult,
     DeviceSignals,
     Identity,
+    ManagedDevice,
     PolicyResult,
     PolicyResultKind,
 )
@@ -96,9 +98,15 @@ def evaluation_input(identity: Identity, device: DeviceSignals | None, request: 
         "authenticatedAt": identity.authenticated_at,
         "deviceId": identity.device_id,
         "kioskLocation": request.kiosk_location,
-        "device": (device_record(record).model_dump(by_alias=True, mode="json", exclude_none=True)
-                   if record is not None else None),
+        "device": device_json(record) if record is not None else None,
     }
+
+
+@functools.lru_cache(maxsize=4096)
+def device_json(device: ManagedDevice) -> dict[str, Any]:
+    """The device as Intune writes it. Cached: a device answers many requests between changes,
+    and building the record costs more than the rest of the log line (callers must not mutate it)."""
+    return device_record(device).model_dump(by_alias=True, mode="json", exclude_none=True)
 
 
 def signal_entries(*, request: AccessRequest, identity: Identity | None, identity_source: str | None,
@@ -176,6 +184,8 @@ def policy_entry(result: PolicyResult) -> dict[str, Any]:
     if result.failures:
         entry["failedControls"] = [{"control": f.control, "errorCode": int(f.error_code), "reason": f.reason}
                                    for f in result.failures]
+    if result.rollout is not None:  # enforced for its cohort only: whether this request is in it, and why
+        entry["rollout"] = result.rollout.value
     return entry
 
 
