@@ -118,7 +118,7 @@ def signal_entries(*, request: AccessRequest, identity: Identity | None, identit
         age = now.timestamp() - identity.issued_at if identity.issued_at is not None else None
         entries.append(_signal("identity", "valid", identity_source or "accessToken", age))
         app_name = (app.name or app.client_id) if app else None
-        entries.append(_signal("clientApp", app_name or "unknown", "token (azp/appid)", None))
+        entries.append(_signal("clientApp", app_name or "unknown", "token (azp/appid)", age))
     if device is not None and device.device_id is not None:
         record = device.device
         if record is None:
@@ -143,7 +143,7 @@ def _signal(name: str, value: str, source: str, age: float | None) -> dict[str, 
 def signal_text(entry: dict[str, Any]) -> str:
     """``threatLevel=high source=lookout age=240s``"""
     age = entry.get("ageSeconds")
-    return f"{entry['name']}={entry['value']} source={entry['source']} age={'?' if age is None else f'{age}s'}"
+    return f"{entry['name']}={entry['value']} source={entry['source']} age={'unknown' if age is None else f'{age}s'}"
 
 
 def _device_detail(device: DeviceSignals | None, now: datetime) -> dict[str, Any]:
