@@ -22,6 +22,7 @@ from mitmproxy.master import Master
 from addons.access_gate import AccessGate
 from addons.continuous_access import ContinuousAccess
 from addons.kiosk_proxy import KioskProxy
+from addons.recorded_flows import record_flows
 from addons.routing import Routing
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, ServiceEndpoints
 from addons.session_enforcement import SessionEnforcement
@@ -34,6 +35,7 @@ from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.operations import Operations
 from gateway.signals.graph import GraphInventory
 from gateway.signals.mtd import MtdReceiver, partners_from_config
+from gateway.web.admin import admin_listener
 from gateway.web.assertion_keys import service_host_app
 from gateway.web.browser_pages import browser_app
 from gateway.web.mtd_webhook import mtd_webhook_app
@@ -109,11 +111,14 @@ class RunningGateway:
     addresses: list[tuple[str, int]]
     upstreams: DemoUpstreams | None
     operations: Operations
+    admin: tuple[str, int] | None = None  # the admin API's address, when the config has an admin section
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterator[RunningGateway]:
-    """Start the gateway (and, for the demo, its issuer and backends) in the running loop."""
+async def running_gateway(loaded: Loaded, *, demo: bool = False,
+                          record: Path | None = None) -> AsyncIterator[RunningGateway]:
+    """Start the gateway (and, for the demo, its issuer and backends) in the running loop;
+    ``record`` names a flow file that receives every flow (for ``portcullis replay``)."""
     config = loaded.config
     upstreams = None
     if demo:
@@ -136,6 +141,8 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterato
         if service.assertions is not None:  # the service host publishes the assertion keys too
             endpoints[MTD_ENDPOINTS] = service_host_app(service.assertions, endpoints.get(MTD_ENDPOINTS))
         master, ready = build_master(service, endpoints)
+        if record is not None:
+            record_flows(master, record)
         task = asyncio.create_task(master.run())
         waiter = asyncio.create_task(ready.event.wait())
         await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -149,7 +156,8 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False) -> AsyncIterato
         if graph is not None:
             background.append(asyncio.create_task(_sync_from_graph(loaded, graph)))
         try:
-            yield RunningGateway(service, ready.addresses, upstreams, operations)
+            async with admin_listener(operations) as admin:
+                yield RunningGateway(service, ready.addresses, upstreams, operations, admin)
         finally:
             for job in background:
                 job.cancel()

@@ -1,7 +1,8 @@
-"""ServiceEndpoints: the gateway's own HTTP endpoints, served inside the proxy: the MTD webhook on
-``gateway.serviceHost``, and the browser sign-in callback and logout under ``/.portcullis/`` on
-each protected host. Routing marks those flows; no policy applies to them (each endpoint
-authenticates its callers), and nothing of them is forwarded upstream."""
+"""ServiceEndpoints: the gateway's own HTTP endpoints, served inside the proxy: the MTD webhook and
+the upstream assertion JWKS on ``gateway.serviceHost``, and the browser sign-in callback and logout
+under ``/.portcullis/`` on each protected host. Routing marks those flows; no policy applies to them
+(each endpoint authenticates its callers, or publishes only public keys), and nothing of them is
+forwarded upstream."""
 
 from __future__ import annotations
 

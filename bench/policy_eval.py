@@ -64,7 +64,7 @@ def measure(count: int) -> tuple[float, int]:
     device = DeviceSignals(device_id="d", source="bench", device=ManagedDevice(
         device_id="d", display_name=None, user_principal_name=None, operating_system="iOS",
         compliance_state=ComplianceState.compliant, compliance_grace_period_expiration=None,
-        threat_level=DeviceThreatLevel.low, threat_source="bench"))
+        threat_level=DeviceThreatLevel.low, threat_source="bench", last_sync=NOW))
     app = ClientApp(client_id="c", name="outlook")
 
     def decide() -> object:

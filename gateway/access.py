@@ -20,6 +20,7 @@ from gateway import headers
 from gateway.audit import DecisionLog, sign_in_record
 from gateway.config import Config
 from gateway.errors import SignalUnavailable
+from gateway.identity.assertion import AssertionSigner
 from gateway.identity.browser import (
     BrowserSession,
     BrowserSignIn,
@@ -120,9 +121,11 @@ class AccessService:
         store: DeviceStore | None = None,
         browser: BrowserSignIn | None = None,
         metrics: GatewayMetrics | None = None,
+        assertions: AssertionSigner | None = None,
     ) -> None:
         self.rules = Rules.of(config)
         self.metrics = metrics or GatewayMetrics()
+        self.assertions = assertions  # signs the identity assertion of each forwarded request
         self.browser = browser
         self.store = store
         self._listeners: list[Callable[[set[str]], None]] = []
@@ -253,6 +256,16 @@ class AccessService:
         protected = self.config.gateway_file.protected_hosts.get(host)
         return protected.upstream if protected else None
 
+    def _assertion(self, rules: Rules, request: AccessRequest, identity: Identity, app: ClientApp,
+                   device: DeviceSignals, now: datetime) -> tuple[str, str] | None:
+        """The signed identity assertion for the upstream (its audience), with the decision's view
+        of the device; None when ``upstreamAssertion`` is off."""
+        if self.assertions is None:
+            return None
+        upstream = rules.config.gateway_file.protected_hosts[request.host].upstream
+        return self.assertions.header, self.assertions.sign(audience=upstream, identity=identity, app=app,
+                                                            device=device, decision_id=request.correlation_id, now=now)
+
     async def authorize(self, request: AccessRequest, authorization: list[str],
                         cookies: list[str] | None = None) -> Outcome:
         started = time.perf_counter()
@@ -314,7 +327,8 @@ class AccessService:
             return Outcome(decision, pages.session_restricted(restriction, request.correlation_id,
                                                               html=request.accepts_html, now=now))
         if decision.allowed:
-            return Outcome(decision, None, _upstream_headers(request, identity, app), identity.device_id,
+            assertion = self._assertion(rules, request, identity, app, device, now)
+            return Outcome(decision, None, _upstream_headers(request, identity, app, assertion), identity.device_id,
                            decision.session_controls)
         response = pages.blocked(decision=decision, request=request, app=app, device=device,
                                  remediation_url=self.config.gateway_file.gateway.remediation_url, now=now)
@@ -428,7 +442,8 @@ def _device_binding_problem(request: AccessRequest, resources: tuple[str, ...], 
     return None
 
 
-def _upstream_headers(request: AccessRequest, identity: Identity, app: ClientApp) -> tuple[tuple[str, str], ...]:
+def _upstream_headers(request: AccessRequest, identity: Identity, app: ClientApp,
+                      assertion: tuple[str, str] | None = None) -> tuple[tuple[str, str], ...]:
     """What the upstream may trust, because the gateway removed any client-sent copy first."""
     values = (
         *headers.forwarding_headers(request.client_ip, request.host),
@@ -436,5 +451,6 @@ def _upstream_headers(request: AccessRequest, identity: Identity, app: ClientApp
         (headers.USER, identity.user_principal_name or identity.subject),
         (headers.CLIENT_APP, app.name or app.client_id or ""),
         (headers.DEVICE_ID, identity.device_id or ""),
+        *((assertion,) if assertion else ()),
     )
     return tuple((name, value) for name, value in values if value)

@@ -17,6 +17,7 @@ from gateway.access import AccessService, Clock, utc_now
 from gateway.audit import DecisionLog, Pseudonymizer
 from gateway.config import Config, load_config
 from gateway.config.models import GraphConnectorSettings
+from gateway.identity.assertion import assertion_signer
 from gateway.identity.browser import BrowserSignIn
 from gateway.identity.jwks import JwksCache
 from gateway.identity.tokens import BearerValidator
@@ -187,5 +188,6 @@ def build_service(
         clock=clock,
         store=loaded.store,
         metrics=metrics,
+        assertions=assertion_signer(config),
     )
     return service, jwks

@@ -5,6 +5,7 @@
     portcullis check   --config DIR    validate; list problems, warnings, public resources; run cases.yaml
     portcullis whatif  --config DIR --user U --url URL [--app A] [--device ID] [--ip IP] ... [--json]
     portcullis test    --config DIR CASES.yaml   run policy test cases; exit 1 if any fails
+    portcullis replay  --config CANDIDATE [--baseline DIR] [--html REPORT] SOURCE...   diff recorded traffic
     portcullis why    [--config DIR] CORRELATION_ID [--json]   explain one logged decision
     portcullis devices --config DIR import FILE | export [--format csv] | list | show ID | set-risk ID LEVEL
     portcullis certs  [--config DIR] init        create the CA and server certificates (kiosks trust the CA)
@@ -36,14 +37,16 @@ from gateway.config import CASES_FILE, GATEWAY_FILE, Config, load_config
 from gateway.config.lint import config_warnings, public_resources
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.explain import explain
-from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLevel
+from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLevel, Listener
 from gateway.policy_cases import load_cases, run_cases
+from gateway.replay.command import add_parser as add_replay_parser
 from gateway.signals.sqlite_store import DeviceStore, export, parse_import
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, as_text, policy_states
 
 CLIENT_APP_TYPES = [t for t in ClientAppType if t is not ClientAppType.all]
 
 DEFAULT_CONFIG = Path("config")
+RECORD_HELP = "also write every flow to this mitmproxy flow file for `portcullis replay` (mode 0600: it holds tokens)"
 logger = logging.getLogger("portcullis")
 
 
@@ -72,9 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     demo = commands.add_parser("demo", help="run the embedded demo (issuer, backends, gateway)")
     demo.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config directory (default: config)")
+    demo.add_argument("--record", type=Path, metavar="FLOWS", help=RECORD_HELP)
     demo.set_defaults(command=_demo)
     run = commands.add_parser("run", help="run the gateway on a config directory")
     run.add_argument("--config", type=Path, required=True, help="config directory")
+    run.add_argument("--record", type=Path, metavar="FLOWS", help=RECORD_HELP)
     run.set_defaults(command=_run)
     check = commands.add_parser("check", help="validate a config directory; list problems and warnings")
     check.add_argument("--config", type=Path, required=True, help="config directory")
@@ -92,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     whatif.add_argument("--mfa", action="store_true", help="the user did multifactor authentication")
     whatif.add_argument("--platform", type=DevicePlatform, choices=list(DevicePlatform),
                         help="device platform when the device is not in the inventory")
+    whatif.add_argument("--listener", type=Listener, choices=list(Listener), default=Listener.gateway,
+                        help="the listener the request comes through (kiosk: an unmanaged browser)")
+    whatif.add_argument("--object-id", help="the user's object id (oid): a rollout's percentOfUsers share uses it")
     whatif.add_argument("--json", action="store_true", help="print the stable JSON form")
     whatif.set_defaults(command=_whatif)
     devices = commands.add_parser("devices", help="manage the SQLite device inventory")
@@ -126,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("--config", type=Path, required=True, help="config directory")
     test.add_argument("cases", type=Path, help="YAML file of cases")
     test.set_defaults(command=_test)
+    add_replay_parser(commands)
     return parser
 
 
@@ -177,7 +186,7 @@ def _whatif(args: argparse.Namespace) -> int:
     loaded = bootstrap.load(args.config)
     question = Question(user=args.user, url=args.url, app=args.app, device=args.device, ip=args.ip,
                         client_app_type=args.client_app_type, groups=tuple(args.group), mfa=args.mfa,
-                        platform=args.platform)
+                        platform=args.platform, listener=args.listener, object_id=args.object_id)
     try:
         decision = asyncio.run(WhatIf(loaded.config, loaded.inventory).ask(question, utc_now()))
     except WhatIfError as error:
@@ -284,16 +293,16 @@ def _run_cases(loaded: bootstrap.Loaded, cases_file: Path) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(args.config, demo=False))
+    asyncio.run(_serve(args.config, demo=False, record=args.record))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(args.config, demo=True))
+    asyncio.run(_serve(args.config, demo=True, record=args.record))
     return 0
 
 
-async def _serve(config_dir: Path, *, demo: bool) -> None:
+async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None) -> None:
     from addons.runner import (
         running_gateway,  # the core never imports mitmproxy; only this command does
     )
@@ -302,7 +311,7 @@ async def _serve(config_dir: Path, *, demo: bool) -> None:
 
     loaded = bootstrap.load(config_dir)
     demo_secrets = _demo_partner_secrets(loaded.config) if demo else {}
-    async with running_gateway(loaded, demo=demo) as gateway:
+    async with running_gateway(loaded, demo=demo, record=record) as gateway:
         reloads: set[asyncio.Task[object]] = set()
 
         def reload_on_hangup() -> None:

@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 import uvicorn
 
 from gateway.config import Config
-from gateway.web.demo_backends import exchange_app, sharepoint_app
+from gateway.identity.assertion import assertion_signer
+from gateway.web.demo_backends import AssertionCheck, exchange_app, sharepoint_app
 from gateway.web.demo_idp import DemoIdentityProvider
 
 EXCHANGE = "00000002-0000-0ff1-ce00-000000000000"
@@ -26,6 +27,8 @@ OUTLOOK_MOBILE = "27922004-5251-4030-b22d-91ecd9a37ea4"
 TEAMS = "1fec8e78-bce4-4aaf-ab1b-5451cc387264"
 OFFICE = "d3590ed6-52b3-4102-aeff-aad2292ab01c"
 ONEDRIVE = "ab9b8c07-8f02-4f72-87fa-80105867a763"
+ADMIN_TOOL = "7d3e5f1a-9b2c-4d6e-8f10-a2b4c6d8e0f5"  # the operators' admin tool (a made-up client id)
+ADMIN_USER = "sam@contoso.test"  # the demo's security operator
 
 ALEX_IPHONE = "3c5f0b1e-7a2d-4e8f-9b61-0d2a4c8e1f01"  # compliant, threat level low
 BLAKE_ANDROID = "8d2e6f4a-1b3c-4d5e-8f70-2a4b6c8d0e02"  # noncompliant
@@ -160,6 +163,7 @@ def banner(config: Config, idp: DemoIdentityProvider, ca_file: Path, port: int,
             break
         lines += [f"# The MTD partner {partner!r} raises Alex's iPhone to high risk (try request 1 again; "
                   "send 'low' to restore):", webhook_command(service_host, port, partner, secret, shown_ca), ""]
+    lines += admin_commands(config, idp)
     lines += [
         "# Mint more tokens from the demo issuer (dev only): user, client_id, audience, device_id",
         shlex.join(["curl", "-sS", "-X", "POST", f"{idp.issuer.rstrip('/')}/demo/token", "-d", "user=alex@contoso.test",
@@ -167,6 +171,25 @@ def banner(config: Config, idp: DemoIdentityProvider, ca_file: Path, port: int,
                     "-d", f"device_id={ALEX_IPHONE}"]),
     ]
     return "\n".join(lines)
+
+
+def admin_commands(config: Config, idp: DemoIdentityProvider) -> list[str]:
+    """The admin API with a fresh reader token (paste it into the dashboard's sign-in form too),
+    and a reload by an operator."""
+    admin = config.gateway_file.admin
+    if admin is None:
+        return []
+    host = f"[{admin.listen.host}]" if ":" in admin.listen.host else admin.listen.host
+    base = f"http://{host}:{admin.listen.port}"
+    reader, operator = (idp.mint(user=ADMIN_USER, client_id=ADMIN_TOOL, audience=admin.audience, roles=(role,))
+                        for role in ("Portcullis.Reader", "Portcullis.Operator"))
+    return [f"# The admin API: Prometheus metrics with a Portcullis.Reader token. The dashboard is {base}/ "
+            "(sign in by pasting the same token).",
+            shlex.join(["curl", "-sS", "-H", f"Authorization: Bearer {reader}", f"{base}/metrics"]),
+            "# Reload the config directory now (Portcullis.Operator only; a reader gets 403):",
+            shlex.join(["curl", "-sS", "-X", "POST", "-H", f"Authorization: Bearer {operator}",
+                        f"{base}/admin/reload"]),
+            ""]
 
 
 def webhook_command(host: str, port: int, partner: str, secret: str, ca_file: str) -> str:
@@ -197,10 +220,13 @@ class DemoUpstreams:
         identity = config.gateway_file.identity
         self.idp = DemoIdentityProvider(identity.issuer)
         self._servers: list[uvicorn.Server] = [_server(self.idp.app(), identity.issuer)]
+        signer = assertion_signer(config)  # the gateway's key (made here on first run): backends get its JWKS
         for host, protected in config.gateway_file.protected_hosts.items():
             if host not in DEMO_BACKENDS:
                 raise ValueError(f"the demo has no backend for {host!r}; it serves {', '.join(DEMO_BACKENDS)}")
-            self._servers.append(_server(DEMO_BACKENDS[host](), protected.upstream))
+            check = AssertionCheck(header=signer.header, jwks=signer.jwks(), issuer=signer.issuer,
+                                   audience=protected.upstream) if signer else None
+            self._servers.append(_server(DEMO_BACKENDS[host](check), protected.upstream))
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:

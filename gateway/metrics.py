@@ -81,6 +81,15 @@ class GatewayMetrics:
         for result in decision.policies:
             self.policy_results.labels(result.name, result.result.value).inc()
 
+    def policy_hits(self) -> dict[str, dict[str, int]]:
+        """Per policy, how many decisions had each result since start (the dashboard's table)."""
+        hits: dict[str, dict[str, int]] = {}
+        for family in self.policy_results.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    hits.setdefault(sample.labels["policy"], {})[sample.labels["result"]] = int(sample.value)
+        return hits
+
     def watch(self, collector: Collector) -> None:
         """Add a collector whose values are read at scrape time (cache ratios, signal ages)."""
         self.registry.register(collector)

@@ -12,6 +12,8 @@ policies (OPA-style), run by ``portcullis test`` and ``portcullis check``.
         groups: [finance]                # optional: the token's groups claim
         mfa: true                        # optional: amr contains mfa
         platform: iOS                    # optional: when the device is not in the inventory
+        listener: kiosk                  # optional: gateway (default) or kiosk (an unmanaged browser)
+        objectId: 790e6855-...           # optional: the token's oid (a rollout's percentOfUsers share uses it)
         expect:
           result: block                  # allow | block
           errorCode: 53002               # optional
@@ -19,6 +21,8 @@ policies (OPA-style), run by ``portcullis test`` and ``portcullis check``.
           sessionControls: [blockDownloads]     # optional: exactly these
           policyResults:                        # optional: per policy name, e.g. for report-only trials
             new-mfa-trial: reportOnlyFailure
+          policyRollouts:                       # optional: per policy with a rollout, in its cohort or not
+            mfa-pilot: inCohort:group
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from pydantic import Field, IPvAnyAddress
 
 from gateway.config.loader import raise_if, read_yaml, validate
 from gateway.config.models import Model
-from gateway.policy.model import ClientAppType, DevicePlatform, PolicyResultKind
+from gateway.policy.model import ClientAppType, DevicePlatform, Listener, PolicyResultKind, RolloutCohort
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError
 
 
@@ -49,6 +53,7 @@ class Expectation(Model):
     failed_policy: str | None = None
     session_controls: list[str] | None = None
     policy_results: dict[str, PolicyResultKind] = {}
+    policy_rollouts: dict[str, RolloutCohort] = {}
 
 
 class Case(Model):
@@ -62,12 +67,14 @@ class Case(Model):
     groups: list[str] = []
     mfa: bool = False
     platform: DevicePlatform | None = None
+    listener: Listener = Listener.gateway
+    object_id: str | None = None
     expect: Expectation
 
     def question(self) -> Question:
         return Question(user=self.user, url=self.url, app=self.app, device=self.device, ip=str(self.ip),
                         client_app_type=self.client_app_type, groups=tuple(self.groups), mfa=self.mfa,
-                        platform=self.platform)
+                        platform=self.platform, listener=self.listener, object_id=self.object_id)
 
 
 class CasesFile(Model):
@@ -122,4 +129,9 @@ async def _run(what_if: WhatIf, case: Case, now: datetime) -> CaseOutcome:
         if results.get(name) is not wanted:
             differences.append(f"policyResults.{name}: expected {wanted.value}, got "
                                f"{results[name].value if name in results else 'no such policy'}")
+    rollouts = {r.name: r.rollout for r in decision.all_policies()}
+    for name, cohort in expected.policy_rollouts.items():
+        if rollouts.get(name) is not cohort:
+            got = rollouts.get(name, "no such policy") or "no rollout"
+            differences.append(f"policyRollouts.{name}: expected {cohort.value}, got {got}")
     return CaseOutcome(case.name, tuple(differences))

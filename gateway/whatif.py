@@ -4,12 +4,14 @@ configured inventory.
 
 JSON output (``portcullis whatif --json``), stable::
 
-    {"input": {...the question...},
+    {"input": {...the question, with "listener": "gateway" | "kiosk"...},
      "result": "allow" | "block", "httpStatus": 200 | 403, "errorCode": 0 | 53000 | ...,
      "reason": "...", "resource": "exchange-owa" | null, "clientAppType": "browser" | ...,
      "failedPolicy": "policy-name" | null, "sessionControls": ["blockDownloads", ...],
      "policies": [{"id", "displayName", "state", "result", "notAppliedBecause"?,
-                   "enforcedGrantControls", "enforcedSessionControls", "failedControls"?}, ...]}
+                   "enforcedGrantControls", "enforcedSessionControls", "failedControls"?,
+                   "rollout"?: "inCohort:group" | "inCohort:percentOfUsers" | "inCohort:listener"
+                               | "outsideCohort"}, ...]}
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from gateway.policy.model import (
     DevicePlatform,
     DeviceSignals,
     Identity,
+    Listener,
 )
 from gateway.policy.policy_set import PolicySet
 from gateway.signals.devices import DeviceInventory
@@ -59,12 +62,15 @@ class Question:
     groups: tuple[str, ...] = ()
     mfa: bool = False
     platform: DevicePlatform | None = None
+    listener: Listener = Listener.gateway  # kiosk: through the kiosk forward proxy (an unmanaged browser)
+    object_id: str | None = None  # the token's oid: a rollout's percentOfUsers share is drawn on it (else on user)
 
     def as_json(self) -> dict[str, Any]:
         return {"user": self.user, "url": self.url, "app": self.app, "device": self.device, "ip": self.ip,
                 "clientAppType": self.client_app_type.value if self.client_app_type else None,
                 "groups": list(self.groups), "mfa": self.mfa,
-                "platform": self.platform.value if self.platform else None}
+                "platform": self.platform.value if self.platform else None, "listener": self.listener.value,
+                "objectId": self.object_id}
 
 
 class WhatIf:
@@ -77,9 +83,10 @@ class WhatIf:
     async def ask(self, question: Question, now: datetime) -> Decision:
         host, path = self._target(question.url)
         app = self._app(question.app)
-        record = await self.inventory.managed_device(question.device) if question.device else None
-        device = DeviceSignals(device_id=question.device.lower() if question.device else None, device=record,
-                               source=self.inventory.name,
+        kiosk_location = self._kiosk_location(question.listener)
+        device_id = question.device.lower() if question.device and kiosk_location is None else None  # as the gateway
+        record = await self.inventory.managed_device(device_id) if device_id else None
+        device = DeviceSignals(device_id=device_id, device=record, source=self.inventory.name,
                                compliance=self.config.gateway_file.device_signals.compliance.settings())
         user_agent = USER_AGENTS.get(question.client_app_type or ClientAppType.other, "What-If/1.0")
         if question.platform is not None:
@@ -87,8 +94,8 @@ class WhatIf:
         request = AccessRequest(correlation_id="what-if", host=host, path=path, method="GET",
                                 client_ip=question.ip, user_agent=user_agent,
                                 accepts_html=question.client_app_type is ClientAppType.browser,
-                                declared_client_app_type=question.client_app_type)
-        identity = Identity(subject=question.user, user_principal_name=question.user, object_id=None,
+                                declared_client_app_type=question.client_app_type, kiosk_location=kiosk_location)
+        identity = Identity(subject=question.user, user_principal_name=question.user, object_id=question.object_id,
                             tenant_id=None, client_id=app.client_id, device_id=device.device_id,
                             groups=frozenset(question.groups), audience="what-if", expires_at=0,
                             authentication_methods=frozenset({"pwd", "mfa"} if question.mfa else {"pwd"}))
@@ -108,6 +115,14 @@ class WhatIf:
         if path is None:
             raise WhatIfError(f"{url!r} has an ambiguous path: the gateway answers it with 400")
         return host, path
+
+    def _kiosk_location(self, listener: Listener) -> str | None:
+        """A kiosk request is an unmanaged browser at the kiosk location, whatever device it names."""
+        if listener is Listener.gateway:
+            return None
+        if self.config.gateway_file.kiosk is None:
+            raise WhatIfError("this config has no kiosk listener")
+        return self.config.gateway_file.kiosk.location
 
     def _app(self, app: str | None) -> ClientApp:
         if app is None:
@@ -139,8 +154,9 @@ def as_text(question: Question, decision: Decision, states: dict[str, str]) -> s
     verdict = f"{decision.result.value.upper()} ({decision.status_code})"
     if decision.error_code:
         verdict += f", error {int(decision.error_code)}: {decision.reason}"
+    through = " through the kiosk listener" if question.listener is Listener.kiosk else ""
     lines = [f"What if {question.user} opened {question.url}"
-             f" with {question.app or 'no app'} on {question.device or 'no device'} from {question.ip}?",
+             f" with {question.app or 'no app'} on {question.device or 'no device'} from {question.ip}{through}?",
              f"  resource: {decision.resource or '(none: denied)'}; client app type: {decision.client_app_type.value}",
              f"  result: {verdict}"]
     if decision.failed_policy_id:
@@ -149,7 +165,8 @@ def as_text(question: Question, decision: Decision, states: dict[str, str]) -> s
         lines.append(f"  session controls: {', '.join(decision.session_controls.names())}")
     lines.append("  policies:")
     for result in decision.all_policies():
-        line = f"    {result.name} [{states[result.name]}]: {result.result.value}"
+        rollout = f", rollout: {result.rollout.value}" if result.rollout else ""
+        line = f"    {result.name} [{states[result.name]}{rollout}]: {result.result.value}"
         if result.not_applied_because:
             line += f" ({result.not_applied_because})"
         elif result.enforced_grant_controls or result.enforced_session_controls:

@@ -48,10 +48,11 @@ class Ports:
     mail: int
     docs: int
     kiosk: int = 0
+    admin: int = 0
 
     @classmethod
     def fresh(cls) -> Ports:
-        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
+        return cls(free_port(), free_port(), free_port(), free_port(), free_port(), free_port())
 
 
 def demo_config_copy(directory: Path, ports: Ports) -> Path:
@@ -67,6 +68,7 @@ def demo_config_copy(directory: Path, ports: Ports) -> Path:
     data["protectedHosts"]["docs.contoso.test"]["upstream"] = f"http://127.0.0.1:{ports.docs}"
     data["kiosk"]["listen"]["port"] = ports.kiosk or free_port()
     data["kiosk"]["passThrough"] = [f"127.0.0.1:{ports.idp}"]
+    data["admin"]["listen"]["port"] = ports.admin or free_port()
     yaml.dump(data, path)
     return target
 
@@ -145,6 +147,7 @@ class Gateway:
     ca: trustme.CA
     config_dir: Path
     decision_log: Path
+    admin_port: int = 0  # the admin API (http on 127.0.0.1)
 
     def client(self) -> httpx.Client:
         context = ssl.create_default_context()
@@ -199,6 +202,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA, demo_ports
             ca=ca,
             config_dir=config_dir,
             decision_log=loaded.config.path(loaded.config.gateway_file.decision_log.path),
+            admin_port=running.admin[1] if running.admin else 0,
         )
 
 

@@ -1,6 +1,7 @@
 """Warnings for a config that loads but probably does not say what its authors meant: policies
-that can never apply, resources no policy covers, apps listed twice. ``portcullis check`` prints
-them; they do not stop the gateway."""
+that can never apply, resources no policy covers (or only a rollout cohort's), rollouts whose
+cohort names a listener that does not exist, apps listed twice, an admin API off loopback.
+``portcullis check`` prints them; they do not stop the gateway."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from gateway.config import ALL, ALL_TRUSTED, GATEWAY_FILE, POLICIES_FILE, Config
 from gateway.config.loader import locate
 from gateway.config.models import ConditionalAccessPolicy, PlatformOrAll, PolicyState
 from gateway.errors import ConfigProblem
+from gateway.policy.model import Listener
 
 
 def config_warnings(config: Config) -> list[ConfigProblem]:
-    return [*_policies_that_never_apply(config), *_uncovered_resources(config), *_apps_listed_twice(config)]
+    return [*_policies_that_never_apply(config), *_uncovered_resources(config), *_rollouts_without_kiosk(config),
+            *_apps_listed_twice(config), *_admin_off_loopback(config)]
 
 
 def public_resources(config: Config) -> list[str]:
@@ -60,19 +63,42 @@ def _never_applies(policy: ConditionalAccessPolicy, resources: set[str]) -> str 
 
 
 def _uncovered_resources(config: Config) -> Iterator[ConfigProblem]:
+    """A policy with a rollout covers its cohort only: a resource that only such policies cover is
+    reached by any valid token outside the cohorts."""
     name, data = _source(config, GATEWAY_FILE)
     covered: set[str] = set()
+    cohort_only: dict[str, str] = {}
     for policy in config.policies:
         if policy.state is PolicyState.enabled and policy.grant_controls is not None:  # session-only gates nothing
             include, exclude = policy.conditions.resources.include, policy.conditions.resources.exclude
-            if ALL not in exclude:
-                covered |= (set(config.resources) if ALL in include else set(include)) - set(exclude)
+            if ALL in exclude:
+                continue
+            resources = (set(config.resources) if ALL in include else set(include)) - set(exclude)
+            if policy.rollout is None:
+                covered |= resources
+            else:
+                cohort_only.update({r: policy.name for r in resources if r not in cohort_only})
     for resource_name, resource in config.resources.items():
         if not resource.public and resource_name not in covered:
             own = resource_name in config.gateway_file.resources
             loc = ("resources", resource_name) if own else ("resourcePresets",)
-            yield locate(data, loc, name, f"resource {resource_name!r} is covered by no enabled policy: "
-                                          "any valid token reaches it", at_value=False)
+            message = (f"resource {resource_name!r} is covered only for the rollout cohort of policy "
+                       f"{cohort_only[resource_name]!r}: outside it any valid token reaches it"
+                       if resource_name in cohort_only else
+                       f"resource {resource_name!r} is covered by no enabled policy: any valid token reaches it")
+            yield locate(data, loc, name, message, at_value=False)
+
+
+def _rollouts_without_kiosk(config: Config) -> Iterator[ConfigProblem]:
+    if config.gateway_file.kiosk is not None:
+        return
+    name, data = _source(config, POLICIES_FILE)
+    for index, policy in enumerate(config.policies):
+        listeners = policy.rollout.listeners if policy.rollout else []
+        if Listener.kiosk in listeners:
+            yield locate(data, ("policies", index, "rollout", "listeners", listeners.index(Listener.kiosk)), name,
+                         f"policy {policy.name!r}: no kiosk listener is configured, so its rollout never includes "
+                         "kiosk requests")
 
 
 def _apps_listed_twice(config: Config) -> Iterator[ConfigProblem]:
@@ -90,3 +116,14 @@ def _apps_listed_twice(config: Config) -> Iterator[ConfigProblem]:
             if count > 1:
                 yield locate(policies_data, ("policies", index, "grantControls", "approvedApplications"),
                              policies_name, f"{app!r} is listed {count} times")
+
+
+def _admin_off_loopback(config: Config) -> Iterator[ConfigProblem]:
+    """Allowed (a container's port mapping needs it), but the admin API speaks plain HTTP."""
+    admin = config.gateway_file.admin
+    if admin is None or admin.on_loopback:
+        return
+    name, data = _source(config, GATEWAY_FILE)
+    yield locate(data, ("admin", "listen", "host"), name,
+                 f"the admin API listens on {admin.listen.host} in plain HTTP: bearer tokens and decision records "
+                 "would cross the network unencrypted; keep it on 127.0.0.1 behind a TLS reverse proxy")

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from gateway import headers
 from gateway.policy.device_filter import Rule, RuleSyntaxError, parse_rule
 from gateway.policy.model import (
     BuiltInControl,
@@ -28,6 +29,7 @@ from gateway.policy.model import (
     ComplianceSettings,
     DevicePlatform,
     DeviceThreatLevel,
+    Listener,
     PersistentBrowser,
     PolicyState,
 )
@@ -336,6 +338,34 @@ class BrowserSignInSettings(Model):
     session_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None  # else stateDir/session.key
 
 
+HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # an RFC 9110 token
+GATEWAY_HEADERS = frozenset(headers.fold(h) for h in (headers.CORRELATION_ID, headers.USER, headers.CLIENT_APP,
+                                                      headers.DEVICE_ID))
+
+
+class UpstreamAssertionSettings(Model):
+    """The signed identity assertion on every forwarded request (gateway/identity/assertion.py).
+    Its header must be one the gateway strips from client requests, so an upstream never sees a
+    copy a client made up."""
+
+    enabled: bool = True
+    header: str = "X-Portcullis-Assertion"
+    lifetime_seconds: Annotated[int, Field(ge=10, le=600)] = 60
+    key_file: Path | None = None  # an ES256 (P-256) private key, PEM; default <stateDir>/assertion-key.pem
+
+    @field_validator("header")
+    @classmethod
+    def _stripped_header(cls, value: str) -> str:
+        if not HEADER_NAME.match(value):
+            raise ValueError(f"{value!r} is not a header name")
+        if not headers.is_client_identity_header(value):
+            raise ValueError(f"{value!r} is not a header the gateway strips from client requests, so a client could "
+                             "send its own copy; use an X-Portcullis-* name")
+        if headers.fold(value) in GATEWAY_HEADERS:
+            raise ValueError(f"{value!r} is already one of the gateway's own headers")
+        return value
+
+
 class DecisionLogSettings(Model):
     path: Path = Path("../.portcullis/decisions.jsonl")
     max_file_bytes: Annotated[int, Field(ge=64 * 1024, le=2**40)] = 100 * 1024 * 1024  # then rotate
@@ -343,6 +373,25 @@ class DecisionLogSettings(Model):
     queue_size: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000  # beyond it records are dropped, counted
     pseudonymize_users: bool = False  # user names and ids replaced by a keyed hash (data minimisation)
     pseudonym_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None  # else stateDir/pseudonym.key
+
+
+class AdminListen(Listen):
+    port: Annotated[int, Field(ge=0, le=65535)] = 9090
+
+
+class AdminSettings(Model):
+    """The admin API and dashboard (gateway/web/admin.py). Plain HTTP, so loopback by default: put a
+    TLS reverse proxy in front to reach it from elsewhere. Callers present access tokens from the
+    configured issuer whose ``aud`` is ``audience`` and whose ``roles`` name Portcullis.Reader or
+    Portcullis.Operator."""
+
+    listen: AdminListen = AdminListen()
+    audience: Annotated[str, Field(min_length=1)]
+    audit_log: Path = Path("../.portcullis/admin-audit.jsonl")  # one JSON line per admin request
+
+    @property
+    def on_loopback(self) -> bool:
+        return _is_loopback_host(self.listen.host)
 
 
 class PortcullisFile(Model):
@@ -360,6 +409,8 @@ class PortcullisFile(Model):
     browser_sign_in: BrowserSignInSettings | None = None
     kiosk: KioskSettings | None = None
     decision_log: DecisionLogSettings = DecisionLogSettings()
+    upstream_assertion: UpstreamAssertionSettings = UpstreamAssertionSettings()
+    admin: AdminSettings | None = None  # no section, no admin listener
 
     @field_validator("protected_hosts")
     @classmethod
@@ -529,6 +580,24 @@ class SessionControlsConfig(Model):
     persistent_browser: PersistentBrowser | None = None
 
 
+class Rollout(Model):
+    """Progressive enforcement: an enabled policy is enforced for this cohort only and is
+    report-only for everyone else. The cohort is any request that matches one of the three:
+    a member of ``groups`` (names or ids, as in the token's ``groups`` claim), a user among a
+    stable ``percentOfUsers`` share (a keyed hash of the policy name and the user's object id),
+    or a request through one of ``listeners``."""
+
+    groups: list[str] = []
+    percent_of_users: Annotated[int, Field(ge=0, le=100)] = 0
+    listeners: list[Listener] = []
+
+    @model_validator(mode="after")
+    def _a_cohort(self) -> Rollout:
+        if not self.groups and not self.percent_of_users and not self.listeners:
+            raise ValueError("a rollout names its cohort: groups, percentOfUsers (1-100) or listeners")
+        return self
+
+
 class ConditionalAccessPolicy(Model):
     name: str
     display_name: str | None = None
@@ -536,6 +605,17 @@ class ConditionalAccessPolicy(Model):
     conditions: PolicyConditions
     grant_controls: GrantControls | None = None
     session_controls: SessionControlsConfig | None = None
+    rollout: Rollout | None = None  # enforced for this cohort only, report-only for the rest
+
+    @field_validator("rollout")
+    @classmethod
+    def _rollout_needs_enabled(cls, value: Rollout | None, info: ValidationInfo) -> Rollout | None:
+        """Reported at the rollout key: it narrows enforcement, so it only means something when enforced."""
+        state = info.data.get("state")  # absent when the state itself is invalid: reported there
+        if value is not None and state is not None and state is not PolicyState.enabled:
+            raise ValueError(f"a rollout enforces a policy for a cohort and reports only for the rest: it needs "
+                             f"state: enabled (this policy is {state.value})")
+        return value
 
     @field_validator("name")
     @classmethod

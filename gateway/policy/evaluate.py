@@ -2,15 +2,16 @@
 
 Entra's semantics: every applicable enabled policy must be satisfied, a ``block`` anywhere wins,
 report-only policies are evaluated and recorded but never enforced, disabled ones are recorded as
-``notEnabled``. For each policy the first condition that does not match is recorded (users,
-resources, client app types, platforms, locations, device filter, in that order); for applied
-ones, the controls that failed. A path that no resource names is denied.
+``notEnabled``. A policy with a ``rollout`` is enforced inside its cohort and report-only outside
+it; its result says which (gateway/policy/rollout.py). For each policy the first condition that
+does not match is recorded (users, resources, client app types, platforms, locations, device
+filter, in that order); for applied ones, the controls that failed. A path that no resource names is denied.
 Pure: no I/O, no clock, no randomness; ``now`` is passed in.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from gateway.config.models import DeviceFilterMode
@@ -44,6 +45,7 @@ from gateway.policy.model import (
     PolicyResult,
     PolicyResultKind,
     PolicyState,
+    RolloutCohort,
     SessionControls,
 )
 from gateway.policy.policy_set import CompiledPolicy, PolicySet
@@ -98,6 +100,8 @@ def evaluate(
     targeting = policy_set.targeting(resources)
     results = tuple(_evaluate_policy(c, facts) for c in targeting.candidates)
     not_targeted, resource = targeting.not_targeted, resources[0]
+    if policy_set.has_rollouts:
+        not_targeted = tuple(_in_or_outside_cohort(policy_set, r, facts) for r in not_targeted)
     failed = _deciding_failure(results)
     if failed is None:
         return Decision(result=DecisionResult.allow, status_code=200, error_code=None, reason="allowed",
@@ -139,12 +143,13 @@ def _device_filter_not_matched(compiled: CompiledPolicy, attributes: DeviceAttri
 
 def _evaluate_policy(compiled: CompiledPolicy, facts: Facts) -> PolicyResult:
     policy = compiled.policy
-    report_only = policy.state is PolicyState.report_only
+    cohort = compiled.rollout.cohort(facts.request, facts.identity, facts.groups) if compiled.rollout else None
+    report_only = policy.state is PolicyState.report_only or cohort is RolloutCohort.outside
     why_not = not_applied_because(compiled, facts)
     if why_not is not None:
         kind = PolicyResultKind.report_only_not_applied if report_only else PolicyResultKind.not_applied
         return PolicyResult(name=policy.name, display_name=compiled.display_name, result=kind,
-                            not_applied_because=why_not)
+                            not_applied_because=why_not, rollout=cohort)
     failures = failed_controls(policy.grant_controls, facts.identity, facts.device, facts.app, facts.now)
     if report_only:
         kind = PolicyResultKind.report_only_failure if failures else PolicyResultKind.report_only_success
@@ -152,7 +157,19 @@ def _evaluate_policy(compiled: CompiledPolicy, facts: Facts) -> PolicyResult:
         kind = PolicyResultKind.failure if failures else PolicyResultKind.success
     return PolicyResult(name=policy.name, display_name=compiled.display_name, result=kind,
                         enforced_grant_controls=compiled.grant_control_names,
-                        enforced_session_controls=compiled.session_controls.names(), failures=failures)
+                        enforced_session_controls=compiled.session_controls.names(), failures=failures,
+                        rollout=cohort)
+
+
+def _in_or_outside_cohort(policy_set: PolicySet, result: PolicyResult, facts: Facts) -> PolicyResult:
+    """A rollout policy that does not target these resources: still not applied, but reported
+    as report-only outside its cohort, like the policies that do target them."""
+    rollout = policy_set.by_name[result.name].rollout
+    if rollout is None or result.result is not PolicyResultKind.not_applied:
+        return result
+    cohort = rollout.cohort(facts.request, facts.identity, facts.groups)
+    kind = PolicyResultKind.report_only_not_applied if cohort is RolloutCohort.outside else result.result
+    return replace(result, result=kind, rollout=cohort)
 
 
 def _session_controls(policy_set: PolicySet, results: tuple[PolicyResult, ...]) -> SessionControls:

@@ -92,6 +92,23 @@ class PolicyResultKind(StrEnum):
     report_only_not_applied = "reportOnlyNotApplied"
 
 
+class Listener(StrEnum):
+    """Where a request came in: the TLS reverse proxy, or the kiosk forward proxy."""
+
+    gateway = "gateway"
+    kiosk = "kiosk"
+
+
+class RolloutCohort(StrEnum):
+    """Why a policy with a rollout was enforced for this request (the first cohort test that
+    matched), or that it was report-only because the request is outside the cohort."""
+
+    group = "inCohort:group"
+    percent_of_users = "inCohort:percentOfUsers"
+    listener = "inCohort:listener"
+    outside = "outsideCohort"
+
+
 class DecisionResult(StrEnum):
     allow = "allow"
     block = "block"
@@ -243,6 +260,7 @@ class PolicyResult:
     enforced_grant_controls: tuple[str, ...] = ()
     enforced_session_controls: tuple[str, ...] = ()
     failures: tuple[ControlFailure, ...] = ()
+    rollout: RolloutCohort | None = None  # set for policies with a rollout: in its cohort (and why) or not
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -40,6 +40,7 @@ from gateway.policy.model import (
     PolicyState,
     SessionControls,
 )
+from gateway.policy.rollout import CompiledRollout
 
 TARGETING_CACHE_SIZE = 4096
 
@@ -75,6 +76,7 @@ class CompiledPolicy:
     users: CompiledUsers
     grant_control_names: tuple[str, ...]
     session_controls: SessionControls
+    rollout: CompiledRollout | None = None  # enforced for a cohort only
 
     @classmethod
     def of(cls, policy: ConditionalAccessPolicy, index: int) -> CompiledPolicy:
@@ -82,7 +84,7 @@ class CompiledPolicy:
         return cls(policy, index, policy.display_name or policy.name,
                    conditions.device_filter.parsed if conditions.device_filter else None,
                    CompiledUsers.of(conditions.users), controls_named(policy.grant_controls),
-                   _session_controls(policy.session_controls))
+                   _session_controls(policy.session_controls), CompiledRollout.of(policy))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,7 @@ class PolicySet:
     targeting_by_resource: Mapping[str, frozenset[int]]
     named_locations: Mapping[str, tuple[tuple[Network, ...], bool]]
     by_name: Mapping[str, CompiledPolicy]
+    has_rollouts: bool = False  # a policy's result then depends on the user even where it is not targeted
     _targeting: LRUCache[tuple[str, ...], Targeting] = field(
         default_factory=lambda: LRUCache(maxsize=TARGETING_CACHE_SIZE), compare=False, repr=False)
 
@@ -129,6 +132,7 @@ class PolicySet:
             named_locations={name: (tuple(location.ip_ranges), location.trusted)  # type: ignore[arg-type]
                              for name, location in named_locations.items()},
             by_name={c.policy.name: c for c in compiled},
+            has_rollouts=any(c.rollout is not None for c in compiled),
         )
 
     def match(self, host: str, path: str) -> ResourceMatch | None:

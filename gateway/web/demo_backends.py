@@ -1,21 +1,48 @@
 """Demo upstreams shaped like Exchange (OWA, ActiveSync, EWS, Autodiscover) and SharePoint
 (sites, REST, downloads). Each answers JSON describing what it received, so a person (or a test)
-can see exactly which headers the gateway forwarded."""
+can see exactly which headers the gateway forwarded, and the claims of the gateway's identity
+assertion once verified, as a real backend would verify them."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.identity.assertion import verify_assertion
+from gateway.identity.tokens import RejectedToken
+
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 NOT_ECHOED = {"authorization", "cookie"}
 
 
 MAX_PING_SECONDS = 60
+
+
+@dataclass(frozen=True, slots=True)
+class AssertionCheck:
+    """What a backend needs to trust the gateway's assertion: its header, the gateway's public
+    keys (JWKS), the issuer, and the backend's own address as the audience."""
+
+    header: str
+    jwks: dict[str, Any]
+    issuer: str
+    audience: str
+
+    def claims(self, request: Request) -> dict[str, Any] | None:
+        """The verified claims, ``{"rejected": why}``, or None when the request carries no assertion."""
+        values = request.headers.getlist(self.header)
+        if not values:
+            return None
+        if len(values) > 1:
+            return {"rejected": "more than one assertion"}
+        verified = verify_assertion(values[0], self.jwks, audience=self.audience, issuer=self.issuer)
+        return {"rejected": verified.reason} if isinstance(verified, RejectedToken) else verified
 
 
 async def _echo(request: Request) -> JSONResponse:
@@ -29,10 +56,12 @@ async def _echo(request: Request) -> JSONResponse:
         return await _download(request)
     if request.method in ("POST", "PUT", "PATCH"):
         received["x-demo-body-bytes"] = str(len(await request.body()))
-    return JSONResponse({
-        "backend": backend, "method": request.method, "path": request.url.path,
-        "query": request.url.query, "receivedHeaders": received,
-    })
+    answer = {"backend": backend, "method": request.method, "path": request.url.path,
+              "query": request.url.query, "receivedHeaders": received}
+    check: AssertionCheck | None = request.app.state.assertion_check
+    if check is not None:
+        answer["verifiedAssertion"] = check.claims(request)
+    return JSONResponse(answer)
 
 
 async def _download(request: Request) -> Response:
@@ -44,7 +73,7 @@ async def _download(request: Request) -> Response:
     )
 
 
-def exchange_app() -> Starlette:
+def exchange_app(assertion_check: AssertionCheck | None = None) -> Starlette:
     app = Starlette(routes=[
         Route("/owa/{rest:path}", _echo, methods=ALL_METHODS),
         Route("/Microsoft-Server-ActiveSync", _echo, methods=ALL_METHODS),
@@ -52,14 +81,16 @@ def exchange_app() -> Starlette:
         Route("/autodiscover/{rest:path}", _echo, methods=ALL_METHODS),
     ])
     app.state.backend = "exchange"
+    app.state.assertion_check = assertion_check
     return app
 
 
-def sharepoint_app() -> Starlette:
+def sharepoint_app(assertion_check: AssertionCheck | None = None) -> Starlette:
     app = Starlette(routes=[
         Route("/sites/{rest:path}", _echo, methods=ALL_METHODS),
         Route("/_api/{rest:path}", _echo, methods=ALL_METHODS),
         Route("/_layouts/15/download.aspx", _download, methods=["GET", "HEAD"]),
     ])
     app.state.backend = "sharepoint"
+    app.state.assertion_check = assertion_check
     return app

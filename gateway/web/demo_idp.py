@@ -70,9 +70,11 @@ class DemoIdentityProvider:
         device_id: str | None = None,
         lifetime: int = 3600,
         not_before_offset: int = 0,
+        roles: tuple[str, ...] = (),
         extra: dict[str, object] | None = None,
     ) -> str:
-        """An RS256 access token in Entra's v2 shape (``azp`` is the client app)."""
+        """An RS256 access token in Entra's v2 shape (``azp`` is the client app; ``roles`` are app
+        roles, e.g. Portcullis.Reader for the admin API)."""
         now = int(time.time())
         claims: dict[str, object] = {
             "iss": self.issuer, "aud": audience, "iat": now, "nbf": now + not_before_offset,
@@ -83,6 +85,8 @@ class DemoIdentityProvider:
         }
         if device_id:
             claims["deviceid"] = device_id
+        if roles:
+            claims["roles"] = list(roles)
         claims.update(extra or {})
         return jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid})
 
@@ -165,13 +169,14 @@ class DemoIdentityProvider:
         return JSONResponse(self.jwks())
 
     async def _token(self, request: Request) -> JSONResponse:
-        """Dev-only minting: form fields ``user``, ``client_id``, ``audience``, ``device_id``."""
+        """Dev-only minting: form fields ``user``, ``client_id``, ``audience``, ``device_id`` and
+        ``roles`` (space-separated app roles)."""
         form = await request.form()
-        fields = {k: str(form.get(k, "")).strip() for k in ("user", "client_id", "audience", "device_id")}
+        fields = {k: str(form.get(k, "")).strip() for k in ("user", "client_id", "audience", "device_id", "roles")}
         missing = [k for k in ("user", "client_id", "audience") if not fields[k]]
         if missing:
             return JSONResponse({"error": "invalid_request", "error_description": f"missing: {', '.join(missing)}"},
                                 status_code=400)
         token = self.mint(user=fields["user"], client_id=fields["client_id"], audience=fields["audience"],
-                          device_id=fields["device_id"] or None)
+                          device_id=fields["device_id"] or None, roles=tuple(fields["roles"].split()))
         return JSONResponse({"access_token": token, "token_type": "Bearer", "expires_in": 3600})

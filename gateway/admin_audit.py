@@ -1,0 +1,97 @@
+"""The admin audit log: one JSON line per admin API request, allowed or refused, shaped like an
+Entra directory audit record (Graph ``directoryAudit``), so that "who reloaded the rules, and who
+tried to" is answered the way a security team already reads Entra's audit log.
+
+A record names the caller (user principal name and object id from the validated token, and the
+address they came from), never the token itself. Admins are named, not pseudonymised: the log
+exists to hold them accountable. The file is appended to under a lock (admin requests are rare);
+callers in async code go through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.policy.model import Identity
+
+logger = logging.getLogger(__name__)
+
+LOGGED_BY = "Portcullis admin API"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetResource:
+    """What an action was about: a decision, the configuration, the metrics."""
+
+    id: str
+    display_name: str
+    type: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"id": self.id, "displayName": self.display_name, "type": self.type}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminActivity:
+    """One admin request as the audit log tells it."""
+
+    activity: str  # activityDisplayName, e.g. "Reload configuration"
+    category: str  # Entra's audit categories: Policy, Monitoring, Authentication
+    result: str  # success | failure
+    reason: str
+    caller: Identity | None  # None when no valid token was presented
+    ip_address: str
+    correlation_id: str
+    targets: tuple[TargetResource, ...] = ()
+    details: dict[str, str] = field(default_factory=dict)
+
+
+def directory_audit_record(activity: AdminActivity, now: datetime) -> dict[str, Any]:
+    caller = activity.caller
+    user = None
+    if caller is not None:
+        user = {"id": caller.object_id or caller.subject, "userPrincipalName": caller.user_principal_name,
+                "ipAddress": activity.ip_address}
+    details = {"ipAddress": activity.ip_address, **activity.details}
+    if caller is not None:
+        details["roles"] = " ".join(sorted(caller.roles))
+    return {
+        "id": str(uuid.uuid4()),
+        "activityDateTime": now.isoformat(),
+        "activityDisplayName": activity.activity,
+        "category": activity.category,
+        "correlationId": activity.correlation_id,
+        "loggedByService": LOGGED_BY,
+        "result": activity.result,
+        "resultReason": activity.reason,
+        "initiatedBy": {"user": user, "app": {"appId": caller.client_id} if caller and caller.client_id else None},
+        "targetResources": [t.as_json() for t in activity.targets],
+        "additionalDetails": [{"key": k, "value": v} for k, v in details.items()],
+    }
+
+
+class AdminAuditLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def write(self, record: dict[str, Any]) -> bool:
+        """Append one record (blocking). A failed write is logged and reported, never raised: the
+        action it records has already happened."""
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        try:
+            with self._lock:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a", encoding="utf-8") as file:
+                    file.write(line)
+        except OSError:
+            logger.exception("cannot write the admin audit record %s to %s", record["correlationId"], self.path)
+            return False
+        return True

@@ -1,0 +1,295 @@
+"""The admin listener (``admin:`` in portcullis.yaml), apart from the proxy and on loopback by default:
+
+    GET  /healthz                 anyone: the process answers
+    GET  /readyz                  anyone: every readiness check as JSON; 200 pass or warn, 503 fail
+    GET  /metrics                 Reader: Prometheus text
+    GET  /admin/decisions/{id}    Reader: one decision log record (with Accept: text/plain, its explanation)
+    POST /admin/whatif            Reader: a What If question as JSON, answered as ``portcullis whatif --json``
+    POST /admin/reload            Operator: reload the config directory now; 200 applied, 422 rejected
+    GET  /                        Reader: the dashboard; GET /decisions/{id}: one decision explained
+    GET|POST /signin, POST /signout   the dashboard's cookie: a pasted token
+    GET  /.well-known/jwks.json   anyone: the keys backends verify upstream identity assertions with
+
+Callers present an access token from the configured issuer whose ``aud`` is ``admin.audience``
+and whose ``roles`` claim names Portcullis.Reader or Portcullis.Operator (an operator may do what
+a reader may). The token is validated on every request: 401 with a Bearer challenge when it is
+missing or invalid, 403 when its roles do not allow the action. Browsers may carry it in an
+HttpOnly, SameSite=Strict cookie, for GET pages only: what changes state reads the Authorization
+header alone, so no other site can make a browser send it. Every request except the probes, the
+sign-in form's page, sign-out and the JWKS is written to the admin audit log and counted in a
+metric (gateway/web/admin_guard.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+from collections.abc import AsyncIterator
+from ipaddress import ip_address
+from typing import Annotated, Any
+
+import uvicorn
+from prometheus_client.exposition import choose_encoder
+from pydantic import Field, IPvAnyAddress
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
+
+from gateway.access import Clock, utc_now
+from gateway.admin_audit import AdminAuditLog, TargetResource
+from gateway.config.loader import validate
+from gateway.config.models import Model
+from gateway.explain import explain
+from gateway.health import overall
+from gateway.operations import Operations
+from gateway.policy.model import ClientAppType, DevicePlatform, Identity, Listener
+from gateway.web.admin_guard import (
+    COOKIE_NAME,
+    OPERATOR,
+    READER,
+    AdminAction,
+    AdminGuard,
+    Credential,
+    Done,
+    Refusal,
+    SecurityHeaders,
+    failed,
+    read_limited,
+    same_origin,
+)
+from gateway.web.assertion_keys import jwks_route
+from gateway.web.dashboard import (
+    ConfigState,
+    DecisionFilter,
+    Overview,
+    decision_page,
+    message_page,
+    overview_page,
+    sign_in_page,
+)
+from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, policy_states
+
+DECISION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+RELOAD_TRIGGER = "adminApi"
+
+READ_METRICS = AdminAction("readMetrics", "Read metrics", "Monitoring", READER)
+READ_DECISION = AdminAction("readDecision", "Read a decision", "Monitoring", READER)
+WHAT_IF = AdminAction("whatIf", "Ask What If", "Policy", READER)
+RELOAD = AdminAction("reload", "Reload configuration", "Policy", OPERATOR)
+VIEW_DASHBOARD = AdminAction("viewDashboard", "View the dashboard", "Monitoring", READER, Credential.header_or_cookie)
+VIEW_DECISION = AdminAction("viewDecision", "View a decision", "Monitoring", READER, Credential.header_or_cookie)
+SIGN_IN = AdminAction("signIn", "Sign in to the dashboard", "Authentication", READER, Credential.form)
+
+
+class WhatIfInput(Model):
+    """A What If question as JSON: the keys of a ``cases.yaml`` case, without ``name`` and ``expect``."""
+
+    user: Annotated[str, Field(min_length=1)]
+    url: Annotated[str, Field(min_length=1)]
+    app: str | None = None
+    device: str | None = None
+    ip: IPvAnyAddress = ip_address(DEFAULT_IP)
+    client_app_type: ClientAppType | None = None
+    groups: list[str] = []
+    mfa: bool = False
+    platform: DevicePlatform | None = None
+    listener: Listener = Listener.gateway
+    object_id: str | None = None
+
+    def question(self) -> Question:
+        return Question(user=self.user, url=self.url, app=self.app, device=self.device, ip=str(self.ip),
+                        client_app_type=self.client_app_type, groups=tuple(self.groups), mfa=self.mfa,
+                        platform=self.platform, listener=self.listener, object_id=self.object_id)
+
+
+class AdminApi:
+    """The handlers; each reads the rules in force when it runs (a reload swaps them)."""
+
+    def __init__(self, operations: Operations, audience: str, audit: AdminAuditLog, *,
+                 clock: Clock = utc_now) -> None:
+        self.operations = operations
+        self.service = operations.service
+        self._clock = clock
+        self._guard = AdminGuard(self.service.validator, audience, audit, self.service.metrics, clock)
+
+    def app(self) -> Starlette:
+        guard = self._guard
+        routes: list[BaseRoute] = [
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", guard(READ_METRICS, self.metrics), methods=["GET"]),
+            Route("/admin/decisions/{correlation_id}", guard(READ_DECISION, self.decision), methods=["GET"]),
+            Route("/admin/whatif", guard(WHAT_IF, self.whatif), methods=["POST"]),
+            Route("/admin/reload", guard(RELOAD, self.reload), methods=["POST"]),
+            Route("/", guard(VIEW_DASHBOARD, self.dashboard), methods=["GET"]),
+            Route("/decisions/{correlation_id}", guard(VIEW_DECISION, self.decision_page), methods=["GET"]),
+            Route("/signin", self.sign_in_form, methods=["GET"]),
+            Route("/signin", guard(SIGN_IN, self.sign_in), methods=["POST"]),
+            Route("/signout", self.sign_out, methods=["POST"]),
+        ]
+        if self.service.assertions is not None:
+            routes.append(jwks_route(self.service.assertions))
+        return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
+
+    async def healthz(self, _: Request) -> Response:
+        return JSONResponse({"status": "pass"})
+
+    async def readyz(self, _: Request) -> Response:
+        checks = await asyncio.to_thread(self.operations.health.checks)  # a few SQLite reads
+        status = overall(checks)
+        return JSONResponse({"status": status, "checks": [c.as_json() for c in checks]},
+                            status_code=503 if status == "fail" else 200)
+
+    async def metrics(self, request: Request, _: Identity) -> Done:
+        """Prometheus text, or OpenMetrics when the scraper asks for it (as prometheus_client's own app)."""
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        body = await asyncio.to_thread(encoder, self.service.metrics.registry)  # scrape-time collectors read SQLite
+        return Done(Response(body, headers={"Content-Type": content_type}),
+                    targets=(TargetResource(id="/metrics", display_name="metrics", type="Metrics"),))
+
+    async def decision(self, request: Request, _: Identity) -> Done:
+        record = await self._record(request.path_params["correlation_id"])
+        if isinstance(record, Refusal):
+            return failed(JSONResponse({"error": record.reason}, status_code=record.status), record.reason)
+        target = _decision_target(record)
+        if "text/plain" in request.headers.get("accept", ""):
+            return Done(PlainTextResponse(explain(record)), targets=target)
+        return Done(JSONResponse(record), targets=target)
+
+    async def whatif(self, request: Request, _: Identity) -> Done:
+        body = await read_limited(request)
+        if body is None:
+            return failed(JSONResponse({"error": "the question is larger than 64 KiB"}, status_code=413), "too large")
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return _bad_question('the body is not JSON: send {"user": ..., "url": ..., "app": ..., "device": ...}')
+        model, problems = validate(WhatIfInput, data, "question")
+        if model is None:
+            return _bad_question("; ".join(str(p) for p in problems))
+        question = model.question()
+        config = self.service.config
+        try:
+            decision = await WhatIf(config, self.operations.whatif_inventory).ask(question, self._clock())
+        except WhatIfError as error:
+            return _bad_question(str(error))
+        answer = as_json(question, decision, policy_states(config))
+        return Done(JSONResponse(answer), reason=f"{answer['result']} ({answer['httpStatus']})",
+                    targets=(TargetResource(id=question.url, display_name=question.user, type="WhatIfQuestion"),))
+
+    async def reload(self, _: Request, __: Identity) -> Done:
+        outcome = await self.operations.reloader.reload(RELOAD_TRIGGER)
+        target = (TargetResource(id=str(self.operations.reloader.directory), display_name="configuration",
+                                 type="Configuration"),)
+        if outcome.applied:
+            return Done(JSONResponse(outcome.as_json()), reason=f"applied: {outcome.policies} policies in force",
+                        targets=target)
+        more = f" (and {len(outcome.problems) - 1} more)" if len(outcome.problems) > 1 else ""
+        first = outcome.problems[0] if outcome.problems else "no reason given"
+        return Done(JSONResponse(outcome.as_json(), status_code=422), succeeded=False,
+                    reason=f"rejected, the previous rules stay in force: {first}{more}", targets=target)
+
+    async def dashboard(self, request: Request, caller: Identity) -> Done:
+        filters = DecisionFilter.of(request.query_params)
+        if isinstance(filters, str):
+            return failed(HTMLResponse(message_page(caller, "Bad filter", filters), status_code=400), filters)
+        log = self.service.decision_log
+        pseudonym = log.pseudonymizer.pseudonym if log.pseudonymizer is not None else None
+        recent = log.recent()
+        matching = [r for r in recent if filters.matches(r, pseudonym)]
+        config, reloader = self.service.config, self.operations.reloader
+        view = Overview(caller=caller, filters=filters, records=matching[:filters.limit], matching=len(matching),
+                        kept=len(recent), policies=[(p.name, p.state.value) for p in config.policies],
+                        hits=self.service.metrics.policy_hits(),
+                        checks=await asyncio.to_thread(self.operations.health.checks),
+                        config=ConfigState(policies=len(config.policies), loaded_at=reloader.loaded_at,
+                                           last_reload=reloader.last), now=self._clock())
+        return Done(HTMLResponse(overview_page(view)), details={"filter": filters.query()},
+                    targets=(TargetResource(id="/", display_name="dashboard", type="Dashboard"),))
+
+    async def decision_page(self, request: Request, caller: Identity) -> Done:
+        record = await self._record(request.path_params["correlation_id"])
+        if isinstance(record, Refusal):
+            page = message_page(caller, "No such decision" if record.status == 404 else "Bad request", record.reason)
+            return failed(HTMLResponse(page, status_code=record.status), record.reason)
+        return Done(HTMLResponse(decision_page(caller, record, explain(record))), targets=_decision_target(record))
+
+    async def sign_in_form(self, _: Request) -> Response:
+        return HTMLResponse(sign_in_page())
+
+    async def sign_in(self, request: Request, caller: Identity) -> Done:
+        """The pasted token was validated as a header's would be; the cookie lives as long as the token."""
+        token: str = request.state.pasted_token
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE_NAME, token, max_age=max(0, int(caller.expires_at - self._clock().timestamp())),
+                            path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+        return Done(response)
+
+    async def sign_out(self, request: Request) -> Response:
+        if not same_origin(request):
+            return PlainTextResponse("sign-out must come from the dashboard's own page", status_code=403)
+        response = RedirectResponse("/signin", status_code=303)
+        response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict")
+        return response
+
+    async def _record(self, correlation_id: str) -> dict[str, Any] | Refusal:
+        if not DECISION_ID.match(correlation_id):
+            return Refusal(400, "a correlation id is letters, digits, '.', '_' and '-'")
+        record = await asyncio.to_thread(self.service.decision_log.find, correlation_id)  # may read the files
+        return record if record is not None else Refusal(404, f"no decision {correlation_id} in the decision log")
+
+
+def _bad_question(message: str) -> Done:
+    return failed(JSONResponse({"error": "invalid_request", "error_description": message}, status_code=400), message)
+
+
+def _decision_target(record: dict[str, Any]) -> tuple[TargetResource, ...]:
+    return (TargetResource(id=str(record.get("correlationId")), display_name=str(record.get("result")),
+                           type="Decision"),)
+
+
+@contextlib.asynccontextmanager
+async def admin_listener(operations: Operations, *, clock: Clock = utc_now) -> AsyncIterator[tuple[str, int] | None]:
+    """The admin API on ``admin.listen`` in the running loop, while the context lasts; the bound
+    address, or None when the config has no ``admin`` section."""
+    config = operations.service.config
+    settings = config.gateway_file.admin
+    if settings is None:
+        yield None
+        return
+    api = AdminApi(operations, settings.audience, AdminAuditLog(config.path(settings.audit_log)), clock=clock)
+    async with serving(api.app(), settings.listen.host, settings.listen.port) as address:
+        yield address
+
+
+@contextlib.asynccontextmanager
+async def serving(app: ASGIApp, host: str, port: int) -> AsyncIterator[tuple[str, int]]:
+    """uvicorn in the running loop. The socket is bound first, so a port in use is a clear error;
+    client addresses are the ones the socket saw (no X-Forwarded-For: the audit log names them)."""
+    try:
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as error:
+        raise RuntimeError(f"the admin API cannot listen on {host}:{port}: {error.strerror}") from error
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, proxy_headers=False,
+                            timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  (the CLI owns signals)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                await task
+                raise RuntimeError(f"the admin API on {host}:{port} did not start; see the log above")
+            await asyncio.sleep(0.01)
+        address = sock.getsockname()
+        yield str(address[0]), int(address[1])
+    finally:
+        server.should_exit = True
+        await asyncio.gather(task, return_exceptions=True)
+        sock.close()

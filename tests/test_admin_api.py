@@ -1,0 +1,503 @@
+"""The admin API on the running gateway's admin listener: probes, Prometheus metrics read with
+prometheus_client's own parser, decisions by id, What If, reload, the roles each action needs,
+and one audit record per admin request."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from ruamel.yaml import YAML
+
+from gateway import bootstrap
+from gateway.config import load_config
+from gateway.config.lint import config_warnings
+from gateway.demo import (
+    ACTIVESYNC,
+    ALEX_IPHONE,
+    BLAKE_ANDROID,
+    EXCHANGE,
+    OUTLOOK_MOBILE,
+    TEAMS,
+    activesync,
+    banner,
+)
+from gateway.errors import ConfigError
+from gateway.operations import Operations
+from gateway.web.admin import admin_listener
+from tests.conftest import Background, Gateway, Ports, demo_config_copy, free_port, write_trustme_certificate
+
+ADMIN_AUDIENCE = "api://portcullis-admin"
+READER, OPERATOR = "Portcullis.Reader", "Portcullis.Operator"
+ADMIN_APP = "5c4f9dcd-47c9-4e1a-9f3b-3f1d2c3b4a50"  # the admin's CLI or browser, as the token's azp
+MAIL = "mail.contoso.test"
+PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
+
+type Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def admin_token(gateway: Gateway, *roles: str, user: str = "olivia@contoso.test", audience: str = ADMIN_AUDIENCE,
+                **claims: Any) -> str:
+    return gateway.idp.mint(user=user, client_id=ADMIN_APP, audience=audience, roles=roles, **claims)
+
+
+def admin(port: int, method: str, path: str, token: str | None = None, **kwargs: Any) -> httpx.Response:
+    headers = dict(kwargs.pop("headers", {}))
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.request(method, f"http://127.0.0.1:{port}{path}", headers=headers, timeout=10, **kwargs)
+
+
+def audit_path(config_dir: Path) -> Path:
+    """``admin.auditLog``, read from the file as written (policies.yaml may be broken on purpose)."""
+    return config_dir / YAML().load(config_dir / "portcullis.yaml")["admin"]["auditLog"]
+
+
+def audit_record(config_dir: Path, response: httpx.Response) -> dict[str, Any]:
+    """The audit record of one admin response: written before the response was sent."""
+    correlation_id = response.headers["X-Portcullis-Correlation-Id"]
+    records = [json.loads(line) for line in audit_path(config_dir).read_text().splitlines()]
+    found = [r for r in records if r["correlationId"] == correlation_id]
+    assert len(found) == 1, f"{len(found)} audit records for {correlation_id}"
+    return found[0]
+
+
+def scrape(port: int, token: str) -> Samples:
+    response = admin(port, "GET", "/metrics", token)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def sync(gateway: Gateway, token: str, device: str = ALEX_IPHONE, user: str = "alex") -> httpx.Response:
+    return gateway.request(MAIL, activesync(device, user), method="POST", token=token)
+
+
+def outlook(gateway: Gateway, user: str = "alex@contoso.test", device: str = ALEX_IPHONE, client: str = OUTLOOK_MOBILE,
+            **claims: Any) -> str:
+    return gateway.idp.mint(user=user, client_id=client, audience=EXCHANGE, device_id=device, **claims)
+
+
+def test_healthz_answers_anyone_and_is_not_audited(gateway: Gateway) -> None:
+    before = audit_path(gateway.config_dir).read_text() if audit_path(gateway.config_dir).exists() else ""
+    response = admin(gateway.admin_port, "GET", "/healthz")
+    assert (response.status_code, response.json()) == (200, {"status": "pass"})
+    after = audit_path(gateway.config_dir).read_text() if audit_path(gateway.config_dir).exists() else ""
+    assert after == before
+
+
+def test_readyz_lists_every_check_and_is_ready(gateway: Gateway) -> None:
+    response = admin(gateway.admin_port, "GET", "/readyz")
+    assert response.status_code == 200
+    body = response.json()
+    checks = {c["name"]: c for c in body["checks"]}
+    assert {"config", "jwks", "deviceInventory", "mtd:demo-mtd"} <= set(checks)
+    assert checks["jwks"]["status"] == "pass" and checks["jwks"]["ageSeconds"] >= 0
+    assert body["status"] in ("pass", "warn")  # the demo's MTD partner may not have been heard from: warn
+
+
+@contextlib.asynccontextmanager
+async def admin_only(config_dir: Path, *, fetch_keys: bool = True) -> AsyncIterator[tuple[int, Operations]]:
+    """A gateway's service and admin listener, without the proxy: what reload and readiness act on."""
+    loaded = bootstrap.load(config_dir)
+    bootstrap.seed_store(loaded)
+    service, jwks = bootstrap.build_service(loaded)
+    if fetch_keys:
+        await jwks.refresh()
+    operations = Operations.of(service, jwks, loaded.inventory)
+    try:
+        async with admin_listener(operations) as address:
+            assert address is not None
+            yield address[1], operations
+    finally:
+        service.close()
+
+
+def own_config(tmp_path: Path, gateway: Gateway, ports: Ports) -> Path:
+    config_dir = demo_config_copy(tmp_path, ports)
+    write_trustme_certificate(gateway.ca, config_dir)
+    return config_dir
+
+
+def test_readyz_fails_with_503_when_the_issuer_keys_were_never_fetched(gateway: Gateway, tmp_path: Path,
+                                                                       demo_ports: Ports) -> None:
+    dead_issuer = Ports(0, free_port(), demo_ports.mail, demo_ports.docs)
+    config_dir = own_config(tmp_path, gateway, dead_issuer)
+    with Background(lambda: admin_only(config_dir, fetch_keys=False)) as (port, _):
+        response = admin(port, "GET", "/readyz")
+        assert admin(port, "GET", "/healthz").status_code == 200  # alive, but not ready
+        refused = admin(port, "GET", "/metrics", admin_token(gateway, READER))
+    assert response.status_code == 503
+    body = response.json()
+    jwks = next(c for c in body["checks"] if c["name"] == "jwks")
+    assert body["status"] == "fail" and jwks["status"] == "fail" and "never fetched" in jwks["detail"]
+    assert refused.status_code == 503  # no keys: no admin token can be checked either
+
+
+def test_metrics_count_decisions_by_result_policy_reason_and_app(gateway: Gateway) -> None:
+    reader = admin_token(gateway, READER)
+    before = scrape(gateway.admin_port, reader)
+    alex = outlook(gateway)
+    assert sync(gateway, alex).status_code == 200
+    assert sync(gateway, alex).status_code == 200  # the same token again: a cache hit
+    assert sync(gateway, outlook(gateway, client=TEAMS)).status_code == 403
+    assert gateway.request(MAIL, ACTIVESYNC, method="POST").status_code == 401
+    after = scrape(gateway.admin_port, reader)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    decisions = "portcullis_decisions_total"
+    assert delta(decisions, result="allow", policy="none", reason="granted", app="outlook-mobile") == 2
+    assert delta(decisions, result="block", policy="exchange-outlook-only", reason="appNotApproved", app="teams") == 1
+    assert delta(decisions, result="unauthenticated", policy="none", reason="invalidToken", app="unregistered") == 1
+    assert delta("portcullis_policy_results_total", policy="exchange-outlook-only", result="failure") == 1
+    assert delta("portcullis_decision_seconds_count") >= 4
+    assert value(after, "portcullis_decision_seconds_bucket", le="+Inf") == value(after,
+                                                                                "portcullis_decision_seconds_count")
+    assert delta("portcullis_cache_hits_total", cache="accessTokens") >= 1
+    assert 0 < value(after, "portcullis_cache_hit_ratio", cache="accessTokens") < 1
+    assert 0 <= value(after, "portcullis_signal_age_seconds", source="jwks") < 3600
+    assert ("portcullis_signal_age_seconds", frozenset({("source", "mtd:demo-mtd")})) in after
+    assert value(after, "portcullis_config_last_reload_successful") == 1
+    assert delta("portcullis_admin_requests_total", action="readMetrics", outcome="success") == 1
+    families = {f.name for f in text_string_to_metric_families(admin(gateway.admin_port, "GET", "/metrics",
+                                                                     reader).text)}
+    assert {"portcullis_upstream_errors", "portcullis_config_reloads", "portcullis_decision_log_dropped"} <= families
+
+
+def test_a_scrape_is_audited_without_the_token(gateway: Gateway) -> None:
+    reader = admin_token(gateway, READER, user="prometheus@contoso.test")
+    response = admin(gateway.admin_port, "GET", "/metrics", reader)
+    record = audit_record(gateway.config_dir, response)
+    assert record["activityDisplayName"] == "Read metrics" and record["result"] == "success"
+    assert record["initiatedBy"]["user"]["userPrincipalName"] == "prometheus@contoso.test"
+    assert record["initiatedBy"]["app"] == {"appId": ADMIN_APP}
+    assert {"key": "roles", "value": READER} in record["additionalDetails"]
+    assert reader.split(".")[2] not in audit_path(gateway.config_dir).read_text()
+
+
+def _tampered(token: str) -> str:
+    header, payload, signature = token.split(".")
+    return ".".join((header, payload, signature[:10] + ("A" if signature[10] != "A" else "B") + signature[11:]))
+
+
+RBAC = [
+    pytest.param("none", "GET", "/metrics", 401, "no bearer token", id="no token -> 401"),
+    pytest.param("exchange", "GET", "/metrics", 401, "audience", id="a token for Exchange, even with the role -> 401"),
+    pytest.param("expired", "GET", "/metrics", 401, "expired", id="expired reader token -> 401"),
+    pytest.param("tampered", "GET", "/metrics", 401, "signature", id="tampered reader token -> 401"),
+    pytest.param("no role", "GET", "/metrics", 403, READER, id="valid token without a role -> 403"),
+    pytest.param("other role", "GET", "/metrics", 403, READER, id="another app's role -> 403"),
+    pytest.param("reader", "GET", "/metrics", 200, None, id="reader reads metrics"),
+    pytest.param("operator", "GET", "/metrics", 200, None, id="operator reads metrics too"),
+    pytest.param("reader", "POST", "/admin/reload", 403, OPERATOR, id="reader cannot reload -> 403"),
+    pytest.param("no role", "POST", "/admin/whatif", 403, READER, id="no role cannot ask What If -> 403"),
+    pytest.param("reader cookie", "GET", "/metrics", 401, "no bearer token", id="the API ignores the cookie"),
+    pytest.param("operator cookie", "POST", "/admin/reload", 401, "no bearer token",
+                 id="a state change never takes the cookie (no CSRF) -> 401"),
+    pytest.param("reader", "GET", "/", 200, None, id="reader opens the dashboard"),
+    pytest.param("reader cookie", "GET", "/", 200, None, id="the dashboard takes the cookie"),
+    pytest.param("none", "GET", "/", 401, "no bearer token", id="dashboard without a token -> 401 sign-in page"),
+]
+
+
+def _credential(gateway: Gateway, kind: str) -> dict[str, Any]:
+    reader, operator = admin_token(gateway, READER), admin_token(gateway, OPERATOR)
+    tokens = {
+        "none": None,
+        "exchange": gateway.idp.mint(user="olivia@contoso.test", client_id=ADMIN_APP, audience=EXCHANGE,
+                                     roles=(OPERATOR,)),
+        "expired": admin_token(gateway, READER, lifetime=-600),
+        "tampered": _tampered(reader),
+        "no role": admin_token(gateway),
+        "other role": admin_token(gateway, "Mail.Admin"),
+        "reader": reader,
+        "operator": operator,
+    }
+    if kind.endswith(" cookie"):
+        return {"headers": {"Cookie": f"portcullis_admin={tokens[kind.removesuffix(' cookie')]}"}}
+    return {"token": tokens[kind]}
+
+
+@pytest.mark.parametrize(("credential", "method", "path", "status", "why"), RBAC)
+def test_each_action_needs_a_valid_admin_token_with_its_role(gateway: Gateway, credential: str, method: str,
+                                                            path: str, status: int, why: str | None) -> None:
+    response = admin(gateway.admin_port, method, path, **_credential(gateway, credential))
+    assert response.status_code == status, response.text
+    record = audit_record(gateway.config_dir, response)
+    assert record["result"] == ("success" if status == 200 else "failure")
+    if status == 401:
+        challenge = response.headers["WWW-Authenticate"]
+        assert challenge.startswith('Bearer realm="portcullis-admin"')
+        assert ("error=" in challenge) == (why != "no bearer token")
+        assert record["initiatedBy"]["user"] is None
+    if status == 403:
+        assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
+        assert record["initiatedBy"]["user"]["userPrincipalName"] == "olivia@contoso.test"
+    if why is not None:
+        assert why in record["resultReason"]
+    if response.headers["content-type"].startswith("application/json") and why is not None:
+        assert why in response.json()["error_description"]
+    if path == "/" and status == 401:
+        assert 'id="sign-in"' in response.text  # the dashboard asks for a token
+
+
+def test_a_decision_is_read_by_its_correlation_id(gateway: Gateway) -> None:
+    blocked = sync(gateway, outlook(gateway, user="blake@contoso.test", device=BLAKE_ANDROID), BLAKE_ANDROID, "blake")
+    assert blocked.status_code == 403
+    correlation_id = blocked.headers["X-Portcullis-Correlation-Id"]
+    reader = admin_token(gateway, READER)
+    response = admin(gateway.admin_port, "GET", f"/admin/decisions/{correlation_id}", reader)
+    assert response.status_code == 200
+    record = response.json()
+    assert (record["correlationId"], record["result"], record["status"]["errorCode"]) == (correlation_id, "block",
+                                                                                         53000)
+    assert record["deviceDetail"]["deviceId"] == BLAKE_ANDROID
+    audited = audit_record(gateway.config_dir, response)
+    assert audited["targetResources"] == [{"id": correlation_id, "displayName": "block", "type": "Decision"}]
+    text = admin(gateway.admin_port, "GET", f"/admin/decisions/{correlation_id}", reader,
+                 headers={"Accept": "text/plain"})
+    assert text.text.startswith(f"Decision {correlation_id}")
+    assert "[x] exchange-outlook-only: failure" in text.text
+
+
+@pytest.mark.parametrize(("correlation_id", "status"), [
+    pytest.param("3f0c7a58-0000-4000-8000-000000000000", 404, id="unknown id -> 404"),
+    pytest.param("x%22%2C%22result", 400, id="not an id -> 400"),
+])
+def test_an_unknown_or_malformed_decision_id_is_refused(gateway: Gateway, correlation_id: str, status: int) -> None:
+    response = admin(gateway.admin_port, "GET", f"/admin/decisions/{correlation_id}", admin_token(gateway, READER))
+    assert response.status_code == status
+    assert audit_record(gateway.config_dir, response)["result"] == "failure"
+
+
+def test_whatif_answers_as_the_cli_does(gateway: Gateway) -> None:
+    question = {"user": "blake@contoso.test", "url": f"https://{MAIL}/Microsoft-Server-ActiveSync",
+                "app": "outlook-mobile", "device": BLAKE_ANDROID}
+    response = admin(gateway.admin_port, "POST", "/admin/whatif", admin_token(gateway, READER), json=question)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["result"], answer["errorCode"], answer["failedPolicy"]) == ("block", 53000, "exchange-outlook-only")
+    cli = subprocess.run([PORTCULLIS, "whatif", "--config", str(gateway.config_dir), "--json", "--user",
+                          question["user"], "--url", question["url"], "--app", question["app"], "--device",
+                          question["device"]], capture_output=True, text=True, timeout=60, check=True)
+    assert answer == json.loads(cli.stdout)
+    record = audit_record(gateway.config_dir, response)
+    assert (record["activityDisplayName"], record["category"], record["resultReason"]) == ("Ask What If", "Policy",
+                                                                                          "block (403)")
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    pytest.param(b"user=alex", "not JSON", id="a form, not JSON"),
+    pytest.param(b'["alex"]', "expected a mapping", id="a list"),
+    pytest.param(b'{"url": "https://mail.contoso.test/owa/"}', "required key 'user'", id="no user"),
+    pytest.param(b'{"user": "a", "url": "https://mail.contoso.test/owa/", "clientAppType": "browsr"}',
+                 "did you mean 'browser'", id="misspelt clientAppType"),
+    pytest.param(b'{"user": "a", "url": "https://mail.contoso.test/owa/", "devic": "x"}', "unknown key 'devic'",
+                 id="unknown key"),
+    pytest.param(b'{"user": "a", "url": "https://elsewhere.test/"}', "not on a protected host", id="unknown host"),
+    pytest.param(b'{"user": "a", "url": "https://mail.contoso.test/owa/", "app": "nope"}', "neither a configured",
+                 id="unknown app"),
+])
+def test_a_bad_whatif_question_gets_400_saying_why(gateway: Gateway, body: bytes, message: str) -> None:
+    response = admin(gateway.admin_port, "POST", "/admin/whatif", admin_token(gateway, READER), content=body,
+                     headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert message in response.json()["error_description"]
+    assert message in audit_record(gateway.config_dir, response)["resultReason"]
+
+
+def test_a_huge_whatif_body_is_refused_unread(gateway: Gateway) -> None:
+    response = admin(gateway.admin_port, "POST", "/admin/whatif", admin_token(gateway, READER),
+                     content=b"{" + b" " * 70_000 + b"}")
+    assert response.status_code == 413
+
+
+def test_dashboard_escapes_what_it_shows(gateway: Gateway) -> None:
+    response = admin(gateway.admin_port, "GET", "/", admin_token(gateway, READER),
+                     params={"user": "<script>alert(1)</script>", "device": '"><img src=x>'})
+    assert response.status_code == 200
+    assert "<script>alert" not in response.text and "<img src=x>" not in response.text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in response.text
+    policy = response.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "script-src" not in policy and "'unsafe-inline'" not in policy
+    assert response.headers["X-Frame-Options"] == "DENY" and response.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize(("query", "message"), [
+    pytest.param({"result": "maybe"}, "result must be one of", id="unknown result"),
+    pytest.param({"limit": "100000"}, "limit must be a number from 1 to 500", id="page too large"),
+])
+def test_dashboard_refuses_bad_filters(gateway: Gateway, query: dict[str, str], message: str) -> None:
+    response = admin(gateway.admin_port, "GET", "/", admin_token(gateway, READER), params=query)
+    assert response.status_code == 400 and message in response.text
+
+
+def test_the_gateway_jwks_is_published_on_the_admin_listener(gateway: Gateway) -> None:
+    response = admin(gateway.admin_port, "GET", "/.well-known/jwks.json")
+    assert response.status_code == 200
+    keys = response.json()["keys"]
+    assert [k["alg"] for k in keys] == ["ES256"] and "d" not in keys[0]
+
+
+@pytest.fixture
+def reload_admin(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> Iterator[tuple[int, Operations, Path]]:
+    """A gateway of its own (the session's issuer), so that reloads leave the session's rules alone."""
+    config_dir = own_config(tmp_path, gateway, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
+    (config_dir / "cases.yaml").unlink()  # the stricter rules below break a demo case on purpose
+    with Background(lambda: admin_only(config_dir)) as (port, operations):
+        yield port, operations, config_dir
+
+
+STRICT = "maxDeviceThreatLevel: secured"  # Alex's iPhone reports "low": blocked under these rules
+ALEX_SYNCS = {"user": "alex@contoso.test", "url": f"https://{MAIL}/Microsoft-Server-ActiveSync",
+              "app": "outlook-mobile", "device": ALEX_IPHONE}
+
+
+def test_an_operator_reloads_a_changed_policy_through_the_api(gateway: Gateway,
+                                                             reload_admin: tuple[int, Operations, Path]) -> None:
+    port, operations, config_dir = reload_admin
+    reader, operator = admin_token(gateway, READER), admin_token(gateway, OPERATOR, user="omar@contoso.test")
+
+    def alex_would_be() -> str:
+        return str(admin(port, "POST", "/admin/whatif", reader, json=ALEX_SYNCS).json()["result"])
+
+    assert alex_would_be() == "allow"
+    policies = config_dir / "policies.yaml"
+    policies.write_text(policies.read_text().replace("maxDeviceThreatLevel: low", STRICT, 1))
+    assert admin(port, "POST", "/admin/reload", reader).status_code == 403
+    assert alex_would_be() == "allow"  # the reader's attempt changed nothing
+    response = admin(port, "POST", "/admin/reload", operator)
+    assert response.status_code == 200, response.text
+    assert response.json()["applied"] is True and response.json()["trigger"] == "adminApi"
+    assert alex_would_be() == "block"
+    record = audit_record(config_dir, response)
+    assert (record["activityDisplayName"], record["result"]) == ("Reload configuration", "success")
+    assert record["initiatedBy"]["user"]["userPrincipalName"] == "omar@contoso.test"
+    assert record["targetResources"][0]["type"] == "Configuration"
+    samples = scrape(port, reader)
+    assert value(samples, "portcullis_config_reloads_total", result="success", trigger="adminApi") == 1
+    assert value(samples, "portcullis_admin_requests_total", action="reload", outcome="forbidden") == 1
+    assert value(samples, "portcullis_admin_requests_total", action="reload", outcome="success") == 1
+
+
+def test_an_invalid_change_is_rejected_with_its_line_and_the_last_good_rules_stay(
+        gateway: Gateway, reload_admin: tuple[int, Operations, Path]) -> None:
+    port, operations, config_dir = reload_admin
+    reader, operator = admin_token(gateway, READER), admin_token(gateway, OPERATOR)
+    policies = config_dir / "policies.yaml"
+    original = policies.read_text()
+    policies.write_text(original.replace("maxDeviceThreatLevel: low", STRICT, 1))
+    assert admin(port, "POST", "/admin/reload", operator).status_code == 200
+    broken = original.replace("    state: enabled\n", "    state: enabeld\n", 1)
+    line = original[:original.index("    state: enabled\n")].count("\n") + 1
+    policies.write_text(broken)
+    response = admin(port, "POST", "/admin/reload", operator)
+    assert response.status_code == 422
+    outcome = response.json()
+    assert outcome["applied"] is False
+    assert any(f"policies.yaml:{line}:" in p and "enabeld" in p for p in outcome["problems"]), outcome["problems"]
+    assert admin(port, "POST", "/admin/whatif", reader, json=ALEX_SYNCS).json()["result"] == "block"  # last good
+    ready = admin(port, "GET", "/readyz")
+    config_check = next(c for c in ready.json()["checks"] if c["name"] == "config")
+    assert ready.status_code == 200 and config_check["status"] == "warn" and "enabeld" in config_check["detail"]
+    samples = scrape(port, reader)
+    assert value(samples, "portcullis_config_reloads_total", result="failure", trigger="adminApi") == 1
+    assert value(samples, "portcullis_config_last_reload_successful") == 0
+    record = audit_record(config_dir, response)
+    assert record["result"] == "failure" and f"policies.yaml:{line}:" in record["resultReason"]
+    dashboard = admin(port, "GET", "/", reader)
+    assert "rejected: the previous rules stay in force" in dashboard.text and "enabeld" in dashboard.text
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)")
+def test_the_demo_banner_prints_a_working_admin_command(gateway: Gateway, tmp_path: Path) -> None:
+    config = load_config(gateway.config_dir)
+    text = banner(config, gateway.idp, tmp_path / "ca.pem", gateway.port)
+    command = next(line for line in text.splitlines() if line.startswith("curl") and "/metrics" in line)
+    output = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30).stdout
+    assert "portcullis_decisions_total" in output
+    assert f"http://127.0.0.1:{gateway.admin_port}/" in text  # the dashboard
+
+
+def _edit_admin_section(config_dir: Path, change: Callable[[Any], None]) -> None:
+    yaml = YAML()
+    path = config_dir / "portcullis.yaml"
+    data = yaml.load(path)
+    change(data["admin"])
+    yaml.dump(data, path)
+
+
+def test_check_warns_when_the_admin_api_leaves_loopback(tmp_path: Path) -> None:
+    config_dir = demo_config_copy(tmp_path, Ports.fresh())
+    assert not [w for w in config_warnings(load_config(config_dir)) if "admin" in w.key]
+    _edit_admin_section(config_dir, lambda admin: admin["listen"].update(host="0.0.0.0"))  # noqa: S104
+    warnings = [str(w) for w in config_warnings(load_config(config_dir)) if "admin" in w.key]
+    assert len(warnings) == 1 and "plain HTTP" in warnings[0] and "portcullis.yaml:" in warnings[0]
+
+
+def test_an_admin_section_needs_an_audience(tmp_path: Path) -> None:
+    config_dir = demo_config_copy(tmp_path, Ports.fresh())
+    _edit_admin_section(config_dir, lambda admin: admin.pop("audience"))
+    with pytest.raises(ConfigError) as raised:
+        load_config(config_dir)
+    assert [str(p).split(": ", 1)[1] for p in raised.value.problems] == ["admin: required key 'audience' is missing"]
+
+
+def test_signal_age_is_nan_for_a_source_never_heard_from(gateway: Gateway) -> None:
+    samples = scrape(gateway.admin_port, admin_token(gateway, READER))
+    age = value(samples, "portcullis_signal_age_seconds", source="mtd:demo-mtd")
+    checks = {c["name"]: c for c in admin(gateway.admin_port, "GET", "/readyz").json()["checks"]}
+    if checks["mtd:demo-mtd"]["ageSeconds"] is None:
+        assert math.isnan(age)
+    else:
+        assert age >= 0
+
+
+def test_an_admin_port_in_use_stops_the_gateway_with_a_clear_error(tmp_path: Path) -> None:
+    ports = Ports.fresh()
+    config_dir = demo_config_copy(tmp_path, ports)
+    with socket.create_server(("127.0.0.1", ports.admin)):
+        result = subprocess.run([PORTCULLIS, "demo", "--config", str(config_dir)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"portcullis: the admin API cannot listen on 127.0.0.1:{ports.admin}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_sign_in_form_sets_a_strict_http_only_cookie_for_a_reader_token(gateway: Gateway) -> None:
+    response = admin(gateway.admin_port, "POST", "/signin", data={"token": admin_token(gateway, READER)},
+                     headers={"Origin": f"http://127.0.0.1:{gateway.admin_port}"})
+    assert (response.status_code, response.headers["location"]) == (303, "/")
+    cookie = response.headers["set-cookie"].lower()
+    assert cookie.startswith("portcullis_admin=") and "httponly" in cookie and "samesite=strict" in cookie
+    assert audit_record(gateway.config_dir, response)["activityDisplayName"] == "Sign in to the dashboard"
+
+
+@pytest.mark.parametrize("headers", [
+    pytest.param({"Origin": "http://evil.example"}, id="another origin"),
+    pytest.param({"Origin": "null"}, id="an opaque origin"),
+    pytest.param({"Sec-Fetch-Site": "cross-site"}, id="a cross-site fetch"),
+])
+def test_a_sign_in_posted_from_another_site_is_refused(gateway: Gateway, headers: dict[str, str]) -> None:
+    response = admin(gateway.admin_port, "POST", "/signin", data={"token": admin_token(gateway, READER)},
+                     headers=headers)
+    assert response.status_code == 403 and "set-cookie" not in response.headers
+    assert "dashboard's own page" in audit_record(gateway.config_dir, response)["resultReason"]
