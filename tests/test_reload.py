@@ -42,6 +42,14 @@ def stricter(policies: str) -> str:
     return policies.replace("maxDeviceThreatLevel: low", STRICT, 1)
 
 
+def save(path: Path, text: str) -> None:
+    """Replace a config file in one step, as editors and config management do (write, rename):
+    the watcher never sees it half-written."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
 def own_config(tmp_path: Path, gateway: Gateway, demo_ports: Ports, *, keep_cases: bool = False) -> Path:
     config_dir = demo_config_copy(tmp_path, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
     write_trustme_certificate(gateway.ca, config_dir)
@@ -108,13 +116,13 @@ def test_reload_under_load_loses_no_request(gateway: Gateway, tmp_path: Path, de
         for worker in workers:
             worker.start()
         for round_ in range(1, 9):
-            policies.write_text(stricter(original) if round_ % 2 else original)
+            save(policies, stricter(original) if round_ % 2 else original)
             wait_for_reloads(operations, round_)
             time.sleep(0.05)
         stop.set()
         for worker in workers:
             worker.join(15)
-        policies.write_text(stricter(original))
+        save(policies, stricter(original))
         wait_for_reloads(operations, 9)
         assert alex_syncs(gateway, port, token) == 403  # the last rules are in force
         applied = operations.service.metrics.reloads.labels("success", "fileWatch")._value.get()
@@ -176,7 +184,7 @@ def test_an_invalid_change_keeps_the_last_good_rules(gateway: Gateway, tmp_path:
     with Background(lambda: reloading_gateway(config_dir)) as (port, operations):
         broken = original.replace("    state: enabled\n", "    state: enabeld\n", 1)
         line = original[:original.index("    state: enabled\n")].count("\n") + 1
-        policies.write_text(stricter(broken))
+        save(policies, stricter(broken))
         wait_for_reloads(operations, 1)
         outcome = operations.reloader.last
         assert outcome is not None and not outcome.applied
@@ -185,7 +193,7 @@ def test_an_invalid_change_keeps_the_last_good_rules(gateway: Gateway, tmp_path:
         config_check = next(c for c in operations.health.checks() if c.name == "config")
         assert config_check.status == "warn" and "enabeld" in config_check.detail
         assert operations.service.metrics.config_valid._value.get() == 0
-        policies.write_text(stricter(original))
+        save(policies, stricter(original))
         wait_for_reloads(operations, 2)
         assert operations.reloader.last is not None and operations.reloader.last.applied
         assert alex_syncs(gateway, port, token) == 403
@@ -202,7 +210,7 @@ def test_a_change_only_a_restart_can_apply_is_refused_with_its_line(gateway: Gat
     assert changed != text
     line = changed[:changed.index("clockSkewSeconds: 60")].count("\n") + 1
     with Background(lambda: reloading_gateway(config_dir)) as (_, operations):
-        settings.write_text(changed)
+        save(settings, changed)
         wait_for_reloads(operations, 1)
         outcome = operations.reloader.last
     assert outcome is not None and not outcome.applied
@@ -218,7 +226,7 @@ def test_a_change_that_fails_the_policy_tests_is_refused(gateway: Gateway, tmp_p
     policies = config_dir / "policies.yaml"
     token = alex_token(gateway)
     with Background(lambda: reloading_gateway(config_dir)) as (port, operations):
-        policies.write_text(stricter(policies.read_text()))
+        save(policies, stricter(policies.read_text()))
         wait_for_reloads(operations, 1)
         outcome = operations.reloader.last
         assert outcome is not None and not outcome.applied
@@ -240,7 +248,7 @@ def test_sighup_reloads_a_running_gateway(tmp_path: Path) -> None:
         while not process.stdout.readline().startswith("curl"):
             assert time.monotonic() < deadline and process.poll() is None, "".join(log)
         policies = config_dir / "policies.yaml"
-        policies.write_text(stricter(policies.read_text()))
+        save(policies, stricter(policies.read_text()))
         process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 15
         while not any("config reloaded (SIGHUP)" in line for line in log):
