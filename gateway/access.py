@@ -283,7 +283,7 @@ class AccessService:
         request = replace(request, path=path, target=request.path)
         found = rules.policy_set.match(request.host, path)
         if found is None or found.public:
-            return self._without_identity(request, found.primary if found else None, now)
+            return self._without_identity(rules, request, found.primary if found else None, now)
         session: BrowserSession | None = None
         if not authorization and self.browser is not None:
             session = self.browser.session(cookie_value(cookies or []), request.host)
@@ -331,7 +331,7 @@ class AccessService:
             return Outcome(decision, None, _upstream_headers(request, identity, app, assertion), identity.device_id,
                            decision.session_controls)
         response = pages.blocked(decision=decision, request=request, app=app, device=device,
-                                 remediation_url=self.config.gateway_file.gateway.remediation_url, now=now)
+                                 remediation_url=rules.config.gateway_file.gateway.remediation_url, now=now)
         return Outcome(decision, response)
 
     async def _device_signals(self, rules: Rules, identity: Identity, request: AccessRequest) -> DeviceSignals:
@@ -385,10 +385,11 @@ class AccessService:
                                     app=app, identity_source=source, locations=rules.locations(request)),
                      decision, app.name)
         response = pages.blocked(decision=decision, request=request, app=app, device=device,
-                                 remediation_url=self.config.gateway_file.gateway.remediation_url, now=now)
+                                 remediation_url=rules.config.gateway_file.gateway.remediation_url, now=now)
         return Outcome(decision, response)
 
-    def _without_identity(self, request: AccessRequest, resource: str | None, now: datetime) -> Outcome:
+    def _without_identity(self, rules: Rules, request: AccessRequest, resource: str | None,
+                          now: datetime) -> Outcome:
         """Before any token: a public resource is forwarded, a path no resource names is denied."""
         app_type = client_app_type(request, None)
         if resource is None:
@@ -405,7 +406,7 @@ class AccessService:
                                             *headers.forwarding_headers(request.client_ip, request.host)))
         nobody = DeviceSignals(device_id=None, device=None, source=self.inventory.name)
         response = pages.blocked(decision=decision, request=request, app=ClientApp(client_id=None, name=None),
-                                 device=nobody, remediation_url=self.config.gateway_file.gateway.remediation_url,
+                                 device=nobody, remediation_url=rules.config.gateway_file.gateway.remediation_url,
                                  now=now)
         return Outcome(decision, response)
 
