@@ -264,12 +264,12 @@ class DecisionLog:
                                "portcullis_decision_log_dropped_total)", self.dropped)
 
     def recent(self) -> list[dict[str, Any]]:
-        """The newest records first."""
-        return list(reversed(self._recent))
+        """The newest records first (a copy: the request path keeps appending meanwhile)."""
+        return list(self._recent)[::-1]
 
     def find(self, correlation_id: str) -> dict[str, Any] | None:
         """One record by its id: from memory, else from the files, newest first (blocking I/O)."""
-        for record in reversed(self._recent):
+        for record in self.recent():
             if record.get("correlationId") == correlation_id:
                 return record
         self.flush()
@@ -320,13 +320,16 @@ def find_record(files: Iterable[Path], correlation_id: str) -> dict[str, Any] | 
     needle = f'"correlationId":"{correlation_id}"'
     for file in files:
         found = None
-        with file.open(encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                if needle in line:
-                    try:
-                        found = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
+        try:
+            with file.open(encoding="utf-8", errors="replace") as lines:
+                for line in lines:
+                    if needle in line:
+                        try:
+                            found = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue
+        except FileNotFoundError:
+            continue  # rotated away while we looked: its records moved to the next file name
         if found is not None:
             return found
     return None

@@ -3,10 +3,10 @@
 decided on stale data: take this instance out of the load balancer).
 
 - ``config``: the last reload attempt; a rejected one warns (the last good rules stay in force).
-- ``jwks``: the issuer's signing keys were fetched; a failing refresh with keys past their cache
-  lifetime warns, never fetched fails.
+- ``jwks``: the issuer's signing keys were fetched; a failed refresh warns (the keys already
+  fetched stay in use), never fetched fails.
 - ``deviceInventory``: the SQLite inventory answers; ``graph``: the last full sync is not older
-  than twice the sync interval.
+  than twice the sync interval (and one has succeeded within twice the interval of the start).
 - ``mtd:<partner>``: the partner was heard from within ``unresponsiveAfterSeconds``; past that its
   verdicts are ignored (warn).
 """
@@ -27,6 +27,7 @@ from gateway.signals.graph import GraphInventory
 
 type Status = Literal["pass", "warn", "fail"]
 SEVERITY: dict[Status, int] = {"pass": 0, "warn": 1, "fail": 2}
+WITHOUT_AGE = frozenset({"config", "deviceInventory"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ class GatewayHealth:
                  clock: Callable[[], datetime] = utc_now) -> None:
         self.service, self.jwks, self.reloader, self.graph = service, jwks, reloader, graph
         self._timer, self._clock = timer, clock
+        self._started = clock()
 
     def checks(self) -> list[Check]:
         """Cheap enough for a load balancer polling every second (a few SQLite reads)."""
@@ -58,8 +60,9 @@ class GatewayHealth:
         return checks
 
     def signal_ages(self) -> list[tuple[str, float | None]]:
-        """Seconds since each signal source last delivered (for the metric)."""
-        return [(c.name, c.age_seconds) for c in self.checks() if c.name != "config"]
+        """Seconds since each signal source last delivered (for the metric); sources read in place
+        (the SQLite inventory) have no age and are left out."""
+        return [(c.name, c.age_seconds) for c in self.checks() if c.name not in WITHOUT_AGE]
 
     def _config(self) -> Check:
         reloader = self.reloader
@@ -98,11 +101,14 @@ class GatewayHealth:
         graph_settings = self.service.config.gateway_file.device_signals.graph
         if self.graph is not None and graph_settings is not None:
             synced = self.graph.synced_at
+            limit = 2 * graph_settings.sync_interval_seconds
             if synced is None:
-                checks.append(Check("graph", "warn", "no full sync from Microsoft Graph has succeeded yet"))
+                late = (self._clock() - self._started).total_seconds() > limit
+                checks.append(Check("graph", "fail" if late else "warn",
+                                    "no full sync from Microsoft Graph has succeeded since start"))
             else:
                 age = (self._clock() - synced).total_seconds()
-                late = age > 2 * graph_settings.sync_interval_seconds
+                late = age > limit
                 checks.append(Check("graph", "fail" if late else "pass",
                                     f"last full sync {age:.0f} s ago" + (" (over twice the sync interval)"
                                                                           if late else ""), age))

@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.access import AccessService, Rules, utc_now
 from gateway.config import CASES_FILE, GATEWAY_FILE, POLICIES_FILE, Config, load_config
+from gateway.config.lint import covered_resources
 from gateway.config.loader import locate
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.metrics import GatewayMetrics
@@ -89,10 +90,10 @@ class ConfigReloader:
     async def _reload(self, trigger: str) -> ReloadOutcome:
         now = self._clock()
         try:
-            config = load_config(self.directory)
+            config = await asyncio.to_thread(load_config, self.directory)  # file reads stay off the proxy's loop
         except ConfigError as error:
             return ReloadOutcome(trigger, now, False, tuple(str(p) for p in error.problems))
-        problems = restart_only_changes(self.service.config, config)
+        problems = restart_only_changes(self.service.config, config) + uncovered_by_change(self.service.config, config)
         if not problems:
             problems = await self._failing_cases(config, now)
         if problems:
@@ -157,6 +158,18 @@ def restart_only_changes(running: Config, candidate: Config) -> list[ConfigProbl
         elif before != after:
             problems.append(_needs_restart(data, candidate, (field.alias or name,)))
     return problems
+
+
+def uncovered_by_change(running: Config, candidate: Config) -> list[ConfigProblem]:
+    """A reload never takes the last enforced policy away from a resource: that opens it to any
+    valid token, and is what a half-written policies file looks like. Do it with a restart."""
+    before, _ = covered_resources(running)
+    after, _ = covered_resources(candidate)
+    opened = sorted(r for r in before - after if r in candidate.resources and not candidate.resources[r].public)
+    file = next((name for name in candidate.sources if name.endswith(POLICIES_FILE)), POLICIES_FILE)
+    return [ConfigProblem(file, None, None, "policies", f"resource {name!r} would be covered by no enabled policy "
+                          "(any valid token would reach it); a reload never removes the last enforced policy of a "
+                          "resource: restart the gateway to apply this change deliberately") for name in opened]
 
 
 def _needs_restart(data: object, candidate: Config, loc: tuple[str, ...]) -> ConfigProblem:

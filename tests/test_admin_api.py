@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import socket
 import subprocess
@@ -459,16 +458,6 @@ def test_an_admin_section_needs_an_audience(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_config(config_dir)
     assert [str(p).split(": ", 1)[1] for p in raised.value.problems] == ["admin: required key 'audience' is missing"]
-
-
-def test_signal_age_is_nan_for_a_source_never_heard_from(gateway: Gateway) -> None:
-    samples = scrape(gateway.admin_port, admin_token(gateway, READER))
-    age = value(samples, "portcullis_signal_age_seconds", source="mtd:demo-mtd")
-    checks = {c["name"]: c for c in admin(gateway.admin_port, "GET", "/readyz").json()["checks"]}
-    if checks["mtd:demo-mtd"]["ageSeconds"] is None:
-        assert math.isnan(age)
-    else:
-        assert age >= 0
 
 
 def test_an_admin_port_in_use_stops_the_gateway_with_a_clear_error(tmp_path: Path) -> None:

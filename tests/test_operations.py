@@ -79,6 +79,7 @@ def test_readiness_passes_with_fresh_signals_and_warns_about_a_silent_mtd_partne
     yaml.dump(settings, config_dir / "portcullis.yaml")
     with Background(lambda: operated(config_dir)) as (_, operations):
         before = {c.name: c for c in operations.health.checks()}
+        ages_before = dict(operations.health.signal_ages())
         assert operations.service.store is not None
         operations.service.store.partner_contact("lookout", now=datetime.now(UTC))
         after = {c.name: c for c in operations.health.checks()}
@@ -90,3 +91,5 @@ def test_readiness_passes_with_fresh_signals_and_warns_about_a_silent_mtd_partne
     assert after["mtd:lookout"].status == "pass"
     assert overall(list(after.values())) == "pass"
     assert ages["jwks"] is not None and ages["mtd:lookout"] is not None and ages["mtd:lookout"] < 60
+    assert ages_before["mtd:lookout"] is None  # never heard from: NaN in the metric
+    assert "deviceInventory" not in ages  # read in place: no age, so no always-NaN series

@@ -18,7 +18,7 @@ import httpx
 
 from gateway import bootstrap
 from gateway.access import AccessService
-from gateway.demo import ACTIVESYNC, ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
+from gateway.demo import ACTIVESYNC, ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, OFFICE, OUTLOOK_MOBILE
 from gateway.operations import Operations
 from gateway.policy.model import AccessRequest, ManagedDevice
 from tests.conftest import (
@@ -219,6 +219,26 @@ def test_a_change_only_a_restart_can_apply_is_refused_with_its_line(gateway: Gat
     assert "portcullis.yaml:" in problem and "identity" in problem and "only a restart" in problem
     reported_line = int(problem.split("portcullis.yaml:")[1].split(":")[0])
     assert reported_line <= line  # the section that changed, at or above the changed key
+
+
+def test_a_reload_never_leaves_a_resource_without_its_last_enforced_policy(gateway: Gateway, tmp_path: Path,
+                                                                           demo_ports: Ports) -> None:
+    """A half-written policies file is still valid YAML: the first policy alone. Applied, it would
+    open OWA and SharePoint to any valid token."""
+    config_dir = own_config(tmp_path, gateway, demo_ports)
+    policies = config_dir / "policies.yaml"
+    text = policies.read_text()
+    prefix = text[:text.index("  - name: owa-compliant-device")]
+    blake = gateway.idp.mint(user="blake@contoso.test", client_id=OFFICE, audience=EXCHANGE, device_id=BLAKE_ANDROID)
+    with Background(lambda: reloading_gateway(config_dir)) as (port, operations):
+        save(policies, prefix)
+        wait_for_reloads(operations, 1)
+        outcome = operations.reloader.last
+        owa = gateway.request(MAIL, "/owa/", token=blake, port=port).status_code
+    assert outcome is not None and not outcome.applied
+    assert any("'exchange-owa' would be covered by no enabled policy" in p for p in outcome.problems)
+    assert any("'sharepoint-sites' would be covered by no enabled policy" in p for p in outcome.problems)
+    assert owa == 403  # Blake's noncompliant phone is still refused
 
 
 def test_a_change_that_fails_the_policy_tests_is_refused(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:

@@ -62,10 +62,9 @@ def _never_applies(policy: ConditionalAccessPolicy, resources: set[str]) -> str 
     return None
 
 
-def _uncovered_resources(config: Config) -> Iterator[ConfigProblem]:
-    """A policy with a rollout covers its cohort only: a resource that only such policies cover is
-    reached by any valid token outside the cohorts."""
-    name, data = _source(config, GATEWAY_FILE)
+def covered_resources(config: Config) -> tuple[set[str], dict[str, str]]:
+    """The resources an enabled policy with grant controls guards for everyone, and those only a
+    rollout cohort's policy guards (with that policy's name)."""
     covered: set[str] = set()
     cohort_only: dict[str, str] = {}
     for policy in config.policies:
@@ -78,6 +77,14 @@ def _uncovered_resources(config: Config) -> Iterator[ConfigProblem]:
                 covered |= resources
             else:
                 cohort_only.update({r: policy.name for r in resources if r not in cohort_only})
+    return covered, cohort_only
+
+
+def _uncovered_resources(config: Config) -> Iterator[ConfigProblem]:
+    """A policy with a rollout covers its cohort only: a resource that only such policies cover is
+    reached by any valid token outside the cohorts."""
+    name, data = _source(config, GATEWAY_FILE)
+    covered, cohort_only = covered_resources(config)
     for resource_name, resource in config.resources.items():
         if not resource.public and resource_name not in covered:
             own = resource_name in config.gateway_file.resources

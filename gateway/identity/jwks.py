@@ -50,6 +50,7 @@ class JwksCache:
         self._bound: dict[tuple[str, str], PyJWK] = {}
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
+        self._failed = False
         self._lock = asyncio.Lock()
 
     @property
@@ -58,8 +59,8 @@ class JwksCache:
 
     @property
     def refresh_failing(self) -> bool:
-        """The last fetch attempt failed (the keys in use are older than that attempt)."""
-        return self._attempted_at is not None and (self._fetched_at is None or self._attempted_at > self._fetched_at)
+        """The last fetch that finished failed (the keys in use, if any, are older than it)."""
+        return self._failed
 
     async def key(self, kid: str, algorithm: str) -> PyJWK | None:
         """The key with this kid for this algorithm, refreshing the set if it is stale or the kid
@@ -101,6 +102,14 @@ class JwksCache:
 
     async def _fetch(self) -> None:
         self._attempted_at = self._timer()
+        try:
+            await self._fetch_keys()
+        except SignalUnavailable:
+            self._failed = True
+            raise
+        self._failed = False
+
+    async def _fetch_keys(self) -> None:
         async with httpx.AsyncClient(timeout=self._timeout, transport=self._transport,
                                      follow_redirects=False) as client:
             discovery = await _get_json(client, f"{self.issuer.rstrip('/')}/.well-known/openid-configuration")
