@@ -26,6 +26,7 @@ from ruamel.yaml import YAML
 from addons.runner import build_master, running_gateway
 from gateway import bootstrap
 from gateway.access import AccessService
+from gateway.operations import Operations
 from gateway.web.demo_idp import DemoIdentityProvider
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +118,24 @@ class Background[T]:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(START_TIMEOUT)
+
+
+def gateway_config(tmp_path: Path, ca: trustme.CA, ports: Ports) -> Path:
+    """A copy of the demo config for a gateway a test starts itself, with the session's certificate."""
+    config_dir = demo_config_copy(tmp_path, ports)
+    write_trustme_certificate(ca, config_dir)
+    return config_dir
+
+
+async def operations_for(config_dir: Path, *, fetch_keys: bool = True) -> Operations:
+    """What ``running_gateway`` wires (seeded inventory, service, keys, reloader, health), without
+    listeners: the test adds the listener it needs (``proxy_for`` or the admin listener)."""
+    loaded = bootstrap.load(config_dir)
+    bootstrap.seed_store(loaded)
+    service, jwks = bootstrap.build_service(loaded)
+    if fetch_keys:
+        await jwks.refresh()
+    return Operations.of(service, jwks, loaded.inventory)
 
 
 @contextlib.asynccontextmanager

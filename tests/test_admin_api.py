@@ -19,7 +19,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
 
-from gateway import bootstrap
 from gateway.config import load_config
 from gateway.config.lint import config_warnings
 from gateway.demo import (
@@ -35,7 +34,7 @@ from gateway.demo import (
 from gateway.errors import ConfigError
 from gateway.operations import Operations
 from gateway.web.admin import admin_listener
-from tests.conftest import Background, Gateway, Ports, demo_config_copy, free_port, write_trustme_certificate
+from tests.conftest import Background, Gateway, Ports, demo_config_copy, free_port, gateway_config, operations_for
 
 ADMIN_AUDIENCE = "api://portcullis-admin"
 READER, OPERATOR = "Portcullis.Reader", "Portcullis.Operator"
@@ -114,24 +113,17 @@ def test_readyz_lists_every_check_and_is_ready(gateway: Gateway) -> None:
 @contextlib.asynccontextmanager
 async def admin_only(config_dir: Path, *, fetch_keys: bool = True) -> AsyncIterator[tuple[int, Operations]]:
     """A gateway's service and admin listener, without the proxy: what reload and readiness act on."""
-    loaded = bootstrap.load(config_dir)
-    bootstrap.seed_store(loaded)
-    service, jwks = bootstrap.build_service(loaded)
-    if fetch_keys:
-        await jwks.refresh()
-    operations = Operations.of(service, jwks, loaded.inventory)
+    operations = await operations_for(config_dir, fetch_keys=fetch_keys)
     try:
         async with admin_listener(operations) as address:
             assert address is not None
             yield address[1], operations
     finally:
-        service.close()
+        operations.service.close()
 
 
 def own_config(tmp_path: Path, gateway: Gateway, ports: Ports) -> Path:
-    config_dir = demo_config_copy(tmp_path, ports)
-    write_trustme_certificate(gateway.ca, config_dir)
-    return config_dir
+    return gateway_config(tmp_path, gateway.ca, ports)
 
 
 def test_readyz_fails_with_503_when_the_issuer_keys_were_never_fetched(gateway: Gateway, tmp_path: Path,

@@ -20,11 +20,10 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from gateway import bootstrap
 from gateway.audit import DecisionLog, Pseudonymizer, find_record, log_files
 from gateway.demo import DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.metrics import GatewayMetrics
-from tests.conftest import Background, Gateway, Ports, demo_config_copy, proxy_for, write_trustme_certificate
+from tests.conftest import Background, Gateway, Ports, gateway_config, operations_for, proxy_for
 
 MAIL = "mail.contoso.test"
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
@@ -41,17 +40,13 @@ def drew_syncs(gateway: Gateway, port: int | None = None) -> str:
 
 @contextlib.asynccontextmanager
 async def listener(config_dir: Path) -> AsyncIterator[tuple[int, Path]]:
-    loaded = bootstrap.load(config_dir)
-    bootstrap.seed_store(loaded)
-    service, jwks = bootstrap.build_service(loaded)
-    await jwks.refresh()
-    async with proxy_for(service) as port:
-        yield port, service.decision_log.path
+    operations = await operations_for(config_dir)
+    async with proxy_for(operations.service) as port:
+        yield port, operations.service.decision_log.path
 
 
 def own_config(tmp_path: Path, gateway: Gateway, demo_ports: Ports, **decision_log: Any) -> Path:
-    config_dir = demo_config_copy(tmp_path, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
-    write_trustme_certificate(gateway.ca, config_dir)
+    config_dir = gateway_config(tmp_path, gateway.ca, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
     yaml = YAML()
     settings = yaml.load(config_dir / "portcullis.yaml")
     settings["decisionLog"].update(decision_log)

@@ -11,31 +11,23 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from gateway import bootstrap
 from gateway.demo import ACTIVESYNC, ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
 from gateway.errors import SignalUnavailable
 from gateway.health import overall
 from gateway.operations import Operations
-from tests.conftest import Background, Gateway, Ports, demo_config_copy, free_port, proxy_for, write_trustme_certificate
+from tests.conftest import Background, Gateway, Ports, free_port, gateway_config, operations_for, proxy_for
 
 MAIL = "mail.contoso.test"
 
 
 def own_config(tmp_path: Path, gateway: Gateway, ports: Ports) -> Path:
-    config_dir = demo_config_copy(tmp_path, ports)
-    write_trustme_certificate(gateway.ca, config_dir)
-    return config_dir
+    return gateway_config(tmp_path, gateway.ca, ports)
 
 
 @contextlib.asynccontextmanager
 async def operated(config_dir: Path, *, fetch_keys: bool = True) -> AsyncIterator[tuple[int, Operations]]:
-    loaded = bootstrap.load(config_dir)
-    bootstrap.seed_store(loaded)
-    service, jwks = bootstrap.build_service(loaded)
-    if fetch_keys:
-        await jwks.refresh()
-    operations = Operations.of(service, jwks, loaded.inventory)
-    async with proxy_for(service) as port:
+    operations = await operations_for(config_dir, fetch_keys=fetch_keys)
+    async with proxy_for(operations.service) as port:
         yield port, operations
 
 

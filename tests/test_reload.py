@@ -21,14 +21,7 @@ from gateway.access import AccessService
 from gateway.demo import ACTIVESYNC, ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, OFFICE, OUTLOOK_MOBILE
 from gateway.operations import Operations
 from gateway.policy.model import AccessRequest, ManagedDevice
-from tests.conftest import (
-    Background,
-    Gateway,
-    Ports,
-    demo_config_copy,
-    proxy_for,
-    write_trustme_certificate,
-)
+from tests.conftest import Background, Gateway, Ports, demo_config_copy, gateway_config, operations_for, proxy_for
 
 MAIL = "mail.contoso.test"
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
@@ -51,8 +44,7 @@ def save(path: Path, text: str) -> None:
 
 
 def own_config(tmp_path: Path, gateway: Gateway, demo_ports: Ports, *, keep_cases: bool = False) -> Path:
-    config_dir = demo_config_copy(tmp_path, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
-    write_trustme_certificate(gateway.ca, config_dir)
+    config_dir = gateway_config(tmp_path, gateway.ca, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
     if not keep_cases:
         (config_dir / "cases.yaml").unlink()  # the stricter rules break a demo case on purpose
     return config_dir
@@ -61,14 +53,10 @@ def own_config(tmp_path: Path, gateway: Gateway, demo_ports: Ports, *, keep_case
 @contextlib.asynccontextmanager
 async def reloading_gateway(config_dir: Path) -> AsyncIterator[tuple[int, Operations]]:
     """A listener of its own whose config directory is watched, as `portcullis run` does."""
-    loaded = bootstrap.load(config_dir)
-    bootstrap.seed_store(loaded)
-    service, jwks = bootstrap.build_service(loaded)
-    await jwks.refresh()
-    operations = Operations.of(service, jwks, loaded.inventory)
+    operations = await operations_for(config_dir)
     watcher = asyncio.create_task(operations.reloader.watch(interval=0.05, settle=0.05))
     try:
-        async with proxy_for(service) as port:
+        async with proxy_for(operations.service) as port:
             yield port, operations
     finally:
         watcher.cancel()
