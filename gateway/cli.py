@@ -41,6 +41,7 @@ from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLeve
 from gateway.policy_cases import load_cases, run_cases
 from gateway.replay.command import add_parser as add_replay_parser
 from gateway.signals.sqlite_store import DeviceStore, export, parse_import
+from gateway.terminal import printable, printable_lines
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, as_text, policy_states
 
 CLIENT_APP_TYPES = [t for t in ClientAppType if t is not ClientAppType.all]
@@ -58,14 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.command(args))
     except ConfigError as error:
         for problem in error.problems:
-            print(f"portcullis: {problem}", file=sys.stderr)
+            print(printable(f"portcullis: {problem}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
     except Exception as error:  # noqa: BLE001  (one of the three edges: report, exit non-zero)
         if args.debug:
             raise
-        print(f"portcullis: {error}", file=sys.stderr)
+        print(printable_lines(f"portcullis: {error}") if str(error) else f"portcullis: {type(error).__name__}",
+              file=sys.stderr)
         return 1
 
 
@@ -207,7 +209,7 @@ def _why(args: argparse.Namespace) -> int:
     if record is None:
         print(f"portcullis: no decision {args.correlation_id!r} in {log_path} or its rotated files", file=sys.stderr)
         return 1
-    print(json.dumps(record, indent=2) if args.json else explain(record))
+    print(json.dumps(record, indent=2) if args.json else printable_lines(explain(record)))  # JSON escapes controls
     return 0
 
 

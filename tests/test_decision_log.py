@@ -9,6 +9,8 @@ import contextlib
 import hashlib
 import hmac
 import json
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -184,3 +186,26 @@ def test_the_log_takes_records_from_the_event_loop_and_from_threads(tmp_path: Pa
     log.close()
     assert sorted(json.loads(line)["correlationId"] for line in (tmp_path / "d.jsonl").read_text().splitlines()) == \
         ["loop", "thread"]
+
+
+def test_why_never_prints_a_client_s_terminal_escapes(gateway: Gateway) -> None:
+    """The path, User-Agent and names in a record come from the client: `why` shows them inert."""
+    context = ssl.create_default_context()
+    gateway.ca.configure_trust(context)
+    hostile = b"GET /owa/\x1b]0;PWNED\x07\x1b[2J HTTP/1.1\r\nHost: mail.contoso.test\r\n" \
+              b"User-Agent: \xe2\x80\xaeevil\x1b[31m\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=MAIL) as tls:
+        tls.sendall(hostile)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    correlation_id = next(line.split(b": ", 1)[1].decode() for line in answer.split(b"\r\n")
+                          if line.lower().startswith(b"x-portcullis-correlation-id"))
+    record = gateway.decision(correlation_id)
+    assert "\x1b" in record["request"]["path"]  # logged as sent (JSON escapes it in the file)
+    result = subprocess.run([PORTCULLIS, "why", "--config", str(gateway.config_dir), correlation_id],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "/owa/?]0;PWNED??[2J" in result.stdout
+    assert not any(c in result.stdout for c in "\x1b\x07\u202e")
