@@ -1,6 +1,7 @@
 """ContinuousAccess: when a device's signals change (MTD webhook, inventory sync, CLI), every open
 flow of that device is decided again, and its connection closed if it is no longer allowed: an
-ActiveSync Ping long-poll or a streamed download does not outlive a risk raise.
+ActiveSync Ping long-poll or a streamed download does not outlive a risk raise. A reload of the
+rules decides every open flow again.
 
 mitmproxy cannot kill a flow in transit (``Flow.kill`` only marks it), so the client connection
 is closed through the proxyserver's connection handler.
@@ -64,7 +65,7 @@ class ContinuousAccess:
             logger.exception("[%s] re-evaluation failed; closing", flow.metadata.get(CORRELATION_KEY))
             allowed = False
         if not allowed:
-            logger.info("[%s] device signals changed: access withdrawn, closing the connection",
+            logger.info("[%s] device signals or rules changed: access withdrawn, closing the connection",
                         flow.metadata.get(CORRELATION_KEY))
             close_client(flow)
             self._forget(flow)

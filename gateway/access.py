@@ -44,6 +44,7 @@ from gateway.policy.model import (
     DeviceSignals,
     ErrorCode,
     Identity,
+    RolloutCohort,
     SessionControls,
 )
 from gateway.policy.policy_set import PolicySet
@@ -146,8 +147,12 @@ class AccessService:
         return self.rules.policy_set
 
     def apply(self, rules: Rules) -> None:
-        """Swap the rules (a validated reload): one assignment, so no request sees half of each."""
+        """Swap the rules (a validated reload): one assignment, so no request sees half of each.
+        Open long-lived requests (an ActiveSync Ping lasts up to an hour) are then decided again
+        under the new rules, as after a device change: a tightening reload closes them."""
         self.rules = rules
+        for listener in self._listeners:
+            listener({EVERY_DEVICE})
 
     def close(self) -> None:
         self.decision_log.close()
@@ -305,21 +310,13 @@ class AccessService:
             logger.error("[%s] signal unavailable, blocking: %s", request.correlation_id, error)
             return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
         source = "browserSession" if session is not None else "accessToken"
-        mismatch = _device_binding_problem(request, found.names, device)
-        if mismatch is not None:
-            return self._device_mismatch(rules, request, identity, source, device, mismatch, now)
-        app = rules.app(identity)
-        decision = evaluate(request=request, identity=identity, device=device, app=app, resources=found.names,
-                            policy_set=rules.policy_set, now=now)
-        if session is not None and self.browser is not None and decision.allowed and \
+        decided = decide(rules, request, identity, device, found.names, now)
+        if decided.binding_refused:
+            return self._device_mismatch(rules, request, identity, source, device, decided.decision, now)
+        app, decision, restriction = decided.app, decided.decision, decided.restriction
+        if session is not None and self.browser is not None and decided.policy_allowed and \
                 self.browser.needs_fresh_sign_in(session, decision.session_controls, now):
             return self._sign_in(request, decision.session_controls.sign_in_frequency_seconds)
-        restriction = decision.allowed and request_restriction(
-            decision.session_controls, method=request.method, content_type=request.content_type,
-            content_length=request.content_length, chunked=request.chunked, resources=found.names,
-            download_resources=rules.policy_set.download_resources)
-        if restriction:
-            decision = replace(decision, result=DecisionResult.block, status_code=403, reason=restriction)
         self._record(sign_in_record(request=request, decision=decision, now=now, identity=identity, device=device,
                                     app=app, identity_source=source, locations=rules.locations(request)),
                      decision, app.name)
@@ -377,9 +374,7 @@ class AccessService:
         return pages.signed_out(cleared_cookie())
 
     def _device_mismatch(self, rules: Rules, request: AccessRequest, identity: Identity, source: str,
-                         device: DeviceSignals, reason: str, now: datetime) -> Outcome:
-        decision = Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
-                            reason=reason, resource=None, client_app_type=client_app_type(request, identity))
+                         device: DeviceSignals, decision: Decision, now: datetime) -> Outcome:
         app = rules.app(identity)
         self._record(sign_in_record(request=request, decision=decision, now=now, identity=identity, device=device,
                                     app=app, identity_source=source, locations=rules.locations(request)),
@@ -425,6 +420,46 @@ class AccessService:
                             client_app_type=client_app_type(request, None))
         self._record(sign_in_record(request=request, decision=decision, now=self._clock()), decision)
         return Outcome(decision, pages.refused(status, reason, request.correlation_id))
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What the rules decide for a request once its identity and device are known."""
+
+    decision: Decision
+    app: ClientApp
+    binding_refused: bool = False  # the ActiveSync DeviceId is not the token's device: refused before policy
+    restriction: str | None = None  # policy allowed it, a session control refuses it (``decision`` is that block)
+
+    @property
+    def policy_allowed(self) -> bool:
+        """Policy allowed the request (a session control may still refuse it)."""
+        return self.decision.allowed or self.restriction is not None
+
+
+def decide(rules: Rules, request: AccessRequest, identity: Identity, device: DeviceSignals,
+           resources: tuple[str, ...], now: datetime, *, binding_problem: str | None = None,
+           cohorts: Mapping[str, RolloutCohort] | None = None) -> Decided:
+    """The steps after identity, for the gateway and for ``portcullis replay`` alike, so that the
+    two cannot diverge: the ActiveSync device binding, ``evaluate``, then the session controls
+    that refuse the request itself. Pure. ``binding_problem``: a binding refusal known from a
+    record that does not keep the query (replay of a decision log); ``cohorts``: rollout cohorts
+    known from a record (replay of pseudonymised users)."""
+    app = rules.app(identity)
+    problem = binding_problem or _device_binding_problem(request, resources, device)
+    if problem is not None:
+        return Decided(Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
+                                reason=problem, resource=None, client_app_type=client_app_type(request, identity)),
+                       app, binding_refused=True)
+    decision = evaluate(request=request, identity=identity, device=device, app=app, resources=resources,
+                        policy_set=rules.policy_set, now=now, cohorts=cohorts)
+    restriction = request_restriction(
+        decision.session_controls, method=request.method, content_type=request.content_type,
+        content_length=request.content_length, chunked=request.chunked, resources=resources,
+        download_resources=rules.policy_set.download_resources) if decision.allowed else None
+    if restriction:
+        decision = replace(decision, result=DecisionResult.block, status_code=403, reason=restriction)
+    return Decided(decision, app, restriction=restriction)
 
 
 def _device_binding_problem(request: AccessRequest, resources: tuple[str, ...], device: DeviceSignals) -> str | None:

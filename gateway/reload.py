@@ -161,15 +161,22 @@ def restart_only_changes(running: Config, candidate: Config) -> list[ConfigProbl
 
 
 def uncovered_by_change(running: Config, candidate: Config) -> list[ConfigProblem]:
-    """A reload never takes the last enforced policy away from a resource: that opens it to any
-    valid token, and is what a half-written policies file looks like. Do it with a restart."""
-    before, _ = covered_resources(running)
-    after, _ = covered_resources(candidate)
-    opened = sorted(r for r in before - after if r in candidate.resources and not candidate.resources[r].public)
+    """A reload never leaves a resource open that was not open before: a resource that loses its
+    last enforced policy, or a new one no enforced policy covers, is reached by any valid token.
+    That is also what a half-written policies file, or a change to one file before the other,
+    looks like. Do it with a restart."""
+    opened = sorted(open_resources(candidate) - open_resources(running))
     file = next((name for name in candidate.sources if name.endswith(POLICIES_FILE)), POLICIES_FILE)
     return [ConfigProblem(file, None, None, "policies", f"resource {name!r} would be covered by no enabled policy "
-                          "(any valid token would reach it); a reload never removes the last enforced policy of a "
-                          "resource: restart the gateway to apply this change deliberately") for name in opened]
+                          "(any valid token would reach it); a reload never opens a resource: restart the gateway "
+                          "to apply this change deliberately") for name in opened]
+
+
+def open_resources(config: Config) -> set[str]:
+    """Resources that are not public yet reached by any valid token (for everyone, or outside a
+    rollout cohort)."""
+    covered, _ = covered_resources(config)
+    return {name for name, resource in config.resources.items() if not resource.public and name not in covered}
 
 
 def _needs_restart(data: object, candidate: Config, loc: tuple[str, ...]) -> ConfigProblem:

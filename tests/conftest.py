@@ -231,29 +231,32 @@ class AlexPing:
     waits for the end and says how long after ``t`` the connection was closed (None if the
     Ping was answered instead of closed)."""
 
-    def __init__(self, gateway: Gateway, heartbeat_seconds: int = 8) -> None:
+    def __init__(self, gateway: Gateway, heartbeat_seconds: int = 8, *, port: int | None = None,
+                 decision_log: Path | None = None) -> None:
         from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 
         token = gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
                                  device_id=ALEX_IPHONE)
         path = activesync(ALEX_IPHONE).replace("Cmd=Sync", "Cmd=Ping") + f"&HeartbeatInterval={heartbeat_seconds}"
         self._gateway, self._token, self._path = gateway, token, path
+        self._port, self._log = port, decision_log or gateway.decision_log  # another gateway's, or the session's
         self._error: Exception | None = None
         self._ended = 0.0
         self._thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
         try:
-            self._gateway.request("mail.contoso.test", self._path, method="POST", token=self._token, timeout=20)
+            self._gateway.request("mail.contoso.test", self._path, method="POST", token=self._token, timeout=20,
+                                  port=self._port)
         except httpx.HTTPError as error:
             self._error = error
         self._ended = time.monotonic()
 
     def started(self) -> AlexPing:
-        before = self._gateway.decision_log.read_text().count("\n")
+        before = self._log.read_text().count("\n") if self._log.exists() else 0
         self._thread.start()
         deadline = time.monotonic() + 10
-        while self._gateway.decision_log.read_text().count("\n") == before:
+        while (self._log.read_text().count("\n") if self._log.exists() else 0) == before:
             assert time.monotonic() < deadline, "the long-poll never reached the gateway"
             time.sleep(0.01)
         return self

@@ -21,7 +21,16 @@ from gateway.access import AccessService
 from gateway.demo import ACTIVESYNC, ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, OFFICE, OUTLOOK_MOBILE
 from gateway.operations import Operations
 from gateway.policy.model import AccessRequest, ManagedDevice
-from tests.conftest import Background, Gateway, Ports, demo_config_copy, gateway_config, operations_for, proxy_for
+from tests.conftest import (
+    AlexPing,
+    Background,
+    Gateway,
+    Ports,
+    demo_config_copy,
+    gateway_config,
+    operations_for,
+    proxy_for,
+)
 
 MAIL = "mail.contoso.test"
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
@@ -164,6 +173,24 @@ async def decide(service: AccessService, token: str) -> int:
     return outcome.decision.status_code
 
 
+def test_a_tightening_reload_closes_open_long_polls(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    """An ActiveSync Ping can stay open for an hour: it is decided again when the rules change."""
+    config_dir = own_config(tmp_path, gateway, demo_ports)
+    policies = config_dir / "policies.yaml"
+    with Background(lambda: reloading_gateway(config_dir)) as (port, operations):
+        log = operations.service.decision_log.path
+        untouched = AlexPing(gateway, heartbeat_seconds=3, port=port, decision_log=log).started()
+        save(policies, policies.read_text().replace("displayName: \"Exchange:", "displayName: \"Exchange (v2):", 1))
+        wait_for_reloads(operations, 1)
+        assert untouched.closed_after(time.monotonic()) is None  # rules that still allow it: answered, not cut
+        ping = AlexPing(gateway, heartbeat_seconds=8, port=port, decision_log=log).started()
+        changed = time.monotonic()
+        save(policies, stricter(policies.read_text()))
+        wait_for_reloads(operations, 2)
+        closed = ping.closed_after(changed)
+    assert closed is not None and closed < 5
+
+
 def test_an_invalid_change_keeps_the_last_good_rules(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
     config_dir = own_config(tmp_path, gateway, demo_ports)
     policies = config_dir / "policies.yaml"
@@ -227,6 +254,25 @@ def test_a_reload_never_leaves_a_resource_without_its_last_enforced_policy(gatew
     assert any("'exchange-owa' would be covered by no enabled policy" in p for p in outcome.problems)
     assert any("'sharepoint-sites' would be covered by no enabled policy" in p for p in outcome.problems)
     assert owa == 403  # Blake's noncompliant phone is still refused
+
+
+def test_a_reload_never_adds_a_resource_no_policy_covers(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    """A new resource in portcullis.yaml before its policy reaches policies.yaml would be open."""
+    config_dir = own_config(tmp_path, gateway, demo_ports)
+    settings = config_dir / "portcullis.yaml"
+    text = settings.read_text()
+    new_resource = "resources:\n  new-app:\n    hosts: [mail.contoso.test]\n    paths: [/newapp/]\n  #"
+    added = text.replace("resources:                           #", new_resource, 1)
+    assert added != text
+    blake = gateway.idp.mint(user="blake@contoso.test", client_id=OFFICE, audience=EXCHANGE, device_id=BLAKE_ANDROID)
+    with Background(lambda: reloading_gateway(config_dir)) as (port, operations):
+        save(settings, added)
+        wait_for_reloads(operations, 1)
+        outcome = operations.reloader.last
+        status = gateway.request(MAIL, "/newapp/", token=blake, port=port).status_code
+    assert outcome is not None and not outcome.applied
+    assert any("'new-app' would be covered by no enabled policy" in p for p in outcome.problems), outcome.problems
+    assert status == 403  # still a path no resource names: denied
 
 
 def test_a_change_that_fails_the_policy_tests_is_refused(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
