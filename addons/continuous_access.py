@@ -1,7 +1,7 @@
 """ContinuousAccess: when a device's signals change (MTD webhook, inventory sync, CLI), every open
 flow of that device is decided again, and its connection closed if it is no longer allowed: an
 ActiveSync Ping long-poll or a streamed download does not outlive a risk raise. A reload of the
-rules decides every open flow again.
+rules decides again every flow still open two seconds after it started.
 
 mitmproxy cannot kill a flow in transit (``Flow.kill`` only marks it), so the client connection
 is closed through the proxyserver's connection handler.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from mitmproxy import ctx, http
 
@@ -23,9 +24,11 @@ from addons.safety import (
     REQUEST_KEY,
     fail_closed,
 )
-from gateway.access import EVERY_DEVICE, AccessService
+from gateway.access import EVERY_DEVICE, RULES_CHANGED, AccessService
 
 logger = logging.getLogger(__name__)
+
+RELOAD_GRACE_SECONDS = 2.0  # a request in flight this long when the rules change is decided again
 
 
 class ContinuousAccess:
@@ -48,13 +51,34 @@ class ContinuousAccess:
         self._forget(flow)
 
     def devices_changed(self, device_ids: set[str]) -> None:
+        if RULES_CHANGED in device_ids:
+            self._rules_changed()
+            return
         if EVERY_DEVICE in device_ids:
             device_ids = set(self.open_flows)
         for device_id in device_ids:
             for flow in list(self.open_flows.get(device_id, ())):
-                task = asyncio.get_running_loop().create_task(self._decide_again(flow))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._start(flow)
+
+    def _rules_changed(self) -> None:
+        """A reload: short requests in flight finish under the rules they started with; a flow
+        still open ``RELOAD_GRACE_SECONDS`` after it started is decided again."""
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        for flows in list(self.open_flows.values()):
+            for flow in list(flows):
+                delay = max(0.0, RELOAD_GRACE_SECONDS - (now - flow.request.timestamp_start))
+                loop.call_later(delay, self._start_if_open, flow)
+
+    def _start_if_open(self, flow: http.HTTPFlow) -> None:
+        device_id = flow.metadata.get(DEVICE_KEY)
+        if device_id and flow in self.open_flows.get(device_id, ()):
+            self._start(flow)
+
+    def _start(self, flow: http.HTTPFlow) -> None:
+        task = asyncio.get_running_loop().create_task(self._decide_again(flow))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _decide_again(self, flow: http.HTTPFlow) -> None:
         try:

@@ -61,6 +61,7 @@ type Clock = Callable[[], datetime]
 
 
 EVERY_DEVICE = "*"  # in a change notification: every device may have changed
+RULES_CHANGED = "*rules"  # in a change notification: the rules were reloaded (every open flow, after a grace)
 
 
 def new_correlation_id() -> str:
@@ -148,11 +149,12 @@ class AccessService:
 
     def apply(self, rules: Rules) -> None:
         """Swap the rules (a validated reload): one assignment, so no request sees half of each.
-        Open long-lived requests (an ActiveSync Ping lasts up to an hour) are then decided again
-        under the new rules, as after a device change: a tightening reload closes them."""
+        Requests in flight finish under the rules they started with; those still open after a
+        short grace (an ActiveSync Ping lasts up to an hour) are decided again under the new rules,
+        as after a device change: a tightening reload closes them."""
         self.rules = rules
         for listener in self._listeners:
-            listener({EVERY_DEVICE})
+            listener({RULES_CHANGED})
 
     def close(self) -> None:
         self.decision_log.close()
