@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -189,6 +190,9 @@ def policy_entry(result: PolicyResult) -> dict[str, Any]:
     return entry
 
 
+PERSONAL_DEVICE_FIELDS = frozenset({"userPrincipalName", "deviceName", "easDeviceId"})
+
+
 class Pseudonymizer:
     """Replaces user names and ids with a keyed hash: the same user always gets the same
     pseudonym (so a trail can be followed), which only a holder of the key can link to a name."""
@@ -205,17 +209,21 @@ class Pseudonymizer:
         return f"{self.PREFIX}{digest[:24]}"
 
     def apply(self, record: dict[str, Any]) -> dict[str, Any]:
-        """A copy of ``record`` without the user's names."""
+        """A copy of ``record`` without the user's names, nor the device names that carry them
+        (Intune names devices after their user: "Drew's iPhone")."""
         record = dict(record)
         for key in ("userPrincipalName", "userId"):
             if record.get(key):
                 record[key] = self.pseudonym(record[key])
+        if record.get("deviceDetail") and record["deviceDetail"].get("displayName"):
+            record["deviceDetail"] = {**record["deviceDetail"],
+                                      "displayName": self.pseudonym(record["deviceDetail"]["displayName"])}
         if record.get("evaluationInput"):
             given = dict(record["evaluationInput"])
             given["subject"] = self.pseudonym(given["subject"])
-            if given.get("device") and given["device"].get("userPrincipalName"):
-                given["device"] = {**given["device"],
-                                   "userPrincipalName": self.pseudonym(given["device"]["userPrincipalName"])}
+            if given.get("device"):
+                given["device"] = {key: self.pseudonym(value) if key in PERSONAL_DEVICE_FIELDS and value else value
+                                   for key, value in given["device"].items()}
             record["evaluationInput"] = given
         return record
 
@@ -241,7 +249,7 @@ class DecisionLog:
         self._last_drop_warning = 0.0
         self._recent: deque[dict[str, Any]] = deque(maxlen=keep_recent)
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=queue_size)
-        self._handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=keep_files, encoding="utf-8")
+        self._handler = PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=keep_files, encoding="utf-8")
         self._handler.setFormatter(logging.Formatter("%(message)s"))
         self._handler.handleError = self._write_failed  # type: ignore[method-assign]  (count, don't print)
         self._writer = threading.Thread(target=self._write_records, name="decision-log", daemon=True)
@@ -307,6 +315,14 @@ class DecisionLog:
         if self._on_error is not None:
             self._on_error()
         logger.exception("cannot write a decision log record to %s", self.path)
+
+
+class PrivateRotatingFileHandler(RotatingFileHandler):
+    """Log files readable by the gateway's user and group only (they hold personal data)."""
+
+    def _open(self):  # type: ignore[no-untyped-def]  (logging's own signature)
+        return open(self.baseFilename, self.mode, encoding=self.encoding,  # noqa: SIM115  (the handler owns it)
+                    opener=lambda name, flags: os.open(name, flags, 0o640))
 
 
 def log_files(path: Path) -> list[Path]:

@@ -26,6 +26,9 @@ from gateway.signals.cache import CachedInventory
 from gateway.signals.devices import DeviceInventory, FileDeviceInventory, OverlayInventory
 from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings
 from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
+from gateway.state_files import write_once
+
+MIN_SECRET_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,13 +131,14 @@ def pseudonym_key(config: Config, environ: Mapping[str, str]) -> bytes:
 
 
 def _state_secret(path: Path, make: Callable[[], bytes]) -> bytes:
-    """A secret kept in the state directory: made once, readable by this user only."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(make())
-    return path.read_bytes().strip()
+    """A secret kept in the state directory: made once, readable by this user only. A file too
+    short to be a key (emptied, truncated by hand) is refused, never used as a weak key."""
+    write_once(path, make)
+    value = path.read_bytes().strip()
+    if len(value) < MIN_SECRET_BYTES:
+        raise ValueError(f"{path} holds {len(value)} bytes, fewer than a key needs ({MIN_SECRET_BYTES}); "
+                         "delete it to have a new one made (sessions or pseudonyms made with the old one end)")
+    return value
 
 
 def decision_log(config: Config, metrics: GatewayMetrics | None = None) -> DecisionLog:

@@ -20,8 +20,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from ruamel.yaml import YAML
 
+from gateway import bootstrap
 from gateway.audit import DecisionLog, Pseudonymizer, find_record, log_files
 from gateway.demo import DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.metrics import GatewayMetrics
@@ -125,8 +127,13 @@ def test_users_are_pseudonymised_with_a_keyed_hash_when_configured(gateway: Gate
     assert first["userPrincipalName"] == second["userPrincipalName"] == expected
     assert first["evaluationInput"]["device"]["userPrincipalName"] == expected
     assert first["userId"].startswith("pseudonym:") and first["evaluationInput"]["subject"].startswith("pseudonym:")
-    assert "drew@contoso.test" not in log_path.read_text()
+    text = log_path.read_text()
+    assert "drew@contoso.test" not in text
+    assert "Drew" not in text and "ApplF17DREW001" not in text  # device names carry the user's name
+    assert first["deviceDetail"]["displayName"].startswith("pseudonym:")
+    assert first["evaluationInput"]["device"]["deviceName"].startswith("pseudonym:")
     assert first["evaluationInput"]["groups"] == ["sales"]  # groups are not personal: replay still matches them
+    assert log_path.stat().st_mode & 0o007 == 0  # not readable by other users
 
 
 def test_records_are_never_lost_silently_when_the_disk_is_slow(tmp_path: Path) -> None:
@@ -209,3 +216,17 @@ def test_why_never_prints_a_client_s_terminal_escapes(gateway: Gateway) -> None:
     assert result.returncode == 0, result.stderr
     assert "/owa/?]0;PWNED??[2J" in result.stdout
     assert not any(c in result.stdout for c in "\x1b\x07\u202e")
+
+
+def test_a_state_key_too_short_to_be_a_key_is_refused(tmp_path: Path, gateway: Gateway, demo_ports: Ports) -> None:
+    config_dir = own_config(tmp_path, gateway, demo_ports, pseudonymizeUsers=True)
+    key = tmp_path / ".portcullis" / "pseudonym.key"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_bytes(b"")  # left behind by a crash, or emptied by hand
+    loaded = bootstrap.load(config_dir)
+    with pytest.raises(ValueError, match="fewer than a key needs"):
+        bootstrap.build_service(loaded)
+    key.unlink()
+    service, _ = bootstrap.build_service(loaded)  # a new key is made
+    service.close()
+    assert len(key.read_bytes().strip()) >= 16 and oct(key.stat().st_mode & 0o777) == "0o600"

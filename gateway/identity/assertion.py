@@ -25,8 +25,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import secrets
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +40,7 @@ from gateway.errors import ConfigError, ConfigProblem
 from gateway.identity.tokens import RejectedToken
 from gateway.policy.model import ClientApp, DeviceSignals, Identity
 from gateway.signals.compliance import is_compliant
+from gateway.state_files import write_once
 
 ALGORITHM = "ES256"
 TOKEN_TYPE = "portcullis-assertion+jwt"  # noqa: S105  (a JWT typ, RFC 8725 3.11: not an access token)
@@ -102,8 +101,7 @@ def thumbprint(required_members: Mapping[str, str]) -> str:
 def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """The key in ``path``, made on first use. Several workers may start at once: the file is
     written under a private name and linked into place, so each reads a whole key, the same one."""
-    if not path.exists():
-        _create_key(path)
+    _create_key(path)
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ValueError("not a P-256 EC private key (ES256)")
@@ -111,19 +109,8 @@ def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 
 def _create_key(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(pem)
-    try:
-        os.link(temporary, path)
-    except FileExistsError:  # another worker made it first: theirs is the key
-        pass
-    finally:
-        temporary.unlink()
+    write_once(path, lambda: ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
 
 def assertion_issuer(config: Config) -> str:
