@@ -26,7 +26,7 @@ from gateway.signals.cache import CachedInventory
 from gateway.signals.devices import DeviceInventory, FileDeviceInventory, OverlayInventory
 from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings
 from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
-from gateway.state_files import write_once
+from gateway.state_files import warn_if_readable_by_others, write_once
 
 MIN_SECRET_BYTES = 16
 
@@ -134,6 +134,7 @@ def _state_secret(path: Path, make: Callable[[], bytes]) -> bytes:
     """A secret kept in the state directory: made once, readable by this user only. A file too
     short to be a key (emptied, truncated by hand) is refused, never used as a weak key."""
     write_once(path, make)
+    warn_if_readable_by_others(path)
     value = path.read_bytes().strip()
     if len(value) < MIN_SECRET_BYTES:
         raise ValueError(f"{path} holds {len(value)} bytes, fewer than a key needs ({MIN_SECRET_BYTES}); "

@@ -4,10 +4,13 @@ assertion signing key)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def write_once(path: Path, make: Callable[[], bytes]) -> None:
@@ -28,3 +31,12 @@ def write_once(path: Path, make: Callable[[], bytes]) -> None:
             os.link(temporary, path)
     finally:
         temporary.unlink()
+
+
+def warn_if_readable_by_others(path: Path) -> None:
+    """A key others can read is a key others may hold. Warned, not refused: secret mounts
+    (Kubernetes' default 0644) would otherwise stop the gateway."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        logger.warning("%s is readable by other users (mode %s): chmod 600 it, and consider the key leaked",
+                       path, oct(mode & 0o777))

@@ -273,3 +273,14 @@ def test_upstream_assertion_mistakes_are_errors_with_a_place(example_dir: Path, 
     line = len(gateway_file.read_text().splitlines())
     [problem] = [str(p) for p in caught.value.problems]
     assert problem.startswith(f"{gateway_file}:{line}:") and message in problem, problem
+
+
+def test_a_signing_key_other_users_can_read_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.identity.assertion import load_or_create_key
+
+    path = tmp_path / "assertion-key.pem"
+    load_or_create_key(path)
+    assert not caplog.records  # made 0600: nothing to say
+    path.chmod(0o644)
+    load_or_create_key(path)
+    assert any("readable by other users" in r.getMessage() for r in caplog.records)

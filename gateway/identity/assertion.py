@@ -40,7 +40,7 @@ from gateway.errors import ConfigError, ConfigProblem
 from gateway.identity.tokens import RejectedToken
 from gateway.policy.model import ClientApp, DeviceSignals, Identity
 from gateway.signals.compliance import is_compliant
-from gateway.state_files import write_once
+from gateway.state_files import warn_if_readable_by_others, write_once
 
 ALGORITHM = "ES256"
 TOKEN_TYPE = "portcullis-assertion+jwt"  # noqa: S105  (a JWT typ, RFC 8725 3.11: not an access token)
@@ -102,6 +102,7 @@ def load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """The key in ``path``, made on first use. Several workers may start at once: the file is
     written under a private name and linked into place, so each reads a whole key, the same one."""
     _create_key(path)
+    warn_if_readable_by_others(path)
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ValueError("not a P-256 EC private key (ES256)")
