@@ -440,15 +440,16 @@ class Decided:
 
 
 def decide(rules: Rules, request: AccessRequest, identity: Identity, device: DeviceSignals,
-           resources: tuple[str, ...], now: datetime, *, binding_problem: str | None = None,
-           cohorts: Mapping[str, RolloutCohort] | None = None) -> Decided:
+           resources: tuple[str, ...], now: datetime, *, check_binding: bool = True,
+           binding_problem: str | None = None, cohorts: Mapping[str, RolloutCohort] | None = None) -> Decided:
     """The steps after identity, for the gateway and for ``portcullis replay`` alike, so that the
     two cannot diverge: the ActiveSync device binding, ``evaluate``, then the session controls
-    that refuse the request itself. Pure. ``binding_problem``: a binding refusal known from a
-    record that does not keep the query (replay of a decision log); ``cohorts``: rollout cohorts
-    known from a record (replay of pseudonymised users)."""
+    that refuse the request itself. Pure. ``check_binding=False``: the binding's outcome is known
+    from a decision record (``binding_problem``, None when it passed), which may keep neither the
+    query nor the device's real ActiveSync id (pseudonyms); ``cohorts``: rollout cohorts known
+    from a record (replay of pseudonymised users)."""
     app = rules.app(identity)
-    problem = binding_problem or _device_binding_problem(request, resources, device)
+    problem = _device_binding_problem(request, resources, device) if check_binding else binding_problem
     if problem is not None:
         return Decided(Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
                                 reason=problem, resource=None, client_app_type=client_app_type(request, identity)),

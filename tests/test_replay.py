@@ -8,6 +8,7 @@ refresh the README's screenshot of it.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -18,19 +19,25 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from ruamel.yaml import YAML
 
+from gateway import access
 from gateway.audit import Pseudonymizer
 from gateway.cli import main
-from gateway.demo import ALEX_IPHONE, SCENARIOS, Scenario
+from gateway.config import load_config
+from gateway.demo import ALEX_IPHONE, EXCHANGE, ONEDRIVE, SCENARIOS, Scenario
+from gateway.identity.tokens import RejectedToken
 from gateway.policy.model import DecisionResult
-from gateway.replay.engine import Replayed, Verdict
+from gateway.replay import engine as replay_engine
+from gateway.replay.engine import Replayed, Verdict, token_identity
 from gateway.replay.html import as_html
 from gateway.replay.recorded import RecordedRequest, Skipped
 from gateway.replay.report import ReplayReport, as_text
@@ -49,6 +56,17 @@ MFA_POLICY = """
       builtInControls: [mfa]
 """
 ALEX, CASEY = "alex@contoso.test", "casey@contoso.test"
+HALF_ROLLOUT = """
+  - name: downloads-mfa-rollout
+    displayName: "Rollout: MFA for SharePoint downloads"
+    state: enabled
+    rollout: {percentOfUsers: %d}
+    conditions:
+      resources: {include: [sharepoint-downloads]}
+    grantControls:
+      builtInControls: [mfa]
+"""
+ROLLOUT_USERS = [f"user{i}@contoso.test" for i in range(20)]
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,7 @@ class Recording:
     flows: Path
     log: Path
     sent: list[tuple[Scenario, int, str]]  # scenario, status, correlation id
+    kiosk: str  # the correlation id of Alex's phone's token used through the kiosk proxy (403: an unmanaged browser)
     misdirected: str  # the correlation id of a request whose Host is not its SNI (421, before routing)
 
 
@@ -87,40 +106,95 @@ def _token(client: httpx.Client, ports: Ports, scenario: Scenario) -> str | None
     return token
 
 
-@pytest.fixture(scope="module")
-def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
-    """Every demo scenario, sent once through ``portcullis demo --record``."""
-    root = tmp_path_factory.mktemp("recorded")
-    ports = Ports.fresh()
-    config = demo_config_copy(root, ports)
-    flows = root / "traffic.mitm"
+@contextmanager
+def demo_recording(root: Path, config: Path, flows: Path) -> Iterator[ssl.SSLContext]:
+    """``portcullis demo --record`` running on ``config`` in a process of its own; yields a TLS
+    context that trusts its CA, and stops it cleanly afterwards."""
     process = subprocess.Popen([PORTCULLIS, "demo", "--config", str(config), "--record", str(flows)], cwd=root,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sent = []
     try:
         _wait_for_banner(process)
-        context = ssl.create_default_context(cafile=str(root / "certs" / "ca.pem"))
-        with httpx.Client(timeout=10) as plain:
-            for scenario in SCENARIOS:
-                token = _token(plain, ports, scenario)
-                headers = {"Host": scenario.host, **dict(scenario.headers)}
-                if token:
-                    headers["Authorization"] = f"Bearer {token}"
-                with httpx.Client(verify=context, timeout=10) as client:  # one connection per host name (SNI)
-                    answer = client.request(scenario.method, f"https://127.0.0.1:{ports.gateway}{scenario.path}",
-                                            headers=headers, extensions={"sni_hostname": scenario.host})
-                assert answer.status_code == scenario.expect_status, scenario.title
-                sent.append((scenario, answer.status_code, answer.headers["X-Portcullis-Correlation-Id"]))
-            with httpx.Client(verify=context, timeout=10) as client:
-                answer = client.get(f"https://127.0.0.1:{ports.gateway}/owa/", headers={"Host": "other.contoso.test"},
-                                    extensions={"sni_hostname": "mail.contoso.test"})
-                assert answer.status_code == 421
+        yield ssl.create_default_context(cafile=str(root / "certs" / "ca.pem"))
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
     assert process.returncode == 0, process.stderr.read() if process.stderr else ""
-    yield Recording(root, config, flows, root / ".portcullis" / "decisions.jsonl", sent,
+
+
+def _send(context: ssl.SSLContext, ports: Ports, scenario: Scenario, token: str | None) -> httpx.Response:
+    headers = {"Host": scenario.host, **dict(scenario.headers)}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    with httpx.Client(verify=context, timeout=10) as client:  # one connection per host name (SNI)
+        return client.request(scenario.method, f"https://127.0.0.1:{ports.gateway}{scenario.path}", headers=headers,
+                              extensions={"sni_hostname": scenario.host})
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recording]:
+    """Every demo scenario, sent once through ``portcullis demo --record``, then a kiosk request
+    and a misdirected one."""
+    root = tmp_path_factory.mktemp("recorded")
+    ports = Ports.fresh()
+    config = demo_config_copy(root, ports)
+    flows = root / "traffic.mitm"
+    sent = []
+    with demo_recording(root, config, flows) as context, httpx.Client(timeout=10) as plain:
+        for scenario in SCENARIOS:
+            answer = _send(context, ports, scenario, _token(plain, ports, scenario))
+            assert answer.status_code == scenario.expect_status, scenario.title
+            sent.append((scenario, answer.status_code, answer.headers["X-Portcullis-Correlation-Id"]))
+        phone = _token(plain, ports, SCENARIOS[0])  # Alex's phone's token, used from a kiosk: an unmanaged browser
+        with httpx.Client(proxy=f"http://127.0.0.1:{ports.kiosk}", verify=context, timeout=10) as kiosk:
+            answer = kiosk.post(f"https://{SCENARIOS[0].host}/Microsoft-Server-ActiveSync?Cmd=Sync",
+                                headers={"Authorization": f"Bearer {phone}"})
+        assert answer.status_code == 403 and "device not identified" in answer.text
+        kiosk_request = answer.headers["X-Portcullis-Correlation-Id"]
+        with httpx.Client(verify=context, timeout=10) as client:
+            answer = client.get(f"https://127.0.0.1:{ports.gateway}/owa/", headers={"Host": "other.contoso.test"},
+                                extensions={"sni_hostname": "mail.contoso.test"})
+        assert answer.status_code == 421
+    yield Recording(root, config, flows, root / ".portcullis" / "decisions.jsonl", sent, kiosk_request,
                     answer.headers["X-Portcullis-Correlation-Id"])
+
+
+@dataclass(frozen=True)
+class RolloutRecording:
+    config: Path
+    log: Path
+    status: dict[str, int]  # user: the gateway's answer (403 inside the share, 200 outside)
+
+
+@pytest.fixture(scope="module")
+def rollout_recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RolloutRecording]:
+    """The demo with an MFA policy rolled out to half of the users and a pseudonymised decision
+    log; twenty users download a SharePoint document with OneDrive."""
+    root = tmp_path_factory.mktemp("rollout")
+    ports = Ports.fresh()
+    config = demo_config_copy(root, ports)
+    yaml = YAML()
+    settings = yaml.load(config / "portcullis.yaml")
+    settings["decisionLog"]["pseudonymizeUsers"] = True
+    yaml.dump(settings, config / "portcullis.yaml")
+    (config / "policies.yaml").write_text((config / "policies.yaml").read_text() + HALF_ROLLOUT % 50)
+    download = next(s for s in SCENARIOS if s.client_id == ONEDRIVE)
+    status = {}
+    with demo_recording(root, config, root / "traffic.mitm") as context, httpx.Client(timeout=10) as plain:
+        for user in ROLLOUT_USERS:
+            scenario = replace(download, user=user)
+            status[user] = _send(context, ports, scenario, _token(plain, ports, scenario)).status_code
+    assert set(status.values()) == {200, 403}, status  # some users inside the share, some outside
+    yield RolloutRecording(config, root / ".portcullis" / "decisions.jsonl", status)
+
+
+def rollout_candidate(recording: RolloutRecording, percent: int) -> Path:
+    """The recorded config with the rollout at another percentage."""
+    target = recording.config.parent / f"rollout-{percent}"
+    if not target.exists():
+        shutil.copytree(recording.config, target)
+        policies = target / "policies.yaml"
+        policies.write_text(policies.read_text().replace("percentOfUsers: 50", f"percentOfUsers: {percent}"))
+    return target
 
 
 def candidate(recording: Recording, name: str, *, users: str = "All", relax_owa: bool = False,
@@ -187,10 +261,11 @@ def test_the_recording_is_private_and_holds_every_request(recording: Recording) 
     assert stat.S_IMODE(recording.flows.stat().st_mode) == 0o600
     from addons.recorded_flows import read_flow_file
 
-    *read, misdirected = list(read_flow_file(recording.flows))
+    *read, kiosk, misdirected = list(read_flow_file(recording.flows))
     assert [r.correlation_id for r in read] == [cid for _, _, cid in recording.sent]
     assert all(r.authorization for r in read[:6])  # type: ignore[union-attr]  (bearer tokens, as sent)
-    assert misdirected == Skipped(f"{recording.flows}:flow 12", "not an access decision (a gateway endpoint, an "
+    assert isinstance(kiosk, RecordedRequest) and kiosk.kiosk and kiosk.correlation_id == recording.kiosk
+    assert misdirected == Skipped(f"{recording.flows}:flow 13", "not an access decision (a gateway endpoint, an "
                                   "unprotected kiosk destination, or refused before routing)", recording.misdirected)
 
 
@@ -201,12 +276,48 @@ def test_the_recording_is_private_and_holds_every_request(recording: Recording) 
 def test_replaying_under_the_recording_config_reproduces_every_recorded_decision(
         recording: Recording, capsys: pytest.CaptureFixture[str], sources: tuple[str, ...]) -> None:
     """The recorded decisions are the baseline: the same config must give the same result, policy
-    and reason for every request, or replay would report flips that no rule change caused."""
+    and reason for every request (the kiosk request too: an unmanaged browser, whatever device its
+    token names), or replay would report flips that no rule change caused."""
     code, out, _ = replay(capsys, "--config", recording.config,
                           *(recording.flows if s == "flows" else recording.log for s in sources))
     assert code == 0
-    assert totals(out) == {"same result": 12, "blocked for another reason": 0, "allow→block": 0, "block→allow": 0,
+    assert totals(out) == {"same result": 13, "blocked for another reason": 0, "allow→block": 0, "block→allow": 0,
                            "skipped": 0}  # the misdirected flow is replayed from its record
+
+
+def test_a_pseudonymised_log_reproduces_its_percent_of_users_rollout(
+        rollout_recording: RolloutRecording, capsys: pytest.CaptureFixture[str]) -> None:
+    """A share is drawn on the user's object id, which a pseudonymised record no longer holds:
+    replay keeps the cohort the gateway recorded, and says that it did."""
+    code, out, _ = replay(capsys, "--config", rollout_recording.config, rollout_recording.log)
+    assert code == 0
+    assert totals(out) == {"same result": 20, "blocked for another reason": 0, "allow→block": 0, "block→allow": 0,
+                           "skipped": 0}
+    assert "20 requests by pseudonymised users fall under a percentOfUsers rollout (downloads-mfa-rollout): a " \
+           "share cannot be drawn from a pseudonym, so the cohort the gateway recorded was kept" in out
+
+
+@pytest.mark.parametrize(("percent", "unknown"), [
+    pytest.param(50, None, id="unchanged -> every cohort exact"),
+    pytest.param(80, 200, id="raised -> users in the share then stay in it, the others are unknown"),
+    pytest.param(30, 403, id="lowered -> users outside then stay outside, the others are unknown"),
+])
+def test_a_changed_rollout_counts_the_pseudonymised_requests_whose_cohort_is_unknown(
+        rollout_recording: RolloutRecording, capsys: pytest.CaptureFixture[str], percent: int,
+        unknown: int | None) -> None:
+    """With the config that wrote the log as the baseline, replay knows the share of the time: a
+    share only grows with its percentage, so some cohorts still follow; the rest are counted."""
+    code, out, _ = replay(capsys, "--config", rollout_candidate(rollout_recording, percent),
+                          "--baseline", rollout_recording.config, rollout_recording.log)
+    assert code == 0
+    assert totals(out)["same result"] == 20
+    assert "the cohort the gateway recorded was kept" not in out  # nothing assumed: the baseline says
+    count = sum(status == unknown for status in rollout_recording.status.values())
+    if unknown is None:
+        assert "could not be recomputed" not in out
+    else:
+        assert f"{count} requests by pseudonymised users fall under a percentOfUsers rollout that is not as it was " \
+               "when the log was written (downloads-mfa-rollout): their cohort could not be recomputed" in out
 
 
 def test_flows_against_a_stricter_candidate_flip_exactly_the_requests_it_targets(
@@ -214,8 +325,8 @@ def test_flows_against_a_stricter_candidate_flip_exactly_the_requests_it_targets
     code, out, _ = replay(capsys, "--config", candidate(recording, "strict"), "--baseline", recording.config,
                           recording.flows)
     assert code == 0, out
-    assert totals(out) == {"same result": 9, "blocked for another reason": 3, "allow→block": 2, "block→allow": 0,
-                           "skipped": 1}
+    assert totals(out) == {"same result": 10, "blocked for another reason": 4, "allow→block": 2, "block→allow": 0,
+                           "skipped": 1}  # the kiosk request is blocked by the new policy first (MFA is asked first)
     assert "1: not an access decision" in section(out, "skipped:")
     assert by_policy(out, "allow→block") == {"activesync-requires-mfa": 2}
     flips = section(out, "allow→block:")
@@ -234,7 +345,7 @@ def test_the_decision_log_replays_the_signals_of_the_time_after_the_inventory_ch
     code, out, _ = replay(capsys, "--config", today, recording.flows, recording.log)
     assert code == 0, out
     assert "baseline:  the decisions recorded in the decision log" in out
-    assert totals(out)["skipped"] == 0 and "Replay of 12 requests" in out  # flow and record count once
+    assert totals(out)["skipped"] == 0 and "Replay of 13 requests" in out  # flow and record count once
     assert by_policy(out, "allow→block") == {"activesync-requires-mfa": 2}
     assert f"{ALEX}: 1" in section(out, "allow→block:")
     assert "today's inventory" not in out
@@ -275,15 +386,17 @@ def _har(recording: Recording, target: Path) -> Path:
 def test_a_har_replays_but_a_token_it_alone_carries_is_not_verified(
         recording: Recording, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """The tampered token (a 401 at the time) has valid-looking claims: from the HAR alone it is
-    replayed as Alex, which the report says; paired with the decision log it stays a 401."""
+    replayed as Alex, which the report says; paired with the decision log it stays a 401. A HAR
+    does not say which listener a request came through: the kiosk request is replayed as Alex's
+    phone until the decision log says it was a kiosk."""
     har = _har(recording, tmp_path / "session.har")
     strict = candidate(recording, "strict")
     code, out, _ = replay(capsys, "--config", strict, "--baseline", recording.config, har)
     assert code == 0
-    assert by_policy(out, "allow→block") == {"activesync-requires-mfa": 3}
-    assert "10 requests carry a token that nothing recorded as accepted by the gateway" in out
+    assert by_policy(out, "allow→block") == {"activesync-requires-mfa": 4}
+    assert "11 requests carry a token that nothing recorded as accepted by the gateway" in out
     assert "1: a browser session: the recording holds no token" in out
-    assert "12 requests (HAR) carry no client address: evaluated from 203.0.113.10" in out
+    assert "13 requests (HAR) carry no client address: evaluated from 203.0.113.10" in out
 
     code, out, _ = replay(capsys, "--config", strict, har, recording.log)
     assert code == 0
@@ -315,6 +428,21 @@ def test_pseudonymised_logs_match_user_conditions_only_with_the_pseudonym_key(
     assert f"{pseudonyms.pseudonym(ALEX)}: 1" in section(out, "allow→block:")
 
 
+def test_flows_with_their_pseudonymised_log_reproduce_every_recorded_decision(
+        recording: Recording, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The record's device is pseudonymised (its ActiveSync id too), the flow's query is not: the
+    ActiveSync binding of the time is taken from the record, which has the device it was checked
+    against, not checked again against a pseudonym."""
+    pseudonyms = Pseudonymizer(b"replay-test-pseudonym-key-0123456789")
+    log = tmp_path / "decisions.jsonl"
+    log.write_text("".join(json.dumps(pseudonyms.apply(json.loads(line))) + "\n"
+                           for line in recording.log.read_text().splitlines()))
+    code, out, _ = replay(capsys, "--config", recording.config, recording.flows, log)
+    assert code == 0
+    assert totals(out) == {"same result": 13, "blocked for another reason": 0, "allow→block": 0, "block→allow": 0,
+                           "skipped": 0}
+
+
 def test_a_cut_short_flow_file_keeps_the_flows_before_the_damage(
         recording: Recording, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     cut = tmp_path / "cut.mitm"
@@ -322,9 +450,9 @@ def test_a_cut_short_flow_file_keeps_the_flows_before_the_damage(
     cut.write_bytes(data[: len(data) - 200])
     code, out, _ = replay(capsys, "--config", candidate(recording, "strict"), "--baseline", recording.config, cut)
     assert code == 0
-    assert "Replay of 11 requests" in out
-    assert f"1: unreadable (Invalid data format.): the file is cut short or damaged there; the 11 flows before it " \
-           f"were read ({cut}:flow 12)" in out
+    assert "Replay of 12 requests" in out
+    assert f"1: unreadable (Invalid data format.): the file is cut short or damaged there; the 12 flows before it " \
+           f"were read ({cut}:flow 13)" in out
 
 
 def test_an_unreadable_log_line_is_counted_and_costs_nothing_else(
@@ -334,7 +462,7 @@ def test_an_unreadable_log_line_is_counted_and_costs_nothing_else(
     log.write_text("\n".join([*lines[:3], '{"id": "half a rec', *lines[3:]]) + "\n")
     code, out, _ = replay(capsys, "--config", candidate(recording, "strict"), log)
     assert code == 0
-    assert "Replay of 12 requests" in out
+    assert "Replay of 13 requests" in out
     assert f"1: not a JSON record (a line cut short?) ({log}:4)" in out
 
 
@@ -366,6 +494,54 @@ def test_nothing_replayable_exits_1_and_usage_errors_exit_2(
     with pytest.raises(SystemExit) as exit_:
         main(["replay", "--config", str(recording.config)])
     assert exit_.value.code == 2
+
+
+AT = datetime(2026, 1, 1, 9, tzinfo=UTC)
+SKEW = 30  # the demo's clockSkewSeconds
+
+
+@pytest.mark.parametrize(("claims", "reason"), [
+    pytest.param({}, None, id="valid"),
+    pytest.param({"iat": SKEW}, None, id="issued within the clock skew ahead -> valid"),
+    pytest.param({"iat": SKEW + 1}, "token not yet valid", id="issued later than that -> not yet valid"),
+    pytest.param({"iat": "yesterday"}, "malformed token", id="iat not a number -> malformed"),
+    pytest.param({"nbf": SKEW + 1}, "token not yet valid", id="nbf ahead -> not yet valid"),
+    pytest.param({"exp": -SKEW}, "token expired", id="exp exactly the clock skew ago -> expired (pyjwt)"),
+    pytest.param({"exp": -SKEW + 1}, None, id="exp within the clock skew -> valid"),
+    pytest.param({"aud": [{"not": "a string"}, EXCHANGE]}, "token audience not accepted for this host",
+                 id="aud with a non-string -> not accepted"),
+    pytest.param({"sub": 7}, "malformed token", id="sub not a string -> malformed"),
+])
+def test_recorded_tokens_are_held_to_the_time_claims_as_the_gateway_holds_them(
+        recording: Recording, claims: dict[str, object], reason: str | None) -> None:
+    """What ``BearerValidator`` (pyjwt with the configured leeway) says of the token at that time,
+    but for the signature, which replay cannot check."""
+    config = load_config(recording.config)
+    assert config.gateway_file.identity.clock_skew_seconds == SKEW
+    now = int(AT.timestamp())
+    payload: dict[str, object] = {"iss": config.gateway_file.identity.issuer, "aud": EXCHANGE, "sub": "s",
+                                  "oid": "o", "iat": now, "nbf": now, "exp": now + 3600}
+    payload.update({k: now + v if k in ("iat", "nbf", "exp") and isinstance(v, int) else v  # seconds from AT
+                    for k, v in claims.items()})
+    identity = token_identity(config, "mail.contoso.test", ({"alg": "RS256"}, payload), AT)
+    assert (identity.reason if isinstance(identity, RejectedToken) else None) == reason
+
+
+def test_replay_decides_with_the_gateways_own_steps_after_identity() -> None:
+    """The device binding check, ``evaluate`` and the session-control restriction are one helper,
+    ``gateway.access.decide``, which the gateway and replay both call: they cannot diverge."""
+    engine = ast.parse(Path(replay_engine.__file__).read_text())
+    imported = {alias.name for node in ast.walk(engine) if isinstance(node, ast.ImportFrom)
+                and node.module == "gateway.access" for alias in node.names}
+    assert "decide" in imported and not any(name.startswith("_") for name in imported), imported
+    called = {node.func.id for node in ast.walk(engine) if isinstance(node, ast.Call)
+              and isinstance(node.func, ast.Name)}
+    assert not called & {"evaluate", "request_restriction"}, called
+    [authorize] = [node for node in ast.walk(ast.parse(Path(access.__file__).read_text()))
+                   if isinstance(node, ast.AsyncFunctionDef) and node.name == "_authorize"]
+    calls = {node.func.id for node in ast.walk(authorize) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Name)}
+    assert "decide" in calls and not calls & {"evaluate", "request_restriction", "_device_binding_problem"}, calls
 
 
 def test_recorded_values_cannot_inject_markup_or_terminal_escapes() -> None:
@@ -402,11 +578,24 @@ def test_the_html_report_opens_in_chromium_with_its_chart(
     code, _, _ = replay(capsys, "--config", "mixed", "--html", report, recording.flows.name,
                         recording.log.relative_to(recording.root))
     assert code == 0
-    assert "http" not in report.read_text().split("<main>")[0].replace("http-equiv", "")  # no external assets
+    requested: list[str] = []
+
+    def only_the_report(route: Any) -> None:  # playwright's Route
+        requested.append(route.request.url)
+        route.continue_() if route.request.url == report.as_uri() else route.abort()
+
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1180, "height": 900})
-        page.goto(report.as_uri())
+        context = browser.new_context(viewport={"width": 1180, "height": 900})
+        context.route("**/*", only_the_report)  # every request the page makes, whatever its scheme
+        page = context.new_page()
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto(report.as_uri(), wait_until="networkidle")
+        page.mouse.move(600, 400)  # hover styles and the like load nothing either
+        page.emulate_media(media="print")
+        page.wait_for_load_state("networkidle")
+        assert set(requested) == {report.as_uri()}, requested  # the report itself, and no other request at all
+        page.emulate_media(media="screen")
         assert page.inner_text("h1").startswith("Replay:")
         bars = page.locator("#flips-chart rect.bar")
         assert bars.count() == 4  # two policies, two bars each

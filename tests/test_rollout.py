@@ -88,7 +88,8 @@ def _policy_set(rollout: dict[str, object], resources: list[str] | None = None) 
 
 
 def _decide(policy_set: PolicySet, *, path: str = "/owa/", groups: frozenset[str] = frozenset(),
-            object_id: str | None = "00000000-0000-4000-8000-000000000001", kiosk: bool = False) -> object:
+            object_id: str | None = "00000000-0000-4000-8000-000000000001", kiosk: bool = False,
+            cohorts: dict[str, RolloutCohort] | None = None) -> object:
     request = AccessRequest(correlation_id="c", host=HOST, path=path, method="GET", client_ip="203.0.113.5",
                             user_agent="Outlook-iOS-Android/1.0", accepts_html=False,
                             kiosk_location="kiosk" if kiosk else None)
@@ -96,8 +97,10 @@ def _decide(policy_set: PolicySet, *, path: str = "/owa/", groups: frozenset[str
                         client_id="c", device_id=None, groups=groups, audience="a", expires_at=0)
     found = policy_set.match(HOST, path)
     assert found is not None
+    recorded = {"cohorts": cohorts} if cohorts is not None else {}
     return evaluate(request=request, identity=identity, device=DeviceSignals(device_id=None, device=None, source="t"),
-                    app=ClientApp(client_id="c", name=None), resources=found.names, policy_set=policy_set, now=NOW)
+                    app=ClientApp(client_id="c", name=None), resources=found.names, policy_set=policy_set, now=NOW,
+                    **recorded)
 
 
 @pytest.mark.parametrize(
@@ -136,6 +139,30 @@ def test_the_share_is_drawn_on_the_object_id_else_the_subject() -> None:
     assert _decide(policy_set, object_id=outside).policies[0].rollout is RolloutCohort.outside  # type: ignore[attr-defined]
     by_subject = RolloutCohort.percent_of_users if in_share("mfa-rollout", "sub-1", 10) else RolloutCohort.outside
     assert _decide(policy_set, object_id=None).policies[0].rollout is by_subject  # type: ignore[attr-defined]
+
+
+def test_a_recorded_cohort_stands_in_for_the_drawn_one() -> None:
+    """Replay of a pseudonymised decision log cannot draw a share from a pseudonym: it passes the
+    cohort the gateway recorded, and ``evaluate`` uses it for that policy instead of drawing one."""
+    policy_set = _policy_set({"percentOfUsers": 10})
+    inside = next(u for u in USERS if in_share("mfa-rollout", u, 10))
+    outside = next(u for u in USERS if not in_share("mfa-rollout", u, 10))
+    [drawn] = _decide(policy_set, object_id=outside).policies  # type: ignore[attr-defined]
+    assert drawn.rollout is RolloutCohort.outside
+    given = _decide(policy_set, object_id=outside, cohorts={"mfa-rollout": RolloutCohort.percent_of_users})
+    [result] = given.policies  # type: ignore[attr-defined]
+    assert (result.rollout, result.result, given.allowed) == (  # type: ignore[attr-defined]
+        RolloutCohort.percent_of_users, PolicyResultKind.failure, False)
+    given = _decide(policy_set, object_id=inside, cohorts={"mfa-rollout": RolloutCohort.outside})
+    [result] = given.policies  # type: ignore[attr-defined]
+    assert (result.rollout, result.result, given.allowed) == (  # type: ignore[attr-defined]
+        RolloutCohort.outside, PolicyResultKind.report_only_failure, True)
+    other = _decide(policy_set, object_id=inside, cohorts={"another-policy": RolloutCohort.outside})
+    assert other.policies[0].rollout is RolloutCohort.percent_of_users  # type: ignore[attr-defined]
+    not_targeted = _decide(_policy_set({"percentOfUsers": 10}, resources=["ews"]), object_id=outside,
+                           cohorts={"mfa-rollout": RolloutCohort.percent_of_users})
+    assert [(r.result, r.rollout) for r in not_targeted.not_targeted] == \
+        [(PolicyResultKind.not_applied, RolloutCohort.percent_of_users)]  # type: ignore[attr-defined]
 
 
 def test_a_rollout_policy_that_does_not_target_the_resource_still_says_which_side() -> None:

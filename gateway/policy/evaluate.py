@@ -3,14 +3,16 @@
 Entra's semantics: every applicable enabled policy must be satisfied, a ``block`` anywhere wins,
 report-only policies are evaluated and recorded but never enforced, disabled ones are recorded as
 ``notEnabled``. A policy with a ``rollout`` is enforced inside its cohort and report-only outside
-it; its result says which (gateway/policy/rollout.py). For each policy the first condition that
-does not match is recorded (users, resources, client app types, platforms, locations, device
-filter, in that order); for applied ones, the controls that failed. A path that no resource names is denied.
-Pure: no I/O, no clock, no randomness; ``now`` is passed in.
+it; its result says which (gateway/policy/rollout.py); ``cohorts`` gives a policy's cohort instead
+of working it out (replay: the share of a pseudonymised user cannot be drawn again). For each
+policy the first condition that does not match is recorded (users, resources, client app types,
+platforms, locations, device filter, in that order); for applied ones, the controls that failed.
+A path that no resource names is denied. Pure: no I/O, no clock, no randomness; ``now`` is passed in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -49,6 +51,7 @@ from gateway.policy.model import (
     SessionControls,
 )
 from gateway.policy.policy_set import CompiledPolicy, PolicySet
+from gateway.policy.rollout import CompiledRollout
 
 NO_RESOURCE_REASON = "path is not part of any protected resource"
 
@@ -70,6 +73,7 @@ class Facts:
     trusted_location: bool
     device_attributes: DeviceAttributes | None
     now: datetime
+    cohorts: Mapping[str, RolloutCohort] | None = None  # given cohorts, by policy name
 
 
 def evaluate(
@@ -81,8 +85,10 @@ def evaluate(
     resources: tuple[str, ...],
     policy_set: PolicySet,
     now: datetime,
+    cohorts: Mapping[str, RolloutCohort] | None = None,
 ) -> Decision:
-    """``resources``: what ``PolicySet.match`` found for the request (empty: no resource names it)."""
+    """``resources``: what ``PolicySet.match`` found for the request (empty: no resource names it).
+    ``cohorts``: the rollout cohort of these policies (by name), used instead of working it out."""
     app_type = client_app_type(request, identity, app)
     if not resources:
         return Decision(result=DecisionResult.block, status_code=403,
@@ -96,7 +102,7 @@ def evaluate(
                   groups=frozenset(g.lower() for g in identity.groups),
                   platform=device_platform(device.device, request.user_agent), locations=inside,
                   trusted_location=trusted,
-                  device_attributes=device_filter_attributes(device, now), now=now)
+                  device_attributes=device_filter_attributes(device, now), now=now, cohorts=cohorts)
     targeting = policy_set.targeting(resources)
     results = tuple(_evaluate_policy(c, facts) for c in targeting.candidates)
     not_targeted, resource = targeting.not_targeted, resources[0]
@@ -141,9 +147,14 @@ def _device_filter_not_matched(compiled: CompiledPolicy, attributes: DeviceAttri
     return None
 
 
+def _cohort(rollout: CompiledRollout, facts: Facts) -> RolloutCohort:
+    given = facts.cohorts.get(rollout.policy_name) if facts.cohorts else None
+    return given if given is not None else rollout.cohort(facts.request, facts.identity, facts.groups)
+
+
 def _evaluate_policy(compiled: CompiledPolicy, facts: Facts) -> PolicyResult:
     policy = compiled.policy
-    cohort = compiled.rollout.cohort(facts.request, facts.identity, facts.groups) if compiled.rollout else None
+    cohort = _cohort(compiled.rollout, facts) if compiled.rollout else None
     report_only = policy.state is PolicyState.report_only or cohort is RolloutCohort.outside
     why_not = not_applied_because(compiled, facts)
     if why_not is not None:
@@ -167,7 +178,7 @@ def _in_or_outside_cohort(policy_set: PolicySet, result: PolicyResult, facts: Fa
     rollout = policy_set.by_name[result.name].rollout
     if rollout is None or result.result is not PolicyResultKind.not_applied:
         return result
-    cohort = rollout.cohort(facts.request, facts.identity, facts.groups)
+    cohort = _cohort(rollout, facts)
     kind = PolicyResultKind.report_only_not_applied if cohort is RolloutCohort.outside else result.result
     return replace(result, result=kind, rollout=cohort)
 

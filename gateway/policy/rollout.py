@@ -61,11 +61,15 @@ class CompiledRollout:
         return cls(policy.name, frozenset(g.lower() for g in rollout.groups), rollout.percent_of_users,
                    frozenset(rollout.listeners))
 
-    def cohort(self, request: AccessRequest, identity: Identity, groups: frozenset[str]) -> RolloutCohort:
-        """The first test that puts the request in the cohort, or ``outsideCohort``."""
+    def cohort(self, request: AccessRequest, identity: Identity, groups: frozenset[str],
+               share: bool | None = None) -> RolloutCohort:
+        """The first test that puts the request in the cohort, or ``outsideCohort``. ``share``:
+        whether the user is in the share, when it is known otherwise than by drawing it (replay of
+        a pseudonymised record, whose user id is no longer the one the share was drawn on)."""
         if not self.groups.isdisjoint(groups):
             return RolloutCohort.group
-        if self.percent_of_users and in_share(self.policy_name, user_key(identity), self.percent_of_users):
+        if self.percent_of_users and (in_share(self.policy_name, user_key(identity), self.percent_of_users)
+                                      if share is None else share):
             return RolloutCohort.percent_of_users
         if request_listener(request) in self.listeners:
             return RolloutCohort.listener

@@ -47,7 +47,9 @@ def add_parser(commands: Any) -> None:
                         help="evaluate the baseline under this config directory too (default: the decisions "
                              "recorded in the decision log SOURCEs)")
     parser.add_argument("--html", type=Path, metavar="REPORT", help="also write a self-contained HTML report")
-    parser.add_argument("--examples", type=_positive, default=3, metavar="N", help="examples per group (default 3)")
+    parser.add_argument("--examples", type=_positive, default=3, metavar="N",
+                        help="example requests shown per policy under each kind of flip and for 'still blocked, "
+                             "another reason', places shown per skip reason (default 3)")
     parser.add_argument("--client-ip", type=_ip_address, default=DEFAULT_IP, metavar="IP",
                         help=f"client address for requests whose recording has none (HAR; default {DEFAULT_IP})")
     parser.add_argument("sources", type=Path, nargs="+", metavar="SOURCE",

@@ -1,35 +1,41 @@
 """Evaluate recorded requests again, under a baseline and a candidate config, with the decision
-path the gateway runs (host, canonical path, resource match, identity, ActiveSync device binding,
-``evaluate``, session-control restrictions), at the recorded time.
+path the gateway runs (host, canonical path, resource match, identity, then ``gateway.access.decide``:
+the ActiveSync device binding, ``evaluate`` and session-control restrictions), at the recorded time.
 
 Replay is analysis of recorded traffic, not authentication: a recorded bearer token is decoded
 without checking its signature (the issuer's keys of that day may be gone), then held to the
-config's pinned algorithms, issuer, the protected host's audiences and ``exp``/``nbf`` at the
-recorded time. Authentication outcomes the gateway recorded are kept: a request it answered 401
+config's pinned algorithms, issuer, the protected host's audiences and ``iat``/``nbf``/``exp`` at
+the recorded time. Authentication outcomes the gateway recorded are kept: a request it answered 401
 (a forged or expired token) stays unauthenticated under both configs.
 
 Signals come from the decision log record when there is one (the device record with its
 compliance state and threat level, the client address, the time); otherwise the device is looked
-up in the inventory as it is now, and the report says how many requests that concerned.
+up in the inventory as it is now, and the report says how many requests that concerned. A kiosk
+request has no device, whatever device its token names (as at the gateway).
+
+A ``percentOfUsers`` share is drawn on the user's object id, which a pseudonymised record no
+longer holds: for those users the cohort the gateway recorded decides (``recorded_cohorts``), and
+the report counts the requests where that was an assumption or could not be worked out.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import jwt
 
-from gateway.access import Rules, _device_binding_problem
+from gateway.access import Rules
+from gateway.access import decide as decide_access
 from gateway.audit import Pseudonymizer
 from gateway.config import Config
 from gateway.config.models import UsersCondition
 from gateway.identity.tokens import REQUIRED_CLAIMS, RejectedToken, bearer_token, identity_from_claims
 from gateway.paths import canonical_path
-from gateway.policy.evaluate import NO_RESOURCE_REASON, evaluate
+from gateway.policy.evaluate import NO_RESOURCE_REASON
 from gateway.policy.model import (
     AccessRequest,
     Decision,
@@ -38,9 +44,10 @@ from gateway.policy.model import (
     Identity,
     ManagedDevice,
     PolicyResultKind,
+    RolloutCohort,
 )
-from gateway.replay.recorded import RecordedRequest, Skipped
-from gateway.session_controls import request_restriction
+from gateway.policy.rollout import user_key
+from gateway.replay.recorded import RecordedDecision, RecordedRequest, Skipped
 from gateway.signals.devices import DeviceInventory
 
 APPLIED = frozenset({PolicyResultKind.success, PolicyResultKind.failure, PolicyResultKind.report_only_success,
@@ -113,6 +120,8 @@ class Replayed:
     app: str | None
     current_inventory: bool  # the device came from today's inventory, not from the decision log
     unverified_token: bool  # a token nothing recorded as accepted by the gateway: its signature was never checked
+    cohort_kept: tuple[str, ...] = ()  # rollouts whose recorded cohort was kept, assuming them unchanged
+    cohort_unknown: tuple[str, ...] = ()  # rollouts whose cohort could not be recomputed (a pseudonymised user)
 
     @property
     def change(self) -> str | None:
@@ -135,6 +144,69 @@ class Evaluated:
     identity: Identity | None
     app: str | None
     current_inventory: bool
+    cohort_kept: frozenset[str] = frozenset()
+    cohort_unknown: frozenset[str] = frozenset()
+
+
+type Percents = Mapping[str, int]  # each rollout policy's percentOfUsers (0: none), by policy name
+
+
+def rollout_percents(rules: Rules) -> Percents:
+    return {c.rollout.policy_name: c.rollout.percent_of_users for c in rules.policy_set.by_name.values()
+            if c.rollout is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedCohorts:
+    """The rollout cohorts of a pseudonymised user, from the decision record (by policy name)."""
+
+    cohorts: dict[str, RolloutCohort]
+    kept: frozenset[str]  # the recorded cohort, assuming the rollout is as it was (no config of the time given)
+    unknown: frozenset[str]  # the record cannot tell: in the share only if the gateway recorded it so
+
+
+def recorded_cohorts(rules: Rules, access: AccessRequest, identity: Identity, recorded: RecordedDecision | None,
+                     recording: Percents | None) -> RecordedCohorts | None:
+    """A share cannot be drawn from a pseudonym (the user id in the record is a keyed hash of the
+    one it was drawn on): whether the user is in it comes from the cohort the gateway recorded.
+    ``recording``: the rollout percentages of the config that wrote the log (the baseline), or
+    None when replay does not have it (then the rollouts are assumed unchanged, and counted).
+    None when the user is not pseudonymised: the share is drawn as the gateway draws it."""
+    if not rules.policy_set.has_rollouts or not user_key(identity).startswith(Pseudonymizer.PREFIX):
+        return None
+    at_the_time = dict(recorded.cohorts) if recorded is not None else {}
+    groups = frozenset(g.lower() for g in identity.groups)
+    cohorts: dict[str, RolloutCohort] = {}
+    kept: set[str] = set()
+    unknown: set[str] = set()
+    for compiled in rules.policy_set.by_name.values():
+        rollout = compiled.rollout
+        if rollout is None or not 0 < rollout.percent_of_users < 100 or not rollout.groups.isdisjoint(groups):
+            continue  # no share, a share of everyone, or in the cohort by group: worked out as the gateway does
+        name, percent = rollout.policy_name, rollout.percent_of_users
+        cohort = at_the_time.get(name)
+        then = (percent if cohort is not None else None) if recording is None else recording.get(name)
+        share = share_from_record(cohort, then, percent)
+        if share is None:
+            unknown.add(name)
+            share = cohort is RolloutCohort.percent_of_users
+        elif recording is None:
+            kept.add(name)
+        cohorts[name] = rollout.cohort(access, identity, groups, share=share)
+    return RecordedCohorts(cohorts, frozenset(kept), frozenset(unknown))
+
+
+def share_from_record(cohort: RolloutCohort | None, percent_then: int | None, percent: int) -> bool | None:
+    """Whether the user is in a ``percent`` share, from the cohort recorded when the share was
+    ``percent_then``; None when that cannot tell. A share only grows with its percentage: in a
+    share then, in any larger one; outside it then, outside any smaller one."""
+    if cohort is None or not percent_then:
+        return None
+    if cohort is RolloutCohort.percent_of_users:
+        return True if percent >= percent_then else None
+    if cohort in (RolloutCohort.outside, RolloutCohort.listener):  # the share is tested before the listener
+        return False if percent <= percent_then else None
+    return None  # in the cohort by group then: the share was not looked at
 
 
 class Devices:
@@ -169,28 +241,46 @@ def token_claims(request: RecordedRequest) -> Claims:
 
 def token_identity(config: Config, host: str, claims: tuple[dict[str, Any], dict[str, Any]],
                    at: datetime) -> Identity | RejectedToken:
-    """The checks ``BearerValidator`` makes, but the signature, at the recorded time."""
+    """The checks ``BearerValidator`` makes (pyjwt's, in pyjwt's order, with the same reasons),
+    but the signature, at the recorded time."""
     header, payload = claims
     identity = config.gateway_file.identity
     if header.get("alg") not in {a.value for a in identity.algorithms}:
         return RejectedToken("signing algorithm not allowed")
-    missing = next((c for c in REQUIRED_CLAIMS if c not in payload), None)
+    missing = next((c for c in REQUIRED_CLAIMS if payload.get(c) is None), None)
     if missing is not None:
         return RejectedToken(f"token has no {missing!r} claim")
+    now, leeway = at.timestamp(), identity.clock_skew_seconds
+    for claim in ("iat", "nbf", "exp"):
+        if claim not in payload:
+            continue
+        moment = _whole_seconds(payload[claim])
+        if moment is None:
+            return RejectedToken("malformed token")
+        if claim == "exp" and moment <= now - leeway:
+            return RejectedToken("token expired")
+        if claim != "exp" and moment > now + leeway:
+            return RejectedToken("token not yet valid")
     if payload["iss"] != identity.issuer:
         return RejectedToken("token issuer not accepted")
     audiences = frozenset(config.gateway_file.protected_hosts[host].audiences)
     aud = payload["aud"]
-    if not audiences & ({aud} if isinstance(aud, str) else set(aud) if isinstance(aud, list) else set()):
+    if not aud:
+        return RejectedToken("token has no 'aud' claim")
+    named = [aud] if isinstance(aud, str) else aud
+    if not isinstance(named, list) or any(not isinstance(a, str) for a in named) or audiences.isdisjoint(named):
         return RejectedToken("token audience not accepted for this host")
-    now, leeway, exp, nbf = at.timestamp(), identity.clock_skew_seconds, payload["exp"], payload.get("nbf")
-    if not isinstance(exp, int | float) or (nbf is not None and not isinstance(nbf, int | float)):
+    if not isinstance(payload["sub"], str):
         return RejectedToken("malformed token")
-    if now > exp + leeway:
-        return RejectedToken("token expired")
-    if nbf is not None and now < nbf - leeway:
-        return RejectedToken("token not yet valid")
     return identity_from_claims(payload, audiences)
+
+
+def _whole_seconds(value: object) -> int | None:
+    """A time claim as pyjwt reads it (``int()`` of it), or None where pyjwt calls it malformed."""
+    try:
+        return int(value)  # type: ignore[call-overload]  (any JSON value: what int() refuses is malformed)
+    except (ValueError, TypeError, OverflowError):
+        return None
 
 
 def recorded_identity(config: Config, request: RecordedRequest, claims: Claims) -> Identity | RejectedToken | str:
@@ -215,9 +305,10 @@ def recorded_identity(config: Config, request: RecordedRequest, claims: Claims) 
     return RejectedToken("no bearer token")
 
 
-async def decide(side: Side, request: RecordedRequest, claims: Claims, devices: Devices,
-                 default_ip: str) -> Evaluated | str:
-    """What ``AccessService`` would decide for this request under ``side``'s rules."""
+async def decide(side: Side, request: RecordedRequest, claims: Claims, devices: Devices, default_ip: str,
+                 recording: Percents | None = None) -> Evaluated | str:
+    """What ``AccessService`` would decide for this request under ``side``'s rules. ``recording``:
+    the rollout percentages of the config that wrote the decision log, when replay has it."""
     rules, config = side.rules, side.config
     kiosk_location = _kiosk_location(config, request)
     access = AccessRequest(correlation_id=request.correlation_id or request.place, host=request.host,
@@ -244,32 +335,30 @@ async def decide(side: Side, request: RecordedRequest, claims: Claims, devices: 
         return Evaluated(Verdict(result=DecisionResult.unauthenticated, status_code=401, reason=identity.reason),
                          None, None, False)
     device, current = await _device(rules, request, identity, devices, kiosk_location)
-    app = rules.app(identity)
-    label = app.name or app.client_id
-    mismatch = (_device_binding_problem(access, found.names, device) if request.query_recorded
-                else request.evaluation_input.binding_problem if request.evaluation_input else None)
-    if mismatch is not None:
-        return Evaluated(Verdict(result=DecisionResult.block, status_code=403, reason=mismatch), identity, label,
-                         current)
-    decision = evaluate(request=access, identity=identity, device=device, app=app, resources=found.names,
-                        policy_set=rules.policy_set, now=request.time)
-    restriction = decision.allowed and request_restriction(
-        decision.session_controls, method=access.method, content_type=access.content_type,
-        content_length=access.content_length, chunked=access.chunked, resources=found.names,
-        download_resources=rules.policy_set.download_resources)
-    if restriction:
-        decision = replace(decision, result=DecisionResult.block, status_code=403, reason=restriction)
-    return Evaluated(Verdict.of(decision), identity, label, current)
+    given = request.evaluation_input  # the binding was checked against the device of the time: as recorded
+    known = recorded_cohorts(rules, access, identity, request.recorded, recording)
+    decided = decide_access(rules, access, identity, device, found.names, request.time,
+                            check_binding=given is None or current,
+                            binding_problem=given.binding_problem if given else None,
+                            cohorts=known.cohorts if known else None)
+    label = decided.app.name or decided.app.client_id
+    if known is None:
+        return Evaluated(Verdict.of(decided.decision), identity, label, current)
+    applied = {p.name for p in decided.decision.policies if p.result in APPLIED}  # where the cohort decided
+    return Evaluated(Verdict.of(decided.decision), identity, label, current, known.kept & applied,
+                     known.unknown & applied)
 
 
 async def _device(rules: Rules, request: RecordedRequest, identity: Identity, devices: Devices,
                   kiosk_location: str | None) -> tuple[DeviceSignals, bool]:
     """The recorded device when the decision log has it, else today's inventory (second value True)."""
+    if kiosk_location is not None:  # a kiosk is unmanaged, whatever device its token names (as at the gateway)
+        return DeviceSignals(device_id=None, device=None, source="none", compliance=rules.compliance), False
     given = request.evaluation_input
     if given is not None and given.identity.device_id == identity.device_id:
         return DeviceSignals(device_id=given.device_id, device=given.device, source="decision log",
                              compliance=rules.compliance), False
-    if identity.device_id is None or kiosk_location is not None:  # a kiosk is unmanaged
+    if identity.device_id is None:
         return DeviceSignals(device_id=None, device=None, source="none", compliance=rules.compliance), False
     device = await devices.get(identity.device_id)
     return DeviceSignals(device_id=identity.device_id, device=device, source=devices.inventory.name,
@@ -307,6 +396,7 @@ async def replay(requests: Sequence[RecordedRequest], *, baseline: Side | None, 
     """Each request under the baseline (``None``: the decisions recorded in the decision log)
     and the candidate."""
     devices = Devices(inventory)
+    recording = rollout_percents(baseline.rules) if baseline is not None else None  # the config that wrote the log
     replayed: list[Replayed] = []
     skipped: list[Skipped] = []
     decoded: dict[tuple[str, ...], Claims] = {}  # a client sends one token many times
@@ -315,7 +405,7 @@ async def replay(requests: Sequence[RecordedRequest], *, baseline: Side | None, 
         if request.authorization not in decoded:
             decoded[request.authorization] = token_claims(request)
         outcome = await _replay_one(request, decoded[request.authorization], baseline, candidate, devices,
-                                    default_ip)
+                                    default_ip, recording)
         if isinstance(outcome, Skipped):
             skipped.append(outcome)
         else:
@@ -324,12 +414,12 @@ async def replay(requests: Sequence[RecordedRequest], *, baseline: Side | None, 
 
 
 async def _replay_one(request: RecordedRequest, claims: Claims, baseline: Side | None, candidate: Side,
-                      devices: Devices, default_ip: str) -> Replayed | Skipped:
+                      devices: Devices, default_ip: str, recording: Percents | None) -> Replayed | Skipped:
     if request.recorded is not None and request.recorded.status_code == 503 and not request.authorization:
         return Skipped(request.place, UNAVAILABLE)
     before = recorded_verdict(request) if baseline is None else await decide(baseline, request, claims, devices,
-                                                                              default_ip)
-    after = await decide(candidate, request, claims, devices, default_ip)
+                                                                              default_ip, recording)
+    after = await decide(candidate, request, claims, devices, default_ip, recording)
     if isinstance(before, str) or isinstance(after, str):
         return Skipped(request.place, before if isinstance(before, str) else str(after))
     sides = [after] if isinstance(before, Verdict) else [after, before]
@@ -340,4 +430,6 @@ async def _replay_one(request: RecordedRequest, claims: Claims, baseline: Side |
         user=(identity.user_principal_name or identity.subject) if identity else recorded.user if recorded else None,
         app=next((side.app for side in sides if side.app), recorded.app if recorded else None),
         current_inventory=any(side.current_inventory for side in sides),
-        unverified_token=isinstance(claims, tuple) and request.authenticated is None)
+        unverified_token=isinstance(claims, tuple) and request.authenticated is None,
+        cohort_kept=tuple(sorted(frozenset().union(*(side.cohort_kept for side in sides)))),
+        cohort_unknown=tuple(sorted(frozenset().union(*(side.cohort_unknown for side in sides)))))

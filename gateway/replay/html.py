@@ -65,7 +65,7 @@ def as_html(report: ReplayReport, generated: datetime | None = None) -> str:
                      for group in report.groups(change, "policy")]
     if report.other_reason:
         body += [f"<h2>Still blocked, another reason: {len(report.other_reason)}</h2>",
-                 _examples(report.other_reason[: report.examples * 4])]
+                 _examples(report.other_reason[: report.examples])]
     body.append(f"<h2>Policies that never matched under the candidate: {len(report.never_matched) or 'none'}</h2>")
     if report.never_matched:
         body.append("<table><tr><th>policy</th><th>state</th><th>display name</th></tr>" + "".join(

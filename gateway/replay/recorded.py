@@ -25,11 +25,12 @@ from gateway.audit import KIOSK_LISTENER, log_files
 from gateway.errors import PortcullisError
 from gateway.headers import CORRELATION_ID
 from gateway.identity.browser import COOKIE_NAME
-from gateway.policy.model import DecisionResult, Identity, ManagedDevice
+from gateway.policy.model import DecisionResult, Identity, ManagedDevice, RolloutCohort
 from gateway.session_controls import UPLOAD_BLOCKED
 from gateway.signals.devices import DeviceRecord
 
 APPLIED = frozenset({"success", "failure", "reportOnlySuccess", "reportOnlyFailure"})
+COHORTS = frozenset(c.value for c in RolloutCohort)
 
 
 class UnreadableSource(PortcullisError):
@@ -57,6 +58,7 @@ class RecordedDecision:
     applied: tuple[str, ...]  # policies that applied (enforced or report-only)
     user: str | None
     app: str | None
+    cohorts: tuple[tuple[str, RolloutCohort], ...] = ()  # (policy, cohort) of each policy with a rollout
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -189,7 +191,9 @@ def _recorded_decision(record: dict[str, Any]) -> RecordedDecision:
         resource=record.get("resourceDisplayName"),
         applied=tuple(str(p["id"]) for p in policies if p.get("result") in APPLIED),
         user=record.get("userPrincipalName") or record.get("userId"),
-        app=record.get("appDisplayName") or record.get("appId"))
+        app=record.get("appDisplayName") or record.get("appId"),
+        cohorts=tuple((str(p["id"]), RolloutCohort(p["rollout"])) for p in policies
+                      if p.get("rollout") in COHORTS and "id" in p))
 
 
 def _recorded_input(record: dict[str, Any], given: dict[str, Any]) -> RecordedInput:

@@ -149,6 +149,20 @@ def notes(replayed: Iterable[Replayed], default_ip: str, pseudonym_key: bool) ->
         found.append(f"{counts['pseudonyms']} decision records carry pseudonymised users: " + (
             "the policies' user lists were keyed with the same pseudonym key" if pseudonym_key else
             "no pseudonym key is available here, so conditions naming users cannot match them (groups still do)"))
+    kept = [item for item in items if item.cohort_kept]
+    if kept:
+        found.append(f"{len(kept)} requests by pseudonymised users fall under a percentOfUsers rollout "
+                     f"({', '.join(sorted({p for item in kept for p in item.cohort_kept}))}): a share cannot be "
+                     "drawn from a pseudonym, so the cohort the gateway recorded was kept; that is exact only if "
+                     "the rollout is as it was when the log was written (give that config as --baseline DIR to "
+                     "have changed rollouts found and counted)")
+    unknown = [item for item in items if item.cohort_unknown]
+    if unknown:
+        found.append(f"{len(unknown)} requests by pseudonymised users fall under a percentOfUsers rollout that is "
+                     f"not as it was when the log was written "
+                     f"({', '.join(sorted({p for item in unknown for p in item.cohort_unknown}))}): their cohort "
+                     "could not be recomputed from a pseudonym; they were counted in the share only if the gateway "
+                     "recorded them in it, so their decisions are estimates")
     return tuple(found)
 
 
