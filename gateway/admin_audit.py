@@ -4,14 +4,17 @@ tried to" is answered the way a security team already reads Entra's audit log.
 
 A record names the caller (user principal name and object id from the validated token, and the
 address they came from), never the token itself. Admins are named, not pseudonymised: the log
-exists to hold them accountable. The file is appended to under a lock (admin requests are rare);
-callers in async code go through ``asyncio.to_thread``.
+exists to hold them accountable; user names an admin typed (a dashboard filter, a What If
+question) are written as pseudonyms when the decision log uses them (gateway/web/admin.py). The
+file is created readable by its owner only (0600) and appended to under a lock (admin requests
+are rare); callers in async code go through ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ from gateway.policy.model import Identity
 logger = logging.getLogger(__name__)
 
 LOGGED_BY = "Portcullis admin API"
+FILE_MODE = 0o600  # when the log is created: it names the admins and what they looked at
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,7 +93,8 @@ class AdminAuditLog:
         try:
             with self._lock:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as file:
+                descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+                with open(descriptor, "a", encoding="utf-8") as file:
                     file.write(line)
         except OSError:
             logger.exception("cannot write the admin audit record %s to %s", record["correlationId"], self.path)

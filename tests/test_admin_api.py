@@ -8,9 +8,13 @@ import contextlib
 import json
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,16 @@ from gateway.demo import (
 from gateway.errors import ConfigError
 from gateway.operations import Operations
 from gateway.web.admin import admin_listener
-from tests.conftest import Background, Gateway, Ports, demo_config_copy, free_port, gateway_config, operations_for
+from tests.conftest import (
+    Background,
+    Gateway,
+    Ports,
+    demo_config_copy,
+    free_port,
+    gateway_config,
+    operations_for,
+    proxy_for,
+)
 
 ADMIN_AUDIENCE = "api://portcullis-admin"
 READER, OPERATOR = "Portcullis.Reader", "Portcullis.Operator"
@@ -101,13 +114,27 @@ def test_healthz_answers_anyone_and_is_not_audited(gateway: Gateway) -> None:
 
 
 def test_readyz_lists_every_check_and_is_ready(gateway: Gateway) -> None:
-    response = admin(gateway.admin_port, "GET", "/readyz")
+    response = admin(gateway.admin_port, "GET", "/readyz", admin_token(gateway, READER))
     assert response.status_code == 200
     body = response.json()
     checks = {c["name"]: c for c in body["checks"]}
     assert {"config", "jwks", "deviceInventory", "mtd:demo-mtd"} <= set(checks)
     assert checks["jwks"]["status"] == "pass" and checks["jwks"]["ageSeconds"] >= 0
+    assert "devices" in checks["deviceInventory"]["detail"]
     assert body["status"] in ("pass", "warn")  # the demo's MTD partner may not have been heard from: warn
+    assert audit_record(gateway.config_dir, response)["activityDisplayName"] == "Read readiness details"
+
+
+def test_readyz_tells_anonymous_callers_only_each_checks_name_and_status(gateway: Gateway) -> None:
+    response = admin(gateway.admin_port, "GET", "/readyz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] in ("pass", "warn")
+    assert all(set(check) == {"name", "status"} for check in body["checks"]), body  # no detail, no age
+    assert "devices" not in response.text
+    assert "X-Portcullis-Correlation-Id" not in response.headers  # a probe: not audited
+    refused = admin(gateway.admin_port, "GET", "/readyz", admin_token(gateway))  # a token without the role
+    assert refused.status_code == 403 and "checks" not in refused.json()
 
 
 @contextlib.asynccontextmanager
@@ -130,14 +157,16 @@ def test_readyz_fails_with_503_when_the_issuer_keys_were_never_fetched(gateway: 
                                                                        demo_ports: Ports) -> None:
     dead_issuer = Ports(0, free_port(), demo_ports.mail, demo_ports.docs)
     config_dir = own_config(tmp_path, gateway, dead_issuer)
-    with Background(lambda: admin_only(config_dir, fetch_keys=False)) as (port, _):
+    with Background(lambda: admin_only(config_dir, fetch_keys=False)) as (port, operations):
         response = admin(port, "GET", "/readyz")
         assert admin(port, "GET", "/healthz").status_code == 200  # alive, but not ready
         refused = admin(port, "GET", "/metrics", admin_token(gateway, READER))
+        details = operations.health.checks()  # a reader could not read them: no keys to check the token
     assert response.status_code == 503
     body = response.json()
-    jwks = next(c for c in body["checks"] if c["name"] == "jwks")
-    assert body["status"] == "fail" and jwks["status"] == "fail" and "never fetched" in jwks["detail"]
+    assert body["status"] == "fail" and {"name": "jwks", "status": "fail"} in body["checks"]
+    jwks = next(c for c in details if c.name == "jwks")
+    assert "never fetched" in jwks.detail
     assert refused.status_code == 503  # no keys: no admin token can be checked either
 
 
@@ -306,6 +335,9 @@ def test_whatif_answers_as_the_cli_does(gateway: Gateway) -> None:
     pytest.param(b'{"user": "a", "url": "https://elsewhere.test/"}', "not on a protected host", id="unknown host"),
     pytest.param(b'{"user": "a", "url": "https://mail.contoso.test/owa/", "app": "nope"}', "neither a configured",
                  id="unknown app"),
+    pytest.param(b'{"user": "a", "url": "https://[::1/owa"}', "not a valid URL", id="a broken IPv6 host"),
+    pytest.param(b'{"user": "a", "url": "https://mail.contoso.test:99999/owa/"}', "not a valid URL",
+                 id="a port out of range"),
 ])
 def test_a_bad_whatif_question_gets_400_saying_why(gateway: Gateway, body: bytes, message: str) -> None:
     response = admin(gateway.admin_port, "POST", "/admin/whatif", admin_token(gateway, READER), content=body,
@@ -406,9 +438,12 @@ def test_an_invalid_change_is_rejected_with_its_line_and_the_last_good_rules_sta
     assert outcome["applied"] is False
     assert any(f"policies.yaml:{line}:" in p and "enabeld" in p for p in outcome["problems"]), outcome["problems"]
     assert admin(port, "POST", "/admin/whatif", reader, json=ALEX_SYNCS).json()["result"] == "block"  # last good
-    ready = admin(port, "GET", "/readyz")
+    ready = admin(port, "GET", "/readyz", reader)
     config_check = next(c for c in ready.json()["checks"] if c["name"] == "config")
     assert ready.status_code == 200 and config_check["status"] == "warn" and "enabeld" in config_check["detail"]
+    anonymous = admin(port, "GET", "/readyz")
+    assert {"name": "config", "status": "warn"} in anonymous.json()["checks"]
+    assert "enabeld" not in anonymous.text and str(config_dir) not in anonymous.text
     samples = scrape(port, reader)
     assert value(samples, "portcullis_config_reloads_total", result="failure", trigger="adminApi") == 1
     assert value(samples, "portcullis_config_last_reload_successful") == 0
@@ -482,3 +517,196 @@ def test_a_sign_in_posted_from_another_site_is_refused(gateway: Gateway, headers
                      headers=headers)
     assert response.status_code == 403 and "set-cookie" not in response.headers
     assert "dashboard's own page" in audit_record(gateway.config_dir, response)["resultReason"]
+
+
+def _own_admin_section(tmp_path: Path, gateway: Gateway, demo_ports: Ports, change: Callable[[Any], None]) -> Path:
+    config_dir = own_config(tmp_path, gateway, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
+    _edit_admin_section(config_dir, change)
+    return config_dir
+
+
+@contextlib.asynccontextmanager
+async def proxy_and_admin(config_dir: Path) -> AsyncIterator[tuple[int, int, Operations]]:
+    """A gateway of its own: the proxy and the admin listener in one event loop, as in production."""
+    operations = await operations_for(config_dir)
+    async with proxy_for(operations.service) as proxy_port, admin_listener(operations) as address:
+        assert address is not None
+        yield proxy_port, address[1], operations
+
+
+LOOKUPS = 48
+
+
+def test_a_flood_of_decision_lookups_gets_429_and_leaves_the_request_path_alone(
+        gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    """Unknown ids are searched for in every rotated decision log file: those scans queue on a
+    thread of their own, a few at a time, and never hold the worker threads device lookups use."""
+    config_dir = own_config(tmp_path, gateway, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
+    reader = admin_token(gateway, READER)
+    with Background(lambda: proxy_and_admin(config_dir)) as (proxy_port, admin_port, operations):
+        log = operations.service.decision_log.path
+        for n in (1, 2):  # short lines: slow to scan, quick to write
+            log.with_name(f"{log.name}.{n}").write_text("{}\n" * (16 * 1024 * 1024 // 3))
+
+        def lookup(_: int) -> httpx.Response:
+            return admin(admin_port, "GET", f"/admin/decisions/{uuid.uuid4()}", reader)
+
+        with ThreadPoolExecutor(LOOKUPS) as pool:
+            lookups = [pool.submit(lookup, n) for n in range(LOOKUPS)]
+            time.sleep(0.3)
+            with gateway.client() as client:  # Alex's iPhone: a device lookup in the SQLite inventory
+                synced = client.post(f"https://127.0.0.1:{proxy_port}{activesync(ALEX_IPHONE, 'alex')}",
+                                     headers={"Host": MAIL, "Authorization": f"Bearer {outlook(gateway)}"},
+                                     extensions={"sni_hostname": MAIL}, timeout=30)
+            answers = [f.result(timeout=120) for f in lookups]
+    assert synced.status_code == 200, synced.text
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) <= {404, 429} and 404 in statuses and 429 in statuses, statuses
+    busy = next(a for a in answers if a.status_code == 429)
+    assert busy.headers["Retry-After"].isdigit()
+    record = audit_record(config_dir, busy)
+    assert record["result"] == "failure" and "too many" in record["resultReason"]
+
+
+def test_a_handler_that_fails_answers_an_audited_500(gateway: Gateway, reload_admin: tuple[int, Operations, Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    port, operations, config_dir = reload_admin
+
+    async def broken(_: str) -> None:
+        raise RuntimeError("the disk is on fire")
+
+    def broken_checks() -> None:
+        raise RuntimeError("the inventory is on fire")
+
+    monkeypatch.setattr(operations.reloader, "reload", broken)
+    response = admin(port, "POST", "/admin/reload", admin_token(gateway, OPERATOR, user="omar@contoso.test"))
+    assert response.status_code == 500 and response.json()["error"] == "server_error"
+    assert "on fire" not in response.text
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    record = audit_record(config_dir, response)
+    assert (record["activityDisplayName"], record["result"]) == ("Reload configuration", "failure")
+    assert record["resultReason"] == "internal error: RuntimeError"
+    assert record["initiatedBy"]["user"]["userPrincipalName"] == "omar@contoso.test"
+    monkeypatch.setattr(operations.health, "checks", broken_checks)
+    probe = admin(port, "GET", "/readyz")  # outside any guarded handler
+    assert probe.status_code == 500 and "X-Frame-Options" in probe.headers
+    assert audit_record(config_dir, probe)["activityDisplayName"] == "Fail with an internal error"
+    monkeypatch.undo()
+    samples = scrape(port, admin_token(gateway, READER))
+    assert value(samples, "portcullis_admin_requests_total", action="reload", outcome="error") == 1
+    assert value(samples, "portcullis_admin_requests_total", action="error", outcome="error") == 1
+
+
+@pytest.mark.parametrize(("method", "path", "status", "activity"), [
+    pytest.param("GET", "/admin/users", 404, "Request an unknown path", id="unknown path -> 404"),
+    pytest.param("DELETE", "/admin/reload", 405, "Use a method the path does not allow", id="DELETE reload -> 405"),
+    pytest.param("GET", "/admin/whatif", 405, "Use a method the path does not allow", id="GET whatif -> 405"),
+])
+def test_unknown_paths_and_methods_are_audited(gateway: Gateway, method: str, path: str, status: int,
+                                               activity: str) -> None:
+    response = admin(gateway.admin_port, method, path, admin_token(gateway, OPERATOR))
+    assert response.status_code == status
+    assert response.headers["X-Frame-Options"] == "DENY"
+    if status == 405:
+        assert response.headers["Allow"]
+    record = audit_record(gateway.config_dir, response)
+    assert (record["activityDisplayName"], record["result"]) == (activity, "failure")
+    assert {"key": "path", "value": path} in record["additionalDetails"]
+    assert record["initiatedBy"]["user"] is None  # no handler, so no token was checked
+
+
+@pytest.mark.parametrize(("host", "path", "status"), [
+    pytest.param("rebound.attacker.test", "/", 421, id="dashboard for another name -> 421"),
+    pytest.param("rebound.attacker.test:{port}", "/metrics", 421, id="metrics for another name -> 421"),
+    pytest.param("127.0.0.2:{port}", "/admin/decisions/x", 421, id="another address -> 421"),
+    pytest.param("localhost:{port}", "/metrics", 200, id="localhost on loopback -> 200"),
+    pytest.param("rebound.attacker.test:{port}", "/healthz", 200, id="liveness by any name -> 200"),
+    pytest.param("10.1.2.3:{port}", "/readyz", 200, id="readiness by any name -> 200"),
+])
+def test_a_request_for_another_host_is_refused_but_probes_are_not(gateway: Gateway, host: str, path: str,
+                                                                 status: int) -> None:
+    """DNS rebinding: a page on rebound.attacker.test, resolved to 127.0.0.1, would send its own Host."""
+    response = admin(gateway.admin_port, "GET", path, admin_token(gateway, READER),
+                     headers={"Host": host.format(port=gateway.admin_port)})
+    assert response.status_code == status, response.text
+    if status == 421:
+        record = audit_record(gateway.config_dir, response)
+        assert (record["activityDisplayName"], record["result"]) == ("Refuse a request for another host", "failure")
+        assert response.headers["Cache-Control"] == "no-store"
+
+
+PUBLIC = "https://admin.contoso.test"
+
+
+def test_behind_a_tls_proxy_the_cookie_is_secure_and_sign_in_comes_from_the_public_origin(
+        gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    config_dir = _own_admin_section(tmp_path, gateway, demo_ports, lambda a: a.update(publicUrl=PUBLIC + "/"))
+    reader = admin_token(gateway, READER)
+    proxied = {"Host": "admin.contoso.test", "Origin": PUBLIC}  # what the TLS proxy passes on
+    with Background(lambda: admin_only(config_dir)) as (port, _):
+        signed_in = admin(port, "POST", "/signin", data={"token": reader}, headers=proxied)
+        direct = admin(port, "POST", "/signin", data={"token": reader},
+                       headers={"Origin": f"http://127.0.0.1:{port}"})  # not the origin browsers use
+        page = admin(port, "GET", "/", headers={"Host": "admin.contoso.test",
+                                                "Cookie": f"__Host-portcullis_admin={reader}"})
+        plain = admin(port, "GET", "/", headers={"Cookie": f"portcullis_admin={reader}"})
+        signed_out = admin(port, "POST", "/signout", headers=proxied)
+    assert signed_in.status_code == 303, signed_in.text
+    cookie = signed_in.headers["set-cookie"].lower()
+    assert cookie.startswith("__host-portcullis_admin=") and "; secure" in cookie and "path=/" in cookie
+    assert "domain" not in cookie and "httponly" in cookie and "samesite=strict" in cookie
+    assert direct.status_code == 403 and "set-cookie" not in direct.headers
+    assert page.status_code == 200 and plain.status_code == 401
+    assert signed_out.status_code == 303
+    gone = signed_out.headers["set-cookie"].lower()
+    assert gone.startswith("__host-portcullis_admin=") and "; secure" in gone and "max-age=0" in gone
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    pytest.param("http://admin.contoso.test", "https origin", id="plain http"),
+    pytest.param("https://admin.contoso.test/portcullis/", "has a path", id="a path"),
+    pytest.param("https://olivia@admin.contoso.test", "https origin", id="a user name"),
+    pytest.param("https://[::1", "is not a URL", id="broken"),
+])
+def test_a_public_url_is_an_https_origin(tmp_path: Path, url: str, message: str) -> None:
+    config_dir = demo_config_copy(tmp_path, Ports.fresh())
+    _edit_admin_section(config_dir, lambda a: a.update(publicUrl=url))
+    with pytest.raises(ConfigError) as raised:
+        load_config(config_dir)
+    assert message in str(raised.value.problems[0])
+
+
+def test_a_public_url_is_kept_as_the_origin_browsers_send(tmp_path: Path) -> None:
+    config_dir = demo_config_copy(tmp_path, Ports.fresh())
+    _edit_admin_section(config_dir, lambda a: a.update(publicUrl="https://Admin.Contoso.TEST:443/"))
+    admin_settings = load_config(config_dir).gateway_file.admin
+    assert admin_settings is not None and admin_settings.public_url == PUBLIC
+
+
+def test_typed_user_names_are_audited_as_pseudonyms_when_the_decision_log_uses_them(
+        gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    config_dir = own_config(tmp_path, gateway, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
+    yaml = YAML()
+    settings = yaml.load(config_dir / "portcullis.yaml")
+    settings["decisionLog"]["pseudonymizeUsers"] = True
+    yaml.dump(settings, config_dir / "portcullis.yaml")
+    reader = admin_token(gateway, READER, user="rita@contoso.test")
+    with Background(lambda: admin_only(config_dir)) as (port, operations):
+        dashboard = admin(port, "GET", "/", reader, params={"user": "blake@contoso.test", "result": "block"})
+        asked = admin(port, "POST", "/admin/whatif", reader, json={**ALEX_SYNCS, "user": "blake@contoso.test"})
+        pseudonymizer = operations.service.decision_log.pseudonymizer
+        assert pseudonymizer is not None
+        blake = pseudonymizer.pseudonym("blake@contoso.test")
+    assert (dashboard.status_code, asked.status_code) == (200, 200)
+    audited = audit_path(config_dir).read_text()
+    assert "blake" not in audited and blake in audited
+    assert "rita@contoso.test" in audited  # the admin is named: the log holds admins to account
+    filtered = audit_record(config_dir, dashboard)
+    assert {"key": "filter", "value": f"result=block&user={blake.replace(':', '%3A')}"} in filtered[
+        "additionalDetails"]
+    assert audit_record(config_dir, asked)["targetResources"][0]["displayName"] == blake
+
+
+def test_the_admin_audit_log_is_readable_by_its_owner_only(gateway: Gateway) -> None:
+    admin(gateway.admin_port, "GET", "/metrics", admin_token(gateway, READER))
+    assert stat.S_IMODE(audit_path(gateway.config_dir).stat().st_mode) == 0o600

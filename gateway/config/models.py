@@ -388,10 +388,31 @@ class AdminSettings(Model):
     listen: AdminListen = AdminListen()
     audience: Annotated[str, Field(min_length=1)]
     audit_log: Path = Path("../.portcullis/admin-audit.jsonl")  # one JSON line per admin request
+    public_url: str | None = None  # https://host[:port]: the origin browsers use through a TLS reverse proxy
 
     @property
     def on_loopback(self) -> bool:
         return _is_loopback_host(self.listen.host)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_origin(cls, value: str | None) -> str | None:
+        """Kept as an origin (lower case, no default port), the way browsers send ``Origin``."""
+        if value is None:
+            return None
+        usage = "publicUrl is the https origin of the TLS reverse proxy in front, like https://admin.contoso.com"
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError as error:
+            raise ValueError(f"{value!r} is not a URL ({error}): {usage}") from None
+        if parts.scheme != "https" or not parts.hostname or "@" in parts.netloc:
+            raise ValueError(f"{value!r}: {usage}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{value!r} has a path: {usage} (the dashboard is served at /)")
+        host = parts.hostname.lower()
+        host = f"[{host}]" if ":" in host else host
+        return f"https://{host}" + (f":{port}" if port not in (None, 443) else "")
 
 
 class PortcullisFile(Model):

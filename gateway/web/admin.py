@@ -1,7 +1,8 @@
 """The admin listener (``admin:`` in portcullis.yaml), apart from the proxy and on loopback by default:
 
     GET  /healthz                 anyone: the process answers
-    GET  /readyz                  anyone: every readiness check as JSON; 200 pass or warn, 503 fail
+    GET  /readyz                  anyone: each readiness check's name and status; 200 pass or warn, 503 fail
+                                  (Reader, with the Authorization header: each check's detail and age too)
     GET  /metrics                 Reader: Prometheus text
     GET  /admin/decisions/{id}    Reader: one decision log record (with Accept: text/plain, its explanation)
     POST /admin/whatif            Reader: a What If question as JSON, answered as ``portcullis whatif --json``
@@ -17,7 +18,13 @@ missing or invalid, 403 when its roles do not allow the action. Browsers may car
 HttpOnly, SameSite=Strict cookie, for GET pages only: what changes state reads the Authorization
 header alone, so no other site can make a browser send it. Every request except the probes, the
 sign-in form's page, sign-out and the JWKS is written to the admin audit log and counted in a
-metric (gateway/web/admin_guard.py).
+metric, and so are unknown paths and methods, requests for another Host (421) and internal errors
+(gateway/web/admin_guard.py).
+
+A decision not among the recent ones in memory is looked for in the decision log files, which
+may be a gigabyte: those scans run one at a time on a thread of their own (never in the default
+executor, which the request path's SQLite lookups use), and at most ``SCAN_QUEUE`` wait; others
+get 429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -27,9 +34,11 @@ import contextlib
 import json
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import ip_address
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import uvicorn
 from prometheus_client.exposition import choose_encoder
@@ -50,18 +59,18 @@ from gateway.health import overall
 from gateway.operations import Operations
 from gateway.policy.model import ClientAppType, DevicePlatform, Identity, Listener
 from gateway.web.admin_guard import (
-    COOKIE_NAME,
     OPERATOR,
     READER,
     AdminAction,
+    AdminGate,
     AdminGuard,
+    AdminSite,
     Credential,
     Done,
     Refusal,
     SecurityHeaders,
     failed,
     read_limited,
-    same_origin,
 )
 from gateway.web.assertion_keys import jwks_route
 from gateway.web.dashboard import (
@@ -77,8 +86,11 @@ from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, p
 
 DECISION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 RELOAD_TRIGGER = "adminApi"
+SCAN_QUEUE = 4  # decision log scans admitted at once: one reading the files, the others waiting
+SCAN_RETRY_AFTER = 5  # seconds, in the 429 of a lookup beyond them
 
 READ_METRICS = AdminAction("readMetrics", "Read metrics", "Monitoring", READER)
+READ_READINESS = AdminAction("readReadiness", "Read readiness details", "Monitoring", READER)
 READ_DECISION = AdminAction("readDecision", "Read a decision", "Monitoring", READER)
 WHAT_IF = AdminAction("whatIf", "Ask What If", "Policy", READER)
 RELOAD = AdminAction("reload", "Reload configuration", "Policy", OPERATOR)
@@ -108,15 +120,53 @@ class WhatIfInput(Model):
                         platform=self.platform, listener=self.listener, object_id=self.object_id)
 
 
+class Busy(Exception):
+    """Too many decision log scans already admitted."""
+
+
+class LogScans:
+    """Blocking reads of the decision log files: on one thread of their own, at most ``queue``
+    admitted at once (the semaphore is released when the scan is over, even if its caller left)."""
+
+    def __init__(self, queue: int = SCAN_QUEUE) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admin-log-scan")
+        self._admitted = asyncio.Semaphore(queue)
+
+    async def run[T](self, scan: Callable[[], T]) -> T:
+        """``scan()``'s result; raises ``Busy`` when the queue is full."""
+        if self._admitted.locked():
+            raise Busy
+        await self._admitted.acquire()  # immediate: not locked
+        loop = asyncio.get_running_loop()
+        try:
+            future = self._executor.submit(scan)
+        except BaseException:
+            self._admitted.release()
+            raise
+
+        def release(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(self._admitted.release)
+
+        future.add_done_callback(release)
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 class AdminApi:
     """The handlers; each reads the rules in force when it runs (a reload swaps them)."""
 
     def __init__(self, operations: Operations, audience: str, audit: AdminAuditLog, *,
-                 clock: Clock = utc_now) -> None:
+                 clock: Clock = utc_now, site: AdminSite | None = None) -> None:
         self.operations = operations
         self.service = operations.service
         self._clock = clock
-        self._guard = AdminGuard(self.service.validator, audience, audit, self.service.metrics, clock)
+        self._guard = AdminGuard(self.service.validator, audience, audit, self.service.metrics, clock, site)
+        self.site = self._guard.site
+        self.scans = LogScans()
+        self._readiness_details = self._guard(READ_READINESS, self.readiness_details)
 
     def app(self) -> Starlette:
         guard = self._guard
@@ -135,16 +185,28 @@ class AdminApi:
         ]
         if self.service.assertions is not None:
             routes.append(jwks_route(self.service.assertions))
-        return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
+        return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders), Middleware(AdminGate, guard=guard)],
+                         exception_handlers={404: guard.unrouted, 405: guard.unrouted})
 
     async def healthz(self, _: Request) -> Response:
         return JSONResponse({"status": "pass"})
 
-    async def readyz(self, _: Request) -> Response:
+    async def readyz(self, request: Request) -> Response:
+        """Anyone (a load balancer) gets each check's name and status; the details (rejected config
+        problems, device counts) need a Reader's token in the Authorization header."""
+        if "authorization" in request.headers:
+            return await self._readiness_details(request)
         checks = await asyncio.to_thread(self.operations.health.checks)  # a few SQLite reads
         status = overall(checks)
-        return JSONResponse({"status": status, "checks": [c.as_json() for c in checks]},
+        return JSONResponse({"status": status, "checks": [{"name": c.name, "status": c.status} for c in checks]},
                             status_code=503 if status == "fail" else 200)
+
+    async def readiness_details(self, _: Request, __: Identity) -> Done:
+        checks = await asyncio.to_thread(self.operations.health.checks)
+        status = overall(checks)
+        return Done(JSONResponse({"status": status, "checks": [c.as_json() for c in checks]},
+                                 status_code=503 if status == "fail" else 200),
+                    targets=(TargetResource(id="/readyz", display_name="readiness", type="Readiness"),))
 
     async def metrics(self, request: Request, _: Identity) -> Done:
         """Prometheus text, or OpenMetrics when the scraper asks for it (as prometheus_client's own app)."""
@@ -156,7 +218,8 @@ class AdminApi:
     async def decision(self, request: Request, _: Identity) -> Done:
         record = await self._record(request.path_params["correlation_id"])
         if isinstance(record, Refusal):
-            return failed(JSONResponse({"error": record.reason}, status_code=record.status), record.reason)
+            return failed(JSONResponse({"error": record.reason}, status_code=record.status,
+                                       headers=_retry_after(record)), record.reason)
         target = _decision_target(record)
         if "text/plain" in request.headers.get("accept", ""):
             return Done(PlainTextResponse(explain(record)), targets=target)
@@ -173,6 +236,10 @@ class AdminApi:
         model, problems = validate(WhatIfInput, data, "question")
         if model is None:
             return _bad_question("; ".join(str(p) for p in problems))
+        try:
+            urlsplit(model.url).port  # noqa: B018  (raises ValueError for a bad IPv6 address or port)
+        except ValueError as error:
+            return _bad_question(f"url {model.url!r} is not a valid URL: {error}")
         question = model.question()
         config = self.service.config
         try:
@@ -181,7 +248,8 @@ class AdminApi:
             return _bad_question(str(error))
         answer = as_json(question, decision, policy_states(config))
         return Done(JSONResponse(answer), reason=f"{answer['result']} ({answer['httpStatus']})",
-                    targets=(TargetResource(id=question.url, display_name=question.user, type="WhatIfQuestion"),))
+                    targets=(TargetResource(id=question.url, display_name=self._typed_user(question.user),
+                                            type="WhatIfQuestion"),))
 
     async def reload(self, _: Request, __: Identity) -> Done:
         outcome = await self.operations.reloader.reload(RELOAD_TRIGGER)
@@ -200,7 +268,7 @@ class AdminApi:
         if isinstance(filters, str):
             return failed(HTMLResponse(message_page(caller, "Bad filter", filters), status_code=400), filters)
         log = self.service.decision_log
-        pseudonym = log.pseudonymizer.pseudonym if log.pseudonymizer is not None else None
+        pseudonym = self._pseudonym()
         recent = log.recent()
         matching = [r for r in recent if filters.matches(r, pseudonym)]
         config, reloader = self.service.config, self.operations.reloader
@@ -210,14 +278,15 @@ class AdminApi:
                         checks=await asyncio.to_thread(self.operations.health.checks),
                         config=ConfigState(policies=len(config.policies), loaded_at=reloader.loaded_at,
                                            last_reload=reloader.last), now=self._clock())
-        return Done(HTMLResponse(overview_page(view)), details={"filter": filters.query()},
+        return Done(HTMLResponse(overview_page(view)), details={"filter": filters.query(pseudonym)},
                     targets=(TargetResource(id="/", display_name="dashboard", type="Dashboard"),))
 
     async def decision_page(self, request: Request, caller: Identity) -> Done:
         record = await self._record(request.path_params["correlation_id"])
         if isinstance(record, Refusal):
-            page = message_page(caller, "No such decision" if record.status == 404 else "Bad request", record.reason)
-            return failed(HTMLResponse(page, status_code=record.status), record.reason)
+            title = {404: "No such decision", 429: "Busy"}.get(record.status, "Bad request")
+            page = message_page(caller, title, record.reason)
+            return failed(HTMLResponse(page, status_code=record.status, headers=_retry_after(record)), record.reason)
         return Done(HTMLResponse(decision_page(caller, record, explain(record))), targets=_decision_target(record))
 
     async def sign_in_form(self, _: Request) -> Response:
@@ -227,22 +296,44 @@ class AdminApi:
         """The pasted token was validated as a header's would be; the cookie lives as long as the token."""
         token: str = request.state.pasted_token
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE_NAME, token, max_age=max(0, int(caller.expires_at - self._clock().timestamp())),
-                            path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+        response.set_cookie(self.site.cookie_name, token,
+                            max_age=max(0, int(caller.expires_at - self._clock().timestamp())),
+                            path="/", httponly=True, samesite="strict", secure=self.site.secure)
         return Done(response)
 
     async def sign_out(self, request: Request) -> Response:
-        if not same_origin(request):
+        if not self.site.same_origin(request):
             return PlainTextResponse("sign-out must come from the dashboard's own page", status_code=403)
         response = RedirectResponse("/signin", status_code=303)
-        response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict")
+        response.delete_cookie(self.site.cookie_name, path="/", httponly=True, samesite="strict",
+                               secure=self.site.secure)
         return response
 
     async def _record(self, correlation_id: str) -> dict[str, Any] | Refusal:
         if not DECISION_ID.match(correlation_id):
             return Refusal(400, "a correlation id is letters, digits, '.', '_' and '-'")
-        record = await asyncio.to_thread(self.service.decision_log.find, correlation_id)  # may read the files
-        return record if record is not None else Refusal(404, f"no decision {correlation_id} in the decision log")
+        log = self.service.decision_log
+        for record in log.recent():  # memory first: no scan, never refused as busy
+            if record.get("correlationId") == correlation_id:
+                return record
+        try:
+            found = await self.scans.run(lambda: log.find(correlation_id))
+        except Busy:
+            return Refusal(429, "too many decision log searches at once; retry in a few seconds")
+        return found if found is not None else Refusal(404, f"no decision {correlation_id} in the decision log")
+
+    def _pseudonym(self) -> Callable[[str], str] | None:
+        pseudonymizer = self.service.decision_log.pseudonymizer
+        return pseudonymizer.pseudonym if pseudonymizer is not None else None
+
+    def _typed_user(self, user: str) -> str:
+        """A user name an admin typed, for the audit log: a pseudonym when the decision log uses them."""
+        pseudonym = self._pseudonym()
+        return pseudonym(user) if pseudonym is not None else user
+
+
+def _retry_after(refusal: Refusal) -> dict[str, str] | None:
+    return {"Retry-After": str(SCAN_RETRY_AFTER)} if refusal.status == 429 else None
 
 
 def _bad_question(message: str) -> Done:
@@ -263,9 +354,14 @@ async def admin_listener(operations: Operations, *, clock: Clock = utc_now) -> A
     if settings is None:
         yield None
         return
-    api = AdminApi(operations, settings.audience, AdminAuditLog(config.path(settings.audit_log)), clock=clock)
-    async with serving(api.app(), settings.listen.host, settings.listen.port) as address:
-        yield address
+    site = AdminSite(public_origin=settings.public_url, listen_host=settings.listen.host)
+    api = AdminApi(operations, settings.audience, AdminAuditLog(config.path(settings.audit_log)), clock=clock,
+                   site=site)
+    try:
+        async with serving(api.app(), settings.listen.host, settings.listen.port) as address:
+            yield address
+    finally:
+        api.scans.close()
 
 
 @contextlib.asynccontextmanager

@@ -87,8 +87,11 @@ class DecisionFilter:
         return not self.policy or any(p.get("id") == self.policy and p.get("result") in APPLIED
                                       for p in record.get("appliedConditionalAccessPolicies") or [])
 
-    def query(self) -> str:
-        return urlencode({k: v for k, v in (("result", self.result), ("user", self.user), ("device", self.device),
+    def query(self, pseudonym: Callable[[str], str] | None = None) -> str:
+        """The filters as a query string; with ``pseudonym`` (the audit log's copy, when the
+        decision log holds pseudonyms) the typed user name is written as its pseudonym."""
+        user = pseudonym(self.user) if pseudonym is not None and self.user else self.user
+        return urlencode({k: v for k, v in (("result", self.result), ("user", user), ("device", self.device),
                                             ("policy", self.policy)) if v})
 
 
