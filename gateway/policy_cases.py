@@ -56,10 +56,11 @@ class Expectation(Model):
     policy_rollouts: dict[str, RolloutCohort] = {}
 
 
-class Case(Model):
-    name: Annotated[str, Field(min_length=1)]
-    user: str
-    url: str
+class QuestionInput(Model):
+    """A What If question as YAML or JSON: a case's keys, and the admin API's ``POST /admin/whatif``."""
+
+    user: Annotated[str, Field(min_length=1)]
+    url: Annotated[str, Field(min_length=1)]
     app: str | None = None
     device: str | None = None
     ip: IPvAnyAddress = ipaddress.ip_address(DEFAULT_IP)
@@ -69,12 +70,16 @@ class Case(Model):
     platform: DevicePlatform | None = None
     listener: Listener = Listener.gateway
     object_id: str | None = None
-    expect: Expectation
 
     def question(self) -> Question:
         return Question(user=self.user, url=self.url, app=self.app, device=self.device, ip=str(self.ip),
                         client_app_type=self.client_app_type, groups=tuple(self.groups), mfa=self.mfa,
                         platform=self.platform, listener=self.listener, object_id=self.object_id)
+
+
+class Case(QuestionInput):
+    name: Annotated[str, Field(min_length=1)]
+    expect: Expectation
 
 
 class CasesFile(Model):

@@ -36,13 +36,11 @@ import re
 import socket
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import ip_address
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import uvicorn
 from prometheus_client.exposition import choose_encoder
-from pydantic import Field, IPvAnyAddress
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -53,11 +51,11 @@ from starlette.types import ASGIApp
 from gateway.access import Clock, utc_now
 from gateway.admin_audit import AdminAuditLog, TargetResource
 from gateway.config.loader import validate
-from gateway.config.models import Model
 from gateway.explain import explain
 from gateway.health import overall
 from gateway.operations import Operations
-from gateway.policy.model import ClientAppType, DevicePlatform, Identity, Listener
+from gateway.policy.model import Identity
+from gateway.policy_cases import QuestionInput
 from gateway.web.admin_guard import (
     OPERATOR,
     READER,
@@ -82,7 +80,7 @@ from gateway.web.dashboard import (
     overview_page,
     sign_in_page,
 )
-from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, policy_states
+from gateway.whatif import WhatIf, WhatIfError, as_json, policy_states
 
 DECISION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 RELOAD_TRIGGER = "adminApi"
@@ -97,27 +95,6 @@ RELOAD = AdminAction("reload", "Reload configuration", "Policy", OPERATOR)
 VIEW_DASHBOARD = AdminAction("viewDashboard", "View the dashboard", "Monitoring", READER, Credential.header_or_cookie)
 VIEW_DECISION = AdminAction("viewDecision", "View a decision", "Monitoring", READER, Credential.header_or_cookie)
 SIGN_IN = AdminAction("signIn", "Sign in to the dashboard", "Authentication", READER, Credential.form)
-
-
-class WhatIfInput(Model):
-    """A What If question as JSON: the keys of a ``cases.yaml`` case, without ``name`` and ``expect``."""
-
-    user: Annotated[str, Field(min_length=1)]
-    url: Annotated[str, Field(min_length=1)]
-    app: str | None = None
-    device: str | None = None
-    ip: IPvAnyAddress = ip_address(DEFAULT_IP)
-    client_app_type: ClientAppType | None = None
-    groups: list[str] = []
-    mfa: bool = False
-    platform: DevicePlatform | None = None
-    listener: Listener = Listener.gateway
-    object_id: str | None = None
-
-    def question(self) -> Question:
-        return Question(user=self.user, url=self.url, app=self.app, device=self.device, ip=str(self.ip),
-                        client_app_type=self.client_app_type, groups=tuple(self.groups), mfa=self.mfa,
-                        platform=self.platform, listener=self.listener, object_id=self.object_id)
 
 
 class Busy(Exception):
@@ -233,7 +210,7 @@ class AdminApi:
             data = json.loads(body)
         except ValueError:
             return _bad_question('the body is not JSON: send {"user": ..., "url": ..., "app": ..., "device": ...}')
-        model, problems = validate(WhatIfInput, data, "question")
+        model, problems = validate(QuestionInput, data, "question")
         if model is None:
             return _bad_question("; ".join(str(p) for p in problems))
         try:
