@@ -36,6 +36,21 @@ os.environ["PORTCULLIS_DEMO_MTD_SECRET"] = MTD_SECRET  # the demo config's partn
 START_TIMEOUT = 30
 
 
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Browser tests skip where Debian's chromium is missing, except in CI (.ci/run installs it and sets
+# PORTCULLIS_REQUIRE_CHROMIUM): there a missing browser fails them instead of hiding them.
+needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("PORTCULLIS_REQUIRE_CHROMIUM"),
+                                    reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+def screenshot(page: Any, name: str, tmp_path: Path) -> None:
+    """Saved to PORTCULLIS_SCREENSHOTS when set (the README's pictures), else to the test's own directory."""
+    target = Path(os.environ.get("PORTCULLIS_SCREENSHOTS") or tmp_path)
+    target.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target / name), full_page=True)
+    assert (target / name).stat().st_size > 1000
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -7,20 +7,16 @@ Set PORTCULLIS_SCREENSHOTS=docs/screenshots to refresh docs/screenshots/dashboar
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.demo import ALEX_IPHONE, BLAKE_ANDROID, SCENARIOS, scenario_token
-from tests.conftest import Gateway
+from tests.conftest import CHROMIUM, Gateway, needs_chromium, screenshot
 from tests.test_admin_api import READER, admin_token, outlook, sync
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed "
-                                                                    "(.ci/run installs it)")
+pytestmark = needs_chromium
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 
@@ -32,13 +28,6 @@ def chromium() -> Iterator[object]:
             "--disable-component-update"])
         yield browser
         browser.close()
-
-
-def screenshot(page: object, name: str, tmp_path: Path) -> None:
-    target = Path(os.environ.get("PORTCULLIS_SCREENSHOTS") or tmp_path)
-    target.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(target / name), full_page=True)  # type: ignore[attr-defined]
-    assert (target / name).stat().st_size > 1000
 
 
 def test_a_reader_filters_decisions_and_reads_one_explanation(chromium: object, gateway: Gateway,

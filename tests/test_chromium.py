@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,11 +20,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from gateway import bootstrap
 from gateway.demo import ALEX_IPHONE, BLAKE_ANDROID
 from gateway.identity.browser import COOKIE_NAME
-from tests.conftest import Gateway
+from tests.conftest import CHROMIUM, Gateway, needs_chromium, screenshot
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed "
-                                                                    "(.ci/run installs it)")
+pytestmark = needs_chromium
 playwright_api = pytest.importorskip("playwright.sync_api")
 MAIL, DOCS = "mail.contoso.test", "docs.contoso.test"
 
@@ -51,13 +47,6 @@ def chromium(gateway: Gateway) -> Iterator[object]:
         ])
         yield browser
         browser.close()
-
-
-def screenshot(page: object, name: str, tmp_path: Path) -> None:
-    target = Path(os.environ.get("PORTCULLIS_SCREENSHOTS") or tmp_path)
-    target.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(target / name), full_page=True)  # type: ignore[attr-defined]
-    assert (target / name).stat().st_size > 1000
 
 
 def sign_in(page: object, user: str, device: str) -> None:
