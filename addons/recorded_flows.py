@@ -1,8 +1,10 @@
 """Recording traffic for replay, and reading it back.
 
 ``FlowRecording`` is mitmproxy's own ``Save`` addon (``save_stream_file``: a flow is written when
-its response or error is in), with two changes a gateway needs. The file is created readable by
-its owner only, before anything is written: a recording holds bearer tokens and cookies. And flow
+its response or error is in), with two changes a gateway needs. The file is private: a recording
+holds bearer tokens and cookies, so it is created readable by its owner only, and an existing file
+is written only if it is already a regular file of this user that no one else may read (never
+through a symbolic link). And flow
 metadata is written as plain values only: Portcullis keeps live objects there (the access request
 and session controls of an open flow) that mitmproxy's tnetstring writer refuses, which would
 make ``Save`` fail on every allowed request.
@@ -13,11 +15,14 @@ make ``Save`` fail on every allowed request.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from mitmproxy import ctx, exceptions, flowfilter, http, io
 from mitmproxy.addons.save import Save
@@ -38,18 +43,60 @@ PLAIN = (str, bool, int, float)
 GATEWAY_ANSWERS_UNAUTHENTICATED = (401, 302)  # a 401 challenge, or a browser sent to sign in
 
 
+class RecordingRefused(OSError):
+    """The recording file may not be written: the message says why (an ``OSError``, so that
+    mitmproxy's ``Save`` reports it as an option error at start, and stops on it at a rotation)."""
+
+
 class FlowRecording(Save):
     """``Save``, writing a private file with plain metadata."""
 
     def maybe_rotate_to_new_file(self) -> None:
-        path = Path(datetime.today().strftime(os.path.expanduser(ctx.options.save_stream_file.removeprefix("+"))))
-        if str(path) != self.current_path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-            path.chmod(0o600)  # an existing file too: it is about to hold tokens
-        super().maybe_rotate_to_new_file()
-        if self.stream is not None and not isinstance(self.stream, PlainMetadataWriter):
-            self.stream = PlainMetadataWriter(self.stream.fo, self.stream.flt)
+        spec = ctx.options.save_stream_file
+        path = datetime.today().strftime(os.path.expanduser(spec.removeprefix("+")))
+        if path == self.current_path:
+            return
+        if self.stream is not None:
+            self.stream.fo.close()
+            self.stream = None
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.stream = PlainMetadataWriter(open_private(Path(path), append=spec.startswith("+")), self.filt)
+        self.current_path = path
+
+
+def open_private(path: Path, *, append: bool) -> BinaryIO:
+    """``path`` for writing, created with mode 0600; an existing file must be a regular file owned
+    by this user with no group or other permissions. A symbolic link is never followed."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if append else 0)
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)  # O_EXCL: a symlink, even dangling, exists
+    except FileExistsError:
+        try:
+            fd = os.open(path, flags | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO does not hang the start
+        except OSError as error:
+            why = "it is a symbolic link" if error.errno == errno.ELOOP else error.strerror
+            raise RecordingRefused(f"cannot record to {path}: {why}") from None
+        try:
+            _check_private(os.fstat(fd), path)
+            if not append:
+                os.ftruncate(fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+    except OSError as error:
+        raise RecordingRefused(f"cannot record to {path}: {error.strerror}") from None
+    return os.fdopen(fd, "ab" if append else "wb")
+
+
+def _check_private(status: os.stat_result, path: Path) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        raise RecordingRefused(f"cannot record to {path}: not a regular file")
+    if status.st_uid != os.geteuid():
+        raise RecordingRefused(f"cannot record to {path}: it is owned by uid {status.st_uid}, not by this user "
+                               f"(uid {os.geteuid()}); a recording holds bearer tokens, remove it or name another")
+    if status.st_mode & 0o077:
+        raise RecordingRefused(f"cannot record to {path}: its mode {stat.S_IMODE(status.st_mode):04o} lets others "
+                               "read or write it; a recording holds bearer tokens: chmod 600 it, or remove it")
 
 
 class PlainMetadataWriter(io.FilteredFlowWriter):
@@ -77,14 +124,56 @@ def read_flow_file(path: Path) -> Iterator[RecordedRequest | Skipped]:
     count = 0
     with path.open("rb") as file:
         try:
-            for flow in io.FlowReader(file).stream():
+            for flow in io.FlowReader(BoundedFlowFile(file)).stream():  # type: ignore[arg-type]
                 count += 1
-                yield recorded_request(flow, f"{path}:flow {count}")
-        except exceptions.FlowReadException as error:
+                place = f"{path}:flow {count}"
+                try:
+                    item = recorded_request(flow, place)
+                except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError, OSError,
+                        RecursionError) as error:  # the flow's values are the sender's
+                    item = Skipped(place, f"flow not readable: {_short(error)}")
+                yield item
+        except (exceptions.FlowReadException, LookupError, TypeError, ValueError, AttributeError, ArithmeticError,
+                RecursionError) as error:  # mitmproxy passes on what its tnetstring and state readers raise
             if count == 0:
-                raise UnreadableSource(f"{path}:flow 1: not a readable mitmproxy flow file ({error})") from error
-            yield Skipped(f"{path}:flow {count + 1}", f"unreadable ({error}): the file is cut short or damaged "
-                                                      f"there; the {count} flows before it were read")
+                raise UnreadableSource(f"{path}:flow 1: not a readable mitmproxy flow file ({_short(error)})") \
+                    from error
+            yield Skipped(f"{path}:flow {count + 1}", f"unreadable ({_short(error)}): the file is cut short or "
+                                                      f"damaged there; the {count} flows before it were read")
+
+
+class FlowTooLong(exceptions.FlowReadException):
+    """A record claims more bytes than the file has left."""
+
+
+class BoundedFlowFile:
+    """A flow file as mitmproxy's ``FlowReader`` reads it, refusing a read past the file's end:
+    its tnetstring reader allocates the length a record claims (up to 10^12 bytes) before reading,
+    so a damaged or hostile length prefix would be a ``MemoryError`` rather than a damaged flow."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        status = os.fstat(file.fileno())
+        self.size = status.st_size if stat.S_ISREG(status.st_mode) else None
+
+    def peek(self, n: int) -> bytes:
+        return self.file.peek(n)  # type: ignore[attr-defined, no-any-return]  (a BufferedReader)
+
+    def read(self, n: int = -1) -> bytes:
+        if self.size is not None and n > 1 and n > (left := self.size - self.file.tell()):
+            raise FlowTooLong(f"a record claims {n} bytes, the file has {max(left, 0)} left")
+        return self.file.read(n)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:200]
 
 
 def recorded_request(flow: Flow, place: str) -> RecordedRequest | Skipped:

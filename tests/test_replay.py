@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -29,7 +30,7 @@ import httpx
 import pytest
 from ruamel.yaml import YAML
 
-from gateway import access
+from gateway import access, terminal
 from gateway.audit import Pseudonymizer
 from gateway.cli import main
 from gateway.config import load_config
@@ -37,6 +38,7 @@ from gateway.demo import ALEX_IPHONE, EXCHANGE, ONEDRIVE, SCENARIOS, Scenario
 from gateway.identity.tokens import RejectedToken
 from gateway.policy.model import DecisionResult
 from gateway.replay import engine as replay_engine
+from gateway.replay import report as replay_report
 from gateway.replay.engine import Replayed, Verdict, token_identity
 from gateway.replay.html import as_html
 from gateway.replay.recorded import RecordedRequest, Skipped
@@ -451,8 +453,43 @@ def test_a_cut_short_flow_file_keeps_the_flows_before_the_damage(
     code, out, _ = replay(capsys, "--config", candidate(recording, "strict"), "--baseline", recording.config, cut)
     assert code == 0
     assert "Replay of 12 requests" in out
-    assert f"1: unreadable (Invalid data format.): the file is cut short or damaged there; the 12 flows before it " \
-           f"were read ({cut}:flow 13)" in out
+    [skip] = [line for line in section(out, "skipped:").splitlines() if "unreadable" in line]
+    assert re.fullmatch(rf"  1: unreadable \(a record claims \d+ bytes, the file has \d+ left\): the file is cut "
+                        rf"short or damaged there; the 12 flows before it were read \({re.escape(str(cut))}:flow 13\)",
+                        skip), skip
+
+
+HOSTILE_FLOW = b"40:4:type;14:\x1b]0;PWNED\x07\x1b[2J;7:version;2:21#}"  # {"type": <escapes>, "version": 21}
+
+
+def _nested_list(depth: int) -> bytes:
+    """A tnetstring of lists nested ``depth`` deep."""
+    data = b"0:]"
+    for _ in range(depth):
+        data = f"{len(data)}:".encode() + data + b"]"
+    return data
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    pytest.param(b"999999999999:" + b"x" * 10, "a record claims 999999999999 bytes, the file has 10 left",
+                 id="an absurd length prefix -> not a MemoryError"),
+    pytest.param(_nested_list(3000), "maximum recursion depth exceeded",
+                 id="lists nested 3000 deep -> not a RecursionError ending the replay"),
+    pytest.param(b"$HOSTILE", "Unknown flow type: ?]0;PWNED??[2J",
+                 id="a flow type with terminal escapes -> printed harmless"),
+])
+def test_a_hostile_flow_record_is_a_counted_skip(
+        recording: Recording, capsys: pytest.CaptureFixture[str], tmp_path: Path, damage: bytes,
+        reason: str) -> None:
+    damaged = tmp_path / "damaged.mitm"
+    damaged.write_bytes(recording.flows.read_bytes() + (HOSTILE_FLOW if damage == b"$HOSTILE" else damage))
+    code, out, err = replay(capsys, "--config", candidate(recording, "strict"), "--baseline", recording.config,
+                            damaged)
+    assert code == 0, err
+    assert "Replay of 12 requests" in out
+    assert f"1: unreadable ({reason}" in out
+    assert not any(c in out + err for c in "\x1b\x07")
+    assert f"the file is cut short or damaged there; the 13 flows before it were read ({damaged}:flow 14)" in out
 
 
 def test_an_unreadable_log_line_is_counted_and_costs_nothing_else(
@@ -466,9 +503,45 @@ def test_an_unreadable_log_line_is_counted_and_costs_nothing_else(
     assert f"1: not a JSON record (a line cut short?) ({log}:4)" in out
 
 
+def test_a_log_line_nested_too_deep_is_counted_and_costs_nothing_else(
+        recording: Recording, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Json's recursion limit is reached by a line 20 kB long; it comes first, where the kind of
+    the source is read, and again among the records."""
+    nested = '{"a": ' * 10_000 + "1" + "}" * 10_000
+    lines = recording.log.read_text().splitlines()
+    log = tmp_path / "decisions.jsonl"
+    log.write_text("\n".join([nested, *lines[:3], nested, *lines[3:]]) + "\n")
+    code, out, err = replay(capsys, "--config", candidate(recording, "strict"), log)
+    assert code == 0, err
+    assert "Replay of 13 requests" in out
+    assert f"2: not a decision record: JSON nested too deep ({log}:1, {log}:5)" in out
+
+
+def test_a_har_larger_than_the_cap_is_a_clear_error(
+        recording: Recording, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.replay import recorded
+
+    har = _har(recording, tmp_path / "export.har")
+    monkeypatch.setattr(recorded, "MAX_HAR_BYTES", har.stat().st_size - 1)
+    code, _, err = replay(capsys, "--config", recording.config, "--baseline", recording.config, har)
+    assert code == 1
+    assert f"portcullis: {har}: a HAR file larger than" in err and "is not read (it is read whole into memory)" in err
+    monkeypatch.setattr(recorded, "MAX_HAR_BYTES", har.stat().st_size)
+    assert replay(capsys, "--config", recording.config, "--baseline", recording.config, har)[0] == 0
+
+
 @pytest.mark.parametrize(("content", "name", "message"), [
     pytest.param(b"12345:garbage", "traffic.mitm", "traffic.mitm:flow 1: not a readable mitmproxy flow file",
                  id="digits but no flows -> not a flow file"),
+    pytest.param(b"999999999999:garbage", "traffic.mitm", "traffic.mitm:flow 1: not a readable mitmproxy flow file "
+                 "(a record claims 999999999999 bytes, the file has 7 left)",
+                 id="an absurd length prefix -> not a flow file, not a MemoryError"),
+    pytest.param(HOSTILE_FLOW, "traffic.mitm", "traffic.mitm:flow 1: not a readable mitmproxy flow file (Unknown "
+                 "flow type: ?]0;PWNED??[2J)", id="a flow type with terminal escapes -> printed harmless"),
+    pytest.param(b'{"log": {"entries": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}", "export.har",
+                 "export.har: not a HAR file (no readable log.entries): maximum recursion depth exceeded",
+                 id="a HAR nested too deep -> not a HAR file"),
     pytest.param(b'{"not": "a HAR"}', "export.har", "export.har: not a HAR file (no readable log.entries)",
                  id="JSON without log.entries -> not a HAR file"),
     pytest.param(b"<html>", "page.html", "page.html:1: neither a mitmproxy flow file, a HAR file nor a Portcullis",
@@ -482,7 +555,7 @@ def test_a_source_that_is_not_one_is_a_clear_error(
     code, out, err = replay(capsys, "--config", recording.config, source)
     assert code == 1
     assert f"portcullis: {tmp_path}/{message}" in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "\x1b" not in err
 
 
 def test_nothing_replayable_exits_1_and_usage_errors_exit_2(
@@ -560,6 +633,14 @@ def test_recorded_values_cannot_inject_markup_or_terminal_escapes() -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x" in page
     text = as_text(report)
     assert "\x1b" not in text and "\x07" not in text and "/owa/<script>" in text
+    hostile = "\x1b]0;PWNED\x07\x1b[2J\nforged: line"
+    report = replace(report, sources=(f"s{hostile}",), skipped=(Skipped(f"x.mitm:flow 1{hostile}", hostile),),
+                     never_matched=(("p", f"P{hostile}", "enabled"),), notes=(hostile,))
+    text = as_text(report)
+    assert "\x1b" not in text and "\x07" not in text
+    assert not any(line.startswith("forged") for line in text.splitlines())  # a break forges no line
+    assert "  1: ?]0;PWNED??[2J?forged: line (x.mitm:flow 1?]0;PWNED??[2J?forged: line)" in text.splitlines()
+    assert replay_report.printable is terminal.printable  # one definition of what reaches a terminal
 
 
 chromium_skip = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed "
@@ -608,3 +689,70 @@ def test_the_html_report_opens_in_chromium_with_its_chart(
         page.screenshot(path=str(screenshots / "replay-report.png"), full_page=True)
         assert (screenshots / "replay-report.png").stat().st_size > 1000
         browser.close()
+
+
+def _record_to(path: Path | str) -> None:
+    """Start recording to ``path`` as ``portcullis run --record`` does (mitmproxy's option error
+    is what the command prints as ``portcullis: ...``)."""
+    from mitmproxy import ctx
+    from mitmproxy.test import taddons
+
+    from addons.recorded_flows import FlowRecording
+
+    before = {name: getattr(ctx, name, None) for name in ("master", "options", "log")}
+    recorder = FlowRecording()
+    try:
+        with taddons.context(recorder) as context:
+            try:
+                context.configure(recorder, save_stream_file=str(path))
+                recorder.done()
+            finally:
+                context.master._legacy_log_events.uninstall()  # as Master.run does when it ends
+    finally:
+        for name, value in before.items():  # the process's other masters (gateways of other tests) keep theirs
+            setattr(ctx, name, value)
+
+
+def test_recording_never_follows_a_symbolic_link(tmp_path: Path) -> None:
+    from mitmproxy import exceptions
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    link = tmp_path / "link.flows"
+    link.symlink_to(victim)
+    for spec in (str(link), f"+{link}"):  # overwriting and appending
+        with pytest.raises(exceptions.OptionsError, match=f"cannot record to {link}: it is a symbolic link"):
+            _record_to(spec)
+    assert victim.read_text() == "precious" and link.is_symlink()
+
+
+def test_recording_refuses_an_existing_file_others_may_read_or_own(tmp_path: Path) -> None:
+    from mitmproxy import exceptions
+
+    shared = tmp_path / "shared.flows"
+    shared.write_text("theirs")
+    shared.chmod(0o644)
+    with pytest.raises(exceptions.OptionsError, match="its mode 0644 lets others read or write it"):
+        _record_to(shared)
+    assert shared.read_text() == "theirs" and stat.S_IMODE(shared.stat().st_mode) == 0o644
+    private = tmp_path / "private.flows"
+    private.write_text("mine")
+    private.chmod(0o600)
+    _record_to(private)  # an existing private file of this user is overwritten
+    assert private.read_bytes() == b""
+    fresh = tmp_path / "new" / "fresh.flows"
+    _record_to(fresh)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user (uid 65534)")
+def test_recording_refuses_an_existing_file_of_another_user(tmp_path: Path) -> None:
+    from mitmproxy import exceptions
+
+    planted = tmp_path / "planted.flows"
+    planted.write_text("")
+    planted.chmod(0o600)
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(exceptions.OptionsError, match="it is owned by uid 65534, not by this user"):
+        _record_to(planted)
+    assert planted.stat().st_uid == 65534 and planted.stat().st_size == 0

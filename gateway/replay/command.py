@@ -33,6 +33,7 @@ from gateway.replay.recorded import (
     source_kind,
 )
 from gateway.replay.report import ReplayReport, as_text, never_matched, notes
+from gateway.terminal import printable
 from gateway.whatif import DEFAULT_IP
 
 PSEUDONYM_KEY_FILE = "pseudonym.key"  # in the state directory, as ``bootstrap.pseudonym_key`` makes it
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     print(as_text(report))
     if args.html:
         args.html.write_text(as_html(report), encoding="utf-8")
-        print(f"\nHTML report: {args.html}")
+        print("\n" + printable(f"HTML report: {args.html}"))
     if not replayed:
         print("portcullis: nothing was replayed: every recorded request was skipped (see why above)", file=sys.stderr)
         return 1

@@ -29,6 +29,7 @@ from gateway.policy.model import DecisionResult, Identity, ManagedDevice, Rollou
 from gateway.session_controls import UPLOAD_BLOCKED
 from gateway.signals.devices import DeviceRecord
 
+MAX_HAR_BYTES = 512 * 1024 * 1024  # a HAR is one JSON document, read whole: larger ones are refused
 APPLIED = frozenset({"success", "failure", "reportOnlySuccess", "reportOnlyFailure"})
 COHORTS = frozenset(c.value for c in RolloutCohort)
 
@@ -116,6 +117,8 @@ def source_kind(path: Path) -> str:
             first = json.loads(text.split(b"\n", 1)[0])
         except ValueError:  # a pretty-printed HAR: "{" alone on the first line
             return "har"
+        except RecursionError:  # nested too deep for a HAR: a hostile line, which costs that line only
+            return "decisionLog"
         return "har" if isinstance(first, dict) and "log" in first else "decisionLog"
     raise UnreadableSource(f"{path}:1: neither a mitmproxy flow file, a HAR file nor a Portcullis decision log")
 
@@ -137,6 +140,9 @@ def read_decision_log(file: Path) -> Iterator[RecordedRequest | Skipped]:
             except ValueError:
                 yield Skipped(place, "not a JSON record (a line cut short?)")
                 continue
+            except RecursionError:
+                yield Skipped(place, "not a decision record: JSON nested too deep")
+                continue
             yield from_log_record(record, place)
 
 
@@ -145,7 +151,8 @@ def from_log_record(record: object, place: str) -> RecordedRequest | Skipped:
         return Skipped(place, "not an access decision record")
     try:
         return _from_log_record(record, place)
-    except (KeyError, TypeError, ValueError, ValidationError) as error:
+    except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError, RecursionError,
+            ValidationError) as error:  # the record's values are as hostile as its sender
         return Skipped(place, f"decision record not readable: {_short(error)}")
 
 
@@ -215,10 +222,19 @@ def _recorded_input(record: dict[str, Any], given: dict[str, Any]) -> RecordedIn
 
 
 def read_har(path: Path) -> Iterator[RecordedRequest | Skipped]:
-    """HAR 1.2 (browsers' developer tools, mitmproxy's ``save.har``). HAR keeps no client address."""
+    """HAR 1.2 (browsers' developer tools, mitmproxy's ``save.har``). HAR keeps no client address.
+    A HAR is one JSON document, read whole: one larger than ``MAX_HAR_BYTES`` is refused."""
     try:
-        entries = json.loads(path.read_bytes().removeprefix(b"\xef\xbb\xbf"))["log"]["entries"]
-    except (ValueError, KeyError, TypeError) as error:
+        with path.open("rb") as file:
+            data = file.read(MAX_HAR_BYTES + 1)
+    except OSError as error:
+        raise UnreadableSource(f"{path}: {error.strerror}") from error
+    if len(data) > MAX_HAR_BYTES:
+        raise UnreadableSource(f"{path}: a HAR file larger than {MAX_HAR_BYTES // 2**20} MiB is not read (it is "
+                               "read whole into memory): export fewer requests, or record a flow file instead")
+    try:
+        entries = json.loads(data.removeprefix(b"\xef\xbb\xbf"))["log"]["entries"]
+    except (ValueError, KeyError, TypeError, RecursionError) as error:
         raise UnreadableSource(f"{path}: not a HAR file (no readable log.entries): {_short(error)}") from error
     if not isinstance(entries, list):
         raise UnreadableSource(f"{path}: not a HAR file: log.entries is not a list")
@@ -226,7 +242,7 @@ def read_har(path: Path) -> Iterator[RecordedRequest | Skipped]:
         place = f"{path}:entry {index}"
         try:
             yield _from_har_entry(entry, place)
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
+        except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError, RecursionError) as error:
             yield Skipped(place, f"HAR entry not readable: {_short(error)}")
 
 

@@ -14,6 +14,7 @@ from gateway.config import Config
 from gateway.policy.model import PolicyState
 from gateway.replay.engine import Replayed, Verdict
 from gateway.replay.recorded import Skipped
+from gateway.terminal import printable
 
 ALLOW_TO_BLOCK = "allow→block"
 BLOCK_TO_ALLOW = "block→allow"
@@ -167,6 +168,8 @@ def notes(replayed: Iterable[Replayed], default_ip: str, pseudonym_key: bool) ->
 
 
 def as_text(report: ReplayReport) -> str:
+    """Every line passes through ``printable``: paths, reasons, names and notes quote recorded
+    traffic and configs, and a line break inside one of them would forge a line of the report."""
     changes = report.changes()
     lines = [f"Replay of {len(report.replayed)} requests from {', '.join(report.sources)}",
              f"  baseline:  {report.baseline}", f"  candidate: {report.candidate}",
@@ -179,29 +182,29 @@ def as_text(report: ReplayReport) -> str:
         for dimension in DIMENSIONS if items else ():
             lines.append(f"  by {dimension}:")
             for group in report.groups(change, dimension):
-                lines.append(f"    {printable(group.label)}: {len(group.items)}")
+                lines.append(f"    {group.label}: {len(group.items)}")
                 if dimension == "policy":
                     lines += [f"      {example_line(item)}" for item in group.items[:report.examples]]
     if report.other_reason:
         lines += ["", f"still blocked, another reason: {len(report.other_reason)}"]
         lines += [f"  {example_line(item)}" for item in report.other_reason[:report.examples]]
     lines += ["", f"policies that never matched under the candidate: {len(report.never_matched) or 'none'}"]
-    lines += [f"  {name} [{state}] ({printable(display)})" for name, display, state in report.never_matched]
+    lines += [f"  {name} [{state}] ({display})" for name, display, state in report.never_matched]
     if report.skipped:
         lines += ["", f"skipped: {len(report.skipped)}"]
         for reason, places in report.skipped_by_reason():
             shown = ", ".join(places[:report.examples]) + (", ..." if len(places) > report.examples else "")
-            lines.append(f"  {len(places)}: {reason} ({printable(shown)})")
+            lines.append(f"  {len(places)}: {reason} ({shown})")
     if report.notes:
         lines += ["", "notes:"] + [f"  - {note}" for note in report.notes]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def example_line(item: Replayed) -> str:
     request = item.request
-    return printable(f"{when(item)} {request.method} {url(item)}  {item.user or '-'}, {item.app or '-'}: "
-                     f"{verdict_text(item.baseline)} → {verdict_text(item.candidate)}  "
-                     f"[{request.correlation_id or '-'} {request.place}]")
+    return (f"{when(item)} {request.method} {url(item)}  {item.user or '-'}, {item.app or '-'}: "
+            f"{verdict_text(item.baseline)} → {verdict_text(item.candidate)}  "
+            f"[{request.correlation_id or '-'} {request.place}]")
 
 
 def verdict_text(verdict: Verdict) -> str:
@@ -217,8 +220,3 @@ def when(item: Replayed) -> str:
 def url(item: Replayed, width: int = URL_WIDTH) -> str:
     text = f"https://{item.request.host}{item.request.target}"
     return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def printable(text: str) -> str:
-    """Recorded traffic is attacker-controlled: no terminal escapes reach the screen."""
-    return "".join(c if c.isprintable() else "?" for c in text)
