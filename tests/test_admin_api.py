@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -485,17 +484,6 @@ def test_an_admin_section_needs_an_audience(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_config(config_dir)
     assert [str(p).split(": ", 1)[1] for p in raised.value.problems] == ["admin: required key 'audience' is missing"]
-
-
-def test_an_admin_port_in_use_stops_the_gateway_with_a_clear_error(tmp_path: Path) -> None:
-    ports = Ports.fresh()
-    config_dir = demo_config_copy(tmp_path, ports)
-    with socket.create_server(("127.0.0.1", ports.admin)):
-        result = subprocess.run([PORTCULLIS, "demo", "--config", str(config_dir)], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
-    assert f"portcullis: the admin API cannot listen on 127.0.0.1:{ports.admin}" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_the_sign_in_form_sets_a_strict_http_only_cookie_for_a_reader_token(gateway: Gateway) -> None:

@@ -62,12 +62,15 @@ def _shell(command: str, cwd: Path) -> str:
                           env={**os.environ, "NO_PROXY": "*"}).stdout
 
 
-def test_demo_reports_a_port_in_use_clearly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("listener", "what"), [("idp", "the demo"), ("admin", "the admin API")])
+def test_demo_reports_a_port_in_use_clearly(tmp_path: Path, listener: str, what: str) -> None:
+    """A port taken by another program stops the demo (or a gateway's admin API) with one clear line."""
     ports = Ports.fresh()
     config_dir = demo_config_copy(tmp_path, ports)
-    with socket.create_server(("127.0.0.1", ports.idp)):
+    taken = getattr(ports, listener)
+    with socket.create_server(("127.0.0.1", taken)):
         result = subprocess.run([PORTCULLIS, "demo", "--config", str(config_dir)], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert f"portcullis: the demo cannot listen on 127.0.0.1:{ports.idp}" in result.stderr
+    assert f"portcullis: {what} cannot listen on 127.0.0.1:{taken}" in result.stderr
     assert "Traceback" not in result.stderr

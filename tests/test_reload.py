@@ -244,16 +244,23 @@ def test_a_reload_never_leaves_a_resource_without_its_last_enforced_policy(gatew
     policies = config_dir / "policies.yaml"
     text = policies.read_text()
     prefix = text[:text.index("  - name: owa-compliant-device")]
+    problems, owa = refused_reload(gateway, config_dir, policies, prefix, "/owa/")
+    assert any("'exchange-owa' would be covered by no enabled policy" in p for p in problems)
+    assert any("'sharepoint-sites' would be covered by no enabled policy" in p for p in problems)
+    assert owa == 403  # Blake's noncompliant phone is still refused
+
+
+def refused_reload(gateway: Gateway, config_dir: Path, file: Path, text: str, path: str) -> tuple[tuple[str, ...], int]:
+    """Save ``text`` into ``file`` of a watched gateway; the reload must be rejected. Returns its
+    problems and what Blake's noncompliant phone then gets for ``path``."""
     blake = gateway.idp.mint(user="blake@contoso.test", client_id=OFFICE, audience=EXCHANGE, device_id=BLAKE_ANDROID)
     with Background(lambda: reloading_gateway(config_dir)) as (port, operations):
-        save(policies, prefix)
+        save(file, text)
         wait_for_reloads(operations, 1)
         outcome = operations.reloader.last
-        owa = gateway.request(MAIL, "/owa/", token=blake, port=port).status_code
+        status = gateway.request(MAIL, path, token=blake, port=port).status_code
     assert outcome is not None and not outcome.applied
-    assert any("'exchange-owa' would be covered by no enabled policy" in p for p in outcome.problems)
-    assert any("'sharepoint-sites' would be covered by no enabled policy" in p for p in outcome.problems)
-    assert owa == 403  # Blake's noncompliant phone is still refused
+    return outcome.problems, status
 
 
 def test_a_reload_never_adds_a_resource_no_policy_covers(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
@@ -264,14 +271,8 @@ def test_a_reload_never_adds_a_resource_no_policy_covers(gateway: Gateway, tmp_p
     new_resource = "resources:\n  new-app:\n    hosts: [mail.contoso.test]\n    paths: [/newapp/]\n  #"
     added = text.replace("resources:                           #", new_resource, 1)
     assert added != text
-    blake = gateway.idp.mint(user="blake@contoso.test", client_id=OFFICE, audience=EXCHANGE, device_id=BLAKE_ANDROID)
-    with Background(lambda: reloading_gateway(config_dir)) as (port, operations):
-        save(settings, added)
-        wait_for_reloads(operations, 1)
-        outcome = operations.reloader.last
-        status = gateway.request(MAIL, "/newapp/", token=blake, port=port).status_code
-    assert outcome is not None and not outcome.applied
-    assert any("'new-app' would be covered by no enabled policy" in p for p in outcome.problems), outcome.problems
+    problems, status = refused_reload(gateway, config_dir, settings, added, "/newapp/")
+    assert any("'new-app' would be covered by no enabled policy" in p for p in problems), problems
     assert status == 403  # still a path no resource names: denied
 
 
