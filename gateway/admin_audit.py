@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -22,12 +21,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.audit import PrivateRotatingFileHandler
 from gateway.policy.model import Identity
 
 logger = logging.getLogger(__name__)
 
 LOGGED_BY = "Portcullis admin API"
 FILE_MODE = 0o600  # when the log is created: it names the admins and what they looked at
+MAX_FILE_BYTES = 100 * 1024 * 1024  # then rotate: admin-audit.jsonl.1, .2, ...
+KEEP_FILES = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,21 +84,38 @@ def directory_audit_record(activity: AdminActivity, now: datetime) -> dict[str, 
 
 
 class AdminAuditLog:
-    def __init__(self, path: Path) -> None:
+    """The admin audit log: one JSON line per admin request, written before the answer, rotated
+    by size like the decision log (``MAX_FILE_BYTES``, ``KEEP_FILES``)."""
+
+    def __init__(self, path: Path, *, max_bytes: int = MAX_FILE_BYTES, keep_files: int = KEEP_FILES) -> None:
         self.path = path
+        self._max_bytes, self._keep_files = max_bytes, keep_files
+        self._handler: PrivateRotatingFileHandler | None = None
         self._lock = threading.Lock()
 
     def write(self, record: dict[str, Any]) -> bool:
         """Append one record (blocking). A failed write is logged and reported, never raised: the
         action it records has already happened."""
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        line = json.dumps(record, separators=(",", ":"))
         try:
             with self._lock:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
-                with open(descriptor, "a", encoding="utf-8") as file:
-                    file.write(line)
+                if self._handler is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._handler = AuditFileHandler(self.path, max_bytes=self._max_bytes, keep_files=self._keep_files)
+                self._handler.write_line(line)
         except OSError:
             logger.exception("cannot write the admin audit record %s to %s", record["correlationId"], self.path)
             return False
         return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handler is not None:
+                self._handler.close()
+
+
+class AuditFileHandler(PrivateRotatingFileHandler):
+    file_mode = FILE_MODE
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802  (logging's name)
+        raise OSError(f"cannot write to {self.baseFilename}")

@@ -249,8 +249,7 @@ class DecisionLog:
         self._last_drop_warning = 0.0
         self._recent: deque[dict[str, Any]] = deque(maxlen=keep_recent)
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=queue_size)
-        self._handler = PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=keep_files, encoding="utf-8")
-        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._handler = PrivateRotatingFileHandler(path, max_bytes=max_bytes, keep_files=keep_files)
         self._handler.handleError = self._write_failed  # type: ignore[method-assign]  (count, don't print)
         self._writer = threading.Thread(target=self._write_records, name="decision-log", daemon=True)
         self._writer.start()
@@ -304,8 +303,7 @@ class DecisionLog:
             try:
                 if record is None:
                     return
-                line = json.dumps(record, separators=(",", ":"))
-                self._handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+                self._handler.write_line(json.dumps(record, separators=(",", ":")))
             except Exception:  # noqa: BLE001  (the writer thread must survive any one record)
                 self._write_failed(None)
             finally:
@@ -318,11 +316,21 @@ class DecisionLog:
 
 
 class PrivateRotatingFileHandler(RotatingFileHandler):
-    """Log files readable by the gateway's user and group only (they hold personal data)."""
+    """Log files readable by the gateway's user and group only (they hold personal data), one
+    JSON line per record, rotated by size."""
+
+    file_mode = 0o640
+
+    def __init__(self, path: Path, *, max_bytes: int, keep_files: int) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=keep_files, encoding="utf-8")
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def write_line(self, line: str) -> None:
+        self.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
 
     def _open(self):  # type: ignore[no-untyped-def]  (logging's own signature)
         return open(self.baseFilename, self.mode, encoding=self.encoding,  # noqa: SIM115  (the handler owns it)
-                    opener=lambda name, flags: os.open(name, flags, 0o640))
+                    opener=lambda name, flags: os.open(name, flags, self.file_mode))
 
 
 def log_files(path: Path) -> list[Path]:

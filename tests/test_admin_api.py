@@ -698,3 +698,18 @@ def test_typed_user_names_are_audited_as_pseudonyms_when_the_decision_log_uses_t
 def test_the_admin_audit_log_is_readable_by_its_owner_only(gateway: Gateway) -> None:
     admin(gateway.admin_port, "GET", "/metrics", admin_token(gateway, READER))
     assert stat.S_IMODE(audit_path(gateway.config_dir).stat().st_mode) == 0o600
+
+
+def test_the_admin_audit_log_rotates_by_size_and_stays_private(tmp_path: Path) -> None:
+    from gateway.admin_audit import AdminAuditLog
+
+    path = tmp_path / "admin-audit.jsonl"
+    audit = AdminAuditLog(path, max_bytes=4096, keep_files=2)
+    assert all(audit.write({"correlationId": f"c{n:03d}", "padding": "x" * 100}) for n in range(200))
+    audit.close()
+    files = sorted(tmp_path.glob("admin-audit.jsonl*"))
+    assert [f.name for f in files] == ["admin-audit.jsonl", "admin-audit.jsonl.1", "admin-audit.jsonl.2"]
+    assert all(f.stat().st_size <= 4096 and f.stat().st_mode & 0o077 == 0 for f in files)
+    assert json.loads(path.read_text().splitlines()[-1])["correlationId"] == "c199"
+    unwritable = AdminAuditLog(tmp_path)  # a directory: the write fails, is reported, never raised
+    assert unwritable.write({"correlationId": "c"}) is False

@@ -332,13 +332,14 @@ async def admin_listener(operations: Operations, *, clock: Clock = utc_now) -> A
         yield None
         return
     site = AdminSite(public_origin=settings.public_url, listen_host=settings.listen.host)
-    api = AdminApi(operations, settings.audience, AdminAuditLog(config.path(settings.audit_log)), clock=clock,
-                   site=site)
+    audit = AdminAuditLog(config.path(settings.audit_log))
+    api = AdminApi(operations, settings.audience, audit, clock=clock, site=site)
     try:
         async with serving(api.app(), settings.listen.host, settings.listen.port) as address:
             yield address
     finally:
         api.scans.close()
+        audit.close()
 
 
 @contextlib.asynccontextmanager
