@@ -33,13 +33,12 @@ from gateway.policy.model import (
     PolicyResult,
     PolicyResultKind,
 )
+from gateway.policy.rollout import request_listener
 from gateway.signals.compliance import is_compliant
 from gateway.signals.devices import device_record
 
 logger = logging.getLogger(__name__)
 
-GATEWAY_LISTENER = "gateway"  # the reverse proxy in front of the protected hosts
-KIOSK_LISTENER = "kiosk"  # the forward proxy kiosk browsers use
 USER_AGENT_LIMIT = 512
 
 
@@ -71,7 +70,7 @@ def sign_in_record(
         "ipAddress": request.client_ip,
         "request": {"method": request.method, "host": request.host, "path": request.path.split("?", 1)[0],
                     "userAgent": request.user_agent[:USER_AGENT_LIMIT], "acceptsHtml": request.accepts_html,
-                    "listener": KIOSK_LISTENER if request.kiosk_location is not None else GATEWAY_LISTENER},
+                    "listener": request_listener(request).value},
         "deviceDetail": _device_detail(device, now),
         "status": {"errorCode": int(decision.error_code) if decision.error_code else 0,
                    "failureReason": None if decision.allowed else decision.reason},

@@ -21,11 +21,11 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from gateway.audit import KIOSK_LISTENER, log_files
+from gateway.audit import log_files
 from gateway.errors import PortcullisError
 from gateway.headers import CORRELATION_ID
 from gateway.identity.browser import COOKIE_NAME
-from gateway.policy.model import DecisionResult, Identity, ManagedDevice, RolloutCohort
+from gateway.policy.model import DecisionResult, Identity, Listener, ManagedDevice, RolloutCohort
 from gateway.session_controls import UPLOAD_BLOCKED
 from gateway.signals.devices import DeviceRecord
 
@@ -174,7 +174,7 @@ def _from_log_record(record: dict[str, Any], place: str) -> RecordedRequest:
         accepts_html=bool(request.get("acceptsHtml")),
         content_type="application/octet-stream" if upload else "",
         content_length="1" if upload else "",
-        kiosk=request.get("listener") == KIOSK_LISTENER,
+        kiosk=request.get("listener") == Listener.kiosk,
         authenticated=DecisionResult(record["result"]) is not DecisionResult.unauthenticated,
         recorded=_recorded_decision(record),
         evaluation_input=_recorded_input(record, given) if isinstance(given, dict) else None,
