@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
+import types
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mitmproxy import options
+from mitmproxy import certs, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
+from mitmproxy.proxy import mode_servers
 
 from addons.access_gate import AccessGate
 from addons.continuous_access import ContinuousAccess
+from addons.drain import Drain
 from addons.kiosk_proxy import KioskProxy
 from addons.recorded_flows import record_flows
 from addons.routing import Routing
@@ -43,7 +48,10 @@ from gateway.web.types import ASGIApp
 
 logger = logging.getLogger(__name__)
 
-PLACEHOLDER_UPSTREAM = "https://upstream.invalid:443"
+# Routing sets each flow's upstream (and its scheme: TLS upstream or not). The placeholder is
+# http:// because a reverse:https:// mode also listens on UDP (QUIC), which no gateway needs and
+# which cannot be shared by workers; the client side is TLS either way (a ClientHello is TLS).
+PLACEHOLDER_UPSTREAM = "http://upstream.invalid:80"
 
 
 class Ready:
@@ -61,7 +69,8 @@ class Ready:
         self.event.set()
 
 
-def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = None) -> tuple[Master, Ready]:
+def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = None,
+                 drain: Drain | None = None) -> tuple[Master, Ready]:
     """Must be called inside the event loop that will run the master."""
     config = service.config
     settings = config.gateway_file.gateway
@@ -69,6 +78,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
     master = Master(opts, with_termlog=False)
     ready = Ready()
     master.addons.add(
+        drain or Drain(),
         core.Core(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
@@ -85,11 +95,11 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         master.addons.add(ServiceEndpoints(endpoints))
     state_dir = config.path(settings.state_dir)
     (state_dir / "mitmproxy").mkdir(parents=True, exist_ok=True)
+    _use_gateway_ca(config, state_dir / "mitmproxy")
     modes = [f"reverse:{PLACEHOLDER_UPSTREAM}@{settings.listen.host}:{settings.listen.port}"]
     kiosk = config.gateway_file.kiosk
     if kiosk is not None:
         modes.append(f"regular@{kiosk.listen.host}:{kiosk.listen.port}")
-    _use_gateway_ca(config, state_dir / "mitmproxy")
     opts.update(
         mode=modes,
         confdir=str(state_dir / "mitmproxy"),
@@ -111,6 +121,7 @@ class RunningGateway:
     addresses: list[tuple[str, int]]
     upstreams: DemoUpstreams | None
     operations: Operations
+    drain: Drain  # SIGTERM: ``await gateway.drain.drain(seconds)`` before leaving the context
     admin: tuple[str, int] | None = None  # the admin API's address, when the config has an admin section
 
 
@@ -120,14 +131,17 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
     """Start the gateway (and, for the demo, its issuer and backends) in the running loop;
     ``record`` names a flow file that receives every flow (for ``portcullis replay``)."""
     config = loaded.config
+    worker = loaded.worker
     upstreams = None
     if demo:
         for certificate in config.gateway_file.gateway.certificates:
             ensure_server_certificate(config.path(certificate.file), certificate.hosts)
         upstreams = DemoUpstreams(config)
         await upstreams.start()
-    _check_certificates(config)
-    seed_store(loaded)
+    if worker.shares_listeners:
+        _listen_with_reuse_port()  # the supervisor prepared the state (``prepare_state``)
+    else:
+        prepare_state(loaded)
     service, jwks = build_service(loaded)
     try:
         try:
@@ -140,7 +154,8 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
             endpoints[MTD_ENDPOINTS] = mtd_webhook_app(MtdReceiver(partners), service, utc_now)
         if service.assertions is not None:  # the service host publishes the assertion keys too
             endpoints[MTD_ENDPOINTS] = service_host_app(service.assertions, endpoints.get(MTD_ENDPOINTS))
-        master, ready = build_master(service, endpoints)
+        drain = Drain()
+        master, ready = build_master(service, endpoints, drain)
         if record is not None:
             record_flows(master, record)
         task = asyncio.create_task(master.run())
@@ -153,11 +168,11 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         operations = Operations.of(service, jwks, loaded.inventory, graph)
         background = [asyncio.create_task(service.watch_changes()),
                       asyncio.create_task(operations.reloader.watch())]
-        if graph is not None:
+        if graph is not None and worker.primary:  # one Graph sync per gateway, not one per worker
             background.append(asyncio.create_task(_sync_from_graph(loaded, graph)))
         try:
-            async with admin_listener(operations) as admin:
-                yield RunningGateway(service, ready.addresses, upstreams, operations, admin)
+            async with admin_listener(operations, worker=worker) as admin:
+                yield RunningGateway(service, ready.addresses, upstreams, operations, drain, admin)
         finally:
             for job in background:
                 job.cancel()
@@ -183,15 +198,39 @@ async def _sync_from_graph(loaded: Loaded, inventory: GraphInventory) -> None:
         await asyncio.sleep(graph.sync_interval_seconds)
 
 
+def prepare_state(loaded: Loaded) -> None:
+    """What a gateway does once before it serves, whatever its number of workers: check the
+    certificates, seed the inventory, and set up mitmproxy's private confdir with its CA."""
+    config = loaded.config
+    _check_certificates(config)
+    seed_store(loaded)
+    confdir = config.path(config.gateway_file.gateway.state_dir) / "mitmproxy"
+    confdir.mkdir(parents=True, exist_ok=True)
+    _use_gateway_ca(config, confdir)
+    certs.CertStore.from_store(str(confdir), "mitmproxy", 2048)  # made here once, not raced by workers
+
+
+def _listen_with_reuse_port() -> None:
+    """mitmproxy has no SO_REUSEPORT option: its TCP listeners come from ``asyncio.start_server``
+    in ``mode_servers``. Give that module (in this worker process only) a start_server that sets
+    it, so every worker binds the same ports and the kernel spreads connections across them."""
+    shim = types.SimpleNamespace(**vars(asyncio))
+    shim.start_server = functools.partial(asyncio.start_server, reuse_port=True)
+    mode_servers.asyncio = shim  # type: ignore[attr-defined]
+
+
 def _use_gateway_ca(config: Config, confdir: Path) -> None:
     """Kiosks trust the gateway's CA: let mitmproxy sign intercepted destinations with it (the CA
-    beside the first certificate file, as ``portcullis demo`` makes it), not with a CA of its own."""
+    beside the first certificate file, as ``portcullis demo`` makes it), not with a CA of its own.
+    Written to a temporary file and renamed: a worker starting meanwhile never reads half of it."""
     first = config.path(config.gateway_file.gateway.certificates[0].file).parent
     cert, key = first / CA_FILE, first / CA_KEY_FILE
     if cert.is_file() and key.is_file():
         target = confdir / "mitmproxy-ca.pem"
-        target.write_bytes(key.read_bytes() + cert.read_bytes())
-        target.chmod(0o600)
+        temporary = confdir / f".mitmproxy-ca.pem.{os.getpid()}"
+        temporary.touch(mode=0o600)
+        temporary.write_bytes(key.read_bytes() + cert.read_bytes())
+        temporary.replace(target)
 
 
 def _check_certificates(config: Config) -> None:

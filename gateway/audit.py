@@ -333,7 +333,15 @@ class PrivateRotatingFileHandler(RotatingFileHandler):
 
 
 def log_files(path: Path) -> list[Path]:
-    """The log and its rotated files, newest first."""
+    """The log and its rotated files, newest first, then each other worker's log the same way
+    (``portcullis run --workers N``: worker i > 0 writes ``<stem>.worker<i><suffix>``)."""
+    workers = sorted((p for p in path.parent.glob(f"{path.stem}.worker*{path.suffix}")
+                      if p.name[len(path.stem) + 7:len(p.name) - len(path.suffix)].isdigit()),
+                     key=lambda p: int(p.name[len(path.stem) + 7:len(p.name) - len(path.suffix)]))
+    return [file for log in (path, *workers) for file in _rotated(log)]
+
+
+def _rotated(path: Path) -> list[Path]:
     rotated = sorted((p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()),
                      key=lambda p: int(p.suffix[1:]))
     return [p for p in (path, *rotated) if p.is_file()]

@@ -27,6 +27,7 @@ from gateway.signals.devices import DeviceInventory, FileDeviceInventory, Overla
 from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings
 from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
 from gateway.state_files import warn_if_readable_by_others, write_once
+from gateway.workers import ONLY_WORKER, Worker
 
 MIN_SECRET_BYTES = 16
 
@@ -37,6 +38,7 @@ class Loaded:
     file_inventory: FileDeviceInventory | None
     store: DeviceStore | None
     _graph_client: GraphClient | None = None
+    worker: Worker = ONLY_WORKER  # which of ``--workers N`` processes this is (files of its own, Graph sync)
 
     @property
     def inventory(self) -> DeviceInventory:
@@ -84,13 +86,13 @@ class Loaded:
         return len(seeded | stored)
 
 
-def load(config_dir: Path) -> Loaded:
+def load(config_dir: Path, worker: Worker = ONLY_WORKER) -> Loaded:
     """Validate everything a gateway reads at start; raises ConfigError listing every problem."""
     config = load_config(config_dir)
     signals = config.gateway_file.device_signals
     file_inventory = FileDeviceInventory.load(config.path(signals.inventory)) if signals.inventory else None
     store = DeviceStore(config.path(signals.database)) if signals.database else None
-    return Loaded(config, file_inventory, store)
+    return Loaded(config, file_inventory, store, worker=worker)
 
 
 def graph_settings(graph: GraphConnectorSettings, environ: Mapping[str, str]) -> GraphSettings:
@@ -142,10 +144,11 @@ def _state_secret(path: Path, make: Callable[[], bytes]) -> bytes:
     return value
 
 
-def decision_log(config: Config, metrics: GatewayMetrics | None = None) -> DecisionLog:
+def decision_log(config: Config, metrics: GatewayMetrics | None = None, worker: Worker = ONLY_WORKER) -> DecisionLog:
     settings = config.gateway_file.decision_log
     pseudonymizer = Pseudonymizer(pseudonym_key(config, os.environ)) if settings.pseudonymize_users else None
-    return DecisionLog(config.path(settings.path), max_bytes=settings.max_file_bytes, keep_files=settings.keep_files,
+    return DecisionLog(worker.own_file(config.path(settings.path)), max_bytes=settings.max_file_bytes,
+                       keep_files=settings.keep_files,
                        queue_size=settings.queue_size, pseudonymizer=pseudonymizer,
                        on_drop=metrics.log_dropped.inc if metrics else None,
                        on_error=metrics.log_errors.inc if metrics else None)
@@ -189,7 +192,7 @@ def build_service(
         browser=browser,
         validator=validator,
         inventory=cached,
-        decision_log=decision_log(config, metrics),
+        decision_log=decision_log(config, metrics, loaded.worker),
         clock=clock,
         store=loaded.store,
         metrics=metrics,

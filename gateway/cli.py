@@ -1,7 +1,7 @@
 """The ``portcullis`` command.
 
     portcullis demo   [--config DIR]   start the demo issuer, backends and gateway; print curl commands
-    portcullis run     --config DIR    start the gateway on a config directory
+    portcullis run     --config DIR [--workers N]   start the gateway on a config directory
     portcullis check   --config DIR    validate; list problems, warnings, public resources; run cases.yaml
     portcullis whatif  --config DIR --user U --url URL [--app A] [--device ID] [--ip IP] ... [--json]
     portcullis test    --config DIR CASES.yaml   run policy test cases; exit 1 if any fails
@@ -43,10 +43,12 @@ from gateway.replay.command import add_parser as add_replay_parser
 from gateway.signals.sqlite_store import DeviceStore, export, parse_import
 from gateway.terminal import printable, printable_lines
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, as_text, policy_states
+from gateway.workers import ONLY_WORKER, Supervisor, Worker, worker_command
 
 CLIENT_APP_TYPES = [t for t in ClientAppType if t is not ClientAppType.all]
 
 DEFAULT_CONFIG = Path("config")
+MAX_WORKERS = 64
 RECORD_HELP = "also write every flow to this mitmproxy flow file for `portcullis replay` (mode 0600: it holds tokens)"
 logger = logging.getLogger("portcullis")
 
@@ -82,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the gateway on a config directory")
     run.add_argument("--config", type=Path, required=True, help="config directory")
     run.add_argument("--record", type=Path, metavar="FLOWS", help=RECORD_HELP)
+    run.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+                     help="gateway processes sharing the listeners (SO_REUSEPORT), supervised (default 1)")
+    run.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+                     help="on SIGTERM, how long requests in flight may take to finish (default 30)")
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     run.set_defaults(command=_run)
     check = commands.add_parser("check", help="validate a config directory; list problems and warnings")
     check.add_argument("--config", type=Path, required=True, help="config directory")
@@ -295,8 +302,38 @@ def _run_cases(loaded: bootstrap.Loaded, cases_file: Path) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(args.config, demo=False, record=args.record))
-    return 0
+    if args.worker_index is not None:  # one of the supervisor's workers
+        worker = Worker(args.worker_index, args.workers)
+        asyncio.run(_serve(args.config, demo=False, record=None, worker=worker, drain_seconds=args.drain_seconds))
+        return 0
+    if args.workers == 1:
+        asyncio.run(_serve(args.config, demo=False, record=args.record, drain_seconds=args.drain_seconds))
+        return 0
+    return _supervise(args)
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """Check the config and prepare the shared state once, then start and watch the workers."""
+    from addons.runner import prepare_state  # the core never imports mitmproxy; only this command does
+
+    if args.record is not None:
+        raise ValueError("--record writes one flow file: use it with one worker")
+    loaded = bootstrap.load(args.config)
+    listen = loaded.config.gateway_file.gateway.listen
+    if listen.port == 0:
+        raise ValueError("--workers needs a fixed gateway.listen.port: the workers share it")
+    prepare_state(loaded)
+    if loaded.store is not None:
+        loaded.store.close()
+    command = worker_command(args.config, args.workers, args.drain_seconds, args.debug)
+    return Supervisor(command, args.workers, args.drain_seconds).run()
+
+
+def _worker_count(value: str) -> int:
+    count = int(value)
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"between 1 and {MAX_WORKERS}")
+    return count
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -304,24 +341,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None) -> None:
+async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, worker: Worker = ONLY_WORKER,
+                 drain_seconds: float = 30.0) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: stop accepting, let requests in flight finish."""
     from addons.runner import (
         running_gateway,  # the core never imports mitmproxy; only this command does
     )
     from gateway.certs import CA_FILE
     from gateway.demo import banner
 
-    loaded = bootstrap.load(config_dir)
+    loaded = bootstrap.load(config_dir, worker)
     demo_secrets = _demo_partner_secrets(loaded.config) if demo else {}
     async with running_gateway(loaded, demo=demo, record=record) as gateway:
         reloads: set[asyncio.Task[object]] = set()
+        stop = asyncio.Event()
 
         def reload_on_hangup() -> None:
             task = asyncio.create_task(gateway.operations.reloader.reload("SIGHUP"))
             reloads.add(task)  # keep a reference until it is done
             task.add_done_callback(reloads.discard)
 
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_on_hangup)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, reload_on_hangup)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
         port = gateway.addresses[0][1]
         if gateway.upstreams is not None:
             certificate = loaded.config.gateway_file.gateway.certificates[0]
@@ -329,5 +372,19 @@ async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None) ->
             print(banner(loaded.config, gateway.upstreams.idp, ca_file, port, demo_secrets), flush=True)
         else:
             listen = ", ".join(f"{h}:{p}" for h, p in gateway.addresses)
-            logger.info("Portcullis is listening on %s", listen)
-        await asyncio.Event().wait()
+            name = f"worker {worker.index} (pid {os.getpid()})" if worker.shares_listeners else "Portcullis"
+            logger.info("%s is listening on %s", name, listen)
+        watch = asyncio.create_task(_stop_when_orphaned(stop)) if worker.shares_listeners else None
+        await stop.wait()
+        if watch is not None:
+            watch.cancel()
+        await gateway.drain.drain(drain_seconds)
+
+
+async def _stop_when_orphaned(stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (SIGKILL) drains and exits rather than run unsupervised."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1)
+    logger.warning("the supervisor (pid %d) is gone: draining", parent)
+    stop.set()

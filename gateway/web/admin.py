@@ -81,6 +81,7 @@ from gateway.web.dashboard import (
     sign_in_page,
 )
 from gateway.whatif import WhatIf, WhatIfError, as_json, policy_states
+from gateway.workers import ONLY_WORKER, Worker
 
 DECISION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 RELOAD_TRIGGER = "adminApi"
@@ -323,19 +324,21 @@ def _decision_target(record: dict[str, Any]) -> tuple[TargetResource, ...]:
 
 
 @contextlib.asynccontextmanager
-async def admin_listener(operations: Operations, *, clock: Clock = utc_now) -> AsyncIterator[tuple[str, int] | None]:
+async def admin_listener(operations: Operations, *, clock: Clock = utc_now,
+                         worker: Worker = ONLY_WORKER) -> AsyncIterator[tuple[str, int] | None]:
     """The admin API on ``admin.listen`` in the running loop, while the context lasts; the bound
-    address, or None when the config has no ``admin`` section."""
+    address, or None when the config has no ``admin`` section. Worker i of ``--workers N``
+    listens on the port + i and audits to a file of its own."""
     config = operations.service.config
     settings = config.gateway_file.admin
     if settings is None:
         yield None
         return
     site = AdminSite(public_origin=settings.public_url, listen_host=settings.listen.host)
-    audit = AdminAuditLog(config.path(settings.audit_log))
+    audit = AdminAuditLog(worker.own_file(config.path(settings.audit_log)))
     api = AdminApi(operations, settings.audience, audit, clock=clock, site=site)
     try:
-        async with serving(api.app(), settings.listen.host, settings.listen.port) as address:
+        async with serving(api.app(), settings.listen.host, worker.own_port(settings.listen.port)) as address:
             yield address
     finally:
         api.scans.close()

@@ -1,0 +1,8 @@
+"""``python -m gateway`` is the ``portcullis`` command (how the supervisor starts its workers)."""
+
+import sys
+
+from gateway.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""``portcullis run --workers N``: processes sharing the listeners, supervised, drained on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+from tests.conftest import AlexPing, Gateway, Ports
+from tests.gateway_process import GatewayProcess, sibling_config
+
+STARTED = r"worker (\d+) started \(pid (\d+)\)"
+LISTENING = r"worker (\d+) \(pid (\d+)\) is listening"
+
+
+def gateway_port(config_dir: Path) -> int:
+    text = (config_dir / "portcullis.yaml").read_text()
+    return int(text.split("listen: {host: 127.0.0.1, port: ", 1)[1].split("}", 1)[0])
+
+
+def alex_syncs(gateway: Gateway, port: int, token: str) -> int:
+    """One ActiveSync Sync on a new connection (so the kernel picks a worker for each)."""
+    return gateway.request("mail.contoso.test", activesync(ALEX_IPHONE), method="POST", token=token,
+                           port=port).status_code
+
+
+def logged_ids(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    return {json.loads(line)["correlationId"] for line in path.read_text().splitlines() if line.strip()}
+
+
+@pytest.fixture
+def alex(gateway: Gateway) -> str:
+    return gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
+                            device_id=ALEX_IPHONE)
+
+
+def test_workers_share_the_port_and_a_killed_worker_is_replaced(gateway: Gateway, demo_ports: Ports,
+                                                                tmp_path: Path, alex: str) -> None:
+    config_dir = sibling_config(tmp_path, gateway, demo_ports)
+    port = gateway_port(config_dir)
+    supervisor = GatewayProcess(config_dir, "--workers", "2")
+    try:
+        listening = {int(m[1]): int(m[2]) for m in supervisor.wait_for(LISTENING, count=2)}
+        assert sorted(listening) == [0, 1]
+        assert len(set(listening.values())) == 2 and os.getpid() not in listening.values()
+        statuses = [alex_syncs(gateway, port, alex) for _ in range(40)]
+        assert statuses == [200] * 40
+        logs = config_dir.parent / ".portcullis"
+        first, second = logs / "decisions.jsonl", logs / "decisions.worker1.jsonl"
+        supervisor.wait_until(lambda: len(logged_ids(first)) + len(logged_ids(second)) == 40)
+        assert logged_ids(first) and logged_ids(second), "the kernel gave every connection to one worker"
+        assert not logged_ids(first) & logged_ids(second)  # each decision in the file of the worker that made it
+
+        os.kill(listening[1], signal.SIGKILL)
+        supervisor.wait_for(r"worker 1 \(pid \d+\) exited with signal SIGKILL")
+        assert [alex_syncs(gateway, port, alex) for _ in range(10)] == [200] * 10  # worker 0 alone meanwhile
+        relisten = supervisor.wait_for(LISTENING, count=3)[2]
+        assert int(relisten[1]) == 1 and int(relisten[2]) != listening[1]
+        assert [alex_syncs(gateway, port, alex) for _ in range(10)] == [200] * 10
+    finally:
+        assert supervisor.stop() == 0, supervisor.text
+    assert "all workers stopped" in supervisor.text
+
+
+def test_sigterm_lets_requests_in_flight_finish(gateway: Gateway, demo_ports: Ports, tmp_path: Path,
+                                                alex: str) -> None:
+    config_dir = sibling_config(tmp_path, gateway, demo_ports)
+    port = gateway_port(config_dir)
+    supervisor = GatewayProcess(config_dir, "--workers", "2", "--drain-seconds", "20")
+    try:
+        supervisor.wait_for(LISTENING, count=2)
+        logs = config_dir.parent / ".portcullis"
+        pings = []
+        for _ in range(4):  # on new connections: most likely on both workers
+            pings.append(AlexPing(gateway, heartbeat_seconds=3, port=port, decision_log=logs / "decisions.jsonl"))
+            pings[-1]._thread.start()
+        supervisor.wait_until(lambda: len(logged_ids(logs / "decisions.jsonl"))
+                              + len(logged_ids(logs / "decisions.worker1.jsonl")) == 4)
+        stopped_at = time.monotonic()
+        supervisor.process.send_signal(signal.SIGTERM)
+        supervisor.wait_for(r"SIGTERM: draining 2 workers")
+        supervisor.wait_for(r"draining: \d+ requests in flight")
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):  # no longer accepting
+            alex_syncs(gateway, port, alex)
+        assert [ping.closed_after(stopped_at) for ping in pings] == [None] * 4  # all four answered, none cut
+        assert supervisor.process.wait(30) == 0
+    finally:
+        supervisor.stop()
+    assert "requests cut off" not in supervisor.text
+
+
+def test_a_single_gateway_drains_on_sigterm_too(gateway: Gateway, demo_ports: Ports, tmp_path: Path) -> None:
+    config_dir = sibling_config(tmp_path, gateway, demo_ports)
+    port = gateway_port(config_dir)
+    process = GatewayProcess(config_dir)
+    try:
+        process.wait_for(r"Portcullis is listening")
+        ping = AlexPing(gateway, heartbeat_seconds=2, port=port,
+                        decision_log=config_dir.parent / ".portcullis" / "decisions.jsonl").started()
+        stopped_at = time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        assert ping.closed_after(stopped_at) is None  # answered after its heartbeat, not cut off
+        assert process.process.wait(30) == 0
+    finally:
+        process.stop()
+
+
+def test_workers_refuse_what_they_cannot_share(gateway: Gateway, demo_ports: Ports, tmp_path: Path) -> None:
+    config_dir = sibling_config(tmp_path, gateway, demo_ports)
+    recording = GatewayProcess(config_dir, "--workers", "2", "--record", str(tmp_path / "flows"))
+    assert recording.process.wait(30) == 1
+    recording.wait_until(lambda: "--record writes one flow file: use it with one worker" in recording.text)
+    too_many = GatewayProcess(config_dir, "--workers", "0")
+    assert too_many.process.wait(30) == 2
