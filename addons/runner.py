@@ -151,7 +151,7 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         partners = partners_from_config(config.gateway_file.mtd_partners)
         endpoints = {BROWSER_ENDPOINTS: browser_app(service)}
         if partners:
-            endpoints[MTD_ENDPOINTS] = mtd_webhook_app(MtdReceiver(partners), service, utc_now)
+            endpoints[MTD_ENDPOINTS] = mtd_webhook_app(MtdReceiver(partners, loaded.nonces), service, utc_now)
         if service.assertions is not None:  # the service host publishes the assertion keys too
             endpoints[MTD_ENDPOINTS] = service_host_app(service.assertions, endpoints.get(MTD_ENDPOINTS))
         drain = Drain()
@@ -168,6 +168,12 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         operations = Operations.of(service, jwks, loaded.inventory, graph)
         background = [asyncio.create_task(service.watch_changes()),
                       asyncio.create_task(operations.reloader.watch())]
+        if loaded.shared is not None:  # changes and logouts announced by other processes and hosts
+            service.shared_feed_up = False
+            events = loaded.shared.events(on_devices=service.shared_devices_changed,
+                                          on_connected=service.shared_feed_restored,
+                                          on_lost=service.shared_feed_lost)
+            background.append(asyncio.create_task(events.run()))
         if graph is not None and worker.primary:  # one Graph sync per gateway, not one per worker
             background.append(asyncio.create_task(_sync_from_graph(loaded, graph)))
         try:
@@ -180,6 +186,8 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
             await task
     finally:
         service.close()
+        if loaded.shared is not None:
+            await loaded.shared.aclose()
         if upstreams is not None:
             await upstreams.stop()
 

@@ -53,6 +53,7 @@ from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_devi
 from gateway.signals.cache import CachedInventory
 from gateway.signals.mtd import Verdict
 from gateway.signals.sqlite_store import DeviceStore
+from gateway.state.redis_devices import RedisDeviceStore
 from gateway.web import pages
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class AccessService:
         inventory: CachedInventory,
         decision_log: DecisionLog,
         clock: Clock = utc_now,
-        store: DeviceStore | None = None,
+        store: DeviceStore | RedisDeviceStore | None = None,
         browser: BrowserSignIn | None = None,
         metrics: GatewayMetrics | None = None,
         assertions: AssertionSigner | None = None,
@@ -132,8 +133,10 @@ class AccessService:
         self.store = store
         self._listeners: list[Callable[[set[str]], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._seen_change = store.last_change() if store is not None else 0
-        self._data_version = store.data_version() if store is not None else 0
+        self._polled = store if isinstance(store, DeviceStore) else None  # Redis announces its changes instead
+        self.shared_feed_up: bool | None = None  # with shared state: is its change feed up (None: no feed)
+        self._seen_change = self._polled.last_change() if self._polled is not None else 0
+        self._data_version = self._polled.data_version() if self._polled is not None else 0
         self.validator = validator
         self.inventory = inventory
         self.decision_log = decision_log
@@ -175,10 +178,32 @@ class AccessService:
         for listener in self._listeners:
             listener(device_ids)
 
+    def shared_devices_changed(self, device_ids: set[str]) -> None:
+        """A change announced by another process or host over the shared state's feed."""
+        if EVERY_DEVICE in device_ids:
+            self.inventory.invalidate_all()
+            for listener in self._listeners:
+                listener({EVERY_DEVICE})
+        else:
+            self.devices_changed(device_ids)
+
+    def shared_feed_lost(self) -> None:
+        """The feed is down: a change could be missed, so no cached device is trusted as fresh."""
+        self.shared_feed_up = False
+        self.inventory.feed_lost()
+
+    def shared_feed_restored(self) -> None:
+        """The feed is (back) up: changes made while it was down were not heard of, so forget
+        every cached device and decide the open flows again."""
+        self.shared_feed_up = True
+        self.inventory.feed_restored()
+        for listener in self._listeners:
+            listener({EVERY_DEVICE})
+
     def record_threat_verdicts(self, partner: str, verdicts: list[Verdict], now: datetime) -> list[str]:
         """Store an MTD partner's verdicts (blocking: run it in a thread); returns unknown device ids."""
         if self.store is None:
-            raise SignalUnavailable("MTD verdicts need the SQLite inventory")
+            raise SignalUnavailable("MTD verdicts need a device store (deviceSignals.database or state)")
         try:
             changed, unknown = self.store.apply_verdicts(partner, [(v.device_id, v.level) for v in verdicts],
                                                          now=now)
@@ -205,10 +230,10 @@ class AccessService:
     def pick_up_changes(self) -> None:
         """Changes other processes committed (``portcullis devices set-risk``, another worker):
         the data version check is cheap, so it runs before every device lookup."""
-        if self.store is None or self.store.data_version() == self._data_version:
+        if self._polled is None or self._polled.data_version() == self._data_version:
             return
-        self._data_version = self.store.data_version()
-        self._seen_change, changed, complete = self.store.changes_since(self._seen_change)
+        self._data_version = self._polled.data_version()
+        self._seen_change, changed, complete = self._polled.changes_since(self._seen_change)
         if not complete:  # this gateway fell behind the change log: forget every device
             logger.warning("device change log moved past this gateway; re-reading every device")
             self.inventory.invalidate_all()
@@ -293,9 +318,13 @@ class AccessService:
             return self._without_identity(rules, request, found.primary if found else None, now)
         session: BrowserSession | None = None
         if not authorization and self.browser is not None:
-            session = self.browser.session(cookie_value(cookies or []), request.host)
+            try:
+                session = await self.browser.session(cookie_value(cookies or []), request.host)
+            except SignalUnavailable as error:
+                logger.error("[%s] session store unavailable, blocking: %s", request.correlation_id, error)
+                return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
             if session is None and request.accepts_html:
-                return self._sign_in(request)
+                return await self._sign_in(request)
         token = bearer_token(authorization)
         if session is None and isinstance(token, RejectedToken):
             return self._unauthenticated(request, token, now)
@@ -318,7 +347,7 @@ class AccessService:
         app, decision, restriction = decided.app, decided.decision, decided.restriction
         if session is not None and self.browser is not None and decided.policy_allowed and \
                 self.browser.needs_fresh_sign_in(session, decision.session_controls, now):
-            return self._sign_in(request, decision.session_controls.sign_in_frequency_seconds)
+            return await self._sign_in(request, decision.session_controls.sign_in_frequency_seconds)
         self._record(sign_in_record(request=request, decision=decision, now=now, identity=identity, device=device,
                                     app=app, identity_source=source, locations=rules.locations(request)),
                      decision, app.name)
@@ -345,11 +374,15 @@ class AccessService:
         return DeviceSignals(device_id=identity.device_id, device=device, source=self.inventory.name,
                              compliance=rules.compliance)
 
-    def _sign_in(self, request: AccessRequest, max_age: int | None = None) -> Outcome:
+    async def _sign_in(self, request: AccessRequest, max_age: int | None = None) -> Outcome:
         """A browser without a (fresh enough) session goes to the identity provider."""
         assert self.browser is not None  # noqa: S101  (only called for browser sessions)
-        login = self.browser.login_redirect(request.authority or request.host, request.target or request.path,
-                                            max_age)
+        try:
+            login = await self.browser.login_redirect(request.authority or request.host,
+                                                      request.target or request.path, max_age)
+        except SignalUnavailable as error:
+            logger.error("[%s] cannot start a sign-in: %s", request.correlation_id, error)
+            return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
         decision = Decision(result=DecisionResult.unauthenticated, status_code=302, error_code=None,
                             reason="sign-in required", resource=None, client_app_type=ClientAppType.browser)
         self._record(sign_in_record(request=request, decision=decision, now=self._clock()), decision)
@@ -367,12 +400,18 @@ class AccessService:
         except SignInFailed as failure:
             return pages.sign_in_failed(str(failure))
         except SignalUnavailable:
-            return pages.sign_in_failed("the identity provider's keys cannot be fetched right now; try again")
+            return pages.sign_in_failed("the identity provider or the session store cannot be reached right now; "
+                                        "try again")
         return pages.redirect(return_url, new_correlation_id(), set_cookie=cookie.header)
 
-    def sign_out(self, cookies: list[str]) -> pages.GatewayResponse:
+    async def sign_out(self, cookies: list[str]) -> pages.GatewayResponse:
+        """The session ends on the server, in every process and host sharing the session store."""
         if self.browser is not None:
-            self.browser.end(cookie_value(cookies))
+            try:
+                await self.browser.end(cookie_value(cookies))
+            except SignalUnavailable as error:
+                logger.error("sign-out not recorded: %s", error)
+                return pages.sign_out_failed()
         return pages.signed_out(cleared_cookie())
 
     def _device_mismatch(self, rules: Rules, request: AccessRequest, identity: Identity, source: str,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,19 +26,29 @@ from gateway.signals.cache import CachedInventory
 from gateway.signals.devices import DeviceInventory, FileDeviceInventory, OverlayInventory
 from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings
 from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
+from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
+from gateway.state.redis_devices import RedisDeviceStore
+from gateway.state.redis_state import RedisState
+from gateway.state.sessions import MemorySessionStore, SessionStore, SqliteSessionStore
 from gateway.state_files import warn_if_readable_by_others, write_once
 from gateway.workers import ONLY_WORKER, Worker
 
 MIN_SECRET_BYTES = 16
 
 
+type Store = DeviceStore | RedisDeviceStore
+
+
 @dataclass(frozen=True, slots=True)
 class Loaded:
     config: Config
     file_inventory: FileDeviceInventory | None
-    store: DeviceStore | None
+    store: Store | None
     _graph_client: GraphClient | None = None
     worker: Worker = ONLY_WORKER  # which of ``--workers N`` processes this is (files of its own, Graph sync)
+    shared: RedisState | None = None  # ``state: redis://...``: devices, sessions and nonces live there
+    sessions: SessionStore = field(default_factory=MemorySessionStore)
+    nonces: NonceStore = field(default_factory=MemoryNonces)
 
     @property
     def inventory(self) -> DeviceInventory:
@@ -48,8 +58,12 @@ class Loaded:
             assert self.file_inventory is not None  # noqa: S101  (the config requires one of them)
             return self.file_inventory
         if self.file_inventory is None:
-            return SqliteInventory(self.store)
-        return OverlayInventory(self.file_inventory, SqliteInventory(self.store))
+            return SqliteInventory(self.store, name=self.store_name)  # type: ignore[arg-type]  (same methods)
+        return OverlayInventory(self.file_inventory, SqliteInventory(self.store, name=self.store_name))  # type: ignore[arg-type]
+
+    @property
+    def store_name(self) -> str:
+        return "redis" if self.shared is not None else "sqlite"
 
     @property
     def local_inventory(self) -> SqliteInventory | None:
@@ -57,8 +71,8 @@ class Loaded:
         if self.store is None:
             return None
         partners = self.config.gateway_file.mtd_partners
-        return SqliteInventory(self.store, {name: timedelta(seconds=p.unresponsive_after_seconds)
-                                            for name, p in partners.items()})
+        return SqliteInventory(self.store, {name: timedelta(seconds=p.unresponsive_after_seconds)  # type: ignore[arg-type]
+                                            for name, p in partners.items()}, name=self.store_name)
 
     @property
     def live_inventory(self) -> DeviceInventory:
@@ -91,8 +105,30 @@ def load(config_dir: Path, worker: Worker = ONLY_WORKER) -> Loaded:
     config = load_config(config_dir)
     signals = config.gateway_file.device_signals
     file_inventory = FileDeviceInventory.load(config.path(signals.inventory)) if signals.inventory else None
+    shared = shared_state(config, os.environ)
+    if shared is not None:
+        return Loaded(config, file_inventory, shared.devices, worker=worker, shared=shared, sessions=shared.sessions,
+                      nonces=shared.nonces)
     store = DeviceStore(config.path(signals.database)) if signals.database else None
+    if worker.shares_listeners:  # the workers of one host: sessions and nonces in the state directory
+        state_dir = config.path(config.gateway_file.gateway.state_dir)
+        return Loaded(config, file_inventory, store, worker=worker,
+                      sessions=SqliteSessionStore(state_dir / "sessions.sqlite"),
+                      nonces=SqliteNonces(state_dir / "nonces.sqlite"))
     return Loaded(config, file_inventory, store, worker=worker)
+
+
+def shared_state(config: Config, environ: Mapping[str, str]) -> RedisState | None:
+    """The Redis connection of ``state:``; its password comes from the environment."""
+    settings = config.gateway_file.state
+    if settings is None:
+        return None
+    password = None
+    if settings.password_env:
+        password = environ.get(settings.password_env)
+        if not password:
+            raise ValueError(f"state: environment variable {settings.password_env} must hold the Redis password")
+    return RedisState.from_url(settings.redis, password=password, prefix=settings.key_prefix)
 
 
 def graph_settings(graph: GraphConnectorSettings, environ: Mapping[str, str]) -> GraphSettings:
@@ -180,13 +216,15 @@ def build_service(
     )
     cached = CachedInventory(inventory or loaded.live_inventory, ttl=cache.ttl_seconds, miss_ttl=cache.miss_ttl_seconds,
                              max_staleness=cache.max_staleness_seconds, max_entries=cache.max_entries)
+    cached.trust_fresh = loaded.shared is None  # with Redis: only once its change feed is up
     validator = BearerValidator(identity, jwks)
     metrics = GatewayMetrics()
     browser = None
     if config.gateway_file.browser_sign_in is not None:
         settings = config.gateway_file.browser_sign_in
         browser = BrowserSignIn(client_id=settings.client_id, jwks=jwks, validator=validator,
-                                key=session_key(config, os.environ), lifetime_seconds=settings.session_lifetime_seconds)
+                                key=session_key(config, os.environ), lifetime_seconds=settings.session_lifetime_seconds,
+                                sessions=loaded.sessions)
     service = AccessService(
         config,
         browser=browser,

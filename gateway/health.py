@@ -21,13 +21,14 @@ from datetime import datetime
 from typing import Any, Literal
 
 from gateway.access import AccessService, utc_now
+from gateway.errors import SignalUnavailable
 from gateway.identity.jwks import JwksCache
 from gateway.reload import ConfigReloader
 from gateway.signals.graph import GraphInventory
 
 type Status = Literal["pass", "warn", "fail"]
 SEVERITY: dict[Status, int] = {"pass": 0, "warn": 1, "fail": 2}
-WITHOUT_AGE = frozenset({"config", "deviceInventory"})
+WITHOUT_AGE = frozenset({"config", "deviceInventory", "sharedState"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +57,18 @@ class GatewayHealth:
 
     def checks(self) -> list[Check]:
         """Cheap enough for a load balancer polling every second (a few SQLite reads)."""
-        checks = [self._config(), self._jwks(), *self._devices()]
+        checks = [self._config(), self._jwks(), *self._shared_state(), *self._devices()]
         return checks
+
+    def _shared_state(self) -> list[Check]:
+        feed_up = self.service.shared_feed_up
+        if feed_up is None:
+            return []
+        if feed_up:
+            return [Check("sharedState", "pass", "subscribed to the Redis change feed")]
+        return [Check("sharedState", "fail", "not subscribed to the Redis change feed: changes and sign-outs made "
+                      "elsewhere may be missed, so device lookups go to Redis (cached copies serve only up to "
+                      "maxStalenessSeconds) and no session is cached")]
 
     def signal_ages(self) -> list[tuple[str, float | None]]:
         """Seconds since each signal source last delivered (for the metric); sources read in place
@@ -91,7 +102,7 @@ class GatewayHealth:
         if store is not None:
             try:
                 count = store.count()
-            except sqlite3.Error as error:
+            except (sqlite3.Error, SignalUnavailable) as error:
                 checks.append(Check("deviceInventory", "fail", f"the device inventory cannot be read: {error}"))
             else:
                 checks.append(Check("deviceInventory", "pass", f"{count} devices"))
@@ -121,7 +132,7 @@ class GatewayHealth:
             return []
         try:
             contacts = self.service.store.partner_contacts()
-        except sqlite3.Error as error:
+        except (sqlite3.Error, SignalUnavailable) as error:
             return [Check(f"mtd:{name}", "fail", f"cannot read partner contacts: {error}") for name in partners]
         checks = []
         now = self._clock()

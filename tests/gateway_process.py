@@ -19,7 +19,6 @@ from tests.conftest import REPO, Gateway, Ports, demo_config_copy, free_port, wr
 
 PORTCULLIS = str(REPO / ".venv" / "bin" / "portcullis") if (REPO / ".venv" / "bin" / "portcullis").exists() \
     else shutil.which("portcullis") or "portcullis"
-MTD_SECRET = "a-shared-secret-for-the-tests-0123456789"
 
 
 def sibling_config(directory: Path, gateway: Gateway, demo_ports: Ports, **changes: object) -> Path:
@@ -42,7 +41,7 @@ class GatewayProcess:
 
     def __init__(self, config_dir: Path, *arguments: str, env: dict[str, str] | None = None) -> None:
         self.config_dir = config_dir
-        environment = {**os.environ, "PORTCULLIS_DEMO_MTD_SECRET": MTD_SECRET, **(env or {})}
+        environment = {**os.environ, **(env or {})}  # conftest put the demo partner's secret there
         self.process = subprocess.Popen([PORTCULLIS, "run", "--config", str(config_dir), *arguments],
                                         cwd=config_dir.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         text=True, env=environment)

@@ -12,8 +12,10 @@ import httpx
 import pytest
 
 from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
-from tests.conftest import AlexPing, Gateway, Ports
+from gateway.signals.mtd import sign
+from tests.conftest import MTD_SECRET, AlexPing, Gateway, Ports
 from tests.gateway_process import GatewayProcess, sibling_config
+from tests.test_browser_sign_in import BROWSER, sign_in
 
 STARTED = r"worker (\d+) started \(pid (\d+)\)"
 LISTENING = r"worker (\d+) \(pid (\d+)\) is listening"
@@ -121,3 +123,32 @@ def test_workers_refuse_what_they_cannot_share(gateway: Gateway, demo_ports: Por
     recording.wait_until(lambda: "--record writes one flow file: use it with one worker" in recording.text)
     too_many = GatewayProcess(config_dir, "--workers", "0")
     assert too_many.process.wait(30) == 2
+
+
+def test_sign_ins_and_webhook_nonces_hold_whichever_worker_answers(gateway: Gateway, demo_ports: Ports,
+                                                                   tmp_path: Path) -> None:
+    """Workers of one host share sessions and nonces through SQLite in the state directory: a
+    sign-in started at one worker finishes at another, and a push is taken once."""
+    config_dir = sibling_config(tmp_path, gateway, demo_ports)
+    port = gateway_port(config_dir)
+    supervisor = GatewayProcess(config_dir, "--workers", "2")
+    try:
+        supervisor.wait_for(LISTENING, count=2)
+        at_workers = Gateway(port=port, idp=gateway.idp, ca=gateway.ca, config_dir=config_dir,
+                             decision_log=gateway.decision_log)
+        for _ in range(6):  # each request on a new connection: the kernel picks the worker each time
+            answer, session = sign_in(at_workers)
+            assert answer.status_code == 302, answer.text
+            page = at_workers.request("mail.contoso.test", "/owa/", headers={**BROWSER, "Cookie": session})
+            assert page.status_code == 200, page.text
+        logs = config_dir.parent / ".portcullis"
+        assert logged_ids(logs / "decisions.jsonl") and logged_ids(logs / "decisions.worker1.jsonl")
+        body, timestamp = json.dumps({"events": [{"deviceId": ALEX_IPHONE, "threatLevel": "low"}]}), \
+            str(int(time.time()))
+        headers = {"Content-Type": "application/json", "X-Portcullis-Timestamp": timestamp,
+                   "X-Portcullis-Signature": sign(MTD_SECRET.encode(), timestamp, body.encode())}
+        answers = [at_workers.request("portcullis.contoso.test", "/mtd/demo-mtd/events", method="POST",
+                                      content=body, headers=headers).status_code for _ in range(6)]
+        assert sorted(answers) == [202] + [409] * 5
+    finally:
+        assert supervisor.stop() == 0, supervisor.text

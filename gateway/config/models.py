@@ -277,13 +277,39 @@ class DeviceSignalsSettings(Model):
     cache: DeviceCacheSettings = DeviceCacheSettings()
     compliance: ComplianceTenantSettings = ComplianceTenantSettings()
 
-    @model_validator(mode="after")
-    def _a_source(self) -> DeviceSignalsSettings:
-        if self.inventory is None and self.database is None:
-            raise ValueError("give 'inventory' (a YAML file), 'database' (SQLite), or both")
-        if self.graph is not None and self.database is None:
-            raise ValueError("'graph' syncs into the SQLite inventory: set 'database' too")
-        return self
+
+
+class StateSettings(Model):
+    """Where the state every worker and host must agree on lives: devices and MTD verdicts,
+    browser sessions and their revocation, webhook nonces. ``state: redis://host:6379/0`` is short
+    for ``{redis: ...}``. The password comes from the environment (``passwordEnv``), never from
+    the URL in a config file."""
+
+    redis: str
+    password_env: Annotated[str | None, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] = None
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "portcullis:"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_alone(cls, value: object) -> object:
+        return {"redis": value} if isinstance(value, str) else value
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018  (raises on a bad port)
+        except ValueError as error:
+            raise ValueError(f"{value!r} is not a URL ({error})") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{value!r}: state is a redis://, rediss:// or unix:// URL")
+        if parts.password:
+            raise ValueError("the Redis password does not belong in a config file: name an environment variable "
+                             "in state.passwordEnv")
+        if parts.scheme == "redis" and parts.hostname and not _is_loopback_host(parts.hostname):
+            raise ValueError(f"{value!r}: plain redis:// is allowed on loopback only; use rediss:// (TLS)")
+        return value
 
 
 class MtdPartnerSettings(Model):
@@ -432,6 +458,7 @@ class PortcullisFile(Model):
     decision_log: DecisionLogSettings = DecisionLogSettings()
     upstream_assertion: UpstreamAssertionSettings = UpstreamAssertionSettings()
     admin: AdminSettings | None = None  # no section, no admin listener
+    state: StateSettings | None = None  # shared by workers and hosts; none: SQLite files and memory
 
     @field_validator("protected_hosts")
     @classmethod
@@ -443,8 +470,20 @@ class PortcullisFile(Model):
 
     @model_validator(mode="after")
     def _partners_need_a_store(self) -> PortcullisFile:
-        if self.mtd_partners and self.device_signals.database is None:
-            raise ValueError("mtdPartners write threat levels into the SQLite inventory: set deviceSignals.database")
+        signals = self.device_signals
+        if self.state is not None and signals.database is not None:
+            raise ValueError("deviceSignals.database and state both say where devices live: with state, devices "
+                             "live in Redis (remove deviceSignals.database)")
+        if signals.inventory is None and signals.database is None and self.state is None:
+            raise ValueError("deviceSignals: give 'inventory' (a YAML file), 'database' (SQLite), or both")
+        if signals.graph is not None and signals.database is None and self.state is None:
+            raise ValueError("deviceSignals.graph syncs into a device store: set deviceSignals.database (or state)")
+        if self.state is not None and self.browser_sign_in is not None and not self.browser_sign_in.session_key_env:
+            raise ValueError("with state, every host must read every other host's session cookies: set "
+                             "browserSignIn.sessionKeyEnv and give every host the same key")
+        if self.mtd_partners and signals.database is None and self.state is None:
+            raise ValueError("mtdPartners write threat levels into a device store: set deviceSignals.database "
+                             "(or state)")
         service_host = self.gateway.service_host
         if service_host is not None and service_host in self.protected_hosts:
             raise ValueError(f"gateway.serviceHost {service_host!r} is also a protected host")

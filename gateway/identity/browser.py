@@ -9,6 +9,9 @@ session. The browser gets a cookie holding only the session id, encrypted and si
 kept server-side with ``state``, so the callback cannot be made to redirect anywhere else.
 
 ``/.portcullis/logout`` deletes the session on the server: a copied cookie stops working too.
+Pending sign-ins and sessions live in a ``SessionStore``: memory for one process, SQLite for the
+workers of one host, Redis for several hosts (so a sign-in started by one process can finish in
+another, and a logout anywhere ends the session everywhere).
 ``signInFrequency`` sends the browser to sign in again once that long has passed since it
 signed in; ``persistentBrowser: never`` makes the cookie a session cookie.
 """
@@ -23,7 +26,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlencode
 
-from cachetools import TTLCache
 from cryptography.fernet import Fernet, InvalidToken
 
 from gateway.errors import SignalUnavailable
@@ -32,6 +34,7 @@ from gateway.identity.oauth_client import AsyncOAuth2Client, OAuthError
 from gateway.identity.tokens import BearerValidator, RejectedToken
 from gateway.paths import canonical_path
 from gateway.policy.model import Identity, PersistentBrowser, SessionControls
+from gateway.state.sessions import MemorySessionStore, SessionStore
 
 CALLBACK_PATH = "/.portcullis/callback"
 BINDING_COOKIE = "__Host-portcullis-signin"
@@ -39,8 +42,7 @@ GATEWAY_COOKIE_PREFIX = "__Host-portcullis-"
 LOGOUT_PATH = "/.portcullis/logout"
 RESERVED_PREFIX = "/.portcullis/"
 COOKIE_NAME = "__Host-portcullis-session"
-PENDING_LOGINS = 10_000
-MAX_SESSIONS = 100_000
+PENDING_SECONDS = 600  # a sign-in must come back from the issuer within this
 
 
 class SignInFailed(Exception):
@@ -78,15 +80,14 @@ class SessionCookie:
 
 class BrowserSignIn:
     def __init__(self, *, client_id: str, jwks: JwksCache, validator: BearerValidator, key: bytes,
-                 lifetime_seconds: int, timeout: float = 10.0) -> None:
+                 lifetime_seconds: int, timeout: float = 10.0, sessions: SessionStore | None = None) -> None:
         self.client_id = client_id
         self._jwks = jwks
         self._validator = validator
         self._cipher = Fernet(key)
         self._lifetime = lifetime_seconds
         self._timeout = timeout
-        self._pending: TTLCache[str, PendingLogin] = TTLCache(maxsize=PENDING_LOGINS, ttl=600)
-        self._sessions: TTLCache[str, BrowserSession] = TTLCache(maxsize=MAX_SESSIONS, ttl=lifetime_seconds)
+        self.sessions: SessionStore = sessions if sessions is not None else MemorySessionStore()
 
     def _endpoint(self, name: str) -> str:
         value = self._jwks.discovery.get(name)
@@ -94,7 +95,7 @@ class BrowserSignIn:
             raise SignalUnavailable(f"the identity provider's discovery document has no usable {name}")
         return value
 
-    def login_redirect(self, authority: str, target: str, max_age: int | None = None) -> LoginRedirect:
+    async def login_redirect(self, authority: str, target: str, max_age: int | None = None) -> LoginRedirect:
         """Where to send a browser that has no session. It comes back to ``target`` on the same
         host only: the original URL is kept here, never taken from the callback. The sign-in is
         bound to this browser by a short-lived cookie that the callback must present."""
@@ -107,19 +108,19 @@ class BrowserSignIn:
         if max_age is not None:
             query["max_age"] = str(max_age)  # signInFrequency: the issuer must authenticate again
         path = target if target.startswith("/") and not target.startswith("//") else "/"
-        self._pending[state] = PendingLogin(authority, f"https://{authority}{path}", verifier, nonce,
-                                            _digest(binding))
-        return LoginRedirect(f"{self._endpoint('authorization_endpoint')}?{urlencode(query)}",
-                             f"{BINDING_COOKIE}={binding}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=600")
+        location = f"{self._endpoint('authorization_endpoint')}?{urlencode(query)}"
+        await self.sessions.put_pending(state, PendingLogin(authority, f"https://{authority}{path}", verifier, nonce,
+                                                            _digest(binding)), PENDING_SECONDS)
+        return LoginRedirect(location, f"{BINDING_COOKIE}={binding}; Path=/; Secure; HttpOnly; SameSite=Lax; "
+                                       f"Max-Age={PENDING_SECONDS}")
 
     async def complete(self, authority: str, state: str, code: str, now: datetime,
                        controls: SessionControls, binding: str | None) -> tuple[str, SessionCookie]:
         """The callback: returns where to send the browser and the cookie to set."""
-        pending = self._pending.get(state)
+        pending = await self.sessions.take_pending(state)  # redeemed once, whatever happens next
         if pending is None or pending.authority != authority or not binding or \
                 not hmac.compare_digest(pending.browser_binding, _digest(binding)):
             raise SignInFailed("this sign-in link expired or was not started in this browser; open the page again")
-        del self._pending[state]
         client = AsyncOAuth2Client(client_id=self.client_id, redirect_uri=f"https://{authority}{CALLBACK_PATH}",
                                    token_endpoint_auth_method="none",  # noqa: S106  (a public client: PKCE)
                                    timeout=self._timeout)
@@ -136,17 +137,20 @@ class BrowserSignIn:
             raise SignInFailed(f"the identity provider's answer was refused: {identity.reason}")
         session_id = secrets.token_urlsafe(32)
         signed_in = datetime.fromtimestamp(identity.authenticated_at, now.tzinfo) if identity.authenticated_at else now
-        self._sessions[session_id] = BrowserSession(identity, _hostname(authority), min(signed_in, now))
+        await self.sessions.put_session(session_id, BrowserSession(identity, _hostname(authority), min(signed_in, now)),
+                                        self._lifetime)
         return pending.return_url, self._cookie(session_id, controls)
 
-    def session(self, cookie_value: str | None, host: str) -> BrowserSession | None:
+    async def session(self, cookie_value: str | None, host: str) -> BrowserSession | None:
+        """The session a cookie names, on this host; raises SignalUnavailable when a shared store
+        cannot answer (the request is refused, never let through)."""
         if not cookie_value:
             return None
         try:
             session_id = self._cipher.decrypt(cookie_value.encode(), ttl=self._lifetime).decode()
         except (InvalidToken, ValueError):
             return None
-        found = self._sessions.get(session_id)
+        found = await self.sessions.get_session(session_id)
         return found if found is not None and found.host == host else None
 
     @staticmethod
@@ -154,13 +158,13 @@ class BrowserSignIn:
         frequency = controls.sign_in_frequency_seconds
         return frequency is not None and (now - session.signed_in_at).total_seconds() >= frequency
 
-    def end(self, cookie_value: str | None) -> None:
+    async def end(self, cookie_value: str | None) -> None:
         """Logout: the session is gone on the server, whatever copies of the cookie exist."""
         try:
             session_id = self._cipher.decrypt((cookie_value or "").encode()).decode()
         except (InvalidToken, ValueError):
             return
-        self._sessions.pop(session_id, None)
+        await self.sessions.end_session(session_id)
 
     def _cookie(self, session_id: str, controls: SessionControls) -> SessionCookie:
         value = self._cipher.encrypt(session_id.encode()).decode()

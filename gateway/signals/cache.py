@@ -8,6 +8,9 @@
   request is blocked.
 - ``invalidate`` drops devices at once: a risk raise or compliance loss is seen by the very next
   request.
+- A shared source (Redis) tells every process what changed over a feed. While that feed is down
+  (``feed_lost``) nothing is answered from the fresh cache, since a change could be missed: each
+  lookup asks the source, and the staleness rule above applies when it cannot answer.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class CachedInventory:
         self._last_good: LRUCache[str, tuple[ManagedDevice | None, float]] = LRUCache(maxsize=max_entries)
         self._in_flight: dict[str, asyncio.Future[ManagedDevice | None]] = {}
         self._generation = 0  # bumped by every invalidation: an answer fetched across one is not kept
+        self.trust_fresh = True  # False while a shared source's change feed is down
         self.source_calls = 0
         self.hits = self.misses = 0  # answered from the cache, or not (for the hit-ratio metric)
 
@@ -70,6 +74,18 @@ class CachedInventory:
         finally:
             del self._in_flight[key]
 
+    def feed_lost(self) -> None:
+        """The change feed is down: stop answering from the fresh cache (keep the last good copies)."""
+        self.trust_fresh = False
+        self._generation += 1
+        self._fresh.clear()
+        self._misses.clear()
+
+    def feed_restored(self) -> None:
+        """The feed is back; changes made meanwhile were not heard of: start from nothing."""
+        self.invalidate_all()
+        self.trust_fresh = True
+
     def invalidate_all(self) -> None:
         self._generation += 1
         self._fresh.clear()
@@ -97,8 +113,11 @@ class CachedInventory:
                                self.name, error, key, age)
                 return last[0]
             raise
-        if generation != self._generation:
-            return value  # invalidated while it was being read: answer this request, keep nothing
+        if generation != self._generation or not self.trust_fresh:
+            if self.trust_fresh:
+                return value  # invalidated while it was being read: answer this request, keep nothing
+            self._last_good[key] = (value, self._timer())  # feed down: only the staleness copy
+            return value
         if value is None:
             self._misses[key] = True
         else:

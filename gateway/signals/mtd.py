@@ -26,10 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from cachetools import TTLCache
-
 from gateway.config.models import MtdPartnerSettings
 from gateway.policy.model import DeviceThreatLevel
+from gateway.state.nonces import MemoryNonces, NonceStore
 
 MAX_BODY_BYTES = 64 * 1024
 SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
@@ -90,10 +89,11 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
 class MtdReceiver:
     """Checks pushes (signature, time window, replay, size, shape) and turns them into verdicts."""
 
-    def __init__(self, partners: dict[str, Partner]) -> None:
+    def __init__(self, partners: dict[str, Partner], nonces: NonceStore | None = None) -> None:
         self.partners = partners
         longest = max((p.tolerance_seconds for p in partners.values()), default=300)
-        self._seen: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=2 * longest)
+        self.replay_window_seconds = 2 * longest  # a signature is remembered while its timestamp could pass
+        self.nonces: NonceStore = nonces if nonces is not None else MemoryNonces()
 
     def authenticate(self, partner_name: str, timestamp: str | None, signature: str | None, body: bytes,
                      now: datetime) -> Partner:
@@ -110,13 +110,17 @@ class MtdReceiver:
             raise WebhookRejected(401, "X-Portcullis-Signature must be sha256=<64 lower-case hex digits>")
         if not hmac.compare_digest(sign(partner.secret, timestamp, body), signature):
             raise WebhookRejected(401, "signature does not match")
-        if signature in self._seen:
-            raise WebhookRejected(409, "this push was already received")
         return partner
 
-    def accepted(self, signature: str) -> None:
-        """Remember a push once it was stored, so that a partner's retry after a failure works."""
-        self._seen[signature] = True
+    async def claim(self, signature: str) -> None:
+        """A push is taken once, by whichever process or host receives it first (409 after);
+        ``release`` it when it could not be stored, so that the partner's retry is accepted.
+        Raises SignalUnavailable when a shared nonce store cannot answer."""
+        if not await self.nonces.claim(signature, self.replay_window_seconds):
+            raise WebhookRejected(409, "this push was already received")
+
+    async def release(self, signature: str) -> None:
+        await self.nonces.release(signature)
 
     def verdicts(self, body: bytes) -> tuple[list[Verdict], list[str]]:
         """The verdicts a push carries, and the states it carried that set no level."""

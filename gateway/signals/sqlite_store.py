@@ -344,11 +344,10 @@ class SqliteInventory:
     """The store as an async ``DeviceInventory``: lookups run in a worker thread. Verdicts of an
     MTD partner not heard from for its ``unresponsive_after`` are left out."""
 
-    name = "sqlite"
-
     def __init__(self, store: DeviceStore, unresponsive_after: Mapping[str, timedelta] | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), name: str = "sqlite") -> None:
         self.store = store
+        self.name = name  # "redis" when the store is Redis (it has the same methods)
         self._unresponsive_after = dict(unresponsive_after or {})
         self._clock = clock
 

@@ -29,7 +29,7 @@ def browser_app(service: AccessService) -> Starlette:
         origin = request.headers.get("origin")
         if origin is not None and origin.lower() != f"https://{authority}":
             return Response("logout must come from this site", status_code=403)
-        return _response(service.sign_out(request.headers.getlist("cookie")))
+        return _response(await service.sign_out(request.headers.getlist("cookie")))
 
     return Starlette(routes=[Route(CALLBACK_PATH, callback), Route(LOGOUT_PATH, logout_form, methods=["GET"]),
                              Route(LOGOUT_PATH, logout, methods=["POST"])])

@@ -9,6 +9,7 @@ missing signature or timestamp outside the window, 404 unknown partner, 409 repl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from datetime import datetime
 
@@ -29,13 +30,10 @@ def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callab
             verdicts, ignored = receiver.verdicts(body)
         except WebhookRejected as rejected:
             return JSONResponse({"error": rejected.message}, status_code=rejected.status)
-        try:
-            unknown = await asyncio.to_thread(service.record_threat_verdicts, partner.name, verdicts, clock())
-        except SignalUnavailable as error:
-            return JSONResponse({"error": f"not stored, retry: {error}"}, status_code=503,
-                                headers={"Retry-After": "5"})
-        receiver.accepted(request.headers["x-portcullis-signature"])
-        return JSONResponse({"accepted": len(verdicts) - len(unknown), "unknownDevices": unknown,
+        stored = await _stored_once(request, receiver, service.record_threat_verdicts, partner.name, verdicts, clock())
+        if isinstance(stored, JSONResponse):
+            return stored
+        return JSONResponse({"accepted": len(verdicts) - len(stored), "unknownDevices": stored,
                              "ignored": ignored}, status_code=202)
 
     async def heartbeat(request: Request) -> JSONResponse:
@@ -43,18 +41,38 @@ def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callab
             partner, _ = await _authenticated(request, receiver, clock())
         except WebhookRejected as rejected:
             return JSONResponse({"error": rejected.message}, status_code=rejected.status)
-        try:
-            await asyncio.to_thread(service.record_partner_contact, partner.name, clock())
-        except SignalUnavailable as error:
-            return JSONResponse({"error": f"not stored, retry: {error}"}, status_code=503,
-                                headers={"Retry-After": "5"})
-        receiver.accepted(request.headers["x-portcullis-signature"])
+        stored = await _stored_once(request, receiver, service.record_partner_contact, partner.name, clock())
+        if isinstance(stored, JSONResponse):
+            return stored
         return JSONResponse({"partner": partner.name, "heartbeat": "recorded"}, status_code=202)
 
     return Starlette(routes=[
         Route("/mtd/{partner}/events", events, methods=["POST"]),
         Route("/mtd/{partner}/heartbeat", heartbeat, methods=["POST"]),
     ])
+
+
+async def _stored_once[T](request: Request, receiver: MtdReceiver, store: Callable[..., T],
+                          *arguments: object) -> T | JSONResponse:
+    """Claim the push (409 if any process already has), store it in a thread, and give the claim
+    back when storing failed so that the partner's retry is accepted (503)."""
+    signature = request.headers["x-portcullis-signature"]
+    try:
+        await receiver.claim(signature)
+    except WebhookRejected as rejected:
+        return JSONResponse({"error": rejected.message}, status_code=rejected.status)
+    except SignalUnavailable as error:
+        return _not_stored(error)
+    try:
+        return await asyncio.to_thread(store, *arguments)
+    except SignalUnavailable as error:
+        with contextlib.suppress(SignalUnavailable):
+            await receiver.release(signature)
+        return _not_stored(error)
+
+
+def _not_stored(error: SignalUnavailable) -> JSONResponse:
+    return JSONResponse({"error": f"not stored, retry: {error}"}, status_code=503, headers={"Retry-After": "5"})
 
 
 async def _authenticated(request: Request, receiver: MtdReceiver, now: datetime) -> tuple[object, bytes]:

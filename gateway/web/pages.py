@@ -74,6 +74,15 @@ def signed_out(set_cookie: str) -> GatewayResponse:
                                  *SECURITY_HEADERS), page.encode())
 
 
+def sign_out_failed() -> GatewayResponse:
+    """The session store could not record the sign-out: say so, keep the cookie, let them retry."""
+    page = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign-out failed</title></head>"
+            "<body><main><h1>Sign-out failed</h1><p>The gateway could not end your session just now. Try again in "
+            "a moment.</p></main></body></html>")
+    return GatewayResponse(503, (("Content-Type", "text/html; charset=utf-8"), ("Retry-After", "5"),
+                                 *SECURITY_HEADERS), page.encode())
+
+
 def sign_in_failed(reason: str) -> GatewayResponse:
     page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign-in failed</title></head>"
             f"<body><main><h1>Sign-in failed</h1><p>{escape(reason)}</p></main></body></html>")

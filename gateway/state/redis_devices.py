@@ -1,0 +1,241 @@
+"""The device inventory in Redis: ``DeviceStore``'s interface and semantics, for gateways on
+several hosts. Every write announces the devices it changed on ``<p>devices`` in the same atomic
+step (a Lua script, or MULTI), so every process drops exactly those devices from its caches.
+Keys: see ``gateway.state.redis_state``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from gateway.errors import SignalUnavailable
+from gateway.policy.model import DeviceThreatLevel, ManagedDevice
+from gateway.signals.devices import DeviceRecord
+from gateway.signals.sqlite_store import _with_threats
+from gateway.state.redis_keys import Keys, unavailable
+
+CHUNK = 1000  # devices per script call or MULTI in a bulk write
+PUBLISH_IDS_MAX = 1000  # a write changing more devices announces ["*"]
+THREAT_FIELDS = {"threat_level", "threat_source", "threat_reported_date_time"}
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+PUBLISH_LUA = """
+local function publish(channel, changed, limit)
+  if #changed > limit then redis.call('PUBLISH', channel, '["*"]')
+  elseif #changed > 0 then redis.call('PUBLISH', channel, cjson.encode(changed)) end
+end
+"""
+# ARGV: prefix, clear vendor ('' = none), publish limit, and a JSON list of devices, each
+# [id, record, vendor, mode, verdict, verdict time in µs] (one argument: far cheaper to send than
+# six per device). Modes mirror DeviceStore._upsert: none (no level: the clear vendor's verdict
+# goes), always, newer (seed with a time: not over a newer verdict), absent (seed without a time:
+# never over any verdict).
+UPSERT_LUA = PUBLISH_LUA + """
+local p, clear, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local changed, seen = {}, {}
+for _, d in ipairs(cjson.decode(ARGV[4])) do
+  local id, record, vendor, mode, verdict, at = d[1], d[2], d[3], d[4], d[5], d[6]
+  local threats = p .. 'threats:' .. id
+  redis.call('SET', p .. 'device:' .. id, record)
+  redis.call('SADD', p .. 'device-ids', id)
+  local write = mode == 'always'
+  if mode == 'absent' then
+    write = redis.call('HEXISTS', threats, vendor) == 0
+  elseif mode == 'newer' then
+    local old = redis.call('ZSCORE', p .. 'reports:' .. vendor, id)
+    write = (not old) or tonumber(at) >= tonumber(old)
+  elseif mode == 'none' and clear ~= '' then
+    redis.call('HDEL', threats, clear)
+    redis.call('ZREM', p .. 'reports:' .. clear, id)
+  end
+  if write then
+    redis.call('HSET', threats, vendor, verdict)
+    redis.call('ZADD', p .. 'reports:' .. vendor, at, id)
+    redis.call('SADD', p .. 'vendors', vendor)
+  end
+  if not seen[id] then seen[id] = true; changed[#changed + 1] = id end
+end
+publish(p .. 'devices', changed, limit)
+return #changed
+"""
+# ARGV: prefix, vendor, now (ISO), now (µs), publish limit, then per verdict: id, verdict ('' clears).
+# Returns the changed ids and the positions of the unknown ones.
+APPLY_LUA = PUBLISH_LUA + """
+local p, vendor, now, at, limit = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local changed, seen, unknown = {}, {}, {}
+for i = 6, #ARGV, 2 do
+  local id, verdict = ARGV[i], ARGV[i+1]
+  if redis.call('SISMEMBER', p .. 'device-ids', id) == 0 then
+    unknown[#unknown + 1] = (i - 6) / 2
+  else
+    if verdict == '' then
+      redis.call('HDEL', p .. 'threats:' .. id, vendor)
+      redis.call('ZREM', p .. 'reports:' .. vendor, id)
+    else
+      redis.call('HSET', p .. 'threats:' .. id, vendor, verdict)
+      redis.call('ZADD', p .. 'reports:' .. vendor, at, id)
+    end
+    if not seen[id] then seen[id] = true; changed[#changed + 1] = id end
+  end
+end
+redis.call('HSET', p .. 'partners', vendor, now)
+redis.call('SADD', p .. 'vendors', vendor)
+publish(p .. 'devices', changed, limit)
+return {changed, unknown}
+"""
+# Per vendor: its last contact and its newest verdict (one snapshot).
+PARTNERS_LUA = """
+local p, out = ARGV[1], {}
+for _, vendor in ipairs(redis.call('SMEMBERS', p .. 'vendors')) do
+  local newest, verdict = redis.call('ZRANGE', p .. 'reports:' .. vendor, -1, -1), ''
+  if newest[1] then verdict = redis.call('HGET', p .. 'threats:' .. newest[1], vendor) or '' end
+  out[#out + 1] = vendor
+  out[#out + 1] = redis.call('HGET', p .. 'partners', vendor) or ''
+  out[#out + 1] = verdict
+end
+return out
+"""
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def _published(device_ids: list[str]) -> str:
+    return json.dumps(["*"] if len(device_ids) > PUBLISH_IDS_MAX else device_ids)
+
+
+class RedisDeviceStore:
+    """``DeviceStore``'s interface and semantics over Redis; thread-safe, blocking (callers use
+    ``to_thread``). Differences: a bulk write is atomic per ``CHUNK`` devices, not as a whole, and a
+    device another writer adds while a full sync prunes may be pruned with the devices it missed."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, location: str) -> None:
+        self._client, self._keys = client, keys
+        self.location = location
+        self._upsert_script = client.register_script(UPSERT_LUA)
+        self._apply_script = client.register_script(APPLY_LUA)
+        self._partners_script = client.register_script(PARTNERS_LUA)
+
+    @property
+    def path(self) -> str:
+        """Where the inventory is, for messages (``DeviceStore.path``)."""
+        return self.location
+
+    def close(self) -> None:
+        self._client.close()
+
+    def managed_device(self, device_id: str, ignored_vendors: frozenset[str] = frozenset()) -> ManagedDevice | None:
+        key = device_id.lower()
+        with unavailable(self.location), self._client.pipeline(transaction=True) as pipe:
+            record, threats = pipe.get(self._keys.device(key)).hgetall(self._keys.threats(key)).execute()
+        if record is None:
+            return None
+        try:
+            device = DeviceRecord.model_validate_json(record).to_managed_device()
+            verdicts = [_verdict(vendor, text) for vendor, text in threats.items() if vendor not in ignored_vendors]
+        except (ValidationError, ValueError, KeyError, TypeError) as error:
+            raise SignalUnavailable(f"shared state {self.location}: device {key} is unreadable") from error
+        return _with_threats(device, verdicts)
+
+    def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_vendor: str | None = None,
+                    seed: bool = False) -> int:
+        rows = list(records)
+        for start in range(0, len(rows), CHUNK):
+            self._write(rows[start:start + CHUNK], now, clear_vendor=prune_vendor, seed=seed)
+        if prune_vendor is not None and rows:
+            self._prune({r.azure_ad_device_id.lower() for r in rows}, prune_vendor)
+        return len(rows)
+
+    def upsert(self, record: DeviceRecord, *, now: datetime, clear_vendor: str | None = None) -> None:
+        self._write([record], now, clear_vendor=clear_vendor, seed=False)
+
+    def apply_verdicts(self, vendor: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
+                       now: datetime) -> tuple[set[str], list[str]]:
+        given = list(verdicts)
+        arguments: list[str | int] = [self._keys.prefix, vendor, now.isoformat(), _micros(now), PUBLISH_IDS_MAX]
+        for device_id, level in given:
+            arguments += [device_id.lower(),
+                          "" if level is None else json.dumps({"level": level.value, "reportedAt": now.isoformat()})]
+        with unavailable(self.location):
+            changed, unknown = self._apply_script(args=arguments)
+        return set(changed), [given[int(index)][0] for index in unknown]
+
+    def set_threat_level(self, device_id: str, vendor: str, level: DeviceThreatLevel, *, now: datetime) -> bool:
+        changed, _ = self.apply_verdicts(vendor, [(device_id, level)], now=now)
+        return bool(changed)
+
+    def clear_threat_level(self, device_id: str, vendor: str, *, now: datetime) -> bool:
+        changed, _ = self.apply_verdicts(vendor, [(device_id, None)], now=now)
+        return bool(changed)
+
+    def partner_contact(self, vendor: str, *, now: datetime) -> None:
+        with unavailable(self.location), self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(self._keys.partners, vendor, now.isoformat())
+            pipe.sadd(self._keys.vendors, vendor).execute()
+
+    def partner_contacts(self) -> dict[str, datetime]:
+        """As ``DeviceStore.partner_contacts``: the later of a partner's last contact and its newest
+        current verdict."""
+        with unavailable(self.location):
+            flat = self._partners_script(args=[self._keys.prefix])
+        contacts = {}
+        for vendor, contact, verdict in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
+            times = [datetime.fromisoformat(contact)] if contact else []
+            if verdict:
+                times.append(datetime.fromisoformat(json.loads(verdict)["reportedAt"]))
+            if times:
+                contacts[vendor] = max(times)
+        return contacts
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        with unavailable(self.location):
+            ids = sorted(self._client.smembers(self._keys.device_ids))
+            for start in range(0, len(ids), CHUNK):
+                values = self._client.mget([self._keys.device(i) for i in ids[start:start + CHUNK]])
+                yield from (json.loads(value) for value in values if value is not None)
+
+    def count(self) -> int:
+        with unavailable(self.location):
+            return int(self._client.scard(self._keys.device_ids))
+
+    def _write(self, rows: list[DeviceRecord], now: datetime, *, clear_vendor: str | None, seed: bool) -> None:
+        devices = json.dumps([_device_arguments(r, now, clear_vendor=clear_vendor, seed=seed) for r in rows])
+        with unavailable(self.location):
+            self._upsert_script(args=[self._keys.prefix, clear_vendor or "", PUBLISH_IDS_MAX, devices])
+
+    def _prune(self, keep: set[str], vendor: str) -> None:
+        with unavailable(self.location):
+            gone = sorted(set(self._client.smembers(self._keys.device_ids)) - keep)
+            for start in range(0, len(gone), CHUNK):
+                chunk = gone[start:start + CHUNK]
+                with self._client.pipeline(transaction=True) as pipe:
+                    for device_id in chunk:
+                        pipe.delete(self._keys.device(device_id)).hdel(self._keys.threats(device_id), vendor)
+                    pipe.zrem(self._keys.reports(vendor), *chunk).srem(self._keys.device_ids, *chunk)
+                    pipe.publish(self._keys.devices_channel, _published(chunk)).execute()
+
+
+def _device_arguments(record: DeviceRecord, now: datetime, *, clear_vendor: str | None, seed: bool) -> list[str]:
+    """Times go as strings: Lua would print a number of microseconds with 14 digits only."""
+    fields = record.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=THREAT_FIELDS)
+    head = [record.azure_ad_device_id.lower(), json.dumps(fields), record.threat_source or clear_vendor or "inventory"]
+    if record.threat_level is None:
+        return [*head, "none", "", "0"]
+    reported = record.threat_reported_date_time or now
+    mode = "always" if not seed else "newer" if record.threat_reported_date_time else "absent"
+    verdict = json.dumps({"level": record.threat_level.value, "reportedAt": reported.isoformat()})
+    return [*head, mode, verdict, str(_micros(reported))]
+
+
+def _verdict(vendor: str, text: str) -> tuple[str, str, str]:
+    data = json.loads(text)
+    level, reported = DeviceThreatLevel(data["level"]), data["reportedAt"]
+    datetime.fromisoformat(reported)  # readable, or the device is unreadable
+    return vendor, level.value, reported

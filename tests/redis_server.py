@@ -1,0 +1,92 @@
+"""A real redis-server for tests: on a free 127.0.0.1 port (and a Unix socket) in a temporary
+directory, persisting nothing. ``stop()`` kills it as a crash would; ``start()`` brings it back
+on the same port, empty; ``pause()`` freezes it (SIGSTOP: connections stay open, nothing answers)
+until ``resume()``."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+START_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    def __init__(self, executable: str = REDIS_SERVER) -> None:
+        self.executable = executable
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="portcullis-redis-"))
+        self.socket_path = self.directory / "redis.sock"
+        self._process: subprocess.Popen[bytes] | None = None
+        atexit.register(self.close)  # a test run that dies early leaves no server behind
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}?db=0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> RedisServer:
+        if self.running:
+            return self
+        self._process = subprocess.Popen(
+            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--unixsocket", str(self.socket_path), "--unixsocketperm", "700", "--save", "", "--appendonly", "no",
+             "--daemonize", "no", "--loglevel", "warning", "--logfile", str(self.directory / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._answers_ping():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                log = (self.directory / "redis.log").read_text(errors="replace") if \
+                    (self.directory / "redis.log").exists() else ""
+                self.stop()
+                raise RuntimeError(f"redis-server did not start on port {self.port}: {log[-2000:]}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """SIGKILL: the server vanishes as in a crash; the kernel closes its clients' connections."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(timeout=10)
+            self._process = None
+
+    def pause(self) -> None:
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        os.kill(self._process.pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
