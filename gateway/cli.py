@@ -40,7 +40,7 @@ from gateway.explain import explain
 from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLevel, Listener
 from gateway.policy_cases import load_cases, run_cases
 from gateway.replay.command import add_parser as add_replay_parser
-from gateway.signals.sqlite_store import DeviceStore, export, parse_import
+from gateway.signals.sqlite_store import export, parse_import
 from gateway.terminal import printable, printable_lines
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, as_text, policy_states
 from gateway.workers import ONLY_WORKER, Supervisor, Worker, worker_command
@@ -231,11 +231,14 @@ def _certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> DeviceStore:
+def _store(args: argparse.Namespace) -> bootstrap.Store:
+    """The device store the gateway reads: SQLite, or Redis with ``state`` (every gateway then
+    hears of the change within a second)."""
     loaded = bootstrap.load(args.config)
     if loaded.store is None:
         raise ConfigError([ConfigProblem(str(args.config / GATEWAY_FILE), None, None, "deviceSignals.database",
-                                         "not set: these commands manage the SQLite inventory")])
+                                         "not set: these commands manage the SQLite inventory (or Redis, "
+                                         "with state)")])
     return loaded.store
 
 

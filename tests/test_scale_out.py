@@ -5,6 +5,7 @@ by itself."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from gateway import bootstrap
 from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.signals.mtd import sign
 from tests.conftest import MTD_SECRET, AlexPing, Gateway, Ports
-from tests.gateway_process import GatewayProcess, sibling_config
+from tests.gateway_process import PORTCULLIS, GatewayProcess, sibling_config
 from tests.redis_server import RedisServer
 from tests.test_browser_sign_in import BROWSER, MAIL, granted_callback
 
@@ -113,6 +114,18 @@ def test_a_risk_raise_at_one_gateway_blocks_at_the_other_within_a_second(pair: t
     assert closed is not None and closed < 1.0  # the open long-poll at the other gateway was closed too
     assert first.push(risk("secured")).status_code == 202
     second.process.wait_until(lambda: second.sync(alex) == 200, timeout=1)
+
+
+def test_set_risk_from_the_command_line_reaches_both_gateways(pair: tuple[Instance, Instance], alex: str) -> None:
+    first, second = pair
+    assert (first.sync(alex), second.sync(alex)) == (200, 200)
+    command = subprocess.run([PORTCULLIS, "devices", "--config", str(first.config_dir), "set-risk", ALEX_IPHONE,
+                              "high", "--vendor", "soc-analyst"], capture_output=True, text=True, timeout=30)
+    assert command.returncode == 0, command.stderr
+    changed = time.monotonic()
+    for instance in (first, second):
+        while instance.sync(alex) != 403:
+            assert time.monotonic() - changed < 1.0, "a gateway still allows Alex a second after set-risk"
 
 
 def test_a_replayed_push_is_refused_by_the_other_gateway(pair: tuple[Instance, Instance]) -> None:
