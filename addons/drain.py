@@ -37,7 +37,9 @@ class Drain:
         self.in_flight.discard(flow.id)
 
     def _close_after(self, flow: http.HTTPFlow) -> None:
-        if self.draining and flow.response is not None:
+        """HTTP/1 only: ``Connection`` is forbidden in HTTP/2 and 3 (clients reject the answer);
+        those connections end when the drain time is over."""
+        if self.draining and flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
             flow.response.headers["connection"] = "close"
 
     async def drain(self, timeout: float) -> int:

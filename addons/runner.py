@@ -165,7 +165,8 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
             waiter.cancel()
             raise RuntimeError("the gateway listener did not start; see the log above")
         graph = service.inventory.source if isinstance(service.inventory.source, GraphInventory) else None
-        operations = Operations.of(service, jwks, loaded.inventory, graph)
+        # only worker 0 syncs from Graph, so only its readiness covers the sync
+        operations = Operations.of(service, jwks, loaded.inventory, graph if worker.primary else None)
         background = [asyncio.create_task(service.watch_changes()),
                       asyncio.create_task(operations.reloader.watch())]
         if loaded.shared is not None:  # changes and logouts announced by other processes and hosts

@@ -135,6 +135,7 @@ class AccessService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._polled = store if isinstance(store, DeviceStore) else None  # Redis announces its changes instead
         self.shared_feed_up: bool | None = None  # with shared state: is its change feed up (None: no feed)
+        self.draining = False  # SIGTERM: finishing what is in flight; readiness fails so balancers move on
         self._seen_change = self._polled.last_change() if self._polled is not None else 0
         self._data_version = self._polled.data_version() if self._polled is not None else 0
         self.validator = validator

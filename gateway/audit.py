@@ -238,9 +238,11 @@ class DecisionLog:
 
     def __init__(self, path: Path, *, max_bytes: int = 100 * 1024 * 1024, keep_files: int = 10,
                  queue_size: int = 10_000, pseudonymizer: Pseudonymizer | None = None, keep_recent: int = 2000,
-                 on_drop: Callable[[], None] | None = None, on_error: Callable[[], None] | None = None) -> None:
+                 on_drop: Callable[[], None] | None = None, on_error: Callable[[], None] | None = None,
+                 configured_path: Path | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.configured_path = configured_path or path  # worker i writes its own file; lookups read them all
         self.pseudonymizer = pseudonymizer
         self.dropped = 0
         self._on_drop = on_drop
@@ -279,7 +281,7 @@ class DecisionLog:
             if record.get("correlationId") == correlation_id:
                 return record
         self.flush()
-        return find_record(log_files(self.path), correlation_id)
+        return find_record(log_files(self.configured_path), correlation_id)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every queued record is written (tests, shutdown); False on timeout."""

@@ -118,6 +118,15 @@ def load(config_dir: Path, worker: Worker = ONLY_WORKER) -> Loaded:
     return Loaded(config, file_inventory, store, worker=worker)
 
 
+def prepare_worker_files(config: Config) -> None:
+    """Create the workers' shared SQLite files once, before the workers start: new files made by
+    several processes at once race over their journal mode."""
+    if config.gateway_file.state is None:
+        state_dir = config.path(config.gateway_file.gateway.state_dir)
+        SqliteSessionStore(state_dir / "sessions.sqlite").close()
+        SqliteNonces(state_dir / "nonces.sqlite").close()
+
+
 def shared_state(config: Config, environ: Mapping[str, str]) -> RedisState | None:
     """The Redis connection of ``state:``; its password comes from the environment."""
     settings = config.gateway_file.state
@@ -184,7 +193,7 @@ def decision_log(config: Config, metrics: GatewayMetrics | None = None, worker: 
     settings = config.gateway_file.decision_log
     pseudonymizer = Pseudonymizer(pseudonym_key(config, os.environ)) if settings.pseudonymize_users else None
     return DecisionLog(worker.own_file(config.path(settings.path)), max_bytes=settings.max_file_bytes,
-                       keep_files=settings.keep_files,
+                       keep_files=settings.keep_files, configured_path=config.path(settings.path),
                        queue_size=settings.queue_size, pseudonymizer=pseudonymizer,
                        on_drop=metrics.log_dropped.inc if metrics else None,
                        on_error=metrics.log_errors.inc if metrics else None)

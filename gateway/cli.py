@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--record", type=Path, metavar="FLOWS", help=RECORD_HELP)
     run.add_argument("--workers", type=_worker_count, default=1, metavar="N",
                      help="gateway processes sharing the listeners (SO_REUSEPORT), supervised (default 1)")
-    run.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+    run.add_argument("--drain-seconds", type=_drain_seconds, default=30.0, metavar="S",
                      help="on SIGTERM, how long requests in flight may take to finish (default 30)")
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     run.set_defaults(command=_run)
@@ -306,6 +306,7 @@ def _run_cases(loaded: bootstrap.Loaded, cases_file: Path) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.worker_index is not None:  # one of the supervisor's workers
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload forwarded while starting must not kill it
         worker = Worker(args.worker_index, args.workers)
         asyncio.run(_serve(args.config, demo=False, record=None, worker=worker, drain_seconds=args.drain_seconds))
         return 0
@@ -322,14 +323,23 @@ def _supervise(args: argparse.Namespace) -> int:
     if args.record is not None:
         raise ValueError("--record writes one flow file: use it with one worker")
     loaded = bootstrap.load(args.config)
-    listen = loaded.config.gateway_file.gateway.listen
-    if listen.port == 0:
-        raise ValueError("--workers needs a fixed gateway.listen.port: the workers share it")
+    kiosk = loaded.config.gateway_file.kiosk
+    if loaded.config.gateway_file.gateway.listen.port == 0 or (kiosk is not None and kiosk.listen.port == 0):
+        raise ValueError("--workers needs fixed ports (gateway.listen.port, kiosk.listen.port): the workers share "
+                         "them")
     prepare_state(loaded)
+    bootstrap.prepare_worker_files(loaded.config)
     if loaded.store is not None:
         loaded.store.close()
     command = worker_command(args.config, args.workers, args.drain_seconds, args.debug)
     return Supervisor(command, args.workers, args.drain_seconds).run()
+
+
+def _drain_seconds(value: str) -> float:
+    seconds = float(value)
+    if not 0 <= seconds <= 3600:  # also refuses nan
+        raise argparse.ArgumentTypeError("between 0 and 3600 seconds")
+    return seconds
 
 
 def _worker_count(value: str) -> int:
@@ -381,6 +391,7 @@ async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, wo
         await stop.wait()
         if watch is not None:
             watch.cancel()
+        gateway.service.draining = True
         await gateway.drain.drain(drain_seconds)
 
 

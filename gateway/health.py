@@ -28,7 +28,7 @@ from gateway.signals.graph import GraphInventory
 
 type Status = Literal["pass", "warn", "fail"]
 SEVERITY: dict[Status, int] = {"pass": 0, "warn": 1, "fail": 2}
-WITHOUT_AGE = frozenset({"config", "deviceInventory", "sharedState"})
+WITHOUT_AGE = frozenset({"config", "deviceInventory", "sharedState", "draining"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,8 @@ class GatewayHealth:
     def checks(self) -> list[Check]:
         """Cheap enough for a load balancer polling every second (a few SQLite reads)."""
         checks = [self._config(), self._jwks(), *self._shared_state(), *self._devices()]
+        if self.service.draining:
+            checks.append(Check("draining", "fail", "stopping (SIGTERM): finishing the requests in flight"))
         return checks
 
     def _shared_state(self) -> list[Check]:

@@ -115,7 +115,7 @@ class Supervisor:
             del self.children[index]
             lived = time.monotonic() - child.started
             crashes = 0 if lived >= HEALTHY_AFTER else child.crashes + 1
-            pause = RESTART_PAUSES[min(crashes, len(RESTART_PAUSES) - 1)] if crashes else 0.0
+            pause = RESTART_PAUSES[min(crashes - 1, len(RESTART_PAUSES) - 1)] if crashes else 0.0
             logger.warning("worker %d (pid %d) exited with %s after %.1f s; restarting it in %.1f s", index,
                            child.process.pid, _exit_reason(code), lived, pause)
             self._pending[index] = (time.monotonic() + pause, crashes)
@@ -133,6 +133,7 @@ class Supervisor:
         for child in self.children.values():
             child.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.drain_seconds + 5
+        killed = 0
         for child in self.children.values():
             try:
                 child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -140,12 +141,18 @@ class Supervisor:
                 logger.error("worker %d (pid %d) did not stop in time; killed", child.index, child.process.pid)
                 child.process.kill()
                 child.process.wait()
+                killed += 1
         logger.info("all workers stopped")
-        return 0
+        return 1 if killed else 0
 
 
 def _exit_reason(code: int) -> str:
-    return f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+    if code >= 0:
+        return f"code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"signal {-code}"
 
 
 def worker_command(config_dir: Path, count: int, drain_seconds: float, debug: bool) -> list[str]:

@@ -258,12 +258,13 @@ class AlexPing:
         self._port, self._log = port, decision_log or gateway.decision_log  # another gateway's, or the session's
         self._error: Exception | None = None
         self._ended = 0.0
+        self.status: int | None = None  # the answer's status when it was answered
         self._thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
         try:
-            self._gateway.request("mail.contoso.test", self._path, method="POST", token=self._token, timeout=20,
-                                  port=self._port)
+            self.status = self._gateway.request("mail.contoso.test", self._path, method="POST", token=self._token,
+                                                timeout=20, port=self._port).status_code
         except httpx.HTTPError as error:
             self._error = error
         self._ended = time.monotonic()
@@ -279,6 +280,7 @@ class AlexPing:
 
     def closed_after(self, since: float) -> float | None:
         self._thread.join(15)
+        assert not self._thread.is_alive(), "the long-poll neither ended nor was closed within 15 s"
         return self._ended - since if self._error is not None else None
 
 

@@ -221,3 +221,52 @@ def test_certs_init_creates_a_ca_and_a_certificate_for_every_host(config_dir: Pa
     ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
     assert server.issuer == ca.subject
     assert oct((certs / "ca-key.pem").stat().st_mode & 0o777) == "0o600"
+
+
+DATABASE_LINE = ("  database: ../.portcullis/devices.sqlite   # the embedded inventory "
+                 "(portcullis devices import/list/...)\n")
+SESSION_LINE = "  sessionLifetimeSeconds: 28800\n"
+
+
+def with_state(config_dir: Path, state: str, *, keep_database: bool = False, session_key: bool = True) -> None:
+    path = config_dir / "portcullis.yaml"
+    if not keep_database:
+        edit(path, DATABASE_LINE, "")
+    if session_key:
+        edit(path, SESSION_LINE, SESSION_LINE + "  sessionKeyEnv: PORTCULLIS_SESSION_KEY\n")
+    path.write_text(path.read_text() + f"\nstate: {state}\n")
+
+
+def test_state_takes_a_redis_url_alone_or_in_full(config_dir: Path) -> None:
+    with_state(config_dir, "redis://127.0.0.1:6379/2")
+    state = load_config(config_dir).gateway_file.state
+    assert state is not None and (state.redis, state.key_prefix, state.password_env) == \
+        ("redis://127.0.0.1:6379/2", "portcullis:", None)
+    edit(config_dir / "portcullis.yaml", "state: redis://127.0.0.1:6379/2",
+         "state: {redis: 'rediss://redis.internal:6380/0', passwordEnv: REDIS_PASSWORD, keyPrefix: 'gw-eu:'}")
+    state = load_config(config_dir).gateway_file.state
+    assert state is not None and (state.redis, state.key_prefix, state.password_env) == \
+        ("rediss://redis.internal:6380/0", "gw-eu:", "REDIS_PASSWORD")
+
+
+@pytest.mark.parametrize(("state", "message"), [
+    ("redis://:s3cret@127.0.0.1:6379/0", "the Redis password does not belong in a config file"),
+    ("redis://127.0.0.1:6379/0?password=s3cret", "the Redis password does not belong in a config file"),
+    ("rediss://redis.internal/0?ssl_cert_reqs=none", "the only URL parameter accepted is db"),
+    ("redis://redis.internal:6379/0", "plain redis:// is allowed on loopback only; use rediss:// (TLS)"),
+    ("http://127.0.0.1:6379/0", "state is a redis://, rediss:// or unix:// URL"),
+])
+def test_state_urls_that_would_leak_or_weaken_are_refused(config_dir: Path, state: str, message: str) -> None:
+    with_state(config_dir, f"'{state}'")
+    found = problems(config_dir)
+    assert any(message in p for p in found), found
+    assert not any("s3cret" in p for p in found)  # the refusal does not print the password either
+
+
+def test_state_and_a_sqlite_inventory_or_per_host_cookie_keys_do_not_mix(config_dir: Path) -> None:
+    with_state(config_dir, "redis://127.0.0.1:6379/0", keep_database=True)
+    assert any("deviceSignals.database and state both say where devices live" in p for p in problems(config_dir))
+    fresh = config_dir.parent / "second"
+    shutil.copytree(REPO / "config", fresh)
+    with_state(fresh, "redis://127.0.0.1:6379/0", session_key=False)
+    assert any("set browserSignIn.sessionKeyEnv" in p for p in problems(fresh))

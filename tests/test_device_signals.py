@@ -132,6 +132,18 @@ class CountingSource:
         return self.known.get(device_id)
 
 
+class SnapshotSource(CountingSource):
+    """Reads the record when the call starts and answers after a while, as a network store does."""
+
+    async def managed_device(self, device_id: str) -> ManagedDevice | None:
+        self.calls += 1
+        if self.fail:
+            raise SignalUnavailable("down")
+        found = self.known.get(device_id)
+        await asyncio.sleep(0.01)
+        return found
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
@@ -317,3 +329,66 @@ def test_an_answer_read_across_an_invalidation_is_not_kept() -> None:
 
     asyncio.run(scenario())
     assert source.calls == 2
+
+
+def test_while_the_change_feed_is_down_every_lookup_asks_the_source_then_staleness_rules() -> None:
+    source, clock = CountingSource(), Clock()
+    inventory = cached(source, clock)
+
+    async def scenario() -> None:
+        await inventory.managed_device("d1")
+        await inventory.managed_device("d1")
+        assert source.calls == 1  # fresh from the cache while the feed is up
+        inventory.feed_lost()
+        await inventory.managed_device("d1")
+        await inventory.managed_device("d1")
+        assert source.calls == 3  # no fresh answer is trusted: a change could have been missed
+        source.fail = True
+        clock.now += 200
+        assert await inventory.managed_device("d1") is not None  # last good copy, 200 s old
+        clock.now += 101
+        with pytest.raises(SignalUnavailable):  # older than max staleness: refused
+            await inventory.managed_device("d1")
+        source.fail = False
+        inventory.feed_restored()
+        await inventory.managed_device("d1")
+        await inventory.managed_device("d1")
+        assert source.calls == 6  # cached again once the feed is back
+
+    asyncio.run(scenario())
+
+
+def test_a_read_begun_before_an_invalidation_never_becomes_the_staleness_copy() -> None:
+    """With the feed down, a lookup that started before this process stored a raise must not
+    leave the old answer behind as the copy served when the source then goes down."""
+    source, clock = SnapshotSource(), Clock()
+    inventory = cached(source, clock)
+    inventory.feed_lost()
+
+    async def scenario() -> None:
+        before = asyncio.create_task(inventory.managed_device("d1"))
+        await asyncio.sleep(0)  # the read of the old record is under way
+        source.known["d1"] = device(threat_level=DeviceThreatLevel.high)
+        inventory.invalidate({"d1"})
+        assert (await before).threat_level is not DeviceThreatLevel.high  # that request: the old answer
+        source.fail = True
+        with pytest.raises(SignalUnavailable):  # nothing kept from the read across the invalidation
+            await inventory.managed_device("d1")
+
+    asyncio.run(scenario())
+
+
+def test_a_lookup_after_an_invalidation_does_not_join_a_read_begun_before_it() -> None:
+    source, clock = SnapshotSource(), Clock()
+    inventory = cached(source, clock)
+
+    async def scenario() -> None:
+        before = asyncio.create_task(inventory.managed_device("d1"))
+        await asyncio.sleep(0)
+        source.known["d1"] = device(threat_level=DeviceThreatLevel.high)
+        inventory.invalidate({"d1"})
+        after = await inventory.managed_device("d1")
+        await before
+        assert after is not None and after.threat_level is DeviceThreatLevel.high
+
+    asyncio.run(scenario())

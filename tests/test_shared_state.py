@@ -683,3 +683,41 @@ def test_redis_urls_never_show_the_password(redis_server: RedisServer) -> None:
     over_unix.devices.upsert(record(A), now=NOW)
     assert over_unix.devices.count() == 1
     over_unix.close()
+
+
+def test_a_failing_callback_counts_as_a_lost_feed_and_the_subscription_comes_back(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever fails while handling a message, the process must stop trusting its caches (it
+    may have missed what came next) and subscribe again, never stop listening silently."""
+    async def scenario() -> None:
+        writer, reader = (RedisState.from_url(redis_server.url, prefix=(key_prefix := prefix())),
+                          RedisState.from_url(redis_server.url, prefix=key_prefix))
+        seen: list[str] = []
+
+        def on_devices(ids: set[str]) -> None:
+            seen.append("devices")
+            if seen.count("devices") == 1:
+                raise RuntimeError("a listener broke")
+
+        events = reader.events(on_devices=on_devices, on_connected=lambda: seen.append("connected"),
+                               on_lost=lambda: seen.append("lost"))
+        task = asyncio.create_task(events.run())
+        deadline = time.monotonic() + 5
+        while seen != ["connected"]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(writer.devices.upsert, record(A), now=NOW)
+        while seen.count("connected") < 2:
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.01)
+        assert seen[:4] == ["connected", "devices", "lost", "connected"] and not task.done()
+        await asyncio.to_thread(writer.devices.upsert, record(A), now=NOW)
+        while seen.count("devices") < 2:
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await writer.aclose()
+        await reader.aclose()
+
+    asyncio.run(scenario())
+    assert "the change feed failed; treated as lost" in caplog.text

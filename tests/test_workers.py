@@ -94,6 +94,7 @@ def test_sigterm_lets_requests_in_flight_finish(gateway: Gateway, demo_ports: Po
         with pytest.raises(httpx.ConnectError):  # no longer accepting
             alex_syncs(gateway, port, alex)
         assert [ping.closed_after(stopped_at) for ping in pings] == [None] * 4  # all four answered, none cut
+        assert [ping.status for ping in pings] == [200] * 4
         assert supervisor.process.wait(30) == 0
     finally:
         supervisor.stop()
@@ -101,19 +102,28 @@ def test_sigterm_lets_requests_in_flight_finish(gateway: Gateway, demo_ports: Po
 
 
 def test_a_single_gateway_drains_on_sigterm_too(gateway: Gateway, demo_ports: Ports, tmp_path: Path) -> None:
+    """Readiness fails meanwhile, so that a load balancer moves on."""
     config_dir = sibling_config(tmp_path, gateway, demo_ports)
-    port = gateway_port(config_dir)
+    port, admin = gateway_port(config_dir), admin_port(config_dir)
     process = GatewayProcess(config_dir)
     try:
         process.wait_for(r"Portcullis is listening")
+        assert httpx.get(f"http://127.0.0.1:{admin}/readyz").status_code == 200
         ping = AlexPing(gateway, heartbeat_seconds=2, port=port,
                         decision_log=config_dir.parent / ".portcullis" / "decisions.jsonl").started()
         stopped_at = time.monotonic()
         process.process.send_signal(signal.SIGTERM)
+        process.wait_until(lambda: httpx.get(f"http://127.0.0.1:{admin}/readyz").status_code == 503, timeout=2)
         assert ping.closed_after(stopped_at) is None  # answered after its heartbeat, not cut off
+        assert ping.status == 200
         assert process.process.wait(30) == 0
     finally:
         process.stop()
+
+
+def admin_port(config_dir: Path) -> int:
+    text = (config_dir / "portcullis.yaml").read_text()
+    return int(text.split("admin:", 1)[1].split("port: ", 1)[1].split("}", 1)[0])
 
 
 def test_workers_refuse_what_they_cannot_share(gateway: Gateway, demo_ports: Ports, tmp_path: Path) -> None:
@@ -123,6 +133,13 @@ def test_workers_refuse_what_they_cannot_share(gateway: Gateway, demo_ports: Por
     recording.wait_until(lambda: "--record writes one flow file: use it with one worker" in recording.text)
     too_many = GatewayProcess(config_dir, "--workers", "0")
     assert too_many.process.wait(30) == 2
+    no_drain = GatewayProcess(config_dir, "--drain-seconds", "nan")
+    assert no_drain.process.wait(30) == 2
+    edited = (config_dir / "portcullis.yaml").read_text().replace(f"port: {gateway_port(config_dir)}}}", "port: 0}")
+    (config_dir / "portcullis.yaml").write_text(edited)
+    any_port = GatewayProcess(config_dir, "--workers", "2")
+    assert any_port.process.wait(30) == 1
+    any_port.wait_until(lambda: "--workers needs fixed ports" in any_port.text)
 
 
 def test_sign_ins_and_webhook_nonces_hold_whichever_worker_answers(gateway: Gateway, demo_ports: Ports,

@@ -16,7 +16,7 @@ from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -304,9 +304,13 @@ class StateSettings(Model):
             raise ValueError(f"{value!r} is not a URL ({error})") from None
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"{value!r}: state is a redis://, rediss:// or unix:// URL")
-        if parts.password:
+        query = {name for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+        if parts.password or "password" in query:
             raise ValueError("the Redis password does not belong in a config file: name an environment variable "
                              "in state.passwordEnv")
+        if query - {"db"}:
+            raise ValueError(f"{value!r}: the only URL parameter accepted is db (TLS checks and the rest are not "
+                             "for a config file to turn off)")
         if parts.scheme == "redis" and parts.hostname and not _is_loopback_host(parts.hostname):
             raise ValueError(f"{value!r}: plain redis:// is allowed on loopback only; use rediss:// (TLS)")
         return value

@@ -72,12 +72,14 @@ class CachedInventory:
             future.set_result(value)
             return value
         finally:
-            del self._in_flight[key]
+            if self._in_flight.get(key) is future:  # an invalidation may have dropped it already
+                del self._in_flight[key]
 
     def feed_lost(self) -> None:
         """The change feed is down: stop answering from the fresh cache (keep the last good copies)."""
         self.trust_fresh = False
         self._generation += 1
+        self._in_flight.clear()
         self._fresh.clear()
         self._misses.clear()
 
@@ -88,6 +90,7 @@ class CachedInventory:
 
     def invalidate_all(self) -> None:
         self._generation += 1
+        self._in_flight.clear()  # a lookup arriving now must not join a read started before the change
         self._fresh.clear()
         self._misses.clear()
         self._last_good.clear()
@@ -96,6 +99,7 @@ class CachedInventory:
         self._generation += 1
         for key in device_ids:
             key = key.lower()
+            self._in_flight.pop(key, None)  # a lookup arriving now must not join a read started before
             self._fresh.pop(key, None)
             self._misses.pop(key, None)
             self._last_good.pop(key, None)
@@ -113,9 +117,9 @@ class CachedInventory:
                                self.name, error, key, age)
                 return last[0]
             raise
-        if generation != self._generation or not self.trust_fresh:
-            if self.trust_fresh:
-                return value  # invalidated while it was being read: answer this request, keep nothing
+        if generation != self._generation:
+            return value  # invalidated while it was being read: answer this request, keep nothing
+        if not self.trust_fresh:
             self._last_good[key] = (value, self._timer())  # feed down: only the staleness copy
             return value
         if value is None:

@@ -20,7 +20,7 @@ carries the SHA-256 of an ended session.
 
 A Redis error or timeout is ``SignalUnavailable``: the caller answers 503. Connections time out
 fast (connect 1 s, read 2 s) and a command is retried once, on a fresh connection, only when the
-connection failed. Several hosts need one Redis primary (standalone or behind Sentinel): the
+connection failed. Several hosts need one Redis primary, by URL (no Cluster, no Sentinel discovery): the
 scripts touch keys they build themselves, which Redis Cluster does not allow.
 
 A process caches sessions only while its ``RedisEvents`` subscription is up: a revocation then
@@ -204,6 +204,9 @@ class RedisEvents:
                     await self._listen(pubsub)
                 except (redis.RedisError, OSError) as error:
                     await self._down(error)
+                except Exception as error:  # noqa: BLE001  (a callback or redis-py failed: never go on trusting caches)
+                    logger.exception("shared state %s: the change feed failed; treated as lost", self.location)
+                    await self._down(error)
                 finally:
                     with contextlib.suppress(redis.RedisError, OSError):
                         await pubsub.aclose()
@@ -226,19 +229,24 @@ class RedisEvents:
             confirmed += message is not None and message["type"] == "subscribe"
 
     async def _listen(self, pubsub: redis.asyncio.client.PubSub) -> None:
+        """Silence counts from the oldest PING not yet answered, not from the last message: a busy
+        event loop that sent no PING for a while is not a lost subscription."""
         loop = asyncio.get_running_loop()
-        heard = pinged = loop.time()
+        pinged = loop.time()
+        unanswered: float | None = None  # when the oldest PING still without an answer was sent
         while True:
             message = await pubsub.get_message(timeout=0.1)
             now = loop.time()
             if message is not None:
-                heard = now
+                unanswered = None
                 await self._dispatch(message)
-            if now - heard > SILENCE_LIMIT:
+            if unanswered is not None and now - unanswered > SILENCE_LIMIT:
                 raise SubscriptionSilent(f"no answer to PING for {SILENCE_LIMIT} s")
             if now - pinged >= PING_EVERY:
                 await pubsub.ping()
                 pinged = now
+                if unanswered is None:
+                    unanswered = now
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
         if message["type"] != "message":

@@ -69,6 +69,10 @@ async def _stored_once[T](request: Request, receiver: MtdReceiver, store: Callab
         with contextlib.suppress(SignalUnavailable):
             await receiver.release(signature)
         return _not_stored(error)
+    except BaseException:
+        with contextlib.suppress(SignalUnavailable):  # not stored: the partner's retry must be accepted
+            await receiver.release(signature)
+        raise
 
 
 def _not_stored(error: SignalUnavailable) -> JSONResponse:
