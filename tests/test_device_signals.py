@@ -392,3 +392,27 @@ def test_a_lookup_after_an_invalidation_does_not_join_a_read_begun_before_it() -
         assert after is not None and after.threat_level is DeviceThreatLevel.high
 
     asyncio.run(scenario())
+
+
+def test_a_failed_source_is_left_alone_for_a_second_and_copies_answer_meanwhile() -> None:
+    """A source that times out must not make every request wait for its timeout in turn."""
+    source, clock = CountingSource(), Clock()
+    inventory = cached(source, clock)
+
+    async def scenario() -> None:
+        await inventory.managed_device("d1")
+        inventory.invalidate_all()
+        await inventory.managed_device("d1")
+        source.fail = True
+        clock.now += 61  # past the TTL
+        assert await inventory.managed_device("d1") is not None  # asked, failed: the copy answers
+        assert await inventory.managed_device("d1") is not None  # not asked again within the second
+        with pytest.raises(SignalUnavailable):
+            await inventory.managed_device("never-seen")  # no copy: refused, without waiting for the source
+        assert source.calls == 3
+        clock.now += 1.5
+        source.fail = False
+        assert await inventory.managed_device("never-seen") is None
+        assert source.calls == 4
+
+    asyncio.run(scenario())

@@ -5,7 +5,8 @@
 - Concurrent lookups of one device share one call to the source.
 - When the source fails, the last good answer is served while it is younger than
   ``max_staleness`` (logged as degraded); after that ``SignalUnavailable`` propagates and the
-  request is blocked.
+  request is blocked. For a second after a failure the source is not asked at all, so that a
+  source that times out does not make every request wait for its timeout.
 - ``invalidate`` drops devices at once: a risk raise or compliance loss is seen by the very next
   request.
 - A shared source (Redis) tells every process what changed over a feed. While that feed is down
@@ -29,6 +30,7 @@ from gateway.signals.devices import DeviceInventory
 logger = logging.getLogger(__name__)
 
 MISSING = object()
+RETRY_AFTER = 1.0  # seconds a failed source is not asked again; answers come from copies meanwhile
 
 
 class CachedInventory:
@@ -44,6 +46,7 @@ class CachedInventory:
         self._in_flight: dict[str, asyncio.Future[ManagedDevice | None]] = {}
         self._generation = 0  # bumped by every invalidation: an answer fetched across one is not kept
         self.trust_fresh = True  # False while a shared source's change feed is down
+        self._retry_at = 0.0  # after a failure the source is left alone until then (timeouts would pile up)
         self.source_calls = 0
         self.hits = self.misses = 0  # answered from the cache, or not (for the hit-ratio metric)
 
@@ -85,6 +88,7 @@ class CachedInventory:
 
     def feed_restored(self) -> None:
         """The feed is back; changes made meanwhile were not heard of: start from nothing."""
+        self._retry_at = 0.0  # the source answers again
         self.invalidate_all()
         self.trust_fresh = True
 
@@ -105,10 +109,16 @@ class CachedInventory:
             self._last_good.pop(key, None)
 
     async def _fetch(self, key: str) -> ManagedDevice | None:
-        self.source_calls += 1
         generation = self._generation
         try:
-            value = await self.source.managed_device(key)
+            if self._timer() < self._retry_at:  # it just failed: do not make every request wait for it again
+                raise SignalUnavailable(f"{self.name} failed less than {RETRY_AFTER:.0f} s ago")
+            self.source_calls += 1
+            try:
+                value = await self.source.managed_device(key)
+            except SignalUnavailable:
+                self._retry_at = self._timer() + RETRY_AFTER
+                raise
         except SignalUnavailable as error:
             last = self._last_good.get(key)
             age = self._timer() - last[1] if last else None
