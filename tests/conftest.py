@@ -28,7 +28,7 @@ from gateway import bootstrap
 from gateway.access import AccessService
 from gateway.operations import Operations
 from gateway.web.demo_idp import DemoIdentityProvider
-from tests.redis_server import REDIS_SERVER, RedisServer
+from tests.redis_server import RedisServer, started_or_skipped
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTS = ["mail.contoso.test", "docs.contoso.test", "portcullis.contoso.test"]
@@ -287,10 +287,6 @@ class AlexPing:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """A real redis-server for the shared-state tests (skipped without one, unless CI requires it)."""
-    if not Path(REDIS_SERVER).exists():
-        if os.environ.get("PORTCULLIS_REQUIRE_REDIS") == "1":
-            pytest.fail(f"PORTCULLIS_REQUIRE_REDIS=1 but {REDIS_SERVER} is missing (apt-get install redis-server)")
-        pytest.skip(f"{REDIS_SERVER} is missing (apt-get install redis-server)")
-    server = RedisServer().start()
+    server = started_or_skipped()
     yield server
     server.close()

@@ -25,6 +25,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def started_or_skipped() -> RedisServer:
+    """A started server for a fixture; skips the test without redis-server, unless CI requires it."""
+    import os
+
+    import pytest
+
+    if not Path(REDIS_SERVER).exists():
+        if os.environ.get("PORTCULLIS_REQUIRE_REDIS") == "1":
+            pytest.fail(f"PORTCULLIS_REQUIRE_REDIS=1 but {REDIS_SERVER} is missing (apt-get install redis-server)")
+        pytest.skip(f"{REDIS_SERVER} is missing (apt-get install redis-server); the Redis cases are skipped")
+    return RedisServer().start()
+
+
 class RedisServer:
     def __init__(self, executable: str = REDIS_SERVER) -> None:
         self.executable = executable

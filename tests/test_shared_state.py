@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import sqlite3
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
 from gateway.state.redis_keys import redacted
 from gateway.state.redis_state import RedisState
 from gateway.state.sessions import MemorySessionStore, SqliteSessionStore, session_key
-from tests.redis_server import REDIS_SERVER, RedisServer
+from tests.redis_server import RedisServer, started_or_skipped
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -51,11 +50,8 @@ SECRET_IN_RECORD = "do-not-log-me"
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
-    if not Path(REDIS_SERVER).exists():
-        if os.environ.get("PORTCULLIS_REQUIRE_REDIS") == "1":
-            pytest.fail(f"PORTCULLIS_REQUIRE_REDIS=1 but {REDIS_SERVER} is missing (apt-get install redis-server)")
-        pytest.skip(f"{REDIS_SERVER} is missing (apt-get install redis-server); the Redis cases are skipped")
-    server = RedisServer().start()
+    """Its own server: these tests kill and freeze it."""
+    server = started_or_skipped()
     yield server
     server.close()
 

@@ -60,7 +60,24 @@ EXPORT_FIELDS = (
 CHANGES_KEPT = 100_000  # a reader further behind than this re-reads everything (``changes_since``)
 
 
-class DeviceStore:
+class VerdictShortcuts:
+    """One verdict at a time, for stores with ``apply_verdicts`` (SQLite here, Redis)."""
+
+    def apply_verdicts(self, vendor: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
+                       now: datetime) -> tuple[set[str], list[str]]:
+        raise NotImplementedError
+
+    def set_threat_level(self, device_id: str, vendor: str, level: DeviceThreatLevel, *, now: datetime) -> bool:
+        """Record a vendor's verdict; False if the device is not in the inventory."""
+        changed, _ = self.apply_verdicts(vendor, [(device_id, level)], now=now)
+        return bool(changed)
+
+    def clear_threat_level(self, device_id: str, vendor: str, *, now: datetime) -> bool:
+        changed, _ = self.apply_verdicts(vendor, [(device_id, None)], now=now)
+        return bool(changed)
+
+
+class DeviceStore(VerdictShortcuts):
     """Thread-safe. Writes go through one connection, reads through another: in WAL mode a long
     write (a full sync) never holds up lookups or the change check made before every request.
     Async callers use ``to_thread`` for anything but ``data_version``/``changes_since``."""
@@ -97,7 +114,7 @@ class DeviceStore:
         if row is None:
             return None
         device = DeviceRecord.model_validate_json(row[0]).to_managed_device()
-        return _with_threats(device, [t for t in threats if t[0] not in ignored_vendors])
+        return with_threats(device, [t for t in threats if t[0] not in ignored_vendors])
 
     def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_vendor: str | None = None,
                     seed: bool = False) -> int:
@@ -147,15 +164,6 @@ class DeviceStore:
             self._db.execute("INSERT OR REPLACE INTO partners VALUES (?, ?)", (vendor, now.isoformat()))
             self._trim_changes()
         return changed, unknown
-
-    def set_threat_level(self, device_id: str, vendor: str, level: DeviceThreatLevel, *, now: datetime) -> bool:
-        """Record a vendor's verdict; False if the device is not in the inventory."""
-        changed, _ = self.apply_verdicts(vendor, [(device_id, level)], now=now)
-        return bool(changed)
-
-    def clear_threat_level(self, device_id: str, vendor: str, *, now: datetime) -> bool:
-        changed, _ = self.apply_verdicts(vendor, [(device_id, None)], now=now)
-        return bool(changed)
 
     def partner_contact(self, vendor: str, *, now: datetime) -> None:
         with self._write_lock:
@@ -236,7 +244,7 @@ class _Transaction:
         self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
 
 
-def _with_threats(device: ManagedDevice, threats: list[tuple[str, str, str]]) -> ManagedDevice:
+def with_threats(device: ManagedDevice, threats: list[tuple[str, str, str]]) -> ManagedDevice:
     """Several MTD vendors may report on one device: the highest level wins."""
     if not threats:
         return device

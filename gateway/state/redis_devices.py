@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from gateway.errors import SignalUnavailable
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.devices import DeviceRecord
-from gateway.signals.sqlite_store import _with_threats
+from gateway.signals.sqlite_store import VerdictShortcuts, with_threats
 from gateway.state.redis_keys import Keys, unavailable
 
 CHUNK = 1000  # devices per script call or MULTI in a bulk write
@@ -111,7 +111,7 @@ def _published(device_ids: list[str]) -> str:
     return json.dumps(["*"] if len(device_ids) > PUBLISH_IDS_MAX else device_ids)
 
 
-class RedisDeviceStore:
+class RedisDeviceStore(VerdictShortcuts):
     """``DeviceStore``'s interface and semantics over Redis; thread-safe, blocking (callers use
     ``to_thread``). Differences: a bulk write is atomic per ``CHUNK`` devices, not as a whole, and a
     device another writer adds while a full sync prunes may be pruned with the devices it missed."""
@@ -142,7 +142,7 @@ class RedisDeviceStore:
             verdicts = [_verdict(vendor, text) for vendor, text in threats.items() if vendor not in ignored_vendors]
         except (ValidationError, ValueError, KeyError, TypeError) as error:
             raise SignalUnavailable(f"shared state {self.location}: device {key} is unreadable") from error
-        return _with_threats(device, verdicts)
+        return with_threats(device, verdicts)
 
     def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_vendor: str | None = None,
                     seed: bool = False) -> int:
@@ -166,14 +166,6 @@ class RedisDeviceStore:
         with unavailable(self.location):
             changed, unknown = self._apply_script(args=arguments)
         return set(changed), [given[int(index)][0] for index in unknown]
-
-    def set_threat_level(self, device_id: str, vendor: str, level: DeviceThreatLevel, *, now: datetime) -> bool:
-        changed, _ = self.apply_verdicts(vendor, [(device_id, level)], now=now)
-        return bool(changed)
-
-    def clear_threat_level(self, device_id: str, vendor: str, *, now: datetime) -> bool:
-        changed, _ = self.apply_verdicts(vendor, [(device_id, None)], now=now)
-        return bool(changed)
 
     def partner_contact(self, vendor: str, *, now: datetime) -> None:
         with unavailable(self.location), self._client.pipeline(transaction=True) as pipe:
