@@ -39,6 +39,7 @@ from gateway.errors import ConfigError, ConfigProblem
 from gateway.explain import explain
 from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLevel, Listener
 from gateway.policy_cases import load_cases, run_cases
+from gateway.reload import check_in_force, config_digest, record_in_force
 from gateway.replay.command import add_parser as add_replay_parser
 from gateway.signals.sqlite_store import export, parse_import
 from gateway.terminal import printable, printable_lines
@@ -89,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--drain-seconds", type=_drain_seconds, default=30.0, metavar="S",
                      help="on SIGTERM, how long requests in flight may take to finish (default 30)")
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    run.add_argument("--restarted", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor
     run.set_defaults(command=_run)
     check = commands.add_parser("check", help="validate a config directory; list problems and warnings")
     check.add_argument("--config", type=Path, required=True, help="config directory")
@@ -308,7 +310,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.worker_index is not None:  # one of the supervisor's workers
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload forwarded while starting must not kill it
         worker = Worker(args.worker_index, args.workers)
-        asyncio.run(_serve(args.config, demo=False, record=None, worker=worker, drain_seconds=args.drain_seconds))
+        asyncio.run(_serve(args.config, demo=False, record=None, worker=worker, drain_seconds=args.drain_seconds,
+                           restarted=args.restarted))
         return 0
     if args.workers == 1:
         asyncio.run(_serve(args.config, demo=False, record=args.record, drain_seconds=args.drain_seconds))
@@ -355,7 +358,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, worker: Worker = ONLY_WORKER,
-                 drain_seconds: float = 30.0) -> None:
+                 drain_seconds: float = 30.0, restarted: bool = False) -> None:
     """Serve until SIGTERM or SIGINT, then drain: stop accepting, let requests in flight finish."""
     from addons.runner import (
         running_gateway,  # the core never imports mitmproxy; only this command does
@@ -363,9 +366,16 @@ async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, wo
     from gateway.certs import CA_FILE
     from gateway.demo import banner
 
+    digest = config_digest(config_dir)
     loaded = bootstrap.load(config_dir, worker)
+    in_force = loaded.config.path(loaded.config.gateway_file.gateway.state_dir) / "config-in-force"
+    if restarted:
+        check_in_force(in_force, config_dir)
     demo_secrets = _demo_partner_secrets(loaded.config) if demo else {}
     async with running_gateway(loaded, demo=demo, record=record) as gateway:
+        if worker.shares_listeners:
+            record_in_force(in_force, digest)
+            gateway.operations.reloader.in_force_file = in_force
         reloads: set[asyncio.Task[object]] = set()
         stop = asyncio.Event()
 

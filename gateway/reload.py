@@ -10,7 +10,9 @@ that started before the swap finish under the rules they started with (``AccessS
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -65,6 +67,7 @@ class ConfigReloader:
         self.last: ReloadOutcome | None = None
         self.loaded_at = clock()
         self._signature = files_signature(self.directory)
+        self.in_force_file: Path | None = None  # workers: where the digest of the config in force is kept
 
     @property
     def last_failed(self) -> ReloadOutcome | None:
@@ -74,12 +77,15 @@ class ConfigReloader:
     async def reload(self, trigger: str) -> ReloadOutcome:
         async with self._lock:
             self._signature = files_signature(self.directory)
+            digest = config_digest(self.directory)
             outcome = await self._reload(trigger)
             self.last = outcome
             self._metrics.reloads.labels("success" if outcome.applied else "failure", trigger).inc()
             self._metrics.config_valid.set(1 if outcome.applied else 0)
             if outcome.applied:
                 self.loaded_at = outcome.at
+                if self.in_force_file is not None:
+                    record_in_force(self.in_force_file, digest)
                 logger.info("config reloaded (%s): %d policies in force", trigger, outcome.policies)
             else:
                 for problem in outcome.problems:
@@ -128,6 +134,38 @@ class ConfigReloader:
             if files_signature(self.directory) != signature:
                 continue  # still being written: look again next time
             await self.reload("fileWatch")
+
+
+def config_digest(directory: Path) -> str:
+    """What the config files hold (their SHA-256 together), to tell whether two are the same."""
+    digest = hashlib.sha256()
+    for name in WATCHED_FILES:
+        try:
+            content = (directory / name).read_bytes()
+        except FileNotFoundError:
+            content = b"\0missing"
+        digest.update(f"{name}\0{len(content)}\0".encode() + content)
+    return digest.hexdigest()
+
+
+def record_in_force(path: Path, digest: str) -> None:
+    """The workers of a gateway note which config they run (at start and after each applied
+    reload): a worker restarted later must not start on files the others refused."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(digest + "\n")
+    temporary.replace(path)
+
+
+def check_in_force(path: Path, directory: Path) -> None:
+    """For a restarted worker: the files on disk must be the config the other workers run."""
+    try:
+        in_force = path.read_text().strip()
+    except FileNotFoundError:
+        return  # no worker has started yet
+    if config_digest(directory) != in_force:
+        raise ConfigError([ConfigProblem(str(directory), None, None, "", "the config files are not the ones the "
+                                         "other workers run (a reload was refused, or a change is being picked up): "
+                                         "this worker starts once they are (fix or revert the change)")])
 
 
 def files_signature(directory: Path) -> tuple[tuple[str, int, int, int], ...]:

@@ -80,7 +80,7 @@ class Supervisor:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             for index in range(self.count):
-                self._start(index, crashes=0)
+                self._start(index, crashes=0, restarted=False)
             logger.info("supervisor %d: %d workers started", os.getpid(), self.count)
             while not self.stopping:
                 self._reap()
@@ -102,8 +102,10 @@ class Supervisor:
                         self.drain_seconds)
         self.stopping = True
 
-    def _start(self, index: int, crashes: int) -> None:
-        process = subprocess.Popen([*self.command, "--worker-index", str(index)])  # noqa: S603  (our own command)
+    def _start(self, index: int, crashes: int, restarted: bool = True) -> None:
+        """A restarted worker checks that the config on disk is the one the others run."""
+        extra = ["--restarted"] if restarted else []
+        process = subprocess.Popen([*self.command, "--worker-index", str(index), *extra])  # noqa: S603  (our own)
         self.children[index] = _Child(index, process, time.monotonic(), crashes)
         logger.info("worker %d started (pid %d)", index, process.pid)
 

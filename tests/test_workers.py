@@ -169,3 +169,29 @@ def test_sign_ins_and_webhook_nonces_hold_whichever_worker_answers(gateway: Gate
         assert sorted(answers) == [202] + [409] * 5
     finally:
         assert supervisor.stop() == 0, supervisor.text
+
+
+def test_a_restarted_worker_never_starts_on_a_config_the_others_refused(gateway: Gateway, demo_ports: Ports,
+                                                                       tmp_path: Path, alex: str) -> None:
+    """A reload that would open OWA is refused by the running workers; a worker restarted after a
+    crash must not start on those files either (it would serve a share of the connections with
+    rules nobody accepted), and it starts once the files are back to what is in force."""
+    config_dir = sibling_config(tmp_path, gateway, demo_ports)
+    port = gateway_port(config_dir)
+    (config_dir / "cases.yaml").unlink()
+    policies = config_dir / "policies.yaml"
+    in_force = policies.read_text()
+    supervisor = GatewayProcess(config_dir, "--workers", "2")
+    try:
+        listening = {int(m[1]): int(m[2]) for m in supervisor.wait_for(LISTENING, count=2)}
+        policies.write_text(in_force[:in_force.index("  - name: owa-compliant-device")])  # opens OWA: refused
+        supervisor.wait_for(r"config reload \(fileWatch\) rejected", count=2)
+        os.kill(listening[1], signal.SIGKILL)
+        supervisor.wait_for(r"the config files are not the ones the other workers run")
+        assert supervisor.wait_for(LISTENING, count=2) and len(supervisor.wait_for(STARTED, count=3)) == 3
+        assert [alex_syncs(gateway, port, alex) for _ in range(5)] == [200] * 5  # worker 0, old rules
+        policies.write_text(in_force)  # reverted: the restarted worker may start
+        relisten = supervisor.wait_for(LISTENING, count=3, timeout=40)[2]
+        assert int(relisten[1]) == 1
+    finally:
+        assert supervisor.stop() == 0, supervisor.text
