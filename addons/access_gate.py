@@ -4,6 +4,7 @@ upstream) and applies it: forward with the gateway's own identity headers, or an
 from __future__ import annotations
 
 from mitmproxy import http
+from mitmproxy.net.http import http1
 
 from addons.flows import access_request
 from addons.kiosk_proxy import KIOSK_KEY
@@ -25,6 +26,7 @@ from gateway.headers import CORRELATION_ID, headers_to_strip
 from gateway.identity.browser import without_session_cookie
 
 JSON = (("Content-Type", "application/json"),)
+CLIENT_CLOSE_KEY = "portcullis.client_close"  # the client asked to close after this request
 
 
 class AccessGate:
@@ -36,7 +38,7 @@ class AccessGate:
         if flow.response or flow.error or not flow.live or flow.metadata.get(SERVICE_KEY):
             return
         if flow.metadata.get(UNPROTECTED_KEY):
-            _strip_client_headers(flow.request.headers)
+            _strip_client_headers(flow)
             flow.metadata[ALLOWED_KEY] = True
             return
         request = access_request(flow, flow.metadata[CORRELATION_KEY], flow.metadata[HOST_KEY],
@@ -74,9 +76,18 @@ class AccessGate:
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None and CORRELATION_KEY in flow.metadata:
             flow.response.headers[CORRELATION_ID] = flow.metadata[CORRELATION_KEY]
+        if flow.response is not None and flow.metadata.get(CLIENT_CLOSE_KEY):
+            flow.response.headers["connection"] = "close"  # mitmproxy then closes after this answer
 
 
-def _strip_client_headers(headers: http.Headers) -> None:
+def _strip_client_headers(flow: http.HTTPFlow) -> None:
+    """Hop-by-hop and client identity headers never go upstream. A client's ``Connection: close``
+    goes with them, and mitmproxy decides from the request headers whether to close the client
+    connection: remember it, so the answer closes it as the client asked."""
+    headers = flow.request.headers
+    if flow.request.http_version.startswith("HTTP/1") and \
+            http1.connection_close(flow.request.http_version, headers):
+        flow.metadata[CLIENT_CLOSE_KEY] = True
     for name in headers_to_strip(list(headers), headers.get_all("connection")):
         headers.pop(name, None)
 
@@ -86,8 +97,8 @@ def _apply(flow: http.HTTPFlow, outcome: Outcome) -> None:
         response = outcome.response
         respond(flow, response.status_code, response.body, response.headers)
         return
+    _strip_client_headers(flow)
     headers = flow.request.headers
-    _strip_client_headers(headers)
     cookies = [without_session_cookie(c) for c in headers.get_all("cookie")]
     headers.set_all("cookie", [c for c in cookies if c])
     for name, value in outcome.upstream_headers:

@@ -25,6 +25,7 @@ import logging
 import os
 import secrets
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="on SIGTERM, how long requests in flight may take to finish (default 30)")
     run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     run.add_argument("--restarted", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor
+    run.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)  # the supervisor's helper
     run.set_defaults(command=_run)
     check = commands.add_parser("check", help="validate a config directory; list problems and warnings")
     check.add_argument("--config", type=Path, required=True, help="config directory")
@@ -307,6 +309,8 @@ def _run_cases(loaded: bootstrap.Loaded, cases_file: Path) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.prepare_only:
+        return _prepare(args)
     if args.worker_index is not None:  # one of the supervisor's workers
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload forwarded while starting must not kill it
         worker = Worker(args.worker_index, args.workers)
@@ -320,22 +324,33 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _supervise(args: argparse.Namespace) -> int:
-    """Check the config and prepare the shared state once, then start and watch the workers."""
-    from addons.runner import prepare_state  # the core never imports mitmproxy; only this command does
-
+    """Check the config and prepare the shared state once (in a child process: the supervisor
+    itself never loads mitmproxy, and stays small), then start and watch the workers."""
     if args.record is not None:
         raise ValueError("--record writes one flow file: use it with one worker")
-    loaded = bootstrap.load(args.config)
-    kiosk = loaded.config.gateway_file.kiosk
-    if loaded.config.gateway_file.gateway.listen.port == 0 or (kiosk is not None and kiosk.listen.port == 0):
+    config = load_config(args.config)
+    kiosk = config.gateway_file.kiosk
+    if config.gateway_file.gateway.listen.port == 0 or (kiosk is not None and kiosk.listen.port == 0):
         raise ValueError("--workers needs fixed ports (gateway.listen.port, kiosk.listen.port): the workers share "
                          "them")
-    prepare_state(loaded)
-    bootstrap.prepare_worker_files(loaded.config)
-    if loaded.store is not None:
-        loaded.store.close()
     command = worker_command(args.config, args.workers, args.drain_seconds, args.debug)
+    prepared = subprocess.run([*command, "--prepare-only"], check=False)  # noqa: S603  (our own command)
+    if prepared.returncode != 0:
+        return 1  # the child printed why
     return Supervisor(command, args.workers, args.drain_seconds).run()
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from addons.runner import prepare_state  # the core never imports mitmproxy; only this command does
+
+    loaded = bootstrap.load(args.config)
+    try:
+        prepare_state(loaded)
+        bootstrap.prepare_worker_files(loaded.config)
+    finally:
+        if loaded.store is not None:
+            loaded.store.close()
+    return 0
 
 
 def _drain_seconds(value: str) -> float:

@@ -303,3 +303,37 @@ def test_report_only_policy_is_logged_but_never_blocks(gateway: Gateway) -> None
     assert results["mfa-outside-head-office"]["result"] == "reportOnlyFailure"
     assert results["mfa-outside-head-office"]["failedControls"][0]["control"] == "mfa"
     assert results["exchange-outlook-only"]["result"] == "success"
+
+
+@pytest.mark.parametrize(("version", "connection", "closes"), [
+    ("HTTP/1.1", "Connection: close\r\n", True),
+    ("HTTP/1.0", "", True),
+    ("HTTP/1.1", "", False),
+])
+def test_a_forwarded_request_closes_the_connection_as_the_client_asked(gateway: Gateway, version: str,
+                                                                       connection: str, closes: bool) -> None:
+    """The gateway strips hop-by-hop headers before forwarding; the client's wish to close must
+    survive that, or every non-keep-alive client hangs until its own timeout."""
+    context = ssl.create_default_context()
+    gateway.ca.configure_trust(context)
+    token = outlook_token(gateway)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=MAIL) as tls:
+        tls.sendall(f"POST {ACTIVESYNC} {version}\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\n"
+                    f"Content-Length: 0\r\n{connection}\r\n".encode())
+        tls.settimeout(2)
+        received = b""
+        try:
+            while not received.endswith(b"}") or b"\r\n\r\n" not in received:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+            tls.settimeout(1)
+            ended = tls.recv(1) == b""  # EOF: the gateway closed the connection
+        except TimeoutError:
+            ended = False
+    head = received.split(b"\r\n\r\n", 1)[0].decode().lower()
+    assert head.startswith(f"{version.lower()} 200") or head.startswith("http/1.1 200"), head
+    assert ended is closes
+    assert ("connection: close" in head) is closes
