@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import types
@@ -164,6 +165,7 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         if not ready.event.is_set():
             waiter.cancel()
             raise RuntimeError("the gateway listener did not start; see the log above")
+        gc.freeze()  # what start-up built lives as long as the process: full collections need not walk it
         graph = service.inventory.source if isinstance(service.inventory.source, GraphInventory) else None
         # only worker 0 syncs from Graph, so only its readiness covers the sync
         operations = Operations.of(service, jwks, loaded.inventory, graph if worker.primary else None)
