@@ -7,6 +7,7 @@ another host than the Host header (421).
 
 from __future__ import annotations
 
+import json
 from urllib.parse import urlsplit
 
 from mitmproxy import http
@@ -16,6 +17,7 @@ from addons.kiosk_proxy import KIOSK_KEY, connect_target, is_kiosk
 from addons.safety import CORRELATION_KEY, fail_closed, respond
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, SERVICE_KEY
 from gateway.access import AccessService, new_correlation_id
+from gateway.headers import oversized_headers
 from gateway.identity.browser import is_reserved
 from gateway.signals.mtd import MAX_BODY_BYTES
 
@@ -33,6 +35,11 @@ class Routing:
         if flow.response or flow.error or not flow.live:
             return
         flow.metadata[CORRELATION_KEY] = correlation_id = new_correlation_id()
+        too_large = oversized_headers(flow.request.headers.fields)
+        if too_large is not None:
+            body = json.dumps({"error": "request_header_fields_too_large", "error_description": too_large})
+            respond(flow, 431, body.encode(), PLAINTEXT_ANSWER)  # and the connection is closed
+            return
         if is_kiosk(flow) and not flow.client_conn.tls_established and \
                 self.service.kiosk_destination(flow.request.host.lower(), flow.request.port) == "pass":
             flow.metadata[UNPROTECTED_KEY] = True  # plain HTTP to an exact pass-through host:port (a demo issuer)

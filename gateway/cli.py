@@ -333,6 +333,14 @@ def _supervise(args: argparse.Namespace) -> int:
     if config.gateway_file.gateway.listen.port == 0 or (kiosk is not None and kiosk.listen.port == 0):
         raise ValueError("--workers needs fixed ports (gateway.listen.port, kiosk.listen.port): the workers share "
                          "them")
+    admin = config.gateway_file.admin
+    if admin is not None:
+        shared = {config.gateway_file.gateway.listen.port, *([kiosk.listen.port] if kiosk else [])}
+        clash = shared & {admin.listen.port + i for i in range(args.workers)}
+        if clash:
+            raise ValueError(f"worker i's admin API listens on admin.listen.port + i ({admin.listen.port}.."
+                             f"{admin.listen.port + args.workers - 1}): that includes port {min(clash)}, "
+                             "which the gateway or kiosk listener uses")
     command = worker_command(args.config, args.workers, args.drain_seconds, args.debug)
     prepared = subprocess.run([*command, "--prepare-only"], check=False)  # noqa: S603  (our own command)
     if prepared.returncode != 0:

@@ -38,6 +38,23 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te"})
 FRAMING = frozenset({"host", "content-length", "transfer-encoding"})  # never removed by a Connection: nomination
 
 
+MAX_HEADER_FIELDS = 100  # request header fields (a browser sends about 20; Exchange clients fewer)
+MAX_HEADER_BYTES = 64 * 1024  # names and values together (Kerberos-sized cookies and tokens fit)
+
+
+def oversized_headers(fields: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why a request's headers are too many or too large to accept (431), or None: every cache,
+    body and header the gateway handles has a bound."""
+    size = 0
+    for count, (name, value) in enumerate(fields, start=1):
+        size += len(name) + len(value) + 4
+        if count > MAX_HEADER_FIELDS:
+            return f"more than {MAX_HEADER_FIELDS} header fields"
+        if size > MAX_HEADER_BYTES:
+            return f"header fields larger than {MAX_HEADER_BYTES // 1024} KiB together"
+    return None
+
+
 def fold(name: str) -> str:
     """Case, ``_`` and ``.`` variants are one name: some upstream stacks fold them into ``-``."""
     return name.strip().lower().replace("_", "-").replace(".", "-")

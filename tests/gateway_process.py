@@ -25,6 +25,8 @@ def sibling_config(directory: Path, gateway: Gateway, demo_ports: Ports, **chang
     """A config for a gateway of its own (own port, state and logs) in front of the session
     gateway's issuer and backends. ``changes`` are set at the top of portcullis.yaml."""
     ports = Ports(free_port(), demo_ports.idp, demo_ports.mail, demo_ports.docs, free_port(), free_port())
+    while len({ports.gateway, ports.kiosk, *range(ports.admin, ports.admin + 4)}) < 6:  # workers use admin + i
+        ports = Ports(free_port(), demo_ports.idp, demo_ports.mail, demo_ports.docs, free_port(), free_port())
     config_dir = demo_config_copy(directory, ports)
     write_trustme_certificate(gateway.ca, config_dir)
     yaml = YAML()

@@ -337,3 +337,24 @@ def test_a_forwarded_request_closes_the_connection_as_the_client_asked(gateway: 
     assert head.startswith(f"{version.lower()} 200") or head.startswith("http/1.1 200"), head
     assert ended is closes
     assert ("connection: close" in head) is closes
+
+
+@pytest.mark.parametrize(("extra", "status"), [
+    ([(f"X-Filler-{i}", "x") for i in range(120)], 431),
+    ([("X-Filler", "x" * 70_000)], 431),
+    ([(f"X-Filler-{i}", "x") for i in range(60)] + [("X-Large", "x" * 30_000)], 200),  # the legitimate twin
+])
+def test_too_many_or_too_large_request_headers_get_431(gateway: Gateway, extra: list[tuple[str, str]],
+                                                       status: int) -> None:
+    token = outlook_token(gateway)
+    context = ssl.create_default_context()
+    gateway.ca.configure_trust(context)
+    head = "".join(f"{name}: {value}\r\n" for name, value in extra)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=MAIL) as tls:
+        tls.sendall(f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\n{head}"
+                    "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        answer = b"".join(iter(lambda: tls.recv(65536), b"")).decode(errors="replace")
+    assert answer.startswith(f"HTTP/1.1 {status}"), answer[:300]
+    if status == 431:
+        assert "request_header_fields_too_large" in answer and "backend" not in answer

@@ -135,6 +135,13 @@ def test_workers_refuse_what_they_cannot_share(gateway: Gateway, demo_ports: Por
     assert too_many.process.wait(30) == 2
     no_drain = GatewayProcess(config_dir, "--drain-seconds", "nan")
     assert no_drain.process.wait(30) == 2
+    text = (config_dir / "portcullis.yaml").read_text()
+    clashing = text.replace(f"port: {admin_port(config_dir)}}}", f"port: {gateway_port(config_dir) - 1}}}")
+    (config_dir / "portcullis.yaml").write_text(clashing)  # worker 1's admin port would be the gateway's
+    clash = GatewayProcess(config_dir, "--workers", "2")
+    assert clash.process.wait(30) == 1
+    clash.wait_until(lambda: "which the gateway or kiosk listener uses" in clash.text)
+    (config_dir / "portcullis.yaml").write_text(text)
     edited = (config_dir / "portcullis.yaml").read_text().replace(f"port: {gateway_port(config_dir)}}}", "port: 0}")
     (config_dir / "portcullis.yaml").write_text(edited)
     any_port = GatewayProcess(config_dir, "--workers", "2")
