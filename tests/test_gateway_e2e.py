@@ -96,16 +96,22 @@ def test_tls_without_sni_is_misdirected(gateway: Gateway) -> None:
     assert answer.startswith("HTTP/1.1 421")
 
 
-def test_declared_request_trailers_are_refused_before_the_upstream(gateway: Gateway) -> None:
+def raw_exchange(gateway: Gateway, request: str) -> str:
+    """Send bytes exactly as written over TLS to the mail host; everything the gateway answers
+    until it closes the connection (so ``request`` says ``Connection: close``)."""
     context = ssl.create_default_context()
     gateway.ca.configure_trust(context)
-    token = outlook_token(gateway)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname=MAIL) as tls:
-        tls.sendall(f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\n"
-                    "Transfer-Encoding: chunked\r\nTrailer: X-Portcullis-User\r\nConnection: close\r\n\r\n"
-                    "3\r\nabc\r\n0\r\n\r\n".encode())
-        answer = b"".join(iter(lambda: tls.recv(4096), b"")).decode(errors="replace")
+        tls.sendall(request.encode())
+        return b"".join(iter(lambda: tls.recv(65536), b"")).decode(errors="replace")
+
+
+def test_declared_request_trailers_are_refused_before_the_upstream(gateway: Gateway) -> None:
+    token = outlook_token(gateway)
+    answer = raw_exchange(gateway, f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\n"
+                                   "Transfer-Encoding: chunked\r\nTrailer: X-Portcullis-User\r\nConnection: close\r\n"
+                                   "\r\n3\r\nabc\r\n0\r\n\r\n")
     assert answer.startswith("HTTP/1.1 400"), answer[:200]
     assert "backend" not in answer
 
@@ -347,14 +353,9 @@ def test_a_forwarded_request_closes_the_connection_as_the_client_asked(gateway: 
 def test_too_many_or_too_large_request_headers_get_431(gateway: Gateway, extra: list[tuple[str, str]],
                                                        status: int) -> None:
     token = outlook_token(gateway)
-    context = ssl.create_default_context()
-    gateway.ca.configure_trust(context)
     head = "".join(f"{name}: {value}\r\n" for name, value in extra)
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
-            context.wrap_socket(raw, server_hostname=MAIL) as tls:
-        tls.sendall(f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\n{head}"
-                    "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
-        answer = b"".join(iter(lambda: tls.recv(65536), b"")).decode(errors="replace")
+    answer = raw_exchange(gateway, f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\n"
+                                   f"{head}Content-Length: 0\r\nConnection: close\r\n\r\n")
     assert answer.startswith(f"HTTP/1.1 {status}"), answer[:300]
     if status == 431:
         assert "request_header_fields_too_large" in answer and "backend" not in answer
