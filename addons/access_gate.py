@@ -6,7 +6,7 @@ from __future__ import annotations
 from mitmproxy import http
 from mitmproxy.net.http import http1
 
-from addons.flows import access_request
+from addons.flows import CLIENT_IP_KEY, access_request
 from addons.kiosk_proxy import KIOSK_KEY
 from addons.routing import HOST_KEY, UNPROTECTED_KEY
 from addons.safety import (
@@ -22,10 +22,10 @@ from addons.safety import (
 )
 from addons.service_endpoints import SERVICE_KEY
 from gateway.access import AccessService, Outcome
-from gateway.headers import CORRELATION_ID, headers_to_strip
-from gateway.identity.browser import without_session_cookie
+from gateway.headers import CORRELATION_ID, folded_lines, headers_to_strip, upstream_cookies
 
 JSON = (("Content-Type", "application/json"),)
+FOLDED = b'{"error": "bad_request", "error_description": "header values folded over several lines are not accepted"}'
 CLIENT_CLOSE_KEY = "portcullis.client_close"  # the client asked to close after this request
 
 
@@ -38,15 +38,22 @@ class AccessGate:
         if flow.response or flow.error or not flow.live or flow.metadata.get(SERVICE_KEY):
             return
         if flow.metadata.get(UNPROTECTED_KEY):
+            if folded_lines(flow.request.headers.fields):
+                respond(flow, 400, FOLDED, JSON)
+                return
             _strip_client_headers(flow)
             flow.metadata[ALLOWED_KEY] = True
             return
         request = access_request(flow, flow.metadata[CORRELATION_KEY], flow.metadata[HOST_KEY],
-                                 self.service.kiosk_location if flow.metadata.get(KIOSK_KEY) else None)
+                                 self.service.kiosk_location if flow.metadata.get(KIOSK_KEY) else None,
+                                 self.service.config.gateway_file.gateway.trusted_proxies)
+        flow.metadata[CLIENT_IP_KEY] = request.client_ip  # recordings replay it, not the proxy's address
         authorization = flow.request.headers.get_all("authorization")
         cookies = flow.request.headers.get_all("cookie")
         if "trailer" in flow.request.headers:
             outcome = self.service.refuse(request, 400, "request trailers are not accepted")
+        elif folded_lines(flow.request.headers.fields):
+            outcome = self.service.refuse(request, 400, "header values folded over several lines are not accepted")
         else:
             outcome = await self.service.authorize(request, authorization, cookies)
         _apply(flow, outcome)
@@ -81,15 +88,16 @@ class AccessGate:
 
 
 def _strip_client_headers(flow: http.HTTPFlow) -> None:
-    """Hop-by-hop and client identity headers never go upstream. A client's ``Connection: close``
-    goes with them, and mitmproxy decides from the request headers whether to close the client
-    connection: remember it, so the answer closes it as the client asked."""
+    """Hop-by-hop and client identity headers, and the gateway's cookies, never go upstream. A
+    client's ``Connection: close`` goes with them, and mitmproxy decides from the request headers
+    whether to close the client connection: remember it, so the answer closes it as the client asked."""
     headers = flow.request.headers
     if flow.request.http_version.startswith("HTTP/1") and \
             http1.connection_close(flow.request.http_version, headers):
         flow.metadata[CLIENT_CLOSE_KEY] = True
     for name in headers_to_strip(list(headers), headers.get_all("connection")):
         headers.pop(name, None)
+    headers.set_all("cookie", upstream_cookies(headers.get_all("cookie")))
 
 
 def _apply(flow: http.HTTPFlow, outcome: Outcome) -> None:
@@ -99,8 +107,6 @@ def _apply(flow: http.HTTPFlow, outcome: Outcome) -> None:
         return
     _strip_client_headers(flow)
     headers = flow.request.headers
-    cookies = [without_session_cookie(c) for c in headers.get_all("cookie")]
-    headers.set_all("cookie", [c for c in cookies if c])
     for name, value in outcome.upstream_headers:
         headers[name] = value
     flow.metadata[ALLOWED_KEY] = True

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 from mitmproxy import http
 
+from gateway.headers import Network, client_address
 from gateway.policy.model import AccessRequest
 
+logger = logging.getLogger(__name__)
+
+CLIENT_IP_KEY = "portcullis.client_ip"  # the address the decision was made for (a trusted proxy's client)
 AUTHORITY_KEY = "portcullis.authority"  # the Host header as the client sent it (Routing rewrites it)
 
 
@@ -15,15 +22,26 @@ def authority(host_header: str, host: str) -> str:
     return f"{host}:{port}" if host_header.lower() == f"{host}:{port}" and port.isdigit() else host
 
 
+def client_ip(flow: http.HTTPFlow, correlation_id: str, trusted_proxies: Sequence[Network] = ()) -> str:
+    """The TCP peer, or, when the peer is one of ``gateway.trustedProxies``, the client its
+    X-Forwarded-For names. A trusted proxy's malformed header is logged and the peer used."""
+    forwarded_for = flow.request.headers.get_all("x-forwarded-for")
+    address, problem = client_address(flow.client_conn.peername[0], forwarded_for, trusted_proxies)
+    if problem is not None:
+        logger.warning("[%s] %s: %.200r from %s; deciding on the proxy's own address", correlation_id, problem,
+                       ", ".join(forwarded_for), address)
+    return address
+
+
 def access_request(flow: http.HTTPFlow, correlation_id: str, host: str,
-                   kiosk_location: str | None = None) -> AccessRequest:
+                   kiosk_location: str | None = None, trusted_proxies: Sequence[Network] = ()) -> AccessRequest:
     headers = flow.request.headers
     return AccessRequest(
         correlation_id=correlation_id,
         host=host,
         path=flow.request.path,
         method=flow.request.method,
-        client_ip=flow.client_conn.peername[0],
+        client_ip=client_ip(flow, correlation_id, trusted_proxies),
         user_agent=headers.get("user-agent", ""),
         accepts_html="text/html" in headers.get("accept", "").lower(),
         content_type=headers.get("content-type", ""),

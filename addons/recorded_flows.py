@@ -30,6 +30,7 @@ from mitmproxy.flow import Flow
 from mitmproxy.io import tnetstring
 from mitmproxy.master import Master
 
+from addons.flows import CLIENT_IP_KEY
 from addons.kiosk_proxy import KIOSK_KEY
 from addons.routing import HOST_KEY
 from addons.safety import ALLOWED_KEY, CORRELATION_KEY
@@ -195,7 +196,7 @@ def recorded_request(flow: Flow, place: str) -> RecordedRequest | Skipped:
         host=str(metadata[HOST_KEY]) if portcullis else request.pretty_host.lower(),
         target=request.path,
         query_recorded=True,
-        client_ip=flow.client_conn.peername[0] if flow.client_conn.peername else None,
+        client_ip=metadata.get(CLIENT_IP_KEY) or (flow.client_conn.peername[0] if flow.client_conn.peername else None),
         user_agent=headers.get("user-agent", ""),
         accepts_html="text/html" in headers.get("accept", "").lower(),
         content_type=headers.get("content-type", ""),

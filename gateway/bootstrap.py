@@ -222,6 +222,7 @@ def build_service(
         min_refresh_interval=identity.jwks_refresh_min_interval_seconds,
         timeout=identity.http_timeout_seconds,
         transport=transport,
+        max_stale_seconds=identity.jwks_max_stale_seconds,
     )
     cached = CachedInventory(inventory or loaded.live_inventory, ttl=cache.ttl_seconds, miss_ttl=cache.miss_ttl_seconds,
                              max_staleness=cache.max_staleness_seconds, max_entries=cache.max_entries)

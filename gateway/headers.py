@@ -3,12 +3,21 @@
 Before forwarding, the gateway removes every header a client could use to claim an identity, to
 make the upstream route or authorise differently, or to smuggle hop-by-hop semantics; then it sets
 its own. An upstream can trust ``X-Portcullis-*`` and ``X-Forwarded-*`` because only Portcullis
-sets them.
+sets them. Names are compared folded (case, ``_`` and ``.``): WSGI, PHP and others turn
+``X_Forwarded_User`` into ``X-Forwarded-User`` (oauth2-proxy GHSA-vjrc-mh2v-45x6).
+
+The lists follow what identity-aware proxies put on requests to their upstreams (oauth2-proxy,
+Pomerium, Authelia, authentik, Oathkeeper, Traefik ForwardAuth, Envoy, Vouch, mod_auth_openidc,
+Shibboleth, Azure App Service, AWS ALB, Google IAP, Cloudflare Access), client certificate headers
+that TLS terminators pass on (RFC 9440, Envoy's XFCC, ``X-SSL-Client-*``, ``X-ARR-ClientCert``),
+and Exchange's own front-end to back-end trust header.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import ipaddress
+from collections.abc import Iterable, Sequence
+from urllib.parse import unquote
 
 PREFIX = "x-portcullis-"
 CORRELATION_ID = "X-Portcullis-Correlation-Id"
@@ -19,23 +28,36 @@ DEVICE_ID = "X-Portcullis-Device-Id"
 IDENTITY_HEADERS = frozenset({
     "x-forwarded-user", "x-forwarded-email", "x-forwarded-preferred-username", "x-forwarded-groups",
     "x-forwarded-access-token", "remote-user", "x-user", "x-email", "x-userinfo", "x-id-token",
-    "x-access-token", "x-auth-user", "x-auth-token",
+    "x-access-token", "x-auth-user", "x-auth-token", "auth-user", "x-user-id", "x-userid", "x-username",
+    "x-user-name", "x-user-email", "x-user-groups", "x-user-roles", "x-groups", "x-roles", "x-principal",
+    "x-identity", "x-jwt-assertion", "x-jwt", "gap-auth", "client-cert", "client-cert-chain", "x-client-cert",
+    "x-client-dn", "x-client-verify", "x-ssl-cert", "x-commonaccesstoken",
 })
 IDENTITY_PREFIXES = (
-    PREFIX, "x-auth-request-", "x-ms-client-principal", "x-ms-token-", "x-webauth-", "x-authenticated-",
-    "x-amzn-oidc-", "x-goog-authenticated-user-", "cf-access-", "x-remote-",
+    PREFIX, "x-auth-", "x-ms-client-principal", "x-ms-token-", "x-webauth-", "x-authenticated-",
+    "x-amzn-oidc-", "x-goog-authenticated-", "x-goog-iap-", "cf-access-", "x-remote-", "remote-", "x-pomerium-",
+    "x-authentik-", "x-vouch-", "oidc-", "shib-", "x-ssl-client-", "ssl-client-", "x-forwarded-tls-client-",
 )
 REWRITE_HEADERS = frozenset({
     "x-original-url", "x-rewrite-url", "x-override-url", "x-original-uri", "x-http-method-override",
-    "x-http-method", "x-method-override",
+    "x-http-method", "x-method-override", "x-original-method", "x-original-path", "x-original-host", "x-host",
+    "x-http-host-override", "x-forwarded-uri", "x-forwarded-path", "x-forwarded-method",
 })
 FORWARDING_HEADERS = frozenset({
-    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port",
-    "x-forwarded-prefix", "x-forwarded-server", "x-real-ip", "x-client-ip", "true-client-ip",
-    "x-cluster-client-ip",
+    "forwarded", "x-forwarded", "forwarded-for", "x-real-ip", "x-client-ip", "true-client-ip", "client-ip",
+    "x-cluster-client-ip", "cf-connecting-ip", "cf-connecting-ipv6", "fastly-client-ip", "x-original-forwarded-for",
+    "x-originating-ip", "x-azure-clientip", "x-azure-socketip", "x-azure-fdid", "x-proxyuser-ip",
+    "x-appengine-user-ip", "front-end-https", "x-url-scheme",
 })
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te"})
-FRAMING = frozenset({"host", "content-length", "transfer-encoding"})  # never removed by a Connection: nomination
+FORWARDING_PREFIXES = ("x-forwarded-", "x-envoy-", "x-arr-")
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "upgrade", "http2-settings"})
+# Never removed by a ``Connection:`` nomination: framing (mitmproxy owns it), and the credential the
+# decision was made on, so the upstream sees the request the gateway authorised.
+NOT_NOMINATED = frozenset({"host", "content-length", "transfer-encoding", "authorization"})
+# The request's framing, which mitmproxy reads from these exact names. Another spelling that folds
+# to one (``Transfer_Encoding``) frames nothing here, but WSGI/CGI servers read it as
+# ``HTTP_TRANSFER_ENCODING`` (gunicorn 22 refuses such names, CVE-2024-1135): never forwarded.
+FRAMING = frozenset({"content-length", "transfer-encoding"})
 
 
 MAX_HEADER_FIELDS = 100  # request header fields (a browser sends about 20; Exchange clients fewer)
@@ -55,6 +77,13 @@ def oversized_headers(fields: Iterable[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def folded_lines(fields: Iterable[tuple[bytes, bytes]]) -> bool:
+    """A value spread over several lines (obs-fold): mitmproxy keeps the line break, and an upstream
+    that reads the continuation as a header of its own would get one the gateway never saw. RFC 9112
+    lets a server refuse it (400), which the gateway does."""
+    return any(b"\r" in value or b"\n" in value for _, value in fields)
+
+
 def fold(name: str) -> str:
     """Case, ``_`` and ``.`` variants are one name: some upstream stacks fold them into ``-``."""
     return name.strip().lower().replace("_", "-").replace(".", "-")
@@ -65,14 +94,21 @@ def is_client_identity_header(name: str) -> bool:
     return folded in IDENTITY_HEADERS or folded.startswith(IDENTITY_PREFIXES)
 
 
+def is_forwarding_header(name: str) -> bool:
+    folded = fold(name)
+    return folded in FORWARDING_HEADERS or folded.startswith(FORWARDING_PREFIXES)
+
+
 def headers_to_strip(names: Iterable[str], connection_values: Iterable[str]) -> set[str]:
     """The request header names (as sent) that must not reach the upstream."""
-    nominated = {fold(token) for value in connection_values for token in value.split(",") if token.strip()} - FRAMING
+    nominated = {fold(token) for value in connection_values for token in value.split(",") if token.strip()}
+    nominated -= NOT_NOMINATED
     strip = set()
     for name in names:
         folded = fold(name)
-        if (is_client_identity_header(name) or folded in REWRITE_HEADERS or folded in FORWARDING_HEADERS
-                or folded in HOP_BY_HOP or folded.startswith("proxy-") or folded in nominated):
+        if (is_client_identity_header(name) or folded in REWRITE_HEADERS or is_forwarding_header(name)
+                or folded in HOP_BY_HOP or folded.startswith("proxy-") or folded in nominated
+                or (folded in FRAMING and name.strip().lower() != folded)):
             strip.add(name)
     return strip
 
@@ -80,3 +116,90 @@ def headers_to_strip(names: Iterable[str], connection_values: Iterable[str]) -> 
 def forwarding_headers(client_ip: str, host: str) -> tuple[tuple[str, str], ...]:
     """The gateway's own view of where the request came from; client-sent ones are never kept."""
     return (("X-Forwarded-For", client_ip), ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", host))
+
+
+type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+type Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(text: str) -> Address:
+    """An address as written in X-Forwarded-For: bare, ``IPv4:port``, ``[IPv6]`` or ``[IPv6]:port``
+    (Azure Application Gateway adds the port). IPv4-mapped IPv6 counts as the IPv4 address."""
+    text = text.strip()
+    if text.startswith("["):
+        inside, bracket, port = text[1:].partition("]")
+        if not bracket or (port and not (port.startswith(":") and port[1:].isdigit())):
+            raise ValueError(f"not an address: {text!r}")
+        address: Address = ipaddress.IPv6Address(inside)
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not port.isdigit():
+            raise ValueError(f"not an address: {text!r}")
+        address = ipaddress.IPv4Address(host)
+    else:
+        address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _trusted(address: Address, proxies: Sequence[Network]) -> bool:
+    return any(address in network for network in proxies)
+
+
+def client_address(peer: str, forwarded_for: Sequence[str],
+                   trusted_proxies: Sequence[Network]) -> tuple[str, str | None]:
+    """The client address for policy, the decision log and the upstream's X-Forwarded-For, and why
+    the client's X-Forwarded-For was not usable (None when it was, or was not looked at).
+
+    Only a peer inside ``gateway.trustedProxies`` is believed: then X-Forwarded-For is read from the
+    right, skipping addresses of trusted proxies, and the first other address is the client (every
+    address left of it was written by someone the gateway does not trust). A malformed header from a
+    trusted proxy is not guessed at: the peer is the client (fail safe)."""
+    try:
+        address = _address(peer)
+    except ValueError:
+        return peer, None
+    if not trusted_proxies or not _trusted(address, trusted_proxies) or not forwarded_for:
+        return str(address), None
+    entries = [entry for value in forwarded_for for entry in value.split(",")]
+    try:
+        chain = [_address(entry) for entry in entries]
+    except ValueError:
+        return str(address), "X-Forwarded-For from a trusted proxy is not a list of addresses"
+    for hop in reversed(chain):
+        if not _trusted(hop, trusted_proxies):
+            return str(hop), None
+    return str(chain[0]), None  # every hop is a trusted proxy: the farthest one is the client
+
+
+COOKIE_NAMESPACE = "portcullis-"  # the gateway's cookies: __Host-portcullis-session, __Host-portcullis-signin
+
+
+def _cookie_name(name: str) -> str:
+    """A cookie name as lenient upstreams read it: percent-decoded, case, spaces, ``_`` and ``.`` folded,
+    without the ``__Host-``/``__Secure-`` prefix (which browsers match case-insensitively)."""
+    folded = unquote(name).strip().lower()
+    for character in " ._\t":
+        folded = folded.replace(character, "-")
+    folded = folded.lstrip("-")
+    for prefix in ("host-", "secure-"):
+        folded = folded.removeprefix(prefix)
+    return folded.lstrip("-")
+
+
+def is_gateway_cookie(pair: str) -> bool:
+    """``pair`` (``name=value`` from a Cookie header) is, or hides behind a comma, a cookie in the
+    gateway's namespace: some upstream stacks also split cookies on ``,``."""
+    return any(_cookie_name(part.partition("=")[0]).startswith(COOKIE_NAMESPACE) for part in pair.split(","))
+
+
+def upstream_cookies(cookie_headers: Iterable[str]) -> list[str]:
+    """The Cookie headers an upstream may see: the user's own cookies, never the gateway's (a session
+    cookie in an upstream's hands, or its logs, would let it act as the user at the gateway)."""
+    kept = []
+    for header in cookie_headers:
+        pairs = [p.strip() for p in header.split(";") if p.strip() and not is_gateway_cookie(p)]
+        if pairs:
+            kept.append("; ".join(pairs))
+    return kept

@@ -104,6 +104,16 @@ class Listen(Model):
     port: Annotated[int, Field(ge=0, le=65535)] = 8443
 
 
+class ClientLimitSettings(Model):
+    """How long a client may take (docs/deployment.md, "Limits and timeouts"); mitmproxy itself
+    has no deadline for a request head, so slow clients would hold connections for ever."""
+
+    header_timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    keep_alive_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    body_grace_seconds: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    body_min_bytes_per_second: Annotated[float, Field(gt=0, le=1e9)] = 500.0
+
+
 class CertificateFile(Model):
     """A PEM file holding a certificate chain and its private key, served for these host names."""
 
@@ -117,6 +127,25 @@ class GatewaySettings(Model):
     state_dir: Path = Path("../.portcullis")
     remediation_url: str = "https://portal.manage.microsoft.com/"
     service_host: str | None = None  # the gateway's own endpoints (MTD webhook); list it in a certificate
+    trusted_proxies: list[IPvAnyNetwork] = []  # load balancers whose X-Forwarded-For names the client
+    client_limits: ClientLimitSettings = ClientLimitSettings()
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_networks(cls, value: object) -> object:
+        """Each entry a network with its prefix length; never every address, or any client could
+        name its own address (and with it a trusted named location)."""
+        for item in value if isinstance(value, list) else []:
+            if not isinstance(item, str) or "/" not in item:
+                raise ValueError(f"{item!r} needs a prefix length, like 10.0.1.0/24 (or /32 for one address)")
+            try:
+                network = ipaddress.ip_network(item)
+            except ValueError as error:
+                raise ValueError(f"{item!r}: {error}") from None
+            if network.prefixlen == 0:
+                raise ValueError(f"{item!r} trusts every address, so any client could choose the address the "
+                                 "gateway sees; list only your load balancers' addresses")
+        return value
 
     @field_validator("remediation_url")
     @classmethod
@@ -131,6 +160,7 @@ class IdentitySettings(Model):
     clock_skew_seconds: Annotated[int, Field(ge=0, le=300)] = 30
     jwks_cache_seconds: Annotated[int, Field(ge=60, le=86400)] = 3600
     jwks_refresh_min_interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
+    jwks_max_stale_seconds: Annotated[int, Field(ge=0, le=7 * 86400)] = 86400
     http_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 5.0
 
     @field_validator("algorithms", mode="before")
