@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
 from gateway import headers
 from gateway.audit import DecisionLog, sign_in_record
@@ -317,26 +318,32 @@ class AccessService:
         found = rules.policy_set.match(request.host, path)
         if found is None or found.public:
             return self._without_identity(rules, request, found.primary if found else None, now)
+        if _access_token_in_query(request.target or ""):
+            return self.refuse(request, 400, "an access token is accepted only in the Authorization header")
         session: BrowserSession | None = None
-        if not authorization and self.browser is not None:
+        if self.browser is not None and (not authorization or cookie_value(cookies or []) is not None):
             try:
                 session = await self.browser.session(cookie_value(cookies or []), request.host)
             except SignalUnavailable as error:
                 logger.error("[%s] session store unavailable, blocking: %s", request.correlation_id, error)
                 return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
-            if session is None and request.accepts_html:
+            if session is None and not authorization and request.accepts_html:
                 return await self._sign_in(request)
         token = bearer_token(authorization)
-        if session is None and isinstance(token, RejectedToken):
+        if (session is None or authorization) and isinstance(token, RejectedToken):
             return self._unauthenticated(request, token, now)
         audiences = frozenset(rules.config.gateway_file.protected_hosts[request.host].audiences)
         try:
-            if session is not None:
+            if session is not None and not authorization:
                 identity: Identity | RejectedToken = session.identity
             else:
                 identity = await self.validator.validate(str(token), audiences)
             if isinstance(identity, RejectedToken):
                 return self._unauthenticated(request, identity, now)
+            if session is not None and authorization:  # both: the bearer token decides, if the cookie agrees
+                if (session.identity.subject, session.identity.tenant_id) != (identity.subject, identity.tenant_id):
+                    return self.refuse(request, 400, "the bearer token and the session cookie name different users")
+                session = None
             device = await self._device_signals(rules, identity, request)
         except SignalUnavailable as error:
             logger.error("[%s] signal unavailable, blocking: %s", request.correlation_id, error)
@@ -503,6 +510,13 @@ def decide(rules: Rules, request: AccessRequest, identity: Identity, device: Dev
     if restriction:
         decision = replace(decision, result=DecisionResult.block, status_code=403, reason=restriction)
     return Decided(decision, app, restriction=restriction)
+
+
+def _access_token_in_query(target: str) -> bool:
+    """RFC 6750's URI query parameter: never read (URLs end up in logs), and never forwarded for
+    the upstream to read either, beside or instead of the token the gateway checked."""
+    query = target.partition("?")[2]
+    return any(name.lower() == "access_token" for name, _ in parse_qsl(query, keep_blank_values=True))
 
 
 def _device_binding_problem(request: AccessRequest, resources: tuple[str, ...], device: DeviceSignals) -> str | None:

@@ -600,6 +600,25 @@ def test_recorded_tokens_are_held_to_the_time_claims_as_the_gateway_holds_them(
     assert (identity.reason if isinstance(identity, RejectedToken) else None) == reason
 
 
+@pytest.mark.parametrize(("header", "claims", "reason"), [
+    pytest.param({}, {}, None, id="valid"),
+    pytest.param({"jku": "https://attacker.test/keys"}, {}, "token names its own signing key", id="jku"),
+    pytest.param({"crit": ["exp"]}, {}, "token uses an unsupported critical header", id="crit"),
+    pytest.param({"typ": "dpop+jwt"}, {}, "token type not accepted", id="typ"),
+    pytest.param({}, {"aud": [EXCHANGE]}, "token audience not accepted for this host", id="aud list"),
+    pytest.param({}, {"nonce": "n"}, "an ID token is not an access token", id="ID token"),
+])
+def test_replay_holds_recorded_tokens_to_the_gateways_header_and_claim_rules(
+        recording: Recording, header: dict[str, object], claims: dict[str, object], reason: str | None) -> None:
+    """A token the live gateway refuses before its signature is checked is refused in replay too."""
+    config = load_config(recording.config)
+    now = int(AT.timestamp())
+    payload: dict[str, object] = {"iss": config.gateway_file.identity.issuer, "aud": EXCHANGE, "sub": "s",
+                                  "iat": now, "nbf": now, "exp": now + 3600, **claims}
+    identity = token_identity(config, "mail.contoso.test", ({"alg": "RS256", "kid": "k", **header}, payload), AT)
+    assert (identity.reason if isinstance(identity, RejectedToken) else None) == reason
+
+
 def test_replay_decides_with_the_gateways_own_steps_after_identity() -> None:
     """The device binding check, ``evaluate`` and the session-control restriction are one helper,
     ``gateway.access.decide``, which the gateway and replay both call: they cannot diverge."""

@@ -7,11 +7,19 @@ closed with a 503, never a 401 that would make clients discard good tokens.
 
 Keys are bound to one algorithm each: a JWK's own ``alg`` must equal the token's, and a JWK without
 ``alg`` (Entra publishes none) is used only with the pinned algorithm the token names.
+
+An issuer that answers garbage fails closed the same way: each document must arrive whole within
+``timeout`` (a total deadline, not httpx's per-read one, so a JWKS dripping a byte at a time cannot
+hold the key lock), unencoded, at most ``MAX_JWKS_BYTES`` (reading stops there), and hold at least
+one asymmetric signing key. Known keys outlive failed refreshes for ``max_stale_seconds`` past
+``cache_seconds`` only: keys the issuer may have withdrawn long ago are not trusted for ever, and
+tokens then get a 503, never a pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MAX_KEYS = 100
 MAX_JWKS_BYTES = 256 * 1024
+MAX_STALE_SECONDS = 24 * 3600  # Entra: check for new keys at least daily; beyond that, refuse
 
 
 class JwksCache:
@@ -38,9 +47,11 @@ class JwksCache:
         timeout: float,
         timer: Callable[[], float] = time.monotonic,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_stale_seconds: float = MAX_STALE_SECONDS,
     ) -> None:
         self.issuer = issuer
         self._cache_seconds = cache_seconds
+        self._max_stale_seconds = max_stale_seconds
         self._min_refresh_interval = min_refresh_interval
         self._timeout = timeout
         self._timer = timer
@@ -67,6 +78,9 @@ class JwksCache:
         is new; None if the issuer has no such key or the key is for another algorithm."""
         if self._stale() or kid not in self._keys:
             await self._refresh(force=kid not in self._keys)
+        if self._fetched_at is not None and \
+                self._timer() - self._fetched_at > self._cache_seconds + self._max_stale_seconds:
+            raise SignalUnavailable(f"signing keys from {self.issuer} could not be refreshed for too long")
         if kid not in self._keys:
             return None
         bound = self._bound.get((kid, algorithm))
@@ -112,7 +126,8 @@ class JwksCache:
     async def _fetch_keys(self) -> None:
         async with httpx.AsyncClient(timeout=self._timeout, transport=self._transport,
                                      follow_redirects=False) as client:
-            discovery = await _get_json(client, f"{self.issuer.rstrip('/')}/.well-known/openid-configuration")
+            discovery = await _get_json(client, f"{self.issuer.rstrip('/')}/.well-known/openid-configuration",
+                                        self._timeout)
             if discovery.get("issuer") != self.issuer:
                 raise SignalUnavailable(
                     f"discovery document names issuer {discovery.get('issuer')!r}, expected {self.issuer!r}"
@@ -120,7 +135,7 @@ class JwksCache:
             jwks_uri = discovery.get("jwks_uri")
             if not isinstance(jwks_uri, str):
                 raise SignalUnavailable("discovery document has no jwks_uri")
-            jwks = await _get_json(client, jwks_uri)
+            jwks = await _get_json(client, jwks_uri, self._timeout)
         self.discovery = discovery
         self._keys = _signing_keys(jwks)
         self._bound = {}
@@ -128,22 +143,36 @@ class JwksCache:
         logger.info("fetched %d signing keys from %s", len(self._keys), jwks_uri)
 
 
-async def _get_json(client: httpx.AsyncClient, url: str) -> dict[str, object]:
+async def _get_json(client: httpx.AsyncClient, url: str, deadline: float) -> dict[str, object]:
     try:
-        response = await client.get(url)
+        async with asyncio.timeout(deadline):
+            content = await _read_capped(client, url)
+    except TimeoutError as error:
+        raise SignalUnavailable(f"{url} did not answer within {deadline} s") from error
     except httpx.HTTPError as error:
         raise SignalUnavailable(f"cannot fetch {url}: {type(error).__name__}") from error
-    if response.status_code != 200:
-        raise SignalUnavailable(f"{url} answered {response.status_code}")
-    if len(response.content) > MAX_JWKS_BYTES:
-        raise SignalUnavailable(f"{url} answered more than {MAX_JWKS_BYTES} bytes")
     try:
-        body = response.json()
-    except ValueError as error:
+        body = json.loads(content)
+    except (ValueError, RecursionError) as error:
         raise SignalUnavailable(f"{url} did not answer JSON") from error
     if not isinstance(body, dict):
         raise SignalUnavailable(f"{url} did not answer a JSON object")
     return body
+
+
+async def _read_capped(client: httpx.AsyncClient, url: str) -> bytes:
+    """The body, read only up to the cap, and never decompressed (a small gzip can be a huge JWKS)."""
+    async with client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as response:
+        if response.status_code != 200:
+            raise SignalUnavailable(f"{url} answered {response.status_code}")
+        if response.headers.get("content-encoding", "identity").lower() != "identity":
+            raise SignalUnavailable(f"{url} answered a compressed body")
+        content = bytearray()
+        async for chunk in response.aiter_bytes():  # not decoded: any Content-Encoding was refused above
+            content += chunk
+            if len(content) > MAX_JWKS_BYTES:
+                raise SignalUnavailable(f"{url} answered more than {MAX_JWKS_BYTES} bytes")
+    return bytes(content)
 
 
 def _signing_keys(jwks: dict[str, object]) -> dict[str, dict[str, object]]:

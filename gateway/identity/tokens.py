@@ -2,10 +2,46 @@
 ``iss``, ``aud`` among those of the protected host, ``exp``/``nbf`` with a small leeway, and an
 algorithm from the pinned list. Verified tokens are cached until their ``exp``, keyed by the
 whole token and the audiences asked for.
+
+Stricter than pyjwt on purpose, checked before any key is looked up (so a hostile header never
+costs a JWKS fetch) and in ``header_problem``/``claims_problem`` so that ``portcullis replay`` can
+apply the same rules:
+
+- Only a JWS in compact form: three base64url segments without padding (pyjwt accepts a padded
+  signature: one token, two spellings), so a JWE (five segments) or a two- or four-part token is
+  ``malformed`` before its header is read.
+- Keys come from the configured issuer's JWKS and nowhere else. A token whose header names a key
+  of its own (``jwk``, ``jku``, ``x5u``, ``x5c``) is refused, even when the issuer's key signed it:
+  Entra never sends them, and pyjwt would never use them, so such a token is either forged or not
+  Entra's; refusing it (rather than ignoring the fields) makes the probe visible in the decision
+  log and keeps a later library that honours them from ever being reached. ``x5t``/``kid`` only
+  select among the issuer's own keys and stay allowed.
+- No ``crit`` (nor RFC 7797 ``b64``) and no ``cty``: Entra uses no critical extension and never
+  nests tokens. ``typ`` is absent, ``JWT`` or ``at+jwt`` (RFC 9068, with or without
+  ``application/``, any case): anything else (``dpop+jwt``, ``logout+jwt``, a Portcullis
+  assertion...) is another kind of token.
+- ``kid``: a string of 1 to 256 visible ASCII characters (no NUL, no control or non-ASCII
+  characters). Other strings (``../../etc/passwd``, SQL, URLs) are only ever a dictionary key;
+  an unknown one costs at most one JWKS fetch per ``jwksRefreshMinIntervalSeconds``.
+- ``aud`` is one string, as Entra issues it. A list is refused even when it names this host's
+  audience: a token meant for several resources could be replayed by any of them to the others.
+- ``exp`` (required), ``nbf``, ``iat`` and ``auth_time`` are JSON numbers (floats allowed, as
+  RFC 7519 NumericDate; never strings, booleans, null, NaN, before 1970 or after 9999), where pyjwt
+  accepts anything ``int()`` takes (``"9999999999"``, ``true``).
+- An access token never carries ``nonce``: that is an OIDC ID token (whose ``aud`` is a client
+  id, not a resource), and one must not open a protected host. The ID token path checks its
+  own nonce instead.
+- ECDSA (when pinned): raw ``r||s`` of the curve's size only (pyjwt); a DER signature, a wrong
+  length or ``r = s = 0`` fails verification. A high-S signature is accepted: JWS does not
+  require low-S, and nothing here relies on a token having one spelling (the cache of verified
+  tokens just verifies a malleated copy again, to the same identity).
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -22,6 +58,20 @@ MAX_KID_LENGTH = 256
 CACHE_SIZE = 10_000
 REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
 TOKEN68 = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+JWS_COMPACT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")  # an empty signature: alg none
+KID = re.compile(r"^[\x21-\x7e]+$")
+KEY_IN_TOKEN_HEADERS = ("jwk", "jku", "x5u", "x5c")
+ACCEPTED_TYPES = frozenset({"jwt", "at+jwt", "application/jwt", "application/at+jwt"})
+TIME_CLAIMS = ("exp", "nbf", "iat", "auth_time")
+MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z: the last second a datetime can hold
+
+MALFORMED = "malformed token"
+ALGORITHM_NOT_ALLOWED = "signing algorithm not allowed"
+SELF_NAMED_KEY = "token names its own signing key"  # noqa: S105  (a reason, not a secret)
+CRITICAL_EXTENSION = "token uses an unsupported critical header"
+TYPE_NOT_ACCEPTED = "token type not accepted"
+AUDIENCE_NOT_ACCEPTED = "token audience not accepted for this host"
+ID_TOKEN_PRESENTED = "an ID token is not an access token"  # noqa: S105  (a reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +94,65 @@ def bearer_token(authorization_values: list[str]) -> str | RejectedToken:
     if len(token) > MAX_TOKEN_BYTES:
         return RejectedToken("token too large")
     if not TOKEN68.match(token):
-        return RejectedToken("malformed token")
+        return RejectedToken(MALFORMED)
     return token
+
+
+def unverified_header(token: str) -> dict[str, object] | None:
+    """The JOSE header of a compact JWS, or None when the token is not one. Decoded here rather
+    than by pyjwt so that every refusal has a reason of ours, before any key is looked up."""
+    if not JWS_COMPACT.match(token):
+        return None
+    segment = token.split(".", 1)[0]
+    try:
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, RecursionError):  # bad base64 or JSON (binascii.Error is a ValueError); deep nesting
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def header_problem(header: dict[str, object], algorithms: set[str] | frozenset[str]) -> str | None:
+    """Why this header cannot be an issuer's access or ID token (see the module docstring)."""
+    algorithm = header.get("alg")
+    if not isinstance(algorithm, str) or algorithm not in algorithms:
+        return ALGORITHM_NOT_ALLOWED
+    if any(name in header for name in KEY_IN_TOKEN_HEADERS):
+        return SELF_NAMED_KEY
+    if "crit" in header or "b64" in header:
+        return CRITICAL_EXTENSION
+    kind = header.get("typ", "JWT")
+    if "cty" in header or not isinstance(kind, str) or kind.lower() not in ACCEPTED_TYPES:
+        return TYPE_NOT_ACCEPTED
+    return None
+
+
+def kid_problem(header: dict[str, object]) -> str | None:
+    """A ``kid`` that cannot name one of the issuer's keys is never looked up."""
+    kid = header.get("kid")
+    if "kid" in header and not isinstance(kid, str):
+        return MALFORMED  # as pyjwt says of it
+    if not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH or not KID.match(kid):
+        return "token has no usable kid"
+    return None
+
+
+def claims_problem(claims: dict[str, object], *, access_token: bool) -> str | None:
+    """What pyjwt lets through and Entra never issues: time claims that are not numbers, an
+    ``aud`` list, an ID token's ``nonce`` in an access token."""
+    for claim in TIME_CLAIMS:
+        if claim in claims and not _numeric_date(claims[claim]):
+            return f"token has a malformed {claim!r} claim"
+    if not isinstance(claims.get("aud"), str):
+        return AUDIENCE_NOT_ACCEPTED
+    if access_token and "nonce" in claims:
+        return ID_TOKEN_PRESENTED
+    return None
+
+
+def _numeric_date(value: object) -> bool:
+    """RFC 7519 NumericDate: a JSON number (``bool`` is an ``int`` in Python, not in JSON)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+        and 0 <= value <= MAX_NUMERIC_DATE
 
 
 class BearerValidator:
@@ -84,16 +191,15 @@ class BearerValidator:
         return self._decode(token, *signing, frozenset({client_id}), nonce=nonce)
 
     async def _signing_key(self, token: str) -> tuple[jwt.PyJWK, str] | RejectedToken:
-        """The issuer's key for this token's pinned algorithm and ``kid``, read from an unverified header."""
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
-            return RejectedToken("malformed token")
-        algorithm, kid = header.get("alg"), header.get("kid")
-        if not isinstance(algorithm, str) or algorithm not in self._algorithms:
-            return RejectedToken("signing algorithm not allowed")
-        if not isinstance(kid, str) or not 0 < len(kid) <= MAX_KID_LENGTH:
-            return RejectedToken("token has no usable kid")
+        """The issuer's key for this token's pinned algorithm and ``kid``, read from an unverified
+        header that passed ``header_problem`` first: a hostile header never reaches the JWKS."""
+        header = unverified_header(token)
+        if header is None:
+            return RejectedToken(MALFORMED)
+        problem = header_problem(header, self._algorithms) or kid_problem(header)
+        if problem is not None:
+            return RejectedToken(problem)
+        algorithm, kid = str(header["alg"]), str(header["kid"])
         key = await self._jwks.key(kid, algorithm)
         if key is None:
             return RejectedToken("unknown signing key")
@@ -117,7 +223,7 @@ class BearerValidator:
         except jwt.ImmatureSignatureError:
             return RejectedToken("token not yet valid")
         except jwt.InvalidAudienceError:
-            return RejectedToken("token audience not accepted for this host")
+            return RejectedToken(AUDIENCE_NOT_ACCEPTED)
         except jwt.InvalidIssuerError:
             return RejectedToken("token issuer not accepted")
         except jwt.InvalidSignatureError:
@@ -125,7 +231,10 @@ class BearerValidator:
         except jwt.MissingRequiredClaimError as error:
             return RejectedToken(f"token has no {error.claim!r} claim")
         except jwt.InvalidTokenError:
-            return RejectedToken("malformed token")
+            return RejectedToken(MALFORMED)
+        problem = claims_problem(claims, access_token=nonce is None)
+        if problem is not None:
+            return RejectedToken(problem)
         if nonce is not None and claims.get("nonce") != nonce:
             return RejectedToken("nonce does not match")
         return identity_from_claims(claims, audiences)

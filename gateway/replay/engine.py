@@ -33,7 +33,16 @@ from gateway.access import decide as decide_access
 from gateway.audit import Pseudonymizer
 from gateway.config import Config
 from gateway.config.models import UsersCondition
-from gateway.identity.tokens import REQUIRED_CLAIMS, RejectedToken, bearer_token, identity_from_claims
+from gateway.identity.tokens import (
+    MALFORMED,
+    REQUIRED_CLAIMS,
+    RejectedToken,
+    bearer_token,
+    claims_problem,
+    header_problem,
+    identity_from_claims,
+    unverified_header,
+)
 from gateway.paths import canonical_path
 from gateway.policy.evaluate import NO_RESOURCE_REASON
 from gateway.policy.model import (
@@ -232,6 +241,8 @@ def token_claims(request: RecordedRequest) -> Claims:
     token = bearer_token(list(request.authorization))
     if isinstance(token, RejectedToken):
         return token
+    if unverified_header(token) is None:
+        return RejectedToken(MALFORMED)
     try:
         decoded = jwt.decode_complete(token, options={"verify_signature": False})
     except jwt.InvalidTokenError:
@@ -245,8 +256,9 @@ def token_identity(config: Config, host: str, claims: tuple[dict[str, Any], dict
     but the signature, at the recorded time."""
     header, payload = claims
     identity = config.gateway_file.identity
-    if header.get("alg") not in {a.value for a in identity.algorithms}:
-        return RejectedToken("signing algorithm not allowed")
+    problem = header_problem(header, {a.value for a in identity.algorithms})
+    if problem is not None:
+        return RejectedToken(problem)
     missing = next((c for c in REQUIRED_CLAIMS if payload.get(c) is None), None)
     if missing is not None:
         return RejectedToken(f"token has no {missing!r} claim")
@@ -271,7 +283,10 @@ def token_identity(config: Config, host: str, claims: tuple[dict[str, Any], dict
     if not isinstance(named, list) or any(not isinstance(a, str) for a in named) or audiences.isdisjoint(named):
         return RejectedToken("token audience not accepted for this host")
     if not isinstance(payload["sub"], str):
-        return RejectedToken("malformed token")
+        return RejectedToken(MALFORMED)
+    problem = claims_problem(payload, access_token=True)
+    if problem is not None:
+        return RejectedToken(problem)
     return identity_from_claims(payload, audiences)
 
 
