@@ -3,11 +3,22 @@
 Runs first in ``requestheaders`` and gives every flow its correlation id. Refuses plaintext on the
 TLS listener (400), a Host the gateway does not serve (421), and a TLS SNI that is missing or names
 another host than the Host header (421).
+
+The destination is named once: one Host header (HTTP/1) or ``:authority`` with at most an equal
+Host (HTTP/2), a bare host name (no userinfo, no list), and a port that is the default or the
+listener's own (421 otherwise). The request target is origin-form only: absolute-form (its
+authority would reach the upstream, which prefers it to Host) and asterisk-form (``OPTIONS *``,
+the HTTP/2 preface sent as HTTP/1) are refused with 400 and the connection closed; CONNECT never
+reaches a hook here (mitmproxy refuses it in reverse mode). Methods are upper-case tokens (a
+server that folds ``get`` to GET and one that does not disagree: 400); TRACE and TRACK are never
+forwarded (501: cross-site tracing would echo the request, its cookies and the gateway's
+identity headers). Every other method gets the decision a GET to that path gets.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from urllib.parse import urlsplit
 
 from mitmproxy import http
@@ -17,6 +28,7 @@ from addons.kiosk_proxy import KIOSK_KEY, connect_target, is_kiosk
 from addons.safety import CORRELATION_KEY, fail_closed, respond
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, SERVICE_KEY
 from gateway.access import AccessService, new_correlation_id
+from gateway.config.models import HOST_NAME
 from gateway.headers import oversized_headers
 from gateway.identity.browser import is_reserved
 from gateway.signals.mtd import MAX_BODY_BYTES
@@ -24,6 +36,10 @@ from gateway.signals.mtd import MAX_BODY_BYTES
 HOST_KEY = "portcullis.host"
 UNPROTECTED_KEY = "portcullis.unprotected"
 PLAINTEXT_ANSWER = (("Content-Type", "application/json"), ("Connection", "close"))
+METHOD = re.compile(r"[A-Z][A-Z0-9_-]*")  # standard and WebDAV methods (PROPFIND, VERSION-CONTROL)
+NEVER_FORWARDED = frozenset({"TRACE", "TRACK"})
+PORT = re.compile(r"[0-9]{1,5}")
+HTTPS_PORT = 443
 
 
 class Routing:
@@ -48,7 +64,19 @@ class Routing:
             respond(flow, 400, b'{"error": "tls_required"}', PLAINTEXT_ANSWER)
             return
         flow.metadata[AUTHORITY_KEY] = flow.request.host_header or ""  # as sent, before it is rewritten
-        host = _host_without_port(flow.request.host_header or "")
+        named = _target_refusal(flow) or _named_destination(flow)
+        if isinstance(named, str):
+            self._refuse(flow, correlation_id, flow.metadata[AUTHORITY_KEY][:255], 400, named)
+            return
+        host, port = named
+        if flow.request.method in NEVER_FORWARDED:
+            self._refuse(flow, correlation_id, host, 501,
+                         f"{flow.request.method} is never forwarded (cross-site tracing)", close=False)
+            return
+        if not is_kiosk(flow) and port not in (None, HTTPS_PORT, flow.client_conn.sockname[1]):
+            self._refuse(flow, correlation_id, host, 421, "the Host header names another port than this listener's",
+                         close=False)
+            return
         sni = (flow.client_conn.sni or "").lower().rstrip(".")
         if host == self.service.service_host and sni == host:
             self._service_flow(flow, MTD_ENDPOINTS, host)
@@ -56,7 +84,7 @@ class Routing:
         if is_kiosk(flow):
             flow.metadata[KIOSK_KEY] = True
             target = connect_target(flow)
-            if target is None or target[0] != host or sni != host:
+            if target is None or target[0] != host or sni != host or port not in (None, target[1]):
                 respond(flow, 421, b'{"error": "misdirected_request"}', PLAINTEXT_ANSWER)
                 return  # Host, SNI and the CONNECT target must be one destination
             allowed = self.service.kiosk_destination(host, target[1]) == "intercept"
@@ -69,9 +97,7 @@ class Routing:
             return
         if upstream is None or sni != host:
             reason = "this gateway does not serve that host" if upstream is None else "TLS SNI and Host differ"
-            outcome = self.service.refuse(access_request(flow, correlation_id, host), 421, reason)
-            assert outcome.response is not None  # noqa: S101  (a refusal always answers)
-            respond(flow, outcome.response.status_code, outcome.response.body, outcome.response.headers)
+            self._refuse(flow, correlation_id, host, 421, reason, close=False)
             return
         target = urlsplit(upstream)
         flow.request.scheme = target.scheme
@@ -80,6 +106,17 @@ class Routing:
         flow.request.host_header = host
         flow.metadata[HOST_KEY] = host
 
+    def _refuse(self, flow: http.HTTPFlow, correlation_id: str, host: str, status: int, reason: str, *,
+                close: bool = True) -> None:
+        """Refused before routing, logged like every decision. A malformed request (400) also
+        closes the connection: what follows it on the connection is no more trustworthy."""
+        request = access_request(flow, correlation_id, host,
+                                 trusted_proxies=self.service.config.gateway_file.gateway.trusted_proxies)
+        outcome = self.service.refuse(request, status, reason)
+        assert outcome.response is not None  # noqa: S101  (a refusal always answers)
+        headers = outcome.response.headers
+        respond(flow, outcome.response.status_code, outcome.response.body,
+                (*headers, ("Connection", "close")) if close else headers)
 
     def _service_flow(self, flow: http.HTTPFlow, endpoints: str, host: str) -> None:
         """The gateway's own endpoints: small bodies only, buffered, never streamed upstream."""
@@ -95,8 +132,33 @@ class Routing:
             flow.request.headers["Host"] = authority(flow.metadata[AUTHORITY_KEY], host)
 
 
-def _host_without_port(host_header: str) -> str:
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host
-    return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
+def _named_destination(flow: http.HTTPFlow) -> tuple[str, int | None] | str:
+    """The host name (lower case, without a trailing dot) and port the request names, or why it
+    names none unambiguously. HTTP/2 carries ``:authority``; a Host header beside it must agree."""
+    request = flow.request
+    hosts = request.headers.get_all("host")
+    if request.is_http2 or request.is_http3:
+        if not request.authority or any(h.strip().lower() != request.authority.lower() for h in hosts):
+            return "the :authority and Host headers differ"
+        named = request.authority
+    elif len(hosts) != 1:
+        return "a request names its host in exactly one Host header"
+    else:
+        named = hosts[0]
+    name, colon, port = named.strip().lower().partition(":")  # an IPv6 literal is no host the gateway serves
+    name = name.removesuffix(".")  # the absolute DNS name is the same host
+    if not HOST_NAME.fullmatch(name) or (colon and not PORT.fullmatch(port)):
+        return "the Host header is not a host name with an optional port"
+    return name, int(port) if colon else None
+
+
+def _target_refusal(flow: http.HTTPFlow) -> str | None:
+    """Why the request line cannot be forwarded as it is, or None."""
+    request = flow.request
+    if request.http_version.startswith("HTTP/1") and request.authority:
+        return "absolute-form request targets are not accepted; send the path, and the host in Host"
+    if not request.path.startswith("/"):
+        return "the request target is not a path (asterisk-form or another form)"
+    if not METHOD.fullmatch(request.data.method.decode("latin-1")):  # ``.method`` is upper-cased by mitmproxy
+        return "ambiguous request method: methods are upper-case tokens"
+    return None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -46,7 +47,6 @@ class AssertionCheck:
 
 
 async def _echo(request: Request) -> JSONResponse:
-    backend = request.app.state.backend
     if request.query_params.get("Cmd") == "Ping":  # ActiveSync long-poll: answer when the heartbeat ends
         await asyncio.sleep(min(float(request.query_params.get("HeartbeatInterval", "30")), MAX_PING_SECONDS))
     received = {k: v for k, v in request.headers.items() if k not in NOT_ECHOED}
@@ -56,12 +56,26 @@ async def _echo(request: Request) -> JSONResponse:
         return await _download(request)
     if request.method in ("POST", "PUT", "PATCH"):
         received["x-demo-body-bytes"] = str(len(await request.body()))
-    answer = {"backend": backend, "method": request.method, "path": request.url.path,
-              "query": request.url.query, "receivedHeaders": received}
+    answer = {**_request_line(request), "receivedHeaders": received}
     check: AssertionCheck | None = request.app.state.assertion_check
     if check is not None:
         answer["verifiedAssertion"] = check.claims(request)
     return JSONResponse(answer)
+
+
+def _request_line(request: Request) -> dict[str, str]:
+    """What the backend was asked for: ``path`` decoded as the backend routes on it, and
+    ``rawPath`` byte for byte as it arrived (latin-1 keeps every byte), so a test can compare both
+    with what the gateway matched."""
+    return {"backend": request.app.state.backend, "method": request.method, "path": request.scope["path"],
+            "rawPath": request.scope.get("raw_path", b"").decode("latin-1"), "query": request.url.query}
+
+
+async def _not_routed(request: Request, error: Exception) -> Response:
+    """No route or no such method here (404, 405): still say what arrived, so a request that
+    should never have been forwarded cannot hide behind a plain "Not Found"."""
+    assert isinstance(error, HTTPException)  # noqa: S101  (registered for HTTPException only)
+    return JSONResponse({**_request_line(request), "error": error.detail}, error.status_code, error.headers)
 
 
 async def _download(request: Request) -> Response:
@@ -79,7 +93,7 @@ def exchange_app(assertion_check: AssertionCheck | None = None) -> Starlette:
         Route("/Microsoft-Server-ActiveSync", _echo, methods=ALL_METHODS),
         Route("/EWS/Exchange.asmx", _echo, methods=ALL_METHODS),
         Route("/autodiscover/{rest:path}", _echo, methods=ALL_METHODS),
-    ])
+    ], exception_handlers={HTTPException: _not_routed})
     app.state.backend = "exchange"
     app.state.assertion_check = assertion_check
     return app
@@ -90,7 +104,7 @@ def sharepoint_app(assertion_check: AssertionCheck | None = None) -> Starlette:
         Route("/sites/{rest:path}", _echo, methods=ALL_METHODS),
         Route("/_api/{rest:path}", _echo, methods=ALL_METHODS),
         Route("/_layouts/15/download.aspx", _download, methods=["GET", "HEAD"]),
-    ])
+    ], exception_handlers={HTTPException: _not_routed})
     app.state.backend = "sharepoint"
     app.state.assertion_check = assertion_check
     return app
