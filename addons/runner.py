@@ -24,18 +24,22 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfi
 from mitmproxy.master import Master
 from mitmproxy.proxy import mode_servers
 
+from addons import strict_http
 from addons.access_gate import AccessGate
 from addons.continuous_access import ContinuousAccess
 from addons.drain import Drain
+from addons.framing import RequestFraming, UpstreamFraming
 from addons.kiosk_proxy import KioskProxy
 from addons.recorded_flows import record_flows
 from addons.routing import Routing
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, ServiceEndpoints
 from addons.session_enforcement import SessionEnforcement
+from gateway import framing
 from gateway.access import AccessService, utc_now
 from gateway.bootstrap import Loaded, build_service, seed_store
 from gateway.certs import CA_FILE, CA_KEY_FILE, ensure_server_certificate
 from gateway.config import Config
+from gateway.config.models import ClientLimitSettings
 from gateway.demo import DemoUpstreams
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.operations import Operations
@@ -78,6 +82,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
     opts = options.Options()
     master = Master(opts, with_termlog=False)
     ready = Ready()
+    strict_http.install()  # strict request framing in mitmproxy's HTTP/1 layer (see addons/strict_http.py)
     master.addons.add(
         drain or Drain(),
         core.Core(),
@@ -85,11 +90,13 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         next_layer.NextLayer(),
         tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(),
+        RequestFraming(client_limits(settings.client_limits)),  # first: client deadlines, upgrades refused
         Routing(service),
         AccessGate(service),
         ContinuousAccess(service),
         SessionEnforcement(service),
         KioskProxy(service),
+        UpstreamFraming(),  # last in requestheaders: sees every refusal and every request to forward
         ready,
     )
     if endpoints:
@@ -114,6 +121,13 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         validate_inbound_headers=True,
     )
     return master, ready
+
+
+def client_limits(settings: ClientLimitSettings) -> framing.ClientLimits:
+    return framing.ClientLimits(header_seconds=settings.header_timeout_seconds,
+                                keepalive_seconds=settings.keep_alive_timeout_seconds,
+                                body_grace_seconds=settings.body_grace_seconds,
+                                body_min_rate=settings.body_min_bytes_per_second)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,147 @@
+"""RequestFraming and UpstreamFraming: what a client may send on a connection, how long it may
+take, and how a request's body is framed on its way upstream.
+
+``RequestFraming`` runs first. It times every client connection (``gateway.framing.ClientDeadline``:
+a deadline for request heads, keep-alive pauses and request bodies, which mitmproxy lacks) by
+wrapping the connection's stream reader when the client connects, and it refuses protocol upgrades
+before any decision: the gateway forwards HTTP only (``websocket`` and ``rawtcp`` are off), so an
+``Upgrade: h2c`` is 400 and a WebSocket handshake 501, never a tunnel to an upstream.
+
+``UpstreamFraming`` runs after AccessGate, on requests that will be forwarded. An HTTP/2 request
+needs no Content-Length; mitmproxy forwards such a body to an HTTP/1.1 upstream with no framing at
+all, so the upstream would read the body as a request of its own (never decided). It gets
+``Transfer-Encoding: chunked`` (mitmproxy then chunks it), or its length once known. And a refused
+request's ``Expect: 100-continue`` is dropped, so the client is not invited to send a body nobody reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+
+from mitmproxy import connection, ctx, http, tcp
+from mitmproxy.addons import proxyserver
+
+from addons.safety import fail_closed, respond
+from addons.service_endpoints import SERVICE_KEY
+from gateway import framing
+
+logger = logging.getLogger(__name__)
+
+FRAMED_BY_GATEWAY_KEY = "portcullis.framed_by_gateway"  # Transfer-Encoding added by UpstreamFraming
+REFUSED = (("Content-Type", "application/json"), ("Connection", "close"))
+
+
+class DeadlineReader:
+    """The client connection's stream reader, read under the deadline the client currently owes.
+    When it passes, the connection is cancelled as mitmproxy's own idle timeout does it."""
+
+    def __init__(self, inner: asyncio.StreamReader, deadline: framing.ClientDeadline, peer: str) -> None:
+        self.inner, self.deadline, self.peer = inner, deadline, peer
+        self._timeout: asyncio.Timeout | None = None
+
+    async def read(self, n: int = -1) -> bytes:
+        loop = asyncio.get_running_loop()
+        self.deadline.read_started(loop.time())
+        try:
+            async with asyncio.timeout_at(self.deadline.due()) as self._timeout:
+                data = await self.inner.read(n)
+        except TimeoutError:
+            logger.info("%s: closing the connection: its %s deadline passed", self.peer, self.deadline.phase)
+            raise asyncio.CancelledError("client deadline") from None
+        finally:
+            self._timeout = None
+        self.deadline.read_finished(loop.time(), len(data))
+        return data
+
+    def rearm(self) -> None:
+        """The phase changed (hooks run beside the reader): move a pending read's deadline."""
+        if self._timeout is not None:
+            self._timeout.reschedule(self.deadline.due())
+
+
+class RequestFraming:
+    def __init__(self, limits: framing.ClientLimits) -> None:
+        self.limits = limits
+        self.readers: dict[str, DeadlineReader] = {}  # by client connection id, while connected
+
+    @fail_closed
+    def client_connected(self, client: connection.Client) -> None:
+        """mitmproxy reads each connection in a loop that takes its reader from the connection
+        handler after this hook: wrap it here. No handler found means no deadline: refuse."""
+        server: proxyserver.Proxyserver = ctx.master.addons.get("proxyserver")
+        handler = server.connections.get(client.id)
+        transport = handler.transports.get(client) if handler is not None else None
+        if transport is None or not isinstance(transport.reader, asyncio.StreamReader):
+            logger.error("%s: no stream reader to time; refusing the connection", client.peername)
+            client.error = "no client deadline"
+            return
+        deadline = framing.ClientDeadline(self.limits, asyncio.get_running_loop().time())
+        reader = DeadlineReader(transport.reader, deadline, f"{client.peername[0]}:{client.peername[1]}")
+        transport.reader = reader  # type: ignore[assignment]  (a StreamReader for ``read``)
+        self.readers[client.id] = reader
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.readers.pop(client.id, None)
+
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._change(flow, lambda d: d.head_received(flow.id))
+        if flow.response or flow.error or not flow.live:
+            return
+        upgrade = flow.request.headers.get("upgrade")
+        if upgrade is not None or "http2-settings" in flow.request.headers:
+            websocket = (upgrade or "").strip().lower() == "websocket"
+            error, description = ("not_implemented", "WebSocket connections are not supported by this gateway") \
+                if websocket else ("bad_request", "protocol upgrades (such as h2c) are not accepted")
+            body = json.dumps({"error": error, "error_description": description}).encode()
+            respond(flow, 501 if websocket else 400, body, REFUSED)
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        self._change(flow, lambda d: d.body_received(flow.id))
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._change(flow, lambda d: d.answered(flow.id, asyncio.get_running_loop().time()))
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._change(flow, lambda d: d.answered(flow.id, asyncio.get_running_loop().time()))
+
+    @fail_closed
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._change(flow, lambda d: d.restart_head(asyncio.get_running_loop().time()))
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        """A kiosk's pass-through tunnel carries no HTTP to time (mitmproxy's idle timeout remains)."""
+        self._change(flow, lambda d: setattr(d, "tunnel", True))
+
+    def _change(self, flow: http.HTTPFlow | tcp.TCPFlow, change: Callable[[framing.ClientDeadline], None]) -> None:
+        reader = self.readers.get(flow.client_conn.id)
+        if reader is not None:
+            change(reader.deadline)
+            reader.rearm()
+
+
+class UpstreamFraming:
+    @fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            flow.request.headers.pop("expect", None)  # refused: no 100 Continue
+            return
+        if flow.error or not flow.live or flow.metadata.get(SERVICE_KEY):
+            return
+        headers = flow.request.headers
+        if not flow.request.http_version.startswith("HTTP/1") and "content-length" not in headers:
+            headers["transfer-encoding"] = "chunked"  # HTTP/2 frames carry no TE; the upstream's does
+            flow.metadata[FRAMED_BY_GATEWAY_KEY] = True
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """A body read whole (not streamed) is forwarded with its length, or none when empty."""
+        if flow.metadata.get(FRAMED_BY_GATEWAY_KEY) and not flow.request.stream and flow.response is None:
+            del flow.request.headers["transfer-encoding"]
+            if flow.request.raw_content:
+                flow.request.headers["content-length"] = str(len(flow.request.raw_content))

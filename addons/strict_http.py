@@ -1,0 +1,190 @@
+"""Strict HTTP/1 framing inside mitmproxy's proxy core, where addons cannot reach.
+
+Addon hooks see a request only after mitmproxy has parsed it leniently (``gateway/framing.py`` says
+how) and has decided where its body ends; they never see the raw head, a chunk line, or the bytes a
+client sends while it waits. So the gateway replaces two classes of mitmproxy's HTTP layer:
+
+- ``StrictHttp1Server`` checks each raw request head against ``gateway.framing`` before mitmproxy
+  parses it, reads chunked bodies with a strict reader, bounds what it buffers (mitmproxy's own
+  reader notes "FIXME: protect against header size DoS"), and answers a refusal with Portcullis'
+  JSON 400/414/431 and ``Connection: close`` instead of mitmproxy's page.
+- ``StrictHttpStream`` answers a request refused at its headers right away and drops its body
+  unread. mitmproxy would first buffer the body, and once it passes ``stream_large_bodies`` raise
+  "Can't set a response and enable streaming at the same time" and leave the client hanging.
+
+``install()`` puts them in place for the process (mitmproxy looks both names up in its HTTP layer
+module each time it builds one), like ``runner._listen_with_reuse_port`` does for SO_REUSEPORT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Generator
+from typing import Any
+
+import h11
+from h11._readers import ChunkedReader
+from h11._receivebuffer import ReceiveBuffer
+from mitmproxy import http, version
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.http._events import ErrorCode, RequestEndOfMessage, RequestHeaders, RequestProtocolError
+from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.utils import human
+
+from gateway import framing
+
+logger = logging.getLogger(__name__)
+
+type Commands = Generator[commands.Command, Any, None]
+
+
+def refusal_bytes(refusal: framing.Refusal) -> bytes:
+    body = json.dumps({"error": refusal.error, "error_description": refusal.description}).encode()
+    headers = http.Headers(content_type="application/json", cache_control="no-store", connection="close")
+    return http1.assemble_response(http.Response.make(refusal.status, body, headers))
+
+
+class BodyFramingError(Exception):
+    """A request body that breaks the accepted grammar (not h11's ProtocolError: mitmproxy would
+    swallow that one and close without an answer)."""
+
+
+class StrictChunkedReader:
+    """A chunked request body reader with h11's reader interface (``__call__`` returns ``h11.Data``,
+    ``h11.EndOfMessage`` or None for "need more"; ``read_eof``) and ``gateway.framing``'s grammar:
+    CRLF only, bounded chunk lines, and no trailer section (mitmproxy raises NotImplementedError on
+    request trailers and leaves the connection hanging)."""
+
+    def __init__(self) -> None:
+        self.remaining = 0  # bytes left in the current chunk
+        self.expect_crlf = False  # after chunk data
+        self.last = False  # after the zero-size chunk: only the final CRLF may follow
+
+    def __call__(self, buf: ReceiveBuffer) -> h11.Data | h11.EndOfMessage | None:
+        if self.expect_crlf or self.last:
+            if len(buf) < 2:
+                if bytes(buf)[:1] not in (b"", b"\r"):
+                    raise BodyFramingError(self._crlf_problem())
+                return None
+            if buf.maybe_extract_at_most(2) != b"\r\n":
+                raise BodyFramingError(self._crlf_problem())
+            if self.last:
+                return h11.EndOfMessage()
+            self.expect_crlf = False
+        if self.remaining == 0:
+            line = buf.maybe_extract_next_line()
+            if line is None:
+                if problem := framing.pending_chunk_line_problem(bytes(buf)):
+                    raise BodyFramingError(problem)
+                return None
+            try:
+                self.remaining = framing.chunk_size(bytes(line))
+            except ValueError as error:
+                raise BodyFramingError(str(error)) from None
+            if self.remaining == 0:
+                self.last = True
+                return self(buf)
+        data = buf.maybe_extract_at_most(self.remaining)
+        if data is None:
+            return None
+        self.remaining -= len(data)
+        self.expect_crlf = self.remaining == 0
+        return h11.Data(data=bytes(data))
+
+    def _crlf_problem(self) -> str:
+        return "request trailers are not accepted" if self.last else "chunk data longer than its size"
+
+    def read_eof(self) -> h11.EndOfMessage:
+        raise h11.RemoteProtocolError("peer closed connection without sending complete chunked body")
+
+
+def _may_decide(buffered: int, received: bytes) -> bool:
+    """Whether the head check can have a new answer, without copying the buffer for every byte
+    of a slow client: a head completes only with a LF, and grows too large by crossing a bound.
+    An empty ``received`` replays what a pipelining client sent earlier."""
+    before = buffered - len(received)
+    return not received or b"\n" in received or any(
+        before <= bound < buffered for bound in (framing.MAX_REQUEST_LINE_BYTES, framing.MAX_REQUEST_HEAD_BYTES))
+
+
+class StrictHttp1Server(Http1Server):
+    def read_headers(self, event: events.ConnectionEvent) -> Commands:
+        if isinstance(event, events.DataReceived) and _may_decide(len(self.buf), event.data):
+            refusal = framing.request_head_refusal(bytes(self.buf))
+            if refusal is not None:
+                yield from self._refuse(refusal)
+                return
+        yield from super().read_headers(event)
+
+    def read_body(self, event: events.Event) -> Commands:
+        if type(self.body_reader) is ChunkedReader:
+            self.body_reader = StrictChunkedReader()  # type: ignore[assignment]  (h11's reader interface)
+        try:
+            yield from super().read_body(event)
+        except BodyFramingError as error:
+            yield from self._refuse(framing.bad_request(str(error)))
+            yield ReceiveHttp(RequestProtocolError(self.stream_id, str(error), ErrorCode.GENERIC_CLIENT_ERROR))
+
+    def wait(self, event: events.Event) -> Commands:
+        """While its answer is owed, what a client sends is buffered for the next request: bounded."""
+        if isinstance(event, events.DataReceived) and len(self.buf) > framing.MAX_UNREAD_BYTES:
+            yield commands.Log(f"{human.format_address(self.conn.peername)}: more than "
+                               f"{framing.MAX_UNREAD_BYTES} bytes sent ahead of an answer; closing")
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
+            return
+        yield from super().wait(event)
+
+    def _refuse(self, refusal: framing.Refusal) -> Commands:
+        yield commands.Log(f"{human.format_address(self.conn.peername)}: request refused with "
+                           f"{refusal.status}: {refusal.description}")
+        if self.response is None:  # nothing of an answer sent yet
+            yield commands.SendData(self.conn, refusal_bytes(refusal))
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+
+
+class StrictHttpStream(http_layer.HttpStream):
+    answered_early = False
+
+    def state_wait_for_request_headers(self, event: RequestHeaders) -> Commands:
+        yield from super().state_wait_for_request_headers(event)
+        refused = self.flow.response is not None and self.flow.live and not self.flow.error
+        if refused and not event.end_stream and self.client_state == self.state_consume_request_body:
+            yield from self._answer_now()
+
+    def _answer_now(self) -> Commands:
+        """The answer goes out before the body is read; an HTTP/1 connection closes once the body
+        has been drained (or the client's body deadline ends it)."""
+        assert self.flow.response is not None  # noqa: S101  (checked by the caller)
+        self.answered_early = True
+        if self.flow.request.http_version.startswith("HTTP/1"):
+            self.flow.response.headers["connection"] = "close"
+        self.flow.response.timestamp_start = time.time()
+        yield HttpResponseHeadersHook(self.flow)
+        if (yield from self.check_killed(True)):
+            return
+        yield from self.send_response()
+
+    def state_consume_request_body(self, event: events.Event) -> Commands:
+        if not self.answered_early:
+            yield from super().state_consume_request_body(event)
+        elif isinstance(event, RequestEndOfMessage):  # data and trailers before it are dropped unread
+            self.client_state = self.state_done
+            if self.server_state == self.state_done:
+                yield from self.flow_done()
+
+
+def install() -> None:
+    """Use the strict classes for every HTTP connection of this process; refuse to start on a
+    mitmproxy whose internals these classes were not written against."""
+    if not version.VERSION.startswith("12."):
+        raise RuntimeError(f"addons/strict_http.py is written for mitmproxy 12, not {version.VERSION}")
+    http_layer.Http1Server = StrictHttp1Server  # type: ignore[attr-defined, misc]
+    http_layer.HttpStream = StrictHttpStream  # type: ignore[misc]

@@ -1,0 +1,720 @@
+"""Request framing and resource use at the listener (issue 8): smuggling, protocol downgrades and
+upgrades, oversized heads and bodies, and slow clients, each sent byte for byte over TLS to a real
+gateway, each beside a legitimate twin that must still pass.
+
+The gateway here is the demo config with one change: mail.contoso.test's upstream is a recording
+HTTP/1.1 server, so a test can show what reached the upstream, down to the byte. Each case's id
+says what mitmproxy 12.2.3 did with it alone, before Portcullis' own checks (``gateway/framing.py``,
+``addons/strict_http.py``, ``addons/framing.py``); "alone: 400" was mitmproxy's HTML page naming
+its version, now the gateway's JSON answer. Limits: docs/deployment.md, "Limits and timeouts".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import h11
+import mitmproxy.ctx
+import pytest
+from ruamel.yaml import YAML
+
+from addons.runner import running_gateway
+from gateway import bootstrap, framing
+from gateway.demo import ALEX_IPHONE
+from gateway.signals.mtd import sign
+from tests.conftest import MTD_SECRET, Background, Gateway, Ports, free_port, gateway_config
+from tests.test_decision_log import listener
+from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token, raw_exchange
+from tests.test_mtd_webhook import SERVICE, level
+
+SMUGGLED = b"GET /owa/smuggled HTTP/1.1\r\nHost: mail.contoso.test\r\n\r\n"
+CHUNKED = b"5\r\nhello\r\n0\r\n\r\n"
+SWITCH = "/owa/switch"  # the recording upstream answers this path with 101 Switching Protocols
+SLOW = "/owa/slow"  # and this one after a second and a half
+
+
+@dataclass
+class Received:
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class RecordingUpstream:
+    """Stands in for Exchange: records every byte it is sent and every request it parses (h11,
+    strict), and answers each with its method, target and body. ``/owa/switch`` gets a 101, as a
+    hostile or confused upstream might send, and everything after it is recorded raw; ``/owa/slow``
+    is answered late."""
+
+    server: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
+    raw: bytearray = field(default_factory=bytearray)
+    requests: list[Received] = field(default_factory=list)
+    body_bytes: int = 0  # request body bytes parsed so far, over all requests
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def mark(self) -> int:
+        return len(self.raw)
+
+    def since(self, mark: int) -> bytes:
+        with self.lock:
+            return bytes(self.raw[mark:])
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        parser, body, request = h11.Connection(h11.SERVER), bytearray(), None
+        with sock:
+            while data := self._receive(sock):
+                parser.receive_data(data)
+                while (event := _next_event(parser)) not in (h11.NEED_DATA, h11.PAUSED, None):
+                    if isinstance(event, h11.Request):
+                        request, body = event, bytearray()
+                    elif isinstance(event, h11.Data):
+                        body += event.data
+                        self.body_bytes += len(event.data)
+                    elif isinstance(event, h11.EndOfMessage) and request is not None and \
+                            not self._answer(sock, parser, request, bytes(body)):
+                        return
+                if event is None:
+                    return
+
+    def _receive(self, sock: socket.socket) -> bytes:
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            return b""
+        with self.lock:
+            self.raw += data
+        return data
+
+    def _answer(self, sock: socket.socket, parser: h11.Connection, request: h11.Request, body: bytes) -> bool:
+        received = Received(request.method.decode(), request.target.decode(),
+                            {k.decode(): v.decode() for k, v in request.headers}, body)
+        self.requests.append(received)
+        if received.target == SWITCH:
+            sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            while self._receive(sock):
+                pass  # a tunnel, if the gateway made one: recorded raw
+            return False
+        if received.target == SLOW:
+            select.select([], [], [], 1.5)
+        payload = json.dumps({"backend": "recorder", "method": received.method, "target": received.target,
+                              "bodyBytes": len(body), "bodySha256": hashlib.sha256(body).hexdigest()}).encode()
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+        sock.sendall(parser.send(h11.Response(status_code=200, headers=headers)) + parser.send(h11.Data(data=payload))
+                     + parser.send(h11.EndOfMessage()))
+        try:
+            parser.start_next_cycle()
+        except h11.LocalProtocolError:  # the request asked to close
+            return False
+        return True
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _next_event(parser: h11.Connection) -> object:
+    try:
+        return parser.next_event()
+    except h11.RemoteProtocolError:
+        return None  # what this upstream cannot parse ends the connection
+
+
+@dataclass
+class Framed:
+    gateway: Gateway  # this module's own listener, with the session's issuer and CA
+    upstream: RecordingUpstream
+
+
+@pytest.fixture(scope="module")
+def framed(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory, demo_ports: Ports) -> Iterator[Framed]:
+    """A whole gateway (webhook and sign-in endpoints too) with production limits, whose mail
+    upstream is the recorder; the session's issuer signs the tokens."""
+    upstream = RecordingUpstream()
+    ports = Ports(free_port(), demo_ports.idp, upstream.port, demo_ports.docs, free_port(), free_port())
+    config_dir = gateway_config(tmp_path_factory.mktemp("framing"), gateway.ca, ports)
+    loaded = bootstrap.load(config_dir)
+    previous = (mitmproxy.ctx.master, mitmproxy.ctx.options)
+    try:
+        with Background(lambda: running_gateway(loaded)) as running:
+            yield Framed(replace(gateway, port=running.addresses[0][1], config_dir=config_dir), upstream)
+    finally:  # mitmproxy hands new connections to the last master built: the session's again
+        mitmproxy.ctx.master, mitmproxy.ctx.options = previous
+        upstream.close()
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    closed: bool  # the gateway closed the connection (EOF) within the wait
+
+    @property
+    def status(self) -> int:
+        return int(self.text.split(" ", 2)[1]) if self.text.startswith("HTTP/1.1 ") else 0
+
+    @property
+    def head(self) -> str:
+        return self.text.split("\r\n\r\n", 1)[0].lower()
+
+
+@contextlib.contextmanager
+def tls_to(gateway: Gateway, host: str = MAIL, timeout: float = 10) -> Iterator[ssl.SSLSocket]:
+    context = ssl.create_default_context()
+    gateway.ca.configure_trust(context)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=timeout) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as tls:
+        yield tls
+
+
+def read_answer(tls: ssl.SSLSocket, wait: float) -> Answer:
+    """Everything the gateway sends within ``wait`` seconds, and whether it then closed."""
+    received, deadline = b"", time.monotonic() + wait
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            tls.settimeout(left)
+            if not (chunk := tls.recv(65536)):
+                return Answer(received.decode(errors="replace"), True)
+            received += chunk
+    except TimeoutError:
+        pass
+    except OSError:  # reset while we were still sending: closed too
+        return Answer(received.decode(errors="replace"), True)
+    return Answer(received.decode(errors="replace"), False)
+
+
+def exchange(gateway: Gateway, data: bytes, *, host: str = MAIL, wait: float = 5) -> Answer:
+    """A sibling of ``raw_exchange`` for bytes that may not be a valid request, sent without
+    ``Connection: close``: what the gateway answers, and whether it closed the connection itself."""
+    with tls_to(gateway, host) as tls:
+        with contextlib.suppress(OSError):  # closed before all was sent: what came back is still read
+            tls.sendall(data)
+        return read_answer(tls, wait)
+
+
+def post(token: str, framing_lines: bytes, body: bytes, *, version: str = "HTTP/1.1") -> bytes:
+    return (f"POST {ACTIVESYNC} {version}\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\n".encode()
+            + framing_lines + b"\r\n" + body)
+
+
+def assert_refused(answer: Answer, status: int, upstream: RecordingUpstream, mark: int) -> None:
+    assert answer.status == status, answer.text[:300]
+    assert "connection: close" in answer.head and answer.closed, answer.text[:300]
+    assert answer.text.split("\r\n\r\n", 1)[1].startswith('{"error": ')
+    assert upstream.since(mark) == b"", "something of the refused request reached the upstream"
+
+
+# (framing lines, body, what mitmproxy 12.2.3 did alone)
+HEAD_ATTACKS = [
+    pytest.param(b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", CHUNKED + SMUGGLED, id="CL.TE (alone: 400)"),
+    pytest.param(b"Transfer-Encoding: chunked\r\nContent-Length: 40\r\n", CHUNKED + SMUGGLED, id="TE.CL (alone: 400)"),
+    pytest.param(b"Content-Length: 5\r\nContent-Length: 40\r\n", b"hello" + SMUGGLED,
+                 id="two different Content-Lengths (alone: 400)"),
+    pytest.param(b"Content-Length: 5\r\nContent-Length: 5\r\n", b"hello" + SMUGGLED,
+                 id="two equal Content-Lengths (alone: 400)"),
+    pytest.param(b"Content-Length: 5, 5\r\n", b"hello" + SMUGGLED, id="Content-Length list (alone: 400)"),
+    pytest.param(b"Content-Length: +5\r\n", b"hello" + SMUGGLED, id="Content-Length +5 (alone: 400)"),
+    pytest.param(b"Content-Length: 05\r\n", b"hello" + SMUGGLED, id="Content-Length leading zero (alone: 400)"),
+    pytest.param(b"Content-Length: 0x5\r\n", b"hello" + SMUGGLED, id="Content-Length hex (alone: 400)"),
+    pytest.param(b"Content-Length: 5 0\r\n", b"hello" + SMUGGLED, id="Content-Length with a space (alone: 400)"),
+    pytest.param(b"Content-Length: 5\x0b\r\n", b"hello" + SMUGGLED, id="Content-Length 5+VT (alone: accepted)"),
+    pytest.param(b"Content-Length: 18446744073709551621\r\n", b"hello" + SMUGGLED,
+                 id="Content-Length past 2**64 (alone: forwarded)"),
+    pytest.param(b"Transfer-Encoding: chunked\x0b\r\n", CHUNKED + SMUGGLED, id="chunked+VT (alone: accepted)"),
+    pytest.param(b"Transfer-Encoding: \x0cchunked\r\n", CHUNKED + SMUGGLED, id="FF+chunked (alone: accepted)"),
+    pytest.param(b"Transfer-Encoding: Chunked\r\n", CHUNKED + SMUGGLED, id="Chunked (alone: accepted)"),
+    pytest.param(b"Transfer-Encoding: chunked, identity\r\n", CHUNKED + SMUGGLED,
+                 id="chunked, identity (alone: 400)"),
+    pytest.param(b"Transfer-Encoding: identity, chunked\r\n", CHUNKED + SMUGGLED,
+                 id="identity, chunked (alone: 400)"),
+    pytest.param(b"Transfer-Encoding: gzip, chunked\r\n", CHUNKED + SMUGGLED, id="gzip, chunked (alone: forwarded)"),
+    pytest.param(b"Transfer-Encoding: xchunked\r\n", CHUNKED + SMUGGLED, id="xchunked (alone: 400)"),
+    pytest.param(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", CHUNKED + SMUGGLED,
+                 id="two Transfer-Encodings (alone: 400)"),
+    pytest.param(b"Transfer-Encoding : chunked\r\n", CHUNKED + SMUGGLED, id="space before the colon (alone: 400)"),
+    pytest.param(b"Transfer-Encoding: identity\r\n chunked\r\n", CHUNKED + SMUGGLED,
+                 id="obs-fold into Transfer-Encoding (alone: 400)"),
+    pytest.param(b"X-Note: a\r\n Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", b"hello" + SMUGGLED,
+                 id="obs-fold hiding a header (alone: forwarded)"),
+    pytest.param(b"Content-Length: 5\nX-Note: bare LF\r\n", b"hello" + SMUGGLED,
+                 id="bare LF in the head (alone: accepted)"),
+    pytest.param(b"X-Note: a\rb\r\nContent-Length: 5\r\n", b"hello" + SMUGGLED,
+                 id="bare CR in a value (alone: accepted)"),
+    pytest.param(b"X-Note: a\x00b\r\nContent-Length: 5\r\n", b"hello" + SMUGGLED,
+                 id="NUL in a value (alone: accepted)"),
+    pytest.param(b"Host: docs.contoso.test\r\nContent-Length: 5\r\n", b"hello" + SMUGGLED,
+                 id="two Host headers"),
+]
+
+
+@pytest.mark.parametrize(("framing_lines", "body"), HEAD_ATTACKS)
+def test_ambiguous_request_heads_are_refused_with_400_and_closed(framed: Framed, framing_lines: bytes,
+                                                                 body: bytes) -> None:
+    mark = framed.upstream.mark()
+    answer = exchange(framed.gateway, post(outlook_token(framed.gateway), framing_lines, body))
+    assert_refused(answer, 400, framed.upstream, mark)
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), [
+    pytest.param(f"POST {ACTIVESYNC} HTTP/1.0\r\nHost: {MAIL}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                 + CHUNKED + SMUGGLED, 400, id="Transfer-Encoding on HTTP/1.0 (alone: 400)"),
+    pytest.param(f"GET  /owa/ HTTP/1.1\r\nHost: {MAIL}\r\n\r\n".encode(), 400,
+                 id="two spaces in the request line (alone: accepted)"),
+    pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400,
+                 id="HTTP/2 prior knowledge after ALPN http/1.1 (alone: 421, then 400)"),
+    pytest.param(f"GET /owa/?q={'a' * 9000} HTTP/1.1\r\nHost: {MAIL}\r\n\r\n".encode(), 414,
+                 id="9 KB request line (alone: accepted)"),
+])
+def test_malformed_request_lines_are_refused_and_closed(framed: Framed, request_bytes: bytes, status: int) -> None:
+    mark = framed.upstream.mark()
+    assert_refused(exchange(framed.gateway, request_bytes), status, framed.upstream, mark)
+
+
+CHUNK_ATTACKS = [
+    pytest.param(b"0x5\r\nhello\r\n0\r\n\r\n", id="size 0x5 (alone: closed, no answer)"),
+    pytest.param(b"+5\r\nhello\r\n0\r\n\r\n", id="size +5 (alone: closed, no answer)"),
+    pytest.param(b"-1\r\nhello\r\n0\r\n\r\n", id="size -1 (alone: closed, no answer)"),
+    pytest.param(b"1" + b"0" * 15 + b"\r\nhello\r\n0\r\n\r\n", id="16 hex digits (alone: waits for 2**60 bytes)"),
+    pytest.param(b"5;a\nb\r\nhello\r\n0\r\n\r\n", id="extension with a bare LF (alone: closed, no answer)"),
+    pytest.param(b"5\nhello\n0\n\n", id="bare LF line endings (alone: waits forever)"),
+    pytest.param(b"3\r\nhello\r\n0\r\n\r\n", id="chunk longer than its size (alone: closed, no answer)"),
+    pytest.param(b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n", id="trailer section (alone: crashes, hangs)"),
+    pytest.param(b"5\r\nhello\r\n0\r\n", id="no final CRLF, a request follows (alone: closed, no answer)"),
+    pytest.param(b"5;" + b"a" * 5000 + b"\r\nhello\r\n0\r\n\r\n", id="5 KB extension (alone: accepted)"),
+]
+
+
+@pytest.mark.parametrize("chunks", CHUNK_ATTACKS)
+def test_chunk_framing_tricks_are_refused_with_400_and_closed(framed: Framed, chunks: bytes) -> None:
+    mark = framed.upstream.mark()
+    request = post(outlook_token(framed.gateway), b"Transfer-Encoding: chunked\r\n", chunks + SMUGGLED)
+    assert_refused(exchange(framed.gateway, request), 400, framed.upstream, mark)
+
+
+@pytest.mark.parametrize(("framing_lines", "body", "expected"), [
+    pytest.param(b"Content-Length: 5\r\n", b"hello", b"hello", id="Content-Length"),
+    pytest.param(b"Content-Length:  5 \r\n", b"hello", b"hello", id="Content-Length with OWS"),
+    pytest.param(b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", b"hello world",
+                 id="chunked"),
+    pytest.param(b"Transfer-Encoding: chunked\r\n", b'5;a=b\r\nhello\r\n6;q="x y";z\r\n world\r\n0\r\n\r\n',
+                 b"hello world", id="chunked with extensions (dropped)"),
+    pytest.param(b"Transfer-Encoding: chunked\r\nX-Name: caf\xc3\xa9\r\n", b"A\r\n0123456789\r\n0\r\n\r\n",
+                 b"0123456789", id="chunked, with obs-text in a value"),
+])
+def test_well_framed_bodies_reach_the_upstream_intact(framed: Framed, framing_lines: bytes, body: bytes,
+                                                      expected: bytes) -> None:
+    request = post(outlook_token(framed.gateway), framing_lines + b"Connection: close\r\n", body)
+    with tls_to(framed.gateway) as tls:
+        tls.sendall(request)
+        answer = read_answer(tls, 10)
+    assert answer.status == 200 and answer.closed, answer.text[:300]
+    echo = json.loads(answer.text.split("\r\n\r\n", 1)[1])
+    assert (echo["bodyBytes"], echo["bodySha256"]) == (len(expected), hashlib.sha256(expected).hexdigest())
+    assert framed.upstream.requests[-1].body == expected
+
+
+def test_bytes_past_the_declared_length_are_a_request_decided_on_its_own(framed: Framed) -> None:
+    """A Content-Length that lies (declares 5, sends more) ends the body at 5: what follows is the
+    next request on the connection, decided like any (here: no token, 401), never forwarded."""
+    mark = framed.upstream.mark()
+    smuggled = SMUGGLED.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    request = post(outlook_token(framed.gateway), b"Content-Length: 5\r\n", b"hello" + smuggled)
+    answer = exchange(framed.gateway, request)
+    first, second = answer.text.split("HTTP/1.1 ")[1:3]
+    assert first.startswith("200") and '"bodyBytes": 5' in first
+    assert second.startswith("401") and answer.closed
+    assert b"smuggled" not in framed.upstream.since(mark)
+    assert [r.target for r in framed.upstream.requests[-1:]] == [ACTIVESYNC]
+
+
+def test_a_legitimate_pipelined_request_is_served_after_the_first(framed: Framed) -> None:
+    token = outlook_token(framed.gateway)
+    second = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    answer = exchange(framed.gateway, post(token, b"Content-Length: 5\r\n", b"hello" + second.encode()))
+    assert [part[:3] for part in answer.text.split("HTTP/1.1 ")[1:]] == ["200", "200"] and answer.closed
+    assert [r.target for r in framed.upstream.requests[-2:]] == [ACTIVESYNC, "/owa/"]
+
+
+def signed_push(body: bytes, declared: int | None = None, chunked: bool = False) -> bytes:
+    ts = str(int(time.time()))
+    framing_line = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {declared or len(body)}"
+    return (f"POST /mtd/demo-mtd/events HTTP/1.1\r\nHost: {SERVICE}\r\nContent-Type: application/json\r\n"
+            f"X-Portcullis-Timestamp: {ts}\r\nX-Portcullis-Signature: {sign(MTD_SECRET.encode(), ts, body)}\r\n"
+            f"{framing_line}\r\n\r\n").encode()
+
+
+def test_the_webhook_refuses_a_chunked_body_with_411(framed: Framed) -> None:
+    body = level(ALEX_IPHONE, "low").encode()
+    request = signed_push(body, chunked=True) + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    answer = exchange(framed.gateway, request, host=SERVICE)
+    assert answer.status == 411 and "connection: close" in answer.head and answer.closed
+
+
+def test_the_webhook_answers_413_before_reading_a_declared_large_body(framed: Framed) -> None:
+    """5 MB declared, 3 bytes sent: the answer comes at once; the body is never waited for."""
+    with tls_to(framed.gateway, SERVICE) as tls:
+        tls.sendall(signed_push(b"", declared=5_000_000) + b"abc")
+        answer = read_answer(tls, 2)
+    assert answer.status == 413 and "connection: close" in answer.head, answer.text[:300]
+
+
+def test_webhook_bytes_past_the_declared_length_are_decided_on_their_own(framed: Framed) -> None:
+    """The webhook reads exactly its Content-Length (the signature over those bytes checks out, 202);
+    the request glued behind it is routed on its own: another Host than the TLS name, 421."""
+    mark = framed.upstream.mark()
+    body = level(ALEX_IPHONE, "low").encode()
+    glued = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nConnection: close\r\n\r\n".encode()
+    answer = exchange(framed.gateway, signed_push(body) + body + glued, host=SERVICE)
+    first, second = answer.text.split("HTTP/1.1 ")[1:3]
+    assert first.startswith("202") and '"accepted":1' in first
+    assert second.startswith("421") and answer.closed
+    assert framed.upstream.since(mark) == b""
+
+
+def test_a_refused_upload_is_answered_at_once_and_its_body_never_buffered(framed: Framed,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """No token, 3 MB declared: 401 before the body is sent. mitmproxy alone buffered the body,
+    then crashed past stream_large_bodies (1 MB) and left the client hanging."""
+    caplog.set_level(logging.ERROR)
+    request = f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: {MAIL}\r\nContent-Length: 3000000\r\n\r\n".encode()
+    with tls_to(framed.gateway) as tls:
+        tls.sendall(request + b"a" * 100_000)
+        early = read_answer(tls, 2)
+        tls.sendall(b"a" * 2_900_000)
+        rest = read_answer(tls, 5)
+    assert early.status == 401 and "connection: close" in early.head, early.text[:300]
+    assert rest.closed  # once the body is drained
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("token", "expected"), [
+    pytest.param(False, ["401"], id="refused: no 100 Continue (alone: invited, then 401)"),
+    pytest.param(True, ["100", "200"], id="allowed: 100 Continue, then the answer"),
+])
+def test_only_an_allowed_request_is_invited_to_send_its_body(framed: Framed, token: bool, expected: list[str]) -> None:
+    authorization = f"Authorization: Bearer {outlook_token(framed.gateway)}\r\n" if token else ""
+    head = f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: {MAIL}\r\n{authorization}Expect: 100-continue\r\n" \
+           "Content-Length: 5\r\nConnection: close\r\n\r\n"
+    with tls_to(framed.gateway) as tls:
+        tls.sendall(head.encode())
+        invited = read_answer(tls, 1)
+        with contextlib.suppress(OSError):
+            tls.sendall(b"hello")
+        answer = Answer(invited.text + read_answer(tls, 3).text, True)
+    assert [part[:3] for part in answer.text.split("HTTP/1.1 ")[1:]] == expected
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["Content-Length", "chunked"])
+def test_a_large_allowed_upload_streams_to_the_upstream(framed: Framed, chunked: bool) -> None:
+    """Bodies over 1 MB are streamed, not buffered: the upstream has the first megabyte while the
+    client is still sending, and the whole body arrives intact."""
+    size, before = 3_000_000, framed.upstream.body_bytes
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    framing_lines = b"Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {size}\r\n".encode()
+    body = f"{size:x}\r\n".encode() + payload + b"\r\n0\r\n\r\n" if chunked else payload
+    with tls_to(framed.gateway) as tls:
+        tls.sendall(post(outlook_token(framed.gateway), framing_lines + b"Connection: close\r\n", body[:2_000_000]))
+        deadline = time.monotonic() + 10
+        while framed.upstream.body_bytes - before < 1_000_000:
+            assert time.monotonic() < deadline, "the upstream got nothing while the client was sending"
+            select.select([], [], [], 0.02)
+        tls.sendall(body[2_000_000:])
+        answer = read_answer(tls, 10)
+    echo = json.loads(answer.text.split("\r\n\r\n", 1)[1])
+    assert (echo["bodyBytes"], echo["bodySha256"]) == (size, hashlib.sha256(payload).hexdigest())
+
+
+@pytest.mark.parametrize(("upgrade", "status"), [
+    pytest.param("Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+                 400, id="h2c upgrade (alone: forwarded)"),
+    pytest.param("HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n", 400, id="HTTP2-Settings alone (alone: forwarded)"),
+    pytest.param("Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", 501, id="WebSocket (alone: forwarded)"),
+    pytest.param("Upgrade: TLS/1.2, HTTP/1.1\r\n", 400, id="Upgrade to TLS (alone: forwarded)"),
+])
+def test_protocol_upgrades_are_refused_before_the_upstream(framed: Framed, upgrade: str, status: int) -> None:
+    mark = framed.upstream.mark()
+    head = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(framed.gateway)}\r\n"
+    assert_refused(exchange(framed.gateway, f"{head}{upgrade}\r\n".encode() + SMUGGLED), status, framed.upstream, mark)
+
+
+def test_the_same_request_without_upgrade_is_forwarded(framed: Framed) -> None:
+    head = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(framed.gateway)}\r\n"
+    answer = raw_exchange(framed.gateway, f"{head}Connection: close\r\n\r\n")
+    assert answer.startswith("HTTP/1.1 200") and '"target": "/owa/"' in answer
+
+
+def test_an_upstream_101_never_becomes_a_tunnel(framed: Framed) -> None:
+    """An upstream answering 101 to a plain request (a fake upgrade): the client's next bytes must
+    not reach that upstream raw; mitmproxy (websocket and rawtcp off) closes the connection."""
+    mark = framed.upstream.mark()
+    head = f"GET {SWITCH} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(framed.gateway)}\r\n\r\n"
+    with tls_to(framed.gateway) as tls:
+        tls.sendall(head.encode())
+        first = read_answer(tls, 1)
+        with contextlib.suppress(OSError):
+            tls.sendall(SMUGGLED)
+        rest = read_answer(tls, 2)
+    assert first.closed or rest.closed
+    assert not (first.text + rest.text).startswith("HTTP/1.1 2")
+    assert b"smuggled" not in framed.upstream.since(mark)
+
+
+def test_what_a_client_sends_ahead_of_its_answer_is_bounded(framed: Framed) -> None:
+    """mitmproxy buffers whatever a client sends while its answer is owed, without limit; past
+    256 KiB the gateway closes the connection instead (pipelining the next request still works)."""
+    head = f"GET {SLOW} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(framed.gateway)}\r\n\r\n"
+    answer = exchange(framed.gateway, head.encode() + b"x" * (framing.MAX_UNREAD_BYTES + 65536), wait=4)
+    assert answer.closed and "HTTP/1.1 200" not in answer.text, answer.text[:200]
+
+
+def h2_exchange(gateway: Gateway, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> tuple[int | None, bytes]:
+    """One HTTP/2 request sent without the client library's own checks (the body as flow control
+    allows): the answer's status (None when the gateway reset the stream or ended the connection)
+    and its body."""
+    context = ssl.create_default_context()
+    gateway.ca.configure_trust(context)
+    context.set_alpn_protocols(["h2"])
+    config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False,
+                                       normalize_outbound_headers=False, validate_inbound_headers=False)
+    conn, status, data, sent = h2.connection.H2Connection(config), None, b"", 0
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname=MAIL) as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        conn.initiate_connection()
+        conn.send_headers(1, headers, end_stream=not body)
+        while True:
+            while sent < len(body) and (room := min(conn.local_flow_control_window(1), conn.max_outbound_frame_size)):
+                part = body[sent:sent + room]
+                sent += len(part)
+                conn.send_data(1, part, end_stream=sent == len(body))
+            tls.sendall(conn.data_to_send())
+            if not (chunk := tls.recv(65536)):
+                return status, data
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset | h2.events.ConnectionTerminated):
+                    return (None if isinstance(event, h2.events.StreamReset) else status), data
+
+
+def h2_request(gateway: Gateway, method: str = "POST", path: str = ACTIVESYNC) -> list[tuple[bytes, bytes]]:
+    return [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", MAIL.encode()),
+            (b":path", path.encode()), (b"authorization", f"Bearer {outlook_token(gateway)}".encode())]
+
+
+@pytest.mark.parametrize(("extra", "body"), [
+    pytest.param([(b"transfer-encoding", b"chunked")], CHUNKED + SMUGGLED, id="transfer-encoding (alone: refused)"),
+    pytest.param([(b"content-length", b"3")], b"hello", id="content-length below DATA (alone: refused)"),
+    pytest.param([(b"content-length", b"10")], b"hello", id="content-length above DATA (alone: refused)"),
+    pytest.param([(b"X-Upper", b"1")], b"", id="uppercase name (alone: refused)"),
+    pytest.param([(b"x:y", b"1")], b"", id="colon inside a name (alone: refused)"),
+    pytest.param([(b"x-note", b"a\r\nTransfer-Encoding: chunked")], b"", id="CRLF in a value (alone: refused)"),
+    pytest.param([(b"connection", b"keep-alive")], b"", id="connection header (alone: refused)"),
+    pytest.param([(b"upgrade", b"websocket")], b"", id="upgrade header (alone: refused)"),
+])
+def test_malformed_http2_requests_never_reach_the_upstream(framed: Framed, extra: list[tuple[bytes, bytes]],
+                                                           body: bytes) -> None:
+    mark = framed.upstream.mark()
+    status, _ = h2_exchange(framed.gateway, h2_request(framed.gateway) + extra, body)
+    assert status is None
+    assert framed.upstream.since(mark) == b""
+
+
+@pytest.mark.parametrize(("declared", "copies", "upstream_framing"), [
+    pytest.param(True, 1, "content-length", id="with content-length"),
+    pytest.param(False, 1, "content-length", id="without (alone: smuggled)"),
+    pytest.param(True, 40_000, "content-length", id="2 MB streamed, with content-length"),
+    pytest.param(False, 40_000, "transfer-encoding", id="2 MB streamed, without (alone: smuggled)"),
+])
+def test_http2_bodies_reach_the_http1_upstream_framed(framed: Framed, declared: bool, copies: int,
+                                                      upstream_framing: str) -> None:
+    """HTTP/2 needs no content-length. mitmproxy alone sent such a body to the HTTP/1.1 upstream
+    with no framing: the upstream read it as requests of its own, never decided by the gateway."""
+    body = SMUGGLED * copies
+    headers = h2_request(framed.gateway) + ([(b"content-length", str(len(body)).encode())] if declared else [])
+    count = len(framed.upstream.requests)
+    status, data = h2_exchange(framed.gateway, headers, body)
+    assert status == 200 and json.loads(data)["bodyBytes"] == len(body)
+    assert [(r.target, r.body) for r in framed.upstream.requests[count:]] == [(ACTIVESYNC, body)]
+    assert upstream_framing in framed.upstream.requests[-1].headers
+
+
+def test_an_http2_request_without_body_is_forwarded_without_framing_headers(framed: Framed) -> None:
+    status, _ = h2_exchange(framed.gateway, h2_request(framed.gateway, "GET", "/owa/"))
+    assert status == 200
+    assert {"transfer-encoding", "content-length"}.isdisjoint(framed.upstream.requests[-1].headers)
+
+
+@pytest.mark.parametrize(("extra", "status"), [
+    pytest.param(b"X-Filler: " + b"x" * (1024 * 1024) + b"\r\n", 431, id="1 MiB header line"),
+    pytest.param(b"".join(b"X-Flood-%d:\r\n" % i for i in range(20_000)), 431, id="20k empty headers (head > 72 KiB)"),
+    pytest.param(b"".join(b"X-Flood-%d:\r\n" % i for i in range(150)), 431, id="150 empty headers (Routing)"),
+    pytest.param(b"X-Flood-1\r\nX-Flood-2\r\n", 400, id="header names without a colon"),
+])
+def test_oversized_or_nameless_heads_are_refused_and_closed(framed: Framed, extra: bytes, status: int) -> None:
+    """The 70 KB single line is tests/test_gateway_e2e.py::test_too_many_or_too_large_request_headers_get_431."""
+    mark = framed.upstream.mark()
+    answer = exchange(framed.gateway, post(outlook_token(framed.gateway), extra + b"Content-Length: 0\r\n", b""))
+    assert answer.status == status and "connection: close" in answer.head and answer.closed, answer.text[:200]
+    assert framed.upstream.since(mark) == b""
+
+
+def test_a_head_with_99_headers_is_forwarded(framed: Framed) -> None:
+    extra = "".join(f"X-Filler-{i}: {'x' * 500}\r\n" for i in range(96))
+    head = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(framed.gateway)}\r\n"
+    assert raw_exchange(framed.gateway, f"{head}{extra}Connection: close\r\n\r\n").startswith("HTTP/1.1 200")
+
+
+SHORT = {"headerTimeoutSeconds": 1.5, "keepAliveTimeoutSeconds": 1.5, "bodyGraceSeconds": 2,
+         "bodyMinBytesPerSecond": 500}
+
+
+@pytest.fixture
+def impatient(framed: Framed, tmp_path: Path, demo_ports: Ports) -> Iterator[Gateway]:
+    """A gateway whose client limits (``gateway.clientLimits``) are a second or two, on the recording upstream."""
+    config_dir = gateway_config(tmp_path, framed.gateway.ca, Ports(0, demo_ports.idp, framed.upstream.port,
+                                                                    demo_ports.docs))
+    yaml = YAML()
+    data = yaml.load(config_dir / "portcullis.yaml")
+    data["gateway"]["clientLimits"] = SHORT
+    yaml.dump(data, config_dir / "portcullis.yaml")
+    with Background(lambda: listener(config_dir)) as (port, _):
+        yield replace(framed.gateway, port=port)
+
+
+def closed_within(tls: ssl.SSLSocket, seconds: float, trickle: bytes = b"", every: float = 0.05) -> float | None:
+    """Sends ``trickle`` a byte every ``every`` seconds; how long until the gateway closed the
+    connection (None: still open after ``seconds``)."""
+    start = time.monotonic()
+    for byte in [trickle[i:i + 1] for i in range(len(trickle))] or [b""]:
+        try:
+            tls.sendall(byte)
+            readable, _, _ = select.select([tls], [], [], every if trickle else seconds)
+            if readable and not tls.recv(65536):
+                return time.monotonic() - start
+        except OSError:
+            return time.monotonic() - start
+        if time.monotonic() - start > seconds:
+            return None
+    return None
+
+
+def test_a_client_that_opens_tls_and_sends_nothing_is_closed(impatient: Gateway) -> None:
+    with tls_to(impatient) as tls:
+        assert (closed_within(tls, 6) or 99) < 4
+
+
+def test_a_client_that_sends_no_tls_handshake_is_closed(impatient: Gateway) -> None:
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=10) as raw:
+        raw.settimeout(5)
+        start = time.monotonic()
+        assert raw.recv(1) == b"" and time.monotonic() - start < 4
+
+
+def test_slowloris_headers_are_cut_off(impatient: Gateway) -> None:
+    """A head sent a byte every 50 ms would take about 80 s; the header deadline is 1.5 s."""
+    head = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(impatient)}\r\n\r\n"
+    with tls_to(impatient) as tls:
+        assert (closed_within(tls, 6, head.encode()) or 99) < 4
+
+
+def test_a_trickled_body_is_cut_off(impatient: Gateway) -> None:
+    """20 bytes a second is far below the 500 bytes a second a body must average after 2 s."""
+    with tls_to(impatient) as tls:
+        tls.sendall(post(outlook_token(impatient), b"Content-Length: 10000\r\n", b""))
+        assert (closed_within(tls, 7, b"a" * 10_000) or 99) < 5
+
+
+def test_an_idle_keep_alive_connection_is_closed(impatient: Gateway) -> None:
+    head = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(impatient)}\r\n\r\n"
+    with tls_to(impatient) as tls:
+        tls.sendall(head.encode())
+        assert read_answer(tls, 0.5).status == 200
+        assert (closed_within(tls, 6) or 99) < 4
+
+
+def test_a_normal_client_of_the_impatient_gateway_is_served(impatient: Gateway) -> None:
+    """The twin: a keep-alive client that comes back within the pause, and a body that takes 3 s
+    at 2 KB/s (longer than the grace, faster than the minimum rate), are served."""
+    token = outlook_token(impatient)
+    head = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    with tls_to(impatient) as tls:
+        tls.sendall(head.encode())
+        assert read_answer(tls, 0.5).status == 200
+        select.select([], [], [], 0.5)
+        tls.sendall(post(token, b"Content-Length: 6000\r\n", b""))
+        for _ in range(60):
+            tls.sendall(b"b" * 100)
+            select.select([], [], [], 0.05)
+        answer = read_answer(tls, 2)
+    assert answer.status == 200 and '"bodyBytes": 6000' in answer.text
+
+
+@pytest.mark.parametrize(("head", "refusal"), [
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", None, id="minimal"),
+    pytest.param(b"\r\nGET / HTTP/1.1\r\nHost: a\r\nX: \t v \t\r\n\r\nbody", None, id="leading CRLF, OWS, body"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\n", None, id="incomplete"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"x" * 80_000, framing.HEAD_TOO_LARGE, id="too large"),
+    pytest.param(b"GET /" + b"a" * 9000, framing.LINE_TOO_LONG, id="line too long"),
+    pytest.param(b"\nGET / HTTP/1.1\r\n\r\n", framing.bad_request("request head has bare CR or LF line endings"),
+                 id="leading bare LF"),
+])
+def test_request_head_grammar(head: bytes, refusal: framing.Refusal | None) -> None:
+    assert framing.request_head_refusal(head) == refusal
+
+
+def test_body_time_counts_only_while_waiting_for_the_client() -> None:
+    limits = framing.ClientLimits(header_seconds=1, keepalive_seconds=1, body_grace_seconds=1, body_min_rate=500)
+    deadline = framing.ClientDeadline(limits, since=0.0)
+    assert deadline.due() == 1.0  # the head is due a second after the connection came
+    deadline.head_received("flow")
+    deadline.read_started(1.0)
+    assert deadline.due() == 2.0  # grace
+    deadline.read_finished(1.5, 1000)  # 0.5 s waited, 1000 bytes earn 2 s more
+    deadline.read_started(9.0)  # the gateway was busy upstream meanwhile: not the client's time
+    assert deadline.due() == 9.0 + 1 + 2 - 0.5
+    deadline.body_received("flow")
+    assert deadline.due() is None  # the answer is owed, not the client
+    deadline.answered("flow", 20.0)
+    assert deadline.due() == 21.0  # keep-alive
+
+
+def test_client_limits_are_settings_and_must_be_positive() -> None:
+    """``gateway.clientLimits``: a zero or negative limit would cut every client off (or none)."""
+    from pydantic import ValidationError
+
+    from gateway.config.models import ClientLimitSettings
+
+    assert ClientLimitSettings.model_validate({"headerTimeoutSeconds": 2}).header_timeout_seconds == 2
+    for setting in ("headerTimeoutSeconds", "keepAliveTimeoutSeconds", "bodyGraceSeconds", "bodyMinBytesPerSecond"):
+        with pytest.raises(ValidationError, match=setting):
+            ClientLimitSettings.model_validate({setting: 0})
