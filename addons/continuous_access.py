@@ -44,6 +44,7 @@ class ContinuousAccess:
         if flow.metadata.get(ALLOWED_KEY) is True and device_id:
             self.open_flows.setdefault(device_id, set()).add(flow)
 
+    @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         self._forget(flow)
 

@@ -9,6 +9,8 @@ import time
 from mitmproxy import ctx, http
 from mitmproxy.addons import proxyserver
 
+from addons.safety import fail_closed
+
 logger = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.2  # after the last answer was handed over: time for its bytes to leave
@@ -23,12 +25,15 @@ class Drain:
         self.in_flight: set[str] = set()
         self.draining = False
 
+    @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.in_flight.add(flow.id)
 
+    @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._close_after(flow)
 
+    @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         self._close_after(flow)
         self.in_flight.discard(flow.id)

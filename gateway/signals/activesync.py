@@ -19,14 +19,19 @@ class MalformedActiveSyncQuery(ValueError):
 
 
 def activesync_device_ids(target: str) -> set[str]:
-    """Every DeviceId the request target names (lower case); empty if it names none."""
+    """Every DeviceId the request target names (lower case); empty if it names none. A DeviceId
+    that is present but empty is malformed: it must never match a device registered without one."""
     query = target.partition("?")[2]
     if not query:
         return set()
     if "=" in query.rstrip("=") or "&" in query:
         values = parse_qs(query, keep_blank_values=True)
-        return {v.lower() for key, vs in values.items() if key.lower() == "deviceid" for v in vs}
-    return {_base64_device_id(query)}
+        named = {v.lower() for key, vs in values.items() if key.strip().lower() == "deviceid" for v in vs}
+    else:
+        named = {_base64_device_id(query)}
+    if "" in named:
+        raise MalformedActiveSyncQuery("empty DeviceId")
+    return named
 
 
 def _base64_device_id(query: str) -> str:

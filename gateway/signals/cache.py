@@ -7,6 +7,10 @@
   ``max_staleness`` (logged as degraded); after that ``SignalUnavailable`` propagates and the
   request is blocked. For a second after a failure the source is not asked at all, so that a
   source that times out does not make every request wait for its timeout.
+- Failing includes hanging and answering garbage: a lookup waits at most ``lookup_timeout``
+  seconds, and an answer that is not a well-formed ``ManagedDevice`` for the id asked (wrong
+  types, naive times, another device's record) counts as the source being unavailable. Policy
+  never sees such a record.
 - ``invalidate`` drops devices at once: a risk raise or compliance loss is seen by the very next
   request.
 - A shared source (Redis) tells every process what changed over a feed. While that feed is down
@@ -17,9 +21,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+import types
+import typing
 from collections.abc import Callable, Iterable
+from datetime import datetime
+from functools import cache
 
 from cachetools import LRUCache, TTLCache
 
@@ -31,12 +40,17 @@ logger = logging.getLogger(__name__)
 
 MISSING = object()
 RETRY_AFTER = 1.0  # seconds a failed source is not asked again; answers come from copies meanwhile
+# A lookup taking longer counts as the source being down. Above the Graph connector's own wait for
+# a device it must look up (``graph.MISS_LOOKUP_SECONDS``), which answers "unknown" by then.
+LOOKUP_TIMEOUT_SECONDS = 5.0
 
 
 class CachedInventory:
     def __init__(self, source: DeviceInventory, *, ttl: float, miss_ttl: float, max_staleness: float,
-                 max_entries: int, timer: Callable[[], float] = time.monotonic) -> None:
+                 max_entries: int, timer: Callable[[], float] = time.monotonic,
+                 lookup_timeout: float = LOOKUP_TIMEOUT_SECONDS) -> None:
         self.source = source
+        self.lookup_timeout = lookup_timeout
         self.name = source.name
         self._timer = timer
         self._max_staleness = max_staleness
@@ -115,7 +129,7 @@ class CachedInventory:
                 raise SignalUnavailable(f"{self.name} failed less than {RETRY_AFTER:.0f} s ago")
             self.source_calls += 1
             try:
-                value = await self.source.managed_device(key)
+                value = checked_device(key, await self._ask_source(key))
             except SignalUnavailable:
                 self._retry_at = self._timer() + RETRY_AFTER
                 raise
@@ -138,3 +152,52 @@ class CachedInventory:
             self._fresh[key] = value
         self._last_good[key] = (value, self._timer())
         return value
+
+    async def _ask_source(self, key: str) -> object:
+        try:
+            return await asyncio.wait_for(self.source.managed_device(key), self.lookup_timeout)
+        except TimeoutError:
+            raise SignalUnavailable(f"{self.name} did not answer within {self.lookup_timeout:g} s") from None
+
+
+def checked_device(key: str, value: object) -> ManagedDevice | None:
+    """The source's answer if it is None or a well-formed record of device ``key``; anything else
+    raises SignalUnavailable (a source answering garbage is a source that cannot answer)."""
+    if value is None:
+        return None
+    if not isinstance(value, ManagedDevice):
+        raise SignalUnavailable(f"device source answered a {type(value).__name__}, not a device record")
+    if not isinstance(value.device_id, str) or value.device_id.lower() != key:
+        raise SignalUnavailable("device source answered the record of another device")
+    for name, hint in _field_types().items():
+        if not _conforms(getattr(value, name), hint):
+            raise SignalUnavailable(f"device source answered a record whose {name} is not a {hint}")
+    return value
+
+
+@cache
+def _field_types() -> dict[str, object]:
+    hints = typing.get_type_hints(ManagedDevice)
+    return {f.name: hints[f.name] for f in dataclasses.fields(ManagedDevice)}
+
+
+def _conforms(value: object, hint: object) -> bool:
+    """Enough of ``isinstance`` for ManagedDevice's field types: classes (an aware ``datetime``),
+    ``X | None`` and ``tuple[X, ...]`` / ``tuple[X, Y]``."""
+    if isinstance(hint, types.UnionType):
+        return any(_conforms(value, member) for member in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(item, args[0]) for item in value)
+        return len(value) == len(args) and all(_conforms(item, a) for item, a in zip(value, args, strict=True))
+    if hint is datetime:
+        return isinstance(value, datetime) and value.tzinfo is not None
+    if hint is bool:
+        return isinstance(value, bool)
+    return isinstance(hint, type) and isinstance(value, hint)

@@ -10,7 +10,10 @@
   (``$filter=azureADDeviceId eq '<id>'``), at most ``lookupsPerSecond``, so a flood of random
   device ids cannot hammer Graph; beyond the rate the device counts as unknown (not compliant).
 - ``429`` and ``503`` are retried after ``Retry-After`` (bounded); other failures raise
-  ``SignalUnavailable`` and the cache's staleness rules apply.
+  ``SignalUnavailable`` and the cache's staleness rules apply. So does an answer in the wrong
+  shape (not JSON, ``value`` not a list of objects, an ``@odata.nextLink`` outside the Graph
+  URL, which would receive the connector's token); a single device with unreadable fields is
+  skipped, and a lookup keeps only the device it asked for.
 """
 
 from __future__ import annotations
@@ -110,16 +113,28 @@ class GraphClient:
                 return records
             page = await self._get(url, params)
             params = None  # nextLink carries the query
-            for item in page.get("value", []):
+            items = page.get("value", [])
+            if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+                raise SignalUnavailable("Graph answered a page whose value is not a list of objects")
+            for item in items:
                 try:
                     record = device_record(item)
                 except ValidationError as error:
-                    logger.warning("Graph device %s skipped: %s", item.get("azureADDeviceId"), error)
+                    logger.warning("Graph device %r skipped: %s", item.get("azureADDeviceId"), error)
                     continue
                 if record is not None:
                     records.append(record)
-            url = page.get("@odata.nextLink")
+            url = self._next_link(page.get("@odata.nextLink"))
         raise SignalUnavailable(f"Graph returned more than {MAX_PAGES} pages")
+
+    def _next_link(self, link: object) -> str | None:
+        """The next page, only under the configured Graph URL: the client sends its bearer token to
+        whatever URL it is given, so a link elsewhere (a spoofed or broken answer) is not followed."""
+        if link is None:
+            return None
+        if not isinstance(link, str) or not link.startswith(f"{self.settings.graph_url.rstrip('/')}/"):
+            raise SignalUnavailable("Graph answered an @odata.nextLink outside the configured Graph URL")
+        return link
 
     async def _get(self, url: str, params: dict[str, str] | None) -> dict[str, Any]:
         for attempt in range(MAX_RETRIES + 1):
@@ -138,7 +153,10 @@ class GraphClient:
                 continue
             if response.status_code != 200:
                 raise SignalUnavailable(f"Graph answered {response.status_code}")
-            body = response.json()
+            try:
+                body = response.json()
+            except ValueError as error:
+                raise SignalUnavailable("Graph answered something that is not JSON") from error
             if not isinstance(body, dict):
                 raise SignalUnavailable("Graph answered something other than a JSON object")
             return body
@@ -151,8 +169,8 @@ class GraphClient:
                 return
             try:
                 await self._client.fetch_token()
-            except (httpx.HTTPError, OAuthError, ValueError, KeyError) as error:
-                raise SignalUnavailable(f"Graph token request failed: {error}") from error
+            except (httpx.HTTPError, OAuthError, ValueError, KeyError, TypeError) as error:
+                raise SignalUnavailable(f"Graph token request failed: {type(error).__name__}") from error
 
 
 def _retry_after(value: str | None) -> float:
@@ -186,9 +204,13 @@ class GraphInventory:
             logger.warning("Graph lookup of %s took longer than %s s; the device counts as unknown",
                            device_id, MISS_LOOKUP_SECONDS)
             return None
-        for record in records:
+        wanted = [r for r in records if r.azure_ad_device_id.lower() == device_id.lower()]
+        if len(wanted) != len(records):
+            logger.warning("Graph answered %d other devices to a lookup of %s; they are not stored",
+                           len(records) - len(wanted), device_id)
+        for record in wanted:
             await asyncio.to_thread(self.store.upsert, record, now=self._clock(), clear_vendor=GRAPH_VENDOR)
-        return await self.local.managed_device(device_id) if records else None
+        return await self.local.managed_device(device_id) if wanted else None
 
     async def full_sync(self) -> int:
         records = await self.client.managed_devices()

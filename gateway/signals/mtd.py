@@ -4,8 +4,18 @@ A partner signs each push: ``X-Portcullis-Signature: sha256=<hex>`` is HMAC-SHA2
 partner's shared secret over ``<timestamp>.<body>``, and ``X-Portcullis-Timestamp`` is Unix time.
 A push is accepted once, within ``timestampToleranceSeconds`` of the gateway's clock.
 
-    POST /mtd/<partner>/events      {"events": [{"deviceId": "...", "threatLevel": "highSeverity"}]}
+    POST /mtd/<partner>/events      {"events": [{"deviceId": "...", "threatLevel": "highSeverity",
+                                                 "reportedDateTime": "2026-11-23T12:00:00.125Z"}]}
     POST /mtd/<partner>/heartbeat   {}
+
+Order: ``reportedDateTime`` (optional, ISO 8601 with a time zone) is when the partner observed the
+state; without it, the push's signed timestamp stands for it (the end of that second, or the time
+the push arrived if earlier). The store ignores a verdict older
+than the partner's newest one for that device, so a push delayed or retried past a newer one is
+acknowledged (202: resending it would change nothing, and a partner retries anything else) without
+undoing it. A time more than ``timestampToleranceSeconds`` ahead of the gateway's clock is refused
+(400: the partner's clock is wrong, and such a verdict would outrank every later one); a time just
+ahead counts as now.
 
 Levels: ``secured | low | medium | high``, Graph's ``partnerReportedThreatState`` values
 (``secured``, ``lowSeverity``, ``mediumSeverity``, ``highSeverity``, ``compromised`` = high;
@@ -24,7 +34,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from gateway.config.models import MtdPartnerSettings
 from gateway.policy.model import DeviceThreatLevel
@@ -41,6 +51,7 @@ LEVELS = {
     "compromised": DeviceThreatLevel.high, "critical": DeviceThreatLevel.high,
 }
 CLEARS = frozenset({"deactivated", "unknown"})
+SIGNED_SECOND = timedelta(seconds=1) - timedelta(microseconds=1)
 NO_LEVEL = frozenset({"activated", "misconfigured", "unresponsive"})
 
 
@@ -65,6 +76,7 @@ class Partner:
 class Verdict:
     device_id: str
     level: DeviceThreatLevel | None  # None: the partner no longer reports on this device
+    reported_at: datetime | None = None  # when the partner observed it (UTC); None: when it was received
 
 
 def partners_from_config(settings: Mapping[str, MtdPartnerSettings],
@@ -122,8 +134,12 @@ class MtdReceiver:
     async def release(self, signature: str) -> None:
         await self.nonces.release(signature)
 
-    def verdicts(self, body: bytes) -> tuple[list[Verdict], list[str]]:
-        """The verdicts a push carries, and the states it carried that set no level."""
+    def verdicts(self, body: bytes, *, sent_at: datetime | None = None, now: datetime | None = None,
+                 tolerance_seconds: int = 300) -> tuple[list[Verdict], list[str]]:
+        """The verdicts a push carries, and the states it carried that set no level. Each verdict's
+        time is its event's ``reportedDateTime``, else ``sent_at`` (the signed timestamp), never
+        later than ``now``."""
+        latest = (now or datetime.now(UTC)).astimezone(UTC)
         try:
             document = json.loads(body)
         except ValueError as error:
@@ -138,11 +154,12 @@ class MtdReceiver:
                 else None
             if not isinstance(device_id, str) or not device_id or not isinstance(state, str):
                 raise WebhookRejected(400, f"events[{index}] needs deviceId and threatLevel strings")
+            reported = _reported_at(event, index, sent_at, latest, tolerance_seconds)
             key = state.strip().lower()
             if key in LEVELS:
-                verdicts.append(Verdict(device_id.lower(), LEVELS[key]))
+                verdicts.append(Verdict(device_id.lower(), LEVELS[key], reported))
             elif key in CLEARS:
-                verdicts.append(Verdict(device_id.lower(), None))
+                verdicts.append(Verdict(device_id.lower(), None, reported))
             elif key in NO_LEVEL:
                 ignored.append(f"{device_id}: {state}")
             else:
@@ -151,3 +168,18 @@ class MtdReceiver:
         return verdicts, ignored
 
 
+def _reported_at(event: dict[str, object], index: int, sent_at: datetime | None, latest: datetime,
+                 tolerance_seconds: int) -> datetime | None:
+    value = event.get("reportedDateTime")
+    if value is None:  # the signed timestamp is in whole seconds: the push left before the next one
+        return min(sent_at.astimezone(UTC) + SIGNED_SECOND, latest) if sent_at is not None else None
+    try:
+        reported = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        reported = None
+    if reported is None or reported.tzinfo is None:
+        raise WebhookRejected(400, f"events[{index}].reportedDateTime must be an ISO 8601 time with a time zone")
+    if reported - latest > timedelta(seconds=tolerance_seconds):
+        raise WebhookRejected(400, f"events[{index}].reportedDateTime is ahead of the gateway's clock by more "
+                                   f"than {tolerance_seconds} s")
+    return min(reported.astimezone(UTC), latest)

@@ -4,6 +4,12 @@ the last verdict of each MTD vendor. The highest current level wins.
 Every write records the device in ``changes``, so a gateway (another process, or the same
 one) learns what changed without re-reading everything: ``changes_since(seq)``.
 Imports are all-or-nothing: every bad row is reported with its line, and nothing is written.
+
+A partner's verdicts (``apply_verdicts``) are ordered by the time they were reported: one older
+than the newest verdict or clear of that partner already stored for the device is ignored, so a
+delayed or retried push cannot undo a newer one (an old "low" arriving after a "high").
+``verdict_times`` keeps that newest time, clears included; verdicts of the same time apply in the
+order received.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 import csv
 import io
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -43,6 +50,12 @@ CREATE TABLE IF NOT EXISTS partners (
     vendor TEXT PRIMARY KEY,
     last_contact TEXT NOT NULL             -- last signed push or heartbeat
 );
+CREATE TABLE IF NOT EXISTS verdict_times (
+    device_id TEXT NOT NULL,
+    vendor TEXT NOT NULL,
+    reported_us INTEGER NOT NULL,          -- the newest verdict or clear applied, microseconds since 1970
+    PRIMARY KEY (device_id, vendor)
+);
 CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     device_id TEXT NOT NULL,
@@ -58,6 +71,16 @@ EXPORT_FIELDS = (
 
 
 CHANGES_KEPT = 100_000  # a reader further behind than this re-reads everything (``changes_since``)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+PARTNER_CONTACT = ("INSERT INTO partners VALUES (?, ?) ON CONFLICT (vendor) DO UPDATE "
+                   "SET last_contact = MAX(last_contact, excluded.last_contact)")  # UTC ISO times sort as text
+
+logger = logging.getLogger(__name__)
+
+
+def micros(moment: datetime) -> int:
+    """Microseconds since 1970: how verdict times are compared (and scored in Redis)."""
+    return (moment - EPOCH) // timedelta(microseconds=1)
 
 
 class VerdictShortcuts:
@@ -113,8 +136,11 @@ class DeviceStore(VerdictShortcuts):
                 self._reader.execute("COMMIT")
         if row is None:
             return None
-        device = DeviceRecord.model_validate_json(row[0]).to_managed_device()
-        return with_threats(device, [t for t in threats if t[0] not in ignored_vendors])
+        try:
+            device = DeviceRecord.model_validate_json(row[0]).to_managed_device()
+            return with_threats(device, [t for t in threats if t[0] not in ignored_vendors])
+        except ValueError as error:  # pydantic's ValidationError included: a row written by something else
+            raise SignalUnavailable(f"device inventory {self.path}: device {key} is unreadable") from error
 
     def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_vendor: str | None = None,
                     seed: bool = False) -> int:
@@ -145,29 +171,44 @@ class DeviceStore(VerdictShortcuts):
 
     def apply_verdicts(self, vendor: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
                        now: datetime) -> tuple[set[str], list[str]]:
-        """One partner's verdicts in one transaction (``None`` clears its verdict); returns the
-        devices changed and the ids the inventory does not know."""
+        """One partner's verdicts, reported at ``now``, in one transaction (``None`` clears its
+        verdict); returns the devices changed and the ids the inventory does not know. A verdict
+        older than the partner's newest one stored for the device changes nothing."""
         changed, unknown = set(), []
+        at = micros(now)
         with self._write_lock, self._transaction():
             for device_id, level in verdicts:
                 key = device_id.lower()
                 if self._db.execute("SELECT 1 FROM devices WHERE device_id = ?", (key,)).fetchone() is None:
                     unknown.append(device_id)
                     continue
+                if self._newest_verdict(key, vendor) > at:
+                    logger.info("verdict of %s for %s reported at %s ignored: a newer one is stored", vendor, key,
+                                now.isoformat())
+                    continue
                 if level is None:
                     self._db.execute("DELETE FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, vendor))
                 else:
                     self._db.execute("INSERT OR REPLACE INTO threat_levels VALUES (?, ?, ?, ?)",
                                      (key, vendor, level.value, now.isoformat()))
+                self._db.execute("INSERT OR REPLACE INTO verdict_times VALUES (?, ?, ?)", (key, vendor, at))
                 self._changed(key, now)
                 changed.add(key)
-            self._db.execute("INSERT OR REPLACE INTO partners VALUES (?, ?)", (vendor, now.isoformat()))
+            self._db.execute(PARTNER_CONTACT, (vendor, now.isoformat()))
             self._trim_changes()
         return changed, unknown
 
+    def _newest_verdict(self, key: str, vendor: str) -> int:
+        """When the newest verdict (or clear) of ``vendor`` stored for ``key`` was reported, in µs; -1 for none."""
+        times = [row[0] for row in self._db.execute(
+            "SELECT reported_us FROM verdict_times WHERE device_id = ? AND vendor = ?", (key, vendor))]
+        times += [micros(datetime.fromisoformat(row[0])) for row in self._db.execute(
+            "SELECT reported_at FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, vendor))]
+        return max(times, default=-1)
+
     def partner_contact(self, vendor: str, *, now: datetime) -> None:
         with self._write_lock:
-            self._db.execute("INSERT OR REPLACE INTO partners VALUES (?, ?)", (vendor, now.isoformat()))
+            self._db.execute(PARTNER_CONTACT, (vendor, now.isoformat()))
 
     def partner_contacts(self) -> dict[str, datetime]:
         """When each partner was last heard from: a signed push, a heartbeat, or its newest verdict

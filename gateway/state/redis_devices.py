@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -17,13 +17,12 @@ from pydantic import ValidationError
 from gateway.errors import SignalUnavailable
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.devices import DeviceRecord
-from gateway.signals.sqlite_store import VerdictShortcuts, with_threats
+from gateway.signals.sqlite_store import VerdictShortcuts, micros, with_threats
 from gateway.state.redis_keys import Keys, unavailable
 
 CHUNK = 1000  # devices per script call or MULTI in a bulk write
 PUBLISH_IDS_MAX = 1000  # a write changing more devices announces ["*"]
 THREAT_FIELDS = {"threat_level", "threat_source", "threat_reported_date_time"}
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 PUBLISH_LUA = """
 local function publish(channel, changed, limit)
@@ -64,31 +63,48 @@ end
 publish(p .. 'devices', changed, limit)
 return #changed
 """
+# A partner's last contact only moves forward (UTC ISO times sort as text).
+CONTACT_LUA = """
+local function contact(p, vendor, now)
+  local old = redis.call('HGET', p .. 'partners', vendor)
+  if (not old) or old < now then redis.call('HSET', p .. 'partners', vendor, now) end
+  redis.call('SADD', p .. 'vendors', vendor)
+end
+"""
 # ARGV: prefix, vendor, now (ISO), now (µs), publish limit, then per verdict: id, verdict ('' clears).
+# A verdict older than the vendor's newest verdict or clear of that device (``verdict-times:<vendor>``,
+# clears included, or the current verdict's score in ``reports:<vendor>``) changes nothing.
 # Returns the changed ids and the positions of the unknown ones.
-APPLY_LUA = PUBLISH_LUA + """
+APPLY_LUA = PUBLISH_LUA + CONTACT_LUA + """
 local p, vendor, now, at, limit = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local times = p .. 'verdict-times:' .. vendor
 local changed, seen, unknown = {}, {}, {}
 for i = 6, #ARGV, 2 do
   local id, verdict = ARGV[i], ARGV[i+1]
   if redis.call('SISMEMBER', p .. 'device-ids', id) == 0 then
     unknown[#unknown + 1] = (i - 6) / 2
   else
-    if verdict == '' then
-      redis.call('HDEL', p .. 'threats:' .. id, vendor)
-      redis.call('ZREM', p .. 'reports:' .. vendor, id)
-    else
-      redis.call('HSET', p .. 'threats:' .. id, vendor, verdict)
-      redis.call('ZADD', p .. 'reports:' .. vendor, at, id)
+    local newest = tonumber(redis.call('HGET', times, id) or '-1')
+    local current = redis.call('ZSCORE', p .. 'reports:' .. vendor, id)
+    if current and tonumber(current) > newest then newest = tonumber(current) end
+    if tonumber(at) >= newest then
+      if verdict == '' then
+        redis.call('HDEL', p .. 'threats:' .. id, vendor)
+        redis.call('ZREM', p .. 'reports:' .. vendor, id)
+      else
+        redis.call('HSET', p .. 'threats:' .. id, vendor, verdict)
+        redis.call('ZADD', p .. 'reports:' .. vendor, at, id)
+      end
+      redis.call('HSET', times, id, at)
+      if not seen[id] then seen[id] = true; changed[#changed + 1] = id end
     end
-    if not seen[id] then seen[id] = true; changed[#changed + 1] = id end
   end
 end
-redis.call('HSET', p .. 'partners', vendor, now)
-redis.call('SADD', p .. 'vendors', vendor)
+contact(p, vendor, now)
 publish(p .. 'devices', changed, limit)
 return {changed, unknown}
 """
+PARTNER_CONTACT_LUA = CONTACT_LUA + "contact(ARGV[1], ARGV[2], ARGV[3])\n"
 # Per vendor: its last contact and its newest verdict (one snapshot).
 PARTNERS_LUA = """
 local p, out = ARGV[1], {}
@@ -101,10 +117,6 @@ for _, vendor in ipairs(redis.call('SMEMBERS', p .. 'vendors')) do
 end
 return out
 """
-
-
-def _micros(moment: datetime) -> int:
-    return (moment - EPOCH) // timedelta(microseconds=1)
 
 
 def _published(device_ids: list[str]) -> str:
@@ -122,6 +134,7 @@ class RedisDeviceStore(VerdictShortcuts):
         self._upsert_script = client.register_script(UPSERT_LUA)
         self._apply_script = client.register_script(APPLY_LUA)
         self._partners_script = client.register_script(PARTNERS_LUA)
+        self._contact_script = client.register_script(PARTNER_CONTACT_LUA)
 
     @property
     def path(self) -> str:
@@ -159,7 +172,7 @@ class RedisDeviceStore(VerdictShortcuts):
     def apply_verdicts(self, vendor: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
                        now: datetime) -> tuple[set[str], list[str]]:
         given = list(verdicts)
-        arguments: list[str | int] = [self._keys.prefix, vendor, now.isoformat(), _micros(now), PUBLISH_IDS_MAX]
+        arguments: list[str | int] = [self._keys.prefix, vendor, now.isoformat(), micros(now), PUBLISH_IDS_MAX]
         for device_id, level in given:
             arguments += [device_id.lower(),
                           "" if level is None else json.dumps({"level": level.value, "reportedAt": now.isoformat()})]
@@ -168,9 +181,8 @@ class RedisDeviceStore(VerdictShortcuts):
         return set(changed), [given[int(index)][0] for index in unknown]
 
     def partner_contact(self, vendor: str, *, now: datetime) -> None:
-        with unavailable(self.location), self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(self._keys.partners, vendor, now.isoformat())
-            pipe.sadd(self._keys.vendors, vendor).execute()
+        with unavailable(self.location):
+            self._contact_script(args=[self._keys.prefix, vendor, now.isoformat()])
 
     def partner_contacts(self) -> dict[str, datetime]:
         """As ``DeviceStore.partner_contacts``: the later of a partner's last contact and its newest
@@ -223,7 +235,7 @@ def _device_arguments(record: DeviceRecord, now: datetime, *, clear_vendor: str 
     reported = record.threat_reported_date_time or now
     mode = "always" if not seed else "newer" if record.threat_reported_date_time else "absent"
     verdict = json.dumps({"level": record.threat_level.value, "reportedAt": reported.isoformat()})
-    return [*head, mode, verdict, str(_micros(reported))]
+    return [*head, mode, verdict, str(micros(reported))]
 
 
 def _verdict(vendor: str, text: str) -> tuple[str, str, str]:

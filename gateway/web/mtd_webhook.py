@@ -4,14 +4,17 @@ device's next request and closes its open connections if access is withdrawn.
 Answers: 202 accepted (with unknown devices and ignored states listed), 400 malformed, 401 bad or
 missing signature or timestamp outside the window, 404 unknown partner, 409 replayed push,
 413 body too large, 415 not JSON, 503 not stored (retry: a push counts as received only once stored).
+A verdict older than the partner's newest one stored for its device is acknowledged with the rest
+(202) and changes nothing (``gateway.signals.mtd``: ordering).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from datetime import datetime
+import itertools
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -20,17 +23,28 @@ from starlette.routing import Route
 
 from gateway.access import AccessService
 from gateway.errors import SignalUnavailable
-from gateway.signals.mtd import MAX_BODY_BYTES, MtdReceiver, WebhookRejected
+from gateway.signals.mtd import MAX_BODY_BYTES, MtdReceiver, Partner, Verdict, WebhookRejected
 
 
 def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callable[[], datetime]) -> Starlette:
     async def events(request: Request) -> JSONResponse:
+        now = clock()
         try:
-            partner, body = await _authenticated(request, receiver, clock())
-            verdicts, ignored = receiver.verdicts(body)
+            partner, body = await _authenticated(request, receiver, now)
+            sent_at = datetime.fromtimestamp(int(request.headers["x-portcullis-timestamp"]), UTC)
+            verdicts, ignored = receiver.verdicts(body, sent_at=sent_at, now=now,
+                                                  tolerance_seconds=partner.tolerance_seconds)
         except WebhookRejected as rejected:
             return JSONResponse({"error": rejected.message}, status_code=rejected.status)
-        stored = await _stored_once(request, receiver, service.record_threat_verdicts, partner.name, verdicts, clock())
+
+        def record() -> list[str]:
+            """Oldest first, each group stored as reported at its own time (the store orders by it)."""
+            unknown: list[str] = []
+            for reported_at, group in _by_report_time(verdicts, now):
+                unknown += service.record_threat_verdicts(partner.name, group, reported_at)
+            return unknown
+
+        stored = await _stored_once(request, receiver, record)
         if isinstance(stored, JSONResponse):
             return stored
         return JSONResponse({"accepted": len(verdicts) - len(stored), "unknownDevices": stored,
@@ -75,11 +89,22 @@ async def _stored_once[T](request: Request, receiver: MtdReceiver, store: Callab
         raise
 
 
+def _by_report_time(verdicts: list[Verdict], now: datetime) -> Iterator[tuple[datetime, list[Verdict]]]:
+    """Verdicts grouped by report time, oldest first (within a time, in the order sent); a push
+    without verdicts is still one (empty) group: it counts as the partner's contact."""
+    if not verdicts:
+        yield now, []
+        return
+    ordered = sorted(verdicts, key=lambda v: v.reported_at or now)
+    for reported_at, group in itertools.groupby(ordered, key=lambda v: v.reported_at or now):
+        yield reported_at, list(group)
+
+
 def _not_stored(error: SignalUnavailable) -> JSONResponse:
     return JSONResponse({"error": f"not stored, retry: {error}"}, status_code=503, headers={"Retry-After": "5"})
 
 
-async def _authenticated(request: Request, receiver: MtdReceiver, now: datetime) -> tuple[object, bytes]:
+async def _authenticated(request: Request, receiver: MtdReceiver, now: datetime) -> tuple[Partner, bytes]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise WebhookRejected(413, f"body larger than {MAX_BODY_BYTES} bytes")
