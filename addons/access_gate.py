@@ -6,7 +6,7 @@ from __future__ import annotations
 from mitmproxy import http
 from mitmproxy.net.http import http1
 
-from addons.flows import CLIENT_IP_KEY, access_request
+from addons.flows import CLIENT_IP_KEY, FORWARDED_FOR_PROBLEM_KEY, access_request
 from addons.kiosk_proxy import KIOSK_KEY
 from addons.routing import HOST_KEY, UNPROTECTED_KEY
 from addons.safety import (
@@ -50,7 +50,9 @@ class AccessGate:
         flow.metadata[CLIENT_IP_KEY] = request.client_ip  # recordings replay it, not the proxy's address
         authorization = flow.request.headers.get_all("authorization")
         cookies = flow.request.headers.get_all("cookie")
-        if "trailer" in flow.request.headers:
+        if FORWARDED_FOR_PROBLEM_KEY in flow.metadata:
+            outcome = self.service.refuse(request, 400, flow.metadata[FORWARDED_FOR_PROBLEM_KEY])
+        elif "trailer" in flow.request.headers:
             outcome = self.service.refuse(request, 400, "request trailers are not accepted")
         elif folded_lines(flow.request.headers.fields):
             outcome = self.service.refuse(request, 400, "header values folded over several lines are not accepted")

@@ -13,6 +13,7 @@ from gateway.policy.model import AccessRequest
 logger = logging.getLogger(__name__)
 
 CLIENT_IP_KEY = "portcullis.client_ip"  # the address the decision was made for (a trusted proxy's client)
+FORWARDED_FOR_PROBLEM_KEY = "portcullis.forwarded_for_problem"  # a trusted proxy's X-Forwarded-For is broken
 AUTHORITY_KEY = "portcullis.authority"  # the Host header as the client sent it (Routing rewrites it)
 
 
@@ -24,12 +25,14 @@ def authority(host_header: str, host: str) -> str:
 
 def client_ip(flow: http.HTTPFlow, correlation_id: str, trusted_proxies: Sequence[Network] = ()) -> str:
     """The TCP peer, or, when the peer is one of ``gateway.trustedProxies``, the client its
-    X-Forwarded-For names. A trusted proxy's malformed header is logged and the peer used."""
+    X-Forwarded-For names. A trusted proxy's malformed header is logged and noted on the flow
+    (AccessGate refuses it with 400; the address returned is then the proxy's, for the log only)."""
     forwarded_for = flow.request.headers.get_all("x-forwarded-for")
     address, problem = client_address(flow.client_conn.peername[0], forwarded_for, trusted_proxies)
     if problem is not None:
-        logger.warning("[%s] %s: %.200r from %s; deciding on the proxy's own address", correlation_id, problem,
+        logger.warning("[%s] %s: %.200r from %s; refusing the request", correlation_id, problem,
                        ", ".join(forwarded_for), address)
+        flow.metadata[FORWARDED_FOR_PROBLEM_KEY] = problem
     return address
 
 

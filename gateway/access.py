@@ -341,7 +341,7 @@ class AccessService:
             if isinstance(identity, RejectedToken):
                 return self._unauthenticated(request, identity, now)
             if session is not None and authorization:  # both: the bearer token decides, if the cookie agrees
-                if (session.identity.subject, session.identity.tenant_id) != (identity.subject, identity.tenant_id):
+                if _user_key(session.identity) != _user_key(identity):
                     return self.refuse(request, 400, "the bearer token and the session cookie name different users")
                 session = None
             device = await self._device_signals(rules, identity, request)
@@ -510,6 +510,11 @@ def decide(rules: Rules, request: AccessRequest, identity: Identity, device: Dev
     if restriction:
         decision = replace(decision, result=DecisionResult.block, status_code=403, reason=restriction)
     return Decided(decision, app, restriction=restriction)
+
+
+def _user_key(identity: Identity) -> tuple[str | None, str | None]:
+    """Who a token names across apps: Entra's ``sub`` is pairwise (one per app), ``oid`` is not."""
+    return (identity.object_id or identity.subject, identity.tenant_id)
 
 
 def _access_token_in_query(target: str) -> bool:

@@ -153,24 +153,26 @@ def client_address(peer: str, forwarded_for: Sequence[str],
     the client's X-Forwarded-For was not usable (None when it was, or was not looked at).
 
     Only a peer inside ``gateway.trustedProxies`` is believed: then X-Forwarded-For is read from the
-    right, skipping addresses of trusted proxies, and the first other address is the client (every
-    address left of it was written by someone the gateway does not trust). A malformed header from a
-    trusted proxy is not guessed at: the peer is the client (fail safe)."""
+    right, skipping addresses of trusted proxies, and the first other address is the client; what
+    lies left of it was written by the client and is never even parsed (oauth2-proxy
+    GHSA-7x63-xv5r-3p2x). A malformed entry among those the trusted proxies wrote is not guessed at:
+    the problem is returned and the caller refuses the request, never deciding on the proxy's own
+    address (which may sit in a trusted named location)."""
     try:
         address = _address(peer)
     except ValueError:
         return peer, None
     if not trusted_proxies or not _trusted(address, trusted_proxies) or not forwarded_for:
         return str(address), None
-    entries = [entry for value in forwarded_for for entry in value.split(",")]
-    try:
-        chain = [_address(entry) for entry in entries]
-    except ValueError:
-        return str(address), "X-Forwarded-For from a trusted proxy is not a list of addresses"
-    for hop in reversed(chain):
+    hop = address
+    for entry in reversed([entry for value in forwarded_for for entry in value.split(",")]):
+        try:
+            hop = _address(entry)
+        except ValueError:
+            return str(address), "X-Forwarded-For from a trusted proxy is not a list of addresses"
         if not _trusted(hop, trusted_proxies):
             return str(hop), None
-    return str(chain[0]), None  # every hop is a trusted proxy: the farthest one is the client
+    return str(hop), None  # every hop is a trusted proxy: the farthest one is the client
 
 
 COOKIE_NAMESPACE = "portcullis-"  # the gateway's cookies: __Host-portcullis-session, __Host-portcullis-signin

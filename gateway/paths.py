@@ -13,13 +13,14 @@ as an unencoded overlong ``\\xc0\\xae``, are decoded differently by each server.
 (``%3f``) is refused: a proxy or rewrite rule that decodes the path before splitting off the
 query would cut the path short, and a shorter path can match another resource. Compatibility
 forms that Windows' best-fit mapping turns into ASCII (fullwidth ``．``, ``／``, ``＼``) are checked
-as that ASCII too.
+as that ASCII too: no separator and no dot segment may appear that way (other fullwidth punctuation,
+common in CJK file names, stays usable).
 
 Exchange's explicit logon (ProxyShell, ProxyNotShell) rewrites the URL when Autodiscover's
 ``Email`` parameter names ``autodiscover.json``: ``/autodiscover/autodiscover.json?@x/mapi/nspi/``
 then reaches ``/mapi/nspi/`` behind a rule matched for Autodiscover. A query naming
 ``autodiscover.json`` in any encoding, or a segment that extends it (``autodiscover.json@x``), is
-refused.
+refused under ``/autodiscover/``.
 
 What is left decodes one way only, so matching the decoded path and forwarding the original
 target address the same resource.
@@ -58,7 +59,7 @@ def canonical_path(target: str) -> str | None:
     if not _plain_segments(decoded) or _explicit_logon(decoded, query):
         return None
     folded = unicodedata.normalize("NFKC", decoded)
-    if folded != decoded and (any(folded.count(c) != decoded.count(c) for c in "/\\;?%#")
+    if folded != decoded and (any(folded.count(c) != decoded.count(c) for c in "/\\")
                               or not _plain_segments(folded)):
         return None
     return decoded
@@ -77,7 +78,11 @@ def _plain_segments(decoded: str) -> bool:
 
 
 def _explicit_logon(decoded: str, query: str) -> bool:
-    """The shapes Exchange's explicit-logon rewrite reads as another path (see the module docstring)."""
+    """The shapes Exchange's explicit-logon rewrite reads as another path (see the module docstring).
+    Only under ``/autodiscover/``, its entry point: elsewhere the name is just a name (a SharePoint
+    file ``autodiscover.json.bak``, a search for it)."""
+    if decoded.lower().split("/")[1] != "autodiscover":
+        return False
     if any(EXPLICIT_LOGON in segment and segment != EXPLICIT_LOGON for segment in decoded.lower().split("/")):
         return True
     for _ in range(MAX_QUERY_DECODINGS):

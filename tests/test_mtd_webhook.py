@@ -8,7 +8,7 @@ import socket
 import ssl
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -173,14 +173,19 @@ def test_a_captured_signature_cannot_be_reused_in_another_spelling(gateway: Gate
 class FlakyService:
     """The webhook's one dependency, failing its first store as a locked database would."""
 
-    def __init__(self) -> None:
-        self.calls = 0
+    def __init__(self, failures: int = 1) -> None:
+        self.calls, self.failures = 0, failures
+        self.stored: list[tuple[str, object]] = []  # ("verdicts" | "contact", the time it was stored at)
 
     def record_threat_verdicts(self, partner: str, verdicts: list[object], now: object) -> list[str]:
         self.calls += 1
-        if self.calls == 1:
+        if self.calls <= self.failures:
             raise SignalUnavailable("database is locked")
+        self.stored.append(("verdicts", now))
         return []
+
+    def record_partner_contact(self, partner: str, now: object) -> None:
+        self.stored.append(("contact", now))
 
 
 def test_a_push_that_could_not_be_stored_gets_503_and_its_retry_is_accepted() -> None:
@@ -196,3 +201,25 @@ def test_a_push_that_could_not_be_stored_gets_503_and_its_retry_is_accepted() ->
         retried = client.post("/mtd/acme/events", content=body, headers=headers)
         replayed = client.post("/mtd/acme/events", content=body, headers=headers)
     assert (failed.status_code, retried.status_code, replayed.status_code) == (503, 202, 409)
+
+
+def test_a_push_reporting_an_old_event_still_counts_as_contact_now() -> None:
+    """Verdicts are ordered by the time they report, but the partner was heard from when the push
+    arrived: stored at the report time, an old event would make the partner look unresponsive and
+    every verdict of it be ignored."""
+    from starlette.testclient import TestClient
+
+    arrived = datetime.now(UTC).replace(microsecond=0)
+    reported = arrived - timedelta(days=8)
+    service = FlakyService(failures=0)
+    receiver = MtdReceiver({"acme": Partner("acme", MTD_SECRET.encode(), 300, 3600)})
+    app = mtd_webhook_app(receiver, service, lambda: arrived)  # type: ignore[arg-type]
+    ts = str(int(arrived.timestamp()))
+    body = json.dumps({"events": [{"deviceId": ALEX_IPHONE, "threatLevel": "high",
+                                   "reportedDateTime": reported.isoformat()}]})
+    headers = {"Content-Type": "application/json", "X-Portcullis-Timestamp": ts,
+               "X-Portcullis-Signature": sign(MTD_SECRET.encode(), ts, body.encode())}
+    with TestClient(app) as client:
+        assert client.post("/mtd/acme/events", content=body, headers=headers).status_code == 202
+    assert ("verdicts", reported) in service.stored
+    assert ("contact", arrived) in service.stored

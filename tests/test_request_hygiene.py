@@ -30,6 +30,17 @@ from gateway.paths import canonical_path
         ("/owa/%zz", None),
         ("owa/", None),
         ("*", None),
+        # CJK file names use fullwidth punctuation: only fullwidth separators and dots are refused
+        ("/sites/x/Shared%20Documents/%E3%81%AA%E3%81%9C%EF%BC%9F.docx", "/sites/x/Shared Documents/なぜ？.docx"),
+        ("/sites/x/%EF%BC%85%E5%A2%97.xlsx", "/sites/x/％増.xlsx"),
+        ("/owa/%EF%BC%8Fecp", None),
+        ("/owa/%EF%BC%8E%EF%BC%8E/ecp", None),
+        # autodiscover.json is Exchange's explicit-logon trigger only under /autodiscover/
+        ("/sites/x/Shared%20Documents/autodiscover.json.bak", "/sites/x/Shared Documents/autodiscover.json.bak"),
+        ("/search/results.aspx?k=autodiscover.json", "/search/results.aspx"),
+        ("/autodiscover/autodiscover.json.bak", None),
+        ("/Autodiscover/autodiscover.json?@evil.test/mapi/nspi/?&Email=autodiscover/autodiscover.json%3F@evil.test",
+         None),
     ],
 )
 def test_canonical_path_or_refusal(target: str, expected: str | None) -> None:

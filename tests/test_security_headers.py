@@ -194,10 +194,10 @@ class TestBehindATrustedLoadBalancer:
             pytest.param(["::ffff:10.20.1.2"], HEAD_OFFICE, True, id="IPv4-mapped IPv6"),
             pytest.param(["192.0.2.7"], "192.0.2.7", False, id="every hop trusted: the farthest is the client"),
             pytest.param([], "127.0.0.1", False, id="no header: the peer"),
-            pytest.param([f"{HEAD_OFFICE}, not-an-address"], "127.0.0.1", False, id="malformed: the peer"),
-            pytest.param([f"{HEAD_OFFICE},,192.0.2.7"], "127.0.0.1", False, id="empty element: the peer"),
-            pytest.param([f"{HEAD_OFFICE}:http"], "127.0.0.1", False, id="port that is not a number: the peer"),
-            pytest.param([f"for={HEAD_OFFICE}"], "127.0.0.1", False, id="Forwarded syntax: the peer"),
+            pytest.param(["not-an-address, 203.0.113.9"], "203.0.113.9", False,
+                         id="garbage left of the client is the client's own and never parsed"),
+            pytest.param([f"{HEAD_OFFICE}, garbage, 203.0.113.9"], "203.0.113.9", False,
+                         id="garbage and a head-office claim left of the client change nothing"),
         ],
     )
     def test_a_trusted_proxy_names_the_client_for_policy_the_log_and_the_upstream(
@@ -213,9 +213,28 @@ class TestBehindATrustedLoadBalancer:
         assert (location(record) == "head-office") is head_office
         assert policy_result(record, "mfa-outside-head-office") == ("reportOnlyNotApplied" if head_office
                                                                      else "reportOnlyFailure")
+        assert not [r for r in caplog.records if "X-Forwarded-For from a trusted proxy" in r.getMessage()]
+
+    @pytest.mark.parametrize("forwarded", [
+        pytest.param([f"{HEAD_OFFICE}, not-an-address"], id="malformed"),
+        pytest.param([f"{HEAD_OFFICE},,192.0.2.7"], id="empty element"),
+        pytest.param([f"{HEAD_OFFICE}:http"], id="port that is not a number"),
+        pytest.param([f"for={HEAD_OFFICE}"], id="Forwarded syntax"),
+        pytest.param(["unknown"], id="nginx's unknown"),
+    ])
+    def test_a_trusted_proxys_malformed_x_forwarded_for_is_refused_not_decided_on_the_proxys_address(
+            self, behind_a_load_balancer: Gateway, caplog: pytest.LogCaptureFixture, forwarded: list[str]) -> None:
+        """Deciding on the proxy's own address would hand any client the proxy's named location."""
+        caplog.set_level(logging.WARNING, logger="addons.flows")
+        head = "".join(f"X-Forwarded-For: {value}\r\n" for value in forwarded)
+        answer = raw_post(behind_a_load_balancer, head)
+        assert answer.startswith("HTTP/1.1 400"), answer[:200]
+        assert "backend" not in answer and "receivedHeaders" not in answer
+        correlation_id = json.loads(answer.partition("\r\n\r\n")[2])["correlationId"]
+        record = behind_a_load_balancer.decision(correlation_id)
+        assert "X-Forwarded-For from a trusted proxy" in record["status"]["failureReason"]
         warned = [r for r in caplog.records if "X-Forwarded-For from a trusted proxy" in r.getMessage()]
-        assert bool(warned) is (client == "127.0.0.1" and bool(forwarded))
-        assert all(received["x-portcullis-correlation-id"] in r.getMessage() for r in warned)
+        assert warned and all(correlation_id in r.getMessage() for r in warned)
 
     @pytest.mark.parametrize(("name", "value"), [pytest.param(n, v, id=n) for n, v in FORWARDING
                                                  if fold(n) != "x-forwarded-for"])
@@ -271,6 +290,8 @@ def _with_trusted_proxies(tmp_path: Path, entries: list[str]) -> Path:
                                                              "of addresses"), id="nginx's unknown"),
         pytest.param("127.0.0.1", ["[2001:db8::1"], ("127.0.0.1", "X-Forwarded-For from a trusted proxy is not a "
                                                                    "list of addresses"), id="unclosed bracket"),
+        pytest.param("127.0.0.1", ["garbage, 203.0.113.9"], ("203.0.113.9", None),
+                     id="left of the client: never parsed"),
     ],
 )
 def test_client_address_reads_x_forwarded_for_from_the_right(peer: str, forwarded: list[str],

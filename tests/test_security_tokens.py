@@ -779,6 +779,8 @@ def test_a_bearer_token_and_a_session_cookie_must_name_the_same_user(gateway: Ga
         same = with_cookie(cookie)
         forwarded(same)
         assert COOKIE_NAME not in same.json()["receivedHeaders"].get("cookie", "")
+    pairwise = with_cookie(alex_cookie, outlook_token(gateway, extra={"sub": "pairwise-sub-of-outlook"}))
+    forwarded(pairwise)  # Entra's sub differs per app: the same oid is the same user
     refused_401(with_cookie(alex_cookie, outlook_token(gateway, lifetime=-600)), "token expired")
 
 

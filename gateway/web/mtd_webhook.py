@@ -40,6 +40,7 @@ def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callab
         def record() -> list[str]:
             """Oldest first, each group stored as reported at its own time (the store orders by it)."""
             unknown: list[str] = []
+            service.record_partner_contact(partner.name, now)  # heard from now, whatever time it reports
             for reported_at, group in _by_report_time(verdicts, now):
                 unknown += service.record_threat_verdicts(partner.name, group, reported_at)
             return unknown
