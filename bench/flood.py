@@ -57,6 +57,7 @@ from throughput import (  # noqa: E402  (bench/ is not a package: run as a scrip
     make_certificates,
     memory_kib,
     mint_token,
+    run_guarded,
     start_nginx,
     start_portcullis,
     write_devices,
@@ -227,14 +228,7 @@ def run(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return run(parse_arguments(argv))
-    except BenchError as error:
-        print(f"flood: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: servers stopped", file=sys.stderr)
-        return 130
+    return run_guarded("flood", run, parse_arguments(argv))
 
 
 if __name__ == "__main__":

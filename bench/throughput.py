@@ -41,7 +41,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1086,17 +1086,22 @@ def report(rows: list[Row], cold: list[ColdRun], targets: list[Target],
         print(profile if isinstance(profile, str) else "\n".join(profile_lines(*profile)))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_arguments(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: every server is stopped
+def run_guarded[S](name: str, run: Callable[[S], int], settings: S) -> int:
+    """A bench's exit code: its own, 1 with the reason for a BenchError, 130 on Ctrl-C; SIGTERM
+    unwinds the same way, so every server it started is stopped."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return run(settings)
     except BenchError as error:
-        print(f"throughput: {error}", file=sys.stderr)
+        print(f"{name}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: servers stopped", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_guarded("throughput", run, parse_arguments(argv))
 
 
 if __name__ == "__main__":
