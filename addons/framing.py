@@ -6,6 +6,7 @@ a deadline for request heads, keep-alive pauses and request bodies, which mitmpr
 wrapping the connection's stream reader when the client connects, and it refuses protocol upgrades
 before any decision: the gateway forwards HTTP only (``websocket`` and ``rawtcp`` are off), so an
 ``Upgrade: h2c`` is 400 and a WebSocket handshake 501, never a tunnel to an upstream.
+``PassThroughDeadline`` tells it which kiosk tunnels carry no HTTP (and so have no client deadline).
 
 ``UpstreamFraming`` runs after AccessGate, on requests that will be forwarded. An HTTP/2 request
 needs no Content-Length; mitmproxy forwards such a body to an HTTP/1.1 upstream with no framing at
@@ -21,7 +22,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from mitmproxy import connection, ctx, http, tcp
+from mitmproxy import connection, ctx, http, tcp, tls
 from mitmproxy.addons import proxyserver
 
 from addons.safety import fail_closed, respond
@@ -88,7 +89,8 @@ class RequestFraming:
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._change(flow, lambda d: d.head_received(flow.id))
+        multiplexed = not flow.request.http_version.startswith("HTTP/1")
+        self._change(flow, lambda d: d.head_received(flow.id, multiplexed=multiplexed))
         if flow.response or flow.error or not flow.live:
             return
         upgrade = flow.request.headers.get("upgrade")
@@ -115,14 +117,32 @@ class RequestFraming:
         self._change(flow, lambda d: d.restart_head(asyncio.get_running_loop().time()))
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
-        """A kiosk's pass-through tunnel carries no HTTP to time (mitmproxy's idle timeout remains)."""
-        self._change(flow, lambda d: setattr(d, "tunnel", True))
+        """A TCP flow carries no HTTP to time (mitmproxy's idle timeout remains)."""
+        self.tunnel(flow.client_conn)
 
-    def _change(self, flow: http.HTTPFlow | tcp.TCPFlow, change: Callable[[framing.ClientDeadline], None]) -> None:
-        reader = self.readers.get(flow.client_conn.id)
+    def tunnel(self, client: connection.Client) -> None:
+        self._change(client, lambda d: setattr(d, "tunnel", True))
+
+    def _change(self, flow: http.HTTPFlow | tcp.TCPFlow | connection.Client,
+                change: Callable[[framing.ClientDeadline], None]) -> None:
+        client = flow if isinstance(flow, connection.Client) else flow.client_conn
+        reader = self.readers.get(client.id)
         if reader is not None:
             change(reader.deadline)
             reader.rearm()
+
+
+class PassThroughDeadline:
+    """Runs after KioskProxy: a kiosk's pass-through tunnel (``ignore_connection``, decided on the
+    ClientHello) creates no flow, so no ``tcp_start`` tells RequestFraming that the connection
+    carries no HTTP, and the head deadline of its CONNECT would cut sign-in traffic while busy."""
+
+    def __init__(self, request_framing: RequestFraming) -> None:
+        self.request_framing = request_framing
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if data.ignore_connection:
+            self.request_framing.tunnel(data.context.client)
 
 
 class UpstreamFraming:

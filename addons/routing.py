@@ -119,8 +119,11 @@ class Routing:
                 (*headers, ("Connection", "close")) if close else headers)
 
     def _service_flow(self, flow: http.HTTPFlow, endpoints: str, host: str) -> None:
-        """The gateway's own endpoints: small bodies only, buffered, never streamed upstream."""
-        declared = flow.request.headers.get("content-length", "0")
+        """The gateway's own endpoints: small bodies only, buffered, never streamed upstream. An HTTP/2
+        request needs no content-length; one that may carry a body must declare it here (411)."""
+        request = flow.request
+        bodyless = request.http_version.startswith("HTTP/1") or request.method in ("GET", "HEAD")
+        declared = request.headers.get("content-length", "0" if bodyless else "")
         if "transfer-encoding" in flow.request.headers or not declared.isdigit():
             respond(flow, 411, b'{"error": "length_required"}', PLAINTEXT_ANSWER)
         elif int(declared) > MAX_BODY_BYTES:

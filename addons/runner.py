@@ -28,7 +28,7 @@ from addons import strict_http
 from addons.access_gate import AccessGate
 from addons.continuous_access import ContinuousAccess
 from addons.drain import Drain
-from addons.framing import RequestFraming, UpstreamFraming
+from addons.framing import PassThroughDeadline, RequestFraming, UpstreamFraming
 from addons.kiosk_proxy import KioskProxy
 from addons.recorded_flows import record_flows
 from addons.routing import Routing
@@ -57,6 +57,10 @@ logger = logging.getLogger(__name__)
 # http:// because a reverse:https:// mode also listens on UDP (QUIC), which no gateway needs and
 # which cannot be shared by workers; the client side is TLS either way (a ClientHello is TLS).
 PLACEHOLDER_UPSTREAM = "http://upstream.invalid:80"
+# mitmproxy's idle timeout (no byte either way) is the only limit while an answer is owed, and an
+# ActiveSync Ping is owed its answer for up to its HeartbeatInterval (at most 3540 s). The client's
+# own time limits (head, keep-alive, body) are RequestFraming's deadlines.
+IDLE_TIMEOUT_SECONDS = 3540 + 120
 
 
 class Ready:
@@ -83,6 +87,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
     master = Master(opts, with_termlog=False)
     ready = Ready()
     strict_http.install()  # strict request framing in mitmproxy's HTTP/1 layer (see addons/strict_http.py)
+    request_framing = RequestFraming(client_limits(settings.client_limits))
     master.addons.add(
         drain or Drain(),
         core.Core(),
@@ -90,12 +95,13 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         next_layer.NextLayer(),
         tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(),
-        RequestFraming(client_limits(settings.client_limits)),  # first: client deadlines, upgrades refused
+        request_framing,  # first: client deadlines, upgrades refused
         Routing(service),
         AccessGate(service),
         ContinuousAccess(service),
         SessionEnforcement(service),
         KioskProxy(service),
+        PassThroughDeadline(request_framing),  # after KioskProxy: its pass-through tunnels have no head deadline
         UpstreamFraming(),  # last in requestheaders: sees every refusal and every request to forward
         ready,
     )
@@ -119,6 +125,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         websocket=False,
         stream_large_bodies="1m",
         validate_inbound_headers=True,
+        tcp_timeout=IDLE_TIMEOUT_SECONDS,
     )
     return master, ready
 

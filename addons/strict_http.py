@@ -8,9 +8,10 @@ client sends while it waits. So the gateway replaces two classes of mitmproxy's 
   parses it, reads chunked bodies with a strict reader, bounds what it buffers (mitmproxy's own
   reader notes "FIXME: protect against header size DoS"), and answers a refusal with Portcullis'
   JSON 400/414/431 and ``Connection: close`` instead of mitmproxy's page.
-- ``StrictHttpStream`` answers a request refused at its headers right away and drops its body
-  unread. mitmproxy would first buffer the body, and once it passes ``stream_large_bodies`` raise
-  "Can't set a response and enable streaming at the same time" and leave the client hanging.
+- ``StrictHttpStream`` answers a request refused at its headers right away and discards its body
+  (never buffered or forwarded). mitmproxy would first buffer the body, and once it passes
+  ``stream_large_bodies`` raise "Can't set a response and enable streaming at the same time" and
+  leave the client hanging.
 
 ``install()`` puts them in place for the process (mitmproxy looks both names up in its HTTP layer
 module each time it builds one), like ``runner._listen_with_reuse_port`` does for SO_REUSEPORT.
@@ -104,22 +105,34 @@ class StrictChunkedReader:
         raise h11.RemoteProtocolError("peer closed connection without sending complete chunked body")
 
 
-def _may_decide(buffered: int, received: bytes) -> bool:
-    """Whether the head check can have a new answer, without copying the buffer for every byte
-    of a slow client: a head completes only with a LF, and grows too large by crossing a bound.
-    An empty ``received`` replays what a pipelining client sent earlier."""
-    before = buffered - len(received)
-    return not received or b"\n" in received or any(
-        before <= bound < buffered for bound in (framing.MAX_REQUEST_LINE_BYTES, framing.MAX_REQUEST_HEAD_BYTES))
+_BOUNDS = (framing.MAX_EMPTY_LINE_BYTES, framing.MAX_REQUEST_LINE_BYTES + 2, framing.MAX_REQUEST_HEAD_BYTES)
+
+
+def _may_decide(buffered: bytearray, received: bytes) -> bool:
+    """Whether the head check (which reads the whole buffer) can have a new answer: a head end
+    arrived, or the buffer crossed a size bound. Only the new bytes are searched, so a head sent a
+    few bytes a read costs linear time. An empty ``received`` replays what a pipelining client sent
+    earlier. Until then no head is complete: mitmproxy's parser has nothing to take."""
+    before = len(buffered) - len(received)
+    return not received or framing.HEAD_END.search(buffered, max(0, before - 2)) is not None or any(
+        before <= bound < len(buffered) for bound in _BOUNDS)
 
 
 class StrictHttp1Server(Http1Server):
     def read_headers(self, event: events.ConnectionEvent) -> Commands:
-        if isinstance(event, events.DataReceived) and _may_decide(len(self.buf), event.data):
-            refusal = framing.request_head_refusal(bytes(self.buf))
+        if isinstance(event, events.DataReceived):
+            buffered = self.buf._data  # h11's buffer, read in place (no copy for every read)
+            if not _may_decide(buffered, event.data):
+                return
+            refusal = framing.request_head_refusal(bytes(buffered))
             if refusal is not None:
                 yield from self._refuse(refusal)
                 return
+            empty = framing.empty_line_bytes(buffered)
+            if empty == len(buffered):
+                return  # only empty lines yet: kept, so that too many of them meet the bound
+            # checked above: CRLFs only. h11 drops one per read and waits for more data meanwhile
+            self.buf.maybe_extract_at_most(empty)
         yield from super().read_headers(event)
 
     def read_body(self, event: events.Event) -> Commands:
@@ -160,22 +173,28 @@ class StrictHttpStream(http_layer.HttpStream):
             yield from self._answer_now()
 
     def _answer_now(self) -> Commands:
-        """The answer goes out before the body is read; an HTTP/1 connection closes once the body
-        has been drained (or the client's body deadline ends it)."""
+        """The answer goes out before the body is read. An HTTP/1 connection closes once the body
+        has been read and discarded (or the client's body deadline ends it). An HTTP/2 stream is
+        ended and dropped at once: mitmproxy would end it only after the whole body, and the client
+        may wait for the answer's end before it sends more; what it still sends is discarded."""
         assert self.flow.response is not None  # noqa: S101  (checked by the caller)
         self.answered_early = True
-        if self.flow.request.http_version.startswith("HTTP/1"):
+        http1 = self.flow.request.http_version.startswith("HTTP/1")
+        if http1:
             self.flow.response.headers["connection"] = "close"
         self.flow.response.timestamp_start = time.time()
         yield HttpResponseHeadersHook(self.flow)
         if (yield from self.check_killed(True)):
             return
         yield from self.send_response()
+        if not http1 and self.flow.response is not None and self.server_state == self.state_done:
+            self.client_state = self.state_errored  # the rest of the body: dropped, never an error
+            yield from self.flow_done()
 
     def state_consume_request_body(self, event: events.Event) -> Commands:
         if not self.answered_early:
             yield from super().state_consume_request_body(event)
-        elif isinstance(event, RequestEndOfMessage):  # data and trailers before it are dropped unread
+        elif isinstance(event, RequestEndOfMessage):  # data and trailers before it are discarded
             self.client_state = self.state_done
             if self.server_state == self.state_done:
                 yield from self.flow_done()

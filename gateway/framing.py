@@ -35,6 +35,7 @@ from enum import StrEnum
 
 from gateway.headers import MAX_HEADER_BYTES
 
+MAX_EMPTY_LINE_BYTES = 8  # empty lines (CRLF) before a request line: RFC 9112 §2.2 asks to ignore at least one
 MAX_REQUEST_LINE_BYTES = 8 * 1024  # IIS accepts 4 KiB URLs (16 KiB with the query); nginx 8 KiB lines
 MAX_REQUEST_HEAD_BYTES = MAX_REQUEST_LINE_BYTES + MAX_HEADER_BYTES + 2  # any head that passes Routing's 431 check
 MAX_UNREAD_BYTES = 256 * 1024  # what a client may send ahead of the answer it waits for (pipelining)
@@ -49,7 +50,8 @@ _CONTENT_LENGTH = re.compile(rb"0|[1-9][0-9]{0,18}")
 _QUOTED = rb'"[^"\\\x00-\x08\x0a-\x1f\x7f]*"'  # a quoted-string without escapes
 _CHUNK_EXTENSION = rb";" + _TOKEN + rb"(?:=(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?"
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:" + _CHUNK_EXTENSION + rb")*\r\n")
-_HEAD_END = re.compile(rb"\n\r?\n")  # where mitmproxy (h11's ReceiveBuffer) takes a request head to end
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
+HEAD_END = re.compile(rb"\n\r?\n")  # where mitmproxy (h11's ReceiveBuffer) takes a request head to end
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,18 +73,26 @@ HEAD_TOO_LARGE = Refusal(431, "request_header_fields_too_large",
 LINE_TOO_LONG = Refusal(414, "uri_too_long", f"request line longer than {MAX_REQUEST_LINE_BYTES // 1024} KiB")
 
 
+def empty_line_bytes(buffered: bytes | bytearray) -> int:
+    """How many CR and LF bytes open ``buffered`` (counted up to one past the bound, never further)."""
+    match = _EMPTY_LINES.match(buffered, 0, MAX_EMPTY_LINE_BYTES + 1)
+    return match.end() if match else 0
+
+
 def request_head_refusal(buffered: bytes) -> Refusal | None:
     """Why the request head at the start of ``buffered`` is refused, or None: acceptable, or not
-    complete yet and still within bounds. Leading empty lines (CRLF) are allowed, as RFC 9112 asks."""
-    start = len(buffered) - len(buffered.lstrip(b"\r\n"))
+    complete yet and still within bounds. A few empty lines (CRLF) may come first, as RFC 9112 asks;
+    the size bounds count them, so a buffer that only grows always meets one."""
+    start = empty_line_bytes(buffered)
+    if start > MAX_EMPTY_LINE_BYTES:
+        return bad_request(f"more than {MAX_EMPTY_LINE_BYTES // 2} empty lines before the request line")
     if buffered[:start].replace(b"\r\n", b""):
         return bad_request("request head has bare CR or LF line endings")
-    end = _HEAD_END.search(buffered, start)
+    end = HEAD_END.search(buffered, start)
     if end is None:
-        if b"\n" not in buffered[start:start + MAX_REQUEST_LINE_BYTES + 2] and \
-                len(buffered) - start > MAX_REQUEST_LINE_BYTES + 2:
+        if len(buffered) > MAX_REQUEST_LINE_BYTES + 2 and b"\n" not in buffered[start:MAX_REQUEST_LINE_BYTES + 2]:
             return LINE_TOO_LONG
-        return HEAD_TOO_LARGE if len(buffered) - start > MAX_REQUEST_HEAD_BYTES else None
+        return HEAD_TOO_LARGE if len(buffered) > MAX_REQUEST_HEAD_BYTES else None
     head = buffered[start:end.end()]
     if len(head) > MAX_REQUEST_HEAD_BYTES:
         return HEAD_TOO_LARGE
@@ -188,12 +198,14 @@ class ClientDeadline:
     """What one client connection owes the gateway, and by when (times from one monotonic clock).
 
     HTTP/2 multiplexes: the connection is in BODY while any request body is open and in ANSWER
-    while any answer is owed. Body time counts only while the gateway waits to read (not while it
-    waits for an upstream to take what it already read)."""
+    while any answer is owed; between requests its frames (PING, WINDOW_UPDATE, SETTINGS) start no
+    request, so it stays IDLE until the next request's headers. Body time counts only while the
+    gateway waits to read (not while it waits for an upstream to take what it already read)."""
 
     limits: ClientLimits
     since: float  # when the current HEAD or IDLE phase began
     tunnel: bool = False
+    multiplexed: bool = False  # HTTP/2: bytes while IDLE are frames, not the start of a request head
     bodies: set[str] = field(default_factory=set)
     requests: set[str] = field(default_factory=set)
     idle: bool = False
@@ -231,11 +243,12 @@ class ClientDeadline:
         if self.phase is Phase.BODY and self.read_since is not None:
             self.waited += now - self.read_since
             self.body_bytes += received
-        elif self.phase is Phase.IDLE and received:
+        elif self.phase is Phase.IDLE and received and not self.multiplexed:
             self.idle, self.since = False, now  # a new request begins: the head deadline runs
         self.read_since = None
 
-    def head_received(self, request: str) -> None:
+    def head_received(self, request: str, *, multiplexed: bool = False) -> None:
+        self.multiplexed = multiplexed
         if not self.bodies:
             self.body_bytes, self.waited = 0, 0.0
         self.requests.add(request)

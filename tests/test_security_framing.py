@@ -29,10 +29,16 @@ import h2.connection
 import h2.events
 import h11
 import mitmproxy.ctx
+import mitmproxy.options
 import pytest
+from mitmproxy import connection
+from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from ruamel.yaml import YAML
 
 from addons.runner import running_gateway
+from addons.strict_http import StrictHttp1Server
 from gateway import bootstrap, framing
 from gateway.demo import ALEX_IPHONE
 from gateway.signals.mtd import sign
@@ -295,6 +301,25 @@ def test_malformed_request_lines_are_refused_and_closed(framed: Framed, request_
     assert_refused(exchange(framed.gateway, request_bytes), status, framed.upstream, mark)
 
 
+@pytest.mark.parametrize(("empty_lines", "status"), [
+    pytest.param(1, 200, id="one, in the same write as the request"),
+    pytest.param(4, 200, id="four"),
+    pytest.param(5, 400, id="five"),
+    pytest.param(65_536, 400, id="128 KiB of them, more than any head"),
+])
+def test_empty_lines_before_a_request_are_bounded(framed: Framed, empty_lines: int, status: int) -> None:
+    """RFC 9112 asks a server to ignore at least one empty line before a request line; the gateway
+    ignores up to four and answers at once, and refuses more instead of buffering them."""
+    mark = framed.upstream.mark()
+    head = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(framed.gateway)}\r\n\r\n"
+    answer = exchange(framed.gateway, b"\r\n" * empty_lines + head.encode(), wait=3)
+    if status == 200:
+        assert answer.status == 200 and '"target": "/owa/"' in answer.text, answer.text[:300]
+    else:
+        assert_refused(answer, 400, framed.upstream, mark)
+        assert "empty lines" in answer.text
+
+
 CHUNK_ATTACKS = [
     pytest.param(b"0x5\r\nhello\r\n0\r\n\r\n", id="size 0x5 (alone: closed, no answer)"),
     pytest.param(b"+5\r\nhello\r\n0\r\n\r\n", id="size +5 (alone: closed, no answer)"),
@@ -493,20 +518,29 @@ def test_what_a_client_sends_ahead_of_its_answer_is_bounded(framed: Framed) -> N
     assert answer.closed and "HTTP/1.1 200" not in answer.text, answer.text[:200]
 
 
-def h2_exchange(gateway: Gateway, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> tuple[int | None, bytes]:
-    """One HTTP/2 request sent without the client library's own checks (the body as flow control
-    allows): the answer's status (None when the gateway reset the stream or ended the connection)
-    and its body."""
+@contextlib.contextmanager
+def h2_to(gateway: Gateway, host: str = MAIL) -> Iterator[tuple[ssl.SSLSocket, h2.connection.H2Connection]]:
+    """An HTTP/2 connection (preface sent) whose client library does not check what the test sends."""
     context = ssl.create_default_context()
     gateway.ca.configure_trust(context)
     context.set_alpn_protocols(["h2"])
     config = h2.config.H2Configuration(client_side=True, validate_outbound_headers=False,
                                        normalize_outbound_headers=False, validate_inbound_headers=False)
-    conn, status, data, sent = h2.connection.H2Connection(config), None, b"", 0
+    conn = h2.connection.H2Connection(config)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
-            context.wrap_socket(raw, server_hostname=MAIL) as tls:
+            context.wrap_socket(raw, server_hostname=host) as tls:
         assert tls.selected_alpn_protocol() == "h2"
         conn.initiate_connection()
+        tls.sendall(conn.data_to_send())
+        yield tls, conn
+
+
+def h2_exchange(gateway: Gateway, headers: list[tuple[bytes, bytes]], body: bytes = b"", *,
+                host: str = MAIL) -> tuple[int | None, bytes]:
+    """One HTTP/2 request, its body sent as flow control allows: the answer's status (None when the
+    gateway reset the stream or ended the connection) and its body."""
+    status, data, sent = None, b"", 0
+    with h2_to(gateway, host) as (tls, conn):
         conn.send_headers(1, headers, end_stream=not body)
         while True:
             while sent < len(body) and (room := min(conn.local_flow_control_window(1), conn.max_outbound_frame_size)):
@@ -526,9 +560,35 @@ def h2_exchange(gateway: Gateway, headers: list[tuple[bytes, bytes]], body: byte
                     return (None if isinstance(event, h2.events.StreamReset) else status), data
 
 
-def h2_request(gateway: Gateway, method: str = "POST", path: str = ACTIVESYNC) -> list[tuple[bytes, bytes]]:
-    return [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", MAIL.encode()),
-            (b":path", path.encode()), (b"authorization", f"Bearer {outlook_token(gateway)}".encode())]
+def h2_events(tls: ssl.SSLSocket, conn: h2.connection.H2Connection, seconds: float) -> list[str]:
+    """What the gateway sends within ``seconds``: h2 event names, "status N" for an answer's
+    status, and "closed" when it ends the connection (the wait then ends too)."""
+    seen, deadline = [], time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([tls], [], [], left)[0]:
+            break
+        try:
+            chunk = tls.recv(65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            return [*seen, "closed"]
+        for event in conn.receive_data(chunk):
+            seen.append(type(event).__name__)
+            if isinstance(event, h2.events.ResponseReceived):
+                seen.append(f"status {dict(event.headers)[b':status'].decode()}")
+            elif isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        with contextlib.suppress(OSError):
+            tls.sendall(conn.data_to_send())
+    return seen
+
+
+def h2_request(gateway: Gateway, method: str = "POST", path: str = ACTIVESYNC, *,
+               token: bool = True) -> list[tuple[bytes, bytes]]:
+    headers = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", MAIL.encode()),
+               (b":path", path.encode())]
+    return headers + ([(b"authorization", f"Bearer {outlook_token(gateway)}".encode())] if token else [])
 
 
 @pytest.mark.parametrize(("extra", "body"), [
@@ -574,6 +634,45 @@ def test_an_http2_request_without_body_is_forwarded_without_framing_headers(fram
     assert {"transfer-encoding", "content-length"}.isdisjoint(framed.upstream.requests[-1].headers)
 
 
+def test_an_http2_upload_refused_at_its_headers_gets_a_complete_answer(framed: Framed) -> None:
+    """No token, 100 kB declared, 1 kB sent: the 401 ends its stream at once (mitmproxy would end
+    it only once the whole body was read), and the connection goes on serving: a body the client
+    still sends on that stream is dropped, the next allowed request is answered."""
+    with h2_to(framed.gateway) as (tls, conn):
+        conn.send_headers(1, [*h2_request(framed.gateway, token=False), (b"content-length", b"100000")])
+        conn.send_data(1, b"a" * 1000)
+        tls.sendall(conn.data_to_send())
+        refused = h2_events(tls, conn, 3)
+        conn.send_data(1, b"a" * 1000)
+        conn.send_headers(3, h2_request(framed.gateway, "GET", "/owa/"), end_stream=True)
+        tls.sendall(conn.data_to_send())
+        allowed = h2_events(tls, conn, 3)
+    assert "status 401" in refused and "StreamEnded" in refused, refused
+    assert "status 200" in allowed and "closed" not in allowed, allowed
+
+
+def h2_push(body: bytes, *, declared: bool) -> list[tuple[bytes, bytes]]:
+    ts = str(int(time.time()))
+    return [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", SERVICE.encode()),
+            (b":path", b"/mtd/demo-mtd/events"), (b"content-type", b"application/json"),
+            (b"x-portcullis-timestamp", ts.encode()),
+            (b"x-portcullis-signature", sign(MTD_SECRET.encode(), ts, body).encode()),
+            *([(b"content-length", str(len(body)).encode())] if declared else [])]
+
+
+@pytest.mark.parametrize(("declared", "size", "status"), [
+    pytest.param(True, 0, 202, id="small, with content-length"),
+    pytest.param(False, 0, 411, id="small, without content-length"),
+    pytest.param(False, 2 * 1024 * 1024, 411, id="2 MiB without content-length"),
+])
+def test_http2_pushes_to_the_webhook_must_declare_their_length(framed: Framed, declared: bool, size: int,
+                                                               status: int) -> None:
+    """The gateway's own endpoints take bodies of a declared length only; an HTTP/2 body needs no
+    content-length, and one without was taken for an empty body, buffered, and sent to no upstream."""
+    body = level(ALEX_IPHONE, "low").encode() + b" " * size
+    assert h2_exchange(framed.gateway, h2_push(body, declared=declared), body, host=SERVICE)[0] == status
+
+
 @pytest.mark.parametrize(("extra", "status"), [
     pytest.param(b"X-Filler: " + b"x" * (1024 * 1024) + b"\r\n", 431, id="1 MiB header line"),
     pytest.param(b"".join(b"X-Flood-%d:\r\n" % i for i in range(20_000)), 431, id="20k empty headers (head > 72 KiB)"),
@@ -594,24 +693,74 @@ def test_a_head_with_99_headers_is_forwarded(framed: Framed) -> None:
     assert raw_exchange(framed.gateway, f"{head}{extra}Connection: close\r\n\r\n").startswith("HTTP/1.1 200")
 
 
+def test_mitmproxys_idle_timeout_outlasts_the_longest_activesync_ping(framed: Framed) -> None:
+    """While an answer is owed only mitmproxy's idle timeout (``tcp_timeout``, both directions)
+    applies, and an ActiveSync Ping waits up to its HeartbeatInterval, at most 3540 s; mitmproxy's
+    default of 600 s cut longer Pings. Client time limits are the gateway's own (the tests below)."""
+    master = mitmproxy.ctx.master  # the framed gateway's while it runs
+    assert framed.gateway.port in [address[1] for address in master.addons.get("proxyserver").listen_addrs()]
+    assert master.options.tcp_timeout > 3540
+
+
 SHORT = {"headerTimeoutSeconds": 1.5, "keepAliveTimeoutSeconds": 1.5, "bodyGraceSeconds": 2,
          "bodyMinBytesPerSecond": 500}
 
 
-@pytest.fixture
-def impatient(framed: Framed, tmp_path: Path, demo_ports: Ports) -> Iterator[Gateway]:
-    """A gateway whose client limits (``gateway.clientLimits``) are a second or two, on the recording upstream."""
-    config_dir = gateway_config(tmp_path, framed.gateway.ca, Ports(0, demo_ports.idp, framed.upstream.port,
-                                                                    demo_ports.docs))
+@pytest.fixture(scope="module")
+def tls_echo(framed: Framed) -> Iterator[int]:
+    """A TLS server on 127.0.0.1 that echoes what it reads (a stand-in for a kiosk's pass-through
+    destination, such as the identity provider): its port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    framed.gateway.ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError), context.wrap_socket(sock, server_side=True) as tls:
+            while data := tls.recv(4096):
+                tls.sendall(data)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1]
+    server.close()
+
+
+@contextlib.contextmanager
+def limited_gateway(framed: Framed, config_dir: Path, demo_ports: Ports, limits: dict[str, float],
+                    pass_through: int) -> Iterator[Gateway]:
+    """A gateway with these client limits (``gateway.clientLimits``) on the recording upstream, whose
+    kiosk also passes ``127.0.0.1:pass_through`` through untouched."""
+    config_dir = gateway_config(config_dir, framed.gateway.ca, Ports(0, demo_ports.idp, framed.upstream.port,
+                                                                      demo_ports.docs))
     yaml = YAML()
     data = yaml.load(config_dir / "portcullis.yaml")
-    data["gateway"]["clientLimits"] = SHORT
+    data["gateway"]["clientLimits"] = limits
+    data["kiosk"]["passThrough"].append(f"127.0.0.1:{pass_through}")
     yaml.dump(data, config_dir / "portcullis.yaml")
     with Background(lambda: listener(config_dir)) as (port, _):
-        yield replace(framed.gateway, port=port)
+        yield replace(framed.gateway, port=port, config_dir=config_dir)
 
 
-def closed_within(tls: ssl.SSLSocket, seconds: float, trickle: bytes = b"", every: float = 0.05) -> float | None:
+@pytest.fixture
+def impatient(framed: Framed, tmp_path: Path, demo_ports: Ports, tls_echo: int) -> Iterator[Gateway]:
+    """A gateway whose client limits are a second or two."""
+    with limited_gateway(framed, tmp_path, demo_ports, SHORT, tls_echo) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+def lingering(framed: Framed, tmp_path: Path, demo_ports: Ports, tls_echo: int) -> Iterator[Gateway]:
+    """A gateway whose keep-alive pause (4 s) is well beyond its head deadline (1.5 s)."""
+    limits = {**SHORT, "keepAliveTimeoutSeconds": 4}
+    with limited_gateway(framed, tmp_path, demo_ports, limits, tls_echo) as gateway:
+        yield gateway
+
+
+def closed_within(tls: socket.socket, seconds: float, trickle: bytes = b"", every: float = 0.05) -> float | None:
     """Sends ``trickle`` a byte every ``every`` seconds; how long until the gateway closed the
     connection (None: still open after ``seconds``)."""
     start = time.monotonic()
@@ -679,6 +828,56 @@ def test_a_normal_client_of_the_impatient_gateway_is_served(impatient: Gateway) 
     assert answer.status == 200 and '"bodyBytes": 6000' in answer.text
 
 
+@contextlib.contextmanager
+def kiosk_tunnel(gateway: Gateway, port: int) -> Iterator[socket.socket]:
+    """A CONNECT through the gateway's kiosk proxy to 127.0.0.1:``port``, answered."""
+    kiosk = YAML().load(gateway.config_dir / "portcullis.yaml")["kiosk"]["listen"]["port"]
+    with socket.create_connection(("127.0.0.1", kiosk), timeout=10) as raw:
+        raw.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        assert raw.recv(1000).startswith(b"HTTP/1.1 200")
+        yield raw
+
+
+def test_a_busy_kiosk_pass_through_tunnel_outlives_the_head_deadline(impatient: Gateway, tls_echo: int) -> None:
+    """Sign-in traffic to the identity provider passes the kiosk untouched: no HTTP for the gateway
+    to time. A tunnel in use for 4 s, beyond the 1.5 s head deadline, stays open."""
+    context = ssl.create_default_context()
+    impatient.ca.configure_trust(context)
+    with kiosk_tunnel(impatient, tls_echo) as raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < 4:
+            tls.sendall(b"x")
+            try:
+                assert tls.recv(100) == b"x", f"closed {elapsed:.1f} s into the tunnel"
+            except OSError as error:
+                raise AssertionError(f"closed {elapsed:.1f} s into the tunnel") from error
+            select.select([], [], [], 0.1)
+
+
+def test_a_kiosk_tunnel_that_never_starts_tls_is_closed(impatient: Gateway, tls_echo: int) -> None:
+    """The twin: after the CONNECT the TLS handshake is due like a request head."""
+    with kiosk_tunnel(impatient, tls_echo) as raw:
+        assert (closed_within(raw, 6) or 99) < 4
+
+
+def test_http2_pings_keep_a_connection_until_the_keep_alive_limit(lingering: Gateway) -> None:
+    """After an answer an HTTP/2 client sends PINGs and WINDOW_UPDATEs, no request: the connection
+    is idle, held to the keep-alive pause (4 s), not to the head deadline (1.5 s); and PINGs alone
+    never keep it open beyond that pause."""
+    with h2_to(lingering) as (tls, conn):
+        conn.send_headers(1, h2_request(lingering, "GET", "/owa/"), end_stream=True)
+        tls.sendall(conn.data_to_send())
+        assert "status 200" in h2_events(tls, conn, 1)
+        pinged, start = [], time.monotonic()
+        while time.monotonic() - start < 7 and "closed" not in pinged:
+            conn.ping(b"portcull")
+            tls.sendall(conn.data_to_send())
+            pinged += h2_events(tls, conn, 0.25)
+            if time.monotonic() - start < 2.5:
+                assert "closed" not in pinged, f"closed {time.monotonic() - start:.1f} s after the answer"
+        assert "PingAckReceived" in pinged and "closed" in pinged
+
+
 @pytest.mark.parametrize(("head", "refusal"), [
     pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", None, id="minimal"),
     pytest.param(b"\r\nGET / HTTP/1.1\r\nHost: a\r\nX: \t v \t\r\n\r\nbody", None, id="leading CRLF, OWS, body"),
@@ -687,9 +886,52 @@ def test_a_normal_client_of_the_impatient_gateway_is_served(impatient: Gateway) 
     pytest.param(b"GET /" + b"a" * 9000, framing.LINE_TOO_LONG, id="line too long"),
     pytest.param(b"\nGET / HTTP/1.1\r\n\r\n", framing.bad_request("request head has bare CR or LF line endings"),
                  id="leading bare LF"),
+    pytest.param(b"\r\n" * 4 + b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", None, id="four empty lines"),
+    pytest.param(b"\r\n" * 5 + b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+                 framing.bad_request("more than 4 empty lines before the request line"), id="five empty lines"),
+    pytest.param(b"\r\n" * 1_000_000, framing.bad_request("more than 4 empty lines before the request line"),
+                 id="nothing but empty lines"),
 ])
 def test_request_head_grammar(head: bytes, refusal: framing.Refusal | None) -> None:
     assert framing.request_head_refusal(head) == refusal
+
+
+def strict_server() -> tuple[StrictHttp1Server, connection.Client]:
+    """The gateway's HTTP/1 server layer alone, fed bytes as one client's reads would bring them."""
+    client = connection.Client(peername=("192.0.2.1", 50000), sockname=("127.0.0.1", 443), timestamp_start=0,
+                               state=connection.ConnectionState.OPEN)
+    server = StrictHttp1Server(Context(client, mitmproxy.options.Options()))
+    list(server.handle_event(events.Start()))
+    return server, client
+
+
+def test_empty_lines_sent_a_read_at_a_time_are_refused_past_the_bound() -> None:
+    """h11 drops one empty line per read, so the bound counts what stays buffered: the fifth is refused."""
+    server, client = strict_server()
+    for reads in range(1, 50):  # noqa: B007  (the count is the result)
+        sent = list(server.handle_event(events.DataReceived(client, b"\r\n")))
+        if any(isinstance(command, commands.CloseConnection) for command in sent):
+            break
+    assert reads == 5 and len(server.buf) <= framing.MAX_EMPTY_LINE_BYTES + 2
+    assert [c.data.split(b" ", 2)[1] for c in sent if isinstance(c, commands.SendData)] == [b"400"]
+
+
+def test_a_head_trickled_in_small_reads_is_checked_once_it_can_be_complete(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head check reads the whole buffer: run for every read with a line end, a head sent
+    4 bytes a read cost time quadratic in its size. It runs when a head end (or a bound) arrives."""
+    checks: list[int] = []
+    check = framing.request_head_refusal
+
+    def counted(buffered: bytes) -> framing.Refusal | None:
+        checks.append(len(buffered))
+        return check(buffered)
+
+    monkeypatch.setattr(framing, "request_head_refusal", counted)
+    server, client = strict_server()
+    head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X:\r\n" * 2000 + b"\r\n"
+    sent = [c for i in range(0, len(head), 4) for c in server.handle_event(events.DataReceived(client, head[i:i + 4]))]
+    assert [type(c.event).__name__ for c in sent if isinstance(c, ReceiveHttp)][:1] == ["RequestHeaders"]
+    assert len(checks) <= 3, f"{len(checks)} checks"
 
 
 def test_body_time_counts_only_while_waiting_for_the_client() -> None:
