@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import ssl
 import threading
 import time
@@ -28,7 +27,7 @@ from gateway import bootstrap
 from gateway.access import AccessService
 from gateway.operations import Operations
 from gateway.web.demo_idp import DemoIdentityProvider
-from tests.redis_server import RedisServer, started_or_skipped
+from tests.redis_server import RedisServer, free_port, started_or_skipped
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTS = ["mail.contoso.test", "docs.contoso.test", "portcullis.contoso.test"]
@@ -50,12 +49,6 @@ def screenshot(page: Any, name: str, tmp_path: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(target / name), full_page=True)
     assert (target / name).stat().st_size > 1000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,8 +20,34 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 START_TIMEOUT = 10.0
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+EPHEMERAL = _ephemeral_ports()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port free now, for a listener a test starts a little later. Taken below the kernel's
+    ephemeral range: there, the outgoing connections of a busy suite are given local ports and can
+    take the port before the listener binds it (EADDRINUSE)."""
+    for _ in range(200):
+        port = random.randrange(10_000, EPHEMERAL.start)  # noqa: S311  (a port, not a secret)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as sock:  # the low range is crowded: any free port will do
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

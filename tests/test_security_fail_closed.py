@@ -52,6 +52,8 @@ SAFE_HOOKS: dict[tuple[str, str], str] = {
     ("RequestFraming", "client_disconnected"): "the connection is gone: forgets its deadline",
     ("RequestFraming", "tcp_start"): "marks a kiosk's pass-through tunnel as carrying no HTTP to time; on an error "
                                      "it is timed as HTTP (closed sooner), and nothing is let through",
+    ("PassThroughDeadline", "tls_clienthello"): "sees no request: on an error a pass-through tunnel keeps the head "
+                                                "deadline and is closed sooner, nothing is let through",
     ("KioskProxy", "tls_clienthello"): "sees no request: on an error the connection is intercepted instead of "
                                        "passed through, so the requests inside it meet Routing and AccessGate",
     ("FlowRecording", "request"): "mitmproxy's Save (``--record`` only): notes the flow for the recording",
