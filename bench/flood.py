@@ -52,16 +52,13 @@ from throughput import (  # noqa: E402  (bench/ is not a package: run as a scrip
     BenchError,
     Unavailable,
     free_port,
-    issuer_url,
+    issuer_and_inventory,
     machine_lines,
-    make_certificates,
     memory_kib,
     mint_token,
     run_guarded,
     start_nginx,
     start_portcullis,
-    write_devices,
-    write_issuer_files,
 )
 
 HEADERS = {"Host": HOST, "Accept": "application/json", "User-Agent": "Outlook-iOS-Android/1.0"}
@@ -192,12 +189,8 @@ def run(settings: Settings) -> int:
         root = Path(tempfile.mkdtemp(prefix="portcullis-flood-"))
         stack.callback(shutil.rmtree, root, ignore_errors=True)
         backend_port, port = free_port(), free_port()
-        certificates = make_certificates(root / "certs")
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        issuer = issuer_url(backend_port)
-        write_issuer_files(root / "issuer", issuer, key)
-        database = root / "devices.sqlite"
-        write_devices(database, settings.devices)
+        issued = issuer_and_inventory(root, backend_port, settings.devices)
+        certificates, key, issuer, database = issued.certificates, issued.key, issued.issuer, issued.database
         started = time.perf_counter()
         tokens = flood_tokens(key, issuer, settings)
         print(f"fixtures: {settings.devices:,} devices, {len(tokens):,} unique flood tokens "

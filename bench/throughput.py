@@ -944,15 +944,33 @@ class Fixtures:
     cold_tokens: Path
 
 
-def make_fixtures(root: Path, backend_port: int, settings: Settings) -> Fixtures:
-    """Certificates, the issuer's key and static files, the device inventory and every token."""
-    started = time.perf_counter()
+@dataclass
+class Issued:
+    """What every bench's gateway runs on: certificates, the issuer's key, and the inventory."""
+
+    certificates: Certificates
+    key: rsa.RSAPrivateKey
+    issuer: str
+    database: Path
+
+
+def issuer_and_inventory(root: Path, backend_port: int, devices: int) -> Issued:
+    """Certificates, the issuer's key and static files (served by the nginx backend), and
+    ``devices`` compliant devices in SQLite."""
     certificates = make_certificates(root / "certs")
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     issuer = issuer_url(backend_port)
     write_issuer_files(root / "issuer", issuer, key)
     database = root / "devices.sqlite"
-    write_devices(database, settings.devices)
+    write_devices(database, devices)
+    return Issued(certificates, key, issuer, database)
+
+
+def make_fixtures(root: Path, backend_port: int, settings: Settings) -> Fixtures:
+    """Certificates, the issuer's key and static files, the device inventory and every token."""
+    started = time.perf_counter()
+    issued = issuer_and_inventory(root, backend_port, settings.devices)
+    certificates, key, issuer, database = issued.certificates, issued.key, issued.issuer, issued.database
     print(f"  {settings.devices:,} compliant devices in {database.name} ({time.perf_counter() - started:.1f} s)")
     started = time.perf_counter()
     cold_tokens = root / "cold-tokens.txt"
