@@ -45,11 +45,12 @@ from gateway.policy.model import (
     DeviceSignals,
     ErrorCode,
     Identity,
+    Restriction,
     RolloutCohort,
     SessionControls,
 )
 from gateway.policy.policy_set import PolicySet
-from gateway.session_controls import request_restriction, response_restriction
+from gateway.session_controls import REASONS, request_restriction, response_restriction
 from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
 from gateway.signals.cache import CachedInventory
 from gateway.signals.mtd import Verdict
@@ -290,15 +291,17 @@ class AccessService:
         protected = self.config.gateway_file.protected_hosts.get(host)
         return protected.upstream if protected else None
 
-    def _assertion(self, rules: Rules, request: AccessRequest, identity: Identity, app: ClientApp,
-                   device: DeviceSignals, now: datetime) -> tuple[str, str] | None:
-        """The signed identity assertion for the upstream (its audience), with the decision's view
-        of the device; None when ``upstreamAssertion`` is off."""
-        if self.assertions is None:
-            return None
-        upstream = rules.config.gateway_file.protected_hosts[request.host].upstream
-        return self.assertions.header, self.assertions.sign(audience=upstream, identity=identity, app=app,
-                                                            device=device, decision_id=request.correlation_id, now=now)
+    def _forward(self, rules: Rules, request: AccessRequest, decided: Decided, now: datetime) -> Outcome:
+        """An allowed request goes upstream with what the decision used, and nothing it ignored: a
+        kiosk request names no device, whatever its token or session says."""
+        assertion = None
+        if self.assertions is not None:  # signed for the upstream (its audience); None when turned off
+            upstream = rules.config.gateway_file.protected_hosts[request.host].upstream
+            assertion = self.assertions.header, self.assertions.sign(
+                audience=upstream, identity=decided.identity, app=decided.app, device=decided.device,
+                decision_id=request.correlation_id, now=now)
+        return Outcome(decided.decision, None, _upstream_headers(request, decided, assertion),
+                       decided.device.device_id, decided.decision.session_controls)
 
     async def authorize(self, request: AccessRequest, authorization: list[str],
                         cookies: list[str] | None = None) -> Outcome:
@@ -350,22 +353,18 @@ class AccessService:
             return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
         source = "browserSession" if session is not None else "accessToken"
         decided = decide(rules, request, identity, device, found.names, now)
-        if decided.binding_refused:
-            return self._device_mismatch(rules, request, identity, source, device, decided.decision, now)
-        app, decision, restriction = decided.app, decided.decision, decided.restriction
+        app, decision = decided.app, decided.decision
         if session is not None and self.browser is not None and decided.policy_allowed and \
                 self.browser.needs_fresh_sign_in(session, decision.session_controls, now):
             return await self._sign_in(request, decision.session_controls.sign_in_frequency_seconds)
         self._record(sign_in_record(request=request, decision=decision, now=now, identity=identity, device=device,
                                     app=app, identity_source=source, locations=rules.locations(request)),
                      decision, app.name)
-        if restriction:
-            return Outcome(decision, pages.session_restricted(restriction, request.correlation_id,
+        if decided.session_restricted:
+            return Outcome(decision, pages.session_restricted(decision.reason, request.correlation_id,
                                                               html=request.accepts_html, now=now))
         if decision.allowed:
-            assertion = self._assertion(rules, request, identity, app, device, now)
-            return Outcome(decision, None, _upstream_headers(request, identity, app, assertion), identity.device_id,
-                           decision.session_controls)
+            return self._forward(rules, request, decided, now)
         response = pages.blocked(decision=decision, request=request, app=app, device=device,
                                  remediation_url=rules.config.gateway_file.gateway.remediation_url, now=now)
         return Outcome(decision, response)
@@ -375,11 +374,9 @@ class AccessService:
             self.pick_up_changes()
         except sqlite3.Error as error:
             raise SignalUnavailable(f"device inventory: {error}") from error
-        if identity.device_id is None or request.kiosk_location is not None:  # a kiosk is unmanaged
-            return DeviceSignals(device_id=None, device=None, source=self.inventory.name,
-                                 compliance=rules.compliance)
-        device = await self.inventory.managed_device(identity.device_id)
-        return DeviceSignals(device_id=identity.device_id, device=device, source=self.inventory.name,
+        device_id = decision_device_id(identity, request)
+        device = await self.inventory.managed_device(device_id) if device_id is not None else None
+        return DeviceSignals(device_id=device_id, device=device, source=self.inventory.name,
                              compliance=rules.compliance)
 
     async def _sign_in(self, request: AccessRequest, max_age: int | None = None) -> Outcome:
@@ -422,28 +419,10 @@ class AccessService:
                 return pages.sign_out_failed()
         return pages.signed_out(cleared_cookie())
 
-    def _device_mismatch(self, rules: Rules, request: AccessRequest, identity: Identity, source: str,
-                         device: DeviceSignals, decision: Decision, now: datetime) -> Outcome:
-        app = rules.app(identity)
-        self._record(sign_in_record(request=request, decision=decision, now=now, identity=identity, device=device,
-                                    app=app, identity_source=source, locations=rules.locations(request)),
-                     decision, app.name)
-        response = pages.blocked(decision=decision, request=request, app=app, device=device,
-                                 remediation_url=rules.config.gateway_file.gateway.remediation_url, now=now)
-        return Outcome(decision, response)
-
     def _without_identity(self, rules: Rules, request: AccessRequest, resource: str | None,
                           now: datetime) -> Outcome:
         """Before any token: a public resource is forwarded, a path no resource names is denied."""
-        app_type = client_app_type(request, None)
-        if resource is None:
-            decision = Decision(result=DecisionResult.block, status_code=403,
-                                error_code=ErrorCode.blocked_by_conditional_access, reason=NO_RESOURCE_REASON,
-                                resource=None, client_app_type=app_type)
-        else:
-            decision = Decision(result=DecisionResult.allow, status_code=200, error_code=None,
-                                reason="public resource", resource=resource, resources=(resource,),
-                                client_app_type=app_type)
+        decision = decided_before_identity(request, resource)
         self._record(sign_in_record(request=request, decision=decision, now=now), decision)
         if decision.allowed:
             return Outcome(decision, None, ((headers.CORRELATION_ID, request.correlation_id),
@@ -471,45 +450,74 @@ class AccessService:
         return Outcome(decision, pages.refused(status, reason, request.correlation_id))
 
 
+SESSION_RESTRICTIONS = frozenset(REASONS)
+
+
 @dataclass(frozen=True, slots=True)
 class Decided:
-    """What the rules decide for a request once its identity and device are known."""
+    """What the rules decide for a request once its identity and device are known, with the
+    identity, app and device the decision used: what the upstream is told comes from these."""
 
     decision: Decision
+    identity: Identity
     app: ClientApp
-    binding_refused: bool = False  # the ActiveSync DeviceId is not the token's device: refused before policy
-    restriction: str | None = None  # policy allowed it, a session control refuses it (``decision`` is that block)
+    device: DeviceSignals
+
+    @property
+    def session_restricted(self) -> bool:
+        """Policy allowed it; a session control refuses the request itself (``decision`` is that block)."""
+        return self.decision.restriction in SESSION_RESTRICTIONS
 
     @property
     def policy_allowed(self) -> bool:
         """Policy allowed the request (a session control may still refuse it)."""
-        return self.decision.allowed or self.restriction is not None
+        return self.decision.allowed or self.session_restricted
 
 
 def decide(rules: Rules, request: AccessRequest, identity: Identity, device: DeviceSignals,
            resources: tuple[str, ...], now: datetime, *, check_binding: bool = True,
            binding_problem: str | None = None, cohorts: Mapping[str, RolloutCohort] | None = None) -> Decided:
-    """The steps after identity, for the gateway and for ``portcullis replay`` alike, so that the
-    two cannot diverge: the ActiveSync device binding, ``evaluate``, then the session controls
-    that refuse the request itself. Pure. ``check_binding=False``: the binding's outcome is known
-    from a decision record (``binding_problem``, None when it passed), which may keep neither the
-    query nor the device's real ActiveSync id (pseudonyms); ``cohorts``: rollout cohorts known
-    from a record (replay of pseudonymised users)."""
+    """The steps after identity, for the gateway, What If (and the policy tests built on it) and
+    ``portcullis replay`` alike, so that they cannot diverge: the ActiveSync device binding,
+    ``evaluate``, then the session controls that refuse the request itself. Pure.
+    ``check_binding=False``: the binding's outcome is known from a decision record
+    (``binding_problem``, None when it passed), which may keep neither the query nor the device's
+    real ActiveSync id (pseudonyms); ``cohorts``: rollout cohorts known from a record (replay of
+    pseudonymised users)."""
     app = rules.app(identity)
     problem = _device_binding_problem(request, resources, device) if check_binding else binding_problem
     if problem is not None:
         return Decided(Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
-                                reason=problem, resource=None, client_app_type=client_app_type(request, identity)),
-                       app, binding_refused=True)
+                                reason=problem, resource=None, client_app_type=client_app_type(request, identity),
+                                restriction=Restriction.activesync_device_id_mismatch), identity, app, device)
     decision = evaluate(request=request, identity=identity, device=device, app=app, resources=resources,
                         policy_set=rules.policy_set, now=now, cohorts=cohorts)
     restriction = request_restriction(
         decision.session_controls, method=request.method, content_type=request.content_type,
         content_length=request.content_length, chunked=request.chunked, resources=resources,
         download_resources=rules.policy_set.download_resources) if decision.allowed else None
-    if restriction:
-        decision = replace(decision, result=DecisionResult.block, status_code=403, reason=restriction)
-    return Decided(decision, app, restriction=restriction)
+    if restriction is not None:
+        decision = replace(decision, result=DecisionResult.block, status_code=403, reason=REASONS[restriction],
+                           restriction=restriction)
+    return Decided(decision, identity, app, device)
+
+
+def decided_before_identity(request: AccessRequest, resource: str | None) -> Decision:
+    """A path no resource names is denied and a public resource allowed before any token is
+    read: the same for anyone, at the gateway and in What If."""
+    app_type = client_app_type(request, None)
+    if resource is None:
+        return Decision(result=DecisionResult.block, status_code=403,
+                        error_code=ErrorCode.blocked_by_conditional_access, reason=NO_RESOURCE_REASON, resource=None,
+                        client_app_type=app_type)
+    return Decision(result=DecisionResult.allow, status_code=200, error_code=None, reason="public resource",
+                    resource=resource, resources=(resource,), client_app_type=app_type)
+
+
+def decision_device_id(identity: Identity, request: AccessRequest) -> str | None:
+    """The device a decision looks up and uses: the one the token (or session) names, except
+    through the kiosk proxy, where every browser is unmanaged whatever its token says."""
+    return None if request.kiosk_location is not None else identity.device_id
 
 
 def _user_key(identity: Identity) -> tuple[str | None, str | None]:
@@ -540,15 +548,17 @@ def _device_binding_problem(request: AccessRequest, resources: tuple[str, ...], 
     return None
 
 
-def _upstream_headers(request: AccessRequest, identity: Identity, app: ClientApp,
+def _upstream_headers(request: AccessRequest, decided: Decided,
                       assertion: tuple[str, str] | None = None) -> tuple[tuple[str, str], ...]:
-    """What the upstream may trust, because the gateway removed any client-sent copy first."""
+    """What the upstream may trust, because the gateway removed any client-sent copy first: the
+    user, app and device the decision used (``decided``), never a claim it ignored."""
+    identity, app = decided.identity, decided.app
     values = (
         *headers.forwarding_headers(request.client_ip, request.host),
         (headers.CORRELATION_ID, request.correlation_id),
         (headers.USER, identity.user_principal_name or identity.subject),
         (headers.CLIENT_APP, app.name or app.client_id or ""),
-        (headers.DEVICE_ID, identity.device_id or ""),
+        (headers.DEVICE_ID, decided.device.device_id or ""),
         *((assertion,) if assertion else ()),
     )
     return tuple((name, value) for name, value in values if value)

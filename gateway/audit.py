@@ -81,6 +81,8 @@ def sign_in_record(
         "signals": signal_entries(request=request, identity=identity, identity_source=identity_source,
                                   device=device, app=app, locations=locations, now=now),
     }
+    if decision.restriction is not None:  # the device binding or a session control refused it, not a policy
+        record["restriction"] = decision.restriction.value
     if identity is not None:
         record["evaluationInput"] = evaluation_input(identity, device, request)
     return record

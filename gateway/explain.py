@@ -26,7 +26,8 @@ def explain(record: dict[str, Any]) -> str:
         + (f", error {status['errorCode']}" if status.get("errorCode") else "") + ")",
     ]
     if status.get("failureReason"):
-        lines.append(f"  reason:   {status['failureReason']}")
+        restriction = f" [restriction: {record['restriction']}]" if record.get("restriction") else ""
+        lines.append(f"  reason:   {status['failureReason']}{restriction}")
     lines += [
         f"  request:  {request.get('method')} https://{request.get('host')}{request.get('path')} "
         f"from {record.get('ipAddress')} via the {request.get('listener', 'gateway')} listener",

@@ -19,6 +19,8 @@ policies (OPA-style), run by ``portcullis test`` and ``portcullis check``.
           errorCode: 53002               # optional
           failedPolicy: exchange-outlook-only   # optional: the deciding policy's name
           sessionControls: [blockDownloads]     # optional: exactly these
+          restriction: blockDownloads           # optional: what refused it besides policy (blockDownloads,
+                                                # blockUploads, activeSyncDeviceIdMismatch), as at the gateway
           policyResults:                        # optional: per policy name, e.g. for report-only trials
             new-mfa-trial: reportOnlyFailure
           policyRollouts:                       # optional: per policy with a rollout, in its cohort or not
@@ -38,7 +40,14 @@ from pydantic import Field, IPvAnyAddress
 
 from gateway.config.loader import raise_if, read_yaml, validate
 from gateway.config.models import Model
-from gateway.policy.model import ClientAppType, DevicePlatform, Listener, PolicyResultKind, RolloutCohort
+from gateway.policy.model import (
+    ClientAppType,
+    DevicePlatform,
+    Listener,
+    PolicyResultKind,
+    Restriction,
+    RolloutCohort,
+)
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError
 
 
@@ -52,6 +61,7 @@ class Expectation(Model):
     error_code: int | None = None
     failed_policy: str | None = None
     session_controls: list[str] | None = None
+    restriction: Restriction | None = None
     policy_results: dict[str, PolicyResultKind] = {}
     policy_rollouts: dict[str, RolloutCohort] = {}
 
@@ -129,6 +139,9 @@ async def _run(what_if: WhatIf, case: Case, now: datetime) -> CaseOutcome:
     got_session = list(decision.session_controls.names())
     if expected.session_controls is not None and sorted(got_session) != sorted(expected.session_controls):
         differences.append(f"sessionControls: expected {expected.session_controls}, got {got_session}")
+    if expected.restriction is not None and decision.restriction is not expected.restriction:
+        got_restriction = decision.restriction.value if decision.restriction else None
+        differences.append(f"restriction: expected {expected.restriction.value}, got {got_restriction}")
     results = {r.name: r.result for r in decision.all_policies()}
     for name, wanted in expected.policy_results.items():
         if results.get(name) is not wanted:

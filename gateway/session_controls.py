@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gateway.policy.model import SessionControls
+from gateway.policy.model import Restriction, SessionControls
 
 DOWNLOAD_BLOCKED = "downloads are blocked in this session"
 UPLOAD_BLOCKED = "uploads are blocked in this session"
+REASONS = {Restriction.block_downloads: DOWNLOAD_BLOCKED, Restriction.block_uploads: UPLOAD_BLOCKED}
 
 
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "application/json"})
@@ -28,12 +29,12 @@ SAVED_TYPES = ("application/octet-stream", "application/zip", "application/x-", 
 
 def request_restriction(controls: SessionControls, *, method: str, content_type: str, content_length: str,
                         chunked: bool, resources: tuple[str, ...],
-                        download_resources: frozenset[str]) -> str | None:
-    """Why the session may not make this request, or None."""
+                        download_resources: frozenset[str]) -> Restriction | None:
+    """The session control that refuses this request, or None (``REASONS`` says why to the user)."""
     if controls.block_downloads and any(r in download_resources for r in resources):
-        return DOWNLOAD_BLOCKED
+        return Restriction.block_downloads
     if controls.block_uploads and is_upload(method, content_type, content_length, chunked):
-        return UPLOAD_BLOCKED
+        return Restriction.block_uploads
     return None
 
 

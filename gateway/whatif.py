@@ -1,6 +1,9 @@
 """The What If tool and policy tests: "what if this user, with this app, on this device, opened
-this URL?" answered by the same ``evaluate`` the gateway runs, with the device taken from the
-configured inventory.
+this URL (a GET)?" answered by the steps the gateway runs once it knows who is asking
+(``gateway.access.decide``: the ActiveSync device binding, ``evaluate``, then the session controls
+that refuse the request itself), with the device taken from the configured inventory as the
+gateway takes it. What If cannot see the upstream's answer: an attachment a ``blockDownloads``
+session would have replaced on its way back is an allow here, as it is in the decision log.
 
 JSON output (``portcullis whatif --json``), stable::
 
@@ -8,6 +11,7 @@ JSON output (``portcullis whatif --json``), stable::
      "result": "allow" | "block", "httpStatus": 200 | 403, "errorCode": 0 | 53000 | ...,
      "reason": "...", "resource": "exchange-owa" | null, "clientAppType": "browser" | ...,
      "failedPolicy": "policy-name" | null, "sessionControls": ["blockDownloads", ...],
+     "restriction": "blockDownloads" | "blockUploads" | "activeSyncDeviceIdMismatch" | null,
      "policies": [{"id", "displayName", "state", "result", "notAppliedBecause"?,
                    "enforcedGrantControls", "enforcedSessionControls", "failedControls"?,
                    "rollout"?: "inCohort:group" | "inCohort:percentOfUsers" | "inCohort:listener"
@@ -22,13 +26,12 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.access import Rules, decide, decided_before_identity, decision_device_id
 from gateway.audit import policy_entry
 from gateway.config import Config
 from gateway.paths import canonical_path
-from gateway.policy.evaluate import evaluate
 from gateway.policy.model import (
     AccessRequest,
-    ClientApp,
     ClientAppType,
     Decision,
     DevicePlatform,
@@ -36,7 +39,6 @@ from gateway.policy.model import (
     Identity,
     Listener,
 )
-from gateway.policy.policy_set import PolicySet
 from gateway.signals.devices import DeviceInventory
 
 GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
@@ -77,44 +79,59 @@ class WhatIf:
     def __init__(self, config: Config, inventory: DeviceInventory) -> None:
         self.config = config
         self.inventory = inventory
-        self.policy_set = PolicySet.build(config.resources, config.policies, config.gateway_file.named_locations)
-        self._app_names = config.app_names_by_client_id()
+        self.rules = Rules.of(config)
+        self.policy_set = self.rules.policy_set
 
     async def ask(self, question: Question, now: datetime) -> Decision:
-        host, path = self._target(question.url)
-        app = self._app(question.app)
-        kiosk_location = self._kiosk_location(question.listener)
-        device_id = question.device.lower() if question.device and kiosk_location is None else None  # as the gateway
+        """What the gateway decides for this question, as it answers a live request."""
+        request = self.request(question)
+        found = self.policy_set.match(request.host, request.path)
+        if found is not None and found.public:
+            raise WhatIfError(f"{question.url!r} is a public resource ({found.primary}): no policy applies to it")
+        if found is None:  # denied before any token is read, whoever asks
+            return decided_before_identity(request, None)
+        identity = self.identity(question)
+        device_id = decision_device_id(identity, request)
         record = await self.inventory.managed_device(device_id) if device_id else None
         device = DeviceSignals(device_id=device_id, device=record, source=self.inventory.name,
-                               compliance=self.config.gateway_file.device_signals.compliance.settings())
+                               compliance=self.rules.compliance)
+        return decide(self.rules, request, identity, device, found.names, now).decision
+
+    def request(self, question: Question) -> AccessRequest:
+        """The request the question stands for: a GET of its URL (query included: ActiveSync names
+        its device there), from its address, through its listener, with a User-Agent that says
+        its platform."""
+        host, path, target = self._target(question.url)
         user_agent = USER_AGENTS.get(question.client_app_type or ClientAppType.other, "What-If/1.0")
         if question.platform is not None:
             user_agent += f" ({question.platform.value})"
-        request = AccessRequest(correlation_id="what-if", host=host, path=path, method="GET",
-                                client_ip=question.ip, user_agent=user_agent,
-                                accepts_html=question.client_app_type is ClientAppType.browser,
-                                declared_client_app_type=question.client_app_type, kiosk_location=kiosk_location)
-        identity = Identity(subject=question.user, user_principal_name=question.user, object_id=question.object_id,
-                            tenant_id=None, client_id=app.client_id, device_id=device.device_id,
-                            groups=frozenset(question.groups), audience="what-if", expires_at=0,
-                            authentication_methods=frozenset({"pwd", "mfa"} if question.mfa else {"pwd"}))
-        found = self.policy_set.match(host, path)
-        if found is not None and found.public:
-            raise WhatIfError(f"{question.url!r} is a public resource ({found.primary}): no policy applies to it")
-        return evaluate(request=request, identity=identity, device=device, app=app,
-                        resources=found.names if found else (), policy_set=self.policy_set, now=now)
+        return AccessRequest(correlation_id="what-if", host=host, path=path, target=target, method="GET",
+                             client_ip=question.ip, user_agent=user_agent,
+                             accepts_html=question.client_app_type is ClientAppType.browser,
+                             declared_client_app_type=question.client_app_type,
+                             kiosk_location=self._kiosk_location(question.listener))
 
-    def _target(self, url: str) -> tuple[str, str]:
+    def identity(self, question: Question) -> Identity:
+        """The token the question stands for: its ``deviceid`` is the question's device, which
+        the decision then uses or ignores (the kiosk) as the gateway does."""
+        return Identity(subject=question.user, user_principal_name=question.user, object_id=question.object_id,
+                        tenant_id=None, client_id=self._client_id(question.app),
+                        device_id=question.device.lower() if question.device else None,
+                        groups=frozenset(question.groups), audience="what-if", expires_at=0,
+                        authentication_methods=frozenset({"pwd", "mfa"} if question.mfa else {"pwd"}))
+
+    def _target(self, url: str) -> tuple[str, str, str]:
+        """Host, canonical path and the request target (path and query) as a client sends it."""
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
         if parts.scheme != "https" or host not in self.config.gateway_file.protected_hosts:
             known = ", ".join(f"https://{h}/..." for h in self.config.gateway_file.protected_hosts)
             raise WhatIfError(f"{url!r} is not on a protected host ({known})")
-        path = canonical_path(parts.path or "/")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        path = canonical_path(target)
         if path is None:
             raise WhatIfError(f"{url!r} has an ambiguous path: the gateway answers it with 400")
-        return host, path
+        return host, path, target
 
     def _kiosk_location(self, listener: Listener) -> str | None:
         """A kiosk request is an unmanaged browser at the kiosk location, whatever device it names."""
@@ -124,13 +141,14 @@ class WhatIf:
             raise WhatIfError("this config has no kiosk listener")
         return self.config.gateway_file.kiosk.location
 
-    def _app(self, app: str | None) -> ClientApp:
+    def _client_id(self, app: str | None) -> str | None:
+        """The token's client id (``azp``) for a configured application's name or a client id."""
         if app is None:
-            return ClientApp(client_id=None, name=None)
+            return None
         if app in self.config.gateway_file.applications:
-            return ClientApp(client_id=self.config.gateway_file.applications[app][0].lower(), name=app)
+            return self.config.gateway_file.applications[app][0].lower()
         if GUID.match(app):
-            return ClientApp(client_id=app.lower(), name=self._app_names.get(app.lower()))
+            return app.lower()
         known = ", ".join(self.config.gateway_file.applications)
         raise WhatIfError(f"{app!r} is neither a configured application ({known}) nor a client id")
 
@@ -146,6 +164,7 @@ def as_json(question: Question, decision: Decision, states: dict[str, str]) -> d
         "clientAppType": decision.client_app_type.value,
         "failedPolicy": decision.failed_policy_id,
         "sessionControls": list(decision.session_controls.names()),
+        "restriction": decision.restriction.value if decision.restriction else None,
         "policies": [{**policy_entry(p), "state": states[p.name]} for p in decision.all_policies()],
     }
 
@@ -154,6 +173,10 @@ def as_text(question: Question, decision: Decision, states: dict[str, str]) -> s
     verdict = f"{decision.result.value.upper()} ({decision.status_code})"
     if decision.error_code:
         verdict += f", error {int(decision.error_code)}: {decision.reason}"
+    elif not decision.allowed:
+        verdict += f": {decision.reason}"
+    if decision.restriction is not None:
+        verdict += f" [restriction: {decision.restriction.value}]"
     through = " through the kiosk listener" if question.listener is Listener.kiosk else ""
     lines = [f"What if {question.user} opened {question.url}"
              f" with {question.app or 'no app'} on {question.device or 'no device'} from {question.ip}{through}?",

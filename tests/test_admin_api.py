@@ -323,6 +323,17 @@ def test_whatif_answers_as_the_cli_does(gateway: Gateway) -> None:
                                                                                           "block (403)")
 
 
+def test_whatif_refuses_a_kiosk_download_as_the_gateway_does(gateway: Gateway) -> None:
+    question = {"user": "kiosk@contoso.test", "url": "https://docs.contoso.test/_layouts/15/download.aspx",
+                "listener": "kiosk"}
+    response = admin(gateway.admin_port, "POST", "/admin/whatif", admin_token(gateway, READER), json=question)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["result"], answer["httpStatus"], answer["reason"], answer["restriction"]) == \
+        ("block", 403, "downloads are blocked in this session", "blockDownloads")
+    assert audit_record(gateway.config_dir, response)["resultReason"] == "block (403)"
+
+
 @pytest.mark.parametrize(("body", "message"), [
     pytest.param(b"user=alex", "not JSON", id="a form, not JSON"),
     pytest.param(b'["alex"]', "expected a mapping", id="a list"),

@@ -19,9 +19,8 @@ MAIL, DOCS = "mail.contoso.test", "docs.contoso.test"
 BROWSER = {"Accept": "text/html", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) KioskBrowser"}
 
 
-@pytest.fixture
-def kiosk(gateway: Gateway) -> httpx.Client:
-    """A kiosk browser: every request goes through the kiosk proxy, and it trusts the gateway's CA."""
+def kiosk_browser(gateway: Gateway) -> httpx.Client:
+    """A kiosk browser: every request goes through the gateway's kiosk proxy, and it trusts the gateway's CA."""
     config = bootstrap.load(gateway.config_dir).config
     assert config.gateway_file.kiosk is not None
     context = ssl.create_default_context()
@@ -30,15 +29,27 @@ def kiosk(gateway: Gateway) -> httpx.Client:
                         timeout=10, headers=BROWSER)
 
 
-def test_kiosk_signs_in_reads_owa_and_cannot_download(kiosk: httpx.Client) -> None:
+@pytest.fixture
+def kiosk(gateway: Gateway) -> httpx.Client:
+    return kiosk_browser(gateway)
+
+
+def kiosk_sign_in(kiosk: httpx.Client, *, user: str = "kiosk@contoso.test", device: str = "") -> httpx.Response:
+    """Open OWA through the kiosk and sign in at the issuer (passed through untouched), naming
+    ``device`` there; the callback's answer, which sets the session cookie."""
     start = kiosk.get(f"https://{MAIL}/owa/")
     assert start.status_code == 302
     authorize = start.headers["location"]
     query = {k: v[0] for k, v in parse_qs(urlsplit(authorize).query).items()}
     assert kiosk.get(authorize).status_code == 200  # the issuer's page, passed through untouched
-    granted = kiosk.post(authorize.split("?")[0], data={**query, "user": "kiosk@contoso.test", "device_id": ""})
+    granted = kiosk.post(authorize.split("?")[0], data={**query, "user": user, "device_id": device})
     landed = kiosk.get(granted.headers["location"])
     assert landed.status_code == 302 and landed.headers["location"] == f"https://{MAIL}/owa/"
+    return landed
+
+
+def test_kiosk_signs_in_reads_owa_and_cannot_download(kiosk: httpx.Client) -> None:
+    landed = kiosk_sign_in(kiosk)
     assert "Max-Age" not in landed.headers["set-cookie"]  # persistentBrowser: never
     cookie = landed.headers["set-cookie"].split(";", 1)[0]
     assert cookie.startswith(COOKIE_NAME)

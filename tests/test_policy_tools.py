@@ -35,9 +35,9 @@ def test_whatif_json_is_the_documented_shape() -> None:
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert set(answer) == {"input", "result", "httpStatus", "errorCode", "reason", "resource", "clientAppType",
-                           "failedPolicy", "sessionControls", "policies"}
-    assert (answer["result"], answer["errorCode"], answer["failedPolicy"]) == \
-        ("block", 53002, "exchange-outlook-only")
+                           "failedPolicy", "sessionControls", "restriction", "policies"}
+    assert (answer["result"], answer["errorCode"], answer["failedPolicy"], answer["restriction"]) == \
+        ("block", 53002, "exchange-outlook-only", None)
     policies = {p["id"]: p for p in answer["policies"]}
     assert len(policies) == 6
     assert policies["exchange-outlook-only"]["failedControls"][0]["control"] == "approvedApplication"
@@ -56,6 +56,31 @@ def test_whatif_text_explains_each_policy() -> None:
     assert "exchange-outlook-only [enabled]: success; requires compliantDevice, approvedApplication" in result.stdout
     assert "mfa-outside-head-office [reportOnly]: reportOnlyNotApplied (location of 10.20.3.4 is excluded)" \
         in result.stdout
+
+
+KIOSK_DOWNLOAD = ["--user", "kiosk@contoso.test", "--url", "https://docs.contoso.test/_layouts/15/download.aspx",
+                  "--listener", "kiosk"]
+
+
+def test_whatif_refuses_a_kiosk_download_as_the_gateway_does() -> None:
+    """Policy allows it with blockDownloads; the session control then refuses the request itself
+    (403), at the gateway and in What If alike."""
+    answer = json.loads(portcullis("whatif", "--config", REPO / "config", *KIOSK_DOWNLOAD, "--json").stdout)
+    assert (answer["result"], answer["httpStatus"], answer["errorCode"]) == ("block", 403, 0)
+    assert (answer["reason"], answer["restriction"]) == ("downloads are blocked in this session", "blockDownloads")
+    assert answer["sessionControls"] == ["blockDownloads", "blockUploads", "signInFrequency", "persistentBrowser"]
+    text = portcullis("whatif", "--config", REPO / "config", *KIOSK_DOWNLOAD).stdout
+    assert "result: BLOCK (403): downloads are blocked in this session [restriction: blockDownloads]" in text
+
+
+def test_whatif_checks_the_activesync_device_id_against_the_token_s_device() -> None:
+    url = f"{ACTIVESYNC}?Cmd=Sync&User=alex&DeviceId=ApplF17DREW001&DeviceType=iPhone"  # Drew's phone's DeviceId
+    answer = json.loads(portcullis("whatif", "--config", REPO / "config", "--user", "alex@contoso.test", "--url", url,
+                                   "--app", "outlook-mobile", "--device", ALEX_IPHONE, "--json").stdout)
+    assert (answer["result"], answer["httpStatus"], answer["errorCode"]) == ("block", 403, 53000)
+    assert (answer["reason"], answer["restriction"]) == \
+        ("ActiveSync DeviceId is not the device the token was issued to", "activeSyncDeviceIdMismatch")
+    assert answer["policies"] == []  # refused before policy, as at the gateway
 
 
 @pytest.mark.parametrize(

@@ -289,6 +289,26 @@ def test_a_change_that_fails_the_policy_tests_is_refused(gateway: Gateway, tmp_p
         assert alex_syncs(gateway, port, token) == 200
 
 
+KIOSK_DOWNLOAD_ALLOWED = """
+  - name: a kiosk download is allowed, only flagged with blockDownloads
+    user: kiosk@contoso.test
+    url: https://docs.contoso.test/_layouts/15/download.aspx
+    listener: kiosk
+    expect: {result: allow}
+"""
+
+
+def test_the_case_gate_expects_what_the_gateway_answers_not_what_policy_alone_says(
+        gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
+    """Policy allows a kiosk download with blockDownloads; the gateway then refuses it (403). A
+    case that expects the allow is wrong about the gateway, so the reload it comes with is refused."""
+    config_dir = own_config(tmp_path, gateway, demo_ports, keep_cases=True)
+    cases = config_dir / "cases.yaml"
+    problems, _ = refused_reload(gateway, config_dir, cases, cases.read_text() + KIOSK_DOWNLOAD_ALLOWED, "/owa/")
+    assert any("a kiosk download is allowed, only flagged with blockDownloads: result: expected allow, got block "
+               "(downloads are blocked in this session)" in p for p in problems), problems
+
+
 def test_sighup_reloads_a_running_gateway(tmp_path: Path) -> None:
     config_dir = demo_config_copy(tmp_path, Ports.fresh())
     (config_dir / "cases.yaml").unlink()

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -32,6 +33,8 @@ from gateway.identity.assertion import (
 from gateway.identity.tokens import RejectedToken
 from gateway.policy.model import ClientApp, ComplianceState, DeviceSignals, DeviceThreatLevel, Identity, ManagedDevice
 from tests.conftest import REPO, Gateway, Ports
+from tests.test_browser_sign_in import BROWSER, sign_in
+from tests.test_kiosk_proxy import kiosk_browser, kiosk_sign_in
 
 MAIL, DOCS, SERVICE_HOST = "mail.contoso.test", "docs.contoso.test", "portcullis.contoso.test"
 ISSUER = f"https://{SERVICE_HOST}"
@@ -144,6 +147,51 @@ def test_a_blocked_request_carries_no_assertion(gateway: Gateway) -> None:
     assert response.status_code == 403
     assert HEADER not in response.headers
     assert "backend" not in response.text
+
+
+def _forwarded(gateway: Gateway, path: str) -> httpx.Response:
+    """Alex (token or session naming Alex's compliant iPhone) opens a page the demo allows, by ``path``."""
+    if path == "bearer token":
+        return gateway.request(MAIL, ACTIVESYNC, method="POST", token=alex_token(gateway))
+    if path == "browser session":
+        cookie = sign_in(gateway, device=ALEX_IPHONE)[1]
+        return gateway.request(MAIL, "/owa/", headers={**BROWSER, "Cookie": cookie})
+    with kiosk_browser(gateway) as kiosk:
+        if path == "bearer token through the kiosk":
+            return kiosk.get(f"https://{MAIL}/owa/", headers={"Authorization": f"Bearer {alex_token(gateway)}"})
+        landed = kiosk_sign_in(kiosk, user="alex@contoso.test", device=ALEX_IPHONE)
+        return kiosk.get(f"https://{MAIL}/owa/", headers={"Cookie": landed.headers["set-cookie"].split(";", 1)[0]})
+
+
+@pytest.mark.parametrize(("path", "device"), [
+    pytest.param("bearer token", ALEX_IPHONE, id="bearer token: the token's device"),
+    pytest.param("browser session", ALEX_IPHONE, id="browser session: the session's device"),
+    pytest.param("bearer token through the kiosk", None, id="kiosk, bearer token: no device"),
+    pytest.param("browser session through the kiosk", None, id="kiosk, browser session: no device"),
+])
+def test_identity_headers_and_the_assertion_name_only_what_the_decision_used(gateway: Gateway, path: str,
+                                                                              device: str | None) -> None:
+    """Every token and session here names Alex's iPhone; through the kiosk the decision ignores
+    it (an unmanaged browser), so the upstream must not be told of it either."""
+    response = _forwarded(gateway, path)
+    assert response.status_code == 200, response.text
+    echo = response.json()
+    received, claims = echo["receivedHeaders"], echo["verifiedAssertion"]
+    record = gateway.decision(response.headers["x-portcullis-correlation-id"])
+    assert record["deviceDetail"]["deviceId"] == device  # what the decision used
+    assert received.get("x-portcullis-device-id") == device
+    assert (claims.get("deviceid"), claims["isManaged"]) == (device, device is not None)
+    assert received["x-portcullis-user"] == claims["upn"] == record["userPrincipalName"] == "alex@contoso.test"
+    assert received.get("x-portcullis-client-app") == (record["appDisplayName"] or record["appId"])
+    assert claims.get("azp") == record["appId"]
+
+
+def test_the_service_host_forwards_nothing_whatever_the_token_names(gateway: Gateway) -> None:
+    """The gateway's own endpoints answer themselves: no upstream is told anything."""
+    response = gateway.request(SERVICE_HOST, "/owa/", token=alex_token(gateway),
+                               headers={"X-Portcullis-Device-Id": ALEX_IPHONE})
+    assert response.status_code == 404
+    assert "backend" not in response.text and ALEX_IPHONE not in response.text
 
 
 def test_the_service_host_still_serves_the_mtd_webhook_and_nothing_else(gateway: Gateway) -> None:

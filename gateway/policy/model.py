@@ -109,6 +109,15 @@ class RolloutCohort(StrEnum):
     outside = "outsideCohort"
 
 
+class Restriction(StrEnum):
+    """What refused a request besides the policies' grant controls: the ActiveSync device binding
+    (before policy), or a session control that refuses the request itself once policy allowed it."""
+
+    activesync_device_id_mismatch = "activeSyncDeviceIdMismatch"  # the URL names another device than the token
+    block_downloads = "blockDownloads"
+    block_uploads = "blockUploads"
+
+
 class DecisionResult(StrEnum):
     allow = "allow"
     block = "block"
@@ -277,6 +286,7 @@ class Decision:
     failed_policy: str | None = None  # display name, as users see it
     failed_policy_id: str | None = None
     session_controls: SessionControls = NO_SESSION_CONTROLS
+    restriction: Restriction | None = None  # set when the binding or a session control refused the request
 
     def all_policies(self) -> tuple[PolicyResult, ...]:
         return self.policies + self.not_targeted

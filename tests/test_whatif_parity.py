@@ -1,0 +1,155 @@
+"""What If answers what the gateway answers. Every shipped case (config/cases.yaml and each
+config/examples/*/cases.yaml) is asked of What If, which ``portcullis test``, ``portcullis check``,
+the reload's case gate and ``POST /admin/whatif`` all call, and sent for real through a live
+listener of the same config: the gateway's, or its kiosk proxy for ``listener: kiosk``. The token
+is signed by the demo issuer for exactly the case's user, app, device, groups, MFA and object id;
+the address is the case's (the test client is the config's trusted proxy and names it in
+X-Forwarded-For); the User-Agent and Accept are What If's. Status, result, reason, error code,
+client app type, session controls, restriction (a session control, the ActiveSync device binding)
+and every policy's result must be the same."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from ruamel.yaml import YAML
+
+from gateway import bootstrap, whatif
+from gateway.access import utc_now
+from gateway.policy.model import Decision, Listener
+from gateway.policy_cases import Case, load_cases
+from gateway.whatif import WhatIf
+from tests.conftest import Background, Gateway, Ports, free_port, gateway_config, write_trustme_certificate
+from tests.test_decision_log import listener
+from tests.test_example_configs import CONFIG_DIRS
+from tests.test_kiosk_proxy import kiosk_browser
+
+DEMO = CONFIG_DIRS[0]
+
+
+@dataclass(frozen=True)
+class Live:
+    """A config served on live listeners (the session's issuer and backends), and its What If."""
+
+    gateway: Gateway
+    what_if: WhatIf
+
+
+def live_config(directory: Path, target: Path, gateway: Gateway, demo_ports: Ports) -> Path:
+    """A copy of ``directory`` served on free ports in front of the session's issuer and backends,
+    trusting the test client (127.0.0.1) as its proxy, so that a case's address can be named."""
+    if directory == DEMO:
+        config_dir = gateway_config(target, gateway.ca, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
+    else:
+        config_dir = target / "config"
+        shutil.copytree(directory, config_dir)
+        shutil.copy(directory.parent / "devices.yaml", target / "devices.yaml")  # their ../devices.yaml
+        write_trustme_certificate(gateway.ca, config_dir)
+    yaml = YAML()
+    path = config_dir / "portcullis.yaml"
+    data = yaml.load(path)
+    data["gateway"]["listen"] = {"host": "127.0.0.1", "port": 0}
+    data["gateway"]["trustedProxies"] = ["127.0.0.1/32"]
+    if directory != DEMO:  # a policy-only example: the demo's issuer, backends and certificate instead
+        data["gateway"]["certificates"] = [{"hosts": list(data["protectedHosts"]), "file": "../certs/gateway.pem"}]
+        data["gateway"]["stateDir"] = "../state"
+        data["decisionLog"]["path"] = "../state/decisions.jsonl"
+        data["identity"]["issuer"] = f"http://127.0.0.1:{demo_ports.idp}/contoso"
+        for host, protected in data["protectedHosts"].items():
+            port = demo_ports.mail if host.startswith("mail.") else demo_ports.docs
+            protected["upstream"] = f"http://127.0.0.1:{port}"
+        if "kiosk" in data:
+            data["kiosk"]["listen"] = {"host": "127.0.0.1", "port": free_port()}
+    yaml.dump(data, path)
+    return config_dir
+
+
+@pytest.fixture(scope="module")
+def live(request: pytest.FixtureRequest, gateway: Gateway, demo_ports: Ports,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """One live gateway per shipped config (module-scoped and keyed by it: pytest runs that
+    config's cases together). While it runs, mitmproxy hands this process's new connections to it."""
+    directory: Path = request.param
+    config_dir = live_config(directory, tmp_path_factory.mktemp(f"parity-{directory.name}"), gateway, demo_ports)
+    loaded = bootstrap.load(config_dir)
+    with Background(lambda: listener(config_dir)) as (port, decision_log):
+        yield Live(replace(gateway, port=port, decision_log=decision_log, config_dir=config_dir),
+                   WhatIf(loaded.config, loaded.inventory))
+
+
+def sent(live: Live, case: Case) -> httpx.Response:
+    """The case as a live request: the token, address and headers What If assumed."""
+    question = case.question()
+    request, identity = live.what_if.request(question), live.what_if.identity(question)
+    audience = live.what_if.config.gateway_file.protected_hosts[request.host].audiences[0]
+    token = live.gateway.idp.mint(
+        user=question.user, client_id=identity.client_id or "", audience=audience, device_id=identity.device_id,
+        extra={"sub": identity.subject, "oid": identity.object_id, "groups": sorted(identity.groups),
+               "amr": sorted(identity.authentication_methods)})
+    headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": request.client_ip,
+               "User-Agent": request.user_agent, "Accept": "text/html" if request.accepts_html else "*/*"}
+    target = request.target or request.path
+    if question.listener is Listener.kiosk:
+        with kiosk_browser(live.gateway) as kiosk:
+            return kiosk.get(f"https://{request.host}{target}", headers=headers)
+    return live.gateway.request(request.host, target, headers=headers)
+
+
+def what_if_answer(decision: Decision) -> dict[str, Any]:
+    return {"httpStatus": decision.status_code, "result": decision.result.value,
+            "reason": None if decision.allowed else decision.reason,
+            "errorCode": int(decision.error_code) if decision.error_code else 0,
+            "clientAppType": decision.client_app_type.value, "resource": decision.resource,
+            "sessionControls": list(decision.session_controls.names()),
+            "restriction": decision.restriction.value if decision.restriction else None,
+            "policies": {p.name: p.result.value for p in decision.all_policies()}}
+
+
+def gateway_answer(response: httpx.Response, record: dict[str, Any]) -> dict[str, Any]:
+    assert record["httpStatus"] == response.status_code
+    return {"httpStatus": response.status_code, "result": record["result"], "reason": record["status"]["failureReason"],
+            "errorCode": record["status"]["errorCode"], "clientAppType": record["clientAppUsed"],
+            "resource": record["resourceDisplayName"], "sessionControls": record["enforcedSessionControls"],
+            "restriction": record.get("restriction"),
+            "policies": {p["id"]: p["result"] for p in record["appliedConditionalAccessPolicies"]}}
+
+
+@pytest.mark.parametrize(("live", "case"), [
+    pytest.param(directory, case, id=f"{directory.name}: {case.name}")
+    for directory in CONFIG_DIRS for case in load_cases(directory / "cases.yaml")
+], indirect=["live"])
+def test_what_if_answers_every_shipped_case_as_the_live_gateway_does(live: Live, case: Case) -> None:
+    decision = asyncio.run(live.what_if.ask(case.question(), utc_now()))
+    response = sent(live, case)
+    record = live.gateway.decision(response.headers["x-portcullis-correlation-id"])
+    assert what_if_answer(decision) == gateway_answer(response, record)
+    assert record["ipAddress"] == str(case.ip)  # the case's address was decided on
+
+
+def test_the_shipped_cases_cover_a_session_restriction_the_device_binding_and_the_kiosk() -> None:
+    """The parity test above would not notice a What If that skips these if no case exercised them."""
+    cases = [case for directory in CONFIG_DIRS for case in load_cases(directory / "cases.yaml")]
+    restrictions = {case.expect.restriction.value for case in cases if case.expect.restriction}
+    assert restrictions >= {"blockDownloads", "activeSyncDeviceIdMismatch"}
+    assert any(case.listener is Listener.kiosk for case in cases)
+    assert any(urlsplit(case.url).hostname == "docs.contoso.test" for case in cases)
+
+
+def test_what_if_decides_through_the_gateways_own_steps() -> None:
+    """The device binding, ``evaluate`` and the session controls are ``gateway.access.decide``,
+    which the gateway calls: What If calls it too and re-implements none of it."""
+    tree = ast.parse(Path(whatif.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "gateway.access" for alias in node.names}
+    assert "decide" in imported, imported
+    called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    assert "decide" in called and not called & {"evaluate", "request_restriction", "activesync_device_ids"}, called
