@@ -32,7 +32,7 @@ from gateway.identity.browser import (
 from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
 from gateway.metrics import GatewayMetrics
 from gateway.paths import canonical_path
-from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, locations_of, path_has_prefix
+from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, path_has_prefix, request_locations
 from gateway.policy.evaluate import NO_RESOURCE_REASON, evaluate
 from gateway.policy.model import (
     NO_SESSION_CONTROLS,
@@ -110,8 +110,8 @@ class Rules:
         return ClientApp(client_id=identity.client_id, name=self.app_names.get(identity.client_id or ""))
 
     def locations(self, request: AccessRequest) -> set[str]:
-        """The named locations the client address is in (for the decision log's signals)."""
-        return locations_of(request.client_ip, self.policy_set.named_locations)[0]
+        """The named locations the request is in, as policy saw them (for the decision log's signals)."""
+        return request_locations(request, self.policy_set.named_locations)[0]
 
 
 class AccessService:
@@ -390,7 +390,8 @@ class AccessService:
             return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
         decision = Decision(result=DecisionResult.unauthenticated, status_code=302, error_code=None,
                             reason="sign-in required", resource=None, client_app_type=ClientAppType.browser)
-        self._record(sign_in_record(request=request, decision=decision, now=self._clock()), decision)
+        self._record(sign_in_record(request=request, decision=decision, now=self._clock(),
+                                    locations=self.rules.locations(request)), decision)
         return Outcome(decision, pages.redirect(login.location, request.correlation_id, set_cookie=login.set_cookie))
 
     async def complete_sign_in(self, authority: str, state: str, code: str,
@@ -423,7 +424,8 @@ class AccessService:
                           now: datetime) -> Outcome:
         """Before any token: a public resource is forwarded, a path no resource names is denied."""
         decision = decided_before_identity(request, resource)
-        self._record(sign_in_record(request=request, decision=decision, now=now), decision)
+        self._record(sign_in_record(request=request, decision=decision, now=now, locations=rules.locations(request)),
+                     decision)
         if decision.allowed:
             return Outcome(decision, None, ((headers.CORRELATION_ID, request.correlation_id),
                                             *headers.forwarding_headers(request.client_ip, request.host)))
@@ -437,7 +439,8 @@ class AccessService:
         decision = Decision(result=DecisionResult.unauthenticated, status_code=401, error_code=None,
                             reason=rejected.reason, resource=None,
                             client_app_type=client_app_type(request, None))
-        self._record(sign_in_record(request=request, decision=decision, now=now), decision)
+        self._record(sign_in_record(request=request, decision=decision, now=now,
+                                    locations=self.rules.locations(request)), decision)
         return Outcome(decision, pages.unauthenticated(rejected.reason, request.correlation_id))
 
     def refuse(self, request: AccessRequest, status: int, reason: str) -> Outcome:
@@ -446,7 +449,8 @@ class AccessService:
         decision = Decision(result=DecisionResult.block, status_code=status,
                             error_code=ErrorCode.blocked_by_conditional_access, reason=reason, resource=None,
                             client_app_type=client_app_type(request, None))
-        self._record(sign_in_record(request=request, decision=decision, now=self._clock()), decision)
+        self._record(sign_in_record(request=request, decision=decision, now=self._clock(),
+                                    locations=self.rules.locations(request)), decision)
         return Outcome(decision, pages.refused(status, reason, request.correlation_id))
 
 

@@ -131,8 +131,9 @@ def signal_entries(*, request: AccessRequest, identity: Identity | None, identit
             entries.append(_signal("threatLevel", record.threat_level.value if record.threat_level else "none",
                                    record.threat_source or device.source, reported))
     named = sorted(locations)
-    entries.append(_signal("location", ",".join(named) if named else "none", f"client address {request.client_ip}",
-                           0))
+    kiosk = " through the kiosk proxy" if request.kiosk_location is not None else ""
+    entries.append(_signal("location", ",".join(named) if named else "none",
+                           f"client address {request.client_ip}{kiosk}", 0))
     return entries
 
 

@@ -22,7 +22,10 @@ type AgeSource = Callable[[], Iterable[tuple[str, float | None]]]
 
 
 def reason_label(decision: Decision) -> str:
-    """A fixed vocabulary for why: Entra's error code names, or what happened before policy."""
+    """A fixed vocabulary for why: what refused it besides policy (the ActiveSync device binding,
+    a session control), Entra's error code names, or what happened before policy."""
+    if decision.restriction is not None:
+        return decision.restriction.value
     if decision.error_code is not None:
         if decision.error_code is ErrorCode.blocked_by_conditional_access and decision.status_code != 403:
             return {400: "badRequest", 421: "misdirected", 503: "signalUnavailable"}.get(decision.status_code,

@@ -28,6 +28,7 @@ from gateway.demo import (
     ACTIVESYNC,
     ALEX_IPHONE,
     BLAKE_ANDROID,
+    DREW_IPHONE,
     EXCHANGE,
     OUTLOOK_MOBILE,
     TEAMS,
@@ -199,6 +200,24 @@ def test_metrics_count_decisions_by_result_policy_reason_and_app(gateway: Gatewa
     families = {f.name for f in text_string_to_metric_families(admin(gateway.admin_port, "GET", "/metrics",
                                                                      reader).text)}
     assert {"portcullis_upstream_errors", "portcullis_config_reloads", "portcullis_decision_log_dropped"} <= families
+
+
+def test_an_activesync_device_id_mismatch_is_counted_as_such_not_as_noncompliance(gateway: Gateway) -> None:
+    """Alex's token (a compliant iPhone) with the DeviceId of Drew's phone in the URL: refused by
+    the device binding before policy, whatever its error code says to a helpdesk (53000)."""
+    reader = admin_token(gateway, READER)
+    before = scrape(gateway.admin_port, reader)
+    refused = sync(gateway, outlook(gateway), device=DREW_IPHONE)
+    assert refused.status_code == 403
+    record = gateway.decision(refused.headers["x-portcullis-correlation-id"])
+    assert (record["status"]["errorCode"], record["restriction"]) == (53000, "activeSyncDeviceIdMismatch")
+    after = scrape(gateway.admin_port, reader)
+    labels = {"result": "block", "policy": "none", "app": "outlook-mobile"}
+    decisions = "portcullis_decisions_total"
+    assert value(after, decisions, reason="activeSyncDeviceIdMismatch", **labels) - \
+        value(before, decisions, reason="activeSyncDeviceIdMismatch", **labels) == 1
+    assert value(after, decisions, reason="deviceNotCompliant", **labels) == \
+        value(before, decisions, reason="deviceNotCompliant", **labels)
 
 
 def test_a_scrape_is_audited_without_the_token(gateway: Gateway) -> None:

@@ -25,11 +25,12 @@ from ruamel.yaml import YAML
 
 from gateway import bootstrap
 from gateway.audit import DecisionLog, Pseudonymizer, find_record, log_files
-from gateway.demo import DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.demo import DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, SHAREPOINT, activesync
 from gateway.metrics import GatewayMetrics
 from tests.conftest import Background, Gateway, Ports, gateway_config, operations_for, proxy_for
+from tests.test_kiosk_proxy import kiosk_browser
 
-MAIL = "mail.contoso.test"
+MAIL, DOCS = "mail.contoso.test", "docs.contoso.test"
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 
 
@@ -193,6 +194,32 @@ def test_the_log_takes_records_from_the_event_loop_and_from_threads(tmp_path: Pa
     log.close()
     assert sorted(json.loads(line)["correlationId"] for line in (tmp_path / "d.jsonl").read_text().splitlines()) == \
         ["loop", "thread"]
+
+
+@pytest.mark.parametrize(("url", "token", "status", "shown"), [
+    pytest.param(f"https://{MAIL}/owa/", True, 200, "[+] kiosks-read-only-browser: success", id="allowed"),
+    pytest.param(f"https://{MAIL}/owa/", False, 302, "reason:   sign-in required", id="sent to sign in"),
+    pytest.param(f"https://{DOCS}/_layouts/15/download.aspx", True, 403,
+                 "reason:   downloads are blocked in this session [restriction: blockDownloads]",
+                 id="a download refused by blockDownloads"),
+])
+def test_why_shows_the_kiosk_location_a_kiosk_request_was_decided_in(gateway: Gateway, url: str, token: bool,
+                                                                      status: int, shown: str) -> None:
+    """Policy put the request in the ``kiosk`` location (the demo's kiosk policy applied); the
+    trace must say so, not ``location=none`` from the client address alone."""
+    audience = SHAREPOINT if DOCS in url else EXCHANGE
+    minted = gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=audience)
+    with kiosk_browser(gateway) as kiosk:
+        response = kiosk.get(url, headers={"Authorization": f"Bearer {minted}"} if token else {})
+    assert response.status_code == status
+    correlation_id = response.headers["x-portcullis-correlation-id"]
+    gateway.decision(correlation_id)  # written
+    result = subprocess.run([PORTCULLIS, "why", "--config", str(gateway.config_dir), correlation_id],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "via the kiosk listener" in result.stdout
+    assert "location=kiosk source=client address 127.0.0.1 through the kiosk proxy" in result.stdout
+    assert shown in result.stdout
 
 
 def test_why_never_prints_a_client_s_terminal_escapes(gateway: Gateway) -> None:

@@ -197,6 +197,16 @@ def locations_of(client_ip: str, named: Mapping[str, tuple[tuple[Network, ...], 
     return inside, any(named[name][1] for name in inside)
 
 
+def request_locations(request: AccessRequest,
+                      named: Mapping[str, tuple[tuple[Network, ...], bool]]) -> tuple[set[str], bool]:
+    """The named locations a request is in: its client address's, and the kiosk location for a
+    request through the kiosk proxy (policy, the decision log and ``why`` all read this)."""
+    inside, trusted = locations_of(request.client_ip, named)
+    if request.kiosk_location is not None:
+        inside = inside | {request.kiosk_location}
+    return inside, trusted
+
+
 def location_not_matched(condition: Include, inside: set[str], trusted: bool, client_ip: str) -> str | None:
     def hits(names: list[str]) -> bool:
         return ALL in names or (ALL_TRUSTED in names and trusted) or bool(inside & set(names))

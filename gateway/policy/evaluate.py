@@ -23,8 +23,8 @@ from gateway.policy.conditions import (
     device_filter_attributes,
     device_platform,
     location_not_matched,
-    locations_of,
     platform_not_matched,
+    request_locations,
     resource_not_included,
     user_names,
     users_not_matched,
@@ -94,9 +94,7 @@ def evaluate(
         return Decision(result=DecisionResult.block, status_code=403,
                         error_code=ErrorCode.blocked_by_conditional_access, reason=NO_RESOURCE_REASON,
                         resource=None, client_app_type=app_type)
-    inside, trusted = locations_of(request.client_ip, policy_set.named_locations)
-    if request.kiosk_location is not None:
-        inside = inside | {request.kiosk_location}
+    inside, trusted = request_locations(request, policy_set.named_locations)
     facts = Facts(request=request, identity=identity, device=device, app=app, resources=resources,
                   client_app_type=app_type, user_names=user_names(identity),
                   groups=frozenset(g.lower() for g in identity.groups),
