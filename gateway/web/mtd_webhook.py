@@ -1,9 +1,11 @@
 """The MTD webhook: partners push device risk changes; each accepted change takes effect on the
 device's next request and closes its open connections if access is withdrawn.
 
-Answers: 202 accepted (with unknown devices and ignored states listed), 400 malformed, 401 bad or
-missing signature or timestamp outside the window, 404 unknown partner, 409 replayed push,
-413 body too large, 415 not JSON, 503 not stored (retry: a push counts as received only once stored).
+Answers: 202 accepted (with unknown devices and ignored states listed), 400 malformed (a body
+that is not JSON with one reading, ``gateway.strict_json``; Content-Type, X-Portcullis-Timestamp
+or X-Portcullis-Signature sent more than once), 401 bad or missing signature or timestamp outside
+the window, 404 unknown partner, 409 replayed push, 413 body too large, 415 not JSON, 503 not
+stored (retry: a push counts as received only once stored).
 A verdict older than the partner's newest one stored for its device is acknowledged with the rest
 (202) and changes nothing (``gateway.signals.mtd``: ordering).
 """
@@ -109,9 +111,18 @@ async def _authenticated(request: Request, receiver: MtdReceiver, now: datetime)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise WebhookRejected(413, f"body larger than {MAX_BODY_BYTES} bytes")
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+    if _only(request, "Content-Type").split(";")[0].strip() != "application/json":
         raise WebhookRejected(415, "Content-Type must be application/json")
+    timestamp, signature = _only(request, "X-Portcullis-Timestamp"), _only(request, "X-Portcullis-Signature")
     body = await request.body()
-    partner = receiver.authenticate(request.path_params["partner"], request.headers.get("x-portcullis-timestamp"),
-                                    request.headers.get("x-portcullis-signature"), body, now)
+    partner = receiver.authenticate(request.path_params["partner"], timestamp, signature, body, now)
     return partner, body
+
+
+def _only(request: Request, name: str) -> str:
+    """The header's one value ('' when absent). Sent twice, it is refused: reading the first, as
+    Starlette does, would sign off on a push that a proxy or a log reading the last sees otherwise."""
+    values = request.headers.getlist(name)
+    if len(values) > 1:
+        raise WebhookRejected(400, f"{name} must be sent once")
+    return values[0] if values else ""
