@@ -37,6 +37,10 @@ TEXT = json.dumps(CLAIMS)
     pytest.param('{"sub": "a\udc80"}', NotUtf8Json, id="a str holding a lone surrogate"),
 ])
 def test_only_utf8_json_is_read(data: bytes | str, refused: type[JsonRefused] | None) -> None:
+    read_as_python_reads_it_or_refused(data, refused)
+
+
+def read_as_python_reads_it_or_refused(data: bytes | str, refused: type[JsonRefused] | None) -> None:
     if refused is None:
         assert loads(data) == json.loads(data)
     else:
@@ -45,23 +49,19 @@ def test_only_utf8_json_is_read(data: bytes | str, refused: type[JsonRefused] | 
 
 
 @pytest.mark.parametrize(("text", "refused"), [
-    pytest.param('{"azp": "a", "sub": "b"}', False, id="twin: each member once"),
-    pytest.param('{"azp": "evil", "azp": "outlook"}', True, id="azp twice"),
-    pytest.param('{"sub": "alex", "sub": "ceo"}', True, id="sub twice"),
-    pytest.param('{"deviceid": "x", "sub": "a", "deviceid": "y"}', True, id="deviceid twice, apart"),
-    pytest.param('{"sub": "a", "s\\u0075b": "b"}', True, id="twice, once escaped"),
-    pytest.param('{"sub": "a", "sub": "a"}', True, id="twice with the same value"),
-    pytest.param('{"cnf": {"jkt": "a", "jkt": "b"}}', True, id="twice in a nested object"),
-    pytest.param('[{"a": 1}, {"a": 2}]', False, id="twin: one name in two objects"),
-    pytest.param('[{"a": 1, "a": 2}]', True, id="twice in an object in a list"),
-    pytest.param('{"Sub": "a", "sub": "b"}', False, id="twin: names differing in case are two names"),
+    pytest.param('{"azp": "a", "sub": "b"}', None, id="twin: each member once"),
+    pytest.param('{"azp": "evil", "azp": "outlook"}', DuplicateMember, id="azp twice"),
+    pytest.param('{"sub": "alex", "sub": "ceo"}', DuplicateMember, id="sub twice"),
+    pytest.param('{"deviceid": "x", "sub": "a", "deviceid": "y"}', DuplicateMember, id="deviceid twice, apart"),
+    pytest.param('{"sub": "a", "s\\u0075b": "b"}', DuplicateMember, id="twice, once escaped"),
+    pytest.param('{"sub": "a", "sub": "a"}', DuplicateMember, id="twice with the same value"),
+    pytest.param('{"cnf": {"jkt": "a", "jkt": "b"}}', DuplicateMember, id="twice in a nested object"),
+    pytest.param('[{"a": 1}, {"a": 2}]', None, id="twin: one name in two objects"),
+    pytest.param('[{"a": 1, "a": 2}]', DuplicateMember, id="twice in an object in a list"),
+    pytest.param('{"Sub": "a", "sub": "b"}', None, id="twin: names differing in case are two names"),
 ])
-def test_a_member_named_twice_is_refused(text: str, refused: bool) -> None:
-    if refused:
-        with pytest.raises(DuplicateMember):
-            loads(text.encode())
-    else:
-        assert loads(text.encode()) == json.loads(text)
+def test_a_member_named_twice_is_refused(text: str, refused: type[JsonRefused] | None) -> None:
+    read_as_python_reads_it_or_refused(text.encode(), refused)
 
 
 @pytest.mark.parametrize(("text", "refused"), [
@@ -94,24 +94,26 @@ def test_the_depth_bound_is_the_callers() -> None:
         loads(b"[[[[]]]]", max_depth=3)
 
 
-@pytest.mark.parametrize(("text", "value"), [
-    pytest.param("1e400", float("inf"), id="twin: a number too large for a double reads as inf, as JSON allows"),
-    pytest.param("NaN", None, id="NaN"),
-    pytest.param('{"exp": Infinity}', None, id="Infinity"),
-    pytest.param("[-Infinity]", None, id="-Infinity"),
-    pytest.param("9" * 5000, None, id="5,000 digits"),
-    pytest.param("{'sub': 'a'}", None, id="single quotes"),
-    pytest.param('{"sub": "a",}', None, id="trailing comma"),
-    pytest.param("", None, id="empty"),
-    pytest.param('{"sub": "a"} {"sub": "b"}', None, id="two documents"),
-    pytest.param('{"sub": "a\nb"}', None, id="a raw newline in a string"),
+@pytest.mark.parametrize("text", [
+    pytest.param("NaN", id="NaN"),
+    pytest.param('{"exp": Infinity}', id="Infinity"),
+    pytest.param("[-Infinity]", id="-Infinity"),
+    pytest.param("9" * 5000, id="5,000 digits"),
+    pytest.param("{'sub': 'a'}", id="single quotes"),
+    pytest.param('{"sub": "a",}', id="trailing comma"),
+    pytest.param("", id="empty"),
+    pytest.param('{"sub": "a"} {"sub": "b"}', id="two documents"),
+    pytest.param('{"sub": "a\nb"}', id="a raw newline in a string"),
 ])
-def test_what_is_not_json_is_refused(text: str, value: object) -> None:
-    if value is not None:
-        assert loads(text.encode()) == value
-    else:
-        with pytest.raises(JsonRefused, match="is not JSON"):
-            loads(text.encode())
+def test_what_is_not_json_is_refused(text: str) -> None:
+    with pytest.raises(JsonRefused, match="is not JSON"):
+        loads(text.encode())
+
+
+def test_a_number_too_large_for_a_double_reads_as_infinity_as_json_allows() -> None:
+    """No refusal: RFC 8259 leaves the range of numbers to the reader (the token rules refuse a
+    time claim that is not finite, as pyjwt does)."""
+    assert loads(b"1e400") == float("inf")
 
 
 def test_a_size_bound_is_applied_when_given() -> None:
