@@ -4,6 +4,7 @@ close open long-polls, and everything malformed or forged is refused with a clea
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import ssl
 import time
@@ -261,12 +262,14 @@ DUPLICATED_HEADERS = [
 def test_a_header_the_push_is_judged_by_must_be_sent_once(gateway: Gateway, restore_alex: None,
                                                           mangle: Callable[[list[tuple[str, str]]],
                                                                            list[tuple[str, str]]],
-                                                          status: int) -> None:
-    """Read once, a repeated header is whichever copy the reader picks: refused, and the push is
-    not applied (Alex keeps syncing) although one of its copies signs it."""
+                                                          status: int, caplog: pytest.LogCaptureFixture) -> None:
+    """Read once, a repeated header is whichever copy the reader picks: refused (and logged), and
+    the push is not applied (Alex keeps syncing) although one of its copies signs it."""
     body = level(ALEX_IPHONE, "high").encode()
-    assert raw_post(gateway, "/mtd/demo-mtd/events", mangle(_signed_headers(body)), body) == status
+    with caplog.at_level(logging.WARNING, "gateway.web.mtd_webhook"):
+        assert raw_post(gateway, "/mtd/demo-mtd/events", mangle(_signed_headers(body)), body) == status
     assert sync(gateway).status_code == (403 if status == 202 else 200)
+    assert ("must be sent once" in caplog.text) is (status == 400)
 
 
 DEEP = "[" * 20_000 + "]" * 20_000
@@ -287,7 +290,9 @@ ONE_READING_BODIES = [
 
 @pytest.mark.parametrize(("body", "status"), ONE_READING_BODIES)
 def test_a_validly_signed_body_without_one_reading_gets_400_and_is_not_applied(gateway: Gateway, restore_alex: None,
-                                                                             body: bytes, status: int) -> None:
-    answer = raw_post(gateway, "/mtd/demo-mtd/events", _signed_headers(body), body)
-    assert answer == status
+                                                                             body: bytes, status: int,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "gateway.web.mtd_webhook"):
+        assert raw_post(gateway, "/mtd/demo-mtd/events", _signed_headers(body), body) == status
     assert sync(gateway).status_code == (403 if status == 202 else 200)
+    assert ("refused with 400: body " in caplog.text) is (status == 400)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
@@ -26,6 +27,9 @@ from starlette.routing import Route
 from gateway.access import AccessService
 from gateway.errors import SignalUnavailable
 from gateway.signals.mtd import MAX_BODY_BYTES, MtdReceiver, Partner, Verdict, WebhookRejected
+from gateway.terminal import printable
+
+logger = logging.getLogger(__name__)
 
 
 def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callable[[], datetime]) -> Starlette:
@@ -37,7 +41,7 @@ def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callab
             verdicts, ignored = receiver.verdicts(body, sent_at=sent_at, now=now,
                                                   tolerance_seconds=partner.tolerance_seconds)
         except WebhookRejected as rejected:
-            return JSONResponse({"error": rejected.message}, status_code=rejected.status)
+            return _refused(request, rejected)
 
         def record() -> list[str]:
             """Oldest first, each group stored as reported at its own time (the store orders by it)."""
@@ -57,7 +61,7 @@ def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callab
         try:
             partner, _ = await _authenticated(request, receiver, clock())
         except WebhookRejected as rejected:
-            return JSONResponse({"error": rejected.message}, status_code=rejected.status)
+            return _refused(request, rejected)
         stored = await _stored_once(request, receiver, service.record_partner_contact, partner.name, clock())
         if isinstance(stored, JSONResponse):
             return stored
@@ -77,7 +81,7 @@ async def _stored_once[T](request: Request, receiver: MtdReceiver, store: Callab
     try:
         await receiver.claim(signature)
     except WebhookRejected as rejected:
-        return JSONResponse({"error": rejected.message}, status_code=rejected.status)
+        return _refused(request, rejected)
     except SignalUnavailable as error:
         return _not_stored(error)
     try:
@@ -101,6 +105,13 @@ def _by_report_time(verdicts: list[Verdict], now: datetime) -> Iterator[tuple[da
     ordered = sorted(verdicts, key=lambda v: v.reported_at or now)
     for reported_at, group in itertools.groupby(ordered, key=lambda v: v.reported_at or now):
         yield reported_at, list(group)
+
+
+def _refused(request: Request, rejected: WebhookRejected) -> JSONResponse:
+    """Every refusal is logged with its reason (never the body or the signature)."""
+    logger.warning("MTD push to partner %s refused with %d: %s", printable(request.path_params.get("partner", "")),
+                   rejected.status, printable(rejected.message))
+    return JSONResponse({"error": rejected.message}, status_code=rejected.status)
 
 
 def _not_stored(error: SignalUnavailable) -> JSONResponse:
