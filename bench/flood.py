@@ -109,8 +109,9 @@ def flood_tokens(key: rsa.RSAPrivateKey, issuer: str, settings: Settings) -> lis
     count = max(1000, settings.unknown)
     tokens = [f"{head}.{claims}.{base64.urlsafe_b64encode(uuid.uuid4().bytes * 8).rstrip(b'=').decode()}"
               for _ in range(count)]
-    tokens += [jwt.encode({"iss": issuer, "aud": AUDIENCE, "sub": "x", "exp": int(time.time()) + 3600,
-                           "azp": OUTLOOK}, stranger, algorithm="RS256", headers={"kid": f"kid-{uuid.uuid4()}"})
+    tokens += [jwt.encode({"iss": issuer, "aud": AUDIENCE, "sub": "x", "iat": int(time.time()),
+                           "exp": int(time.time()) + 3600, "azp": OUTLOOK}, stranger, algorithm="RS256",
+                          headers={"kid": f"kid-{uuid.uuid4()}"})
                for _ in range(count // 4)]
     tokens += [f"eyJ{uuid.uuid4().hex}.{uuid.uuid4().hex}.{uuid.uuid4().hex}" for _ in range(count)]
     tokens += [mint_token(key, issuer, settings.devices + i) for i in range(settings.unknown)]  # devices no one has

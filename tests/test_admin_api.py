@@ -356,6 +356,11 @@ def test_whatif_refuses_a_kiosk_download_as_the_gateway_does(gateway: Gateway) -
 @pytest.mark.parametrize(("body", "message"), [
     pytest.param(b"user=alex", "not JSON", id="a form, not JSON"),
     pytest.param(b'["alex"]', "expected a mapping", id="a list"),
+    pytest.param(b'{"user": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", "nested deeper than", id="nested 20,000 deep"),
+    pytest.param(b'{"user": "casey@contoso.test", "url": "https://mail.contoso.test/", "user": "alex@contoso.test"}',
+                 "names a member twice", id="user named twice"),
+    pytest.param('{"user": "alex@contoso.test", "url": "https://mail.contoso.test/owa/"}'.encode("utf-16"),
+                 "not UTF-8", id="in UTF-16"),
     pytest.param(b'{"url": "https://mail.contoso.test/owa/"}', "required key 'user'", id="no user"),
     pytest.param(b'{"user": "a", "url": "https://mail.contoso.test/owa/", "clientAppType": "browsr"}',
                  "did you mean 'browser'", id="misspelt clientAppType"),

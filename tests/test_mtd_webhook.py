@@ -4,16 +4,18 @@ close open long-polls, and everything malformed or forged is refused with a clea
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
-from gateway.demo import ALEX_IPHONE, CASEY_IPAD, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.demo import ALEX_IPHONE, CASEY_IPAD, DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.errors import SignalUnavailable
 from gateway.signals.mtd import MtdReceiver, Partner, sign
 from gateway.web.mtd_webhook import mtd_webhook_app
@@ -223,3 +225,74 @@ def test_a_push_reporting_an_old_event_still_counts_as_contact_now() -> None:
         assert client.post("/mtd/acme/events", content=body, headers=headers).status_code == 202
     assert ("verdicts", reported) in service.stored
     assert ("contact", arrived) in service.stored
+
+
+def _signed_headers(body: bytes, timestamp: str | None = None) -> list[tuple[str, str]]:
+    ts = timestamp or str(int(time.time()))
+    return [("Content-Type", "application/json"), ("X-Portcullis-Timestamp", ts),
+            ("X-Portcullis-Signature", sign(MTD_SECRET.encode(), ts, body))]
+
+
+def _twice(name: str, other: str, *, other_first: bool) -> Callable[[list[tuple[str, str]]], list[tuple[str, str]]]:
+    """The signed headers with ``name`` sent a second time, holding ``other``."""
+    def mangle(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        sent: list[tuple[str, str]] = []
+        for header in headers:
+            copies = [(name, other), header] if other_first else [header, (name, other)]
+            sent += copies if header[0] == name else [header]
+        return sent
+    return mangle
+
+
+SIGNED_BY_ANOTHER = "sha256=" + "0" * 64
+DUPLICATED_HEADERS = [
+    pytest.param(lambda h: h, 202, id="twin: each header once"),
+    pytest.param(_twice("X-Portcullis-Timestamp", "1", other_first=False), 400, id="timestamp twice, the signed first"),
+    pytest.param(_twice("X-Portcullis-Timestamp", "1", other_first=True), 400, id="timestamp twice, the signed last"),
+    pytest.param(_twice("X-Portcullis-Signature", SIGNED_BY_ANOTHER, other_first=False), 400,
+                 id="signature twice, the valid first"),
+    pytest.param(_twice("X-Portcullis-Signature", SIGNED_BY_ANOTHER, other_first=True), 400,
+                 id="signature twice, the valid last"),
+    pytest.param(lambda h: [*h, h[2]], 400, id="the same signature twice"),
+    pytest.param(_twice("Content-Type", "text/plain", other_first=False), 400, id="Content-Type twice"),
+]
+
+
+@pytest.mark.parametrize(("mangle", "status"), DUPLICATED_HEADERS)
+def test_a_header_the_push_is_judged_by_must_be_sent_once(gateway: Gateway, restore_alex: None,
+                                                          mangle: Callable[[list[tuple[str, str]]],
+                                                                           list[tuple[str, str]]],
+                                                          status: int, caplog: pytest.LogCaptureFixture) -> None:
+    """Read once, a repeated header is whichever copy the reader picks: refused (and logged), and
+    the push is not applied (Alex keeps syncing) although one of its copies signs it."""
+    body = level(ALEX_IPHONE, "high").encode()
+    with caplog.at_level(logging.WARNING, "gateway.web.mtd_webhook"):
+        assert raw_post(gateway, "/mtd/demo-mtd/events", mangle(_signed_headers(body)), body) == status
+    assert sync(gateway).status_code == (403 if status == 202 else 200)
+    assert ("must be sent once" in caplog.text) is (status == 400)
+
+
+DEEP = "[" * 20_000 + "]" * 20_000
+ONE_READING_BODIES = [
+    pytest.param(level(ALEX_IPHONE, "high").encode(), 202, id="twin: UTF-8 JSON, each member once"),
+    pytest.param(DEEP.encode(), 400, id="20,000 [ and their ]"),
+    pytest.param(b"[" * 20_000, 400, id="20,000 [ unclosed"),
+    pytest.param(f'{{"events": [{{"deviceId": "{ALEX_IPHONE}", "threatLevel": "high", "x": {DEEP}}}]}}'.encode(), 400,
+                 id="an event nested 20,000 deep"),
+    pytest.param(f'{{"events": [{{"deviceId": "{ALEX_IPHONE}", "threatLevel": "low", "threatLevel": "high"}}]}}'
+                 .encode(), 400, id="threatLevel twice"),
+    pytest.param(f'{{"events": [{{"deviceId": "{DREW_IPHONE}", "deviceId": "{ALEX_IPHONE}", "threatLevel": "high"}}]}}'
+                 .encode(), 400, id="deviceId twice"),
+    pytest.param(level(ALEX_IPHONE, "high").encode("utf-16"), 400, id="in UTF-16"),
+    pytest.param(b"\xef\xbb\xbf" + level(ALEX_IPHONE, "high").encode(), 400, id="after a byte-order mark"),
+]
+
+
+@pytest.mark.parametrize(("body", "status"), ONE_READING_BODIES)
+def test_a_validly_signed_body_without_one_reading_gets_400_and_is_not_applied(gateway: Gateway, restore_alex: None,
+                                                                             body: bytes, status: int,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "gateway.web.mtd_webhook"):
+        assert raw_post(gateway, "/mtd/demo-mtd/events", _signed_headers(body), body) == status
+    assert sync(gateway).status_code == (403 if status == 202 else 200)
+    assert ("refused with 400: body " in caplog.text) is (status == 400)

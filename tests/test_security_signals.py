@@ -235,6 +235,10 @@ def wanted_device(request: httpx.Request) -> str:
     return request.url.params["$filter"].removeprefix("azureADDeviceId eq '").rstrip("'")
 
 
+def _raw_page(content: bytes) -> httpx.Response:
+    return httpx.Response(200, content=content, headers={"Content-Type": "application/json"})
+
+
 async def slow(request: httpx.Request) -> httpx.Response:
     await asyncio.sleep(5)
     return graph_page(managed_device(1, azureADDeviceId=wanted_device(request)))
@@ -255,7 +259,15 @@ GRAPH_ANSWERS: dict[str, tuple[Callable[[httpx.Request], Any], int]] = {
                                                                       lastSyncDateTime="yesterday")), 403),
     "another device's record": (lambda _: graph_page(managed_device(1)), 403),
     "slower than the lookup may wait": (slow, 403),
+    "value named twice, the device last": (lambda r: _raw_page(
+        b'{"value": [], ' + graph_page(managed_device(1, azureADDeviceId=wanted_device(r))).content[1:]), 503),
+    "in UTF-16": (lambda r: _raw_page(
+        graph_page(managed_device(1, azureADDeviceId=wanted_device(r))).content.decode().encode("utf-16")), 503),
+    "nested 20,000 deep": (lambda r: _raw_page(
+        graph_page(managed_device(1, azureADDeviceId=wanted_device(r))).content[:-1] + b', "x": '
+        + b"[" * 20_000 + b"]" * 20_000 + b"}"), 503),
 }
+
 
 
 class FakeGraph:

@@ -44,13 +44,16 @@ from ruamel.yaml import YAML
 
 from gateway import bootstrap
 from gateway.config.models import IdentitySettings
-from gateway.demo import ALEX_IPHONE, EXCHANGE, SHAREPOINT
+from gateway.demo import ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, SHAREPOINT, TEAMS
 from gateway.errors import SignalUnavailable
 from gateway.identity.browser import COOKIE_NAME
 from gateway.identity.jwks import MAX_JWKS_BYTES, JwksCache
+from gateway.identity.oauth_client import strict_oauth_client
 from gateway.identity.tokens import (
     ALGORITHM_NOT_ALLOWED,
     AUDIENCE_NOT_ACCEPTED,
+    CLAIM_NAMED_TWICE,
+    CLAIMS_NOT_UTF8,
     CRITICAL_EXTENSION,
     ID_TOKEN_PRESENTED,
     MALFORMED,
@@ -60,6 +63,7 @@ from gateway.identity.tokens import (
     RejectedToken,
 )
 from gateway.policy.model import Identity
+from gateway.strict_json import JsonRefused
 from gateway.web.demo_idp import DemoIdentityProvider
 from tests.conftest import Background, Gateway, Ports, gateway_config, proxy_for
 from tests.test_browser_sign_in import sign_in
@@ -84,7 +88,12 @@ def b64(data: bytes) -> str:
 
 def jws(header: dict[str, Any], claims: object, sign: Signer | None) -> str:
     """A compact JWS with exactly this header; ``sign`` None leaves the signature empty."""
-    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+    return jws_of_segments(json.dumps(header).encode(), json.dumps(claims).encode(), sign)
+
+
+def jws_of_segments(header: bytes, claims: bytes, sign: Signer | None) -> str:
+    """A compact JWS of these very bytes (another encoding, a member twice, as a test needs)."""
+    signing_input = f"{b64(header)}.{b64(claims)}"
     return f"{signing_input}.{b64(sign(signing_input.encode())) if sign else ''}"
 
 
@@ -468,13 +477,19 @@ TIME_CASES = [
     pytest.param(_time("exp", lambda exp: True), "token expired", id="exp true (int() reads 1)"),
     pytest.param(_time("exp", lambda exp: 10**30), "token has a malformed 'exp' claim", id="exp beyond year 9999"),
     pytest.param(_time("exp", lambda exp: 1e300), "token has a malformed 'exp' claim", id="exp 1e300"),
-    pytest.param(_time("exp", lambda exp: float("inf")), MALFORMED, id="exp Infinity"),
+    pytest.param(_time("exp", lambda exp: float("inf")), MALFORMED, id="exp Infinity (no JSON number)"),
     pytest.param(_time("exp", lambda exp: [exp]), MALFORMED, id="exp a list"),
     pytest.param(_time("nbf", lambda exp: "0"), "token has a malformed 'nbf' claim", id="nbf a string"),
     pytest.param(_time("nbf", lambda exp: True), "token has a malformed 'nbf' claim", id="nbf true"),
     pytest.param(_time("nbf", lambda exp: None), MALFORMED, id="nbf null"),
     pytest.param(_time("nbf", lambda exp: -1), "token has a malformed 'nbf' claim", id="nbf before 1970"),
+    pytest.param(_time("iat", lambda exp: exp - 3600.25), None, id="twin: fractional iat"),
+    pytest.param(_time("iat", lambda exp: MISSING), "token has no 'iat' claim", id="no iat (RFC 9068 2.2)"),
+    pytest.param(_time("iat", lambda exp: None), "token has no 'iat' claim", id="iat null"),
     pytest.param(_time("iat", lambda exp: str(exp - 3600)), "token has a malformed 'iat' claim", id="iat a string"),
+    pytest.param(_time("iat", lambda exp: -1), "token has a malformed 'iat' claim", id="iat before 1970"),
+    pytest.param(_time("iat", lambda exp: [exp - 3600]), MALFORMED, id="iat a list"),
+    pytest.param(_time("iat", lambda exp: exp), "token not yet valid", id="iat an hour ahead"),
     pytest.param(_time("iat", lambda exp: False), "token has a malformed 'iat' claim", id="iat false"),
     pytest.param(_time("iat", lambda exp: {"t": 1}), "malformed token", id="iat an object"),
     pytest.param(_time("auth_time", lambda exp: "yesterday"), "token has a malformed 'auth_time' claim",
@@ -487,6 +502,74 @@ def test_time_claims_are_numbers(gateway: Gateway, claims: Callable[[Gateway], d
                                  reason: str | None) -> None:
     """Expired and not-yet-valid: tests/test_gateway_e2e.py::test_invalid_token_claims_get_401."""
     answered(send(gateway, issuer_signed(gateway, **claims(gateway))), reason)
+
+
+# --- one reading of the claims ----------------------------------------------------------------
+
+def _claims_text(gateway: Gateway, before: str = "", after: str = "") -> str:
+    """Alex's claims as JSON text, with raw members put before or after the issuer's own."""
+    text = json.dumps(outlook_claims(gateway))
+    return "{" + before + text[1:-1] + after + "}"
+
+
+def _header_text(gateway: Gateway) -> str:
+    return json.dumps({"alg": "RS256", "typ": "JWT", "kid": gateway.idp.kid})
+
+
+def _issuer_signed_bytes(claims: Callable[[Gateway], bytes],
+                         header: Callable[[Gateway], bytes] | None = None) -> Callable[[Gateway], str]:
+    """Signed by the issuer's real key over exactly these bytes: the signature is no obstacle."""
+    def build(g: Gateway) -> str:
+        return jws_of_segments(header(g) if header else _header_text(g).encode(), claims(g), rs256(g.idp.key))
+    return build
+
+
+def _claims(before: str = "", after: str = "", codec: str = "utf-8", prefix: bytes = b"") -> Callable[[Gateway], str]:
+    return _issuer_signed_bytes(lambda g: prefix + _claims_text(g, before, after).encode(codec))
+
+
+def _header(change: Callable[[Gateway], bytes]) -> Callable[[Gateway], str]:
+    return _issuer_signed_bytes(lambda g: _claims_text(g).encode(), change)
+
+
+ONE_READING_CASES = [
+    pytest.param(_claims(), None, id="twin: UTF-8 JSON"),
+    pytest.param(_claims(after=', "nickname": "zoë"'), None, id="twin: UTF-8 beyond ASCII"),
+    *(pytest.param(_claims(codec=codec), CLAIMS_NOT_UTF8, id=f"claims in {codec}")
+      for codec in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be")),
+    pytest.param(_claims(prefix=b"\xef\xbb\xbf"), CLAIMS_NOT_UTF8, id="UTF-8 claims after a byte-order mark"),
+    pytest.param(_claims(after=f', "azp": "{TEAMS}"'), CLAIM_NAMED_TWICE, id="azp twice, another app last"),
+    pytest.param(_claims(before=f'"azp": "{TEAMS}", '), CLAIM_NAMED_TWICE, id="azp twice, another app first"),
+    pytest.param(_claims(after=', "sub": "sub-of-the-ceo"'), CLAIM_NAMED_TWICE, id="sub twice, another user last"),
+    pytest.param(_claims(before='"sub": "sub-of-the-ceo", '), CLAIM_NAMED_TWICE, id="sub twice, another user first"),
+    pytest.param(_claims(after=f', "deviceid": "{BLAKE_ANDROID}"'), CLAIM_NAMED_TWICE,
+                 id="deviceid twice, a noncompliant device last"),
+    pytest.param(_claims(before=f'"deviceid": "{BLAKE_ANDROID}", '), CLAIM_NAMED_TWICE,
+                 id="deviceid twice, a noncompliant device first"),
+    pytest.param(_claims(after=', "\\u0061zp": "x"'), CLAIM_NAMED_TWICE, id="azp twice, once spelled with an escape"),
+    pytest.param(_claims(after=', "cnf": {"jkt": "a", "jkt": "b"}'), CLAIM_NAMED_TWICE,
+                 id="a member twice in a nested claim"),
+    pytest.param(_claims(after=', "x": ' + "[" * 31 + "]" * 31), None, id="twin: claims nested 32 deep"),
+    pytest.param(_claims(after=', "x": ' + "[" * 32 + "]" * 32), MALFORMED, id="claims nested 33 deep"),
+    pytest.param(_claims(after=', "x": ' + "[" * 5000), MALFORMED, id="a claim opening 5,000 lists"),
+    pytest.param(_claims(after=', "nickname": "\\ud800"'), CLAIMS_NOT_UTF8, id="an unpaired surrogate"),
+    pytest.param(_header(lambda g: _header_text(g)[:-1].encode() + b', "alg": "none"}'), MALFORMED,
+                 id="header: alg twice"),
+    pytest.param(_header(lambda g: _header_text(g)[:-1].encode() + f', "kid": "{g.idp.kid}"}}'.encode()), MALFORMED,
+                 id="header: kid twice, the same value"),
+    pytest.param(_header(lambda g: _header_text(g).encode("utf-16")), MALFORMED, id="header in UTF-16"),
+    pytest.param(_header(lambda g: b"\xef\xbb\xbf" + _header_text(g).encode()), MALFORMED,
+                 id="header after a byte-order mark"),
+]
+
+
+@pytest.mark.parametrize(("build", "reason"), ONE_READING_CASES)
+def test_a_token_with_more_than_one_reading_gets_401_and_never_reaches_the_upstream(
+        gateway: Gateway, jwks_fetches: Hits, build: Callable[[Gateway], str], reason: str | None) -> None:
+    """Signed by the issuer, yet read one way here and maybe another by the upstream it would be
+    forwarded to: pyjwt's ``json.loads`` guesses UTF-16 and keeps the last of two members."""
+    answered(send(gateway, build(gateway)), reason)
+    assert jwks_fetches.count == 0
 
 
 # --- crit, typ, cty, nesting and ID tokens ----------------------------------------------------
@@ -815,6 +898,13 @@ GARBAGE_JWKS = [
     pytest.param(lambda g: answer({"error": "down"}, 500), 503, id="a 500"),
     pytest.param(lambda g: silent, 503, id="no answer within the timeout"),
     pytest.param(lambda g: drip, 503, id="a byte at a time, for ever"),
+    pytest.param(lambda g: answer(('{"keys": [], ' + json.dumps(g.idp.jwks())[1:]).encode()), 503,
+                 id="keys named twice, the issuer's last"),
+    pytest.param(lambda g: answer(json.dumps(g.idp.jwks()).encode("utf-16")), 503, id="in UTF-16"),
+    pytest.param(lambda g: answer(b"\xef\xbb\xbf" + json.dumps(g.idp.jwks()).encode()), 503,
+                 id="after a byte-order mark"),
+    pytest.param(lambda g: answer({**g.idp.jwks(), "x": json.loads("[" * 100 + "]" * 100)}), 503,
+                 id="nested 100 deep"),
 ]
 
 
@@ -832,6 +922,54 @@ def test_an_issuer_answering_garbage_or_slowly_fails_closed_with_503(
         assert "receivedHeaders" not in response.text
     else:
         forwarded(response)
+
+
+@pytest.mark.parametrize("discovery", [
+    pytest.param(lambda i: f'{{"jwks_uri": "{i.url("attacker/jwks")}", "issuer": "{i.issuer}", '
+                           f'"jwks_uri": "{i.issuer}/keys"}}'.encode(), id="jwks_uri named twice, the issuer's last"),
+    pytest.param(lambda i: json.dumps({"issuer": i.issuer, "jwks_uri": f"{i.issuer}/keys"}).encode("utf-16"),
+                 id="in UTF-16"),
+])
+def test_a_discovery_document_with_two_readings_fails_closed_with_503(
+        gateway: Gateway, tmp_path: Path, demo_ports: Ports, discovery: Callable[[LoopbackServer], bytes]) -> None:
+    """The twin (the same document in UTF-8, each member once) is GARBAGE_JWKS' first case."""
+    with LoopbackServer(answer(gateway.idp.jwks())) as issuer, \
+            gateway_on(issuer, gateway, tmp_path, demo_ports, httpTimeoutSeconds=1) as port:
+        issuer.routes["/contoso/.well-known/openid-configuration"] = answer(discovery(issuer))
+        response = send(gateway, outlook_token(gateway, extra={"iss": issuer.issuer}), port=port)
+        assert issuer.hits["/attacker/jwks"] == 0
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "temporarily_unavailable"
+
+
+@pytest.mark.parametrize(("body", "refused"), [
+    pytest.param(b'{"access_token": "t1", "token_type": "Bearer", "expires_in": 3599}', False, id="twin"),
+    pytest.param(b'{"access_token": "t1", "token_type": "Bearer", "access_token": "t2"}', True,
+                 id="access_token named twice"),
+    pytest.param('{"access_token": "t1", "token_type": "Bearer"}'.encode("utf-16"), True, id="in UTF-16"),
+    pytest.param(b'{"access_token": "t1", "token_type": "Bearer", "x": ' + b"[" * 20_000 + b"}", True,
+                 id="nested 20,000 deep"),
+])
+def test_a_token_endpoint_answer_with_two_readings_is_refused(body: bytes, refused: bool) -> None:
+    """What browser sign-in (code flow) and the Graph connector (client credentials) get from the
+    issuer's token endpoint: authlib would read it with httpx's guessing ``json()``."""
+    transport = httpx.MockTransport(lambda _: httpx.Response(200, content=body,
+                                                            headers={"Content-Type": "application/json"}))
+
+    async def fetch() -> object:
+        client = strict_oauth_client(client_id="c", client_secret="s", transport=transport,
+                                     token_endpoint="https://login.microsoftonline.test/t/oauth2/v2.0/token",
+                                     grant_type="client_credentials")
+        try:
+            return await client.fetch_token()
+        finally:
+            await client.aclose()
+
+    if refused:
+        with pytest.raises(JsonRefused):
+            asyncio.run(fetch())
+    else:
+        assert asyncio.run(fetch())["access_token"] == "t1"  # type: ignore[index]
 
 
 def _issuer_transport(idp: DemoIdentityProvider, jwks: Callable[[], httpx.Response]) -> httpx.MockTransport:

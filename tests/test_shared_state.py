@@ -250,6 +250,9 @@ BAD_SESSIONS = [
     pytest.param(encode_session(SESSION).replace("1900000000.5", "true"), id="expiresAt a boolean"),
     pytest.param(encode_session(SESSION).replace("+00:00", ""), id="signedInAt without a time zone"),
     pytest.param(json.dumps({"v": 1, "host": "h", "signedInAt": "2026-01-01T00:00:00+00:00"}), id="no identity"),
+    pytest.param(encode_session(SESSION)[:-1] + ', "x": ' + "[" * 20_000 + "]" * 20_000 + "}", id="nested 20,000 deep"),
+    pytest.param(encode_session(SESSION).replace('"host": ', '"host": "elsewhere.test", "host": '),
+                 id="host named twice"),
 ]
 
 

@@ -30,7 +30,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from gateway.errors import SignalUnavailable
 from gateway.identity.jwks import JwksCache
-from gateway.identity.oauth_client import AsyncOAuth2Client, OAuthError
+from gateway.identity.oauth_client import OAuthError, strict_oauth_client
 from gateway.identity.tokens import BearerValidator, RejectedToken
 from gateway.paths import canonical_path
 from gateway.policy.model import Identity, PersistentBrowser, SessionControls
@@ -121,9 +121,9 @@ class BrowserSignIn:
         if pending is None or pending.authority != authority or not binding or \
                 not hmac.compare_digest(pending.browser_binding, _digest(binding)):
             raise SignInFailed("this sign-in link expired or was not started in this browser; open the page again")
-        client = AsyncOAuth2Client(client_id=self.client_id, redirect_uri=f"https://{authority}{CALLBACK_PATH}",
-                                   token_endpoint_auth_method="none",  # noqa: S106  (a public client: PKCE)
-                                   timeout=self._timeout)
+        client = strict_oauth_client(client_id=self.client_id, redirect_uri=f"https://{authority}{CALLBACK_PATH}",
+                                     token_endpoint_auth_method="none",  # noqa: S106  (a public client: PKCE)
+                                     timeout=self._timeout)
         try:
             token = await client.fetch_token(self._endpoint("token_endpoint"), code=code,
                                              code_verifier=pending.code_verifier)

@@ -10,7 +10,8 @@ Keys are bound to one algorithm each: a JWK's own ``alg`` must equal the token's
 
 An issuer that answers garbage fails closed the same way: each document must arrive whole within
 ``timeout`` (a total deadline, not httpx's per-read one, so a JWKS dripping a byte at a time cannot
-hold the key lock), unencoded, at most ``MAX_JWKS_BYTES`` (reading stops there), and hold at least
+hold the key lock), unencoded, at most ``MAX_JWKS_BYTES`` (reading stops there), as JSON with one
+reading (``gateway.strict_json``: UTF-8, no member named twice, bounded nesting), and hold at least
 one asymmetric signing key. Known keys outlive failed refreshes for ``max_stale_seconds`` past
 ``cache_seconds`` only: keys the issuer may have withdrawn long ago are not trusted for ever, and
 tokens then get a 503, never a pass.
@@ -19,7 +20,6 @@ tokens then get a 503, never a pass.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +29,8 @@ import jwt
 from jwt import PyJWK
 
 from gateway.errors import SignalUnavailable
+from gateway.strict_json import JsonRefused
+from gateway.strict_json import loads as strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +154,9 @@ async def _get_json(client: httpx.AsyncClient, url: str, deadline: float) -> dic
     except httpx.HTTPError as error:
         raise SignalUnavailable(f"cannot fetch {url}: {type(error).__name__}") from error
     try:
-        body = json.loads(content)
-    except (ValueError, RecursionError) as error:
-        raise SignalUnavailable(f"{url} did not answer JSON") from error
+        body = strict_json(content, max_bytes=MAX_JWKS_BYTES)
+    except JsonRefused as error:
+        raise SignalUnavailable(f"the answer of {url} {error}") from error
     if not isinstance(body, dict):
         raise SignalUnavailable(f"{url} did not answer a JSON object")
     return body

@@ -25,9 +25,15 @@ apply the same rules:
   an unknown one costs at most one JWKS fetch per ``jwksRefreshMinIntervalSeconds``.
 - ``aud`` is one string, as Entra issues it. A list is refused even when it names this host's
   audience: a token meant for several resources could be replayed by any of them to the others.
-- ``exp`` (required), ``nbf``, ``iat`` and ``auth_time`` are JSON numbers (floats allowed, as
-  RFC 7519 NumericDate; never strings, booleans, null, NaN, before 1970 or after 9999), where pyjwt
-  accepts anything ``int()`` takes (``"9999999999"``, ``true``).
+- Header and claims are each one JSON object read one way only (``gateway.strict_json``): UTF-8
+  without a byte-order mark, no member named twice, bounded nesting. pyjwt reads the claims with
+  ``json.loads``, which guesses UTF-16 or UTF-32 and keeps the last of two ``azp``, ``sub`` or
+  ``deviceid``: the gateway forwards the token, and an upstream keeping the first would see
+  another app, user or device. Checked before any key is looked up, so the one reading pyjwt then
+  makes is the strict reader's.
+- ``exp`` and ``iat`` (both required: RFC 9068 §2.2), ``nbf`` and ``auth_time`` are JSON numbers
+  (floats allowed, as RFC 7519 NumericDate; never strings, booleans, null, NaN, before 1970 or
+  after 9999), where pyjwt accepts anything ``int()`` takes (``"9999999999"``, ``true``).
 - An access token never carries ``nonce``: that is an OIDC ID token (whose ``aud`` is a client
   id, not a resource), and one must not open a protected host. The ID token path checks its
   own nonce instead.
@@ -40,7 +46,7 @@ apply the same rules:
 from __future__ import annotations
 
 import base64
-import json
+import binascii
 import math
 import re
 import time
@@ -52,11 +58,13 @@ from cachetools import TLRUCache
 from gateway.config.models import IdentitySettings
 from gateway.identity.jwks import JwksCache
 from gateway.policy.model import Identity
+from gateway.strict_json import DuplicateMember, JsonRefused, NotUtf8Json
+from gateway.strict_json import loads as strict_json
 
 MAX_TOKEN_BYTES = 16 * 1024
 MAX_KID_LENGTH = 256
 CACHE_SIZE = 10_000
-REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
+REQUIRED_CLAIMS = ["exp", "iat", "iss", "aud", "sub"]
 TOKEN68 = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 JWS_COMPACT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")  # an empty signature: alg none
 KID = re.compile(r"^[\x21-\x7e]+$")
@@ -72,6 +80,8 @@ CRITICAL_EXTENSION = "token uses an unsupported critical header"
 TYPE_NOT_ACCEPTED = "token type not accepted"
 AUDIENCE_NOT_ACCEPTED = "token audience not accepted for this host"
 ID_TOKEN_PRESENTED = "an ID token is not an access token"  # noqa: S105  (a reason)
+CLAIMS_NOT_UTF8 = "token claims are not UTF-8 JSON"
+CLAIM_NAMED_TWICE = "token claims name a member twice"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +113,29 @@ def unverified_header(token: str) -> dict[str, object] | None:
     than by pyjwt so that every refusal has a reason of ours, before any key is looked up."""
     if not JWS_COMPACT.match(token):
         return None
-    segment = token.split(".", 1)[0]
     try:
-        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, RecursionError):  # bad base64 or JSON (binascii.Error is a ValueError); deep nesting
+        header = _segment_json(token.split(".", 1)[0])
+    except (binascii.Error, JsonRefused):
         return None
     return header if isinstance(header, dict) else None
+
+
+def claims_segment_problem(token: str) -> str | None:
+    """Why the claims of a token that passed ``unverified_header`` have no single reading (see the
+    module docstring). pyjwt reads them again once the signature is checked, the same way."""
+    try:
+        claims = _segment_json(token.split(".", 2)[1])
+    except NotUtf8Json:
+        return CLAIMS_NOT_UTF8
+    except DuplicateMember:
+        return CLAIM_NAMED_TWICE
+    except (binascii.Error, JsonRefused):
+        return MALFORMED
+    return None if isinstance(claims, dict) else MALFORMED
+
+
+def _segment_json(segment: str) -> object:
+    return strict_json(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
 
 
 def header_problem(header: dict[str, object], algorithms: set[str] | frozenset[str]) -> str | None:
@@ -192,11 +219,12 @@ class BearerValidator:
 
     async def _signing_key(self, token: str) -> tuple[jwt.PyJWK, str] | RejectedToken:
         """The issuer's key for this token's pinned algorithm and ``kid``, read from an unverified
-        header that passed ``header_problem`` first: a hostile header never reaches the JWKS."""
+        header that passed ``header_problem`` first, of a token whose claims read one way only: a
+        hostile header or claims segment never reaches the JWKS."""
         header = unverified_header(token)
         if header is None:
             return RejectedToken(MALFORMED)
-        problem = header_problem(header, self._algorithms) or kid_problem(header)
+        problem = header_problem(header, self._algorithms) or kid_problem(header) or claims_segment_problem(token)
         if problem is not None:
             return RejectedToken(problem)
         algorithm, kid = str(header["alg"]), str(header["kid"])

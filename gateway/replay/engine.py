@@ -39,6 +39,7 @@ from gateway.identity.tokens import (
     RejectedToken,
     bearer_token,
     claims_problem,
+    claims_segment_problem,
     header_problem,
     identity_from_claims,
     unverified_header,
@@ -243,6 +244,9 @@ def token_claims(request: RecordedRequest) -> Claims:
         return token
     if unverified_header(token) is None:
         return RejectedToken(MALFORMED)
+    problem = claims_segment_problem(token)  # claims with two readings: refused by either config
+    if problem is not None:
+        return RejectedToken(problem)
     try:
         decoded = jwt.decode_complete(token, options={"verify_signature": False})
     except jwt.InvalidTokenError:

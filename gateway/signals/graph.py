@@ -32,11 +32,13 @@ import httpx
 from pydantic import ValidationError
 
 from gateway.errors import SignalUnavailable
-from gateway.identity.oauth_client import AsyncOAuth2Client, OAuthError
+from gateway.identity.oauth_client import OAuthError, strict_oauth_client
 from gateway.policy.model import ManagedDevice
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.mtd import LEVELS
 from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
+from gateway.strict_json import JsonRefused
+from gateway.strict_json import loads as strict_json
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ def device_record(item: Mapping[str, Any]) -> DeviceRecord | None:
 class GraphClient:
     def __init__(self, settings: GraphSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings
-        self._client = AsyncOAuth2Client(
+        self._client = strict_oauth_client(
             client_id=settings.client_id, client_secret=settings.client_secret,
             token_endpoint=settings.token_url, scope="https://graph.microsoft.com/.default",
             grant_type="client_credentials", timeout=settings.timeout, transport=transport,
@@ -154,9 +156,9 @@ class GraphClient:
             if response.status_code != 200:
                 raise SignalUnavailable(f"Graph answered {response.status_code}")
             try:
-                body = response.json()
-            except ValueError as error:
-                raise SignalUnavailable("Graph answered something that is not JSON") from error
+                body = strict_json(response.content)
+            except JsonRefused as error:
+                raise SignalUnavailable(f"Graph's answer {error}") from error
             if not isinstance(body, dict):
                 raise SignalUnavailable("Graph answered something other than a JSON object")
             return body

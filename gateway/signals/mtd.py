@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -39,6 +38,8 @@ from datetime import UTC, datetime, timedelta
 from gateway.config.models import MtdPartnerSettings
 from gateway.policy.model import DeviceThreatLevel
 from gateway.state.nonces import MemoryNonces, NonceStore
+from gateway.strict_json import JsonRefused
+from gateway.strict_json import loads as strict_json
 
 MAX_BODY_BYTES = 64 * 1024
 SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
@@ -141,9 +142,9 @@ class MtdReceiver:
         later than ``now``."""
         latest = (now or datetime.now(UTC)).astimezone(UTC)
         try:
-            document = json.loads(body)
-        except ValueError as error:
-            raise WebhookRejected(400, "body is not JSON") from error
+            document = strict_json(body, max_bytes=MAX_BODY_BYTES)
+        except JsonRefused as error:
+            raise WebhookRejected(400, f"body {error}") from error
         events = document.get("events", [document]) if isinstance(document, dict) else document
         if not isinstance(events, list) or not events or len(events) > MAX_EVENTS:
             raise WebhookRejected(400, f"expected 1 to {MAX_EVENTS} events")

@@ -1,8 +1,8 @@
 """Pending sign-ins and browser sessions as JSON, for stores outside this process.
 
 Explicit fields, never pickle: a store anyone else can write to must not be able to run code
-here. A record that is not exactly what this version writes (bad JSON, a wrong type, another
-``v``) reads as None and is logged without its content: the browser signs in again.
+here. A record that is not exactly what this version writes (JSON without one reading, a wrong
+type, another ``v``) reads as None and is logged without its content: the browser signs in again.
 
 ``gateway.identity.browser`` will import ``gateway.state.sessions``, which imports this module,
 so the record classes are imported when a record is first decoded, never at import time.
@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from gateway.policy.model import Identity
+from gateway.strict_json import loads as strict_json
 
 if TYPE_CHECKING:
     from gateway.identity.browser import BrowserSession, PendingLogin
@@ -80,7 +81,7 @@ def decode_session(text: str | bytes) -> BrowserSession | None:
 
 def _document(text: str | bytes) -> dict[str, Any]:
     try:
-        data = json.loads(text)
+        data = strict_json(text)  # a shared store is read as the network is: one reading, bounded depth
     except ValueError:
         raise _Malformed("not JSON") from None
     if not isinstance(data, dict):

@@ -19,6 +19,7 @@ from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.sqlite_store import VerdictShortcuts, micros, with_threats
 from gateway.state.redis_keys import Keys, unavailable
+from gateway.strict_json import loads as strict_json
 
 CHUNK = 1000  # devices per script call or MULTI in a bulk write
 PUBLISH_IDS_MAX = 1000  # a write changing more devices announces ["*"]
@@ -193,7 +194,7 @@ class RedisDeviceStore(VerdictShortcuts):
         for vendor, contact, verdict in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
             times = [datetime.fromisoformat(contact)] if contact else []
             if verdict:
-                times.append(datetime.fromisoformat(json.loads(verdict)["reportedAt"]))
+                times.append(datetime.fromisoformat(strict_json(verdict)["reportedAt"]))
             if times:
                 contacts[vendor] = max(times)
         return contacts
@@ -203,7 +204,7 @@ class RedisDeviceStore(VerdictShortcuts):
             ids = sorted(self._client.smembers(self._keys.device_ids))
             for start in range(0, len(ids), CHUNK):
                 values = self._client.mget([self._keys.device(i) for i in ids[start:start + CHUNK]])
-                yield from (json.loads(value) for value in values if value is not None)
+                yield from (strict_json(value) for value in values if value is not None)
 
     def count(self) -> int:
         with unavailable(self.location):
@@ -239,7 +240,7 @@ def _device_arguments(record: DeviceRecord, now: datetime, *, clear_vendor: str 
 
 
 def _verdict(vendor: str, text: str) -> tuple[str, str, str]:
-    data = json.loads(text)
+    data = strict_json(text)
     level, reported = DeviceThreatLevel(data["level"]), data["reportedAt"]
     datetime.fromisoformat(reported)  # readable, or the device is unreadable
     return vendor, level.value, reported

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
 import re
 import secrets
@@ -54,6 +53,7 @@ from gateway.state.codec import decode_pending, decode_session, encode_pending, 
 from gateway.state.redis_devices import RedisDeviceStore
 from gateway.state.redis_keys import CONNECT_TIMEOUT, READ_TIMEOUT, Keys, redacted, unavailable
 from gateway.state.sessions import session_key
+from gateway.strict_json import loads as strict_json
 
 if TYPE_CHECKING:
     from gateway.identity.browser import BrowserSession, PendingLogin
@@ -293,7 +293,7 @@ async def _call(callback: Callback | None, *arguments: object) -> None:
 
 def _device_ids(data: str) -> set[str]:
     try:
-        ids = json.loads(data)
+        ids = strict_json(data)
     except ValueError:
         ids = None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):

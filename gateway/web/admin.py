@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -56,6 +55,8 @@ from gateway.health import overall
 from gateway.operations import Operations
 from gateway.policy.model import Identity
 from gateway.policy_cases import QuestionInput
+from gateway.strict_json import JsonRefused
+from gateway.strict_json import loads as strict_json
 from gateway.web.admin_guard import (
     OPERATOR,
     READER,
@@ -208,9 +209,9 @@ class AdminApi:
         if body is None:
             return failed(JSONResponse({"error": "the question is larger than 64 KiB"}, status_code=413), "too large")
         try:
-            data = json.loads(body)
-        except ValueError:
-            return _bad_question('the body is not JSON: send {"user": ..., "url": ..., "app": ..., "device": ...}')
+            data = strict_json(body)
+        except JsonRefused as error:
+            return _bad_question(f'the body {error}: send {{"user": ..., "url": ..., "app": ..., "device": ...}}')
         model, problems = validate(QuestionInput, data, "question")
         if model is None:
             return _bad_question("; ".join(str(p) for p in problems))

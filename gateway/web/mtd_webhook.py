@@ -1,9 +1,11 @@
 """The MTD webhook: partners push device risk changes; each accepted change takes effect on the
 device's next request and closes its open connections if access is withdrawn.
 
-Answers: 202 accepted (with unknown devices and ignored states listed), 400 malformed, 401 bad or
-missing signature or timestamp outside the window, 404 unknown partner, 409 replayed push,
-413 body too large, 415 not JSON, 503 not stored (retry: a push counts as received only once stored).
+Answers: 202 accepted (with unknown devices and ignored states listed), 400 malformed (a body
+that is not JSON with one reading, ``gateway.strict_json``; Content-Type, X-Portcullis-Timestamp
+or X-Portcullis-Signature sent more than once), 401 bad or missing signature or timestamp outside
+the window, 404 unknown partner, 409 replayed push, 413 body too large, 415 not JSON, 503 not
+stored (retry: a push counts as received only once stored).
 A verdict older than the partner's newest one stored for its device is acknowledged with the rest
 (202) and changes nothing (``gateway.signals.mtd``: ordering).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
@@ -24,6 +27,9 @@ from starlette.routing import Route
 from gateway.access import AccessService
 from gateway.errors import SignalUnavailable
 from gateway.signals.mtd import MAX_BODY_BYTES, MtdReceiver, Partner, Verdict, WebhookRejected
+from gateway.terminal import printable
+
+logger = logging.getLogger(__name__)
 
 
 def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callable[[], datetime]) -> Starlette:
@@ -35,7 +41,7 @@ def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callab
             verdicts, ignored = receiver.verdicts(body, sent_at=sent_at, now=now,
                                                   tolerance_seconds=partner.tolerance_seconds)
         except WebhookRejected as rejected:
-            return JSONResponse({"error": rejected.message}, status_code=rejected.status)
+            return _refused(request, rejected)
 
         def record() -> list[str]:
             """Oldest first, each group stored as reported at its own time (the store orders by it)."""
@@ -55,7 +61,7 @@ def mtd_webhook_app(receiver: MtdReceiver, service: AccessService, clock: Callab
         try:
             partner, _ = await _authenticated(request, receiver, clock())
         except WebhookRejected as rejected:
-            return JSONResponse({"error": rejected.message}, status_code=rejected.status)
+            return _refused(request, rejected)
         stored = await _stored_once(request, receiver, service.record_partner_contact, partner.name, clock())
         if isinstance(stored, JSONResponse):
             return stored
@@ -75,7 +81,7 @@ async def _stored_once[T](request: Request, receiver: MtdReceiver, store: Callab
     try:
         await receiver.claim(signature)
     except WebhookRejected as rejected:
-        return JSONResponse({"error": rejected.message}, status_code=rejected.status)
+        return _refused(request, rejected)
     except SignalUnavailable as error:
         return _not_stored(error)
     try:
@@ -101,6 +107,13 @@ def _by_report_time(verdicts: list[Verdict], now: datetime) -> Iterator[tuple[da
         yield reported_at, list(group)
 
 
+def _refused(request: Request, rejected: WebhookRejected) -> JSONResponse:
+    """Every refusal is logged with its reason (never the body or the signature)."""
+    logger.warning("MTD push to partner %s refused with %d: %s", printable(request.path_params.get("partner", "")),
+                   rejected.status, printable(rejected.message))
+    return JSONResponse({"error": rejected.message}, status_code=rejected.status)
+
+
 def _not_stored(error: SignalUnavailable) -> JSONResponse:
     return JSONResponse({"error": f"not stored, retry: {error}"}, status_code=503, headers={"Retry-After": "5"})
 
@@ -109,9 +122,18 @@ async def _authenticated(request: Request, receiver: MtdReceiver, now: datetime)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise WebhookRejected(413, f"body larger than {MAX_BODY_BYTES} bytes")
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+    if _only(request, "Content-Type").split(";")[0].strip() != "application/json":
         raise WebhookRejected(415, "Content-Type must be application/json")
+    timestamp, signature = _only(request, "X-Portcullis-Timestamp"), _only(request, "X-Portcullis-Signature")
     body = await request.body()
-    partner = receiver.authenticate(request.path_params["partner"], request.headers.get("x-portcullis-timestamp"),
-                                    request.headers.get("x-portcullis-signature"), body, now)
+    partner = receiver.authenticate(request.path_params["partner"], timestamp, signature, body, now)
     return partner, body
+
+
+def _only(request: Request, name: str) -> str:
+    """The header's one value ('' when absent). Sent twice, it is refused: reading the first, as
+    Starlette does, would sign off on a push that a proxy or a log reading the last sees otherwise."""
+    values = request.headers.getlist(name)
+    if len(values) > 1:
+        raise WebhookRejected(400, f"{name} must be sent once")
+    return values[0] if values else ""
