@@ -33,6 +33,7 @@ from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
 from gateway.state.redis_keys import redacted
 from gateway.state.redis_state import RedisState
 from gateway.state.sessions import MemorySessionStore, SqliteSessionStore, session_key
+from tests.gateway_process import PORTCULLIS
 from tests.redis_server import RedisServer, started_or_skipped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -469,6 +470,10 @@ STEPS: list[tuple[str, Callable[[Any], object]]] = [
          record(E, threatLevel="low")], now=at(6), seed=True)),
     ("the sync source stops reporting C", lambda s: s.upsert(record(C), now=at(7), clear_vendor="graph")),
     ("an empty sync prunes nothing", lambda s: s.replace_all([], now=at(8), prune_vendor="graph")),
+    ("D is retired, with an id never seen", lambda s: s.remove([D.upper(), "unknown-4"], now=at(9))),
+    ("a verdict for the retired device", lambda s: s.set_threat_level(D, "lookout", DeviceThreatLevel.high,
+                                                                     now=at(9.1))),
+    ("D comes back without its old verdicts", lambda s: s.upsert(record(D), now=at(9.2))),
 ]
 IGNORED = [frozenset(), frozenset({"lookout"}), frozenset({"inventory", "graph"})]
 
@@ -506,6 +511,10 @@ def test_redis_device_store_gives_the_same_answers_as_the_sqlite_store(redis_ser
     assert "graph" in seen["a restart seeds again: no older verdict wins"]["partners"]  # type: ignore[operator]
     # C's graph verdict went: graph's newest current verdict is now D's
     assert seen["an empty sync prunes nothing"]["partners"]["graph"] == at(2)  # type: ignore[index]
+    assert level("an empty sync prunes nothing", D) == (DeviceThreatLevel.low, "graph")
+    assert level("D is retired, with an id never seen", D) is None
+    assert seen["D is retired, with an id never seen"]["count"] == 4
+    assert level("D comes back without its old verdicts", D) == (None, None)
     state.close()
     reference.close()
 
@@ -584,6 +593,7 @@ def test_every_device_write_reaches_a_subscriber_within_a_second(redis_server: R
                                                                for r in many], now=NOW), [{"*"}]),
             (lambda: writer.devices.replace_all([record(B)], now=NOW, prune_vendor="graph"),
              [{B}, set(pruned[:1000]), set(pruned[1000:])]),
+            (lambda: writer.devices.remove([B.upper(), "never-there"], now=NOW), [{B}]),
         ]
         for write, expected in writes:
             started = time.monotonic()
@@ -598,6 +608,42 @@ def test_every_device_write_reaches_a_subscriber_within_a_second(redis_server: R
         await reader.aclose()
 
     asyncio.run(scenario())
+
+
+def test_devices_remove_on_redis_retires_the_device_for_every_gateway(redis_server: RedisServer,
+                                                                     tmp_path: Path) -> None:
+    """``portcullis devices remove`` with ``state``: the device and its verdicts leave Redis, and
+    every subscribed gateway hears of it. Only portcullis.yaml is read (no policies.yaml here)."""
+    key_prefix = prefix()
+    (tmp_path / "portcullis.yaml").write_text(
+        "gateway: {certificates: [{hosts: [mail.contoso.test], file: gateway.pem}]}\n"
+        "identity: {issuer: 'https://login.contoso.test/tenant/v2.0'}\n"
+        "protectedHosts: {mail.contoso.test: {upstream: 'https://10.0.0.1', audiences: [api://mail]}}\n"
+        f"deviceSignals: {{}}\nstate: {{redis: '{redis_server.url}', keyPrefix: '{key_prefix}'}}\n")
+
+    async def scenario() -> subprocess.CompletedProcess[str]:
+        writer, reader = (RedisState.from_url(redis_server.url, prefix=key_prefix),
+                          RedisState.from_url(redis_server.url, prefix=key_prefix))
+        await asyncio.to_thread(writer.devices.replace_all, [record(A, threatLevel="high", threatSource="lookout"),
+                                                             record(B)], now=NOW)
+        task, queue = await subscribed(reader)
+        removed = await asyncio.to_thread(subprocess.run, [PORTCULLIS, "devices", "--config", str(tmp_path),
+                                                           "remove", A], capture_output=True, text=True, timeout=60)
+        assert await asyncio.wait_for(queue.get(), 5) == ("devices", {A})
+        assert await asyncio.to_thread(writer.devices.managed_device, A) is None
+        assert await asyncio.to_thread(writer.devices.count) == 1
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        left = [k for k in client.scan_iter(f"{key_prefix}*") if A in k or client.type(k) == "zset"
+                and client.zscore(k, A) is not None]
+        client.close()
+        assert left == []  # no verdict or report score of it stays behind
+        task.cancel()
+        await writer.aclose()
+        await reader.aclose()
+        return removed
+
+    removed = asyncio.run(scenario())
+    assert (removed.returncode, removed.stdout) == (0, f"{A}: removed\n"), removed.stderr
 
 
 def test_losing_redis_fails_closed_fast_and_events_resume_when_it_is_back(
