@@ -26,8 +26,9 @@ from pydantic import TypeAdapter
 from gateway.errors import SignalUnavailable
 from gateway.identity.browser import BrowserSession, PendingLogin
 from gateway.policy.model import DeviceThreatLevel, Identity
+from gateway.signals.cache import STALE_WARNING_SECONDS, CachedInventory
 from gateway.signals.devices import DeviceRecord
-from gateway.signals.sqlite_store import DeviceStore
+from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
 from gateway.state.codec import IDENTITY_FIELDS, decode_pending, decode_session, encode_pending, encode_session
 from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
 from gateway.state.redis_keys import redacted
@@ -682,6 +683,47 @@ def test_losing_redis_fails_closed_fast_and_events_resume_when_it_is_back(
     messages = [r.getMessage() for r in caplog.records if r.name == "gateway.state.redis_state"]
     assert [m for m in messages if "change events lost" in m] and len(messages) == 2, messages
     assert "change events are back" in messages[1]
+
+
+def test_answers_from_copies_while_redis_is_down_are_logged_once_per_interval_with_their_count(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The soak's Redis outage wrote a warning per request (820 a second). Now: one at once, one
+    per STALE_WARNING_SECONDS with the count since the last, and a last line when Redis is back."""
+    redis_server.start()  # a test before may have stopped it
+    state = RedisState.from_url(redis_server.url, prefix=prefix())
+    state.devices.replace_all([record(A)], now=NOW)
+    clock = Clock()
+    inventory = CachedInventory(SqliteInventory(state.devices, name="redis"), ttl=60, miss_ttl=5,  # type: ignore[arg-type]
+                                max_staleness=300, max_entries=1000, timer=clock)
+
+    async def lookups(count: int) -> None:
+        for _ in range(count):
+            assert await inventory.managed_device(A) is not None
+
+    async def scenario() -> None:
+        await lookups(1)
+        redis_server.stop()
+        try:
+            clock.now += 61  # past the TTL: Redis is asked, fails, the 61 s old copy answers
+            await lookups(1000)
+            clock.now += STALE_WARNING_SECONDS
+            await lookups(500)
+        finally:
+            redis_server.start()
+        await asyncio.to_thread(state.devices.replace_all, [record(A)], now=NOW)  # reseeded after the restart
+        clock.now += 2  # past the second a failed source is left alone
+        await lookups(1)
+
+    with caplog.at_level(logging.INFO, "gateway.signals.cache"):
+        asyncio.run(scenario())
+    state.close()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gateway.signals.cache"]
+    assert len(lines) == 3, lines
+    assert lines[0][0] == "WARNING" and "device source redis unavailable (shared state redis://127.0.0.1" in \
+        lines[0][1] and "1 lookups answered from last good copies up to 61 s old" in lines[0][1]
+    assert lines[1][0] == "WARNING" and "1000 lookups answered from last good copies up to 71 s old" in lines[1][1]
+    assert lines[2] == ("INFO", "device source redis answers again; 1500 lookups were answered from last good "
+                                "copies in the outage (499 since the last warning)")
 
 
 def test_a_hung_redis_is_noticed_within_a_second_and_lookups_give_up_within_three(
