@@ -1,7 +1,9 @@
 """A bounded cache in front of a device source.
 
-- Hits are served for ``ttl`` seconds; misses (unknown devices) for ``miss_ttl``. Both caches are
-  bounded, so a flood of random device ids cannot grow memory.
+- Hits are served for ``ttl`` seconds; misses (unknown devices), and devices without a compliance
+  verdict yet (``complianceState: unknown``), for ``miss_ttl``: their source may learn the verdict
+  any moment (the Graph connector asks again on a schedule of its own). Both caches are bounded,
+  so a flood of random device ids cannot grow memory.
 - Concurrent lookups of one device share one call to the source.
 - When the source fails, the last good answer is served while it is younger than
   ``max_staleness`` (logged as degraded); after that ``SignalUnavailable`` propagates and the
@@ -32,10 +34,10 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from functools import cache
 
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache, TLRUCache, TTLCache
 
 from gateway.errors import SignalUnavailable
-from gateway.policy.model import ManagedDevice
+from gateway.policy.model import ComplianceState, ManagedDevice
 from gateway.signals.devices import DeviceInventory
 
 logger = logging.getLogger(__name__)
@@ -89,7 +91,8 @@ class CachedInventory:
         self.name = source.name
         self._timer = timer
         self._max_staleness = max_staleness
-        self._fresh: TTLCache[str, ManagedDevice] = TTLCache(maxsize=max_entries, ttl=ttl, timer=timer)
+        self._ttl, self._miss_ttl = ttl, miss_ttl
+        self._fresh: TLRUCache[str, ManagedDevice] = TLRUCache(maxsize=max_entries, ttu=self._expiry, timer=timer)
         self._misses: TTLCache[str, bool] = TTLCache(maxsize=max(1024, max_entries // 10), ttl=miss_ttl, timer=timer)
         self._last_good: LRUCache[str, tuple[ManagedDevice | None, float]] = LRUCache(maxsize=max_entries)
         self._in_flight: dict[str, asyncio.Future[ManagedDevice | None]] = {}
@@ -127,6 +130,10 @@ class CachedInventory:
         finally:
             if self._in_flight.get(key) is future:  # an invalidation may have dropped it already
                 del self._in_flight[key]
+
+    def _expiry(self, _key: str, device: ManagedDevice, now: float) -> float:
+        undecided = device.compliance_state is ComplianceState.unknown
+        return now + (self._miss_ttl if undecided else self._ttl)
 
     def feed_lost(self) -> None:
         """The change feed is down: stop answering from the fresh cache (keep the last good copies)."""
