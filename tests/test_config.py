@@ -197,6 +197,46 @@ def test_config_mistakes_are_errors_with_a_place(config_dir: Path, file: str, ol
     assert any(message in p and p.startswith(str(config_dir / file) + ":") for p in found), found
 
 
+HEAD_OFFICE = "ipRanges: [10.20.0.0/16, 2001:db8:20::/48]\n    trusted: true"
+
+
+@pytest.mark.parametrize(
+    ("entry", "override", "message"),
+    [
+        pytest.param("0.0.0.0/0", False, "'0.0.0.0/0' is every IPv4 address", id="every IPv4 address"),
+        pytest.param("::/0", False, "'::/0' is every IPv6 address", id="every IPv6 address"),
+        pytest.param("::/0", True, "'::/0' is every IPv6 address", id="every address, even with the override"),
+        pytest.param("0.0.0.0/1", False, "'0.0.0.0/1' is wider than /8", id="half of IPv4"),
+        pytest.param("96.0.0.0/7", False, "'96.0.0.0/7' is wider than /8", id="IPv4 wider than /8"),
+        pytest.param("2000::/3", False, "'2000::/3' is wider than /32", id="every global IPv6 address"),
+        pytest.param("2001:db8::/31", False, "'2001:db8::/31' is wider than /32", id="IPv6 wider than /32"),
+    ],
+)
+def test_a_named_location_of_every_address_or_too_wide_a_range_is_refused_at_its_line(
+        config_dir: Path, entry: str, override: bool, message: str) -> None:
+    """A trusted 0.0.0.0/0 made every client trusted: with exclude: [AllTrusted], the SharePoint rules
+    applied to no one. Refused at the range's own line, as gateway.trustedProxies is."""
+    gateway_file = config_dir / "portcullis.yaml"
+    edit(gateway_file, HEAD_OFFICE, "ipRanges:\n      - 10.20.0.0/16\n      - " + entry + "\n    trusted: true"
+         + ("\n    allowWideRanges: true" if override else ""))
+    [problem] = problems(config_dir)
+    assert problem.startswith(f"{gateway_file}:{line_of(gateway_file, '- ' + entry)}:9: "
+                              "namedLocations.head-office.ipRanges[1]: "), problem
+    assert message in problem
+
+
+@pytest.mark.parametrize(("entries", "override"), [
+    pytest.param("[10.0.0.0/8, 2001:db8::/32]", False, id="the widest ranges accepted"),
+    pytest.param("[96.0.0.0/7, 2000::/3]", True, id="wider ones with allowWideRanges"),
+])
+def test_named_locations_up_to_the_bound_or_with_the_override_are_accepted(config_dir: Path, entries: str,
+                                                                           override: bool) -> None:
+    edit(config_dir / "portcullis.yaml", HEAD_OFFICE,
+         f"ipRanges: {entries}\n    trusted: true" + ("\n    allowWideRanges: true" if override else ""))
+    location = load_config(config_dir).gateway_file.named_locations["head-office"]
+    assert [str(n) for n in location.ip_ranges] == entries.strip("[]").split(", ")
+
+
 def test_cases_with_a_malformed_ip_are_refused(tmp_path: Path) -> None:
     cases = tmp_path / "cases.yaml"
     cases.write_text("cases:\n  - name: x\n    user: u\n    url: https://mail.contoso.test/owa/\n"
