@@ -36,7 +36,9 @@ from gateway.access import utc_now
 from gateway.audit import find_record, log_files
 from gateway.certs import ensure_server_certificate
 from gateway.config import CASES_FILE, GATEWAY_FILE, Config, load_config
+from gateway.config.files import missing_certificates
 from gateway.config.lint import config_warnings, public_resources
+from gateway.config.loader import raise_if
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.explain import explain
 from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLevel, Listener
@@ -183,6 +185,7 @@ def _demo_partner_secrets(config: Config) -> dict[str, str]:
 def _check(args: argparse.Namespace) -> int:
     loaded = bootstrap.load(args.config)
     config = loaded.config
+    raise_if(missing_certificates(config, args.config))  # `run` would stop there
     print(f"{args.config}: OK: {len(config.gateway_file.protected_hosts)} protected hosts, "
           f"{len(config.resources)} resources, {len(config.policies)} policies, "
           f"{loaded.device_count()} devices in the inventory")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.certs import ensure_server_certificate
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from tests.conftest import REPO
@@ -138,8 +139,26 @@ def test_check_command_prints_problems_and_exits_1(config_dir: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_check_command_accepts_the_demo_config() -> None:
-    result = subprocess.run([PORTCULLIS, "check", "--config", str(REPO / "config")], capture_output=True, text=True)
+def make_certificates(config_dir: Path) -> Path:
+    """The certificate files a config names, made as ``portcullis certs init`` makes them: ``check``
+    refuses a config that ``run`` could not start (the shipped ones name files the demo makes)."""
+    config = load_config(config_dir)
+    for certificate in config.gateway_file.gateway.certificates:
+        ensure_server_certificate(config.path(certificate.file), certificate.hosts)
+    return config_dir
+
+
+def shipped_config(directory: Path, tmp_path: Path) -> Path:
+    """A copy of ``config/`` (or of one of its examples, inside a copy of the whole tree: they share
+    ``../devices.yaml`` and the certificates) whose certificate files exist."""
+    copy = tmp_path / "config"
+    shutil.copytree(REPO / "config", copy)
+    return make_certificates(copy / directory.relative_to(REPO / "config"))
+
+
+def test_check_command_accepts_the_demo_config(tmp_path: Path) -> None:
+    config_dir = shipped_config(REPO / "config", tmp_path)
+    result = subprocess.run([PORTCULLIS, "check", "--config", str(config_dir)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "6 policies, 4 devices in the inventory" in result.stdout
     assert "public resources (reachable without a token): 1\n  exchange-owa-sign-in-page:" in result.stdout
@@ -153,6 +172,26 @@ def test_inventory_problems_are_reported_with_their_line(config_dir: Path) -> No
     assert result.returncode == 1
     assert f"devices.yaml:{line_of(devices, 'broken')}:" in result.stderr
     assert "devices[1].complianceState: 'broken' is not allowed" in result.stderr
+
+
+def test_check_reports_a_missing_certificate_file_at_its_line_and_how_to_make_it(config_dir: Path) -> None:
+    """``check`` said OK and ``run`` then failed: a config check passes must be one run can start."""
+    gateway_file = config_dir / "portcullis.yaml"
+    result = subprocess.run([PORTCULLIS, "check", "--config", str(config_dir)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "OK" not in result.stdout
+    expected = config_dir.parent / "certs" / "gateway.pem"
+    assert result.stderr == (
+        f"portcullis: {gateway_file}:{line_of(gateway_file, 'file: ../certs/gateway.pem')}:13: "
+        f"gateway.certificates[0].file: {expected} does not exist, and the gateway cannot start without it: create "
+        f"it (and the CA kiosks and test clients trust) with `portcullis certs --config {config_dir} init`, or put "
+        "your own PEM there (certificate chain and private key)\n")
+    made = subprocess.run([PORTCULLIS, "certs", "--config", str(config_dir), "init"], capture_output=True, text=True,
+                          timeout=60)
+    assert made.returncode == 0, made.stderr
+    result = subprocess.run([PORTCULLIS, "check", "--config", str(config_dir)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and ": OK: " in result.stdout, result.stderr
 
 
 def test_run_without_its_certificate_file_says_which_file(config_dir: Path) -> None:

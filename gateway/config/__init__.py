@@ -43,6 +43,10 @@ class Config:
         """A path from the config files, resolved against the config directory."""
         return resolve(self.directory, relative)
 
+    def source(self, file: str) -> tuple[str, Any]:
+        """The name a file is shown by in messages, and its parsed YAML (which knows every line)."""
+        return next(((name, data) for name, data in self.sources.items() if name.endswith(file)), (file, None))
+
     @property
     def resources(self) -> dict[str, Resource]:
         """Preset resources and the file's own, by name (a clash is a config error)."""

@@ -24,12 +24,8 @@ def public_resources(config: Config) -> list[str]:
     return [f"{name}: {', '.join(r.hosts)} {', '.join(r.paths)}" for name, r in config.resources.items() if r.public]
 
 
-def _source(config: Config, file: str) -> tuple[str, object]:
-    return next(((name, data) for name, data in config.sources.items() if name.endswith(file)), (file, None))
-
-
 def _policies_that_never_apply(config: Config) -> Iterator[ConfigProblem]:
-    name, data = _source(config, POLICIES_FILE)
+    name, data = config.source(POLICIES_FILE)
     for index, policy in enumerate(config.policies):
         if policy.state is PolicyState.disabled:
             continue
@@ -83,7 +79,7 @@ def covered_resources(config: Config) -> tuple[set[str], dict[str, str]]:
 def _uncovered_resources(config: Config) -> Iterator[ConfigProblem]:
     """A policy with a rollout covers its cohort only: a resource that only such policies cover is
     reached by any valid token outside the cohorts."""
-    name, data = _source(config, GATEWAY_FILE)
+    name, data = config.source(GATEWAY_FILE)
     covered, cohort_only = covered_resources(config)
     for resource_name, resource in config.resources.items():
         if not resource.public and resource_name not in covered:
@@ -99,7 +95,7 @@ def _uncovered_resources(config: Config) -> Iterator[ConfigProblem]:
 def _rollouts_without_kiosk(config: Config) -> Iterator[ConfigProblem]:
     if config.gateway_file.kiosk is not None:
         return
-    name, data = _source(config, POLICIES_FILE)
+    name, data = config.source(POLICIES_FILE)
     for index, policy in enumerate(config.policies):
         listeners = policy.rollout.listeners if policy.rollout else []
         if Listener.kiosk in listeners:
@@ -109,14 +105,14 @@ def _rollouts_without_kiosk(config: Config) -> Iterator[ConfigProblem]:
 
 
 def _apps_listed_twice(config: Config) -> Iterator[ConfigProblem]:
-    name, data = _source(config, GATEWAY_FILE)
+    name, data = config.source(GATEWAY_FILE)
     owners = Counter(client_id.lower() for ids in config.gateway_file.applications.values() for client_id in ids)
     for app, ids in config.gateway_file.applications.items():
         for index, client_id in enumerate(ids):
             if owners[client_id.lower()] > 1:
                 yield locate(data, ("applications", app, index), name,
                              f"client id {client_id} is listed under more than one application")
-    policies_name, policies_data = _source(config, POLICIES_FILE)
+    policies_name, policies_data = config.source(POLICIES_FILE)
     for index, policy in enumerate(config.policies):
         approved = policy.grant_controls.approved_applications if policy.grant_controls else []
         for app, count in Counter(approved).items():
@@ -130,7 +126,7 @@ def _admin_off_loopback(config: Config) -> Iterator[ConfigProblem]:
     admin = config.gateway_file.admin
     if admin is None or admin.on_loopback:
         return
-    name, data = _source(config, GATEWAY_FILE)
+    name, data = config.source(GATEWAY_FILE)
     yield locate(data, ("admin", "listen", "host"), name,
                  f"the admin API listens on {admin.listen.host} in plain HTTP: bearer tokens and decision records "
                  "would cross the network unencrypted; keep it on 127.0.0.1 behind a TLS reverse proxy")
