@@ -36,6 +36,7 @@ from gateway.access import utc_now
 from gateway.audit import find_record, log_files
 from gateway.certs import ensure_server_certificate
 from gateway.config import CASES_FILE, GATEWAY_FILE, Config, load_config
+from gateway.config.coverage import CLIENT_APP_TYPES
 from gateway.config.files import missing_certificates
 from gateway.config.lint import config_warnings, public_resources
 from gateway.config.loader import raise_if
@@ -49,8 +50,6 @@ from gateway.signals.sqlite_store import SqliteInventory, export, parse_import
 from gateway.terminal import printable, printable_lines
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, as_text, policy_states
 from gateway.workers import ONLY_WORKER, Supervisor, Worker, worker_command
-
-CLIENT_APP_TYPES = [t for t in ClientAppType if t is not ClientAppType.all]
 
 DEFAULT_CONFIG = Path("config")
 MAX_WORKERS = 64

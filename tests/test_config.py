@@ -11,6 +11,7 @@ import pytest
 
 from gateway.certs import ensure_server_certificate
 from gateway.config import load_config
+from gateway.config.lint import config_warnings
 from gateway.errors import ConfigError
 from tests.conftest import REPO
 
@@ -274,6 +275,63 @@ def test_named_locations_up_to_the_bound_or_with_the_override_are_accepted(confi
          f"ipRanges: {entries}\n    trusted: true" + ("\n    allowWideRanges: true" if override else ""))
     location = load_config(config_dir).gateway_file.named_locations["head-office"]
     assert [str(n) for n in location.ip_ranges] == entries.strip("[]").split(", ")
+
+
+SHAREPOINT = ["sharepoint-sites", "sharepoint-api", "sharepoint-csom", "sharepoint-downloads"]
+SHAREPOINT_POLICY = """  - name: {name}
+    state: enabled
+    conditions:
+      users: {users}
+      resources: {{include: [sharepoint-sites, sharepoint-api, sharepoint-csom, sharepoint-downloads]}}
+      clientAppTypes: {types}
+    grantControls: {{builtInControls: [{control}]}}
+"""
+
+
+def sharepoint_policy(name: str = "sharepoint-compliant-device", users: str = "{includeUsers: [All]}",
+                      types: str = "[all]", control: str = "compliantDevice") -> str:
+    return SHAREPOINT_POLICY.format(name=name, users=users, types=types, control=control)
+
+
+@pytest.mark.parametrize(("policies", "cohort"), [
+    pytest.param([sharepoint_policy(users="{excludeGroups: [staff]}", control="block")],
+                 "users in group staff (left out of 'sharepoint-compliant-device')",
+                 id="a block policy excluding staff: staff reach it"),
+    pytest.param([sharepoint_policy(types="[browser]")],
+                 "every user (no enabled policy covering it names them) with clientAppTypes "
+                 "mobileAppsAndDesktopClients, exchangeActiveSync, other", id="browsers only: apps reach it"),
+    pytest.param([sharepoint_policy(users="{includeGroups: [sales]}")],
+                 "users outside group sales (left out of 'sharepoint-compliant-device')",
+                 id="one group only: everyone else reaches it"),
+    pytest.param([sharepoint_policy(users="{excludeGroups: [staff]}"),
+                  sharepoint_policy(name="contractors", users="{excludeUsers: [Kim@contoso.test], excludeGroups: "
+                                                             "[contractors]}")],
+                 "users in group contractors and group staff (left out of 'sharepoint-compliant-device', "
+                 "'contractors')", id="two exclusions: members of both groups reach it"),
+    pytest.param([sharepoint_policy(users="{excludeGroups: [staff]}", types="[browser]"),
+                  sharepoint_policy(name="apps", types="[mobileAppsAndDesktopClients, exchangeActiveSync, other]")],
+                 "users in group staff (left out of 'sharepoint-compliant-device') with clientAppTypes browser",
+                 id="staff excluded from the browser policy only"),
+    pytest.param([sharepoint_policy(users="{excludeGroups: [staff]}"),
+                  sharepoint_policy(name="staff", users="{includeGroups: [Staff]}", control="mfa")],
+                 None, id="staff excluded, but covered by a policy of their own: no warning"),
+    pytest.param([sharepoint_policy(users="{excludeGroups: [staff]}"),
+                  sharepoint_policy(name="staff-rollout", users="{includeGroups: [staff]}",
+                                    control="mfa").replace("    state: enabled\n",
+                                                           "    state: enabled\n    rollout: {groups: [pilot]}\n")],
+                 "users in group staff (left out of 'sharepoint-compliant-device')",
+                 id="a rollout policy covers only its cohort: staff still reach it"),
+])
+def test_check_warns_for_the_users_and_client_app_types_no_enabled_policy_covers(
+        config_dir: Path, policies: list[str], cohort: str | None) -> None:
+    """A block policy with excludeGroups: [staff] silenced "covered by no enabled policy" although
+    staff reach the resource with any valid token. Now every uncovered cohort is named."""
+    edit(config_dir / "policies.yaml", (config_dir / "policies.yaml").read_text().split("  - name: ")[3],
+         "".join(policies)[len("  - name: "):])
+    warnings = [w.message for w in config_warnings(load_config(config_dir))]
+    expected = [] if cohort is None else [f"resource {name!r} is covered only in part: any valid token reaches it "
+                                          f"for {cohort}" for name in SHAREPOINT]
+    assert warnings == expected
 
 
 def test_cases_with_a_malformed_ip_are_refused(tmp_path: Path) -> None:

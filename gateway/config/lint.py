@@ -1,5 +1,6 @@
 """Warnings for a config that loads but probably does not say what its authors meant: policies
-that can never apply, resources no policy covers (or only a rollout cohort's), rollouts whose
+that can never apply, resources no policy covers (or only a rollout cohort's, or only some users
+or client app types), rollouts whose
 cohort names a listener that does not exist, apps listed twice, an admin API off loopback.
 ``portcullis check`` prints them; they do not stop the gateway."""
 
@@ -9,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from gateway.config import ALL, ALL_TRUSTED, GATEWAY_FILE, POLICIES_FILE, Config
+from gateway.config.coverage import resources_of, uncovered_cohorts
 from gateway.config.loader import locate
 from gateway.config.models import ConditionalAccessPolicy, PlatformOrAll, PolicyState
 from gateway.errors import ConfigProblem
@@ -65,10 +67,7 @@ def covered_resources(config: Config) -> tuple[set[str], dict[str, str]]:
     cohort_only: dict[str, str] = {}
     for policy in config.policies:
         if policy.state is PolicyState.enabled and policy.grant_controls is not None:  # session-only gates nothing
-            include, exclude = policy.conditions.resources.include, policy.conditions.resources.exclude
-            if ALL in exclude:
-                continue
-            resources = (set(config.resources) if ALL in include else set(include)) - set(exclude)
+            resources = resources_of(policy, set(config.resources))
             if policy.rollout is None:
                 covered |= resources
             else:
@@ -78,18 +77,30 @@ def covered_resources(config: Config) -> tuple[set[str], dict[str, str]]:
 
 def _uncovered_resources(config: Config) -> Iterator[ConfigProblem]:
     """A policy with a rollout covers its cohort only: a resource that only such policies cover is
-    reached by any valid token outside the cohorts."""
+    reached by any valid token outside the cohorts. A resource covered only for some users or
+    client app types is reached by any valid token of the others (``coverage``)."""
     name, data = config.source(GATEWAY_FILE)
     covered, cohort_only = covered_resources(config)
+    enforced = [p for p in config.policies if _enforced_for_everyone(p)]
     for resource_name, resource in config.resources.items():
-        if not resource.public and resource_name not in covered:
-            own = resource_name in config.gateway_file.resources
-            loc = ("resources", resource_name) if own else ("resourcePresets",)
+        if resource.public:
+            continue
+        own = resource_name in config.gateway_file.resources
+        loc = ("resources", resource_name) if own else ("resourcePresets",)
+        if resource_name not in covered:
             message = (f"resource {resource_name!r} is covered only for the rollout cohort of policy "
                        f"{cohort_only[resource_name]!r}: outside it any valid token reaches it"
                        if resource_name in cohort_only else
                        f"resource {resource_name!r} is covered by no enabled policy: any valid token reaches it")
             yield locate(data, loc, name, message, at_value=False)
+        elif cohorts := uncovered_cohorts(resource_name, enforced, set(config.resources)):
+            yield locate(data, loc, name, f"resource {resource_name!r} is covered only in part: any valid token "
+                         f"reaches it for {'; and for '.join(cohorts)}", at_value=False)
+
+
+def _enforced_for_everyone(policy: ConditionalAccessPolicy) -> bool:
+    """Enabled, with grant controls, and no rollout (which enforces for its cohort only)."""
+    return policy.state is PolicyState.enabled and policy.grant_controls is not None and policy.rollout is None
 
 
 def _rollouts_without_kiosk(config: Config) -> Iterator[ConfigProblem]:
