@@ -127,7 +127,7 @@ def device_commands_inventory(config_dir: Path) -> SqliteInventory | None:
     store = shared.devices if shared is not None else DeviceStore(resolve(config_dir, database)) if database else None
     if store is None:
         return None
-    return SqliteInventory(store, unresponsive_after(gateway_file.mtd_partners),  # type: ignore[arg-type]  (same methods)
+    return SqliteInventory(store, unresponsive_after(gateway_file.mtd_partners),  # type: ignore[arg-type]  # same methods
                            name="redis" if shared is not None else "sqlite")
 
 
