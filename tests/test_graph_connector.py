@@ -12,7 +12,7 @@ import pytest
 from gateway.errors import SignalUnavailable
 from gateway.policy.model import ComplianceState, DeviceThreatLevel
 from gateway.signals.cache import CachedInventory
-from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings, device_record
+from gateway.signals.graph import RECHECK_FIRST_SECONDS, GraphClient, GraphInventory, GraphSettings, device_record
 from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
 from tests.graph_server import CLIENT_ID, CLIENT_SECRET, TENANT, GraphState, managed_device, serving
 from tests.test_device_signals import Clock
@@ -120,6 +120,35 @@ def test_a_device_first_seen_undecided_is_asked_about_again_and_recovers_with_gr
     ]
     stored = store.managed_device(device_id)
     assert stored is not None and stored.compliance_state is ComplianceState.compliant
+
+
+def test_rechecks_of_undecided_devices_leave_lookups_for_devices_never_seen(tmp_path: Path) -> None:
+    """Many undecided devices due at once take at most the spare half of lookupsPerSecond: a device
+    never seen before is still looked up (and allowed) rather than counted as unknown."""
+    undecided = [managed_device(i, complianceState=None) for i in range(10)]
+    state = GraphState(devices=[*undecided, managed_device(99)])
+    store = DeviceStore(tmp_path / "d.sqlite")
+    store.replace_all([device_record(d) for d in undecided], now=NOW)  # as a full sync stored them
+    clock = Clock()
+
+    async def scenario(base: str) -> tuple[list[bool], object]:
+        client = GraphClient(settings(base, rate=4))
+        graph = GraphInventory(store, SqliteInventory(store), client, clock=lambda: NOW, timer=clock)
+        try:
+            for device in undecided:  # seen undecided: a recheck in 15 s
+                await graph.managed_device(device["azureADDeviceId"])
+            assert state.requests == []
+            clock.now += RECHECK_FIRST_SECONDS  # every one of them due; the bucket full again (4)
+            for device in undecided:
+                await graph.managed_device(device["azureADDeviceId"])
+            asked = [any(d["azureADDeviceId"] in r for r in state.requests) for d in undecided]
+            return asked, await graph.managed_device(managed_device(99)["azureADDeviceId"])
+        finally:
+            await client.close()
+
+    asked, new_device = run(state, scenario)
+    assert asked == [True] * 3 + [False] * 7  # rechecks stopped with half the bucket (2 of 4) left
+    assert new_device is not None and new_device.compliance_state is ComplianceState.compliant
 
 
 def test_misses_beyond_the_rate_are_not_looked_up(tmp_path: Path) -> None:

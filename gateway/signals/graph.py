@@ -193,7 +193,7 @@ class GraphInventory:
     before it has evaluated a device, and what a broken answer leaves behind) is asked about again
     on a schedule of its own, when a request needs it: ``RECHECK_FIRST_SECONDS`` after it was seen
     undecided, then twice as long each time Graph still cannot say (or fails), up to
-    ``RECHECK_MAX_SECONDS``; within the same ``lookupsPerSecond``. Meanwhile the stored record
+    ``RECHECK_MAX_SECONDS``; within the spare half of ``lookupsPerSecond``. Meanwhile the stored record
     answers (unknown is not compliant unless the tenant says so), never a failure. Without this it
     stayed blocked after Graph recovered, until the next full sync."""
 
@@ -230,7 +230,7 @@ class GraphInventory:
         due = self._rechecks.get(key)
         if due is None:
             return self._schedule(key, found, RECHECK_FIRST_SECONDS)
-        if self._timer() < due[0] or not DEVICE_ID.match(key) or not self._may_look_up():
+        if self._timer() < due[0] or not DEVICE_ID.match(key) or not self._may_look_up(spare_only=True):
             return found  # not yet, or over the lookup budget: the stored record answers, the schedule stays
         try:
             stored = await self._look_up(key)
@@ -273,13 +273,16 @@ class GraphInventory:
         self.synced_at = self._clock()
         return count
 
-    def _may_look_up(self) -> bool:
-        """A token bucket of ``lookupsPerSecond``: misses beyond it are not looked up."""
+    def _may_look_up(self, *, spare_only: bool = False) -> bool:
+        """A token bucket of ``lookupsPerSecond``: misses beyond it are not looked up. Rechecks
+        (``spare_only``) take a token only while the bucket is at least half full, so however many
+        undecided devices are due, devices never seen before can still be looked up."""
         rate = self.client.settings.lookups_per_second
+        capacity = max(1.0, rate)
         now = self._timer()
-        self._allowance = min(max(1.0, rate), self._allowance + (now - self._checked) * rate)
+        self._allowance = min(capacity, self._allowance + (now - self._checked) * rate)
         self._checked = now
-        if self._allowance < 1:
+        if self._allowance < (max(1.0, capacity / 2) if spare_only else 1):
             return False
         self._allowance -= 1
         return True
