@@ -15,8 +15,8 @@ from cryptography.fernet import Fernet
 
 from gateway.access import AccessService, Clock, utc_now
 from gateway.audit import DecisionLog, Pseudonymizer
-from gateway.config import Config, load_config
-from gateway.config.models import GraphConnectorSettings
+from gateway.config import Config, load_config, load_gateway_file, resolve
+from gateway.config.models import GraphConnectorSettings, MtdPartnerSettings, StateSettings
 from gateway.identity.assertion import assertion_signer
 from gateway.identity.browser import BrowserSignIn
 from gateway.identity.jwks import JwksCache
@@ -70,9 +70,8 @@ class Loaded:
         """The SQLite store as policy reads it: unresponsive partners' verdicts left out."""
         if self.store is None:
             return None
-        partners = self.config.gateway_file.mtd_partners
-        return SqliteInventory(self.store, {name: timedelta(seconds=p.unresponsive_after_seconds)  # type: ignore[arg-type]
-                                            for name, p in partners.items()}, name=self.store_name)
+        return SqliteInventory(self.store, unresponsive_after(self.config.gateway_file.mtd_partners),  # type: ignore[arg-type]
+                               name=self.store_name)
 
     @property
     def live_inventory(self) -> DeviceInventory:
@@ -105,7 +104,7 @@ def load(config_dir: Path, worker: Worker = ONLY_WORKER) -> Loaded:
     config = load_config(config_dir)
     signals = config.gateway_file.device_signals
     file_inventory = FileDeviceInventory.load(config.path(signals.inventory)) if signals.inventory else None
-    shared = shared_state(config, os.environ)
+    shared = shared_state(config.gateway_file.state, os.environ)
     if shared is not None:
         return Loaded(config, file_inventory, shared.devices, worker=worker, shared=shared, sessions=shared.sessions,
                       nonces=shared.nonces)
@@ -118,6 +117,25 @@ def load(config_dir: Path, worker: Worker = ONLY_WORKER) -> Loaded:
     return Loaded(config, file_inventory, store, worker=worker)
 
 
+def device_commands_inventory(config_dir: Path) -> SqliteInventory | None:
+    """The device store as policy reads it, from ``portcullis.yaml`` alone (``portcullis devices``):
+    an invalid ``policies.yaml`` on disk must not stop an operator from raising a device's risk
+    while the gateway serves its last good rules. None when no store is configured."""
+    gateway_file = load_gateway_file(config_dir)
+    shared = shared_state(gateway_file.state, os.environ)
+    database = gateway_file.device_signals.database
+    store = shared.devices if shared is not None else DeviceStore(resolve(config_dir, database)) if database else None
+    if store is None:
+        return None
+    return SqliteInventory(store, unresponsive_after(gateway_file.mtd_partners),  # type: ignore[arg-type]  # same methods
+                           name="redis" if shared is not None else "sqlite")
+
+
+def unresponsive_after(partners: Mapping[str, MtdPartnerSettings]) -> dict[str, timedelta]:
+    """After how long without contact each MTD partner's verdicts are ignored."""
+    return {name: timedelta(seconds=p.unresponsive_after_seconds) for name, p in partners.items()}
+
+
 def prepare_worker_files(config: Config) -> None:
     """Create the workers' shared SQLite files once, before the workers start: new files made by
     several processes at once race over their journal mode."""
@@ -127,9 +145,8 @@ def prepare_worker_files(config: Config) -> None:
         SqliteNonces(state_dir / "nonces.sqlite").close()
 
 
-def shared_state(config: Config, environ: Mapping[str, str]) -> RedisState | None:
+def shared_state(settings: StateSettings | None, environ: Mapping[str, str]) -> RedisState | None:
     """The Redis connection of ``state:``; its password comes from the environment."""
-    settings = config.gateway_file.state
     if settings is None:
         return None
     password = None

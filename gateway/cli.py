@@ -8,6 +8,7 @@
     portcullis replay  --config CANDIDATE [--baseline DIR] [--html REPORT] SOURCE...   diff recorded traffic
     portcullis why    [--config DIR] CORRELATION_ID [--json]   explain one logged decision
     portcullis devices --config DIR import FILE | export [--format csv] | list | show ID | set-risk ID LEVEL
+                                    | remove ID...
     portcullis certs  [--config DIR] init        create the CA and server certificates (kiosks trust the CA)
 
 Exit codes: 0 ok, 1 config or start-up failure, 2 usage. Errors go to stderr as
@@ -35,19 +36,20 @@ from gateway.access import utc_now
 from gateway.audit import find_record, log_files
 from gateway.certs import ensure_server_certificate
 from gateway.config import CASES_FILE, GATEWAY_FILE, Config, load_config
+from gateway.config.coverage import CLIENT_APP_TYPES
+from gateway.config.files import missing_certificates
 from gateway.config.lint import config_warnings, public_resources
+from gateway.config.loader import raise_if
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.explain import explain
 from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLevel, Listener
 from gateway.policy_cases import load_cases, run_cases
 from gateway.reload import check_in_force, config_digest, record_in_force
 from gateway.replay.command import add_parser as add_replay_parser
-from gateway.signals.sqlite_store import export, parse_import
+from gateway.signals.sqlite_store import SqliteInventory, export, parse_import
 from gateway.terminal import printable, printable_lines
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, as_text, policy_states
 from gateway.workers import ONLY_WORKER, Supervisor, Worker, worker_command
-
-CLIENT_APP_TYPES = [t for t in ClientAppType if t is not ClientAppType.all]
 
 DEFAULT_CONFIG = Path("config")
 MAX_WORKERS = 64
@@ -115,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     whatif.add_argument("--object-id", help="the user's object id (oid): a rollout's percentOfUsers share uses it")
     whatif.add_argument("--json", action="store_true", help="print the stable JSON form")
     whatif.set_defaults(command=_whatif)
-    devices = commands.add_parser("devices", help="manage the SQLite device inventory")
+    devices = commands.add_parser("devices", help="manage the device inventory (SQLite, or Redis with state)")
     devices.add_argument("--config", type=Path, required=True, help="config directory (deviceSignals.database)")
     actions = devices.add_subparsers(required=True, metavar="ACTION")
     imports = actions.add_parser("import", help="import devices from CSV or JSON; all or nothing")
@@ -133,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     set_risk.add_argument("level", type=DeviceThreatLevel, choices=list(DeviceThreatLevel))
     set_risk.add_argument("--vendor", default="manual", help="the MTD vendor this verdict is from (default manual)")
     set_risk.set_defaults(command=_devices_set_risk)
+    remove = actions.add_parser("remove", help="retire devices: their records and every MTD verdict go")
+    remove.add_argument("device_ids", nargs="+", metavar="ID")
+    remove.set_defaults(command=_devices_remove)
     why = commands.add_parser("why", help="explain one logged decision by its correlation id")
     why.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config directory (default: config)")
     why.add_argument("correlation_id", help="the correlation id (block pages and X-Portcullis-Correlation-Id show it)")
@@ -179,6 +184,7 @@ def _demo_partner_secrets(config: Config) -> dict[str, str]:
 def _check(args: argparse.Namespace) -> int:
     loaded = bootstrap.load(args.config)
     config = loaded.config
+    raise_if(missing_certificates(config, args.config))  # `run` would stop there
     print(f"{args.config}: OK: {len(config.gateway_file.protected_hosts)} protected hosts, "
           f"{len(config.resources)} resources, {len(config.policies)} policies, "
           f"{loaded.device_count()} devices in the inventory")
@@ -235,21 +241,20 @@ def _certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> bootstrap.Store:
-    """The device store the gateway reads: SQLite, or Redis with ``state`` (every gateway then
-    hears of the change within a second)."""
-    loaded = bootstrap.load(args.config)
-    if loaded.store is None:
+def _inventory(args: argparse.Namespace) -> SqliteInventory:
+    """The device store the gateway reads (SQLite, or Redis with ``state``: every gateway then hears
+    of the change within a second), as policy reads it. From ``portcullis.yaml`` alone: policies
+    being edited must not stop device commands."""
+    inventory = bootstrap.device_commands_inventory(args.config)
+    if inventory is None:
         raise ConfigError([ConfigProblem(str(args.config / GATEWAY_FILE), None, None, "deviceSignals.database",
                                          "not set: these commands manage the SQLite inventory (or Redis, "
                                          "with state)")])
-    return loaded.store
+    return inventory
 
 
-def _ignored_partners(args: argparse.Namespace) -> frozenset[str]:
-    """The MTD partners whose verdicts policy ignores now (unresponsive), as the gateway does."""
-    local = bootstrap.load(args.config).local_inventory
-    return local.ignored_vendors() if local is not None else frozenset()
+def _store(args: argparse.Namespace) -> bootstrap.Store:
+    return _inventory(args).store
 
 
 def _devices_import(args: argparse.Namespace) -> int:
@@ -265,7 +270,8 @@ def _devices_export(args: argparse.Namespace) -> int:
 
 
 def _devices_list(args: argparse.Namespace) -> int:
-    store, ignored = _store(args), _ignored_partners(args)
+    inventory = _inventory(args)
+    store, ignored = inventory.store, inventory.ignored_vendors()
     for record in store.records():
         device = store.managed_device(str(record["azureADDeviceId"]), ignored)
         assert device is not None  # noqa: S101  (just listed)
@@ -276,7 +282,8 @@ def _devices_list(args: argparse.Namespace) -> int:
 
 
 def _devices_show(args: argparse.Namespace) -> int:
-    device = _store(args).managed_device(args.device_id, _ignored_partners(args))
+    inventory = _inventory(args)
+    device = inventory.store.managed_device(args.device_id, inventory.ignored_vendors())
     if device is None:
         print(f"portcullis: no device {args.device_id!r} in the inventory", file=sys.stderr)
         return 1
@@ -290,6 +297,16 @@ def _devices_set_risk(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.device_id}: threat level {args.level.value} from {args.vendor}")
     return 0
+
+
+def _devices_remove(args: argparse.Namespace) -> int:
+    removed = _store(args).remove(args.device_ids, now=utc_now())
+    for device_id in args.device_ids:
+        if device_id.lower() in removed:
+            print(f"{device_id}: removed")
+        else:
+            print(f"portcullis: no device {device_id!r} in the inventory", file=sys.stderr)
+    return 0 if {d.lower() for d in args.device_ids} <= removed else 1
 
 
 def _test(args: argparse.Namespace) -> int:

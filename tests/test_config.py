@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.certs import ensure_server_certificate
 from gateway.config import load_config
+from gateway.config.lint import config_warnings
 from gateway.errors import ConfigError
 from tests.conftest import REPO
 
@@ -138,8 +140,26 @@ def test_check_command_prints_problems_and_exits_1(config_dir: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_check_command_accepts_the_demo_config() -> None:
-    result = subprocess.run([PORTCULLIS, "check", "--config", str(REPO / "config")], capture_output=True, text=True)
+def make_certificates(config_dir: Path) -> Path:
+    """The certificate files a config names, made as ``portcullis certs init`` makes them: ``check``
+    refuses a config that ``run`` could not start (the shipped ones name files the demo makes)."""
+    config = load_config(config_dir)
+    for certificate in config.gateway_file.gateway.certificates:
+        ensure_server_certificate(config.path(certificate.file), certificate.hosts)
+    return config_dir
+
+
+def shipped_config(directory: Path, tmp_path: Path) -> Path:
+    """A copy of ``config/`` (or of one of its examples, inside a copy of the whole tree: they share
+    ``../devices.yaml`` and the certificates) whose certificate files exist."""
+    copy = tmp_path / "config"
+    shutil.copytree(REPO / "config", copy)
+    return make_certificates(copy / directory.relative_to(REPO / "config"))
+
+
+def test_check_command_accepts_the_demo_config(tmp_path: Path) -> None:
+    config_dir = shipped_config(REPO / "config", tmp_path)
+    result = subprocess.run([PORTCULLIS, "check", "--config", str(config_dir)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "6 policies, 4 devices in the inventory" in result.stdout
     assert "public resources (reachable without a token): 1\n  exchange-owa-sign-in-page:" in result.stdout
@@ -153,6 +173,26 @@ def test_inventory_problems_are_reported_with_their_line(config_dir: Path) -> No
     assert result.returncode == 1
     assert f"devices.yaml:{line_of(devices, 'broken')}:" in result.stderr
     assert "devices[1].complianceState: 'broken' is not allowed" in result.stderr
+
+
+def test_check_reports_a_missing_certificate_file_at_its_line_and_how_to_make_it(config_dir: Path) -> None:
+    """``check`` said OK and ``run`` then failed: a config check passes must be one run can start."""
+    gateway_file = config_dir / "portcullis.yaml"
+    result = subprocess.run([PORTCULLIS, "check", "--config", str(config_dir)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "OK" not in result.stdout
+    expected = config_dir.parent / "certs" / "gateway.pem"
+    assert result.stderr == (
+        f"portcullis: {gateway_file}:{line_of(gateway_file, 'file: ../certs/gateway.pem')}:13: "
+        f"gateway.certificates[0].file: {expected} does not exist, and the gateway cannot start without it: create "
+        f"it (and the CA kiosks and test clients trust) with `portcullis certs --config {config_dir} init`, or put "
+        "your own PEM there (certificate chain and private key)\n")
+    made = subprocess.run([PORTCULLIS, "certs", "--config", str(config_dir), "init"], capture_output=True, text=True,
+                          timeout=60)
+    assert made.returncode == 0, made.stderr
+    result = subprocess.run([PORTCULLIS, "check", "--config", str(config_dir)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and ": OK: " in result.stdout, result.stderr
 
 
 def test_run_without_its_certificate_file_says_which_file(config_dir: Path) -> None:
@@ -195,6 +235,103 @@ def test_config_mistakes_are_errors_with_a_place(config_dir: Path, file: str, ol
     edit(config_dir / file, old, new)
     found = problems(config_dir)
     assert any(message in p and p.startswith(str(config_dir / file) + ":") for p in found), found
+
+
+HEAD_OFFICE = "ipRanges: [10.20.0.0/16, 2001:db8:20::/48]\n    trusted: true"
+
+
+@pytest.mark.parametrize(
+    ("entry", "override", "message"),
+    [
+        pytest.param("0.0.0.0/0", False, "'0.0.0.0/0' is every IPv4 address", id="every IPv4 address"),
+        pytest.param("::/0", False, "'::/0' is every IPv6 address", id="every IPv6 address"),
+        pytest.param("::/0", True, "'::/0' is every IPv6 address", id="every address, even with the override"),
+        pytest.param("0.0.0.0/1", False, "'0.0.0.0/1' is wider than /8", id="half of IPv4"),
+        pytest.param("96.0.0.0/7", False, "'96.0.0.0/7' is wider than /8", id="IPv4 wider than /8"),
+        pytest.param("2000::/3", False, "'2000::/3' is wider than /32", id="every global IPv6 address"),
+        pytest.param("2001:db8::/31", False, "'2001:db8::/31' is wider than /32", id="IPv6 wider than /32"),
+    ],
+)
+def test_a_named_location_of_every_address_or_too_wide_a_range_is_refused_at_its_line(
+        config_dir: Path, entry: str, override: bool, message: str) -> None:
+    """A trusted 0.0.0.0/0 made every client trusted: with exclude: [AllTrusted], the SharePoint rules
+    applied to no one. Refused at the range's own line, as gateway.trustedProxies is."""
+    gateway_file = config_dir / "portcullis.yaml"
+    edit(gateway_file, HEAD_OFFICE, "ipRanges:\n      - 10.20.0.0/16\n      - " + entry + "\n    trusted: true"
+         + ("\n    allowWideRanges: true" if override else ""))
+    [problem] = problems(config_dir)
+    assert problem.startswith(f"{gateway_file}:{line_of(gateway_file, '- ' + entry)}:9: "
+                              "namedLocations.head-office.ipRanges[1]: "), problem
+    assert message in problem
+
+
+@pytest.mark.parametrize(("entries", "override"), [
+    pytest.param("[10.0.0.0/8, 2001:db8::/32]", False, id="the widest ranges accepted"),
+    pytest.param("[96.0.0.0/7, 2000::/3]", True, id="wider ones with allowWideRanges"),
+])
+def test_named_locations_up_to_the_bound_or_with_the_override_are_accepted(config_dir: Path, entries: str,
+                                                                           override: bool) -> None:
+    edit(config_dir / "portcullis.yaml", HEAD_OFFICE,
+         f"ipRanges: {entries}\n    trusted: true" + ("\n    allowWideRanges: true" if override else ""))
+    location = load_config(config_dir).gateway_file.named_locations["head-office"]
+    assert [str(n) for n in location.ip_ranges] == entries.strip("[]").split(", ")
+
+
+SHAREPOINT = ["sharepoint-sites", "sharepoint-api", "sharepoint-csom", "sharepoint-downloads"]
+SHAREPOINT_POLICY = """  - name: {name}
+    state: enabled
+    conditions:
+      users: {users}
+      resources: {{include: [sharepoint-sites, sharepoint-api, sharepoint-csom, sharepoint-downloads]}}
+      clientAppTypes: {types}
+    grantControls: {{builtInControls: [{control}]}}
+"""
+
+
+def sharepoint_policy(name: str = "sharepoint-compliant-device", users: str = "{includeUsers: [All]}",
+                      types: str = "[all]", control: str = "compliantDevice") -> str:
+    return SHAREPOINT_POLICY.format(name=name, users=users, types=types, control=control)
+
+
+@pytest.mark.parametrize(("policies", "cohort"), [
+    pytest.param([sharepoint_policy(users="{excludeGroups: [staff]}", control="block")],
+                 "users in group staff (left out of 'sharepoint-compliant-device')",
+                 id="a block policy excluding staff: staff reach it"),
+    pytest.param([sharepoint_policy(types="[browser]")],
+                 "every user (no enabled policy covering it names them) with clientAppTypes "
+                 "mobileAppsAndDesktopClients, exchangeActiveSync, other", id="browsers only: apps reach it"),
+    pytest.param([sharepoint_policy(users="{includeGroups: [sales]}")],
+                 "users outside group sales (left out of 'sharepoint-compliant-device')",
+                 id="one group only: everyone else reaches it"),
+    pytest.param([sharepoint_policy(users="{excludeGroups: [staff]}"),
+                  sharepoint_policy(name="contractors", users="{excludeUsers: [Kim@contoso.test], excludeGroups: "
+                                                             "[contractors]}")],
+                 "users in group contractors and group staff (left out of 'sharepoint-compliant-device', "
+                 "'contractors')", id="two exclusions: members of both groups reach it"),
+    pytest.param([sharepoint_policy(users="{excludeGroups: [staff]}", types="[browser]"),
+                  sharepoint_policy(name="apps", types="[mobileAppsAndDesktopClients, exchangeActiveSync, other]")],
+                 "users in group staff (left out of 'sharepoint-compliant-device') with clientAppTypes browser",
+                 id="staff excluded from the browser policy only"),
+    pytest.param([sharepoint_policy(users="{excludeGroups: [staff]}"),
+                  sharepoint_policy(name="staff", users="{includeGroups: [Staff]}", control="mfa")],
+                 None, id="staff excluded, but covered by a policy of their own: no warning"),
+    pytest.param([sharepoint_policy(users="{excludeGroups: [staff]}"),
+                  sharepoint_policy(name="staff-rollout", users="{includeGroups: [staff]}",
+                                    control="mfa").replace("    state: enabled\n",
+                                                           "    state: enabled\n    rollout: {groups: [pilot]}\n")],
+                 "users in group staff (left out of 'sharepoint-compliant-device')",
+                 id="a rollout policy covers only its cohort: staff still reach it"),
+])
+def test_check_warns_for_the_users_and_client_app_types_no_enabled_policy_covers(
+        config_dir: Path, policies: list[str], cohort: str | None) -> None:
+    """A block policy with excludeGroups: [staff] silenced "covered by no enabled policy" although
+    staff reach the resource with any valid token. Now every uncovered cohort is named."""
+    edit(config_dir / "policies.yaml", (config_dir / "policies.yaml").read_text().split("  - name: ")[3],
+         "".join(policies)[len("  - name: "):])
+    warnings = [w.message for w in config_warnings(load_config(config_dir))]
+    expected = [] if cohort is None else [f"resource {name!r} is covered only in part: any valid token reaches it "
+                                          f"for {cohort}" for name in SHAREPOINT]
+    assert warnings == expected
 
 
 def test_cases_with_a_malformed_ip_are_refused(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import base64
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -234,14 +235,19 @@ def test_unreadable_base64_query_is_an_error() -> None:
         activesync_device_ids("/Microsoft-Server-ActiveSync?" + base64.b64encode(bytes([141, 0, 9, 4, 50])).decode())
 
 
-def test_devices_cli(tmp_path: Path) -> None:
-    config = tmp_path / "config"
-    subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
-
+def devices_cli(config: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``portcullis devices --config CONFIG ...`` as a subprocess, as an operator runs it."""
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([PORTCULLIS, "devices", "--config", str(config), *args], capture_output=True,
                               text=True, timeout=60)
 
+    return cli
+
+
+def test_devices_cli(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
+    cli = devices_cli(config)
     seed = config / "devices.yaml"
     assert cli("import", str(seed)).stdout == f"imported 4 devices from {seed}\n"
     assert ALEX in cli("list").stdout
@@ -252,6 +258,61 @@ def test_devices_cli(tmp_path: Path) -> None:
     assert cli("show", "nope").stderr == "portcullis: no device 'nope' in the inventory\n"
     exported = json.loads(cli("export").stdout)
     assert len(exported["devices"]) == 4
+
+
+def test_devices_remove_retires_a_device_with_every_verdict(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
+    cli = devices_cli(config)
+    assert cli("import", str(config / "devices.yaml")).returncode == 0
+    assert cli("set-risk", ALEX, "high", "--vendor", "lookout").returncode == 0
+    removed = cli("remove", ALEX.upper(), "not-a-device")
+    assert removed.returncode == 1  # one of the two was not there
+    assert removed.stdout == f"{ALEX.upper()}: removed\n"
+    assert removed.stderr == "portcullis: no device 'not-a-device' in the inventory\n"
+    assert cli("show", ALEX).returncode == 1 and ALEX not in cli("list").stdout
+    assert len(json.loads(cli("export").stdout)["devices"]) == 3
+    store = DeviceStore(tmp_path / ".portcullis" / "devices.sqlite")
+    assert ALEX in store.changes_since(0)[1]  # a running gateway hears of it (and closes its open flows)
+    store.upsert(parse_import(config / "devices.yaml")[0], now=NOW)  # back, as a new device: no old verdict
+    back = store.managed_device(ALEX)
+    assert back is not None and (back.threat_level, back.threat_source) == (DeviceThreatLevel.low, "demo-mtd")
+    assert cli("remove", ALEX).returncode == 0
+
+
+def test_device_commands_do_not_need_valid_policies(tmp_path: Path) -> None:
+    """The gateway serves its last good rules while policies.yaml is being edited; an operator must
+    still be able to raise a device's risk (or retire it) meanwhile."""
+    config = tmp_path / "config"
+    subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
+    cli = devices_cli(config)
+    assert cli("import", str(config / "devices.yaml")).returncode == 0
+    policies = config / "policies.yaml"
+    policies.write_text(policies.read_text().replace("state: enabled", "state: enabeld", 1))
+    checked = subprocess.run([PORTCULLIS, "check", "--config", str(config)], capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 1 and "enabeld" in checked.stderr  # the rules really are invalid
+    raised = cli("set-risk", ALEX, "high", "--vendor", "soc-analyst")
+    assert raised.returncode == 0, raised.stderr
+    assert json.loads(cli("show", ALEX).stdout)["threat_level"] == "high"
+    assert ALEX in cli("list").stdout
+    assert cli("remove", ALEX).returncode == 0
+    broken = config / "portcullis.yaml"  # where the store is configured: that file must still be valid
+    broken.write_text(broken.read_text().replace("deviceSignals:", "deviceSignalz:", 1))
+    refused = cli("list")
+    assert refused.returncode == 1 and "portcullis.yaml" in refused.stderr and "deviceSignalz" in refused.stderr
+
+
+def test_a_json_import_is_refused_for_a_member_given_twice(tmp_path: Path) -> None:
+    """The fast JSON reader must not let the last of two members win where the YAML reader refuses."""
+    path = tmp_path / "devices.json"
+    path.write_text('{"devices": [\n  {"azureADDeviceId": "a1", "complianceState": "compliant"},\n'
+                    '  {"azureADDeviceId": "a2", "complianceState": "noncompliant", "complianceState": "compliant"}\n'
+                    ']}\n')
+    with pytest.raises(ConfigError) as caught:
+        parse_import(path)
+    [problem] = caught.value.problems
+    assert problem.line == 3 and "duplicate" in problem.message
 
 
 def test_a_full_sync_keeps_other_partners_verdicts_and_an_empty_sync_prunes_nothing(store: DeviceStore) -> None:

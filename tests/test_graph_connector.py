@@ -11,9 +11,11 @@ import pytest
 
 from gateway.errors import SignalUnavailable
 from gateway.policy.model import ComplianceState, DeviceThreatLevel
-from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings, device_record
+from gateway.signals.cache import CachedInventory
+from gateway.signals.graph import RECHECK_FIRST_SECONDS, GraphClient, GraphInventory, GraphSettings, device_record
 from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
 from tests.graph_server import CLIENT_ID, CLIENT_SECRET, TENANT, GraphState, managed_device, serving
+from tests.test_device_signals import Clock
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -76,6 +78,77 @@ def test_a_miss_is_looked_up_in_graph_once_and_stored(tmp_path: Path) -> None:
     found, again, missing = run(state, scenario)
     assert found is not None and again == found and missing
     assert sum("%24filter" in r for r in state.requests) == 2  # the second lookup was local
+
+
+def test_a_device_first_seen_undecided_is_asked_about_again_and_recovers_with_graph(tmp_path: Path) -> None:
+    """Graph first lists the device without a compliance state (a broken answer: stored as
+    complianceState unknown, so blocked). It is asked about again on a schedule of its own (15 s,
+    then twice as long while Graph still cannot say or fails) and is compliant as soon as Graph
+    says so, through the gateway's cache too: not at the next full sync, 15 minutes on."""
+    device_id = managed_device(1)["azureADDeviceId"]
+    state = GraphState(devices=[managed_device(1, complianceState=None)])
+    store = DeviceStore(tmp_path / "d.sqlite")
+    clock = Clock()
+
+    async def scenario(base: str) -> list[tuple[str, int]]:
+        client = GraphClient(settings(base, rate=100))
+        graph = GraphInventory(store, SqliteInventory(store), client, clock=lambda: NOW, timer=clock)
+        cached = CachedInventory(graph, ttl=60, miss_ttl=5, max_staleness=300, max_entries=1000, timer=clock)
+        seen = []
+        for seconds, graph_says in [(0, None), (10, None), (6, None), (20, None), (10, "503"), (30, "compliant"),
+                                    (24, "compliant"), (6, "compliant"), (30, "compliant")]:
+            state.devices = [managed_device(1, complianceState=graph_says if graph_says != "503" else None)]
+            state.throttle = [503] * 5 if graph_says == "503" else []
+            clock.now += seconds
+            before = len(state.requests)
+            device = await cached.managed_device(device_id)
+            assert device is not None
+            seen.append((device.compliance_state.value, len(state.requests) - before))
+        await client.close()
+        return seen
+
+    assert run(state, scenario) == [
+        ("unknown", 1),  # first seen: looked up, stored without a verdict; asked again in 15 s
+        ("unknown", 0),  # 10 s: not yet
+        ("unknown", 1),  # 16 s: asked again, still nothing; next in 30 s
+        ("unknown", 0),  # 36 s: not yet
+        ("unknown", 5),  # 46 s: asked again, Graph fails (503 until the client gives up): the stored record
+        ("unknown", 0),  # 76 s: Graph is fine again, but the next recheck is at 106 s
+        ("unknown", 0),  # 100 s: not yet
+        ("compliant", 1),  # 106 s: asked again: compliant
+        ("compliant", 0),  # then a decided device, cached for the TTL
+    ]
+    stored = store.managed_device(device_id)
+    assert stored is not None and stored.compliance_state is ComplianceState.compliant
+
+
+def test_rechecks_of_undecided_devices_leave_lookups_for_devices_never_seen(tmp_path: Path) -> None:
+    """Many undecided devices due at once take at most the spare half of lookupsPerSecond: a device
+    never seen before is still looked up (and allowed) rather than counted as unknown."""
+    undecided = [managed_device(i, complianceState=None) for i in range(10)]
+    state = GraphState(devices=[*undecided, managed_device(99)])
+    store = DeviceStore(tmp_path / "d.sqlite")
+    store.replace_all([device_record(d) for d in undecided], now=NOW)  # as a full sync stored them
+    clock = Clock()
+
+    async def scenario(base: str) -> tuple[list[bool], object]:
+        client = GraphClient(settings(base, rate=4))
+        graph = GraphInventory(store, SqliteInventory(store), client, clock=lambda: NOW, timer=clock)
+        try:
+            for device in undecided:  # seen undecided: a recheck in 15 s
+                await graph.managed_device(device["azureADDeviceId"])
+            assert state.requests == []
+            clock.now += RECHECK_FIRST_SECONDS  # every one of them due; the bucket full again (4)
+            for device in undecided:
+                await graph.managed_device(device["azureADDeviceId"])
+            asked = [any(d["azureADDeviceId"] in r for r in state.requests) for d in undecided]
+            return asked, await graph.managed_device(managed_device(99)["azureADDeviceId"])
+        finally:
+            await client.close()
+
+    asked, new_device = run(state, scenario)
+    assert asked == [True] * 3 + [False] * 7  # rechecks stopped with half the bucket (2 of 4) left
+    assert new_device is not None and new_device.compliance_state is ComplianceState.compliant
 
 
 def test_misses_beyond_the_rate_are_not_looked_up(tmp_path: Path) -> None:

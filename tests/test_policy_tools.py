@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.test_config import shipped_config
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 ALEX_IPHONE = "3c5f0b1e-7a2d-4e8f-9b61-0d2a4c8e1f01"
@@ -24,9 +24,7 @@ def portcullis(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def config_dir(tmp_path: Path) -> Path:
-    target = tmp_path / "config"
-    shutil.copytree(REPO / "config", target)
-    return target
+    return shipped_config(REPO / "config", tmp_path)  # with its certificate files: `check` needs them
 
 
 def test_whatif_json_is_the_documented_shape() -> None:

@@ -26,13 +26,15 @@ from pydantic import TypeAdapter
 from gateway.errors import SignalUnavailable
 from gateway.identity.browser import BrowserSession, PendingLogin
 from gateway.policy.model import DeviceThreatLevel, Identity
+from gateway.signals.cache import STALE_WARNING_SECONDS, CachedInventory
 from gateway.signals.devices import DeviceRecord
-from gateway.signals.sqlite_store import DeviceStore
+from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
 from gateway.state.codec import IDENTITY_FIELDS, decode_pending, decode_session, encode_pending, encode_session
 from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
 from gateway.state.redis_keys import redacted
 from gateway.state.redis_state import RedisState
 from gateway.state.sessions import MemorySessionStore, SqliteSessionStore, session_key
+from tests.gateway_process import PORTCULLIS
 from tests.redis_server import RedisServer, started_or_skipped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -472,6 +474,10 @@ STEPS: list[tuple[str, Callable[[Any], object]]] = [
          record(E, threatLevel="low")], now=at(6), seed=True)),
     ("the sync source stops reporting C", lambda s: s.upsert(record(C), now=at(7), clear_vendor="graph")),
     ("an empty sync prunes nothing", lambda s: s.replace_all([], now=at(8), prune_vendor="graph")),
+    ("D is retired, with an id never seen", lambda s: s.remove([D.upper(), "unknown-4"], now=at(9))),
+    ("a verdict for the retired device", lambda s: s.set_threat_level(D, "lookout", DeviceThreatLevel.high,
+                                                                     now=at(9.1))),
+    ("D comes back without its old verdicts", lambda s: s.upsert(record(D), now=at(9.2))),
 ]
 IGNORED = [frozenset(), frozenset({"lookout"}), frozenset({"inventory", "graph"})]
 
@@ -509,6 +515,10 @@ def test_redis_device_store_gives_the_same_answers_as_the_sqlite_store(redis_ser
     assert "graph" in seen["a restart seeds again: no older verdict wins"]["partners"]  # type: ignore[operator]
     # C's graph verdict went: graph's newest current verdict is now D's
     assert seen["an empty sync prunes nothing"]["partners"]["graph"] == at(2)  # type: ignore[index]
+    assert level("an empty sync prunes nothing", D) == (DeviceThreatLevel.low, "graph")
+    assert level("D is retired, with an id never seen", D) is None
+    assert seen["D is retired, with an id never seen"]["count"] == 4
+    assert level("D comes back without its old verdicts", D) == (None, None)
     state.close()
     reference.close()
 
@@ -587,6 +597,7 @@ def test_every_device_write_reaches_a_subscriber_within_a_second(redis_server: R
                                                                for r in many], now=NOW), [{"*"}]),
             (lambda: writer.devices.replace_all([record(B)], now=NOW, prune_vendor="graph"),
              [{B}, set(pruned[:1000]), set(pruned[1000:])]),
+            (lambda: writer.devices.remove([B.upper(), "never-there"], now=NOW), [{B}]),
         ]
         for write, expected in writes:
             started = time.monotonic()
@@ -601,6 +612,42 @@ def test_every_device_write_reaches_a_subscriber_within_a_second(redis_server: R
         await reader.aclose()
 
     asyncio.run(scenario())
+
+
+def test_devices_remove_on_redis_retires_the_device_for_every_gateway(redis_server: RedisServer,
+                                                                     tmp_path: Path) -> None:
+    """``portcullis devices remove`` with ``state``: the device and its verdicts leave Redis, and
+    every subscribed gateway hears of it. Only portcullis.yaml is read (no policies.yaml here)."""
+    key_prefix = prefix()
+    (tmp_path / "portcullis.yaml").write_text(
+        "gateway: {certificates: [{hosts: [mail.contoso.test], file: gateway.pem}]}\n"
+        "identity: {issuer: 'https://login.contoso.test/tenant/v2.0'}\n"
+        "protectedHosts: {mail.contoso.test: {upstream: 'https://10.0.0.1', audiences: [api://mail]}}\n"
+        f"deviceSignals: {{}}\nstate: {{redis: '{redis_server.url}', keyPrefix: '{key_prefix}'}}\n")
+
+    async def scenario() -> subprocess.CompletedProcess[str]:
+        writer, reader = (RedisState.from_url(redis_server.url, prefix=key_prefix),
+                          RedisState.from_url(redis_server.url, prefix=key_prefix))
+        await asyncio.to_thread(writer.devices.replace_all, [record(A, threatLevel="high", threatSource="lookout"),
+                                                             record(B)], now=NOW)
+        task, queue = await subscribed(reader)
+        removed = await asyncio.to_thread(subprocess.run, [PORTCULLIS, "devices", "--config", str(tmp_path),
+                                                           "remove", A], capture_output=True, text=True, timeout=60)
+        assert await asyncio.wait_for(queue.get(), 5) == ("devices", {A})
+        assert await asyncio.to_thread(writer.devices.managed_device, A) is None
+        assert await asyncio.to_thread(writer.devices.count) == 1
+        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+        left = [k for k in client.scan_iter(f"{key_prefix}*") if A in k or client.type(k) == "zset"
+                and client.zscore(k, A) is not None]
+        client.close()
+        assert left == []  # no verdict or report score of it stays behind
+        task.cancel()
+        await writer.aclose()
+        await reader.aclose()
+        return removed
+
+    removed = asyncio.run(scenario())
+    assert (removed.returncode, removed.stdout) == (0, f"{A}: removed\n"), removed.stderr
 
 
 def test_losing_redis_fails_closed_fast_and_events_resume_when_it_is_back(
@@ -639,6 +686,47 @@ def test_losing_redis_fails_closed_fast_and_events_resume_when_it_is_back(
     messages = [r.getMessage() for r in caplog.records if r.name == "gateway.state.redis_state"]
     assert [m for m in messages if "change events lost" in m] and len(messages) == 2, messages
     assert "change events are back" in messages[1]
+
+
+def test_answers_from_copies_while_redis_is_down_are_logged_once_per_interval_with_their_count(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The soak's Redis outage wrote a warning per request (820 a second). Now: one at once, one
+    per STALE_WARNING_SECONDS with the count since the last, and a last line when Redis is back."""
+    redis_server.start()  # a test before may have stopped it
+    state = RedisState.from_url(redis_server.url, prefix=prefix())
+    state.devices.replace_all([record(A)], now=NOW)
+    clock = Clock()
+    inventory = CachedInventory(SqliteInventory(state.devices, name="redis"), ttl=60, miss_ttl=5,  # type: ignore[arg-type]
+                                max_staleness=300, max_entries=1000, timer=clock)
+
+    async def lookups(count: int) -> None:
+        for _ in range(count):
+            assert await inventory.managed_device(A) is not None
+
+    async def scenario() -> None:
+        await lookups(1)
+        redis_server.stop()
+        try:
+            clock.now += 61  # past the TTL: Redis is asked, fails, the 61 s old copy answers
+            await lookups(1000)
+            clock.now += STALE_WARNING_SECONDS
+            await lookups(500)
+        finally:
+            redis_server.start()
+        await asyncio.to_thread(state.devices.replace_all, [record(A)], now=NOW)  # reseeded after the restart
+        clock.now += 2  # past the second a failed source is left alone
+        await lookups(1)
+
+    with caplog.at_level(logging.INFO, "gateway.signals.cache"):
+        asyncio.run(scenario())
+    state.close()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gateway.signals.cache"]
+    assert len(lines) == 3, lines
+    assert lines[0][0] == "WARNING" and "device source redis unavailable (shared state redis://127.0.0.1" in \
+        lines[0][1] and "1 lookups answered from last good copies up to 61 s old" in lines[0][1]
+    assert lines[1][0] == "WARNING" and "1000 lookups answered from last good copies up to 71 s old" in lines[1][1]
+    assert lines[2] == ("INFO", "device source redis answers again; 1500 lookups were answered from last good "
+                                "copies in the outage (499 since the last warning)")
 
 
 def test_a_hung_redis_is_noticed_within_a_second_and_lookups_give_up_within_three(

@@ -23,7 +23,7 @@ from gateway.config.models import (
 from gateway.config.presets import expand_presets
 from gateway.errors import ConfigError, ConfigProblem
 
-__all__ = ["Config", "ConfigError", "load_config", "GATEWAY_FILE", "POLICIES_FILE"]
+__all__ = ["Config", "ConfigError", "load_config", "load_gateway_file", "GATEWAY_FILE", "POLICIES_FILE"]
 
 GATEWAY_FILE = "portcullis.yaml"
 CASES_FILE = "cases.yaml"
@@ -41,7 +41,11 @@ class Config:
 
     def path(self, relative: Path) -> Path:
         """A path from the config files, resolved against the config directory."""
-        return relative if relative.is_absolute() else (self.directory / relative).resolve()
+        return resolve(self.directory, relative)
+
+    def source(self, file: str) -> tuple[str, Any]:
+        """The name a file is shown by in messages, and its parsed YAML (which knows every line)."""
+        return next(((name, data) for name, data in self.sources.items() if name.endswith(file)), (file, None))
 
     @property
     def resources(self) -> dict[str, Resource]:
@@ -56,29 +60,54 @@ class Config:
         }
 
 
+def resolve(directory: Path, relative: Path) -> Path:
+    """A path written in a config file, resolved against the config directory."""
+    return relative if relative.is_absolute() else (directory.resolve() / relative).resolve()
+
+
 def load_config(directory: Path) -> Config:
     """Read, validate and cross-check ``portcullis.yaml`` and ``policies.yaml`` in ``directory``."""
-    if not directory.is_dir():
-        raise ConfigError([ConfigProblem(str(directory), None, None, "", "not a directory")])
+    _check_directory(directory)
     gateway_name, policies_name = (_display(directory / f) for f in (GATEWAY_FILE, POLICIES_FILE))
-    gateway_data, problems = read_yaml(directory / GATEWAY_FILE, gateway_name)
+    gateway_file, gateway_data, problems = _gateway_file(directory, gateway_name)
     policies_data, more = read_yaml(directory / POLICIES_FILE, policies_name)
     problems += more
-    gateway_file = policies_file = None
-    if gateway_data is not None or not problems:
-        gateway_file, more = validate(PortcullisFile, gateway_data, gateway_name)
-        problems += more
+    policies_file = None
     if policies_data is not None or not any(p.file == policies_name for p in problems):
         policies_file, more = validate(PoliciesFile, policies_data, policies_name)
         problems += more
-    if gateway_file is not None:
-        problems += _check_resources(gateway_file, gateway_data, gateway_name)
     if gateway_file is not None and policies_file is not None:
         problems += _check_policies(gateway_file, policies_file, policies_data, policies_name)
     raise_if(problems)
     assert gateway_file is not None and policies_file is not None  # noqa: S101  (no problems)
     return Config(directory.resolve(), gateway_file, tuple(policies_file.policies),
                   {gateway_name: gateway_data, policies_name: policies_data})
+
+
+def load_gateway_file(directory: Path) -> PortcullisFile:
+    """``portcullis.yaml`` alone, validated and cross-checked as ``load_config`` does, for the device
+    commands: they must work while ``policies.yaml`` is being edited (the gateway serves its last
+    good rules meanwhile). Never a source of rules."""
+    _check_directory(directory)
+    gateway_file, _, problems = _gateway_file(directory, _display(directory / GATEWAY_FILE))
+    raise_if(problems)
+    assert gateway_file is not None  # noqa: S101  (no problems)
+    return gateway_file
+
+
+def _check_directory(directory: Path) -> None:
+    if not directory.is_dir():
+        raise ConfigError([ConfigProblem(str(directory), None, None, "", "not a directory")])
+
+
+def _gateway_file(directory: Path, name: str) -> tuple[PortcullisFile | None, Any, list[ConfigProblem]]:
+    data, problems = read_yaml(directory / GATEWAY_FILE, name)
+    if data is None and problems:
+        return None, data, problems
+    gateway_file, problems = validate(PortcullisFile, data, name)
+    if gateway_file is not None:
+        problems += _check_resources(gateway_file, data, name)
+    return gateway_file, data, problems
 
 
 def _display(path: Path) -> str:

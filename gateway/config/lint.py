@@ -1,5 +1,6 @@
 """Warnings for a config that loads but probably does not say what its authors meant: policies
-that can never apply, resources no policy covers (or only a rollout cohort's), rollouts whose
+that can never apply, resources no policy covers (or only a rollout cohort's, or only some users
+or client app types), rollouts whose
 cohort names a listener that does not exist, apps listed twice, an admin API off loopback.
 ``portcullis check`` prints them; they do not stop the gateway."""
 
@@ -9,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from gateway.config import ALL, ALL_TRUSTED, GATEWAY_FILE, POLICIES_FILE, Config
+from gateway.config.coverage import resources_of, uncovered_cohorts
 from gateway.config.loader import locate
 from gateway.config.models import ConditionalAccessPolicy, PlatformOrAll, PolicyState
 from gateway.errors import ConfigProblem
@@ -24,12 +26,8 @@ def public_resources(config: Config) -> list[str]:
     return [f"{name}: {', '.join(r.hosts)} {', '.join(r.paths)}" for name, r in config.resources.items() if r.public]
 
 
-def _source(config: Config, file: str) -> tuple[str, object]:
-    return next(((name, data) for name, data in config.sources.items() if name.endswith(file)), (file, None))
-
-
 def _policies_that_never_apply(config: Config) -> Iterator[ConfigProblem]:
-    name, data = _source(config, POLICIES_FILE)
+    name, data = config.source(POLICIES_FILE)
     for index, policy in enumerate(config.policies):
         if policy.state is PolicyState.disabled:
             continue
@@ -69,10 +67,7 @@ def covered_resources(config: Config) -> tuple[set[str], dict[str, str]]:
     cohort_only: dict[str, str] = {}
     for policy in config.policies:
         if policy.state is PolicyState.enabled and policy.grant_controls is not None:  # session-only gates nothing
-            include, exclude = policy.conditions.resources.include, policy.conditions.resources.exclude
-            if ALL in exclude:
-                continue
-            resources = (set(config.resources) if ALL in include else set(include)) - set(exclude)
+            resources = resources_of(policy, set(config.resources))
             if policy.rollout is None:
                 covered |= resources
             else:
@@ -82,24 +77,36 @@ def covered_resources(config: Config) -> tuple[set[str], dict[str, str]]:
 
 def _uncovered_resources(config: Config) -> Iterator[ConfigProblem]:
     """A policy with a rollout covers its cohort only: a resource that only such policies cover is
-    reached by any valid token outside the cohorts."""
-    name, data = _source(config, GATEWAY_FILE)
+    reached by any valid token outside the cohorts. A resource covered only for some users or
+    client app types is reached by any valid token of the others (``coverage``)."""
+    name, data = config.source(GATEWAY_FILE)
     covered, cohort_only = covered_resources(config)
+    enforced = [p for p in config.policies if _enforced_for_everyone(p)]
     for resource_name, resource in config.resources.items():
-        if not resource.public and resource_name not in covered:
-            own = resource_name in config.gateway_file.resources
-            loc = ("resources", resource_name) if own else ("resourcePresets",)
+        if resource.public:
+            continue
+        own = resource_name in config.gateway_file.resources
+        loc = ("resources", resource_name) if own else ("resourcePresets",)
+        if resource_name not in covered:
             message = (f"resource {resource_name!r} is covered only for the rollout cohort of policy "
                        f"{cohort_only[resource_name]!r}: outside it any valid token reaches it"
                        if resource_name in cohort_only else
                        f"resource {resource_name!r} is covered by no enabled policy: any valid token reaches it")
             yield locate(data, loc, name, message, at_value=False)
+        elif cohorts := uncovered_cohorts(resource_name, enforced, set(config.resources)):
+            yield locate(data, loc, name, f"resource {resource_name!r} is covered only in part: any valid token "
+                         f"reaches it for {'; and for '.join(cohorts)}", at_value=False)
+
+
+def _enforced_for_everyone(policy: ConditionalAccessPolicy) -> bool:
+    """Enabled, with grant controls, and no rollout (which enforces for its cohort only)."""
+    return policy.state is PolicyState.enabled and policy.grant_controls is not None and policy.rollout is None
 
 
 def _rollouts_without_kiosk(config: Config) -> Iterator[ConfigProblem]:
     if config.gateway_file.kiosk is not None:
         return
-    name, data = _source(config, POLICIES_FILE)
+    name, data = config.source(POLICIES_FILE)
     for index, policy in enumerate(config.policies):
         listeners = policy.rollout.listeners if policy.rollout else []
         if Listener.kiosk in listeners:
@@ -109,14 +116,14 @@ def _rollouts_without_kiosk(config: Config) -> Iterator[ConfigProblem]:
 
 
 def _apps_listed_twice(config: Config) -> Iterator[ConfigProblem]:
-    name, data = _source(config, GATEWAY_FILE)
+    name, data = config.source(GATEWAY_FILE)
     owners = Counter(client_id.lower() for ids in config.gateway_file.applications.values() for client_id in ids)
     for app, ids in config.gateway_file.applications.items():
         for index, client_id in enumerate(ids):
             if owners[client_id.lower()] > 1:
                 yield locate(data, ("applications", app, index), name,
                              f"client id {client_id} is listed under more than one application")
-    policies_name, policies_data = _source(config, POLICIES_FILE)
+    policies_name, policies_data = config.source(POLICIES_FILE)
     for index, policy in enumerate(config.policies):
         approved = policy.grant_controls.approved_applications if policy.grant_controls else []
         for app, count in Counter(approved).items():
@@ -130,7 +137,7 @@ def _admin_off_loopback(config: Config) -> Iterator[ConfigProblem]:
     admin = config.gateway_file.admin
     if admin is None or admin.on_loopback:
         return
-    name, data = _source(config, GATEWAY_FILE)
+    name, data = config.source(GATEWAY_FILE)
     yield locate(data, ("admin", "listen", "host"), name,
                  f"the admin API listens on {admin.listen.host} in plain HTTP: bearer tokens and decision records "
                  "would cross the network unencrypted; keep it on 127.0.0.1 behind a TLS reverse proxy")

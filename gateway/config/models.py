@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from gateway import headers
@@ -230,23 +240,44 @@ class ResourcePreset(StrEnum):
     sharepoint = "sharepoint"
 
 
+# The widest range a named location may hold without ``allowWideRanges``: IPv4 /8 (Entra itself
+# accepts no wider mask in a named location), IPv6 /32 (what a registry allocates to a whole
+# provider; an organisation's site is a /48). Wider, a location covers far more than any one
+# organisation's network, and excluding it (or AllTrusted) switches a policy off for most clients.
+WIDEST_PREFIX = {4: 8, 6: 32}
+
+
+def _cidr(item: object) -> object:
+    if not isinstance(item, str) or "/" not in item:
+        raise ValueError(f"{item!r} needs a prefix length, like 10.20.0.0/16 (or /32 for one address)")
+    try:
+        ipaddress.ip_network(item)
+    except ValueError as error:
+        raise ValueError(f"{item!r}: {error}") from None
+    return item
+
+
+def _bounded(network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+             info: ValidationInfo) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Never every address; nothing wider than ``WIDEST_PREFIX`` unless the location says so."""
+    if network.prefixlen == 0:
+        raise ValueError(f"'{network}' is every IPv{network.version} address: a location holding it matches every "
+                         "client, so excluding it (or AllTrusted) switches a policy off for everyone; a policy for "
+                         "every address says All")
+    widest = WIDEST_PREFIX[network.version]
+    if network.prefixlen < widest and not info.data.get("allow_wide_ranges"):
+        raise ValueError(f"'{network}' is wider than /{widest}, far more than one organisation's network: list your "
+                         "own ranges, or set allowWideRanges: true on this location if you mean it")
+    return network
+
+
 class NamedLocation(Model):
     """IP ranges the gateway sees clients come from; ``trusted`` ones make up ``AllTrusted``."""
 
-    ip_ranges: Annotated[list[IPvAnyNetwork], Field(min_length=1)]
+    allow_wide_ranges: bool = False  # before ipRanges: their check reads it
+    ip_ranges: Annotated[list[Annotated[IPvAnyNetwork, BeforeValidator(_cidr), AfterValidator(_bounded)]],
+                         Field(min_length=1)]
     trusted: bool = False
-
-    @field_validator("ip_ranges", mode="before")
-    @classmethod
-    def _cidr(cls, value: object) -> object:
-        for item in value if isinstance(value, list) else []:
-            if not isinstance(item, str) or "/" not in item:
-                raise ValueError(f"{item!r} needs a prefix length, like 10.20.0.0/16 (or /32 for one address)")
-            try:
-                ipaddress.ip_network(item)
-            except ValueError as error:
-                raise ValueError(f"{item!r}: {error}") from None
-        return value
 
 
 class DeviceCacheSettings(Model):

@@ -1,12 +1,16 @@
 """A bounded cache in front of a device source.
 
-- Hits are served for ``ttl`` seconds; misses (unknown devices) for ``miss_ttl``. Both caches are
-  bounded, so a flood of random device ids cannot grow memory.
+- Hits are served for ``ttl`` seconds; misses (unknown devices), and devices without a compliance
+  verdict yet (``complianceState: unknown``), for ``miss_ttl``: their source may learn the verdict
+  any moment (the Graph connector asks again on a schedule of its own). Both caches are bounded,
+  so a flood of random device ids cannot grow memory.
 - Concurrent lookups of one device share one call to the source.
 - When the source fails, the last good answer is served while it is younger than
   ``max_staleness`` (logged as degraded); after that ``SignalUnavailable`` propagates and the
   request is blocked. For a second after a failure the source is not asked at all, so that a
-  source that times out does not make every request wait for its timeout.
+  source that times out does not make every request wait for its timeout. The degraded answers
+  are logged as one warning every ``STALE_WARNING_SECONDS`` with their count (a line per request
+  was 800 lines a second under load), and once more when the source answers again.
 - Failing includes hanging and answering garbage: a lookup waits at most ``lookup_timeout``
   seconds, and an answer that is not a well-formed ``ManagedDevice`` for the id asked (wrong
   types, naive times, another device's record) counts as the source being unavailable. Policy
@@ -30,10 +34,10 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from functools import cache
 
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache, TLRUCache, TTLCache
 
 from gateway.errors import SignalUnavailable
-from gateway.policy.model import ManagedDevice
+from gateway.policy.model import ComplianceState, ManagedDevice
 from gateway.signals.devices import DeviceInventory
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,39 @@ RETRY_AFTER = 1.0  # seconds a failed source is not asked again; answers come fr
 # A lookup taking longer counts as the source being down. Above the Graph connector's own wait for
 # a device it must look up (``graph.MISS_LOOKUP_SECONDS``), which answers "unknown" by then.
 LOOKUP_TIMEOUT_SECONDS = 5.0
+STALE_WARNING_SECONDS = 10.0  # at most one "answered from a copy" warning per source this often
+
+
+class StaleAnswers:
+    """Counts the lookups answered from last good copies while a source is down, and logs them
+    as one warning per interval (the first at once), as the decision log does for drops."""
+
+    def __init__(self, source: str, timer: Callable[[], float], interval: float = STALE_WARNING_SECONDS) -> None:
+        self.source, self.interval = source, interval
+        self._timer = timer
+        self._last_warning = -interval  # the first degraded answer is reported at once
+        self.unreported = 0  # answered from copies since the last warning
+        self._oldest = 0.0
+        self.total = 0
+
+    def served(self, error: SignalUnavailable, age: float) -> None:
+        self.total += 1
+        self.unreported += 1
+        self._oldest = max(self._oldest, age)
+        now = self._timer()
+        if now - self._last_warning >= self.interval:
+            logger.warning("device source %s unavailable (%s); %d lookups answered from last good copies up to "
+                           "%.0f s old since the last warning (%d in this outage)",
+                           self.source, error, self.unreported, self._oldest, self.total)
+            self._last_warning, self.unreported, self._oldest = now, 0, 0.0
+
+    def recovered(self) -> None:
+        """The source answered: say how the outage ended, once."""
+        if not self.total:
+            return
+        logger.info("device source %s answers again; %d lookups were answered from last good copies in the outage "
+                    "(%d since the last warning)", self.source, self.total, self.unreported)
+        self._last_warning, self.unreported, self._oldest, self.total = -self.interval, 0, 0.0, 0
 
 
 class CachedInventory:
@@ -54,7 +91,8 @@ class CachedInventory:
         self.name = source.name
         self._timer = timer
         self._max_staleness = max_staleness
-        self._fresh: TTLCache[str, ManagedDevice] = TTLCache(maxsize=max_entries, ttl=ttl, timer=timer)
+        self._ttl, self._miss_ttl = ttl, miss_ttl
+        self._fresh: TLRUCache[str, ManagedDevice] = TLRUCache(maxsize=max_entries, ttu=self._expiry, timer=timer)
         self._misses: TTLCache[str, bool] = TTLCache(maxsize=max(1024, max_entries // 10), ttl=miss_ttl, timer=timer)
         self._last_good: LRUCache[str, tuple[ManagedDevice | None, float]] = LRUCache(maxsize=max_entries)
         self._in_flight: dict[str, asyncio.Future[ManagedDevice | None]] = {}
@@ -63,6 +101,7 @@ class CachedInventory:
         self._retry_at = 0.0  # after a failure the source is left alone until then (timeouts would pile up)
         self.source_calls = 0
         self.hits = self.misses = 0  # answered from the cache, or not (for the hit-ratio metric)
+        self.stale_answers = StaleAnswers(self.name, timer)
 
     async def managed_device(self, device_id: str) -> ManagedDevice | None:
         key = device_id.lower()
@@ -91,6 +130,10 @@ class CachedInventory:
         finally:
             if self._in_flight.get(key) is future:  # an invalidation may have dropped it already
                 del self._in_flight[key]
+
+    def _expiry(self, _key: str, device: ManagedDevice, now: float) -> float:
+        undecided = device.compliance_state is ComplianceState.unknown
+        return now + (self._miss_ttl if undecided else self._ttl)
 
     def feed_lost(self) -> None:
         """The change feed is down: stop answering from the fresh cache (keep the last good copies)."""
@@ -133,12 +176,12 @@ class CachedInventory:
             except SignalUnavailable:
                 self._retry_at = self._timer() + RETRY_AFTER
                 raise
+            self.stale_answers.recovered()
         except SignalUnavailable as error:
             last = self._last_good.get(key)
             age = self._timer() - last[1] if last else None
             if last is not None and age is not None and age <= self._max_staleness:
-                logger.warning("device source %s unavailable (%s); answering %s from a %.0f s old copy",
-                               self.name, error, key, age)
+                self.stale_answers.served(error, age)
                 return last[0]
             raise
         if generation != self._generation:

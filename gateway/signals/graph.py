@@ -9,6 +9,8 @@
 - A device the inventory does not know is looked up on its own
   (``$filter=azureADDeviceId eq '<id>'``), at most ``lookupsPerSecond``, so a flood of random
   device ids cannot hammer Graph; beyond the rate the device counts as unknown (not compliant).
+  A stored device without a compliance verdict yet is looked up again on a backing-off schedule
+  (``GraphInventory``), so a device first seen while Graph was broken recovers with Graph.
 - ``429`` and ``503`` are retried after ``Retry-After`` (bounded); other failures raise
   ``SignalUnavailable`` and the cache's staleness rules apply. So does an answer in the wrong
   shape (not JSON, ``value`` not a list of objects, an ``@odata.nextLink`` outside the Graph
@@ -29,11 +31,12 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+from cachetools import LRUCache
 from pydantic import ValidationError
 
 from gateway.errors import SignalUnavailable
 from gateway.identity.oauth_client import OAuthError, strict_oauth_client
-from gateway.policy.model import ManagedDevice
+from gateway.policy.model import ComplianceState, ManagedDevice
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.mtd import LEVELS
 from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
@@ -50,6 +53,9 @@ MAX_RETRIES = 4
 MAX_RETRY_AFTER_SECONDS = 30.0
 MAX_PAGES = 10_000
 MISS_LOOKUP_SECONDS = 3.0  # a request waits at most this for Graph to answer about an unknown device
+RECHECK_FIRST_SECONDS = 15.0  # an undecided device (complianceState unknown) is asked about again after this,
+RECHECK_MAX_SECONDS = 300.0  # then after twice as long each time, up to this (well below a full sync's 900 s)
+RECHECKS_KEPT = 100_000  # undecided devices whose next recheck is remembered
 GRAPH_VENDOR = "graph"  # partnerReportedThreatState, as Intune last heard it from the MTD partner
 DEVICE_ID = re.compile(r"^[0-9a-fA-F-]{1,64}$")
 
@@ -183,7 +189,15 @@ def _retry_after(value: str | None) -> float:
 
 
 class GraphInventory:
-    """The SQLite inventory, filled by Graph: misses are looked up in Graph, rate-limited."""
+    """The SQLite inventory, filled by Graph: misses are looked up in Graph, rate-limited.
+
+    A stored device without a compliance verdict (``complianceState: unknown``: what Intune says
+    before it has evaluated a device, and what a broken answer leaves behind) is asked about again
+    on a schedule of its own, when a request needs it: ``RECHECK_FIRST_SECONDS`` after it was seen
+    undecided, then twice as long each time Graph still cannot say (or fails), up to
+    ``RECHECK_MAX_SECONDS``; within the spare half of ``lookupsPerSecond``. Meanwhile the stored record
+    answers (unknown is not compliant unless the tenant says so), never a failure. Without this it
+    stayed blocked after Graph recovered, until the next full sync."""
 
     name = "graph"
 
@@ -194,25 +208,66 @@ class GraphInventory:
         self._allowance = client.settings.lookups_per_second
         self._checked = timer()
         self.synced_at: datetime | None = None  # the last full sync that succeeded (readiness, metrics)
+        # undecided device -> (when to ask Graph again, the wait after that); bounded: a device whose
+        # entry was dropped gets a new first wait
+        self._rechecks: LRUCache[str, tuple[float, float]] = LRUCache(maxsize=RECHECKS_KEPT)
 
     async def managed_device(self, device_id: str) -> ManagedDevice | None:
-        found = await self.local.managed_device(device_id)
-        if found is not None or not DEVICE_ID.match(device_id) or not self._may_look_up():
+        key = device_id.lower()
+        found = await self.local.managed_device(key)
+        if found is not None:
+            return await self._recheck(key, found)
+        if not DEVICE_ID.match(key) or not self._may_look_up() or not await self._look_up(key):
+            return None
+        fresh = await self.local.managed_device(key)
+        if fresh is not None and fresh.compliance_state is ComplianceState.unknown:
+            return self._schedule(key, fresh, RECHECK_FIRST_SECONDS)
+        return fresh
+
+    async def _recheck(self, key: str, found: ManagedDevice) -> ManagedDevice | None:
+        """A stored device, asked about again when it is undecided and its time has come."""
+        if found.compliance_state is not ComplianceState.unknown:
+            self._rechecks.pop(key, None)  # decided meanwhile (a sync, an import)
             return found
+        due = self._rechecks.get(key)
+        if due is None:
+            return self._schedule(key, found, RECHECK_FIRST_SECONDS)
+        if self._timer() < due[0] or not DEVICE_ID.match(key) or not self._may_look_up(spare_only=True):
+            return found  # not yet, or over the lookup budget: the stored record answers, the schedule stays
+        try:
+            stored = await self._look_up(key)
+        except SignalUnavailable as error:
+            logger.warning("Graph recheck of undecided device %s failed (%s); the stored record answers", key, error)
+            stored = False
+        fresh = await self.local.managed_device(key) if stored else found
+        if fresh is None or fresh.compliance_state is not ComplianceState.unknown:
+            self._rechecks.pop(key, None)
+            return fresh
+        return self._schedule(key, fresh, min(due[1] * 2, RECHECK_MAX_SECONDS))
+
+    def _schedule(self, key: str, device: ManagedDevice, wait: float) -> ManagedDevice:
+        self._rechecks[key] = (self._timer() + wait, wait)
+        logger.info("device %s has no compliance verdict in Graph yet (complianceState unknown); asking again in "
+                    "%.0f s", key, wait)
+        return device
+
+    async def _look_up(self, key: str) -> bool:
+        """Ask Graph about one device and store what it says; False when it did not answer in time
+        or does not list the device. Raises SignalUnavailable."""
         try:
             records = await asyncio.wait_for(
-                self.client.managed_devices(f"azureADDeviceId eq '{device_id.lower()}'"), MISS_LOOKUP_SECONDS)
+                self.client.managed_devices(f"azureADDeviceId eq '{key}'"), MISS_LOOKUP_SECONDS)
         except TimeoutError:
             logger.warning("Graph lookup of %s took longer than %s s; the device counts as unknown",
-                           device_id, MISS_LOOKUP_SECONDS)
-            return None
-        wanted = [r for r in records if r.azure_ad_device_id.lower() == device_id.lower()]
+                           key, MISS_LOOKUP_SECONDS)
+            return False
+        wanted = [r for r in records if r.azure_ad_device_id.lower() == key]
         if len(wanted) != len(records):
             logger.warning("Graph answered %d other devices to a lookup of %s; they are not stored",
-                           len(records) - len(wanted), device_id)
+                           len(records) - len(wanted), key)
         for record in wanted:
             await asyncio.to_thread(self.store.upsert, record, now=self._clock(), clear_vendor=GRAPH_VENDOR)
-        return await self.local.managed_device(device_id) if wanted else None
+        return bool(wanted)
 
     async def full_sync(self) -> int:
         records = await self.client.managed_devices()
@@ -220,13 +275,16 @@ class GraphInventory:
         self.synced_at = self._clock()
         return count
 
-    def _may_look_up(self) -> bool:
-        """A token bucket of ``lookupsPerSecond``: misses beyond it are not looked up."""
+    def _may_look_up(self, *, spare_only: bool = False) -> bool:
+        """A token bucket of ``lookupsPerSecond``: misses beyond it are not looked up. Rechecks
+        (``spare_only``) take a token only while the bucket is at least half full, so however many
+        undecided devices are due, devices never seen before can still be looked up."""
         rate = self.client.settings.lookups_per_second
+        capacity = max(1.0, rate)
         now = self._timer()
-        self._allowance = min(max(1.0, rate), self._allowance + (now - self._checked) * rate)
+        self._allowance = min(capacity, self._allowance + (now - self._checked) * rate)
         self._checked = now
-        if self._allowance < 1:
+        if self._allowance < (max(1.0, capacity / 2) if spare_only else 1):
             return False
         self._allowance -= 1
         return True

@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from gateway.config.loader import format_loc, locate, read_yaml
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
@@ -70,6 +70,7 @@ EXPORT_FIELDS = (
 )
 
 
+DEVICE_LIST = TypeAdapter(list[DeviceRecord])
 CHANGES_KEPT = 100_000  # a reader further behind than this re-reads everything (``changes_since``)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PARTNER_CONTACT = ("INSERT INTO partners VALUES (?, ?) ON CONFLICT (vendor) DO UPDATE "
@@ -169,6 +170,21 @@ class DeviceStore(VerdictShortcuts):
         with self._write_lock, self._transaction():
             self._upsert(record, now, clear_vendor=clear_vendor, seed=False)
 
+    def remove(self, device_ids: Iterable[str], *, now: datetime) -> set[str]:
+        """Retire devices (``portcullis devices remove``): the record and every vendor's verdicts and
+        verdict times go, in one transaction; returns the ids that were there. A device a connector
+        or the seed file still lists comes back with its next sync, lookup or start."""
+        removed = set()
+        with self._write_lock, self._transaction():
+            for key in {d.lower() for d in device_ids}:
+                if self._db.execute("DELETE FROM devices WHERE device_id = ?", (key,)).rowcount:
+                    removed.add(key)
+                    self._changed(key, now)
+                self._db.execute("DELETE FROM threat_levels WHERE device_id = ?", (key,))
+                self._db.execute("DELETE FROM verdict_times WHERE device_id = ?", (key,))
+            self._trim_changes()
+        return removed
+
     def apply_verdicts(self, vendor: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
                        now: datetime) -> tuple[set[str], list[str]]:
         """One partner's verdicts, reported at ``now``, in one transaction (``None`` clears its
@@ -244,9 +260,9 @@ class DeviceStore(VerdictShortcuts):
 
     def _upsert(self, record: DeviceRecord, now: datetime, *, clear_vendor: str | None, seed: bool) -> None:
         key = record.azure_ad_device_id.lower()
-        fields = record.model_dump(mode="json", by_alias=True, exclude_none=True,
-                                   exclude={"threat_level", "threat_source", "threat_reported_date_time"})
-        self._db.execute("INSERT OR REPLACE INTO devices VALUES (?, ?)", (key, json.dumps(fields)))
+        fields = record.model_dump_json(by_alias=True, exclude_none=True,
+                                        exclude={"threat_level", "threat_source", "threat_reported_date_time"})
+        self._db.execute("INSERT OR REPLACE INTO devices VALUES (?, ?)", (key, fields))
         vendor = record.threat_source or clear_vendor or "inventory"
         if record.threat_level is not None:
             reported = (record.threat_reported_date_time or now).isoformat()
@@ -298,10 +314,14 @@ def parse_import(path: Path) -> list[DeviceRecord]:
     """Read a CSV or JSON (or YAML) export; raises ConfigError listing every bad row by line."""
     if path.suffix.lower() == ".csv":
         return _parse_csv(path)
+    if path.suffix.lower() == ".json":
+        records = _parse_valid_json(path)
+        if records is not None:
+            return records
     data, problems = read_yaml(path, str(path))  # JSON is YAML: ruamel keeps every item's line
     if problems:
         raise ConfigError(problems)
-    items = data.get("value", data.get("devices")) if isinstance(data, dict) else data
+    items = _items(data)
     if not isinstance(items, list):
         raise ConfigError([ConfigProblem(str(path), 1, 1, "", "expected a list of devices, "
                                          "or an object with 'devices' or Graph's 'value'")])
@@ -320,6 +340,35 @@ def parse_import(path: Path) -> list[DeviceRecord]:
         records.append(record)
     _raise(problems)
     return records
+
+
+def _items(data: object) -> object:
+    """The device list of an import: the document itself, or its ``devices`` or Graph's ``value``."""
+    return data.get("value", data.get("devices")) if isinstance(data, dict) else data
+
+
+def _parse_valid_json(path: Path) -> list[DeviceRecord] | None:
+    """A JSON file read at JSON speed (a YAML parser that keeps every line takes minutes for
+    100,000 devices: re-seeding an empty Redis from an export must not); None for a file with any
+    problem, which the YAML reader then reports item by item with its line."""
+    try:
+        items = _items(json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_members))
+        if not isinstance(items, list):
+            return None
+        records = DEVICE_LIST.validate_json(json.dumps(items), strict=True)
+    except (OSError, ValueError):  # ValidationError, JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
+    if len({r.azure_ad_device_id.lower() for r in records}) != len(records):
+        return None  # a device listed twice
+    return records
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A member given twice is a problem (the YAML reader names its line), never "the last one wins"."""
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        raise ValueError("duplicate member")
+    return members
 
 
 def _parse_csv(path: Path) -> list[DeviceRecord]:

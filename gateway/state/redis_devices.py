@@ -31,16 +31,17 @@ local function publish(channel, changed, limit)
   elseif #changed > 0 then redis.call('PUBLISH', channel, cjson.encode(changed)) end
 end
 """
-# ARGV: prefix, clear vendor ('' = none), publish limit, and a JSON list of devices, each
-# [id, record, vendor, mode, verdict, verdict time in µs] (one argument: far cheaper to send than
-# six per device). Modes mirror DeviceStore._upsert: none (no level: the clear vendor's verdict
-# goes), always, newer (seed with a time: not over a newer verdict), absent (seed without a time:
-# never over any verdict).
+# ARGV: prefix, clear vendor ('' = none), publish limit, a JSON list of devices, each [id, vendor,
+# mode, verdict, verdict time in µs] (one argument: far cheaper to send than five per device), then
+# each device's record (JSON) as an argument of its own, in the same order (not inside the list,
+# where every quote would be escaped and decoded again). Modes mirror DeviceStore._upsert: none
+# (no level: the clear vendor's verdict goes), always, newer (seed with a time: not over a newer
+# verdict), absent (seed without a time: never over any verdict).
 UPSERT_LUA = PUBLISH_LUA + """
 local p, clear, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local changed, seen = {}, {}
-for _, d in ipairs(cjson.decode(ARGV[4])) do
-  local id, record, vendor, mode, verdict, at = d[1], d[2], d[3], d[4], d[5], d[6]
+for i, d in ipairs(cjson.decode(ARGV[4])) do
+  local id, vendor, mode, verdict, at, record = d[1], d[2], d[3], d[4], d[5], ARGV[4 + i]
   local threats = p .. 'threats:' .. id
   redis.call('SET', p .. 'device:' .. id, record)
   redis.call('SADD', p .. 'device-ids', id)
@@ -105,6 +106,23 @@ contact(p, vendor, now)
 publish(p .. 'devices', changed, limit)
 return {changed, unknown}
 """
+# ARGV: prefix, publish limit, then the ids to retire. Each goes with every vendor's verdict, report
+# score and verdict time. Returns the ids that were there.
+REMOVE_LUA = PUBLISH_LUA + """
+local p, limit = ARGV[1], tonumber(ARGV[2])
+local vendors, removed = redis.call('SMEMBERS', p .. 'vendors'), {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('SREM', p .. 'device-ids', id) == 1 then removed[#removed + 1] = id end
+  redis.call('DEL', p .. 'device:' .. id, p .. 'threats:' .. id)
+  for _, vendor in ipairs(vendors) do
+    redis.call('ZREM', p .. 'reports:' .. vendor, id)
+    redis.call('HDEL', p .. 'verdict-times:' .. vendor, id)
+  end
+end
+publish(p .. 'devices', removed, limit)
+return removed
+"""
 PARTNER_CONTACT_LUA = CONTACT_LUA + "contact(ARGV[1], ARGV[2], ARGV[3])\n"
 # Per vendor: its last contact and its newest verdict (one snapshot).
 PARTNERS_LUA = """
@@ -136,6 +154,7 @@ class RedisDeviceStore(VerdictShortcuts):
         self._apply_script = client.register_script(APPLY_LUA)
         self._partners_script = client.register_script(PARTNERS_LUA)
         self._contact_script = client.register_script(PARTNER_CONTACT_LUA)
+        self._remove_script = client.register_script(REMOVE_LUA)
 
     @property
     def path(self) -> str:
@@ -169,6 +188,13 @@ class RedisDeviceStore(VerdictShortcuts):
 
     def upsert(self, record: DeviceRecord, *, now: datetime, clear_vendor: str | None = None) -> None:
         self._write([record], now, clear_vendor=clear_vendor, seed=False)
+
+    def remove(self, device_ids: Iterable[str], *, now: datetime) -> set[str]:
+        """As ``DeviceStore.remove``, in one atomic step that announces the removed devices."""
+        with unavailable(self.location):
+            removed = self._remove_script(args=[self._keys.prefix, PUBLISH_IDS_MAX,
+                                                *sorted({d.lower() for d in device_ids})])
+        return set(removed)
 
     def apply_verdicts(self, vendor: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
                        now: datetime) -> tuple[set[str], list[str]]:
@@ -212,8 +238,9 @@ class RedisDeviceStore(VerdictShortcuts):
 
     def _write(self, rows: list[DeviceRecord], now: datetime, *, clear_vendor: str | None, seed: bool) -> None:
         devices = json.dumps([_device_arguments(r, now, clear_vendor=clear_vendor, seed=seed) for r in rows])
+        records = [r.model_dump_json(by_alias=True, exclude_none=True, exclude=THREAT_FIELDS) for r in rows]
         with unavailable(self.location):
-            self._upsert_script(args=[self._keys.prefix, clear_vendor or "", PUBLISH_IDS_MAX, devices])
+            self._upsert_script(args=[self._keys.prefix, clear_vendor or "", PUBLISH_IDS_MAX, devices, *records])
 
     def _prune(self, keep: set[str], vendor: str) -> None:
         with unavailable(self.location):
@@ -229,8 +256,7 @@ class RedisDeviceStore(VerdictShortcuts):
 
 def _device_arguments(record: DeviceRecord, now: datetime, *, clear_vendor: str | None, seed: bool) -> list[str]:
     """Times go as strings: Lua would print a number of microseconds with 14 digits only."""
-    fields = record.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=THREAT_FIELDS)
-    head = [record.azure_ad_device_id.lower(), json.dumps(fields), record.threat_source or clear_vendor or "inventory"]
+    head = [record.azure_ad_device_id.lower(), record.threat_source or clear_vendor or "inventory"]
     if record.threat_level is None:
         return [*head, "none", "", "0"]
     reported = record.threat_reported_date_time or now

@@ -1,0 +1,21 @@
+"""Files a config names that must exist before the gateway can start. ``portcullis check`` reports
+them as errors at their line, so that a config it passes does not then fail at ``run``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.config import GATEWAY_FILE, Config
+from gateway.config.loader import locate
+from gateway.errors import ConfigProblem
+
+
+def missing_certificates(config: Config, config_dir: Path) -> list[ConfigProblem]:
+    """Each ``gateway.certificates[].file`` that is not a file, with the command that makes it."""
+    name, data = config.source(GATEWAY_FILE)
+    return [locate(data, ("gateway", "certificates", index, "file"), name,
+                   f"{config.path(certificate.file)} does not exist, and the gateway cannot start without it: "
+                   f"create it (and the CA kiosks and test clients trust) with `portcullis certs --config "
+                   f"{config_dir} init`, or put your own PEM there (certificate chain and private key)")
+            for index, certificate in enumerate(config.gateway_file.gateway.certificates)
+            if not config.path(certificate.file).is_file()]
