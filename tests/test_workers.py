@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -200,5 +201,44 @@ def test_a_restarted_worker_never_starts_on_a_config_the_others_refused(gateway:
         policies.write_text(in_force)  # reverted: the restarted worker may start
         relisten = supervisor.wait_for(LISTENING, count=3, timeout=40)[2]
         assert int(relisten[1]) == 1
+    finally:
+        assert supervisor.stop() == 0, supervisor.text
+
+
+def has_child_running(pid: int, argument: str) -> bool:
+    """Whether a child process of ``pid`` has ``argument`` on its command line (Linux /proc)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return False
+    for child in children:
+        with contextlib.suppress(OSError):  # it may have exited meanwhile
+            if argument.encode() in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+                return True
+    return False
+
+
+RELOADED = r"config reloaded \(SIGHUP\)"
+
+
+def test_a_sighup_while_the_supervisor_or_a_worker_starts_reaches_every_worker(
+        gateway: Gateway, demo_ports: Ports, tmp_path: Path) -> None:
+    """A SIGHUP's default action ends a process. One that reaches the supervisor while it prepares
+    the state waits, and is forwarded once the workers are started; one forwarded to a worker that
+    is still starting waits for its handler. Each worker reloads once it listens."""
+    config_dir = sibling_config(tmp_path, gateway, demo_ports)
+    supervisor = GatewayProcess(config_dir, "--workers", "2")
+    pid = supervisor.process.pid
+    try:
+        supervisor.wait_until(lambda: has_child_running(pid, "--prepare-only"))
+        supervisor.process.send_signal(signal.SIGHUP)  # the supervisor has no handler yet
+        listening = {int(m[1]): int(m[2]) for m in supervisor.wait_for(LISTENING, count=2)}
+        supervisor.wait_for(RELOADED, count=2)  # each worker, once
+        os.kill(listening[1], signal.SIGKILL)
+        supervisor.wait_for(STARTED, count=3)  # the replacement is starting: no handler yet
+        supervisor.process.send_signal(signal.SIGHUP)
+        supervisor.wait_for(LISTENING, count=3)
+        supervisor.wait_for(RELOADED, count=4)  # worker 0 at once, the replacement once it listens
+        assert "exited with signal SIGHUP" not in supervisor.text
     finally:
         assert supervisor.stop() == 0, supervisor.text
