@@ -33,7 +33,13 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, RequestEndOfMessage, RequestHeaders, RequestProtocolError
+from mitmproxy.proxy.layers.http._events import (
+    ErrorCode,
+    RequestEndOfMessage,
+    RequestHeaders,
+    RequestProtocolError,
+    ResponseProtocolError,
+)
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.utils import human
@@ -191,6 +197,10 @@ class StrictHttpStream(http_layer.HttpStream):
             self.client_state = self.state_errored  # the rest of the body: dropped, never an error
             yield from self.flow_done()
 
+    def handle_protocol_error(self, event: RequestProtocolError | ResponseProtocolError) -> Commands:
+        note_upstream_failure(self.flow, event)  # see the end of this module
+        yield from super().handle_protocol_error(event)
+
     def state_consume_request_body(self, event: events.Event) -> Commands:
         if not self.answered_early:
             yield from super().state_consume_request_body(event)
@@ -207,3 +217,18 @@ def install() -> None:
         raise RuntimeError(f"addons/strict_http.py is written for mitmproxy 12, not {version.VERSION}")
     http_layer.Http1Server = StrictHttp1Server  # type: ignore[attr-defined, misc]
     http_layer.HttpStream = StrictHttpStream  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# Whose failure ended a flow: the ``error`` hook sees only a message, the same for a client that
+# hung up or reset its stream and for an upstream that did (mitmproxy words an HTTP/2 reset
+# "by client" on either side). The layer knows: a ResponseProtocolError comes from the upstream
+# side (refused, reset, closed, timed out, an answer that cannot be parsed), a RequestProtocolError
+# from the client's. ``AccessGate.error`` counts only the first in ``portcullis_upstream_errors``.
+
+UPSTREAM_FAILED_KEY = "portcullis.upstream_failed"
+
+
+def note_upstream_failure(flow: http.HTTPFlow, event: RequestProtocolError | ResponseProtocolError) -> None:
+    if isinstance(event, ResponseProtocolError):
+        flow.metadata[UPSTREAM_FAILED_KEY] = True
