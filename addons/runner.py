@@ -26,7 +26,7 @@ from mitmproxy.proxy import mode_servers
 
 from addons import strict_http
 from addons.access_gate import AccessGate
-from addons.continuous_access import ContinuousAccess
+from addons.continuous_access import ContinuousAccess, DecisionsUnderWay
 from addons.drain import Drain
 from addons.framing import PassThroughDeadline, RequestFraming, UpstreamFraming
 from addons.kiosk_proxy import KioskProxy
@@ -88,6 +88,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
     ready = Ready()
     strict_http.install()  # strict request framing in mitmproxy's HTTP/1 layer (see addons/strict_http.py)
     request_framing = RequestFraming(client_limits(settings.client_limits))
+    continuous_access = ContinuousAccess(service)
     master.addons.add(
         drain or Drain(),
         core.Core(),
@@ -97,8 +98,9 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         errorcheck.ErrorCheck(),
         request_framing,  # first: client deadlines, upgrades refused
         Routing(service),
+        DecisionsUnderWay(continuous_access),  # before any decision: changes heard meanwhile are kept
         AccessGate(service),
-        ContinuousAccess(service),
+        continuous_access,
         SessionEnforcement(service),
         KioskProxy(service),
         PassThroughDeadline(request_framing),  # after KioskProxy: its pass-through tunnels have no head deadline

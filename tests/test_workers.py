@@ -81,10 +81,8 @@ def test_sigterm_lets_requests_in_flight_finish(gateway: Gateway, demo_ports: Po
     try:
         supervisor.wait_for(LISTENING, count=2)
         logs = config_dir.parent / ".portcullis"
-        pings = []
-        for _ in range(4):  # on new connections: most likely on both workers
-            pings.append(AlexPing(gateway, heartbeat_seconds=3, port=port, decision_log=logs / "decisions.jsonl"))
-            pings[-1]._thread.start()
+        pings = [AlexPing(gateway, heartbeat_seconds=3, port=port, decision_log=logs / "decisions.jsonl").start()
+                 for _ in range(4)]  # on new connections: most likely on both workers
         supervisor.wait_until(lambda: len(logged_ids(logs / "decisions.jsonl"))
                               + len(logged_ids(logs / "decisions.worker1.jsonl")) == 4)
         stopped_at = time.monotonic()
