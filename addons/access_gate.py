@@ -21,6 +21,7 @@ from addons.safety import (
     respond,
 )
 from addons.service_endpoints import SERVICE_KEY
+from addons.strict_http import UPSTREAM_FAILED_KEY
 from gateway.access import AccessService, Outcome
 from gateway.headers import CORRELATION_ID, folded_lines, headers_to_strip, upstream_cookies
 
@@ -77,8 +78,10 @@ class AccessGate:
             respond(flow, 400, b'{"error": "bad_request", "error_description": "request trailers"}', JSON)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        """An allowed request whose upstream failed (refused, reset, timed out): counted per host."""
-        if flow.metadata.get(ALLOWED_KEY) is True and HOST_KEY in flow.metadata:
+        """An allowed request whose upstream failed (refused, reset, timed out): counted per host.
+        A client that hung up or reset its stream is no upstream failure."""
+        if flow.metadata.get(UPSTREAM_FAILED_KEY) and flow.metadata.get(ALLOWED_KEY) is True \
+                and HOST_KEY in flow.metadata:
             self.service.metrics.upstream_errors.labels(flow.metadata[HOST_KEY]).inc()
 
     @fail_closed

@@ -3,6 +3,11 @@ flow of that device is decided again, and its connection closed if it is no long
 ActiveSync Ping long-poll or a streamed download does not outlive a risk raise. A reload of the
 rules decides again every flow still open two seconds after it started.
 
+A change can also land while a flow is being decided: after its decision read the device (or the
+rules), before it is registered as open. ``DecisionsUnderWay`` (before AccessGate in the chain)
+notes every flow from its first hook on, the changes heard meanwhile are kept with it, and a flow
+registered with one that concerns it is decided again at once (after the grace, for a reload).
+
 mitmproxy cannot kill a flow in transit (``Flow.kill`` only marks it), so the client connection
 is closed through the proxyserver's connection handler.
 """
@@ -35,23 +40,32 @@ class ContinuousAccess:
     def __init__(self, service: AccessService) -> None:
         self.service = service
         self.open_flows: dict[str, set[http.HTTPFlow]] = {}
+        self.deciding: dict[str, set[str]] = {}  # flow id -> changes heard while its decision was under way
         self._tasks: set[asyncio.Task[None]] = set()
         service.subscribe(self.devices_changed)
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        heard = self.deciding.pop(flow.id, set())
         device_id = flow.metadata.get(DEVICE_KEY)
         if flow.metadata.get(ALLOWED_KEY) is True and device_id:
             self.open_flows.setdefault(device_id, set()).add(flow)
+            if device_id in heard or EVERY_DEVICE in heard:
+                self._start(flow)  # its decision may have read the signals from before the change
+            elif RULES_CHANGED in heard:
+                self._decide_after_grace(flow, asyncio.get_running_loop(), time.time())
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         self._forget(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self.deciding.pop(flow.id, None)
         self._forget(flow)
 
     def devices_changed(self, device_ids: set[str]) -> None:
+        for heard in self.deciding.values():
+            heard.update(device_ids)
         if RULES_CHANGED in device_ids:
             self._rules_changed()
             return
@@ -68,8 +82,11 @@ class ContinuousAccess:
         now = time.time()
         for flows in list(self.open_flows.values()):
             for flow in list(flows):
-                delay = max(0.0, RELOAD_GRACE_SECONDS - (now - flow.request.timestamp_start))
-                loop.call_later(delay, self._start_if_open, flow)
+                self._decide_after_grace(flow, loop, now)
+
+    def _decide_after_grace(self, flow: http.HTTPFlow, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        delay = max(0.0, RELOAD_GRACE_SECONDS - (now - flow.request.timestamp_start))
+        loop.call_later(delay, self._start_if_open, flow)
 
     def _start_if_open(self, flow: http.HTTPFlow) -> None:
         device_id = flow.metadata.get(DEVICE_KEY)
@@ -102,6 +119,18 @@ class ContinuousAccess:
             flows.discard(flow)
             if not flows:
                 del self.open_flows[device_id]
+
+
+class DecisionsUnderWay:
+    """Runs before AccessGate: from here on, ContinuousAccess keeps the changes heard while this
+    flow is decided (it takes them when it registers the flow, after AccessGate)."""
+
+    def __init__(self, continuous: ContinuousAccess) -> None:
+        self.continuous = continuous
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.continuous.deciding[flow.id] = set()
 
 
 def close_client(flow: http.HTTPFlow) -> None:

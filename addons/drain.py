@@ -1,33 +1,58 @@
-"""Graceful stop: on SIGTERM a gateway stops accepting, finishes what is in flight, then exits."""
+"""Drain and keep-alive limits: when a client connection's last answer goes out.
+
+On SIGTERM a gateway stops accepting, finishes what is in flight, then exits; meanwhile every
+answer is the last on its connection. Outside a drain, a connection's last answer is the one that
+reaches ``maxRequestsPerConnection`` or is sent after ``maxConnectionAgeSeconds`` (nginx's
+``keepalive_requests`` and ``keepalive_time``): keep-alive clients reconnect now and then, so the
+kernel spreads them across the workers again after one was restarted, instead of one worker
+carrying every connection for the rest of their lives.
+
+A last answer carries ``Connection: close`` over HTTP/1 (mitmproxy then closes the connection);
+over HTTP/2 it is marked ``LAST_ON_CONNECTION_KEY`` and ``strict_http`` sends a graceful GOAWAY once
+its stream has ended (``Connection`` is forbidden in HTTP/2: clients reject such an answer).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from mitmproxy import ctx, http
+from mitmproxy import connection, ctx, http
 from mitmproxy.addons import proxyserver
 
 from addons.safety import fail_closed
+from addons.strict_http import LAST_ON_CONNECTION_KEY
 
 logger = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.2  # after the last answer was handed over: time for its bytes to leave
 
 
-class Drain:
-    """Counts requests between their headers and their answer. While draining, every answer
-    carries ``Connection: close``, so keep-alive clients reconnect to another worker or host
-    instead of holding this one open."""
+@dataclass(frozen=True, slots=True)
+class KeepAliveLimits:
+    max_requests: int = 1000
+    max_age_seconds: float = 3600.0
 
-    def __init__(self) -> None:
+
+class Drain:
+    """Counts requests between their headers and their answer, and requests per client connection."""
+
+    def __init__(self, limits: KeepAliveLimits = KeepAliveLimits(), clock: Callable[[], float] = time.time) -> None:
         self.in_flight: set[str] = set()
         self.draining = False
+        self.limits = limits
+        self._clock = clock  # wall clock: mitmproxy's ``timestamp_start`` is one
+        # requests so far per client connection; an entry goes when mitmproxy drops its connection
+        self._requests: weakref.WeakKeyDictionary[connection.Client, int] = weakref.WeakKeyDictionary()
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.in_flight.add(flow.id)
+        self._requests[flow.client_conn] = self._requests.get(flow.client_conn, 0) + 1
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -42,10 +67,20 @@ class Drain:
         self.in_flight.discard(flow.id)
 
     def _close_after(self, flow: http.HTTPFlow) -> None:
-        """HTTP/1 only: ``Connection`` is forbidden in HTTP/2 and 3 (clients reject the answer);
-        those connections end when the drain time is over."""
-        if self.draining and flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
+        if flow.response is None or not (self.draining or self._spent(flow.client_conn)):
+            return
+        if flow.request.http_version.startswith("HTTP/1"):
             flow.response.headers["connection"] = "close"
+        else:
+            flow.metadata[LAST_ON_CONNECTION_KEY] = True
+
+    def _spent(self, client: connection.Client) -> bool:
+        """The connection has served its requests or lived its time (checked as an answer goes out,
+        as nginx does: an idle connection ends by the keep-alive timeout instead)."""
+        if self._requests.get(client, 0) >= self.limits.max_requests:
+            return True
+        started = client.timestamp_start
+        return started is not None and self._clock() - started >= self.limits.max_age_seconds
 
     async def drain(self, timeout: float) -> int:
         """Stop every listener, then wait up to ``timeout`` seconds for the requests in flight;

@@ -26,8 +26,8 @@ from mitmproxy.proxy import mode_servers
 
 from addons import strict_http
 from addons.access_gate import AccessGate
-from addons.continuous_access import ContinuousAccess
-from addons.drain import Drain
+from addons.continuous_access import ContinuousAccess, DecisionsUnderWay
+from addons.drain import Drain, KeepAliveLimits
 from addons.framing import PassThroughDeadline, RequestFraming, UpstreamFraming
 from addons.kiosk_proxy import KioskProxy
 from addons.recorded_flows import record_flows
@@ -88,8 +88,9 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
     ready = Ready()
     strict_http.install()  # strict request framing in mitmproxy's HTTP/1 layer (see addons/strict_http.py)
     request_framing = RequestFraming(client_limits(settings.client_limits))
+    continuous_access = ContinuousAccess(service)
     master.addons.add(
-        drain or Drain(),
+        drain or Drain(keep_alive_limits(settings.client_limits)),
         core.Core(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
@@ -97,8 +98,9 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         errorcheck.ErrorCheck(),
         request_framing,  # first: client deadlines, upgrades refused
         Routing(service),
+        DecisionsUnderWay(continuous_access),  # before any decision: changes heard meanwhile are kept
         AccessGate(service),
-        ContinuousAccess(service),
+        continuous_access,
         SessionEnforcement(service),
         KioskProxy(service),
         PassThroughDeadline(request_framing),  # after KioskProxy: its pass-through tunnels have no head deadline
@@ -135,6 +137,11 @@ def client_limits(settings: ClientLimitSettings) -> framing.ClientLimits:
                                 keepalive_seconds=settings.keep_alive_timeout_seconds,
                                 body_grace_seconds=settings.body_grace_seconds,
                                 body_min_rate=settings.body_min_bytes_per_second)
+
+
+def keep_alive_limits(settings: ClientLimitSettings) -> KeepAliveLimits:
+    return KeepAliveLimits(max_requests=settings.max_requests_per_connection,
+                           max_age_seconds=settings.max_connection_age_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +183,7 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
             endpoints[MTD_ENDPOINTS] = mtd_webhook_app(MtdReceiver(partners, loaded.nonces), service, utc_now)
         if service.assertions is not None:  # the service host publishes the assertion keys too
             endpoints[MTD_ENDPOINTS] = service_host_app(service.assertions, endpoints.get(MTD_ENDPOINTS))
-        drain = Drain()
+        drain = Drain(keep_alive_limits(config.gateway_file.gateway.client_limits))
         master, ready = build_master(service, endpoints, drain)
         if record is not None:
             record_flows(master, record)

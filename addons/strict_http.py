@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import time
 from collections.abc import Generator
 from typing import Any
@@ -33,7 +34,13 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import ErrorCode, RequestEndOfMessage, RequestHeaders, RequestProtocolError
+from mitmproxy.proxy.layers.http._events import (
+    ErrorCode,
+    RequestEndOfMessage,
+    RequestHeaders,
+    RequestProtocolError,
+    ResponseProtocolError,
+)
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.utils import human
@@ -191,6 +198,14 @@ class StrictHttpStream(http_layer.HttpStream):
             self.client_state = self.state_errored  # the rest of the body: dropped, never an error
             yield from self.flow_done()
 
+    def flow_done(self) -> Commands:
+        yield from super().flow_done()
+        yield from goaway_after_last_answer(self)  # keep-alive limits and drain: see the end of this module
+
+    def handle_protocol_error(self, event: RequestProtocolError | ResponseProtocolError) -> Commands:
+        note_upstream_failure(self.flow, event)  # see the end of this module
+        yield from super().handle_protocol_error(event)
+
     def state_consume_request_body(self, event: events.Event) -> Commands:
         if not self.answered_early:
             yield from super().state_consume_request_body(event)
@@ -207,3 +222,38 @@ def install() -> None:
         raise RuntimeError(f"addons/strict_http.py is written for mitmproxy 12, not {version.VERSION}")
     http_layer.Http1Server = StrictHttp1Server  # type: ignore[attr-defined, misc]
     http_layer.HttpStream = StrictHttpStream  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP/2: the last answer on a connection (keep-alive limits and drain; ``addons/drain.py`` marks
+# it). mitmproxy has no public way to end an HTTP/2 connection gracefully, and h2's own
+# ``close_connection`` moves h2's state machine to CLOSED, after which it refuses to send the
+# answers still in flight on other streams. So a GOAWAY frame (NO_ERROR, last stream 2^31-1: "open
+# no new stream here", RFC 9113 6.8) is written to the client connection after the marked answer's
+# last frame, beside h2's state. Compliant clients send their next requests on a new connection and
+# close this one once their open streams are answered (else it ends by the keep-alive timeout); a
+# client that ignores the GOAWAY is still served on it (the limits balance load; they guard nothing).
+
+LAST_ON_CONNECTION_KEY = "portcullis.last_on_connection"  # set on an HTTP/2 flow by Drain
+# RFC 9113 4.1 and 6.8: length 8, type GOAWAY (7), no flags, stream 0; last stream id, error code
+GRACEFUL_GOAWAY = struct.pack(">I", 8)[1:] + bytes([0x7, 0]) + struct.pack(">III", 0, 2**31 - 1, 0)
+
+
+def goaway_after_last_answer(stream: http_layer.HttpStream) -> Commands:
+    if stream.flow.metadata.get(LAST_ON_CONNECTION_KEY) and stream.context.client.alpn == b"h2":
+        yield commands.SendData(stream.context.client, GRACEFUL_GOAWAY)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whose failure ended a flow: the ``error`` hook sees only a message, the same for a client that
+# hung up or reset its stream and for an upstream that did (mitmproxy words an HTTP/2 reset
+# "by client" on either side). The layer knows: a ResponseProtocolError comes from the upstream
+# side (refused, reset, closed, timed out, an answer that cannot be parsed), a RequestProtocolError
+# from the client's. ``AccessGate.error`` counts only the first in ``portcullis_upstream_errors``.
+
+UPSTREAM_FAILED_KEY = "portcullis.upstream_failed"
+
+
+def note_upstream_failure(flow: http.HTTPFlow, event: RequestProtocolError | ResponseProtocolError) -> None:
+    if isinstance(event, ResponseProtocolError):
+        flow.metadata[UPSTREAM_FAILED_KEY] = True

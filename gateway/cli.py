@@ -49,7 +49,7 @@ from gateway.replay.command import add_parser as add_replay_parser
 from gateway.signals.sqlite_store import SqliteInventory, export, parse_import
 from gateway.terminal import printable, printable_lines
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, as_text, policy_states
-from gateway.workers import ONLY_WORKER, Supervisor, Worker, worker_command
+from gateway.workers import ONLY_WORKER, Supervisor, Worker, hold_reloads, release_reloads, worker_command
 
 DEFAULT_CONFIG = Path("config")
 MAX_WORKERS = 64
@@ -328,8 +328,8 @@ def _run_cases(loaded: bootstrap.Loaded, cases_file: Path) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.prepare_only:
         return _prepare(args)
+    hold_reloads()  # a SIGHUP while starting waits for the handler (released in _serve or the supervisor)
     if args.worker_index is not None:  # one of the supervisor's workers
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload forwarded while starting must not kill it
         worker = Worker(args.worker_index, args.workers)
         asyncio.run(_serve(args.config, demo=False, record=None, worker=worker, drain_seconds=args.drain_seconds,
                            restarted=args.restarted))
@@ -393,6 +393,7 @@ def _worker_count(value: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    hold_reloads()
     asyncio.run(_serve(args.config, demo=True, record=args.record))
     return 0
 
@@ -426,6 +427,7 @@ async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, wo
 
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, reload_on_hangup)
+        release_reloads()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         port = gateway.addresses[0][1]

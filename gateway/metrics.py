@@ -63,7 +63,8 @@ class GatewayMetrics:
                                           "including token validation and signal lookups",
                                           buckets=LATENCY_BUCKETS, registry=registry)
         self.upstream_errors = Counter("portcullis_upstream_errors", "Allowed requests whose upstream failed "
-                                       "(connection refused, reset, timeout)", ["host"], registry=registry)
+                                       "(connection refused, reset, timeout; not clients that hung up)", ["host"],
+                                       registry=registry)
         self.reloads = Counter("portcullis_config_reloads", "Configuration reloads by outcome",
                                ["result", "trigger"], registry=registry)
         self.config_valid = Gauge("portcullis_config_last_reload_successful", "1 if the last reload "

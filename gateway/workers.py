@@ -14,12 +14,14 @@ decision and admin audit logs (``<name>.worker<i><suffix>`` for worker i > 0).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -54,6 +56,31 @@ class Worker:
 
 
 ONLY_WORKER = Worker()  # a gateway of one process
+RELOAD_SIGNALS = {signal.SIGHUP}
+
+
+def hold_reloads() -> None:
+    """From here until ``release_reloads``, a SIGHUP waits in the kernel instead of killing the
+    process (its default action) before a handler is in place: a reload asked for while the gateway
+    starts is done once it can reload. Threads and processes started meanwhile inherit the block,
+    so the signal is delivered to this (the main) thread once it is released."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, RELOAD_SIGNALS)
+
+
+def release_reloads() -> None:
+    """Call once the SIGHUP handler is installed: one that came meanwhile is handled now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, RELOAD_SIGNALS)
+
+
+@contextlib.contextmanager
+def reloads_held() -> Iterator[None]:
+    """``hold_reloads`` for a block, then the mask as it was (a worker started here inherits the
+    block, so a SIGHUP forwarded while it starts waits for its handler)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, RELOAD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass(slots=True)
@@ -76,12 +103,14 @@ class Supervisor:
     _pending: dict[int, tuple[float, int]] = field(default_factory=dict)  # index -> (restart at, crashes)
 
     def run(self) -> int:
-        """Blocks until SIGTERM/SIGINT; returns the exit code."""
+        """Blocks until SIGTERM/SIGINT; returns the exit code. A SIGHUP held since start
+        (``hold_reloads``) is forwarded once every worker is started."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             for index in range(self.count):
                 self._start(index, crashes=0, restarted=False)
             logger.info("supervisor %d: %d workers started", os.getpid(), self.count)
+            release_reloads()
             while not self.stopping:
                 self._reap()
                 self._restart_due()
@@ -105,8 +134,9 @@ class Supervisor:
     def _start(self, index: int, crashes: int, restarted: bool = True) -> None:
         """A restarted worker checks that the config on disk is the one the others run."""
         extra = ["--restarted"] if restarted else []
-        process = subprocess.Popen([*self.command, "--worker-index", str(index), *extra])  # noqa: S603  (our own)
-        self.children[index] = _Child(index, process, time.monotonic(), crashes)
+        with reloads_held():  # the worker holds a SIGHUP forwarded while it starts, and this one waits for the entry
+            process = subprocess.Popen([*self.command, "--worker-index", str(index), *extra])  # noqa: S603  (our own)
+            self.children[index] = _Child(index, process, time.monotonic(), crashes)
         logger.info("worker %d started (pid %d)", index, process.pid)
 
     def _reap(self) -> None:

@@ -11,6 +11,7 @@ import shutil
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,7 @@ class AlexPing:
                                  device_id=ALEX_IPHONE)
         path = activesync(ALEX_IPHONE).replace("Cmd=Sync", "Cmd=Ping") + f"&HeartbeatInterval={heartbeat_seconds}"
         self._gateway, self._token, self._path = gateway, token, path
+        self._user_agent = f"Outlook-iOS/2.0 (ping {uuid.uuid4().hex})"  # finds its decision in the log
         self._port, self._log = port, decision_log or gateway.decision_log  # another gateway's, or the session's
         self._error: Exception | None = None
         self._ended = 0.0
@@ -257,16 +259,22 @@ class AlexPing:
     def _run(self) -> None:
         try:
             self.status = self._gateway.request("mail.contoso.test", self._path, method="POST", token=self._token,
-                                                timeout=20, port=self._port).status_code
+                                                headers={"User-Agent": self._user_agent}, timeout=20,
+                                                port=self._port).status_code
         except httpx.HTTPError as error:
             self._error = error
         self._ended = time.monotonic()
 
-    def started(self) -> AlexPing:
-        before = self._log.read_text().count("\n") if self._log.exists() else 0
+    def start(self) -> AlexPing:
         self._thread.start()
+        return self
+
+    def started(self) -> AlexPing:
+        """Waits for this Ping's own decision: the log is written in batches, so a line that
+        appears meanwhile may be an earlier request's."""
+        self.start()
         deadline = time.monotonic() + 10
-        while (self._log.read_text().count("\n") if self._log.exists() else 0) == before:
+        while f'"userAgent":"{self._user_agent}"' not in (self._log.read_text() if self._log.exists() else ""):
             assert time.monotonic() < deadline, "the long-poll never reached the gateway"
             time.sleep(0.01)
         return self

@@ -4,30 +4,46 @@ open ActiveSync long-poll; lowering the risk restores access."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from addons.continuous_access import RELOAD_GRACE_SECONDS
 from gateway import bootstrap
-from gateway.access import utc_now
+from gateway.access import RULES_CHANGED, utc_now
 from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
-from gateway.policy.model import DeviceThreatLevel
+from gateway.operations import Operations
+from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.sqlite_store import DeviceStore
-from tests.conftest import AlexPing, Gateway
+from tests.conftest import AlexPing, Background, Gateway, Ports, proxy_for
+from tests.test_reload import own_config, save, stricter
 
 MAIL = "mail.contoso.test"
 
 
+@contextlib.contextmanager
+def second_connection(config_dir: Path) -> Iterator[DeviceStore]:
+    """A second connection to a gateway's inventory, as the CLI or another worker has; Alex's
+    iPhone is back at low risk afterwards."""
+    config = bootstrap.load(config_dir).config
+    other = DeviceStore(config.path(config.gateway_file.device_signals.database))  # type: ignore[arg-type]
+    try:
+        yield other
+    finally:
+        other.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.low, now=utc_now())
+        other.close()
+
+
 @pytest.fixture
 def store(gateway: Gateway) -> Iterator[DeviceStore]:
-    """A second connection to the gateway's inventory, as the CLI or another worker has."""
-    config = bootstrap.load(gateway.config_dir).config
-    other = DeviceStore(config.path(config.gateway_file.device_signals.database))  # type: ignore[arg-type]
-    yield other
-    other.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.low, now=utc_now())
-    other.close()
+    with second_connection(gateway.config_dir) as other:
+        yield other
 
 
 def sync(gateway: Gateway, path: str = activesync(ALEX_IPHONE), **kwargs: object) -> httpx.Response:
@@ -61,3 +77,62 @@ def test_open_long_poll_is_closed_within_a_second_of_a_risk_raise(gateway: Gatew
     store.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.high, now=utc_now())
     closed = ping.closed_after(raised)
     assert closed is not None and closed < 1.0, f"the long-poll was not closed within a second: {closed}"
+
+
+@pytest.mark.parametrize(("change", "heard_as", "within"), [
+    pytest.param("risk", ALEX_IPHONE, 1.0, id="risk raise -> closed within a second"),
+    pytest.param("rules", RULES_CHANGED, RELOAD_GRACE_SECONDS + 3, id="tightening reload -> closed after the grace"),
+])
+def test_a_change_heard_while_a_long_poll_is_being_decided_still_closes_it(
+        gateway: Gateway, tmp_path: Path, demo_ports: Ports, change: str, heard_as: str, within: float) -> None:
+    """The decision read the device (and the rules) before the change, and the gateway heard of
+    the change before the flow was registered as open: the flow must still be decided again, or
+    the Ping keeps access the device no longer has for up to an hour."""
+    config_dir = own_config(tmp_path, gateway, demo_ports)  # without the cases the stricter rules break
+    loaded = bootstrap.load(config_dir)
+    bootstrap.seed_store(loaded)
+    read, release, heard = threading.Event(), threading.Event(), threading.Event()
+
+    class ReadThenHeld:
+        """The first lookup reads the device, then answers only once the test lets it."""
+
+        name = "sqlite"
+
+        def __init__(self) -> None:
+            self.source, self.held = loaded.live_inventory, True
+
+        async def managed_device(self, device_id: str) -> ManagedDevice | None:
+            device = await self.source.managed_device(device_id)
+            if self.held:
+                self.held = False
+                read.set()
+                await asyncio.to_thread(release.wait, 10)
+            return device
+
+    @contextlib.asynccontextmanager
+    async def held_gateway() -> AsyncIterator[tuple[int, Path]]:
+        service, jwks = bootstrap.build_service(loaded, inventory=ReadThenHeld())
+        await jwks.refresh()
+        service.subscribe(lambda changed: heard.set() if heard_as in changed else None)
+        reloader = Operations.of(service, jwks, loaded.inventory).reloader
+        # as a running gateway polls the store and watches its files
+        jobs = [asyncio.create_task(service.watch_changes()), asyncio.create_task(reloader.watch(0.05, 0.05))]
+        try:
+            async with proxy_for(service) as port:
+                yield port, service.decision_log.path
+        finally:
+            for job in jobs:
+                job.cancel()
+
+    with Background(held_gateway) as (port, log), second_connection(config_dir) as other:
+        ping = AlexPing(gateway, port=port, decision_log=log).start()
+        assert read.wait(10), "the long-poll's decision never read the device"
+        changed = time.monotonic()
+        if change == "risk":
+            other.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.high, now=utc_now())
+        else:
+            save(config_dir / "policies.yaml", stricter((config_dir / "policies.yaml").read_text()))
+        assert heard.wait(10), "the gateway never heard of the change"
+        release.set()  # the decision goes on with what it read before the change: allowed
+        closed = ping.closed_after(changed)
+    assert closed is not None and closed < within, f"the long-poll was answered ({ping.status}), not closed"

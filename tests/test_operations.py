@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
+import socket
+import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import h2.errors
 from ruamel.yaml import YAML
 
 from gateway.demo import ACTIVESYNC, ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
@@ -16,6 +21,8 @@ from gateway.errors import SignalUnavailable
 from gateway.health import overall
 from gateway.operations import Operations
 from tests.conftest import Background, Gateway, Ports, free_port, gateway_config, operations_for, proxy_for
+from tests.test_gateway_e2e import outlook_token
+from tests.test_security_framing import h2_request, h2_to, tls_to
 
 MAIL = "mail.contoso.test"
 
@@ -41,6 +48,62 @@ def test_an_upstream_that_fails_is_counted_per_host(gateway: Gateway, tmp_path: 
         refused = gateway.request(MAIL, ACTIVESYNC, method="POST", port=port)  # never forwarded: not an upstream error
         counted = operations.service.metrics.upstream_errors.labels(MAIL)._value.get()
     assert response.status_code == 502 and refused.status_code == 401
+    assert counted == 1
+
+
+class SilentUpstream:
+    """A mail upstream that never answers: an ActiveSync Ping is held until the gateway closes its
+    connection, any other request's connection is closed without an answer."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.held: queue.Queue[str] = queue.Queue()  # "received", then "dropped" once the gateway gave up
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=self._serve, args=(self.server.accept()[0],), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head and (chunk := connection.recv(65536)):
+                head += chunk
+            if b"Cmd=Ping" in head.split(b"\r\n", 1)[0]:
+                self.held.put("received")
+                while connection.recv(65536):
+                    pass
+                self.held.put("dropped")
+
+
+def test_a_client_that_hangs_up_or_resets_its_stream_is_not_an_upstream_error(gateway: Gateway, tmp_path: Path,
+                                                                                demo_ports: Ports) -> None:
+    """While a Ping waits for the upstream, an HTTP/1.1 client closes its connection and an
+    HTTP/2 client resets its stream: neither is the upstream's failure. An upstream that closes
+    without an answer is (502)."""
+    upstream = SilentUpstream()
+    config_dir = own_config(tmp_path, gateway, Ports(0, demo_ports.idp, upstream.port, demo_ports.docs))
+    ping = ACTIVESYNC.replace("Cmd=Sync", "Cmd=Ping")
+    with Background(lambda: operated(config_dir)) as (port, operations):
+        at_port = replace(gateway, port=port)
+        with tls_to(at_port) as tls:
+            tls.sendall(f"POST {ping} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(gateway)}\r\n"
+                        "Content-Length: 0\r\n\r\n".encode())
+            assert upstream.held.get(timeout=10) == "received"
+        assert upstream.held.get(timeout=10) == "dropped"
+        with h2_to(at_port) as (tls, conn):
+            conn.send_headers(1, h2_request(at_port, path=ping), end_stream=True)
+            tls.sendall(conn.data_to_send())
+            assert upstream.held.get(timeout=10) == "received"
+            conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+            tls.sendall(conn.data_to_send())
+            assert upstream.held.get(timeout=10) == "dropped"
+        failed = gateway.request(MAIL, ACTIVESYNC, method="POST", token=outlook_token(gateway), port=port)
+        counted = operations.service.metrics.upstream_errors.labels(MAIL)._value.get()
+    upstream.server.close()
+    assert failed.status_code == 502
     assert counted == 1
 
 

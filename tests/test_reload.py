@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+from ruamel.yaml import YAML
 
 from gateway import bootstrap
 from gateway.access import AccessService
@@ -31,6 +33,7 @@ from tests.conftest import (
     operations_for,
     proxy_for,
 )
+from tests.gateway_process import GatewayProcess, sibling_config
 
 MAIL = "mail.contoso.test"
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
@@ -333,3 +336,46 @@ def test_sighup_reloads_a_running_gateway(tmp_path: Path) -> None:
         process.send_signal(signal.SIGINT)
         process.wait(60)
     assert process.returncode == 0
+
+
+@contextlib.contextmanager
+def issuer_that_holds() -> Iterator[tuple[int, threading.Event, threading.Event]]:
+    """An issuer address that accepts a connection and holds it, without an answer, until
+    ``release`` is set; ``asked`` is set once a gateway connected (it is then starting)."""
+    server, asked, release = socket.create_server(("127.0.0.1", 0)), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = server.accept()
+                asked.set()
+                release.wait(30)
+                connection.close()
+
+    threading.Thread(target=hold, daemon=True).start()
+    try:
+        yield server.getsockname()[1], asked, release
+    finally:
+        release.set()
+        server.close()
+
+
+def test_a_sighup_while_the_gateway_starts_is_held_until_it_can_reload(gateway: Gateway, demo_ports: Ports,
+                                                                       tmp_path: Path) -> None:
+    """Its default action ends the process: before the handler is installed, a SIGHUP (an
+    operator's reload, a deploy hook) must wait, not kill a starting gateway."""
+    config_dir = sibling_config(tmp_path, gateway, demo_ports)
+    with issuer_that_holds() as (port, asked, release):
+        yaml = YAML()
+        settings = yaml.load(config_dir / "portcullis.yaml")
+        settings["identity"]["issuer"] = f"http://127.0.0.1:{port}/contoso"  # fetched while starting
+        yaml.dump(settings, config_dir / "portcullis.yaml")
+        process = GatewayProcess(config_dir)
+        try:
+            assert asked.wait(30), process.text
+            process.process.send_signal(signal.SIGHUP)
+            release.set()  # no keys: the gateway starts anyway (and refuses tokens until it has them)
+            process.wait_for(r"Portcullis is listening")
+            process.wait_for(r"config reloaded \(SIGHUP\)")
+        finally:
+            assert process.stop() == 0, process.text

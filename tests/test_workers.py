@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import h2.errors
+import h2.events
+import h11
 import httpx
 import pytest
+from mitmproxy.test import tflow
+from pydantic import ValidationError
+from ruamel.yaml import YAML
 
+from addons.drain import Drain, KeepAliveLimits
+from addons.strict_http import LAST_ON_CONNECTION_KEY
+from gateway.config.models import ClientLimitSettings
 from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.headers import CORRELATION_ID
 from gateway.signals.mtd import sign
-from tests.conftest import MTD_SECRET, AlexPing, Gateway, Ports
+from tests.conftest import MTD_SECRET, AlexPing, Background, Gateway, Ports, gateway_config
 from tests.gateway_process import GatewayProcess, sibling_config
 from tests.test_browser_sign_in import BROWSER, sign_in
+from tests.test_decision_log import listener
+from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token
+from tests.test_security_framing import h2_events, h2_request, h2_to, read_answer, tls_to
 
 STARTED = r"worker (\d+) started \(pid (\d+)\)"
 LISTENING = r"worker (\d+) \(pid (\d+)\) is listening"
@@ -80,10 +96,8 @@ def test_sigterm_lets_requests_in_flight_finish(gateway: Gateway, demo_ports: Po
     try:
         supervisor.wait_for(LISTENING, count=2)
         logs = config_dir.parent / ".portcullis"
-        pings = []
-        for _ in range(4):  # on new connections: most likely on both workers
-            pings.append(AlexPing(gateway, heartbeat_seconds=3, port=port, decision_log=logs / "decisions.jsonl"))
-            pings[-1]._thread.start()
+        pings = [AlexPing(gateway, heartbeat_seconds=3, port=port, decision_log=logs / "decisions.jsonl").start()
+                 for _ in range(4)]  # on new connections: most likely on both workers
         supervisor.wait_until(lambda: len(logged_ids(logs / "decisions.jsonl"))
                               + len(logged_ids(logs / "decisions.worker1.jsonl")) == 4)
         stopped_at = time.monotonic()
@@ -200,5 +214,204 @@ def test_a_restarted_worker_never_starts_on_a_config_the_others_refused(gateway:
         policies.write_text(in_force)  # reverted: the restarted worker may start
         relisten = supervisor.wait_for(LISTENING, count=3, timeout=40)[2]
         assert int(relisten[1]) == 1
+    finally:
+        assert supervisor.stop() == 0, supervisor.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Keep-alive limits: connections end now and then, so clients spread over the workers again
+
+
+def limit_clients(config_dir: Path, **limits: float) -> Path:
+    """Set ``gateway.clientLimits`` entries (camelCase names) in the config's portcullis.yaml."""
+    yaml = YAML()
+    data = yaml.load(config_dir / "portcullis.yaml")
+    data["gateway"]["clientLimits"] = {**data["gateway"].get("clientLimits", {}), **limits}
+    yaml.dump(data, config_dir / "portcullis.yaml")
+    return config_dir
+
+
+@pytest.fixture
+def three_per_connection(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> Iterator[Gateway]:
+    """A gateway whose client connections end after their third request."""
+    config_dir = limit_clients(gateway_config(tmp_path, gateway.ca, Ports(0, demo_ports.idp, demo_ports.mail,
+                                                                            demo_ports.docs)),
+                               maxRequestsPerConnection=3)
+    with Background(lambda: listener(config_dir)) as (port, _):
+        yield replace(gateway, port=port, config_dir=config_dir)
+
+
+def answers_on_one_connection(gateway: Gateway, requests: int) -> list[str]:
+    """Up to ``requests`` ActiveSync syncs one after another on one HTTP/1.1 connection: each
+    answer's status and whether it says ``Connection: close``, then whether the gateway closed."""
+    token, seen = outlook_token(gateway), []
+    with tls_to(gateway) as tls:
+        client = h11.Connection(h11.CLIENT)
+        for _ in range(requests):
+            head = h11.Request(method="POST", target=ACTIVESYNC, headers=[
+                ("Host", MAIL), ("Authorization", f"Bearer {token}"), ("Content-Length", "0")])
+            tls.sendall(client.send(head) + client.send(h11.EndOfMessage()))
+            status, close = 0, False
+            while not isinstance(event := client.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    client.receive_data(tls.recv(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    close = (b"connection", b"close") in [(k.lower(), v.lower()) for k, v in event.headers]
+            seen.append(f"{status}{' close' if close else ''}")
+            if client.our_state is h11.MUST_CLOSE:
+                return [*seen, "closed" if read_answer(tls, 5).closed else "left open"]
+            client.start_next_cycle()
+    return seen
+
+
+def test_an_http1_connection_ends_with_its_request_limit(three_per_connection: Gateway) -> None:
+    assert answers_on_one_connection(three_per_connection, 5) == ["200", "200", "200 close", "closed"]
+    assert answers_on_one_connection(three_per_connection, 2) == ["200", "200"]  # a new connection: counted anew
+
+
+def test_an_http2_connection_gets_a_graceful_goaway_after_its_last_answer(three_per_connection: Gateway) -> None:
+    """RFC 9113 6.8: NO_ERROR and the highest stream id, sent once the third answer has ended, so
+    that the client sends its next request on a new connection and nothing in flight is lost."""
+    with h2_to(three_per_connection) as (tls, conn):
+        for stream in (1, 3):
+            conn.send_headers(stream, h2_request(three_per_connection), end_stream=True)
+            tls.sendall(conn.data_to_send())
+            events = h2_events(tls, conn, 1)
+            assert "status 200" in events and "StreamEnded" in events and "ConnectionTerminated" not in events
+        conn.send_headers(5, h2_request(three_per_connection), end_stream=True)
+        tls.sendall(conn.data_to_send())
+        received = []
+        while not any(isinstance(e, h2.events.ConnectionTerminated) for e in received):
+            chunk = tls.recv(65536)
+            assert chunk, f"closed without a GOAWAY after {received}"
+            received += conn.receive_data(chunk)
+    ending = h2.events.StreamEnded | h2.events.ConnectionTerminated
+    ended = [type(e).__name__ for e in received if isinstance(e, ending)]
+    assert ended == ["StreamEnded", "ConnectionTerminated"]  # the answer's last frame first
+    goaway = received[-1]
+    assert isinstance(goaway, h2.events.ConnectionTerminated)
+    assert (goaway.error_code, goaway.last_stream_id) == (h2.errors.ErrorCodes.NO_ERROR, 2**31 - 1)
+
+
+@pytest.mark.parametrize(("answered", "settings", "last"), [
+    pytest.param([1, 2, 3], {}, [False, False, False], id="defaults: 1000 requests, an hour"),
+    pytest.param([1, 2, 3], {"max_requests": 2}, [False, True, True], id="the second of two requests"),
+    pytest.param([1], {"max_age_seconds": 60.0}, [True], id="a minute old"),
+])
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/2.0"])
+def test_the_answer_that_reaches_a_limit_is_the_last_on_its_connection(
+        answered: list[int], settings: dict[str, float], last: list[bool], version: str) -> None:
+    client = tflow.tclient_conn()
+    client.timestamp_start = 1000.0
+    drain = Drain(replace(KeepAliveLimits(), **settings), clock=lambda: 1060.0)  # a minute after it connected
+    marked = []
+    for _ in answered:
+        flow = tflow.tflow(client_conn=client, resp=True)
+        flow.request.http_version = version
+        drain.requestheaders(flow)
+        drain.response(flow)
+        assert flow.response is not None
+        closing = flow.response.headers.get("connection") == "close"
+        going_away = flow.metadata.get(LAST_ON_CONNECTION_KEY, False)
+        assert not (going_away if version == "HTTP/1.1" else closing)  # no Connection header in HTTP/2
+        marked.append(closing or going_away)
+    assert marked == last
+
+
+@pytest.mark.parametrize("limits", [
+    pytest.param({"maxRequestsPerConnection": 0}, id="no request at all"),
+    pytest.param({"maxRequestsPerConnection": "10"}, id="a string"),
+    pytest.param({"maxRequestsPerConnection": 10.5}, id="a fraction of a request"),
+    pytest.param({"maxRequestsPerConnection": 2_000_000}, id="more than a million"),
+    pytest.param({"maxConnectionAgeSeconds": 0}, id="no age"),
+    pytest.param({"maxConnectionAgeSeconds": 90_000}, id="more than a day"),
+])
+def test_keep_alive_limits_outside_their_bounds_are_refused(limits: dict[str, object]) -> None:
+    with pytest.raises(ValidationError, match=next(iter(limits))):
+        ClientLimitSettings.model_validate(limits)
+    defaults = ClientLimitSettings()
+    assert (defaults.max_requests_per_connection, defaults.max_connection_age_seconds) == (1000, 3600)
+
+
+def test_while_draining_every_answer_is_the_last_on_its_connection() -> None:
+    drain = Drain()
+    drain.draining = True
+    flow = tflow.tflow(resp=True)
+    drain.requestheaders(flow)
+    drain.responseheaders(flow)
+    assert flow.response is not None and flow.response.headers["connection"] == "close"
+
+
+def sync_on(client: httpx.Client, port: int, token: str) -> httpx.Response:
+    return client.post(f"https://127.0.0.1:{port}{activesync(ALEX_IPHONE)}", extensions={"sni_hostname": MAIL},
+                       headers={"Host": MAIL, "Authorization": f"Bearer {token}"})
+
+
+def test_keep_alive_clients_reach_a_replaced_worker_again(gateway: Gateway, demo_ports: Ports, tmp_path: Path,
+                                                          alex: str) -> None:
+    """While worker 1 is down, its clients reconnect to worker 0. Once its replacement listens,
+    every connection still ends after its tenth request and reconnects, and the kernel hands some
+    of those to the new worker: within 30 rounds on four connections (48 reconnections), both
+    workers answer again."""
+    config_dir = limit_clients(sibling_config(tmp_path, gateway, demo_ports), maxRequestsPerConnection=10)
+    port, logs = gateway_port(config_dir), config_dir.parent / ".portcullis"
+    supervisor = GatewayProcess(config_dir, "--workers", "2")
+    clients = [gateway.client() for _ in range(4)]  # four keep-alive connections
+    try:
+        listening = {int(m[1]): int(m[2]) for m in supervisor.wait_for(LISTENING, count=2)}
+        assert [sync_on(c, port, alex).status_code for c in clients] == [200] * 4
+        os.kill(listening[1], signal.SIGKILL)
+        supervisor.wait_for(r"worker 1 \(pid \d+\) exited with signal SIGKILL")
+        assert [sync_on(c, port, alex).status_code for c in clients] == [200] * 4  # worker 0 alone meanwhile
+        supervisor.wait_for(LISTENING, count=3)
+        answered = [sync_on(c, port, alex) for _ in range(30) for c in clients]
+        assert {a.status_code for a in answered} == {200}
+        ids = {a.headers[CORRELATION_ID] for a in answered}
+        by_worker = [logs / "decisions.jsonl", logs / "decisions.worker1.jsonl"]
+        supervisor.wait_until(lambda: ids <= logged_ids(by_worker[0]) | logged_ids(by_worker[1]))
+        served = [len(ids & logged_ids(log)) for log in by_worker]
+        assert all(served), f"answers by worker 0 and 1 once worker 1 was replaced: {served}"
+    finally:
+        for client in clients:
+            client.close()
+        assert supervisor.stop() == 0, supervisor.text
+
+
+def has_child_running(pid: int, argument: str) -> bool:
+    """Whether a child process of ``pid`` has ``argument`` on its command line (Linux /proc)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return False
+    for child in children:
+        with contextlib.suppress(OSError):  # it may have exited meanwhile
+            if argument.encode() in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+                return True
+    return False
+
+
+RELOADED = r"config reloaded \(SIGHUP\)"
+
+
+def test_a_sighup_while_the_supervisor_or_a_worker_starts_reaches_every_worker(
+        gateway: Gateway, demo_ports: Ports, tmp_path: Path) -> None:
+    """A SIGHUP's default action ends a process. One that reaches the supervisor while it prepares
+    the state waits, and is forwarded once the workers are started; one forwarded to a worker that
+    is still starting waits for its handler. Each worker reloads once it listens."""
+    config_dir = sibling_config(tmp_path, gateway, demo_ports)
+    supervisor = GatewayProcess(config_dir, "--workers", "2")
+    pid = supervisor.process.pid
+    try:
+        supervisor.wait_until(lambda: has_child_running(pid, "--prepare-only"))
+        supervisor.process.send_signal(signal.SIGHUP)  # the supervisor has no handler yet
+        listening = {int(m[1]): int(m[2]) for m in supervisor.wait_for(LISTENING, count=2)}
+        supervisor.wait_for(RELOADED, count=2)  # each worker, once
+        os.kill(listening[1], signal.SIGKILL)
+        supervisor.wait_for(STARTED, count=3)  # the replacement is starting: no handler yet
+        supervisor.process.send_signal(signal.SIGHUP)
+        supervisor.wait_for(LISTENING, count=3)
+        supervisor.wait_for(RELOADED, count=4)  # worker 0 at once, the replacement once it listens
+        assert "exited with signal SIGHUP" not in supervisor.text
     finally:
         assert supervisor.stop() == 0, supervisor.text

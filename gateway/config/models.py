@@ -122,6 +122,10 @@ class ClientLimitSettings(Model):
     keep_alive_timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
     body_grace_seconds: Annotated[float, Field(gt=0, le=3600)] = 20.0
     body_min_bytes_per_second: Annotated[float, Field(gt=0, le=1e9)] = 500.0
+    # Keep-alive connections end after this many requests or this age (nginx's keepalive_requests
+    # and keepalive_time), so clients reconnect and the kernel spreads them across workers again.
+    max_requests_per_connection: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    max_connection_age_seconds: Annotated[float, Field(gt=0, le=86_400)] = 3600.0
 
 
 class CertificateFile(Model):
