@@ -169,7 +169,9 @@ def framed(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory, demo_port
     previous = (mitmproxy.ctx.master, mitmproxy.ctx.options)
     try:
         with Background(lambda: running_gateway(loaded)) as running:
-            yield Framed(replace(gateway, port=running.addresses[0][1], config_dir=config_dir), upstream)
+            decision_log = loaded.config.path(loaded.config.gateway_file.decision_log.path)
+            yield Framed(replace(gateway, port=running.addresses[0][1], config_dir=config_dir,
+                                 decision_log=decision_log), upstream)
     finally:  # mitmproxy hands new connections to the last master built: the session's again
         mitmproxy.ctx.master, mitmproxy.ctx.options = previous
         upstream.close()
@@ -739,6 +741,76 @@ def test_a_head_with_99_headers_is_forwarded(framed: Framed) -> None:
     extra = "".join(f"X-Filler-{i}: {'x' * 500}\r\n" for i in range(96))
     head = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(framed.gateway)}\r\n"
     assert raw_exchange(framed.gateway, f"{head}{extra}Connection: close\r\n\r\n").startswith("HTTP/1.1 200")
+
+
+def cookies(count: int, *, prefix: str = "c") -> bytes:
+    return "; ".join(f"{prefix}{i}=v{i}" for i in range(count)).encode()
+
+
+FEDAUTH = b"FedAuth=" + b"7" * 4000 + b"; FedAuth1=" + b"8" * 4000  # SharePoint's sign-in cookies, 4 KB each
+HEADER_FIELD_ATTACKS = [
+    pytest.param(b"Cookie: " + cookies(5000) + b"\r\n", 431, "a header field longer than 16 KiB",
+                 id="one Cookie of 5,000 pairs, 63 KB (alone: forwarded)"),
+    pytest.param(b"Cookie: " + cookies(250) + b"\r\n", 431, "more than 200 cookies",
+                 id="250 cookies in 3 KB (alone: forwarded)"),
+    pytest.param(b"Cookie: " + cookies(150) + b"\r\nCookie: " + cookies(60, prefix="d") + b"\r\n", 431,
+                 "more than 200 cookies", id="210 cookies over two Cookie lines (alone: forwarded)"),
+    pytest.param(b"X-Filler: " + b"x" * 17_000 + b"\r\n", 431, "a header field longer than 16 KiB",
+                 id="a 17 KB header line (alone: forwarded)"),
+    *[pytest.param(b"X-Note: a" + bytes([c]) + b"b\r\n", 400, "control characters", id=f"{name} in a value "
+                   "(alone: forwarded)") for c, name in ((0x01, "SOH"), (0x08, "BS"), (0x1b, "ESC"), (0x1f, "US"),
+                                                         (0x7f, "DEL"))],
+    pytest.param(b"User-Agent: Outlook\x1b[2J\r\n", 400, "control characters",
+                 id="an ANSI escape in User-Agent (alone: forwarded)"),
+]
+
+
+@pytest.mark.parametrize(("extra", "status", "reason"), HEADER_FIELD_ATTACKS)
+def test_header_fields_past_their_bounds_or_with_control_characters_never_reach_the_upstream(
+        framed: Framed, extra: bytes, status: int, reason: str) -> None:
+    mark = framed.upstream.mark()
+    answer = exchange(framed.gateway, post(outlook_token(framed.gateway), extra + b"Content-Length: 0\r\n", b""))
+    assert_refused(answer, status, framed.upstream, mark)
+    refusal = json.loads(answer.text.split("\r\n\r\n", 1)[1])
+    assert reason in refusal["error_description"]
+    assert reason in framed.gateway.decision(refusal["correlationId"])["status"]["failureReason"]  # logged
+
+
+@pytest.mark.parametrize(("extra", "name", "received"), [
+    pytest.param(b"Cookie: " + FEDAUTH + b"; " + cookies(178) + b"\r\n", "cookie", FEDAUTH + b"; " + cookies(178),
+                 id="180 cookies in 10 KB, two of them 4 KB"),
+    pytest.param(b"X-Filler: " + b"x" * 16_384 + b"\r\n", "x-filler", b"x" * 16_384, id="a 16 KiB header line"),
+    pytest.param(b"X-Note: a\tb\r\n", "x-note", b"a\tb", id="a tab inside a value"),
+])
+def test_large_cookies_long_lines_and_tabs_reach_the_upstream(framed: Framed, extra: bytes, name: str,
+                                                              received: bytes) -> None:
+    """The twins: what a browser or Outlook sends at most, and a tab (the one control character a
+    value may hold), reach the upstream as sent."""
+    request = post(outlook_token(framed.gateway), extra + b"Content-Length: 0\r\nConnection: close\r\n", b"")
+    assert exchange(framed.gateway, request).status == 200
+    assert framed.upstream.requests[-1].headers[name] == received.decode()
+
+
+@pytest.mark.parametrize(("extra", "status"), [
+    pytest.param([(b"x-note", b"a\x01b")], 400, id="SOH in a value (alone: forwarded)"),
+    pytest.param([(b"x-note", b"a\x7fb")], 400, id="DEL in a value (alone: forwarded)"),
+    pytest.param([(b"cookie", cookies(5000))], 431, id="5,000 cookies in one field (alone: forwarded)"),
+    pytest.param([(b"cookie", b"c%d=v" % i) for i in range(250)], 431, id="250 cookies, a field each"),
+    pytest.param([(b"x-filler", b"x" * 17_000)], 431, id="a 17 KB field (alone: forwarded)"),
+    pytest.param([(b"x-note", b"a\tb")], 200, id="twin: a tab in a value"),
+    pytest.param([(b"cookie", b"c%d=v" % i) for i in range(150)], 200,
+                 id="twin: 150 cookies, a field each, as browsers may send them (alone: 431, 100 fields)"),
+])
+def test_http2_header_fields_have_the_same_bounds(framed: Framed, extra: list[tuple[bytes, bytes]],
+                                                  status: int) -> None:
+    mark = framed.upstream.mark()
+    answered, body = h2_exchange(framed.gateway, h2_request(framed.gateway, "GET", "/owa/") + extra)
+    assert answered == status, body[:300]
+    if status != 200:
+        assert framed.upstream.since(mark) == b""
+        assert json.loads(body)["error"] in ("bad_request", "request_header_fields_too_large")
+    elif extra[0][0] == b"cookie":  # the upstream got them in one Cookie line, all of them
+        assert framed.upstream.requests[-1].headers["cookie"] == "; ".join(f"c{i}=v" for i in range(150))
 
 
 def test_mitmproxys_idle_timeout_outlasts_the_longest_activesync_ping(framed: Framed) -> None:

@@ -50,12 +50,13 @@ def unauthenticated(reason: str, correlation_id: str) -> GatewayResponse:
     return _json(401, body, correlation_id, (("WWW-Authenticate", challenge),))
 
 
-REFUSALS = {400: "bad_request", 421: "misdirected_request", 501: "not_implemented", 503: "temporarily_unavailable"}
+REFUSALS = {400: "bad_request", 421: "misdirected_request", 431: "request_header_fields_too_large",
+            501: "not_implemented", 503: "temporarily_unavailable"}
 
 
 def refused(status: int, reason: str, correlation_id: str) -> GatewayResponse:
-    """An answer before policy: ambiguous (400), misdirected (421), a method never forwarded (501), a
-    signal source down (503)."""
+    """An answer before policy: ambiguous (400), misdirected (421), header fields too many or too
+    large (431), a method never forwarded (501), a signal source down (503)."""
     body = {"error": REFUSALS[status], "error_description": reason, "correlationId": correlation_id}
     return _json(status, body, correlation_id, (("Retry-After", "30"),) if status == 503 else ())
 
