@@ -10,8 +10,8 @@ The lists follow what identity-aware proxies put on requests to their upstreams 
 Pomerium, Authelia, authentik, Oathkeeper, Traefik ForwardAuth, Envoy, Vouch, mod_auth_openidc,
 Shibboleth, Azure App Service, AWS ALB, Google IAP, Cloudflare Access), client certificate headers
 that TLS terminators pass on (RFC 9440, Envoy's XFCC, ``X-SSL-Client-*``, ``X-ARR-ClientCert``),
-and Exchange's own front-end to back-end trust header. It also bounds what a request's header
-fields may be (count, size, cookies, control characters) before anything reads them.
+and Exchange's own front-end to back-end trust header and routing cookies. It also bounds what a
+request's header fields may be (count, size, cookies, control characters) before anything reads them.
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ IDENTITY_PREFIXES = (
     "x-amzn-oidc-", "x-goog-authenticated-", "x-goog-iap-", "cf-access-", "x-remote-", "remote-", "x-pomerium-",
     "x-authentik-", "x-vouch-", "oidc-", "shib-", "x-ssl-client-", "ssl-client-", "x-forwarded-tls-client-",
 )
+# Exchange's front end reads these (as cookies) to pick the back end a request goes to.
+EXCHANGE_ROUTING = frozenset({"x-beresource", "x-anonresource", "x-anonresource-backend"})
 REWRITE_HEADERS = frozenset({
     "x-original-url", "x-rewrite-url", "x-override-url", "x-original-uri", "x-http-method-override",
     "x-http-method", "x-method-override", "x-original-method", "x-original-path", "x-original-host", "x-host",
-    "x-http-host-override", "x-forwarded-uri", "x-forwarded-path", "x-forwarded-method",
+    "x-http-host-override", "x-forwarded-uri", "x-forwarded-path", "x-forwarded-method", *EXCHANGE_ROUTING,
 })
 FORWARDING_HEADERS = frozenset({
     "forwarded", "x-forwarded", "forwarded-for", "x-real-ip", "x-client-ip", "true-client-ip", "client-ip",
@@ -227,12 +229,21 @@ def is_gateway_cookie(pair: str) -> bool:
     return any(_cookie_name(part.partition("=")[0]).startswith(COOKIE_NAMESPACE) for part in pair.split(","))
 
 
+def is_exchange_routing_cookie(pair: str) -> bool:
+    """``pair`` is, or hides behind a comma, one of the cookies Exchange's front end routes by
+    (``X-BEResource``, ``X-AnonResource``, ``X-AnonResource-Backend``): ProxyLogon (CVE-2021-26855)
+    sent them from outside to make the front end call a back end of the attacker's choosing."""
+    return any(_cookie_name(part.partition("=")[0]) in EXCHANGE_ROUTING for part in pair.split(","))
+
+
 def upstream_cookies(cookie_headers: Iterable[str]) -> list[str]:
     """The Cookie headers an upstream may see: the user's own cookies, never the gateway's (a session
-    cookie in an upstream's hands, or its logs, would let it act as the user at the gateway)."""
+    cookie in an upstream's hands, or its logs, would let it act as the user at the gateway) nor
+    Exchange's routing cookies (no client has any business sending them, on any path)."""
     kept = []
     for header in cookie_headers:
-        pairs = [p.strip() for p in header.split(";") if p.strip() and not is_gateway_cookie(p)]
+        pairs = [p.strip() for p in header.split(";")
+                 if p.strip() and not is_gateway_cookie(p) and not is_exchange_routing_cookie(p)]
         if pairs:
             kept.append("; ".join(pairs))
     return kept
