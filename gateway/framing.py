@@ -60,17 +60,15 @@ class Refusal:
     ``description`` never repeats what the client sent (it may carry a token)."""
 
     status: int
-    error: str
     description: str
 
 
 def bad_request(description: str) -> Refusal:
-    return Refusal(400, "bad_request", description)
+    return Refusal(400, description)
 
 
-HEAD_TOO_LARGE = Refusal(431, "request_header_fields_too_large",
-                         f"request head larger than {MAX_REQUEST_HEAD_BYTES // 1024} KiB")
-LINE_TOO_LONG = Refusal(414, "uri_too_long", f"request line longer than {MAX_REQUEST_LINE_BYTES // 1024} KiB")
+HEAD_TOO_LARGE = Refusal(431, f"request head larger than {MAX_REQUEST_HEAD_BYTES // 1024} KiB")
+LINE_TOO_LONG = Refusal(414, f"request line longer than {MAX_REQUEST_LINE_BYTES // 1024} KiB")
 
 
 def empty_line_bytes(buffered: bytes | bytearray) -> int:

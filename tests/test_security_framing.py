@@ -51,6 +51,7 @@ SMUGGLED = b"GET /owa/smuggled HTTP/1.1\r\nHost: mail.contoso.test\r\n\r\n"
 CHUNKED = b"5\r\nhello\r\n0\r\n\r\n"
 SWITCH = "/owa/switch"  # the recording upstream answers this path with 101 Switching Protocols
 SLOW = "/owa/slow"  # and this one after a second and a half
+HANGUP = "/owa/hangup"  # and closes the connection on this one without an answer
 
 
 @dataclass
@@ -66,7 +67,7 @@ class RecordingUpstream:
     """Stands in for Exchange: records every byte it is sent and every request it parses (h11,
     strict), and answers each with its method, target and body. ``/owa/switch`` gets a 101, as a
     hostile or confused upstream might send, and everything after it is recorded raw; ``/owa/slow``
-    is answered late."""
+    is answered late, ``/owa/hangup`` never."""
 
     server: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
     raw: bytearray = field(default_factory=bytearray)
@@ -127,6 +128,8 @@ class RecordingUpstream:
             sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
             while self._receive(sock):
                 pass  # a tunnel, if the gateway made one: recorded raw
+            return False
+        if received.target == HANGUP:
             return False
         if received.target == SLOW:
             select.select([], [], [], 1.5)
@@ -546,7 +549,8 @@ def test_the_same_request_without_upgrade_is_forwarded(framed: Framed) -> None:
 
 def test_an_upstream_101_never_becomes_a_tunnel(framed: Framed) -> None:
     """An upstream answering 101 to a plain request (a fake upgrade): the client's next bytes must
-    not reach that upstream raw; mitmproxy (websocket and rawtcp off) closes the connection."""
+    not reach that upstream raw, and the 101 head never reaches the client (mitmproxy alone, with
+    websocket and rawtcp off, sent it and then closed): the gateway's 502, then the connection closes."""
     mark = framed.upstream.mark()
     head = f"GET {SWITCH} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(framed.gateway)}\r\n\r\n"
     with tls_to(framed.gateway) as tls:
@@ -556,8 +560,79 @@ def test_an_upstream_101_never_becomes_a_tunnel(framed: Framed) -> None:
             tls.sendall(SMUGGLED)
         rest = read_answer(tls, 2)
     assert first.closed or rest.closed
-    assert not (first.text + rest.text).startswith("HTTP/1.1 2")
+    assert first.status == 502 and (first.text + rest.text).count("HTTP/1.1 ") == 1, first.text[:300]
+    assert "switching protocols" not in (first.text + rest.text).lower() and "upgrade" not in first.head
     assert b"smuggled" not in framed.upstream.since(mark)
+
+
+def gateways_502(body: bytes | str, caplog: pytest.LogCaptureFixture, *, address: str) -> str:
+    """The gateway's own 502 (its JSON, naming neither the upstream's address nor mitmproxy), logged
+    with its reason under the correlation id it carries; that id."""
+    text = body if isinstance(body, str) else body.decode()
+    answer = json.loads(text)
+    assert answer["error"] == "bad_gateway" and answer["correlationId"], text
+    assert "mitmproxy" not in text.lower() and address not in text  # as in "('127.0.0.1', 8080)"
+    logged = [r.getMessage() for r in caplog.records
+              if r.name == "addons.strict_http" and answer["correlationId"] in r.getMessage()]
+    assert logged and all("failed" in message for message in logged), logged
+    return str(answer["correlationId"])
+
+
+def gateways_http1_502(answer: Answer, caplog: pytest.LogCaptureFixture, *, address: str) -> None:
+    assert answer.status == 502 and answer.closed and "connection: close" in answer.head, answer.text[:300]
+    assert "server:" not in answer.head  # mitmproxy's page said ``Server: mitmproxy <version>``
+    correlation_id = gateways_502(answer.text.split("\r\n\r\n", 1)[1], caplog, address=address)
+    assert f"x-portcullis-correlation-id: {correlation_id}" in answer.head
+
+
+@pytest.mark.parametrize(("path", "status"), [
+    pytest.param("/owa/", 200, id="twin: the upstream answers"),
+    pytest.param(HANGUP, 502, id="the upstream closes without an answer (alone: its page)"),
+    pytest.param(SWITCH, 502, id="the upstream answers 101 (alone: the 101 head; over HTTP/2 a crash)"),
+])
+@pytest.mark.parametrize("http2", [False, True], ids=["HTTP/1.1", "HTTP/2"])
+def test_a_failing_upstream_gets_the_gateways_own_502(framed: Framed, caplog: pytest.LogCaptureFixture, path: str,
+                                                      status: int, http2: bool) -> None:
+    caplog.set_level(logging.INFO)
+    upstream = "127.0.0.1"  # the recording upstream's address
+    if http2:
+        answered, body = h2_exchange(framed.gateway, h2_request(framed.gateway, "GET", path))
+        assert answered == status, body[:300]
+        if status == 502:
+            gateways_502(body, caplog, address=upstream)
+    else:
+        head = f"GET {path} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(framed.gateway)}\r\n\r\n"
+        answer = exchange(framed.gateway, head.encode(), wait=3)
+        if status == 502:
+            gateways_http1_502(answer, caplog, address=upstream)
+        assert answer.status == status
+    assert framed.upstream.requests[-1].target == path  # allowed and forwarded: the upstream failed it
+
+
+@pytest.fixture
+def unreachable(framed: Framed, tmp_path: Path, demo_ports: Ports) -> Iterator[Gateway]:
+    """A gateway whose mail upstream, on 127.0.0.1, refuses connections (nothing listens on its port)."""
+    config_dir = gateway_config(tmp_path, framed.gateway.ca, Ports(0, demo_ports.idp, free_port(), demo_ports.docs))
+    with Background(lambda: listener(config_dir)) as (port, decision_log):
+        yield replace(framed.gateway, port=port, config_dir=config_dir, decision_log=decision_log)
+
+
+def test_an_unreachable_upstream_gets_the_gateways_502_which_names_no_address(
+        unreachable: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    """mitmproxy alone answered "[Errno 111] Connect call failed ('127.0.0.1', <port>)" in its page,
+    over HTTP/1.1 and HTTP/2 alike. A browser gets the gateway's HTML page, an app its JSON."""
+    caplog.set_level(logging.INFO)
+    gateway, upstream = unreachable, "127.0.0.1"
+    head = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(gateway)}\r\n"
+    gateways_http1_502(exchange(gateway, f"{head}\r\n".encode(), wait=3), caplog, address=upstream)
+    answered, body = h2_exchange(gateway, h2_request(gateway, "GET", "/owa/"))
+    assert answered == 502
+    gateways_502(body, caplog, address=upstream)
+    page = exchange(gateway, f"{head}Accept: text/html\r\n\r\n".encode(), wait=3)
+    assert page.status == 502 and "content-type: text/html" in page.head and "server:" not in page.head
+    correlation_id = page.head.split("x-portcullis-correlation-id: ", 1)[1].split("\r\n", 1)[0]
+    assert "This service is not answering" in page.text and correlation_id in page.text.split("\r\n\r\n", 1)[1]
+    assert "127.0.0.1" not in page.text and "mitmproxy" not in page.text.lower()
 
 
 def test_what_a_client_sends_ahead_of_its_answer_is_bounded(framed: Framed) -> None:
