@@ -86,6 +86,7 @@ class RequestFraming:
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.readers.pop(client.id, None)
+        _close_what_mitmproxy_left_open(client)
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -130,6 +131,20 @@ class RequestFraming:
         if reader is not None:
             change(reader.deadline)
             reader.rearm()
+
+
+def _close_what_mitmproxy_left_open(client: connection.Client) -> None:
+    """mitmproxy closes a client's socket at the end of the connection's read loop. A close that
+    another task commands (a hook's completion runs the queued events: a refusal, a deadline) while
+    that loop waits for mitmproxy's event lock cancels the loop there, past the line that closes the
+    socket: the client got its answer but kept an open connection until garbage collection.
+    Disconnected means closed: the socket is closed here if it is still open."""
+    server: proxyserver.Proxyserver = ctx.master.addons.get("proxyserver")
+    handler = server.connections.get(client.id)
+    transport = handler.transports.get(client) if handler is not None else None
+    if transport is not None and transport.writer is not None and not transport.writer.is_closing():
+        logger.debug("%s: closing the socket mitmproxy left open", client.peername)
+        transport.writer.close()
 
 
 class PassThroughDeadline:

@@ -17,7 +17,6 @@ identity headers). Every other method gets the decision a GET to that path gets.
 
 from __future__ import annotations
 
-import json
 import re
 from urllib.parse import urlsplit
 
@@ -29,7 +28,7 @@ from addons.safety import CORRELATION_KEY, fail_closed, respond
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, SERVICE_KEY
 from gateway.access import AccessService, new_correlation_id
 from gateway.config.models import HOST_NAME
-from gateway.headers import oversized_headers
+from gateway.headers import header_fields_refusal
 from gateway.identity.browser import is_reserved
 from gateway.signals.mtd import MAX_BODY_BYTES
 
@@ -51,10 +50,9 @@ class Routing:
         if flow.response or flow.error or not flow.live:
             return
         flow.metadata[CORRELATION_KEY] = correlation_id = new_correlation_id()
-        too_large = oversized_headers(flow.request.headers.fields)
-        if too_large is not None:
-            body = json.dumps({"error": "request_header_fields_too_large", "error_description": too_large})
-            respond(flow, 431, body.encode(), PLAINTEXT_ANSWER)  # and the connection is closed
+        refused = header_fields_refusal(flow.request.headers.fields)
+        if refused is not None:  # before anything else reads a header; logged like every refusal
+            self._refuse(flow, correlation_id, "", *refused)
             return
         if is_kiosk(flow) and not flow.client_conn.tls_established and \
                 self.service.kiosk_destination(flow.request.host.lower(), flow.request.port) == "pass":

@@ -12,6 +12,13 @@ client sends while it waits. So the gateway replaces two classes of mitmproxy's 
   (never buffered or forwarded). mitmproxy would first buffer the body, and once it passes
   ``stream_large_bodies`` raise "Can't set a response and enable streaming at the same time" and
   leave the client hanging.
+- Both speak in the gateway's words where mitmproxy would answer itself: its HTML error page
+  carries ``Server: mitmproxy <version>`` and, for an upstream that failed, the upstream's address
+  (the ``error`` hook cannot replace it). A request mitmproxy refuses (CONNECT on the reverse
+  listener, a target it cannot parse) gets the gateway's JSON 400, an upstream failure the
+  gateway's 502 page (``gateway/web/pages.py``), each with a correlation id and logged with its
+  reason. An upstream's 101 is such a failure: the gateway forwards no upgrade, so the 101 head
+  never reaches the client (mitmproxy sent it, then closed; over HTTP/2 it crashed the connection).
 
 ``install()`` puts them in place for the process (mitmproxy looks both names up in its HTTP layer
 module each time it builds one), like ``runner._listen_with_reuse_port`` does for SO_REUSEPORT.
@@ -19,17 +26,17 @@ module each time it builds one), like ``runner._listen_with_reuse_port`` does fo
 
 from __future__ import annotations
 
-import json
 import logging
 import struct
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 import h11
 from h11._readers import ChunkedReader
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import http, version
+from mitmproxy.connection import ConnectionState
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers import http as http_layer
@@ -39,23 +46,51 @@ from mitmproxy.proxy.layers.http._events import (
     RequestEndOfMessage,
     RequestHeaders,
     RequestProtocolError,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
     ResponseProtocolError,
 )
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.utils import human
 
+from addons.safety import CORRELATION_KEY
 from gateway import framing
+from gateway.access import new_correlation_id, utc_now
+from gateway.web import pages
 
 logger = logging.getLogger(__name__)
 
 type Commands = Generator[commands.Command, Any, None]
+type Replacement = Callable[[commands.Command], Iterable[commands.Command] | None]
+
+UNREADABLE_HEAD = framing.bad_request("the request line could not be read (a target that is neither a path, "
+                                      "an absolute URL, host:port for CONNECT, nor *)")
 
 
-def refusal_bytes(refusal: framing.Refusal) -> bytes:
-    body = json.dumps({"error": refusal.error, "error_description": refusal.description}).encode()
-    headers = http.Headers(content_type="application/json", cache_control="no-store", connection="close")
-    return http1.assemble_response(http.Response.make(refusal.status, body, headers))
+def replacing(inner: Commands, replace: Replacement) -> Commands:
+    """``inner``'s commands, each one ``replace`` has a replacement for (commands, possibly none)
+    replaced by it; the replies to blocking commands (hooks, connections) go back to ``inner``."""
+    reply = None
+    while True:
+        try:
+            command = inner.send(reply)
+        except StopIteration:
+            return
+        replacement = replace(command)
+        if replacement is None:
+            reply = yield command
+        else:
+            yield from replacement
+            reply = None
+
+
+def refusal_bytes(refusal: framing.Refusal, correlation_id: str) -> bytes:
+    """The gateway's JSON refusal (``gateway/web/pages.py``), after which the connection closes."""
+    answer = pages.refused(refusal.status, refusal.description, correlation_id)
+    headers = http.Headers([(k.encode(), v.encode()) for k, v in (*answer.headers, ("Connection", "close"))])
+    return http1.assemble_response(http.Response.make(answer.status_code, answer.body, headers))
 
 
 class BodyFramingError(Exception):
@@ -140,7 +175,18 @@ class StrictHttp1Server(Http1Server):
                 return  # only empty lines yet: kept, so that too many of them meet the bound
             # checked above: CRLFs only. h11 drops one per read and waits for more data meanwhile
             self.buf.maybe_extract_at_most(empty)
-        yield from super().read_headers(event)
+        elif isinstance(event, events.ConnectionClosed) and bytes(self.buf).strip():
+            yield commands.Log(f"{human.format_address(self.conn.peername)}: closed the connection before "
+                               f"completing a request head ({len(self.buf)} bytes)")
+        yield from replacing(super().read_headers(event), self._in_own_words)
+
+    def _in_own_words(self, command: commands.Command) -> Iterable[commands.Command] | None:
+        """mitmproxy answers a head it cannot parse (the grammar leaves the forms of a request target
+        to it) with its HTML page, and logs the client's bytes, which may carry a token: the gateway's
+        JSON refusal goes out instead, and its own log line."""
+        if isinstance(command, commands.SendData) and command.connection is self.conn:  # only that page
+            return self._answer(UNREADABLE_HEAD)
+        return () if isinstance(command, commands.Log) else None
 
     def read_body(self, event: events.Event) -> Commands:
         if type(self.body_reader) is ChunkedReader:
@@ -162,16 +208,73 @@ class StrictHttp1Server(Http1Server):
         yield from super().wait(event)
 
     def _refuse(self, refusal: framing.Refusal) -> Commands:
-        yield commands.Log(f"{human.format_address(self.conn.peername)}: request refused with "
-                           f"{refusal.status}: {refusal.description}")
         if self.response is None:  # nothing of an answer sent yet
-            yield commands.SendData(self.conn, refusal_bytes(refusal))
+            yield from self._answer(refusal)
+        else:
+            yield commands.Log(f"{human.format_address(self.conn.peername)}: closing: {refusal.description}")
         yield commands.CloseConnection(self.conn)
         self.state = self.done
+
+    def _answer(self, refusal: framing.Refusal) -> list[commands.Command]:
+        correlation_id = new_correlation_id()
+        return [commands.Log(f"[{correlation_id}] {human.format_address(self.conn.peername)}: request refused "
+                             f"with {refusal.status}: {refusal.description}"),
+                commands.SendData(self.conn, refusal_bytes(refusal, correlation_id))]
 
 
 class StrictHttpStream(http_layer.HttpStream):
     answered_early = False
+    answer_started = False  # a final answer's head went to the client: no other answer can follow
+
+    def _handle_event(self, event: events.Event) -> Commands:
+        return replacing(super()._handle_event(event), self._own_answer)
+
+    def state_wait_for_response_headers(self, event: ResponseHeaders) -> Commands:
+        """The gateway forwards no protocol switch (RequestFraming refuses upgrades), so an upstream's
+        101 is a failed upstream: its connection is closed and the client gets the gateway's 502."""
+        if event.response.status_code != 101:
+            yield from super().state_wait_for_response_headers(event)
+            return
+        yield commands.CloseConnection(self.flow.server_conn)
+        yield from self.handle_protocol_error(ResponseProtocolError(
+            self.stream_id, "the upstream answered 101 Switching Protocols to a request that asked for no upgrade",
+            ErrorCode.GENERIC_SERVER_ERROR))
+
+    def _own_answer(self, command: commands.Command) -> Iterable[commands.Command] | None:
+        if not isinstance(command, http_layer.SendHttp) or command.connection is not self.context.client:
+            return None
+        if isinstance(command.event, ResponseHeaders) and command.event.response.status_code >= 200:
+            self.answer_started = True
+        elif isinstance(command.event, ResponseProtocolError) and not self.answer_started and \
+                command.event.code.http_status_code() is not None and \
+                self.context.client.state & ConnectionState.CAN_WRITE:
+            return [*self._answer_instead(command.event), command]  # then closed (HTTP/1) or reset if still open
+        return None
+
+    def _answer_instead(self, error: ResponseProtocolError) -> Commands:
+        """What mitmproxy would answer with its own page: the gateway's, logged with its reason."""
+        request = self.flow.request
+        correlation_id = self.flow.metadata.setdefault(CORRELATION_KEY, new_correlation_id())
+        status = error.code.http_status_code() or 502
+        if status >= 500:
+            logger.warning("[%s] the upstream of %s failed (%s); answered 502", correlation_id,
+                           request.host_header, error.message)
+            answer = pages.bad_gateway(correlation_id, html="text/html" in request.headers.get("accept", "").lower(),
+                                       now=utc_now())
+        else:
+            reason = ("CONNECT is not accepted on this listener (a reverse proxy)" if request.method == "CONNECT"
+                      else "the request is not valid HTTP")
+            logger.info("[%s] request refused with %d: %s (%s)", correlation_id, status, reason, error.message)
+            answer = pages.refused(status, reason, correlation_id)
+        response = http.Response.make(answer.status_code, answer.body,
+                                      http.Headers([(k.encode(), v.encode()) for k, v in answer.headers]))
+        if request.http_version.startswith("HTTP/1"):
+            response.headers["connection"] = "close"
+        self.answer_started = True
+        yield http_layer.SendHttp(ResponseHeaders(self.stream_id, response), self.context.client)
+        if request.method != "HEAD":
+            yield http_layer.SendHttp(ResponseData(self.stream_id, answer.body), self.context.client)
+        yield http_layer.SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
 
     def state_wait_for_request_headers(self, event: RequestHeaders) -> Commands:
         yield from super().state_wait_for_request_headers(event)

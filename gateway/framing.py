@@ -14,8 +14,9 @@ rest with 400 and a closed connection, before any hook, decision or upstream see
                     the target holds no whitespace and no NUL)
     field-line    = token ":" OWS [ value ] OWS    (no obs-fold; the value holds no CR, LF, NUL,
                                                     VT or FF: mitmproxy strips VT and FF, upstreams
-                                                    may not. Other control bytes are left to the
-                                                    request checks after parsing: they do not frame)
+                                                    may not. Other control bytes frame nothing:
+                                                    gateway.headers refuses them after parsing,
+                                                    for HTTP/2 alike)
     framing       = at most one Content-Length, 1*19DIGIT without leading zeros, below 2**63;
                     or exactly one "Transfer-Encoding: chunked", on HTTP/1.1 only; never both;
                     at most one Host
@@ -33,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from gateway.headers import MAX_HEADER_BYTES
+from gateway.headers import MAX_HEADER_BYTES, TOKEN
 
 MAX_EMPTY_LINE_BYTES = 8  # empty lines (CRLF) before a request line: RFC 9112 §2.2 asks to ignore at least one
 MAX_REQUEST_LINE_BYTES = 8 * 1024  # IIS accepts 4 KiB URLs (16 KiB with the query); nginx 8 KiB lines
@@ -42,13 +43,12 @@ MAX_UNREAD_BYTES = 256 * 1024  # what a client may send ahead of the answer it w
 MAX_CHUNK_LINE_BYTES = 4 * 1024  # a chunk size and its extensions
 MAX_CONTENT_LENGTH = 2**63 - 1  # what every upstream can hold in a signed 64-bit length
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^\x00\t\n\x0b\x0c\r ]+) HTTP/(1\.[01])")
-_NAME = re.compile(_TOKEN)
+_REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([^\x00\t\n\x0b\x0c\r ]+) HTTP/(1\.[01])")
+_NAME = re.compile(TOKEN)
 _NOT_IN_VALUE = re.compile(rb"[\x00\n\r\x0b\x0c]")
 _CONTENT_LENGTH = re.compile(rb"0|[1-9][0-9]{0,18}")
 _QUOTED = rb'"[^"\\\x00-\x08\x0a-\x1f\x7f]*"'  # a quoted-string without escapes
-_CHUNK_EXTENSION = rb";" + _TOKEN + rb"(?:=(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?"
+_CHUNK_EXTENSION = rb";" + TOKEN + rb"(?:=(?:" + TOKEN + rb"|" + _QUOTED + rb"))?"
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:" + _CHUNK_EXTENSION + rb")*\r\n")
 _EMPTY_LINES = re.compile(rb"[\r\n]*")
 HEAD_END = re.compile(rb"\n\r?\n")  # where mitmproxy (h11's ReceiveBuffer) takes a request head to end
@@ -60,17 +60,15 @@ class Refusal:
     ``description`` never repeats what the client sent (it may carry a token)."""
 
     status: int
-    error: str
     description: str
 
 
 def bad_request(description: str) -> Refusal:
-    return Refusal(400, "bad_request", description)
+    return Refusal(400, description)
 
 
-HEAD_TOO_LARGE = Refusal(431, "request_header_fields_too_large",
-                         f"request head larger than {MAX_REQUEST_HEAD_BYTES // 1024} KiB")
-LINE_TOO_LONG = Refusal(414, "uri_too_long", f"request line longer than {MAX_REQUEST_LINE_BYTES // 1024} KiB")
+HEAD_TOO_LARGE = Refusal(431, f"request head larger than {MAX_REQUEST_HEAD_BYTES // 1024} KiB")
+LINE_TOO_LONG = Refusal(414, f"request line longer than {MAX_REQUEST_LINE_BYTES // 1024} KiB")
 
 
 def empty_line_bytes(buffered: bytes | bytearray) -> int:

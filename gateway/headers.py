@@ -10,12 +10,14 @@ The lists follow what identity-aware proxies put on requests to their upstreams 
 Pomerium, Authelia, authentik, Oathkeeper, Traefik ForwardAuth, Envoy, Vouch, mod_auth_openidc,
 Shibboleth, Azure App Service, AWS ALB, Google IAP, Cloudflare Access), client certificate headers
 that TLS terminators pass on (RFC 9440, Envoy's XFCC, ``X-SSL-Client-*``, ``X-ARR-ClientCert``),
-and Exchange's own front-end to back-end trust header.
+and Exchange's own front-end to back-end trust header and routing cookies. It also bounds what a
+request's header fields may be (count, size, cookies, control characters) before anything reads them.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from urllib.parse import unquote
 
@@ -38,10 +40,12 @@ IDENTITY_PREFIXES = (
     "x-amzn-oidc-", "x-goog-authenticated-", "x-goog-iap-", "cf-access-", "x-remote-", "remote-", "x-pomerium-",
     "x-authentik-", "x-vouch-", "oidc-", "shib-", "x-ssl-client-", "ssl-client-", "x-forwarded-tls-client-",
 )
+# Exchange's front end reads these (as cookies) to pick the back end a request goes to.
+EXCHANGE_ROUTING = frozenset({"x-beresource", "x-anonresource", "x-anonresource-backend"})
 REWRITE_HEADERS = frozenset({
     "x-original-url", "x-rewrite-url", "x-override-url", "x-original-uri", "x-http-method-override",
     "x-http-method", "x-method-override", "x-original-method", "x-original-path", "x-original-host", "x-host",
-    "x-http-host-override", "x-forwarded-uri", "x-forwarded-path", "x-forwarded-method",
+    "x-http-host-override", "x-forwarded-uri", "x-forwarded-path", "x-forwarded-method", *EXCHANGE_ROUTING,
 })
 FORWARDING_HEADERS = frozenset({
     "forwarded", "x-forwarded", "forwarded-for", "x-real-ip", "x-client-ip", "true-client-ip", "client-ip",
@@ -61,19 +65,48 @@ FRAMING = frozenset({"content-length", "transfer-encoding"})
 
 
 MAX_HEADER_FIELDS = 100  # request header fields (a browser sends about 20; Exchange clients fewer)
-MAX_HEADER_BYTES = 64 * 1024  # names and values together (Kerberos-sized cookies and tokens fit)
+MAX_HEADER_BYTES = 64 * 1024  # names and values together (a large token and many cookies fit)
+# One field line: 16 KiB of value, as IIS (http.sys MaxFieldLength) and AWS ALB accept by default,
+# and room for the name, so a bearer token at the token check's own bound (16 KiB) still fits.
+MAX_FIELD_BYTES = 16 * 1024 + 64
+# Cookie pairs, over every Cookie field: browsers keep at most 180 cookies per site (Chrome and
+# Firefox), so no browser sends more; thousands of tiny pairs only cost every parser on the way
+# (ASP.NET builds a collection of them).
+MAX_COOKIE_PAIRS = 200
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"  # RFC 9110 §5.6.2: what a field name is made of
+_NAME = re.compile(TOKEN)
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # every control character but tab (RFC 9110 §5.5)
 
 
-def oversized_headers(fields: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """Why a request's headers are too many or too large to accept (431), or None: every cache,
-    body and header the gateway handles has a bound."""
-    size = 0
-    for count, (name, value) in enumerate(fields, start=1):
+def header_fields_refusal(fields: Iterable[tuple[bytes, bytes]]) -> tuple[int, str] | None:
+    """Why a request's header fields are refused before anything reads them, as (status, reason),
+    or None. 431: too many or too large (every header the gateway handles has a bound). 400: a name
+    that is not a token, or a value with control characters (upstreams strip, keep or split on
+    them differently: the upstream would read a header the gateway never saw as it does).
+
+    The Cookie fields are one field and one line, as an HTTP/1 upstream receives them (an HTTP/2
+    client may send each cookie in a field of its own; mitmproxy joins them with ``; ``)."""
+    count = size = cookie_line = cookie_pairs = 0
+    for name, value in fields:
         size += len(name) + len(value) + 4
+        line = len(name) + 2 + len(value)
+        if name.lower() == b"cookie":
+            count += cookie_line == 0
+            cookie_line = line if cookie_line == 0 else cookie_line + 2 + len(value)
+            cookie_pairs += sum(1 for pair in value.split(b";") if pair.strip())
+            line = cookie_line
+        else:
+            count += 1
         if count > MAX_HEADER_FIELDS:
-            return f"more than {MAX_HEADER_FIELDS} header fields"
+            return 431, f"more than {MAX_HEADER_FIELDS} header fields"
         if size > MAX_HEADER_BYTES:
-            return f"header fields larger than {MAX_HEADER_BYTES // 1024} KiB together"
+            return 431, f"header fields larger than {MAX_HEADER_BYTES // 1024} KiB together"
+        if line > MAX_FIELD_BYTES:
+            return 431, f"a header field longer than {MAX_FIELD_BYTES // 1024} KiB"
+        if cookie_pairs > MAX_COOKIE_PAIRS:
+            return 431, f"more than {MAX_COOKIE_PAIRS} cookies"
+        if not _NAME.fullmatch(name) or _CONTROL.search(value):
+            return 400, "a header name that is not a token, or control characters in a header value"
     return None
 
 
@@ -196,12 +229,21 @@ def is_gateway_cookie(pair: str) -> bool:
     return any(_cookie_name(part.partition("=")[0]).startswith(COOKIE_NAMESPACE) for part in pair.split(","))
 
 
+def is_exchange_routing_cookie(pair: str) -> bool:
+    """``pair`` is, or hides behind a comma, one of the cookies Exchange's front end routes by
+    (``X-BEResource``, ``X-AnonResource``, ``X-AnonResource-Backend``): ProxyLogon (CVE-2021-26855)
+    sent them from outside to make the front end call a back end of the attacker's choosing."""
+    return any(_cookie_name(part.partition("=")[0]) in EXCHANGE_ROUTING for part in pair.split(","))
+
+
 def upstream_cookies(cookie_headers: Iterable[str]) -> list[str]:
     """The Cookie headers an upstream may see: the user's own cookies, never the gateway's (a session
-    cookie in an upstream's hands, or its logs, would let it act as the user at the gateway)."""
+    cookie in an upstream's hands, or its logs, would let it act as the user at the gateway) nor
+    Exchange's routing cookies (no client has any business sending them, on any path)."""
     kept = []
     for header in cookie_headers:
-        pairs = [p.strip() for p in header.split(";") if p.strip() and not is_gateway_cookie(p)]
+        pairs = [p.strip() for p in header.split(";")
+                 if p.strip() and not is_gateway_cookie(p) and not is_exchange_routing_cookie(p)]
         if pairs:
             kept.append("; ".join(pairs))
     return kept

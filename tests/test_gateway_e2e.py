@@ -348,7 +348,7 @@ def test_a_forwarded_request_closes_the_connection_as_the_client_asked(gateway: 
 @pytest.mark.parametrize(("extra", "status"), [
     ([(f"X-Filler-{i}", "x") for i in range(120)], 431),
     ([("X-Filler", "x" * 70_000)], 431),
-    ([(f"X-Filler-{i}", "x") for i in range(60)] + [("X-Large", "x" * 30_000)], 200),  # the legitimate twin
+    ([(f"X-Filler-{i}", "x") for i in range(60)] + [(f"X-Large-{i}", "x" * 15_000) for i in range(4)], 200),  # twin
 ])
 def test_too_many_or_too_large_request_headers_get_431(gateway: Gateway, extra: list[tuple[str, str]],
                                                        status: int) -> None:

@@ -480,9 +480,39 @@ def test_a_signed_in_browser_keeps_its_own_cookies_and_loses_the_gateways(gatewa
     assert received["x-demo-cookie-names"] == "theme"
 
 
+ROUTING_COOKIES = [
+    pytest.param("X-BEResource=localhost/EWS/Exchange.asmx?a=~1942062522", id="X-BEResource (ProxyLogon)"),
+    pytest.param("X-AnonResource=true; X-AnonResource-Backend=localhost/ecp/default.flt?~3",
+                 id="X-AnonResource and X-AnonResource-Backend"),
+    pytest.param("x-beresource=localhost~1", id="lower case"),
+    pytest.param("X_AnonResource_Backend=localhost/ecp/~3", id="underscores"),
+    pytest.param("X-AnonResource%2DBackend=localhost/ecp/~3", id="percent-encoded"),
+    pytest.param("session=1, X-BEResource=localhost~1", id="hidden behind a comma"),
+]
+
+
+@pytest.mark.parametrize("where", ["protected", "public", "kiosk, protected", "kiosk, public"])
+@pytest.mark.parametrize("cookie", ROUTING_COOKIES)
+def test_exchange_routing_cookies_never_reach_the_upstream(gateway: Gateway, request: pytest.FixtureRequest,
+                                                           where: str, cookie: str) -> None:
+    """Exchange's front end picks the back end of a request by these cookies; ProxyLogon
+    (CVE-2021-26855) sent them from outside, on the public /owa/auth/ and /ecp/ paths. No client has
+    any business sending them, nor their header spellings. The twins: the user's own cookies and
+    Exchange's ``X-BackEndCookie`` (which Exchange sets in browsers itself) arrive."""
+    sent = {"Cookie": f"lang=en; {cookie}; X-BackEndCookie=S-1-5-21=u56Lnp2ejJqBm5vJx8fHzsbSz5rHx8zSy8fLytLGy8fG; "
+                      "theme=dark", "X-BEResource": "localhost~1942062522", "X-AnonResource-Backend": "localhost/ecp/"}
+    response = _identity_request(gateway, request, where, {**sent, TWIN[0]: TWIN[1]})
+    assert response.status_code == 200, response.text
+    received = response.json()["receivedHeaders"]
+    assert received["x-demo-cookie-names"] == "X-BackEndCookie,lang,theme"
+    assert {"x-beresource", "x-anonresource-backend"}.isdisjoint(received_names(response.json()))
+    assert received[TWIN[0].lower()] == TWIN[1]
+
+
 @pytest.mark.parametrize(
     ("headers", "kept"),
     [
+        pytest.param(["X-BEResource=localhost~1; b=2", "X-AnonResource=true"], ["b=2"], id="Exchange routing"),
         pytest.param(["theme=dark, __Host-portcullis-session=x"], [], id="hidden behind a comma"),
         pytest.param(["a=1; b=2", "__Host-portcullis-session=x"], ["a=1; b=2"], id="second header"),
         pytest.param(["a=1;;  ; b=2"], ["a=1; b=2"], id="empty pairs"),

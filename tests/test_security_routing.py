@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import re
 import socket
 import ssl
@@ -292,10 +293,44 @@ def test_other_request_target_forms_are_refused_and_the_connection_closed(gatewa
     assert answer.closed and answer.answers == 1
 
 
+def assert_the_gateways_own_refusal(answer: Answer) -> None:
+    """The gateway's JSON with a correlation id (in the body and the header), never mitmproxy's HTML
+    page naming its version, and the connection closed."""
+    assert answer.status == 400 and answer.refused_by_gateway, answer.text
+    assert answer.json()["correlationId"] == answer.headers["x-portcullis-correlation-id"]
+    assert "server" not in answer.headers and "mitmproxy" not in answer.text.lower()
+    assert answer.closed and answer.answers == 1
+
+
 def test_connect_on_the_reverse_listener_is_refused_and_the_connection_closed(gateway: Gateway) -> None:
+    """mitmproxy alone refused it with its own HTML page and ``Server: mitmproxy <version>``."""
     answer = parsed(raw_exchange(gateway, f"CONNECT {DOCS}:443 HTTP/1.1\r\nHost: {DOCS}:443\r\n\r\n"
                                           f"GET {SIGN_IN_PAGE} HTTP/1.1\r\nHost: {MAIL}\r\nConnection: close\r\n\r\n"))
-    assert answer.status == 400 and answer.closed and answer.answers == 1
+    assert_the_gateways_own_refusal(answer)
+    assert "CONNECT is not accepted" in answer.json()["error_description"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param("owa/", id="no leading slash"),
+        pytest.param(f"{MAIL}:443", id="authority-form on GET"),
+        pytest.param(f"ftp://{MAIL}/owa/", id="a scheme without a default port"),
+        pytest.param("https://", id="a scheme and nothing else"),
+        pytest.param(f"https://{MAIL}:99999/owa/", id="port out of range"),
+    ],
+)
+def test_targets_mitmproxy_cannot_read_get_the_gateways_400(gateway: Gateway, target: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """mitmproxy alone answered these with its HTML page, which quoted the request line (and logged
+    it: a token in the query would have reached the log)."""
+    caplog.set_level(logging.INFO)
+    answer = parsed(raw_exchange(gateway, f"GET {target}?access_token=secret-in-the-query HTTP/1.1\r\n"
+                                          f"Host: {MAIL}\r\n\r\n"))
+    assert_the_gateways_own_refusal(answer)
+    assert "secret-in-the-query" not in answer.text
+    assert not [r for r in caplog.records if "secret-in-the-query" in r.getMessage()]
+    assert [r for r in caplog.records if answer.json()["correlationId"] in r.getMessage()]
 
 
 @pytest.mark.parametrize("method", ["GET", "OPTIONS", "HEAD"])

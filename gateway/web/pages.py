@@ -1,6 +1,7 @@
 """Answers the gateway gives itself: 401 for missing or bad tokens, 403 block pages (HTML for
-browsers, JSON for apps), 400/503. Plain accessible HTML, no external assets, nothing internal
-(no upstream address, no stack trace)."""
+browsers, JSON for apps), refusals before policy (400/413/421/431/501/503), and 502 when an
+upstream fails. Plain accessible HTML, no external assets, nothing internal (no upstream address,
+no stack trace, no proxy name)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,13 @@ def unauthenticated(reason: str, correlation_id: str) -> GatewayResponse:
     return _json(401, body, correlation_id, (("WWW-Authenticate", challenge),))
 
 
-REFUSALS = {400: "bad_request", 421: "misdirected_request", 501: "not_implemented", 503: "temporarily_unavailable"}
+REFUSALS = {400: "bad_request", 413: "payload_too_large", 414: "uri_too_long", 421: "misdirected_request",
+            431: "request_header_fields_too_large", 501: "not_implemented", 503: "temporarily_unavailable"}
 
 
 def refused(status: int, reason: str, correlation_id: str) -> GatewayResponse:
-    """An answer before policy: ambiguous (400), misdirected (421), a method never forwarded (501), a
+    """An answer before policy: ambiguous (400), a body or request line too large (413, 414),
+    misdirected (421), header fields too many or too large (431), a method never forwarded (501), a
     signal source down (503)."""
     body = {"error": REFUSALS[status], "error_description": reason, "correlationId": correlation_id}
     return _json(status, body, correlation_id, (("Retry-After", "30"),) if status == 503 else ())
@@ -96,23 +99,43 @@ def session_restricted(reason: str, correlation_id: str, *, html: bool, now: dat
     if not html:
         return _json(403, {"error": "session_restricted", "error_description": reason,
                            "correlationId": correlation_id}, correlation_id)
+    return _notice(403, "This file can't be saved here", f"""<p>Your organisation's policy for this session says: \
+{escape(reason)}.
+You can still read your mail and open documents in the browser.</p>
+<p><strong>How to get the file:</strong> open it from a managed, compliant device.</p>""", correlation_id, now)
+
+
+UPSTREAM_FAILED = "the service behind the gateway did not answer properly; try again in a moment"
+
+
+def bad_gateway(correlation_id: str, *, html: bool, now: datetime) -> GatewayResponse:
+    """The upstream refused the connection, dropped it, or answered what no client may get (a
+    protocol switch, a malformed head): said in the gateway's words, never naming the upstream."""
+    if not html:
+        return _json(502, {"error": "bad_gateway", "error_description": UPSTREAM_FAILED,
+                           "correlationId": correlation_id}, correlation_id)
+    return _notice(502, "This service is not answering", """<p>The service behind the gateway did not answer \
+properly. Try again in a moment.</p>
+<p>If it keeps happening, give your helpdesk the details below.</p>""", correlation_id, now)
+
+
+def _notice(status: int, title: str, paragraphs: str, correlation_id: str, now: datetime) -> GatewayResponse:
+    """A plain page: a headline, what happened, and the details a helpdesk asks for."""
     page = f"""<!doctype html>
 <html lang="en">
 <head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>This file can't be saved here</title>
+<title>{escape(title, quote=False)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem;color:#1b1b1b}}
 h1{{font-size:1.6rem}}dt{{font-weight:bold}}</style></head>
 <body><main>
-<h1>This file can't be saved here</h1>
-<p>Your organisation's policy for this session says: {escape(reason)}.
-You can still read your mail and open documents in the browser.</p>
-<p><strong>How to get the file:</strong> open it from a managed, compliant device.</p>
+<h1>{escape(title, quote=False)}</h1>
+{paragraphs}
 <dl><dt>Correlation ID</dt><dd>{escape(correlation_id)}</dd>
 <dt>Timestamp</dt><dd>{escape(now.isoformat(timespec="seconds"))}</dd></dl>
 </main></body></html>
 """
     headers = (("Content-Type", "text/html; charset=utf-8"), (CORRELATION_ID, correlation_id), *SECURITY_HEADERS)
-    return GatewayResponse(403, headers, page.encode())
+    return GatewayResponse(status, headers, page.encode())
 
 
 def blocked(
