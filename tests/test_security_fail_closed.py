@@ -49,7 +49,8 @@ SAFE_HOOKS: dict[tuple[str, str], str] = {
     ("ContinuousAccess", "error"): "runs after the flow failed: nothing is forwarded or answered after it",
     ("Drain", "error"): "runs after the flow failed: nothing is forwarded or answered after it",
     ("RequestFraming", "error"): "runs after the flow failed: nothing is forwarded or answered after it",
-    ("RequestFraming", "client_disconnected"): "the connection is gone: forgets its deadline",
+    ("RequestFraming", "client_disconnected"): "the connection is gone: forgets its deadline and closes a socket "
+                                               "mitmproxy left open (nothing to refuse)",
     ("RequestFraming", "tcp_start"): "marks a kiosk's pass-through tunnel as carrying no HTTP to time; on an error "
                                      "it is timed as HTTP (closed sooner), and nothing is let through",
     ("PassThroughDeadline", "tls_clienthello"): "sees no request: on an error a pass-through tunnel keeps the head "
