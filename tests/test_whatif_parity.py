@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -166,6 +167,23 @@ def answered_alike(live: Live, case: Case) -> Decision:
     assert what_if_answer(decision) == gateway_answer(response, record)
     assert record["ipAddress"] == str(case.ip)  # the case's address was decided on
     return decision
+
+
+def public_sign_in_page(client_app_type: str | None) -> Case:
+    return Case.model_validate_json(json.dumps({
+        "name": "the OWA sign-in page", "user": "alex@contoso.test", "app": "outlook-mobile",
+        "url": "https://mail.contoso.test/owa/auth/logon.aspx", "clientAppType": client_app_type,
+        "expect": {"result": "allow"}}))
+
+
+@pytest.mark.parametrize("live", [DEMO], indirect=True)
+@pytest.mark.parametrize("client_app_type", ["browser", None])
+def test_what_if_allows_a_public_resource_as_the_live_gateway_does(live: Live, client_app_type: str | None) -> None:
+    """The demo's public resource (``public: true``) is forwarded before any token is read: What
+    If allows it too (200, no policy), where it once refused the question as unanswerable."""
+    decision = answered_alike(live, public_sign_in_page(client_app_type))
+    assert (decision.status_code, decision.reason, decision.resource) == \
+        (200, "public resource", "exchange-owa-sign-in-page")
 
 
 def test_the_shipped_cases_cover_a_session_restriction_the_device_binding_and_the_kiosk() -> None:
