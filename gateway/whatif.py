@@ -2,8 +2,10 @@
 this URL (a GET)?" answered by the steps the gateway runs once it knows who is asking
 (``gateway.access.decide``: the ActiveSync device binding, ``evaluate``, then the session controls
 that refuse the request itself), with the device taken from the configured inventory as the
-gateway takes it. What If cannot see the upstream's answer: an attachment a ``blockDownloads``
-session would have replaced on its way back is an allow here, as it is in the decision log.
+gateway takes it. Before any of that, as at the gateway, a path no resource names is denied and a
+public resource allowed (200, "public resource", no policy evaluated). What If cannot see the
+upstream's answer: an attachment a ``blockDownloads`` session would have replaced on its way back
+is an allow here, as it is in the decision log.
 
 JSON output (``portcullis whatif --json``), stable::
 
@@ -86,10 +88,8 @@ class WhatIf:
         """What the gateway decides for this question, as it answers a live request."""
         request = self.request(question)
         found = self.policy_set.match(request.host, request.path)
-        if found is not None and found.public:
-            raise WhatIfError(f"{question.url!r} is a public resource ({found.primary}): no policy applies to it")
-        if found is None:  # denied before any token is read, whoever asks
-            return decided_before_identity(request, None)
+        if found is None or found.public:  # denied, or forwarded, before any token is read, whoever asks
+            return decided_before_identity(request, found.primary if found else None)
         identity = self.identity(question)
         device_id = decision_device_id(identity, request)
         record = await self.inventory.managed_device(device_id) if device_id else None
@@ -173,7 +173,7 @@ def as_text(question: Question, decision: Decision, states: dict[str, str]) -> s
     verdict = f"{decision.result.value.upper()} ({decision.status_code})"
     if decision.error_code:
         verdict += f", error {int(decision.error_code)}: {decision.reason}"
-    elif not decision.allowed:
+    elif not decision.allowed or not decision.all_policies():  # an allow before policy: a public resource
         verdict += f": {decision.reason}"
     if decision.restriction is not None:
         verdict += f" [restriction: {decision.restriction.value}]"
@@ -186,7 +186,7 @@ def as_text(question: Question, decision: Decision, states: dict[str, str]) -> s
         lines.append(f"  decided by: {decision.failed_policy_id} ({decision.failed_policy})")
     if decision.session_controls.names():
         lines.append(f"  session controls: {', '.join(decision.session_controls.names())}")
-    lines.append("  policies:")
+    lines.append("  policies:" if decision.all_policies() else "  policies: none evaluated")
     for result in decision.all_policies():
         rollout = f", rollout: {result.rollout.value}" if result.rollout else ""
         line = f"    {result.name} [{states[result.name]}{rollout}]: {result.result.value}"

@@ -353,6 +353,17 @@ def test_whatif_refuses_a_kiosk_download_as_the_gateway_does(gateway: Gateway) -
     assert audit_record(gateway.config_dir, response)["resultReason"] == "block (403)"
 
 
+def test_whatif_allows_a_public_resource_as_the_gateway_does(gateway: Gateway) -> None:
+    """The gateway forwards the public sign-in page before reading any token: an answer, not a 400."""
+    question = {"user": "alex@contoso.test", "url": f"https://{MAIL}/owa/auth/logon.aspx"}
+    response = admin(gateway.admin_port, "POST", "/admin/whatif", admin_token(gateway, READER), json=question)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert (answer["result"], answer["httpStatus"], answer["reason"], answer["resource"], answer["policies"]) == \
+        ("allow", 200, "public resource", "exchange-owa-sign-in-page", [])
+    assert audit_record(gateway.config_dir, response)["resultReason"] == "allow (200)"
+
+
 @pytest.mark.parametrize(("body", "message"), [
     pytest.param(b"user=alex", "not JSON", id="a form, not JSON"),
     pytest.param(b'["alex"]', "expected a mapping", id="a list"),

@@ -81,6 +81,31 @@ def test_whatif_checks_the_activesync_device_id_against_the_token_s_device() -> 
     assert answer["policies"] == []  # refused before policy, as at the gateway
 
 
+SIGN_IN_PAGE = "https://mail.contoso.test/owa/auth/logon.aspx"  # the demo's public resource
+
+
+def test_whatif_allows_a_public_resource_as_the_gateway_does(tmp_path: Path) -> None:
+    """The gateway forwards a public resource before any token is read (200): What If answers so
+    (exit 0), and a case about it passes, instead of exit 2 and "cannot ask"."""
+    asked = ["--config", REPO / "config", "--user", "alex@contoso.test", "--url", SIGN_IN_PAGE]
+    result = portcullis("whatif", *asked, "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert (answer["result"], answer["httpStatus"], answer["errorCode"], answer["reason"], answer["resource"]) == \
+        ("allow", 200, 0, "public resource", "exchange-owa-sign-in-page")
+    assert (answer["failedPolicy"], answer["sessionControls"], answer["restriction"], answer["policies"]) == \
+        (None, [], None, [])
+    text = portcullis("whatif", *asked)
+    assert text.returncode == 0, text.stderr
+    assert "result: ALLOW (200): public resource\n  policies: none evaluated" in text.stdout
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(f"cases:\n  - {{name: the sign-in page is public, user: alex@contoso.test, url: {SIGN_IN_PAGE},"
+                     " expect: {result: allow}}\n")
+    tested = portcullis("test", "--config", REPO / "config", cases)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "PASS: the sign-in page is public" in tested.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

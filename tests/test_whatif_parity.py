@@ -1,17 +1,21 @@
 """What If answers what the gateway answers. Every shipped case (config/cases.yaml and each
 config/examples/*/cases.yaml) is asked of What If, which ``portcullis test``, ``portcullis check``,
 the reload's case gate and ``POST /admin/whatif`` all call, and sent for real through a live
-listener of the same config: the gateway's, or its kiosk proxy for ``listener: kiosk``. The token
-is signed by the demo issuer for exactly the case's user, app, device, groups, MFA and object id;
-the address is the case's (the test client is the config's trusted proxy and names it in
-X-Forwarded-For); the User-Agent and Accept are What If's. Status, result, reason, error code,
-client app type, session controls, restriction (a session control, the ActiveSync device binding)
-and every policy's result must be the same."""
+listener of the same config: the gateway's, or its kiosk proxy for ``listener: kiosk``. The live
+request is built from the case, never from What If's translation of it (a What If that misread
+the case, dropping its query say, would send the same wrong request and agree with itself): the
+URL's path and query verbatim; a token signed by the demo issuer for exactly the case's user, app,
+device, groups, MFA and object id; the case's address (the test client is the config's trusted
+proxy and names it in X-Forwarded-For); a browser's or a native client's User-Agent and Accept as
+the case's ``clientAppType`` and ``platform`` say. Status, result, reason, error code, client app
+type, session controls, restriction (a session control, the ActiveSync device binding) and every
+policy's result must be the same."""
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -25,7 +29,7 @@ from ruamel.yaml import YAML
 
 from gateway import bootstrap, whatif
 from gateway.access import utc_now
-from gateway.policy.model import Decision, Listener
+from gateway.policy.model import ClientAppType, Decision, DevicePlatform, Listener
 from gateway.policy_cases import Case, load_cases
 from gateway.whatif import WhatIf
 from tests.conftest import Background, Gateway, Ports, free_port, gateway_config, write_trustme_certificate
@@ -86,22 +90,46 @@ def live(request: pytest.FixtureRequest, gateway: Gateway, demo_ports: Ports,
                    WhatIf(loaded.config, loaded.inventory))
 
 
+PLATFORM_IN_USER_AGENT = {  # how real clients name their platform in a User-Agent
+    DevicePlatform.ios: "iPhone; CPU iPhone OS 17_4 like Mac OS X",
+    DevicePlatform.android: "Linux; Android 14; Pixel 8",
+    DevicePlatform.windows: "Windows NT 10.0; Win64; x64",
+    DevicePlatform.macos: "Macintosh; Intel Mac OS X 14_4",
+    DevicePlatform.linux: "X11; Linux x86_64",
+}
+
+
+def client_headers(case: Case) -> dict[str, str]:
+    """What a client of the case's kind sends, written here from the case and not taken from What
+    If: a browser's headers for ``clientAppType: browser``, else a native client's; either names
+    the case's platform if it gives one, and no platform if it does not."""
+    platform = f" ({PLATFORM_IN_USER_AGENT[case.platform]})" if case.platform else ""
+    if case.client_app_type is ClientAppType.browser:
+        return {"User-Agent": f"Mozilla/5.0{platform} AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0",
+                "Accept": "text/html,application/xhtml+xml"}
+    return {"User-Agent": f"Parity-Client/1.0{platform}", "Accept": "*/*"}
+
+
 def sent(live: Live, case: Case) -> httpx.Response:
-    """The case as a live request: the token, address and headers What If assumed."""
-    question = case.question()
-    request, identity = live.what_if.request(question), live.what_if.identity(question)
-    audience = live.what_if.config.gateway_file.protected_hosts[request.host].audiences[0]
+    """The case as a live request, built from the case itself and never from What If's reading of
+    it (which would send any mistranslation live too): its URL's path and query verbatim, a token
+    for its user, app, device, groups, MFA and object id, its address, its kind of client."""
+    url = urlsplit(case.url)
+    host, target = url.hostname or "", (url.path or "/") + (f"?{url.query}" if url.query else "")
+    gateway_file = live.what_if.config.gateway_file
+    client_id = gateway_file.applications[case.app][0] if case.app in gateway_file.applications else case.app
     token = live.gateway.idp.mint(
-        user=question.user, client_id=identity.client_id or "", audience=audience, device_id=identity.device_id,
-        extra={"sub": identity.subject, "oid": identity.object_id, "groups": sorted(identity.groups),
-               "amr": sorted(identity.authentication_methods)})
-    headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": request.client_ip,
-               "User-Agent": request.user_agent, "Accept": "text/html" if request.accepts_html else "*/*"}
-    target = request.target or request.path
-    if question.listener is Listener.kiosk:
+        user=case.user, client_id=client_id or "", audience=gateway_file.protected_hosts[host].audiences[0],
+        device_id=case.device, extra={"sub": case.user, "oid": case.object_id, "groups": case.groups,
+                                      "amr": ["pwd", "mfa"] if case.mfa else ["pwd"]})
+    headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": str(case.ip), **client_headers(case)}
+    if case.listener is Listener.kiosk:
         with kiosk_browser(live.gateway) as kiosk:
-            return kiosk.get(f"https://{request.host}{target}", headers=headers)
-    return live.gateway.request(request.host, target, headers=headers)
+            response = kiosk.get(f"https://{host}{target}", headers=headers)
+    else:
+        response = live.gateway.request(host, target, headers=headers)
+    assert response.request.url.raw_path == target.encode(), "the case's path and query, as the case spells them"
+    return response
 
 
 def what_if_answer(decision: Decision) -> dict[str, Any]:
@@ -128,11 +156,34 @@ def gateway_answer(response: httpx.Response, record: dict[str, Any]) -> dict[str
     for directory in CONFIG_DIRS for case in load_cases(directory / "cases.yaml")
 ], indirect=["live"])
 def test_what_if_answers_every_shipped_case_as_the_live_gateway_does(live: Live, case: Case) -> None:
+    answered_alike(live, case)
+
+
+def answered_alike(live: Live, case: Case) -> Decision:
+    """What If's answer to the case, once the live gateway has answered the case the same."""
     decision = asyncio.run(live.what_if.ask(case.question(), utc_now()))
     response = sent(live, case)
     record = live.gateway.decision(response.headers["x-portcullis-correlation-id"])
     assert what_if_answer(decision) == gateway_answer(response, record)
     assert record["ipAddress"] == str(case.ip)  # the case's address was decided on
+    return decision
+
+
+def public_sign_in_page(client_app_type: str | None) -> Case:
+    return Case.model_validate_json(json.dumps({
+        "name": "the OWA sign-in page", "user": "alex@contoso.test", "app": "outlook-mobile",
+        "url": "https://mail.contoso.test/owa/auth/logon.aspx", "clientAppType": client_app_type,
+        "expect": {"result": "allow"}}))
+
+
+@pytest.mark.parametrize("live", [DEMO], indirect=True)
+@pytest.mark.parametrize("client_app_type", ["browser", None])
+def test_what_if_allows_a_public_resource_as_the_live_gateway_does(live: Live, client_app_type: str | None) -> None:
+    """The demo's public resource (``public: true``) is forwarded before any token is read: What
+    If allows it too (200, no policy), where it once refused the question as unanswerable."""
+    decision = answered_alike(live, public_sign_in_page(client_app_type))
+    assert (decision.status_code, decision.reason, decision.resource) == \
+        (200, "public resource", "exchange-owa-sign-in-page")
 
 
 def test_the_shipped_cases_cover_a_session_restriction_the_device_binding_and_the_kiosk() -> None:
