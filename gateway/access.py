@@ -321,8 +321,8 @@ class AccessService:
         found = rules.policy_set.match(request.host, path)
         if found is None or found.public:
             return self._without_identity(rules, request, found.primary if found else None, now)
-        if _access_token_in_query(request.target or ""):
-            return self.refuse(request, 400, "an access token is accepted only in the Authorization header")
+        if access_token_in_query(request.target or ""):
+            return self.refuse(request, 400, ACCESS_TOKEN_IN_QUERY)
         session: BrowserSession | None = None
         if self.browser is not None and (not authorization or cookie_value(cookies or []) is not None):
             try:
@@ -446,9 +446,7 @@ class AccessService:
     def refuse(self, request: AccessRequest, status: int, reason: str) -> Outcome:
         """A request refused before policy: ambiguous (400), misdirected (421), a signal source
         down (503). Logged like every decision."""
-        decision = Decision(result=DecisionResult.block, status_code=status,
-                            error_code=ErrorCode.blocked_by_conditional_access, reason=reason, resource=None,
-                            client_app_type=client_app_type(request, None))
+        decision = refused_before_policy(request, status, reason)
         self._record(sign_in_record(request=request, decision=decision, now=self._clock(),
                                     locations=self.rules.locations(request)), decision)
         return Outcome(decision, pages.refused(status, reason, request.correlation_id))
@@ -529,7 +527,16 @@ def _user_key(identity: Identity) -> tuple[str | None, str | None]:
     return (identity.object_id or identity.subject, identity.tenant_id)
 
 
-def _access_token_in_query(target: str) -> bool:
+ACCESS_TOKEN_IN_QUERY = "an access token is accepted only in the Authorization header"  # noqa: S105  (a reason, not a secret)
+
+
+def refused_before_policy(request: AccessRequest, status: int, reason: str) -> Decision:
+    """A refusal no policy is asked about (400, 421, 503), at the gateway and in What If."""
+    return Decision(result=DecisionResult.block, status_code=status, error_code=ErrorCode.blocked_by_conditional_access,
+                    reason=reason, resource=None, client_app_type=client_app_type(request, None))
+
+
+def access_token_in_query(target: str) -> bool:
     """RFC 6750's URI query parameter: never read (URLs end up in logs), and never forwarded for
     the upstream to read either, beside or instead of the token the gateway checked."""
     query = target.partition("?")[2]

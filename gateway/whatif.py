@@ -28,7 +28,15 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.access import Rules, decide, decided_before_identity, decision_device_id
+from gateway.access import (
+    ACCESS_TOKEN_IN_QUERY,
+    Rules,
+    access_token_in_query,
+    decide,
+    decided_before_identity,
+    decision_device_id,
+    refused_before_policy,
+)
 from gateway.audit import policy_entry
 from gateway.config import Config
 from gateway.paths import canonical_path
@@ -90,6 +98,8 @@ class WhatIf:
         found = self.policy_set.match(request.host, request.path)
         if found is None or found.public:  # denied, or forwarded, before any token is read, whoever asks
             return decided_before_identity(request, found.primary if found else None)
+        if access_token_in_query(request.target or ""):
+            return refused_before_policy(request, 400, ACCESS_TOKEN_IN_QUERY)
         identity = self.identity(question)
         device_id = decision_device_id(identity, request)
         record = await self.inventory.managed_device(device_id) if device_id else None
