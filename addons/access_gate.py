@@ -62,9 +62,10 @@ class AccessGate:
         _apply(flow, outcome)
         if outcome.forward and outcome.session_controls.names():
             flow.metadata[SESSION_KEY] = outcome.session_controls
-        if outcome.forward and outcome.device_id:
-            flow.metadata.update({DEVICE_KEY: outcome.device_id, REQUEST_KEY: request,
-                                  AUTHORIZATION_KEY: authorization, COOKIES_KEY: cookies})
+        if outcome.forward:  # what ContinuousAccess needs to decide it again while it is open
+            flow.metadata.update({REQUEST_KEY: request, AUTHORIZATION_KEY: authorization, COOKIES_KEY: cookies})
+            if outcome.device_id:
+                flow.metadata[DEVICE_KEY] = outcome.device_id
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:

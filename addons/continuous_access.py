@@ -1,7 +1,9 @@
-"""ContinuousAccess: when a device's signals change (MTD webhook, inventory sync, CLI), every open
-flow of that device is decided again, and its connection closed if it is no longer allowed: an
-ActiveSync Ping long-poll or a streamed download does not outlive a risk raise. A reload of the
-rules decides again every flow still open two seconds after it started.
+"""ContinuousAccess: every flow the rules allowed is kept while it is open, whether or not its
+decision used a device (a kiosk's never does). When a device's signals change (MTD webhook,
+inventory sync, CLI), every open flow of that device is decided again, and its connection closed
+if it is no longer allowed: an ActiveSync Ping long-poll or a streamed download does not outlive a
+risk raise. A reload of the rules decides again every flow still open two seconds after it
+started, with a device or without: a tightening reload closes a kiosk's long request too.
 
 A change can also land while a flow is being decided: after its decision read the device (or the
 rules), before it is registered as open. ``DecisionsUnderWay`` (before AccessGate in the chain)
@@ -39,7 +41,8 @@ RELOAD_GRACE_SECONDS = 2.0  # a request in flight this long when the rules chang
 class ContinuousAccess:
     def __init__(self, service: AccessService) -> None:
         self.service = service
-        self.open_flows: dict[str, set[http.HTTPFlow]] = {}
+        self.open_flows: set[http.HTTPFlow] = set()  # every allowed flow still open: a reload decides them again
+        self.by_device: dict[str, set[http.HTTPFlow]] = {}  # those whose decision used a device
         self.deciding: dict[str, set[str]] = {}  # flow id -> changes heard while its decision was under way
         self._tasks: set[asyncio.Task[None]] = set()
         service.subscribe(self.devices_changed)
@@ -47,13 +50,16 @@ class ContinuousAccess:
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         heard = self.deciding.pop(flow.id, set())
+        if flow.metadata.get(ALLOWED_KEY) is not True or REQUEST_KEY not in flow.metadata:
+            return  # refused, or never decided by the rules (a destination the kiosk passes through)
+        self.open_flows.add(flow)
         device_id = flow.metadata.get(DEVICE_KEY)
-        if flow.metadata.get(ALLOWED_KEY) is True and device_id:
-            self.open_flows.setdefault(device_id, set()).add(flow)
-            if device_id in heard or EVERY_DEVICE in heard:
-                self._start(flow)  # its decision may have read the signals from before the change
-            elif RULES_CHANGED in heard:
-                self._decide_after_grace(flow, asyncio.get_running_loop(), time.time())
+        if device_id:
+            self.by_device.setdefault(device_id, set()).add(flow)
+        if device_id and (device_id in heard or EVERY_DEVICE in heard):
+            self._start(flow)  # its decision may have read the signals from before the change
+        elif RULES_CHANGED in heard:
+            self._decide_after_grace(flow, asyncio.get_running_loop(), time.time())
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
@@ -64,15 +70,16 @@ class ContinuousAccess:
         self._forget(flow)
 
     def devices_changed(self, device_ids: set[str]) -> None:
+        """A device change concerns the flows decided with that device; a reload, every open flow."""
         for heard in self.deciding.values():
             heard.update(device_ids)
         if RULES_CHANGED in device_ids:
             self._rules_changed()
             return
         if EVERY_DEVICE in device_ids:
-            device_ids = set(self.open_flows)
+            device_ids = set(self.by_device)
         for device_id in device_ids:
-            for flow in list(self.open_flows.get(device_id, ())):
+            for flow in list(self.by_device.get(device_id, ())):
                 self._start(flow)
 
     def _rules_changed(self) -> None:
@@ -80,17 +87,15 @@ class ContinuousAccess:
         still open ``RELOAD_GRACE_SECONDS`` after it started is decided again."""
         loop = asyncio.get_running_loop()
         now = time.time()
-        for flows in list(self.open_flows.values()):
-            for flow in list(flows):
-                self._decide_after_grace(flow, loop, now)
+        for flow in list(self.open_flows):
+            self._decide_after_grace(flow, loop, now)
 
     def _decide_after_grace(self, flow: http.HTTPFlow, loop: asyncio.AbstractEventLoop, now: float) -> None:
         delay = max(0.0, RELOAD_GRACE_SECONDS - (now - flow.request.timestamp_start))
         loop.call_later(delay, self._start_if_open, flow)
 
     def _start_if_open(self, flow: http.HTTPFlow) -> None:
-        device_id = flow.metadata.get(DEVICE_KEY)
-        if device_id and flow in self.open_flows.get(device_id, ()):
+        if flow in self.open_flows:
             self._start(flow)
 
     def _start(self, flow: http.HTTPFlow) -> None:
@@ -113,12 +118,13 @@ class ContinuousAccess:
             self._forget(flow)
 
     def _forget(self, flow: http.HTTPFlow) -> None:
+        self.open_flows.discard(flow)
         device_id = flow.metadata.get(DEVICE_KEY)
-        flows = self.open_flows.get(device_id) if device_id else None
+        flows = self.by_device.get(device_id) if device_id else None
         if flows is not None:
             flows.discard(flow)
             if not flows:
-                del self.open_flows[device_id]
+                del self.by_device[device_id]
 
 
 class DecisionsUnderWay:

@@ -28,6 +28,7 @@ from gateway import bootstrap
 from gateway.access import AccessService
 from gateway.operations import Operations
 from gateway.web.demo_idp import DemoIdentityProvider
+from gateway.web.types import ASGIApp
 from tests.redis_server import RedisServer, free_port, started_or_skipped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,13 +150,14 @@ async def operations_for(config_dir: Path, *, fetch_keys: bool = True) -> Operat
 
 
 @contextlib.asynccontextmanager
-async def proxy_for(service: AccessService) -> AsyncIterator[int]:
-    """Only the mitmproxy listener, for a service a test built itself (fault injection).
+async def proxy_for(service: AccessService, endpoints: dict[str, ASGIApp] | None = None) -> AsyncIterator[int]:
+    """Only the mitmproxy listener (and the gateway's own ``endpoints``, if given), for a service
+    a test built itself (fault injection).
 
     mitmproxy keeps one master per process in ``mitmproxy.ctx`` and hands every new connection
     to it, so the session's gateway is put back in place once this one stops."""
     previous = (mitmproxy.ctx.master, mitmproxy.ctx.options)
-    master, ready = build_master(service)
+    master, ready = build_master(service, endpoints)
     task = asyncio.create_task(master.run())
     await asyncio.wait_for(ready.event.wait(), START_TIMEOUT)
     try:
@@ -235,11 +237,63 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA, demo_ports
         )
 
 
-class AlexPing:
-    """Alex's Outlook holding an ActiveSync Ping long-poll open through the gateway, in a thread.
-    ``started()`` returns once the gateway has decided and forwarded it; ``closed_after(t)``
-    waits for the end and says how long after ``t`` the connection was closed (None if the
-    Ping was answered instead of closed)."""
+class LongPoll:
+    """A request held open through a gateway, in a thread: ``send(user_agent)`` sends it and
+    returns the answer's status. ``started()`` returns once the gateway has decided and forwarded
+    it; ``closed_after(t)`` waits for the end and says how long after ``t`` the connection was
+    closed (None if the request was answered instead of closed)."""
+
+    def __init__(self, send: Callable[[str], int], user_agent: str, decision_log: Path) -> None:
+        self._send = send
+        self._user_agent = f"{user_agent} (ping {uuid.uuid4().hex})"  # finds its decision in the log
+        self._log = decision_log
+        self._error: Exception | None = None
+        self._ended = 0.0
+        self.status: int | None = None  # the answer's status when it was answered
+        self.decision: dict[str, Any] | None = None  # its logged decision, once ``started()``
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            self.status = self._send(self._user_agent)
+        except httpx.HTTPError as error:
+            self._error = error
+        self._ended = time.monotonic()
+
+    def start(self) -> LongPoll:
+        self._thread.start()
+        return self
+
+    def started(self) -> LongPoll:
+        """Waits for this request's own decision (kept in ``decision``)."""
+        self.start()
+        self.decision = self.decisions(1)[0]
+        return self
+
+    def decisions(self, count: int) -> list[dict[str, Any]]:
+        """Waits for ``count`` logged decisions of this request (a re-decision logs one too). The
+        log is written in batches, so a line that appears meanwhile may be half written."""
+        deadline = time.monotonic() + 10
+        while True:
+            found = []
+            for line in self._log.read_text().splitlines() if self._log.exists() else ():
+                if f'"userAgent":"{self._user_agent}"' in line:
+                    with contextlib.suppress(json.JSONDecodeError):  # the writer may be mid-line
+                        found.append(json.loads(line))
+            if len(found) >= count:
+                return found
+            assert time.monotonic() < deadline, f"the long-poll was decided {len(found)} times, not {count}"
+            time.sleep(0.01)
+
+    def closed_after(self, since: float) -> float | None:
+        self._thread.join(15)
+        assert not self._thread.is_alive(), "the long-poll neither ended nor was closed within 15 s"
+        return self._ended - since if self._error is not None else None
+
+
+class AlexPing(LongPoll):
+    """Alex's Outlook holding an ActiveSync Ping long-poll open through the gateway (the session's,
+    or the one listening on ``port`` and logging to ``decision_log``)."""
 
     def __init__(self, gateway: Gateway, heartbeat_seconds: int = 8, *, port: int | None = None,
                  decision_log: Path | None = None) -> None:
@@ -248,41 +302,12 @@ class AlexPing:
         token = gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
                                  device_id=ALEX_IPHONE)
         path = activesync(ALEX_IPHONE).replace("Cmd=Sync", "Cmd=Ping") + f"&HeartbeatInterval={heartbeat_seconds}"
-        self._gateway, self._token, self._path = gateway, token, path
-        self._user_agent = f"Outlook-iOS/2.0 (ping {uuid.uuid4().hex})"  # finds its decision in the log
-        self._port, self._log = port, decision_log or gateway.decision_log  # another gateway's, or the session's
-        self._error: Exception | None = None
-        self._ended = 0.0
-        self.status: int | None = None  # the answer's status when it was answered
-        self._thread = threading.Thread(target=self._run)
 
-    def _run(self) -> None:
-        try:
-            self.status = self._gateway.request("mail.contoso.test", self._path, method="POST", token=self._token,
-                                                headers={"User-Agent": self._user_agent}, timeout=20,
-                                                port=self._port).status_code
-        except httpx.HTTPError as error:
-            self._error = error
-        self._ended = time.monotonic()
+        def send(user_agent: str) -> int:
+            return gateway.request("mail.contoso.test", path, method="POST", token=token,
+                                   headers={"User-Agent": user_agent}, timeout=20, port=port).status_code
 
-    def start(self) -> AlexPing:
-        self._thread.start()
-        return self
-
-    def started(self) -> AlexPing:
-        """Waits for this Ping's own decision: the log is written in batches, so a line that
-        appears meanwhile may be an earlier request's."""
-        self.start()
-        deadline = time.monotonic() + 10
-        while f'"userAgent":"{self._user_agent}"' not in (self._log.read_text() if self._log.exists() else ""):
-            assert time.monotonic() < deadline, "the long-poll never reached the gateway"
-            time.sleep(0.01)
-        return self
-
-    def closed_after(self, since: float) -> float | None:
-        self._thread.join(15)
-        assert not self._thread.is_alive(), "the long-poll neither ended nor was closed within 15 s"
-        return self._ended - since if self._error is not None else None
+        super().__init__(send, "Outlook-iOS/2.0", decision_log or gateway.decision_log)
 
 
 @pytest.fixture(scope="session")

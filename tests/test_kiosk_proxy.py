@@ -5,6 +5,7 @@ at the kiosk location, whatever device their token names; other destinations are
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -19,9 +20,10 @@ MAIL, DOCS = "mail.contoso.test", "docs.contoso.test"
 BROWSER = {"Accept": "text/html", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) KioskBrowser"}
 
 
-def kiosk_browser(gateway: Gateway) -> httpx.Client:
-    """A kiosk browser: every request goes through the gateway's kiosk proxy, and it trusts the gateway's CA."""
-    config = bootstrap.load(gateway.config_dir).config
+def kiosk_browser(gateway: Gateway, config_dir: Path | None = None) -> httpx.Client:
+    """A kiosk browser: every request goes through the gateway's kiosk proxy (or that of the
+    gateway a test started with ``config_dir``), and it trusts the gateway's CA."""
+    config = bootstrap.load(config_dir or gateway.config_dir).config
     assert config.gateway_file.kiosk is not None
     context = ssl.create_default_context()
     gateway.ca.configure_trust(context)

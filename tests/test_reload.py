@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import socket
 import subprocess
@@ -12,21 +13,25 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 from ruamel.yaml import YAML
 
+from addons.service_endpoints import BROWSER_ENDPOINTS
 from gateway import bootstrap
 from gateway.access import AccessService
 from gateway.demo import ACTIVESYNC, ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, OFFICE, OUTLOOK_MOBILE
 from gateway.operations import Operations
 from gateway.policy.model import AccessRequest, ManagedDevice
+from gateway.web.browser_pages import browser_app
 from tests.conftest import (
     AlexPing,
     Background,
     Gateway,
+    LongPoll,
     Ports,
     demo_config_copy,
     gateway_config,
@@ -34,6 +39,7 @@ from tests.conftest import (
     proxy_for,
 )
 from tests.gateway_process import GatewayProcess, sibling_config
+from tests.test_kiosk_proxy import BROWSER, kiosk_browser, kiosk_sign_in
 
 MAIL = "mail.contoso.test"
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
@@ -64,11 +70,12 @@ def own_config(tmp_path: Path, gateway: Gateway, demo_ports: Ports, *, keep_case
 
 @contextlib.asynccontextmanager
 async def reloading_gateway(config_dir: Path) -> AsyncIterator[tuple[int, Operations]]:
-    """A listener of its own whose config directory is watched, as `portcullis run` does."""
+    """A listener of its own, with the browser sign-in endpoints, whose config directory is
+    watched, as `portcullis run` does."""
     operations = await operations_for(config_dir)
     watcher = asyncio.create_task(operations.reloader.watch(interval=0.05, settle=0.05))
     try:
-        async with proxy_for(operations.service) as port:
+        async with proxy_for(operations.service, {BROWSER_ENDPOINTS: browser_app(operations.service)}) as port:
             yield port, operations
     finally:
         watcher.cancel()
@@ -176,22 +183,71 @@ async def decide(service: AccessService, token: str) -> int:
     return outcome.decision.status_code
 
 
-def test_a_tightening_reload_closes_open_long_polls(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
-    """An ActiveSync Ping can stay open for an hour: it is decided again when the rules change."""
+KIOSKS_CLOSED = """
+  - name: kiosks-closed
+    displayName: "Kiosks: closed"
+    state: enabled
+    conditions:
+      resources: {include: [All]}
+      locations: {include: [kiosk]}
+    grantControls:
+      builtInControls: [block]
+"""
+
+
+def kiosk_long_requests(kiosk: httpx.Client, log: Path) -> Callable[[int], LongPoll]:
+    """A kiosk browser, signed in naming Alex's iPhone (which the kiosk ignores: its decisions
+    use no device), holding OWA requests open for ``heartbeat`` seconds (the demo backend holds
+    any request with ``Cmd=Ping`` as it holds ActiveSync's)."""
+    cookie = kiosk_sign_in(kiosk, device=ALEX_IPHONE).headers["set-cookie"].split(";", 1)[0]
+
+    def long_request(heartbeat: int) -> LongPoll:
+        def send(user_agent: str) -> int:
+            return kiosk.get(f"https://{MAIL}/owa/?Cmd=Ping&HeartbeatInterval={heartbeat}", timeout=20,
+                             headers={"Cookie": cookie, "User-Agent": user_agent}).status_code
+
+        return LongPoll(send, BROWSER["User-Agent"], log)
+
+    return long_request
+
+
+def alex_ping(gateway: Gateway, port: int, log: Path, heartbeat: int) -> LongPoll:
+    return AlexPing(gateway, heartbeat_seconds=heartbeat, port=port, decision_log=log)
+
+
+@pytest.mark.parametrize("through", ["gateway", "kiosk"])
+def test_a_tightening_reload_closes_open_long_polls(gateway: Gateway, tmp_path: Path, demo_ports: Ports,
+                                                     through: str) -> None:
+    """An ActiveSync Ping can stay open for an hour, and so can a kiosk browser's request: each is
+    decided again when the rules change, whether its decision used a device (Alex's phone through
+    the gateway) or none (the kiosk)."""
     config_dir = own_config(tmp_path, gateway, demo_ports)
     policies = config_dir / "policies.yaml"
-    with Background(lambda: reloading_gateway(config_dir)) as (port, operations):
+    with Background(lambda: reloading_gateway(config_dir)) as (port, operations), \
+            kiosk_browser(gateway, config_dir) as kiosk:
         log = operations.service.decision_log.path
-        untouched = AlexPing(gateway, heartbeat_seconds=3, port=port, decision_log=log).started()
+        long_request: Callable[[int], LongPoll]
+        if through == "gateway":
+            device: str | None = ALEX_IPHONE
+            long_request = functools.partial(alex_ping, gateway, port, log)
+        else:
+            device, long_request = None, kiosk_long_requests(kiosk, log)
+        untouched = long_request(5).started()
+        assert untouched.decision is not None and untouched.decision["deviceDetail"]["deviceId"] == device
         save(policies, policies.read_text().replace("displayName: \"Exchange:", "displayName: \"Exchange (v2):", 1))
         wait_for_reloads(operations, 1)
+        again = untouched.decisions(2)[1]  # after the grace, while it is still open
+        assert (again["result"], again["deviceDetail"]["deviceId"]) == ("allow", device)
         assert untouched.closed_after(time.monotonic()) is None  # rules that still allow it: answered, not cut
-        ping = AlexPing(gateway, heartbeat_seconds=8, port=port, decision_log=log).started()
+        assert untouched.status == 200
+        ping = long_request(8).started()
         changed = time.monotonic()
-        save(policies, stricter(policies.read_text()))
+        text = policies.read_text()
+        save(policies, stricter(text) if through == "gateway" else text + KIOSKS_CLOSED)
         wait_for_reloads(operations, 2)
         closed = ping.closed_after(changed)
-    assert closed is not None and closed < 5
+        assert closed is not None and closed < 5, f"the long request was answered ({ping.status}), not closed"
+        assert ping.decisions(2)[1]["result"] == "block"  # closed because the new rules refuse it
 
 
 def test_an_invalid_change_keeps_the_last_good_rules(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:

@@ -48,6 +48,7 @@ class AssertionCheck:
 
 async def _echo(request: Request) -> JSONResponse:
     if request.query_params.get("Cmd") == "Ping":  # ActiveSync long-poll: answer when the heartbeat ends
+        # (on every echoing route: a test holds an OWA request open through the kiosk the same way)
         await asyncio.sleep(min(float(request.query_params.get("HeartbeatInterval", "30")), MAX_PING_SECONDS))
     received = {k: v for k, v in request.headers.items() if k not in NOT_ECHOED}
     if request.cookies:  # names only: a demo page must not echo cookie values
