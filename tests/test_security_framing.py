@@ -39,7 +39,7 @@ from ruamel.yaml import YAML
 
 from addons.runner import running_gateway
 from addons.strict_http import StrictHttp1Server
-from gateway import bootstrap, framing
+from gateway import bootstrap, framing, headers
 from gateway.demo import ALEX_IPHONE
 from gateway.signals.mtd import sign
 from tests.conftest import MTD_SECRET, Background, Gateway, Ports, free_port, gateway_config
@@ -904,6 +904,47 @@ def test_large_cookies_long_lines_and_tabs_reach_the_upstream(framed: Framed, ex
     request = post(outlook_token(framed.gateway), extra + b"Content-Length: 0\r\nConnection: close\r\n", b"")
     assert exchange(framed.gateway, request).status == 200
     assert framed.upstream.requests[-1].headers[name] == received.decode()
+
+
+def cookie_value(length: int, *, pairs: int, separator: bytes = b"; ") -> bytes:
+    """``pairs`` cookies joined with ``separator``, ``length`` bytes in all."""
+    names = [b"k%d=" % i for i in range(pairs)]
+    filler = length - sum(map(len, names)) - len(separator) * (pairs - 1)
+    return separator.join(name + b"v" * (filler // pairs + (i < filler % pairs)) for i, name in enumerate(names))
+
+
+def cookie_lines(value: bytes) -> bytes:
+    """Each cookie of ``value`` in a Cookie line of its own, as HTTP/1 forbids and clients still send."""
+    return b"".join(b"Cookie: " + pair + b"\r\n" for pair in value.split(b"; "))
+
+
+JOINED = headers.MAX_FIELD_BYTES - len("Cookie: ")  # the longest value of the one Cookie line an upstream gets
+
+
+@pytest.mark.parametrize(("extra", "status"), [
+    pytest.param(cookie_lines(cookie_value(JOINED, pairs=40)), 200, id="twin: 40 Cookie lines, 16 KiB once joined"),
+    pytest.param(cookie_lines(cookie_value(JOINED + 1, pairs=40)), 431,
+                 id="40 Cookie lines, a byte past 16 KiB once joined (alone: forwarded as sent)"),
+    pytest.param(b"Cookie: " + cookie_value(JOINED, pairs=40, separator=b";") + b"\r\n", 431,
+                 id="one 16 KiB Cookie line of pairs split by ';', longer once joined with '; ' (alone: forwarded)"),
+])
+def test_the_upstream_gets_one_cookie_line_within_the_bound(framed: Framed, extra: bytes, status: int) -> None:
+    """Every Cookie field reaches the upstream as one line, its pairs joined with "; " (RFC 6265
+    §5.4): the line the one-line bound (16 KiB) and the field count measure, not a line the
+    upstream never receives while it gets many separate ones."""
+    mark = framed.upstream.mark()
+    request = post(outlook_token(framed.gateway), extra + b"Content-Length: 0\r\nConnection: close\r\n", b"")
+    answer = exchange(framed.gateway, request)
+    if status == 431:
+        assert_refused(answer, 431, framed.upstream, mark)
+        assert "a header field longer than 16 KiB" in answer.text
+        return
+    assert answer.status == 200, answer.text[:300]
+    head = framed.upstream.since(mark).split(b"\r\n\r\n", 1)[0]
+    received = [line for line in head.split(b"\r\n") if line.lower().startswith(b"cookie:")]
+    assert [line.lower() for line in received] == [b"cookie: " + cookie_value(JOINED, pairs=40)], \
+        list(map(len, received))
+    assert len(received[0]) == headers.MAX_FIELD_BYTES
 
 
 @pytest.mark.parametrize(("extra", "status"), [
