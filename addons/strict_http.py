@@ -178,15 +178,26 @@ class StrictHttp1Server(Http1Server):
         elif isinstance(event, events.ConnectionClosed) and bytes(self.buf).strip():
             yield commands.Log(f"{human.format_address(self.conn.peername)}: closed the connection before "
                                f"completing a request head ({len(self.buf)} bytes)")
-        yield from replacing(super().read_headers(event), self._in_own_words)
+        yield from replacing(super().read_headers(event), self._in_own_words())
 
-    def _in_own_words(self, command: commands.Command) -> Iterable[commands.Command] | None:
+    def _in_own_words(self) -> Replacement:
         """mitmproxy answers a head it cannot parse (the grammar leaves the forms of a request target
         to it) with its HTML page, and logs the client's bytes, which may carry a token: the gateway's
-        JSON refusal goes out instead, and its own log line."""
-        if isinstance(command, commands.SendData) and command.connection is self.conn:  # only that page
-            return self._answer(UNREADABLE_HEAD)
-        return () if isinstance(command, commands.Log) else None
+        JSON refusal goes out instead, and its own log line. Only until the head is parsed: then the
+        same generator reads the body (``read_body`` below, with its own refusals and log lines) and,
+        once it is done, may start on the next request, whose head gets a replacement of its own."""
+        parsed = False
+
+        def replace(command: commands.Command) -> Iterable[commands.Command] | None:
+            nonlocal parsed
+            parsed = parsed or (isinstance(command, ReceiveHttp) and isinstance(command.event, RequestHeaders))
+            if parsed:
+                return None
+            if isinstance(command, commands.SendData) and command.connection is self.conn:  # only that page
+                return self._answer(UNREADABLE_HEAD)
+            return () if isinstance(command, commands.Log) else None
+
+        return replace
 
     def read_body(self, event: events.Event) -> Commands:
         if type(self.body_reader) is ChunkedReader:

@@ -84,22 +84,26 @@ def header_fields_refusal(fields: Iterable[tuple[bytes, bytes]]) -> tuple[int, s
     that is not a token, or a value with control characters (upstreams strip, keep or split on
     them differently: the upstream would read a header the gateway never saw as it does).
 
-    The Cookie fields are one field and one line, as an HTTP/1 upstream receives them (an HTTP/2
-    client may send each cookie in a field of its own; mitmproxy joins them with ``; ``)."""
-    count = size = cookie_line = cookie_pairs = 0
+    The Cookie fields are measured as the one field and line the upstream receives
+    (``upstream_cookies``: every pair, joined with ``; ``), however the client sent them: in several
+    HTTP/1 lines, or each cookie in an HTTP/2 field of its own."""
+    count = size = cookie_size = cookie_line = cookie_pairs = 0
     for name, value in fields:
-        size += len(name) + len(value) + 4
+        size += len(name) + len(value) + 4  # as received, with ": " and CRLF
         line = len(name) + 2 + len(value)
         if name.lower() == b"cookie":
             count += cookie_line == 0
-            cookie_line = line if cookie_line == 0 else cookie_line + 2 + len(value)
-            cookie_pairs += sum(1 for pair in value.split(b";") if pair.strip())
+            pairs = [pair.strip() for pair in value.split(b";") if pair.strip()]
+            cookie_line = (cookie_line or len(name)) + sum(len(pair) + 2 for pair in pairs)  # "; " (first: ": ")
+            cookie_size += len(name) + len(value) + 4
+            cookie_pairs += len(pairs)
             line = cookie_line
         else:
             count += 1
+        forwarded = size - cookie_size + (cookie_line + 2 if cookie_size else 0)
         if count > MAX_HEADER_FIELDS:
             return 431, f"more than {MAX_HEADER_FIELDS} header fields"
-        if size > MAX_HEADER_BYTES:
+        if max(size, forwarded) > MAX_HEADER_BYTES:
             return 431, f"header fields larger than {MAX_HEADER_BYTES // 1024} KiB together"
         if line > MAX_FIELD_BYTES:
             return 431, f"a header field longer than {MAX_FIELD_BYTES // 1024} KiB"
@@ -237,13 +241,11 @@ def is_exchange_routing_cookie(pair: str) -> bool:
 
 
 def upstream_cookies(cookie_headers: Iterable[str]) -> list[str]:
-    """The Cookie headers an upstream may see: the user's own cookies, never the gateway's (a session
-    cookie in an upstream's hands, or its logs, would let it act as the user at the gateway) nor
-    Exchange's routing cookies (no client has any business sending them, on any path)."""
-    kept = []
-    for header in cookie_headers:
-        pairs = [p.strip() for p in header.split(";")
-                 if p.strip() and not is_gateway_cookie(p) and not is_exchange_routing_cookie(p)]
-        if pairs:
-            kept.append("; ".join(pairs))
-    return kept
+    """The Cookie field an upstream may see (none, or one, for ``Headers.set_all``): the user's own
+    cookies, never the gateway's (a session cookie in an upstream's hands, or its logs, would let it
+    act as the user at the gateway) nor Exchange's routing cookies (no client has any business sending
+    them, on any path). Every kept pair of every Cookie field, joined with ``; `` into one field (RFC
+    6265 §5.4; RFC 9113 §8.2.3 allows it over HTTP/2): the one line ``header_fields_refusal`` bounds."""
+    kept = [pair.strip() for header in cookie_headers for pair in header.split(";")
+            if pair.strip() and not is_gateway_cookie(pair) and not is_exchange_routing_cookie(pair)]
+    return ["; ".join(kept)] if kept else []

@@ -39,7 +39,7 @@ from ruamel.yaml import YAML
 
 from addons.runner import running_gateway
 from addons.strict_http import StrictHttp1Server
-from gateway import bootstrap, framing
+from gateway import bootstrap, framing, headers
 from gateway.demo import ALEX_IPHONE
 from gateway.signals.mtd import sign
 from tests.conftest import MTD_SECRET, Background, Gateway, Ports, free_port, gateway_config
@@ -240,55 +240,82 @@ def assert_refused(answer: Answer, status: int, upstream: RecordingUpstream, mar
     assert upstream.since(mark) == b"", "something of the refused request reached the upstream"
 
 
-# (framing lines, body, what mitmproxy 12.2.3 did alone)
+def assert_refused_because(answer: Answer, status: int, reason: str, upstream: RecordingUpstream, mark: int,
+                           caplog: pytest.LogCaptureFixture) -> None:
+    """``assert_refused``, and the client and the log line under the answer's correlation id both
+    give ``reason`` (not a generic one in its place)."""
+    assert_refused(answer, status, upstream, mark)
+    refusal = json.loads(answer.text.split("\r\n\r\n", 1)[1])
+    assert reason in refusal["error_description"], refusal
+    logged = [r.getMessage() for r in caplog.records if refusal["correlationId"] in r.getMessage()]
+    assert logged and all(reason in message for message in logged), logged
+
+
+# (framing lines, body, the reason the gateway gives; the id says what mitmproxy 12.2.3 did alone)
 HEAD_ATTACKS = [
-    pytest.param(b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", CHUNKED + SMUGGLED, id="CL.TE (alone: 400)"),
-    pytest.param(b"Transfer-Encoding: chunked\r\nContent-Length: 40\r\n", CHUNKED + SMUGGLED, id="TE.CL (alone: 400)"),
+    pytest.param(b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", CHUNKED + SMUGGLED,
+                 "both Transfer-Encoding and Content-Length", id="CL.TE (alone: 400)"),
+    pytest.param(b"Transfer-Encoding: chunked\r\nContent-Length: 40\r\n", CHUNKED + SMUGGLED,
+                 "both Transfer-Encoding and Content-Length", id="TE.CL (alone: 400)"),
     pytest.param(b"Content-Length: 5\r\nContent-Length: 40\r\n", b"hello" + SMUGGLED,
-                 id="two different Content-Lengths (alone: 400)"),
+                 "more than one Content-Length header", id="two different Content-Lengths (alone: 400)"),
     pytest.param(b"Content-Length: 5\r\nContent-Length: 5\r\n", b"hello" + SMUGGLED,
-                 id="two equal Content-Lengths (alone: 400)"),
-    pytest.param(b"Content-Length: 5, 5\r\n", b"hello" + SMUGGLED, id="Content-Length list (alone: 400)"),
-    pytest.param(b"Content-Length: +5\r\n", b"hello" + SMUGGLED, id="Content-Length +5 (alone: 400)"),
-    pytest.param(b"Content-Length: 05\r\n", b"hello" + SMUGGLED, id="Content-Length leading zero (alone: 400)"),
-    pytest.param(b"Content-Length: 0x5\r\n", b"hello" + SMUGGLED, id="Content-Length hex (alone: 400)"),
-    pytest.param(b"Content-Length: 5 0\r\n", b"hello" + SMUGGLED, id="Content-Length with a space (alone: 400)"),
-    pytest.param(b"Content-Length: 5\x0b\r\n", b"hello" + SMUGGLED, id="Content-Length 5+VT (alone: accepted)"),
+                 "more than one Content-Length header", id="two equal Content-Lengths (alone: 400)"),
+    pytest.param(b"Content-Length: 5, 5\r\n", b"hello" + SMUGGLED,
+                 "Content-Length is not a decimal number", id="Content-Length list (alone: 400)"),
+    pytest.param(b"Content-Length: +5\r\n", b"hello" + SMUGGLED,
+                 "Content-Length is not a decimal number", id="Content-Length +5 (alone: 400)"),
+    pytest.param(b"Content-Length: 05\r\n", b"hello" + SMUGGLED,
+                 "Content-Length is not a decimal number", id="Content-Length leading zero (alone: 400)"),
+    pytest.param(b"Content-Length: 0x5\r\n", b"hello" + SMUGGLED,
+                 "Content-Length is not a decimal number", id="Content-Length hex (alone: 400)"),
+    pytest.param(b"Content-Length: 5 0\r\n", b"hello" + SMUGGLED,
+                 "Content-Length is not a decimal number", id="Content-Length with a space (alone: 400)"),
+    pytest.param(b"Content-Length: 5\x0b\r\n", b"hello" + SMUGGLED,
+                 "malformed header line", id="Content-Length 5+VT (alone: accepted)"),
     pytest.param(b"Content-Length: 18446744073709551621\r\n", b"hello" + SMUGGLED,
-                 id="Content-Length past 2**64 (alone: forwarded)"),
-    pytest.param(b"Transfer-Encoding: chunked\x0b\r\n", CHUNKED + SMUGGLED, id="chunked+VT (alone: accepted)"),
-    pytest.param(b"Transfer-Encoding: \x0cchunked\r\n", CHUNKED + SMUGGLED, id="FF+chunked (alone: accepted)"),
-    pytest.param(b"Transfer-Encoding: Chunked\r\n", CHUNKED + SMUGGLED, id="Chunked (alone: accepted)"),
+                 "Content-Length is not a decimal number", id="Content-Length past 2**64 (alone: forwarded)"),
+    pytest.param(b"Transfer-Encoding: chunked\x0b\r\n", CHUNKED + SMUGGLED,
+                 "malformed header line", id="chunked+VT (alone: accepted)"),
+    pytest.param(b"Transfer-Encoding: \x0cchunked\r\n", CHUNKED + SMUGGLED,
+                 "malformed header line", id="FF+chunked (alone: accepted)"),
+    pytest.param(b"Transfer-Encoding: Chunked\r\n", CHUNKED + SMUGGLED,
+                 "the only Transfer-Encoding accepted", id="Chunked (alone: accepted)"),
     pytest.param(b"Transfer-Encoding: chunked, identity\r\n", CHUNKED + SMUGGLED,
-                 id="chunked, identity (alone: 400)"),
+                 "the only Transfer-Encoding accepted", id="chunked, identity (alone: 400)"),
     pytest.param(b"Transfer-Encoding: identity, chunked\r\n", CHUNKED + SMUGGLED,
-                 id="identity, chunked (alone: 400)"),
-    pytest.param(b"Transfer-Encoding: gzip, chunked\r\n", CHUNKED + SMUGGLED, id="gzip, chunked (alone: forwarded)"),
-    pytest.param(b"Transfer-Encoding: xchunked\r\n", CHUNKED + SMUGGLED, id="xchunked (alone: 400)"),
+                 "the only Transfer-Encoding accepted", id="identity, chunked (alone: 400)"),
+    pytest.param(b"Transfer-Encoding: gzip, chunked\r\n", CHUNKED + SMUGGLED,
+                 "the only Transfer-Encoding accepted", id="gzip, chunked (alone: forwarded)"),
+    pytest.param(b"Transfer-Encoding: xchunked\r\n", CHUNKED + SMUGGLED,
+                 "the only Transfer-Encoding accepted", id="xchunked (alone: 400)"),
     pytest.param(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", CHUNKED + SMUGGLED,
-                 id="two Transfer-Encodings (alone: 400)"),
-    pytest.param(b"Transfer-Encoding : chunked\r\n", CHUNKED + SMUGGLED, id="space before the colon (alone: 400)"),
+                 "more than one Transfer-Encoding header", id="two Transfer-Encodings (alone: 400)"),
+    pytest.param(b"Transfer-Encoding : chunked\r\n", CHUNKED + SMUGGLED,
+                 "malformed header line", id="space before the colon (alone: 400)"),
     pytest.param(b"Transfer-Encoding: identity\r\n chunked\r\n", CHUNKED + SMUGGLED,
-                 id="obs-fold into Transfer-Encoding (alone: 400)"),
+                 "folded over several lines", id="obs-fold into Transfer-Encoding (alone: 400)"),
     pytest.param(b"X-Note: a\r\n Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", b"hello" + SMUGGLED,
-                 id="obs-fold hiding a header (alone: forwarded)"),
+                 "folded over several lines", id="obs-fold hiding a header (alone: forwarded)"),
     pytest.param(b"Content-Length: 5\nX-Note: bare LF\r\n", b"hello" + SMUGGLED,
-                 id="bare LF in the head (alone: accepted)"),
+                 "bare CR or LF", id="bare LF in the head (alone: accepted)"),
     pytest.param(b"X-Note: a\rb\r\nContent-Length: 5\r\n", b"hello" + SMUGGLED,
-                 id="bare CR in a value (alone: accepted)"),
+                 "bare CR or LF", id="bare CR in a value (alone: accepted)"),
     pytest.param(b"X-Note: a\x00b\r\nContent-Length: 5\r\n", b"hello" + SMUGGLED,
-                 id="NUL in a value (alone: accepted)"),
+                 "malformed header line", id="NUL in a value (alone: accepted)"),
     pytest.param(b"Host: docs.contoso.test\r\nContent-Length: 5\r\n", b"hello" + SMUGGLED,
-                 id="two Host headers"),
+                 "more than one Host header", id="two Host headers"),
 ]
 
 
-@pytest.mark.parametrize(("framing_lines", "body"), HEAD_ATTACKS)
-def test_ambiguous_request_heads_are_refused_with_400_and_closed(framed: Framed, framing_lines: bytes,
-                                                                 body: bytes) -> None:
+@pytest.mark.parametrize(("framing_lines", "body", "reason"), HEAD_ATTACKS)
+def test_ambiguous_request_heads_are_refused_with_400_and_closed(framed: Framed, caplog: pytest.LogCaptureFixture,
+                                                                 framing_lines: bytes, body: bytes,
+                                                                 reason: str) -> None:
+    caplog.set_level(logging.INFO)
     mark = framed.upstream.mark()
     answer = exchange(framed.gateway, post(outlook_token(framed.gateway), framing_lines, body))
-    assert_refused(answer, 400, framed.upstream, mark)
+    assert_refused_because(answer, 400, reason, framed.upstream, mark, caplog)
 
 
 @pytest.mark.parametrize(("request_bytes", "status"), [
@@ -374,24 +401,34 @@ def test_a_refusal_decided_in_a_hooks_task_closes_the_connection(framed: Framed)
 
 
 CHUNK_ATTACKS = [
-    pytest.param(b"0x5\r\nhello\r\n0\r\n\r\n", id="size 0x5 (alone: closed, no answer)"),
-    pytest.param(b"+5\r\nhello\r\n0\r\n\r\n", id="size +5 (alone: closed, no answer)"),
-    pytest.param(b"-1\r\nhello\r\n0\r\n\r\n", id="size -1 (alone: closed, no answer)"),
-    pytest.param(b"1" + b"0" * 15 + b"\r\nhello\r\n0\r\n\r\n", id="16 hex digits (alone: waits for 2**60 bytes)"),
-    pytest.param(b"5;a\nb\r\nhello\r\n0\r\n\r\n", id="extension with a bare LF (alone: closed, no answer)"),
-    pytest.param(b"5\nhello\n0\n\n", id="bare LF line endings (alone: waits forever)"),
-    pytest.param(b"3\r\nhello\r\n0\r\n\r\n", id="chunk longer than its size (alone: closed, no answer)"),
-    pytest.param(b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n", id="trailer section (alone: crashes, hangs)"),
-    pytest.param(b"5\r\nhello\r\n0\r\n", id="no final CRLF, a request follows (alone: closed, no answer)"),
-    pytest.param(b"5;" + b"a" * 5000 + b"\r\nhello\r\n0\r\n\r\n", id="5 KB extension (alone: accepted)"),
+    pytest.param(b"0x5\r\nhello\r\n0\r\n\r\n", "malformed chunk size line", id="size 0x5 (alone: closed, no answer)"),
+    pytest.param(b"+5\r\nhello\r\n0\r\n\r\n", "malformed chunk size line", id="size +5 (alone: closed, no answer)"),
+    pytest.param(b"-1\r\nhello\r\n0\r\n\r\n", "malformed chunk size line", id="size -1 (alone: closed, no answer)"),
+    pytest.param(b"1" + b"0" * 15 + b"\r\nhello\r\n0\r\n\r\n",
+                 "malformed chunk size line", id="16 hex digits (alone: waits for 2**60 bytes)"),
+    pytest.param(b"5;a\nb\r\nhello\r\n0\r\n\r\n",
+                 "malformed chunk size line", id="extension with a bare LF (alone: closed, no answer)"),
+    pytest.param(b"5\nhello\n0\n\n", "chunk size line", id="bare LF line endings (alone: waits forever)"),
+    pytest.param(b"3\r\nhello\r\n0\r\n\r\n",
+                 "chunk data longer than its size", id="chunk longer than its size (alone: closed, no answer)"),
+    pytest.param(b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n",
+                 "request trailers are not accepted", id="trailer section (alone: crashes, hangs)"),
+    pytest.param(b"5\r\nhello\r\n0\r\n",
+                 "request trailers are not accepted", id="no final CRLF, a request follows (alone: closed, no answer)"),
+    pytest.param(b"5;" + b"a" * 5000 + b"\r\nhello\r\n0\r\n\r\n",
+                 "chunk size line", id="5 KB extension (alone: accepted)"),
 ]
 
 
-@pytest.mark.parametrize("chunks", CHUNK_ATTACKS)
-def test_chunk_framing_tricks_are_refused_with_400_and_closed(framed: Framed, chunks: bytes) -> None:
+@pytest.mark.parametrize(("chunks", "reason"), CHUNK_ATTACKS)
+def test_chunk_framing_tricks_are_refused_with_400_and_closed(framed: Framed, caplog: pytest.LogCaptureFixture,
+                                                              chunks: bytes, reason: str) -> None:
+    """The body leaves in the head's write, as a smuggling attempt sends it: the body reader's
+    refusal, run while the head is handled, is the one the client gets and the log keeps."""
+    caplog.set_level(logging.INFO)
     mark = framed.upstream.mark()
     request = post(outlook_token(framed.gateway), b"Transfer-Encoding: chunked\r\n", chunks + SMUGGLED)
-    assert_refused(exchange(framed.gateway, request), 400, framed.upstream, mark)
+    assert_refused_because(exchange(framed.gateway, request), 400, reason, framed.upstream, mark, caplog)
 
 
 @pytest.mark.parametrize(("framing_lines", "body", "expected"), [
@@ -635,12 +672,15 @@ def test_an_unreachable_upstream_gets_the_gateways_502_which_names_no_address(
     assert "127.0.0.1" not in page.text and "mitmproxy" not in page.text.lower()
 
 
-def test_what_a_client_sends_ahead_of_its_answer_is_bounded(framed: Framed) -> None:
+def test_what_a_client_sends_ahead_of_its_answer_is_bounded(framed: Framed, caplog: pytest.LogCaptureFixture) -> None:
     """mitmproxy buffers whatever a client sends while its answer is owed, without limit; past
-    256 KiB the gateway closes the connection instead (pipelining the next request still works)."""
+    256 KiB the gateway closes the connection instead, and logs why (pipelining the next request
+    still works). The head and the first bytes ahead leave in one write."""
+    caplog.set_level(logging.INFO)
     head = f"GET {SLOW} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(framed.gateway)}\r\n\r\n"
     answer = exchange(framed.gateway, head.encode() + b"x" * (framing.MAX_UNREAD_BYTES + 65536), wait=4)
     assert answer.closed and "HTTP/1.1 200" not in answer.text, answer.text[:200]
+    assert [r for r in caplog.records if f"more than {framing.MAX_UNREAD_BYTES} bytes sent ahead" in r.getMessage()]
 
 
 @contextlib.contextmanager
@@ -864,6 +904,47 @@ def test_large_cookies_long_lines_and_tabs_reach_the_upstream(framed: Framed, ex
     request = post(outlook_token(framed.gateway), extra + b"Content-Length: 0\r\nConnection: close\r\n", b"")
     assert exchange(framed.gateway, request).status == 200
     assert framed.upstream.requests[-1].headers[name] == received.decode()
+
+
+def cookie_value(length: int, *, pairs: int, separator: bytes = b"; ") -> bytes:
+    """``pairs`` cookies joined with ``separator``, ``length`` bytes in all."""
+    names = [b"k%d=" % i for i in range(pairs)]
+    filler = length - sum(map(len, names)) - len(separator) * (pairs - 1)
+    return separator.join(name + b"v" * (filler // pairs + (i < filler % pairs)) for i, name in enumerate(names))
+
+
+def cookie_lines(value: bytes) -> bytes:
+    """Each cookie of ``value`` in a Cookie line of its own, as HTTP/1 forbids and clients still send."""
+    return b"".join(b"Cookie: " + pair + b"\r\n" for pair in value.split(b"; "))
+
+
+JOINED = headers.MAX_FIELD_BYTES - len("Cookie: ")  # the longest value of the one Cookie line an upstream gets
+
+
+@pytest.mark.parametrize(("extra", "status"), [
+    pytest.param(cookie_lines(cookie_value(JOINED, pairs=40)), 200, id="twin: 40 Cookie lines, 16 KiB once joined"),
+    pytest.param(cookie_lines(cookie_value(JOINED + 1, pairs=40)), 431,
+                 id="40 Cookie lines, a byte past 16 KiB once joined (alone: forwarded as sent)"),
+    pytest.param(b"Cookie: " + cookie_value(JOINED, pairs=40, separator=b";") + b"\r\n", 431,
+                 id="one 16 KiB Cookie line of pairs split by ';', longer once joined with '; ' (alone: forwarded)"),
+])
+def test_the_upstream_gets_one_cookie_line_within_the_bound(framed: Framed, extra: bytes, status: int) -> None:
+    """Every Cookie field reaches the upstream as one line, its pairs joined with "; " (RFC 6265
+    §5.4): the line the one-line bound (16 KiB) and the field count measure, not a line the
+    upstream never receives while it gets many separate ones."""
+    mark = framed.upstream.mark()
+    request = post(outlook_token(framed.gateway), extra + b"Content-Length: 0\r\nConnection: close\r\n", b"")
+    answer = exchange(framed.gateway, request)
+    if status == 431:
+        assert_refused(answer, 431, framed.upstream, mark)
+        assert "a header field longer than 16 KiB" in answer.text
+        return
+    assert answer.status == 200, answer.text[:300]
+    head = framed.upstream.since(mark).split(b"\r\n\r\n", 1)[0]
+    received = [line for line in head.split(b"\r\n") if line.lower().startswith(b"cookie:")]
+    assert [line.lower() for line in received] == [b"cookie: " + cookie_value(JOINED, pairs=40)], \
+        list(map(len, received))
+    assert len(received[0]) == headers.MAX_FIELD_BYTES
 
 
 @pytest.mark.parametrize(("extra", "status"), [

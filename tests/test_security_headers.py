@@ -515,6 +515,8 @@ def test_exchange_routing_cookies_never_reach_the_upstream(gateway: Gateway, req
         pytest.param(["X-BEResource=localhost~1; b=2", "X-AnonResource=true"], ["b=2"], id="Exchange routing"),
         pytest.param(["theme=dark, __Host-portcullis-session=x"], [], id="hidden behind a comma"),
         pytest.param(["a=1; b=2", "__Host-portcullis-session=x"], ["a=1; b=2"], id="second header"),
+        pytest.param(["a=1", "b=2;c=3", "X-BEResource=x", " d=4 "], ["a=1; b=2; c=3; d=4"],
+                     id="every field's pairs, in one field"),
         pytest.param(["a=1;;  ; b=2"], ["a=1; b=2"], id="empty pairs"),
         pytest.param(["portcullis=1; portcullisx=2"], ["portcullis=1; portcullisx=2"], id="twin: similar names"),
     ],
