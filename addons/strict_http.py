@@ -176,8 +176,8 @@ class StrictHttp1Server(Http1Server):
             # checked above: CRLFs only. h11 drops one per read and waits for more data meanwhile
             self.buf.maybe_extract_at_most(empty)
         elif isinstance(event, events.ConnectionClosed) and bytes(self.buf).strip():
-            yield commands.Log(f"{human.format_address(self.conn.peername)}: closed the connection before "
-                               f"completing a request head ({len(self.buf)} bytes)")
+            logger.info("%s: closed the connection before completing a request head (%d bytes)",
+                        human.format_address(self.conn.peername), len(self.buf))
         yield from replacing(super().read_headers(event), self._in_own_words())
 
     def _in_own_words(self) -> Replacement:
@@ -211,8 +211,8 @@ class StrictHttp1Server(Http1Server):
     def wait(self, event: events.Event) -> Commands:
         """While its answer is owed, what a client sends is buffered for the next request: bounded."""
         if isinstance(event, events.DataReceived) and len(self.buf) > framing.MAX_UNREAD_BYTES:
-            yield commands.Log(f"{human.format_address(self.conn.peername)}: more than "
-                               f"{framing.MAX_UNREAD_BYTES} bytes sent ahead of an answer; closing")
+            logger.info("%s: more than %d bytes sent ahead of an answer; closing",
+                        human.format_address(self.conn.peername), framing.MAX_UNREAD_BYTES)
             yield commands.CloseConnection(self.conn)
             self.state = self.done
             return
@@ -222,15 +222,15 @@ class StrictHttp1Server(Http1Server):
         if self.response is None:  # nothing of an answer sent yet
             yield from self._answer(refusal)
         else:
-            yield commands.Log(f"{human.format_address(self.conn.peername)}: closing: {refusal.description}")
+            logger.info("%s: closing: %s", human.format_address(self.conn.peername), refusal.description)
         yield commands.CloseConnection(self.conn)
         self.state = self.done
 
     def _answer(self, refusal: framing.Refusal) -> list[commands.Command]:
         correlation_id = new_correlation_id()
-        return [commands.Log(f"[{correlation_id}] {human.format_address(self.conn.peername)}: request refused "
-                             f"with {refusal.status}: {refusal.description}"),
-                commands.SendData(self.conn, refusal_bytes(refusal, correlation_id))]
+        logger.info("[%s] %s: request refused with %d: %s", correlation_id, human.format_address(self.conn.peername),
+                    refusal.status, refusal.description)
+        return [commands.SendData(self.conn, refusal_bytes(refusal, correlation_id))]
 
 
 class StrictHttpStream(http_layer.HttpStream):

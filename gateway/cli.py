@@ -163,11 +163,14 @@ def _ip_address(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
+QUIET_LIBRARIES = ("mitmproxy", "uvicorn", "httpx")  # their INFO lines are per-connection noise; the gateway's are not
+
+
 def _configure_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not debug:
-        for noisy in ("mitmproxy", "uvicorn", "httpx"):
+        for noisy in QUIET_LIBRARIES:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

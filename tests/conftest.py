@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import ssl
@@ -316,3 +317,15 @@ def redis_server() -> Iterator[RedisServer]:
     server = started_or_skipped()
     yield server
     server.close()
+
+
+@pytest.fixture
+def run_log_levels(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Captured at the levels ``portcullis run`` sets (the libraries' INFO lines quieted): a line
+    the test finds here is one an operator's log holds."""
+    from gateway.cli import QUIET_LIBRARIES
+
+    for name in QUIET_LIBRARIES:
+        caplog.set_level(logging.WARNING, logger=name)
+    caplog.set_level(logging.INFO)  # last: each call also sets the capturing handler's level
+    return caplog

@@ -309,10 +309,10 @@ HEAD_ATTACKS = [
 
 
 @pytest.mark.parametrize(("framing_lines", "body", "reason"), HEAD_ATTACKS)
-def test_ambiguous_request_heads_are_refused_with_400_and_closed(framed: Framed, caplog: pytest.LogCaptureFixture,
-                                                                 framing_lines: bytes, body: bytes,
-                                                                 reason: str) -> None:
-    caplog.set_level(logging.INFO)
+def test_ambiguous_request_heads_are_refused_with_400_and_closed(framed: Framed, framing_lines: bytes, body: bytes,
+                                                                 reason: str,
+                                                                 run_log_levels: pytest.LogCaptureFixture) -> None:
+    caplog = run_log_levels  # the levels `portcullis run` logs at
     mark = framed.upstream.mark()
     answer = exchange(framed.gateway, post(outlook_token(framed.gateway), framing_lines, body))
     assert_refused_because(answer, 400, reason, framed.upstream, mark, caplog)
@@ -421,11 +421,12 @@ CHUNK_ATTACKS = [
 
 
 @pytest.mark.parametrize(("chunks", "reason"), CHUNK_ATTACKS)
-def test_chunk_framing_tricks_are_refused_with_400_and_closed(framed: Framed, caplog: pytest.LogCaptureFixture,
+def test_chunk_framing_tricks_are_refused_with_400_and_closed(framed: Framed, run_log_levels: pytest.LogCaptureFixture,
                                                               chunks: bytes, reason: str) -> None:
     """The body leaves in the head's write, as a smuggling attempt sends it: the body reader's
-    refusal, run while the head is handled, is the one the client gets and the log keeps."""
-    caplog.set_level(logging.INFO)
+    refusal, run while the head is handled, is the one the client gets and the log keeps (at the
+    levels ``portcullis run`` logs at)."""
+    caplog = run_log_levels
     mark = framed.upstream.mark()
     request = post(outlook_token(framed.gateway), b"Transfer-Encoding: chunked\r\n", chunks + SMUGGLED)
     assert_refused_because(exchange(framed.gateway, request), 400, reason, framed.upstream, mark, caplog)
@@ -628,9 +629,9 @@ def gateways_http1_502(answer: Answer, caplog: pytest.LogCaptureFixture, *, addr
     pytest.param(SWITCH, 502, id="the upstream answers 101 (alone: the 101 head; over HTTP/2 a crash)"),
 ])
 @pytest.mark.parametrize("http2", [False, True], ids=["HTTP/1.1", "HTTP/2"])
-def test_a_failing_upstream_gets_the_gateways_own_502(framed: Framed, caplog: pytest.LogCaptureFixture, path: str,
-                                                      status: int, http2: bool) -> None:
-    caplog.set_level(logging.INFO)
+def test_a_failing_upstream_gets_the_gateways_own_502(framed: Framed, run_log_levels: pytest.LogCaptureFixture,
+                                                      path: str, status: int, http2: bool) -> None:
+    caplog = run_log_levels  # the levels `portcullis run` logs at
     upstream = "127.0.0.1"  # the recording upstream's address
     if http2:
         answered, body = h2_exchange(framed.gateway, h2_request(framed.gateway, "GET", path))
@@ -655,10 +656,10 @@ def unreachable(framed: Framed, tmp_path: Path, demo_ports: Ports) -> Iterator[G
 
 
 def test_an_unreachable_upstream_gets_the_gateways_502_which_names_no_address(
-        unreachable: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+        unreachable: Gateway, run_log_levels: pytest.LogCaptureFixture) -> None:
     """mitmproxy alone answered "[Errno 111] Connect call failed ('127.0.0.1', <port>)" in its page,
     over HTTP/1.1 and HTTP/2 alike. A browser gets the gateway's HTML page, an app its JSON."""
-    caplog.set_level(logging.INFO)
+    caplog = run_log_levels  # the levels `portcullis run` logs at
     gateway, upstream = unreachable, "127.0.0.1"
     head = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(gateway)}\r\n"
     gateways_http1_502(exchange(gateway, f"{head}\r\n".encode(), wait=3), caplog, address=upstream)
@@ -672,11 +673,12 @@ def test_an_unreachable_upstream_gets_the_gateways_502_which_names_no_address(
     assert "127.0.0.1" not in page.text and "mitmproxy" not in page.text.lower()
 
 
-def test_what_a_client_sends_ahead_of_its_answer_is_bounded(framed: Framed, caplog: pytest.LogCaptureFixture) -> None:
+def test_what_a_client_sends_ahead_of_its_answer_is_bounded(framed: Framed,
+                                                            run_log_levels: pytest.LogCaptureFixture) -> None:
     """mitmproxy buffers whatever a client sends while its answer is owed, without limit; past
     256 KiB the gateway closes the connection instead, and logs why (pipelining the next request
     still works). The head and the first bytes ahead leave in one write."""
-    caplog.set_level(logging.INFO)
+    caplog = run_log_levels  # the levels `portcullis run` logs at
     head = f"GET {SLOW} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(framed.gateway)}\r\n\r\n"
     answer = exchange(framed.gateway, head.encode() + b"x" * (framing.MAX_UNREAD_BYTES + 65536), wait=4)
     assert answer.closed and "HTTP/1.1 200" not in answer.text, answer.text[:200]

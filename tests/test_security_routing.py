@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import re
 import socket
 import ssl
@@ -321,10 +320,11 @@ def test_connect_on_the_reverse_listener_is_refused_and_the_connection_closed(ga
     ],
 )
 def test_targets_mitmproxy_cannot_read_get_the_gateways_400(gateway: Gateway, target: str,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+                                                            run_log_levels: pytest.LogCaptureFixture) -> None:
     """mitmproxy alone answered these with its HTML page, which quoted the request line (and logged
-    it: a token in the query would have reached the log)."""
-    caplog.set_level(logging.INFO)
+    it: a token in the query would have reached the log). The refusal is logged at the levels
+    ``portcullis run`` logs at."""
+    caplog = run_log_levels
     answer = parsed(raw_exchange(gateway, f"GET {target}?access_token=secret-in-the-query HTTP/1.1\r\n"
                                           f"Host: {MAIL}\r\n\r\n"))
     assert_the_gateways_own_refusal(answer)
