@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 import subprocess
 import sys
@@ -19,12 +20,16 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import httpx
 import pytest
 import redis
+from cryptography.fernet import Fernet
 from pydantic import TypeAdapter
 
+from gateway import bootstrap
+from gateway.counted_log import REPEAT_LINE_SECONDS
 from gateway.errors import SignalUnavailable
-from gateway.identity.browser import BrowserSession, PendingLogin
+from gateway.identity.browser import COOKIE_NAME, BrowserSession, PendingLogin
 from gateway.policy.model import DeviceThreatLevel, Identity
 from gateway.signals.cache import STALE_WARNING_SECONDS, CachedInventory
 from gateway.signals.devices import DeviceRecord
@@ -34,8 +39,12 @@ from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
 from gateway.state.redis_keys import redacted
 from gateway.state.redis_state import RedisState
 from gateway.state.sessions import MemorySessionStore, SqliteSessionStore, session_key
+from tests.conftest import Background, Gateway, Ports, proxy_for
 from tests.gateway_process import PORTCULLIS
 from tests.redis_server import RedisServer, started_or_skipped
+from tests.test_browser_sign_in import BROWSER
+from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token
+from tests.test_scale_out import SESSION_KEY, STALENESS, shared_config
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -723,10 +732,66 @@ def test_answers_from_copies_while_redis_is_down_are_logged_once_per_interval_wi
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gateway.signals.cache"]
     assert len(lines) == 3, lines
     assert lines[0][0] == "WARNING" and "device source redis unavailable (shared state redis://127.0.0.1" in \
-        lines[0][1] and "1 lookups answered from last good copies up to 61 s old" in lines[0][1]
-    assert lines[1][0] == "WARNING" and "1000 lookups answered from last good copies up to 71 s old" in lines[1][1]
+        lines[0][1] and lines[0][1].endswith("lookups answered from last good copies up to 61 s old: 1 since the last "
+                                          "warning, 1 in this outage")
+    assert lines[1][0] == "WARNING" and lines[1][1].endswith("lookups answered from last good copies up to 71 s old: "
+                                                             "1000 since the last warning, 1001 in this outage")
     assert lines[2] == ("INFO", "device source redis answers again; 1500 lookups were answered from last good "
                                 "copies in the outage (499 since the last warning)")
+
+
+def test_requests_refused_while_redis_is_down_are_logged_once_per_interval_with_their_count(
+        gateway: Gateway, demo_ports: Ports, redis_server: RedisServer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Past maxStalenessSeconds with Redis down, every request is refused with 503 and each refusal
+    is in the decision log with its reason. The process log had a line per request too; now each
+    kind (device signals, the session a cookie names, starting a sign-in) has one line at once,
+    then one per interval with the count since the last."""
+    redis_server.start()  # a test before may have stopped it
+    monkeypatch.setenv("PORTCULLIS_TEST_SESSION_KEY", SESSION_KEY)
+    loaded = bootstrap.load(shared_config(tmp_path, gateway, demo_ports, redis_server, prefix()))
+    bootstrap.seed_store(loaded)
+    service, _ = bootstrap.build_service(loaded)
+    clock = Clock()
+    service.unavailable_log.timer = clock
+    service.inventory = CachedInventory(service.inventory.source, ttl=60, miss_ttl=5, max_staleness=STALENESS,
+                                        max_entries=1000, timer=clock)
+    service.inventory.trust_fresh = False  # as build_service leaves it: this process has no change feed
+    cookie = f"{COOKIE_NAME}={Fernet(SESSION_KEY).encrypt(b'session-1').decode()}"
+    kinds = {"signal unavailable": ("POST", ACTIVESYNC, {"Authorization": f"Bearer {outlook_token(gateway)}"}),
+             "session store unavailable": ("GET", "/owa/", {**BROWSER, "Cookie": cookie}),
+             "cannot start a sign-in": ("GET", "/owa/", BROWSER)}
+    per_interval = 20
+    answers: list[httpx.Response] = []
+    with caplog.at_level(logging.INFO, "gateway.access"), Background(lambda: proxy_for(service)) as port, \
+            gateway.client() as client:
+
+        def send(method: str, path: str, headers: dict[str, str]) -> httpx.Response:
+            return client.request(method, f"https://127.0.0.1:{port}{path}", headers={"Host": MAIL, **headers},
+                                  extensions={"sni_hostname": MAIL})
+
+        assert send(*kinds["signal unavailable"]).status_code == 200  # Alex's device: a last good copy
+        redis_server.stop()
+        try:
+            clock.now += 61  # past the TTL and maxStalenessSeconds: the copy is too old to answer
+            for _ in range(2):
+                answers += [send(*kind) for _ in range(per_interval) for kind in kinds.values()]
+                clock.now += REPEAT_LINE_SECONDS
+        finally:
+            redis_server.start()
+        recorded = {r["correlationId"]: r for r in service.decision_log.recent()}
+    loaded.shared.close()  # type: ignore[union-attr]
+    assert [a.status_code for a in answers] == [503] * 6 * per_interval
+    for answer in answers:
+        record = recorded[answer.headers["x-portcullis-correlation-id"]]
+        assert (record["httpStatus"], record["status"]["failureReason"]) == \
+            (503, "a signal source is unavailable; try again shortly")
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == 6, lines
+    for kind in kinds:
+        counts = [re.findall(r"\((\d+) such refusals since the last line, (\d+) in all\)$", line)
+                  for line in lines if kind in line]
+        assert counts == [[("1", "1")], [(str(per_interval), str(per_interval + 1))]], (kind, lines)
 
 
 def test_a_hung_redis_is_noticed_within_a_second_and_lookups_give_up_within_three(
