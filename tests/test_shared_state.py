@@ -487,6 +487,10 @@ STEPS: list[tuple[str, Callable[[Any], object]]] = [
     ("a verdict for the retired device", lambda s: s.set_threat_level(D, "lookout", DeviceThreatLevel.high,
                                                                      now=at(9.1))),
     ("D comes back without its old verdicts", lambda s: s.upsert(record(D), now=at(9.2))),
+    ("a full sync prunes A; lookout's verdict waits for its return", lambda s: s.replace_all(
+        [record(B), record(C), record(D), record(E)], now=at(10), prune_vendor="graph")),
+    ("A, known only by its verdicts, is retired", lambda s: s.remove([A], now=at(11))),
+    ("A comes back without its old verdicts", lambda s: s.upsert(record(A), now=at(12))),
 ]
 IGNORED = [frozenset(), frozenset({"lookout"}), frozenset({"inventory", "graph"})]
 
@@ -500,9 +504,10 @@ def snapshot(store: Any) -> dict[str, object]:
 def test_redis_device_store_gives_the_same_answers_as_the_sqlite_store(redis_server: RedisServer,
                                                                        tmp_path: Path) -> None:
     reference, state = DeviceStore(tmp_path / "devices.sqlite"), RedisState.from_url(redis_server.url, prefix=prefix())
-    seen = {}
+    seen, answers = {}, {}
     for name, step in STEPS:
-        assert step(state.devices) == step(reference), name
+        answers[name] = step(state.devices)
+        assert answers[name] == step(reference), name
         seen[name] = snapshot(state.devices)
         assert seen[name] == snapshot(reference), name
 
@@ -528,6 +533,9 @@ def test_redis_device_store_gives_the_same_answers_as_the_sqlite_store(redis_ser
     assert level("D is retired, with an id never seen", D) is None
     assert seen["D is retired, with an id never seen"]["count"] == 4
     assert level("D comes back without its old verdicts", D) == (None, None)
+    assert level("a full sync prunes A; lookout's verdict waits for its return", A) is None
+    assert answers["A, known only by its verdicts, is retired"] == {A}  # so it is announced too
+    assert level("A comes back without its old verdicts", A) == (None, None)
     state.close()
     reference.close()
 
@@ -606,7 +614,8 @@ def test_every_device_write_reaches_a_subscriber_within_a_second(redis_server: R
                                                                for r in many], now=NOW), [{"*"}]),
             (lambda: writer.devices.replace_all([record(B)], now=NOW, prune_vendor="graph"),
              [{B}, set(pruned[:1000]), set(pruned[1000:])]),
-            (lambda: writer.devices.remove([B.upper(), "never-there"], now=NOW), [{B}]),
+            # A was pruned above with lookout's verdict kept: retiring it removes that, so it is announced
+            (lambda: writer.devices.remove([B.upper(), A, "never-there"], now=NOW), [{A, B}]),
         ]
         for write, expected in writes:
             started = time.monotonic()
