@@ -30,7 +30,7 @@ from gateway import bootstrap
 from gateway.counted_log import REPEAT_LINE_SECONDS
 from gateway.errors import SignalUnavailable
 from gateway.identity.browser import COOKIE_NAME, BrowserSession, PendingLogin
-from gateway.policy.model import DeviceThreatLevel, Identity
+from gateway.policy.model import ComplianceState, DeviceThreatLevel, Identity
 from gateway.signals.cache import STALE_WARNING_SECONDS, CachedInventory
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
@@ -538,6 +538,33 @@ def test_redis_device_store_gives_the_same_answers_as_the_sqlite_store(redis_ser
     assert level("A comes back without its old verdicts", A) == (None, None)
     state.close()
     reference.close()
+
+
+@pytest.mark.parametrize(("stored", "readable"), [
+    pytest.param('{"azureADDeviceId": "%s", "complianceState": "noncompliant", "complianceState": "compliant"}',
+                 False, id="complianceState named twice"),
+    pytest.param('{"azureADDeviceId": "%s", "complianceState": "compliant"}', True, id="the twin: each member once"),
+])
+def test_a_redis_device_record_naming_a_member_twice_is_unreadable(redis_server: RedisServer, stored: str,
+                                                                   readable: bool) -> None:
+    """Shared state is read as the network is (one reading): a device record in Redis with two
+    complianceState members makes the device unavailable (the staleness rules, then 503), never
+    the last member's "compliant", which pydantic's reader alone would keep."""
+    redis_server.start()  # a test before may have stopped it
+    state = RedisState.from_url(redis_server.url, prefix=(key_prefix := prefix()))
+    state.devices.replace_all([record(A)], now=NOW)
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.set(f"{key_prefix}device:{A}", stored % A)  # written by something other than Portcullis
+    raw.close()
+    try:
+        if readable:
+            device = state.devices.managed_device(A)
+            assert device is not None and device.compliance_state is ComplianceState.compliant
+        else:
+            with pytest.raises(SignalUnavailable, match=f"device {A} is unreadable"):
+                state.devices.managed_device(A)
+    finally:
+        state.close()
 
 
 def test_apply_verdicts_reports_unknown_devices_and_changes_only_known_ones(redis_server: RedisServer) -> None:

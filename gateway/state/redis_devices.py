@@ -172,6 +172,7 @@ class RedisDeviceStore(VerdictShortcuts):
         if record is None:
             return None
         try:
+            strict_json(record)  # one reading, as of all shared state: pydantic keeps a member named twice
             device = DeviceRecord.model_validate_json(record).to_managed_device()
             verdicts = [_verdict(vendor, text) for vendor, text in threats.items() if vendor not in ignored_vendors]
         except (ValidationError, ValueError, KeyError, TypeError) as error:
