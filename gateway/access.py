@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl
 from gateway import headers
 from gateway.audit import DecisionLog, sign_in_record
 from gateway.config import Config
+from gateway.counted_log import CountedLog
 from gateway.errors import SignalUnavailable
 from gateway.identity.assertion import AssertionSigner
 from gateway.identity.browser import (
@@ -65,6 +66,10 @@ type Clock = Callable[[], datetime]
 
 EVERY_DEVICE = "*"  # in a change notification: every device may have changed
 RULES_CHANGED = "*rules"  # in a change notification: the rules were reloaded (every open flow, after a grace)
+# Requests refused because a source is down, logged through ``CountedLog`` (the counts end each line).
+SESSION_STORE_DOWN = "[%s] session store unavailable, blocking: %s (%d such refusals since the last line, %d in all)"
+SIGNAL_DOWN = "[%s] signal unavailable, blocking: %s (%d such refusals since the last line, %d in all)"
+SIGN_IN_STORE_DOWN = "[%s] cannot start a sign-in: %s (%d such refusals since the last line, %d in all)"
 
 
 def new_correlation_id() -> str:
@@ -144,6 +149,9 @@ class AccessService:
         self.inventory = inventory
         self.decision_log = decision_log
         self._clock = clock
+        # a source that is down refuses every request: each refusal is in the decision log, the
+        # process log gets counted lines (a line per request was hundreds a second)
+        self.unavailable_log = CountedLog(logger, logging.ERROR)
 
     @property
     def config(self) -> Config:
@@ -328,7 +336,7 @@ class AccessService:
             try:
                 session = await self.browser.session(cookie_value(cookies or []), request.host)
             except SignalUnavailable as error:
-                logger.error("[%s] session store unavailable, blocking: %s", request.correlation_id, error)
+                self.unavailable_log.log(SESSION_STORE_DOWN, request.correlation_id, error)
                 return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
             if session is None and not authorization and request.accepts_html:
                 return await self._sign_in(request)
@@ -349,7 +357,7 @@ class AccessService:
                 session = None
             device = await self._device_signals(rules, identity, request)
         except SignalUnavailable as error:
-            logger.error("[%s] signal unavailable, blocking: %s", request.correlation_id, error)
+            self.unavailable_log.log(SIGNAL_DOWN, request.correlation_id, error)
             return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
         source = "browserSession" if session is not None else "accessToken"
         decided = decide(rules, request, identity, device, found.names, now)
@@ -386,7 +394,7 @@ class AccessService:
             login = await self.browser.login_redirect(request.authority or request.host,
                                                       request.target or request.path, max_age)
         except SignalUnavailable as error:
-            logger.error("[%s] cannot start a sign-in: %s", request.correlation_id, error)
+            self.unavailable_log.log(SIGN_IN_STORE_DOWN, request.correlation_id, error)
             return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
         decision = Decision(result=DecisionResult.unauthenticated, status_code=302, error_code=None,
                             reason="sign-in required", resource=None, client_app_type=ClientAppType.browser)

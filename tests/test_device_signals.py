@@ -280,6 +280,26 @@ def test_devices_remove_retires_a_device_with_every_verdict(tmp_path: Path) -> N
     assert cli("remove", ALEX).returncode == 0
 
 
+def test_retiring_a_device_known_only_by_its_verdicts_is_announced(tmp_path: Path) -> None:
+    """A full sync prunes a device Intune no longer lists but keeps other partners' verdicts for when
+    it returns. Retiring it removes those verdicts: a change the gateways must hear of (they poll the
+    change list), and one ``devices remove`` reports as done."""
+    store = DeviceStore(tmp_path / "devices.sqlite")
+    records = parse_import(REPO / "config" / "devices.yaml")
+    alex = next(r for r in records if r.azure_ad_device_id.lower() == ALEX)
+    store.replace_all(records, now=NOW)
+    store.apply_verdicts("lookout", [(ALEX, DeviceThreatLevel.high)], now=NOW)
+    store.replace_all([r for r in records if r is not alex], now=NOW, prune_vendor="graph")
+    assert store.managed_device(ALEX) is None  # pruned; lookout's verdict waits for its return
+    seen = store.last_change()
+    assert store.remove([ALEX.upper()], now=NOW) == {ALEX}
+    assert ALEX in store.changes_since(seen)[1]
+    store.upsert(alex, now=NOW)  # back: without the retired verdict
+    back = store.managed_device(ALEX)
+    assert back is not None and (back.threat_level, back.threat_source) == (DeviceThreatLevel.low, "demo-mtd")
+    store.close()
+
+
 def test_device_commands_do_not_need_valid_policies(tmp_path: Path) -> None:
     """The gateway serves its last good rules while policies.yaml is being edited; an operator must
     still be able to raise a device's risk (or retire it) meanwhile."""

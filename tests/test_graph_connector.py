@@ -4,6 +4,7 @@ credentials, paging, throttling, per-device lookups for misses (rate-limited), f
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -120,6 +121,51 @@ def test_a_device_first_seen_undecided_is_asked_about_again_and_recovers_with_gr
     ]
     stored = store.managed_device(device_id)
     assert stored is not None and stored.compliance_state is ComplianceState.compliant
+
+
+def test_a_device_graph_keeps_answering_unknown_is_left_to_the_full_sync(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """``complianceState: unknown`` is also a lasting state (no compliance policy assigned): once
+    Graph has answered it three times in a row (a failure starts the row again) the device is no
+    longer rechecked, where it was every 5 minutes for ever, each time with an INFO line. The full
+    sync still keeps it current."""
+    device_id = managed_device(1)["azureADDeviceId"]
+    state = GraphState(devices=[managed_device(1, complianceState="unknown")])
+    store = DeviceStore(tmp_path / "d.sqlite")
+    clock = Clock()
+
+    async def scenario(base: str) -> tuple[list[int], object]:
+        client = GraphClient(settings(base, rate=100))
+        graph = GraphInventory(store, SqliteInventory(store), client, clock=lambda: NOW, timer=clock)
+        asked = []
+        for seconds, graph_fails in [(0, False), (15, True), (30, False), (60, False), (120, False), (240, False),
+                                     (300, False), (3600, False)]:
+            state.throttle = [503] * 5 if graph_fails else []
+            clock.now += seconds
+            before = len(state.requests)
+            device = await graph.managed_device(device_id)
+            assert device is not None and device.compliance_state is ComplianceState.unknown
+            asked.append(len(state.requests) - before)
+        state.devices = [managed_device(1)]  # a compliance policy assigned: Intune decides the device
+        await graph.full_sync()
+        decided = await graph.managed_device(device_id)
+        await client.close()
+        return asked, decided
+
+    with caplog.at_level(logging.DEBUG, "gateway.signals.graph"):
+        asked, decided = run(state, scenario)
+    assert asked == [
+        1,  # 0 s: looked up, "unknown" (1 in a row); asked again in 15 s
+        5,  # 15 s: Graph fails (503 until the client gives up): the row starts again; next in 30 s
+        1,  # 45 s: "unknown" (1)
+        1,  # 105 s: "unknown" (2)
+        1,  # 225 s: "unknown" (3): settled
+        0, 0, 0,  # 465 s, 765 s, an hour later: not asked again
+    ]
+    assert decided is not None and decided.compliance_state is ComplianceState.compliant  # by the full sync
+    undecided = [(r.levelname, r.getMessage()) for r in caplog.records if "complianceState unknown" in r.getMessage()]
+    assert [level for level, _ in undecided] == ["DEBUG"] * 5
+    assert undecided[-1][1].endswith("unknown 3 times in a row (no compliance policy assigned?); left to the full sync")
 
 
 def test_rechecks_of_undecided_devices_leave_lookups_for_devices_never_seen(tmp_path: Path) -> None:

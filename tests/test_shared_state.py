@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 import subprocess
 import sys
@@ -19,13 +20,17 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import httpx
 import pytest
 import redis
+from cryptography.fernet import Fernet
 from pydantic import TypeAdapter
 
+from gateway import bootstrap
+from gateway.counted_log import REPEAT_LINE_SECONDS
 from gateway.errors import SignalUnavailable
-from gateway.identity.browser import BrowserSession, PendingLogin
-from gateway.policy.model import DeviceThreatLevel, Identity
+from gateway.identity.browser import COOKIE_NAME, BrowserSession, PendingLogin
+from gateway.policy.model import ComplianceState, DeviceThreatLevel, Identity
 from gateway.signals.cache import STALE_WARNING_SECONDS, CachedInventory
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
@@ -34,8 +39,12 @@ from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
 from gateway.state.redis_keys import redacted
 from gateway.state.redis_state import RedisState
 from gateway.state.sessions import MemorySessionStore, SqliteSessionStore, session_key
+from tests.conftest import Background, Gateway, Ports, proxy_for
 from tests.gateway_process import PORTCULLIS
 from tests.redis_server import RedisServer, started_or_skipped
+from tests.test_browser_sign_in import BROWSER
+from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token
+from tests.test_scale_out import SESSION_KEY, STALENESS, shared_config
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -478,6 +487,10 @@ STEPS: list[tuple[str, Callable[[Any], object]]] = [
     ("a verdict for the retired device", lambda s: s.set_threat_level(D, "lookout", DeviceThreatLevel.high,
                                                                      now=at(9.1))),
     ("D comes back without its old verdicts", lambda s: s.upsert(record(D), now=at(9.2))),
+    ("a full sync prunes A; lookout's verdict waits for its return", lambda s: s.replace_all(
+        [record(B), record(C), record(D), record(E)], now=at(10), prune_vendor="graph")),
+    ("A, known only by its verdicts, is retired", lambda s: s.remove([A], now=at(11))),
+    ("A comes back without its old verdicts", lambda s: s.upsert(record(A), now=at(12))),
 ]
 IGNORED = [frozenset(), frozenset({"lookout"}), frozenset({"inventory", "graph"})]
 
@@ -491,9 +504,10 @@ def snapshot(store: Any) -> dict[str, object]:
 def test_redis_device_store_gives_the_same_answers_as_the_sqlite_store(redis_server: RedisServer,
                                                                        tmp_path: Path) -> None:
     reference, state = DeviceStore(tmp_path / "devices.sqlite"), RedisState.from_url(redis_server.url, prefix=prefix())
-    seen = {}
+    seen, answers = {}, {}
     for name, step in STEPS:
-        assert step(state.devices) == step(reference), name
+        answers[name] = step(state.devices)
+        assert answers[name] == step(reference), name
         seen[name] = snapshot(state.devices)
         assert seen[name] == snapshot(reference), name
 
@@ -519,8 +533,38 @@ def test_redis_device_store_gives_the_same_answers_as_the_sqlite_store(redis_ser
     assert level("D is retired, with an id never seen", D) is None
     assert seen["D is retired, with an id never seen"]["count"] == 4
     assert level("D comes back without its old verdicts", D) == (None, None)
+    assert level("a full sync prunes A; lookout's verdict waits for its return", A) is None
+    assert answers["A, known only by its verdicts, is retired"] == {A}  # so it is announced too
+    assert level("A comes back without its old verdicts", A) == (None, None)
     state.close()
     reference.close()
+
+
+@pytest.mark.parametrize(("stored", "readable"), [
+    pytest.param('{"azureADDeviceId": "%s", "complianceState": "noncompliant", "complianceState": "compliant"}',
+                 False, id="complianceState named twice"),
+    pytest.param('{"azureADDeviceId": "%s", "complianceState": "compliant"}', True, id="the twin: each member once"),
+])
+def test_a_redis_device_record_naming_a_member_twice_is_unreadable(redis_server: RedisServer, stored: str,
+                                                                   readable: bool) -> None:
+    """Shared state is read as the network is (one reading): a device record in Redis with two
+    complianceState members makes the device unavailable (the staleness rules, then 503), never
+    the last member's "compliant", which pydantic's reader alone would keep."""
+    redis_server.start()  # a test before may have stopped it
+    state = RedisState.from_url(redis_server.url, prefix=(key_prefix := prefix()))
+    state.devices.replace_all([record(A)], now=NOW)
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.set(f"{key_prefix}device:{A}", stored % A)  # written by something other than Portcullis
+    raw.close()
+    try:
+        if readable:
+            device = state.devices.managed_device(A)
+            assert device is not None and device.compliance_state is ComplianceState.compliant
+        else:
+            with pytest.raises(SignalUnavailable, match=f"device {A} is unreadable"):
+                state.devices.managed_device(A)
+    finally:
+        state.close()
 
 
 def test_apply_verdicts_reports_unknown_devices_and_changes_only_known_ones(redis_server: RedisServer) -> None:
@@ -597,7 +641,8 @@ def test_every_device_write_reaches_a_subscriber_within_a_second(redis_server: R
                                                                for r in many], now=NOW), [{"*"}]),
             (lambda: writer.devices.replace_all([record(B)], now=NOW, prune_vendor="graph"),
              [{B}, set(pruned[:1000]), set(pruned[1000:])]),
-            (lambda: writer.devices.remove([B.upper(), "never-there"], now=NOW), [{B}]),
+            # A was pruned above with lookout's verdict kept: retiring it removes that, so it is announced
+            (lambda: writer.devices.remove([B.upper(), A, "never-there"], now=NOW), [{A, B}]),
         ]
         for write, expected in writes:
             started = time.monotonic()
@@ -723,10 +768,66 @@ def test_answers_from_copies_while_redis_is_down_are_logged_once_per_interval_wi
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "gateway.signals.cache"]
     assert len(lines) == 3, lines
     assert lines[0][0] == "WARNING" and "device source redis unavailable (shared state redis://127.0.0.1" in \
-        lines[0][1] and "1 lookups answered from last good copies up to 61 s old" in lines[0][1]
-    assert lines[1][0] == "WARNING" and "1000 lookups answered from last good copies up to 71 s old" in lines[1][1]
+        lines[0][1] and lines[0][1].endswith("lookups answered from last good copies up to 61 s old: 1 since the last "
+                                          "warning, 1 in this outage")
+    assert lines[1][0] == "WARNING" and lines[1][1].endswith("lookups answered from last good copies up to 71 s old: "
+                                                             "1000 since the last warning, 1001 in this outage")
     assert lines[2] == ("INFO", "device source redis answers again; 1500 lookups were answered from last good "
                                 "copies in the outage (499 since the last warning)")
+
+
+def test_requests_refused_while_redis_is_down_are_logged_once_per_interval_with_their_count(
+        gateway: Gateway, demo_ports: Ports, redis_server: RedisServer, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Past maxStalenessSeconds with Redis down, every request is refused with 503 and each refusal
+    is in the decision log with its reason. The process log had a line per request too; now each
+    kind (device signals, the session a cookie names, starting a sign-in) has one line at once,
+    then one per interval with the count since the last."""
+    redis_server.start()  # a test before may have stopped it
+    monkeypatch.setenv("PORTCULLIS_TEST_SESSION_KEY", SESSION_KEY)
+    loaded = bootstrap.load(shared_config(tmp_path, gateway, demo_ports, redis_server, prefix()))
+    bootstrap.seed_store(loaded)
+    service, _ = bootstrap.build_service(loaded)
+    clock = Clock()
+    service.unavailable_log.timer = clock
+    service.inventory = CachedInventory(service.inventory.source, ttl=60, miss_ttl=5, max_staleness=STALENESS,
+                                        max_entries=1000, timer=clock)
+    service.inventory.trust_fresh = False  # as build_service leaves it: this process has no change feed
+    cookie = f"{COOKIE_NAME}={Fernet(SESSION_KEY).encrypt(b'session-1').decode()}"
+    kinds = {"signal unavailable": ("POST", ACTIVESYNC, {"Authorization": f"Bearer {outlook_token(gateway)}"}),
+             "session store unavailable": ("GET", "/owa/", {**BROWSER, "Cookie": cookie}),
+             "cannot start a sign-in": ("GET", "/owa/", BROWSER)}
+    per_interval = 20
+    answers: list[httpx.Response] = []
+    with caplog.at_level(logging.INFO, "gateway.access"), Background(lambda: proxy_for(service)) as port, \
+            gateway.client() as client:
+
+        def send(method: str, path: str, headers: dict[str, str]) -> httpx.Response:
+            return client.request(method, f"https://127.0.0.1:{port}{path}", headers={"Host": MAIL, **headers},
+                                  extensions={"sni_hostname": MAIL})
+
+        assert send(*kinds["signal unavailable"]).status_code == 200  # Alex's device: a last good copy
+        redis_server.stop()
+        try:
+            clock.now += 61  # past the TTL and maxStalenessSeconds: the copy is too old to answer
+            for _ in range(2):
+                answers += [send(*kind) for _ in range(per_interval) for kind in kinds.values()]
+                clock.now += REPEAT_LINE_SECONDS
+        finally:
+            redis_server.start()
+        recorded = {r["correlationId"]: r for r in service.decision_log.recent()}
+    loaded.shared.close()  # type: ignore[union-attr]
+    assert [a.status_code for a in answers] == [503] * 6 * per_interval
+    for answer in answers:
+        record = recorded[answer.headers["x-portcullis-correlation-id"]]
+        assert (record["httpStatus"], record["status"]["failureReason"]) == \
+            (503, "a signal source is unavailable; try again shortly")
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    assert len(lines) == 6, lines
+    for kind in kinds:
+        counts = [re.findall(r"\((\d+) such refusals since the last line, (\d+) in all\)$", line)
+                  for line in lines if kind in line]
+        assert counts == [[("1", "1")], [(str(per_interval), str(per_interval + 1))]], (kind, lines)
 
 
 def test_a_hung_redis_is_noticed_within_a_second_and_lookups_give_up_within_three(

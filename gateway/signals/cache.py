@@ -36,6 +36,7 @@ from functools import cache
 
 from cachetools import LRUCache, TLRUCache, TTLCache
 
+from gateway.counted_log import REPEAT_LINE_SECONDS, CountedLog
 from gateway.errors import SignalUnavailable
 from gateway.policy.model import ComplianceState, ManagedDevice
 from gateway.signals.devices import DeviceInventory
@@ -47,39 +48,32 @@ RETRY_AFTER = 1.0  # seconds a failed source is not asked again; answers come fr
 # A lookup taking longer counts as the source being down. Above the Graph connector's own wait for
 # a device it must look up (``graph.MISS_LOOKUP_SECONDS``), which answers "unknown" by then.
 LOOKUP_TIMEOUT_SECONDS = 5.0
-STALE_WARNING_SECONDS = 10.0  # at most one "answered from a copy" warning per source this often
+STALE_WARNING_SECONDS = REPEAT_LINE_SECONDS  # at most one "answered from a copy" warning per source this often
+STALE_WARNING = ("device source %s unavailable (%s); lookups answered from last good copies up to %.0f s old: "
+                 "%d since the last warning, %d in this outage")
 
 
 class StaleAnswers:
-    """Counts the lookups answered from last good copies while a source is down, and logs them
-    as one warning per interval (the first at once), as the decision log does for drops."""
+    """The lookups answered from last good copies while a source is down, as counted warnings
+    (``CountedLog``) that also say how old the copies were, and one line when the source is back."""
 
     def __init__(self, source: str, timer: Callable[[], float], interval: float = STALE_WARNING_SECONDS) -> None:
-        self.source, self.interval = source, interval
-        self._timer = timer
-        self._last_warning = -interval  # the first degraded answer is reported at once
-        self.unreported = 0  # answered from copies since the last warning
-        self._oldest = 0.0
-        self.total = 0
+        self.source = source
+        self._lines = CountedLog(logger, logging.WARNING, interval=interval, timer=timer)
+        self._oldest = 0.0  # the oldest copy answered since the last warning
 
     def served(self, error: SignalUnavailable, age: float) -> None:
-        self.total += 1
-        self.unreported += 1
         self._oldest = max(self._oldest, age)
-        now = self._timer()
-        if now - self._last_warning >= self.interval:
-            logger.warning("device source %s unavailable (%s); %d lookups answered from last good copies up to "
-                           "%.0f s old since the last warning (%d in this outage)",
-                           self.source, error, self.unreported, self._oldest, self.total)
-            self._last_warning, self.unreported, self._oldest = now, 0, 0.0
+        if self._lines.log(STALE_WARNING, self.source, error, self._oldest):
+            self._oldest = 0.0
 
     def recovered(self) -> None:
         """The source answered: say how the outage ended, once."""
-        if not self.total:
-            return
-        logger.info("device source %s answers again; %d lookups were answered from last good copies in the outage "
-                    "(%d since the last warning)", self.source, self.total, self.unreported)
-        self._last_warning, self.unreported, self._oldest, self.total = -self.interval, 0, 0.0, 0
+        unreported, total = self._lines.reset(STALE_WARNING)
+        self._oldest = 0.0
+        if total:
+            logger.info("device source %s answers again; %d lookups were answered from last good copies in the "
+                        "outage (%d since the last warning)", self.source, total, unreported)
 
 
 class CachedInventory:

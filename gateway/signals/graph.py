@@ -10,7 +10,8 @@
   (``$filter=azureADDeviceId eq '<id>'``), at most ``lookupsPerSecond``, so a flood of random
   device ids cannot hammer Graph; beyond the rate the device counts as unknown (not compliant).
   A stored device without a compliance verdict yet is looked up again on a backing-off schedule
-  (``GraphInventory``), so a device first seen while Graph was broken recovers with Graph.
+  (``GraphInventory``), so a device first seen while Graph was broken recovers with Graph, until
+  Graph has answered "unknown" for it a few times in a row (then the full sync keeps it current).
 - ``429`` and ``503`` are retried after ``Retry-After`` (bounded); other failures raise
   ``SignalUnavailable`` and the cache's staleness rules apply. So does an answer in the wrong
   shape (not JSON, ``value`` not a list of objects, an ``@odata.nextLink`` outside the Graph
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -56,6 +58,9 @@ MISS_LOOKUP_SECONDS = 3.0  # a request waits at most this for Graph to answer ab
 RECHECK_FIRST_SECONDS = 15.0  # an undecided device (complianceState unknown) is asked about again after this,
 RECHECK_MAX_SECONDS = 300.0  # then after twice as long each time, up to this (well below a full sync's 900 s)
 RECHECKS_KEPT = 100_000  # undecided devices whose next recheck is remembered
+# Graph answered "unknown" for a device this many times in a row: a lasting state (no compliance
+# policy assigned to it), left to the full sync from then on
+RECHECK_SETTLED_AFTER = 3
 GRAPH_VENDOR = "graph"  # partnerReportedThreatState, as Intune last heard it from the MTD partner
 DEVICE_ID = re.compile(r"^[0-9a-fA-F-]{1,64}$")
 
@@ -197,7 +202,10 @@ class GraphInventory:
     undecided, then twice as long each time Graph still cannot say (or fails), up to
     ``RECHECK_MAX_SECONDS``; within the spare half of ``lookupsPerSecond``. Meanwhile the stored record
     answers (unknown is not compliant unless the tenant says so), never a failure. Without this it
-    stayed blocked after Graph recovered, until the next full sync."""
+    stayed blocked after Graph recovered, until the next full sync. But ``unknown`` is also what
+    Intune says, for good, of a device no compliance policy is assigned to: once Graph has answered
+    it ``RECHECK_SETTLED_AFTER`` times in a row (a failure starts the row again), the device is left
+    to the full sync, like any decided one."""
 
     name = "graph"
 
@@ -208,9 +216,9 @@ class GraphInventory:
         self._allowance = client.settings.lookups_per_second
         self._checked = timer()
         self.synced_at: datetime | None = None  # the last full sync that succeeded (readiness, metrics)
-        # undecided device -> (when to ask Graph again, the wait after that); bounded: a device whose
-        # entry was dropped gets a new first wait
-        self._rechecks: LRUCache[str, tuple[float, float]] = LRUCache(maxsize=RECHECKS_KEPT)
+        # undecided device -> (when to ask Graph again, the wait after that, Graph's "unknown" answers
+        # in a row); bounded: a device whose entry was dropped gets a new first wait
+        self._rechecks: LRUCache[str, tuple[float, float, int]] = LRUCache(maxsize=RECHECKS_KEPT)
 
     async def managed_device(self, device_id: str) -> ManagedDevice | None:
         key = device_id.lower()
@@ -221,7 +229,7 @@ class GraphInventory:
             return None
         fresh = await self.local.managed_device(key)
         if fresh is not None and fresh.compliance_state is ComplianceState.unknown:
-            return self._schedule(key, fresh, RECHECK_FIRST_SECONDS)
+            return self._schedule(key, fresh, RECHECK_FIRST_SECONDS, unknown_answers=1)
         return fresh
 
     async def _recheck(self, key: str, found: ManagedDevice) -> ManagedDevice | None:
@@ -231,9 +239,9 @@ class GraphInventory:
             return found
         due = self._rechecks.get(key)
         if due is None:
-            return self._schedule(key, found, RECHECK_FIRST_SECONDS)
+            return self._schedule(key, found, RECHECK_FIRST_SECONDS, unknown_answers=0)
         if self._timer() < due[0] or not DEVICE_ID.match(key) or not self._may_look_up(spare_only=True):
-            return found  # not yet, or over the lookup budget: the stored record answers, the schedule stays
+            return found  # not yet, settled, or over the lookup budget: the stored record answers
         try:
             stored = await self._look_up(key)
         except SignalUnavailable as error:
@@ -243,12 +251,20 @@ class GraphInventory:
         if fresh is None or fresh.compliance_state is not ComplianceState.unknown:
             self._rechecks.pop(key, None)
             return fresh
-        return self._schedule(key, fresh, min(due[1] * 2, RECHECK_MAX_SECONDS))
+        return self._schedule(key, fresh, min(due[1] * 2, RECHECK_MAX_SECONDS),
+                              unknown_answers=due[2] + 1 if stored else 0)
 
-    def _schedule(self, key: str, device: ManagedDevice, wait: float) -> ManagedDevice:
-        self._rechecks[key] = (self._timer() + wait, wait)
-        logger.info("device %s has no compliance verdict in Graph yet (complianceState unknown); asking again in "
-                    "%.0f s", key, wait)
+    def _schedule(self, key: str, device: ManagedDevice, wait: float, *, unknown_answers: int) -> ManagedDevice:
+        """The next recheck of an undecided device; none once Graph has said "unknown" often enough
+        in a row. DEBUG: with no compliance policy assigned, a tenant's every device is undecided."""
+        if unknown_answers >= RECHECK_SETTLED_AFTER:
+            self._rechecks[key] = (math.inf, wait, unknown_answers)
+            logger.debug("device %s: Graph answered complianceState unknown %d times in a row (no compliance policy "
+                         "assigned?); left to the full sync", key, unknown_answers)
+            return device
+        self._rechecks[key] = (self._timer() + wait, wait, unknown_answers)
+        logger.debug("device %s has no compliance verdict in Graph yet (complianceState unknown); asking again in "
+                     "%.0f s", key, wait)
         return device
 
     async def _look_up(self, key: str) -> bool:

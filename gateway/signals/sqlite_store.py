@@ -172,16 +172,18 @@ class DeviceStore(VerdictShortcuts):
 
     def remove(self, device_ids: Iterable[str], *, now: datetime) -> set[str]:
         """Retire devices (``portcullis devices remove``): the record and every vendor's verdicts and
-        verdict times go, in one transaction; returns the ids that were there. A device a connector
-        or the seed file still lists comes back with its next sync, lookup or start."""
+        verdict times go, in one transaction; returns (and announces) the ids of which anything
+        was there: a record, or only the verdicts a full sync keeps for a device it pruned. A
+        device a connector or the seed file still lists comes back with its next sync, lookup or start."""
         removed = set()
         with self._write_lock, self._transaction():
             for key in {d.lower() for d in device_ids}:
-                if self._db.execute("DELETE FROM devices WHERE device_id = ?", (key,)).rowcount:
+                deleted = sum(self._db.execute(statement, (key,)).rowcount for statement in (
+                    "DELETE FROM devices WHERE device_id = ?", "DELETE FROM threat_levels WHERE device_id = ?",
+                    "DELETE FROM verdict_times WHERE device_id = ?"))
+                if deleted:
                     removed.add(key)
                     self._changed(key, now)
-                self._db.execute("DELETE FROM threat_levels WHERE device_id = ?", (key,))
-                self._db.execute("DELETE FROM verdict_times WHERE device_id = ?", (key,))
             self._trim_changes()
         return removed
 

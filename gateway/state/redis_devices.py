@@ -107,18 +107,19 @@ publish(p .. 'devices', changed, limit)
 return {changed, unknown}
 """
 # ARGV: prefix, publish limit, then the ids to retire. Each goes with every vendor's verdict, report
-# score and verdict time. Returns the ids that were there.
+# score and verdict time. Returns the ids of which anything was there (a record, or verdicts alone).
 REMOVE_LUA = PUBLISH_LUA + """
 local p, limit = ARGV[1], tonumber(ARGV[2])
 local vendors, removed = redis.call('SMEMBERS', p .. 'vendors'), {}
 for i = 3, #ARGV do
   local id = ARGV[i]
-  if redis.call('SREM', p .. 'device-ids', id) == 1 then removed[#removed + 1] = id end
-  redis.call('DEL', p .. 'device:' .. id, p .. 'threats:' .. id)
+  local gone = redis.call('SREM', p .. 'device-ids', id)
+  gone = gone + redis.call('DEL', p .. 'device:' .. id, p .. 'threats:' .. id)
   for _, vendor in ipairs(vendors) do
-    redis.call('ZREM', p .. 'reports:' .. vendor, id)
-    redis.call('HDEL', p .. 'verdict-times:' .. vendor, id)
+    gone = gone + redis.call('ZREM', p .. 'reports:' .. vendor, id)
+    gone = gone + redis.call('HDEL', p .. 'verdict-times:' .. vendor, id)
   end
+  if gone > 0 then removed[#removed + 1] = id end
 end
 publish(p .. 'devices', removed, limit)
 return removed
@@ -171,6 +172,7 @@ class RedisDeviceStore(VerdictShortcuts):
         if record is None:
             return None
         try:
+            strict_json(record)  # one reading, as of all shared state: pydantic keeps a member named twice
             device = DeviceRecord.model_validate_json(record).to_managed_device()
             verdicts = [_verdict(vendor, text) for vendor, text in threats.items() if vendor not in ignored_vendors]
         except (ValidationError, ValueError, KeyError, TypeError) as error:
@@ -190,7 +192,8 @@ class RedisDeviceStore(VerdictShortcuts):
         self._write([record], now, clear_vendor=clear_vendor, seed=False)
 
     def remove(self, device_ids: Iterable[str], *, now: datetime) -> set[str]:
-        """As ``DeviceStore.remove``, in one atomic step that announces the removed devices."""
+        """As ``DeviceStore.remove`` (a device with only verdicts left counts), in one atomic step
+        that announces the removed devices."""
         with unavailable(self.location):
             removed = self._remove_script(args=[self._keys.prefix, PUBLISH_IDS_MAX,
                                                 *sorted({d.lower() for d in device_ids})])
