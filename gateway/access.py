@@ -20,8 +20,10 @@ from urllib.parse import parse_qsl
 from gateway import headers
 from gateway.audit import DecisionLog, sign_in_record
 from gateway.config import Config
+from gateway.config.models import ChallengeSettings
 from gateway.counted_log import CountedLog
 from gateway.errors import SignalUnavailable
+from gateway.identity import discovery
 from gateway.identity.assertion import AssertionSigner
 from gateway.identity.browser import (
     BrowserSession,
@@ -29,6 +31,7 @@ from gateway.identity.browser import (
     SignInFailed,
     cleared_cookie,
     cookie_value,
+    hostname_of,
 )
 from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
 from gateway.metrics import GatewayMetrics
@@ -294,6 +297,15 @@ class AccessService:
             return "intercept"
         return "deny"
 
+    def resource_metadata(self, authority: str, path_suffix: str = "") -> dict[str, object] | None:
+        """RFC 9728 metadata of ``https://<authority><path_suffix>``, or None if no protected host
+        has that name. ``authority`` is the Host Routing validated against SNI."""
+        gateway_file = self.rules.config.gateway_file
+        protected = gateway_file.protected_hosts.get(hostname_of(authority))
+        if protected is None:
+            return None
+        return discovery.resource_metadata(protected.challenge, authority, gateway_file.identity.issuer, path_suffix)
+
     def upstream_for(self, host: str) -> str | None:
         """The upstream URL of a protected host, or None if the gateway does not serve it."""
         protected = self.config.gateway_file.protected_hosts.get(host)
@@ -449,7 +461,11 @@ class AccessService:
                             client_app_type=client_app_type(request, None))
         self._record(sign_in_record(request=request, decision=decision, now=now,
                                     locations=self.rules.locations(request)), decision)
-        return Outcome(decision, pages.unauthenticated(rejected.reason, request.correlation_id))
+        host = self.rules.config.gateway_file.protected_hosts.get(request.host)  # None: removed by a reload
+        settings = host.challenge if host is not None else ChallengeSettings()
+        parameters = discovery.challenge_parameters(settings, request.authority or request.host)
+        return Outcome(decision, pages.unauthenticated(rejected.reason, request.correlation_id,
+                                                       presented=rejected.presented, parameters=parameters))
 
     def refuse(self, request: AccessRequest, status: int, reason: str) -> Outcome:
         """A request refused before policy: ambiguous (400), misdirected (421), a signal source

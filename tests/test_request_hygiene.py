@@ -77,9 +77,10 @@ def test_headers_to_strip_covers_rewrites_forwarding_proxy_and_hop_by_hop() -> N
     [
         (["Bearer abc.def.ghi"], "abc.def.ghi"),
         (["bearer abc.def.ghi"], "abc.def.ghi"),
-        ([], RejectedToken("no bearer token")),
-        (["Basic dXNlcjpwYXNz"], RejectedToken("Authorization is not a bearer token")),
-        (["Bearer "], RejectedToken("Authorization is not a bearer token")),
+        ([], RejectedToken("no bearer token", presented=False)),
+        (["Basic dXNlcjpwYXNz"], RejectedToken("Authorization is not a bearer token", presented=False)),
+        (["Bearer "], RejectedToken("empty bearer token", presented=False)),
+        (["Bearer"], RejectedToken("empty bearer token", presented=False)),
         (["Bearer a.b.c", "Bearer d.e.f"], RejectedToken("more than one Authorization header")),
         (["Bearer a.b.c<script>"], RejectedToken("malformed token")),
         (["Bearer " + "a" * 20000], RejectedToken("token too large")),

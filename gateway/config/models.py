@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import uuid
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -197,12 +198,78 @@ class IdentitySettings(Model):
         return _check_url(value, what="issuer")
 
 
+AUTH_PARAM_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an RFC 9110 token
+QUOTABLE = re.compile(r"^[\x20\x21\x23-\x5b\x5d-\x7e]{0,512}$")  # printable ASCII without '"' and '\\'
+SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,256}$")  # RFC 6749 §3.3
+RESERVED_CHALLENGE_PARAMETERS = frozenset({"realm", "error", "error_description", "error_uri", "scope",
+                                           "resource_metadata"})
+
+
+class ChallengePreset(StrEnum):
+    exchange = "exchange"  # what Exchange with Entra (hybrid modern authentication) announces
+
+
+class ChallengeSettings(Model):
+    """What a 401 tells a client about where to sign in (gateway/identity/discovery.py): the
+    parameters Exchange's clients read, and the RFC 9728 protected resource metadata."""
+
+    preset: ChallengePreset | None = None
+    tenant_id: uuid.UUID | None = None  # Entra tenant (directory) id: the preset's trusted_issuers
+    authorization_uri: str | None = None  # the preset's default: https://login.windows.net/common/oauth2/authorize
+    scopes: Annotated[list[str], Field(max_length=32)] = []  # scopes_supported in the metadata document
+    parameters: Annotated[dict[str, str], Field(max_length=16)] = {}  # more auth-params, or the preset's replaced
+
+    @field_validator("tenant_id", mode="before")
+    @classmethod
+    def _tenant_id(cls, value: object) -> object:
+        return uuid.UUID(value) if isinstance(value, str) else value
+
+    @field_validator("authorization_uri")
+    @classmethod
+    def _authorization_uri(cls, value: str | None) -> str | None:
+        return None if value is None else _quotable(_check_url(value, what="authorizationUri"))
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: list[str]) -> list[str]:
+        for scope in value:
+            if not SCOPE_TOKEN.match(scope):
+                raise ValueError(f"{scope!r} is not an OAuth scope (printable ASCII, no space, '\"' or '\\')")
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, parameter in value.items():
+            if not AUTH_PARAM_NAME.match(name):
+                raise ValueError(f"{name!r} is not an auth-param name (RFC 9110 token characters)")
+            if name.lower() in RESERVED_CHALLENGE_PARAMETERS:
+                raise ValueError(f"{name!r} is set by the gateway itself")
+            _quotable(parameter)
+        return value
+
+    @model_validator(mode="after")
+    def _preset_needs_tenant(self) -> ChallengeSettings:
+        if self.preset is ChallengePreset.exchange and self.tenant_id is None and \
+                "trusted_issuers" not in self.parameters:
+            raise ValueError("preset exchange needs tenantId (your Entra tenant id, for trusted_issuers)")
+        return self
+
+
+def _quotable(value: str) -> str:
+    if not QUOTABLE.match(value):
+        raise ValueError(f"{value!r} cannot be sent in a challenge (printable ASCII without '\"' or '\\', "
+                         "at most 512 characters)")
+    return value
+
+
 class ProtectedHost(Model):
     """A host name the gateway answers for, the upstream it forwards to, and the token audiences
     that are valid for it (a SharePoint token must not open Exchange)."""
 
     upstream: str
     audiences: Annotated[list[str], Field(min_length=1)]
+    challenge: ChallengeSettings = ChallengeSettings()
 
     @field_validator("upstream")
     @classmethod

@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 from cryptography.fernet import Fernet, InvalidToken
 
 from gateway.errors import SignalUnavailable
+from gateway.identity.discovery import METADATA_PATH
 from gateway.identity.jwks import JwksCache
 from gateway.identity.oauth_client import OAuthError, strict_oauth_client
 from gateway.identity.tokens import BearerValidator, RejectedToken
@@ -137,7 +138,8 @@ class BrowserSignIn:
             raise SignInFailed(f"the identity provider's answer was refused: {identity.reason}")
         session_id = secrets.token_urlsafe(32)
         signed_in = datetime.fromtimestamp(identity.authenticated_at, now.tzinfo) if identity.authenticated_at else now
-        await self.sessions.put_session(session_id, BrowserSession(identity, _hostname(authority), min(signed_in, now)),
+        await self.sessions.put_session(session_id,
+                                        BrowserSession(identity, hostname_of(authority), min(signed_in, now)),
                                         self._lifetime)
         return pending.return_url, self._cookie(session_id, controls)
 
@@ -175,16 +177,18 @@ class BrowserSignIn:
 
 
 def is_reserved(target: str) -> bool:
-    """``/.portcullis/`` in any spelling (case, percent-encoding) is the gateway's, never forwarded."""
+    """``/.portcullis/`` and the protected resource metadata (RFC 9728), in any spelling (case,
+    percent-encoding), are the gateway's, never forwarded."""
     path = canonical_path(target)
-    return (path if path is not None else target).lower().startswith(RESERVED_PREFIX)
+    path = (path if path is not None else target).lower().partition("?")[0]
+    return path.startswith(RESERVED_PREFIX) or path == METADATA_PATH or path.startswith(METADATA_PATH + "/")
 
 
 def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def _hostname(authority: str) -> str:
+def hostname_of(authority: str) -> str:
     return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 

@@ -89,18 +89,21 @@ class RejectedToken:
     """Why a request has no valid identity. ``reason`` goes into the 401 and the decision log."""
 
     reason: str
+    presented: bool = True  # False: no credentials at all (RFC 6750 §3.1: the challenge names no error)
 
 
 def bearer_token(authorization_values: list[str]) -> str | RejectedToken:
     """RFC 6750: exactly one ``Authorization: Bearer <token>``; the scheme is case-insensitive."""
     if not authorization_values:
-        return RejectedToken("no bearer token")
+        return RejectedToken("no bearer token", presented=False)
     if len(authorization_values) > 1:
         return RejectedToken("more than one Authorization header")
     scheme, _, token = authorization_values[0].strip().partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        return RejectedToken("Authorization is not a bearer token")
+    if scheme.lower() != "bearer":  # another scheme is no bearer credential (RFC 6750 §3.1)
+        return RejectedToken("Authorization is not a bearer token", presented=False)
+    if not token:  # an empty Bearer: a client discovering where to sign in (MS-OAUTH2EX)
+        return RejectedToken("empty bearer token", presented=False)
     if len(token) > MAX_TOKEN_BYTES:
         return RejectedToken("token too large")
     if not TOKEN68.match(token):

@@ -1,15 +1,17 @@
 """The gateway's pages under ``/.portcullis/`` on every protected host: the sign-in callback and
-logout. Served inside the proxy (addons/service_endpoints.py); never forwarded upstream."""
+logout; and each host's RFC 9728 protected resource metadata. Served inside the proxy
+(addons/service_endpoints.py); never forwarded upstream."""
 
 from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.access import AccessService
 from gateway.identity.browser import BINDING_COOKIE, CALLBACK_PATH, LOGOUT_PATH
+from gateway.identity.discovery import METADATA_PATH
 from gateway.web.pages import GatewayResponse
 
 
@@ -31,8 +33,19 @@ def browser_app(service: AccessService) -> Starlette:
             return Response("logout must come from this site", status_code=403)
         return _response(await service.sign_out(request.headers.getlist("cookie")))
 
+    async def resource_metadata(request: Request) -> Response:
+        """RFC 9728 §3: the protected resource metadata, and its path-suffixed form."""
+        suffix = request.path_params.get("suffix")
+        document = service.resource_metadata(request.headers.get("host", "").lower(),
+                                             f"/{suffix}" if suffix else "")
+        if document is None:
+            return JSONResponse({"error": "not_found"}, status_code=404)
+        return JSONResponse(document, headers={"Cache-Control": "max-age=300"})
+
     return Starlette(routes=[Route(CALLBACK_PATH, callback), Route(LOGOUT_PATH, logout_form, methods=["GET"]),
-                             Route(LOGOUT_PATH, logout, methods=["POST"])])
+                             Route(LOGOUT_PATH, logout, methods=["POST"]),
+                             Route(METADATA_PATH, resource_metadata, methods=["GET"]),
+                             Route(METADATA_PATH + "/{suffix:path}", resource_metadata, methods=["GET"])])
 
 
 LOGOUT_FORM = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign out</title></head>"
