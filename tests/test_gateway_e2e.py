@@ -84,6 +84,7 @@ def test_unknown_host_is_misdirected_and_logged(gateway: Gateway) -> None:
     record = gateway.decision(response.headers["x-portcullis-correlation-id"])
     assert record["status"]["failureReason"] == "this gateway does not serve that host"
     assert record["httpStatus"] == 421
+    assert record["status"]["errorCode"] == 421  # Portcullis's own: no Conditional Access policy refused it
 
 
 def test_tls_without_sni_is_misdirected(gateway: Gateway) -> None:
