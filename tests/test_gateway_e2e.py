@@ -94,9 +94,8 @@ def test_tls_for_a_name_without_a_configured_certificate_is_refused(gateway: Gat
     context = ssl.create_default_context()
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # whatever it would present
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
-            pytest.raises(ssl.SSLError):
-        with context.wrap_socket(raw, server_hostname=server_name) as tls:
-            pytest.fail(f"handshake completed with a certificate: {tls.getpeercert(binary_form=True)!r:.60}")
+            pytest.raises(ssl.SSLError), context.wrap_socket(raw, server_hostname=server_name) as tls:
+        pytest.fail(f"handshake completed with a certificate: {tls.getpeercert(binary_form=True)!r:.60}")
 
 
 def raw_exchange(gateway: Gateway, request: str) -> str:
