@@ -32,6 +32,7 @@ from addons.framing import PassThroughDeadline, RequestFraming, UpstreamFraming
 from addons.kiosk_proxy import KioskProxy
 from addons.recorded_flows import record_flows
 from addons.routing import Routing
+from addons.server_names import ServerNames
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, ServiceEndpoints
 from addons.session_enforcement import SessionEnforcement
 from gateway import framing
@@ -94,6 +95,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         core.Core(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
+        ServerNames([host for c in settings.certificates for host in c.hosts]),  # before TlsConfig mints one
         tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(),
         request_framing,  # first: client deadlines, upgrades refused

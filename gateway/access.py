@@ -555,8 +555,10 @@ ACCESS_TOKEN_IN_QUERY = "an access token is accepted only in the Authorization h
 
 
 def refused_before_policy(request: AccessRequest, status: int, reason: str) -> Decision:
-    """A refusal no policy is asked about (400, 421, 503), at the gateway and in What If."""
-    return Decision(result=DecisionResult.block, status_code=status, error_code=ErrorCode.blocked_by_conditional_access,
+    """A refusal no policy is asked about (400, 421, 503), at the gateway and in What If. A
+    misdirected request has its own code: 53003 would claim a Conditional Access policy blocked it."""
+    code = ErrorCode.misdirected_request if status == 421 else ErrorCode.blocked_by_conditional_access
+    return Decision(result=DecisionResult.block, status_code=status, error_code=code,
                     reason=reason, resource=None, client_app_type=client_app_type(request, None))
 
 

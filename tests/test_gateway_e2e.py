@@ -84,16 +84,18 @@ def test_unknown_host_is_misdirected_and_logged(gateway: Gateway) -> None:
     record = gateway.decision(response.headers["x-portcullis-correlation-id"])
     assert record["status"]["failureReason"] == "this gateway does not serve that host"
     assert record["httpStatus"] == 421
+    assert record["status"]["errorCode"] == 421  # Portcullis's own: no Conditional Access policy refused it
 
 
-def test_tls_without_sni_is_misdirected(gateway: Gateway) -> None:
+@pytest.mark.parametrize("server_name", ["evil.example.com", None], ids=["unknown name", "no SNI"])
+def test_tls_for_a_name_without_a_configured_certificate_is_refused(gateway: Gateway, server_name: str | None) -> None:
+    """mitmproxy would sign a certificate for any name with its CA: the listener ends the
+    handshake instead (closing it: mitmproxy does not send OpenSSL's alert), presenting none."""
     context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # no name to check without SNI
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # whatever it would present
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
-            context.wrap_socket(raw, server_hostname=None) as tls:
-        tls.sendall(f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nConnection: close\r\n\r\n".encode())
-        answer = b"".join(iter(lambda: tls.recv(4096), b"")).decode(errors="replace")
-    assert answer.startswith("HTTP/1.1 421")
+            pytest.raises(ssl.SSLError), context.wrap_socket(raw, server_hostname=server_name) as tls:
+        pytest.fail(f"handshake completed with a certificate: {tls.getpeercert(binary_form=True)!r:.60}")
 
 
 def raw_exchange(gateway: Gateway, request: str) -> str:

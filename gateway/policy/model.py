@@ -80,6 +80,9 @@ class ErrorCode(IntEnum):
     app_not_approved = 53002
     blocked_by_conditional_access = 53003
     blocked_due_to_risk = 53004
+    # Portcullis's own, not Entra's (Entra has none for it; its codes all have five or more digits):
+    # the request named a host this listener does not serve (HTTP 421), so no policy was asked.
+    misdirected_request = 421
 
 
 class PolicyResultKind(StrEnum):

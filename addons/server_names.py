@@ -1,0 +1,40 @@
+"""ServerNames: the TLS listener serves only the certificates it is configured with.
+
+mitmproxy's TlsConfig signs a certificate on the spot, with the CA in its confdir, for any server
+name no ``certs`` entry matches. The gateway listener must not: a client asking for a name the
+gateway has no certificate for (or for none at all) has its handshake ended without any
+certificate: OpenSSL fails it (no shared cipher) and mitmproxy closes the connection (it does not
+flush OpenSSL's alert). The kiosk's interception of protected hosts (a forward proxy) still
+gets TlsConfig's certificates. Must run before TlsConfig's ``tls_start_client``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import tls
+from mitmproxy.proxy.mode_specs import RegularMode
+from OpenSSL import SSL
+
+logger = logging.getLogger(__name__)
+
+
+class ServerNames:
+    def __init__(self, hosts: list[str]) -> None:
+        self.hosts = frozenset(host.lower().rstrip(".") for host in hosts)
+
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        client = data.context.client
+        if data.ssl_conn is not None or isinstance(client.proxy_mode, RegularMode):
+            return
+        name = (client.sni or "").lower().rstrip(".")
+        if name in self.hosts or f"*.{name.partition('.')[2]}" in self.hosts:  # mitmproxy's certs take wildcards
+            return
+        logger.warning("TLS handshake from %s refused: %s", client.peername[0],
+                       f"no certificate is configured for server name {name!r}" if name
+                       else "the client sent no server name (SNI)")
+        # No certificate at all: OpenSSL fails the handshake, and TlsConfig (which returns when a
+        # connection is already set) mints nothing.
+        connection = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD))
+        connection.set_accept_state()
+        data.ssl_conn = connection
