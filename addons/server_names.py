@@ -24,17 +24,29 @@ class ServerNames:
         self.hosts = frozenset(host.lower().rstrip(".") for host in hosts)
 
     def tls_start_client(self, data: tls.TlsData) -> None:
-        client = data.context.client
-        if data.ssl_conn is not None or isinstance(client.proxy_mode, RegularMode):
+        """Fails closed by itself (``fail_closed`` guards flows and clients, not handshakes): a
+        check that raises refuses the handshake, it never leaves TlsConfig to mint a certificate."""
+        try:
+            refusal = self.refusal(data)
+        except Exception:  # noqa: BLE001  (an edge: log, then refuse)
+            logger.exception("TLS server-name check failed; refusing the handshake")
+            refusal = "the server-name check failed"
+        if refusal is None:
             return
-        name = (client.sni or "").lower().rstrip(".")
-        if name in self.hosts or f"*.{name.partition('.')[2]}" in self.hosts:  # mitmproxy's certs take wildcards
-            return
-        logger.warning("TLS handshake from %s refused: %s", client.peername[0],
-                       f"no certificate is configured for server name {name!r}" if name
-                       else "the client sent no server name (SNI)")
+        logger.warning("TLS handshake from %s refused: %s", data.context.client.peername[0], refusal)
         # No certificate at all: OpenSSL fails the handshake, and TlsConfig (which returns when a
         # connection is already set) mints nothing.
         connection = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD))
         connection.set_accept_state()
         data.ssl_conn = connection
+
+    def refusal(self, data: tls.TlsData) -> str | None:
+        """Why this handshake gets no certificate; None for a configured name (or the kiosk)."""
+        client = data.context.client
+        if data.ssl_conn is not None or isinstance(client.proxy_mode, RegularMode):
+            return None
+        name = (client.sni or "").lower().rstrip(".")
+        if name in self.hosts or f"*.{name.partition('.')[2]}" in self.hosts:  # mitmproxy's certs take wildcards
+            return None
+        return f"no certificate is configured for server name {name!r}" if name \
+            else "the client sent no server name (SNI)"

@@ -98,6 +98,23 @@ def test_tls_for_a_name_without_a_configured_certificate_is_refused(gateway: Gat
         pytest.fail(f"handshake completed with a certificate: {tls.getpeercert(binary_form=True)!r:.60}")
 
 
+def test_a_failing_server_name_check_refuses_the_handshake(gateway: Gateway,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """mitmproxy logs a hook's exception and goes on: TlsConfig would then sign a certificate for
+    any name. A check that raises refuses the handshake, even for a configured name."""
+    from addons.server_names import ServerNames
+
+    def broken(self: ServerNames, data: object) -> str | None:
+        raise RuntimeError("the check broke")
+
+    monkeypatch.setattr(ServerNames, "refusal", broken)
+    context = ssl.create_default_context()
+    gateway.ca.configure_trust(context)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
+            pytest.raises(ssl.SSLError), context.wrap_socket(raw, server_hostname=MAIL) as tls:
+        pytest.fail(f"handshake completed with a certificate: {tls.getpeercert(binary_form=True)!r:.60}")
+
+
 def raw_exchange(gateway: Gateway, request: str) -> str:
     """Send bytes exactly as written over TLS to the mail host; everything the gateway answers
     until it closes the connection (so ``request`` says ``Connection: close``)."""
