@@ -33,12 +33,12 @@ class ServerNames:
             refusal = "the server-name check failed"
         if refusal is None:
             return
-        logger.warning("TLS handshake from %s refused: %s", data.context.client.peername[0], refusal)
         # No certificate at all: OpenSSL fails the handshake, and TlsConfig (which returns when a
-        # connection is already set) mints nothing.
+        # connection is already set) mints nothing. Set before the log line, which could fail too.
         connection = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD))
         connection.set_accept_state()
         data.ssl_conn = connection
+        logger.warning("TLS handshake from %s refused: %s", data.context.client.peername[0], refusal)
 
     def refusal(self, data: tls.TlsData) -> str | None:
         """Why this handshake gets no certificate; None for a configured name (or the kiosk)."""

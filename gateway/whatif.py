@@ -90,12 +90,11 @@ class WhatIf:
         self.config = config
         self.inventory = inventory
         self.rules = Rules.of(config)
-        self.policy_set = self.rules.policy_set
 
     async def ask(self, question: Question, now: datetime) -> Decision:
         """What the gateway decides for this question, as it answers a live request."""
         request = self.request(question)
-        found = self.policy_set.match(request.host, request.path)
+        found = self.rules.policy_set.match(request.host, request.path)
         if found is None or found.public:  # denied, or forwarded, before any token is read, whoever asks
             return decided_before_identity(request, found.primary if found else None)
         if access_token_in_query(request.target or ""):

@@ -969,6 +969,8 @@ def test_http2_header_fields_have_the_same_bounds(framed: Framed, extra: list[tu
         assert json.loads(body)["error"] in ("bad_request", "request_header_fields_too_large")
     elif extra[0][0] == b"cookie":  # the upstream got them in one Cookie line, all of them
         assert framed.upstream.requests[-1].headers["cookie"] == "; ".join(f"c{i}=v" for i in range(150))
+    else:  # the tab reached the upstream as sent
+        assert framed.upstream.requests[-1].headers["x-note"] == "a\tb"
 
 
 def test_mitmproxys_idle_timeout_outlasts_the_longest_activesync_ping(framed: Framed) -> None:

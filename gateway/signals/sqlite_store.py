@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from gateway import strict_json
 from gateway.config.loader import format_loc, locate, read_yaml
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
@@ -354,23 +355,15 @@ def _parse_valid_json(path: Path) -> list[DeviceRecord] | None:
     100,000 devices: re-seeding an empty Redis from an export must not); None for a file with any
     problem, which the YAML reader then reports item by item with its line."""
     try:
-        items = _items(json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_members))
+        items = _items(strict_json.loads(path.read_bytes()))  # a member given twice: the YAML reader names its line
         if not isinstance(items, list):
             return None
         records = DEVICE_LIST.validate_json(json.dumps(items), strict=True)
-    except (OSError, ValueError):  # ValidationError, JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (OSError, ValueError):  # ValidationError and strict_json's JsonRefused are ValueErrors
         return None
     if len({r.azure_ad_device_id.lower() for r in records}) != len(records):
         return None  # a device listed twice
     return records
-
-
-def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A member given twice is a problem (the YAML reader names its line), never "the last one wins"."""
-    members = dict(pairs)
-    if len(members) != len(pairs):
-        raise ValueError("duplicate member")
-    return members
 
 
 def _parse_csv(path: Path) -> list[DeviceRecord]:
