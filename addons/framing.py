@@ -27,6 +27,7 @@ from mitmproxy.addons import proxyserver
 
 from addons.safety import fail_closed, respond
 from addons.service_endpoints import SERVICE_KEY
+from addons.strict_http import BODY_AFTER_ANSWER_KEY
 from gateway import framing
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,12 @@ class RequestFraming:
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
-        self._change(flow, lambda d: d.answered(flow.id, asyncio.get_running_loop().time()))
+        body_to_come = bool(flow.metadata.get(BODY_AFTER_ANSWER_KEY))  # refused, read after the answer
+        self._change(flow, lambda d: d.answered(flow.id, asyncio.get_running_loop().time(), body_to_come=body_to_come))
+
+    def refused_body_read(self, flow: http.HTTPFlow) -> None:
+        """``strict_http.RefusedBodyReadHook``: that body is read; the connection is idle now."""
+        self._change(flow, lambda d: d.body_discarded(flow.id, asyncio.get_running_loop().time()))
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._change(flow, lambda d: d.answered(flow.id, asyncio.get_running_loop().time()))

@@ -11,7 +11,8 @@ client sends while it waits. So the gateway replaces two classes of mitmproxy's 
 - ``StrictHttpStream`` answers a request refused at its headers right away and discards its body
   (never buffered or forwarded). mitmproxy would first buffer the body, and once it passes
   ``stream_large_bodies`` raise "Can't set a response and enable streaming at the same time" and
-  leave the client hanging.
+  leave the client hanging. Over HTTP/1 a small body of a known length is read after the answer
+  and the connection kept (``framing.refused_body_keeps_connection``); any other closes once read.
 - Both speak in the gateway's words where mitmproxy would answer itself: its HTML error page
   carries ``Server: mitmproxy <version>`` and, for an upstream that failed, the upstream's address
   (the ``error`` hook cannot replace it). A request mitmproxy refuses (CONNECT on the reverse
@@ -30,6 +31,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -233,9 +235,23 @@ class StrictHttp1Server(Http1Server):
         return [commands.SendData(self.conn, refusal_bytes(refusal, correlation_id))]
 
 
+BODY_AFTER_ANSWER_KEY = "portcullis.body_after_answer"  # see StrictHttpStream._answer_now
+
+
+@dataclass
+class RefusedBodyReadHook(commands.StartHook):
+    """The body of a request answered before it was read, on an HTTP/1 connection kept for the next
+    request, has been read and discarded: the client owes nothing more of it (``RequestFraming``
+    times that body as a body until then, and the connection as idle after)."""
+
+    name = "refused_body_read"
+    flow: http.HTTPFlow
+
+
 class StrictHttpStream(http_layer.HttpStream):
     answered_early = False
     answer_started = False  # a final answer's head went to the client: no other answer can follow
+    keeps_connection = False  # if refused at its head: decided on the head as the client sent it
 
     def _handle_event(self, event: events.Event) -> Commands:
         return replacing(super()._handle_event(event), self._own_answer)
@@ -288,20 +304,29 @@ class StrictHttpStream(http_layer.HttpStream):
         yield http_layer.SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
 
     def state_wait_for_request_headers(self, event: RequestHeaders) -> Commands:
+        request = event.request  # before the hooks: UpstreamFraming drops a refused request's Expect
+        self.keeps_connection = not event.end_stream and framing.refused_body_keeps_connection(
+            request.http_version, request.headers.items(multi=True))
         yield from super().state_wait_for_request_headers(event)
         refused = self.flow.response is not None and self.flow.live and not self.flow.error
         if refused and not event.end_stream and self.client_state == self.state_consume_request_body:
             yield from self._answer_now()
 
     def _answer_now(self) -> Commands:
-        """The answer goes out before the body is read. An HTTP/1 connection closes once the body
-        has been read and discarded (or the client's body deadline ends it). An HTTP/2 stream is
-        ended and dropped at once: mitmproxy would end it only after the whole body, and the client
-        may wait for the answer's end before it sends more; what it still sends is discarded."""
+        """The answer goes out before the body is read. Over HTTP/1 the body is then read and
+        discarded; a small one of a known length (``keeps_connection``) under the client's body
+        deadline, after which the connection serves the next request (unless the answer says
+        ``Connection: close``: a refusal that closes, or Drain's last answer). Any other body makes
+        the answer say ``Connection: close``, and the connection closes once that body is read (or a
+        client deadline ends it). An HTTP/2 stream is ended and dropped at once: mitmproxy would end
+        it only after the whole body, and the client may wait for the answer's end before it sends
+        more; what it still sends is discarded."""
         assert self.flow.response is not None  # noqa: S101  (checked by the caller)
         self.answered_early = True
         http1 = self.flow.request.http_version.startswith("HTTP/1")
-        if http1:
+        if http1 and self.keeps_connection:
+            self.flow.metadata[BODY_AFTER_ANSWER_KEY] = True
+        elif http1:
             self.flow.response.headers["connection"] = "close"
         self.flow.response.timestamp_start = time.time()
         yield HttpResponseHeadersHook(self.flow)
@@ -325,6 +350,8 @@ class StrictHttpStream(http_layer.HttpStream):
             yield from super().state_consume_request_body(event)
         elif isinstance(event, RequestEndOfMessage):  # data and trailers before it are discarded
             self.client_state = self.state_done
+            if self.flow.metadata.get(BODY_AFTER_ANSWER_KEY):
+                yield RefusedBodyReadHook(self.flow)
             if self.server_state == self.state_done:
                 yield from self.flow_done()
 

@@ -31,6 +31,7 @@ which a client keeps from firing by sending a byte now and then. Pure logic: no 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -42,6 +43,7 @@ MAX_REQUEST_HEAD_BYTES = MAX_REQUEST_LINE_BYTES + MAX_HEADER_BYTES + 2  # any he
 MAX_UNREAD_BYTES = 256 * 1024  # what a client may send ahead of the answer it waits for (pipelining)
 MAX_CHUNK_LINE_BYTES = 4 * 1024  # a chunk size and its extensions
 MAX_CONTENT_LENGTH = 2**63 - 1  # what every upstream can hold in a signed 64-bit length
+MAX_REFUSED_BODY_BYTES = 64 * 1024  # a refused request's body read and discarded to keep its connection
 
 _REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([^\x00\t\n\x0b\x0c\r ]+) HTTP/(1\.[01])")
 _NAME = re.compile(TOKEN)
@@ -140,6 +142,28 @@ def _framing_refusal(hosts: list[bytes], lengths: list[bytes], encodings: list[b
     if lengths and (_CONTENT_LENGTH.fullmatch(lengths[0]) is None or int(lengths[0]) > MAX_CONTENT_LENGTH):
         return bad_request("Content-Length is not a decimal number of octets")
     return None
+
+
+def refused_body_keeps_connection(http_version: str, fields: Iterable[tuple[str, str]]) -> bool:
+    """Whether an HTTP/1 request refused at its head, with a body still to come, keeps its
+    connection: the answer goes out, the body is read and discarded, and the next request is served
+    (RFC 9110 §10.1.1 allows this or closing). Clients that read a close as "server busy" retry a
+    refusal instead of reporting it. Only when both sides know where that body ends and it is small:
+    HTTP/1.1, one Content-Length of at most ``MAX_REFUSED_BODY_BYTES``, no Transfer-Encoding (a
+    chunked body is unbounded), no Expect (a client waiting for a 100 Continue that never comes may
+    send its body or not: the next bytes could be either), and no ``Connection: close``.
+    ``fields`` are the head's fields as the client sent them (before any hook changed them)."""
+    lengths: list[bytes] = []
+    for name, value in fields:
+        folded = name.lower()
+        if folded in ("transfer-encoding", "expect"):
+            return False
+        if folded == "connection" and "close" in (token.strip(" \t").lower() for token in value.split(",")):
+            return False
+        if folded == "content-length":
+            lengths.append(value.strip(" \t").encode())
+    return http_version == "HTTP/1.1" and len(lengths) == 1 and _CONTENT_LENGTH.fullmatch(lengths[0]) is not None \
+        and int(lengths[0]) <= MAX_REFUSED_BODY_BYTES
 
 
 def chunk_size(line: bytes) -> int:
@@ -255,10 +279,21 @@ class ClientDeadline:
     def body_received(self, request: str) -> None:
         self.bodies.discard(request)
 
-    def answered(self, request: str, now: float) -> None:
-        self.bodies.discard(request)
+    def answered(self, request: str, now: float, *, body_to_come: bool = False) -> None:
+        """``body_to_come``: answered before its body was read (an HTTP/1 refusal that keeps its
+        connection); the body's deadline runs on until ``body_discarded``."""
+        if not body_to_come:
+            self.bodies.discard(request)
         self.requests.discard(request)
-        if not self.requests:
+        self._idle_when_nothing_owed(now)
+
+    def body_discarded(self, request: str, now: float) -> None:
+        """The body of a request answered before it was read has been read and thrown away."""
+        self.bodies.discard(request)
+        self._idle_when_nothing_owed(now)
+
+    def _idle_when_nothing_owed(self, now: float) -> None:
+        if not self.requests and not self.bodies:
             self.idle, self.since = True, now
 
     def restart_head(self, now: float) -> None:

@@ -40,7 +40,7 @@ from ruamel.yaml import YAML
 from addons.runner import running_gateway
 from addons.strict_http import StrictHttp1Server
 from gateway import bootstrap, framing, headers
-from gateway.demo import ALEX_IPHONE
+from gateway.demo import ALEX_IPHONE, TEAMS
 from gateway.signals.mtd import sign
 from tests.conftest import MTD_SECRET, Background, Gateway, Ports, free_port, gateway_config
 from tests.test_decision_log import listener
@@ -543,6 +543,106 @@ def test_only_an_allowed_request_is_invited_to_send_its_body(framed: Framed, tok
             tls.sendall(b"hello")
         answer = Answer(invited.text + read_answer(tls, 3).text, True)
     assert [part[:3] for part in answer.text.split("HTTP/1.1 ")[1:]] == expected
+
+
+def h11_answer(tls: ssl.SSLSocket, client: h11.Connection) -> tuple[h11.Response, bytes]:
+    """The next answer on ``client``'s connection, read whole and framed by h11 (strict)."""
+    response, body = None, b""
+    while not isinstance(event := client.next_event(), h11.EndOfMessage):
+        if event is h11.NEED_DATA:
+            client.receive_data(tls.recv(65536))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise AssertionError(f"the gateway closed the connection; answered so far: {response}")
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+    assert response is not None
+    return response, body
+
+
+def says_close(response: h11.Response) -> bool:
+    return (b"connection", b"close") in [(k.lower(), v.lower()) for k, v in response.headers]
+
+
+REFUSED_UPLOAD = b'<soap:Envelope><m:CreateItem>refused-upload-marker</m:CreateItem></soap:Envelope>'
+
+
+@pytest.mark.parametrize(("token", "status", "reason"), [
+    pytest.param(None, 401, "no bearer token", id="no token: 401"),
+    pytest.param({"client_id": TEAMS}, 403, "app not approved", id="an app ActiveSync does not approve: 403"),
+])
+def test_a_refused_small_upload_keeps_its_connection_for_the_next_request(
+        framed: Framed, token: dict[str, str] | None, status: int, reason: str) -> None:
+    """Every EWS call is a POST. The refusal used to say ``Connection: close``, which exchangelib
+    (and other urllib3 clients) read as "server busy" and retried for up to an hour. Now the refusal
+    keeps the connection: its small body is read and thrown away, the next request on the same
+    connection is answered and forwarded, and the refused body never reaches the upstream."""
+    count, mark = len(framed.upstream.requests), framed.upstream.mark()
+    refused = [("Authorization", f"Bearer {outlook_token(framed.gateway, **token)}")] if token else []
+    allowed = [("Authorization", f"Bearer {outlook_token(framed.gateway)}")]
+    with tls_to(framed.gateway) as tls:
+        client = h11.Connection(h11.CLIENT)
+        tls.sendall(client.send(h11.Request(method="POST", target=ACTIVESYNC, headers=[
+            ("Host", MAIL), *refused, ("Content-Type", "text/xml"), ("Content-Length", str(len(REFUSED_UPLOAD)))]))
+            + client.send(h11.Data(data=REFUSED_UPLOAD)) + client.send(h11.EndOfMessage()))
+        first, body = h11_answer(tls, client)
+        assert first.status_code == status and not says_close(first), first
+        client.start_next_cycle()
+        tls.sendall(client.send(h11.Request(method="GET", target="/owa/", headers=[("Host", MAIL), *allowed]))
+                    + client.send(h11.EndOfMessage()))
+        second, echo = h11_answer(tls, client)
+    assert second.status_code == 200 and json.loads(echo)["target"] == "/owa/"
+    assert [(r.method, r.target) for r in framed.upstream.requests[count:]] == [("GET", "/owa/")]
+    assert b"refused-upload-marker" not in framed.upstream.since(mark)
+    record = framed.gateway.decision(json.loads(body)["correlationId"])  # the refusal is logged with its reason
+    assert reason in json.dumps(record["status"]), record["status"]
+
+
+def test_a_refused_body_that_looks_like_a_request_is_discarded_not_answered(framed: Framed) -> None:
+    """The smuggling twin of the kept connection: the refused body is a whole request with a valid
+    token. Read as the body it is declared to be, it is thrown away; only the request after it is
+    decided, answered and forwarded."""
+    mark = framed.upstream.mark()
+    token = outlook_token(framed.gateway)
+    lookalike = f"GET /owa/admin-smuggled HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    refused = f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: {MAIL}\r\nContent-Length: {len(lookalike)}\r\n\r\n".encode()
+    after = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    answer = exchange(framed.gateway, refused + lookalike + after.encode())
+    answers = answer.text.split("HTTP/1.1 ")[1:]
+    assert [part[:3] for part in answers] == ["401", "200"] and answer.closed, answer.text[:600]
+    assert '"target": "/owa/"' in answers[1]
+    assert b"admin-smuggled" not in framed.upstream.since(mark)
+    assert framed.upstream.requests[-1].target == "/owa/"
+
+
+NEXT_REQUEST = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nConnection: close\r\n\r\n".encode()  # refused too: 401
+
+
+@pytest.mark.parametrize(("version", "head", "body", "kept"), [
+    pytest.param("HTTP/1.1", f"Content-Length: {framing.MAX_REFUSED_BODY_BYTES}\r\n",
+                 b"a" * framing.MAX_REFUSED_BODY_BYTES, True, id="twin: a 64 KiB body, the bound, keeps it"),
+    pytest.param("HTTP/1.1", f"Content-Length: {framing.MAX_REFUSED_BODY_BYTES + 1}\r\n",
+                 b"a" * (framing.MAX_REFUSED_BODY_BYTES + 1), False, id="a byte over the bound"),
+    pytest.param("HTTP/1.1", "Transfer-Encoding: chunked\r\n", CHUNKED, False, id="chunked: unbounded"),
+    pytest.param("HTTP/1.1", "Expect: 100-continue\r\nContent-Length: 5\r\n", b"hello", False,
+                 id="Expect 100-continue: the client may or may not send its body"),
+    pytest.param("HTTP/1.1", "Content-Length: 5\r\nConnection: close\r\n", b"hello", False,
+                 id="the client asked to close"),
+    pytest.param("HTTP/1.1", "Content-Length: 5\r\nConnection: Keep-Alive, CLOSE\r\n", b"hello", False,
+                 id="the client asked to close, in capitals"),
+    pytest.param("HTTP/1.0", "Content-Length: 5\r\nConnection: keep-alive\r\n", b"hello", False,
+                 id="HTTP/1.0, even with keep-alive (as forwarded HTTP/1.0 requests)"),
+])
+def test_a_refused_upload_closes_unless_its_body_is_small_and_framed_beyond_doubt(
+        framed: Framed, version: str, head: str, body: bytes, kept: bool) -> None:
+    """The request after the refused body is answered only on a kept connection; otherwise the
+    refusal says ``Connection: close`` and the connection closes once the body is read."""
+    refused = f"POST {ACTIVESYNC} {version}\r\nHost: {MAIL}\r\n{head}\r\n".encode()
+    answer = exchange(framed.gateway, refused + body + NEXT_REQUEST)
+    answers = answer.text.split("HTTP/1.1 ")[1:]
+    assert [part[:3] for part in answers] == (["401", "401"] if kept else ["401"]) and answer.closed, answer.text[:600]
+    assert ("connection: close" in answers[0].split("\r\n\r\n", 1)[0].lower()) is not kept
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["Content-Length", "chunked"])
@@ -1108,6 +1208,38 @@ def test_a_normal_client_of_the_impatient_gateway_is_served(impatient: Gateway) 
     assert answer.status == 200 and '"bodyBytes": 6000' in answer.text
 
 
+def refused_upload_head(declared: int) -> bytes:
+    return f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: {MAIL}\r\nContent-Length: {declared}\r\n\r\n".encode()
+
+
+def test_a_refused_upload_whose_small_body_never_comes_is_cut_by_the_body_deadline(
+        lingering: Gateway, run_log_levels: pytest.LogCaptureFixture) -> None:
+    """The refusal keeps the connection, but the client still owes the body it declared: the body
+    deadline (2 s grace) ends the connection, not the longer keep-alive pause (4 s) of an idle one."""
+    caplog = run_log_levels
+    with tls_to(lingering) as tls:
+        tls.sendall(refused_upload_head(1000))
+        answer = read_answer(tls, 0.5)
+        assert answer.status == 401 and "connection: close" not in answer.head, answer.text[:300]
+        assert closed_within(tls, 8) is not None
+    assert [r for r in caplog.records if "closing the connection: its body deadline passed" in r.getMessage()]
+
+
+def test_a_refused_body_sent_slowly_within_the_body_rate_is_read_and_the_connection_kept(lingering: Gateway) -> None:
+    """The twin: 2,000 bytes over about 2 s (1,000 bytes a second, above the 500 a body must average)
+    outlast the head deadline (1.5 s) but not the body's; once read, the next request is answered."""
+    with tls_to(lingering) as tls:
+        tls.sendall(refused_upload_head(2000))
+        assert read_answer(tls, 0.5).status == 401
+        for _ in range(20):
+            tls.sendall(b"a" * 100)
+            select.select([], [], [], 0.1)
+        tls.sendall(f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(lingering)}\r\n"
+                    "Connection: close\r\n\r\n".encode())
+        answer = read_answer(tls, 5)
+    assert answer.status == 200 and '"target": "/owa/"' in answer.text and answer.closed, answer.text[:300]
+
+
 @contextlib.contextmanager
 def kiosk_tunnel(gateway: Gateway, port: int) -> Iterator[socket.socket]:
     """A CONNECT through the gateway's kiosk proxy to 127.0.0.1:``port``, answered."""
@@ -1228,6 +1360,22 @@ def test_body_time_counts_only_while_waiting_for_the_client() -> None:
     assert deadline.due() is None  # the answer is owed, not the client
     deadline.answered("flow", 20.0)
     assert deadline.due() == 21.0  # keep-alive
+
+
+def test_a_body_still_to_come_after_its_answer_is_timed_as_a_body_then_the_connection_is_idle() -> None:
+    """A refusal that keeps its connection is answered before its body is read: until that body
+    is read the body deadline runs (not the keep-alive pause), from its end the keep-alive pause."""
+    limits = framing.ClientLimits(header_seconds=1, keepalive_seconds=5, body_grace_seconds=2, body_min_rate=500)
+    deadline = framing.ClientDeadline(limits, since=0.0)
+    deadline.head_received("refused")
+    deadline.answered("refused", 0.5, body_to_come=True)
+    deadline.read_started(0.5)
+    assert deadline.phase is framing.Phase.BODY and deadline.due() == 2.5
+    deadline.read_finished(1.0, 500)  # body bytes (a byte after an answer would start a head when idle)
+    deadline.read_started(1.0)
+    assert deadline.phase is framing.Phase.BODY and deadline.due() == 1.0 + 2 + 1 - 0.5
+    deadline.body_discarded("refused", 1.2)
+    assert deadline.phase is framing.Phase.IDLE and deadline.due() == 6.2
 
 
 def test_client_limits_are_settings_and_must_be_positive() -> None:

@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from tests.gateway_process import GatewayProcess, sibling_config
 from tests.test_browser_sign_in import BROWSER, sign_in
 from tests.test_decision_log import listener
 from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token
-from tests.test_security_framing import h2_events, h2_request, h2_to, read_answer, tls_to
+from tests.test_security_framing import h2_events, h2_request, h2_to, h11_answer, read_answer, says_close, tls_to
 
 STARTED = r"worker (\d+) started \(pid (\d+)\)"
 LISTENING = r"worker (\d+) \(pid (\d+)\) is listening"
@@ -241,24 +241,22 @@ def three_per_connection(gateway: Gateway, tmp_path: Path, demo_ports: Ports) ->
         yield replace(gateway, port=port, config_dir=config_dir)
 
 
-def answers_on_one_connection(gateway: Gateway, requests: int) -> list[str]:
-    """Up to ``requests`` ActiveSync syncs one after another on one HTTP/1.1 connection: each
-    answer's status and whether it says ``Connection: close``, then whether the gateway closed."""
+def answers_on_one_connection(gateway: Gateway, requests: int, *, refused: Collection[int] = (),
+                              body: bytes = b"") -> list[str]:
+    """Up to ``requests`` ActiveSync syncs one after another on one HTTP/1.1 connection, each with
+    ``body``, those numbered in ``refused`` (from 0) without a token: each answer's status and
+    whether it says ``Connection: close``, then whether the gateway closed."""
     token, seen = outlook_token(gateway), []
     with tls_to(gateway) as tls:
         client = h11.Connection(h11.CLIENT)
-        for _ in range(requests):
+        for number in range(requests):
+            authorization = [] if number in refused else [("Authorization", f"Bearer {token}")]
             head = h11.Request(method="POST", target=ACTIVESYNC, headers=[
-                ("Host", MAIL), ("Authorization", f"Bearer {token}"), ("Content-Length", "0")])
-            tls.sendall(client.send(head) + client.send(h11.EndOfMessage()))
-            status, close = 0, False
-            while not isinstance(event := client.next_event(), h11.EndOfMessage):
-                if event is h11.NEED_DATA:
-                    client.receive_data(tls.recv(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                    close = (b"connection", b"close") in [(k.lower(), v.lower()) for k, v in event.headers]
-            seen.append(f"{status}{' close' if close else ''}")
+                ("Host", MAIL), *authorization, ("Content-Length", str(len(body)))])
+            tls.sendall(client.send(head) + (client.send(h11.Data(data=body)) if body else b"")
+                        + client.send(h11.EndOfMessage()))
+            answer, _ = h11_answer(tls, client)
+            seen.append(f"{answer.status_code}{' close' if says_close(answer) else ''}")
             if client.our_state is h11.MUST_CLOSE:
                 return [*seen, "closed" if read_answer(tls, 5).closed else "left open"]
             client.start_next_cycle()
@@ -268,6 +266,14 @@ def answers_on_one_connection(gateway: Gateway, requests: int) -> list[str]:
 def test_an_http1_connection_ends_with_its_request_limit(three_per_connection: Gateway) -> None:
     assert answers_on_one_connection(three_per_connection, 5) == ["200", "200", "200 close", "closed"]
     assert answers_on_one_connection(three_per_connection, 2) == ["200", "200"]  # a new connection: counted anew
+
+
+def test_refusals_that_keep_the_connection_count_towards_its_request_limit(three_per_connection: Gateway) -> None:
+    """A refused upload with a small body keeps its connection (issue 15) and is one of its
+    requests: the third answer, a refusal here, says ``Connection: close``, and the connection
+    closes once that refused body is read."""
+    answers = answers_on_one_connection(three_per_connection, 5, refused={0, 2}, body=b"<soap:Envelope/>" * 50)
+    assert answers == ["401", "200", "401 close", "closed"]
 
 
 def test_an_http2_connection_gets_a_graceful_goaway_after_its_last_answer(three_per_connection: Gateway) -> None:
