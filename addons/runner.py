@@ -44,6 +44,7 @@ from gateway.config.models import ClientLimitSettings
 from gateway.demo import DemoUpstreams
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.operations import Operations
+from gateway.response_streaming import BUFFERED_BODY_BYTES
 from gateway.signals.graph import GraphInventory
 from gateway.signals.mtd import MtdReceiver, partners_from_config
 from gateway.web.admin import admin_listener
@@ -127,7 +128,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         rawtcp=False,
         http3=False,
         websocket=False,
-        stream_large_bodies="1m",
+        stream_large_bodies=str(BUFFERED_BODY_BYTES),  # declared longer: streamed; unknown length: SessionEnforcement
         validate_inbound_headers=True,
         tcp_timeout=IDLE_TIMEOUT_SECONDS,
     )

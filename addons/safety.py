@@ -6,7 +6,9 @@ On the request side (``requestheaders``, ``request``, ``http_connect``) the 500 
 instead of forwarding. On the response side (``responseheaders``, ``response``) the upstream's
 answer is replaced before any byte of it reaches the client: in ``responseheaders`` mitmproxy goes
 on reading the upstream body into whatever response the flow holds, so the replacement drops that
-body as it streams in and emits its own at the end (``dropping_upstream_body``).
+body as it streams in and emits its own at the end (``dropping_upstream_body``). An answer that
+streams (``gateway/response_streaming.py``) has reached the client before its ``response`` hooks
+run: none of them decides access (they end deadlines, count keep-alive limits, forget open flows).
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
-"""SessionEnforcement: applies the session controls of an allowed request to its response. A file
-download (``Content-Disposition: attachment``) under ``blockDownloads`` is replaced by a page
-saying why. Requests that are downloads or uploads by themselves were refused in AccessGate.
+"""SessionEnforcement: the response side of a forwarded request. A file download
+(``Content-Disposition: attachment``) under ``blockDownloads`` is replaced by a page saying why;
+any other answer is passed on as its bytes arrive when ``gateway.response_streaming`` says so
+(unknown length: EWS streaming notifications, event streams), else mitmproxy holds it whole.
+Requests that are downloads or uploads by themselves were refused in AccessGate.
 
 The response is replaced in ``responseheaders``, before any byte reaches the client: the status
 and headers are rewritten and the upstream body is streamed into a function that drops it and
-emits the page at its end (memory stays bounded however large the file is).
+emits the page at its end (memory stays bounded however large the file is). The replacement wins
+over streaming, and a stream function set by an earlier hook (``fail_closed``'s) is kept.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from mitmproxy import http
 
 from addons.safety import CORRELATION_KEY, SESSION_KEY, fail_closed
 from gateway.access import AccessService
+from gateway.response_streaming import streams_as_sent
 from gateway.web.pages import GatewayResponse
 
 
@@ -24,14 +28,19 @@ class SessionEnforcement:
 
     @fail_closed
     async def responseheaders(self, flow: http.HTTPFlow) -> None:
-        controls = flow.metadata.get(SESSION_KEY)
-        if controls is None or flow.response is None:
+        response = flow.response
+        if response is None:
             return
-        accepts_html = "text/html" in flow.request.headers.get("accept", "").lower()
-        page = self.service.response_restriction(controls, flow.response.headers,
-                                                 flow.metadata.get(CORRELATION_KEY, "-"), accepts_html)
+        controls = flow.metadata.get(SESSION_KEY)
+        page = None
+        if controls is not None:
+            accepts_html = "text/html" in flow.request.headers.get("accept", "").lower()
+            page = self.service.response_restriction(controls, response.headers,
+                                                     flow.metadata.get(CORRELATION_KEY, "-"), accepts_html)
         if page is not None:
-            replace_before_sending(flow.response, page)
+            replace_before_sending(response, page)
+        elif not response.stream and streams_as_sent(flow.request.method, response.status_code, response.headers):
+            response.stream = True
 
 
 def replace_before_sending(response: http.Response, page: GatewayResponse) -> None:

@@ -51,14 +51,13 @@ def test_an_upstream_that_fails_is_counted_per_host(gateway: Gateway, tmp_path: 
     assert counted == 1
 
 
-class SilentUpstream:
-    """A mail upstream that never answers: an ActiveSync Ping is held until the gateway closes its
-    connection, any other request's connection is closed without an answer."""
+class SocketUpstream:
+    """An upstream on plain sockets, for answers no HTTP server library would send: each
+    connection is served by ``_serve`` in a thread of its own."""
 
     def __init__(self) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
-        self.held: queue.Queue[str] = queue.Queue()  # "received", then "dropped" once the gateway gave up
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -67,11 +66,31 @@ class SilentUpstream:
                 threading.Thread(target=self._serve, args=(self.server.accept()[0],), daemon=True).start()
 
     def _serve(self, connection: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def read_head(connection: socket.socket) -> bytes:
+    """A request head, with whatever the gateway sent after it in the same reads."""
+    head = b""
+    while b"\r\n\r\n" not in head and (chunk := connection.recv(65536)):
+        head += chunk
+    return head
+
+
+class SilentUpstream(SocketUpstream):
+    """A mail upstream that never answers: an ActiveSync Ping is held until the gateway closes its
+    connection, any other request's connection is closed without an answer."""
+
+    def __init__(self) -> None:
+        self.held: queue.Queue[str] = queue.Queue()  # "received", then "dropped" once the gateway gave up
+        super().__init__()
+
+    def _serve(self, connection: socket.socket) -> None:
         with connection, contextlib.suppress(OSError):
-            head = b""
-            while b"\r\n\r\n" not in head and (chunk := connection.recv(65536)):
-                head += chunk
-            if b"Cmd=Ping" in head.split(b"\r\n", 1)[0]:
+            if b"Cmd=Ping" in read_head(connection).split(b"\r\n", 1)[0]:
                 self.held.put("received")
                 while connection.recv(65536):
                     pass
@@ -102,7 +121,7 @@ def test_a_client_that_hangs_up_or_resets_its_stream_is_not_an_upstream_error(ga
             assert upstream.held.get(timeout=10) == "dropped"
         failed = gateway.request(MAIL, ACTIVESYNC, method="POST", token=outlook_token(gateway), port=port)
         counted = operations.service.metrics.upstream_errors.labels(MAIL)._value.get()
-    upstream.server.close()
+    upstream.close()
     assert failed.status_code == 502
     assert counted == 1
 
