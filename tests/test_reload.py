@@ -195,7 +195,7 @@ KIOSKS_CLOSED = """
 """
 
 
-def kiosk_long_requests(kiosk: httpx.Client, log: Path) -> Callable[[int], LongPoll]:
+def kiosk_long_requests(gateway: Gateway, kiosk: httpx.Client, log: Path) -> Callable[[int], LongPoll]:
     """A kiosk browser, signed in naming Alex's iPhone (which the kiosk ignores: its decisions
     use no device), holding OWA requests open for ``heartbeat`` seconds (the demo backend holds
     any request with ``Cmd=Ping`` as it holds ActiveSync's)."""
@@ -206,7 +206,7 @@ def kiosk_long_requests(kiosk: httpx.Client, log: Path) -> Callable[[int], LongP
             return kiosk.get(f"https://{MAIL}/owa/?Cmd=Ping&HeartbeatInterval={heartbeat}", timeout=20,
                              headers={"Cookie": cookie, "User-Agent": user_agent}).status_code
 
-        return LongPoll(send, BROWSER["User-Agent"], log)
+        return LongPoll(send, BROWSER["User-Agent"], log, gateway.upstreams)
 
     return long_request
 
@@ -231,9 +231,9 @@ def test_a_tightening_reload_closes_open_long_polls(gateway: Gateway, tmp_path: 
             device: str | None = ALEX_IPHONE
             long_request = functools.partial(alex_ping, gateway, port, log)
         else:
-            device, long_request = None, kiosk_long_requests(kiosk, log)
+            device, long_request = None, kiosk_long_requests(gateway, kiosk, log)
         untouched = long_request(5).started()
-        assert untouched.decision is not None and untouched.decision["deviceDetail"]["deviceId"] == device
+        assert untouched.decisions(1)[0]["deviceDetail"]["deviceId"] == device
         save(policies, policies.read_text().replace("displayName: \"Exchange:", "displayName: \"Exchange (v2):", 1))
         wait_for_reloads(operations, 1)
         again = untouched.decisions(2)[1]  # after the grace, while it is still open
