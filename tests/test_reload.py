@@ -233,13 +233,15 @@ def test_a_tightening_reload_closes_open_long_polls(gateway: Gateway, tmp_path: 
         else:
             device, long_request = None, kiosk_long_requests(gateway, kiosk, log)
         untouched = long_request(5).started()
-        assert untouched.decisions(1)[0]["deviceDetail"]["deviceId"] == device
         save(policies, policies.read_text().replace("displayName: \"Exchange:", "displayName: \"Exchange (v2):", 1))
         wait_for_reloads(operations, 1)
-        again = untouched.decisions(2)[1]  # after the grace, while it is still open
-        assert (again["result"], again["deviceDetail"]["deviceId"]) == ("allow", device)
+        again = untouched.decisions(1, again=True)[0]  # after the grace
+        assert untouched.held()  # while it is still open
+        assert (again["result"], again["deviceDetail"]["deviceId"], again["httpStatus"]) == ("allow", device, None)
         assert untouched.closed_after(time.monotonic()) is None  # rules that still allow it: answered, not cut
         assert untouched.status == 200
+        own = untouched.decisions(1, again=False)[0]  # its own record, written when it was answered
+        assert (own["result"], own["deviceDetail"]["deviceId"], own["httpStatus"]) == ("allow", device, 200)
         ping = long_request(8).started()
         changed = time.monotonic()
         text = policies.read_text()
@@ -247,7 +249,10 @@ def test_a_tightening_reload_closes_open_long_polls(gateway: Gateway, tmp_path: 
         wait_for_reloads(operations, 2)
         closed = ping.closed_after(changed)
         assert closed is not None and closed < 5, f"the long request was answered ({ping.status}), not closed"
-        assert ping.decisions(2)[1]["result"] == "block"  # closed because the new rules refuse it
+        own = ping.decisions(1, again=False)[0]  # logged once it was closed: after the re-decision that closed it
+        withdrawn = ping.decisions(1, again=True)[-1]
+        assert (withdrawn["result"], withdrawn["httpStatus"]) == ("block", None)  # closed: the new rules refuse it
+        assert (own["result"], own["httpStatus"], own["upstreamStatus"]) == ("allow", None, None)
 
 
 def test_an_invalid_change_keeps_the_last_good_rules(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
