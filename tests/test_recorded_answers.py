@@ -5,7 +5,10 @@ gateway stopped first. Each test reads the status on the client's side and compa
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,10 +23,12 @@ from tests.conftest import Background, Gateway, Ports, free_port
 from tests.test_decision_log import logged
 from tests.test_gateway_e2e import outlook_token
 from tests.test_operations import SilentUpstream, SocketUpstream, hang_up_while_pings_wait, operated, own_config
+from tests.test_replay import replay, totals
 from tests.test_security_framing import tls_to
 from tests.test_session_controls import BROWSER, docs
 
 MAIL = "mail.contoso.test"
+PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 ANSWERS = {  # what StatusUpstream sends for ``answer=<name>``
     "404": b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\r\nnot found",
     "500": b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n\r\nbroken",
@@ -153,3 +158,33 @@ def test_a_download_replaced_by_block_downloads_is_recorded_as_the_403_the_clien
     assert replaced.status_code == 403
     assert (record["result"], record["httpStatus"], record["upstreamStatus"], record["restriction"]) == \
         ("allow", 403, 200, "blockDownloads")
+
+
+def test_replay_decides_again_what_the_gateway_decided_not_what_the_upstream_answered(
+        status_gateway: tuple[Gateway, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Allowed requests the upstream answered 404, 500 or 503, or failed (502), or that got no
+    answer: the same decision under the same rules, none taken for a signal outage (a 503 of the
+    gateway's own) or skipped. A re-decision while a request was open is no request of its own."""
+    gateway, config_dir, log = status_gateway
+    sent = {answer: alex_syncs(gateway, answer)[1] for answer in ("404", "500", "503", "nothing")}
+    records = [logged(log, correlation_id) for correlation_id in sent.values()]
+    hung_up = {**records[0], "id": "hung-up", "correlationId": "hung-up", "httpStatus": None, "upstreamStatus": None}
+    again = {**records[1], "continuousAccessEvaluation": True, "httpStatus": None}  # logged before the request's own
+    replayed = tmp_path / "decisions.jsonl"
+    replayed.write_text("".join(json.dumps(r) + "\n" for r in (again, *records, hung_up)))
+    code, out, _ = replay(capsys, "--config", config_dir, replayed)
+    assert code == 0
+    assert totals(out) == {"same result": 5, "blocked for another reason": 0, "allow→block": 0, "block→allow": 0,
+                           "skipped": 0}
+
+
+def test_why_shows_what_the_client_and_the_upstream_got(status_gateway: tuple[Gateway, Path, Path]) -> None:
+    gateway, config_dir, log = status_gateway
+    status, correlation_id = alex_syncs(gateway, "404")
+    logged(log, correlation_id)
+    result = subprocess.run([PORTCULLIS, "why", "--config", str(config_dir), "--json", correlation_id],
+                            capture_output=True, text=True, timeout=60)
+    assert json.loads(result.stdout)["httpStatus"] == status
+    trace = subprocess.run([PORTCULLIS, "why", "--config", str(config_dir), correlation_id],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "result:   allow (HTTP 404, upstream 404)" in trace
