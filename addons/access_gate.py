@@ -6,6 +6,7 @@ from __future__ import annotations
 from mitmproxy import http
 from mitmproxy.net.http import http1
 
+from addons.decision_records import RECORD_KEY
 from addons.flows import CLIENT_IP_KEY, FORWARDED_FOR_PROBLEM_KEY, access_request
 from addons.kiosk_proxy import KIOSK_KEY
 from addons.routing import HOST_KEY, UNPROTECTED_KEY
@@ -62,8 +63,9 @@ class AccessGate:
         _apply(flow, outcome)
         if outcome.forward and outcome.session_controls.names():
             flow.metadata[SESSION_KEY] = outcome.session_controls
-        if outcome.forward:  # what ContinuousAccess needs to decide it again while it is open
-            flow.metadata.update({REQUEST_KEY: request, AUTHORIZATION_KEY: authorization, COOKIES_KEY: cookies})
+        if outcome.forward:  # its record waits for the answer; what ContinuousAccess needs to decide it again
+            flow.metadata.update({RECORD_KEY: outcome.record, REQUEST_KEY: request, AUTHORIZATION_KEY: authorization,
+                                  COOKIES_KEY: cookies})
             if outcome.device_id:
                 flow.metadata[DEVICE_KEY] = outcome.device_id
 

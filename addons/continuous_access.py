@@ -105,8 +105,8 @@ class ContinuousAccess:
 
     async def _decide_again(self, flow: http.HTTPFlow) -> None:
         try:
-            outcome = await self.service.authorize(flow.metadata[REQUEST_KEY], flow.metadata[AUTHORIZATION_KEY],
-                                                   flow.metadata.get(COOKIES_KEY, []))
+            outcome = await self.service.decide_again(flow.metadata[REQUEST_KEY], flow.metadata[AUTHORIZATION_KEY],
+                                                      flow.metadata.get(COOKIES_KEY, []))
             allowed = outcome.forward
         except Exception:  # noqa: BLE001  (an edge: a failed re-decision closes the flow)
             logger.exception("[%s] re-evaluation failed; closing", flow.metadata.get(CORRELATION_KEY))

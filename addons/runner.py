@@ -27,6 +27,7 @@ from mitmproxy.proxy import mode_servers
 from addons import strict_http
 from addons.access_gate import AccessGate
 from addons.continuous_access import ContinuousAccess, DecisionsUnderWay
+from addons.decision_records import DecisionRecords
 from addons.drain import Drain, KeepAliveLimits
 from addons.framing import PassThroughDeadline, RequestFraming, UpstreamFraming
 from addons.kiosk_proxy import KioskProxy
@@ -105,6 +106,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         AccessGate(service),
         continuous_access,
         SessionEnforcement(service),
+        DecisionRecords(service),  # after SessionEnforcement: a record says what the client got
         KioskProxy(service),
         PassThroughDeadline(request_framing),  # after KioskProxy: its pass-through tunnels have no head deadline
         UpstreamFraming(),  # last in requestheaders: sees every refusal and every request to forward

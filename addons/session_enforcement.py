@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from mitmproxy import http
 
+from addons.decision_records import RESTRICTED_ANSWER_KEY
 from addons.safety import CORRELATION_KEY, SESSION_KEY, fail_closed
 from gateway.access import AccessService
 from gateway.response_streaming import streams_as_sent
@@ -32,12 +33,13 @@ class SessionEnforcement:
         if response is None:
             return
         controls = flow.metadata.get(SESSION_KEY)
-        page = None
+        replaced = None
         if controls is not None:
             accepts_html = "text/html" in flow.request.headers.get("accept", "").lower()
-            page = self.service.response_restriction(controls, response.headers,
-                                                     flow.metadata.get(CORRELATION_KEY, "-"), accepts_html)
-        if page is not None:
+            replaced = self.service.response_restriction(controls, response.headers,
+                                                         flow.metadata.get(CORRELATION_KEY, "-"), accepts_html)
+        if replaced is not None:
+            flow.metadata[RESTRICTED_ANSWER_KEY], page = replaced  # for the decision record
             replace_before_sending(response, page)
         elif not response.stream and streams_as_sent(flow.request.method, response.status_code, response.headers):
             response.stream = True

@@ -252,13 +252,18 @@ class StrictHttpStream(http_layer.HttpStream):
     answered_early = False
     answer_started = False  # a final answer's head went to the client: no other answer can follow
     keeps_connection = False  # if refused at its head: decided on the head as the client sent it
+    failure_told = False  # ``error_answered`` ran for this stream's flow (see the end of this module)
 
     def _handle_event(self, event: events.Event) -> Commands:
-        return replacing(super()._handle_event(event), self._own_answer)
+        yield from replacing(super()._handle_event(event), self._own_answer)
+        if not self.failure_told and getattr(self, "flow", None) is not None and self.flow.error is not None:
+            self.failure_told = True
+            yield ErrorAnsweredHook(self.flow)
 
     def state_wait_for_response_headers(self, event: ResponseHeaders) -> Commands:
         """The gateway forwards no protocol switch (RequestFraming refuses upgrades), so an upstream's
         101 is a failed upstream: its connection is closed and the client gets the gateway's 502."""
+        self.flow.metadata[UPSTREAM_STATUS_KEY] = event.response.status_code
         if event.response.status_code != 101:
             yield from super().state_wait_for_response_headers(event)
             return
@@ -293,6 +298,7 @@ class StrictHttpStream(http_layer.HttpStream):
                       else "the request is not valid HTTP")
             logger.info("[%s] request refused with %d: %s (%s)", correlation_id, status, reason, error.message)
             answer = pages.refused(status, reason, correlation_id)
+        self.flow.metadata[GATEWAY_ANSWER_KEY] = answer.status_code
         response = http.Response.make(answer.status_code, answer.body,
                                       http.Headers([(k.encode(), v.encode()) for k, v in answer.headers]))
         if request.http_version.startswith("HTTP/1"):
@@ -398,3 +404,23 @@ UPSTREAM_FAILED_KEY = "portcullis.upstream_failed"
 def note_upstream_failure(flow: http.HTTPFlow, event: RequestProtocolError | ResponseProtocolError) -> None:
     if isinstance(event, ResponseProtocolError):
         flow.metadata[UPSTREAM_FAILED_KEY] = True
+
+
+# ---------------------------------------------------------------------------------------------
+# What the client got when a flow failed. mitmproxy runs the ``error`` hook before the answer it
+# owes a failed flow goes out (``_own_answer`` puts the gateway's 502 in place of its page after
+# that hook), so the decision log learns the answer from ``error_answered``, a hook of Portcullis'
+# own, run once per failed flow after that point: the status the gateway answered with is then in
+# ``GATEWAY_ANSWER_KEY`` (absent: the client got no answer), the upstream's in
+# ``UPSTREAM_STATUS_KEY`` (absent: the upstream never answered).
+
+UPSTREAM_STATUS_KEY = "portcullis.upstream_status"
+GATEWAY_ANSWER_KEY = "portcullis.gateway_answer"
+
+
+@dataclass
+class ErrorAnsweredHook(commands.StartHook):
+    """A failed flow's answer went out, or none will: after ``error``, once per flow."""
+
+    name = "error_answered"
+    flow: http.HTTPFlow

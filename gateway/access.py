@@ -86,10 +86,14 @@ def utc_now() -> datetime:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """Either forward (``response`` is None) with ``upstream_headers`` set, or answer ``response``.
-    ``device_id`` names the device an allowed request depends on, for continuous evaluation."""
+    ``device_id`` names the device an allowed request depends on, for continuous evaluation.
+    ``record`` is the decision's log record: ``authorize`` writes it at once when the gateway
+    answers itself; a forwarded request's is written by ``record_answer`` once the client's answer
+    is known (``httpStatus`` is what the client got)."""
 
     decision: Decision
     response: pages.GatewayResponse | None
+    record: dict[str, Any]
     upstream_headers: tuple[tuple[str, str], ...] = ()
     device_id: str | None = None
     session_controls: SessionControls = NO_SESSION_CONTROLS
@@ -176,10 +180,23 @@ class AccessService:
     def close(self) -> None:
         self.decision_log.close()
 
-    def _record(self, record: dict[str, Any], decision: Decision, app_name: str | None = None) -> None:
-        """Every decision is logged and counted exactly once, here."""
-        self.decision_log.write(record)
+    def _counted(self, record: dict[str, Any], decision: Decision, app_name: str | None = None) -> dict[str, Any]:
+        """Every decision is counted exactly once, here, when it is made; its record is written
+        once, by ``authorize``, ``refuse``, ``decide_again`` or ``record_answer``."""
         self.metrics.record_decision(decision, app_name)
+        return record
+
+    def record_answer(self, record: dict[str, Any], http_status: int | None, upstream_status: int | None,
+                      restriction: Restriction | None = None) -> None:
+        """Write a forwarded request's record once the client's answer is known: ``http_status`` is
+        what the client got (None: no answer, because the client hung up or its connection was
+        closed), ``upstream_status`` the upstream's (None: it failed, or was never asked), and
+        ``restriction`` a session control that replaced the upstream's answer (``blockDownloads``)."""
+        record["httpStatus"] = http_status
+        record["upstreamStatus"] = upstream_status
+        if restriction is not None:
+            record["restriction"] = restriction.value
+        self.decision_log.write(record)
 
     def subscribe(self, listener: Callable[[set[str]], None]) -> None:
         """``listener(device_ids)`` is called whenever those devices' signals change."""
@@ -270,14 +287,17 @@ class AccessService:
     def service_host(self) -> str | None:
         return self.config.gateway_file.gateway.service_host
 
-    def response_restriction(self, controls: SessionControls, response_headers: Mapping[str, str],
-                             correlation_id: str, accepts_html: bool) -> pages.GatewayResponse | None:
-        """The page that replaces a response the session may not receive (a file download)."""
+    def response_restriction(self, controls: SessionControls, response_headers: Mapping[str, str], correlation_id: str,
+                             accepts_html: bool) -> tuple[Restriction, pages.GatewayResponse] | None:
+        """The page that replaces a response the session may not receive (a file download), with
+        the session control that replaced it, for the request's decision record (only
+        ``blockDownloads`` restricts answers)."""
         reason = response_restriction(controls, response_headers)
         if reason is None:
             return None
         logger.info("[%s] %s: response replaced", correlation_id, reason)
-        return pages.session_restricted(reason, correlation_id, html=accepts_html, now=self._clock())
+        return Restriction.block_downloads, pages.session_restricted(reason, correlation_id, html=accepts_html,
+                                                                    now=self._clock())
 
     @property
     def kiosk_location(self) -> str | None:
@@ -311,7 +331,8 @@ class AccessService:
         protected = self.config.gateway_file.protected_hosts.get(host)
         return protected.upstream if protected else None
 
-    def _forward(self, rules: Rules, request: AccessRequest, decided: Decided, now: datetime) -> Outcome:
+    def _forward(self, rules: Rules, request: AccessRequest, decided: Decided, now: datetime,
+                 record: dict[str, Any]) -> Outcome:
         """An allowed request goes upstream with what the decision used, and nothing it ignored: a
         kiosk request names no device, whatever its token or session says."""
         assertion = None
@@ -320,11 +341,31 @@ class AccessService:
             assertion = self.assertions.header, self.assertions.sign(
                 audience=upstream, identity=decided.identity, app=decided.app, device=decided.device,
                 decision_id=request.correlation_id, now=now)
-        return Outcome(decided.decision, None, _upstream_headers(request, decided, assertion),
+        return Outcome(decided.decision, None, record, _upstream_headers(request, decided, assertion),
                        decided.device.device_id, decided.decision.session_controls)
 
     async def authorize(self, request: AccessRequest, authorization: list[str],
                         cookies: list[str] | None = None) -> Outcome:
+        """The decision for a request. When the gateway answers it (a refusal, a 401, a sign-in
+        redirect) its record is written now; a forwarded request's waits in ``outcome.record`` for
+        ``record_answer``."""
+        outcome = await self._timed(request, authorization, cookies)
+        if not outcome.forward:
+            self.decision_log.write(outcome.record)
+        return outcome
+
+    async def decide_again(self, request: AccessRequest, authorization: list[str],
+                           cookies: list[str] | None = None) -> Outcome:
+        """Continuous access evaluation of a request still open (a device changed, the rules were
+        reloaded). Its record is written now, marked ``continuousAccessEvaluation``, with
+        ``httpStatus`` null: the client gets no answer from it (still allowed, the request goes on
+        and its own record says what it got; withdrawn, its connection is closed)."""
+        outcome = await self._timed(request, authorization, cookies)
+        outcome.record["continuousAccessEvaluation"] = True
+        self.record_answer(outcome.record, None, None)
+        return outcome
+
+    async def _timed(self, request: AccessRequest, authorization: list[str], cookies: list[str] | None) -> Outcome:
         started = time.perf_counter()
         try:
             return await self._authorize(self.rules, request, authorization, cookies)
@@ -336,20 +377,20 @@ class AccessService:
         now = self._clock()
         path = canonical_path(request.path)
         if path is None:
-            return self.refuse(request, 400, "ambiguous request path")
+            return self._refusal(request, 400, "ambiguous request path")
         request = replace(request, path=path, target=request.path)
         found = rules.policy_set.match(request.host, path)
         if found is None or found.public:
             return self._without_identity(rules, request, found.primary if found else None, now)
         if access_token_in_query(request.target or ""):
-            return self.refuse(request, 400, ACCESS_TOKEN_IN_QUERY)
+            return self._refusal(request, 400, ACCESS_TOKEN_IN_QUERY)
         session: BrowserSession | None = None
         if self.browser is not None and (not authorization or cookie_value(cookies or []) is not None):
             try:
                 session = await self.browser.session(cookie_value(cookies or []), request.host)
             except SignalUnavailable as error:
                 self.unavailable_log.log(SESSION_STORE_DOWN, request.correlation_id, error)
-                return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
+                return self._refusal(request, 503, "a signal source is unavailable; try again shortly")
             if session is None and not authorization and request.accepts_html:
                 return await self._sign_in(request)
         token = bearer_token(authorization)
@@ -365,29 +406,29 @@ class AccessService:
                 return self._unauthenticated(request, identity, now)
             if session is not None and authorization:  # both: the bearer token decides, if the cookie agrees
                 if _user_key(session.identity) != _user_key(identity):
-                    return self.refuse(request, 400, "the bearer token and the session cookie name different users")
+                    return self._refusal(request, 400, "the bearer token and the session cookie name different users")
                 session = None
             device = await self._device_signals(rules, identity, request)
         except SignalUnavailable as error:
             self.unavailable_log.log(SIGNAL_DOWN, request.correlation_id, error)
-            return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
+            return self._refusal(request, 503, "a signal source is unavailable; try again shortly")
         source = "browserSession" if session is not None else "accessToken"
         decided = decide(rules, request, identity, device, found.names, now)
         app, decision = decided.app, decided.decision
         if session is not None and self.browser is not None and decided.policy_allowed and \
                 self.browser.needs_fresh_sign_in(session, decision.session_controls, now):
             return await self._sign_in(request, decision.session_controls.sign_in_frequency_seconds)
-        self._record(sign_in_record(request=request, decision=decision, now=now, identity=identity, device=device,
-                                    app=app, identity_source=source, locations=rules.locations(request)),
-                     decision, app.name)
+        record = self._counted(sign_in_record(request=request, decision=decision, now=now, identity=identity,
+                                              device=device, app=app, identity_source=source,
+                                              locations=rules.locations(request)), decision, app.name)
         if decided.session_restricted:
             return Outcome(decision, pages.session_restricted(decision.reason, request.correlation_id,
-                                                              html=request.accepts_html, now=now))
+                                                              html=request.accepts_html, now=now), record)
         if decision.allowed:
-            return self._forward(rules, request, decided, now)
+            return self._forward(rules, request, decided, now, record)
         response = pages.blocked(decision=decision, request=request, app=app, device=device,
                                  remediation_url=rules.config.gateway_file.gateway.remediation_url, now=now)
-        return Outcome(decision, response)
+        return Outcome(decision, response, record)
 
     async def _device_signals(self, rules: Rules, identity: Identity, request: AccessRequest) -> DeviceSignals:
         try:
@@ -407,12 +448,13 @@ class AccessService:
                                                       request.target or request.path, max_age)
         except SignalUnavailable as error:
             self.unavailable_log.log(SIGN_IN_STORE_DOWN, request.correlation_id, error)
-            return self.refuse(request, 503, "a signal source is unavailable; try again shortly")
+            return self._refusal(request, 503, "a signal source is unavailable; try again shortly")
         decision = Decision(result=DecisionResult.unauthenticated, status_code=302, error_code=None,
                             reason="sign-in required", resource=None, client_app_type=ClientAppType.browser)
-        self._record(sign_in_record(request=request, decision=decision, now=self._clock(),
-                                    locations=self.rules.locations(request)), decision)
-        return Outcome(decision, pages.redirect(login.location, request.correlation_id, set_cookie=login.set_cookie))
+        record = self._counted(sign_in_record(request=request, decision=decision, now=self._clock(),
+                                              locations=self.rules.locations(request)), decision)
+        return Outcome(decision, pages.redirect(login.location, request.correlation_id, set_cookie=login.set_cookie),
+                       record=record)
 
     async def complete_sign_in(self, authority: str, state: str, code: str,
                                binding: str | None) -> pages.GatewayResponse:
@@ -444,36 +486,43 @@ class AccessService:
                           now: datetime) -> Outcome:
         """Before any token: a public resource is forwarded, a path no resource names is denied."""
         decision = decided_before_identity(request, resource)
-        self._record(sign_in_record(request=request, decision=decision, now=now, locations=rules.locations(request)),
-                     decision)
+        record = self._counted(sign_in_record(request=request, decision=decision, now=now,
+                                              locations=rules.locations(request)), decision)
         if decision.allowed:
-            return Outcome(decision, None, ((headers.CORRELATION_ID, request.correlation_id),
-                                            *headers.forwarding_headers(request.client_ip, request.host)))
+            return Outcome(decision, None, record, ((headers.CORRELATION_ID, request.correlation_id),
+                                                    *headers.forwarding_headers(request.client_ip, request.host)))
         nobody = DeviceSignals(device_id=None, device=None, source=self.inventory.name)
         response = pages.blocked(decision=decision, request=request, app=ClientApp(client_id=None, name=None),
                                  device=nobody, remediation_url=rules.config.gateway_file.gateway.remediation_url,
                                  now=now)
-        return Outcome(decision, response)
+        return Outcome(decision, response, record)
 
     def _unauthenticated(self, request: AccessRequest, rejected: RejectedToken, now: datetime) -> Outcome:
         decision = Decision(result=DecisionResult.unauthenticated, status_code=401, error_code=None,
                             reason=rejected.reason, resource=None,
                             client_app_type=client_app_type(request, None))
-        self._record(sign_in_record(request=request, decision=decision, now=now,
-                                    locations=self.rules.locations(request)), decision)
+        record = self._counted(sign_in_record(request=request, decision=decision, now=now,
+                                              locations=self.rules.locations(request)), decision)
         host = self.rules.config.gateway_file.protected_hosts.get(request.host)  # None: removed by a reload
         settings = host.challenge if host is not None else ChallengeSettings()
         parameters = discovery.challenge_parameters(settings, request.authority or request.host)
         return Outcome(decision, pages.unauthenticated(rejected.reason, request.correlation_id,
-                                                       presented=rejected.presented, parameters=parameters))
+                                                       presented=rejected.presented, parameters=parameters),
+                       record=record)
 
     def refuse(self, request: AccessRequest, status: int, reason: str) -> Outcome:
         """A request refused before policy: ambiguous (400), misdirected (421), a signal source
-        down (503). Logged like every decision."""
+        down (503). Logged like every decision, now: the client gets this answer."""
+        outcome = self._refusal(request, status, reason)
+        self.decision_log.write(outcome.record)
+        return outcome
+
+    def _refusal(self, request: AccessRequest, status: int, reason: str) -> Outcome:
+        """``refuse`` inside a decision: ``authorize`` or ``decide_again`` writes the record."""
         decision = refused_before_policy(request, status, reason)
-        self._record(sign_in_record(request=request, decision=decision, now=self._clock(),
-                                    locations=self.rules.locations(request)), decision)
-        return Outcome(decision, pages.refused(status, reason, request.correlation_id))
+        record = self._counted(sign_in_record(request=request, decision=decision, now=self._clock(),
+                                              locations=self.rules.locations(request)), decision)
+        return Outcome(decision, pages.refused(status, reason, request.correlation_id), record)
 
 
 SESSION_RESTRICTIONS = frozenset(REASONS)

@@ -74,7 +74,8 @@ def sign_in_record(
         "status": {"errorCode": int(decision.error_code) if decision.error_code else 0,
                    "failureReason": None if decision.allowed else decision.reason},
         "result": decision.result.value,
-        "httpStatus": decision.status_code,
+        "httpStatus": decision.status_code,  # what the client got: a forwarded request's is set by its answer
+        "upstreamStatus": None,  # the upstream's, once a forwarded request has its answer
         "conditionalAccessStatus": _conditional_access_status(decision),
         "appliedConditionalAccessPolicies": [policy_entry(p) for p in decision.all_policies()],
         "enforcedSessionControls": list(decision.session_controls.names()),

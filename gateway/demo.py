@@ -10,6 +10,7 @@ import contextlib
 import json
 import shlex
 import socket
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -221,13 +222,20 @@ class DemoUpstreams:
         self.idp = DemoIdentityProvider(identity.issuer)
         self._servers: list[uvicorn.Server] = [_server(self.idp.app(), identity.issuer)]
         signer = assertion_signer(config)  # the gateway's key (made here on first run): backends get its JWKS
+        self._holding: list[Counter[str]] = []  # each backend's long-polls held now, by User-Agent
         for host, protected in config.gateway_file.protected_hosts.items():
             if host not in DEMO_BACKENDS:
                 raise ValueError(f"the demo has no backend for {host!r}; it serves {', '.join(DEMO_BACKENDS)}")
             check = AssertionCheck(header=signer.header, jwks=signer.jwks(), issuer=signer.issuer,
                                    audience=protected.upstream) if signer else None
-            self._servers.append(_server(DEMO_BACKENDS[host](check), protected.upstream))
+            backend = DEMO_BACKENDS[host](check)
+            self._holding.append(backend.state.holding)
+            self._servers.append(_server(backend, protected.upstream))
         self._tasks: list[asyncio.Task[None]] = []
+
+    def holding(self, user_agent: str) -> bool:
+        """Whether a backend is holding a long-poll (``Cmd=Ping``) sent with this User-Agent."""
+        return any(user_agent in held for held in self._holding)
 
     async def start(self) -> None:
         sockets = [_listen(server.config) for server in self._servers]

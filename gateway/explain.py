@@ -22,12 +22,17 @@ def explain(record: dict[str, Any]) -> str:
     result = record.get("result", "?")
     lines = [
         f"Decision {record.get('correlationId')} at {record.get('createdDateTime')}",
-        f"  result:   {result} (HTTP {record.get('httpStatus')}"
+        f"  result:   {result} ({_answer(record)}"
         + (f", error {status['errorCode']}" if status.get("errorCode") else "") + ")",
     ]
+    if record.get("continuousAccessEvaluation"):
+        lines.append("  decided again while the request was open (continuous access evaluation): the client got "
+                     "no answer from this decision")
     if status.get("failureReason"):
         restriction = f" [restriction: {record['restriction']}]" if record.get("restriction") else ""
         lines.append(f"  reason:   {status['failureReason']}{restriction}")
+    elif record.get("restriction"):  # allowed, but a session control replaced the upstream's answer
+        lines.append(f"  restriction: {record['restriction']} (the upstream's answer was replaced)")
     lines += [
         f"  request:  {request.get('method')} https://{request.get('host')}{request.get('path')} "
         f"from {record.get('ipAddress')} via the {request.get('listener', 'gateway')} listener",
@@ -51,6 +56,13 @@ def explain(record: dict[str, Any]) -> str:
     if controls:
         lines.append(f"  session controls: {', '.join(controls)}")
     return "\n".join(lines)
+
+
+def _answer(record: dict[str, Any]) -> str:
+    """What the client got and, for a forwarded request, what the upstream answered."""
+    status, upstream = record.get("httpStatus"), record.get("upstreamStatus")
+    text = f"HTTP {status}" if status is not None else "no HTTP answer"
+    return text + (f", upstream {upstream}" if upstream is not None else "")
 
 
 def _also(record: dict[str, Any]) -> str:

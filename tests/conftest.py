@@ -27,6 +27,7 @@ from ruamel.yaml import YAML
 from addons.runner import build_master, running_gateway
 from gateway import bootstrap
 from gateway.access import AccessService
+from gateway.demo import DemoUpstreams
 from gateway.operations import Operations
 from gateway.web.demo_idp import DemoIdentityProvider
 from gateway.web.types import ASGIApp
@@ -180,6 +181,7 @@ class Gateway:
     config_dir: Path
     decision_log: Path
     admin_port: int = 0  # the admin API (http on 127.0.0.1)
+    upstreams: DemoUpstreams | None = None  # the demo backends every test gateway forwards to
 
     def client(self) -> httpx.Client:
         context = ssl.create_default_context()
@@ -235,23 +237,26 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA, demo_ports
             config_dir=config_dir,
             decision_log=loaded.config.path(loaded.config.gateway_file.decision_log.path),
             admin_port=running.admin[1] if running.admin else 0,
+            upstreams=running.upstreams,
         )
 
 
 class LongPoll:
-    """A request held open through a gateway, in a thread: ``send(user_agent)`` sends it and
-    returns the answer's status. ``started()`` returns once the gateway has decided and forwarded
-    it; ``closed_after(t)`` waits for the end and says how long after ``t`` the connection was
-    closed (None if the request was answered instead of closed)."""
+    """A request held open through a gateway to the demo backends, in a thread: ``send(user_agent)``
+    sends it and returns the answer's status. ``started()`` returns once the gateway has decided and
+    forwarded it (the backend holds it); ``closed_after(t)`` waits for the end and says how long
+    after ``t`` the connection was closed (None if the request was answered instead of closed)."""
 
-    def __init__(self, send: Callable[[str], int], user_agent: str, decision_log: Path) -> None:
+    def __init__(self, send: Callable[[str], int], user_agent: str, decision_log: Path,
+                 upstreams: DemoUpstreams | None) -> None:
+        assert upstreams is not None, "a long-poll is held by the demo backends"
         self._send = send
-        self._user_agent = f"{user_agent} (ping {uuid.uuid4().hex})"  # finds its decision in the log
+        self._user_agent = f"{user_agent} (ping {uuid.uuid4().hex})"  # finds it upstream and in the log
         self._log = decision_log
+        self._upstreams = upstreams
         self._error: Exception | None = None
         self._ended = 0.0
         self.status: int | None = None  # the answer's status when it was answered
-        self.decision: dict[str, Any] | None = None  # its logged decision, once ``started()``
         self._thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
@@ -266,24 +271,35 @@ class LongPoll:
         return self
 
     def started(self) -> LongPoll:
-        """Waits for this request's own decision (kept in ``decision``)."""
+        """Waits until the backend holds this request: the gateway decided and forwarded it. (Its
+        own decision record is written when it is answered or closed, not before.)"""
         self.start()
-        self.decision = self.decisions(1)[0]
+        deadline = time.monotonic() + 10
+        while not self.held():
+            assert self._thread.is_alive(), f"the long-poll ended before the backend held it ({self.status})"
+            assert time.monotonic() < deadline, "the backend never received the long-poll"
+            time.sleep(0.01)
         return self
 
-    def decisions(self, count: int) -> list[dict[str, Any]]:
-        """Waits for ``count`` logged decisions of this request (a re-decision logs one too). The
-        log is written in batches, so a line that appears meanwhile may be half written."""
+    def held(self) -> bool:
+        return self._upstreams.holding(self._user_agent)
+
+    def decisions(self, count: int, *, again: bool | None = None) -> list[dict[str, Any]]:
+        """Waits for ``count`` logged records of this request, in log order: its own (written once it
+        is answered or closed) and one per re-decision while it was open (``continuousAccessEvaluation``,
+        written at once); ``again``: only the re-decisions (True) or only its own (False). The log is
+        written in batches, so a line that appears meanwhile may be half written."""
         deadline = time.monotonic() + 10
         while True:
             found = []
             for line in self._log.read_text().splitlines() if self._log.exists() else ():
-                if f'"userAgent":"{self._user_agent}"' in line:
+                if f'"userAgent":"{self._user_agent}"' in line and \
+                        again in (None, '"continuousAccessEvaluation":true' in line):
                     with contextlib.suppress(json.JSONDecodeError):  # the writer may be mid-line
                         found.append(json.loads(line))
             if len(found) >= count:
                 return found
-            assert time.monotonic() < deadline, f"the long-poll was decided {len(found)} times, not {count}"
+            assert time.monotonic() < deadline, f"the long-poll has {len(found)} such records, not {count}"
             time.sleep(0.01)
 
     def closed_after(self, since: float) -> float | None:
@@ -308,7 +324,7 @@ class AlexPing(LongPoll):
             return gateway.request("mail.contoso.test", path, method="POST", token=token,
                                    headers={"User-Agent": user_agent}, timeout=20, port=port).status_code
 
-        super().__init__(send, "Outlook-iOS/2.0", decision_log or gateway.decision_log)
+        super().__init__(send, "Outlook-iOS/2.0", decision_log or gateway.decision_log, gateway.upstreams)
 
 
 @pytest.fixture(scope="session")

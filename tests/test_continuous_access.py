@@ -77,6 +77,11 @@ def test_open_long_poll_is_closed_within_a_second_of_a_risk_raise(gateway: Gatew
     store.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.high, now=utc_now())
     closed = ping.closed_after(raised)
     assert closed is not None and closed < 1.0, f"the long-poll was not closed within a second: {closed}"
+    own = ping.decisions(1, again=False)[0]  # logged once it was closed: after the re-decision that closed it
+    withdrawn = ping.decisions(1, again=True)[-1]
+    assert (withdrawn["continuousAccessEvaluation"], withdrawn["result"], withdrawn["httpStatus"]) == \
+        (True, "block", None)  # the client got no answer: its connection was closed
+    assert (own["result"], own["httpStatus"], own["upstreamStatus"]) == ("allow", None, None)
 
 
 @pytest.mark.parametrize(("change", "heard_as", "within"), [

@@ -195,7 +195,7 @@ KIOSKS_CLOSED = """
 """
 
 
-def kiosk_long_requests(kiosk: httpx.Client, log: Path) -> Callable[[int], LongPoll]:
+def kiosk_long_requests(gateway: Gateway, kiosk: httpx.Client, log: Path) -> Callable[[int], LongPoll]:
     """A kiosk browser, signed in naming Alex's iPhone (which the kiosk ignores: its decisions
     use no device), holding OWA requests open for ``heartbeat`` seconds (the demo backend holds
     any request with ``Cmd=Ping`` as it holds ActiveSync's)."""
@@ -206,7 +206,7 @@ def kiosk_long_requests(kiosk: httpx.Client, log: Path) -> Callable[[int], LongP
             return kiosk.get(f"https://{MAIL}/owa/?Cmd=Ping&HeartbeatInterval={heartbeat}", timeout=20,
                              headers={"Cookie": cookie, "User-Agent": user_agent}).status_code
 
-        return LongPoll(send, BROWSER["User-Agent"], log)
+        return LongPoll(send, BROWSER["User-Agent"], log, gateway.upstreams)
 
     return long_request
 
@@ -231,15 +231,17 @@ def test_a_tightening_reload_closes_open_long_polls(gateway: Gateway, tmp_path: 
             device: str | None = ALEX_IPHONE
             long_request = functools.partial(alex_ping, gateway, port, log)
         else:
-            device, long_request = None, kiosk_long_requests(kiosk, log)
+            device, long_request = None, kiosk_long_requests(gateway, kiosk, log)
         untouched = long_request(5).started()
-        assert untouched.decision is not None and untouched.decision["deviceDetail"]["deviceId"] == device
         save(policies, policies.read_text().replace("displayName: \"Exchange:", "displayName: \"Exchange (v2):", 1))
         wait_for_reloads(operations, 1)
-        again = untouched.decisions(2)[1]  # after the grace, while it is still open
-        assert (again["result"], again["deviceDetail"]["deviceId"]) == ("allow", device)
+        again = untouched.decisions(1, again=True)[0]  # after the grace
+        assert untouched.held()  # while it is still open
+        assert (again["result"], again["deviceDetail"]["deviceId"], again["httpStatus"]) == ("allow", device, None)
         assert untouched.closed_after(time.monotonic()) is None  # rules that still allow it: answered, not cut
         assert untouched.status == 200
+        own = untouched.decisions(1, again=False)[0]  # its own record, written when it was answered
+        assert (own["result"], own["deviceDetail"]["deviceId"], own["httpStatus"]) == ("allow", device, 200)
         ping = long_request(8).started()
         changed = time.monotonic()
         text = policies.read_text()
@@ -247,7 +249,10 @@ def test_a_tightening_reload_closes_open_long_polls(gateway: Gateway, tmp_path: 
         wait_for_reloads(operations, 2)
         closed = ping.closed_after(changed)
         assert closed is not None and closed < 5, f"the long request was answered ({ping.status}), not closed"
-        assert ping.decisions(2)[1]["result"] == "block"  # closed because the new rules refuse it
+        own = ping.decisions(1, again=False)[0]  # logged once it was closed: after the re-decision that closed it
+        withdrawn = ping.decisions(1, again=True)[-1]
+        assert (withdrawn["result"], withdrawn["httpStatus"]) == ("block", None)  # closed: the new rules refuse it
+        assert (own["result"], own["httpStatus"], own["upstreamStatus"]) == ("allow", None, None)
 
 
 def test_an_invalid_change_keeps_the_last_good_rules(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:

@@ -185,4 +185,4 @@ def test_redis_down_means_staleness_then_503_and_it_reconnects_by_itself(pair: t
 def _at(gateway: Gateway, port: int) -> Gateway:
     """The same test client, aimed at another gateway's port."""
     return Gateway(port=port, idp=gateway.idp, ca=gateway.ca, config_dir=gateway.config_dir,
-                   decision_log=gateway.decision_log)
+                   decision_log=gateway.decision_log, upstreams=gateway.upstreams)

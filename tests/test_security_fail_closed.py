@@ -50,6 +50,8 @@ SAFE_HOOKS: dict[tuple[str, str], str] = {
                                          "test_gateway_e2e::test_a_failing_server_name_check_refuses_the_handshake",
     ("ContinuousAccess", "error"): "runs after the flow failed: nothing is forwarded or answered after it",
     ("Drain", "error"): "runs after the flow failed: nothing is forwarded or answered after it",
+    ("DecisionRecords", "error_answered"): "runs after the flow failed and its answer, if any, went out: writes "
+                                           "its decision record; nothing is forwarded or answered after it",
     ("RequestFraming", "error"): "runs after the flow failed: nothing is forwarded or answered after it",
     ("RequestFraming", "refused_body_read"): "runs after the refusal went out and its body was read and discarded: "
                                              "nothing is forwarded or answered after it; on an error the "

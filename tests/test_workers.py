@@ -98,8 +98,7 @@ def test_sigterm_lets_requests_in_flight_finish(gateway: Gateway, demo_ports: Po
         logs = config_dir.parent / ".portcullis"
         pings = [AlexPing(gateway, heartbeat_seconds=3, port=port, decision_log=logs / "decisions.jsonl").start()
                  for _ in range(4)]  # on new connections: most likely on both workers
-        supervisor.wait_until(lambda: len(logged_ids(logs / "decisions.jsonl"))
-                              + len(logged_ids(logs / "decisions.worker1.jsonl")) == 4)
+        supervisor.wait_until(lambda: all(ping.held() for ping in pings))  # forwarded, waiting for their answer
         stopped_at = time.monotonic()
         supervisor.process.send_signal(signal.SIGTERM)
         supervisor.wait_for(r"SIGTERM: draining 2 workers")

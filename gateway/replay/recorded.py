@@ -32,6 +32,7 @@ from gateway.signals.devices import DeviceRecord
 MAX_HAR_BYTES = 512 * 1024 * 1024  # a HAR is one JSON document, read whole: larger ones are refused
 APPLIED = frozenset({"success", "failure", "reportOnlySuccess", "reportOnlyFailure"})
 COHORTS = frozenset(c.value for c in RolloutCohort)
+REEVALUATED = "a request decided again while it was open (continuous access evaluation): replayed from its own record"
 
 
 class UnreadableSource(PortcullisError):
@@ -149,6 +150,8 @@ def read_decision_log(file: Path) -> Iterator[RecordedRequest | Skipped]:
 def from_log_record(record: object, place: str) -> RecordedRequest | Skipped:
     if not isinstance(record, dict) or not isinstance(record.get("request"), dict) or "correlationId" not in record:
         return Skipped(place, "not an access decision record")
+    if record.get("continuousAccessEvaluation") is True:
+        return Skipped(place, REEVALUATED, str(record["correlationId"]))
     try:
         return _from_log_record(record, place)
     except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError, RecursionError,
@@ -184,14 +187,17 @@ def _from_log_record(record: dict[str, Any], place: str) -> RecordedRequest:
 
 
 def _recorded_decision(record: dict[str, Any]) -> RecordedDecision:
+    """``httpStatus`` is what the client got; for an allowed request that is the upstream's answer
+    (or none), so the decision's own status is 200."""
     status = record.get("status") or {}
+    result = DecisionResult(record["result"])
     reason = status.get("failureReason") or ("allowed" if record["result"] == "allow" else "")
     policies = [p for p in record.get("appliedConditionalAccessPolicies") or [] if isinstance(p, dict)]
     failed = [p for p in policies if p.get("result") == "failure"]
     deciding = next((p for p in failed if any(f.get("reason") == reason for f in p.get("failedControls") or [])),
                     failed[0] if failed else None)
     return RecordedDecision(
-        result=DecisionResult(record["result"]), status_code=int(record["httpStatus"]), reason=reason,
+        result=result, status_code=200 if result is DecisionResult.allow else int(record["httpStatus"]), reason=reason,
         error_code=int(status.get("errorCode") or 0),
         policy_id=deciding.get("id") if deciding else None,
         policy_name=deciding.get("displayName") if deciding else None,

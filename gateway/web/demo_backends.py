@@ -6,6 +6,7 @@ assertion once verified, as a real backend would verify them."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,7 @@ class AssertionCheck:
 async def _echo(request: Request) -> JSONResponse:
     if request.query_params.get("Cmd") == "Ping":  # ActiveSync long-poll: answer when the heartbeat ends
         # (on every echoing route: a test holds an OWA request open through the kiosk the same way)
-        await asyncio.sleep(min(float(request.query_params.get("HeartbeatInterval", "30")), MAX_PING_SECONDS))
+        await _hold(request, min(float(request.query_params.get("HeartbeatInterval", "30")), MAX_PING_SECONDS))
     received = {k: v for k, v in request.headers.items() if k not in NOT_ECHOED}
     if request.cookies:  # names only: a demo page must not echo cookie values
         received["x-demo-cookie-names"] = ",".join(sorted(request.cookies))
@@ -62,6 +63,20 @@ async def _echo(request: Request) -> JSONResponse:
     if check is not None:
         answer["verifiedAssertion"] = check.claims(request)
     return JSONResponse(answer)
+
+
+async def _hold(request: Request, seconds: float) -> None:
+    """Held requests are counted by User-Agent while they wait (``DemoUpstreams.holding``): the
+    sign that the gateway forwarded a long-poll, which a test waits for before it changes a device."""
+    held: Counter[str] = request.app.state.holding
+    user_agent = request.headers.get("user-agent", "")
+    held[user_agent] += 1
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        held[user_agent] -= 1
+        if held[user_agent] <= 0:
+            del held[user_agent]
 
 
 def _request_line(request: Request) -> dict[str, str]:
@@ -97,6 +112,7 @@ def exchange_app(assertion_check: AssertionCheck | None = None) -> Starlette:
     ], exception_handlers={HTTPException: _not_routed})
     app.state.backend = "exchange"
     app.state.assertion_check = assertion_check
+    app.state.holding = Counter()
     return app
 
 
@@ -108,4 +124,5 @@ def sharepoint_app(assertion_check: AssertionCheck | None = None) -> Starlette:
     ], exception_handlers={HTTPException: _not_routed})
     app.state.backend = "sharepoint"
     app.state.assertion_check = assertion_check
+    app.state.holding = Counter()
     return app
