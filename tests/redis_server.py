@@ -32,12 +32,26 @@ EPHEMERAL = _ephemeral_ports()
 _handed_out: set[int] = set()
 
 
+def _worker_ports() -> range:
+    """This test process's share of the ports below the ephemeral range: under pytest-xdist each
+    worker picks from its own slice, so two workers never hand out the same port."""
+    low, high = 10_000, EPHEMERAL.start
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker) if worker.isdigit() else 0
+    size = (high - low) // max(1, count)
+    return range(low + index * size, low + (index + 1) * size)
+
+
+WORKER_PORTS = _worker_ports()
+
+
 def free_port() -> int:
     """A port free now, for a listener a test starts a little later. Taken below the kernel's
     ephemeral range: there, the outgoing connections of a busy suite are given local ports and can
-    take the port before the listener binds it (EADDRINUSE)."""
+    take the port before the listener binds it (EADDRINUSE). From this worker's slice only."""
     for _ in range(200):
-        port = random.randrange(10_000, EPHEMERAL.start)  # noqa: S311  (a port, not a secret)
+        port = random.randrange(WORKER_PORTS.start, WORKER_PORTS.stop)  # noqa: S311  (a port, not a secret)
         if port in _handed_out:
             continue
         with socket.socket() as sock:
