@@ -166,6 +166,16 @@ class PassThroughDeadline:
             self.request_framing.tunnel(data.context.client)
 
 
+class UpstreamHttp1:
+    """Upstreams are spoken to in HTTP/1.1 only. mitmproxy offers a TLS upstream the client's ALPN
+    protocols, h2 first for an HTTP/2 client; UpstreamFraming frames bodies for HTTP/1.1 (a
+    ``Transfer-Encoding`` an HTTP/2 upstream must refuse), and SECURITY.md promises HTTP/1.1. Runs
+    before TlsConfig, which keeps offers already set."""
+
+    def tls_start_server(self, data: tls.TlsData) -> None:
+        data.conn.alpn_offers = (b"http/1.1",)
+
+
 class UpstreamFraming:
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:

@@ -29,7 +29,7 @@ from addons.access_gate import AccessGate
 from addons.continuous_access import ContinuousAccess, DecisionsUnderWay
 from addons.decision_records import DecisionRecords
 from addons.drain import Drain, KeepAliveLimits
-from addons.framing import PassThroughDeadline, RequestFraming, UpstreamFraming
+from addons.framing import PassThroughDeadline, RequestFraming, UpstreamFraming, UpstreamHttp1
 from addons.kiosk_proxy import KioskProxy
 from addons.recorded_flows import record_flows
 from addons.routing import Routing
@@ -98,6 +98,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
         ServerNames([host for c in settings.certificates for host in c.hosts]),  # before TlsConfig mints one
+        UpstreamHttp1(),  # before TlsConfig offers the upstream what the client offered (h2)
         tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(),
         request_framing,  # first: client deadlines, upgrades refused

@@ -60,6 +60,8 @@ SAFE_HOOKS: dict[tuple[str, str], str] = {
                                                "mitmproxy left open (nothing to refuse)",
     ("RequestFraming", "tcp_start"): "marks a kiosk's pass-through tunnel as carrying no HTTP to time; on an error "
                                      "it is timed as HTTP (closed sooner), and nothing is let through",
+    ("UpstreamHttp1", "tls_start_server"): "sees no request, decides no access, and only sets the protocols offered "
+                                           "to an upstream (one assignment, nothing that can raise)",
     ("PassThroughDeadline", "tls_clienthello"): "sees no request: on an error a pass-through tunnel keeps the head "
                                                 "deadline and is closed sooner, nothing is let through",
     ("KioskProxy", "tls_clienthello"): "sees no request: on an error the connection is intercepted instead of "

@@ -35,6 +35,7 @@ from mitmproxy import connection
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
+from mitmproxy.proxy.layers.tls import parse_client_hello
 from ruamel.yaml import YAML
 
 from addons.runner import running_gateway
@@ -1388,3 +1389,52 @@ def test_client_limits_are_settings_and_must_be_positive() -> None:
     for setting in ("headerTimeoutSeconds", "keepAliveTimeoutSeconds", "bodyGraceSeconds", "bodyMinBytesPerSecond"):
         with pytest.raises(ValidationError, match=setting):
             ClientLimitSettings.model_validate({setting: 0})
+
+
+class ClientHelloRecorder:
+    """A TLS upstream that only reads: it keeps the protocols (ALPN) each ClientHello offers, then
+    hangs up. The gateway's handshake fails (a 502), which is all these tests need."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.offers: list[list[str]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection = self.server.accept()[0]
+                with connection:
+                    received, hello = b"", None
+                    while hello is None and (chunk := connection.recv(65536)):
+                        received += chunk
+                        hello = parse_client_hello(received)
+                    if hello is not None:
+                        self.offers.append([p.decode() for p in hello.alpn_protocols])
+
+
+@pytest.fixture
+def tls_upstream(framed: Framed, tmp_path: Path, demo_ports: Ports) -> Iterator[tuple[Gateway, ClientHelloRecorder]]:
+    """A gateway whose mail upstream is ``https://`` (a ClientHelloRecorder)."""
+    recorder = ClientHelloRecorder()
+    config_dir = gateway_config(tmp_path, framed.gateway.ca, Ports(0, demo_ports.idp, recorder.port, demo_ports.docs))
+    yaml = YAML()
+    path = config_dir / "portcullis.yaml"
+    data = yaml.load(path)
+    data["protectedHosts"][MAIL]["upstream"] = f"https://127.0.0.1:{recorder.port}"
+    yaml.dump(data, path)
+    with Background(lambda: listener(config_dir)) as (port, decision_log):
+        yield replace(framed.gateway, port=port, config_dir=config_dir, decision_log=decision_log), recorder
+    recorder.server.close()
+
+
+def test_upstreams_are_offered_http1_only_whatever_the_client_speaks(
+        tls_upstream: tuple[Gateway, ClientHelloRecorder]) -> None:
+    """SECURITY.md: upstreams are reached over HTTP/1.1, every body framed by a length or chunked.
+    mitmproxy alone copies an HTTP/2 client's ALPN offers (h2 first) to a TLS upstream."""
+    gateway, recorder = tls_upstream
+    head = f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {outlook_token(gateway)}\r\n\r\n"
+    assert exchange(gateway, head.encode(), wait=3).status == 502  # the twin: an HTTP/1.1 client
+    assert h2_exchange(gateway, h2_request(gateway, "GET", "/owa/"))[0] == 502
+    assert recorder.offers == [["http/1.1"], ["http/1.1"]]
