@@ -2,20 +2,28 @@
 known, so that its ``httpStatus`` is what the client got and ``upstreamStatus`` what the upstream
 answered. Records of the answers the gateway gives itself are written by the core when it decides.
 
-AccessGate leaves the record on the flow (``RECORD_KEY``). It is written when the answer starts
-(``responseheaders``, after SessionEnforcement, which may have replaced a download), or, for a
-flow that failed, once the gateway's own answer went out or none will (``error_answered``, see
-``addons/strict_http.py``), or, for a request still open when the gateway stops, then (``done``),
-without a status. Whichever comes first writes it; the others find nothing left to write.
+AccessGate leaves the record on the flow (``RECORD_KEY``). It is written when the answer's head
+goes to the client: for a streamed answer in ``responseheaders`` (after SessionEnforcement, which
+may have replaced a download); for an answer held whole in ``response``, once it has all arrived
+(an upstream that breaks off mid-body is the gateway's 502, not the upstream's 200). A flow that
+failed is written once the gateway's own answer went out or none will (``error_answered``, see
+``addons/strict_http.py``); one whose client connection ended without either, and a request still
+open when the gateway stops, without a status (``client_disconnected``, ``done``). Whichever
+comes first writes it; the others find nothing left to write. Last in the addon chain: any other
+hook may still change the answer.
 """
 
 from __future__ import annotations
 
-from mitmproxy import http
+import logging
 
-from addons.safety import fail_closed
+from mitmproxy import connection, http
+
+from addons.safety import CORRELATION_KEY, fail_closed
 from addons.strict_http import GATEWAY_ANSWER_KEY, UPSTREAM_STATUS_KEY
 from gateway.access import AccessService
+
+logger = logging.getLogger(__name__)
 
 RECORD_KEY = "portcullis.decision_record"  # a forwarded request's record, until its answer is known
 RESTRICTED_ANSWER_KEY = "portcullis.restricted_answer"  # the session control that replaces the upstream's answer
@@ -24,29 +32,50 @@ RESTRICTED_ANSWER_KEY = "portcullis.restricted_answer"  # the session control th
 class DecisionRecords:
     def __init__(self, service: AccessService) -> None:
         self.service = service
-        self.waiting: set[http.HTTPFlow] = set()  # flows whose record waits for their answer
+        # flows whose record waits for their answer, by client connection: bounded by the open flows
+        self.waiting: dict[str, set[http.HTTPFlow]] = {}
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if RECORD_KEY in flow.metadata:
-            self.waiting.add(flow)
+            self.waiting.setdefault(flow.client_conn.id, set()).add(flow)
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A streamed answer's head goes out right after this hook; one held whole does not yet."""
+        if flow.response is not None and flow.error is None and flow.response.stream:
+            self._write(flow, flow.response.status_code)
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None and flow.error is None:
             self._write(flow, flow.response.status_code)
 
     def error_answered(self, flow: http.HTTPFlow) -> None:
         self._write(flow, flow.metadata.get(GATEWAY_ANSWER_KEY))
 
+    def client_disconnected(self, client: connection.Client) -> None:
+        """A flow of this connection still waiting got no answer (its layer ended without
+        ``response`` or ``error``: mitmproxy raises neither when its HTTP layer itself fails)."""
+        for flow in list(self.waiting.get(client.id, ())):
+            self._write(flow, None)
+
     def done(self) -> None:
         """The gateway stops (drain time over): a request still open got no answer from it."""
-        for flow in list(self.waiting):
-            self._write(flow, None)
+        for flows in list(self.waiting.values()):
+            for flow in list(flows):
+                try:
+                    self._write(flow, None)
+                except Exception:  # noqa: BLE001  (one record that cannot be written must not take the others)
+                    logger.exception("[%s] decision record not written at shutdown", flow.metadata.get(CORRELATION_KEY))
 
     def _write(self, flow: http.HTTPFlow, http_status: int | None) -> None:
         record = flow.metadata.pop(RECORD_KEY, None)
-        self.waiting.discard(flow)
+        flows = self.waiting.get(flow.client_conn.id)
+        if flows is not None:
+            flows.discard(flow)
+            if not flows:
+                del self.waiting[flow.client_conn.id]
         if record is not None:
             self.service.record_answer(record, http_status, flow.metadata.get(UPSTREAM_STATUS_KEY),
                                        flow.metadata.get(RESTRICTED_ANSWER_KEY))

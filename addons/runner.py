@@ -107,10 +107,10 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         AccessGate(service),
         continuous_access,
         SessionEnforcement(service),
-        DecisionRecords(service),  # after SessionEnforcement: a record says what the client got
         KioskProxy(service),
         PassThroughDeadline(request_framing),  # after KioskProxy: its pass-through tunnels have no head deadline
         UpstreamFraming(),  # last in requestheaders: sees every refusal and every request to forward
+        DecisionRecords(service),  # last: a record says what the client got, after any hook changed it
         ready,
     )
     if endpoints:

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from gateway import headers
-from gateway.audit import DecisionLog, sign_in_record
+from gateway.audit import REDECIDED, DecisionLog, sign_in_record
 from gateway.config import Config
 from gateway.config.models import ChallengeSettings
 from gateway.counted_log import CountedLog
@@ -361,7 +361,7 @@ class AccessService:
         ``httpStatus`` null: the client gets no answer from it (still allowed, the request goes on
         and its own record says what it got; withdrawn, its connection is closed)."""
         outcome = await self._timed(request, authorization, cookies)
-        outcome.record["continuousAccessEvaluation"] = True
+        outcome.record[REDECIDED] = True
         self.record_answer(outcome.record, None, None)
         return outcome
 

@@ -39,6 +39,7 @@ from gateway.signals.devices import device_record
 logger = logging.getLogger(__name__)
 
 USER_AGENT_LIMIT = 512
+REDECIDED = "continuousAccessEvaluation"  # marks a re-decision of a request while it was open
 
 
 def sign_in_record(
@@ -284,12 +285,17 @@ class DecisionLog:
         return list(self._recent)[::-1]
 
     def find(self, correlation_id: str) -> dict[str, Any] | None:
-        """One record by its id: from memory, else from the files, newest first (blocking I/O)."""
+        """A request's record by its id: from memory, else from the files, newest first (blocking
+        I/O). Its own record rather than a re-decision of it while it was open (``REDECIDED``),
+        which is written earlier when the answer was streamed or still open."""
+        again = None
         for record in self.recent():
             if record.get("correlationId") == correlation_id:
-                return record
+                if not record.get(REDECIDED):
+                    return record
+                again = again or record
         self.flush()
-        return find_record(log_files(self.configured_path), correlation_id)
+        return find_record(log_files(self.configured_path), correlation_id) or again
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every record taken so far is written (tests, lookups, shutdown); False on timeout."""
@@ -395,22 +401,29 @@ def _rotated(path: Path) -> list[Path]:
 
 
 def find_record(files: Iterable[Path], correlation_id: str) -> dict[str, Any] | None:
+    """The newest record of a request, its own before any re-decision of it (``DecisionLog.find``)."""
     needle = f'"correlationId":"{correlation_id}"'
+    again = None
     for file in files:
-        found = None
+        found = found_again = None
         try:
             with file.open(encoding="utf-8", errors="replace") as lines:
                 for line in lines:
                     if needle in line:
                         try:
-                            found = json.loads(line)
+                            record = json.loads(line)
                         except json.JSONDecodeError:
                             continue
+                        if record.get(REDECIDED):
+                            found_again = record
+                        else:
+                            found = record
         except FileNotFoundError:
             continue  # rotated away while we looked: its records moved to the next file name
         if found is not None:
             return found
-    return None
+        again = again or found_again
+    return again
 
 
 def read_records(files: Iterable[Path]) -> Iterator[tuple[Path, int, dict[str, Any]]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.audit import signal_text
+from gateway.audit import REDECIDED, signal_text
 
 RESULT_MARKS = {
     "success": "+", "failure": "x", "notApplied": "-", "notEnabled": " ",
@@ -25,7 +25,7 @@ def explain(record: dict[str, Any]) -> str:
         f"  result:   {result} ({_answer(record)}"
         + (f", error {status['errorCode']}" if status.get("errorCode") else "") + ")",
     ]
-    if record.get("continuousAccessEvaluation"):
+    if record.get(REDECIDED):
         lines.append("  decided again while the request was open (continuous access evaluation): the client got "
                      "no answer from this decision")
     if status.get("failureReason"):

@@ -173,6 +173,23 @@ def test_the_log_rotates_by_size_and_old_records_stay_findable(tmp_path: Path) -
     log.close()
 
 
+@pytest.mark.parametrize("in_memory", [True, False], ids=["from memory", "from the files"])
+def test_a_request_is_found_by_its_own_record_not_a_redecision_written_after_it(tmp_path: Path,
+                                                                                  in_memory: bool) -> None:
+    """A streamed answer's record is written when it starts; continuous access evaluation may decide
+    the request again later, while it is open. ``why`` and the admin API show the request's own."""
+    log = DecisionLog(tmp_path / "d.jsonl", keep_recent=100 if in_memory else 1)
+    log.write({"correlationId": "open", "result": "block", "continuousAccessEvaluation": True})  # before its own
+    log.write({"correlationId": "streamed", "result": "allow", "httpStatus": 200})
+    log.write({"correlationId": "streamed", "result": "block", "httpStatus": None, "continuousAccessEvaluation": True})
+    log.write({"correlationId": "other", "result": "allow"})
+    found = log.find("streamed")
+    open_one = log.find("open")  # still open: only its re-decision is there
+    log.close()
+    assert found is not None and found["result"] == "allow"
+    assert open_one is not None and open_one["continuousAccessEvaluation"] is True
+
+
 def test_pseudonyms_are_stable_and_keyed() -> None:
     one, other = Pseudonymizer(b"k" * 32), Pseudonymizer(b"j" * 32)
     assert one.pseudonym("Drew@Contoso.test") == one.pseudonym("drew@contoso.test")

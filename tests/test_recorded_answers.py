@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mitmproxy.test import tflow
 
-from gateway.audit import read_records
+from addons.decision_records import RECORD_KEY, DecisionRecords
+from gateway.audit import log_files, read_records
 from gateway.demo import ACTIVESYNC
 from tests.conftest import Background, Gateway, Ports, free_port
 from tests.test_decision_log import logged
@@ -37,6 +39,7 @@ ANSWERS = {  # what StatusUpstream sends for ``answer=<name>``
     "101": b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     "ambiguous framing": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok",
     "nothing": b"",  # the connection is closed without an answer
+    "cut": b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\npartial",  # then closed
 }
 
 
@@ -81,14 +84,17 @@ def test_the_record_of_a_forwarded_request_has_the_upstreams_status(status_gatew
     pytest.param("nothing", None, id="closed without an answer -> 502, no upstream status"),
     pytest.param("101", 101, id="a protocol switch nobody asked for -> 502, upstream 101"),
     pytest.param("ambiguous framing", 200, id="Content-Length and chunked -> 502, upstream 200"),
+    pytest.param("cut", 200, id="a head, then closed mid-body (held whole: no byte sent yet) -> 502, upstream 200"),
 ])
 def test_an_upstream_that_fails_is_recorded_with_the_gateways_502(status_gateway: tuple[Gateway, Path, Path],
                                                                   answer: str, upstream: int | None) -> None:
     gateway, _, log = status_gateway
     status, correlation_id = alex_syncs(gateway, answer.replace(" ", "%20"))
     record = logged(log, correlation_id)
+    logged(log, alex_syncs(gateway, "200")[1])  # the log is written in order: anything of the first is in by now
     assert status == 502
     assert (record["result"], record["httpStatus"], record["upstreamStatus"]) == ("allow", 502, upstream)
+    assert [r["correlationId"] for _, _, r in read_records(log_files(log))].count(correlation_id) == 1
 
 
 def test_an_upstream_that_is_down_is_recorded_with_the_gateways_502(gateway: Gateway, tmp_path: Path,
@@ -188,3 +194,31 @@ def test_why_shows_what_the_client_and_the_upstream_got(status_gateway: tuple[Ga
     trace = subprocess.run([PORTCULLIS, "why", "--config", str(config_dir), correlation_id],
                            capture_output=True, text=True, timeout=60).stdout
     assert "result:   allow (HTTP 404, upstream 404)" in trace
+
+
+class WrittenRecords:
+    """``AccessService.record_answer``'s part that DecisionRecords calls: what it was given."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[str, int | None, int | None]] = []
+
+    def record_answer(self, record: dict[str, Any], http_status: int | None, upstream_status: int | None,
+                      restriction: object = None) -> None:
+        self.written.append((record["correlationId"], http_status, upstream_status))
+
+
+def test_a_record_still_waiting_when_its_client_connection_ends_is_written_without_an_answer() -> None:
+    """mitmproxy raises neither ``response`` nor ``error`` for a flow whose HTTP layer itself
+    failed: its record is written when the client connection ends, once; other connections' wait."""
+    service = WrittenRecords()
+    records = DecisionRecords(service)  # type: ignore[arg-type]  # only record_answer is called
+    ended, other = tflow.tflow(), tflow.tflow(resp=True)
+    for name, flow in (("ended", ended), ("other", other)):
+        flow.metadata[RECORD_KEY] = {"correlationId": name}
+        records.requestheaders(flow)
+    records.client_disconnected(ended.client_conn)
+    records.error_answered(ended)  # too late: nothing left to write
+    assert service.written == [("ended", None, None)]
+    records.response(other)  # the other connection's answer, held whole, arrived
+    assert service.written == [("ended", None, None), ("other", 200, None)]
+    assert records.waiting == {}

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from gateway.audit import log_files
+from gateway.audit import REDECIDED, log_files
 from gateway.errors import PortcullisError
 from gateway.headers import CORRELATION_ID
 from gateway.identity.browser import COOKIE_NAME
@@ -150,7 +150,7 @@ def read_decision_log(file: Path) -> Iterator[RecordedRequest | Skipped]:
 def from_log_record(record: object, place: str) -> RecordedRequest | Skipped:
     if not isinstance(record, dict) or not isinstance(record.get("request"), dict) or "correlationId" not in record:
         return Skipped(place, "not an access decision record")
-    if record.get("continuousAccessEvaluation") is True:
+    if record.get(REDECIDED) is True:
         return Skipped(place, REEVALUATED, str(record["correlationId"]))
     try:
         return _from_log_record(record, place)
