@@ -52,6 +52,8 @@ SAFE_HOOKS: dict[tuple[str, str], str] = {
     ("Drain", "error"): "runs after the flow failed: nothing is forwarded or answered after it",
     ("DecisionRecords", "error_answered"): "runs after the flow failed and its answer, if any, went out: writes "
                                            "its decision record; nothing is forwarded or answered after it",
+    ("DecisionRecords", "client_disconnected"): "runs after the client connection ended: writes the decision "
+                                                "records still waiting; nothing is forwarded or answered after it",
     ("RequestFraming", "error"): "runs after the flow failed: nothing is forwarded or answered after it",
     ("RequestFraming", "refused_body_read"): "runs after the refusal went out and its body was read and discarded: "
                                              "nothing is forwarded or answered after it; on an error the "
