@@ -119,9 +119,9 @@ class ContinuousAccess:
 
     def _forget(self, flow: http.HTTPFlow) -> None:
         self.open_flows.discard(flow)
-        device_id = flow.metadata.get(DEVICE_KEY)
+        device_id: str | None = flow.metadata.get(DEVICE_KEY)
         flows = self.by_device.get(device_id) if device_id else None
-        if flows is not None:
+        if device_id and flows is not None:
             flows.discard(flow)
             if not flows:
                 del self.by_device[device_id]

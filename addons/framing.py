@@ -82,7 +82,7 @@ class RequestFraming:
             return
         deadline = framing.ClientDeadline(self.limits, asyncio.get_running_loop().time())
         reader = DeadlineReader(transport.reader, deadline, f"{client.peername[0]}:{client.peername[1]}")
-        transport.reader = reader  # type: ignore[assignment]  (a StreamReader for ``read``)
+        transport.reader = reader  # type: ignore[assignment]  # mitmproxy only awaits read(n) on it
         self.readers[client.id] = reader
 
     def client_disconnected(self, client: connection.Client) -> None:

@@ -21,6 +21,7 @@ import os
 import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from io import BufferedReader
 from pathlib import Path
 from typing import BinaryIO
 
@@ -125,6 +126,7 @@ def read_flow_file(path: Path) -> Iterator[RecordedRequest | Skipped]:
     count = 0
     with path.open("rb") as file:
         try:
+            # not a BinaryIO: a file-like object, which FlowReader reads through peek and read
             for flow in io.FlowReader(BoundedFlowFile(file)).stream():  # type: ignore[arg-type]
                 count += 1
                 place = f"{path}:flow {count}"
@@ -152,13 +154,13 @@ class BoundedFlowFile:
     its tnetstring reader allocates the length a record claims (up to 10^12 bytes) before reading,
     so a damaged or hostile length prefix would be a ``MemoryError`` rather than a damaged flow."""
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: BufferedReader) -> None:
         self.file = file
         status = os.fstat(file.fileno())
         self.size = status.st_size if stat.S_ISREG(status.st_mode) else None
 
     def peek(self, n: int) -> bytes:
-        return self.file.peek(n)  # type: ignore[attr-defined, no-any-return]  (a BufferedReader)
+        return self.file.peek(n)
 
     def read(self, n: int = -1) -> bytes:
         if self.size is not None and n > 1 and n > (left := self.size - self.file.tell()):

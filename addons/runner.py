@@ -77,7 +77,7 @@ class Ready:
         from mitmproxy import ctx
 
         server: proxyserver.Proxyserver = ctx.master.addons.get("proxyserver")
-        self.addresses = [tuple(a[:2]) for a in server.listen_addrs()]  # type: ignore[misc]  (IPv4/6 tuples)
+        self.addresses = [(a[0], a[1]) for a in server.listen_addrs()]  # IPv6: 4-tuples
         self.event.set()
 
 
@@ -183,7 +183,7 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         except SignalUnavailable as error:
             logger.warning("signing keys not fetched yet (%s); requests get 503 until they are", error)
         partners = partners_from_config(config.gateway_file.mtd_partners)
-        endpoints = {BROWSER_ENDPOINTS: browser_app(service)}
+        endpoints: dict[str, ASGIApp] = {BROWSER_ENDPOINTS: browser_app(service)}
         if partners:
             endpoints[MTD_ENDPOINTS] = mtd_webhook_app(MtdReceiver(partners, loaded.nonces), service, utc_now)
         if service.assertions is not None:  # the service host publishes the assertion keys too
@@ -260,7 +260,7 @@ def _listen_with_reuse_port() -> None:
     it, so every worker binds the same ports and the kernel spreads connections across them."""
     shim = types.SimpleNamespace(**vars(asyncio))
     shim.start_server = functools.partial(asyncio.start_server, reuse_port=True)
-    mode_servers.asyncio = shim  # type: ignore[attr-defined]
+    mode_servers.asyncio = shim  # type: ignore[assignment]  # a module global, replaced on purpose
 
 
 def _use_gateway_ca(config: Config, confdir: Path) -> None:

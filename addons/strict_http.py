@@ -203,7 +203,7 @@ class StrictHttp1Server(Http1Server):
 
     def read_body(self, event: events.Event) -> Commands:
         if type(self.body_reader) is ChunkedReader:
-            self.body_reader = StrictChunkedReader()  # type: ignore[assignment]  (h11's reader interface)
+            self.body_reader = StrictChunkedReader()  # type: ignore[assignment]  # h11's reader interface
         try:
             yield from super().read_body(event)
         except BodyFramingError as error:
@@ -367,8 +367,8 @@ def install() -> None:
     mitmproxy whose internals these classes were not written against."""
     if not version.VERSION.startswith("12."):
         raise RuntimeError(f"addons/strict_http.py is written for mitmproxy 12, not {version.VERSION}")
-    http_layer.Http1Server = StrictHttp1Server  # type: ignore[attr-defined, misc]
-    http_layer.HttpStream = StrictHttpStream  # type: ignore[misc]
+    http_layer.Http1Server = StrictHttp1Server  # type: ignore[misc]  # a module global, replaced on purpose
+    http_layer.HttpStream = StrictHttpStream  # type: ignore[misc]  # likewise
 
 
 # ---------------------------------------------------------------------------------------------
