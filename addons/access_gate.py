@@ -4,11 +4,11 @@ upstream) and applies it: forward with the gateway's own identity headers, or an
 from __future__ import annotations
 
 from mitmproxy import http
-from mitmproxy.net.http import http1
 
 from addons.decision_records import RECORD_KEY
 from addons.flows import CLIENT_IP_KEY, FORWARDED_FOR_PROBLEM_KEY, access_request
 from addons.kiosk_proxy import KIOSK_KEY
+from addons.mitm_internals import connection_close
 from addons.routing import HOST_KEY, UNPROTECTED_KEY
 from addons.safety import (
     ALLOWED_KEY,
@@ -101,7 +101,7 @@ def _strip_client_headers(flow: http.HTTPFlow) -> None:
     whether to close the client connection: remember it, so the answer closes it as the client asked."""
     headers = flow.request.headers
     if flow.request.http_version.startswith("HTTP/1") and \
-            http1.connection_close(flow.request.http_version, headers):
+            connection_close(flow.request.http_version, headers):
         flow.metadata[CLIENT_CLOSE_KEY] = True
     for name in headers_to_strip(list(headers), headers.get_all("connection")):
         headers.pop(name, None)

@@ -11,7 +11,7 @@ notes every flow from its first hook on, the changes heard meanwhile are kept wi
 registered with one that concerns it is decided again at once (after the grace, for a reload).
 
 mitmproxy cannot kill a flow in transit (``Flow.kill`` only marks it), so the client connection
-is closed through the proxyserver's connection handler.
+is closed through the proxyserver's connection handler (``mitm_internals.close_client_connection``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import asyncio
 import logging
 import time
 
-from mitmproxy import ctx, http
+from mitmproxy import http
 
+from addons.mitm_internals import close_client_connection
 from addons.safety import (
     ALLOWED_KEY,
     AUTHORIZATION_KEY,
@@ -119,9 +120,9 @@ class ContinuousAccess:
 
     def _forget(self, flow: http.HTTPFlow) -> None:
         self.open_flows.discard(flow)
-        device_id = flow.metadata.get(DEVICE_KEY)
+        device_id: str | None = flow.metadata.get(DEVICE_KEY)
         flows = self.by_device.get(device_id) if device_id else None
-        if flows is not None:
+        if device_id and flows is not None:
             flows.discard(flow)
             if not flows:
                 del self.by_device[device_id]
@@ -142,7 +143,4 @@ class DecisionsUnderWay:
 def close_client(flow: http.HTTPFlow) -> None:
     if flow.killable:
         flow.kill()
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
-    if handler is not None:
-        handler.close_connection(flow.client_conn)
+    close_client_connection(flow.client_conn)

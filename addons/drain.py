@@ -21,9 +21,9 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mitmproxy import connection, ctx, http
-from mitmproxy.addons import proxyserver
+from mitmproxy import connection, http
 
+from addons.mitm_internals import stop_listening
 from addons.safety import fail_closed
 from addons.strict_http import LAST_ON_CONNECTION_KEY
 
@@ -86,8 +86,7 @@ class Drain:
         """Stop every listener, then wait up to ``timeout`` seconds for the requests in flight;
         returns how many were still open when the time ran out."""
         self.draining = True
-        server: proxyserver.Proxyserver = ctx.master.addons.get("proxyserver")
-        await server.servers.update([])  # stop listening; open connections go on
+        await stop_listening()  # open connections go on
         deadline = time.monotonic() + timeout
         if self.in_flight:
             logger.info("draining: %d requests in flight", len(self.in_flight))

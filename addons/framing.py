@@ -22,9 +22,9 @@ import json
 import logging
 from collections.abc import Callable
 
-from mitmproxy import connection, ctx, http, tcp, tls
-from mitmproxy.addons import proxyserver
+from mitmproxy import connection, http, tcp, tls
 
+from addons.mitm_internals import close_client_socket, wrap_client_reader
 from addons.safety import fail_closed, respond
 from addons.service_endpoints import SERVICE_KEY
 from addons.strict_http import BODY_AFTER_ANSWER_KEY
@@ -72,17 +72,14 @@ class RequestFraming:
     @fail_closed
     def client_connected(self, client: connection.Client) -> None:
         """mitmproxy reads each connection in a loop that takes its reader from the connection
-        handler after this hook: wrap it here. No handler found means no deadline: refuse."""
-        server: proxyserver.Proxyserver = ctx.master.addons.get("proxyserver")
-        handler = server.connections.get(client.id)
-        transport = handler.transports.get(client) if handler is not None else None
-        if transport is None or not isinstance(transport.reader, asyncio.StreamReader):
+        handler after this hook: wrap it here. No reader found means no deadline: refuse."""
+        deadline = framing.ClientDeadline(self.limits, asyncio.get_running_loop().time())
+        peer = f"{client.peername[0]}:{client.peername[1]}"
+        reader = wrap_client_reader(client, lambda inner: DeadlineReader(inner, deadline, peer))
+        if reader is None:
             logger.error("%s: no stream reader to time; refusing the connection", client.peername)
             client.error = "no client deadline"
             return
-        deadline = framing.ClientDeadline(self.limits, asyncio.get_running_loop().time())
-        reader = DeadlineReader(transport.reader, deadline, f"{client.peername[0]}:{client.peername[1]}")
-        transport.reader = reader  # type: ignore[assignment]  (a StreamReader for ``read``)
         self.readers[client.id] = reader
 
     def client_disconnected(self, client: connection.Client) -> None:
@@ -145,12 +142,8 @@ def _close_what_mitmproxy_left_open(client: connection.Client) -> None:
     that loop waits for mitmproxy's event lock cancels the loop there, past the line that closes the
     socket: the client got its answer but kept an open connection until garbage collection.
     Disconnected means closed: the socket is closed here if it is still open."""
-    server: proxyserver.Proxyserver = ctx.master.addons.get("proxyserver")
-    handler = server.connections.get(client.id)
-    transport = handler.transports.get(client) if handler is not None else None
-    if transport is not None and transport.writer is not None and not transport.writer.is_closing():
-        logger.debug("%s: closing the socket mitmproxy left open", client.peername)
-        transport.writer.close()
+    if close_client_socket(client):
+        logger.debug("%s: closed the socket mitmproxy left open", client.peername)
 
 
 class PassThroughDeadline:

@@ -21,17 +21,18 @@ import os
 import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from io import BufferedReader
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from mitmproxy import ctx, exceptions, flowfilter, http, io
+from mitmproxy import exceptions, http, io
 from mitmproxy.addons.save import Save
 from mitmproxy.flow import Flow
-from mitmproxy.io import tnetstring
 from mitmproxy.master import Master
 
 from addons.flows import CLIENT_IP_KEY
 from addons.kiosk_proxy import KIOSK_KEY
+from addons.mitm_internals import SaveStreamFile
 from addons.routing import HOST_KEY
 from addons.safety import ALLOWED_KEY, CORRELATION_KEY
 from gateway.headers import CORRELATION_ID
@@ -49,20 +50,17 @@ class RecordingRefused(OSError):
     mitmproxy's ``Save`` reports it as an option error at start, and stops on it at a rotation)."""
 
 
-class FlowRecording(Save):
+class FlowRecording(SaveStreamFile, Save):
     """``Save``, writing a private file with plain metadata."""
 
-    def maybe_rotate_to_new_file(self) -> None:
-        spec = ctx.options.save_stream_file
-        path = datetime.today().strftime(os.path.expanduser(spec.removeprefix("+")))
-        if path == self.current_path:
-            return
-        if self.stream is not None:
-            self.stream.fo.close()
-            self.stream = None
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.stream = PlainMetadataWriter(open_private(Path(path), append=spec.startswith("+")), self.filt)
-        self.current_path = path
+    def open_stream_file(self, path: Path, *, append: bool) -> BinaryIO:
+        return open_private(path, append=append)
+
+    def flow_state(self, flow: Flow) -> dict[str, Any]:
+        """The flow with its metadata reduced to strings, numbers and booleans."""
+        state = flow.get_state()
+        state["metadata"] = {k: v for k, v in state["metadata"].items() if isinstance(v, PLAIN)}
+        return state
 
 
 def open_private(path: Path, *, append: bool) -> BinaryIO:
@@ -100,18 +98,6 @@ def _check_private(status: os.stat_result, path: Path) -> None:
                                "read or write it; a recording holds bearer tokens: chmod 600 it, or remove it")
 
 
-class PlainMetadataWriter(io.FilteredFlowWriter):
-    """Writes a flow with its metadata reduced to strings, numbers and booleans."""
-
-    def add(self, f: Flow) -> None:
-        if self.flt and not flowfilter.match(self.flt, f):
-            return
-        state = f.get_state()
-        state["metadata"] = {k: v for k, v in state["metadata"].items() if isinstance(v, PLAIN)}
-        tnetstring.dump(state, self.fo)
-        self.fo.flush()
-
-
 def record_flows(master: Master, path: Path) -> None:
     """Record every flow of ``master`` to ``path`` (``+path`` appends)."""
     master.addons.add(FlowRecording())
@@ -125,6 +111,7 @@ def read_flow_file(path: Path) -> Iterator[RecordedRequest | Skipped]:
     count = 0
     with path.open("rb") as file:
         try:
+            # not a BinaryIO: a file-like object, which FlowReader reads through peek and read (mitm_internals, 14)
             for flow in io.FlowReader(BoundedFlowFile(file)).stream():  # type: ignore[arg-type]
                 count += 1
                 place = f"{path}:flow {count}"
@@ -152,13 +139,13 @@ class BoundedFlowFile:
     its tnetstring reader allocates the length a record claims (up to 10^12 bytes) before reading,
     so a damaged or hostile length prefix would be a ``MemoryError`` rather than a damaged flow."""
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: BufferedReader) -> None:
         self.file = file
         status = os.fstat(file.fileno())
         self.size = status.st_size if stat.S_ISREG(status.st_mode) else None
 
     def peek(self, n: int) -> bytes:
-        return self.file.peek(n)  # type: ignore[attr-defined, no-any-return]  (a BufferedReader)
+        return self.file.peek(n)
 
     def read(self, n: int = -1) -> bytes:
         if self.size is not None and n > 1 and n > (left := self.size - self.file.tell()):

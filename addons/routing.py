@@ -97,10 +97,10 @@ class Routing:
             reason = "this gateway does not serve that host" if upstream is None else "TLS SNI and Host differ"
             self._refuse(flow, correlation_id, host, 421, reason, close=False)
             return
-        target = urlsplit(upstream)
-        flow.request.scheme = target.scheme
-        flow.request.host = target.hostname or ""
-        flow.request.port = target.port or (443 if target.scheme == "https" else 80)
+        upstream_url = urlsplit(upstream)
+        flow.request.scheme = upstream_url.scheme
+        flow.request.host = upstream_url.hostname or ""
+        flow.request.port = upstream_url.port or (443 if upstream_url.scheme == "https" else 80)
         flow.request.host_header = host
         flow.metadata[HOST_KEY] = host
 

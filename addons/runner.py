@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import logging
 import os
-import types
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,6 @@ from pathlib import Path
 from mitmproxy import certs, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
-from mitmproxy.proxy import mode_servers
 
 from addons import strict_http
 from addons.access_gate import AccessGate
@@ -31,6 +28,7 @@ from addons.decision_records import DecisionRecords
 from addons.drain import Drain, KeepAliveLimits
 from addons.framing import PassThroughDeadline, RequestFraming, UpstreamFraming, UpstreamHttp1
 from addons.kiosk_proxy import KioskProxy
+from addons.mitm_internals import listen_addresses, listen_with_reuse_port
 from addons.recorded_flows import record_flows
 from addons.routing import Routing
 from addons.server_names import ServerNames
@@ -74,10 +72,7 @@ class Ready:
         self.addresses: list[tuple[str, int]] = []
 
     def running(self) -> None:
-        from mitmproxy import ctx
-
-        server: proxyserver.Proxyserver = ctx.master.addons.get("proxyserver")
-        self.addresses = [tuple(a[:2]) for a in server.listen_addrs()]  # type: ignore[misc]  (IPv4/6 tuples)
+        self.addresses = listen_addresses()
         self.event.set()
 
 
@@ -174,7 +169,7 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         upstreams = DemoUpstreams(config)
         await upstreams.start()
     if worker.shares_listeners:
-        _listen_with_reuse_port()  # the supervisor prepared the state (``prepare_state``)
+        listen_with_reuse_port()  # the supervisor prepared the state (``prepare_state``)
     else:
         prepare_state(loaded)
     service, jwks = build_service(loaded)
@@ -184,7 +179,7 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         except SignalUnavailable as error:
             logger.warning("signing keys not fetched yet (%s); requests get 503 until they are", error)
         partners = partners_from_config(config.gateway_file.mtd_partners)
-        endpoints = {BROWSER_ENDPOINTS: browser_app(service)}
+        endpoints: dict[str, ASGIApp] = {BROWSER_ENDPOINTS: browser_app(service)}
         if partners:
             endpoints[MTD_ENDPOINTS] = mtd_webhook_app(MtdReceiver(partners, loaded.nonces), service, utc_now)
         if service.assertions is not None:  # the service host publishes the assertion keys too
@@ -253,15 +248,6 @@ def prepare_state(loaded: Loaded) -> None:
     confdir.mkdir(parents=True, exist_ok=True)
     _use_gateway_ca(config, confdir)
     certs.CertStore.from_store(str(confdir), "mitmproxy", 2048)  # made here once, not raced by workers
-
-
-def _listen_with_reuse_port() -> None:
-    """mitmproxy has no SO_REUSEPORT option: its TCP listeners come from ``asyncio.start_server``
-    in ``mode_servers``. Give that module (in this worker process only) a start_server that sets
-    it, so every worker binds the same ports and the kernel spreads connections across them."""
-    shim = types.SimpleNamespace(**vars(asyncio))
-    shim.start_server = functools.partial(asyncio.start_server, reuse_port=True)
-    mode_servers.asyncio = shim  # type: ignore[attr-defined]
 
 
 def _use_gateway_ca(config: Config, confdir: Path) -> None:

@@ -7,8 +7,8 @@ forwarded upstream."""
 from __future__ import annotations
 
 from mitmproxy import http
-from mitmproxy.addons.asgiapp import serve
 
+from addons.mitm_internals import serve
 from addons.safety import fail_closed, respond
 from gateway.web.types import ASGIApp
 

@@ -22,7 +22,9 @@ client sends while it waits. So the gateway replaces two classes of mitmproxy's 
   never reaches the client (mitmproxy sent it, then closed; over HTTP/2 it crashed the connection).
 
 ``install()`` puts them in place for the process (mitmproxy looks both names up in its HTTP layer
-module each time it builds one), like ``runner._listen_with_reuse_port`` does for SO_REUSEPORT.
+module each time it builds one). Every mitmproxy and h11 internal used here comes from
+``addons/mitm_internals.py``, which lists the methods these classes override and the attributes
+they read, with the versions they were tested on.
 """
 
 from __future__ import annotations
@@ -35,16 +37,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import h11
-from h11._readers import ChunkedReader
-from h11._receivebuffer import ReceiveBuffer
-from mitmproxy import http, version
+from mitmproxy import http
 from mitmproxy.connection import ConnectionState
-from mitmproxy.net.http import http1
-from mitmproxy.proxy import commands, events
-from mitmproxy.proxy.layers import http as http_layer
-from mitmproxy.proxy.layers.http._base import ReceiveHttp
-from mitmproxy.proxy.layers.http._events import (
+
+from addons.mitm_internals import (
+    ChunkedReader,
+    CloseConnection,
+    Command,
+    ConnectionClosed,
+    ConnectionEvent,
+    DataReceived,
     ErrorCode,
+    Event,
+    Http1Server,
+    HttpResponseHeadersHook,
+    HttpStream,
+    Log,
+    ReceiveBuffer,
+    ReceiveHttp,
     RequestEndOfMessage,
     RequestHeaders,
     RequestProtocolError,
@@ -52,11 +62,14 @@ from mitmproxy.proxy.layers.http._events import (
     ResponseEndOfMessage,
     ResponseHeaders,
     ResponseProtocolError,
+    SendData,
+    SendHttp,
+    StartHook,
+    assemble_response,
+    format_address,
+    install_http_layers,
+    unread_bytes,
 )
-from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
-from mitmproxy.proxy.layers.http._http1 import Http1Server
-from mitmproxy.utils import human
-
 from addons.safety import CORRELATION_KEY
 from gateway import framing
 from gateway.access import new_correlation_id, utc_now
@@ -64,8 +77,8 @@ from gateway.web import pages
 
 logger = logging.getLogger(__name__)
 
-type Commands = Generator[commands.Command, Any, None]
-type Replacement = Callable[[commands.Command], Iterable[commands.Command] | None]
+type Commands = Generator[Command, Any, None]
+type Replacement = Callable[[Command], Iterable[Command] | None]
 
 UNREADABLE_HEAD = framing.bad_request("the request line could not be read (a target that is neither a path, "
                                       "an absolute URL, host:port for CONNECT, nor *)")
@@ -92,7 +105,7 @@ def refusal_bytes(refusal: framing.Refusal, correlation_id: str) -> bytes:
     """The gateway's JSON refusal (``gateway/web/pages.py``), after which the connection closes."""
     answer = pages.refused(refusal.status, refusal.description, correlation_id)
     headers = http.Headers([(k.encode(), v.encode()) for k, v in (*answer.headers, ("Connection", "close"))])
-    return http1.assemble_response(http.Response.make(answer.status_code, answer.body, headers))
+    return assemble_response(http.Response.make(answer.status_code, answer.body, headers))
 
 
 class BodyFramingError(Exception):
@@ -163,9 +176,9 @@ def _may_decide(buffered: bytearray, received: bytes) -> bool:
 
 
 class StrictHttp1Server(Http1Server):
-    def read_headers(self, event: events.ConnectionEvent) -> Commands:
-        if isinstance(event, events.DataReceived):
-            buffered = self.buf._data  # h11's buffer, read in place (no copy for every read)
+    def read_headers(self, event: ConnectionEvent) -> Commands:
+        if isinstance(event, DataReceived):
+            buffered = unread_bytes(self.buf)  # h11's buffer, read in place (no copy for every read)
             if not _may_decide(buffered, event.data):
                 return
             refusal = framing.request_head_refusal(bytes(buffered))
@@ -177,9 +190,9 @@ class StrictHttp1Server(Http1Server):
                 return  # only empty lines yet: kept, so that too many of them meet the bound
             # checked above: CRLFs only. h11 drops one per read and waits for more data meanwhile
             self.buf.maybe_extract_at_most(empty)
-        elif isinstance(event, events.ConnectionClosed) and bytes(self.buf).strip():
+        elif isinstance(event, ConnectionClosed) and bytes(self.buf).strip():
             logger.info("%s: closed the connection before completing a request head (%d bytes)",
-                        human.format_address(self.conn.peername), len(self.buf))
+                        format_address(self.conn.peername), len(self.buf))
         yield from replacing(super().read_headers(event), self._in_own_words())
 
     def _in_own_words(self) -> Replacement:
@@ -190,32 +203,32 @@ class StrictHttp1Server(Http1Server):
         once it is done, may start on the next request, whose head gets a replacement of its own."""
         parsed = False
 
-        def replace(command: commands.Command) -> Iterable[commands.Command] | None:
+        def replace(command: Command) -> Iterable[Command] | None:
             nonlocal parsed
             parsed = parsed or (isinstance(command, ReceiveHttp) and isinstance(command.event, RequestHeaders))
             if parsed:
                 return None
-            if isinstance(command, commands.SendData) and command.connection is self.conn:  # only that page
+            if isinstance(command, SendData) and command.connection is self.conn:  # only that page
                 return self._answer(UNREADABLE_HEAD)
-            return () if isinstance(command, commands.Log) else None
+            return () if isinstance(command, Log) else None
 
         return replace
 
-    def read_body(self, event: events.Event) -> Commands:
+    def read_body(self, event: Event) -> Commands:
         if type(self.body_reader) is ChunkedReader:
-            self.body_reader = StrictChunkedReader()  # type: ignore[assignment]  (h11's reader interface)
+            self.body_reader = StrictChunkedReader()  # type: ignore[assignment]  # h11's reader interface
         try:
             yield from super().read_body(event)
         except BodyFramingError as error:
             yield from self._refuse(framing.bad_request(str(error)))
             yield ReceiveHttp(RequestProtocolError(self.stream_id, str(error), ErrorCode.GENERIC_CLIENT_ERROR))
 
-    def wait(self, event: events.Event) -> Commands:
+    def wait(self, event: Event) -> Commands:
         """While its answer is owed, what a client sends is buffered for the next request: bounded."""
-        if isinstance(event, events.DataReceived) and len(self.buf) > framing.MAX_UNREAD_BYTES:
+        if isinstance(event, DataReceived) and len(self.buf) > framing.MAX_UNREAD_BYTES:
             logger.info("%s: more than %d bytes sent ahead of an answer; closing",
-                        human.format_address(self.conn.peername), framing.MAX_UNREAD_BYTES)
-            yield commands.CloseConnection(self.conn)
+                        format_address(self.conn.peername), framing.MAX_UNREAD_BYTES)
+            yield CloseConnection(self.conn)
             self.state = self.done
             return
         yield from super().wait(event)
@@ -224,22 +237,22 @@ class StrictHttp1Server(Http1Server):
         if self.response is None:  # nothing of an answer sent yet
             yield from self._answer(refusal)
         else:
-            logger.info("%s: closing: %s", human.format_address(self.conn.peername), refusal.description)
-        yield commands.CloseConnection(self.conn)
+            logger.info("%s: closing: %s", format_address(self.conn.peername), refusal.description)
+        yield CloseConnection(self.conn)
         self.state = self.done
 
-    def _answer(self, refusal: framing.Refusal) -> list[commands.Command]:
+    def _answer(self, refusal: framing.Refusal) -> list[Command]:
         correlation_id = new_correlation_id()
-        logger.info("[%s] %s: request refused with %d: %s", correlation_id, human.format_address(self.conn.peername),
+        logger.info("[%s] %s: request refused with %d: %s", correlation_id, format_address(self.conn.peername),
                     refusal.status, refusal.description)
-        return [commands.SendData(self.conn, refusal_bytes(refusal, correlation_id))]
+        return [SendData(self.conn, refusal_bytes(refusal, correlation_id))]
 
 
 BODY_AFTER_ANSWER_KEY = "portcullis.body_after_answer"  # see StrictHttpStream._answer_now
 
 
 @dataclass
-class RefusedBodyReadHook(commands.StartHook):
+class RefusedBodyReadHook(StartHook):
     """The body of a request answered before it was read, on an HTTP/1 connection kept for the next
     request, has been read and discarded: the client owes nothing more of it (``RequestFraming``
     times that body as a body until then, and the connection as idle after)."""
@@ -248,13 +261,13 @@ class RefusedBodyReadHook(commands.StartHook):
     flow: http.HTTPFlow
 
 
-class StrictHttpStream(http_layer.HttpStream):
+class StrictHttpStream(HttpStream):
     answered_early = False
     answer_started = False  # a final answer's head went to the client: no other answer can follow
     keeps_connection = False  # if refused at its head: decided on the head as the client sent it
     failure_told = False  # ``error_answered`` ran for this stream's flow (see the end of this module)
 
-    def _handle_event(self, event: events.Event) -> Commands:
+    def _handle_event(self, event: Event) -> Commands:
         yield from replacing(super()._handle_event(event), self._own_answer)
         if not self.failure_told and getattr(self, "flow", None) is not None and self.flow.error is not None:
             self.failure_told = True
@@ -267,13 +280,13 @@ class StrictHttpStream(http_layer.HttpStream):
         if event.response.status_code != 101:
             yield from super().state_wait_for_response_headers(event)
             return
-        yield commands.CloseConnection(self.flow.server_conn)
+        yield CloseConnection(self.flow.server_conn)
         yield from self.handle_protocol_error(ResponseProtocolError(
             self.stream_id, "the upstream answered 101 Switching Protocols to a request that asked for no upgrade",
             ErrorCode.GENERIC_SERVER_ERROR))
 
-    def _own_answer(self, command: commands.Command) -> Iterable[commands.Command] | None:
-        if not isinstance(command, http_layer.SendHttp) or command.connection is not self.context.client:
+    def _own_answer(self, command: Command) -> Iterable[Command] | None:
+        if not isinstance(command, SendHttp) or command.connection is not self.context.client:
             return None
         if isinstance(command.event, ResponseHeaders) and command.event.response.status_code >= 200:
             self.answer_started = True
@@ -304,10 +317,10 @@ class StrictHttpStream(http_layer.HttpStream):
         if request.http_version.startswith("HTTP/1"):
             response.headers["connection"] = "close"
         self.answer_started = True
-        yield http_layer.SendHttp(ResponseHeaders(self.stream_id, response), self.context.client)
+        yield SendHttp(ResponseHeaders(self.stream_id, response), self.context.client)
         if request.method != "HEAD":
-            yield http_layer.SendHttp(ResponseData(self.stream_id, answer.body), self.context.client)
-        yield http_layer.SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
+            yield SendHttp(ResponseData(self.stream_id, answer.body), self.context.client)
+        yield SendHttp(ResponseEndOfMessage(self.stream_id), self.context.client)
 
     def state_wait_for_request_headers(self, event: RequestHeaders) -> Commands:
         request = event.request  # before the hooks: UpstreamFraming drops a refused request's Expect
@@ -351,7 +364,7 @@ class StrictHttpStream(http_layer.HttpStream):
         note_upstream_failure(self.flow, event)  # see the end of this module
         yield from super().handle_protocol_error(event)
 
-    def state_consume_request_body(self, event: events.Event) -> Commands:
+    def state_consume_request_body(self, event: Event) -> Commands:
         if not self.answered_early:
             yield from super().state_consume_request_body(event)
         elif isinstance(event, RequestEndOfMessage):  # data and trailers before it are discarded
@@ -363,12 +376,10 @@ class StrictHttpStream(http_layer.HttpStream):
 
 
 def install() -> None:
-    """Use the strict classes for every HTTP connection of this process; refuse to start on a
-    mitmproxy whose internals these classes were not written against."""
-    if not version.VERSION.startswith("12."):
-        raise RuntimeError(f"addons/strict_http.py is written for mitmproxy 12, not {version.VERSION}")
-    http_layer.Http1Server = StrictHttp1Server  # type: ignore[attr-defined, misc]
-    http_layer.HttpStream = StrictHttpStream  # type: ignore[misc]
+    """Use the strict classes for every HTTP connection of this process. Refused, before anything
+    is replaced, on a mitmproxy or h11 other than the versions these classes were tested on
+    (``mitm_internals.require_tested_versions``)."""
+    install_http_layers(StrictHttp1Server, StrictHttpStream)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,9 +397,9 @@ LAST_ON_CONNECTION_KEY = "portcullis.last_on_connection"  # set on an HTTP/2 flo
 GRACEFUL_GOAWAY = struct.pack(">I", 8)[1:] + bytes([0x7, 0]) + struct.pack(">III", 0, 2**31 - 1, 0)
 
 
-def goaway_after_last_answer(stream: http_layer.HttpStream) -> Commands:
+def goaway_after_last_answer(stream: HttpStream) -> Commands:
     if stream.flow.metadata.get(LAST_ON_CONNECTION_KEY) and stream.context.client.alpn == b"h2":
-        yield commands.SendData(stream.context.client, GRACEFUL_GOAWAY)
+        yield SendData(stream.context.client, GRACEFUL_GOAWAY)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +430,7 @@ GATEWAY_ANSWER_KEY = "portcullis.gateway_answer"
 
 
 @dataclass
-class ErrorAnsweredHook(commands.StartHook):
+class ErrorAnsweredHook(StartHook):
     """A failed flow's answer went out, or none will: after ``error``, once per flow."""
 
     name = "error_answered"

@@ -20,11 +20,18 @@ from typing import Any
 
 import httpx
 import mitmproxy.ctx
+import mitmproxy.options
 import pytest
 import trustme
+from mitmproxy import connection
+from mitmproxy.master import Master
+from mitmproxy.proxy import events
+from mitmproxy.proxy.context import Context
+from mitmproxy.test import taddons
 from ruamel.yaml import YAML
 
-from addons.runner import build_master, running_gateway
+from addons.mitm_internals import Http1Server
+from addons.runner import Ready, build_master, running_gateway
 from gateway import bootstrap
 from gateway.access import AccessService
 from gateway.demo import DemoUpstreams
@@ -154,21 +161,56 @@ async def operations_for(config_dir: Path, *, fetch_keys: bool = True) -> Operat
 @contextlib.asynccontextmanager
 async def proxy_for(service: AccessService, endpoints: dict[str, ASGIApp] | None = None) -> AsyncIterator[int]:
     """Only the mitmproxy listener (and the gateway's own ``endpoints``, if given), for a service
-    a test built itself (fault injection).
+    a test built itself (fault injection)."""
+    try:
+        async with running_master(lambda: build_master(service, endpoints)) as ready:
+            yield ready.addresses[0][1]
+    finally:
+        service.close()
+
+
+@contextlib.asynccontextmanager
+async def running_master(build: Callable[[], tuple[Master, Ready]]) -> AsyncIterator[Ready]:
+    """The master ``build`` makes, running in this loop until the block ends.
 
     mitmproxy keeps one master per process in ``mitmproxy.ctx`` and hands every new connection
     to it, so the session's gateway is put back in place once this one stops."""
-    previous = (mitmproxy.ctx.master, mitmproxy.ctx.options)
-    master, ready = build_master(service, endpoints)
+    previous = (getattr(mitmproxy.ctx, "master", None), getattr(mitmproxy.ctx, "options", None))
+    master, ready = build()
     task = asyncio.create_task(master.run())
     await asyncio.wait_for(ready.event.wait(), START_TIMEOUT)
     try:
-        yield ready.addresses[0][1]
+        yield ready
     finally:
         master.shutdown()
         await task
-        service.close()
-        mitmproxy.ctx.master, mitmproxy.ctx.options = previous
+        mitmproxy.ctx.master, mitmproxy.ctx.options = previous  # type: ignore[assignment]  # None: there was none
+
+
+@contextlib.contextmanager
+def addon_context(*addons: object) -> Iterator[taddons.context]:
+    """mitmproxy's ``taddons.context`` for ``addons``, leaving ``mitmproxy.ctx`` as it found it
+    (the process's other masters, such as the session's gateway, keep theirs)."""
+    before = {name: getattr(mitmproxy.ctx, name, None) for name in ("master", "options", "log")}
+    try:
+        with taddons.context(*addons) as context:
+            try:
+                yield context
+            finally:
+                context.master._legacy_log_events.uninstall()  # as Master.run does when it ends
+    finally:
+        for name, value in before.items():
+            setattr(mitmproxy.ctx, name, value)
+
+
+def http1_layer[L: Http1Server](layer: type[L]) -> tuple[L, connection.Client]:
+    """An HTTP/1 server layer alone (mitmproxy's, or the gateway's strict one), fed bytes as one
+    client's reads would bring them."""
+    client = connection.Client(peername=("192.0.2.1", 50000), sockname=("127.0.0.1", 443), timestamp_start=0,
+                               state=connection.ConnectionState.OPEN)
+    server = layer(Context(client, mitmproxy.options.Options()))
+    list(server.handle_event(events.Start()))
+    return server, client
 
 
 @dataclass

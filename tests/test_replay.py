@@ -43,7 +43,7 @@ from gateway.replay.engine import Replayed, Verdict, token_identity
 from gateway.replay.html import as_html
 from gateway.replay.recorded import RecordedRequest, Skipped
 from gateway.replay.report import ReplayReport, as_text
-from tests.conftest import Ports, demo_config_copy
+from tests.conftest import Ports, addon_context, demo_config_copy
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -713,23 +713,12 @@ def test_the_html_report_opens_in_chromium_with_its_chart(
 def _record_to(path: Path | str) -> None:
     """Start recording to ``path`` as ``portcullis run --record`` does (mitmproxy's option error
     is what the command prints as ``portcullis: ...``)."""
-    from mitmproxy import ctx
-    from mitmproxy.test import taddons
-
     from addons.recorded_flows import FlowRecording
 
-    before = {name: getattr(ctx, name, None) for name in ("master", "options", "log")}
     recorder = FlowRecording()
-    try:
-        with taddons.context(recorder) as context:
-            try:
-                context.configure(recorder, save_stream_file=str(path))
-                recorder.done()
-            finally:
-                context.master._legacy_log_events.uninstall()  # as Master.run does when it ends
-    finally:
-        for name, value in before.items():  # the process's other masters (gateways of other tests) keep theirs
-            setattr(ctx, name, value)
+    with addon_context(recorder) as context:
+        context.configure(recorder, save_stream_file=str(path))
+        recorder.done()
 
 
 def test_recording_never_follows_a_symbolic_link(tmp_path: Path) -> None:

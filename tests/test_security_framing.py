@@ -29,21 +29,18 @@ import h2.connection
 import h2.events
 import h11
 import mitmproxy.ctx
-import mitmproxy.options
 import pytest
-from mitmproxy import connection
 from mitmproxy.proxy import commands, events
-from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from ruamel.yaml import YAML
 
+from addons.mitm_internals import ReceiveHttp
 from addons.runner import running_gateway
 from addons.strict_http import StrictHttp1Server
 from gateway import bootstrap, framing, headers
 from gateway.demo import ALEX_IPHONE, TEAMS
 from gateway.signals.mtd import sign
-from tests.conftest import MTD_SECRET, Background, Gateway, Ports, free_port, gateway_config
+from tests.conftest import MTD_SECRET, Background, Gateway, Ports, free_port, gateway_config, http1_layer
 from tests.test_decision_log import listener
 from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token, raw_exchange
 from tests.test_mtd_webhook import SERVICE, level
@@ -1309,18 +1306,9 @@ def test_request_head_grammar(head: bytes, refusal: framing.Refusal | None) -> N
     assert framing.request_head_refusal(head) == refusal
 
 
-def strict_server() -> tuple[StrictHttp1Server, connection.Client]:
-    """The gateway's HTTP/1 server layer alone, fed bytes as one client's reads would bring them."""
-    client = connection.Client(peername=("192.0.2.1", 50000), sockname=("127.0.0.1", 443), timestamp_start=0,
-                               state=connection.ConnectionState.OPEN)
-    server = StrictHttp1Server(Context(client, mitmproxy.options.Options()))
-    list(server.handle_event(events.Start()))
-    return server, client
-
-
 def test_empty_lines_sent_a_read_at_a_time_are_refused_past_the_bound() -> None:
     """h11 drops one empty line per read, so the bound counts what stays buffered: the fifth is refused."""
-    server, client = strict_server()
+    server, client = http1_layer(StrictHttp1Server)
     for reads in range(1, 50):  # noqa: B007  (the count is the result)
         sent = list(server.handle_event(events.DataReceived(client, b"\r\n")))
         if any(isinstance(command, commands.CloseConnection) for command in sent):
@@ -1340,7 +1328,7 @@ def test_a_head_trickled_in_small_reads_is_checked_once_it_can_be_complete(monke
         return check(buffered)
 
     monkeypatch.setattr(framing, "request_head_refusal", counted)
-    server, client = strict_server()
+    server, client = http1_layer(StrictHttp1Server)
     head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X:\r\n" * 2000 + b"\r\n"
     sent = [c for i in range(0, len(head), 4) for c in server.handle_event(events.DataReceived(client, head[i:i + 4]))]
     assert [type(c.event).__name__ for c in sent if isinstance(c, ReceiveHttp)][:1] == ["RequestHeaders"]
