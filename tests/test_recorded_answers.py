@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from gateway.audit import read_records
 from gateway.demo import ACTIVESYNC
-from tests.conftest import Background, Gateway, Ports, free_port
+from tests.conftest import Background, Gateway, Ports, free_port, logged_records
 from tests.test_decision_log import logged
 from tests.test_gateway_e2e import outlook_token
 from tests.test_operations import SilentUpstream, SocketUpstream, hang_up_while_pings_wait, operated, own_config
@@ -118,7 +117,7 @@ def pings(log: Path, count: int) -> list[dict[str, Any]]:
     """The ActiveSync records in ``log`` (the test's Pings), once there are ``count`` of them (the
     writer thread may be mid-line: a half line is skipped until it is whole)."""
     deadline = time.monotonic() + 10
-    while len(records := [r for _, _, r in read_records([log] if log.exists() else [])
+    while len(records := [r for r in logged_records(log)
                           if r["request"]["path"] == "/Microsoft-Server-ActiveSync"]) < count:
         assert time.monotonic() < deadline, f"{len(records)} Ping records, not {count}"
         time.sleep(0.01)

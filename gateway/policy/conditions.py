@@ -94,12 +94,6 @@ def matching_patterns(index: ResourceIndex, host: str, path: str) -> list[PathPa
     return sorted(found, key=lambda p: p.specificity, reverse=True)
 
 
-def match_resource(index: ResourceIndex, host: str, path: str) -> str | None:
-    """The most specific resource whose pattern matches; None if none does."""
-    patterns = matching_patterns(index, host, path)
-    return patterns[0].resource if patterns else None
-
-
 def user_names(identity: Identity) -> frozenset[str]:
     """The names a users assignment may list for this user: UPN, object id, subject (folded)."""
     return frozenset(n.lower() for n in (identity.user_principal_name, identity.object_id, identity.subject) if n)

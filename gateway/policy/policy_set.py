@@ -158,10 +158,6 @@ class PolicySet:
                 merged = merged.merge(compiled.session_controls)
         return merged
 
-    def resource_for(self, host: str, path: str) -> str | None:
-        found = self.match(host, path)
-        return found.primary if found else None
-
     def targeting(self, resources: tuple[str, ...]) -> Targeting:
         """The policies worth evaluating for these resources, and the others' fixed results."""
         cached = self._targeting.get(resources)
