@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from gateway.config.models import Include, PlatformsCondition, Resource
 from gateway.policy.device_filter import DeviceAttributes
 from gateway.policy.model import (
+    ALL,
+    ALL_TRUSTED,
     AccessRequest,
     ClientApp,
     ClientAppType,
@@ -31,9 +33,6 @@ from gateway.signals.compliance import is_compliant
 if TYPE_CHECKING:
     from gateway.policy.policy_set import CompiledUsers
 
-ALL = "All"
-NONE = "None"
-ALL_TRUSTED = "AllTrusted"
 ACTIVESYNC_PATH = "/microsoft-server-activesync"
 
 type Network = ipaddress.IPv4Network | ipaddress.IPv6Network

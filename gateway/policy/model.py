@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import IntEnum, StrEnum
 
+# Entra's keywords in a condition's include and exclude lists (resources, users, locations)
+ALL = "All"
+ALL_TRUSTED = "AllTrusted"  # locations: every named location marked trusted
+
 
 class PolicyState(StrEnum):
     enabled = "enabled"

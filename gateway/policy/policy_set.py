@@ -23,7 +23,6 @@ from gateway.config.models import (
     UsersCondition,
 )
 from gateway.policy.conditions import (
-    ALL,
     Network,
     ResourceIndex,
     compile_resources,
@@ -33,6 +32,7 @@ from gateway.policy.conditions import (
 from gateway.policy.device_filter import Rule
 from gateway.policy.grant_controls import controls_named
 from gateway.policy.model import (
+    ALL,
     NO_SESSION_CONTROLS,
     ClientAppType,
     PolicyResult,
