@@ -62,7 +62,7 @@ def test_risk_raise_takes_effect_on_the_next_request_and_lowering_restores(gatew
     assert sync(gateway).status_code == 200
 
 
-def test_highest_vendor_level_wins(gateway: Gateway, store: DeviceStore) -> None:
+def test_highest_partner_level_wins(gateway: Gateway, store: DeviceStore) -> None:
     store.set_threat_level(ALEX_IPHONE, "zimperium", DeviceThreatLevel.medium, now=utc_now())
     try:
         assert sync(gateway).json()["reason"] == "device risk medium, allowed: low"

@@ -251,7 +251,7 @@ def test_devices_cli(tmp_path: Path) -> None:
     seed = config / "devices.yaml"
     assert cli("import", str(seed)).stdout == f"imported 4 devices from {seed}\n"
     assert ALEX in cli("list").stdout
-    assert cli("set-risk", ALEX, "high", "--vendor", "lookout").returncode == 0
+    assert cli("set-risk", ALEX, "high", "--partner", "lookout").returncode == 0
     shown = json.loads(cli("show", ALEX).stdout)
     assert (shown["threat_level"], shown["threat_source"]) == ("high", "lookout")
     assert cli("set-risk", "nope", "high").returncode == 1
@@ -260,12 +260,30 @@ def test_devices_cli(tmp_path: Path) -> None:
     assert len(exported["devices"]) == 4
 
 
+def test_set_risk_takes_the_old_vendor_spelling_with_a_warning_naming_partner(tmp_path: Path) -> None:
+    """Scripts written for ``--vendor`` keep working for now: it fills the same partner slot as
+    ``--partner`` and says which spelling replaces it; ``--partner`` itself warns of nothing."""
+    config = tmp_path / "config"
+    subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
+    cli = devices_cli(config)
+    assert cli("import", str(config / "devices.yaml")).returncode == 0
+    new = cli("set-risk", ALEX, "high", "--partner", "zimperium")
+    assert (new.returncode, new.stdout, new.stderr) == (0, f"{ALEX}: threat level high from zimperium\n", "")
+    shown = json.loads(cli("show", ALEX).stdout)
+    assert (shown["threat_level"], shown["threat_source"]) == ("high", "zimperium")
+    old = cli("set-risk", ALEX, "secured", "--vendor", "zimperium")
+    assert (old.returncode, old.stdout, old.stderr) == (0, f"{ALEX}: threat level secured from zimperium\n",
+                                                        "portcullis: --vendor is deprecated; use --partner\n")
+    shown = json.loads(cli("show", ALEX).stdout)  # zimperium's high was replaced: the seeded level is back
+    assert (shown["threat_level"], shown["threat_source"]) == ("low", "demo-mtd")
+
+
 def test_devices_remove_retires_a_device_with_every_verdict(tmp_path: Path) -> None:
     config = tmp_path / "config"
     subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
     cli = devices_cli(config)
     assert cli("import", str(config / "devices.yaml")).returncode == 0
-    assert cli("set-risk", ALEX, "high", "--vendor", "lookout").returncode == 0
+    assert cli("set-risk", ALEX, "high", "--partner", "lookout").returncode == 0
     removed = cli("remove", ALEX.upper(), "not-a-device")
     assert removed.returncode == 1  # one of the two was not there
     assert removed.stdout == f"{ALEX.upper()}: removed\n"
@@ -289,7 +307,7 @@ def test_retiring_a_device_known_only_by_its_verdicts_is_announced(tmp_path: Pat
     alex = next(r for r in records if r.azure_ad_device_id.lower() == ALEX)
     store.replace_all(records, now=NOW)
     store.apply_verdicts("lookout", [(ALEX, DeviceThreatLevel.high)], now=NOW)
-    store.replace_all([r for r in records if r is not alex], now=NOW, prune_vendor="graph")
+    store.replace_all([r for r in records if r is not alex], now=NOW, prune_partner="graph")
     assert store.managed_device(ALEX) is None  # pruned; lookout's verdict waits for its return
     seen = store.last_change()
     assert store.remove([ALEX.upper()], now=NOW) == {ALEX}
@@ -312,7 +330,7 @@ def test_device_commands_do_not_need_valid_policies(tmp_path: Path) -> None:
     checked = subprocess.run([PORTCULLIS, "check", "--config", str(config)], capture_output=True, text=True,
                              timeout=60)
     assert checked.returncode == 1 and "enabeld" in checked.stderr  # the rules really are invalid
-    raised = cli("set-risk", ALEX, "high", "--vendor", "soc-analyst")
+    raised = cli("set-risk", ALEX, "high", "--partner", "soc-analyst")
     assert raised.returncode == 0, raised.stderr
     assert json.loads(cli("show", ALEX).stdout)["threat_level"] == "high"
     assert ALEX in cli("list").stdout
@@ -338,11 +356,11 @@ def test_a_json_import_is_refused_for_a_member_given_twice(tmp_path: Path) -> No
 def test_a_full_sync_keeps_other_partners_verdicts_and_an_empty_sync_prunes_nothing(store: DeviceStore) -> None:
     store.set_threat_level(ALEX, "lookout", DeviceThreatLevel.high, now=NOW)
     others = [r for r in parse_import(REPO / "config" / "devices.yaml") if r.azure_ad_device_id.lower() != ALEX]
-    assert store.replace_all([], now=NOW, prune_vendor="graph") == 0
+    assert store.replace_all([], now=NOW, prune_partner="graph") == 0
     assert store.count() == 4
-    store.replace_all(others, now=NOW, prune_vendor="graph")
+    store.replace_all(others, now=NOW, prune_partner="graph")
     assert store.managed_device(ALEX) is None
-    store.replace_all(parse_import(REPO / "config" / "devices.yaml"), now=NOW, prune_vendor="graph")
+    store.replace_all(parse_import(REPO / "config" / "devices.yaml"), now=NOW, prune_partner="graph")
     back = store.managed_device(ALEX)
     assert back is not None and (back.threat_level, back.threat_source) == (DeviceThreatLevel.high, "lookout")
 
@@ -357,9 +375,9 @@ def test_a_restart_seed_never_undoes_a_live_verdict(store: DeviceStore) -> None:
 def test_a_source_that_stops_reporting_a_level_clears_its_verdict(store: DeviceStore) -> None:
     record = parse_import(REPO / "config" / "devices.yaml")[0]
     with_graph = record.model_copy(update={"threat_level": DeviceThreatLevel.high, "threat_source": "graph"})
-    store.upsert(with_graph, now=NOW, clear_vendor="graph")
+    store.upsert(with_graph, now=NOW, clear_partner="graph")
     store.upsert(record.model_copy(update={"threat_level": None, "threat_source": None}), now=NOW,
-                 clear_vendor="graph")
+                 clear_partner="graph")
     found = store.managed_device(record.azure_ad_device_id)
     assert found is not None and found.threat_source != "graph"
 

@@ -579,8 +579,8 @@ def test_both_stores_order_a_partners_verdicts_by_their_report_time(request: pyt
     for name, seconds, given, expected, changes in steps:
         changed, unknown = store.apply_verdicts("lookout", [(device, given)], now=base + timedelta(seconds=seconds))
         assert (level(), bool(changed), unknown) == (expected, changes, []), name
-    other_vendor, _ = store.apply_verdicts("zimperium", [(device, DeviceThreatLevel.low)], now=base)
-    assert other_vendor == {device}  # each partner's order is its own
+    other_partner, _ = store.apply_verdicts("zimperium", [(device, DeviceThreatLevel.low)], now=base)
+    assert other_partner == {device}  # each partner's order is its own
     assert store.partner_contacts()["lookout"] == base + timedelta(seconds=30)  # contact never moves back
     store.close()
 

@@ -469,7 +469,7 @@ STEPS: list[tuple[str, Callable[[Any], object]]] = [
     ("a full sync prunes B", lambda s: s.replace_all(
         [record(A), record(C, threatLevel="high", threatSource="graph", threatReportedDateTime=at(3).isoformat()),
          record(D, extensionAttributes={"extensionAttribute1": "kiosk"}, threatLevel="low", threatSource="graph",
-                threatReportedDateTime=at(2).isoformat())], now=at(3), prune_vendor="graph")),
+                threatReportedDateTime=at(2).isoformat())], now=at(3), prune_partner="graph")),
     ("a verdict cleared", lambda s: s.clear_threat_level(A, "lookout", now=at(4))),
     ("a seed after the clear: the older verdict is stored", lambda s: s.replace_all(
         [record(A, threatLevel="low", threatSource="lookout", threatReportedDateTime=at(0.5).isoformat())],
@@ -481,14 +481,14 @@ STEPS: list[tuple[str, Callable[[Any], object]]] = [
     ("a restart seeds again: no older verdict wins", lambda s: s.replace_all(
         [record(C, threatLevel="secured", threatSource="graph", threatReportedDateTime=at(-5).isoformat()),
          record(E, threatLevel="low")], now=at(6), seed=True)),
-    ("the sync source stops reporting C", lambda s: s.upsert(record(C), now=at(7), clear_vendor="graph")),
-    ("an empty sync prunes nothing", lambda s: s.replace_all([], now=at(8), prune_vendor="graph")),
+    ("the sync source stops reporting C", lambda s: s.upsert(record(C), now=at(7), clear_partner="graph")),
+    ("an empty sync prunes nothing", lambda s: s.replace_all([], now=at(8), prune_partner="graph")),
     ("D is retired, with an id never seen", lambda s: s.remove([D.upper(), "unknown-4"], now=at(9))),
     ("a verdict for the retired device", lambda s: s.set_threat_level(D, "lookout", DeviceThreatLevel.high,
                                                                      now=at(9.1))),
     ("D comes back without its old verdicts", lambda s: s.upsert(record(D), now=at(9.2))),
     ("a full sync prunes A; lookout's verdict waits for its return", lambda s: s.replace_all(
-        [record(B), record(C), record(D), record(E)], now=at(10), prune_vendor="graph")),
+        [record(B), record(C), record(D), record(E)], now=at(10), prune_partner="graph")),
     ("A, known only by its verdicts, is retired", lambda s: s.remove([A], now=at(11))),
     ("A comes back without its old verdicts", lambda s: s.upsert(record(A), now=at(12))),
 ]
@@ -578,15 +578,15 @@ def test_apply_verdicts_reports_unknown_devices_and_changes_only_known_ones(redi
     store.close()
 
 
-def test_replace_all_prunes_only_a_full_sync_and_keeps_other_vendors_verdicts(redis_server: RedisServer) -> None:
+def test_replace_all_prunes_only_a_full_sync_and_keeps_other_partners_verdicts(redis_server: RedisServer) -> None:
     store = RedisState.from_url(redis_server.url, prefix=prefix()).devices
     store.replace_all([record(A), record(B, threatLevel="high", threatSource="graph")], now=NOW)
     store.set_threat_level(B, "lookout", DeviceThreatLevel.medium, now=NOW)
     store.replace_all([record(C)], now=NOW)  # not a full sync: nothing pruned
     assert store.count() == 3
-    store.replace_all([], now=NOW, prune_vendor="graph")  # an empty sync prunes nothing
+    store.replace_all([], now=NOW, prune_partner="graph")  # an empty sync prunes nothing
     assert store.count() == 3
-    store.replace_all([record(C)], now=NOW, prune_vendor="graph")
+    store.replace_all([record(C)], now=NOW, prune_partner="graph")
     assert (store.count(), store.managed_device(A), store.managed_device(B)) == (1, None, None)
     store.upsert(record(B), now=NOW)  # back: lookout's verdict was kept, graph's went with the prune
     assert (store.managed_device(B).threat_level, store.managed_device(B).threat_source) == \
@@ -603,7 +603,7 @@ def test_a_full_sync_of_100000_devices_takes_seconds(redis_server: RedisServer) 
         for i in range(100_000)]))
     store = RedisState.from_url(redis_server.url, prefix=prefix()).devices
     started = time.perf_counter()
-    assert store.replace_all(devices, now=NOW, prune_vendor="graph") == 100_000
+    assert store.replace_all(devices, now=NOW, prune_partner="graph") == 100_000
     print(f"redis: replace_all of 100,000 devices took {time.perf_counter() - started:.2f} s")
     assert store.count() == 100_000
     assert store.managed_device("BB000000-0000-4000-8000-000000099998").threat_level is DeviceThreatLevel.low
@@ -639,7 +639,7 @@ def test_every_device_write_reaches_a_subscriber_within_a_second(redis_server: R
                                                                  {many[1000].azure_ad_device_id}]),
             (lambda: writer.devices.apply_verdicts("lookout", [(r.azure_ad_device_id, DeviceThreatLevel.low)
                                                                for r in many], now=NOW), [{"*"}]),
-            (lambda: writer.devices.replace_all([record(B)], now=NOW, prune_vendor="graph"),
+            (lambda: writer.devices.replace_all([record(B)], now=NOW, prune_partner="graph"),
              [{B}, set(pruned[:1000]), set(pruned[1000:])]),
             # A was pruned above with lookout's verdict kept: retiring it removes that, so it is announced
             (lambda: writer.devices.remove([B.upper(), A, "never-there"], now=NOW), [{A, B}]),

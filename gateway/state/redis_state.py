@@ -5,11 +5,11 @@ Key layout (``gateway.state.redis_keys.Keys`` builds the names; ``<p>`` is the p
 by default; device ids are lower case)::
 
     <p>device:<id>          string  the device's Intune fields, JSON (as DeviceStore's ``record``)
-    <p>threats:<id>         hash    vendor -> {"level": ..., "reportedAt": ISO 8601}
+    <p>threats:<id>         hash    partner -> {"level": ..., "reportedAt": ISO 8601}
     <p>device-ids           set     every device id
-    <p>reports:<vendor>     zset    device id -> that vendor's verdict time (µs): its newest verdict
-    <p>vendors              set     every vendor with a verdict or a contact
-    <p>partners             hash    vendor -> last signed push or heartbeat, ISO 8601
+    <p>reports:<partner>    zset    device id -> that partner's verdict time (µs): its newest verdict
+    <p>vendors              set     every partner with a verdict or a contact (the key's first name)
+    <p>partners             hash    partner -> last signed push or heartbeat, ISO 8601
     <p>session:<sha256>     string  a browser session (gateway.state.codec), EX its lifetime
     <p>pending:<sha256>     string  a pending sign-in, EX its lifetime, read once with GETDEL
     <p>nonce:<key>          string  a webhook nonce's claim token, NX EX its ttl
