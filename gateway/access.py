@@ -58,8 +58,8 @@ from gateway.session_controls import REASONS, request_restriction, response_rest
 from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
 from gateway.signals.cache import CachedInventory
 from gateway.signals.mtd import Verdict
-from gateway.signals.sqlite_store import DeviceStore
-from gateway.state.redis_devices import RedisDeviceStore
+from gateway.signals.sqlite_store import SqliteDeviceStore
+from gateway.signals.store import DeviceStore
 from gateway.web import pages
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class AccessService:
         inventory: CachedInventory,
         decision_log: DecisionLog,
         clock: Clock = utc_now,
-        store: DeviceStore | RedisDeviceStore | None = None,
+        store: DeviceStore | None = None,
         browser: BrowserSignIn | None = None,
         metrics: GatewayMetrics | None = None,
         assertions: AssertionSigner | None = None,
@@ -147,7 +147,7 @@ class AccessService:
         self.store = store
         self._listeners: list[Callable[[set[str]], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._polled = store if isinstance(store, DeviceStore) else None  # Redis announces its changes instead
+        self._polled = store if isinstance(store, SqliteDeviceStore) else None  # Redis announces its changes instead
         self.shared_feed_up: bool | None = None  # with shared state: is its change feed up (None: no feed)
         self.draining = False  # SIGTERM: finishing what is in flight; readiness fails so balancers move on
         self._seen_change = self._polled.last_change() if self._polled is not None else 0

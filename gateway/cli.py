@@ -47,7 +47,8 @@ from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLeve
 from gateway.policy_cases import load_cases, run_cases
 from gateway.reload import check_in_force, config_digest, record_in_force
 from gateway.replay.command import add_parser as add_replay_parser
-from gateway.signals.sqlite_store import SqliteInventory, export, parse_import
+from gateway.signals.sqlite_store import export, parse_import
+from gateway.signals.store import DeviceStore, StoreInventory
 from gateway.terminal import printable, printable_lines
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, as_text, policy_states
 from gateway.workers import ONLY_WORKER, Supervisor, Worker, hold_reloads, release_reloads, worker_command
@@ -261,7 +262,7 @@ def _certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inventory(args: argparse.Namespace) -> SqliteInventory:
+def _inventory(args: argparse.Namespace) -> StoreInventory:
     """The device store the gateway reads (SQLite, or Redis with ``state``: every gateway then hears
     of the change within a second), as policy reads it. From ``portcullis.yaml`` alone: policies
     being edited must not stop device commands."""
@@ -273,7 +274,7 @@ def _inventory(args: argparse.Namespace) -> SqliteInventory:
     return inventory
 
 
-def _store(args: argparse.Namespace) -> bootstrap.Store:
+def _store(args: argparse.Namespace) -> DeviceStore:
     return _inventory(args).store
 
 

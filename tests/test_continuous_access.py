@@ -20,7 +20,7 @@ from gateway.access import RULES_CHANGED, utc_now
 from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.operations import Operations
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
-from gateway.signals.sqlite_store import DeviceStore
+from gateway.signals.sqlite_store import SqliteDeviceStore
 from tests.conftest import AlexPing, Background, Gateway, Ports, proxy_for
 from tests.test_reload import own_config, save, stricter
 
@@ -28,11 +28,11 @@ MAIL = "mail.contoso.test"
 
 
 @contextlib.contextmanager
-def second_connection(config_dir: Path) -> Iterator[DeviceStore]:
+def second_connection(config_dir: Path) -> Iterator[SqliteDeviceStore]:
     """A second connection to a gateway's inventory, as the CLI or another worker has; Alex's
     iPhone is back at low risk afterwards."""
     config = bootstrap.load(config_dir).config
-    other = DeviceStore(config.path(config.gateway_file.device_signals.database))  # type: ignore[arg-type]
+    other = SqliteDeviceStore(config.path(config.gateway_file.device_signals.database))  # type: ignore[arg-type]
     try:
         yield other
     finally:
@@ -41,7 +41,7 @@ def second_connection(config_dir: Path) -> Iterator[DeviceStore]:
 
 
 @pytest.fixture
-def store(gateway: Gateway) -> Iterator[DeviceStore]:
+def store(gateway: Gateway) -> Iterator[SqliteDeviceStore]:
     with second_connection(gateway.config_dir) as other:
         yield other
 
@@ -53,7 +53,7 @@ def sync(gateway: Gateway, path: str = activesync(ALEX_IPHONE), **kwargs: object
 
 
 def test_risk_raise_takes_effect_on_the_next_request_and_lowering_restores(gateway: Gateway,
-                                                                           store: DeviceStore) -> None:
+                                                                           store: SqliteDeviceStore) -> None:
     assert sync(gateway).status_code == 200
     store.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.high, now=utc_now())
     blocked = sync(gateway)
@@ -62,7 +62,7 @@ def test_risk_raise_takes_effect_on_the_next_request_and_lowering_restores(gatew
     assert sync(gateway).status_code == 200
 
 
-def test_highest_partner_level_wins(gateway: Gateway, store: DeviceStore) -> None:
+def test_highest_partner_level_wins(gateway: Gateway, store: SqliteDeviceStore) -> None:
     store.set_threat_level(ALEX_IPHONE, "zimperium", DeviceThreatLevel.medium, now=utc_now())
     try:
         assert sync(gateway).json()["reason"] == "device risk medium, allowed: low"
@@ -71,7 +71,7 @@ def test_highest_partner_level_wins(gateway: Gateway, store: DeviceStore) -> Non
     assert sync(gateway).status_code == 200
 
 
-def test_open_long_poll_is_closed_within_a_second_of_a_risk_raise(gateway: Gateway, store: DeviceStore) -> None:
+def test_open_long_poll_is_closed_within_a_second_of_a_risk_raise(gateway: Gateway, store: SqliteDeviceStore) -> None:
     ping = AlexPing(gateway).started()
     raised = time.monotonic()
     store.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.high, now=utc_now())

@@ -33,7 +33,8 @@ from gateway.identity.browser import COOKIE_NAME, BrowserSession, PendingLogin
 from gateway.policy.model import ComplianceState, DeviceThreatLevel, Identity
 from gateway.signals.cache import STALE_WARNING_SECONDS, CachedInventory
 from gateway.signals.devices import DeviceRecord
-from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
+from gateway.signals.sqlite_store import SqliteDeviceStore
+from gateway.signals.store import StoreInventory
 from gateway.state.codec import IDENTITY_FIELDS, decode_pending, decode_session, encode_pending, encode_session
 from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
 from gateway.state.redis_keys import redacted
@@ -503,7 +504,8 @@ def snapshot(store: Any) -> dict[str, object]:
 
 def test_redis_device_store_gives_the_same_answers_as_the_sqlite_store(redis_server: RedisServer,
                                                                        tmp_path: Path) -> None:
-    reference, state = DeviceStore(tmp_path / "devices.sqlite"), RedisState.from_url(redis_server.url, prefix=prefix())
+    reference = SqliteDeviceStore(tmp_path / "devices.sqlite")
+    state = RedisState.from_url(redis_server.url, prefix=prefix())
     seen, answers = {}, {}
     for name, step in STEPS:
         answers[name] = step(state.devices)
@@ -741,7 +743,7 @@ def test_answers_from_copies_while_redis_is_down_are_logged_once_per_interval_wi
     state = RedisState.from_url(redis_server.url, prefix=prefix())
     state.devices.replace_all([record(A)], now=NOW)
     clock = Clock()
-    inventory = CachedInventory(SqliteInventory(state.devices, name="redis"), ttl=60, miss_ttl=5,  # type: ignore[arg-type]
+    inventory = CachedInventory(StoreInventory(state.devices, name="redis"), ttl=60, miss_ttl=5,
                                 max_staleness=300, max_entries=1000, timer=clock)
 
     async def lookups(count: int) -> None:

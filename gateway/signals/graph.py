@@ -41,7 +41,7 @@ from gateway.identity.oauth_client import OAuthError, strict_oauth_client
 from gateway.policy.model import ComplianceState, ManagedDevice
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.mtd import LEVELS
-from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
+from gateway.signals.store import DeviceStore, StoreInventory
 from gateway.strict_json import JsonRefused
 from gateway.strict_json import loads as strict_json
 
@@ -209,7 +209,7 @@ class GraphInventory:
 
     name = "graph"
 
-    def __init__(self, store: DeviceStore, local: SqliteInventory, client: GraphClient, *,
+    def __init__(self, store: DeviceStore, local: StoreInventory, client: GraphClient, *,
                  clock: Callable[[], datetime], timer: Callable[[], float] = time.monotonic) -> None:
         self.store, self.local, self.client = store, local, client
         self._clock, self._timer = clock, timer

@@ -17,16 +17,14 @@ renaming them would mean migrating every file while gateways of two versions may
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ from gateway.config.loader import format_loc, locate, read_yaml
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.devices import DeviceRecord
+from gateway.signals.store import DeviceStore, micros, with_threats
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -76,43 +75,20 @@ EXPORT_FIELDS = (
 
 DEVICE_LIST = TypeAdapter(list[DeviceRecord])
 CHANGES_KEPT = 100_000  # a reader further behind than this re-reads everything (``changes_since``)
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PARTNER_CONTACT = ("INSERT INTO partners VALUES (?, ?) ON CONFLICT (vendor) DO UPDATE "
                    "SET last_contact = MAX(last_contact, excluded.last_contact)")  # UTC ISO times sort as text
 
 logger = logging.getLogger(__name__)
 
 
-def micros(moment: datetime) -> int:
-    """Microseconds since 1970: how verdict times are compared (and scored in Redis)."""
-    return (moment - EPOCH) // timedelta(microseconds=1)
-
-
-class VerdictShortcuts:
-    """One verdict at a time, for stores with ``apply_verdicts`` (SQLite here, Redis)."""
-
-    def apply_verdicts(self, partner: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
-                       now: datetime) -> tuple[set[str], list[str]]:
-        raise NotImplementedError
-
-    def set_threat_level(self, device_id: str, partner: str, level: DeviceThreatLevel, *, now: datetime) -> bool:
-        """Record a partner's verdict; False if the device is not in the inventory."""
-        changed, _ = self.apply_verdicts(partner, [(device_id, level)], now=now)
-        return bool(changed)
-
-    def clear_threat_level(self, device_id: str, partner: str, *, now: datetime) -> bool:
-        changed, _ = self.apply_verdicts(partner, [(device_id, None)], now=now)
-        return bool(changed)
-
-
-class DeviceStore(VerdictShortcuts):
-    """Thread-safe. Writes go through one connection, reads through another: in WAL mode a long
-    write (a full sync) never holds up lookups or the change check made before every request.
-    Async callers use ``to_thread`` for anything but ``data_version``/``changes_since``."""
+class SqliteDeviceStore(DeviceStore):
+    """Writes go through one connection, reads through another: in WAL mode a long write (a full
+    sync) never holds up lookups or the change check made before every request. Async callers use
+    ``to_thread`` for anything but ``data_version``/``changes_since``."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+        self.path, self.location = path, str(path)
         self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -129,7 +105,6 @@ class DeviceStore(VerdictShortcuts):
             return self._reader.execute(sql, parameters).fetchall()
 
     def managed_device(self, device_id: str, ignored_partners: frozenset[str] = frozenset()) -> ManagedDevice | None:
-        """The device with the highest current MTD level, leaving out ``ignored_partners``."""
         key = device_id.lower()
         with self._read_lock:
             self._reader.execute("BEGIN")  # one snapshot for the record and its verdicts
@@ -149,12 +124,7 @@ class DeviceStore(VerdictShortcuts):
 
     def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_partner: str | None = None,
                     seed: bool = False) -> int:
-        """Upsert every record in one transaction (threat verdicts included).
-
-        ``prune_partner`` (a full sync): devices not in ``records`` are removed, with that partner's
-        verdicts; other partners' verdicts stay for when the device returns. An empty sync prunes
-        nothing. ``seed``: a record's verdict never replaces a newer one already stored (a
-        restart must not undo a webhook's raise)."""
+        """In one transaction."""
         rows = list(records)
         with self._write_lock, self._transaction():
             for record in rows:
@@ -175,10 +145,7 @@ class DeviceStore(VerdictShortcuts):
             self._upsert(record, now, clear_partner=clear_partner, seed=False)
 
     def remove(self, device_ids: Iterable[str], *, now: datetime) -> set[str]:
-        """Retire devices (``portcullis devices remove``): the record and every partner's verdicts and
-        verdict times go, in one transaction; returns (and announces) the ids of which anything
-        was there: a record, or only the verdicts a full sync keeps for a device it pruned. A
-        device a connector or the seed file still lists comes back with its next sync, lookup or start."""
+        """In one transaction."""
         removed = set()
         with self._write_lock, self._transaction():
             for key in {d.lower() for d in device_ids}:
@@ -193,9 +160,7 @@ class DeviceStore(VerdictShortcuts):
 
     def apply_verdicts(self, partner: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
                        now: datetime) -> tuple[set[str], list[str]]:
-        """One partner's verdicts, reported at ``now``, in one transaction (``None`` clears its
-        verdict); returns the devices changed and the ids the inventory does not know. A verdict
-        older than the partner's newest one stored for the device changes nothing."""
+        """In one transaction."""
         changed, unknown = set(), []
         at = micros(now)
         with self._write_lock, self._transaction():
@@ -233,8 +198,6 @@ class DeviceStore(VerdictShortcuts):
             self._db.execute(PARTNER_CONTACT, (partner, now.isoformat()))
 
     def partner_contacts(self) -> dict[str, datetime]:
-        """When each partner was last heard from: a signed push, a heartbeat, or its newest verdict
-        (imported or synced verdicts carry their report time)."""
         rows = self._read("SELECT vendor, MAX(at) FROM (SELECT vendor, last_contact AS at FROM partners "
                           "UNION ALL SELECT vendor, reported_at AS at FROM threat_levels) GROUP BY vendor")
         return {partner: datetime.fromisoformat(at) for partner, at in rows}
@@ -305,15 +268,6 @@ class _Transaction:
 
     def __exit__(self, kind: object, *_: object) -> None:
         self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
-
-
-def with_threats(device: ManagedDevice, threats: list[tuple[str, str, str]]) -> ManagedDevice:
-    """Several MTD partners may report on one device: the highest level wins."""
-    if not threats:
-        return device
-    partner, level, reported = max(threats, key=lambda t: DeviceThreatLevel(t[1]).rank)
-    return replace(device, threat_level=DeviceThreatLevel(level), threat_source=partner,
-                   threat_reported_at=datetime.fromisoformat(reported))
 
 
 def parse_import(path: Path) -> list[DeviceRecord]:
@@ -424,6 +378,7 @@ def _raise(problems: list[ConfigProblem]) -> None:
 
 
 def export(store: DeviceStore, fmt: str) -> str:
+    """Every device of either store, as ``portcullis devices export`` prints it (JSON or CSV)."""
     records = list(store.records())
     if fmt == "json":
         return json.dumps({"devices": records}, indent=2)
@@ -435,30 +390,3 @@ def export(store: DeviceStore, fmt: str) -> str:
                          for k, v in record.items()})
     return out.getvalue()
 
-
-class SqliteInventory:
-    """The store as an async ``DeviceInventory``: lookups run in a worker thread. Verdicts of an
-    MTD partner not heard from for its ``unresponsive_after`` are left out."""
-
-    def __init__(self, store: DeviceStore, unresponsive_after: Mapping[str, timedelta] | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), name: str = "sqlite") -> None:
-        self.store = store
-        self.name = name  # "redis" when the store is Redis (it has the same methods)
-        self._unresponsive_after = dict(unresponsive_after or {})
-        self._clock = clock
-
-    def ignored_partners(self) -> frozenset[str]:
-        if not self._unresponsive_after:
-            return frozenset()
-        contacts, now = self.store.partner_contacts(), self._clock()
-        return frozenset(partner for partner, limit in self._unresponsive_after.items()
-                         if partner not in contacts or now - contacts[partner] > limit)
-
-    async def managed_device(self, device_id: str) -> ManagedDevice | None:
-        try:
-            return await asyncio.to_thread(self._lookup, device_id)
-        except sqlite3.Error as error:
-            raise SignalUnavailable(f"device inventory {self.store.path}: {error}") from error
-
-    def _lookup(self, device_id: str) -> ManagedDevice | None:
-        return self.store.managed_device(device_id, self.ignored_partners())

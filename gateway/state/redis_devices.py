@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from gateway.errors import SignalUnavailable
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.devices import DeviceRecord
-from gateway.signals.sqlite_store import VerdictShortcuts, micros, with_threats
+from gateway.signals.store import DeviceStore, micros, with_threats
 from gateway.state.redis_keys import Keys, unavailable
 from gateway.strict_json import loads as strict_json
 
@@ -34,7 +34,7 @@ end
 # ARGV: prefix, clear partner ('' = none), publish limit, a JSON list of devices, each [id, partner,
 # mode, verdict, verdict time in µs] (one argument: far cheaper to send than five per device), then
 # each device's record (JSON) as an argument of its own, in the same order (not inside the list,
-# where every quote would be escaped and decoded again). Modes mirror DeviceStore._upsert: none
+# where every quote would be escaped and decoded again). Modes mirror SqliteDeviceStore._upsert: none
 # (no level: the clear partner's verdict goes), always, newer (seed with a time: not over a newer
 # verdict), absent (seed without a time: never over any verdict).
 UPSERT_LUA = PUBLISH_LUA + """
@@ -143,10 +143,10 @@ def _published(device_ids: list[str]) -> str:
     return json.dumps(["*"] if len(device_ids) > PUBLISH_IDS_MAX else device_ids)
 
 
-class RedisDeviceStore(VerdictShortcuts):
-    """``DeviceStore``'s interface and semantics over Redis; thread-safe, blocking (callers use
-    ``to_thread``). Differences: a bulk write is atomic per ``CHUNK`` devices, not as a whole, and a
-    device another writer adds while a full sync prunes may be pruned with the devices it missed."""
+class RedisDeviceStore(DeviceStore):
+    """``DeviceStore`` over Redis. Differences from ``SqliteDeviceStore``: a bulk write is atomic
+    per ``CHUNK`` devices, not as a whole, and a device another writer adds while a full sync prunes
+    may be pruned with the devices it missed."""
 
     def __init__(self, client: redis.Redis, keys: Keys, location: str) -> None:
         self._client, self._keys = client, keys
@@ -157,18 +157,15 @@ class RedisDeviceStore(VerdictShortcuts):
         self._contact_script = client.register_script(PARTNER_CONTACT_LUA)
         self._remove_script = client.register_script(REMOVE_LUA)
 
-    @property
-    def path(self) -> str:
-        """Where the inventory is, for messages (``DeviceStore.path``)."""
-        return self.location
-
     def close(self) -> None:
         self._client.close()
 
     def managed_device(self, device_id: str, ignored_partners: frozenset[str] = frozenset()) -> ManagedDevice | None:
         key = device_id.lower()
         with unavailable(self.location), self._client.pipeline(transaction=True) as pipe:
-            record, threats = pipe.get(self._keys.device(key)).hgetall(self._keys.threats(key)).execute()
+            pipe.get(self._keys.device(key))
+            pipe.hgetall(self._keys.threats(key))
+            record, threats = pipe.execute()
         if record is None:
             return None
         try:
@@ -192,8 +189,7 @@ class RedisDeviceStore(VerdictShortcuts):
         self._write([record], now, clear_partner=clear_partner, seed=False)
 
     def remove(self, device_ids: Iterable[str], *, now: datetime) -> set[str]:
-        """As ``DeviceStore.remove`` (a device with only verdicts left counts), in one atomic step
-        that announces the removed devices."""
+        """In one atomic step that announces the removed devices."""
         with unavailable(self.location):
             removed = self._remove_script(args=[self._keys.prefix, PUBLISH_IDS_MAX,
                                                 *sorted({d.lower() for d in device_ids})])
@@ -215,8 +211,7 @@ class RedisDeviceStore(VerdictShortcuts):
             self._contact_script(args=[self._keys.prefix, partner, now.isoformat()])
 
     def partner_contacts(self) -> dict[str, datetime]:
-        """As ``DeviceStore.partner_contacts``: the later of a partner's last contact and its newest
-        current verdict."""
+        """The later of a partner's last contact and its newest current verdict, in one snapshot."""
         with unavailable(self.location):
             flat = self._partners_script(args=[self._keys.prefix])
         contacts = {}
@@ -230,7 +225,7 @@ class RedisDeviceStore(VerdictShortcuts):
 
     def records(self) -> Iterator[dict[str, Any]]:
         with unavailable(self.location):
-            ids = sorted(self._client.smembers(self._keys.device_ids))
+            ids = sorted(_texts(self._client.smembers(self._keys.device_ids)))
             for start in range(0, len(ids), CHUNK):
                 values = self._client.mget([self._keys.device(i) for i in ids[start:start + CHUNK]])
                 yield from (strict_json(value) for value in values if value is not None)
@@ -247,14 +242,23 @@ class RedisDeviceStore(VerdictShortcuts):
 
     def _prune(self, keep: set[str], partner: str) -> None:
         with unavailable(self.location):
-            gone = sorted(set(self._client.smembers(self._keys.device_ids)) - keep)
+            gone = sorted(set(_texts(self._client.smembers(self._keys.device_ids))) - keep)
             for start in range(0, len(gone), CHUNK):
                 chunk = gone[start:start + CHUNK]
                 with self._client.pipeline(transaction=True) as pipe:
                     for device_id in chunk:
-                        pipe.delete(self._keys.device(device_id)).hdel(self._keys.threats(device_id), partner)
-                    pipe.zrem(self._keys.reports(partner), *chunk).srem(self._keys.device_ids, *chunk)
-                    pipe.publish(self._keys.devices_channel, _published(chunk)).execute()
+                        pipe.delete(self._keys.device(device_id))
+                        pipe.hdel(self._keys.threats(device_id), partner)
+                    pipe.zrem(self._keys.reports(partner), *chunk)
+                    pipe.srem(self._keys.device_ids, *chunk)
+                    pipe.publish(self._keys.devices_channel, _published(chunk))
+                    pipe.execute()
+
+
+def _texts(replies: Iterable[bytes | str]) -> list[str]:
+    """Replies of a client made with ``decode_responses=True`` (``RedisState``'s): text, though
+    redis-py's types allow bytes."""
+    return [reply if isinstance(reply, str) else reply.decode() for reply in replies]
 
 
 def _device_arguments(record: DeviceRecord, now: datetime, *, clear_partner: str | None, seed: bool) -> list[str]:
