@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +23,7 @@ from gateway.config import Config
 from gateway.config.models import ChallengeSettings
 from gateway.counted_log import CountedLog
 from gateway.errors import SignalUnavailable
+from gateway.events import ALL_DEVICES, RULES_RELOADED, AllDevicesChanged, ChangeEvent, ChangeListener, DevicesChanged
 from gateway.identity import discovery
 from gateway.identity.assertion import AssertionSigner
 from gateway.identity.browser import (
@@ -67,8 +68,6 @@ logger = logging.getLogger(__name__)
 type Clock = Callable[[], datetime]
 
 
-EVERY_DEVICE = "*"  # in a change notification: every device may have changed
-RULES_CHANGED = "*rules"  # in a change notification: the rules were reloaded (every open flow, after a grace)
 # Requests refused because a source is down, logged through ``CountedLog`` (the counts end each line).
 SESSION_STORE_DOWN = "[%s] session store unavailable, blocking: %s (%d such refusals since the last line, %d in all)"
 SIGNAL_DOWN = "[%s] signal unavailable, blocking: %s (%d such refusals since the last line, %d in all)"
@@ -145,7 +144,7 @@ class AccessService:
         self.assertions = assertions  # signs the identity assertion of each forwarded request
         self.browser = browser
         self.store = store
-        self._listeners: list[Callable[[set[str]], None]] = []
+        self._listeners: list[ChangeListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._polled = store if isinstance(store, SqliteDeviceStore) else None  # Redis announces its changes instead
         self.shared_feed_up: bool | None = None  # with shared state: is its change feed up (None: no feed)
@@ -174,8 +173,7 @@ class AccessService:
         short grace (an ActiveSync Ping lasts up to an hour) are decided again under the new rules,
         as after a device change: a tightening reload closes them."""
         self.rules = rules
-        for listener in self._listeners:
-            listener({RULES_CHANGED})
+        self._tell(RULES_RELOADED)
 
     def close(self) -> None:
         self.decision_log.close()
@@ -198,25 +196,30 @@ class AccessService:
             record["restriction"] = restriction.value
         self.decision_log.write(record)
 
-    def subscribe(self, listener: Callable[[set[str]], None]) -> None:
-        """``listener(device_ids)`` is called whenever those devices' signals change."""
+    def subscribe(self, listener: ChangeListener) -> None:
+        """``listener(event)`` is called, in the event loop, on every change (``gateway.events``)."""
         self._listeners.append(listener)
 
-    def devices_changed(self, device_ids: set[str]) -> None:
-        """Continuous access evaluation: forget cached signals, tell listeners (open flows)."""
-        device_ids = {d.lower() for d in device_ids}
-        self.inventory.invalidate(device_ids)
+    def _tell(self, event: ChangeEvent) -> None:
         for listener in self._listeners:
-            listener(device_ids)
+            listener(event)
 
-    def shared_devices_changed(self, device_ids: set[str]) -> None:
+    def devices_changed(self, device_ids: Iterable[str]) -> None:
+        """Continuous access evaluation: forget cached signals, tell listeners (open flows)."""
+        event = DevicesChanged.of(device_ids)
+        self.inventory.invalidate(event.device_ids)
+        self._tell(event)
+
+    def all_devices_changed(self) -> None:
+        self.inventory.invalidate_all()
+        self._tell(ALL_DEVICES)
+
+    def shared_devices_changed(self, event: DevicesChanged | AllDevicesChanged) -> None:
         """A change announced by another process or host over the shared state's feed."""
-        if EVERY_DEVICE in device_ids:
-            self.inventory.invalidate_all()
-            for listener in self._listeners:
-                listener({EVERY_DEVICE})
+        if isinstance(event, DevicesChanged):
+            self.devices_changed(event.device_ids)
         else:
-            self.devices_changed(device_ids)
+            self.all_devices_changed()
 
     def shared_feed_lost(self) -> None:
         """The feed is down: a change could be missed, so no cached device is trusted as fresh."""
@@ -228,8 +231,7 @@ class AccessService:
         every cached device and decide the open flows again."""
         self.shared_feed_up = True
         self.inventory.feed_restored()
-        for listener in self._listeners:
-            listener({EVERY_DEVICE})
+        self._tell(ALL_DEVICES)
 
     def record_threat_verdicts(self, partner: str, verdicts: list[Verdict], now: datetime) -> list[str]:
         """Store an MTD partner's verdicts (blocking: run it in a thread); returns unknown device ids."""
@@ -267,9 +269,8 @@ class AccessService:
         self._seen_change, changed, complete = self._polled.changes_since(self._seen_change)
         if not complete:  # this gateway fell behind the change log: forget every device
             logger.warning("device change log moved past this gateway; re-reading every device")
-            self.inventory.invalidate_all()
-            changed = {EVERY_DEVICE}
-        if changed:
+            self.all_devices_changed()
+        elif changed:
             self.devices_changed(changed)
 
     async def watch_changes(self, interval: float = 0.25) -> None:

@@ -29,6 +29,7 @@ from pydantic import TypeAdapter
 from gateway import bootstrap
 from gateway.counted_log import REPEAT_LINE_SECONDS
 from gateway.errors import SignalUnavailable
+from gateway.events import ALL_DEVICES, ChangeEvent, DevicesChanged
 from gateway.identity.browser import COOKIE_NAME, BrowserSession, PendingLogin
 from gateway.policy.model import ComplianceState, DeviceThreatLevel, Identity
 from gateway.signals.cache import STALE_WARNING_SECONDS, CachedInventory
@@ -615,9 +616,14 @@ def test_a_full_sync_of_100000_devices_takes_seconds(redis_server: RedisServer) 
 # --- events, and Redis going away -----------------------------------------------------------------
 
 
+def changed(*device_ids: str) -> DevicesChanged:
+    """The event a subscriber gets for a write to these devices: their ids as sent, not folded here."""
+    return DevicesChanged(frozenset(device_ids))
+
+
 async def subscribed(state: RedisState) -> tuple[asyncio.Task[None], asyncio.Queue[tuple[str, object]]]:
     queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-    events = state.events(on_devices=lambda ids: queue.put_nowait(("devices", ids)),
+    events = state.events(on_devices=lambda event: queue.put_nowait(("devices", event)),
                           on_revoked=lambda key: queue.put_nowait(("revoked", key)),
                           on_connected=lambda: queue.put_nowait(("connected", None)),
                           on_lost=lambda: queue.put_nowait(("lost", None)))
@@ -634,23 +640,23 @@ def test_every_device_write_reaches_a_subscriber_within_a_second(redis_server: R
         many = [record(f"cc000000-0000-4000-8000-{i:012d}") for i in range(1001)]
         pruned = sorted({A, *(r.azure_ad_device_id for r in many)})  # in chunks of 1000, in order
         writes = [
-            (lambda: writer.devices.upsert(record(A), now=NOW), [{A}]),
+            (lambda: writer.devices.upsert(record(A), now=NOW), [changed(A)]),
             (lambda: writer.devices.apply_verdicts("lookout", [(A, DeviceThreatLevel.high), ("x", None)], now=NOW),
-             [{A}]),
-            (lambda: writer.devices.replace_all(many, now=NOW), [{r.azure_ad_device_id for r in many[:1000]},
-                                                                 {many[1000].azure_ad_device_id}]),
+             [changed(A)]),
+            (lambda: writer.devices.replace_all(many, now=NOW),
+             [changed(*(r.azure_ad_device_id for r in many[:1000])), changed(many[1000].azure_ad_device_id)]),
             (lambda: writer.devices.apply_verdicts("lookout", [(r.azure_ad_device_id, DeviceThreatLevel.low)
-                                                               for r in many], now=NOW), [{"*"}]),
+                                                               for r in many], now=NOW), [ALL_DEVICES]),
             (lambda: writer.devices.replace_all([record(B)], now=NOW, prune_partner="graph"),
-             [{B}, set(pruned[:1000]), set(pruned[1000:])]),
+             [changed(B), changed(*pruned[:1000]), changed(*pruned[1000:])]),
             # A was pruned above with lookout's verdict kept: retiring it removes that, so it is announced
-            (lambda: writer.devices.remove([B.upper(), A, "never-there"], now=NOW), [{A, B}]),
+            (lambda: writer.devices.remove([B.upper(), A, "never-there"], now=NOW), [changed(A, B)]),
         ]
         for write, expected in writes:
             started = time.monotonic()
             await asyncio.to_thread(write)
-            for ids in expected:
-                assert await asyncio.wait_for(queue.get(), 1) == ("devices", ids)
+            for event in expected:
+                assert await asyncio.wait_for(queue.get(), 1) == ("devices", event)
             print(f"device change seen by the subscriber after {(time.monotonic() - started) * 1000:.1f} ms")
         await writer.sessions.end_session("session-1")
         assert await asyncio.wait_for(queue.get(), 1) == ("revoked", session_key("session-1"))
@@ -680,7 +686,7 @@ def test_devices_remove_on_redis_retires_the_device_for_every_gateway(redis_serv
         task, queue = await subscribed(reader)
         removed = await asyncio.to_thread(subprocess.run, [PORTCULLIS, "devices", "--config", str(tmp_path),
                                                            "remove", A], capture_output=True, text=True, timeout=60)
-        assert await asyncio.wait_for(queue.get(), 5) == ("devices", {A})
+        assert await asyncio.wait_for(queue.get(), 5) == ("devices", changed(A))
         assert await asyncio.to_thread(writer.devices.managed_device, A) is None
         assert await asyncio.to_thread(writer.devices.count) == 1
         client = redis.Redis.from_url(redis_server.url, decode_responses=True)
@@ -723,7 +729,7 @@ def test_losing_redis_fails_closed_fast_and_events_resume_when_it_is_back(
             redis_server.start()
         assert await asyncio.wait_for(queue.get(), 5) == ("connected", None)
         await asyncio.to_thread(state.devices.upsert, record(A), now=NOW)  # its pooled connection died: retried
-        assert await asyncio.wait_for(queue.get(), 1) == ("devices", {A})
+        assert await asyncio.wait_for(queue.get(), 1) == ("devices", changed(A))
         assert await state.sessions.get_session("session-1") is None  # Redis came back empty
         task.cancel()
         await state.aclose()
@@ -884,7 +890,7 @@ def test_a_failing_callback_counts_as_a_lost_feed_and_the_subscription_comes_bac
                           RedisState.from_url(redis_server.url, prefix=key_prefix))
         seen: list[str] = []
 
-        def on_devices(ids: set[str]) -> None:
+        def on_devices(event: ChangeEvent) -> None:
             seen.append("devices")
             if seen.count("devices") == 1:
                 raise RuntimeError("a listener broke")

@@ -18,7 +18,7 @@ from gateway.errors import SignalUnavailable
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.store import DeviceStore, micros, with_threats
-from gateway.state.redis_keys import Keys, unavailable
+from gateway.state.redis_keys import EVERY_DEVICE, Keys, unavailable
 from gateway.strict_json import loads as strict_json
 
 CHUNK = 1000  # devices per script call or MULTI in a bulk write
@@ -140,7 +140,7 @@ return out
 
 
 def _published(device_ids: list[str]) -> str:
-    return json.dumps(["*"] if len(device_ids) > PUBLISH_IDS_MAX else device_ids)
+    return json.dumps([EVERY_DEVICE] if len(device_ids) > PUBLISH_IDS_MAX else device_ids)
 
 
 class RedisDeviceStore(DeviceStore):

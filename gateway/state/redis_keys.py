@@ -14,6 +14,7 @@ from gateway.errors import SignalUnavailable
 
 CONNECT_TIMEOUT = 1.0  # seconds: a dead Redis fails a request fast, and the request fails closed
 READ_TIMEOUT = 2.0
+EVERY_DEVICE = "*"  # a device change message listing it (``["*"]``) concerns every device
 
 
 @dataclass(frozen=True, slots=True)
