@@ -243,8 +243,18 @@ class AccessService:
         except sqlite3.Error as error:
             raise SignalUnavailable(f"device inventory: {error}") from error
         if changed:
-            self._loop_call(self.devices_changed, changed)
+            self._loop_call(self._wrote, changed)
         return unknown
+
+    def _wrote(self, device_ids: set[str]) -> None:
+        """This process changed these devices. Its listeners hear of it through the store's feed, as
+        every other process does, and only so (heard directly too, each change was heard twice):
+        the SQLite change log is read now (the poll then finds nothing new); Redis's channel brings
+        it in a moment, and meanwhile the cache forgets the devices so the next request reads them."""
+        if self._polled is not None:
+            self._poll()
+        else:
+            self.inventory.invalidate(device_ids)
 
     def record_partner_contact(self, partner: str, now: datetime) -> None:
         if self.store is not None:
@@ -279,10 +289,13 @@ class AccessService:
         self._loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
-            try:
-                self.pick_up_changes()
-            except sqlite3.Error as error:
-                logger.warning("cannot read device changes: %s", error)
+            self._poll()
+
+    def _poll(self) -> None:
+        try:
+            self.pick_up_changes()
+        except sqlite3.Error as error:
+            logger.warning("cannot read device changes: %s", error)  # the next poll tries again
 
     @property
     def service_host(self) -> str | None:

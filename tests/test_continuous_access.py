@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -17,12 +19,16 @@ import pytest
 from addons.continuous_access import RELOAD_GRACE_SECONDS
 from gateway import bootstrap
 from gateway.access import utc_now
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.demo import ALEX_IPHONE, CASEY_IPAD, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.events import RULES_RELOADED, ChangeEvent, DevicesChanged
 from gateway.operations import Operations
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
+from gateway.signals.mtd import Verdict
 from gateway.signals.sqlite_store import SqliteDeviceStore
+from gateway.signals.store import DeviceStore
+from gateway.state.redis_state import RedisState
 from tests.conftest import AlexPing, Background, Gateway, Ports, proxy_for
+from tests.redis_server import RedisServer
 from tests.test_reload import own_config, save, stricter
 
 MAIL = "mail.contoso.test"
@@ -145,3 +151,65 @@ def test_a_change_heard_while_a_long_poll_is_being_decided_still_closes_it(
         release.set()  # the decision goes on with what it read before the change: allowed
         closed = ping.closed_after(changed)
     assert closed is not None and closed < within, f"the long-poll was answered ({ping.status}), not closed"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_process_hears_a_change_it_wrote_itself_once(gateway: Gateway, tmp_path: Path, demo_ports: Ports,
+                                                       request: pytest.FixtureRequest, kind: str) -> None:
+    """A verdict this process stores (an MTD push) reaches its listeners through the store's feed,
+    as every other process hears it, and only so: not once when stored and again when the feed
+    brings it, which decided every open flow of the device again twice. A change written by
+    another process afterwards is heard after everything the feed carried before it."""
+    config_dir = own_config(tmp_path, gateway, demo_ports)
+    loaded = bootstrap.load(config_dir)
+    writers = contextlib.ExitStack()  # another process's connection to the same store
+    if kind == "redis":
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        redis_server.start()  # a test before may have stopped it
+        prefix = f"t{uuid.uuid4().hex[:8]}:"
+        state = RedisState.from_url(redis_server.url, prefix=prefix)
+        loaded = dataclasses.replace(loaded, store=state.devices, shared=state)
+        other: DeviceStore = RedisState.from_url(redis_server.url, prefix=prefix).devices
+        writers.callback(other.close)
+    else:
+        other = writers.enter_context(second_connection(config_dir))
+    bootstrap.seed_store(loaded)
+
+    async def scenario() -> list[ChangeEvent]:
+        service, _ = bootstrap.build_service(loaded)
+        heard: list[ChangeEvent] = []
+        casey_heard = asyncio.Event()
+
+        def listen(event: ChangeEvent) -> None:
+            heard.append(event)
+            if isinstance(event, DevicesChanged) and event.touches(CASEY_IPAD):
+                casey_heard.set()
+
+        service.subscribe(listen)
+        jobs = [asyncio.create_task(service.watch_changes())]  # as a running gateway polls its store
+        await asyncio.sleep(0)  # the poll has started: the service knows its event loop
+        if loaded.shared is not None:  # and listens to the shared state's channel
+            connected = asyncio.Event()
+            events = loaded.shared.events(on_devices=service.shared_devices_changed,
+                                          on_connected=lambda: (service.shared_feed_restored(), connected.set()),
+                                          on_lost=service.shared_feed_lost)
+            jobs.append(asyncio.create_task(events.run()))
+            await asyncio.wait_for(connected.wait(), 5)
+        try:
+            await asyncio.to_thread(service.record_threat_verdicts, "demo-mtd",
+                                    [Verdict(ALEX_IPHONE, DeviceThreatLevel.high)], utc_now())  # as the webhook does
+            await asyncio.to_thread(other.set_threat_level, CASEY_IPAD, "lookout", DeviceThreatLevel.low,
+                                    now=utc_now())
+            await asyncio.wait_for(casey_heard.wait(), 5)
+        finally:
+            for job in jobs:
+                job.cancel()
+            service.close()
+            if loaded.shared is not None:
+                await loaded.shared.aclose()
+        return heard
+
+    with writers:
+        heard = asyncio.run(scenario())
+    assert [e for e in heard if isinstance(e, DevicesChanged) and e.touches(ALEX_IPHONE)] == \
+        [DevicesChanged.of([ALEX_IPHONE])]
