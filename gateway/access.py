@@ -204,22 +204,23 @@ class AccessService:
         for listener in self._listeners:
             listener(event)
 
-    def devices_changed(self, device_ids: Iterable[str]) -> None:
-        """Continuous access evaluation: forget cached signals, tell listeners (open flows)."""
+    def _devices_changed(self, device_ids: Iterable[str]) -> None:
+        """Continuous access evaluation: forget cached signals, tell listeners (open flows). Only
+        the store's feed calls it (``pick_up_changes``, ``shared_devices_changed``): one source."""
         event = DevicesChanged.of(device_ids)
         self.inventory.invalidate(event.device_ids)
         self._tell(event)
 
-    def all_devices_changed(self) -> None:
+    def _all_devices_changed(self) -> None:
         self.inventory.invalidate_all()
         self._tell(ALL_DEVICES)
 
     def shared_devices_changed(self, event: DevicesChanged | AllDevicesChanged) -> None:
-        """A change announced by another process or host over the shared state's feed."""
+        """A change announced over the shared state's feed, by any process or host (this one too)."""
         if isinstance(event, DevicesChanged):
-            self.devices_changed(event.device_ids)
+            self._devices_changed(event.device_ids)
         else:
-            self.all_devices_changed()
+            self._all_devices_changed()
 
     def shared_feed_lost(self) -> None:
         """The feed is down: a change could be missed, so no cached device is trusted as fresh."""
@@ -279,9 +280,9 @@ class AccessService:
         self._seen_change, changed, complete = self._polled.changes_since(self._seen_change)
         if not complete:  # this gateway fell behind the change log: forget every device
             logger.warning("device change log moved past this gateway; re-reading every device")
-            self.all_devices_changed()
+            self._all_devices_changed()
         elif changed:
-            self.devices_changed(changed)
+            self._devices_changed(changed)
 
     async def watch_changes(self, interval: float = 0.25) -> None:
         """Long-lived connections of a device that lost access must close within a second,
