@@ -12,7 +12,8 @@ delayed or retried push cannot undo a newer one (an old "low" arriving after a "
 order received.
 
 The ``vendor`` columns hold the partner: that is their name in the files already written, and
-renaming them would mean migrating every file while gateways of two versions may share it.
+renaming them would mean migrating every file, which gateways of two versions may share during an
+upgrade.
 """
 
 from __future__ import annotations
