@@ -32,7 +32,8 @@ from addons.safety import (
     REQUEST_KEY,
     fail_closed,
 )
-from gateway.access import EVERY_DEVICE, RULES_CHANGED, AccessService
+from gateway.access import AccessService
+from gateway.events import RULES_RELOADED, AllDevicesChanged, ChangeEvent, RulesReloaded
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ class ContinuousAccess:
         self.service = service
         self.open_flows: set[http.HTTPFlow] = set()  # every allowed flow still open: a reload decides them again
         self.by_device: dict[str, set[http.HTTPFlow]] = {}  # those whose decision used a device
-        self.deciding: dict[str, set[str]] = {}  # flow id -> changes heard while its decision was under way
+        self.deciding: dict[str, set[ChangeEvent]] = {}  # flow id -> changes heard while it was being decided
         self._tasks: set[asyncio.Task[None]] = set()
-        service.subscribe(self.devices_changed)
+        service.subscribe(self.changed)
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -57,9 +58,9 @@ class ContinuousAccess:
         device_id = flow.metadata.get(DEVICE_KEY)
         if device_id:
             self.by_device.setdefault(device_id, set()).add(flow)
-        if device_id and (device_id in heard or EVERY_DEVICE in heard):
+        if device_id and any(event.touches(device_id) for event in heard):
             self._start(flow)  # its decision may have read the signals from before the change
-        elif RULES_CHANGED in heard:
+        elif RULES_RELOADED in heard:
             self._decide_after_grace(flow, asyncio.get_running_loop(), time.time())
 
     @fail_closed
@@ -70,15 +71,14 @@ class ContinuousAccess:
         self.deciding.pop(flow.id, None)
         self._forget(flow)
 
-    def devices_changed(self, device_ids: set[str]) -> None:
+    def changed(self, event: ChangeEvent) -> None:
         """A device change concerns the flows decided with that device; a reload, every open flow."""
         for heard in self.deciding.values():
-            heard.update(device_ids)
-        if RULES_CHANGED in device_ids:
+            heard.add(event)
+        if isinstance(event, RulesReloaded):
             self._rules_changed()
             return
-        if EVERY_DEVICE in device_ids:
-            device_ids = set(self.by_device)
+        device_ids = set(self.by_device) if isinstance(event, AllDevicesChanged) else event.device_ids
         for device_id in device_ids:
             for flow in list(self.by_device.get(device_id, ())):
                 self._start(flow)

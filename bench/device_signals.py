@@ -30,14 +30,15 @@ from gateway.policy.model import (  # noqa: E402
 from gateway.policy.policy_set import PolicySet  # noqa: E402
 from gateway.signals.cache import CachedInventory  # noqa: E402
 from gateway.signals.devices import DeviceRecord  # noqa: E402
-from gateway.signals.sqlite_store import DeviceStore, SqliteInventory  # noqa: E402
+from gateway.signals.sqlite_store import SqliteDeviceStore  # noqa: E402
+from gateway.signals.store import StoreInventory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime.now(UTC)
 OUTLOOK = "27922004-5251-4030-b22d-91ecd9a37ea4"
 
 
-def fill(store: DeviceStore, count: int) -> list[str]:
+def fill(store: SqliteDeviceStore, count: int) -> list[str]:
     ids = [f"cc000000-0000-4000-8000-{i:012d}" for i in range(count)]
     records = (DeviceRecord.model_validate_json(
         f'{{"azureADDeviceId": "{d}", "complianceState": "compliant", "operatingSystem": "iOS", '
@@ -71,12 +72,12 @@ async def main(devices: int, decisions: int) -> None:
     config = load_config(REPO / "config")
     policy_set = PolicySet.build(config.resources, config.policies, config.gateway_file.named_locations)
     with tempfile.TemporaryDirectory() as scratch:
-        store = DeviceStore(Path(scratch) / "devices.sqlite")
+        store = SqliteDeviceStore(Path(scratch) / "devices.sqlite")
         started = time.perf_counter()
         ids = fill(store, devices)
         print(f"inventory: {store.count()} devices written in {time.perf_counter() - started:.1f} s")
         sample = random.Random(7).sample(ids, decisions)  # noqa: S311  (a repeatable sample, not a secret)
-        inventory = CachedInventory(SqliteInventory(store), ttl=3600, miss_ttl=5, max_staleness=300,
+        inventory = CachedInventory(StoreInventory(store), ttl=3600, miss_ttl=5, max_staleness=300,
                                     max_entries=devices)
         compliance = config.gateway_file.device_signals.compliance.settings()
         cold = await decide_all(inventory, policy_set, sample, compliance)

@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gateway.signals.devices import DeviceRecord  # noqa: E402
-from gateway.signals.sqlite_store import DeviceStore  # noqa: E402
+from gateway.signals.sqlite_store import SqliteDeviceStore  # noqa: E402
 
 SUPPORT = Path(__file__).resolve().parent / "throughput_support"
 VENV_BIN = REPO / ".venv" / "bin"
@@ -164,7 +164,7 @@ def write_devices(database: Path, count: int) -> None:
         "azureADDeviceId": device_id(i), "deviceName": f"iPhone {i}", "userPrincipalName": f"user{i}@contoso.test",
         "operatingSystem": "iOS", "complianceState": "compliant", "lastSyncDateTime": synced,
         "threatLevel": "low", "threatSource": "bench-mtd"}), strict=True) for i in range(count))
-    store = DeviceStore(database)
+    store = SqliteDeviceStore(database)
     try:
         store.replace_all(records, now=now)
     finally:

@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +23,7 @@ from gateway.config import Config
 from gateway.config.models import ChallengeSettings
 from gateway.counted_log import CountedLog
 from gateway.errors import SignalUnavailable
+from gateway.events import ALL_DEVICES, RULES_RELOADED, AllDevicesChanged, ChangeEvent, ChangeListener, DevicesChanged
 from gateway.identity import discovery
 from gateway.identity.assertion import AssertionSigner
 from gateway.identity.browser import (
@@ -58,8 +59,8 @@ from gateway.session_controls import REASONS, request_restriction, response_rest
 from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
 from gateway.signals.cache import CachedInventory
 from gateway.signals.mtd import Verdict
-from gateway.signals.sqlite_store import DeviceStore
-from gateway.state.redis_devices import RedisDeviceStore
+from gateway.signals.sqlite_store import SqliteDeviceStore
+from gateway.signals.store import DeviceStore
 from gateway.web import pages
 
 logger = logging.getLogger(__name__)
@@ -67,8 +68,6 @@ logger = logging.getLogger(__name__)
 type Clock = Callable[[], datetime]
 
 
-EVERY_DEVICE = "*"  # in a change notification: every device may have changed
-RULES_CHANGED = "*rules"  # in a change notification: the rules were reloaded (every open flow, after a grace)
 # Requests refused because a source is down, logged through ``CountedLog`` (the counts end each line).
 SESSION_STORE_DOWN = "[%s] session store unavailable, blocking: %s (%d such refusals since the last line, %d in all)"
 SIGNAL_DOWN = "[%s] signal unavailable, blocking: %s (%d such refusals since the last line, %d in all)"
@@ -135,7 +134,7 @@ class AccessService:
         inventory: CachedInventory,
         decision_log: DecisionLog,
         clock: Clock = utc_now,
-        store: DeviceStore | RedisDeviceStore | None = None,
+        store: DeviceStore | None = None,
         browser: BrowserSignIn | None = None,
         metrics: GatewayMetrics | None = None,
         assertions: AssertionSigner | None = None,
@@ -145,9 +144,9 @@ class AccessService:
         self.assertions = assertions  # signs the identity assertion of each forwarded request
         self.browser = browser
         self.store = store
-        self._listeners: list[Callable[[set[str]], None]] = []
+        self._listeners: list[ChangeListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._polled = store if isinstance(store, DeviceStore) else None  # Redis announces its changes instead
+        self._polled = store if isinstance(store, SqliteDeviceStore) else None  # Redis announces its changes instead
         self.shared_feed_up: bool | None = None  # with shared state: is its change feed up (None: no feed)
         self.draining = False  # SIGTERM: finishing what is in flight; readiness fails so balancers move on
         self._seen_change = self._polled.last_change() if self._polled is not None else 0
@@ -174,8 +173,7 @@ class AccessService:
         short grace (an ActiveSync Ping lasts up to an hour) are decided again under the new rules,
         as after a device change: a tightening reload closes them."""
         self.rules = rules
-        for listener in self._listeners:
-            listener({RULES_CHANGED})
+        self._tell(RULES_RELOADED)
 
     def close(self) -> None:
         self.decision_log.close()
@@ -198,25 +196,31 @@ class AccessService:
             record["restriction"] = restriction.value
         self.decision_log.write(record)
 
-    def subscribe(self, listener: Callable[[set[str]], None]) -> None:
-        """``listener(device_ids)`` is called whenever those devices' signals change."""
+    def subscribe(self, listener: ChangeListener) -> None:
+        """``listener(event)`` is called, in the event loop, on every change (``gateway.events``)."""
         self._listeners.append(listener)
 
-    def devices_changed(self, device_ids: set[str]) -> None:
-        """Continuous access evaluation: forget cached signals, tell listeners (open flows)."""
-        device_ids = {d.lower() for d in device_ids}
-        self.inventory.invalidate(device_ids)
+    def _tell(self, event: ChangeEvent) -> None:
         for listener in self._listeners:
-            listener(device_ids)
+            listener(event)
 
-    def shared_devices_changed(self, device_ids: set[str]) -> None:
-        """A change announced by another process or host over the shared state's feed."""
-        if EVERY_DEVICE in device_ids:
-            self.inventory.invalidate_all()
-            for listener in self._listeners:
-                listener({EVERY_DEVICE})
+    def _devices_changed(self, device_ids: Iterable[str]) -> None:
+        """Continuous access evaluation: forget cached signals, tell listeners (open flows). Only
+        the store's feed calls it (``pick_up_changes``, ``shared_devices_changed``): one source."""
+        event = DevicesChanged.of(device_ids)
+        self.inventory.invalidate(event.device_ids)
+        self._tell(event)
+
+    def _all_devices_changed(self) -> None:
+        self.inventory.invalidate_all()
+        self._tell(ALL_DEVICES)
+
+    def shared_devices_changed(self, event: DevicesChanged | AllDevicesChanged) -> None:
+        """A change announced over the shared state's feed, by any process or host (this one too)."""
+        if isinstance(event, DevicesChanged):
+            self._devices_changed(event.device_ids)
         else:
-            self.devices_changed(device_ids)
+            self._all_devices_changed()
 
     def shared_feed_lost(self) -> None:
         """The feed is down: a change could be missed, so no cached device is trusted as fresh."""
@@ -228,8 +232,7 @@ class AccessService:
         every cached device and decide the open flows again."""
         self.shared_feed_up = True
         self.inventory.feed_restored()
-        for listener in self._listeners:
-            listener({EVERY_DEVICE})
+        self._tell(ALL_DEVICES)
 
     def record_threat_verdicts(self, partner: str, verdicts: list[Verdict], now: datetime) -> list[str]:
         """Store an MTD partner's verdicts (blocking: run it in a thread); returns unknown device ids."""
@@ -241,8 +244,18 @@ class AccessService:
         except sqlite3.Error as error:
             raise SignalUnavailable(f"device inventory: {error}") from error
         if changed:
-            self._loop_call(self.devices_changed, changed)
+            self._loop_call(self._wrote, changed)
         return unknown
+
+    def _wrote(self, device_ids: set[str]) -> None:
+        """This process changed these devices. Its listeners hear of it through the store's feed, as
+        every other process does, and only so (heard directly too, each change was heard twice):
+        the SQLite change log is read now (the poll then finds nothing new); Redis's channel brings
+        it in a moment, and meanwhile the cache forgets the devices so the next request reads them."""
+        if self._polled is not None:
+            self._poll()
+        else:
+            self.inventory.invalidate(device_ids)
 
     def record_partner_contact(self, partner: str, now: datetime) -> None:
         if self.store is not None:
@@ -267,10 +280,9 @@ class AccessService:
         self._seen_change, changed, complete = self._polled.changes_since(self._seen_change)
         if not complete:  # this gateway fell behind the change log: forget every device
             logger.warning("device change log moved past this gateway; re-reading every device")
-            self.inventory.invalidate_all()
-            changed = {EVERY_DEVICE}
-        if changed:
-            self.devices_changed(changed)
+            self._all_devices_changed()
+        elif changed:
+            self._devices_changed(changed)
 
     async def watch_changes(self, interval: float = 0.25) -> None:
         """Long-lived connections of a device that lost access must close within a second,
@@ -278,10 +290,13 @@ class AccessService:
         self._loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
-            try:
-                self.pick_up_changes()
-            except sqlite3.Error as error:
-                logger.warning("cannot read device changes: %s", error)
+            self._poll()
+
+    def _poll(self) -> None:
+        try:
+            self.pick_up_changes()
+        except sqlite3.Error as error:
+            logger.warning("cannot read device changes: %s", error)  # the next poll tries again
 
     @property
     def service_host(self) -> str | None:

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
@@ -424,23 +424,6 @@ def find_record(files: Iterable[Path], correlation_id: str) -> dict[str, Any] | 
             return found
         again = again or found_again
     return again
-
-
-def read_records(files: Iterable[Path]) -> Iterator[tuple[Path, int, dict[str, Any]]]:
-    """Every record of decision log files with its file and line; unreadable lines are skipped
-    with a warning (a log cut short by a crash ends in half a line)."""
-    for file in files:
-        with file.open(encoding="utf-8", errors="replace") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    logger.warning("%s:%d: not a JSON record; skipped", file, number)
-                    continue
-                if isinstance(record, dict):
-                    yield file, number, record
 
 
 DROP_WARNING_INTERVAL = 10.0

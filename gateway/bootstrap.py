@@ -25,9 +25,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.signals.cache import CachedInventory
 from gateway.signals.devices import DeviceInventory, FileDeviceInventory, OverlayInventory
 from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings
-from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
+from gateway.signals.sqlite_store import SqliteDeviceStore
+from gateway.signals.store import DeviceStore, StoreInventory
 from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
-from gateway.state.redis_devices import RedisDeviceStore
 from gateway.state.redis_state import RedisState
 from gateway.state.sessions import MemorySessionStore, SessionStore, SqliteSessionStore
 from gateway.state_files import warn_if_readable_by_others, write_once
@@ -36,14 +36,11 @@ from gateway.workers import ONLY_WORKER, Worker
 MIN_SECRET_BYTES = 16
 
 
-type Store = DeviceStore | RedisDeviceStore
-
-
 @dataclass(frozen=True, slots=True)
 class Loaded:
     config: Config
     file_inventory: FileDeviceInventory | None
-    store: Store | None
+    store: DeviceStore | None
     _graph_client: GraphClient | None = None
     worker: Worker = ONLY_WORKER  # which of ``--workers N`` processes this is (files of its own, Graph sync)
     shared: RedisState | None = None  # ``state: redis://...``: devices, sessions and nonces live there
@@ -58,20 +55,20 @@ class Loaded:
             assert self.file_inventory is not None  # noqa: S101  (the config requires one of them)
             return self.file_inventory
         if self.file_inventory is None:
-            return SqliteInventory(self.store, name=self.store_name)  # type: ignore[arg-type]  (same methods)
-        return OverlayInventory(self.file_inventory, SqliteInventory(self.store, name=self.store_name))  # type: ignore[arg-type]
+            return StoreInventory(self.store, name=self.store_name)
+        return OverlayInventory(self.file_inventory, StoreInventory(self.store, name=self.store_name))
 
     @property
     def store_name(self) -> str:
         return "redis" if self.shared is not None else "sqlite"
 
     @property
-    def local_inventory(self) -> SqliteInventory | None:
-        """The SQLite store as policy reads it: unresponsive partners' verdicts left out."""
+    def local_inventory(self) -> StoreInventory | None:
+        """The store as policy reads it: unresponsive partners' verdicts left out."""
         if self.store is None:
             return None
-        return SqliteInventory(self.store, unresponsive_after(self.config.gateway_file.mtd_partners),  # type: ignore[arg-type]
-                               name=self.store_name)
+        return StoreInventory(self.store, unresponsive_after(self.config.gateway_file.mtd_partners),
+                              name=self.store_name)
 
     @property
     def live_inventory(self) -> DeviceInventory:
@@ -108,7 +105,7 @@ def load(config_dir: Path, worker: Worker = ONLY_WORKER) -> Loaded:
     if shared is not None:
         return Loaded(config, file_inventory, shared.devices, worker=worker, shared=shared, sessions=shared.sessions,
                       nonces=shared.nonces)
-    store = DeviceStore(config.path(signals.database)) if signals.database else None
+    store = SqliteDeviceStore(config.path(signals.database)) if signals.database else None
     if worker.shares_listeners:  # the workers of one host: sessions and nonces in the state directory
         state_dir = config.path(config.gateway_file.gateway.state_dir)
         return Loaded(config, file_inventory, store, worker=worker,
@@ -117,18 +114,19 @@ def load(config_dir: Path, worker: Worker = ONLY_WORKER) -> Loaded:
     return Loaded(config, file_inventory, store, worker=worker)
 
 
-def device_commands_inventory(config_dir: Path) -> SqliteInventory | None:
+def device_commands_inventory(config_dir: Path) -> StoreInventory | None:
     """The device store as policy reads it, from ``portcullis.yaml`` alone (``portcullis devices``):
     an invalid ``policies.yaml`` on disk must not stop an operator from raising a device's risk
     while the gateway serves its last good rules. None when no store is configured."""
     gateway_file = load_gateway_file(config_dir)
     shared = shared_state(gateway_file.state, os.environ)
     database = gateway_file.device_signals.database
-    store = shared.devices if shared is not None else DeviceStore(resolve(config_dir, database)) if database else None
+    store: DeviceStore | None = (shared.devices if shared is not None
+                                 else SqliteDeviceStore(resolve(config_dir, database)) if database else None)
     if store is None:
         return None
-    return SqliteInventory(store, unresponsive_after(gateway_file.mtd_partners),  # type: ignore[arg-type]  # same methods
-                           name="redis" if shared is not None else "sqlite")
+    return StoreInventory(store, unresponsive_after(gateway_file.mtd_partners),
+                          name="redis" if shared is not None else "sqlite")
 
 
 def unresponsive_after(partners: Mapping[str, MtdPartnerSettings]) -> dict[str, timedelta]:

@@ -30,6 +30,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gateway import bootstrap
 from gateway.access import utc_now
@@ -46,7 +47,8 @@ from gateway.policy.model import ClientAppType, DevicePlatform, DeviceThreatLeve
 from gateway.policy_cases import load_cases, run_cases
 from gateway.reload import check_in_force, config_digest, record_in_force
 from gateway.replay.command import add_parser as add_replay_parser
-from gateway.signals.sqlite_store import SqliteInventory, export, parse_import
+from gateway.signals.sqlite_store import export, parse_import
+from gateway.signals.store import DeviceStore, StoreInventory
 from gateway.terminal import printable, printable_lines
 from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError, as_json, as_text, policy_states
 from gateway.workers import ONLY_WORKER, Supervisor, Worker, hold_reloads, release_reloads, worker_command
@@ -133,7 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     set_risk = actions.add_parser("set-risk", help="record an MTD verdict for a device")
     set_risk.add_argument("device_id")
     set_risk.add_argument("level", type=DeviceThreatLevel, choices=list(DeviceThreatLevel))
-    set_risk.add_argument("--vendor", default="manual", help="the MTD vendor this verdict is from (default manual)")
+    set_risk.add_argument("--partner", default="manual",
+                          help="the MTD partner this verdict is from, as named in mtdPartners (default manual)")
+    set_risk.add_argument("--vendor", dest="partner", action=OldSpelling, new="--partner", help=argparse.SUPPRESS)
     set_risk.set_defaults(command=_devices_set_risk)
     remove = actions.add_parser("remove", help="retire devices: their records and every MTD verdict go")
     remove.add_argument("device_ids", nargs="+", metavar="ID")
@@ -154,6 +158,20 @@ def _parser() -> argparse.ArgumentParser:
     test.set_defaults(command=_test)
     add_replay_parser(commands)
     return parser
+
+
+class OldSpelling(argparse.Action):
+    """An option's deprecated spelling: it still works, with a warning naming the new one
+    (deployments have scripts that use it)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"portcullis: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _ip_address(text: str) -> str:
@@ -244,7 +262,7 @@ def _certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inventory(args: argparse.Namespace) -> SqliteInventory:
+def _inventory(args: argparse.Namespace) -> StoreInventory:
     """The device store the gateway reads (SQLite, or Redis with ``state``: every gateway then hears
     of the change within a second), as policy reads it. From ``portcullis.yaml`` alone: policies
     being edited must not stop device commands."""
@@ -256,7 +274,7 @@ def _inventory(args: argparse.Namespace) -> SqliteInventory:
     return inventory
 
 
-def _store(args: argparse.Namespace) -> bootstrap.Store:
+def _store(args: argparse.Namespace) -> DeviceStore:
     return _inventory(args).store
 
 
@@ -274,7 +292,7 @@ def _devices_export(args: argparse.Namespace) -> int:
 
 def _devices_list(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
-    store, ignored = inventory.store, inventory.ignored_vendors()
+    store, ignored = inventory.store, inventory.ignored_partners()
     for record in store.records():
         device = store.managed_device(str(record["azureADDeviceId"]), ignored)
         assert device is not None  # noqa: S101  (just listed)
@@ -286,7 +304,7 @@ def _devices_list(args: argparse.Namespace) -> int:
 
 def _devices_show(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
-    device = inventory.store.managed_device(args.device_id, inventory.ignored_vendors())
+    device = inventory.store.managed_device(args.device_id, inventory.ignored_partners())
     if device is None:
         print(f"portcullis: no device {args.device_id!r} in the inventory", file=sys.stderr)
         return 1
@@ -295,10 +313,10 @@ def _devices_show(args: argparse.Namespace) -> int:
 
 
 def _devices_set_risk(args: argparse.Namespace) -> int:
-    if not _store(args).set_threat_level(args.device_id, args.vendor, args.level, now=utc_now()):
+    if not _store(args).set_threat_level(args.device_id, args.partner, args.level, now=utc_now()):
         print(f"portcullis: no device {args.device_id!r} in the inventory", file=sys.stderr)
         return 1
-    print(f"{args.device_id}: threat level {args.level.value} from {args.vendor}")
+    print(f"{args.device_id}: threat level {args.level.value} from {args.partner}")
     return 0
 
 

@@ -254,6 +254,16 @@ class Gateway:
             time.sleep(0.01)
 
 
+def logged_records(log: Path) -> list[dict[str, Any]]:
+    """Every whole record of a decision log file, oldest first: the writer thread may be mid-line,
+    and a half line is left out until it is whole."""
+    records = []
+    for line in log.read_text().splitlines() if log.exists() else ():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     return trustme.CA()

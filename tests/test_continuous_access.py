@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,23 +18,28 @@ import pytest
 
 from addons.continuous_access import RELOAD_GRACE_SECONDS
 from gateway import bootstrap
-from gateway.access import RULES_CHANGED, utc_now
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.access import utc_now
+from gateway.demo import ALEX_IPHONE, CASEY_IPAD, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.events import RULES_RELOADED, ChangeEvent, DevicesChanged
 from gateway.operations import Operations
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
-from gateway.signals.sqlite_store import DeviceStore
+from gateway.signals.mtd import Verdict
+from gateway.signals.sqlite_store import SqliteDeviceStore
+from gateway.signals.store import DeviceStore
+from gateway.state.redis_state import RedisState
 from tests.conftest import AlexPing, Background, Gateway, Ports, proxy_for
+from tests.redis_server import RedisServer
 from tests.test_reload import own_config, save, stricter
 
 MAIL = "mail.contoso.test"
 
 
 @contextlib.contextmanager
-def second_connection(config_dir: Path) -> Iterator[DeviceStore]:
+def second_connection(config_dir: Path) -> Iterator[SqliteDeviceStore]:
     """A second connection to a gateway's inventory, as the CLI or another worker has; Alex's
     iPhone is back at low risk afterwards."""
     config = bootstrap.load(config_dir).config
-    other = DeviceStore(config.path(config.gateway_file.device_signals.database))  # type: ignore[arg-type]
+    other = SqliteDeviceStore(config.path(config.gateway_file.device_signals.database))  # type: ignore[arg-type]
     try:
         yield other
     finally:
@@ -41,7 +48,7 @@ def second_connection(config_dir: Path) -> Iterator[DeviceStore]:
 
 
 @pytest.fixture
-def store(gateway: Gateway) -> Iterator[DeviceStore]:
+def store(gateway: Gateway) -> Iterator[SqliteDeviceStore]:
     with second_connection(gateway.config_dir) as other:
         yield other
 
@@ -53,7 +60,7 @@ def sync(gateway: Gateway, path: str = activesync(ALEX_IPHONE), **kwargs: object
 
 
 def test_risk_raise_takes_effect_on_the_next_request_and_lowering_restores(gateway: Gateway,
-                                                                           store: DeviceStore) -> None:
+                                                                           store: SqliteDeviceStore) -> None:
     assert sync(gateway).status_code == 200
     store.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.high, now=utc_now())
     blocked = sync(gateway)
@@ -62,7 +69,7 @@ def test_risk_raise_takes_effect_on_the_next_request_and_lowering_restores(gatew
     assert sync(gateway).status_code == 200
 
 
-def test_highest_vendor_level_wins(gateway: Gateway, store: DeviceStore) -> None:
+def test_highest_partner_level_wins(gateway: Gateway, store: SqliteDeviceStore) -> None:
     store.set_threat_level(ALEX_IPHONE, "zimperium", DeviceThreatLevel.medium, now=utc_now())
     try:
         assert sync(gateway).json()["reason"] == "device risk medium, allowed: low"
@@ -71,7 +78,7 @@ def test_highest_vendor_level_wins(gateway: Gateway, store: DeviceStore) -> None
     assert sync(gateway).status_code == 200
 
 
-def test_open_long_poll_is_closed_within_a_second_of_a_risk_raise(gateway: Gateway, store: DeviceStore) -> None:
+def test_open_long_poll_is_closed_within_a_second_of_a_risk_raise(gateway: Gateway, store: SqliteDeviceStore) -> None:
     ping = AlexPing(gateway).started()
     raised = time.monotonic()
     store.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.high, now=utc_now())
@@ -85,11 +92,14 @@ def test_open_long_poll_is_closed_within_a_second_of_a_risk_raise(gateway: Gatew
 
 
 @pytest.mark.parametrize(("change", "heard_as", "within"), [
-    pytest.param("risk", ALEX_IPHONE, 1.0, id="risk raise -> closed within a second"),
-    pytest.param("rules", RULES_CHANGED, RELOAD_GRACE_SECONDS + 3, id="tightening reload -> closed after the grace"),
+    pytest.param("risk", lambda event: isinstance(event, DevicesChanged) and ALEX_IPHONE in event.device_ids, 1.0,
+                 id="risk raise -> closed within a second"),
+    pytest.param("rules", lambda event: event == RULES_RELOADED, RELOAD_GRACE_SECONDS + 3,
+                 id="tightening reload -> closed after the grace"),
 ])
 def test_a_change_heard_while_a_long_poll_is_being_decided_still_closes_it(
-        gateway: Gateway, tmp_path: Path, demo_ports: Ports, change: str, heard_as: str, within: float) -> None:
+        gateway: Gateway, tmp_path: Path, demo_ports: Ports, change: str, heard_as: Callable[[ChangeEvent], bool],
+        within: float) -> None:
     """The decision read the device (and the rules) before the change, and the gateway heard of
     the change before the flow was registered as open: the flow must still be decided again, or
     the Ping keeps access the device no longer has for up to an hour."""
@@ -118,7 +128,7 @@ def test_a_change_heard_while_a_long_poll_is_being_decided_still_closes_it(
     async def held_gateway() -> AsyncIterator[tuple[int, Path]]:
         service, jwks = bootstrap.build_service(loaded, inventory=ReadThenHeld())
         await jwks.refresh()
-        service.subscribe(lambda changed: heard.set() if heard_as in changed else None)
+        service.subscribe(lambda event: heard.set() if heard_as(event) else None)
         reloader = Operations.of(service, jwks, loaded.inventory).reloader
         # as a running gateway polls the store and watches its files
         jobs = [asyncio.create_task(service.watch_changes()), asyncio.create_task(reloader.watch(0.05, 0.05))]
@@ -141,3 +151,65 @@ def test_a_change_heard_while_a_long_poll_is_being_decided_still_closes_it(
         release.set()  # the decision goes on with what it read before the change: allowed
         closed = ping.closed_after(changed)
     assert closed is not None and closed < within, f"the long-poll was answered ({ping.status}), not closed"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_process_hears_a_change_it_wrote_itself_once(gateway: Gateway, tmp_path: Path, demo_ports: Ports,
+                                                       request: pytest.FixtureRequest, kind: str) -> None:
+    """A verdict this process stores (an MTD push) reaches its listeners through the store's feed,
+    as every other process hears it, and only so: not once when stored and again when the feed
+    brings it, which decided every open flow of the device again twice. A change written by
+    another process afterwards is heard after everything the feed carried before it."""
+    config_dir = own_config(tmp_path, gateway, demo_ports)
+    loaded = bootstrap.load(config_dir)
+    writers = contextlib.ExitStack()  # another process's connection to the same store
+    if kind == "redis":
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        redis_server.start()  # a test before may have stopped it
+        prefix = f"t{uuid.uuid4().hex[:8]}:"
+        state = RedisState.from_url(redis_server.url, prefix=prefix)
+        loaded = dataclasses.replace(loaded, store=state.devices, shared=state)
+        other: DeviceStore = RedisState.from_url(redis_server.url, prefix=prefix).devices
+        writers.callback(other.close)
+    else:
+        other = writers.enter_context(second_connection(config_dir))
+    bootstrap.seed_store(loaded)
+
+    async def scenario() -> list[ChangeEvent]:
+        service, _ = bootstrap.build_service(loaded)
+        heard: list[ChangeEvent] = []
+        casey_heard = asyncio.Event()
+
+        def listen(event: ChangeEvent) -> None:
+            heard.append(event)
+            if isinstance(event, DevicesChanged) and event.touches(CASEY_IPAD):
+                casey_heard.set()
+
+        service.subscribe(listen)
+        jobs = [asyncio.create_task(service.watch_changes())]  # as a running gateway polls its store
+        await asyncio.sleep(0)  # the poll has started: the service knows its event loop
+        if loaded.shared is not None:  # and listens to the shared state's channel
+            connected = asyncio.Event()
+            events = loaded.shared.events(on_devices=service.shared_devices_changed,
+                                          on_connected=lambda: (service.shared_feed_restored(), connected.set()),
+                                          on_lost=service.shared_feed_lost)
+            jobs.append(asyncio.create_task(events.run()))
+            await asyncio.wait_for(connected.wait(), 5)
+        try:
+            await asyncio.to_thread(service.record_threat_verdicts, "demo-mtd",
+                                    [Verdict(ALEX_IPHONE, DeviceThreatLevel.high)], utc_now())  # as the webhook does
+            await asyncio.to_thread(other.set_threat_level, CASEY_IPAD, "lookout", DeviceThreatLevel.low,
+                                    now=utc_now())
+            await asyncio.wait_for(casey_heard.wait(), 5)
+        finally:
+            for job in jobs:
+                job.cancel()
+            service.close()
+            if loaded.shared is not None:
+                await loaded.shared.aclose()
+        return heard
+
+    with writers:
+        heard = asyncio.run(scenario())
+    assert [e for e in heard if isinstance(e, DevicesChanged) and e.touches(ALEX_IPHONE)] == \
+        [DevicesChanged.of([ALEX_IPHONE])]

@@ -19,7 +19,8 @@ from gateway.policy.model import ComplianceSettings, ComplianceState, DeviceThre
 from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
 from gateway.signals.cache import CachedInventory
 from gateway.signals.compliance import noncompliance_reason
-from gateway.signals.sqlite_store import DeviceStore, SqliteInventory, export, parse_import
+from gateway.signals.sqlite_store import SqliteDeviceStore, export, parse_import
+from gateway.signals.store import StoreInventory
 from tests.conftest import REPO
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -61,8 +62,8 @@ def test_intune_compliance_semantics(fields: dict[str, object], settings: Compli
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> DeviceStore:
-    created = DeviceStore(tmp_path / "devices.sqlite")
+def store(tmp_path: Path) -> SqliteDeviceStore:
+    created = SqliteDeviceStore(tmp_path / "devices.sqlite")
     created.replace_all(parse_import(REPO / "config" / "devices.yaml"), now=NOW)
     return created
 
@@ -70,24 +71,24 @@ def store(tmp_path: Path) -> DeviceStore:
 ALEX = "3c5f0b1e-7a2d-4e8f-9b61-0d2a4c8e1f01"
 
 
-def test_highest_level_of_responsive_partners_wins(store: DeviceStore) -> None:
+def test_highest_level_of_responsive_partners_wins(store: SqliteDeviceStore) -> None:
     store.set_threat_level(ALEX, "lookout", DeviceThreatLevel.medium, now=NOW)
     store.set_threat_level(ALEX, "zimperium", DeviceThreatLevel.secured, now=NOW)
     record = store.managed_device(ALEX.upper())
     assert record is not None and (record.threat_level, record.threat_source) == (DeviceThreatLevel.medium, "lookout")
-    quiet = SqliteInventory(store, {"lookout": timedelta(days=7)}, clock=lambda: NOW + timedelta(days=8))
+    quiet = StoreInventory(store, {"lookout": timedelta(days=7)}, clock=lambda: NOW + timedelta(days=8))
     record = asyncio.run(quiet.managed_device(ALEX))
     assert record is not None and record.threat_source != "lookout"  # an unresponsive partner's verdict is ignored
 
 
-def test_import_is_all_or_nothing_with_lines(store: DeviceStore, tmp_path: Path) -> None:
+def test_import_is_all_or_nothing_with_lines(store: SqliteDeviceStore, tmp_path: Path) -> None:
     exported = tmp_path / "devices.csv"
     exported.write_text(export(store, "csv"))
     rows = exported.read_text().splitlines()
     rows[2] = rows[2].replace("compliant", "compliantish", 1)
     rows.append("not-a-device,,,,,,,,maybe,,compliant,,,,,{}")
     exported.write_text("\n".join(rows) + "\n")
-    fresh = DeviceStore(tmp_path / "other.sqlite")
+    fresh = SqliteDeviceStore(tmp_path / "other.sqlite")
     with pytest.raises(ConfigError) as caught:
         fresh.replace_all(parse_import(exported), now=NOW)
     messages = [str(p) for p in caught.value.problems]
@@ -108,11 +109,11 @@ def test_json_import_names_item_lines_and_graph_shape_is_accepted(tmp_path: Path
     assert (problem.line, problem.key) == (10, "value[1].complianceState")
 
 
-def test_export_import_round_trip(store: DeviceStore, tmp_path: Path) -> None:
+def test_export_import_round_trip(store: SqliteDeviceStore, tmp_path: Path) -> None:
     for fmt in ("json", "csv"):
         path = tmp_path / f"devices.{fmt}"
         path.write_text(export(store, fmt))
-        copy = DeviceStore(tmp_path / f"copy-{fmt}.sqlite")
+        copy = SqliteDeviceStore(tmp_path / f"copy-{fmt}.sqlite")
         copy.replace_all(parse_import(path), now=NOW)
         assert list(copy.records()) == list(store.records())
 
@@ -251,7 +252,7 @@ def test_devices_cli(tmp_path: Path) -> None:
     seed = config / "devices.yaml"
     assert cli("import", str(seed)).stdout == f"imported 4 devices from {seed}\n"
     assert ALEX in cli("list").stdout
-    assert cli("set-risk", ALEX, "high", "--vendor", "lookout").returncode == 0
+    assert cli("set-risk", ALEX, "high", "--partner", "lookout").returncode == 0
     shown = json.loads(cli("show", ALEX).stdout)
     assert (shown["threat_level"], shown["threat_source"]) == ("high", "lookout")
     assert cli("set-risk", "nope", "high").returncode == 1
@@ -260,19 +261,37 @@ def test_devices_cli(tmp_path: Path) -> None:
     assert len(exported["devices"]) == 4
 
 
+def test_set_risk_takes_the_old_vendor_spelling_with_a_warning_naming_partner(tmp_path: Path) -> None:
+    """Scripts written for ``--vendor`` keep working for now: it fills the same partner slot as
+    ``--partner`` and says which spelling replaces it; ``--partner`` itself warns of nothing."""
+    config = tmp_path / "config"
+    subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
+    cli = devices_cli(config)
+    assert cli("import", str(config / "devices.yaml")).returncode == 0
+    new = cli("set-risk", ALEX, "high", "--partner", "zimperium")
+    assert (new.returncode, new.stdout, new.stderr) == (0, f"{ALEX}: threat level high from zimperium\n", "")
+    shown = json.loads(cli("show", ALEX).stdout)
+    assert (shown["threat_level"], shown["threat_source"]) == ("high", "zimperium")
+    old = cli("set-risk", ALEX, "secured", "--vendor", "zimperium")
+    assert (old.returncode, old.stdout, old.stderr) == (0, f"{ALEX}: threat level secured from zimperium\n",
+                                                        "portcullis: --vendor is deprecated; use --partner\n")
+    shown = json.loads(cli("show", ALEX).stdout)  # zimperium's high was replaced: the seeded level is back
+    assert (shown["threat_level"], shown["threat_source"]) == ("low", "demo-mtd")
+
+
 def test_devices_remove_retires_a_device_with_every_verdict(tmp_path: Path) -> None:
     config = tmp_path / "config"
     subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
     cli = devices_cli(config)
     assert cli("import", str(config / "devices.yaml")).returncode == 0
-    assert cli("set-risk", ALEX, "high", "--vendor", "lookout").returncode == 0
+    assert cli("set-risk", ALEX, "high", "--partner", "lookout").returncode == 0
     removed = cli("remove", ALEX.upper(), "not-a-device")
     assert removed.returncode == 1  # one of the two was not there
     assert removed.stdout == f"{ALEX.upper()}: removed\n"
     assert removed.stderr == "portcullis: no device 'not-a-device' in the inventory\n"
     assert cli("show", ALEX).returncode == 1 and ALEX not in cli("list").stdout
     assert len(json.loads(cli("export").stdout)["devices"]) == 3
-    store = DeviceStore(tmp_path / ".portcullis" / "devices.sqlite")
+    store = SqliteDeviceStore(tmp_path / ".portcullis" / "devices.sqlite")
     assert ALEX in store.changes_since(0)[1]  # a running gateway hears of it (and closes its open flows)
     store.upsert(parse_import(config / "devices.yaml")[0], now=NOW)  # back, as a new device: no old verdict
     back = store.managed_device(ALEX)
@@ -284,12 +303,12 @@ def test_retiring_a_device_known_only_by_its_verdicts_is_announced(tmp_path: Pat
     """A full sync prunes a device Intune no longer lists but keeps other partners' verdicts for when
     it returns. Retiring it removes those verdicts: a change the gateways must hear of (they poll the
     change list), and one ``devices remove`` reports as done."""
-    store = DeviceStore(tmp_path / "devices.sqlite")
+    store = SqliteDeviceStore(tmp_path / "devices.sqlite")
     records = parse_import(REPO / "config" / "devices.yaml")
     alex = next(r for r in records if r.azure_ad_device_id.lower() == ALEX)
     store.replace_all(records, now=NOW)
     store.apply_verdicts("lookout", [(ALEX, DeviceThreatLevel.high)], now=NOW)
-    store.replace_all([r for r in records if r is not alex], now=NOW, prune_vendor="graph")
+    store.replace_all([r for r in records if r is not alex], now=NOW, prune_partner="graph")
     assert store.managed_device(ALEX) is None  # pruned; lookout's verdict waits for its return
     seen = store.last_change()
     assert store.remove([ALEX.upper()], now=NOW) == {ALEX}
@@ -312,7 +331,7 @@ def test_device_commands_do_not_need_valid_policies(tmp_path: Path) -> None:
     checked = subprocess.run([PORTCULLIS, "check", "--config", str(config)], capture_output=True, text=True,
                              timeout=60)
     assert checked.returncode == 1 and "enabeld" in checked.stderr  # the rules really are invalid
-    raised = cli("set-risk", ALEX, "high", "--vendor", "soc-analyst")
+    raised = cli("set-risk", ALEX, "high", "--partner", "soc-analyst")
     assert raised.returncode == 0, raised.stderr
     assert json.loads(cli("show", ALEX).stdout)["threat_level"] == "high"
     assert ALEX in cli("list").stdout
@@ -335,36 +354,36 @@ def test_a_json_import_is_refused_for_a_member_given_twice(tmp_path: Path) -> No
     assert problem.line == 3 and "duplicate" in problem.message
 
 
-def test_a_full_sync_keeps_other_partners_verdicts_and_an_empty_sync_prunes_nothing(store: DeviceStore) -> None:
+def test_a_full_sync_keeps_other_partners_verdicts_and_an_empty_sync_prunes_nothing(store: SqliteDeviceStore) -> None:
     store.set_threat_level(ALEX, "lookout", DeviceThreatLevel.high, now=NOW)
     others = [r for r in parse_import(REPO / "config" / "devices.yaml") if r.azure_ad_device_id.lower() != ALEX]
-    assert store.replace_all([], now=NOW, prune_vendor="graph") == 0
+    assert store.replace_all([], now=NOW, prune_partner="graph") == 0
     assert store.count() == 4
-    store.replace_all(others, now=NOW, prune_vendor="graph")
+    store.replace_all(others, now=NOW, prune_partner="graph")
     assert store.managed_device(ALEX) is None
-    store.replace_all(parse_import(REPO / "config" / "devices.yaml"), now=NOW, prune_vendor="graph")
+    store.replace_all(parse_import(REPO / "config" / "devices.yaml"), now=NOW, prune_partner="graph")
     back = store.managed_device(ALEX)
     assert back is not None and (back.threat_level, back.threat_source) == (DeviceThreatLevel.high, "lookout")
 
 
-def test_a_restart_seed_never_undoes_a_live_verdict(store: DeviceStore) -> None:
+def test_a_restart_seed_never_undoes_a_live_verdict(store: SqliteDeviceStore) -> None:
     store.set_threat_level(ALEX, "demo-mtd", DeviceThreatLevel.high, now=NOW)
     store.replace_all(parse_import(REPO / "config" / "devices.yaml"), now=NOW + timedelta(hours=1), seed=True)
     record = store.managed_device(ALEX)
     assert record is not None and record.threat_level is DeviceThreatLevel.high
 
 
-def test_a_source_that_stops_reporting_a_level_clears_its_verdict(store: DeviceStore) -> None:
+def test_a_source_that_stops_reporting_a_level_clears_its_verdict(store: SqliteDeviceStore) -> None:
     record = parse_import(REPO / "config" / "devices.yaml")[0]
     with_graph = record.model_copy(update={"threat_level": DeviceThreatLevel.high, "threat_source": "graph"})
-    store.upsert(with_graph, now=NOW, clear_vendor="graph")
+    store.upsert(with_graph, now=NOW, clear_partner="graph")
     store.upsert(record.model_copy(update={"threat_level": None, "threat_source": None}), now=NOW,
-                 clear_vendor="graph")
+                 clear_partner="graph")
     found = store.managed_device(record.azure_ad_device_id)
     assert found is not None and found.threat_source != "graph"
 
 
-def test_writes_through_the_gateways_own_connection_change_the_data_version(store: DeviceStore) -> None:
+def test_writes_through_the_gateways_own_connection_change_the_data_version(store: SqliteDeviceStore) -> None:
     before = store.data_version()
     store.set_threat_level(ALEX, "graph", DeviceThreatLevel.medium, now=NOW)
     assert store.data_version() != before
@@ -372,7 +391,7 @@ def test_writes_through_the_gateways_own_connection_change_the_data_version(stor
     assert ALEX in changed and complete and seq == store.last_change()
 
 
-def test_the_change_log_is_trimmed_and_a_reader_left_behind_learns_it(store: DeviceStore,
+def test_the_change_log_is_trimmed_and_a_reader_left_behind_learns_it(store: SqliteDeviceStore,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import gateway.signals.sqlite_store as sqlite_store
 

@@ -14,7 +14,8 @@ from gateway.errors import SignalUnavailable
 from gateway.policy.model import ComplianceState, DeviceThreatLevel
 from gateway.signals.cache import CachedInventory
 from gateway.signals.graph import RECHECK_FIRST_SECONDS, GraphClient, GraphInventory, GraphSettings, device_record
-from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
+from gateway.signals.sqlite_store import SqliteDeviceStore
+from gateway.signals.store import StoreInventory
 from tests.graph_server import CLIENT_ID, CLIENT_SECRET, TENANT, GraphState, managed_device, serving
 from tests.test_device_signals import Clock
 
@@ -39,13 +40,13 @@ def test_full_sync_pages_through_throttling_into_the_store(tmp_path: Path) -> No
         managed_device(5, complianceState="noncompliant", jailBroken="True", partnerReportedThreatState="highSeverity"),
         managed_device(6, azureADDeviceId="00000000-0000-0000-0000-000000000000"),  # not Entra-registered
     ], throttle=[429, 503])
-    store = DeviceStore(tmp_path / "d.sqlite")
+    store = SqliteDeviceStore(tmp_path / "d.sqlite")
     store.replace_all([device_record(managed_device(99))], now=NOW)  # gone from Intune: pruned
 
     async def scenario(base: str) -> int:
         client = GraphClient(settings(base))
         try:
-            return await GraphInventory(store, SqliteInventory(store), client, clock=lambda: NOW).full_sync()
+            return await GraphInventory(store, StoreInventory(store), client, clock=lambda: NOW).full_sync()
         finally:
             await client.close()
 
@@ -63,11 +64,11 @@ def test_full_sync_pages_through_throttling_into_the_store(tmp_path: Path) -> No
 
 def test_a_miss_is_looked_up_in_graph_once_and_stored(tmp_path: Path) -> None:
     state = GraphState(devices=[managed_device(1)])
-    store = DeviceStore(tmp_path / "d.sqlite")
+    store = SqliteDeviceStore(tmp_path / "d.sqlite")
 
     async def scenario(base: str) -> tuple[object, object, int]:
         client = GraphClient(settings(base))
-        inventory = GraphInventory(store, SqliteInventory(store), client, clock=lambda: NOW)
+        inventory = GraphInventory(store, StoreInventory(store), client, clock=lambda: NOW)
         try:
             found = await inventory.managed_device("AA000000-0000-4000-8000-000000000001")
             again = await inventory.managed_device("aa000000-0000-4000-8000-000000000001")
@@ -88,12 +89,12 @@ def test_a_device_first_seen_undecided_is_asked_about_again_and_recovers_with_gr
     says so, through the gateway's cache too: not at the next full sync, 15 minutes on."""
     device_id = managed_device(1)["azureADDeviceId"]
     state = GraphState(devices=[managed_device(1, complianceState=None)])
-    store = DeviceStore(tmp_path / "d.sqlite")
+    store = SqliteDeviceStore(tmp_path / "d.sqlite")
     clock = Clock()
 
     async def scenario(base: str) -> list[tuple[str, int]]:
         client = GraphClient(settings(base, rate=100))
-        graph = GraphInventory(store, SqliteInventory(store), client, clock=lambda: NOW, timer=clock)
+        graph = GraphInventory(store, StoreInventory(store), client, clock=lambda: NOW, timer=clock)
         cached = CachedInventory(graph, ttl=60, miss_ttl=5, max_staleness=300, max_entries=1000, timer=clock)
         seen = []
         for seconds, graph_says in [(0, None), (10, None), (6, None), (20, None), (10, "503"), (30, "compliant"),
@@ -131,12 +132,12 @@ def test_a_device_graph_keeps_answering_unknown_is_left_to_the_full_sync(tmp_pat
     sync still keeps it current."""
     device_id = managed_device(1)["azureADDeviceId"]
     state = GraphState(devices=[managed_device(1, complianceState="unknown")])
-    store = DeviceStore(tmp_path / "d.sqlite")
+    store = SqliteDeviceStore(tmp_path / "d.sqlite")
     clock = Clock()
 
     async def scenario(base: str) -> tuple[list[int], object]:
         client = GraphClient(settings(base, rate=100))
-        graph = GraphInventory(store, SqliteInventory(store), client, clock=lambda: NOW, timer=clock)
+        graph = GraphInventory(store, StoreInventory(store), client, clock=lambda: NOW, timer=clock)
         asked = []
         for seconds, graph_fails in [(0, False), (15, True), (30, False), (60, False), (120, False), (240, False),
                                      (300, False), (3600, False)]:
@@ -173,13 +174,13 @@ def test_rechecks_of_undecided_devices_leave_lookups_for_devices_never_seen(tmp_
     never seen before is still looked up (and allowed) rather than counted as unknown."""
     undecided = [managed_device(i, complianceState=None) for i in range(10)]
     state = GraphState(devices=[*undecided, managed_device(99)])
-    store = DeviceStore(tmp_path / "d.sqlite")
+    store = SqliteDeviceStore(tmp_path / "d.sqlite")
     store.replace_all([device_record(d) for d in undecided], now=NOW)  # as a full sync stored them
     clock = Clock()
 
     async def scenario(base: str) -> tuple[list[bool], object]:
         client = GraphClient(settings(base, rate=4))
-        graph = GraphInventory(store, SqliteInventory(store), client, clock=lambda: NOW, timer=clock)
+        graph = GraphInventory(store, StoreInventory(store), client, clock=lambda: NOW, timer=clock)
         try:
             for device in undecided:  # seen undecided: a recheck in 15 s
                 await graph.managed_device(device["azureADDeviceId"])
@@ -199,11 +200,11 @@ def test_rechecks_of_undecided_devices_leave_lookups_for_devices_never_seen(tmp_
 
 def test_misses_beyond_the_rate_are_not_looked_up(tmp_path: Path) -> None:
     state = GraphState(devices=[])
-    store = DeviceStore(tmp_path / "d.sqlite")
+    store = SqliteDeviceStore(tmp_path / "d.sqlite")
 
     async def scenario(base: str) -> None:
         client = GraphClient(settings(base, rate=3))
-        inventory = GraphInventory(store, SqliteInventory(store), client, clock=lambda: NOW, timer=lambda: 0.0)
+        inventory = GraphInventory(store, StoreInventory(store), client, clock=lambda: NOW, timer=lambda: 0.0)
         try:
             for i in range(50):
                 assert await inventory.managed_device(f"bb000000-0000-4000-8000-{i:012d}") is None

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.config.models import ConditionalAccessPolicy, NamedLocation, Resource
-from gateway.policy.conditions import compile_resources, match_resource, path_has_prefix
+from gateway.policy.conditions import path_has_prefix
 from gateway.policy.evaluate import evaluate
 from gateway.policy.model import (
     AccessRequest,
@@ -176,29 +176,35 @@ def test_path_prefix_matches_whole_segments_case_insensitively(path: str, prefix
     assert path_has_prefix(path, prefix) is matches
 
 
+def most_specific(resources: dict[str, Resource], host: str, path: str) -> str | None:
+    """The resource the gateway names a request after (``PolicySet.match``): the most specific."""
+    found = PolicySet.build(resources, (), {}).match(host, path)
+    return found.primary if found else None
+
+
 def test_longest_resource_prefix_wins() -> None:
-    resources = compile_resources({
+    resources = {
         "sites": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/sites/"]}'),
         "finance": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/sites/finance/"]}'),
         "downloads": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/sites/*/_layouts/15/download.aspx"]}'),
-    })
-    assert match_resource(resources, "h", "/sites/finance/q3.xlsx") == "finance"
-    assert match_resource(resources, "h", "/sites/hr/") == "sites"
-    assert match_resource(resources, "h", "/sites/hr/_layouts/15/download.aspx") == "downloads"
-    assert match_resource(resources, "h", "/sites/finance/_layouts/15/download.aspx") == "downloads"
-    assert match_resource(resources, "h", "/sites/a/b/_layouts/15/download.aspx") == "sites"
-    assert match_resource(resources, "other", "/sites/hr/") is None
-    assert match_resource(resources, "h", "/SITES/HR/") == "sites"
+    }
+    assert most_specific(resources, "h", "/sites/finance/q3.xlsx") == "finance"
+    assert most_specific(resources, "h", "/sites/hr/") == "sites"
+    assert most_specific(resources, "h", "/sites/hr/_layouts/15/download.aspx") == "downloads"
+    assert most_specific(resources, "h", "/sites/finance/_layouts/15/download.aspx") == "downloads"
+    assert most_specific(resources, "h", "/sites/a/b/_layouts/15/download.aspx") == "sites"
+    assert most_specific(resources, "other", "/sites/hr/") is None
+    assert most_specific(resources, "h", "/SITES/HR/") == "sites"
 
 
 def test_whole_host_resource_catches_what_nothing_more_specific_names() -> None:
-    resources = compile_resources({
+    resources = {
         "everything": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/"]}'),
         "owa": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/owa/"]}'),
-    })
-    assert match_resource(resources, "h", "/owa/inbox") == "owa"
-    assert match_resource(resources, "h", "/ecp/") == "everything"
-    assert match_resource(resources, "h", "/") == "everything"
+    }
+    assert most_specific(resources, "h", "/owa/inbox") == "owa"
+    assert most_specific(resources, "h", "/ecp/") == "everything"
+    assert most_specific(resources, "h", "/") == "everything"
 
 
 MFA = {"builtInControls": ["mfa"]}

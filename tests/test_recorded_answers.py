@@ -19,9 +19,8 @@ import pytest
 from mitmproxy.test import tflow
 
 from addons.decision_records import RECORD_KEY, DecisionRecords
-from gateway.audit import log_files, read_records
 from gateway.demo import ACTIVESYNC
-from tests.conftest import Background, Gateway, Ports, free_port
+from tests.conftest import Background, Gateway, Ports, free_port, logged_records
 from tests.test_decision_log import logged
 from tests.test_gateway_e2e import outlook_token
 from tests.test_operations import SilentUpstream, SocketUpstream, hang_up_while_pings_wait, operated, own_config
@@ -94,7 +93,7 @@ def test_an_upstream_that_fails_is_recorded_with_the_gateways_502(status_gateway
     logged(log, alex_syncs(gateway, "200")[1])  # the log is written in order: anything of the first is in by now
     assert status == 502
     assert (record["result"], record["httpStatus"], record["upstreamStatus"]) == ("allow", 502, upstream)
-    assert [r["correlationId"] for _, _, r in read_records(log_files(log))].count(correlation_id) == 1
+    assert [r["correlationId"] for r in logged_records(log)].count(correlation_id) == 1
 
 
 def test_an_upstream_that_is_down_is_recorded_with_the_gateways_502(gateway: Gateway, tmp_path: Path,
@@ -124,7 +123,7 @@ def pings(log: Path, count: int) -> list[dict[str, Any]]:
     """The ActiveSync records in ``log`` (the test's Pings), once there are ``count`` of them (the
     writer thread may be mid-line: a half line is skipped until it is whole)."""
     deadline = time.monotonic() + 10
-    while len(records := [r for _, _, r in read_records([log] if log.exists() else [])
+    while len(records := [r for r in logged_records(log)
                           if r["request"]["path"] == "/Microsoft-Server-ActiveSync"]) < count:
         assert time.monotonic() < deadline, f"{len(records)} Ping records, not {count}"
         time.sleep(0.01)

@@ -39,7 +39,7 @@ from gateway.identity.tokens import RejectedToken
 from gateway.policy.model import DecisionResult
 from gateway.replay import engine as replay_engine
 from gateway.replay import report as replay_report
-from gateway.replay.engine import Replayed, Verdict, token_identity
+from gateway.replay.engine import DecisionSummary, Replayed, token_identity
 from gateway.replay.html import as_html
 from gateway.replay.recorded import RecordedRequest, Skipped
 from gateway.replay.report import ReplayReport, as_text
@@ -641,9 +641,10 @@ def test_recorded_values_cannot_inject_markup_or_terminal_escapes() -> None:
     request = RecordedRequest(place="x.har:entry 1", correlation_id="c", time=datetime(2026, 1, 1, tzinfo=UTC),
                               method="GET", host="mail.contoso.test", target="/owa/<script>alert(1)</script>\x1b[2J",
                               query_recorded=True, client_ip=None)
-    item = Replayed(request=request, baseline=Verdict(result=DecisionResult.allow, status_code=200, reason="allowed"),
-                    candidate=Verdict(result=DecisionResult.block, status_code=403, reason="<b>no</b>",
-                                      policy_id="p<i>", policy_name="<img src=x onerror=alert(1)>"),
+    item = Replayed(request=request,
+                    baseline=DecisionSummary(result=DecisionResult.allow, status_code=200, reason="allowed"),
+                    candidate=DecisionSummary(result=DecisionResult.block, status_code=403, reason="<b>no</b>",
+                                              policy_id="p<i>", policy_name="<img src=x onerror=alert(1)>"),
                     user="<u>\x1b]0;title\x07", app="a", current_inventory=False, unverified_token=False)
     report = ReplayReport(baseline="b", candidate="c", sources=("s",), replayed=(item,), skipped=(), never_matched=(),
                           notes=())

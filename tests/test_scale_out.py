@@ -120,7 +120,7 @@ def test_set_risk_from_the_command_line_reaches_both_gateways(pair: tuple[Instan
     first, second = pair
     assert (first.sync(alex), second.sync(alex)) == (200, 200)
     command = subprocess.run([PORTCULLIS, "devices", "--config", str(first.config_dir), "set-risk", ALEX_IPHONE,
-                              "high", "--vendor", "soc-analyst"], capture_output=True, text=True, timeout=30)
+                              "high", "--partner", "soc-analyst"], capture_output=True, text=True, timeout=30)
     assert command.returncode == 0, command.stderr
     changed = time.monotonic()
     for instance in (first, second):

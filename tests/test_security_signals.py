@@ -49,7 +49,8 @@ from gateway.signals import graph as graph_module
 from gateway.signals.cache import CachedInventory
 from gateway.signals.devices import DeviceInventory, DeviceRecord
 from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings
-from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
+from gateway.signals.sqlite_store import SqliteDeviceStore
+from gateway.signals.store import StoreInventory
 from gateway.state.redis_state import RedisState
 from tests.conftest import Background, Gateway, Ports
 from tests.graph_server import managed_device
@@ -203,7 +204,7 @@ def test_an_unreadable_inventory_row_is_an_unavailable_source(listener: Listener
     never a 500 that skips the staleness rules, and never an allow."""
     device_id = str(uuid.uuid4())
     store = listener.service.store
-    assert isinstance(store, DeviceStore)
+    assert isinstance(store, SqliteDeviceStore)
     store.upsert(DeviceRecord.model_validate_json(json.dumps({
         "azureADDeviceId": device_id, "operatingSystem": "iOS", "complianceState": "compliant",
         "threatLevel": "secured", "threatSource": "demo-mtd"})), now=utc_now())
@@ -298,9 +299,9 @@ def test_graph_answering_garbage_never_allows_and_its_token_never_leaves_graph(
     settings = GraphSettings(token_url=TOKEN_URL, graph_url=GRAPH_URL, client_id="portcullis-connector",
                              client_secret="connector-secret-0123456789", lookups_per_second=100)  # noqa: S106
     store = listener.service.store
-    assert isinstance(store, DeviceStore)
+    assert isinstance(store, SqliteDeviceStore)
     client = GraphClient(settings, transport=httpx.MockTransport(fake))
-    inventory = GraphInventory(store, SqliteInventory(store), client, clock=utc_now)
+    inventory = GraphInventory(store, StoreInventory(store), client, clock=utc_now)
     cached = CachedInventory(inventory, ttl=60, miss_ttl=5, max_staleness=300, max_entries=1000)
     with listener.inventory(cached):
         started = time.monotonic()
@@ -440,7 +441,7 @@ def test_an_empty_activesync_deviceid_never_matches_a_device_registered_without_
     binding as "the same (empty) id"."""
     laptop = str(uuid.uuid4())
     store = listener.service.store
-    assert isinstance(store, DeviceStore)
+    assert isinstance(store, SqliteDeviceStore)
     store.upsert(DeviceRecord.model_validate_json(json.dumps({
         "azureADDeviceId": laptop, "deviceName": "Alex's laptop", "operatingSystem": "Windows",
         "complianceState": "compliant", "threatLevel": "secured", "threatSource": "demo-mtd"})), now=utc_now())
@@ -547,7 +548,7 @@ def test_a_push_about_one_device_changes_no_other(gateway: Gateway) -> None:
 
 
 def sqlite_store(tmp_path: Path, _redis: RedisServer | None) -> Any:
-    return DeviceStore(tmp_path / "devices.sqlite")
+    return SqliteDeviceStore(tmp_path / "devices.sqlite")
 
 
 def redis_store(_tmp_path: Path, redis: RedisServer | None) -> Any:
@@ -579,8 +580,8 @@ def test_both_stores_order_a_partners_verdicts_by_their_report_time(request: pyt
     for name, seconds, given, expected, changes in steps:
         changed, unknown = store.apply_verdicts("lookout", [(device, given)], now=base + timedelta(seconds=seconds))
         assert (level(), bool(changed), unknown) == (expected, changes, []), name
-    other_vendor, _ = store.apply_verdicts("zimperium", [(device, DeviceThreatLevel.low)], now=base)
-    assert other_vendor == {device}  # each partner's order is its own
+    other_partner, _ = store.apply_verdicts("zimperium", [(device, DeviceThreatLevel.low)], now=base)
+    assert other_partner == {device}  # each partner's order is its own
     assert store.partner_contacts()["lookout"] == base + timedelta(seconds=30)  # contact never moves back
     store.close()
 

@@ -29,11 +29,13 @@ from pydantic import TypeAdapter
 from gateway import bootstrap
 from gateway.counted_log import REPEAT_LINE_SECONDS
 from gateway.errors import SignalUnavailable
+from gateway.events import ALL_DEVICES, ChangeEvent, DevicesChanged
 from gateway.identity.browser import COOKIE_NAME, BrowserSession, PendingLogin
 from gateway.policy.model import ComplianceState, DeviceThreatLevel, Identity
 from gateway.signals.cache import STALE_WARNING_SECONDS, CachedInventory
 from gateway.signals.devices import DeviceRecord
-from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
+from gateway.signals.sqlite_store import SqliteDeviceStore
+from gateway.signals.store import StoreInventory
 from gateway.state.codec import IDENTITY_FIELDS, decode_pending, decode_session, encode_pending, encode_session
 from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
 from gateway.state.redis_keys import redacted
@@ -469,7 +471,7 @@ STEPS: list[tuple[str, Callable[[Any], object]]] = [
     ("a full sync prunes B", lambda s: s.replace_all(
         [record(A), record(C, threatLevel="high", threatSource="graph", threatReportedDateTime=at(3).isoformat()),
          record(D, extensionAttributes={"extensionAttribute1": "kiosk"}, threatLevel="low", threatSource="graph",
-                threatReportedDateTime=at(2).isoformat())], now=at(3), prune_vendor="graph")),
+                threatReportedDateTime=at(2).isoformat())], now=at(3), prune_partner="graph")),
     ("a verdict cleared", lambda s: s.clear_threat_level(A, "lookout", now=at(4))),
     ("a seed after the clear: the older verdict is stored", lambda s: s.replace_all(
         [record(A, threatLevel="low", threatSource="lookout", threatReportedDateTime=at(0.5).isoformat())],
@@ -481,14 +483,14 @@ STEPS: list[tuple[str, Callable[[Any], object]]] = [
     ("a restart seeds again: no older verdict wins", lambda s: s.replace_all(
         [record(C, threatLevel="secured", threatSource="graph", threatReportedDateTime=at(-5).isoformat()),
          record(E, threatLevel="low")], now=at(6), seed=True)),
-    ("the sync source stops reporting C", lambda s: s.upsert(record(C), now=at(7), clear_vendor="graph")),
-    ("an empty sync prunes nothing", lambda s: s.replace_all([], now=at(8), prune_vendor="graph")),
+    ("the sync source stops reporting C", lambda s: s.upsert(record(C), now=at(7), clear_partner="graph")),
+    ("an empty sync prunes nothing", lambda s: s.replace_all([], now=at(8), prune_partner="graph")),
     ("D is retired, with an id never seen", lambda s: s.remove([D.upper(), "unknown-4"], now=at(9))),
     ("a verdict for the retired device", lambda s: s.set_threat_level(D, "lookout", DeviceThreatLevel.high,
                                                                      now=at(9.1))),
     ("D comes back without its old verdicts", lambda s: s.upsert(record(D), now=at(9.2))),
     ("a full sync prunes A; lookout's verdict waits for its return", lambda s: s.replace_all(
-        [record(B), record(C), record(D), record(E)], now=at(10), prune_vendor="graph")),
+        [record(B), record(C), record(D), record(E)], now=at(10), prune_partner="graph")),
     ("A, known only by its verdicts, is retired", lambda s: s.remove([A], now=at(11))),
     ("A comes back without its old verdicts", lambda s: s.upsert(record(A), now=at(12))),
 ]
@@ -503,7 +505,8 @@ def snapshot(store: Any) -> dict[str, object]:
 
 def test_redis_device_store_gives_the_same_answers_as_the_sqlite_store(redis_server: RedisServer,
                                                                        tmp_path: Path) -> None:
-    reference, state = DeviceStore(tmp_path / "devices.sqlite"), RedisState.from_url(redis_server.url, prefix=prefix())
+    reference = SqliteDeviceStore(tmp_path / "devices.sqlite")
+    state = RedisState.from_url(redis_server.url, prefix=prefix())
     seen, answers = {}, {}
     for name, step in STEPS:
         answers[name] = step(state.devices)
@@ -578,15 +581,15 @@ def test_apply_verdicts_reports_unknown_devices_and_changes_only_known_ones(redi
     store.close()
 
 
-def test_replace_all_prunes_only_a_full_sync_and_keeps_other_vendors_verdicts(redis_server: RedisServer) -> None:
+def test_replace_all_prunes_only_a_full_sync_and_keeps_other_partners_verdicts(redis_server: RedisServer) -> None:
     store = RedisState.from_url(redis_server.url, prefix=prefix()).devices
     store.replace_all([record(A), record(B, threatLevel="high", threatSource="graph")], now=NOW)
     store.set_threat_level(B, "lookout", DeviceThreatLevel.medium, now=NOW)
     store.replace_all([record(C)], now=NOW)  # not a full sync: nothing pruned
     assert store.count() == 3
-    store.replace_all([], now=NOW, prune_vendor="graph")  # an empty sync prunes nothing
+    store.replace_all([], now=NOW, prune_partner="graph")  # an empty sync prunes nothing
     assert store.count() == 3
-    store.replace_all([record(C)], now=NOW, prune_vendor="graph")
+    store.replace_all([record(C)], now=NOW, prune_partner="graph")
     assert (store.count(), store.managed_device(A), store.managed_device(B)) == (1, None, None)
     store.upsert(record(B), now=NOW)  # back: lookout's verdict was kept, graph's went with the prune
     assert (store.managed_device(B).threat_level, store.managed_device(B).threat_source) == \
@@ -603,7 +606,7 @@ def test_a_full_sync_of_100000_devices_takes_seconds(redis_server: RedisServer) 
         for i in range(100_000)]))
     store = RedisState.from_url(redis_server.url, prefix=prefix()).devices
     started = time.perf_counter()
-    assert store.replace_all(devices, now=NOW, prune_vendor="graph") == 100_000
+    assert store.replace_all(devices, now=NOW, prune_partner="graph") == 100_000
     print(f"redis: replace_all of 100,000 devices took {time.perf_counter() - started:.2f} s")
     assert store.count() == 100_000
     assert store.managed_device("BB000000-0000-4000-8000-000000099998").threat_level is DeviceThreatLevel.low
@@ -613,9 +616,14 @@ def test_a_full_sync_of_100000_devices_takes_seconds(redis_server: RedisServer) 
 # --- events, and Redis going away -----------------------------------------------------------------
 
 
+def changed(*device_ids: str) -> DevicesChanged:
+    """The event a subscriber gets for a write to these devices: their ids as sent, not folded here."""
+    return DevicesChanged(frozenset(device_ids))
+
+
 async def subscribed(state: RedisState) -> tuple[asyncio.Task[None], asyncio.Queue[tuple[str, object]]]:
     queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
-    events = state.events(on_devices=lambda ids: queue.put_nowait(("devices", ids)),
+    events = state.events(on_devices=lambda event: queue.put_nowait(("devices", event)),
                           on_revoked=lambda key: queue.put_nowait(("revoked", key)),
                           on_connected=lambda: queue.put_nowait(("connected", None)),
                           on_lost=lambda: queue.put_nowait(("lost", None)))
@@ -632,23 +640,23 @@ def test_every_device_write_reaches_a_subscriber_within_a_second(redis_server: R
         many = [record(f"cc000000-0000-4000-8000-{i:012d}") for i in range(1001)]
         pruned = sorted({A, *(r.azure_ad_device_id for r in many)})  # in chunks of 1000, in order
         writes = [
-            (lambda: writer.devices.upsert(record(A), now=NOW), [{A}]),
+            (lambda: writer.devices.upsert(record(A), now=NOW), [changed(A)]),
             (lambda: writer.devices.apply_verdicts("lookout", [(A, DeviceThreatLevel.high), ("x", None)], now=NOW),
-             [{A}]),
-            (lambda: writer.devices.replace_all(many, now=NOW), [{r.azure_ad_device_id for r in many[:1000]},
-                                                                 {many[1000].azure_ad_device_id}]),
+             [changed(A)]),
+            (lambda: writer.devices.replace_all(many, now=NOW),
+             [changed(*(r.azure_ad_device_id for r in many[:1000])), changed(many[1000].azure_ad_device_id)]),
             (lambda: writer.devices.apply_verdicts("lookout", [(r.azure_ad_device_id, DeviceThreatLevel.low)
-                                                               for r in many], now=NOW), [{"*"}]),
-            (lambda: writer.devices.replace_all([record(B)], now=NOW, prune_vendor="graph"),
-             [{B}, set(pruned[:1000]), set(pruned[1000:])]),
+                                                               for r in many], now=NOW), [ALL_DEVICES]),
+            (lambda: writer.devices.replace_all([record(B)], now=NOW, prune_partner="graph"),
+             [changed(B), changed(*pruned[:1000]), changed(*pruned[1000:])]),
             # A was pruned above with lookout's verdict kept: retiring it removes that, so it is announced
-            (lambda: writer.devices.remove([B.upper(), A, "never-there"], now=NOW), [{A, B}]),
+            (lambda: writer.devices.remove([B.upper(), A, "never-there"], now=NOW), [changed(A, B)]),
         ]
         for write, expected in writes:
             started = time.monotonic()
             await asyncio.to_thread(write)
-            for ids in expected:
-                assert await asyncio.wait_for(queue.get(), 1) == ("devices", ids)
+            for event in expected:
+                assert await asyncio.wait_for(queue.get(), 1) == ("devices", event)
             print(f"device change seen by the subscriber after {(time.monotonic() - started) * 1000:.1f} ms")
         await writer.sessions.end_session("session-1")
         assert await asyncio.wait_for(queue.get(), 1) == ("revoked", session_key("session-1"))
@@ -678,7 +686,7 @@ def test_devices_remove_on_redis_retires_the_device_for_every_gateway(redis_serv
         task, queue = await subscribed(reader)
         removed = await asyncio.to_thread(subprocess.run, [PORTCULLIS, "devices", "--config", str(tmp_path),
                                                            "remove", A], capture_output=True, text=True, timeout=60)
-        assert await asyncio.wait_for(queue.get(), 5) == ("devices", {A})
+        assert await asyncio.wait_for(queue.get(), 5) == ("devices", changed(A))
         assert await asyncio.to_thread(writer.devices.managed_device, A) is None
         assert await asyncio.to_thread(writer.devices.count) == 1
         client = redis.Redis.from_url(redis_server.url, decode_responses=True)
@@ -721,7 +729,7 @@ def test_losing_redis_fails_closed_fast_and_events_resume_when_it_is_back(
             redis_server.start()
         assert await asyncio.wait_for(queue.get(), 5) == ("connected", None)
         await asyncio.to_thread(state.devices.upsert, record(A), now=NOW)  # its pooled connection died: retried
-        assert await asyncio.wait_for(queue.get(), 1) == ("devices", {A})
+        assert await asyncio.wait_for(queue.get(), 1) == ("devices", changed(A))
         assert await state.sessions.get_session("session-1") is None  # Redis came back empty
         task.cancel()
         await state.aclose()
@@ -741,7 +749,7 @@ def test_answers_from_copies_while_redis_is_down_are_logged_once_per_interval_wi
     state = RedisState.from_url(redis_server.url, prefix=prefix())
     state.devices.replace_all([record(A)], now=NOW)
     clock = Clock()
-    inventory = CachedInventory(SqliteInventory(state.devices, name="redis"), ttl=60, miss_ttl=5,  # type: ignore[arg-type]
+    inventory = CachedInventory(StoreInventory(state.devices, name="redis"), ttl=60, miss_ttl=5,
                                 max_staleness=300, max_entries=1000, timer=clock)
 
     async def lookups(count: int) -> None:
@@ -882,7 +890,7 @@ def test_a_failing_callback_counts_as_a_lost_feed_and_the_subscription_comes_bac
                           RedisState.from_url(redis_server.url, prefix=key_prefix))
         seen: list[str] = []
 
-        def on_devices(ids: set[str]) -> None:
+        def on_devices(event: ChangeEvent) -> None:
             seen.append("devices")
             if seen.count("devices") == 1:
                 raise RuntimeError("a listener broke")

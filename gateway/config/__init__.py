@@ -22,14 +22,13 @@ from gateway.config.models import (
 )
 from gateway.config.presets import expand_presets
 from gateway.errors import ConfigError, ConfigProblem
+from gateway.policy.model import ALL, ALL_TRUSTED
 
 __all__ = ["Config", "ConfigError", "load_config", "load_gateway_file", "GATEWAY_FILE", "POLICIES_FILE"]
 
 GATEWAY_FILE = "portcullis.yaml"
 CASES_FILE = "cases.yaml"
 POLICIES_FILE = "policies.yaml"
-ALL = "All"
-ALL_TRUSTED = "AllTrusted"
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import combinations
 
-from gateway.config import ALL
 from gateway.config.models import ConditionalAccessPolicy
-from gateway.policy.model import ClientAppType
+from gateway.policy.model import ALL, ClientAppType
 from gateway.policy.policy_set import CompiledUsers
 
 CLIENT_APP_TYPES = [t for t in ClientAppType if t is not ClientAppType.all]

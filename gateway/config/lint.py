@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 
-from gateway.config import ALL, ALL_TRUSTED, GATEWAY_FILE, POLICIES_FILE, Config
+from gateway.config import GATEWAY_FILE, POLICIES_FILE, Config
 from gateway.config.coverage import resources_of, uncovered_cohorts
 from gateway.config.loader import locate
 from gateway.config.models import ConditionalAccessPolicy, PlatformOrAll, PolicyState
 from gateway.errors import ConfigProblem
-from gateway.policy.model import Listener
+from gateway.policy.model import ALL, ALL_TRUSTED, Listener
 
 
 def config_warnings(config: Config) -> list[ConfigProblem]:

@@ -35,6 +35,7 @@ from pydantic.alias_generators import to_camel
 from gateway import headers
 from gateway.policy.device_filter import Rule, RuleSyntaxError, parse_rule
 from gateway.policy.model import (
+    ALL,
     BuiltInControl,
     ClientAppType,
     ComplianceSettings,
@@ -698,7 +699,7 @@ class DeviceFilter(Model):
         return parse_rule(self.rule)
 
 
-ALL_USERS = UsersCondition.model_construct(include_users=["All"], exclude_users=[], include_groups=[],
+ALL_USERS = UsersCondition.model_construct(include_users=[ALL], exclude_users=[], include_groups=[],
                                            exclude_groups=[])
 
 

@@ -39,7 +39,6 @@ from gateway.state.sessions import MemorySessionStore, SessionStore
 
 CALLBACK_PATH = "/.portcullis/callback"
 BINDING_COOKIE = "__Host-portcullis-signin"
-GATEWAY_COOKIE_PREFIX = "__Host-portcullis-"
 LOGOUT_PATH = "/.portcullis/logout"
 RESERVED_PREFIX = "/.portcullis/"
 COOKIE_NAME = "__Host-portcullis-session"
@@ -203,10 +202,3 @@ def cookie_value(cookie_headers: list[str]) -> str | None:
             if name == COOKIE_NAME:
                 return value
     return None
-
-
-def without_session_cookie(cookie_header: str) -> str:
-    """The Cookie header an upstream may see: the gateway's own cookies never reach it."""
-    kept = [p.strip() for p in cookie_header.split(";")
-            if p.strip() and not p.strip().startswith(GATEWAY_COOKIE_PREFIX)]
-    return "; ".join(kept)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from gateway.config.models import Include, PlatformsCondition, Resource
 from gateway.policy.device_filter import DeviceAttributes
 from gateway.policy.model import (
+    ALL,
+    ALL_TRUSTED,
     AccessRequest,
     ClientApp,
     ClientAppType,
@@ -31,9 +33,6 @@ from gateway.signals.compliance import is_compliant
 if TYPE_CHECKING:
     from gateway.policy.policy_set import CompiledUsers
 
-ALL = "All"
-NONE = "None"
-ALL_TRUSTED = "AllTrusted"
 ACTIVESYNC_PATH = "/microsoft-server-activesync"
 
 type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -92,12 +91,6 @@ def matching_patterns(index: ResourceIndex, host: str, path: str) -> list[PathPa
         lists.append(by_first.get("", ()))
     found = [pattern for patterns in lists for pattern in patterns if pattern.regex.match(path)]
     return sorted(found, key=lambda p: p.specificity, reverse=True)
-
-
-def match_resource(index: ResourceIndex, host: str, path: str) -> str | None:
-    """The most specific resource whose pattern matches; None if none does."""
-    patterns = matching_patterns(index, host, path)
-    return patterns[0].resource if patterns else None
 
 
 def user_names(identity: Identity) -> frozenset[str]:

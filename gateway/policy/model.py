@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import IntEnum, StrEnum
 
+# Entra's keywords in a condition's include and exclude lists (resources, users, locations)
+ALL = "All"
+ALL_TRUSTED = "AllTrusted"  # locations: every named location marked trusted
+
 
 class PolicyState(StrEnum):
     enabled = "enabled"
@@ -178,7 +182,7 @@ class ManagedDevice:
     compliance_state: ComplianceState
     compliance_grace_period_expiration: datetime | None
     threat_level: DeviceThreatLevel | None
-    threat_source: str | None
+    threat_source: str | None  # the partner whose verdict this is (``threatSource`` in logs and imports)
     eas_device_id: str | None = None  # the ActiveSync DeviceId registered for this device
     management_agent: str | None = None
     jail_broken: bool | None = None

@@ -23,7 +23,6 @@ from gateway.config.models import (
     UsersCondition,
 )
 from gateway.policy.conditions import (
-    ALL,
     Network,
     ResourceIndex,
     compile_resources,
@@ -33,6 +32,7 @@ from gateway.policy.conditions import (
 from gateway.policy.device_filter import Rule
 from gateway.policy.grant_controls import controls_named
 from gateway.policy.model import (
+    ALL,
     NO_SESSION_CONTROLS,
     ClientAppType,
     PolicyResult,
@@ -157,10 +157,6 @@ class PolicySet:
                     ClientAppType.all in types or ClientAppType.browser in types):
                 merged = merged.merge(compiled.session_controls)
         return merged
-
-    def resource_for(self, host: str, path: str) -> str | None:
-        found = self.match(host, path)
-        return found.primary if found else None
 
     def targeting(self, resources: tuple[str, ...]) -> Targeting:
         """The policies worth evaluating for these resources, and the others' fixed results."""

@@ -103,7 +103,7 @@ def with_pseudonyms(config: Config, pseudonymizer: Pseudonymizer) -> Config:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Verdict:
+class DecisionSummary:
     """A decision reduced to what the diff compares and shows."""
 
     result: DecisionResult
@@ -115,7 +115,7 @@ class Verdict:
     applied: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, decision: Decision) -> Verdict:
+    def of(cls, decision: Decision) -> DecisionSummary:
         return cls(result=decision.result, status_code=decision.status_code, reason=decision.reason,
                    policy_id=decision.failed_policy_id, policy_name=decision.failed_policy,
                    resource=decision.resource, applied=tuple(p.name for p in decision.policies if p.result in APPLIED))
@@ -124,8 +124,8 @@ class Verdict:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Replayed:
     request: RecordedRequest
-    baseline: Verdict
-    candidate: Verdict
+    baseline: DecisionSummary
+    candidate: DecisionSummary
     user: str | None
     app: str | None
     current_inventory: bool  # the device came from today's inventory, not from the decision log
@@ -150,7 +150,7 @@ class Replayed:
 
 @dataclass(frozen=True, slots=True)
 class Evaluated:
-    verdict: Verdict
+    summary: DecisionSummary
     identity: Identity | None
     app: str | None
     current_inventory: bool
@@ -345,14 +345,14 @@ async def decide(side: Side, request: RecordedRequest, claims: Claims, devices: 
     if found is None:
         return _refused(403, NO_RESOURCE_REASON)
     if found.public:
-        return Evaluated(Verdict(result=DecisionResult.allow, status_code=200, reason="public resource",
-                                 resource=found.primary), None, None, False)
+        return Evaluated(DecisionSummary(result=DecisionResult.allow, status_code=200, reason="public resource",
+                                         resource=found.primary), None, None, False)
     identity = recorded_identity(config, request, claims)
     if isinstance(identity, str):
         return identity
     if isinstance(identity, RejectedToken):
-        return Evaluated(Verdict(result=DecisionResult.unauthenticated, status_code=401, reason=identity.reason),
-                         None, None, False)
+        return Evaluated(DecisionSummary(result=DecisionResult.unauthenticated, status_code=401,
+                                         reason=identity.reason), None, None, False)
     device, current = await _device(rules, request, identity, devices, kiosk_location)
     given = request.evaluation_input  # the binding was checked against the device of the time: as recorded
     known = recorded_cohorts(rules, access, identity, request.recorded, recording)
@@ -362,9 +362,9 @@ async def decide(side: Side, request: RecordedRequest, claims: Claims, devices: 
                             cohorts=known.cohorts if known else None)
     label = decided.app.name or decided.app.client_id
     if known is None:
-        return Evaluated(Verdict.of(decided.decision), identity, label, current)
+        return Evaluated(DecisionSummary.of(decided.decision), identity, label, current)
     applied = {p.name for p in decided.decision.policies if p.result in APPLIED}  # where the cohort decided
-    return Evaluated(Verdict.of(decided.decision), identity, label, current, known.kept & applied,
+    return Evaluated(DecisionSummary.of(decided.decision), identity, label, current, known.kept & applied,
                      known.unknown & applied)
 
 
@@ -395,18 +395,18 @@ def _kiosk_location(config: Config, request: RecordedRequest) -> str | None:
 
 def _refused(status: int, reason: str) -> Evaluated:
     """Answers before policy (unknown host, ambiguous path, no resource): the same for anyone."""
-    return Evaluated(Verdict(result=DecisionResult.block, status_code=status, reason=reason), None, None, False)
+    return Evaluated(DecisionSummary(result=DecisionResult.block, status_code=status, reason=reason), None, None, False)
 
 
-def recorded_verdict(request: RecordedRequest) -> Verdict | str:
+def recorded_summary(request: RecordedRequest) -> DecisionSummary | str:
     recorded = request.recorded
     if recorded is None:
         return NO_RECORDED_DECISION
     if recorded.status_code == 503:
         return UNAVAILABLE
-    return Verdict(result=recorded.result, status_code=recorded.status_code, reason=recorded.reason,
-                   policy_id=recorded.policy_id, policy_name=recorded.policy_name, resource=recorded.resource,
-                   applied=recorded.applied)
+    return DecisionSummary(result=recorded.result, status_code=recorded.status_code, reason=recorded.reason,
+                           policy_id=recorded.policy_id, policy_name=recorded.policy_name, resource=recorded.resource,
+                           applied=recorded.applied)
 
 
 async def replay(requests: Sequence[RecordedRequest], *, baseline: Side | None, candidate: Side,
@@ -436,16 +436,17 @@ async def _replay_one(request: RecordedRequest, claims: Claims, baseline: Side |
                       devices: Devices, default_ip: str, recording: Percents | None) -> Replayed | Skipped:
     if request.recorded is not None and request.recorded.status_code == 503 and not request.authorization:
         return Skipped(request.place, UNAVAILABLE)
-    before = recorded_verdict(request) if baseline is None else await decide(baseline, request, claims, devices,
+    before = recorded_summary(request) if baseline is None else await decide(baseline, request, claims, devices,
                                                                               default_ip, recording)
     after = await decide(candidate, request, claims, devices, default_ip, recording)
     if isinstance(before, str) or isinstance(after, str):
         return Skipped(request.place, before if isinstance(before, str) else str(after))
-    sides = [after] if isinstance(before, Verdict) else [after, before]
+    sides = [after] if isinstance(before, DecisionSummary) else [after, before]
     identity = next((side.identity for side in sides if side.identity is not None), None)
     recorded = request.recorded
     return Replayed(
-        request=request, baseline=before if isinstance(before, Verdict) else before.verdict, candidate=after.verdict,
+        request=request, baseline=before if isinstance(before, DecisionSummary) else before.summary,
+        candidate=after.summary,
         user=(identity.user_principal_name or identity.subject) if identity else recorded.user if recorded else None,
         app=next((side.app for side in sides if side.app), recorded.app if recorded else None),
         current_inventory=any(side.current_inventory for side in sides),

@@ -16,8 +16,8 @@ from gateway.replay.report import (
     BLOCK_TO_ALLOW,
     DIMENSIONS,
     ReplayReport,
+    summary_text,
     url,
-    verdict_text,
     when,
 )
 
@@ -132,8 +132,8 @@ def _groups(report: ReplayReport, change: str) -> str:
 def _examples(items: Sequence[Replayed]) -> str:
     rows = "".join(
         f"<tr><td>{_e(when(item))}</td><td><code>{_e(item.request.method)} {_e(url(item))}</code></td>"
-        f"<td>{_e(item.user or '-')}</td><td>{_e(item.app or '-')}</td><td>{_e(verdict_text(item.baseline))}</td>"
-        f"<td>{_e(verdict_text(item.candidate))}</td><td><code>{_e(item.request.correlation_id or '-')}</code><br>"
+        f"<td>{_e(item.user or '-')}</td><td>{_e(item.app or '-')}</td><td>{_e(summary_text(item.baseline))}</td>"
+        f"<td>{_e(summary_text(item.candidate))}</td><td><code>{_e(item.request.correlation_id or '-')}</code><br>"
         f"<code>{_e(item.request.place)}</code></td></tr>" for item in items)
     return ("<table><tr><th>time</th><th>request</th><th>user</th><th>app</th><th>baseline</th>"
             f"<th>candidate</th><th>correlation id, source</th></tr>{rows}</table>")

@@ -12,7 +12,7 @@ from datetime import UTC
 
 from gateway.config import Config
 from gateway.policy.model import PolicyState
-from gateway.replay.engine import Replayed, Verdict
+from gateway.replay.engine import DecisionSummary, Replayed
 from gateway.replay.recorded import Skipped
 from gateway.terminal import printable
 
@@ -85,18 +85,18 @@ class ReplayReport:
         return sorted(places.items(), key=lambda pair: -len(pair[1]))
 
 
-def deciding(item: Replayed) -> Verdict:
+def deciding(item: Replayed) -> DecisionSummary:
     """The side whose decision explains the change: the candidate's block, or the baseline's
     block that no longer holds."""
     return item.baseline if item.change == BLOCK_TO_ALLOW else item.candidate
 
 
 def _policy(item: Replayed) -> tuple[str, str]:
-    verdict = deciding(item)
-    if verdict.policy_id is None:
-        return f"({verdict.reason})", f"no policy: {verdict.reason}"
-    return verdict.policy_id, f"{verdict.policy_id} ({verdict.policy_name})" if verdict.policy_name else \
-        verdict.policy_id
+    summary = deciding(item)
+    if summary.policy_id is None:
+        return f"({summary.reason})", f"no policy: {summary.reason}"
+    return summary.policy_id, f"{summary.policy_id} ({summary.policy_name})" if summary.policy_name else \
+        summary.policy_id
 
 
 def _resource(item: Replayed) -> tuple[str, str]:
@@ -203,14 +203,14 @@ def as_text(report: ReplayReport) -> str:
 def example_line(item: Replayed) -> str:
     request = item.request
     return (f"{when(item)} {request.method} {url(item)}  {item.user or '-'}, {item.app or '-'}: "
-            f"{verdict_text(item.baseline)} → {verdict_text(item.candidate)}  "
+            f"{summary_text(item.baseline)} → {summary_text(item.candidate)}  "
             f"[{request.correlation_id or '-'} {request.place}]")
 
 
-def verdict_text(verdict: Verdict) -> str:
-    if verdict.policy_id:
-        return f"{verdict.result.value} ({verdict.policy_id}: {verdict.reason})"
-    return f"{verdict.result.value} ({verdict.reason})"
+def summary_text(summary: DecisionSummary) -> str:
+    if summary.policy_id:
+        return f"{summary.result.value} ({summary.policy_id}: {summary.reason})"
+    return f"{summary.result.value} ({summary.reason})"
 
 
 def when(item: Replayed) -> str:

@@ -41,7 +41,7 @@ from gateway.identity.oauth_client import OAuthError, strict_oauth_client
 from gateway.policy.model import ComplianceState, ManagedDevice
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.mtd import LEVELS
-from gateway.signals.sqlite_store import DeviceStore, SqliteInventory
+from gateway.signals.store import DeviceStore, StoreInventory
 from gateway.strict_json import JsonRefused
 from gateway.strict_json import loads as strict_json
 
@@ -61,7 +61,7 @@ RECHECKS_KEPT = 100_000  # undecided devices whose next recheck is remembered
 # Graph answered "unknown" for a device this many times in a row: a lasting state (no compliance
 # policy assigned to it), left to the full sync from then on
 RECHECK_SETTLED_AFTER = 3
-GRAPH_VENDOR = "graph"  # partnerReportedThreatState, as Intune last heard it from the MTD partner
+GRAPH_PARTNER = "graph"  # the partner slot of partnerReportedThreatState: Intune's last word from the MTD partner
 DEVICE_ID = re.compile(r"^[0-9a-fA-F-]{1,64}$")
 
 
@@ -98,7 +98,7 @@ def device_record(item: Mapping[str, Any]) -> DeviceRecord | None:
         "model": item.get("model"),
     }
     if threat in LEVELS:
-        fields["threatLevel"], fields["threatSource"] = LEVELS[threat].value, GRAPH_VENDOR
+        fields["threatLevel"], fields["threatSource"] = LEVELS[threat].value, GRAPH_PARTNER
     return DeviceRecord.model_validate_json(json.dumps({k: v for k, v in fields.items() if v is not None}),
                                             strict=True)
 
@@ -209,7 +209,7 @@ class GraphInventory:
 
     name = "graph"
 
-    def __init__(self, store: DeviceStore, local: SqliteInventory, client: GraphClient, *,
+    def __init__(self, store: DeviceStore, local: StoreInventory, client: GraphClient, *,
                  clock: Callable[[], datetime], timer: Callable[[], float] = time.monotonic) -> None:
         self.store, self.local, self.client = store, local, client
         self._clock, self._timer = clock, timer
@@ -282,12 +282,12 @@ class GraphInventory:
             logger.warning("Graph answered %d other devices to a lookup of %s; they are not stored",
                            len(records) - len(wanted), key)
         for record in wanted:
-            await asyncio.to_thread(self.store.upsert, record, now=self._clock(), clear_vendor=GRAPH_VENDOR)
+            await asyncio.to_thread(self.store.upsert, record, now=self._clock(), clear_partner=GRAPH_PARTNER)
         return bool(wanted)
 
     async def full_sync(self) -> int:
         records = await self.client.managed_devices()
-        count = await asyncio.to_thread(self.store.replace_all, records, now=self._clock(), prune_vendor=GRAPH_VENDOR)
+        count = await asyncio.to_thread(self.store.replace_all, records, now=self._clock(), prune_partner=GRAPH_PARTNER)
         self.synced_at = self._clock()
         return count
 

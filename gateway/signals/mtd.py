@@ -20,7 +20,7 @@ ahead counts as now.
 Levels: ``secured | low | medium | high``, Graph's ``partnerReportedThreatState`` values
 (``secured``, ``lowSeverity``, ``mediumSeverity``, ``highSeverity``, ``compromised`` = high;
 ``deactivated`` and ``unknown`` clear the partner's verdict; ``activated``, ``misconfigured`` and
-``unresponsive`` carry no level and are ignored) and common vendor words (``none``, ``clean``,
+``unresponsive`` carry no level and are ignored) and words partners commonly use (``none``, ``clean``,
 ``critical``). A partner that has not been heard from for ``unresponsiveAfterSeconds`` has its
 verdicts ignored, as Intune does after ``partnerUnresponsivenessThresholdInDays``.
 """

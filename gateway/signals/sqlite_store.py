@@ -1,5 +1,5 @@
 """The embedded device inventory: one SQLite file with Intune's device fields and, per device,
-the last verdict of each MTD vendor. The highest current level wins.
+the last verdict of each MTD partner. The highest current level wins.
 
 Every write records the device in ``changes``, so a gateway (another process, or the same
 one) learns what changed without re-reading everything: ``changes_since(seq)``.
@@ -10,20 +10,22 @@ than the newest verdict or clear of that partner already stored for the device i
 delayed or retried push cannot undo a newer one (an old "low" arriving after a "high").
 ``verdict_times`` keeps that newest time, clears included; verdicts of the same time apply in the
 order received.
+
+The ``vendor`` columns hold the partner: that is their name in the files already written, and
+renaming them would mean migrating every file, which gateways of two versions may share during an
+upgrade.
 """
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from gateway.config.loader import format_loc, locate, read_yaml
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.devices import DeviceRecord
+from gateway.signals.store import DeviceStore, micros, with_threats
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -42,7 +45,7 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 CREATE TABLE IF NOT EXISTS threat_levels (
     device_id TEXT NOT NULL,
-    vendor TEXT NOT NULL,
+    vendor TEXT NOT NULL,                  -- the partner (see the module's docstring)
     level TEXT NOT NULL,                   -- secured | low | medium | high
     reported_at TEXT NOT NULL,
     PRIMARY KEY (device_id, vendor)
@@ -73,43 +76,20 @@ EXPORT_FIELDS = (
 
 DEVICE_LIST = TypeAdapter(list[DeviceRecord])
 CHANGES_KEPT = 100_000  # a reader further behind than this re-reads everything (``changes_since``)
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PARTNER_CONTACT = ("INSERT INTO partners VALUES (?, ?) ON CONFLICT (vendor) DO UPDATE "
                    "SET last_contact = MAX(last_contact, excluded.last_contact)")  # UTC ISO times sort as text
 
 logger = logging.getLogger(__name__)
 
 
-def micros(moment: datetime) -> int:
-    """Microseconds since 1970: how verdict times are compared (and scored in Redis)."""
-    return (moment - EPOCH) // timedelta(microseconds=1)
-
-
-class VerdictShortcuts:
-    """One verdict at a time, for stores with ``apply_verdicts`` (SQLite here, Redis)."""
-
-    def apply_verdicts(self, vendor: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
-                       now: datetime) -> tuple[set[str], list[str]]:
-        raise NotImplementedError
-
-    def set_threat_level(self, device_id: str, vendor: str, level: DeviceThreatLevel, *, now: datetime) -> bool:
-        """Record a vendor's verdict; False if the device is not in the inventory."""
-        changed, _ = self.apply_verdicts(vendor, [(device_id, level)], now=now)
-        return bool(changed)
-
-    def clear_threat_level(self, device_id: str, vendor: str, *, now: datetime) -> bool:
-        changed, _ = self.apply_verdicts(vendor, [(device_id, None)], now=now)
-        return bool(changed)
-
-
-class DeviceStore(VerdictShortcuts):
-    """Thread-safe. Writes go through one connection, reads through another: in WAL mode a long
-    write (a full sync) never holds up lookups or the change check made before every request.
-    Async callers use ``to_thread`` for anything but ``data_version``/``changes_since``."""
+class SqliteDeviceStore(DeviceStore):
+    """Writes go through one connection, reads through another: in WAL mode a long write (a full
+    sync) never holds up lookups or the change check made before every request. Async callers use
+    ``to_thread`` for anything but ``data_version``/``changes_since``."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+        self.path, self.location = path, str(path)
         self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -125,8 +105,7 @@ class DeviceStore(VerdictShortcuts):
         with self._read_lock:
             return self._reader.execute(sql, parameters).fetchall()
 
-    def managed_device(self, device_id: str, ignored_vendors: frozenset[str] = frozenset()) -> ManagedDevice | None:
-        """The device with the highest current MTD level, leaving out ``ignored_vendors``."""
+    def managed_device(self, device_id: str, ignored_partners: frozenset[str] = frozenset()) -> ManagedDevice | None:
         key = device_id.lower()
         with self._read_lock:
             self._reader.execute("BEGIN")  # one snapshot for the record and its verdicts
@@ -140,42 +119,34 @@ class DeviceStore(VerdictShortcuts):
             return None
         try:
             device = DeviceRecord.model_validate_json(row[0]).to_managed_device()
-            return with_threats(device, [t for t in threats if t[0] not in ignored_vendors])
+            return with_threats(device, [t for t in threats if t[0] not in ignored_partners])
         except ValueError as error:  # pydantic's ValidationError included: a row written by something else
             raise SignalUnavailable(f"device inventory {self.path}: device {key} is unreadable") from error
 
-    def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_vendor: str | None = None,
+    def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_partner: str | None = None,
                     seed: bool = False) -> int:
-        """Upsert every record in one transaction (threat verdicts included).
-
-        ``prune_vendor`` (a full sync): devices not in ``records`` are removed, with that vendor's
-        verdicts; other vendors' verdicts stay for when the device returns. An empty sync prunes
-        nothing. ``seed``: a record's verdict never replaces a newer one already stored (a
-        restart must not undo a webhook's raise)."""
+        """In one transaction."""
         rows = list(records)
         with self._write_lock, self._transaction():
             for record in rows:
-                self._upsert(record, now, clear_vendor=prune_vendor, seed=seed)
-            if prune_vendor is not None and rows:
+                self._upsert(record, now, clear_partner=prune_partner, seed=seed)
+            if prune_partner is not None and rows:
                 keep = {r.azure_ad_device_id.lower() for r in rows}
                 gone = [d for (d,) in self._db.execute("SELECT device_id FROM devices") if d not in keep]
                 for device_id in gone:
                     self._db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
                     self._db.execute("DELETE FROM threat_levels WHERE device_id = ? AND vendor = ?",
-                                     (device_id, prune_vendor))
+                                     (device_id, prune_partner))
                     self._changed(device_id, now)
             self._trim_changes()
         return len(rows)
 
-    def upsert(self, record: DeviceRecord, *, now: datetime, clear_vendor: str | None = None) -> None:
+    def upsert(self, record: DeviceRecord, *, now: datetime, clear_partner: str | None = None) -> None:
         with self._write_lock, self._transaction():
-            self._upsert(record, now, clear_vendor=clear_vendor, seed=False)
+            self._upsert(record, now, clear_partner=clear_partner, seed=False)
 
     def remove(self, device_ids: Iterable[str], *, now: datetime) -> set[str]:
-        """Retire devices (``portcullis devices remove``): the record and every vendor's verdicts and
-        verdict times go, in one transaction; returns (and announces) the ids of which anything
-        was there: a record, or only the verdicts a full sync keeps for a device it pruned. A
-        device a connector or the seed file still lists comes back with its next sync, lookup or start."""
+        """In one transaction."""
         removed = set()
         with self._write_lock, self._transaction():
             for key in {d.lower() for d in device_ids}:
@@ -188,11 +159,9 @@ class DeviceStore(VerdictShortcuts):
             self._trim_changes()
         return removed
 
-    def apply_verdicts(self, vendor: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
+    def apply_verdicts(self, partner: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
                        now: datetime) -> tuple[set[str], list[str]]:
-        """One partner's verdicts, reported at ``now``, in one transaction (``None`` clears its
-        verdict); returns the devices changed and the ids the inventory does not know. A verdict
-        older than the partner's newest one stored for the device changes nothing."""
+        """In one transaction."""
         changed, unknown = set(), []
         at = micros(now)
         with self._write_lock, self._transaction():
@@ -201,40 +170,38 @@ class DeviceStore(VerdictShortcuts):
                 if self._db.execute("SELECT 1 FROM devices WHERE device_id = ?", (key,)).fetchone() is None:
                     unknown.append(device_id)
                     continue
-                if self._newest_verdict(key, vendor) > at:
-                    logger.info("verdict of %s for %s reported at %s ignored: a newer one is stored", vendor, key,
+                if self._newest_verdict(key, partner) > at:
+                    logger.info("verdict of %s for %s reported at %s ignored: a newer one is stored", partner, key,
                                 now.isoformat())
                     continue
                 if level is None:
-                    self._db.execute("DELETE FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, vendor))
+                    self._db.execute("DELETE FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, partner))
                 else:
                     self._db.execute("INSERT OR REPLACE INTO threat_levels VALUES (?, ?, ?, ?)",
-                                     (key, vendor, level.value, now.isoformat()))
-                self._db.execute("INSERT OR REPLACE INTO verdict_times VALUES (?, ?, ?)", (key, vendor, at))
+                                     (key, partner, level.value, now.isoformat()))
+                self._db.execute("INSERT OR REPLACE INTO verdict_times VALUES (?, ?, ?)", (key, partner, at))
                 self._changed(key, now)
                 changed.add(key)
-            self._db.execute(PARTNER_CONTACT, (vendor, now.isoformat()))
+            self._db.execute(PARTNER_CONTACT, (partner, now.isoformat()))
             self._trim_changes()
         return changed, unknown
 
-    def _newest_verdict(self, key: str, vendor: str) -> int:
-        """When the newest verdict (or clear) of ``vendor`` stored for ``key`` was reported, in µs; -1 for none."""
+    def _newest_verdict(self, key: str, partner: str) -> int:
+        """When the newest verdict (or clear) of ``partner`` stored for ``key`` was reported, in µs; -1 for none."""
         times = [row[0] for row in self._db.execute(
-            "SELECT reported_us FROM verdict_times WHERE device_id = ? AND vendor = ?", (key, vendor))]
+            "SELECT reported_us FROM verdict_times WHERE device_id = ? AND vendor = ?", (key, partner))]
         times += [micros(datetime.fromisoformat(row[0])) for row in self._db.execute(
-            "SELECT reported_at FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, vendor))]
+            "SELECT reported_at FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, partner))]
         return max(times, default=-1)
 
-    def partner_contact(self, vendor: str, *, now: datetime) -> None:
+    def partner_contact(self, partner: str, *, now: datetime) -> None:
         with self._write_lock:
-            self._db.execute(PARTNER_CONTACT, (vendor, now.isoformat()))
+            self._db.execute(PARTNER_CONTACT, (partner, now.isoformat()))
 
     def partner_contacts(self) -> dict[str, datetime]:
-        """When each partner was last heard from: a signed push, a heartbeat, or its newest verdict
-        (imported or synced verdicts carry their report time)."""
         rows = self._read("SELECT vendor, MAX(at) FROM (SELECT vendor, last_contact AS at FROM partners "
                           "UNION ALL SELECT vendor, reported_at AS at FROM threat_levels) GROUP BY vendor")
-        return {vendor: datetime.fromisoformat(at) for vendor, at in rows}
+        return {partner: datetime.fromisoformat(at) for partner, at in rows}
 
     def records(self) -> Iterator[dict[str, Any]]:
         for (record,) in self._read("SELECT record FROM devices ORDER BY device_id"):
@@ -261,12 +228,12 @@ class DeviceStore(VerdictShortcuts):
             return seq, set(), complete
         return max(r[0] for r in rows), {r[1] for r in rows}, complete
 
-    def _upsert(self, record: DeviceRecord, now: datetime, *, clear_vendor: str | None, seed: bool) -> None:
+    def _upsert(self, record: DeviceRecord, now: datetime, *, clear_partner: str | None, seed: bool) -> None:
         key = record.azure_ad_device_id.lower()
         fields = record.model_dump_json(by_alias=True, exclude_none=True,
                                         exclude={"threat_level", "threat_source", "threat_reported_date_time"})
         self._db.execute("INSERT OR REPLACE INTO devices VALUES (?, ?)", (key, fields))
-        vendor = record.threat_source or clear_vendor or "inventory"
+        partner = record.threat_source or clear_partner or "inventory"
         if record.threat_level is not None:
             reported = (record.threat_reported_date_time or now).isoformat()
             if seed and record.threat_reported_date_time is None:
@@ -275,12 +242,12 @@ class DeviceStore(VerdictShortcuts):
                 sql = ("INSERT INTO threat_levels VALUES (?, ?, ?, ?) ON CONFLICT (device_id, vendor) DO UPDATE "
                        "SET level = excluded.level, reported_at = excluded.reported_at "
                        "WHERE excluded.reported_at >= threat_levels.reported_at OR ?")
-                self._db.execute(sql, (key, vendor, record.threat_level.value, reported, not seed))
+                self._db.execute(sql, (key, partner, record.threat_level.value, reported, not seed))
                 self._changed(key, now)
                 return
-            self._db.execute(sql, (key, vendor, record.threat_level.value, reported))
-        elif clear_vendor is not None:  # the source reports no level any more: its old verdict goes
-            self._db.execute("DELETE FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, clear_vendor))
+            self._db.execute(sql, (key, partner, record.threat_level.value, reported))
+        elif clear_partner is not None:  # the source reports no level any more: its old verdict goes
+            self._db.execute("DELETE FROM threat_levels WHERE device_id = ? AND vendor = ?", (key, clear_partner))
         self._changed(key, now)
 
     def _changed(self, key: str, now: datetime) -> None:
@@ -302,15 +269,6 @@ class _Transaction:
 
     def __exit__(self, kind: object, *_: object) -> None:
         self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
-
-
-def with_threats(device: ManagedDevice, threats: list[tuple[str, str, str]]) -> ManagedDevice:
-    """Several MTD vendors may report on one device: the highest level wins."""
-    if not threats:
-        return device
-    vendor, level, reported = max(threats, key=lambda t: DeviceThreatLevel(t[1]).rank)
-    return replace(device, threat_level=DeviceThreatLevel(level), threat_source=vendor,
-                   threat_reported_at=datetime.fromisoformat(reported))
 
 
 def parse_import(path: Path) -> list[DeviceRecord]:
@@ -421,6 +379,7 @@ def _raise(problems: list[ConfigProblem]) -> None:
 
 
 def export(store: DeviceStore, fmt: str) -> str:
+    """Every device of either store, as ``portcullis devices export`` prints it (JSON or CSV)."""
     records = list(store.records())
     if fmt == "json":
         return json.dumps({"devices": records}, indent=2)
@@ -432,30 +391,3 @@ def export(store: DeviceStore, fmt: str) -> str:
                          for k, v in record.items()})
     return out.getvalue()
 
-
-class SqliteInventory:
-    """The store as an async ``DeviceInventory``: lookups run in a worker thread. Verdicts of an
-    MTD partner not heard from for its ``unresponsive_after`` are left out."""
-
-    def __init__(self, store: DeviceStore, unresponsive_after: Mapping[str, timedelta] | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), name: str = "sqlite") -> None:
-        self.store = store
-        self.name = name  # "redis" when the store is Redis (it has the same methods)
-        self._unresponsive_after = dict(unresponsive_after or {})
-        self._clock = clock
-
-    def ignored_vendors(self) -> frozenset[str]:
-        if not self._unresponsive_after:
-            return frozenset()
-        contacts, now = self.store.partner_contacts(), self._clock()
-        return frozenset(vendor for vendor, limit in self._unresponsive_after.items()
-                         if vendor not in contacts or now - contacts[vendor] > limit)
-
-    async def managed_device(self, device_id: str) -> ManagedDevice | None:
-        try:
-            return await asyncio.to_thread(self._lookup, device_id)
-        except sqlite3.Error as error:
-            raise SignalUnavailable(f"device inventory {self.store.path}: {error}") from error
-
-    def _lookup(self, device_id: str) -> ManagedDevice | None:
-        return self.store.managed_device(device_id, self.ignored_vendors())

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from gateway.errors import SignalUnavailable
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.devices import DeviceRecord
-from gateway.signals.sqlite_store import VerdictShortcuts, micros, with_threats
-from gateway.state.redis_keys import Keys, unavailable
+from gateway.signals.store import DeviceStore, micros, with_threats
+from gateway.state.redis_keys import EVERY_DEVICE, Keys, unavailable
 from gateway.strict_json import loads as strict_json
 
 CHUNK = 1000  # devices per script call or MULTI in a bulk write
@@ -31,34 +31,34 @@ local function publish(channel, changed, limit)
   elseif #changed > 0 then redis.call('PUBLISH', channel, cjson.encode(changed)) end
 end
 """
-# ARGV: prefix, clear vendor ('' = none), publish limit, a JSON list of devices, each [id, vendor,
+# ARGV: prefix, clear partner ('' = none), publish limit, a JSON list of devices, each [id, partner,
 # mode, verdict, verdict time in µs] (one argument: far cheaper to send than five per device), then
 # each device's record (JSON) as an argument of its own, in the same order (not inside the list,
-# where every quote would be escaped and decoded again). Modes mirror DeviceStore._upsert: none
-# (no level: the clear vendor's verdict goes), always, newer (seed with a time: not over a newer
+# where every quote would be escaped and decoded again). Modes mirror SqliteDeviceStore._upsert: none
+# (no level: the clear partner's verdict goes), always, newer (seed with a time: not over a newer
 # verdict), absent (seed without a time: never over any verdict).
 UPSERT_LUA = PUBLISH_LUA + """
 local p, clear, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local changed, seen = {}, {}
 for i, d in ipairs(cjson.decode(ARGV[4])) do
-  local id, vendor, mode, verdict, at, record = d[1], d[2], d[3], d[4], d[5], ARGV[4 + i]
+  local id, partner, mode, verdict, at, record = d[1], d[2], d[3], d[4], d[5], ARGV[4 + i]
   local threats = p .. 'threats:' .. id
   redis.call('SET', p .. 'device:' .. id, record)
   redis.call('SADD', p .. 'device-ids', id)
   local write = mode == 'always'
   if mode == 'absent' then
-    write = redis.call('HEXISTS', threats, vendor) == 0
+    write = redis.call('HEXISTS', threats, partner) == 0
   elseif mode == 'newer' then
-    local old = redis.call('ZSCORE', p .. 'reports:' .. vendor, id)
+    local old = redis.call('ZSCORE', p .. 'reports:' .. partner, id)
     write = (not old) or tonumber(at) >= tonumber(old)
   elseif mode == 'none' and clear ~= '' then
     redis.call('HDEL', threats, clear)
     redis.call('ZREM', p .. 'reports:' .. clear, id)
   end
   if write then
-    redis.call('HSET', threats, vendor, verdict)
-    redis.call('ZADD', p .. 'reports:' .. vendor, at, id)
-    redis.call('SADD', p .. 'vendors', vendor)
+    redis.call('HSET', threats, partner, verdict)
+    redis.call('ZADD', p .. 'reports:' .. partner, at, id)
+    redis.call('SADD', p .. 'vendors', partner)
   end
   if not seen[id] then seen[id] = true; changed[#changed + 1] = id end
 end
@@ -67,19 +67,19 @@ return #changed
 """
 # A partner's last contact only moves forward (UTC ISO times sort as text).
 CONTACT_LUA = """
-local function contact(p, vendor, now)
-  local old = redis.call('HGET', p .. 'partners', vendor)
-  if (not old) or old < now then redis.call('HSET', p .. 'partners', vendor, now) end
-  redis.call('SADD', p .. 'vendors', vendor)
+local function contact(p, partner, now)
+  local old = redis.call('HGET', p .. 'partners', partner)
+  if (not old) or old < now then redis.call('HSET', p .. 'partners', partner, now) end
+  redis.call('SADD', p .. 'vendors', partner)
 end
 """
-# ARGV: prefix, vendor, now (ISO), now (µs), publish limit, then per verdict: id, verdict ('' clears).
-# A verdict older than the vendor's newest verdict or clear of that device (``verdict-times:<vendor>``,
-# clears included, or the current verdict's score in ``reports:<vendor>``) changes nothing.
+# ARGV: prefix, partner, now (ISO), now (µs), publish limit, then per verdict: id, verdict ('' clears).
+# A verdict older than the partner's newest verdict or clear of that device (``verdict-times:<partner>``,
+# clears included, or the current verdict's score in ``reports:<partner>``) changes nothing.
 # Returns the changed ids and the positions of the unknown ones.
 APPLY_LUA = PUBLISH_LUA + CONTACT_LUA + """
-local p, vendor, now, at, limit = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local times = p .. 'verdict-times:' .. vendor
+local p, partner, now, at, limit = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local times = p .. 'verdict-times:' .. partner
 local changed, seen, unknown = {}, {}, {}
 for i = 6, #ARGV, 2 do
   local id, verdict = ARGV[i], ARGV[i+1]
@@ -87,37 +87,37 @@ for i = 6, #ARGV, 2 do
     unknown[#unknown + 1] = (i - 6) / 2
   else
     local newest = tonumber(redis.call('HGET', times, id) or '-1')
-    local current = redis.call('ZSCORE', p .. 'reports:' .. vendor, id)
+    local current = redis.call('ZSCORE', p .. 'reports:' .. partner, id)
     if current and tonumber(current) > newest then newest = tonumber(current) end
     if tonumber(at) >= newest then
       if verdict == '' then
-        redis.call('HDEL', p .. 'threats:' .. id, vendor)
-        redis.call('ZREM', p .. 'reports:' .. vendor, id)
+        redis.call('HDEL', p .. 'threats:' .. id, partner)
+        redis.call('ZREM', p .. 'reports:' .. partner, id)
       else
-        redis.call('HSET', p .. 'threats:' .. id, vendor, verdict)
-        redis.call('ZADD', p .. 'reports:' .. vendor, at, id)
+        redis.call('HSET', p .. 'threats:' .. id, partner, verdict)
+        redis.call('ZADD', p .. 'reports:' .. partner, at, id)
       end
       redis.call('HSET', times, id, at)
       if not seen[id] then seen[id] = true; changed[#changed + 1] = id end
     end
   end
 end
-contact(p, vendor, now)
+contact(p, partner, now)
 publish(p .. 'devices', changed, limit)
 return {changed, unknown}
 """
-# ARGV: prefix, publish limit, then the ids to retire. Each goes with every vendor's verdict, report
+# ARGV: prefix, publish limit, then the ids to retire. Each goes with every partner's verdict, report
 # score and verdict time. Returns the ids of which anything was there (a record, or verdicts alone).
 REMOVE_LUA = PUBLISH_LUA + """
 local p, limit = ARGV[1], tonumber(ARGV[2])
-local vendors, removed = redis.call('SMEMBERS', p .. 'vendors'), {}
+local partners, removed = redis.call('SMEMBERS', p .. 'vendors'), {}
 for i = 3, #ARGV do
   local id = ARGV[i]
   local gone = redis.call('SREM', p .. 'device-ids', id)
   gone = gone + redis.call('DEL', p .. 'device:' .. id, p .. 'threats:' .. id)
-  for _, vendor in ipairs(vendors) do
-    gone = gone + redis.call('ZREM', p .. 'reports:' .. vendor, id)
-    gone = gone + redis.call('HDEL', p .. 'verdict-times:' .. vendor, id)
+  for _, partner in ipairs(partners) do
+    gone = gone + redis.call('ZREM', p .. 'reports:' .. partner, id)
+    gone = gone + redis.call('HDEL', p .. 'verdict-times:' .. partner, id)
   end
   if gone > 0 then removed[#removed + 1] = id end
 end
@@ -125,14 +125,14 @@ publish(p .. 'devices', removed, limit)
 return removed
 """
 PARTNER_CONTACT_LUA = CONTACT_LUA + "contact(ARGV[1], ARGV[2], ARGV[3])\n"
-# Per vendor: its last contact and its newest verdict (one snapshot).
+# Per partner: its last contact and its newest verdict (one snapshot).
 PARTNERS_LUA = """
 local p, out = ARGV[1], {}
-for _, vendor in ipairs(redis.call('SMEMBERS', p .. 'vendors')) do
-  local newest, verdict = redis.call('ZRANGE', p .. 'reports:' .. vendor, -1, -1), ''
-  if newest[1] then verdict = redis.call('HGET', p .. 'threats:' .. newest[1], vendor) or '' end
-  out[#out + 1] = vendor
-  out[#out + 1] = redis.call('HGET', p .. 'partners', vendor) or ''
+for _, partner in ipairs(redis.call('SMEMBERS', p .. 'vendors')) do
+  local newest, verdict = redis.call('ZRANGE', p .. 'reports:' .. partner, -1, -1), ''
+  if newest[1] then verdict = redis.call('HGET', p .. 'threats:' .. newest[1], partner) or '' end
+  out[#out + 1] = partner
+  out[#out + 1] = redis.call('HGET', p .. 'partners', partner) or ''
   out[#out + 1] = verdict
 end
 return out
@@ -140,13 +140,13 @@ return out
 
 
 def _published(device_ids: list[str]) -> str:
-    return json.dumps(["*"] if len(device_ids) > PUBLISH_IDS_MAX else device_ids)
+    return json.dumps([EVERY_DEVICE] if len(device_ids) > PUBLISH_IDS_MAX else device_ids)
 
 
-class RedisDeviceStore(VerdictShortcuts):
-    """``DeviceStore``'s interface and semantics over Redis; thread-safe, blocking (callers use
-    ``to_thread``). Differences: a bulk write is atomic per ``CHUNK`` devices, not as a whole, and a
-    device another writer adds while a full sync prunes may be pruned with the devices it missed."""
+class RedisDeviceStore(DeviceStore):
+    """``DeviceStore`` over Redis. Differences from ``SqliteDeviceStore``: a bulk write is atomic
+    per ``CHUNK`` devices, not as a whole, and a device another writer adds while a full sync prunes
+    may be pruned with the devices it missed."""
 
     def __init__(self, client: redis.Redis, keys: Keys, location: str) -> None:
         self._client, self._keys = client, keys
@@ -157,52 +157,48 @@ class RedisDeviceStore(VerdictShortcuts):
         self._contact_script = client.register_script(PARTNER_CONTACT_LUA)
         self._remove_script = client.register_script(REMOVE_LUA)
 
-    @property
-    def path(self) -> str:
-        """Where the inventory is, for messages (``DeviceStore.path``)."""
-        return self.location
-
     def close(self) -> None:
         self._client.close()
 
-    def managed_device(self, device_id: str, ignored_vendors: frozenset[str] = frozenset()) -> ManagedDevice | None:
+    def managed_device(self, device_id: str, ignored_partners: frozenset[str] = frozenset()) -> ManagedDevice | None:
         key = device_id.lower()
         with unavailable(self.location), self._client.pipeline(transaction=True) as pipe:
-            record, threats = pipe.get(self._keys.device(key)).hgetall(self._keys.threats(key)).execute()
+            pipe.get(self._keys.device(key))
+            pipe.hgetall(self._keys.threats(key))
+            record, threats = pipe.execute()
         if record is None:
             return None
         try:
             strict_json(record)  # one reading, as of all shared state: pydantic keeps a member named twice
             device = DeviceRecord.model_validate_json(record).to_managed_device()
-            verdicts = [_verdict(vendor, text) for vendor, text in threats.items() if vendor not in ignored_vendors]
+            verdicts = [_verdict(partner, text) for partner, text in threats.items() if partner not in ignored_partners]
         except (ValidationError, ValueError, KeyError, TypeError) as error:
             raise SignalUnavailable(f"shared state {self.location}: device {key} is unreadable") from error
         return with_threats(device, verdicts)
 
-    def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_vendor: str | None = None,
+    def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_partner: str | None = None,
                     seed: bool = False) -> int:
         rows = list(records)
         for start in range(0, len(rows), CHUNK):
-            self._write(rows[start:start + CHUNK], now, clear_vendor=prune_vendor, seed=seed)
-        if prune_vendor is not None and rows:
-            self._prune({r.azure_ad_device_id.lower() for r in rows}, prune_vendor)
+            self._write(rows[start:start + CHUNK], now, clear_partner=prune_partner, seed=seed)
+        if prune_partner is not None and rows:
+            self._prune({r.azure_ad_device_id.lower() for r in rows}, prune_partner)
         return len(rows)
 
-    def upsert(self, record: DeviceRecord, *, now: datetime, clear_vendor: str | None = None) -> None:
-        self._write([record], now, clear_vendor=clear_vendor, seed=False)
+    def upsert(self, record: DeviceRecord, *, now: datetime, clear_partner: str | None = None) -> None:
+        self._write([record], now, clear_partner=clear_partner, seed=False)
 
     def remove(self, device_ids: Iterable[str], *, now: datetime) -> set[str]:
-        """As ``DeviceStore.remove`` (a device with only verdicts left counts), in one atomic step
-        that announces the removed devices."""
+        """In one atomic step that announces the removed devices."""
         with unavailable(self.location):
             removed = self._remove_script(args=[self._keys.prefix, PUBLISH_IDS_MAX,
                                                 *sorted({d.lower() for d in device_ids})])
         return set(removed)
 
-    def apply_verdicts(self, vendor: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
+    def apply_verdicts(self, partner: str, verdicts: Iterable[tuple[str, DeviceThreatLevel | None]], *,
                        now: datetime) -> tuple[set[str], list[str]]:
         given = list(verdicts)
-        arguments: list[str | int] = [self._keys.prefix, vendor, now.isoformat(), micros(now), PUBLISH_IDS_MAX]
+        arguments: list[str | int] = [self._keys.prefix, partner, now.isoformat(), micros(now), PUBLISH_IDS_MAX]
         for device_id, level in given:
             arguments += [device_id.lower(),
                           "" if level is None else json.dumps({"level": level.value, "reportedAt": now.isoformat()})]
@@ -210,27 +206,26 @@ class RedisDeviceStore(VerdictShortcuts):
             changed, unknown = self._apply_script(args=arguments)
         return set(changed), [given[int(index)][0] for index in unknown]
 
-    def partner_contact(self, vendor: str, *, now: datetime) -> None:
+    def partner_contact(self, partner: str, *, now: datetime) -> None:
         with unavailable(self.location):
-            self._contact_script(args=[self._keys.prefix, vendor, now.isoformat()])
+            self._contact_script(args=[self._keys.prefix, partner, now.isoformat()])
 
     def partner_contacts(self) -> dict[str, datetime]:
-        """As ``DeviceStore.partner_contacts``: the later of a partner's last contact and its newest
-        current verdict."""
+        """The later of a partner's last contact and its newest current verdict, in one snapshot."""
         with unavailable(self.location):
             flat = self._partners_script(args=[self._keys.prefix])
         contacts = {}
-        for vendor, contact, verdict in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
+        for partner, contact, verdict in zip(flat[::3], flat[1::3], flat[2::3], strict=True):
             times = [datetime.fromisoformat(contact)] if contact else []
             if verdict:
                 times.append(datetime.fromisoformat(strict_json(verdict)["reportedAt"]))
             if times:
-                contacts[vendor] = max(times)
+                contacts[partner] = max(times)
         return contacts
 
     def records(self) -> Iterator[dict[str, Any]]:
         with unavailable(self.location):
-            ids = sorted(self._client.smembers(self._keys.device_ids))
+            ids = sorted(_texts(self._client.smembers(self._keys.device_ids)))
             for start in range(0, len(ids), CHUNK):
                 values = self._client.mget([self._keys.device(i) for i in ids[start:start + CHUNK]])
                 yield from (strict_json(value) for value in values if value is not None)
@@ -239,27 +234,36 @@ class RedisDeviceStore(VerdictShortcuts):
         with unavailable(self.location):
             return int(self._client.scard(self._keys.device_ids))
 
-    def _write(self, rows: list[DeviceRecord], now: datetime, *, clear_vendor: str | None, seed: bool) -> None:
-        devices = json.dumps([_device_arguments(r, now, clear_vendor=clear_vendor, seed=seed) for r in rows])
+    def _write(self, rows: list[DeviceRecord], now: datetime, *, clear_partner: str | None, seed: bool) -> None:
+        devices = json.dumps([_device_arguments(r, now, clear_partner=clear_partner, seed=seed) for r in rows])
         records = [r.model_dump_json(by_alias=True, exclude_none=True, exclude=THREAT_FIELDS) for r in rows]
         with unavailable(self.location):
-            self._upsert_script(args=[self._keys.prefix, clear_vendor or "", PUBLISH_IDS_MAX, devices, *records])
+            self._upsert_script(args=[self._keys.prefix, clear_partner or "", PUBLISH_IDS_MAX, devices, *records])
 
-    def _prune(self, keep: set[str], vendor: str) -> None:
+    def _prune(self, keep: set[str], partner: str) -> None:
         with unavailable(self.location):
-            gone = sorted(set(self._client.smembers(self._keys.device_ids)) - keep)
+            gone = sorted(set(_texts(self._client.smembers(self._keys.device_ids))) - keep)
             for start in range(0, len(gone), CHUNK):
                 chunk = gone[start:start + CHUNK]
                 with self._client.pipeline(transaction=True) as pipe:
                     for device_id in chunk:
-                        pipe.delete(self._keys.device(device_id)).hdel(self._keys.threats(device_id), vendor)
-                    pipe.zrem(self._keys.reports(vendor), *chunk).srem(self._keys.device_ids, *chunk)
-                    pipe.publish(self._keys.devices_channel, _published(chunk)).execute()
+                        pipe.delete(self._keys.device(device_id))
+                        pipe.hdel(self._keys.threats(device_id), partner)
+                    pipe.zrem(self._keys.reports(partner), *chunk)
+                    pipe.srem(self._keys.device_ids, *chunk)
+                    pipe.publish(self._keys.devices_channel, _published(chunk))
+                    pipe.execute()
 
 
-def _device_arguments(record: DeviceRecord, now: datetime, *, clear_vendor: str | None, seed: bool) -> list[str]:
+def _texts(replies: Iterable[bytes | str]) -> list[str]:
+    """Replies of a client made with ``decode_responses=True`` (``RedisState``'s): text, though
+    redis-py's types allow bytes."""
+    return [reply if isinstance(reply, str) else reply.decode() for reply in replies]
+
+
+def _device_arguments(record: DeviceRecord, now: datetime, *, clear_partner: str | None, seed: bool) -> list[str]:
     """Times go as strings: Lua would print a number of microseconds with 14 digits only."""
-    head = [record.azure_ad_device_id.lower(), record.threat_source or clear_vendor or "inventory"]
+    head = [record.azure_ad_device_id.lower(), record.threat_source or clear_partner or "inventory"]
     if record.threat_level is None:
         return [*head, "none", "", "0"]
     reported = record.threat_reported_date_time or now
@@ -268,8 +272,8 @@ def _device_arguments(record: DeviceRecord, now: datetime, *, clear_vendor: str 
     return [*head, mode, verdict, str(micros(reported))]
 
 
-def _verdict(vendor: str, text: str) -> tuple[str, str, str]:
+def _verdict(partner: str, text: str) -> tuple[str, str, str]:
     data = strict_json(text)
     level, reported = DeviceThreatLevel(data["level"]), data["reportedAt"]
     datetime.fromisoformat(reported)  # readable, or the device is unreadable
-    return vendor, level.value, reported
+    return partner, level.value, reported

@@ -14,6 +14,7 @@ from gateway.errors import SignalUnavailable
 
 CONNECT_TIMEOUT = 1.0  # seconds: a dead Redis fails a request fast, and the request fails closed
 READ_TIMEOUT = 2.0
+EVERY_DEVICE = "*"  # a device change message listing it (``["*"]``) concerns every device
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,8 +27,8 @@ class Keys:
     def threats(self, device_id: str) -> str:
         return f"{self.prefix}threats:{device_id}"
 
-    def reports(self, vendor: str) -> str:
-        return f"{self.prefix}reports:{vendor}"
+    def reports(self, partner: str) -> str:
+        return f"{self.prefix}reports:{partner}"
 
     def session(self, key_hash: str) -> str:
         return f"{self.prefix}session:{key_hash}"
@@ -47,7 +48,8 @@ class Keys:
         return f"{self.prefix}partners"
 
     @property
-    def vendors(self) -> str:
+    def partner_names(self) -> str:
+        """Every partner with a verdict or a contact (the key keeps its first name: hosts share it)."""
         return f"{self.prefix}vendors"
 
     @property

@@ -5,11 +5,11 @@ Key layout (``gateway.state.redis_keys.Keys`` builds the names; ``<p>`` is the p
 by default; device ids are lower case)::
 
     <p>device:<id>          string  the device's Intune fields, JSON (as DeviceStore's ``record``)
-    <p>threats:<id>         hash    vendor -> {"level": ..., "reportedAt": ISO 8601}
+    <p>threats:<id>         hash    partner -> {"level": ..., "reportedAt": ISO 8601}
     <p>device-ids           set     every device id
-    <p>reports:<vendor>     zset    device id -> that vendor's verdict time (µs): its newest verdict
-    <p>vendors              set     every vendor with a verdict or a contact
-    <p>partners             hash    vendor -> last signed push or heartbeat, ISO 8601
+    <p>reports:<partner>    zset    device id -> that partner's verdict time (µs): its newest verdict
+    <p>vendors              set     every partner with a verdict or a contact (the key's first name)
+    <p>partners             hash    partner -> last signed push or heartbeat, ISO 8601
     <p>session:<sha256>     string  a browser session (gateway.state.codec), EX its lifetime
     <p>pending:<sha256>     string  a pending sign-in, EX its lifetime, read once with GETDEL
     <p>nonce:<key>          string  a webhook nonce's claim token, NX EX its ttl
@@ -49,9 +49,10 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from gateway.events import ALL_DEVICES, AllDevicesChanged, DevicesChanged
 from gateway.state.codec import decode_pending, decode_session, encode_pending, encode_session
 from gateway.state.redis_devices import RedisDeviceStore
-from gateway.state.redis_keys import CONNECT_TIMEOUT, READ_TIMEOUT, Keys, redacted, unavailable
+from gateway.state.redis_keys import CONNECT_TIMEOUT, EVERY_DEVICE, READ_TIMEOUT, Keys, redacted, unavailable
 from gateway.state.sessions import session_key
 from gateway.strict_json import loads as strict_json
 
@@ -177,7 +178,7 @@ class RedisEvents:
     not raise (an exception ends ``run``, after the session cache is switched off).
 
     ``on_connected()`` follows every (re)subscription: messages may have been missed, so the caller
-    drops its caches. ``on_devices(ids)`` ("*" in ids: every device), ``on_revoked(key_hash)``,
+    drops its caches. ``on_devices(event)`` (``DevicesChanged`` or ``AllDevicesChanged``), ``on_revoked(key_hash)``,
     ``on_lost()`` as soon as a subscription that was up is lost. The session store is kept in step
     here, before the callbacks run."""
 
@@ -252,7 +253,7 @@ class RedisEvents:
         if message["type"] != "message":
             return  # pong, or a subscription confirmation
         if message["channel"] == self._keys.devices_channel:
-            await _call(self._on_devices, _device_ids(message["data"]))
+            await _call(self._on_devices, device_change(message["data"]))
         elif message["channel"] == self._keys.revoked_channel:
             key_hash = message["data"]
             if self._sessions is not None:
@@ -291,15 +292,16 @@ async def _call(callback: Callback | None, *arguments: object) -> None:
             await result
 
 
-def _device_ids(data: str) -> set[str]:
+def device_change(data: str) -> DevicesChanged | AllDevicesChanged:
+    """A ``<p>devices`` message: a JSON list of device ids, ``["*"]`` for every device."""
     try:
         ids = strict_json(data)
     except ValueError:
         ids = None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         logger.warning("a device change message is unreadable: treated as a change to every device")
-        return {"*"}
-    return set(ids)
+        return ALL_DEVICES
+    return ALL_DEVICES if EVERY_DEVICE in ids else DevicesChanged(frozenset(ids))  # written lower case
 
 
 class RedisState:
