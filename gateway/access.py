@@ -442,7 +442,7 @@ class AccessService:
 
     async def _sign_in(self, request: AccessRequest, max_age: int | None = None) -> Outcome:
         """A browser without a (fresh enough) session goes to the identity provider."""
-        assert self.browser is not None  # noqa: S101  (only called for browser sessions)
+        assert self.browser is not None  # only called for browser sessions
         try:
             login = await self.browser.login_redirect(request.authority or request.host,
                                                       request.target or request.path, max_age)

@@ -375,7 +375,7 @@ class PrivateRotatingFileHandler(RotatingFileHandler):
             self.release()
 
     def _open(self):  # type: ignore[no-untyped-def]  (logging's own signature)
-        return open(self.baseFilename, self.mode, encoding=self.encoding,  # noqa: SIM115  (the handler owns it)
+        return open(self.baseFilename, self.mode, encoding=self.encoding,  # the handler owns it
                     opener=lambda name, flags: os.open(name, flags, self.file_mode))
 
 

@@ -113,7 +113,7 @@ def load_cases(path: Path) -> list[Case]:
     if not problems:
         cases_file, problems = validate(CasesFile, data, str(path))
     raise_if(problems)
-    assert cases_file is not None  # noqa: S101  (no problems)
+    assert cases_file is not None  # no problems
     return cases_file.cases
 
 

@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 TENANT = "c0a7e1d5-0000-4000-8000-00000000c0de"
 CLIENT_ID = "portcullis-connector"
-CLIENT_SECRET = "connector-secret-0123456789"  # noqa: S105  (a test server's fake credential)
+CLIENT_SECRET = "connector-secret-0123456789"  # a test server's fake credential
 
 
 def managed_device(index: int, **overrides: Any) -> dict[str, Any]:

@@ -75,7 +75,7 @@ MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z: the last second a datet
 
 MALFORMED = "malformed token"
 ALGORITHM_NOT_ALLOWED = "signing algorithm not allowed"
-SELF_NAMED_KEY = "token names its own signing key"  # noqa: S105  (a reason, not a secret)
+SELF_NAMED_KEY = "token names its own signing key"  # a reason, not a secret
 CRITICAL_EXTENSION = "token uses an unsupported critical header"
 TYPE_NOT_ACCEPTED = "token type not accepted"
 AUDIENCE_NOT_ACCEPTED = "token audience not accepted for this host"

@@ -204,7 +204,7 @@ class RedisEvents:
                     await self._listen(pubsub)
                 except (redis.RedisError, OSError) as error:
                     await self._down(error)
-                except Exception as error:  # noqa: BLE001  (a callback or redis-py failed: never go on trusting caches)
+                except Exception as error:  # a callback or redis-py failed: never go on trusting caches
                     logger.exception("shared state %s: the change feed failed; treated as lost", self.location)
                     await self._down(error)
                 finally:

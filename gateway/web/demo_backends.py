@@ -90,7 +90,7 @@ def _request_line(request: Request) -> dict[str, str]:
 async def _not_routed(request: Request, error: Exception) -> Response:
     """No route or no such method here (404, 405): still say what arrived, so a request that
     should never have been forwarded cannot hide behind a plain "Not Found"."""
-    assert isinstance(error, HTTPException)  # noqa: S101  (registered for HTTPException only)
+    assert isinstance(error, HTTPException)  # registered for HTTPException only
     return JSONResponse({**_request_line(request), "error": error.detail}, error.status_code, error.headers)
 
 
