@@ -296,9 +296,11 @@ def token_identity(config: Config, host: str, claims: tuple[dict[str, Any], dict
 
 def _whole_seconds(value: object) -> int | None:
     """A time claim as pyjwt reads it (``int()`` of it), or None where pyjwt calls it malformed."""
+    if not isinstance(value, str | int | float):
+        return None  # null, an array or an object: int() refuses them too
     try:
-        return int(value)  # type: ignore[call-overload]  (any JSON value: what int() refuses is malformed)
-    except (ValueError, TypeError, OverflowError):
+        return int(value)
+    except (ValueError, OverflowError):  # "soon", NaN, infinity
         return None
 
 
