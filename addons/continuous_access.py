@@ -109,7 +109,7 @@ class ContinuousAccess:
             outcome = await self.service.decide_again(flow.metadata[REQUEST_KEY], flow.metadata[AUTHORIZATION_KEY],
                                                       flow.metadata.get(COOKIES_KEY, []))
             allowed = outcome.forward
-        except Exception:  # noqa: BLE001  (an edge: a failed re-decision closes the flow)
+        except Exception:  # an edge: a failed re-decision closes the flow
             logger.exception("[%s] re-evaluation failed; closing", flow.metadata.get(CORRELATION_KEY))
             allowed = False
         if not allowed:

@@ -66,7 +66,7 @@ class DecisionRecords:
             for flow in list(flows):
                 try:
                     self._write(flow, None)
-                except Exception:  # noqa: BLE001  (one record that cannot be written must not take the others)
+                except Exception:  # one record that cannot be written must not take the others
                     logger.exception("[%s] decision record not written at shutdown", flow.metadata.get(CORRELATION_KEY))
 
     def _write(self, flow: http.HTTPFlow, http_status: int | None) -> None:

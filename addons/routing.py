@@ -111,7 +111,7 @@ class Routing:
         request = access_request(flow, correlation_id, host,
                                  trusted_proxies=self.service.config.gateway_file.gateway.trusted_proxies)
         outcome = self.service.refuse(request, status, reason)
-        assert outcome.response is not None  # noqa: S101  (a refusal always answers)
+        assert outcome.response is not None  # a refusal always answers
         headers = outcome.response.headers
         respond(flow, outcome.response.status_code, outcome.response.body,
                 (*headers, ("Connection", "close")) if close else headers)

@@ -228,7 +228,7 @@ async def _sync_from_graph(loaded: Loaded, inventory: GraphInventory) -> None:
     """A full Graph sync at start and every ``syncIntervalSeconds``; failures are logged and the
     cache's staleness rules apply to what the inventory already holds."""
     graph = loaded.config.gateway_file.device_signals.graph
-    assert graph is not None  # noqa: S101  (graph configured)
+    assert graph is not None  # graph configured
     while True:
         try:
             count = await inventory.full_sync()

@@ -89,7 +89,7 @@ def block(flow: http.HTTPFlow | connection.Client, event: str, name: str) -> Non
             replace_response(flow)
         else:
             respond(flow, 500, INTERNAL_ERROR, JSON)
-    except Exception:  # noqa: BLE001  (even the error answer failed: drop the connection)
+    except Exception:  # even the error answer failed: drop the connection
         logger.exception("could not answer after %s failed; killing the flow", name)
         flow.kill()
 
@@ -109,12 +109,12 @@ def replace_response(flow: http.HTTPFlow) -> None:
     gets no body from us either: mitmproxy would set the response's content to the (empty)
     upstream body after ``responseheaders``, and a declared length with no bytes hangs the client."""
     upstream = flow.response
-    assert upstream is not None  # noqa: S101  (response-side hooks only)
+    assert upstream is not None  # response-side hooks only
     empty = flow.request.method.upper() == "HEAD" or upstream.status_code in NO_BODY_STATUSES \
         or upstream.status_code < 200 or upstream.headers.get("content-length", "").strip() == "0"
     body = b"" if empty else INTERNAL_ERROR
     respond(flow, 500, body, JSON)
-    assert flow.response is not None  # noqa: S101  (respond set it)
+    assert flow.response is not None  # respond set it
     flow.response.stream = dropping_upstream_body(body)
 
 

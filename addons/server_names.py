@@ -28,7 +28,7 @@ class ServerNames:
         check that raises refuses the handshake, it never leaves TlsConfig to mint a certificate."""
         try:
             refusal = self.refusal(data)
-        except Exception:  # noqa: BLE001  (an edge: log, then refuse)
+        except Exception:  # an edge: log, then refuse
             logger.exception("TLS server-name check failed; refusing the handshake")
             refusal = "the server-name check failed"
         if refusal is None:

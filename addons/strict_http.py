@@ -340,7 +340,7 @@ class StrictHttpStream(HttpStream):
         client deadline ends it). An HTTP/2 stream is ended and dropped at once: mitmproxy would end
         it only after the whole body, and the client may wait for the answer's end before it sends
         more; what it still sends is discarded."""
-        assert self.flow.response is not None  # noqa: S101  (checked by the caller)
+        assert self.flow.response is not None  # checked by the caller
         self.answered_early = True
         http1 = self.flow.request.http_version.startswith("HTTP/1")
         if http1 and self.keeps_connection:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.signals.sqlite_store import EXPORT_FIELDS  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402  (the tests' real redis-server, on a free port)
+from gateway.signals.sqlite_store import EXPORT_FIELDS
+from tests.redis_server import RedisServer  # the tests' real redis-server, on a free port
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 CONFIG = """gateway:

@@ -18,20 +18,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.config import load_config  # noqa: E402
-from gateway.policy.evaluate import evaluate  # noqa: E402
-from gateway.policy.model import (  # noqa: E402
+from gateway.config import load_config
+from gateway.policy.evaluate import evaluate
+from gateway.policy.model import (
     AccessRequest,
     ClientApp,
     ComplianceSettings,
     DeviceSignals,
     Identity,
 )
-from gateway.policy.policy_set import PolicySet  # noqa: E402
-from gateway.signals.cache import CachedInventory  # noqa: E402
-from gateway.signals.devices import DeviceRecord  # noqa: E402
-from gateway.signals.sqlite_store import SqliteDeviceStore  # noqa: E402
-from gateway.signals.store import StoreInventory  # noqa: E402
+from gateway.policy.policy_set import PolicySet
+from gateway.signals.cache import CachedInventory
+from gateway.signals.devices import DeviceRecord
+from gateway.signals.sqlite_store import SqliteDeviceStore
+from gateway.signals.store import StoreInventory
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime.now(UTC)

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import (  # noqa: E402  (bench/ is not a package: run as a script)
+from throughput import (  # bench/ is not a package: run as a script
     AUDIENCE,
     HOST,
     OUTLOOK,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.config.models import ConditionalAccessPolicy, Resource  # noqa: E402
-from gateway.policy.evaluate import evaluate  # noqa: E402
-from gateway.policy.model import (  # noqa: E402
+from gateway.config.models import ConditionalAccessPolicy, Resource
+from gateway.policy.evaluate import evaluate
+from gateway.policy.model import (
     AccessRequest,
     ClientApp,
     ComplianceState,
@@ -29,7 +29,7 @@ from gateway.policy.model import (  # noqa: E402
     Identity,
     ManagedDevice,
 )
-from gateway.policy.policy_set import PolicySet  # noqa: E402
+from gateway.policy.policy_set import PolicySet
 
 HOST = "mail.contoso.test"
 PER_RESOURCE = 5

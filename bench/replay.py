@@ -19,14 +19,14 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from addons.runner import running_gateway  # noqa: E402
-from gateway import bootstrap  # noqa: E402
-from gateway.config import load_config  # noqa: E402
-from gateway.demo import SCENARIOS, scenario_token  # noqa: E402
-from gateway.replay.command import read_sources  # noqa: E402
-from gateway.replay.engine import Side, replay  # noqa: E402
-from gateway.whatif import DEFAULT_IP  # noqa: E402
-from tests.conftest import Ports, demo_config_copy  # noqa: E402
+from addons.runner import running_gateway
+from gateway import bootstrap
+from gateway.config import load_config
+from gateway.demo import SCENARIOS, scenario_token
+from gateway.replay.command import read_sources
+from gateway.replay.engine import Side, replay
+from gateway.whatif import DEFAULT_IP
+from tests.conftest import Ports, demo_config_copy
 
 EXTRA_POLICY = """
   - name: activesync-requires-mfa

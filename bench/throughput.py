@@ -764,7 +764,7 @@ def profile_run(target: Target, seconds: float, directory: Path, log: Path) -> t
 
 def remarks(row: Row) -> str:
     """Invalid (errors, non-2xx) loudly; a run disturbed by other processes; the repeat spread."""
-    assert row.result is not None  # noqa: S101  (rows without a result are printed apart)
+    assert row.result is not None  # rows without a result are printed apart
     found = []
     if problems := row.result.problems():
         found.append(f"!!! INVALID: {', '.join(problems)} !!!")

@@ -399,24 +399,14 @@ class AccessService:
             return self._without_identity(rules, request, found.primary if found else None, now)
         if access_token_in_query(request.target or ""):
             return self._refusal(request, 400, ACCESS_TOKEN_IN_QUERY)
-        session: BrowserSession | None = None
-        if self.browser is not None and (not authorization or cookie_value(cookies or []) is not None):
-            try:
-                session = await self.browser.session(cookie_value(cookies or []), request.host)
-            except SignalUnavailable as error:
-                self.unavailable_log.log(SESSION_STORE_DOWN, request.correlation_id, error)
-                return self._refusal(request, 503, "a signal source is unavailable; try again shortly")
-            if session is None and not authorization and request.accepts_html:
-                return await self._sign_in(request)
+        session = await self._browser_session(request, authorization, cookies)
+        if isinstance(session, Outcome):
+            return session
         token = bearer_token(authorization)
         if (session is None or authorization) and isinstance(token, RejectedToken):
             return self._unauthenticated(request, token, now)
-        audiences = frozenset(rules.config.gateway_file.protected_hosts[request.host].audiences)
         try:
-            if session is not None and not authorization:
-                identity: Identity | RejectedToken = session.identity
-            else:
-                identity = await self.validator.validate(str(token), audiences)
+            identity = await self._identity(rules, request, session, authorization, token)
             if isinstance(identity, RejectedToken):
                 return self._unauthenticated(request, identity, now)
             if session is not None and authorization:  # both: the bearer token decides, if the cookie agrees
@@ -427,9 +417,39 @@ class AccessService:
         except SignalUnavailable as error:
             self.unavailable_log.log(SIGNAL_DOWN, request.correlation_id, error)
             return self._refusal(request, 503, "a signal source is unavailable; try again shortly")
-        source = "browserSession" if session is not None else "accessToken"
         decided = decide(rules, request, identity, device, found.names, now)
-        app, decision = decided.app, decided.decision
+        return await self._answer(rules, request, decided, session, now)
+
+    async def _browser_session(self, request: AccessRequest, authorization: list[str],
+                               cookies: list[str] | None) -> BrowserSession | Outcome | None:
+        """The session a browser's cookie names, looked up unless a bearer token came without one;
+        or the answer instead: 503 when the session store is down, a sign-in for a browser with
+        neither."""
+        if self.browser is None or (authorization and cookie_value(cookies or []) is None):
+            return None
+        try:
+            session = await self.browser.session(cookie_value(cookies or []), request.host)
+        except SignalUnavailable as error:
+            self.unavailable_log.log(SESSION_STORE_DOWN, request.correlation_id, error)
+            return self._refusal(request, 503, "a signal source is unavailable; try again shortly")
+        if session is None and not authorization and request.accepts_html:
+            return await self._sign_in(request)
+        return session
+
+    async def _identity(self, rules: Rules, request: AccessRequest, session: BrowserSession | None,
+                        authorization: list[str], token: str | RejectedToken) -> Identity | RejectedToken:
+        """The session's user when no bearer token came with it, else the token's (validated)."""
+        if session is not None and not authorization:
+            return session.identity
+        audiences = frozenset(rules.config.gateway_file.protected_hosts[request.host].audiences)
+        return await self.validator.validate(str(token), audiences)
+
+    async def _answer(self, rules: Rules, request: AccessRequest, decided: Decided, session: BrowserSession | None,
+                      now: datetime) -> Outcome:
+        """What the gateway does with a decision: a browser signs in again (sign-in frequency), a
+        restricted session or a block is answered, an allowed request forwarded."""
+        source = "browserSession" if session is not None else "accessToken"
+        app, decision, identity, device = decided.app, decided.decision, decided.identity, decided.device
         if session is not None and self.browser is not None and decided.policy_allowed and \
                 self.browser.needs_fresh_sign_in(session, decision.session_controls, now):
             return await self._sign_in(request, decision.session_controls.sign_in_frequency_seconds)
@@ -457,7 +477,7 @@ class AccessService:
 
     async def _sign_in(self, request: AccessRequest, max_age: int | None = None) -> Outcome:
         """A browser without a (fresh enough) session goes to the identity provider."""
-        assert self.browser is not None  # noqa: S101  (only called for browser sessions)
+        assert self.browser is not None  # only called for browser sessions
         try:
             login = await self.browser.login_redirect(request.authority or request.host,
                                                       request.target or request.path, max_age)

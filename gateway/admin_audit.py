@@ -117,5 +117,5 @@ class AdminAuditLog:
 class AuditFileHandler(PrivateRotatingFileHandler):
     file_mode = FILE_MODE
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802  (logging's name)
+    def handleError(self, record: logging.LogRecord) -> None:  # logging's name
         raise OSError(f"cannot write to {self.baseFilename}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from gateway.policy.model import (
     AccessRequest,
@@ -319,7 +320,7 @@ class DecisionLog:
         self._write_batch()  # what came in meanwhile
 
     def _write_batch(self) -> None:
-        batch = []
+        batch: list[dict[str, Any]] = []
         while self._pending and len(batch) < MAX_BATCH:
             batch.append(self._pending.popleft())
         if not batch:
@@ -380,9 +381,10 @@ class PrivateRotatingFileHandler(RotatingFileHandler):
         finally:
             self.release()
 
-    def _open(self):  # type: ignore[no-untyped-def]  (logging's own signature)
-        return open(self.baseFilename, self.mode, encoding=self.encoding,  # noqa: SIM115  (the handler owns it)
-                    opener=lambda name, flags: os.open(name, flags, self.file_mode))
+    def _open(self) -> io.TextIOWrapper:
+        # a text mode ("a"), so a TextIOWrapper, which the handler owns and closes
+        return cast(io.TextIOWrapper, open(self.baseFilename, self.mode, encoding=self.encoding,
+                                           opener=lambda name, flags: os.open(name, flags, self.file_mode)))
 
 
 def log_files(path: Path) -> list[Path]:

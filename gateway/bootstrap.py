@@ -52,7 +52,7 @@ class Loaded:
         """What a gateway started now would see: the store with the YAML seed laid over it (the
         seed is written at start), or whichever of the two is configured. For the rule tools."""
         if self.store is None:
-            assert self.file_inventory is not None  # noqa: S101  (the config requires one of them)
+            assert self.file_inventory is not None  # the config requires one of them
             return self.file_inventory
         if self.file_inventory is None:
             return StoreInventory(self.store, name=self.store_name)
@@ -78,7 +78,7 @@ class Loaded:
             return self.inventory
         if self.graph_client is None:
             return local
-        assert self.store is not None  # noqa: S101  (local inventory implies a store)
+        assert self.store is not None  # local inventory implies a store
         return GraphInventory(self.store, local, self.graph_client, clock=utc_now)
 
     @property

@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
-    except Exception as error:  # noqa: BLE001  (one of the three edges: report, exit non-zero)
+    except Exception as error:  # one of the three edges: report, exit non-zero
         if args.debug:
             raise
         print(printable_lines(f"portcullis: {error}") if str(error) else f"portcullis: {type(error).__name__}",
@@ -295,7 +295,7 @@ def _devices_list(args: argparse.Namespace) -> int:
     store, ignored = inventory.store, inventory.ignored_partners()
     for record in store.records():
         device = store.managed_device(str(record["azureADDeviceId"]), ignored)
-        assert device is not None  # noqa: S101  (just listed)
+        assert device is not None  # just listed
         threat = f"{device.threat_level.value} ({device.threat_source})" if device.threat_level else "-"
         print(f"{device.device_id}  {device.compliance_state.value:<13} threat {threat:<20} "
               f"{device.operating_system or '-':<8} {device.user_principal_name or '-'}  {device.display_name or ''}")

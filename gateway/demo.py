@@ -6,7 +6,6 @@ scenarios through the real listener and check every expectation).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shlex
 import socket
@@ -21,6 +20,8 @@ from gateway.config import Config
 from gateway.identity.assertion import assertion_signer
 from gateway.web.demo_backends import AssertionCheck, exchange_app, sharepoint_app
 from gateway.web.demo_idp import DemoIdentityProvider
+from gateway.web.embedded import EmbeddedServer
+from gateway.web.types import ASGIApp
 
 EXCHANGE = "00000002-0000-0ff1-ce00-000000000000"
 SHAREPOINT = "00000003-0000-0ff1-ce00-000000000000"
@@ -258,12 +259,10 @@ def _listen(config: uvicorn.Config) -> socket.socket:
         raise RuntimeError(f"the demo cannot listen on {config.host}:{config.port}: {error.strerror}") from error
 
 
-def _server(app: object, url: str) -> uvicorn.Server:
+def _server(app: ASGIApp, url: str) -> uvicorn.Server:
     parts = urlsplit(url)
     if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost"):
         raise ValueError(f"the demo serves {url} itself, so it must be http on 127.0.0.1")
     config = uvicorn.Config(app, host=parts.hostname, port=parts.port or 80, log_level="warning",
                             lifespan="off", access_log=False, timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  (the CLI owns signals)
-    return server
+    return EmbeddedServer(config)

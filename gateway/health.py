@@ -128,7 +128,7 @@ class GatewayHealth:
         return checks
 
     def _partners(self) -> list[Check]:
-        assert self.service.store is not None  # noqa: S101  (only called with a store)
+        assert self.service.store is not None  # only called with a store
         partners = self.service.config.gateway_file.mtd_partners
         if not partners:
             return []

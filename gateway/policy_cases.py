@@ -42,6 +42,7 @@ from gateway.config.loader import raise_if, read_yaml, validate
 from gateway.config.models import Model
 from gateway.policy.model import (
     ClientAppType,
+    Decision,
     DevicePlatform,
     Listener,
     PolicyResultKind,
@@ -113,7 +114,7 @@ def load_cases(path: Path) -> list[Case]:
     if not problems:
         cases_file, problems = validate(CasesFile, data, str(path))
     raise_if(problems)
-    assert cases_file is not None  # noqa: S101  (no problems)
+    assert cases_file is not None  # no problems
     return cases_file.cases
 
 
@@ -126,7 +127,13 @@ async def _run(what_if: WhatIf, case: Case, now: datetime) -> CaseOutcome:
         decision = await what_if.ask(case.question(), now)
     except WhatIfError as error:
         return CaseOutcome(case.name, (f"cannot ask: {error}",))
-    expected, differences = case.expect, []
+    differences = [*_decision_differences(case.expect, decision), *_policy_differences(case.expect, decision)]
+    return CaseOutcome(case.name, tuple(differences))
+
+
+def _decision_differences(expected: Expectation, decision: Decision) -> list[str]:
+    """Where the decision itself is not what the case expects."""
+    differences = []
     got_code = int(decision.error_code) if decision.error_code else None
     if decision.result.value != expected.result.value:
         by = f", {decision.failed_policy_id}" if decision.failed_policy_id else ""
@@ -142,6 +149,12 @@ async def _run(what_if: WhatIf, case: Case, now: datetime) -> CaseOutcome:
     if expected.restriction is not None and decision.restriction is not expected.restriction:
         got_restriction = decision.restriction.value if decision.restriction else None
         differences.append(f"restriction: expected {expected.restriction.value}, got {got_restriction}")
+    return differences
+
+
+def _policy_differences(expected: Expectation, decision: Decision) -> list[str]:
+    """Where a named policy's result or rollout cohort is not what the case expects."""
+    differences = []
     results = {r.name: r.result for r in decision.all_policies()}
     for name, wanted in expected.policy_results.items():
         if results.get(name) is not wanted:
@@ -152,4 +165,4 @@ async def _run(what_if: WhatIf, case: Case, now: datetime) -> CaseOutcome:
         if rollouts.get(name) is not cohort:
             got = rollouts.get(name, "no such policy") or "no rollout"
             differences.append(f"policyRollouts.{name}: expected {cohort.value}, got {got}")
-    return CaseOutcome(case.name, tuple(differences))
+    return differences

@@ -61,6 +61,16 @@ class TooLarge(JsonRefused):
 
 def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH, max_bytes: int | None = None) -> Any:
     """The one reading of ``data`` (see the module docstring), or ``JsonRefused``."""
+    text = _utf8_text(data, max_bytes)
+    _check_depth(text, max_depth)
+    value = _parse(text)
+    if _SURROGATE_ESCAPE.search(text) and _holds_unpaired_surrogate(value):
+        raise NotUtf8Json("is not UTF-8: a string holds an unpaired surrogate")
+    return value
+
+
+def _utf8_text(data: bytes | str, max_bytes: int | None) -> str:
+    """The document as text, if it is UTF-8 (and small enough) as bytes."""
     if isinstance(data, str):
         try:
             data = data.encode()
@@ -73,21 +83,21 @@ def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH, max_bytes: int | Non
     if b"\x00" in data:
         raise NotUtf8Json("is not UTF-8 JSON: it holds NUL bytes (UTF-16 or UTF-32?)")
     try:
-        text = data.decode()
+        return data.decode()
     except UnicodeDecodeError:
         raise NotUtf8Json("is not UTF-8") from None
-    _check_depth(text, max_depth)
+
+
+def _parse(text: str) -> Any:
+    """``json.loads`` refusing duplicate members and NaN/Infinity, its errors as ``JsonRefused``."""
     try:
-        value = json.loads(text, object_pairs_hook=_members_named_once, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=_members_named_once, parse_constant=_no_constant)
     except JsonRefused:
         raise
     except json.JSONDecodeError as error:
         raise JsonRefused(f"is not JSON ({error.msg} at character {error.pos})") from None
     except ValueError:  # an integer longer than Python's int digit limit
         raise JsonRefused("is not JSON (a number too long to read)") from None
-    if _SURROGATE_ESCAPE.search(text) and _holds_unpaired_surrogate(value):
-        raise NotUtf8Json("is not UTF-8: a string holds an unpaired surrogate")
-    return value
 
 
 def _check_depth(text: str, max_depth: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-import xml.etree.ElementTree as ET  # noqa: S405  (parses only what the test's own client sent)
+import xml.etree.ElementTree as ET  # parses only what the test's own client sent
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from xml.sax.saxutils import escape
@@ -176,64 +176,66 @@ class EwsBackend:
             self.calls.append(call)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
-        backend = self
+        return type("Exchange", (ExchangeHandler,), {"backend": self})
 
-        class Exchange(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, and chunked answers
 
-            def do_POST(self) -> None:
-                declared = self.headers.get("Content-Length", "")
-                if self.path.split("?", 1)[0].lower() != EWS_PATH.lower():
-                    self._plain(404, b"not an EWS path")
-                elif not declared.isdigit() or int(declared) > BODY_LIMIT:
-                    self._plain(411, b"a declared Content-Length is required")
-                else:
-                    self._answer(self.rfile.read(int(declared)))
+class ExchangeHandler(BaseHTTPRequestHandler):
+    """Exchange's EWS endpoint, answering for ``backend``."""
 
-            def _answer(self, body: bytes) -> None:
-                envelope_body = ET.fromstring(body).find(f"{{{SOAP}}}Body")  # noqa: S314  (the test's own client)
-                operation = envelope_body[0] if envelope_body is not None and len(envelope_body) else None
-                name = operation.tag.rsplit("}", 1)[-1] if operation is not None else ""
-                backend._received(EwsCall(name, {k.lower(): v for k, v in self.headers.items()}, body))
-                if operation is None or (name not in ANSWERS and name != "GetStreamingEvents"):
-                    self._plain(400, f"unexpected EWS operation {name!r}".encode())
-                elif name == "GetStreamingEvents":
-                    self._stream(operation.findtext(f".//{{{TYPES}}}SubscriptionId") or "")
-                else:
-                    answer = ANSWERS[name](operation)
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/xml; charset=utf-8")
-                    self.send_header("Content-Length", str(len(answer)))
-                    self.end_headers()
-                    self.wfile.write(answer)
+    backend: EwsBackend
+    protocol_version = "HTTP/1.1"  # keep-alive, and chunked answers
 
-            def _stream(self, subscription_id: str) -> None:
-                """One envelope per chunk, flushed as it is made; the events are paced by the test."""
-                stream = backend.stream
-                self.send_response(200)
-                self.send_header("Content-Type", "text/xml; charset=utf-8")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
-                self._chunk(streaming_envelope(subscription_id, status="OK"))
-                for event in range(1, stream.count + 1):
-                    stream.sent = event
-                    self._chunk(streaming_envelope(subscription_id, event=event))
-                    stream.wait_for_release()
-                self._chunk(streaming_envelope(subscription_id, status="Closed"))
-                self._chunk(b"")
+    def do_POST(self) -> None:
+        declared = self.headers.get("Content-Length", "")
+        if self.path.split("?", 1)[0].lower() != EWS_PATH.lower():
+            self._plain(404, b"not an EWS path")
+        elif not declared.isdigit() or int(declared) > BODY_LIMIT:
+            self._plain(411, b"a declared Content-Length is required")
+        else:
+            self._answer(self.rfile.read(int(declared)))
 
-            def _chunk(self, data: bytes) -> None:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                self.wfile.flush()
+    def _answer(self, body: bytes) -> None:
+        envelope_body = ET.fromstring(body).find(f"{{{SOAP}}}Body")  # noqa: S314  (the test's own client)
+        operation = envelope_body[0] if envelope_body is not None and len(envelope_body) else None
+        name = operation.tag.rsplit("}", 1)[-1] if operation is not None else ""
+        self.backend._received(EwsCall(name, {k.lower(): v for k, v in self.headers.items()}, body))
+        if operation is None or (name not in ANSWERS and name != "GetStreamingEvents"):
+            self._plain(400, f"unexpected EWS operation {name!r}".encode())
+        elif name == "GetStreamingEvents":
+            self._stream(operation.findtext(f".//{{{TYPES}}}SubscriptionId") or "")
+        else:
+            answer = ANSWERS[name](operation)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/xml; charset=utf-8")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
 
-            def _plain(self, status: int, text: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(text)))
-                self.end_headers()
-                self.wfile.write(text)
+    def _stream(self, subscription_id: str) -> None:
+        """One envelope per chunk, flushed as it is made; the events are paced by the test."""
+        stream = self.backend.stream
+        self.send_response(200)
+        self.send_header("Content-Type", "text/xml; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._chunk(streaming_envelope(subscription_id, status="OK"))
+        for event in range(1, stream.count + 1):
+            stream.sent = event
+            self._chunk(streaming_envelope(subscription_id, event=event))
+            stream.wait_for_release()
+        self._chunk(streaming_envelope(subscription_id, status="Closed"))
+        self._chunk(b"")
 
-            def log_message(self, *_: object) -> None:
-                pass
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
 
-        return Exchange
+    def _plain(self, status: int, text: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(text)))
+        self.end_headers()
+        self.wfile.write(text)
+
+    def log_message(self, *_: object) -> None:
+        pass

@@ -18,9 +18,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gateway.web.embedded import EmbeddedServer
+
 TENANT = "c0a7e1d5-0000-4000-8000-00000000c0de"
 CLIENT_ID = "portcullis-connector"
-CLIENT_SECRET = "connector-secret-0123456789"  # noqa: S105  (a test server's fake credential)
+CLIENT_SECRET = "connector-secret-0123456789"  # a test server's fake credential
 
 
 def managed_device(index: int, **overrides: Any) -> dict[str, Any]:
@@ -97,8 +99,7 @@ def graph_app(state: GraphState) -> Starlette:
 async def serving(state: GraphState) -> AsyncIterator[str]:
     """The Graph-shaped server on a free loopback port; yields its base URL."""
     sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(graph_app(state), log_level="warning", lifespan="off"))
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  (not the main thread)
+    server = EmbeddedServer(uvicorn.Config(graph_app(state), log_level="warning", lifespan="off"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         await asyncio.sleep(0.01)

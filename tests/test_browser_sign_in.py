@@ -93,7 +93,7 @@ def test_logout_revokes_the_session_on_the_server(gateway: Gateway) -> None:
         pytest.param(lambda c: c, DOCS, id="cookie of another host"),
     ],
 )
-def test_a_cookie_that_is_not_this_hosts_session_means_signing_in(gateway: Gateway, mangle, host: str) -> None:  # noqa: ANN001
+def test_a_cookie_that_is_not_this_hosts_session_means_signing_in(gateway: Gateway, mangle, host: str) -> None:
     _, cookie = sign_in(gateway)
     path = "/sites/team/" if host == DOCS else "/owa/"
     answer = gateway.request(host, path, headers={**BROWSER, "Cookie": mangle(cookie)})

@@ -142,7 +142,7 @@ def test_records_are_never_lost_silently_when_the_disk_is_slow(tmp_path: Path) -
     log = DecisionLog(tmp_path / "decisions.jsonl", queue_size=1, on_drop=metrics.log_dropped.inc)
     disk = threading.Event()
     write = log._handler.write_lines
-    log._handler.write_lines = lambda lines: disk.wait(10) and write(lines)  # type: ignore[method-assign]  (stalled disk)
+    log._handler.write_lines = lambda lines: disk.wait(10) and write(lines)  # type: ignore[method-assign]  # stalled disk
     started = time.monotonic()
     for number in range(10):
         log.write({"correlationId": f"c{number}"})

@@ -39,7 +39,7 @@ MAIL = "mail.contoso.test"
 def outlook_token(gateway: Gateway, **kwargs: object) -> str:
     claims = {"user": "alex@contoso.test", "client_id": OUTLOOK_MOBILE, "audience": EXCHANGE,
               "device_id": ALEX_IPHONE, **kwargs}
-    return gateway.idp.mint(**claims)  # type: ignore[arg-type]  (test helper)
+    return gateway.idp.mint(**claims)  # type: ignore[arg-type]  # test helper
 
 
 def test_client_sent_identity_headers_never_reach_the_upstream(gateway: Gateway) -> None:
@@ -254,7 +254,7 @@ class FailingInventory:
 
 def _service_with(tmp_path: Path, ca: object, ports: Ports, inventory: FailingInventory) -> AccessService:
     config_dir = demo_config_copy(tmp_path, ports)
-    write_trustme_certificate(ca, config_dir)  # type: ignore[arg-type]  (trustme.CA)
+    write_trustme_certificate(ca, config_dir)  # type: ignore[arg-type]  # trustme.CA
     loaded = bootstrap.load(config_dir)
     service, _ = bootstrap.build_service(loaded, inventory=inventory)
     return service

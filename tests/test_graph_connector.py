@@ -27,8 +27,8 @@ def settings(base: str, *, secret: str = CLIENT_SECRET, rate: float = 5) -> Grap
                          client_id=CLIENT_ID, client_secret=secret, lookups_per_second=rate)
 
 
-def run(state: GraphState, scenario):  # noqa: ANN001, ANN201  (test helper)
-    async def main():  # noqa: ANN202
+def run(state: GraphState, scenario):
+    async def main():
         async with serving(state) as base:
             return await scenario(base)
 

@@ -46,7 +46,7 @@ def sync(gateway: Gateway, path: str = activesync(ALEX_IPHONE), **kwargs: object
 
 
 @pytest.fixture
-def restore_alex(gateway: Gateway):  # noqa: ANN201  (fixture)
+def restore_alex(gateway: Gateway):
     yield
     assert push(gateway, level(ALEX_IPHONE, "low")).status_code == 202
 
@@ -166,7 +166,7 @@ def raw_post(gateway: Gateway, path: str, headers: list[tuple[str, str]], body: 
 
 @pytest.mark.parametrize("mangle", [lambda s: s + "\xa0", lambda s: s + " \xa0", lambda s: s.upper(),
                                     lambda s: s.replace("sha256=", "SHA256=")])
-def test_a_captured_signature_cannot_be_reused_in_another_spelling(gateway: Gateway, mangle) -> None:  # noqa: ANN001
+def test_a_captured_signature_cannot_be_reused_in_another_spelling(gateway: Gateway, mangle) -> None:
     ts, body = str(int(time.time())), level(ALEX_IPHONE, "low").encode()
     signature = sign(MTD_SECRET.encode(), ts, body)
     headers = [("Content-Type", "application/json"), ("X-Portcullis-Timestamp", ts)]

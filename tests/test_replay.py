@@ -265,7 +265,7 @@ def test_the_recording_is_private_and_holds_every_request(recording: Recording) 
 
     *read, kiosk, misdirected = list(read_flow_file(recording.flows))
     assert [r.correlation_id for r in read] == [cid for _, _, cid in recording.sent]
-    assert all(r.authorization for r in read[:6])  # type: ignore[union-attr]  (bearer tokens, as sent)
+    assert all(r.authorization for r in read[:6])  # type: ignore[union-attr]  # bearer tokens, as sent
     assert isinstance(kiosk, RecordedRequest) and kiosk.kiosk and kiosk.correlation_id == recording.kiosk
     assert misdirected == Skipped(f"{recording.flows}:flow 13", "not an access decision (a gateway endpoint, an "
                                   "unprotected kiosk destination, or refused before routing)", recording.misdirected)

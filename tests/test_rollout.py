@@ -125,7 +125,7 @@ def _decide(policy_set: PolicySet, *, path: str = "/owa/", groups: frozenset[str
 def test_inside_the_cohort_enforced_outside_report_only(rollout: dict[str, object], facts: dict[str, object],
                                                         cohort: RolloutCohort, kind: PolicyResultKind,
                                                         allowed: bool) -> None:
-    decision = _decide(_policy_set(rollout), **facts)  # type: ignore[arg-type]  (test parameters)
+    decision = _decide(_policy_set(rollout), **facts)  # type: ignore[arg-type]  # test parameters
     [result] = decision.policies  # type: ignore[attr-defined]
     assert (result.rollout, result.result) == (cohort, kind)
     assert decision.allowed is allowed  # type: ignore[attr-defined]

@@ -297,7 +297,7 @@ def test_graph_answering_garbage_never_allows_and_its_token_never_leaves_graph(
     device_id = str(uuid.uuid4())
     fake = FakeGraph(respond)
     settings = GraphSettings(token_url=TOKEN_URL, graph_url=GRAPH_URL, client_id="portcullis-connector",
-                             client_secret="connector-secret-0123456789", lookups_per_second=100)  # noqa: S106
+                             client_secret="connector-secret-0123456789", lookups_per_second=100)
     store = listener.service.store
     assert isinstance(store, SqliteDeviceStore)
     client = GraphClient(settings, transport=httpx.MockTransport(fake))

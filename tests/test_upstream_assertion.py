@@ -237,7 +237,7 @@ def test_an_expired_assertion_is_rejected() -> None:
 
 def test_an_assertion_from_another_key_with_the_same_kid_is_rejected() -> None:
     genuine, impostor = _signer(), _signer()
-    impostor._headers = {**impostor._headers, "kid": genuine.kid}  # noqa: SLF001  (forging the key id)
+    impostor._headers = {**impostor._headers, "kid": genuine.kid}  # forging the key id
     token = _sign(impostor, datetime.now(UTC))
     outcome = verify_assertion(token, genuine.jwks(), audience="https://exchange.corp.contoso.test", issuer=ISSUER)
     assert isinstance(outcome, RejectedToken) and "Signature" in outcome.reason

@@ -78,7 +78,7 @@ def load_config(directory: Path) -> Config:
     if gateway_file is not None and policies_file is not None:
         problems += _check_policies(gateway_file, policies_file, policies_data, policies_name)
     raise_if(problems)
-    assert gateway_file is not None and policies_file is not None  # noqa: S101  (no problems)
+    assert gateway_file is not None and policies_file is not None  # no problems
     return Config(directory.resolve(), gateway_file, tuple(policies_file.policies),
                   {gateway_name: gateway_data, policies_name: policies_data})
 
@@ -90,7 +90,7 @@ def load_gateway_file(directory: Path) -> PortcullisFile:
     _check_directory(directory)
     gateway_file, _, problems = _gateway_file(directory, _display(directory / GATEWAY_FILE))
     raise_if(problems)
-    assert gateway_file is not None  # noqa: S101  (no problems)
+    assert gateway_file is not None  # no problems
     return gateway_file
 
 

@@ -606,7 +606,14 @@ class PortcullisFile(Model):
         return value
 
     @model_validator(mode="after")
-    def _partners_need_a_store(self) -> PortcullisFile:
+    def _settings_agree(self) -> PortcullisFile:
+        """Settings that depend on each other, checked in this order: the first problem is reported."""
+        self._check_device_stores()
+        self._check_hosts()
+        return self
+
+    def _check_device_stores(self) -> None:
+        """Where devices live, and what needs a device store or shared state."""
         signals = self.device_signals
         if self.state is not None and signals.database is not None:
             raise ValueError("deviceSignals.database and state both say where devices live: with state, devices "
@@ -621,6 +628,9 @@ class PortcullisFile(Model):
         if self.mtd_partners and signals.database is None and self.state is None:
             raise ValueError("mtdPartners write threat levels into a device store: set deviceSignals.database "
                              "(or state)")
+
+    def _check_hosts(self) -> None:
+        """The service host, the kiosk's destinations and the protected hosts stay apart."""
         service_host = self.gateway.service_host
         if service_host is not None and service_host in self.protected_hosts:
             raise ValueError(f"gateway.serviceHost {service_host!r} is also a protected host")
@@ -634,7 +644,6 @@ class PortcullisFile(Model):
         certified = {h for c in self.gateway.certificates for h in c.hosts}
         if service_host is not None and service_host not in certified:
             raise ValueError(f"gateway.serviceHost {service_host!r} is in no gateway.certificates entry")
-        return self
 
     @field_validator("applications", mode="before")
     @classmethod

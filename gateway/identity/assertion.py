@@ -87,7 +87,7 @@ class AssertionSigner:
 
 
 def public_jwk(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
-    jwk: dict[str, str] = ECAlgorithm.to_jwk(public_key, as_dict=True)  # type: ignore[assignment]  (str members)
+    jwk: dict[str, str] = ECAlgorithm.to_jwk(public_key, as_dict=True)  # an EC key's members are strings
     required = {name: jwk[name] for name in ("crv", "kty", "x", "y")}
     return {**required, "kid": thumbprint(required), "use": "sig", "alg": ALGORITHM}
 

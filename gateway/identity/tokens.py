@@ -75,7 +75,7 @@ MAX_NUMERIC_DATE = 253402300799  # 9999-12-31T23:59:59Z: the last second a datet
 
 MALFORMED = "malformed token"
 ALGORITHM_NOT_ALLOWED = "signing algorithm not allowed"
-SELF_NAMED_KEY = "token names its own signing key"  # noqa: S105  (a reason, not a secret)
+SELF_NAMED_KEY = "token names its own signing key"  # a reason, not a secret
 CRITICAL_EXTENSION = "token uses an unsupported critical header"
 TYPE_NOT_ACCEPTED = "token type not accepted"
 AUDIENCE_NOT_ACCEPTED = "token audience not accepted for this host"
@@ -273,8 +273,8 @@ class BearerValidator:
 
 def identity_from_claims(claims: dict[str, object], audiences: frozenset[str]) -> Identity:
     """Entra's claim names: ``azp`` (v2) or ``appid`` (v1) is the client app, ``deviceid`` the device."""
-    aud = claims["aud"]
-    matched = next(iter(sorted(audiences & ({aud} if isinstance(aud, str) else set(aud)))), "")  # type: ignore[arg-type]  (JSON)
+    aud, exp = claims["aud"], claims["exp"]
+    assert isinstance(aud, str) and isinstance(exp, int | float)  # claims_problem checked both
     groups = claims.get("groups")
     amr = claims.get("amr")
     roles = claims.get("roles")
@@ -286,13 +286,13 @@ def identity_from_claims(claims: dict[str, object], audiences: frozenset[str]) -
         client_id=(_text(claims.get("azp")) or _text(claims.get("appid")) or "").lower() or None,
         device_id=(_text(claims.get("deviceid")) or "").lower() or None,
         groups=frozenset(g for g in groups if isinstance(g, str)) if isinstance(groups, list) else frozenset(),
-        audience=matched,
-        expires_at=float(claims["exp"]),  # type: ignore[arg-type]  (required and checked numeric by pyjwt)
+        audience=aud if aud in audiences else "",
+        expires_at=float(exp),
         authentication_methods=(frozenset(m for m in amr if isinstance(m, str))
                                 if isinstance(amr, list) else frozenset()),
         authentication_context=_text(claims.get("acr")),
-        authenticated_at=float(claims["auth_time"]) if isinstance(claims.get("auth_time"), int | float) else None,
-        issued_at=float(claims["iat"]) if isinstance(claims.get("iat"), int | float) else None,
+        authenticated_at=float(auth_time) if isinstance(auth_time := claims.get("auth_time"), int | float) else None,
+        issued_at=float(iat) if isinstance(iat := claims.get("iat"), int | float) else None,
         roles=frozenset(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else frozenset(),
     )
 

@@ -19,7 +19,7 @@ and negative ones (-ne, -notStartsWith, -notIn, ...) do.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 ATTRIBUTES = (
@@ -86,8 +86,8 @@ def parse_rule(text: str) -> Rule:
     """Parse a rule; raises RuleSyntaxError saying where and what was expected."""
     parser = _Parser(_tokenize(text))
     rule = parser.rule()
-    if parser.peek() is not None:
-        raise RuleSyntaxError(f"unexpected {parser.peek()[1]!r} after a complete rule")  # type: ignore[index]
+    if (extra := parser.peek()) is not None:
+        raise RuleSyntaxError(f"unexpected {extra[1]!r} after a complete rule")
     return rule
 
 
@@ -129,11 +129,11 @@ class _Parser:
     def term(self) -> Rule:
         return self._joined("-and", self.factor)
 
-    def _joined(self, keyword: str, operand: object) -> Rule:
-        parts = [operand()]  # type: ignore[operator]
+    def _joined(self, keyword: str, operand: Callable[[], Rule]) -> Rule:
+        parts = [operand()]
         while (token := self.peek()) is not None and token[0] == "operator" and token[1].lower() == keyword:
             self.position += 1
-            parts.append(operand())  # type: ignore[operator]
+            parts.append(operand())
         return parts[0] if len(parts) == 1 else BooleanRule(keyword[1:], tuple(parts))
 
     def factor(self) -> Rule:

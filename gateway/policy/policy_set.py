@@ -129,7 +129,7 @@ class PolicySet:
             policies=compiled,
             targeting_by_resource={name: frozenset(c.index for c in compiled if _targets(c.policy, name))
                                    for name in resources},
-            named_locations={name: (tuple(location.ip_ranges), location.trusted)  # type: ignore[arg-type]
+            named_locations={name: (tuple(location.ip_ranges), location.trusted)
                              for name, location in named_locations.items()},
             by_name={c.policy.name: c for c in compiled},
             has_rollouts=any(c.rollout is not None for c in compiled),

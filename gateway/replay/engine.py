@@ -260,45 +260,58 @@ def token_identity(config: Config, host: str, claims: tuple[dict[str, Any], dict
     but the signature, at the recorded time."""
     header, payload = claims
     identity = config.gateway_file.identity
-    problem = header_problem(header, {a.value for a in identity.algorithms})
+    problem = header_problem(header, {a.value for a in identity.algorithms}) or _missing_claim(payload) \
+        or _time_problem(payload, at.timestamp(), identity.clock_skew_seconds)
     if problem is not None:
         return RejectedToken(problem)
-    missing = next((c for c in REQUIRED_CLAIMS if payload.get(c) is None), None)
-    if missing is not None:
-        return RejectedToken(f"token has no {missing!r} claim")
-    now, leeway = at.timestamp(), identity.clock_skew_seconds
-    for claim in ("iat", "nbf", "exp"):
-        if claim not in payload:
-            continue
-        moment = _whole_seconds(payload[claim])
-        if moment is None:
-            return RejectedToken("malformed token")
-        if claim == "exp" and moment <= now - leeway:
-            return RejectedToken("token expired")
-        if claim != "exp" and moment > now + leeway:
-            return RejectedToken("token not yet valid")
     if payload["iss"] != identity.issuer:
         return RejectedToken("token issuer not accepted")
     audiences = frozenset(config.gateway_file.protected_hosts[host].audiences)
-    aud = payload["aud"]
-    if not aud:
-        return RejectedToken("token has no 'aud' claim")
-    named = [aud] if isinstance(aud, str) else aud
-    if not isinstance(named, list) or any(not isinstance(a, str) for a in named) or audiences.isdisjoint(named):
-        return RejectedToken("token audience not accepted for this host")
-    if not isinstance(payload["sub"], str):
-        return RejectedToken(MALFORMED)
-    problem = claims_problem(payload, access_token=True)
+    problem = _audience_problem(payload["aud"], audiences) \
+        or (MALFORMED if not isinstance(payload["sub"], str) else None) \
+        or claims_problem(payload, access_token=True)
     if problem is not None:
         return RejectedToken(problem)
     return identity_from_claims(payload, audiences)
 
 
+def _missing_claim(payload: dict[str, Any]) -> str | None:
+    missing = next((c for c in REQUIRED_CLAIMS if payload.get(c) is None), None)
+    return None if missing is None else f"token has no {missing!r} claim"
+
+
+def _time_problem(payload: dict[str, Any], now: float, leeway: float) -> str | None:
+    """pyjwt's checks of ``iat``, ``nbf`` and ``exp``, in its order."""
+    for claim in ("iat", "nbf", "exp"):
+        if claim not in payload:
+            continue
+        moment = _whole_seconds(payload[claim])
+        if moment is None:
+            return "malformed token"
+        if claim == "exp" and moment <= now - leeway:
+            return "token expired"
+        if claim != "exp" and moment > now + leeway:
+            return "token not yet valid"
+    return None
+
+
+def _audience_problem(aud: object, audiences: frozenset[str]) -> str | None:
+    """pyjwt's: a non-empty string or list of strings, one of them accepted for the host."""
+    if not aud:
+        return "token has no 'aud' claim"
+    named = [aud] if isinstance(aud, str) else aud
+    if not isinstance(named, list) or any(not isinstance(a, str) for a in named) or audiences.isdisjoint(named):
+        return "token audience not accepted for this host"
+    return None
+
+
 def _whole_seconds(value: object) -> int | None:
     """A time claim as pyjwt reads it (``int()`` of it), or None where pyjwt calls it malformed."""
+    if not isinstance(value, str | int | float):
+        return None  # null, an array or an object: int() refuses them too
     try:
-        return int(value)  # type: ignore[call-overload]  (any JSON value: what int() refuses is malformed)
-    except (ValueError, TypeError, OverflowError):
+        return int(value)
+    except (ValueError, OverflowError):  # "soon", NaN, infinity
         return None
 
 

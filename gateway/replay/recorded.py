@@ -286,10 +286,9 @@ def pair(items: Iterable[RecordedRequest | Skipped]) -> tuple[list[RecordedReque
     decision of its decision log record; a request seen twice counts once, and a flow skipped
     here (refused before routing) is replayed from its record when the record is among them."""
     logged: dict[str, RecordedRequest] = {}
-    traffic: list[RecordedRequest] = []
+    traffic: dict[str, RecordedRequest] = {}  # by correlation id, in the order first seen
     anonymous: list[RecordedRequest] = []
     skipped: list[Skipped] = []
-    seen: dict[str, str] = {}
     for item in items:
         if isinstance(item, Skipped):
             skipped.append(item)
@@ -299,12 +298,11 @@ def pair(items: Iterable[RecordedRequest | Skipped]) -> tuple[list[RecordedReque
             skipped.append(Skipped(item.place, f"the same decision as {logged[item.correlation_id].place}"))
         elif item.log_place is not None:
             logged[item.correlation_id] = item
-        elif item.correlation_id in seen:
-            skipped.append(Skipped(item.place, f"the same request as {seen[item.correlation_id]}"))
+        elif item.correlation_id in traffic:
+            skipped.append(Skipped(item.place, f"the same request as {traffic[item.correlation_id].place}"))
         else:
-            seen[item.correlation_id] = item.place
-            traffic.append(item)
-    paired = [_with_record(request, logged.pop(request.correlation_id, None)) for request in traffic]
+            traffic[item.correlation_id] = item
+    paired = [_with_record(request, logged.pop(correlation_id, None)) for correlation_id, request in traffic.items()]
     skipped = [s for s in skipped if s.correlation_id is None or s.correlation_id not in logged]
     return sorted([*paired, *anonymous, *logged.values()], key=lambda r: r.time), skipped
 

@@ -43,7 +43,6 @@ from gateway.signals.devices import DeviceInventory
 
 logger = logging.getLogger(__name__)
 
-MISSING = object()
 RETRY_AFTER = 1.0  # seconds a failed source is not asked again; answers come from copies meanwhile
 # A lookup taking longer counts as the source being down. Above the Graph connector's own wait for
 # a device it must look up (``graph.MISS_LOOKUP_SECONDS``), which answers "unknown" by then.
@@ -99,10 +98,10 @@ class CachedInventory:
 
     async def managed_device(self, device_id: str) -> ManagedDevice | None:
         key = device_id.lower()
-        hit = self._fresh.get(key, MISSING)
-        if hit is not MISSING:
+        hit = self._fresh.get(key)  # only devices are kept here; a miss is kept in _misses
+        if hit is not None:
             self.hits += 1
-            return hit  # type: ignore[return-value]
+            return hit
         if key in self._misses:
             self.hits += 1
             return None

@@ -144,7 +144,7 @@ class FileDeviceInventory:
         if inventory is not None:
             problems += _duplicates(inventory, data, shown)
         raise_if(problems)
-        assert inventory is not None  # noqa: S101  (no problems)
+        assert inventory is not None  # no problems
         return cls({d.azure_ad_device_id.lower(): d.to_managed_device() for d in inventory.devices},
                    tuple(inventory.devices))
 

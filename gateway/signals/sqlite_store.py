@@ -327,7 +327,9 @@ def _parse_valid_json(path: Path) -> list[DeviceRecord] | None:
 def _parse_csv(path: Path) -> list[DeviceRecord]:
     text = path.read_text(encoding="utf-8-sig")
     reader = csv.DictReader(io.StringIO(text))
-    records, problems, seen = [], [], {}
+    records: list[DeviceRecord] = []
+    problems: list[ConfigProblem] = []
+    seen: dict[str, int] = {}
     for row in reader:
         line = reader.line_num
         if None in row or None in row.values():
@@ -343,9 +345,11 @@ def _parse_csv(path: Path) -> list[DeviceRecord]:
         try:
             item = {k: _csv_value(k, v) for k, v in row.items() if k and v not in (None, "")}
             records.append(DeviceRecord.model_validate_json(json.dumps(item), strict=True))
-        except (ValidationError, ValueError) as error:
-            details = error.errors() if isinstance(error, ValidationError) else [{"loc": (), "msg": str(error)}]
-            problems += [ConfigProblem(str(path), line, None, format_loc(tuple(e["loc"])), e["msg"]) for e in details]
+        except ValidationError as error:
+            problems += [ConfigProblem(str(path), line, None, format_loc(tuple(e["loc"])), e["msg"])
+                         for e in error.errors()]
+        except ValueError as error:  # a value _csv_value cannot read
+            problems.append(ConfigProblem(str(path), line, None, "", str(error)))
     _raise(problems)
     return records
 

@@ -134,7 +134,9 @@ class RedisSessionStore:
         generation = self._generation
         with unavailable(self.location):
             async with self._client.pipeline(transaction=True) as pipe:
-                record, pttl = await pipe.get(self._keys.session(key)).pttl(self._keys.session(key)).execute()
+                pipe.get(self._keys.session(key))  # queued (a pipeline's commands are sent by execute)
+                pipe.pttl(self._keys.session(key))
+                record, pttl = await pipe.execute()
         session = decode_session(record) if record is not None else None
         if session is not None and self._subscribed and generation == self._generation and pttl > 0:
             self._cache[key] = (session, min(self._cache_seconds, pttl / 1000))
@@ -145,7 +147,9 @@ class RedisSessionStore:
         self.forget(key)
         with unavailable(self.location):
             async with self._client.pipeline(transaction=True) as pipe:
-                await pipe.delete(self._keys.session(key)).publish(self._keys.revoked_channel, key).execute()
+                pipe.delete(self._keys.session(key))
+                pipe.publish(self._keys.revoked_channel, key)
+                await pipe.execute()
 
 
 class RedisNonces:
@@ -205,7 +209,7 @@ class RedisEvents:
                     await self._listen(pubsub)
                 except (redis.RedisError, OSError) as error:
                     await self._down(error)
-                except Exception as error:  # noqa: BLE001  (a callback or redis-py failed: never go on trusting caches)
+                except Exception as error:  # a callback or redis-py failed: never go on trusting caches
                     logger.exception("shared state %s: the change feed failed; treated as lost", self.location)
                     await self._down(error)
                 finally:

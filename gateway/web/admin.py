@@ -81,6 +81,7 @@ from gateway.web.dashboard import (
     overview_page,
     sign_in_page,
 )
+from gateway.web.embedded import EmbeddedServer
 from gateway.whatif import WhatIf, WhatIfError, as_json, policy_states
 from gateway.workers import ONLY_WORKER, Worker
 
@@ -356,8 +357,7 @@ async def serving(app: ASGIApp, host: str, port: int) -> AsyncIterator[tuple[str
         raise RuntimeError(f"the admin API cannot listen on {host}:{port}: {error.strerror}") from error
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, proxy_headers=False,
                             timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  (the CLI owns signals)
+    server = EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:

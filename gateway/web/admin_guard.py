@@ -202,7 +202,7 @@ class AdminGuard:
                 identity = caller
                 try:
                     done = await handler(request, caller)
-                except Exception as error:  # noqa: BLE001  (answered, audited and logged, never bare)
+                except Exception as error:  # answered, audited and logged, never bare
                     logger.exception("admin action %s failed (correlation id %s)", action.name, correlation_id)
                     done, outcome = internal_error(error, action.credential is not Credential.header), "error"
                 else:

@@ -47,7 +47,7 @@ class AssertionCheck:
         return {"rejected": verified.reason} if isinstance(verified, RejectedToken) else verified
 
 
-async def _echo(request: Request) -> JSONResponse:
+async def _echo(request: Request) -> Response:
     if request.query_params.get("Cmd") == "Ping":  # ActiveSync long-poll: answer when the heartbeat ends
         # (on every echoing route: a test holds an OWA request open through the kiosk the same way)
         await _hold(request, min(float(request.query_params.get("HeartbeatInterval", "30")), MAX_PING_SECONDS))
@@ -58,7 +58,7 @@ async def _echo(request: Request) -> JSONResponse:
         return await _download(request)
     if request.method in ("POST", "PUT", "PATCH"):
         received["x-demo-body-bytes"] = str(len(await request.body()))
-    answer = {**_request_line(request), "receivedHeaders": received}
+    answer: dict[str, object] = {**_request_line(request), "receivedHeaders": received}
     check: AssertionCheck | None = request.app.state.assertion_check
     if check is not None:
         answer["verifiedAssertion"] = check.claims(request)
@@ -90,7 +90,7 @@ def _request_line(request: Request) -> dict[str, str]:
 async def _not_routed(request: Request, error: Exception) -> Response:
     """No route or no such method here (404, 405): still say what arrived, so a request that
     should never have been forwarded cannot hide behind a plain "Not Found"."""
-    assert isinstance(error, HTTPException)  # noqa: S101  (registered for HTTPException only)
+    assert isinstance(error, HTTPException)  # registered for HTTPException only
     return JSONResponse({**_request_line(request), "error": error.detail}, error.status_code, error.headers)
 
 

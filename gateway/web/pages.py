@@ -6,6 +6,7 @@ no stack trace, no proxy name)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from html import escape
@@ -185,7 +186,7 @@ def _device_state(device: DeviceSignals) -> str:
     return device.device.compliance_state.value
 
 
-def _json(status: int, body: dict[str, object], correlation_id: str,
+def _json(status: int, body: Mapping[str, object], correlation_id: str,
           extra: tuple[tuple[str, str], ...] = ()) -> GatewayResponse:
     headers = (("Content-Type", "application/json"), (CORRELATION_ID, correlation_id), *extra, *SECURITY_HEADERS)
     return GatewayResponse(status, headers, json.dumps(body).encode())
