@@ -26,9 +26,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.policy.model import SessionControls
 from gateway.replay.recorded import RecordedRequest
 from tests.conftest import addon_context
-from tests.test_gateway_e2e import MAIL
 
 REPO = Path(__file__).resolve().parent.parent
+MAIL = "mail.contoso.test"  # any protected host: nothing here is routed
 
 # ---------------------------------------------------------------------------------------------
 # The accessor
