@@ -22,16 +22,9 @@ import time
 
 from mitmproxy import http
 
+from addons.flow_state import state
 from addons.mitm_internals import close_client_connection
-from addons.safety import (
-    ALLOWED_KEY,
-    AUTHORIZATION_KEY,
-    COOKIES_KEY,
-    CORRELATION_KEY,
-    DEVICE_KEY,
-    REQUEST_KEY,
-    fail_closed,
-)
+from addons.safety import fail_closed
 from gateway.access import AccessService
 from gateway.events import RULES_RELOADED, AllDevicesChanged, ChangeEvent, RulesReloaded
 
@@ -52,10 +45,11 @@ class ContinuousAccess:
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         heard = self.deciding.pop(flow.id, set())
-        if flow.metadata.get(ALLOWED_KEY) is not True or REQUEST_KEY not in flow.metadata:
+        flow_state = state(flow)
+        if not flow_state.allowed or flow_state.access_request is None:
             return  # refused, or never decided by the rules (a destination the kiosk passes through)
         self.open_flows.add(flow)
-        device_id = flow.metadata.get(DEVICE_KEY)
+        device_id = flow_state.device_id
         if device_id:
             self.by_device.setdefault(device_id, set()).add(flow)
         if device_id and any(event.touches(device_id) for event in heard):
@@ -105,22 +99,25 @@ class ContinuousAccess:
         task.add_done_callback(self._tasks.discard)
 
     async def _decide_again(self, flow: http.HTTPFlow) -> None:
+        flow_state = state(flow)
         try:
-            outcome = await self.service.decide_again(flow.metadata[REQUEST_KEY], flow.metadata[AUTHORIZATION_KEY],
-                                                      flow.metadata.get(COOKIES_KEY, []))
+            if flow_state.access_request is None:
+                raise LookupError("no access request kept to decide again")  # only allowed flows are registered
+            outcome = await self.service.decide_again(flow_state.access_request, flow_state.authorization,
+                                                      flow_state.cookies)
             allowed = outcome.forward
         except Exception:  # an edge: a failed re-decision closes the flow
-            logger.exception("[%s] re-evaluation failed; closing", flow.metadata.get(CORRELATION_KEY))
+            logger.exception("[%s] re-evaluation failed; closing", flow_state.correlation_id)
             allowed = False
         if not allowed:
             logger.info("[%s] device signals or rules changed: access withdrawn, closing the connection",
-                        flow.metadata.get(CORRELATION_KEY))
+                        flow_state.correlation_id)
             close_client(flow)
             self._forget(flow)
 
     def _forget(self, flow: http.HTTPFlow) -> None:
         self.open_flows.discard(flow)
-        device_id: str | None = flow.metadata.get(DEVICE_KEY)
+        device_id = state(flow).device_id
         flows = self.by_device.get(device_id) if device_id else None
         if device_id and flows is not None:
             flows.discard(flow)

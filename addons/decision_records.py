@@ -2,7 +2,7 @@
 known, so that its ``httpStatus`` is what the client got and ``upstreamStatus`` what the upstream
 answered. Records of the answers the gateway gives itself are written by the core when it decides.
 
-AccessGate leaves the record on the flow (``RECORD_KEY``). It is written when the answer's head
+AccessGate leaves the record on the flow (``FlowState.record``). It is written when the answer's head
 goes to the client: for a streamed answer in ``responseheaders`` (after SessionEnforcement, which
 may have replaced a download); for an answer held whole in ``response``, once it has all arrived
 (an upstream that breaks off mid-body is the gateway's 502, not the upstream's 200). A flow that
@@ -19,14 +19,11 @@ import logging
 
 from mitmproxy import connection, http
 
-from addons.safety import CORRELATION_KEY, fail_closed
-from addons.strict_http import GATEWAY_ANSWER_KEY, UPSTREAM_STATUS_KEY
+from addons.flow_state import state
+from addons.safety import fail_closed
 from gateway.access import AccessService
 
 logger = logging.getLogger(__name__)
-
-RECORD_KEY = "portcullis.decision_record"  # a forwarded request's record, until its answer is known
-RESTRICTED_ANSWER_KEY = "portcullis.restricted_answer"  # the session control that replaces the upstream's answer
 
 
 class DecisionRecords:
@@ -37,7 +34,7 @@ class DecisionRecords:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if RECORD_KEY in flow.metadata:
+        if state(flow).record is not None:
             self.waiting.setdefault(flow.client_conn.id, set()).add(flow)
 
     @fail_closed
@@ -52,7 +49,7 @@ class DecisionRecords:
             self._write(flow, flow.response.status_code)
 
     def error_answered(self, flow: http.HTTPFlow) -> None:
-        self._write(flow, flow.metadata.get(GATEWAY_ANSWER_KEY))
+        self._write(flow, state(flow).gateway_answer)
 
     def client_disconnected(self, client: connection.Client) -> None:
         """A flow of this connection still waiting got no answer (its layer ended without
@@ -67,15 +64,15 @@ class DecisionRecords:
                 try:
                     self._write(flow, None)
                 except Exception:  # one record that cannot be written must not take the others
-                    logger.exception("[%s] decision record not written at shutdown", flow.metadata.get(CORRELATION_KEY))
+                    logger.exception("[%s] decision record not written at shutdown", state(flow).correlation_id)
 
     def _write(self, flow: http.HTTPFlow, http_status: int | None) -> None:
-        record = flow.metadata.pop(RECORD_KEY, None)
+        flow_state = state(flow)
+        record, flow_state.record = flow_state.record, None
         flows = self.waiting.get(flow.client_conn.id)
         if flows is not None:
             flows.discard(flow)
             if not flows:
                 del self.waiting[flow.client_conn.id]
         if record is not None:
-            self.service.record_answer(record, http_status, flow.metadata.get(UPSTREAM_STATUS_KEY),
-                                       flow.metadata.get(RESTRICTED_ANSWER_KEY))
+            self.service.record_answer(record, http_status, flow_state.upstream_status, flow_state.restricted_answer)

@@ -8,7 +8,7 @@ kernel spreads them across the workers again after one was restarted, instead of
 carrying every connection for the rest of their lives.
 
 A last answer carries ``Connection: close`` over HTTP/1 (mitmproxy then closes the connection);
-over HTTP/2 it is marked ``LAST_ON_CONNECTION_KEY`` and ``strict_http`` sends a graceful GOAWAY once
+over HTTP/2 it is marked ``FlowState.last_on_connection`` and ``strict_http`` sends a graceful GOAWAY once
 its stream has ended (``Connection`` is forbidden in HTTP/2: clients reject such an answer).
 """
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from mitmproxy import connection, http
 
+from addons.flow_state import state
 from addons.mitm_internals import stop_listening
 from addons.safety import fail_closed
-from addons.strict_http import LAST_ON_CONNECTION_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Drain:
         if flow.request.http_version.startswith("HTTP/1"):
             flow.response.headers["connection"] = "close"
         else:
-            flow.metadata[LAST_ON_CONNECTION_KEY] = True
+            state(flow).last_on_connection = True
 
     def _spent(self, client: connection.Client) -> bool:
         """The connection has served its requests or lived its time (checked as an answer goes out,

@@ -7,14 +7,11 @@ from collections.abc import Sequence
 
 from mitmproxy import http
 
+from addons.flow_state import state
 from gateway.headers import Network, client_address
 from gateway.policy.model import AccessRequest
 
 logger = logging.getLogger(__name__)
-
-CLIENT_IP_KEY = "portcullis.client_ip"  # the address the decision was made for (a trusted proxy's client)
-FORWARDED_FOR_PROBLEM_KEY = "portcullis.forwarded_for_problem"  # a trusted proxy's X-Forwarded-For is broken
-AUTHORITY_KEY = "portcullis.authority"  # the Host header as the client sent it (Routing rewrites it)
 
 
 def authority(host_header: str, host: str) -> str:
@@ -32,7 +29,7 @@ def client_ip(flow: http.HTTPFlow, correlation_id: str, trusted_proxies: Sequenc
     if problem is not None:
         logger.warning("[%s] %s: %.200r from %s; refusing the request", correlation_id, problem,
                        ", ".join(forwarded_for), address)
-        flow.metadata[FORWARDED_FOR_PROBLEM_KEY] = problem
+        state(flow).forwarded_for_problem = problem
     return address
 
 
@@ -52,6 +49,6 @@ def access_request(flow: http.HTTPFlow, correlation_id: str, host: str,
         chunked="chunked" in headers.get("transfer-encoding", "").lower() or (
             flow.request.http_version.startswith("HTTP/2") and "content-length" not in headers
             and flow.request.method.upper() in ("POST", "PUT", "PATCH")),
-        authority=authority(flow.metadata.get(AUTHORITY_KEY, ""), host),
+        authority=authority(state(flow).authority, host),
         kiosk_location=kiosk_location,
     )

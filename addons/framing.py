@@ -24,15 +24,13 @@ from collections.abc import Callable
 
 from mitmproxy import connection, http, tcp, tls
 
+from addons.flow_state import state
 from addons.mitm_internals import close_client_socket, wrap_client_reader
 from addons.safety import fail_closed, respond
-from addons.service_endpoints import SERVICE_KEY
-from addons.strict_http import BODY_AFTER_ANSWER_KEY
 from gateway import framing
 
 logger = logging.getLogger(__name__)
 
-FRAMED_BY_GATEWAY_KEY = "portcullis.framed_by_gateway"  # Transfer-Encoding added by UpstreamFraming
 REFUSED = (("Content-Type", "application/json"), ("Connection", "close"))
 
 
@@ -106,7 +104,7 @@ class RequestFraming:
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
-        body_to_come = bool(flow.metadata.get(BODY_AFTER_ANSWER_KEY))  # refused, read after the answer
+        body_to_come = state(flow).body_after_answer  # refused, read after the answer
         self._change(flow, lambda d: d.answered(flow.id, asyncio.get_running_loop().time(), body_to_come=body_to_come))
 
     def refused_body_read(self, flow: http.HTTPFlow) -> None:
@@ -175,17 +173,17 @@ class UpstreamFraming:
         if flow.response is not None:
             flow.request.headers.pop("expect", None)  # refused: no 100 Continue
             return
-        if flow.error or not flow.live or flow.metadata.get(SERVICE_KEY):
+        if flow.error or not flow.live or state(flow).service:
             return
         headers = flow.request.headers
         if not flow.request.http_version.startswith("HTTP/1") and "content-length" not in headers:
             headers["transfer-encoding"] = "chunked"  # HTTP/2 frames carry no TE; the upstream's does
-            flow.metadata[FRAMED_BY_GATEWAY_KEY] = True
+            state(flow).framed_by_gateway = True
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         """A body read whole (not streamed) is forwarded with its length, or none when empty."""
-        if flow.metadata.get(FRAMED_BY_GATEWAY_KEY) and not flow.request.stream and flow.response is None:
+        if state(flow).framed_by_gateway and not flow.request.stream and flow.response is None:
             del flow.request.headers["transfer-encoding"]
             if flow.request.raw_content:
                 flow.request.headers["content-length"] = str(len(flow.request.raw_content))

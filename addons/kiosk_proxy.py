@@ -10,8 +10,6 @@ from mitmproxy.proxy.mode_specs import RegularMode
 from addons.safety import fail_closed, respond
 from gateway.access import AccessService
 
-KIOSK_KEY = "portcullis.kiosk"
-
 
 def is_kiosk(flow: http.HTTPFlow) -> bool:
     return isinstance(flow.client_conn.proxy_mode, RegularMode)

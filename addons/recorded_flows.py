@@ -5,9 +5,11 @@ its response or error is in), with two changes a gateway needs. The file is priv
 holds bearer tokens and cookies, so it is created readable by its owner only, and an existing file
 is written only if it is already a regular file of this user that no one else may read (never
 through a symbolic link). And flow
-metadata is written as plain values only: Portcullis keeps live objects there (the access request
-and session controls of an open flow) that mitmproxy's tnetstring writer refuses, which would
-make ``Save`` fail on every allowed request.
+metadata is written as plain values only: Portcullis keeps its notes on a flow in one live object
+(``addons/flow_state.py``: the access request and session controls of an open flow among them)
+that mitmproxy's tnetstring writer refuses, which would make ``Save`` fail on every allowed
+request. The recording gets the notes replay reads instead, as plain values under their own keys
+(``RECORDED_*``, the keys recordings have always had).
 
 ``read_flow_file`` turns a flow file (recorded here, or by any mitmproxy) into the core's
 ``RecordedRequest`` values; nothing here decides anything.
@@ -30,11 +32,8 @@ from mitmproxy.addons.save import Save
 from mitmproxy.flow import Flow
 from mitmproxy.master import Master
 
-from addons.flows import CLIENT_IP_KEY
-from addons.kiosk_proxy import KIOSK_KEY
+from addons.flow_state import FLOW_STATE_KEY, FlowState
 from addons.mitm_internals import SaveStreamFile
-from addons.routing import HOST_KEY
-from addons.safety import ALLOWED_KEY, CORRELATION_KEY
 from gateway.headers import CORRELATION_ID
 from gateway.identity.browser import COOKIE_NAME
 from gateway.replay.recorded import RecordedRequest, Skipped, UnreadableSource
@@ -43,6 +42,13 @@ logger = logging.getLogger(__name__)
 
 PLAIN = (str, bool, int, float)
 GATEWAY_ANSWERS_UNAUTHENTICATED = (401, 302)  # a 401 challenge, or a browser sent to sign in
+
+# A recording's plain metadata: the flow's notes (``FlowState``) that ``recorded_request`` reads back.
+RECORDED_CORRELATION_ID = "portcullis.correlation_id"  # present: the gateway saw the request
+RECORDED_HOST = "portcullis.host"  # the protected host it was routed to (absent: not an access decision)
+RECORDED_ALLOWED = "portcullis.allowed"  # True: forwarded
+RECORDED_CLIENT_IP = "portcullis.client_ip"  # the address decided for
+RECORDED_KIOSK = "portcullis.kiosk"  # True: through the kiosk forward proxy
 
 
 class RecordingRefused(OSError):
@@ -58,9 +64,22 @@ class FlowRecording(SaveStreamFile, Save):
 
     def flow_state(self, flow: Flow) -> dict[str, Any]:
         """The flow with its metadata reduced to strings, numbers and booleans."""
-        state = flow.get_state()
-        state["metadata"] = {k: v for k, v in state["metadata"].items() if isinstance(v, PLAIN)}
-        return state
+        saved = flow.get_state()
+        notes = saved["metadata"].get(FLOW_STATE_KEY)
+        saved["metadata"] = {k: v for k, v in saved["metadata"].items() if isinstance(v, PLAIN)}
+        if isinstance(notes, FlowState):
+            saved["metadata"].update(recorded_notes(notes))
+        return saved
+
+
+def recorded_notes(notes: FlowState) -> dict[str, str | bool]:
+    """What replay reads of the gateway's notes on a flow, under the keys it reads them by."""
+    recorded: dict[str, str | bool] = {RECORDED_ALLOWED: notes.allowed, RECORDED_KIOSK: notes.kiosk}
+    for key, value in ((RECORDED_CORRELATION_ID, notes.correlation_id), (RECORDED_HOST, notes.host),
+                       (RECORDED_CLIENT_IP, notes.client_ip)):
+        if value is not None:
+            recorded[key] = value
+    return recorded
 
 
 def open_private(path: Path, *, append: bool) -> BinaryIO:
@@ -168,31 +187,33 @@ def recorded_request(flow: Flow, place: str) -> RecordedRequest | Skipped:
     if not isinstance(flow, http.HTTPFlow) or flow.request.method.upper() == "CONNECT":
         return Skipped(place, "not an HTTP request (a tunnel or another protocol)")
     metadata = flow.metadata
-    portcullis = CORRELATION_KEY in metadata
-    if portcullis and HOST_KEY not in metadata:
+    portcullis = RECORDED_CORRELATION_ID in metadata
+    if portcullis and RECORDED_HOST not in metadata:
         return Skipped(place, "not an access decision (a gateway endpoint, an unprotected kiosk destination, or "
-                              "refused before routing)", str(metadata[CORRELATION_KEY]))
+                              "refused before routing)", str(metadata[RECORDED_CORRELATION_ID]))
     request, headers = flow.request, flow.request.headers
     response = flow.response
-    answered = response.status_code if portcullis and response and metadata.get(ALLOWED_KEY) is not True else None
+    answered = response.status_code if portcullis and response and metadata.get(RECORDED_ALLOWED) is not True else None
     return RecordedRequest(
         place=place,
-        correlation_id=metadata.get(CORRELATION_KEY) or (response.headers.get(CORRELATION_ID) if response else None),
+        correlation_id=metadata.get(RECORDED_CORRELATION_ID) or (
+            response.headers.get(CORRELATION_ID) if response else None),
         time=datetime.fromtimestamp(request.timestamp_start, UTC),
         method=request.method.upper(),
-        host=str(metadata[HOST_KEY]) if portcullis else request.pretty_host.lower(),
+        host=str(metadata[RECORDED_HOST]) if portcullis else request.pretty_host.lower(),
         target=request.path,
         query_recorded=True,
-        client_ip=metadata.get(CLIENT_IP_KEY) or (flow.client_conn.peername[0] if flow.client_conn.peername else None),
+        client_ip=metadata.get(RECORDED_CLIENT_IP) or (
+            flow.client_conn.peername[0] if flow.client_conn.peername else None),
         user_agent=headers.get("user-agent", ""),
         accepts_html="text/html" in headers.get("accept", "").lower(),
         content_type=headers.get("content-type", ""),
         content_length=headers.get("content-length", ""),
         chunked="chunked" in headers.get("transfer-encoding", "").lower(),
-        kiosk=metadata.get(KIOSK_KEY) is True,
+        kiosk=metadata.get(RECORDED_KIOSK) is True,
         authorization=tuple(headers.get_all("authorization")),
         session_cookie=any(f"{COOKIE_NAME}=" in cookie for cookie in headers.get_all("cookie")),
-        authenticated=_authenticated(metadata.get(ALLOWED_KEY) is True, answered),
+        authenticated=_authenticated(metadata.get(RECORDED_ALLOWED) is True, answered),
     )
 
 

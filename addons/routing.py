@@ -22,18 +22,17 @@ from urllib.parse import urlsplit
 
 from mitmproxy import http
 
-from addons.flows import AUTHORITY_KEY, access_request, authority
-from addons.kiosk_proxy import KIOSK_KEY, connect_target, is_kiosk
-from addons.safety import CORRELATION_KEY, fail_closed, respond
-from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, SERVICE_KEY
+from addons.flow_state import state
+from addons.flows import access_request, authority
+from addons.kiosk_proxy import connect_target, is_kiosk
+from addons.safety import fail_closed, respond
+from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS
 from gateway.access import AccessService, new_correlation_id
 from gateway.config.models import HOST_NAME
 from gateway.headers import header_fields_refusal
 from gateway.identity.browser import is_reserved
 from gateway.signals.mtd import MAX_BODY_BYTES
 
-HOST_KEY = "portcullis.host"
-UNPROTECTED_KEY = "portcullis.unprotected"
 PLAINTEXT_ANSWER = (("Content-Type", "application/json"), ("Connection", "close"))
 METHOD = re.compile(r"[A-Z][A-Z0-9_-]*")  # standard and WebDAV methods (PROPFIND, VERSION-CONTROL)
 NEVER_FORWARDED = frozenset({"TRACE", "TRACK"})
@@ -49,22 +48,23 @@ class Routing:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
-        flow.metadata[CORRELATION_KEY] = correlation_id = new_correlation_id()
+        flow_state = state(flow)
+        flow_state.correlation_id = correlation_id = new_correlation_id()
         refused = header_fields_refusal(flow.request.headers.fields)
         if refused is not None:  # before anything else reads a header; logged like every refusal
             self._refuse(flow, correlation_id, "", *refused)
             return
         if is_kiosk(flow) and not flow.client_conn.tls_established and \
                 self.service.kiosk_destination(flow.request.host.lower(), flow.request.port) == "pass":
-            flow.metadata[UNPROTECTED_KEY] = True  # plain HTTP to an exact pass-through host:port (a demo issuer)
+            flow_state.unprotected = True  # plain HTTP to an exact pass-through host:port (a demo issuer)
             return
         if not flow.client_conn.tls_established:
             respond(flow, 400, b'{"error": "tls_required"}', PLAINTEXT_ANSWER)
             return
-        flow.metadata[AUTHORITY_KEY] = flow.request.host_header or ""  # as sent, before it is rewritten
+        flow_state.authority = flow.request.host_header or ""  # as sent, before it is rewritten
         named = _target_refusal(flow) or _named_destination(flow)
         if isinstance(named, str):
-            self._refuse(flow, correlation_id, flow.metadata[AUTHORITY_KEY][:255], 400, named)
+            self._refuse(flow, correlation_id, flow_state.authority[:255], 400, named)
             return
         host, port = named
         if flow.request.method in NEVER_FORWARDED:
@@ -80,14 +80,14 @@ class Routing:
             self._service_flow(flow, MTD_ENDPOINTS, host)
             return
         if is_kiosk(flow):
-            flow.metadata[KIOSK_KEY] = True
+            flow_state.kiosk = True
             target = connect_target(flow)
             if target is None or target[0] != host or sni != host or port not in (None, target[1]):
                 respond(flow, 421, b'{"error": "misdirected_request"}', PLAINTEXT_ANSWER)
                 return  # Host, SNI and the CONNECT target must be one destination
             allowed = self.service.kiosk_destination(host, target[1]) == "intercept"
             if allowed and self.service.upstream_for(host) is None:
-                flow.metadata[UNPROTECTED_KEY] = True  # an allowed destination: forwarded as it is
+                flow_state.unprotected = True  # an allowed destination: forwarded as it is
                 return
         upstream = self.service.upstream_for(host)
         if upstream is not None and sni == host and is_reserved(flow.request.path):
@@ -102,7 +102,7 @@ class Routing:
         flow.request.host = upstream_url.hostname or ""
         flow.request.port = upstream_url.port or (443 if upstream_url.scheme == "https" else 80)
         flow.request.host_header = host
-        flow.metadata[HOST_KEY] = host
+        flow_state.host = host
 
     def _refuse(self, flow: http.HTTPFlow, correlation_id: str, host: str, status: int, reason: str, *,
                 close: bool = True) -> None:
@@ -128,9 +128,10 @@ class Routing:
             respond(flow, 413, b'{"error": "payload_too_large"}', PLAINTEXT_ANSWER)
         else:
             flow.request.stream = False
-            flow.metadata[SERVICE_KEY] = endpoints
+            flow_state = state(flow)
+            flow_state.service = endpoints
             # HTTP/2 carries the host in :authority only; the endpoints read the validated one here
-            flow.request.headers["Host"] = authority(flow.metadata[AUTHORITY_KEY], host)
+            flow.request.headers["Host"] = authority(flow_state.authority, host)
 
 
 def _named_destination(flow: http.HTTPFlow) -> tuple[str, int | None] | str:

@@ -21,17 +21,10 @@ from typing import Any, cast
 
 from mitmproxy import connection, http
 
+from addons.flow_state import state
 from gateway.headers import CORRELATION_ID
 
 logger = logging.getLogger(__name__)
-
-CORRELATION_KEY = "portcullis.correlation_id"
-ALLOWED_KEY = "portcullis.allowed"
-DEVICE_KEY = "portcullis.device_id"
-REQUEST_KEY = "portcullis.request"
-SESSION_KEY = "portcullis.session_controls"
-AUTHORIZATION_KEY = "portcullis.authorization"  # kept in memory for re-evaluation, never logged
-COOKIES_KEY = "portcullis.cookies"  # likewise
 
 JSON = (("Content-Type", "application/json"),)
 INTERNAL_ERROR = b'{"error": "internal_error", "error_description": "the gateway failed on this request; it was ' \
@@ -82,9 +75,9 @@ def block(flow: http.HTTPFlow | connection.Client, event: str, name: str) -> Non
         flow.error = "internal error"
         return
     try:
-        correlation_id = flow.metadata.get(CORRELATION_KEY, "-")
-        logger.exception("[%s] %s failed; blocking the request", correlation_id, name)
-        flow.metadata[ALLOWED_KEY] = False
+        flow_state = state(flow)
+        logger.exception("[%s] %s failed; blocking the request", flow_state.correlation_id or "-", name)
+        flow_state.allowed = False
         if event in RESPONSE_HOOKS and flow.response is not None:
             replace_response(flow)
         else:
@@ -98,8 +91,9 @@ def respond(flow: http.HTTPFlow, status: int, body: bytes, headers: tuple[tuple[
     """Answer the client ourselves; nothing of this request reaches an upstream."""
     flow.request.stream = False
     response = http.Response.make(status, body, http.Headers([(k.encode(), v.encode()) for k, v in headers]))
-    if CORRELATION_KEY in flow.metadata and CORRELATION_ID not in response.headers:
-        response.headers[CORRELATION_ID] = flow.metadata[CORRELATION_KEY]
+    correlation_id = state(flow).correlation_id
+    if correlation_id is not None and CORRELATION_ID not in response.headers:
+        response.headers[CORRELATION_ID] = correlation_id
     flow.response = response
 
 

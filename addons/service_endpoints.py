@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from addons.flow_state import state
 from addons.mitm_internals import serve
 from addons.safety import fail_closed, respond
 from gateway.web.types import ASGIApp
 
-SERVICE_KEY = "portcullis.service"
 MTD_ENDPOINTS = "mtd"  # on gateway.serviceHost
 BROWSER_ENDPOINTS = "browser"  # under /.portcullis/ on every protected host
 
@@ -23,7 +23,7 @@ class ServiceEndpoints:
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
-        kind = flow.metadata.get(SERVICE_KEY)
+        kind = state(flow).service
         if not kind or flow.response or flow.error or not flow.live:
             return
         app = self.apps.get(kind)

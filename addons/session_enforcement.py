@@ -16,8 +16,8 @@ from collections.abc import Iterable
 
 from mitmproxy import http
 
-from addons.decision_records import RESTRICTED_ANSWER_KEY
-from addons.safety import CORRELATION_KEY, SESSION_KEY, fail_closed
+from addons.flow_state import state
+from addons.safety import fail_closed
 from gateway.access import AccessService
 from gateway.response_streaming import streams_as_sent
 from gateway.web.pages import GatewayResponse
@@ -32,14 +32,15 @@ class SessionEnforcement:
         response = flow.response
         if response is None:
             return
-        controls = flow.metadata.get(SESSION_KEY)
+        flow_state = state(flow)
+        controls = flow_state.session_controls
         replaced = None
         if controls is not None:
             accepts_html = "text/html" in flow.request.headers.get("accept", "").lower()
             replaced = self.service.response_restriction(controls, response.headers,
-                                                         flow.metadata.get(CORRELATION_KEY, "-"), accepts_html)
+                                                         flow_state.correlation_id or "-", accepts_html)
         if replaced is not None:
-            flow.metadata[RESTRICTED_ANSWER_KEY], page = replaced  # for the decision record
+            flow_state.restricted_answer, page = replaced  # for the decision record
             replace_before_sending(response, page)
         elif not response.stream and streams_as_sent(flow.request.method, response.status_code, response.headers):
             response.stream = True

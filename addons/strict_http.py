@@ -40,6 +40,7 @@ import h11
 from mitmproxy import http
 from mitmproxy.connection import ConnectionState
 
+from addons.flow_state import state
 from addons.mitm_internals import (
     ChunkedReader,
     CloseConnection,
@@ -70,7 +71,6 @@ from addons.mitm_internals import (
     install_http_layers,
     unread_bytes,
 )
-from addons.safety import CORRELATION_KEY
 from gateway import framing
 from gateway.access import new_correlation_id, utc_now
 from gateway.web import pages
@@ -248,9 +248,6 @@ class StrictHttp1Server(Http1Server):
         return [SendData(self.conn, refusal_bytes(refusal, correlation_id))]
 
 
-BODY_AFTER_ANSWER_KEY = "portcullis.body_after_answer"  # see StrictHttpStream._answer_now
-
-
 @dataclass
 class RefusedBodyReadHook(StartHook):
     """The body of a request answered before it was read, on an HTTP/1 connection kept for the next
@@ -276,7 +273,7 @@ class StrictHttpStream(HttpStream):
     def state_wait_for_response_headers(self, event: ResponseHeaders) -> Commands:
         """The gateway forwards no protocol switch (RequestFraming refuses upgrades), so an upstream's
         101 is a failed upstream: its connection is closed and the client gets the gateway's 502."""
-        self.flow.metadata[UPSTREAM_STATUS_KEY] = event.response.status_code
+        state(self.flow).upstream_status = event.response.status_code
         if event.response.status_code != 101:
             yield from super().state_wait_for_response_headers(event)
             return
@@ -299,7 +296,10 @@ class StrictHttpStream(HttpStream):
     def _answer_instead(self, error: ResponseProtocolError) -> Commands:
         """What mitmproxy would answer with its own page: the gateway's, logged with its reason."""
         request = self.flow.request
-        correlation_id = self.flow.metadata.setdefault(CORRELATION_KEY, new_correlation_id())
+        flow_state = state(self.flow)
+        if flow_state.correlation_id is None:  # refused by mitmproxy before Routing named it
+            flow_state.correlation_id = new_correlation_id()
+        correlation_id = flow_state.correlation_id
         status = error.code.http_status_code() or 502
         if status >= 500:
             logger.warning("[%s] the upstream of %s failed (%s); answered 502", correlation_id,
@@ -311,7 +311,7 @@ class StrictHttpStream(HttpStream):
                       else "the request is not valid HTTP")
             logger.info("[%s] request refused with %d: %s (%s)", correlation_id, status, reason, error.message)
             answer = pages.refused(status, reason, correlation_id)
-        self.flow.metadata[GATEWAY_ANSWER_KEY] = answer.status_code
+        flow_state.gateway_answer = answer.status_code
         response = http.Response.make(answer.status_code, answer.body,
                                       http.Headers([(k.encode(), v.encode()) for k, v in answer.headers]))
         if request.http_version.startswith("HTTP/1"):
@@ -344,7 +344,7 @@ class StrictHttpStream(HttpStream):
         self.answered_early = True
         http1 = self.flow.request.http_version.startswith("HTTP/1")
         if http1 and self.keeps_connection:
-            self.flow.metadata[BODY_AFTER_ANSWER_KEY] = True
+            state(self.flow).body_after_answer = True  # RequestFraming times that body
         elif http1:
             self.flow.response.headers["connection"] = "close"
         self.flow.response.timestamp_start = time.time()
@@ -369,7 +369,7 @@ class StrictHttpStream(HttpStream):
             yield from super().state_consume_request_body(event)
         elif isinstance(event, RequestEndOfMessage):  # data and trailers before it are discarded
             self.client_state = self.state_done
-            if self.flow.metadata.get(BODY_AFTER_ANSWER_KEY):
+            if state(self.flow).body_after_answer:
                 yield RefusedBodyReadHook(self.flow)
             if self.server_state == self.state_done:
                 yield from self.flow_done()
@@ -384,21 +384,21 @@ def install() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # HTTP/2: the last answer on a connection (keep-alive limits and drain; ``addons/drain.py`` marks
-# it). mitmproxy has no public way to end an HTTP/2 connection gracefully, and h2's own
-# ``close_connection`` moves h2's state machine to CLOSED, after which it refuses to send the
-# answers still in flight on other streams. So a GOAWAY frame (NO_ERROR, last stream 2^31-1: "open
-# no new stream here", RFC 9113 6.8) is written to the client connection after the marked answer's
-# last frame, beside h2's state. Compliant clients send their next requests on a new connection and
-# close this one once their open streams are answered (else it ends by the keep-alive timeout); a
-# client that ignores the GOAWAY is still served on it (the limits balance load; they guard nothing).
+# it: ``FlowState.last_on_connection``). mitmproxy has no public way to end an HTTP/2 connection
+# gracefully, and h2's own ``close_connection`` moves h2's state machine to CLOSED, after which it
+# refuses to send the answers still in flight on other streams. So a GOAWAY frame (NO_ERROR, last
+# stream 2^31-1: "open no new stream here", RFC 9113 6.8) is written to the client connection after
+# the marked answer's last frame, beside h2's state. Compliant clients send their next requests on
+# a new connection and close this one once their open streams are answered (else it ends by the
+# keep-alive timeout); a client that ignores the GOAWAY is still served on it (the limits balance
+# load; they guard nothing).
 
-LAST_ON_CONNECTION_KEY = "portcullis.last_on_connection"  # set on an HTTP/2 flow by Drain
 # RFC 9113 4.1 and 6.8: length 8, type GOAWAY (7), no flags, stream 0; last stream id, error code
 GRACEFUL_GOAWAY = struct.pack(">I", 8)[1:] + bytes([0x7, 0]) + struct.pack(">III", 0, 2**31 - 1, 0)
 
 
 def goaway_after_last_answer(stream: HttpStream) -> Commands:
-    if stream.flow.metadata.get(LAST_ON_CONNECTION_KEY) and stream.context.client.alpn == b"h2":
+    if state(stream.flow).last_on_connection and stream.context.client.alpn == b"h2":
         yield SendData(stream.context.client, GRACEFUL_GOAWAY)
 
 
@@ -409,12 +409,9 @@ def goaway_after_last_answer(stream: HttpStream) -> Commands:
 # side (refused, reset, closed, timed out, an answer that cannot be parsed), a RequestProtocolError
 # from the client's. ``AccessGate.error`` counts only the first in ``portcullis_upstream_errors``.
 
-UPSTREAM_FAILED_KEY = "portcullis.upstream_failed"
-
-
 def note_upstream_failure(flow: http.HTTPFlow, event: RequestProtocolError | ResponseProtocolError) -> None:
     if isinstance(event, ResponseProtocolError):
-        flow.metadata[UPSTREAM_FAILED_KEY] = True
+        state(flow).upstream_failed = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,11 +419,8 @@ def note_upstream_failure(flow: http.HTTPFlow, event: RequestProtocolError | Res
 # owes a failed flow goes out (``_own_answer`` puts the gateway's 502 in place of its page after
 # that hook), so the decision log learns the answer from ``error_answered``, a hook of Portcullis'
 # own, run once per failed flow after that point: the status the gateway answered with is then in
-# ``GATEWAY_ANSWER_KEY`` (absent: the client got no answer), the upstream's in
-# ``UPSTREAM_STATUS_KEY`` (absent: the upstream never answered).
-
-UPSTREAM_STATUS_KEY = "portcullis.upstream_status"
-GATEWAY_ANSWER_KEY = "portcullis.gateway_answer"
+# ``FlowState.gateway_answer`` (None: the client got no answer), the upstream's in
+# ``FlowState.upstream_status`` (None: the upstream never answered).
 
 
 @dataclass

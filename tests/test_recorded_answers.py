@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from mitmproxy.test import tflow
 
-from addons.decision_records import RECORD_KEY, DecisionRecords
+from addons.decision_records import DecisionRecords
+from addons.flow_state import state
 from gateway.demo import ACTIVESYNC
 from tests.conftest import Background, Gateway, Ports, free_port, logged_records
 from tests.test_decision_log import logged
@@ -213,7 +214,7 @@ def test_a_record_still_waiting_when_its_client_connection_ends_is_written_witho
     records = DecisionRecords(service)  # type: ignore[arg-type]  # only record_answer is called
     ended, other = tflow.tflow(), tflow.tflow(resp=True)
     for name, flow in (("ended", ended), ("other", other)):
-        flow.metadata[RECORD_KEY] = {"correlationId": name}
+        state(flow).record = {"correlationId": name}
         records.requestheaders(flow)
     records.client_disconnected(ended.client_conn)
     records.error_answered(ended)  # too late: nothing left to write

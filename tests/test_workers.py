@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 
 from addons.drain import Drain, KeepAliveLimits
-from addons.strict_http import LAST_ON_CONNECTION_KEY
+from addons.flow_state import state
 from gateway.config.models import ClientLimitSettings
 from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.headers import CORRELATION_ID
@@ -318,7 +318,7 @@ def test_the_answer_that_reaches_a_limit_is_the_last_on_its_connection(
         drain.response(flow)
         assert flow.response is not None
         closing = flow.response.headers.get("connection") == "close"
-        going_away = flow.metadata.get(LAST_ON_CONNECTION_KEY, False)
+        going_away = state(flow).last_on_connection
         assert not (going_away if version == "HTTP/1.1" else closing)  # no Connection header in HTTP/2
         marked.append(closing or going_away)
     assert marked == last
