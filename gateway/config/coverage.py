@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from itertools import combinations
 
 from gateway.config.models import ConditionalAccessPolicy
+from gateway.policy.conditions import CompiledUsers
 from gateway.policy.model import ALL, ClientAppType
-from gateway.policy.policy_set import CompiledUsers
 
 CLIENT_APP_TYPES = [t for t in ClientAppType if t is not ClientAppType.all]
 MAX_QUESTIONS = 16  # groups and users weighed at once; beyond, every left-out cohort is reported

@@ -13,9 +13,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
-from gateway.config.models import Include, PlatformsCondition, Resource
+from gateway.config.models import Include, PlatformsCondition, Resource, UsersCondition
 from gateway.policy.device_filter import DeviceAttributes
 from gateway.policy.model import (
     ALL,
@@ -29,9 +28,6 @@ from gateway.policy.model import (
     ManagedDevice,
 )
 from gateway.signals.compliance import is_compliant
-
-if TYPE_CHECKING:
-    from gateway.policy.policy_set import CompiledUsers
 
 ACTIVESYNC_PATH = "/microsoft-server-activesync"
 
@@ -96,6 +92,28 @@ def matching_patterns(index: ResourceIndex, host: str, path: str) -> list[PathPa
 def user_names(identity: Identity) -> frozenset[str]:
     """The names a users assignment may list for this user: UPN, object id, subject (folded)."""
     return frozenset(n.lower() for n in (identity.user_principal_name, identity.object_id, identity.subject) if n)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledUsers:
+    """The users assignment with names and groups folded once (both compare case-insensitively).
+    With nothing included but exclusions given, every user is included, as in Entra's portal."""
+
+    include_all: bool
+    exclude_all: bool
+    include_users: frozenset[str]
+    exclude_users: frozenset[str]
+    include_groups: frozenset[str]
+    exclude_groups: frozenset[str]
+
+    @classmethod
+    def of(cls, users: UsersCondition) -> CompiledUsers:
+        include = frozenset(u.lower() for u in users.include_users)
+        exclude = frozenset(u.lower() for u in users.exclude_users)
+        nothing_included = not users.include_users and not users.include_groups
+        return cls("all" in include or nothing_included, "all" in exclude, include, exclude,
+                   frozenset(g.lower() for g in users.include_groups),
+                   frozenset(g.lower() for g in users.exclude_groups))
 
 
 def users_not_matched(users: CompiledUsers, names: frozenset[str], groups: frozenset[str]) -> str | None:

@@ -20,9 +20,9 @@ from gateway.config.models import (
     NamedLocation,
     Resource,
     SessionControlsConfig,
-    UsersCondition,
 )
 from gateway.policy.conditions import (
+    CompiledUsers,
     Network,
     ResourceIndex,
     compile_resources,
@@ -43,28 +43,6 @@ from gateway.policy.model import (
 from gateway.policy.rollout import CompiledRollout
 
 TARGETING_CACHE_SIZE = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledUsers:
-    """The users assignment with names and groups folded once (both compare case-insensitively).
-    With nothing included but exclusions given, every user is included, as in Entra's portal."""
-
-    include_all: bool
-    exclude_all: bool
-    include_users: frozenset[str]
-    exclude_users: frozenset[str]
-    include_groups: frozenset[str]
-    exclude_groups: frozenset[str]
-
-    @classmethod
-    def of(cls, users: UsersCondition) -> CompiledUsers:
-        include = frozenset(u.lower() for u in users.include_users)
-        exclude = frozenset(u.lower() for u in users.exclude_users)
-        nothing_included = not users.include_users and not users.include_groups
-        return cls("all" in include or nothing_included, "all" in exclude, include, exclude,
-                   frozenset(g.lower() for g in users.include_groups),
-                   frozenset(g.lower() for g in users.exclude_groups))
 
 
 @dataclass(frozen=True, slots=True)
