@@ -1,5 +1,6 @@
 """The core stays pure: importing every gateway module loads neither mitmproxy nor the addons;
-no gateway module imports, through any chain, a module that imports it back."""
+``gateway/policy`` imports neither the config layer nor stores, identity, web or I/O; no gateway
+module imports, through any chain, a module that imports it back."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+# What gateway/policy may import besides itself: Intune's compliance semantics (pure, no store).
+POLICY_MAY_IMPORT = frozenset({"gateway", "gateway.signals", "gateway.signals.compliance"})
+POLICY_THIRD_PARTY = frozenset({"cachetools"})
+# Standard library that would make evaluation read the outside world: I/O, the clock, randomness.
+POLICY_NEVER_USES = frozenset({"asyncio", "http", "os", "random", "secrets", "socket", "sqlite3", "ssl",
+                               "subprocess", "time", "urllib"})
 
 
 def _module_name(path: Path) -> str:
@@ -57,6 +65,34 @@ def test_gateway_never_imports_mitmproxy() -> None:
               "print(sorted(n for n in sys.modules if n.split('.')[0] in ('mitmproxy', 'addons')))")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_policy_imports_neither_config_nor_stores_nor_io() -> None:
+    """gateway/policy reads its own types, compiled from the config by gateway/config/compile.py.
+    It reaches, directly or through another module, only itself, ``POLICY_MAY_IMPORT``, the
+    standard library without I/O, clock or randomness, and ``cachetools``: not the config models,
+    stores, identity, web or mitmproxy. Package ``__init__`` modules count: importing a module runs them."""
+    graph = _import_graph()
+    policy = sorted(m for m in graph if _in_policy(m))
+    assert "gateway.policy.evaluate" in policy
+    reached: set[str] = set()
+    pending = list(policy)
+    while pending:
+        module = pending.pop()
+        parents = [".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)]
+        for name in [*graph.get(module, ()), *parents]:
+            if name not in reached:
+                reached.add(name)
+                pending.append(name)
+    gateway = {m for m in reached if m.split(".")[0] == "gateway"}
+    assert {m for m in gateway if not _in_policy(m) and m not in POLICY_MAY_IMPORT} == set()
+    third_party = {m for m in reached - gateway if m not in sys.stdlib_module_names}
+    assert third_party <= POLICY_THIRD_PARTY
+    assert reached & POLICY_NEVER_USES == set()
+
+
+def _in_policy(module: str) -> bool:
+    return module == "gateway.policy" or module.startswith("gateway.policy.")
 
 
 def test_no_import_cycles_among_gateway_modules() -> None:
