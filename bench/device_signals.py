@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.config import load_config
+from gateway.config.compile import compile_policies
 from gateway.policy.evaluate import evaluate
 from gateway.policy.model import (
     AccessRequest,
@@ -70,7 +71,7 @@ async def decide_all(inventory: CachedInventory, policy_set: PolicySet, device_i
 
 async def main(devices: int, decisions: int) -> None:
     config = load_config(REPO / "config")
-    policy_set = PolicySet.build(config.resources, config.policies, config.gateway_file.named_locations)
+    policy_set = compile_policies(config)
     with tempfile.TemporaryDirectory() as scratch:
         store = SqliteDeviceStore(Path(scratch) / "devices.sqlite")
         started = time.perf_counter()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.config.compile import compile_policy_set
 from gateway.config.models import ConditionalAccessPolicy, Resource
 from gateway.policy.evaluate import evaluate
 from gateway.policy.model import (
@@ -29,7 +30,6 @@ from gateway.policy.model import (
     Identity,
     ManagedDevice,
 )
-from gateway.policy.policy_set import PolicySet
 
 HOST = "mail.contoso.test"
 PER_RESOURCE = 5
@@ -56,7 +56,7 @@ def policies_and_resources(count: int) -> tuple[dict[str, Resource], tuple[Condi
 
 def measure(count: int) -> tuple[float, int]:
     resources, policies = policies_and_resources(count)
-    policy_set = PolicySet.build(resources, policies, {})
+    policy_set = compile_policy_set(resources, policies, {})
     request = AccessRequest(correlation_id="bench", host=HOST, path="/r0/inbox", method="GET",
                             client_ip="203.0.113.5", user_agent="Outlook-iOS-Android/1.0", accepts_html=False)
     identity = Identity(subject="s", user_principal_name="alex@contoso.test", object_id="o", tenant_id="t",

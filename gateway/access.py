@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl
 from gateway import headers
 from gateway.audit import REDECIDED, DecisionLog, sign_in_record
 from gateway.config import Config
+from gateway.config.compile import compile_policies
 from gateway.config.models import ChallengeSettings
 from gateway.counted_log import CountedLog
 from gateway.errors import SignalUnavailable
@@ -114,7 +115,7 @@ class Rules:
 
     @classmethod
     def of(cls, config: Config) -> Rules:
-        return cls(config, PolicySet.build(config.resources, config.policies, config.gateway_file.named_locations),
+        return cls(config, compile_policies(config),
                    config.app_names_by_client_id(), config.gateway_file.device_signals.compliance.settings())
 
     def app(self, identity: Identity) -> ClientApp:

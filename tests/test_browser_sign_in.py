@@ -125,8 +125,9 @@ def test_api_clients_still_get_401_not_a_redirect(gateway: Gateway) -> None:
 def test_sign_in_frequency_asks_for_a_fresh_sign_in_once_it_has_passed() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from gateway.identity.browser import BrowserSession, BrowserSignIn
+    from gateway.identity.browser import BrowserSignIn
     from gateway.policy.model import Identity, SessionControls
+    from gateway.state.session_records import BrowserSession
 
     signed_in = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
     identity = Identity(subject="s", user_principal_name="u", object_id=None, tenant_id=None, client_id=None,

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gateway.config.compile import compile_policy_set
 from gateway.config.models import ConditionalAccessPolicy, NamedLocation, Resource
 from gateway.policy.conditions import path_has_prefix
 from gateway.policy.evaluate import evaluate
@@ -23,7 +24,6 @@ from gateway.policy.model import (
     ManagedDevice,
     PolicyResultKind,
 )
-from gateway.policy.policy_set import PolicySet
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 RESOURCES = {
@@ -80,7 +80,7 @@ def decide(policies: list[ConditionalAccessPolicy], dev: DeviceSignals = COMPLIA
     identity = Identity(subject="s", user_principal_name=user, object_id="oid-1", tenant_id=None,
                         client_id=app.client_id, device_id=dev.device_id, groups=groups, audience="a",
                         expires_at=0, authentication_methods=amr)
-    policy_set = PolicySet.build(RESOURCES, tuple(policies), LOCATIONS)
+    policy_set = compile_policy_set(RESOURCES, tuple(policies), LOCATIONS)
     found = policy_set.match("mail.contoso.test", path)
     return evaluate(request=request, identity=identity, device=dev, app=app,
                     resources=found.names if found else (), policy_set=policy_set, now=NOW)
@@ -178,7 +178,7 @@ def test_path_prefix_matches_whole_segments_case_insensitively(path: str, prefix
 
 def most_specific(resources: dict[str, Resource], host: str, path: str) -> str | None:
     """The resource the gateway names a request after (``PolicySet.match``): the most specific."""
-    found = PolicySet.build(resources, (), {}).match(host, path)
+    found = compile_policy_set(resources, (), {}).match(host, path)
     return found.primary if found else None
 
 
@@ -357,7 +357,7 @@ NESTED = {
     ],
 )
 def test_a_request_belongs_to_every_matching_resource(path: str, names: tuple[str, ...], public: bool) -> None:
-    found = PolicySet.build(NESTED, (), {}).match("h", path)
+    found = compile_policy_set(NESTED, (), {}).match("h", path)
     assert found is not None and (found.names, found.public) == (names, public)
 
 
@@ -366,7 +366,7 @@ def test_policies_of_every_matching_resource_apply() -> None:
     policies = (policy("finance-mfa", include=["finance-sites"], **MFA),
                 policy("api-compliant", include=["sharepoint-api"], builtInControls=["compliantDevice"]),
                 policy("all-but-sites", include=["All"], exclude=["sites"], builtInControls=["block"]))
-    policy_set = PolicySet.build(NESTED, policies, {})
+    policy_set = compile_policy_set(NESTED, policies, {})
     found = policy_set.match("h", "/sites/finance/_api/web")
     assert found is not None
     request = AccessRequest(correlation_id="c", host="h", path="/sites/finance/_api/web", method="GET",
@@ -387,7 +387,7 @@ def test_public_carve_out_loses_a_tie_with_a_protected_resource() -> None:
         "closed": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/a/*/"]}'),
         "closed-too": Resource.model_validate_json('{"hosts": ["h"], "paths": ["/a/c/"]}'),
     }
-    policy_set = PolicySet.build(resources, (), {})
+    policy_set = compile_policy_set(resources, (), {})
     assert policy_set.match("h", "/a/b/x") == policy_set.match("h", "/a/b/x")
     found = policy_set.match("h", "/a/b/x")
     assert found is not None and found.public and found.names == ("open",)

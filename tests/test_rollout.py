@@ -20,6 +20,7 @@ import pytest
 
 from gateway import bootstrap
 from gateway.config import load_config
+from gateway.config.compile import compile_policy_set
 from gateway.config.lint import config_warnings
 from gateway.config.models import ConditionalAccessPolicy, Resource
 from gateway.demo import ALEX_IPHONE, EXCHANGE, OFFICE
@@ -84,7 +85,7 @@ def _policy_set(rollout: dict[str, object], resources: list[str] | None = None) 
         "name": "mfa-rollout", "state": "enabled", "rollout": rollout,
         "conditions": {"resources": {"include": resources or ["owa"]}},
         "grantControls": {"builtInControls": ["mfa"]}}))
-    return PolicySet.build(resource_models, (policy,), {})
+    return compile_policy_set(resource_models, (policy,), {})
 
 
 def _decide(policy_set: PolicySet, *, path: str = "/owa/", groups: frozenset[str] = frozenset(),

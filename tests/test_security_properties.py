@@ -77,6 +77,7 @@ from ruamel.yaml import YAML
 
 from gateway.access import AccessService, Outcome
 from gateway.config import load_config
+from gateway.config.compile import compile_policies
 from gateway.demo import (
     ALEX_IPHONE,
     BLAKE_ANDROID,
@@ -100,7 +101,6 @@ from gateway.headers import (
 from gateway.identity.tokens import RejectedToken, bearer_token
 from gateway.paths import canonical_path
 from gateway.policy.model import AccessRequest, Decision, Listener
-from gateway.policy.policy_set import PolicySet
 from gateway.web.demo_idp import DemoIdentityProvider
 from gateway.whatif import GUID, Question, WhatIf
 from tests.conftest import REPO, Gateway, Ports, gateway_config, operations_for
@@ -233,7 +233,7 @@ def grant_policies() -> tuple[GrantPolicy, ...]:
     return tuple(found)
 
 
-POLICY_SET = PolicySet.build(CONFIG.resources, CONFIG.policies, CONFIG.gateway_file.named_locations)  # under test
+POLICY_SET = compile_policies(CONFIG)  # under test
 
 
 # --- layer 1: pure units ------------------------------------------------------------------------------

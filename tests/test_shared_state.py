@@ -30,7 +30,7 @@ from gateway import bootstrap
 from gateway.counted_log import REPEAT_LINE_SECONDS
 from gateway.errors import SignalUnavailable
 from gateway.events import ALL_DEVICES, ChangeEvent, DevicesChanged
-from gateway.identity.browser import COOKIE_NAME, BrowserSession, PendingLogin
+from gateway.identity.browser import COOKIE_NAME
 from gateway.policy.model import ComplianceState, DeviceThreatLevel, Identity
 from gateway.signals.cache import STALE_WARNING_SECONDS, CachedInventory
 from gateway.signals.devices import DeviceRecord
@@ -40,6 +40,7 @@ from gateway.state.codec import IDENTITY_FIELDS, decode_pending, decode_session,
 from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
 from gateway.state.redis_keys import redacted
 from gateway.state.redis_state import RedisState
+from gateway.state.session_records import BrowserSession, PendingLogin
 from gateway.state.sessions import MemorySessionStore, SqliteSessionStore, session_key
 from tests.conftest import Background, Gateway, Ports, proxy_for
 from tests.gateway_process import PORTCULLIS

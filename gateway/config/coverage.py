@@ -16,9 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import combinations
 
+from gateway.config.compile import users as policy_users
 from gateway.config.models import ConditionalAccessPolicy
+from gateway.policy.conditions import CompiledUsers
 from gateway.policy.model import ALL, ClientAppType
-from gateway.policy.policy_set import CompiledUsers
 
 CLIENT_APP_TYPES = [t for t in ClientAppType if t is not ClientAppType.all]
 MAX_QUESTIONS = 16  # groups and users weighed at once; beyond, every left-out cohort is reported
@@ -37,7 +38,7 @@ class UsersReach:
 
     @classmethod
     def of(cls, policy: ConditionalAccessPolicy) -> UsersReach:
-        users = CompiledUsers.of(policy.conditions.users)
+        users = CompiledUsers.of(policy_users(policy.conditions.users))
         included = _questions(users.include_users - {"all", NO_USER}, users.include_groups)
         return cls(policy.name, users.include_all, included, _questions(users.exclude_users, users.exclude_groups),
                    users.exclude_all)

@@ -39,8 +39,10 @@ from gateway.policy.model import (
     BuiltInControl,
     ClientAppType,
     ComplianceSettings,
+    DeviceFilterMode,
     DevicePlatform,
     DeviceThreatLevel,
+    GrantOperator,
     Listener,
     PersistentBrowser,
     PolicyState,
@@ -85,11 +87,6 @@ class PlatformOrAll(StrEnum):
     windows = "windows"
     macos = "macOS"
     linux = "linux"
-
-
-class GrantOperator(StrEnum):
-    AND = "AND"
-    OR = "OR"
 
 
 def _is_loopback_host(host: str) -> bool:
@@ -683,11 +680,6 @@ class UsersCondition(Model):
 class PlatformsCondition(Model):
     include: Annotated[list[PlatformOrAll], Field(min_length=1)]
     exclude: list[DevicePlatform] = []
-
-
-class DeviceFilterMode(StrEnum):
-    include = "include"
-    exclude = "exclude"
 
 
 class DeviceFilter(Model):

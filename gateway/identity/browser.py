@@ -34,7 +34,8 @@ from gateway.identity.jwks import JwksCache
 from gateway.identity.oauth_client import OAuthError, strict_oauth_client
 from gateway.identity.tokens import BearerValidator, RejectedToken
 from gateway.paths import canonical_path
-from gateway.policy.model import Identity, PersistentBrowser, SessionControls
+from gateway.policy.model import PersistentBrowser, SessionControls
+from gateway.state.session_records import BrowserSession, PendingLogin
 from gateway.state.sessions import MemorySessionStore, SessionStore
 
 CALLBACK_PATH = "/.portcullis/callback"
@@ -50,25 +51,9 @@ class SignInFailed(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class PendingLogin:
-    authority: str  # host[:port] as the browser addressed it: the callback must be the same
-    return_url: str
-    code_verifier: str
-    nonce: str
-    browser_binding: str  # a hash of the pre-sign-in cookie: the callback must come from that browser
-
-
-@dataclass(frozen=True, slots=True)
 class LoginRedirect:
     location: str
     set_cookie: str  # binds the sign-in to this browser (login CSRF, session fixation)
-
-
-@dataclass(frozen=True, slots=True)
-class BrowserSession:
-    identity: Identity
-    host: str
-    signed_in_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

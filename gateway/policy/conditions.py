@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
 
-from gateway.config.models import Include, PlatformsCondition, Resource
 from gateway.policy.device_filter import DeviceAttributes
 from gateway.policy.model import (
     ALL,
@@ -28,14 +26,10 @@ from gateway.policy.model import (
     Identity,
     ManagedDevice,
 )
+from gateway.policy.types import Assignment, Network, Platforms, Resource, Users
 from gateway.signals.compliance import is_compliant
 
-if TYPE_CHECKING:
-    from gateway.policy.policy_set import CompiledUsers
-
 ACTIVESYNC_PATH = "/microsoft-server-activesync"
-
-type Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +92,28 @@ def user_names(identity: Identity) -> frozenset[str]:
     return frozenset(n.lower() for n in (identity.user_principal_name, identity.object_id, identity.subject) if n)
 
 
+@dataclass(frozen=True, slots=True)
+class CompiledUsers:
+    """The users assignment with names and groups folded once (both compare case-insensitively).
+    With nothing included but exclusions given, every user is included, as in Entra's portal."""
+
+    include_all: bool
+    exclude_all: bool
+    include_users: frozenset[str]
+    exclude_users: frozenset[str]
+    include_groups: frozenset[str]
+    exclude_groups: frozenset[str]
+
+    @classmethod
+    def of(cls, users: Users) -> CompiledUsers:
+        include = frozenset(u.lower() for u in users.include_users)
+        exclude = frozenset(u.lower() for u in users.exclude_users)
+        nothing_included = not users.include_users and not users.include_groups
+        return cls("all" in include or nothing_included, "all" in exclude, include, exclude,
+                   frozenset(g.lower() for g in users.include_groups),
+                   frozenset(g.lower() for g in users.exclude_groups))
+
+
 def users_not_matched(users: CompiledUsers, names: frozenset[str], groups: frozenset[str]) -> str | None:
     """``names`` and ``groups`` arrive folded to lower case, as the compiled assignment is."""
     if users.exclude_all or not names.isdisjoint(users.exclude_users) or not groups.isdisjoint(users.exclude_groups):
@@ -107,7 +123,7 @@ def users_not_matched(users: CompiledUsers, names: frozenset[str], groups: froze
     return "user is not included"
 
 
-def resource_not_included(assignment: Include, resources: tuple[str, ...]) -> str | None:
+def resource_not_included(assignment: Assignment, resources: tuple[str, ...]) -> str | None:
     """Why the request's resources are outside the assignment, or None if one of them is inside.
     A request is every resource whose paths match it, so excluding one (``sharepoint-sites``)
     does not exclude another that also matches (``sharepoint-downloads``); exclude beats include
@@ -145,7 +161,7 @@ def client_app_type(request: AccessRequest, identity: Identity | None, app: Clie
     return ClientAppType.other
 
 
-def client_app_type_not_matched(types: list[ClientAppType], actual: ClientAppType) -> str | None:
+def client_app_type_not_matched(types: Collection[ClientAppType], actual: ClientAppType) -> str | None:
     if ClientAppType.all in types or actual in types:
         return None
     return f"client app type {actual.value!r} is not included"
@@ -171,7 +187,7 @@ def device_platform(device: ManagedDevice | None, user_agent: str) -> DevicePlat
     return found.pop() if len(found) == 1 else None
 
 
-def platform_not_matched(condition: PlatformsCondition, platform: DevicePlatform | None) -> str | None:
+def platform_not_matched(condition: Platforms, platform: DevicePlatform | None) -> str | None:
     shown = platform.value if platform else "unknown"
     if platform is not None and platform in condition.exclude:
         return f"device platform {shown!r} is excluded"
@@ -200,8 +216,8 @@ def request_locations(request: AccessRequest,
     return inside, trusted
 
 
-def location_not_matched(condition: Include, inside: set[str], trusted: bool, client_ip: str) -> str | None:
-    def hits(names: list[str]) -> bool:
+def location_not_matched(condition: Assignment, inside: set[str], trusted: bool, client_ip: str) -> str | None:
+    def hits(names: tuple[str, ...]) -> bool:
         return ALL in names or (ALL_TRUSTED in names and trusted) or bool(inside & set(names))
 
     if hits(condition.exclude):

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from gateway.config.models import DeviceFilterMode
 from gateway.policy.conditions import (
     client_app_type,
     client_app_type_not_matched,
@@ -40,6 +39,7 @@ from gateway.policy.model import (
     ControlFailure,
     Decision,
     DecisionResult,
+    DeviceFilterMode,
     DevicePlatform,
     DeviceSignals,
     ErrorCode,
@@ -135,9 +135,9 @@ def not_applied_because(compiled: CompiledPolicy, facts: Facts) -> str | None:
 
 def _device_filter_not_matched(compiled: CompiledPolicy, attributes: DeviceAttributes | None) -> str | None:
     device_filter = compiled.policy.conditions.device_filter
-    if device_filter is None or compiled.device_filter is None:
+    if device_filter is None:
         return None
-    matched = compiled.device_filter.matches(attributes)
+    matched = device_filter.rule.matches(attributes)
     if device_filter.mode is DeviceFilterMode.include and not matched:
         return "device does not match the device filter (mode include)"
     if device_filter.mode is DeviceFilterMode.exclude and matched:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from gateway.config.models import GrantControls, GrantOperator
 from gateway.policy.model import (
     BuiltInControl,
     ClientApp,
@@ -12,8 +11,10 @@ from gateway.policy.model import (
     DeviceSignals,
     DeviceThreatLevel,
     ErrorCode,
+    GrantOperator,
     Identity,
 )
+from gateway.policy.types import GrantControls
 from gateway.signals.compliance import noncompliance_reason
 
 MAX_DEVICE_THREAT_LEVEL = "maxDeviceThreatLevel"
@@ -38,7 +39,7 @@ def compliant_device(device: DeviceSignals, now: datetime) -> ControlFailure | N
                           reason=reason)
 
 
-def approved_application(app: ClientApp, approved: list[str]) -> ControlFailure | None:
+def approved_application(app: ClientApp, approved: tuple[str, ...]) -> ControlFailure | None:
     """The strong signal only: the OAuth client id in the signed token, never a User-Agent."""
     if app.name is not None and app.name in approved:
         return None

@@ -35,6 +35,16 @@ class DevicePlatform(StrEnum):
     linux = "linux"
 
 
+class GrantOperator(StrEnum):
+    AND = "AND"
+    OR = "OR"
+
+
+class DeviceFilterMode(StrEnum):
+    include = "include"
+    exclude = "exclude"
+
+
 class PersistentBrowser(StrEnum):
     always = "always"
     never = "never"

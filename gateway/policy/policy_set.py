@@ -15,21 +15,13 @@ from dataclasses import dataclass, field
 
 from cachetools import LRUCache
 
-from gateway.config.models import (
-    ConditionalAccessPolicy,
-    NamedLocation,
-    Resource,
-    SessionControlsConfig,
-    UsersCondition,
-)
 from gateway.policy.conditions import (
-    Network,
+    CompiledUsers,
     ResourceIndex,
     compile_resources,
     matching_patterns,
     resource_not_included,
 )
-from gateway.policy.device_filter import Rule
 from gateway.policy.grant_controls import controls_named
 from gateway.policy.model import (
     ALL,
@@ -41,50 +33,28 @@ from gateway.policy.model import (
     SessionControls,
 )
 from gateway.policy.rollout import CompiledRollout
+from gateway.policy.types import NamedLocation, Network, Policy, Resource
 
 TARGETING_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
-class CompiledUsers:
-    """The users assignment with names and groups folded once (both compare case-insensitively).
-    With nothing included but exclusions given, every user is included, as in Entra's portal."""
-
-    include_all: bool
-    exclude_all: bool
-    include_users: frozenset[str]
-    exclude_users: frozenset[str]
-    include_groups: frozenset[str]
-    exclude_groups: frozenset[str]
-
-    @classmethod
-    def of(cls, users: UsersCondition) -> CompiledUsers:
-        include = frozenset(u.lower() for u in users.include_users)
-        exclude = frozenset(u.lower() for u in users.exclude_users)
-        nothing_included = not users.include_users and not users.include_groups
-        return cls("all" in include or nothing_included, "all" in exclude, include, exclude,
-                   frozenset(g.lower() for g in users.include_groups),
-                   frozenset(g.lower() for g in users.exclude_groups))
-
-
-@dataclass(frozen=True, slots=True)
 class CompiledPolicy:
-    policy: ConditionalAccessPolicy
+    policy: Policy
     index: int
     display_name: str
-    device_filter: Rule | None
     users: CompiledUsers
     grant_control_names: tuple[str, ...]
-    session_controls: SessionControls
     rollout: CompiledRollout | None = None  # enforced for a cohort only
 
     @classmethod
-    def of(cls, policy: ConditionalAccessPolicy, index: int) -> CompiledPolicy:
-        conditions = policy.conditions
-        return cls(policy, index, policy.display_name or policy.name,
-                   conditions.device_filter.parsed if conditions.device_filter else None,
-                   CompiledUsers.of(conditions.users), controls_named(policy.grant_controls),
-                   _session_controls(policy.session_controls), CompiledRollout.of(policy))
+    def of(cls, policy: Policy, index: int) -> CompiledPolicy:
+        return cls(policy, index, policy.display_name or policy.name, CompiledUsers.of(policy.conditions.users),
+                   controls_named(policy.grant_controls), CompiledRollout.of(policy))
+
+    @property
+    def session_controls(self) -> SessionControls:
+        return self.policy.session_controls
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +89,9 @@ class PolicySet:
         default_factory=lambda: LRUCache(maxsize=TARGETING_CACHE_SIZE), compare=False, repr=False)
 
     @classmethod
-    def build(cls, resources: Mapping[str, Resource], policies: tuple[ConditionalAccessPolicy, ...],
+    def build(cls, resources: Mapping[str, Resource], policies: tuple[Policy, ...],
               named_locations: Mapping[str, NamedLocation]) -> PolicySet:
+        """From policy's own types: ``gateway/config/compile.py`` compiles the config into them."""
         compiled = tuple(CompiledPolicy.of(p, i) for i, p in enumerate(policies))
         return cls(
             index=compile_resources(resources),
@@ -129,7 +100,7 @@ class PolicySet:
             policies=compiled,
             targeting_by_resource={name: frozenset(c.index for c in compiled if _targets(c.policy, name))
                                    for name in resources},
-            named_locations={name: (tuple(location.ip_ranges), location.trusted)
+            named_locations={name: (location.ip_ranges, location.trusted)
                              for name, location in named_locations.items()},
             by_name={c.policy.name: c for c in compiled},
             has_rollouts=any(c.rollout is not None for c in compiled),
@@ -171,18 +142,7 @@ class PolicySet:
         return cached
 
 
-def _session_controls(config: SessionControlsConfig | None) -> SessionControls:
-    if config is None:
-        return NO_SESSION_CONTROLS
-    return SessionControls(
-        block_downloads=config.block_downloads,
-        block_uploads=config.block_uploads,
-        sign_in_frequency_seconds=config.sign_in_frequency.seconds if config.sign_in_frequency else None,
-        persistent_browser=config.persistent_browser,
-    )
-
-
-def _targets(policy: ConditionalAccessPolicy, resource: str) -> bool:
+def _targets(policy: Policy, resource: str) -> bool:
     """Enabled or report-only, and naming the resource (or All) in ``include``: the policies worth
     evaluating. Exclusions are left to evaluation so that they are explained."""
     include = policy.conditions.resources.include

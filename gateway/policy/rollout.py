@@ -21,8 +21,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from gateway.config.models import ConditionalAccessPolicy
 from gateway.policy.model import AccessRequest, Identity, Listener, RolloutCohort
+from gateway.policy.types import Policy
 
 BUCKETS = 10_000
 
@@ -54,7 +54,7 @@ class CompiledRollout:
     listeners: frozenset[Listener]
 
     @classmethod
-    def of(cls, policy: ConditionalAccessPolicy) -> CompiledRollout | None:
+    def of(cls, policy: Policy) -> CompiledRollout | None:
         rollout = policy.rollout
         if rollout is None:
             return None

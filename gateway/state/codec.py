@@ -3,9 +3,6 @@
 Explicit fields, never pickle: a store anyone else can write to must not be able to run code
 here. A record that is not exactly what this version writes (JSON without one reading, a wrong
 type, another ``v``) reads as None and is logged without its content: the browser signs in again.
-
-``gateway.identity.browser`` will import ``gateway.state.sessions``, which imports this module,
-so the record classes are imported when a record is first decoded, never at import time.
 """
 
 from __future__ import annotations
@@ -13,13 +10,11 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.policy.model import Identity
+from gateway.state.session_records import BrowserSession, PendingLogin
 from gateway.strict_json import loads as strict_json
-
-if TYPE_CHECKING:
-    from gateway.identity.browser import BrowserSession, PendingLogin
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +43,6 @@ def encode_pending(login: PendingLogin) -> str:
 
 
 def decode_pending(text: str | bytes) -> PendingLogin | None:
-    from gateway.identity.browser import PendingLogin  # here, not at the top: see the module docstring
-
     try:
         data = _document(text)
         return PendingLogin(*(_text(data, key) for key in
@@ -66,8 +59,6 @@ def encode_session(session: BrowserSession) -> str:
 
 
 def decode_session(text: str | bytes) -> BrowserSession | None:
-    from gateway.identity.browser import BrowserSession  # here, not at the top: see the module docstring
-
     try:
         data = _document(text)
         identity = data.get("identity")

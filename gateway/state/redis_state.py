@@ -39,7 +39,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -53,11 +53,9 @@ from gateway.events import ALL_DEVICES, AllDevicesChanged, DevicesChanged
 from gateway.state.codec import decode_pending, decode_session, encode_pending, encode_session
 from gateway.state.redis_devices import RedisDeviceStore
 from gateway.state.redis_keys import CONNECT_TIMEOUT, EVERY_DEVICE, READ_TIMEOUT, Keys, redacted, unavailable
+from gateway.state.session_records import BrowserSession, PendingLogin
 from gateway.state.sessions import session_key
 from gateway.strict_json import loads as strict_json
-
-if TYPE_CHECKING:
-    from gateway.identity.browser import BrowserSession, PendingLogin
 
 logger = logging.getLogger(__name__)
 

@@ -17,15 +17,13 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from cachetools import TLRUCache
 
 from gateway.state.codec import decode_pending, decode_session, encode_pending, encode_session
+from gateway.state.session_records import BrowserSession, PendingLogin
 from gateway.state.sqlite_file import SqliteFile
-
-if TYPE_CHECKING:
-    from gateway.identity.browser import BrowserSession, PendingLogin
 
 PENDING_LOGINS = 10_000
 MAX_SESSIONS = 100_000
