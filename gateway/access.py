@@ -7,17 +7,16 @@ change feed, MTD verdict storage, routing answers, sign-in/out and the draining 
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.audit import REDECIDED, DecisionLog
+from gateway.change_feed import ChangeFeed
 from gateway.config import Config
 from gateway.counted_log import CountedLog
 from gateway.decision import pipeline
@@ -26,7 +25,7 @@ from gateway.decision.record import decision_record
 from gateway.decision.rules import Rules
 from gateway.decision.sources import BearerOrSession, InventorySignals
 from gateway.errors import SessionStoreUnavailable, SignalUnavailable
-from gateway.events import ALL_DEVICES, RULES_RELOADED, AllDevicesChanged, ChangeEvent, ChangeListener, DevicesChanged
+from gateway.events import RULES_RELOADED, AllDevicesChanged, ChangeListener, DevicesChanged
 from gateway.identity import discovery
 from gateway.identity.assertion import AssertionSigner
 from gateway.identity.browser import BrowserSignIn, SignInFailed, cleared_cookie, cookie_value, hostname_of
@@ -37,7 +36,7 @@ from gateway.policy.policy_set import PolicySet
 from gateway.session_controls import response_restriction
 from gateway.signals.cache import CachedInventory
 from gateway.signals.mtd import Verdict
-from gateway.signals.sqlite_store import SqliteDeviceStore
+from gateway.signals.mtd_ingest import ThreatVerdicts
 from gateway.signals.store import DeviceStore
 from gateway.web import pages
 from gateway.web.decision_pages import render
@@ -100,13 +99,9 @@ class AccessService:
         self.assertions = assertions  # signs the identity assertion of each forwarded request
         self.browser = browser
         self.store = store
-        self._listeners: list[ChangeListener] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._polled = store if isinstance(store, SqliteDeviceStore) else None  # Redis announces its changes instead
-        self.shared_feed_up: bool | None = None  # with shared state: is its change feed up (None: no feed)
+        self.feed = ChangeFeed(inventory, store)
+        self.threat_verdicts = ThreatVerdicts(store, self.feed)
         self.draining = False  # SIGTERM: finishing what is in flight; readiness fails so balancers move on
-        self._seen_change = self._polled.last_change() if self._polled is not None else 0
-        self._data_version = self._polled.data_version() if self._polled is not None else 0
         self.validator = validator
         self.inventory = inventory
         self.decision_log = decision_log
@@ -129,7 +124,7 @@ class AccessService:
         short grace (an ActiveSync Ping lasts up to an hour) are decided again under the new rules,
         as after a device change: a tightening reload closes them."""
         self.rules = rules
-        self._tell(RULES_RELOADED)
+        self.feed.tell(RULES_RELOADED)
 
     def close(self) -> None:
         self.decision_log.close()
@@ -154,106 +149,38 @@ class AccessService:
 
     def subscribe(self, listener: ChangeListener) -> None:
         """``listener(event)`` is called, in the event loop, on every change (``gateway.events``)."""
-        self._listeners.append(listener)
+        self.feed.subscribe(listener)
 
-    def _tell(self, event: ChangeEvent) -> None:
-        for listener in self._listeners:
-            listener(event)
+    @property
+    def shared_feed_up(self) -> bool | None:
+        """With shared state: is its change feed up (None: no feed)."""
+        return self.feed.shared_feed_up
 
-    def _devices_changed(self, device_ids: Iterable[str]) -> None:
-        """Continuous access evaluation: forget cached signals, tell listeners (open flows). Only
-        the store's feed calls it (``pick_up_changes``, ``shared_devices_changed``): one source."""
-        event = DevicesChanged.of(device_ids)
-        self.inventory.invalidate(event.device_ids)
-        self._tell(event)
-
-    def _all_devices_changed(self) -> None:
-        self.inventory.invalidate_all()
-        self._tell(ALL_DEVICES)
+    @shared_feed_up.setter
+    def shared_feed_up(self, up: bool | None) -> None:
+        self.feed.shared_feed_up = up
 
     def shared_devices_changed(self, event: DevicesChanged | AllDevicesChanged) -> None:
-        """A change announced over the shared state's feed, by any process or host (this one too)."""
-        if isinstance(event, DevicesChanged):
-            self._devices_changed(event.device_ids)
-        else:
-            self._all_devices_changed()
+        self.feed.shared_devices_changed(event)
 
     def shared_feed_lost(self) -> None:
-        """The feed is down: a change could be missed, so no cached device is trusted as fresh."""
-        self.shared_feed_up = False
-        self.inventory.feed_lost()
+        self.feed.shared_feed_lost()
 
     def shared_feed_restored(self) -> None:
-        """The feed is (back) up: changes made while it was down were not heard of, so forget
-        every cached device and decide the open flows again."""
-        self.shared_feed_up = True
-        self.inventory.feed_restored()
-        self._tell(ALL_DEVICES)
+        self.feed.shared_feed_restored()
+
+    def pick_up_changes(self) -> None:
+        self.feed.pick_up_changes()
+
+    async def watch_changes(self, interval: float = 0.25) -> None:
+        await self.feed.watch_changes(interval)
 
     def record_threat_verdicts(self, partner: str, verdicts: list[Verdict], now: datetime) -> list[str]:
         """Store an MTD partner's verdicts (blocking: run it in a thread); returns unknown device ids."""
-        if self.store is None:
-            raise SignalUnavailable("MTD verdicts need a device store (deviceSignals.database or state)")
-        try:
-            changed, unknown = self.store.apply_verdicts(partner, [(v.device_id, v.level) for v in verdicts],
-                                                         now=now)
-        except sqlite3.Error as error:
-            raise SignalUnavailable(f"device inventory: {error}") from error
-        if changed:
-            self._loop_call(self._wrote, changed)
-        return unknown
-
-    def _wrote(self, device_ids: set[str]) -> None:
-        """This process changed these devices. Its listeners hear of it through the store's feed, as
-        every other process does, and only so (heard directly too, each change was heard twice):
-        the SQLite change log is read now (the poll then finds nothing new); Redis's channel brings
-        it in a moment, and meanwhile the cache forgets the devices so the next request reads them."""
-        if self._polled is not None:
-            self._poll()
-        else:
-            self.inventory.invalidate(device_ids)
+        return self.threat_verdicts.record_threat_verdicts(partner, verdicts, now)
 
     def record_partner_contact(self, partner: str, now: datetime) -> None:
-        if self.store is not None:
-            try:
-                self.store.partner_contact(partner, now=now)
-            except sqlite3.Error as error:
-                raise SignalUnavailable(f"device inventory: {error}") from error
-
-    def _loop_call(self, function: Callable[[set[str]], None], argument: set[str]) -> None:
-        """Listeners (open flows) live in the event loop; verdicts are stored in a worker thread."""
-        if self._loop is None:
-            function(argument)
-        else:
-            self._loop.call_soon_threadsafe(function, argument)
-
-    def pick_up_changes(self) -> None:
-        """Changes other processes committed (``portcullis devices set-risk``, another worker):
-        the data version check is cheap, so it runs before every device lookup."""
-        if self._polled is None or self._polled.data_version() == self._data_version:
-            return
-        self._data_version = self._polled.data_version()
-        self._seen_change, changed, complete = self._polled.changes_since(self._seen_change)
-        if not complete:  # this gateway fell behind the change log: forget every device
-            logger.warning("device change log moved past this gateway; re-reading every device")
-            self._all_devices_changed()
-        elif changed:
-            self._devices_changed(changed)
-
-    async def watch_changes(self, interval: float = 0.25) -> None:
-        """Long-lived connections of a device that lost access must close within a second,
-        even when no new request arrives: poll for changes."""
-        self._loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(interval)
-            self._poll()
-
-    def _poll(self) -> None:
-        try:
-            self.pick_up_changes()
-        except sqlite3.Error as error:
-            logger.warning("cannot read device changes: %s", error)  # the next poll tries again
-
+        self.threat_verdicts.record_partner_contact(partner, now)
     @property
     def service_host(self) -> str | None:
         return self.config.gateway_file.gateway.service_host
