@@ -3,6 +3,7 @@
     PortcullisError
      ├── ConfigError          the configuration cannot be used; carries every problem found
      └── SignalUnavailable    a signal source cannot answer; callers fail closed
+          └── SessionStoreUnavailable   the browser session store, in particular
 """
 
 from __future__ import annotations
@@ -44,3 +45,7 @@ class ConfigError(PortcullisError):
 
 class SignalUnavailable(PortcullisError):
     """A signal source (JWKS, device inventory, threat feed) cannot answer right now."""
+
+
+class SessionStoreUnavailable(SignalUnavailable):
+    """The browser session store cannot answer: a 503 like any source, logged under its own name."""

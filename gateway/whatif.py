@@ -1,9 +1,10 @@
 """The What If tool and policy tests: "what if this user, with this app, on this device, opened
-this URL (a GET)?" answered by the steps the gateway runs once it knows who is asking
-(``gateway.access.decide``: the ActiveSync device binding, ``evaluate``, then the session controls
-that refuse the request itself), with the device taken from the configured inventory as the
-gateway takes it. Before any of that, as at the gateway, a path no resource names is denied and a
-public resource allowed (200, "public resource", no policy evaluated). What If cannot see the
+this URL (a GET)?" answered by the gateway's own decision pipeline
+(``gateway.decision.pipeline.authorize``), with the question's identity in place of a token and
+the device taken from the configured inventory as the gateway takes it. So, as at the gateway, a
+path no resource names is denied and a public resource allowed before any identity (200, "public
+resource", no policy evaluated), then the ActiveSync device binding, ``evaluate`` and the session
+controls that refuse the request itself. What If cannot see the
 upstream's answer: an attachment a ``blockDownloads`` session would have replaced on its way back
 is an allow here, as it is in the decision log.
 
@@ -28,24 +29,17 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.access import (
-    ACCESS_TOKEN_IN_QUERY,
-    Rules,
-    access_token_in_query,
-    decide,
-    decided_before_identity,
-    decision_device_id,
-    refused_before_policy,
-)
 from gateway.audit import policy_entry
 from gateway.config import Config
+from gateway.decision.pipeline import authorize
+from gateway.decision.rules import Rules
+from gateway.decision.sources import GivenIdentity, InventorySignals
 from gateway.paths import canonical_path
 from gateway.policy.model import (
     AccessRequest,
     ClientAppType,
     Decision,
     DevicePlatform,
-    DeviceSignals,
     Identity,
     Listener,
 )
@@ -93,18 +87,10 @@ class WhatIf:
 
     async def ask(self, question: Question, now: datetime) -> Decision:
         """What the gateway decides for this question, as it answers a live request."""
-        request = self.request(question)
-        found = self.rules.policy_set.match(request.host, request.path)
-        if found is None or found.public:  # denied, or forwarded, before any token is read, whoever asks
-            return decided_before_identity(request, found.primary if found else None)
-        if access_token_in_query(request.target or ""):
-            return refused_before_policy(request, 400, ACCESS_TOKEN_IN_QUERY)
-        identity = self.identity(question)
-        device_id = decision_device_id(identity, request)
-        record = await self.inventory.managed_device(device_id) if device_id else None
-        device = DeviceSignals(device_id=device_id, device=record, source=self.inventory.name,
-                               compliance=self.rules.compliance)
-        return decide(self.rules, request, identity, device, found.names, now).decision
+        result = await authorize(self.request(question), rules=self.rules,
+                                 identity=GivenIdentity(lambda: self.identity(question)),
+                                 signals=InventorySignals(self.inventory), now=now)
+        return result.decision
 
     def request(self, question: Question) -> AccessRequest:
         """The request the question stands for: a GET of its URL (query included: ActiveSync names

@@ -108,3 +108,18 @@ def test_no_import_cycles_among_gateway_modules() -> None:
     else:
         cycle = []
     assert cycle == [], " imports ".join(cycle)
+
+
+def test_only_the_decision_pipeline_imports_the_evaluator() -> None:
+    """Every consumer decides through ``gateway.decision.pipeline.authorize``: a module that imported
+    ``evaluate`` itself could decide another way (What If and the gateway once disagreed so).
+    bench/ measures the evaluator alone, on purpose, and is not product code."""
+    importers = set()
+    for path in [*(REPO / "gateway").rglob("*.py"), *(REPO / "addons").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = {alias.name for alias in node.names} if isinstance(node, ast.ImportFrom | ast.Import) else set()
+            if (isinstance(node, ast.ImportFrom) and node.module == "gateway.policy.evaluate" and "evaluate" in names) \
+                    or (isinstance(node, ast.ImportFrom) and node.module == "gateway.policy" and "evaluate" in names) \
+                    or (isinstance(node, ast.Import) and "gateway.policy.evaluate" in names):
+                importers.add(path.relative_to(REPO).as_posix())
+    assert importers == {"gateway/decision/pipeline.py"}

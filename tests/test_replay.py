@@ -620,20 +620,21 @@ def test_replay_holds_recorded_tokens_to_the_gateways_header_and_claim_rules(
 
 
 def test_replay_decides_with_the_gateways_own_steps_after_identity() -> None:
-    """The device binding check, ``evaluate`` and the session-control restriction are one helper,
-    ``gateway.access.decide``, which the gateway and replay both call: they cannot diverge."""
+    """The device binding check, ``evaluate`` and the session-control restriction are steps of one
+    pipeline, ``gateway.decision.pipeline.authorize``, which the gateway and replay both call: they
+    cannot diverge."""
     engine = ast.parse(Path(replay_engine.__file__).read_text())
     imported = {alias.name for node in ast.walk(engine) if isinstance(node, ast.ImportFrom)
-                and node.module == "gateway.access" for alias in node.names}
-    assert "decide" in imported and not any(name.startswith("_") for name in imported), imported
+                and node.module == "gateway.decision.pipeline" for alias in node.names}
+    assert "authorize" in imported and not any(name.startswith("_") for name in imported), imported
     called = {node.func.id for node in ast.walk(engine) if isinstance(node, ast.Call)
               and isinstance(node.func, ast.Name)}
-    assert not called & {"evaluate", "request_restriction"}, called
+    assert "authorize" in called and not called & {"evaluate", "request_restriction", "restrict_and_evaluate"}, called
     [authorize] = [node for node in ast.walk(ast.parse(Path(access.__file__).read_text()))
                    if isinstance(node, ast.AsyncFunctionDef) and node.name == "_authorize"]
-    calls = {node.func.id for node in ast.walk(authorize) if isinstance(node, ast.Call)
-             and isinstance(node.func, ast.Name)}
-    assert "decide" in calls and not calls & {"evaluate", "request_restriction", "_device_binding_problem"}, calls
+    calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+             for node in ast.walk(authorize) if isinstance(node, ast.Call)}
+    assert "authorize" in calls and not calls & {"evaluate", "request_restriction", "_device_binding_problem"}, calls
 
 
 def test_recorded_values_cannot_inject_markup_or_terminal_escapes() -> None:

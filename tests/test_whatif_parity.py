@@ -196,11 +196,11 @@ def test_the_shipped_cases_cover_a_session_restriction_the_device_binding_and_th
 
 
 def test_what_if_decides_through_the_gateways_own_steps() -> None:
-    """The device binding, ``evaluate`` and the session controls are ``gateway.access.decide``,
-    which the gateway calls: What If calls it too and re-implements none of it."""
+    """The device binding, ``evaluate`` and the session controls are steps of the gateway's pipeline,
+    ``gateway.decision.pipeline.authorize``: What If calls it too and re-implements none of it."""
     tree = ast.parse(Path(whatif.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                and node.module == "gateway.access" for alias in node.names}
-    assert "decide" in imported, imported
+                and node.module == "gateway.decision.pipeline" for alias in node.names}
+    assert "authorize" in imported, imported
     called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
-    assert "decide" in called and not called & {"evaluate", "request_restriction", "activesync_device_ids"}, called
+    assert "authorize" in called and not called & {"evaluate", "request_restriction", "activesync_device_ids"}, called

@@ -1,6 +1,7 @@
 """Evaluate recorded requests again, under a baseline and a candidate config, with the decision
-path the gateway runs (host, canonical path, resource match, identity, then ``gateway.access.decide``:
-the ActiveSync device binding, ``evaluate`` and session-control restrictions), at the recorded time.
+pipeline the gateway runs (``gateway.decision.pipeline.authorize``: canonical path, resource match,
+identity, signals, the ActiveSync device binding, ``evaluate`` and session-control restrictions),
+at the recorded time, with the recorded identity and signals as its sources.
 
 Replay is analysis of recorded traffic, not authentication: a recorded bearer token is decoded
 without checking its signature (the issuer's keys of that day may be gone), then held to the
@@ -22,17 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import jwt
 
-from gateway.access import Rules
-from gateway.access import decide as decide_access
 from gateway.audit import Pseudonymizer
 from gateway.config import Config
 from gateway.config.models import UsersCondition
+from gateway.decision.pipeline import Identified, Signals, authorize
+from gateway.decision.rules import Rules
 from gateway.identity.tokens import (
     MALFORMED,
     REQUIRED_CLAIMS,
@@ -44,8 +45,6 @@ from gateway.identity.tokens import (
     identity_from_claims,
     unverified_header,
 )
-from gateway.paths import canonical_path
-from gateway.policy.evaluate import NO_RESOURCE_REASON
 from gateway.policy.model import (
     AccessRequest,
     Decision,
@@ -55,6 +54,7 @@ from gateway.policy.model import (
     ManagedDevice,
     PolicyResultKind,
     RolloutCohort,
+    SessionControls,
 )
 from gateway.policy.rollout import user_key
 from gateway.replay.recorded import RecordedDecision, RecordedRequest, Skipped
@@ -337,48 +337,80 @@ def recorded_identity(config: Config, request: RecordedRequest, claims: Claims) 
     return RejectedToken("no bearer token")
 
 
+class _Unreplayable(Exception):
+    """Why a request cannot be replayed: nothing recorded says who made it."""
+
+
+class RecordedIdentity:
+    """Replay's identity stage: the recorded token, held to this config's rules at the recorded
+    time, or the identity its decision record kept (``recorded_identity``)."""
+
+    def __init__(self, config: Config, request: RecordedRequest, claims: Claims) -> None:
+        self._config, self._request, self._claims = config, request, claims
+
+    async def identify(self, rules: Rules, access: AccessRequest) -> Identified | RejectedToken:
+        identity = recorded_identity(self._config, self._request, self._claims)
+        if isinstance(identity, str):
+            raise _Unreplayable(identity)
+        return identity if isinstance(identity, RejectedToken) else Identified(identity)
+
+    def sign_in_again(self, controls: SessionControls, now: datetime) -> bool:
+        return False  # a recorded session's age is not known: its recorded decision stands for it
+
+
+class RecordedSignals:
+    """Replay's signals stage: the recorded device (else today's inventory: ``current``), the
+    ActiveSync binding's outcome as recorded, and a pseudonymised user's recorded cohorts (``known``)."""
+
+    def __init__(self, request: RecordedRequest, devices: Devices, kiosk_location: str | None,
+                 recording: Percents | None) -> None:
+        self._request, self._devices, self._kiosk_location, self._recording = request, devices, kiosk_location, \
+            recording
+        self.current = False
+        self.known: RecordedCohorts | None = None
+
+    @property
+    def name(self) -> str:
+        return self._devices.inventory.name
+
+    async def signals(self, rules: Rules, access: AccessRequest, identity: Identity) -> Signals:
+        device, self.current = await _device(rules, self._request, identity, self._devices, self._kiosk_location)
+        given = self._request.evaluation_input  # the binding was checked against the device of the time: as recorded
+        self.known = recorded_cohorts(rules, access, identity, self._request.recorded, self._recording)
+        return Signals(device=device, check_binding=given is None or self.current,
+                       binding_problem=given.binding_problem if given else None,
+                       cohorts=self.known.cohorts if self.known else None)
+
+
 async def decide(side: Side, request: RecordedRequest, claims: Claims, devices: Devices, default_ip: str,
                  recording: Percents | None = None) -> Evaluated | str:
-    """What ``AccessService`` would decide for this request under ``side``'s rules. ``recording``:
-    the rollout percentages of the config that wrote the decision log, when replay has it."""
+    """What the gateway's pipeline decides for this request under ``side``'s rules, with the
+    recorded identity and signals. ``recording``: the rollout percentages of the config that wrote
+    the decision log, when replay has it."""
     rules, config = side.rules, side.config
+    if request.host not in config.gateway_file.protected_hosts:  # the gateway's routing answers it first
+        return _refused(421, "this gateway does not serve that host")
     kiosk_location = _kiosk_location(config, request)
     access = AccessRequest(correlation_id=request.correlation_id or request.place, host=request.host,
                            path=request.target, method=request.method, client_ip=request.client_ip or default_ip,
                            user_agent=request.user_agent, accepts_html=request.accepts_html,
                            content_type=request.content_type, content_length=request.content_length,
                            chunked=request.chunked, kiosk_location=kiosk_location)
-    if request.host not in config.gateway_file.protected_hosts:
-        return _refused(421, "this gateway does not serve that host")
-    path = canonical_path(request.target)
-    if path is None:
-        return _refused(400, "ambiguous request path")
-    access = replace(access, path=path, target=request.target)
-    found = rules.policy_set.match(request.host, path)
-    if found is None:
-        return _refused(403, NO_RESOURCE_REASON)
-    if found.public:
-        return Evaluated(DecisionSummary(result=DecisionResult.allow, status_code=200, reason="public resource",
-                                         resource=found.primary), None, None, False)
-    identity = recorded_identity(config, request, claims)
-    if isinstance(identity, str):
-        return identity
-    if isinstance(identity, RejectedToken):
-        return Evaluated(DecisionSummary(result=DecisionResult.unauthenticated, status_code=401,
-                                         reason=identity.reason), None, None, False)
-    device, current = await _device(rules, request, identity, devices, kiosk_location)
-    given = request.evaluation_input  # the binding was checked against the device of the time: as recorded
-    known = recorded_cohorts(rules, access, identity, request.recorded, recording)
-    decided = decide_access(rules, access, identity, device, found.names, request.time,
-                            check_binding=given is None or current,
-                            binding_problem=given.binding_problem if given else None,
-                            cohorts=known.cohorts if known else None)
-    label = decided.app.name or decided.app.client_id
+    signals = RecordedSignals(request, devices, kiosk_location, recording)
+    try:
+        result = await authorize(access, rules=rules, identity=RecordedIdentity(config, request, claims),
+                                 signals=signals, now=request.time)
+    except _Unreplayable as why:
+        return str(why)
+    summary = DecisionSummary.of(result.decision)
+    if result.identity is None or result.app is None:  # decided before identity, or unauthenticated
+        return Evaluated(summary, None, None, False)
+    label = result.app.name or result.app.client_id
+    known = signals.known
     if known is None:
-        return Evaluated(DecisionSummary.of(decided.decision), identity, label, current)
-    applied = {p.name for p in decided.decision.policies if p.result in APPLIED}  # where the cohort decided
-    return Evaluated(DecisionSummary.of(decided.decision), identity, label, current, known.kept & applied,
-                     known.unknown & applied)
+        return Evaluated(summary, result.identity, label, signals.current)
+    applied = {p.name for p in result.decision.policies if p.result in APPLIED}  # where the cohort decided
+    return Evaluated(summary, result.identity, label, signals.current, known.kept & applied, known.unknown & applied)
 
 
 async def _device(rules: Rules, request: RecordedRequest, identity: Identity, devices: Devices,

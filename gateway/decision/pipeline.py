@@ -1,0 +1,309 @@
+"""The one path from a request to a decision, in the order the gateway runs it (Pomerium's
+``Check``: request → ``Evaluate`` → ``handleResult``; the log is the consumer's):
+
+    admission   canonical path (ambiguous: 400), resource match (none: 403; public: allow before
+                any token), an access token in the URL (400)
+    identity    who asks: the ``IdentitySource`` says (a bearer token or browser session at the
+                gateway; the question in What If; the recorded token in replay)
+    signals     the device the decision uses: the ``SignalSource`` says (the inventory, or the
+                decision log's record of the time)
+    evaluate    ``gateway.policy.evaluate``, pure; called here and nowhere else
+    restrict    the ActiveSync DeviceId binding before it, the request's session controls after
+    outcome     the action: forward with the upstream headers, or which page answers
+
+A source that cannot answer (``SignalUnavailable``) makes the outcome a 503, never a forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Protocol
+from urllib.parse import parse_qsl
+
+from gateway import headers
+from gateway.config.models import ChallengeSettings
+from gateway.decision.outcome import (
+    Action,
+    Authorization,
+    Blocked,
+    Forward,
+    Refused,
+    SessionRestricted,
+    SignIn,
+    Unauthenticated,
+)
+from gateway.decision.rules import Rules
+from gateway.errors import SignalUnavailable
+from gateway.identity import discovery
+from gateway.identity.assertion import AssertionSigner
+from gateway.identity.tokens import RejectedToken
+from gateway.paths import canonical_path
+from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, path_has_prefix
+from gateway.policy.evaluate import NO_RESOURCE_REASON, evaluate
+from gateway.policy.model import (
+    AccessRequest,
+    ClientApp,
+    ClientAppType,
+    Decision,
+    DecisionResult,
+    DeviceSignals,
+    ErrorCode,
+    Identity,
+    Restriction,
+    RolloutCohort,
+    SessionControls,
+)
+from gateway.policy.policy_set import ResourceMatch
+from gateway.session_controls import REASONS, request_restriction
+from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
+
+ACCESS_TOKEN_IN_QUERY = "an access token is accepted only in the Authorization header"  # noqa: S105  (a reason, not a secret)
+AMBIGUOUS_PATH = "ambiguous request path"
+SIGNAL_UNAVAILABLE = "a signal source is unavailable; try again shortly"
+SESSION_RESTRICTIONS = frozenset(REASONS)
+
+
+@dataclass(frozen=True, slots=True)
+class Identified:
+    """Who asks, and where that came from (``accessToken`` or ``browserSession``)."""
+
+    identity: Identity
+    source: str = "accessToken"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Signals:
+    """The device signals a decision uses. ``check_binding=False``: the ActiveSync binding's
+    outcome is known from a decision record (``binding_problem``, None when it passed), which may
+    keep neither the query nor the device's real ActiveSync id; ``cohorts``: rollout cohorts known
+    from a record (replay of pseudonymised users)."""
+
+    device: DeviceSignals
+    check_binding: bool = True
+    binding_problem: str | None = None
+    cohorts: Mapping[str, RolloutCohort] | None = None
+
+
+class IdentitySource(Protocol):
+    """Who a request comes from. Raises ``SignalUnavailable`` when it cannot tell (a 503)."""
+
+    async def identify(self, rules: Rules, request: AccessRequest) -> Identified | RejectedToken | SignIn | Refused:
+        """The identity, or why there is none: a rejected token (401), a sign-in, a refusal."""
+        ...
+
+    def sign_in_again(self, controls: SessionControls, now: datetime) -> bool:
+        """A browser session older than the sign-in frequency signs in again."""
+        ...
+
+
+class SignalSource(Protocol):
+    """The device a request's identity names. Raises ``SignalUnavailable`` when it cannot tell."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def signals(self, rules: Rules, request: AccessRequest, identity: Identity) -> Signals: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What the rules decide once identity and device are known, with the app and device used."""
+
+    decision: Decision
+    app: ClientApp
+    device: DeviceSignals
+
+    @property
+    def session_restricted(self) -> bool:
+        """Policy allowed it; a session control refuses the request itself (``decision`` is that block)."""
+        return self.decision.restriction in SESSION_RESTRICTIONS
+
+    @property
+    def policy_allowed(self) -> bool:
+        """Policy allowed the request (a session control may still refuse it)."""
+        return self.decision.allowed or self.session_restricted
+
+
+async def authorize(request: AccessRequest, *, rules: Rules, identity: IdentitySource, signals: SignalSource,
+                    now: datetime, assertions: AssertionSigner | None = None) -> Authorization:
+    """The decision for ``request`` under ``rules`` at ``now``: every consumer's one path."""
+    admitted = admit(rules, request, signals.name)
+    if isinstance(admitted, Authorization):
+        return admitted
+    request, found = admitted
+    try:
+        who = await identity.identify(rules, request)
+        if not isinstance(who, Identified):
+            return _not_identified(rules, request, who)
+        signal = await signals.signals(rules, request, who.identity)
+    except SignalUnavailable as error:
+        return refused(request, 503, SIGNAL_UNAVAILABLE, unavailable=error)
+    decided = restrict_and_evaluate(rules, request, who.identity, signal, found.names, now)
+    return _outcome(rules, request, who, decided, identity, now, assertions)
+
+
+def admit(rules: Rules, request: AccessRequest, signal_source: str) -> tuple[AccessRequest, ResourceMatch] | \
+        Authorization:
+    """Before any token is read: the canonical path, the resource it names, no token in the URL.
+    A path no resource names is denied and a public resource allowed, the same for anyone."""
+    raw = request.target if request.target is not None else request.path
+    path = canonical_path(raw)
+    if path is None:
+        return refused(request, 400, AMBIGUOUS_PATH)
+    request = replace(request, path=path, target=raw)
+    found = rules.policy_set.match(request.host, path)
+    if found is None or found.public:
+        decision = decided_before_identity(request, found.primary if found else None)
+        if decision.allowed:
+            return Authorization(request=request, decision=decision, action=Forward(upstream_headers=(
+                (headers.CORRELATION_ID, request.correlation_id),
+                *headers.forwarding_headers(request.client_ip, request.host))))
+        nobody = DeviceSignals(device_id=None, device=None, source=signal_source)
+        return Authorization(request=request, decision=decision,
+                             action=Blocked(app=ClientApp(client_id=None, name=None), device=nobody))
+    if access_token_in_query(request.target or ""):
+        return refused(request, 400, ACCESS_TOKEN_IN_QUERY)
+    return request, found
+
+
+def refused(request: AccessRequest, status: int, reason: str,
+            unavailable: SignalUnavailable | None = None) -> Authorization:
+    """A refusal no policy is asked about: ambiguous (400), misdirected (421), a source down (503)."""
+    return Authorization(request=request, decision=refused_before_policy(request, status, reason),
+                         action=Refused(status=status, reason=reason), unavailable=unavailable)
+
+
+def sign_in(request: AccessRequest, max_age: int | None = None) -> Authorization:
+    """A browser without a (fresh enough) session goes to the identity provider."""
+    decision = Decision(result=DecisionResult.unauthenticated, status_code=302, error_code=None,
+                        reason="sign-in required", resource=None, client_app_type=ClientAppType.browser)
+    return Authorization(request=request, decision=decision, action=SignIn(max_age=max_age))
+
+
+def _not_identified(rules: Rules, request: AccessRequest, why: RejectedToken | SignIn | Refused) -> Authorization:
+    if isinstance(why, SignIn):
+        return sign_in(request, why.max_age)
+    if isinstance(why, Refused):
+        return refused(request, why.status, why.reason)
+    decision = Decision(result=DecisionResult.unauthenticated, status_code=401, error_code=None, reason=why.reason,
+                        resource=None, client_app_type=client_app_type(request, None))
+    host = rules.config.gateway_file.protected_hosts.get(request.host)  # None: removed by a reload
+    settings = host.challenge if host is not None else ChallengeSettings()
+    parameters = discovery.challenge_parameters(settings, request.authority or request.host)
+    return Authorization(request=request, decision=decision,
+                         action=Unauthenticated(reason=why.reason, presented=why.presented, parameters=parameters))
+
+
+def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identity, signals: Signals,
+                          resources: tuple[str, ...], now: datetime) -> Decided:
+    """The ActiveSync device binding, ``evaluate`` (its one call site), then the session controls
+    that refuse the request itself. Pure."""
+    app, device = rules.app(identity), signals.device
+    problem = _device_binding_problem(request, device) if signals.check_binding else signals.binding_problem
+    if problem is not None:
+        return Decided(Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
+                                reason=problem, resource=None, client_app_type=client_app_type(request, identity),
+                                restriction=Restriction.activesync_device_id_mismatch), app, device)
+    decision = evaluate(request=request, identity=identity, device=device, app=app, resources=resources,
+                        policy_set=rules.policy_set, now=now, cohorts=signals.cohorts)
+    restriction = request_restriction(
+        decision.session_controls, method=request.method, content_type=request.content_type,
+        content_length=request.content_length, chunked=request.chunked, resources=resources,
+        download_resources=rules.policy_set.download_resources) if decision.allowed else None
+    if restriction is not None:
+        decision = replace(decision, result=DecisionResult.block, status_code=403, reason=REASONS[restriction],
+                           restriction=restriction)
+    return Decided(decision, app, device)
+
+
+def _outcome(rules: Rules, request: AccessRequest, who: Identified, decided: Decided, source: IdentitySource,
+             now: datetime, assertions: AssertionSigner | None) -> Authorization:
+    """What to do with the decision: a browser signs in again (sign-in frequency), a restricted
+    session or a block is answered, an allowed request forwarded with what the decision used."""
+    decision = decided.decision
+    if decided.policy_allowed and source.sign_in_again(decision.session_controls, now):
+        return sign_in(request, decision.session_controls.sign_in_frequency_seconds)
+    action: Action
+    if decided.session_restricted:
+        action = SessionRestricted(reason=decision.reason)
+    elif decision.allowed:
+        action = Forward(upstream_headers=_upstream_headers(rules, request, who.identity, decided, now, assertions),
+                         device_id=decided.device.device_id, session_controls=decision.session_controls)
+    else:
+        action = Blocked(app=decided.app, device=decided.device)
+    return Authorization(request=request, decision=decision, action=action, identity=who.identity, app=decided.app,
+                         device=decided.device, identity_source=who.source)
+
+
+def decided_before_identity(request: AccessRequest, resource: str | None) -> Decision:
+    """A path no resource names is denied and a public resource allowed before any token is
+    read: the same for anyone."""
+    app_type = client_app_type(request, None)
+    if resource is None:
+        return Decision(result=DecisionResult.block, status_code=403,
+                        error_code=ErrorCode.blocked_by_conditional_access, reason=NO_RESOURCE_REASON, resource=None,
+                        client_app_type=app_type)
+    return Decision(result=DecisionResult.allow, status_code=200, error_code=None, reason="public resource",
+                    resource=resource, resources=(resource,), client_app_type=app_type)
+
+
+def refused_before_policy(request: AccessRequest, status: int, reason: str) -> Decision:
+    """A refusal no policy is asked about (400, 421, 503). A misdirected request has its own
+    code: 53003 would claim a Conditional Access policy blocked it."""
+    code = ErrorCode.misdirected_request if status == 421 else ErrorCode.blocked_by_conditional_access
+    return Decision(result=DecisionResult.block, status_code=status, error_code=code,
+                    reason=reason, resource=None, client_app_type=client_app_type(request, None))
+
+
+def decision_device_id(identity: Identity, request: AccessRequest) -> str | None:
+    """The device a decision looks up and uses: the one the token (or session) names, except
+    through the kiosk proxy, where every browser is unmanaged whatever its token says."""
+    return None if request.kiosk_location is not None else identity.device_id
+
+
+def access_token_in_query(target: str) -> bool:
+    """RFC 6750's URI query parameter: never read (URLs end up in logs), and never forwarded for
+    the upstream to read either, beside or instead of the token the gateway checked."""
+    query = target.partition("?")[2]
+    return any(name.lower() == "access_token" for name, _ in parse_qsl(query, keep_blank_values=True))
+
+
+def _device_binding_problem(request: AccessRequest, device: DeviceSignals) -> str | None:
+    """ActiveSync names its device in the URL: it must be the one registered for the token's device."""
+    if not path_has_prefix(request.path, ACTIVESYNC_PATH):
+        return None
+    try:
+        named = activesync_device_ids(request.target or "")
+    except MalformedActiveSyncQuery as error:
+        return f"ActiveSync query unreadable: {error}"
+    if not named:
+        return None
+    registered = (device.device.eas_device_id or "").lower() if device.device else ""
+    if named != {registered}:
+        return "ActiveSync DeviceId is not the device the token was issued to"
+    return None
+
+
+def _upstream_headers(rules: Rules, request: AccessRequest, identity: Identity, decided: Decided, now: datetime,
+                      assertions: AssertionSigner | None) -> tuple[tuple[str, str], ...]:
+    """What the upstream may trust, because the gateway removed any client-sent copy first: the
+    user, app and device the decision used, never a claim it ignored (a kiosk request names no
+    device, whatever its token or session says), and the signed assertion when one is configured."""
+    assertion = None
+    if assertions is not None:  # signed for the upstream (its audience)
+        upstream = rules.config.gateway_file.protected_hosts[request.host].upstream
+        assertion = assertions.header, assertions.sign(
+            audience=upstream, identity=identity, app=decided.app, device=decided.device,
+            decision_id=request.correlation_id, now=now)
+    app = decided.app
+    values = (
+        *headers.forwarding_headers(request.client_ip, request.host),
+        (headers.CORRELATION_ID, request.correlation_id),
+        (headers.USER, identity.user_principal_name or identity.subject),
+        (headers.CLIENT_APP, app.name or app.client_id or ""),
+        (headers.DEVICE_ID, decided.device.device_id or ""),
+        *((assertion,) if assertion else ()),
+    )
+    return tuple((name, value) for name, value in values if value)

@@ -1,0 +1,34 @@
+"""The rules a decision reads, built once per (re)load and swapped whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config import Config
+from gateway.config.compile import compile_policies
+from gateway.policy.conditions import request_locations
+from gateway.policy.model import AccessRequest, ClientApp, ComplianceSettings, Identity
+from gateway.policy.policy_set import PolicySet
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """Everything a decision reads from the config, built once per (re)load and swapped whole: a
+    request takes the rules in force when it starts and finishes under them."""
+
+    config: Config
+    policy_set: PolicySet
+    app_names: dict[str, str]
+    compliance: ComplianceSettings
+
+    @classmethod
+    def of(cls, config: Config) -> Rules:
+        return cls(config, compile_policies(config),
+                   config.app_names_by_client_id(), config.gateway_file.device_signals.compliance.settings())
+
+    def app(self, identity: Identity) -> ClientApp:
+        return ClientApp(client_id=identity.client_id, name=self.app_names.get(identity.client_id or ""))
+
+    def locations(self, request: AccessRequest) -> set[str]:
+        """The named locations the request is in, as policy saw them (for the decision log's signals)."""
+        return request_locations(request, self.policy_set.named_locations)[0]

@@ -1,0 +1,113 @@
+"""Where the pipeline's identity and signals come from: the gateway's own (a bearer token or a
+browser session; the device inventory) and What If's (the question's identity). Replay brings
+its own (the recorded token and device: ``gateway.replay.engine``). They find facts; they never
+decide."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from datetime import datetime
+
+from gateway.decision.outcome import Refused, SignIn
+from gateway.decision.pipeline import Identified, Signals, decision_device_id
+from gateway.decision.rules import Rules
+from gateway.errors import SessionStoreUnavailable, SignalUnavailable
+from gateway.identity.browser import BrowserSession, BrowserSignIn, cookie_value
+from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
+from gateway.policy.model import AccessRequest, DeviceSignals, Identity, SessionControls
+from gateway.signals.devices import DeviceInventory
+
+USERS_DIFFER = "the bearer token and the session cookie name different users"
+
+
+class BearerOrSession:
+    """The gateway's identity stage for one request: its bearer token, or its browser session.
+    A browser with neither signs in; both: the bearer token decides, if the cookie names the same user."""
+
+    def __init__(self, validator: BearerValidator, browser: BrowserSignIn | None, authorization: list[str],
+                 cookies: list[str] | None) -> None:
+        self._validator = validator
+        self._browser = browser
+        self._authorization = authorization
+        self._cookie = cookie_value(cookies or [])
+        self._session: BrowserSession | None = None  # the session that decided, once identified
+
+    async def identify(self, rules: Rules, request: AccessRequest) -> Identified | RejectedToken | SignIn | Refused:
+        session = await self._browser_session(request)
+        if isinstance(session, SignIn):
+            return session
+        token = bearer_token(self._authorization)
+        if (session is None or self._authorization) and isinstance(token, RejectedToken):
+            return token
+        if session is not None and not self._authorization:
+            self._session = session
+            return Identified(session.identity, "browserSession")
+        audiences = frozenset(rules.config.gateway_file.protected_hosts[request.host].audiences)
+        identity = await self._validator.validate(str(token), audiences)
+        if isinstance(identity, RejectedToken):
+            return identity
+        if session is not None and _user_key(session.identity) != _user_key(identity):
+            return Refused(status=400, reason=USERS_DIFFER)
+        return Identified(identity, "accessToken")
+
+    async def _browser_session(self, request: AccessRequest) -> BrowserSession | SignIn | None:
+        """The session a browser's cookie names, looked up unless a bearer token came without one;
+        a sign-in for a browser with neither."""
+        if self._browser is None or (self._authorization and self._cookie is None):
+            return None
+        try:
+            session = await self._browser.session(self._cookie, request.host)
+        except SignalUnavailable as error:
+            raise SessionStoreUnavailable(str(error)) from error
+        if session is None and not self._authorization and request.accepts_html:
+            return SignIn()
+        return session
+
+    def sign_in_again(self, controls: SessionControls, now: datetime) -> bool:
+        return self._session is not None and self._browser is not None and \
+            self._browser.needs_fresh_sign_in(self._session, controls, now)
+
+
+def _user_key(identity: Identity) -> tuple[str | None, str | None]:
+    """Who a token names across apps: Entra's ``sub`` is pairwise (one per app), ``oid`` is not."""
+    return (identity.object_id or identity.subject, identity.tenant_id)
+
+
+class GivenIdentity:
+    """An identity known beforehand (What If's question), made when the pipeline asks for it:
+    a public resource is answered before any identity is needed."""
+
+    def __init__(self, make: Callable[[], Identity]) -> None:
+        self._make = make
+
+    async def identify(self, rules: Rules, request: AccessRequest) -> Identified:
+        return Identified(self._make(), "accessToken")
+
+    def sign_in_again(self, controls: SessionControls, now: datetime) -> bool:
+        return False  # no browser session
+
+
+class InventorySignals:
+    """The device the identity names, from an inventory. ``before_lookup`` runs first (the
+    gateway picks up device changes other processes committed); a SQLite error there is a
+    source that cannot answer."""
+
+    def __init__(self, inventory: DeviceInventory, before_lookup: Callable[[], None] | None = None) -> None:
+        self._inventory = inventory
+        self._before_lookup = before_lookup
+
+    @property
+    def name(self) -> str:
+        return self._inventory.name
+
+    async def signals(self, rules: Rules, request: AccessRequest, identity: Identity) -> Signals:
+        if self._before_lookup is not None:
+            try:
+                self._before_lookup()
+            except sqlite3.Error as error:
+                raise SignalUnavailable(f"device inventory: {error}") from error
+        device_id = decision_device_id(identity, request)
+        device = await self._inventory.managed_device(device_id) if device_id is not None else None
+        return Signals(device=DeviceSignals(device_id=device_id, device=device, source=self._inventory.name,
+                                            compliance=rules.compliance))

@@ -1,0 +1,37 @@
+"""The page that answers a decision: the pipeline says which (``gateway.decision.outcome``), this
+renders it (``gateway.web.pages``). A sign-in is not rendered here: starting one is I/O (the
+browser sign-in stores its state first), done by the gateway, which then answers a redirect."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from gateway.decision.outcome import (
+    Authorization,
+    Forward,
+    Refused,
+    SessionRestricted,
+    SignIn,
+    Unauthenticated,
+)
+from gateway.web import pages
+
+
+def render(result: Authorization, *, remediation_url: str, now: datetime) -> pages.GatewayResponse | None:
+    """The answer to the client, or None when the request goes upstream."""
+    action, request = result.action, result.request
+    correlation_id = request.correlation_id
+    if isinstance(action, Forward):
+        return None
+    if isinstance(action, Refused):
+        return pages.refused(action.status, action.reason, correlation_id)
+    if isinstance(action, Unauthenticated):
+        return pages.unauthenticated(action.reason, correlation_id, presented=action.presented,
+                                     parameters=action.parameters)
+    if isinstance(action, SessionRestricted):
+        return pages.session_restricted(action.reason, correlation_id, html=request.accepts_html, now=now)
+    if isinstance(action, SignIn):
+        raise TypeError("a sign-in is answered by the browser sign-in's redirect, not rendered")
+    return pages.blocked(decision=result.decision, request=request, app=action.app, device=action.device,
+                         remediation_url=remediation_url, now=now)
+
