@@ -572,6 +572,7 @@ async def proxy_and_admin(config_dir: Path) -> AsyncIterator[tuple[int, int, Ope
 LOOKUPS = 48
 
 
+@pytest.mark.slow
 def test_a_flood_of_decision_lookups_gets_429_and_leaves_the_request_path_alone(
         gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:
     """Unknown ids are searched for in every rotated decision log file: those scans queue on a

@@ -344,6 +344,7 @@ def test_cases_with_a_malformed_ip_are_refused(tmp_path: Path) -> None:
     assert f"{cases}:5:9: cases[0].ip:" in result.stderr
 
 
+@pytest.mark.slow
 def test_certs_init_creates_a_ca_and_a_certificate_for_every_host(config_dir: Path) -> None:
     result = subprocess.run([PORTCULLIS, "certs", "--config", str(config_dir), "init"], capture_output=True,
                             text=True, timeout=60)

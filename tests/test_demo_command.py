@@ -19,7 +19,8 @@ from gateway.demo import SCENARIOS
 from tests.conftest import Ports, demo_config_copy
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)")
+pytestmark = [pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)"),
+              pytest.mark.slow]  # the demo in a process of its own
 
 
 def _read_banner(process: subprocess.Popen[str], deadline: float) -> list[str]:

@@ -245,6 +245,7 @@ def devices_cli(config: Path) -> Callable[..., subprocess.CompletedProcess[str]]
     return cli
 
 
+@pytest.mark.slow
 def test_devices_cli(tmp_path: Path) -> None:
     config = tmp_path / "config"
     subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
@@ -261,6 +262,7 @@ def test_devices_cli(tmp_path: Path) -> None:
     assert len(exported["devices"]) == 4
 
 
+@pytest.mark.slow
 def test_set_risk_takes_the_old_vendor_spelling_with_a_warning_naming_partner(tmp_path: Path) -> None:
     """Scripts written for ``--vendor`` keep working for now: it fills the same partner slot as
     ``--partner`` and says which spelling replaces it; ``--partner`` itself warns of nothing."""
@@ -279,6 +281,7 @@ def test_set_risk_takes_the_old_vendor_spelling_with_a_warning_naming_partner(tm
     assert (shown["threat_level"], shown["threat_source"]) == ("low", "demo-mtd")
 
 
+@pytest.mark.slow
 def test_devices_remove_retires_a_device_with_every_verdict(tmp_path: Path) -> None:
     config = tmp_path / "config"
     subprocess.run(["cp", "-r", str(REPO / "config"), str(config)], check=True)
@@ -319,6 +322,7 @@ def test_retiring_a_device_known_only_by_its_verdicts_is_announced(tmp_path: Pat
     store.close()
 
 
+@pytest.mark.slow
 def test_device_commands_do_not_need_valid_policies(tmp_path: Path) -> None:
     """The gateway serves its last good rules while policies.yaml is being edited; an operator must
     still be able to raise a device's risk (or retire it) meanwhile."""

@@ -41,6 +41,7 @@ def test_example_case(directory: Path, case: Case) -> None:
 
 
 @pytest.mark.parametrize("directory", CONFIG_DIRS, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_check_passes_without_warnings(directory: Path, tmp_path: Path) -> None:
     copy = shipped_config(directory, tmp_path)  # with the certificate files the demo would make
     result = subprocess.run([PORTCULLIS, "check", "--config", str(copy)], capture_output=True, text=True,

@@ -216,6 +216,7 @@ def alex_ping(gateway: Gateway, port: int, log: Path, heartbeat: int) -> LongPol
 
 
 @pytest.mark.parametrize("through", ["gateway", "kiosk"])
+@pytest.mark.slow
 def test_a_tightening_reload_closes_open_long_polls(gateway: Gateway, tmp_path: Path, demo_ports: Ports,
                                                      through: str) -> None:
     """An ActiveSync Ping can stay open for an hour, and so can a kiosk browser's request: each is

@@ -24,6 +24,8 @@ from tests.gateway_process import PORTCULLIS, GatewayProcess, sibling_config
 from tests.redis_server import RedisServer
 from tests.test_browser_sign_in import BROWSER, MAIL, granted_callback
 
+pytestmark = pytest.mark.slow  # processes of their own (workers, gateways): ./dev test -m 'not slow' skips them
+
 SERVICE = "portcullis.contoso.test"
 STALENESS = 3  # deviceSignals.cache.maxStalenessSeconds of these gateways
 SESSION_KEY = Fernet.generate_key().decode()

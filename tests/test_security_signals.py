@@ -322,6 +322,7 @@ def test_graph_answering_garbage_never_allows_and_its_token_never_leaves_graph(
 # Reloads: no allow-all window
 
 
+@pytest.mark.slow
 def test_no_request_of_a_blocked_user_is_allowed_while_configs_are_reloaded(gateway: Gateway, tmp_path: Path,
                                                                            demo_ports: Ports) -> None:
     """Blake's noncompliant phone hammers OWA and ActiveSync (and Alex, the twin, syncs) while
@@ -612,6 +613,7 @@ def tampered(token: str, salt: str) -> str:
     return f"{head}.{claims}.{base64.urlsafe_b64encode(salt.encode() * 8).rstrip(b'=').decode()}"
 
 
+@pytest.mark.slow
 def test_a_flood_of_unique_invalid_tokens_and_unknown_devices_stays_bounded(listener: Listener) -> None:
     gateway, service = listener.gateway, listener.service
     bound = 200  # deviceSignals.cache.maxEntries of this gateway (the config's lowest allowed value is 100)

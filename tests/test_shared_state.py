@@ -598,6 +598,7 @@ def test_replace_all_prunes_only_a_full_sync_and_keeps_other_partners_verdicts(r
     store.close()
 
 
+@pytest.mark.slow
 def test_a_full_sync_of_100000_devices_takes_seconds(redis_server: RedisServer) -> None:
     devices = TypeAdapter(list[DeviceRecord]).validate_json(json.dumps([
         {"azureADDeviceId": f"bb000000-0000-4000-8000-{i:012d}", "deviceName": f"Phone {i}", "operatingSystem": "iOS",

@@ -33,6 +33,8 @@ from tests.test_decision_log import listener
 from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token
 from tests.test_security_framing import h2_events, h2_request, h2_to, h11_answer, read_answer, says_close, tls_to
 
+pytestmark = pytest.mark.slow  # processes of their own (workers, gateways): ./dev test -m 'not slow' skips them
+
 STARTED = r"worker (\d+) started \(pid (\d+)\)"
 LISTENING = r"worker (\d+) \(pid (\d+)\) is listening"
 
