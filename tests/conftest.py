@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import mitmproxy.ctx
@@ -39,6 +39,9 @@ from gateway.operations import Operations
 from gateway.web.demo_idp import DemoIdentityProvider
 from gateway.web.types import ASGIApp
 from tests.redis_server import RedisServer, free_port, started_or_skipped
+
+if TYPE_CHECKING:
+    from tests.helpers.scale_out import Instance
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTS = ["mail.contoso.test", "docs.contoso.test", "portcullis.contoso.test"]
@@ -397,3 +400,46 @@ def run_log_levels(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture
         caplog.set_level(logging.WARNING, logger=name)
     caplog.set_level(logging.INFO)  # last: each call also sets the capturing handler's level
     return caplog
+
+
+# Fixtures several test modules use. Their helpers live in tests/helpers/, which imports this module,
+# so each fixture imports them when it runs.
+
+@pytest.fixture
+def kiosk(gateway: Gateway) -> httpx.Client:
+    from tests.helpers.kiosk import kiosk_browser
+
+    return kiosk_browser(gateway)
+
+
+@pytest.fixture
+def restore_alex(gateway: Gateway):
+    from gateway.demo import ALEX_IPHONE
+    from tests.helpers.mtd import level, push
+
+    yield
+    assert push(gateway, level(ALEX_IPHONE, "low")).status_code == 202
+
+
+@pytest.fixture
+def pair(gateway: Gateway, demo_ports: Ports, redis_server: RedisServer,
+         tmp_path: Path) -> Iterator[tuple[Instance, Instance]]:
+    from tests.helpers.scale_out import Instance, shared_config
+
+    redis_server.start()  # a test before may have stopped it
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    first = Instance(gateway, shared_config(tmp_path / "a", gateway, demo_ports, redis_server, prefix))
+    second = Instance(gateway, shared_config(tmp_path / "b", gateway, demo_ports, redis_server, prefix))
+    try:
+        yield first.ready(), second.ready()
+    finally:
+        for instance in (first, second):
+            instance.process.stop()
+
+
+@pytest.fixture
+def alex(gateway: Gateway) -> str:
+    from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
+
+    return gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
+                            device_id=ALEX_IPHONE)

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.demo import ALEX_IPHONE, BLAKE_ANDROID, SCENARIOS, scenario_token
 from tests.conftest import CHROMIUM, Gateway, needs_chromium, screenshot
-from tests.test_admin_api import READER, admin_token, outlook, sync
+from tests.helpers.admin import READER, admin_token, outlook, sync
 
 pytestmark = needs_chromium
 playwright_api = pytest.importorskip("playwright.sync_api")

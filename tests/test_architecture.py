@@ -123,3 +123,16 @@ def test_only_the_decision_pipeline_imports_the_evaluator() -> None:
                     or (isinstance(node, ast.Import) and "gateway.policy.evaluate" in names):
                 importers.add(path.relative_to(REPO).as_posix())
     assert importers == {"gateway/decision/pipeline.py"}
+
+
+def test_no_test_module_imports_another_test_module() -> None:
+    """Shared helpers live in tests/helpers/ and shared fixtures in tests/conftest.py: a test module
+    importing another couples the two and registers that module's fixtures by side effect."""
+    test_modules = {_module_name(path) for path in (REPO / "tests").glob("test_*.py")}
+    importers = {
+        f"{_module_name(path)} imports {imported}"
+        for path in (REPO / "tests").glob("test_*.py")
+        for imported in {".".join(name.split(".")[:2]) for name in _imported_names(path)}
+        if imported in test_modules - {_module_name(path)}
+    }
+    assert not importers, sorted(importers)

@@ -4,49 +4,13 @@ the server, and callbacks that cannot be forged or turned into an open redirect.
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
-
-import httpx
 import pytest
 
 from gateway.demo import ALEX_IPHONE, BLAKE_ANDROID
 from gateway.identity.browser import COOKIE_NAME
 from tests.conftest import Gateway
-
-MAIL, DOCS = "mail.contoso.test", "docs.contoso.test"
-BROWSER = {"Accept": "text/html,application/xhtml+xml", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64)"}
-
-
-def granted_callback(gateway: Gateway, user: str, device: str, path: str = "/owa/") -> tuple[str, str]:
-    """A browser opens ``path`` and signs in at the issuer: the callback target it is sent to,
-    and the sign-in cookie the gateway set on that browser."""
-    start = gateway.request(MAIL, path, headers=BROWSER)
-    authorize = start.headers["location"]
-    query = {k: v[0] for k, v in parse_qs(urlsplit(authorize).query).items()}
-    with httpx.Client(timeout=10) as idp:
-        granted = idp.post(authorize.split("?")[0], data={**query, "user": user, "device_id": device})
-    callback = urlsplit(granted.headers["location"])
-    return f"{callback.path}?{callback.query}", start.headers["set-cookie"].split(";", 1)[0]
-
-
-def sign_in(gateway: Gateway, *, user: str = "alex@contoso.test", device: str = ALEX_IPHONE,
-            path: str = "/owa/?folder=inbox") -> tuple[httpx.Response, str]:
-    """Open ``path`` as a browser, sign in at the demo issuer, follow the callback."""
-    start = gateway.request(MAIL, path, headers=BROWSER)
-    assert start.status_code == 302, start.text
-    authorize = start.headers["location"]
-    query = {k: v[0] for k, v in parse_qs(urlsplit(authorize).query).items()}
-    assert query["code_challenge_method"] == "S256" and query["state"] and query["nonce"]
-    assert query["redirect_uri"] == f"https://{MAIL}/.portcullis/callback"
-    with httpx.Client(timeout=10) as idp:
-        assert idp.get(authorize).status_code == 200  # the sign-in page
-        granted = idp.post(authorize.split("?")[0], data={**query, "user": user, "device_id": device})
-    assert granted.status_code == 302
-    callback = urlsplit(granted.headers["location"])
-    binding = start.headers["set-cookie"].split(";", 1)[0]  # the browser that started the sign-in
-    answer = gateway.request(MAIL, f"{callback.path}?{callback.query}", headers={"Cookie": binding})
-    cookie = answer.headers.get("set-cookie", "")
-    return answer, cookie.split(";", 1)[0]
+from tests.helpers.browser import BROWSER, granted_callback, sign_in
+from tests.helpers.hosts import DOCS, MAIL
 
 
 def test_a_browser_signs_in_and_comes_back_to_the_page_it_asked_for(gateway: Gateway) -> None:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.certs import ensure_server_certificate
 from gateway.config import load_config
 from gateway.config.lint import config_warnings
-from gateway.errors import ConfigError
 from tests.conftest import REPO
+from tests.helpers.config import problems, shipped_config
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 
@@ -29,12 +28,6 @@ def edit(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, f"{old!r} not in {path.name}"
     path.write_text(text.replace(old, new, 1))
-
-
-def problems(config_dir: Path) -> list[str]:
-    with pytest.raises(ConfigError) as caught:
-        load_config(config_dir)
-    return [str(p) for p in caught.value.problems]
 
 
 def line_of(path: Path, needle: str) -> int:
@@ -138,23 +131,6 @@ def test_check_command_prints_problems_and_exits_1(config_dir: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("portcullis: ") and "policies[0].state" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def make_certificates(config_dir: Path) -> Path:
-    """The certificate files a config names, made as ``portcullis certs init`` makes them: ``check``
-    refuses a config that ``run`` could not start (the shipped ones name files the demo makes)."""
-    config = load_config(config_dir)
-    for certificate in config.gateway_file.gateway.certificates:
-        ensure_server_certificate(config.path(certificate.file), certificate.hosts)
-    return config_dir
-
-
-def shipped_config(directory: Path, tmp_path: Path) -> Path:
-    """A copy of ``config/`` (or of one of its examples, inside a copy of the whole tree: they share
-    ``../devices.yaml`` and the certificates) whose certificate files exist."""
-    copy = tmp_path / "config"
-    shutil.copytree(REPO / "config", copy)
-    return make_certificates(copy / directory.relative_to(REPO / "config"))
 
 
 def test_check_command_accepts_the_demo_config(tmp_path: Path) -> None:

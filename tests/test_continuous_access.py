@@ -28,23 +28,11 @@ from gateway.signals.sqlite_store import SqliteDeviceStore
 from gateway.signals.store import DeviceStore
 from gateway.state.redis_state import RedisState
 from tests.conftest import AlexPing, Background, Gateway, Ports, proxy_for
+from tests.helpers.reload import own_config, save, stricter
+from tests.helpers.signals import second_connection
 from tests.redis_server import RedisServer
-from tests.test_reload import own_config, save, stricter
 
 MAIL = "mail.contoso.test"
-
-
-@contextlib.contextmanager
-def second_connection(config_dir: Path) -> Iterator[SqliteDeviceStore]:
-    """A second connection to a gateway's inventory, as the CLI or another worker has; Alex's
-    iPhone is back at low risk afterwards."""
-    config = bootstrap.load(config_dir).config
-    other = SqliteDeviceStore(config.path(config.gateway_file.device_signals.database))  # type: ignore[arg-type]
-    try:
-        yield other
-    finally:
-        other.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.low, now=utc_now())
-        other.close()
 
 
 @pytest.fixture

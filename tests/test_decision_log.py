@@ -5,7 +5,6 @@ verdicts), never blocks the request path, rotates by size, pseudonymises users w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -15,20 +14,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from ruamel.yaml import YAML
 
 from gateway import bootstrap
-from gateway.audit import DecisionLog, Pseudonymizer, find_record, log_files
+from gateway.audit import DecisionLog, Pseudonymizer, log_files
 from gateway.demo import DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, SHAREPOINT, activesync
 from gateway.metrics import GatewayMetrics
-from tests.conftest import Background, Gateway, Ports, gateway_config, operations_for, proxy_for
-from tests.test_kiosk_proxy import kiosk_browser
+from tests.conftest import Background, Gateway, Ports
+from tests.helpers.decision_log import listener, logged, own_config
+from tests.helpers.kiosk import kiosk_browser
 
 MAIL, DOCS = "mail.contoso.test", "docs.contoso.test"
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
@@ -41,30 +39,6 @@ def drew_syncs(gateway: Gateway, port: int | None = None) -> str:
     response = gateway.request(MAIL, activesync(DREW_IPHONE, "drew"), method="POST", token=token, port=port)
     assert response.status_code == 403
     return response.headers["x-portcullis-correlation-id"]
-
-
-@contextlib.asynccontextmanager
-async def listener(config_dir: Path) -> AsyncIterator[tuple[int, Path]]:
-    operations = await operations_for(config_dir)
-    async with proxy_for(operations.service) as port:
-        yield port, operations.service.decision_log.path
-
-
-def own_config(tmp_path: Path, gateway: Gateway, demo_ports: Ports, **decision_log: Any) -> Path:
-    config_dir = gateway_config(tmp_path, gateway.ca, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
-    yaml = YAML()
-    settings = yaml.load(config_dir / "portcullis.yaml")
-    settings["decisionLog"].update(decision_log)
-    yaml.dump(settings, config_dir / "portcullis.yaml")
-    return config_dir
-
-
-def logged(path: Path, correlation_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 5
-    while (record := find_record(log_files(path), correlation_id)) is None:
-        assert time.monotonic() < deadline, f"{correlation_id} never logged"
-        time.sleep(0.01)
-    return record
 
 
 def test_each_signal_is_logged_with_its_value_source_and_age(gateway: Gateway, tmp_path: Path,

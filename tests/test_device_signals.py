@@ -22,6 +22,7 @@ from gateway.signals.compliance import noncompliance_reason
 from gateway.signals.sqlite_store import SqliteDeviceStore, export, parse_import
 from gateway.signals.store import StoreInventory
 from tests.conftest import REPO
+from tests.helpers.signals import Clock
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
@@ -144,14 +145,6 @@ class SnapshotSource(CountingSource):
         found = self.known.get(device_id)
         await asyncio.sleep(0.01)
         return found
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def cached(source: CountingSource, clock: Clock, max_entries: int = 1000) -> CachedInventory:

@@ -14,11 +14,9 @@ from gateway import bootstrap
 from gateway.access import utc_now
 from gateway.policy_cases import Case, load_cases, run_cases
 from gateway.whatif import WhatIf
-from tests.conftest import REPO
-from tests.test_config import shipped_config
+from tests.helpers.config import CONFIG_DIRS, shipped_config
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
-CONFIG_DIRS = [REPO / "config", *sorted(p for p in (REPO / "config" / "examples").iterdir() if p.is_dir())]
 EXPECTED_EXAMPLES = {"on-premises-mail", "personal-devices", "corporate-phones", "shared-tablets", "public-kiosk",
                      "report-only-trial"}
 

@@ -39,8 +39,8 @@ from tests.ews_backend import (
     NotificationStream,
     item_id,
 )
-from tests.test_decision_log import listener, own_config
-from tests.test_gateway_e2e import MAIL
+from tests.helpers.decision_log import listener, own_config
+from tests.helpers.hosts import MAIL
 
 EXCHANGE_2016 = Build(15, 1, 2507, 6)
 

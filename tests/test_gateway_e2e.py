@@ -3,10 +3,6 @@ rejections, path canonicalisation, and failing closed when something breaks."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import socket
 import ssl
 import time
@@ -31,15 +27,9 @@ from tests.conftest import (
     proxy_for,
     write_trustme_certificate,
 )
-
-ACTIVESYNC = "/Microsoft-Server-ActiveSync?Cmd=Sync&DeviceType=iPhone"
-MAIL = "mail.contoso.test"
-
-
-def outlook_token(gateway: Gateway, **kwargs: object) -> str:
-    claims = {"user": "alex@contoso.test", "client_id": OUTLOOK_MOBILE, "audience": EXCHANGE,
-              "device_id": ALEX_IPHONE, **kwargs}
-    return gateway.idp.mint(**claims)  # type: ignore[arg-type]  # test helper
+from tests.helpers.hosts import ACTIVESYNC, MAIL
+from tests.helpers.http import raw_exchange
+from tests.helpers.tokens import _hmac_token, outlook_token
 
 
 def test_client_sent_identity_headers_never_reach_the_upstream(gateway: Gateway) -> None:
@@ -115,17 +105,6 @@ def test_a_failing_server_name_check_refuses_the_handshake(gateway: Gateway,
         pytest.fail(f"handshake completed with a certificate: {tls.getpeercert(binary_form=True)!r:.60}")
 
 
-def raw_exchange(gateway: Gateway, request: str) -> str:
-    """Send bytes exactly as written over TLS to the mail host; everything the gateway answers
-    until it closes the connection (so ``request`` says ``Connection: close``)."""
-    context = ssl.create_default_context()
-    gateway.ca.configure_trust(context)
-    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
-            context.wrap_socket(raw, server_hostname=MAIL) as tls:
-        tls.sendall(request.encode())
-        return b"".join(iter(lambda: tls.recv(65536), b"")).decode(errors="replace")
-
-
 def test_declared_request_trailers_are_refused_before_the_upstream(gateway: Gateway) -> None:
     token = outlook_token(gateway)
     answer = raw_exchange(gateway, f"POST {ACTIVESYNC} HTTP/1.1\r\nHost: {MAIL}\r\nAuthorization: Bearer {token}\r\n"
@@ -195,18 +174,6 @@ def test_unsigned_or_hmac_tokens_are_rejected(gateway: Gateway, algorithm: str) 
     response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=token)
     assert response.status_code == 401
     assert "not allowed" in response.headers["www-authenticate"]
-
-
-def _hmac_token(claims: dict[str, object], secret: bytes, kid: str) -> str:
-    """Signed by hand: pyjwt itself refuses to use a PEM public key as an HMAC secret."""
-
-    def part(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-    signing_input = f"{part(json.dumps({'alg': 'HS256', 'typ': 'JWT', 'kid': kid}).encode())}." \
-                    f"{part(json.dumps(claims).encode())}"
-    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{part(signature)}"
 
 
 def test_bearer_scheme_is_case_insensitive(gateway: Gateway) -> None:

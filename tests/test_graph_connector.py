@@ -17,7 +17,7 @@ from gateway.signals.graph import RECHECK_FIRST_SECONDS, GraphClient, GraphInven
 from gateway.signals.sqlite_store import SqliteDeviceStore
 from gateway.signals.store import StoreInventory
 from tests.graph_server import CLIENT_ID, CLIENT_SECRET, TENANT, GraphState, managed_device, serving
-from tests.test_device_signals import Clock
+from tests.helpers.signals import Clock
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

@@ -22,6 +22,7 @@ from gateway.identity.jwks import JwksCache
 from gateway.identity.tokens import BearerValidator, RejectedToken
 from gateway.policy.model import Identity
 from gateway.web.demo_idp import DemoIdentityProvider
+from tests.helpers.tokens import Clock
 
 ISSUER = "http://127.0.0.1:9/contoso"
 AUDIENCES = frozenset({"00000002-0000-0ff1-ce00-000000000000"})
@@ -38,14 +39,6 @@ class CountingTransport(httpx.AsyncBaseTransport):
         if request.url.path.endswith("/discovery/keys"):
             self.jwks_fetches += 1
         return await self.inner.handle_async_request(request)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def validator_for(idp: DemoIdentityProvider, clock: Clock | None = None,

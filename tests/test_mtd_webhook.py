@@ -8,11 +8,9 @@ import logging
 import socket
 import ssl
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import pytest
 
 from gateway.demo import ALEX_IPHONE, CASEY_IPAD, DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
@@ -20,35 +18,8 @@ from gateway.errors import SignalUnavailable
 from gateway.signals.mtd import MtdReceiver, Partner, sign
 from gateway.web.mtd_webhook import mtd_webhook_app
 from tests.conftest import MTD_SECRET, AlexPing, Gateway
-
-SERVICE = "portcullis.contoso.test"
-MAIL = "mail.contoso.test"
-
-
-def push(gateway: Gateway, body: bytes | str, *, partner: str = "demo-mtd", secret: str = MTD_SECRET,
-         timestamp: int | None = None, path: str = "events", headers: dict[str, str] | None = None) -> httpx.Response:
-    raw = body.encode() if isinstance(body, str) else body
-    ts = str(int(time.time()) if timestamp is None else timestamp)
-    sent = {"Content-Type": "application/json", "X-Portcullis-Timestamp": ts,
-            "X-Portcullis-Signature": sign(secret.encode(), ts, raw), **(headers or {})}
-    return gateway.request(SERVICE, f"/mtd/{partner}/{path}", method="POST", content=raw, headers=sent)
-
-
-def level(device_id: str, state: str) -> str:
-    """A push as partners send them: each carries its own event id, so two pushes differ."""
-    return json.dumps({"events": [{"deviceId": device_id, "threatLevel": state, "eventId": str(uuid.uuid4())}]})
-
-
-def sync(gateway: Gateway, path: str = activesync(ALEX_IPHONE), **kwargs: object) -> httpx.Response:
-    token = gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
-                             device_id=ALEX_IPHONE)
-    return gateway.request(MAIL, path, method="POST", token=token, **kwargs)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def restore_alex(gateway: Gateway):
-    yield
-    assert push(gateway, level(ALEX_IPHONE, "low")).status_code == 202
+from tests.helpers.hosts import MAIL, SERVICE
+from tests.helpers.mtd import level, push, sync
 
 
 def test_signed_push_raises_risk_closes_long_poll_and_lowering_restores(gateway: Gateway, restore_alex: None) -> None:

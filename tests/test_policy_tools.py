@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.test_config import shipped_config
+from tests.helpers.config import shipped_config
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 ALEX_IPHONE = "3c5f0b1e-7a2d-4e8f-9b61-0d2a4c8e1f01"

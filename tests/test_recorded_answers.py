@@ -22,12 +22,13 @@ from addons.decision_records import DecisionRecords
 from addons.flow_state import state
 from gateway.demo import ACTIVESYNC
 from tests.conftest import Background, Gateway, Ports, free_port, logged_records
-from tests.test_decision_log import logged
-from tests.test_gateway_e2e import outlook_token
-from tests.test_operations import SilentUpstream, SocketUpstream, hang_up_while_pings_wait, operated, own_config
-from tests.test_replay import replay, totals
-from tests.test_security_framing import tls_to
-from tests.test_session_controls import BROWSER, docs
+from tests.helpers.decision_log import logged
+from tests.helpers.http import tls_to
+from tests.helpers.operations import operated, own_config
+from tests.helpers.replay import replay, totals
+from tests.helpers.session_controls import BROWSER, docs
+from tests.helpers.tokens import outlook_token
+from tests.helpers.upstreams import SilentUpstream, SocketUpstream, hang_up_while_pings_wait
 
 MAIL = "mail.contoso.test"
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))

@@ -13,20 +13,18 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from ruamel.yaml import YAML
 
-from addons.service_endpoints import BROWSER_ENDPOINTS
 from gateway import bootstrap
 from gateway.access import AccessService
 from gateway.demo import ACTIVESYNC, ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, OFFICE, OUTLOOK_MOBILE
 from gateway.operations import Operations
 from gateway.policy.model import AccessRequest, ManagedDevice
-from gateway.web.browser_pages import browser_app
 from tests.conftest import (
     AlexPing,
     Background,
@@ -34,51 +32,13 @@ from tests.conftest import (
     LongPoll,
     Ports,
     demo_config_copy,
-    gateway_config,
-    operations_for,
-    proxy_for,
 )
 from tests.gateway_process import GatewayProcess, sibling_config
-from tests.test_kiosk_proxy import BROWSER, kiosk_browser, kiosk_sign_in
+from tests.helpers.kiosk import BROWSER, kiosk_browser, kiosk_sign_in
+from tests.helpers.reload import own_config, reloading_gateway, save, stricter, wait_for_reloads
 
 MAIL = "mail.contoso.test"
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
-STRICT = "maxDeviceThreatLevel: secured"  # Alex's iPhone reports "low": blocked under these rules
-
-
-def stricter(policies: str) -> str:
-    """The demo policies with Exchange sync allowed only on "secured" devices (first occurrence:
-    the exchange-outlook-only policy)."""
-    assert "maxDeviceThreatLevel: low" in policies
-    return policies.replace("maxDeviceThreatLevel: low", STRICT, 1)
-
-
-def save(path: Path, text: str) -> None:
-    """Replace a config file in one step, as editors and config management do (write, rename):
-    the watcher never sees it half-written."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
-
-
-def own_config(tmp_path: Path, gateway: Gateway, demo_ports: Ports, *, keep_cases: bool = False) -> Path:
-    config_dir = gateway_config(tmp_path, gateway.ca, Ports(0, demo_ports.idp, demo_ports.mail, demo_ports.docs))
-    if not keep_cases:
-        (config_dir / "cases.yaml").unlink()  # the stricter rules break a demo case on purpose
-    return config_dir
-
-
-@contextlib.asynccontextmanager
-async def reloading_gateway(config_dir: Path) -> AsyncIterator[tuple[int, Operations]]:
-    """A listener of its own, with the browser sign-in endpoints, whose config directory is
-    watched, as `portcullis run` does."""
-    operations = await operations_for(config_dir)
-    watcher = asyncio.create_task(operations.reloader.watch(interval=0.05, settle=0.05))
-    try:
-        async with proxy_for(operations.service, {BROWSER_ENDPOINTS: browser_app(operations.service)}) as port:
-            yield port, operations
-    finally:
-        watcher.cancel()
 
 
 def alex_syncs(gateway: Gateway, port: int, token: str) -> int:
@@ -88,14 +48,6 @@ def alex_syncs(gateway: Gateway, port: int, token: str) -> int:
 def alex_token(gateway: Gateway) -> str:
     return gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
                             device_id=ALEX_IPHONE)
-
-
-def wait_for_reloads(operations: Operations, count: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while operations.service.metrics.reloads.labels("success", "fileWatch")._value.get() \
-            + operations.service.metrics.reloads.labels("failure", "fileWatch")._value.get() < count:
-        assert time.monotonic() < deadline, f"fewer than {count} reloads happened"
-        time.sleep(0.02)
 
 
 def test_reload_under_load_loses_no_request(gateway: Gateway, tmp_path: Path, demo_ports: Ports) -> None:

@@ -44,6 +44,7 @@ from gateway.replay.html import as_html
 from gateway.replay.recorded import RecordedRequest, Skipped
 from gateway.replay.report import ReplayReport, as_text
 from tests.conftest import Ports, addon_context, demo_config_copy
+from tests.helpers.replay import replay, totals
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -222,12 +223,6 @@ def candidate(recording: Recording, name: str, *, users: str = "All", relax_owa:
     return target
 
 
-def replay(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    code = main(["replay", *(str(a) for a in args)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def section(out: str, title: str) -> str:
     """The lines of one part of the text report (up to the next blank line)."""
     start = out.index(f"\n{title}") + 1
@@ -248,15 +243,6 @@ def by_policy(out: str, change: str) -> dict[str, int]:
             name, _, count = line.strip().rpartition(": ")
             counts[name.split(" (")[0]] = int(count)
     return counts
-
-
-def totals(out: str) -> dict[str, int]:
-    """``same result: 9 (3 of them blocked for another reason)   allow→block: 2 ...``"""
-    line = out.splitlines()[3]
-    found = {name.strip(): int(count.split(" (")[0]) for name, count in (part.split(": ", 1)
-                                                                          for part in line.split("   "))}
-    found["blocked for another reason"] = int(line.split("(", 1)[1].split(" ", 1)[0])
-    return found
 
 
 def test_the_recording_is_private_and_holds_every_request(recording: Recording) -> None:

@@ -8,97 +8,24 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
-from cryptography.fernet import Fernet
-from ruamel.yaml import YAML
 
 from gateway import bootstrap
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.demo import ALEX_IPHONE
 from gateway.signals.mtd import sign
-from tests.conftest import MTD_SECRET, AlexPing, Gateway, Ports
-from tests.gateway_process import PORTCULLIS, GatewayProcess, sibling_config
+from tests.conftest import MTD_SECRET, AlexPing, Gateway
+from tests.gateway_process import PORTCULLIS
+from tests.helpers.browser import BROWSER, granted_callback
+from tests.helpers.hosts import MAIL, SERVICE
+from tests.helpers.scale_out import STALENESS, Instance
 from tests.redis_server import RedisServer
-from tests.test_browser_sign_in import BROWSER, MAIL, granted_callback
 
 pytestmark = pytest.mark.slow  # processes of their own (workers, gateways): ./dev test -m 'not slow' skips them
-
-SERVICE = "portcullis.contoso.test"
-STALENESS = 3  # deviceSignals.cache.maxStalenessSeconds of these gateways
-SESSION_KEY = Fernet.generate_key().decode()
-
-
-class Instance:
-    """One gateway process of the pair, and how to talk to it."""
-
-    def __init__(self, gateway: Gateway, config_dir: Path) -> None:
-        self.gateway, self.config_dir = gateway, config_dir
-        data = YAML().load(config_dir / "portcullis.yaml")
-        self.port = int(data["gateway"]["listen"]["port"])
-        self.admin_port = int(data["admin"]["listen"]["port"])
-        self.process = GatewayProcess(config_dir, env={"PORTCULLIS_TEST_SESSION_KEY": SESSION_KEY})
-
-    def ready(self) -> Instance:
-        """Listening, and subscribed to the change feed (``/readyz`` passes only then)."""
-        self.process.wait_for(r"Portcullis is listening")
-        self.process.wait_until(lambda: self.readiness() == 200, timeout=20)
-        return self
-
-    def readiness(self) -> int:
-        try:
-            return httpx.get(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=5).status_code
-        except httpx.HTTPError:
-            return 0
-
-    def sync(self, token: str) -> int:
-        return self.gateway.request("mail.contoso.test", activesync(ALEX_IPHONE), method="POST", token=token,
-                                    port=self.port).status_code
-
-    def push(self, body: str) -> httpx.Response:
-        timestamp = str(int(time.time()))
-        headers = {"Content-Type": "application/json", "X-Portcullis-Timestamp": timestamp,
-                   "X-Portcullis-Signature": sign(MTD_SECRET.encode(), timestamp, body.encode())}
-        return self.gateway.request(SERVICE, "/mtd/demo-mtd/events", method="POST", content=body, headers=headers,
-                                    port=self.port)
-
-
-def shared_config(directory: Path, gateway: Gateway, demo_ports: Ports, redis: RedisServer, prefix: str) -> Path:
-    config_dir = sibling_config(directory, gateway, demo_ports, state={"redis": redis.url, "keyPrefix": prefix})
-    yaml = YAML()
-    path = config_dir / "portcullis.yaml"
-    data = yaml.load(path)
-    del data["deviceSignals"]["database"]  # with state, devices live in Redis
-    data["deviceSignals"]["cache"]["maxStalenessSeconds"] = STALENESS
-    data["browserSignIn"]["sessionKeyEnv"] = "PORTCULLIS_TEST_SESSION_KEY"  # one cookie key for every host
-    yaml.dump(data, path)
-    return config_dir
 
 
 def risk(level: str) -> str:
     return json.dumps({"events": [{"deviceId": ALEX_IPHONE, "threatLevel": level, "eventId": str(uuid.uuid4())}]})
-
-
-@pytest.fixture
-def pair(gateway: Gateway, demo_ports: Ports, redis_server: RedisServer,
-         tmp_path: Path) -> Iterator[tuple[Instance, Instance]]:
-    redis_server.start()  # a test before may have stopped it
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
-    first = Instance(gateway, shared_config(tmp_path / "a", gateway, demo_ports, redis_server, prefix))
-    second = Instance(gateway, shared_config(tmp_path / "b", gateway, demo_ports, redis_server, prefix))
-    try:
-        yield first.ready(), second.ready()
-    finally:
-        for instance in (first, second):
-            instance.process.stop()
-
-
-@pytest.fixture
-def alex(gateway: Gateway) -> str:
-    return gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
-                            device_id=ALEX_IPHONE)
 
 
 def test_a_risk_raise_at_one_gateway_blocks_at_the_other_within_a_second(pair: tuple[Instance, Instance],

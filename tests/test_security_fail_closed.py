@@ -41,7 +41,8 @@ from addons.safety import is_fail_closed
 from gateway import bootstrap
 from gateway.demo import ACTIVESYNC
 from tests.conftest import Background, Gateway, Ports, free_port, gateway_config
-from tests.test_gateway_e2e import MAIL, outlook_token
+from tests.helpers.hosts import MAIL
+from tests.helpers.tokens import outlook_token
 
 # Hooks deliberately left unguarded, each with the reason it cannot let a flow through.
 SAFE_HOOKS: dict[tuple[str, str], str] = {

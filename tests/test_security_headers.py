@@ -23,12 +23,13 @@ from gateway.demo import TEAMS
 from gateway.headers import client_address, fold, headers_to_strip, is_gateway_cookie, upstream_cookies
 from gateway.identity.browser import COOKIE_NAME
 from tests.conftest import Background, Gateway, Ports, demo_config_copy, gateway_config
-from tests.test_admin_api import READER, admin, admin_token, audit_path
-from tests.test_browser_sign_in import BROWSER, sign_in
-from tests.test_config import problems
-from tests.test_decision_log import listener
-from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token, raw_exchange
-from tests.test_kiosk_proxy import kiosk  # noqa: F401  (the kiosk browser fixture)
+from tests.helpers.admin import READER, admin, admin_token, audit_path
+from tests.helpers.browser import BROWSER, sign_in
+from tests.helpers.config import problems
+from tests.helpers.decision_log import listener
+from tests.helpers.hosts import ACTIVESYNC, MAIL
+from tests.helpers.http import raw_exchange
+from tests.helpers.tokens import outlook_token
 
 PUBLIC = "/owa/auth/logon.aspx"  # the demo's public resource: forwarded without a token
 FORGED = "forged-by-client"

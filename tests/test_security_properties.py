@@ -104,7 +104,8 @@ from gateway.policy.model import AccessRequest, Decision, Listener
 from gateway.web.demo_idp import DemoIdentityProvider
 from gateway.whatif import GUID, Question, WhatIf
 from tests.conftest import REPO, Gateway, Ports, gateway_config, operations_for
-from tests.test_gateway_e2e import _hmac_token, raw_exchange
+from tests.helpers.http import raw_exchange
+from tests.helpers.tokens import _hmac_token
 
 EXPLORE = os.environ.get("PORTCULLIS_EXPLORE_PROPERTIES") == "1"
 

@@ -27,7 +27,9 @@ from ruamel.yaml import YAML
 
 from gateway.demo import TEAMS
 from tests.conftest import Background, Gateway, Ports, gateway_config, operations_for, proxy_for
-from tests.test_gateway_e2e import MAIL, outlook_token, raw_exchange
+from tests.helpers.hosts import MAIL
+from tests.helpers.http import raw_exchange
+from tests.helpers.tokens import outlook_token
 
 DOCS = "docs.contoso.test"
 SIGN_IN_PAGE = "/owa/auth/logon.aspx"  # the demo's public resource (exchange-owa-sign-in-page)

@@ -54,12 +54,13 @@ from gateway.signals.store import StoreInventory
 from gateway.state.redis_state import RedisState
 from tests.conftest import Background, Gateway, Ports
 from tests.graph_server import managed_device
+from tests.helpers.hosts import ACTIVESYNC, MAIL
+from tests.helpers.mtd import push, sync
+from tests.helpers.reload import own_config, reloading_gateway, save, wait_for_reloads
+from tests.helpers.scale_out import Instance
+from tests.helpers.shared_state import prefix, record
+from tests.helpers.tokens import outlook_token
 from tests.redis_server import RedisServer
-from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token
-from tests.test_mtd_webhook import push, restore_alex, sync  # noqa: F401  (restore_alex: a fixture)
-from tests.test_reload import own_config, reloading_gateway, save, wait_for_reloads
-from tests.test_scale_out import Instance, alex, pair  # noqa: F401  (alex, pair: fixtures)
-from tests.test_shared_state import prefix, record
 
 ALEX_EAS, BLAKE_EAS = EAS_IDS[ALEX_IPHONE], EAS_IDS[BLAKE_ANDROID]
 NOT_COMPLIANT = "device not compliant (complianceState: noncompliant)"
@@ -588,8 +589,8 @@ def test_both_stores_order_a_partners_verdicts_by_their_report_time(request: pyt
 
 
 def test_an_older_verdict_pushed_to_one_gateway_does_not_undo_a_newer_one_at_the_other(
-        pair: tuple[Instance, Instance],  # noqa: F811  (test_scale_out's fixture)
-        alex: str,  # noqa: F811  (likewise)
+        pair: tuple[Instance, Instance],
+        alex: str,
 ) -> None:
     """Two gateways sharing Redis: the order is kept by the shared store, whichever gateway a push reaches."""
     first, second = pair

@@ -66,9 +66,10 @@ from gateway.policy.model import Identity
 from gateway.strict_json import JsonRefused
 from gateway.web.demo_idp import DemoIdentityProvider
 from tests.conftest import Background, Gateway, Ports, gateway_config, proxy_for
-from tests.test_browser_sign_in import sign_in
-from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token, raw_exchange
-from tests.test_identity import Clock
+from tests.helpers.browser import sign_in
+from tests.helpers.hosts import ACTIVESYNC, MAIL
+from tests.helpers.http import raw_exchange
+from tests.helpers.tokens import Clock, outlook_token
 
 CLIENT_ID = "portcullis-demo"  # config/portcullis.yaml browserSignIn.clientId: the aud of its ID tokens
 NO_KID = "token has no usable kid"

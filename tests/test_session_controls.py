@@ -3,20 +3,10 @@ demo policies) reads pages, but downloads and uploads are replaced by a page say
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
-from gateway.demo import ALEX_IPHONE, OUTLOOK_MOBILE, SHAREPOINT
 from tests.conftest import Gateway
-
-DOCS = "docs.contoso.test"
-BROWSER = {"Accept": "text/html", "User-Agent": "Mozilla/5.0 (Windows NT 10.0)"}
-
-
-def docs(gateway: Gateway, path: str, *, kiosk: bool, method: str = "GET", **kwargs: object) -> httpx.Response:
-    token = gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=SHAREPOINT,
-                             device_id=ALEX_IPHONE, extra={"groups": ["kiosk-users"]} if kiosk else None)
-    return gateway.request(DOCS, path, method=method, token=token, **kwargs)  # type: ignore[arg-type]
+from tests.helpers.session_controls import BROWSER, docs
 
 
 @pytest.mark.parametrize("path", ["/_layouts/15/download.aspx?UniqueId=1",

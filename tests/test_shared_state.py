@@ -18,7 +18,6 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import httpx
 import pytest
@@ -44,10 +43,12 @@ from gateway.state.session_records import BrowserSession, PendingLogin
 from gateway.state.sessions import MemorySessionStore, SqliteSessionStore, session_key
 from tests.conftest import Background, Gateway, Ports, proxy_for
 from tests.gateway_process import PORTCULLIS
+from tests.helpers.browser import BROWSER
+from tests.helpers.hosts import ACTIVESYNC, MAIL
+from tests.helpers.scale_out import SESSION_KEY, STALENESS, shared_config
+from tests.helpers.shared_state import prefix, record
+from tests.helpers.tokens import outlook_token
 from tests.redis_server import RedisServer, started_or_skipped
-from tests.test_browser_sign_in import BROWSER
-from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token
-from tests.test_scale_out import SESSION_KEY, STALENESS, shared_config
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -68,10 +69,6 @@ def redis_server() -> Iterator[RedisServer]:
     server = started_or_skipped()
     yield server
     server.close()
-
-
-def prefix() -> str:
-    return f"t{uuid4().hex[:8]}:"
 
 
 class Clock:
@@ -447,11 +444,6 @@ def test_concurrent_claims_from_two_processes_accept_exactly_one(kind: str, requ
 # --- the device inventory in Redis, against the SQLite one ----------------------------------------
 
 A, B, C, D, E = (f"aa000000-0000-4000-8000-00000000000{n}" for n in range(1, 6))
-
-
-def record(device_id: str, **fields: object) -> DeviceRecord:
-    return DeviceRecord.model_validate_json(json.dumps({"azureADDeviceId": device_id, "complianceState": "compliant",
-                                                        "deviceName": f"Phone {device_id[-1]}", **fields}))
 
 
 def at(hours: float) -> datetime:

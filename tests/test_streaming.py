@@ -32,10 +32,11 @@ from gateway.demo import ALEX_IPHONE, OUTLOOK_MOBILE, SHAREPOINT
 from gateway.policy.model import DeviceThreatLevel
 from gateway.response_streaming import BUFFERED_BODY_BYTES, streams_as_sent
 from tests.conftest import Background, Gateway, Ports, gateway_config, operations_for, proxy_for
-from tests.test_continuous_access import second_connection
-from tests.test_gateway_e2e import MAIL, outlook_token
-from tests.test_operations import SocketUpstream, read_head
-from tests.test_security_framing import h2_request, h2_to, tls_to
+from tests.helpers.hosts import MAIL
+from tests.helpers.http import h2_request, h2_to, tls_to
+from tests.helpers.signals import second_connection
+from tests.helpers.tokens import outlook_token
+from tests.helpers.upstreams import SocketUpstream, read_head
 
 DOCS = "docs.contoso.test"
 EWS = "/EWS/Exchange.asmx"

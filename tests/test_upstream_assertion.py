@@ -33,8 +33,8 @@ from gateway.identity.assertion import (
 from gateway.identity.tokens import RejectedToken
 from gateway.policy.model import ClientApp, ComplianceState, DeviceSignals, DeviceThreatLevel, Identity, ManagedDevice
 from tests.conftest import REPO, Gateway, Ports
-from tests.test_browser_sign_in import BROWSER, sign_in
-from tests.test_kiosk_proxy import kiosk_browser, kiosk_sign_in
+from tests.helpers.browser import BROWSER, sign_in
+from tests.helpers.kiosk import kiosk_browser, kiosk_sign_in
 
 MAIL, DOCS, SERVICE_HOST = "mail.contoso.test", "docs.contoso.test", "portcullis.contoso.test"
 ISSUER = f"https://{SERVICE_HOST}"

@@ -33,9 +33,9 @@ from gateway.policy.model import ClientAppType, Decision, DevicePlatform, Listen
 from gateway.policy_cases import Case, load_cases
 from gateway.whatif import WhatIf
 from tests.conftest import Background, Gateway, Ports, free_port, gateway_config, write_trustme_certificate
-from tests.test_decision_log import listener
-from tests.test_example_configs import CONFIG_DIRS
-from tests.test_kiosk_proxy import kiosk_browser
+from tests.helpers.config import CONFIG_DIRS
+from tests.helpers.decision_log import listener
+from tests.helpers.kiosk import kiosk_browser
 
 DEMO = CONFIG_DIRS[0]
 

@@ -28,10 +28,11 @@ from gateway.headers import CORRELATION_ID
 from gateway.signals.mtd import sign
 from tests.conftest import MTD_SECRET, AlexPing, Background, Gateway, Ports, gateway_config
 from tests.gateway_process import GatewayProcess, sibling_config
-from tests.test_browser_sign_in import BROWSER, sign_in
-from tests.test_decision_log import listener
-from tests.test_gateway_e2e import ACTIVESYNC, MAIL, outlook_token
-from tests.test_security_framing import h2_events, h2_request, h2_to, h11_answer, read_answer, says_close, tls_to
+from tests.helpers.browser import BROWSER, sign_in
+from tests.helpers.decision_log import listener
+from tests.helpers.hosts import ACTIVESYNC, MAIL
+from tests.helpers.http import h2_events, h2_request, h2_to, h11_answer, read_answer, says_close, tls_to
+from tests.helpers.tokens import outlook_token
 
 pytestmark = pytest.mark.slow  # processes of their own (workers, gateways): ./dev test -m 'not slow' skips them
 

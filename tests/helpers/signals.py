@@ -1,0 +1,34 @@
+"""Device-signal test helpers: a settable clock and a second connection to the device store."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from gateway import bootstrap
+from gateway.access import utc_now
+from gateway.demo import ALEX_IPHONE
+from gateway.policy.model import DeviceThreatLevel
+from gateway.signals.sqlite_store import SqliteDeviceStore
+
+
+@contextlib.contextmanager
+def second_connection(config_dir: Path) -> Iterator[SqliteDeviceStore]:
+    """A second connection to a gateway's inventory, as the CLI or another worker has; Alex's
+    iPhone is back at low risk afterwards."""
+    config = bootstrap.load(config_dir).config
+    other = SqliteDeviceStore(config.path(config.gateway_file.device_signals.database))  # type: ignore[arg-type]
+    try:
+        yield other
+    finally:
+        other.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.low, now=utc_now())
+        other.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
