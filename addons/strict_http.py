@@ -337,6 +337,8 @@ class StrictHttpStream(HttpStream):
                       else "the request is not valid HTTP")
             logger.info("[%s] request refused with %d: %s (%s)", correlation_id, status, reason, error.message)
             answer = pages.refused(status, reason, correlation_id)
+            yield RequestRefusedHook(RefusedRequest(self.context.client, correlation_id, status, reason,
+                                                    f"{request.method} {request.path} ".encode(errors="replace")))
         flow_state.gateway_answer = answer.status_code
         response = http.Response.make(answer.status_code, answer.body,
                                       http.Headers([(k.encode(), v.encode()) for k, v in answer.headers]))

@@ -1465,6 +1465,8 @@ def raw_refusal(gateway: Gateway, request: str) -> tuple[int, dict[str, object],
                  "WebSocket", id="WebSocket handshake -> 501 (RequestFraming)"),
     pytest.param("GET /owa/ HTTP/9.9\r\nHost: mail.contoso.test\r\n\r\n", 400, "request line",
                  id="unreadable request line -> 400 (strict reader)"),
+    pytest.param(f"CONNECT {MAIL}:443 HTTP/1.1\r\nHost: {MAIL}:443\r\n\r\n", 400, "CONNECT",
+                 id="CONNECT on the reverse listener -> 400 (mitmproxy's refusal, in the gateway's words)"),
     pytest.param(f"GET /{'a' * 9000} HTTP/1.1\r\nHost: {MAIL}\r\n\r\n", 414, "",
                  id="request line over 8 KiB -> 414 (strict reader)"),
     pytest.param(f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\n" + "".join(f"X-Flood-{i}:\r\n" for i in range(20_000))
