@@ -8,12 +8,10 @@ from mitmproxy import http
 from addons.flow_state import state
 from addons.flows import access_request
 from addons.mitm_internals import connection_close
+from addons.refusals import refuse
 from addons.safety import fail_closed, respond
 from gateway.access import AccessService, Outcome
 from gateway.headers import CORRELATION_ID, folded_lines, headers_to_strip, upstream_cookies
-
-JSON = (("Content-Type", "application/json"),)
-FOLDED = b'{"error": "bad_request", "error_description": "header values folded over several lines are not accepted"}'
 
 
 class AccessGate:
@@ -27,7 +25,8 @@ class AccessGate:
             return
         if flow_state.unprotected:
             if folded_lines(flow.request.headers.fields):
-                respond(flow, 400, FOLDED, JSON)
+                refuse(self.service, flow, 400, "header values folded over several lines are not accepted",
+                       host=flow.request.host.lower(), close=False)
                 return
             _strip_client_headers(flow)
             flow_state.allowed = True
@@ -62,9 +61,11 @@ class AccessGate:
         if flow.response or flow.error or not flow.live or flow_state.service:
             return
         if not flow_state.allowed:
-            respond(flow, 403, b'{"error": "access_denied"}', JSON)
+            refuse(self.service, flow, 403, "the request reached its body undecided", host=flow_state.host or "",
+                   close=False)
         elif flow.request.trailers:
-            respond(flow, 400, b'{"error": "bad_request", "error_description": "request trailers"}', JSON)
+            refuse(self.service, flow, 400, "request trailers are not accepted", host=flow_state.host or "",
+                   close=False)
 
     def error(self, flow: http.HTTPFlow) -> None:
         """An allowed request whose upstream failed (refused, reset, timed out): counted per host.

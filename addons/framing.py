@@ -18,20 +18,22 @@ request's ``Expect: 100-continue`` is dropped, so the client is not invited to s
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 
 from mitmproxy import connection, http, tcp, tls
+from mitmproxy.proxy.mode_specs import RegularMode
 
 from addons.flow_state import state
 from addons.mitm_internals import close_client_socket, wrap_client_reader
-from addons.safety import fail_closed, respond
+from addons.refusals import refuse
+from addons.safety import fail_closed
+from addons.strict_http import RefusedRequest
 from gateway import framing
+from gateway.access import AccessService
+from gateway.policy.model import AccessRequest
 
 logger = logging.getLogger(__name__)
-
-REFUSED = (("Content-Type", "application/json"), ("Connection", "close"))
 
 
 class DeadlineReader:
@@ -63,8 +65,8 @@ class DeadlineReader:
 
 
 class RequestFraming:
-    def __init__(self, limits: framing.ClientLimits) -> None:
-        self.limits = limits
+    def __init__(self, limits: framing.ClientLimits, service: AccessService) -> None:
+        self.limits, self.service = limits, service
         self.readers: dict[str, DeadlineReader] = {}  # by client connection id, while connected
 
     @fail_closed
@@ -93,10 +95,9 @@ class RequestFraming:
         upgrade = flow.request.headers.get("upgrade")
         if upgrade is not None or "http2-settings" in flow.request.headers:
             websocket = (upgrade or "").strip().lower() == "websocket"
-            error, description = ("not_implemented", "WebSocket connections are not supported by this gateway") \
-                if websocket else ("bad_request", "protocol upgrades (such as h2c) are not accepted")
-            body = json.dumps({"error": error, "error_description": description}).encode()
-            respond(flow, 501 if websocket else 400, body, REFUSED)
+            status, reason = (501, "WebSocket connections are not supported by this gateway") if websocket \
+                else (400, "protocol upgrades (such as h2c) are not accepted")
+            refuse(self.service, flow, status, reason)
 
     @fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -106,6 +107,15 @@ class RequestFraming:
     def response(self, flow: http.HTTPFlow) -> None:
         body_to_come = state(flow).body_after_answer  # refused, read after the answer
         self._change(flow, lambda d: d.answered(flow.id, asyncio.get_running_loop().time(), body_to_come=body_to_come))
+
+    def request_refused(self, refused: RefusedRequest) -> None:
+        """``strict_http.RequestRefusedHook``: a request refused before its head was parsed is a
+        decision too, logged with what is known of it."""
+        kiosk = isinstance(refused.client.proxy_mode, RegularMode)
+        request = AccessRequest.unread(correlation_id=refused.correlation_id, client_ip=refused.client.peername[0],
+                                       request_line=refused.request_line,
+                                       kiosk_location=self.service.kiosk_location if kiosk else None)
+        self.service.refuse(request, refused.status, refused.reason)
 
     def refused_body_read(self, flow: http.HTTPFlow) -> None:
         """``strict_http.RefusedBodyReadHook``: that body is read; the connection is idle now."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 from mitmproxy import http, tls
 from mitmproxy.proxy.mode_specs import RegularMode
 
-from addons.safety import fail_closed, respond
+from addons.refusals import refuse
+from addons.safety import fail_closed
 from gateway.access import AccessService
 
 
@@ -24,7 +25,8 @@ class KioskProxy:
         if not is_kiosk(flow) or flow.response:
             return
         if self.service.kiosk_destination(flow.request.host.lower().rstrip("."), flow.request.port) == "deny":
-            respond(flow, 403, b'{"error": "destination_not_allowed"}', (("Content-Type", "application/json"),))
+            refuse(self.service, flow, 403, "the kiosk proxy does not allow this destination",
+                   host=flow.request.host.lower().rstrip("."), close=False, error="destination_not_allowed")
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """Pass-through is decided by the CONNECT target alone (never by SNI or Host): only an

@@ -47,7 +47,7 @@ mitmproxy's HTTP layer (``mitmproxy.proxy.layers.http``, its private ``_http1``,
     ``LAYER_MESSAGES``); ``ErrorCode.http_status_code``.
     ``test_the_layer_messages_strict_http_uses_keep_their_fields``, ``test_error_codes_map_to_statuses``.
  7. Hooks of the gateway's own: a ``StartHook`` subclass registers its ``name`` with the addon
-    manager (``refused_body_read``, ``error_answered`` in strict_http); ``HttpResponseHeadersHook``
+    manager (``refused_body_read``, ``error_answered``, ``request_refused`` in strict_http); ``HttpResponseHeadersHook``
     is run by StrictHttpStream. ``test_a_start_hook_subclass_is_dispatched_to_addons_by_its_name``.
 
 mitmproxy's proxy server (``mitmproxy.addons.proxyserver``, ``mitmproxy.proxy.server``,

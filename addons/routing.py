@@ -23,9 +23,10 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from addons.flow_state import state
-from addons.flows import access_request, authority
+from addons.flows import authority
 from addons.kiosk_proxy import connect_target, is_kiosk
-from addons.safety import fail_closed, respond
+from addons.refusals import refuse
+from addons.safety import fail_closed
 from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS
 from gateway.access import AccessService, new_correlation_id
 from gateway.config.models import HOST_NAME
@@ -33,7 +34,6 @@ from gateway.headers import header_fields_refusal
 from gateway.identity.browser import is_reserved
 from gateway.signals.mtd import MAX_BODY_BYTES
 
-PLAINTEXT_ANSWER = (("Content-Type", "application/json"), ("Connection", "close"))
 METHOD = re.compile(r"[A-Z][A-Z0-9_-]*")  # standard and WebDAV methods (PROPFIND, VERSION-CONTROL)
 NEVER_FORWARDED = frozenset({"TRACE", "TRACK"})
 PORT = re.compile(r"[0-9]{1,5}")
@@ -49,31 +49,31 @@ class Routing:
         if flow.response or flow.error or not flow.live:
             return
         flow_state = state(flow)
-        flow_state.correlation_id = correlation_id = new_correlation_id()
+        flow_state.correlation_id = new_correlation_id()
         refused = header_fields_refusal(flow.request.headers.fields)
         if refused is not None:  # before anything else reads a header; logged like every refusal
-            self._refuse(flow, correlation_id, "", *refused)
+            refuse(self.service, flow, *refused)
             return
         if is_kiosk(flow) and not flow.client_conn.tls_established and \
                 self.service.kiosk_destination(flow.request.host.lower(), flow.request.port) == "pass":
             flow_state.unprotected = True  # plain HTTP to an exact pass-through host:port (a demo issuer)
             return
         if not flow.client_conn.tls_established:
-            respond(flow, 400, b'{"error": "tls_required"}', PLAINTEXT_ANSWER)
+            refuse(self.service, flow, 400, "plaintext HTTP on the TLS listener: use https", error="tls_required")
             return
         flow_state.authority = flow.request.host_header or ""  # as sent, before it is rewritten
         named = _target_refusal(flow) or _named_destination(flow)
         if isinstance(named, str):
-            self._refuse(flow, correlation_id, flow_state.authority[:255], 400, named)
+            refuse(self.service, flow, 400, named, host=flow_state.authority[:255])
             return
         host, port = named
         if flow.request.method in NEVER_FORWARDED:
-            self._refuse(flow, correlation_id, host, 501,
-                         f"{flow.request.method} is never forwarded (cross-site tracing)", close=False)
+            refuse(self.service, flow, 501, f"{flow.request.method} is never forwarded (cross-site tracing)",
+                   host=host, close=False)
             return
         if not is_kiosk(flow) and port not in (None, HTTPS_PORT, flow.client_conn.sockname[1]):
-            self._refuse(flow, correlation_id, host, 421, "the Host header names another port than this listener's",
-                         close=False)
+            refuse(self.service, flow, 421, "the Host header names another port than this listener's",
+                   host=host, close=False)
             return
         sni = (flow.client_conn.sni or "").lower().rstrip(".")
         if host == self.service.service_host and sni == host:
@@ -83,7 +83,8 @@ class Routing:
             flow_state.kiosk = True
             target = connect_target(flow)
             if target is None or target[0] != host or sni != host or port not in (None, target[1]):
-                respond(flow, 421, b'{"error": "misdirected_request"}', PLAINTEXT_ANSWER)
+                refuse(self.service, flow, 421, "Host, TLS SNI and the CONNECT target name different destinations",
+                       host=host)
                 return  # Host, SNI and the CONNECT target must be one destination
             allowed = self.service.kiosk_destination(host, target[1]) == "intercept"
             if allowed and self.service.upstream_for(host) is None:
@@ -95,7 +96,7 @@ class Routing:
             return
         if upstream is None or sni != host:
             reason = "this gateway does not serve that host" if upstream is None else "TLS SNI and Host differ"
-            self._refuse(flow, correlation_id, host, 421, reason, close=False)
+            refuse(self.service, flow, 421, reason, host=host, close=False)
             return
         upstream_url = urlsplit(upstream)
         flow.request.scheme = upstream_url.scheme
@@ -104,18 +105,6 @@ class Routing:
         flow.request.host_header = host
         flow_state.host = host
 
-    def _refuse(self, flow: http.HTTPFlow, correlation_id: str, host: str, status: int, reason: str, *,
-                close: bool = True) -> None:
-        """Refused before routing, logged like every decision. A malformed request (400) also
-        closes the connection: what follows it on the connection is no more trustworthy."""
-        request = access_request(flow, correlation_id, host,
-                                 trusted_proxies=self.service.config.gateway_file.gateway.trusted_proxies)
-        outcome = self.service.refuse(request, status, reason)
-        assert outcome.response is not None  # a refusal always answers
-        headers = outcome.response.headers
-        respond(flow, outcome.response.status_code, outcome.response.body,
-                (*headers, ("Connection", "close")) if close else headers)
-
     def _service_flow(self, flow: http.HTTPFlow, endpoints: str, host: str) -> None:
         """The gateway's own endpoints: small bodies only, buffered, never streamed upstream. An HTTP/2
         request needs no content-length; one that may carry a body must declare it here (411)."""
@@ -123,9 +112,9 @@ class Routing:
         bodyless = request.http_version.startswith("HTTP/1") or request.method in ("GET", "HEAD")
         declared = request.headers.get("content-length", "0" if bodyless else "")
         if "transfer-encoding" in flow.request.headers or not declared.isdigit():
-            respond(flow, 411, b'{"error": "length_required"}', PLAINTEXT_ANSWER)
+            refuse(self.service, flow, 411, "the gateway's endpoints take a body of a declared length only", host=host)
         elif int(declared) > MAX_BODY_BYTES:
-            respond(flow, 413, b'{"error": "payload_too_large"}', PLAINTEXT_ANSWER)
+            refuse(self.service, flow, 413, f"the gateway's endpoints take at most {MAX_BODY_BYTES} bytes", host=host)
         else:
             flow.request.stream = False
             flow_state = state(flow)

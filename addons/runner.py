@@ -85,7 +85,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
     master = Master(opts, with_termlog=False)
     ready = Ready()
     strict_http.install()  # strict request framing in mitmproxy's HTTP/1 layer (see addons/strict_http.py)
-    request_framing = RequestFraming(client_limits(settings.client_limits))
+    request_framing = RequestFraming(client_limits(settings.client_limits), service)
     continuous_access = ContinuousAccess(service)
     master.addons.add(
         drain or Drain(keep_alive_limits(settings.client_limits)),

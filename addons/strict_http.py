@@ -38,7 +38,7 @@ from typing import Any
 
 import h11
 from mitmproxy import http
-from mitmproxy.connection import ConnectionState
+from mitmproxy.connection import Client, ConnectionState
 
 from addons.flow_state import state
 from addons.mitm_internals import (
@@ -242,10 +242,36 @@ class StrictHttp1Server(Http1Server):
         self.state = self.done
 
     def _answer(self, refusal: framing.Refusal) -> list[Command]:
+        """Logged as a decision too (``request_refused``)."""
         correlation_id = new_correlation_id()
         logger.info("[%s] %s: request refused with %d: %s", correlation_id, format_address(self.conn.peername),
                     refusal.status, refusal.description)
-        return [SendData(self.conn, refusal_bytes(refusal, correlation_id))]
+        request_line = bytes(unread_bytes(self.buf)[:framing.MAX_REQUEST_LINE_BYTES + 2]).partition(b"\r\n")[0]
+        assert isinstance(self.conn, Client)  # the server side of the client's connection
+        refused = RefusedRequest(self.conn, correlation_id, refusal.status, refusal.description, request_line)
+        return [RequestRefusedHook(refused), SendData(self.conn, refusal_bytes(refusal, correlation_id))]
+
+
+@dataclass(frozen=True)
+class RefusedRequest:
+    """A request refused before mitmproxy parsed its head: what is known of it."""
+
+    client: Client
+    correlation_id: str
+    status: int
+    reason: str
+    request_line: bytes  # as much of it as was received (it may be cut, or no request line at all)
+
+
+@dataclass
+class RequestRefusedHook(StartHook):
+    """A request refused by the strict reader, before any flow exists: the decision log learns of it
+    (``RequestFraming.request_refused``). Not blocking: the answer and the close go out as before,
+    without waiting for the log."""
+
+    name = "request_refused"
+    blocking = False
+    refused: RefusedRequest
 
 
 @dataclass
@@ -311,6 +337,8 @@ class StrictHttpStream(HttpStream):
                       else "the request is not valid HTTP")
             logger.info("[%s] request refused with %d: %s (%s)", correlation_id, status, reason, error.message)
             answer = pages.refused(status, reason, correlation_id)
+            yield RequestRefusedHook(RefusedRequest(self.context.client, correlation_id, status, reason,
+                                                    f"{request.method} {request.path} ".encode(errors="replace")))
         flow_state.gateway_answer = answer.status_code
         response = http.Response.make(answer.status_code, answer.body,
                                       http.Headers([(k.encode(), v.encode()) for k, v in answer.headers]))

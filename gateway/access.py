@@ -322,12 +322,10 @@ class AccessService:
                 return pages.sign_out_failed()
         return pages.signed_out(cleared_cookie())
 
-    def refuse(self, request: AccessRequest, status: int, reason: str) -> Outcome:
+    def refuse(self, request: AccessRequest, status: int, reason: str, *, error: str | None = None) -> Outcome:
         """A request refused before policy: ambiguous (400), misdirected (421), a signal source
         down (503). Logged like every decision, now: the client gets this answer."""
-        outcome = self._refusal(request, status, reason)
+        outcome = self._applied(self.rules, pipeline.refused(request, status, reason, error=error), self._clock())
         self.decision_log.write(outcome.record)
         return outcome
 
-    def _refusal(self, request: AccessRequest, status: int, reason: str) -> Outcome:
-        return self._applied(self.rules, pipeline.refused(request, status, reason), self._clock())

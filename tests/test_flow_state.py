@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mitmproxy import http, io
@@ -21,10 +22,13 @@ from addons.access_gate import AccessGate
 from addons.flow_state import FLOW_STATE_KEY, FlowState, state
 from addons.framing import UpstreamFraming
 from addons.recorded_flows import FlowRecording, read_flow_file
+from gateway.access import Outcome
+from gateway.decision.pipeline import refused_before_policy
 from gateway.headers import CORRELATION_ID
 from gateway.metrics import GatewayMetrics
-from gateway.policy.model import SessionControls
+from gateway.policy.model import AccessRequest, SessionControls
 from gateway.replay.recorded import RecordedRequest
+from gateway.web import pages
 from tests.conftest import addon_context
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,8 +182,15 @@ def saved_by_the_recorder(flow: http.HTTPFlow) -> http.HTTPFlow:
 class CountingService:
     """The part of ``AccessService`` AccessGate's ``request``, ``responseheaders`` and ``error`` read."""
 
+    config = SimpleNamespace(gateway_file=SimpleNamespace(gateway=SimpleNamespace(trusted_proxies=())))
+
     def __init__(self) -> None:
         self.metrics = GatewayMetrics()
+
+    def refuse(self, request: AccessRequest, status: int, reason: str, *, error: str | None = None) -> Outcome:
+        """A refusal's answer as the core renders it (its record is the live tests' business)."""
+        return Outcome(refused_before_policy(request, status, reason),
+                       pages.refused(status, reason, request.correlation_id, error=error), {})
 
 
 def invoke(addon: object, hook: object) -> None:

@@ -51,6 +51,7 @@ from addons.runner import Ready
 from addons.strict_http import (
     ErrorAnsweredHook,
     RefusedBodyReadHook,
+    RequestRefusedHook,
     StrictChunkedReader,
     StrictHttp1Server,
     StrictHttpStream,
@@ -234,6 +235,7 @@ def test_a_start_hook_subclass_is_dispatched_to_addons_by_its_name() -> None:
     """7: the hooks of the gateway's own reach the addon methods named after them."""
     assert hooks.all_hooks.get("refused_body_read") is RefusedBodyReadHook, touch(7, "StartHook registration")
     assert hooks.all_hooks.get("error_answered") is ErrorAnsweredHook, touch(7, "StartHook registration")
+    assert hooks.all_hooks.get("request_refused") is RequestRefusedHook, touch(7, "StartHook registration")
     assert RefusedBodyReadHook.blocking and mitm_internals.HttpResponseHeadersHook.name == "responseheaders", \
         touch(7, "blocking hooks; HttpResponseHeadersHook's name")
 

@@ -59,6 +59,9 @@ SAFE_HOOKS: dict[tuple[str, str], str] = {
     ("RequestFraming", "refused_body_read"): "runs after the refusal went out and its body was read and discarded: "
                                              "nothing is forwarded or answered after it; on an error the "
                                              "connection stays timed as receiving a body instead of idle",
+    ("RequestFraming", "request_refused"): "logs a refusal the strict reader answers and closes anyway (a "
+                                           "non-blocking hook, no flow): nothing is forwarded; on an error the "
+                                           "decision record is missing and mitmproxy logs the error",
     ("RequestFraming", "client_disconnected"): "the connection is gone: forgets its deadline and closes a socket "
                                                "mitmproxy left open (nothing to refuse)",
     ("RequestFraming", "tcp_start"): "marks a kiosk's pass-through tunnel as carrying no HTTP to time; on an error "

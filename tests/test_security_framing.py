@@ -1331,3 +1331,126 @@ def test_upstreams_are_offered_http1_only_whatever_the_client_speaks(
     assert exchange(gateway, head.encode(), wait=3).status == 502  # the twin: an HTTP/1.1 client
     assert h2_exchange(gateway, h2_request(gateway, "GET", "/owa/"))[0] == 502
     assert recorder.offers == [["http/1.1"], ["http/1.1"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every refusal is a decision (issue 16): whichever check refuses a request, before policy or not,
+# the client gets the gateway's own page with a correlation id, and the decision log a record with
+# that id, the status the client got and the reason.
+
+UPGRADE_H2C = "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nConnection: Upgrade, HTTP2-Settings, close\r\n"
+UPGRADE_WEBSOCKET = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n")
+
+
+def logged_refusal(gateway: Gateway, status: int, page: dict[str, object], correlation_id: str | None,
+                   reason: str) -> dict[str, object]:
+    """The answer is the gateway's page (``pages.refused``), its correlation id the one the
+    answer's header carries, and the decision log holds the refusal under that id."""
+    assert set(page) == {"error", "error_description", "correlationId"}, page
+    assert page["correlationId"] == correlation_id and isinstance(correlation_id, str)
+    record = gateway.decision(correlation_id)
+    assert record["httpStatus"] == status and record["result"] == "block"
+    failure = record["status"]["failureReason"]
+    assert reason in failure and page["error_description"] == failure
+    return record
+
+
+def raw_refusal(gateway: Gateway, request: str) -> tuple[int, dict[str, object], str | None]:
+    head, _, body = raw_exchange(gateway, request).partition("\r\n\r\n")
+    status_line, *lines = head.split("\r\n")
+    fields = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split(" ")[1]), json.loads(body), fields.get(headers.CORRELATION_ID.lower())
+
+
+@pytest.mark.parametrize(("request_text", "status", "reason"), [
+    pytest.param(f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\n{UPGRADE_H2C}\r\n", 400, "protocol upgrades",
+                 id="h2c upgrade -> 400 (RequestFraming)"),
+    pytest.param(f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\n{UPGRADE_WEBSOCKET}Connection: close\r\n\r\n", 501,
+                 "WebSocket", id="WebSocket handshake -> 501 (RequestFraming)"),
+    pytest.param("GET /owa/ HTTP/9.9\r\nHost: mail.contoso.test\r\n\r\n", 400, "request line",
+                 id="unreadable request line -> 400 (strict reader)"),
+    pytest.param(f"CONNECT {MAIL}:443 HTTP/1.1\r\nHost: {MAIL}:443\r\n\r\n", 400, "CONNECT",
+                 id="CONNECT on the reverse listener -> 400 (mitmproxy's refusal, in the gateway's words)"),
+    pytest.param(f"GET /{'a' * 9000} HTTP/1.1\r\nHost: {MAIL}\r\n\r\n", 414, "",
+                 id="request line over 8 KiB -> 414 (strict reader)"),
+    pytest.param(f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\n" + "".join(f"X-Flood-{i}:\r\n" for i in range(20_000))
+                 + "\r\n", 431, "", id="head over 72 KiB -> 431 (strict reader)"),
+])
+def test_a_framing_refusal_is_a_logged_decision_with_the_gateways_page(
+        framed: Framed, request_text: str, status: int, reason: str) -> None:
+    gateway = framed.gateway
+    got, page, correlation_id = raw_refusal(gateway, request_text)
+    assert got == status
+    logged_refusal(gateway, status, page, correlation_id, reason)
+
+
+def test_a_head_refused_before_it_was_parsed_is_recorded_without_host_or_query_and_replay_skips_it(
+        framed: Framed) -> None:
+    gateway = framed.gateway
+    from gateway.replay.recorded import NOT_ROUTED, Skipped, from_log_record
+
+    _, page, correlation_id = raw_refusal(gateway, "GET /owa/?access_token=secret HTTP/9.9\r\nHost: x\r\n\r\n")
+    record = logged_refusal(gateway, 400, page, correlation_id, "request line")
+    assert record["request"]["host"] == "" and record["request"]["path"] == "/owa/"
+    assert record["request"]["method"] == "GET" and "secret" not in json.dumps(record)
+    assert from_log_record(record, "log:1") == Skipped("log:1", NOT_ROUTED)
+
+
+def test_plaintext_on_the_tls_listener_is_a_logged_decision(framed: Framed) -> None:
+    gateway = framed.gateway
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(f"GET /owa/ HTTP/1.1\r\nHost: {MAIL}\r\nConnection: close\r\n\r\n".encode())
+        head, _, body = b"".join(iter(lambda: sock.recv(4096), b"")).decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400 ")
+    correlation_id = next(line.partition(":")[2].strip() for line in head.split("\r\n")
+                          if line.lower().startswith(headers.CORRELATION_ID.lower() + ":"))
+    page = json.loads(body)
+    assert page["error"] == "tls_required"
+    logged_refusal(gateway, 400, page, correlation_id, "plaintext")
+
+
+@pytest.mark.parametrize(("content", "status", "reason"), [
+    pytest.param(iter([b"{}"]), 411, "declared length", id="chunked body at the service host -> 411"),
+    pytest.param(b"x" * (64 * 1024 + 1), 413, "at most", id="body over 64 KiB at the service host -> 413"),
+])
+def test_a_refusal_at_the_service_host_is_a_logged_decision(framed: Framed, content: object, status: int,
+                                                             reason: str) -> None:
+    gateway = framed.gateway
+    answer = gateway.request(SERVICE, "/mtd/demo-mtd/events", method="POST", content=content)
+    assert answer.status_code == status
+    logged_refusal(gateway, status, answer.json(), answer.headers.get(headers.CORRELATION_ID), reason)
+
+
+def test_a_misdirected_request_is_a_logged_decision(framed: Framed) -> None:
+    gateway = framed.gateway
+    answer = gateway.request(MAIL, "/owa/", sni="docs.contoso.test")
+    assert answer.status_code == 421
+    record = logged_refusal(gateway, 421, answer.json(), answer.headers.get(headers.CORRELATION_ID), "SNI")
+    assert record["status"]["errorCode"] == 421
+
+
+def test_http2_request_trailers_are_a_logged_decision(framed: Framed) -> None:
+    """Trailers reach AccessGate's second line only over HTTP/2 (HTTP/1 ones the strict reader refuses)."""
+    gateway = framed.gateway
+    request = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", MAIL.encode()),
+               (b":path", ACTIVESYNC.encode()), (b"authorization", f"Bearer {outlook_token(gateway)}".encode()),
+               (b"content-length", b"2")]
+    status, body, correlation_id = None, b"", None
+    with h2_to(gateway) as (tls, conn):
+        conn.send_headers(1, request)
+        conn.send_data(1, b"{}")
+        conn.send_headers(1, [(b"x-after", b"1")], end_stream=True)
+        tls.sendall(conn.data_to_send())
+        ended = False
+        while not ended and (chunk := tls.recv(65536)):
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                    correlation_id = dict(event.headers).get(headers.CORRELATION_ID.lower().encode(), b"").decode()
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                ended = ended or isinstance(event, h2.events.StreamEnded | h2.events.StreamReset)
+            tls.sendall(conn.data_to_send())
+    assert status == 400
+    logged_refusal(gateway, 400, json.loads(body), correlation_id, "trailers")

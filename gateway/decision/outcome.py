@@ -43,6 +43,7 @@ class Refused:
 
     status: int
     reason: str
+    error: str | None = None  # the answer's ``error`` when more precise than the status's (``tls_required``)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -169,10 +169,10 @@ def admit(rules: Rules, request: AccessRequest, signal_source: str) -> tuple[Acc
 
 
 def refused(request: AccessRequest, status: int, reason: str,
-            unavailable: SignalUnavailable | None = None) -> Authorization:
+            unavailable: SignalUnavailable | None = None, *, error: str | None = None) -> Authorization:
     """A refusal no policy is asked about: ambiguous (400), misdirected (421), a source down (503)."""
     return Authorization(request=request, decision=refused_before_policy(request, status, reason),
-                         action=Refused(status=status, reason=reason), unavailable=unavailable)
+                         action=Refused(status=status, reason=reason, error=error), unavailable=unavailable)
 
 
 def sign_in(request: AccessRequest, max_age: int | None = None) -> Authorization:
@@ -252,7 +252,8 @@ def decided_before_identity(request: AccessRequest, resource: str | None) -> Dec
 def refused_before_policy(request: AccessRequest, status: int, reason: str) -> Decision:
     """A refusal no policy is asked about (400, 421, 503). A misdirected request has its own
     code: 53003 would claim a Conditional Access policy blocked it."""
-    code = ErrorCode.misdirected_request if status == 421 else ErrorCode.blocked_by_conditional_access
+    code = ErrorCode.misdirected_request if status == 421 else ErrorCode.internal_error if status == 500 \
+        else ErrorCode.blocked_by_conditional_access
     return Decision(result=DecisionResult.block, status_code=status, error_code=code,
                     reason=reason, resource=None, client_app_type=client_app_type(request, None))
 

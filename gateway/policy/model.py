@@ -3,6 +3,7 @@ explanation. Frozen dataclasses and StrEnums whose values are Entra's strings.""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import IntEnum, StrEnum
@@ -11,6 +12,10 @@ from enum import IntEnum, StrEnum
 ALL = "All"
 ALL_TRUSTED = "AllTrusted"  # locations: every named location marked trusted
 
+
+MAX_UNREAD_PATH = 1024  # of a request refused before its head was parsed, recorded
+_TOKEN = re.compile(rb"[A-Z][A-Z0-9_-]{0,31}")
+_PATH = re.compile(rb"/[!-~]*")
 
 class PolicyState(StrEnum):
     enabled = "enabled"
@@ -97,6 +102,8 @@ class ErrorCode(IntEnum):
     # Portcullis's own, not Entra's (Entra has none for it; its codes all have five or more digits):
     # the request named a host this listener does not serve (HTTP 421), so no policy was asked.
     misdirected_request = 421
+    # the gateway failed on the request (HTTP 500): no policy decided it either.
+    internal_error = 500
 
 
 class PolicyResultKind(StrEnum):
@@ -159,6 +166,18 @@ class AccessRequest:
     chunked: bool = False
     authority: str = ""  # host[:port] as the client addressed it (the Host header, validated)
     kiosk_location: str | None = None  # set for requests through the kiosk proxy: an unmanaged browser
+
+    @classmethod
+    def unread(cls, *, correlation_id: str, client_ip: str, request_line: bytes,
+               kiosk_location: str | None = None) -> AccessRequest:
+        """A request refused before its head could be parsed (the strict reader's 400, 414, 431):
+        no host, and of the request line only a method and a path that read as such (never the
+        query: it may carry a token). Its record names no resource; replay skips it."""
+        method, _, rest = request_line.partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0][:MAX_UNREAD_PATH]
+        return cls(correlation_id=correlation_id, host="", client_ip=client_ip, user_agent="", accepts_html=False,
+                   method=method.decode("ascii") if _TOKEN.fullmatch(method) else "",
+                   path=path.decode("ascii") if _PATH.fullmatch(path) else "", kiosk_location=kiosk_location)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

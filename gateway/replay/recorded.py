@@ -32,6 +32,7 @@ from gateway.signals.devices import DeviceRecord
 MAX_HAR_BYTES = 512 * 1024 * 1024  # a HAR is one JSON document, read whole: larger ones are refused
 APPLIED = frozenset({"success", "failure", "reportOnlySuccess", "reportOnlyFailure"})
 COHORTS = frozenset(c.value for c in RolloutCohort)
+NOT_ROUTED = "refused before the request named a host (framing, plaintext, an unreadable head): nothing to decide"
 REEVALUATED = "a request decided again while it was open (continuous access evaluation): replayed from its own record"
 
 
@@ -152,6 +153,8 @@ def from_log_record(record: object, place: str) -> RecordedRequest | Skipped:
         return Skipped(place, "not an access decision record")
     if record.get(REDECIDED) is True:
         return Skipped(place, REEVALUATED, str(record["correlationId"]))
+    if record["request"].get("host") == "":
+        return Skipped(place, NOT_ROUTED)
     try:
         return _from_log_record(record, place)
     except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError, RecursionError,

@@ -24,7 +24,7 @@ def render(result: Authorization, *, remediation_url: str, now: datetime) -> pag
     if isinstance(action, Forward):
         return None
     if isinstance(action, Refused):
-        return pages.refused(action.status, action.reason, correlation_id)
+        return pages.refused(action.status, action.reason, correlation_id, error=action.error)
     if isinstance(action, Unauthenticated):
         return pages.unauthenticated(action.reason, correlation_id, presented=action.presented,
                                      parameters=action.parameters)

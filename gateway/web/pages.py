@@ -59,15 +59,16 @@ def unauthenticated(reason: str, correlation_id: str, *, presented: bool = True,
     return _json(401, body, correlation_id, (("WWW-Authenticate", challenge),))
 
 
-REFUSALS = {400: "bad_request", 413: "payload_too_large", 414: "uri_too_long", 421: "misdirected_request",
-            431: "request_header_fields_too_large", 501: "not_implemented", 503: "temporarily_unavailable"}
+REFUSALS = {400: "bad_request", 403: "access_denied", 411: "length_required", 413: "payload_too_large",
+            414: "uri_too_long", 421: "misdirected_request", 431: "request_header_fields_too_large",
+            500: "internal_error", 501: "not_implemented", 503: "temporarily_unavailable"}
 
 
-def refused(status: int, reason: str, correlation_id: str) -> GatewayResponse:
+def refused(status: int, reason: str, correlation_id: str, *, error: str | None = None) -> GatewayResponse:
     """An answer before policy: ambiguous (400), a body or request line too large (413, 414),
     misdirected (421), header fields too many or too large (431), a method never forwarded (501), a
     signal source down (503)."""
-    body = {"error": REFUSALS[status], "error_description": reason, "correlationId": correlation_id}
+    body = {"error": error or REFUSALS[status], "error_description": reason, "correlationId": correlation_id}
     return _json(status, body, correlation_id, (("Retry-After", "30"),) if status == 503 else ())
 
 
