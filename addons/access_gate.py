@@ -34,7 +34,7 @@ class AccessGate:
         if flow_state.correlation_id is None or flow_state.host is None:
             raise LookupError("a request Routing did not route reached AccessGate")  # fail_closed: 500
         request = access_request(flow, flow_state.correlation_id, flow_state.host,
-                                 self.service.kiosk_location if flow_state.kiosk else None,
+                                 self.service.rules.router.kiosk_location if flow_state.kiosk else None,
                                  self.service.config.gateway_file.gateway.trusted_proxies)
         flow_state.client_ip = request.client_ip  # recordings replay it, not the proxy's address
         authorization = flow.request.headers.get_all("authorization")

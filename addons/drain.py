@@ -1,7 +1,8 @@
 """Drain and keep-alive limits: when a client connection's last answer goes out.
 
 On SIGTERM a gateway stops accepting, finishes what is in flight, then exits; meanwhile every
-answer is the last on its connection. Outside a drain, a connection's last answer is the one that
+answer is the last on its connection (``gateway.drain_state``, which readiness reads too).
+Outside a drain, a connection's last answer is the one that
 reaches ``maxRequestsPerConnection`` or is sent after ``maxConnectionAgeSeconds`` (nginx's
 ``keepalive_requests`` and ``keepalive_time``): keep-alive clients reconnect now and then, so the
 kernel spreads them across the workers again after one was restarted, instead of one worker
@@ -26,6 +27,7 @@ from mitmproxy import connection, http
 from addons.flow_state import state
 from addons.mitm_internals import stop_listening
 from addons.safety import fail_closed
+from gateway.drain_state import DrainState
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +43,25 @@ class KeepAliveLimits:
 class Drain:
     """Counts requests between their headers and their answer, and requests per client connection."""
 
-    def __init__(self, limits: KeepAliveLimits = KeepAliveLimits(), clock: Callable[[], float] = time.time) -> None:
-        self.in_flight: set[str] = set()
-        self.draining = False
+    def __init__(self, limits: KeepAliveLimits = KeepAliveLimits(), clock: Callable[[], float] = time.time,
+                 drain_state: DrainState | None = None) -> None:
+        self.state = drain_state or DrainState()
         self.limits = limits
         self._clock = clock  # wall clock: mitmproxy's ``timestamp_start`` is one
         # requests so far per client connection; an entry goes when mitmproxy drops its connection
         self._requests: weakref.WeakKeyDictionary[connection.Client, int] = weakref.WeakKeyDictionary()
+
+    @property
+    def in_flight(self) -> set[str]:
+        return self.state.in_flight
+
+    @property
+    def draining(self) -> bool:
+        return self.state.draining
+
+    @draining.setter
+    def draining(self, draining: bool) -> None:
+        self.state.draining = draining
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -87,11 +101,9 @@ class Drain:
         returns how many were still open when the time ran out."""
         self.draining = True
         await stop_listening()  # open connections go on
-        deadline = time.monotonic() + timeout
         if self.in_flight:
             logger.info("draining: %d requests in flight", len(self.in_flight))
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self.state.finish(timeout)
         await asyncio.sleep(FLUSH_SECONDS)
         if self.in_flight:
             logger.warning("drain time (%.0f s) is over: %d requests cut off", timeout, len(self.in_flight))

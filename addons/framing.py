@@ -114,7 +114,7 @@ class RequestFraming:
         kiosk = isinstance(refused.client.proxy_mode, RegularMode)
         request = AccessRequest.unread(correlation_id=refused.correlation_id, client_ip=refused.client.peername[0],
                                        request_line=refused.request_line,
-                                       kiosk_location=self.service.kiosk_location if kiosk else None)
+                                       kiosk_location=self.service.rules.router.kiosk_location if kiosk else None)
         self.service.refuse(request, refused.status, refused.reason)
 
     def refused_body_read(self, flow: http.HTTPFlow) -> None:

@@ -24,9 +24,10 @@ class KioskProxy:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if not is_kiosk(flow) or flow.response:
             return
-        if self.service.kiosk_destination(flow.request.host.lower().rstrip("."), flow.request.port) == "deny":
+        host = flow.request.host.lower().rstrip(".")
+        if self.service.rules.router.kiosk_destination(host, flow.request.port) == "deny":
             refuse(self.service, flow, 403, "the kiosk proxy does not allow this destination",
-                   host=flow.request.host.lower().rstrip("."), close=False, error="destination_not_allowed")
+                   host=host, close=False, error="destination_not_allowed")
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """Pass-through is decided by the CONNECT target alone (never by SNI or Host): only an
@@ -34,7 +35,7 @@ class KioskProxy:
         if not isinstance(data.context.client.proxy_mode, RegularMode) or data.context.server.address is None:
             return
         host, port = data.context.server.address
-        if self.service.kiosk_destination(str(host).lower(), int(port)) == "pass":
+        if self.service.rules.router.kiosk_destination(str(host).lower(), int(port)) == "pass":
             data.ignore_connection = True
 
 

@@ -32,7 +32,7 @@ from addons.mitm_internals import listen_addresses, listen_with_reuse_port
 from addons.recorded_flows import record_flows
 from addons.routing import Routing
 from addons.server_names import ServerNames
-from addons.service_endpoints import BROWSER_ENDPOINTS, MTD_ENDPOINTS, ServiceEndpoints
+from addons.service_endpoints import ServiceEndpoints
 from addons.session_enforcement import SessionEnforcement
 from gateway import framing
 from gateway.access import AccessService, utc_now
@@ -44,6 +44,7 @@ from gateway.demo import DemoUpstreams
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.operations import Operations
 from gateway.response_streaming import BUFFERED_BODY_BYTES
+from gateway.routing import BROWSER_ENDPOINTS, MTD_ENDPOINTS
 from gateway.signals.graph import GraphInventory
 from gateway.signals.mtd import MtdReceiver, partners_from_config
 from gateway.web.admin import admin_listener
@@ -197,7 +198,8 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         gc.freeze()  # what start-up built lives as long as the process: full collections need not walk it
         graph = service.inventory.source if isinstance(service.inventory.source, GraphInventory) else None
         # only worker 0 syncs from Graph, so only its readiness covers the sync
-        operations = Operations.of(service, jwks, loaded.inventory, graph if worker.primary else None)
+        operations = Operations.of(service, jwks, loaded.inventory, graph if worker.primary else None,
+                                   drain=drain.state)
         background = [asyncio.create_task(service.watch_changes()),
                       asyncio.create_task(operations.reloader.watch())]
         if loaded.shared is not None:  # changes and logouts announced by other processes and hosts

@@ -13,9 +13,6 @@ from addons.mitm_internals import serve
 from addons.safety import fail_closed, respond
 from gateway.web.types import ASGIApp
 
-MTD_ENDPOINTS = "mtd"  # on gateway.serviceHost
-BROWSER_ENDPOINTS = "browser"  # under /.portcullis/ on every protected host
-
 
 class ServiceEndpoints:
     def __init__(self, apps: dict[str, ASGIApp]) -> None:

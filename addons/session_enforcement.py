@@ -20,6 +20,7 @@ from addons.flow_state import state
 from addons.safety import fail_closed
 from gateway.access import AccessService
 from gateway.response_streaming import streams_as_sent
+from gateway.web.decision_pages import restricted_answer
 from gateway.web.pages import GatewayResponse
 
 
@@ -37,8 +38,8 @@ class SessionEnforcement:
         replaced = None
         if controls is not None:
             accepts_html = "text/html" in flow.request.headers.get("accept", "").lower()
-            replaced = self.service.response_restriction(controls, response.headers,
-                                                         flow_state.correlation_id or "-", accepts_html)
+            replaced = restricted_answer(controls, response.headers, flow_state.correlation_id or "-",
+                                         accepts_html=accepts_html, now=self.service.clock())
         if replaced is not None:
             flow_state.restricted_answer, page = replaced  # for the decision record
             replace_before_sending(response, page)

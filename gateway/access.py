@@ -1,8 +1,9 @@
 """The access service: the addons' facade. A request is decided by the one pipeline
 (``gateway.decision.pipeline``) with the gateway's own sources; this module applies the result:
 counts it, builds its record (written at once for an answer, when its answer is known for a
-forwarded request), renders its page, and starts a browser sign-in. It also still holds the
-change feed, MTD verdict storage, routing answers, sign-in/out and the draining flag.
+forwarded request), renders its page, and starts a browser sign-in. It hands on to their own
+parts: the change feed (``gateway.change_feed``), MTD verdicts (``gateway.signals.mtd_ingest``)
+and routing (``gateway.routing``, through ``rules.router``, swapped with the rules).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,14 +27,12 @@ from gateway.decision.rules import Rules
 from gateway.decision.sources import BearerOrSession, InventorySignals
 from gateway.errors import SessionStoreUnavailable, SignalUnavailable
 from gateway.events import RULES_RELOADED, AllDevicesChanged, ChangeListener, DevicesChanged
-from gateway.identity import discovery
 from gateway.identity.assertion import AssertionSigner
-from gateway.identity.browser import BrowserSignIn, SignInFailed, cleared_cookie, cookie_value, hostname_of
+from gateway.identity.browser import BrowserSignIn
 from gateway.identity.tokens import BearerValidator
 from gateway.metrics import GatewayMetrics
 from gateway.policy.model import NO_SESSION_CONTROLS, AccessRequest, Decision, Restriction, SessionControls
 from gateway.policy.policy_set import PolicySet
-from gateway.session_controls import response_restriction
 from gateway.signals.cache import CachedInventory
 from gateway.signals.mtd import Verdict
 from gateway.signals.mtd_ingest import ThreatVerdicts
@@ -101,11 +100,10 @@ class AccessService:
         self.store = store
         self.feed = ChangeFeed(inventory, store)
         self.threat_verdicts = ThreatVerdicts(store, self.feed)
-        self.draining = False  # SIGTERM: finishing what is in flight; readiness fails so balancers move on
         self.validator = validator
         self.inventory = inventory
         self.decision_log = decision_log
-        self._clock = clock
+        self.clock = clock
         # a source that is down refuses every request: each refusal is in the decision log, the
         # process log gets counted lines (a line per request was hundreds a second)
         self.unavailable_log = CountedLog(logger, logging.ERROR)
@@ -181,54 +179,6 @@ class AccessService:
 
     def record_partner_contact(self, partner: str, now: datetime) -> None:
         self.threat_verdicts.record_partner_contact(partner, now)
-    @property
-    def service_host(self) -> str | None:
-        return self.config.gateway_file.gateway.service_host
-
-    def response_restriction(self, controls: SessionControls, response_headers: Mapping[str, str], correlation_id: str,
-                             accepts_html: bool) -> tuple[Restriction, pages.GatewayResponse] | None:
-        """The page that replaces a response the session may not receive (a file download), with
-        the session control that replaced it, for the request's decision record (only
-        ``blockDownloads`` restricts answers)."""
-        reason = response_restriction(controls, response_headers)
-        if reason is None:
-            return None
-        logger.info("[%s] %s: response replaced", correlation_id, reason)
-        return Restriction.block_downloads, pages.session_restricted(reason, correlation_id, html=accepts_html,
-                                                                    now=self._clock())
-
-    @property
-    def kiosk_location(self) -> str | None:
-        kiosk = self.config.gateway_file.kiosk
-        return kiosk.location if kiosk is not None else None
-
-    def kiosk_destination(self, host: str, port: int) -> str:
-        """What the kiosk proxy does with a connection to ``host:port``: intercept (a protected
-        host or an allowed one, on 443), pass through untouched (an exact ``passThrough`` entry),
-        or deny."""
-        kiosk = self.config.gateway_file.kiosk
-        if kiosk is None:
-            return "deny"
-        if f"{host}:{port}" in kiosk.pass_through:
-            return "pass"
-        if port == 443 and (host in self.config.gateway_file.protected_hosts or host in kiosk.allow):
-            return "intercept"
-        return "deny"
-
-    def resource_metadata(self, authority: str, path_suffix: str = "") -> dict[str, object] | None:
-        """RFC 9728 metadata of ``https://<authority><path_suffix>``, or None if no protected host
-        has that name. ``authority`` is the Host Routing validated against SNI."""
-        gateway_file = self.rules.config.gateway_file
-        protected = gateway_file.protected_hosts.get(hostname_of(authority))
-        if protected is None:
-            return None
-        return discovery.resource_metadata(protected.challenge, authority, gateway_file.identity.issuer, path_suffix)
-
-    def upstream_for(self, host: str) -> str | None:
-        """The upstream URL of a protected host, or None if the gateway does not serve it."""
-        protected = self.config.gateway_file.protected_hosts.get(host)
-        return protected.upstream if protected else None
-
     async def authorize(self, request: AccessRequest, authorization: list[str],
                         cookies: list[str] | None = None) -> Outcome:
         """The decision for a request. When the gateway answers it (a refusal, a 401, a sign-in
@@ -261,7 +211,7 @@ class AccessService:
                          cookies: list[str] | None) -> Outcome:
         """The pipeline with the gateway's sources (bearer token or browser session, the device
         inventory after picking up committed changes), then what the gateway does with it."""
-        now = self._clock()
+        now = self.clock()
         result = await pipeline.authorize(
             request, rules=rules, identity=BearerOrSession(self.validator, self.browser, authorization, cookies),
             signals=InventorySignals(self.inventory, self.pick_up_changes), now=now, assertions=self.assertions)
@@ -296,36 +246,10 @@ class AccessService:
         return Outcome(result.decision, pages.redirect(login.location, request.correlation_id,
                                                        set_cookie=login.set_cookie), record=record)
 
-    async def complete_sign_in(self, authority: str, state: str, code: str,
-                               binding: str | None) -> pages.GatewayResponse:
-        """The callback at ``https://<host>/.portcullis/callback``: a session, then the original URL."""
-        if self.browser is None:
-            return pages.sign_in_failed("browser sign-in is not configured here")
-        try:
-            controls = self.policy_set.session_controls_for_browsers()
-            return_url, cookie = await self.browser.complete(authority, state, code, self._clock(), controls,
-                                                             binding)
-        except SignInFailed as failure:
-            return pages.sign_in_failed(str(failure))
-        except SignalUnavailable:
-            return pages.sign_in_failed("the identity provider or the session store cannot be reached right now; "
-                                        "try again")
-        return pages.redirect(return_url, new_correlation_id(), set_cookie=cookie.header)
-
-    async def sign_out(self, cookies: list[str]) -> pages.GatewayResponse:
-        """The session ends on the server, in every process and host sharing the session store."""
-        if self.browser is not None:
-            try:
-                await self.browser.end(cookie_value(cookies))
-            except SignalUnavailable as error:
-                logger.error("sign-out not recorded: %s", error)
-                return pages.sign_out_failed()
-        return pages.signed_out(cleared_cookie())
-
     def refuse(self, request: AccessRequest, status: int, reason: str, *, error: str | None = None) -> Outcome:
         """A request refused before policy: ambiguous (400), misdirected (421), a signal source
         down (503). Logged like every decision, now: the client gets this answer."""
-        outcome = self._applied(self.rules, pipeline.refused(request, status, reason, error=error), self._clock())
+        outcome = self._applied(self.rules, pipeline.refused(request, status, reason, error=error), self.clock())
         self.decision_log.write(outcome.record)
         return outcome
 

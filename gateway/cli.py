@@ -464,7 +464,6 @@ async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, wo
         await stop.wait()
         if watch is not None:
             watch.cancel()
-        gateway.service.draining = True
         await gateway.drain.drain(drain_seconds)
 
 

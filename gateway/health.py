@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from gateway.access import AccessService, utc_now
+from gateway.drain_state import DrainState
 from gateway.errors import SignalUnavailable
 from gateway.identity.jwks import JwksCache
 from gateway.reload import ConfigReloader
@@ -50,15 +51,16 @@ def overall(checks: list[Check]) -> Status:
 class GatewayHealth:
     def __init__(self, service: AccessService, jwks: JwksCache, reloader: ConfigReloader | None = None, *,
                  graph: GraphInventory | None = None, timer: Callable[[], float] = time.monotonic,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now, drain: DrainState | None = None) -> None:
         self.service, self.jwks, self.reloader, self.graph = service, jwks, reloader, graph
+        self.drain = drain or DrainState()
         self._timer, self._clock = timer, clock
         self._started = clock()
 
     def checks(self) -> list[Check]:
         """Cheap enough for a load balancer polling every second (a few SQLite reads)."""
         checks = [self._config(), self._jwks(), *self._shared_state(), *self._devices()]
-        if self.service.draining:
+        if self.drain.draining:
             checks.append(Check("draining", "fail", "stopping (SIGTERM): finishing the requests in flight"))
         return checks
 

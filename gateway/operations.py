@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.access import AccessService
+from gateway.drain_state import DrainState
 from gateway.health import GatewayHealth
 from gateway.identity.jwks import JwksCache
 from gateway.metrics import CacheCollector, SignalAgeCollector
@@ -23,10 +24,10 @@ class Operations:
 
     @classmethod
     def of(cls, service: AccessService, jwks: JwksCache, inventory: DeviceInventory,
-           graph: GraphInventory | None = None) -> Operations:
+           graph: GraphInventory | None = None, drain: DrainState | None = None) -> Operations:
         """Wire reloads, readiness and the scrape-time metrics of one gateway."""
         reloader = ConfigReloader(service, inventory)
-        health = GatewayHealth(service, jwks, reloader, graph=graph)
+        health = GatewayHealth(service, jwks, reloader, graph=graph, drain=drain)
         service.metrics.watch(CacheCollector(lambda: (
             ("accessTokens", service.validator.cache_hits, service.validator.cache_misses),
             ("devices", service.inventory.hits, service.inventory.misses),

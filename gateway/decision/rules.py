@@ -9,6 +9,7 @@ from gateway.config.compile import compile_policies
 from gateway.policy.conditions import request_locations
 from gateway.policy.model import AccessRequest, ClientApp, ComplianceSettings, Identity
 from gateway.policy.policy_set import PolicySet
+from gateway.routing import Router
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,11 +21,13 @@ class Rules:
     policy_set: PolicySet
     app_names: dict[str, str]
     compliance: ComplianceSettings
+    router: Router
 
     @classmethod
     def of(cls, config: Config) -> Rules:
         return cls(config, compile_policies(config),
-                   config.app_names_by_client_id(), config.gateway_file.device_signals.compliance.settings())
+                   config.app_names_by_client_id(), config.gateway_file.device_signals.compliance.settings(),
+                   Router(config.gateway_file))
 
     def app(self, identity: Identity) -> ClientApp:
         return ClientApp(client_id=identity.client_id, name=self.app_names.get(identity.client_id or ""))

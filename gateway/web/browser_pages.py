@@ -4,23 +4,36 @@ logout; and each host's RFC 9728 protected resource metadata. Served inside the 
 
 from __future__ import annotations
 
+import logging
+
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.access import AccessService
-from gateway.identity.browser import BINDING_COOKIE, CALLBACK_PATH, LOGOUT_PATH
+from gateway.access import AccessService, new_correlation_id
+from gateway.errors import SignalUnavailable
+from gateway.identity.browser import (
+    BINDING_COOKIE,
+    CALLBACK_PATH,
+    LOGOUT_PATH,
+    SignInFailed,
+    cleared_cookie,
+    cookie_value,
+)
 from gateway.identity.discovery import METADATA_PATH
+from gateway.web import pages
 from gateway.web.pages import GatewayResponse
+
+logger = logging.getLogger(__name__)
 
 
 def browser_app(service: AccessService) -> Starlette:
     async def callback(request: Request) -> Response:
         authority = request.headers.get("host", "").lower()  # validated by Routing against SNI
         state, code = request.query_params.get("state", ""), request.query_params.get("code", "")
-        return _response(await service.complete_sign_in(authority, state, code,
-                                                        request.cookies.get(BINDING_COOKIE)))
+        return _response(await complete_sign_in(service, authority, state, code,
+                                                request.cookies.get(BINDING_COOKIE)))
 
     async def logout_form(request: Request) -> Response:
         """A link to log out shows a button: logging out changes state, so it takes a POST."""
@@ -31,12 +44,12 @@ def browser_app(service: AccessService) -> Starlette:
         origin = request.headers.get("origin")
         if origin is not None and origin.lower() != f"https://{authority}":
             return Response("logout must come from this site", status_code=403)
-        return _response(await service.sign_out(request.headers.getlist("cookie")))
+        return _response(await sign_out(service, request.headers.getlist("cookie")))
 
     async def resource_metadata(request: Request) -> Response:
         """RFC 9728 §3: the protected resource metadata, and its path-suffixed form."""
         suffix = request.path_params.get("suffix")
-        document = service.resource_metadata(request.headers.get("host", "").lower(),
+        document = service.rules.router.resource_metadata(request.headers.get("host", "").lower(),
                                              f"/{suffix}" if suffix else "")
         if document is None:
             return JSONResponse({"error": "not_found"}, status_code=404)
@@ -46,6 +59,34 @@ def browser_app(service: AccessService) -> Starlette:
                              Route(LOGOUT_PATH, logout, methods=["POST"]),
                              Route(METADATA_PATH, resource_metadata, methods=["GET"]),
                              Route(METADATA_PATH + "/{suffix:path}", resource_metadata, methods=["GET"])])
+
+
+async def complete_sign_in(service: AccessService, authority: str, state: str, code: str,
+                           binding: str | None) -> GatewayResponse:
+    """The callback at ``https://<host>/.portcullis/callback``: a session, then the original URL."""
+    if service.browser is None:
+        return pages.sign_in_failed("browser sign-in is not configured here")
+    try:
+        controls = service.rules.policy_set.session_controls_for_browsers()
+        return_url, cookie = await service.browser.complete(authority, state, code, service.clock(), controls,
+                                                            binding)
+    except SignInFailed as failure:
+        return pages.sign_in_failed(str(failure))
+    except SignalUnavailable:
+        return pages.sign_in_failed("the identity provider or the session store cannot be reached right now; "
+                                    "try again")
+    return pages.redirect(return_url, new_correlation_id(), set_cookie=cookie.header)
+
+
+async def sign_out(service: AccessService, cookies: list[str]) -> GatewayResponse:
+    """The session ends on the server, in every process and host sharing the session store."""
+    if service.browser is not None:
+        try:
+            await service.browser.end(cookie_value(cookies))
+        except SignalUnavailable as error:
+            logger.error("sign-out not recorded: %s", error)
+            return pages.sign_out_failed()
+    return pages.signed_out(cleared_cookie())
 
 
 LOGOUT_FORM = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sign out</title></head>"

@@ -4,6 +4,8 @@ browser sign-in stores its state first), done by the gateway, which then answers
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from datetime import datetime
 
 from gateway.decision.outcome import (
@@ -14,7 +16,11 @@ from gateway.decision.outcome import (
     SignIn,
     Unauthenticated,
 )
+from gateway.policy.model import Restriction, SessionControls
+from gateway.session_controls import response_restriction
 from gateway.web import pages
+
+logger = logging.getLogger(__name__)
 
 
 def render(result: Authorization, *, remediation_url: str, now: datetime) -> pages.GatewayResponse | None:
@@ -35,3 +41,15 @@ def render(result: Authorization, *, remediation_url: str, now: datetime) -> pag
     return pages.blocked(decision=result.decision, request=request, app=action.app, device=action.device,
                          remediation_url=remediation_url, now=now)
 
+
+
+def restricted_answer(controls: SessionControls, response_headers: Mapping[str, str], correlation_id: str, *,
+                      accepts_html: bool, now: datetime) -> tuple[Restriction, pages.GatewayResponse] | None:
+    """The page that replaces an upstream answer the session may not receive (a file download),
+    with the session control that replaced it, for the request's decision record (only
+    ``blockDownloads`` restricts answers); None when the answer may pass."""
+    reason = response_restriction(controls, response_headers)
+    if reason is None:
+        return None
+    logger.info("[%s] %s: response replaced", correlation_id, reason)
+    return Restriction.block_downloads, pages.session_restricted(reason, correlation_id, html=accepts_html, now=now)

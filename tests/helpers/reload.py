@@ -8,8 +8,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from addons.service_endpoints import BROWSER_ENDPOINTS
 from gateway.operations import Operations
+from gateway.routing import BROWSER_ENDPOINTS
 from gateway.web.browser_pages import browser_app
 from tests.conftest import (
     Gateway,
