@@ -10,8 +10,8 @@ from addons.flows import access_request
 from addons.mitm_internals import connection_close
 from addons.refusals import refuse
 from addons.safety import fail_closed, respond
-from gateway.access import AccessService, Outcome
-from gateway.headers import CORRELATION_ID, folded_lines, headers_to_strip, upstream_cookies
+from gateway.decision.service import AccessService, Outcome
+from gateway.http.headers import CORRELATION_ID, folded_lines, headers_to_strip, upstream_cookies
 
 
 class AccessGate:

@@ -25,7 +25,7 @@ from mitmproxy import http
 from addons.flow_state import state
 from addons.mitm_internals import close_client_connection
 from addons.safety import fail_closed
-from gateway.access import AccessService
+from gateway.decision.service import AccessService
 from gateway.events import RULES_RELOADED, AllDevicesChanged, ChangeEvent, RulesReloaded
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from mitmproxy import connection, http
 
 from addons.flow_state import state
 from addons.safety import fail_closed
-from gateway.access import AccessService
+from gateway.decision.service import AccessService
 
 logger = logging.getLogger(__name__)
 

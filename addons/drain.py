@@ -1,7 +1,7 @@
 """Drain and keep-alive limits: when a client connection's last answer goes out.
 
 On SIGTERM a gateway stops accepting, finishes what is in flight, then exits; meanwhile every
-answer is the last on its connection (``gateway.drain_state``, which readiness reads too).
+answer is the last on its connection (``gateway.ops.drain``, which readiness reads too).
 Outside a drain, a connection's last answer is the one that
 reaches ``maxRequestsPerConnection`` or is sent after ``maxConnectionAgeSeconds`` (nginx's
 ``keepalive_requests`` and ``keepalive_time``): keep-alive clients reconnect now and then, so the
@@ -27,7 +27,7 @@ from mitmproxy import connection, http
 from addons.flow_state import state
 from addons.mitm_internals import stop_listening
 from addons.safety import fail_closed
-from gateway.drain_state import DrainState
+from gateway.ops.drain import DrainState
 
 logger = logging.getLogger(__name__)
 

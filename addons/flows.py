@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from mitmproxy import http
 
 from addons.flow_state import state
-from gateway.headers import Network, client_address
+from gateway.http.headers import Network, client_address
 from gateway.policy.model import AccessRequest
 
 logger = logging.getLogger(__name__)

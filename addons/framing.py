@@ -1,7 +1,7 @@
 """RequestFraming and UpstreamFraming: what a client may send on a connection, how long it may
 take, and how a request's body is framed on its way upstream.
 
-``RequestFraming`` runs first. It times every client connection (``gateway.framing.ClientDeadline``:
+``RequestFraming`` runs first. It times every client connection (``gateway.http.framing.ClientDeadline``:
 a deadline for request heads, keep-alive pauses and request bodies, which mitmproxy lacks) by
 wrapping the connection's stream reader when the client connects, and it refuses protocol upgrades
 before any decision: the gateway forwards HTTP only (``websocket`` and ``rawtcp`` are off), so an
@@ -29,8 +29,8 @@ from addons.mitm_internals import close_client_socket, wrap_client_reader
 from addons.refusals import refuse
 from addons.safety import fail_closed
 from addons.strict_http import RefusedRequest
-from gateway import framing
-from gateway.access import AccessService
+from gateway.decision.service import AccessService
+from gateway.http import framing
 from gateway.policy.model import AccessRequest
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from mitmproxy.proxy.mode_specs import RegularMode
 
 from addons.refusals import refuse
 from addons.safety import fail_closed
-from gateway.access import AccessService
+from gateway.decision.service import AccessService
 
 
 def is_kiosk(flow: http.HTTPFlow) -> bool:

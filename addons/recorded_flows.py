@@ -34,7 +34,7 @@ from mitmproxy.master import Master
 
 from addons.flow_state import FLOW_STATE_KEY, FlowState
 from addons.mitm_internals import SaveStreamFile
-from gateway.headers import CORRELATION_ID
+from gateway.http.headers import CORRELATION_ID
 from gateway.identity.browser import COOKIE_NAME
 from gateway.replay.recorded import RecordedRequest, Skipped, UnreadableSource
 

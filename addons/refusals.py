@@ -8,7 +8,7 @@ from mitmproxy import http
 from addons.flow_state import state
 from addons.flows import access_request
 from addons.safety import respond
-from gateway.access import AccessService, new_correlation_id
+from gateway.decision.service import AccessService, new_correlation_id
 
 
 def refuse(service: AccessService, flow: http.HTTPFlow, status: int, reason: str, *, host: str = "",

@@ -14,8 +14,8 @@ from addons.flows import authority
 from addons.kiosk_proxy import connect_target, is_kiosk
 from addons.refusals import refuse
 from addons.safety import fail_closed
-from gateway.access import AccessService, new_correlation_id
-from gateway.headers import header_fields_refusal
+from gateway.decision.service import AccessService, new_correlation_id
+from gateway.http.headers import header_fields_refusal
 from gateway.routing import Refused, RouteQuery, ServiceEndpoint, Unprotected, Upstream
 
 

@@ -34,16 +34,16 @@ from addons.routing import Routing
 from addons.server_names import ServerNames
 from addons.service_endpoints import ServiceEndpoints
 from addons.session_enforcement import SessionEnforcement
-from gateway import framing
-from gateway.access import AccessService, utc_now
-from gateway.bootstrap import Loaded, build_service, seed_store
-from gateway.certs import CA_FILE, CA_KEY_FILE, ensure_server_certificate
+from gateway.app.bootstrap import Loaded, build_service, seed_store
+from gateway.app.certs import CA_FILE, CA_KEY_FILE, ensure_server_certificate
+from gateway.app.demo import DemoUpstreams
 from gateway.config import Config
 from gateway.config.models import ClientLimitSettings
-from gateway.demo import DemoUpstreams
+from gateway.decision.service import AccessService, utc_now
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
-from gateway.operations import Operations
-from gateway.response_streaming import BUFFERED_BODY_BYTES
+from gateway.http import framing
+from gateway.http.response_streaming import BUFFERED_BODY_BYTES
+from gateway.ops.operations import Operations
 from gateway.routing import BROWSER_ENDPOINTS, MTD_ENDPOINTS
 from gateway.signals.graph import GraphInventory
 from gateway.signals.mtd import MtdReceiver, partners_from_config
@@ -156,6 +156,34 @@ class RunningGateway:
     admin: tuple[str, int] | None = None  # the admin API's address, when the config has an admin section
 
 
+def _service_endpoints(loaded: Loaded, service: AccessService) -> dict[str, ASGIApp]:
+    """The gateway's own endpoints: browser sign-in on every protected host; the MTD webhook and
+    the assertion keys on the service host."""
+    partners = partners_from_config(loaded.config.gateway_file.mtd_partners)
+    endpoints: dict[str, ASGIApp] = {BROWSER_ENDPOINTS: browser_app(service)}
+    if partners:
+        endpoints[MTD_ENDPOINTS] = mtd_webhook_app(MtdReceiver(partners, loaded.nonces), service, utc_now)
+    if service.assertions is not None:  # the service host publishes the assertion keys too
+        endpoints[MTD_ENDPOINTS] = service_host_app(service.assertions, endpoints.get(MTD_ENDPOINTS))
+    return endpoints
+
+
+def _background_jobs(loaded: Loaded, service: AccessService, operations: Operations,
+                     graph: GraphInventory | None) -> list[asyncio.Task[None]]:
+    """What runs beside the listeners: the change feed, config watching, the shared change feed,
+    and (worker 0 only: one Graph sync per gateway, not one per worker) the Graph sync."""
+    background = [asyncio.create_task(service.watch_changes()), asyncio.create_task(operations.reloader.watch())]
+    if loaded.shared is not None:  # changes and logouts announced by other processes and hosts
+        service.shared_feed_up = False
+        events = loaded.shared.events(on_devices=service.shared_devices_changed,
+                                      on_connected=service.shared_feed_restored,
+                                      on_lost=service.shared_feed_lost)
+        background.append(asyncio.create_task(events.run()))
+    if graph is not None and loaded.worker.primary:
+        background.append(asyncio.create_task(_sync_from_graph(loaded, graph)))
+    return background
+
+
 @contextlib.asynccontextmanager
 async def running_gateway(loaded: Loaded, *, demo: bool = False,
                           record: Path | None = None) -> AsyncIterator[RunningGateway]:
@@ -179,12 +207,7 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
             await jwks.refresh()
         except SignalUnavailable as error:
             logger.warning("signing keys not fetched yet (%s); requests get 503 until they are", error)
-        partners = partners_from_config(config.gateway_file.mtd_partners)
-        endpoints: dict[str, ASGIApp] = {BROWSER_ENDPOINTS: browser_app(service)}
-        if partners:
-            endpoints[MTD_ENDPOINTS] = mtd_webhook_app(MtdReceiver(partners, loaded.nonces), service, utc_now)
-        if service.assertions is not None:  # the service host publishes the assertion keys too
-            endpoints[MTD_ENDPOINTS] = service_host_app(service.assertions, endpoints.get(MTD_ENDPOINTS))
+        endpoints = _service_endpoints(loaded, service)
         drain = Drain(keep_alive_limits(config.gateway_file.gateway.client_limits))
         master, ready = build_master(service, endpoints, drain)
         if record is not None:
@@ -200,16 +223,7 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         # only worker 0 syncs from Graph, so only its readiness covers the sync
         operations = Operations.of(service, jwks, loaded.inventory, graph if worker.primary else None,
                                    drain=drain.state)
-        background = [asyncio.create_task(service.watch_changes()),
-                      asyncio.create_task(operations.reloader.watch())]
-        if loaded.shared is not None:  # changes and logouts announced by other processes and hosts
-            service.shared_feed_up = False
-            events = loaded.shared.events(on_devices=service.shared_devices_changed,
-                                          on_connected=service.shared_feed_restored,
-                                          on_lost=service.shared_feed_lost)
-            background.append(asyncio.create_task(events.run()))
-        if graph is not None and worker.primary:  # one Graph sync per gateway, not one per worker
-            background.append(asyncio.create_task(_sync_from_graph(loaded, graph)))
+        background = _background_jobs(loaded, service, operations, graph)
         try:
             async with admin_listener(operations, worker=worker) as admin:
                 yield RunningGateway(service, ready.addresses, upstreams, operations, drain, admin)

@@ -7,7 +7,7 @@ instead of forwarding. On the response side (``responseheaders``, ``response``) 
 answer is replaced before any byte of it reaches the client: in ``responseheaders`` mitmproxy goes
 on reading the upstream body into whatever response the flow holds, so the replacement drops that
 body as it streams in and emits its own at the end (``dropping_upstream_body``). An answer that
-streams (``gateway/response_streaming.py``) has reached the client before its ``response`` hooks
+streams (``gateway/http/response_streaming.py``) has reached the client before its ``response`` hooks
 run: none of them decides access (they end deadlines, count keep-alive limits, forget open flows).
 """
 
@@ -22,7 +22,7 @@ from typing import Any, cast
 from mitmproxy import connection, http
 
 from addons.flow_state import state
-from gateway.headers import CORRELATION_ID
+from gateway.http.headers import CORRELATION_ID
 
 logger = logging.getLogger(__name__)
 

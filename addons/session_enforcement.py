@@ -1,6 +1,6 @@
 """SessionEnforcement: the response side of a forwarded request. A file download
 (``Content-Disposition: attachment``) under ``blockDownloads`` is replaced by a page saying why;
-any other answer is passed on as its bytes arrive when ``gateway.response_streaming`` says so
+any other answer is passed on as its bytes arrive when ``gateway.http.response_streaming`` says so
 (unknown length: EWS streaming notifications, event streams), else mitmproxy holds it whole.
 Requests that are downloads or uploads by themselves were refused in AccessGate.
 
@@ -18,8 +18,8 @@ from mitmproxy import http
 
 from addons.flow_state import state
 from addons.safety import fail_closed
-from gateway.access import AccessService
-from gateway.response_streaming import streams_as_sent
+from gateway.decision.service import AccessService
+from gateway.http.response_streaming import streams_as_sent
 from gateway.web.decision_pages import restricted_answer
 from gateway.web.pages import GatewayResponse
 

@@ -1,10 +1,10 @@
 """Strict HTTP/1 framing inside mitmproxy's proxy core, where addons cannot reach.
 
-Addon hooks see a request only after mitmproxy has parsed it leniently (``gateway/framing.py`` says
+Addon hooks see a request only after mitmproxy has parsed it leniently (``gateway/http/framing.py`` says
 how) and has decided where its body ends; they never see the raw head, a chunk line, or the bytes a
 client sends while it waits. So the gateway replaces two classes of mitmproxy's HTTP layer:
 
-- ``StrictHttp1Server`` checks each raw request head against ``gateway.framing`` before mitmproxy
+- ``StrictHttp1Server`` checks each raw request head against ``gateway.http.framing`` before mitmproxy
   parses it, reads chunked bodies with a strict reader, bounds what it buffers (mitmproxy's own
   reader notes "FIXME: protect against header size DoS"), and answers a refusal with Portcullis'
   JSON 400/414/431 and ``Connection: close`` instead of mitmproxy's page.
@@ -71,8 +71,8 @@ from addons.mitm_internals import (
     install_http_layers,
     unread_bytes,
 )
-from gateway import framing
-from gateway.access import new_correlation_id, utc_now
+from gateway.decision.service import new_correlation_id, utc_now
+from gateway.http import framing
 from gateway.web import pages
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class BodyFramingError(Exception):
 
 class StrictChunkedReader:
     """A chunked request body reader with h11's reader interface (``__call__`` returns ``h11.Data``,
-    ``h11.EndOfMessage`` or None for "need more"; ``read_eof``) and ``gateway.framing``'s grammar:
+    ``h11.EndOfMessage`` or None for "need more"; ``read_eof``) and ``gateway.http.framing``'s grammar:
     CRLF only, bounded chunk lines, and no trailer section (mitmproxy raises NotImplementedError on
     request trailers and leaves the connection hanging)."""
 
@@ -126,25 +126,16 @@ class StrictChunkedReader:
 
     def __call__(self, buf: ReceiveBuffer) -> h11.Data | h11.EndOfMessage | None:
         if self.expect_crlf or self.last:
-            if len(buf) < 2:
-                if bytes(buf)[:1] not in (b"", b"\r"):
-                    raise BodyFramingError(self._crlf_problem())
+            if not self._crlf(buf):
                 return None
-            if buf.maybe_extract_at_most(2) != b"\r\n":
-                raise BodyFramingError(self._crlf_problem())
             if self.last:
                 return h11.EndOfMessage()
             self.expect_crlf = False
         if self.remaining == 0:
-            line = buf.maybe_extract_next_line()
-            if line is None:
-                if problem := framing.pending_chunk_line_problem(bytes(buf)):
-                    raise BodyFramingError(problem)
+            size = self._chunk_size(buf)
+            if size is None:
                 return None
-            try:
-                self.remaining = framing.chunk_size(bytes(line))
-            except ValueError as error:
-                raise BodyFramingError(str(error)) from None
+            self.remaining = size
             if self.remaining == 0:
                 self.last = True
                 return self(buf)
@@ -154,6 +145,29 @@ class StrictChunkedReader:
         self.remaining -= len(data)
         self.expect_crlf = self.remaining == 0
         return h11.Data(data=bytes(data))
+
+    def _crlf(self, buf: ReceiveBuffer) -> bool:
+        """The CRLF after chunk data (or after the last chunk) was taken; False: not all of it yet."""
+        if len(buf) < 2:
+            if bytes(buf)[:1] not in (b"", b"\r"):
+                raise BodyFramingError(self._crlf_problem())
+            return False
+        if buf.maybe_extract_at_most(2) != b"\r\n":
+            raise BodyFramingError(self._crlf_problem())
+        return True
+
+    @staticmethod
+    def _chunk_size(buf: ReceiveBuffer) -> int | None:
+        """The next chunk's size from its line; None: the line is not complete yet."""
+        line = buf.maybe_extract_next_line()
+        if line is None:
+            if problem := framing.pending_chunk_line_problem(bytes(buf)):
+                raise BodyFramingError(problem)
+            return None
+        try:
+            return framing.chunk_size(bytes(line))
+        except ValueError as error:
+            raise BodyFramingError(str(error)) from None
 
     def _crlf_problem(self) -> str:
         return "request trailers are not accepted" if self.last else "chunk data longer than its size"

@@ -20,12 +20,12 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from addons.runner import running_gateway
-from gateway import bootstrap
+from gateway.app import bootstrap
+from gateway.app.demo import SCENARIOS, scenario_token
 from gateway.config import load_config
-from gateway.demo import SCENARIOS, scenario_token
-from gateway.replay.command import read_sources
+from gateway.ops.whatif import DEFAULT_IP
+from gateway.app.commands.replay import read_sources
 from gateway.replay.engine import Side, replay
-from gateway.whatif import DEFAULT_IP
 from tests.conftest import Ports, demo_config_copy
 
 EXTRA_POLICY = """

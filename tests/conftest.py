@@ -32,10 +32,10 @@ from ruamel.yaml import YAML
 
 from addons.mitm_internals import Http1Server
 from addons.runner import Ready, build_master, running_gateway
-from gateway import bootstrap
-from gateway.access import AccessService
-from gateway.demo import DemoUpstreams
-from gateway.operations import Operations
+from gateway.app import bootstrap
+from gateway.app.demo import DemoUpstreams
+from gateway.decision.service import AccessService
+from gateway.ops.operations import Operations
 from gateway.web.demo_idp import DemoIdentityProvider
 from gateway.web.types import ASGIApp
 from tests.redis_server import RedisServer, free_port, started_or_skipped
@@ -369,7 +369,7 @@ class AlexPing(LongPoll):
 
     def __init__(self, gateway: Gateway, heartbeat_seconds: int = 8, *, port: int | None = None,
                  decision_log: Path | None = None) -> None:
-        from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+        from gateway.app.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 
         token = gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
                                  device_id=ALEX_IPHONE)
@@ -394,7 +394,7 @@ def redis_server() -> Iterator[RedisServer]:
 def run_log_levels(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     """Captured at the levels ``portcullis run`` sets (the libraries' INFO lines quieted): a line
     the test finds here is one an operator's log holds."""
-    from gateway.cli import QUIET_LIBRARIES
+    from gateway.app.cli import QUIET_LIBRARIES
 
     for name in QUIET_LIBRARIES:
         caplog.set_level(logging.WARNING, logger=name)
@@ -414,7 +414,7 @@ def kiosk(gateway: Gateway) -> httpx.Client:
 
 @pytest.fixture
 def restore_alex(gateway: Gateway):
-    from gateway.demo import ALEX_IPHONE
+    from gateway.app.demo import ALEX_IPHONE
     from tests.helpers.mtd import level, push
 
     yield
@@ -439,7 +439,7 @@ def pair(gateway: Gateway, demo_ports: Ports, redis_server: RedisServer,
 
 @pytest.fixture
 def alex(gateway: Gateway) -> str:
-    from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
+    from gateway.app.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
 
     return gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
                             device_id=ALEX_IPHONE)

@@ -22,9 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
 
-from gateway.config import load_config
-from gateway.config.lint import config_warnings
-from gateway.demo import (
+from gateway.app.demo import (
     ACTIVESYNC,
     ALEX_IPHONE,
     BLAKE_ANDROID,
@@ -34,8 +32,10 @@ from gateway.demo import (
     activesync,
     banner,
 )
+from gateway.config import load_config
+from gateway.config.lint import config_warnings
 from gateway.errors import ConfigError
-from gateway.operations import Operations
+from gateway.ops.operations import Operations
 from gateway.web.admin import admin_listener
 from tests.conftest import (
     Background,
@@ -721,7 +721,7 @@ def test_the_admin_audit_log_is_readable_by_its_owner_only(gateway: Gateway) -> 
 
 
 def test_the_admin_audit_log_rotates_by_size_and_stays_private(tmp_path: Path) -> None:
-    from gateway.admin_audit import AdminAuditLog
+    from gateway.ops.admin_audit import AdminAuditLog
 
     path = tmp_path / "admin-audit.jsonl"
     audit = AdminAuditLog(path, max_bytes=4096, keep_files=2)

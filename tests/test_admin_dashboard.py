@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo import ALEX_IPHONE, BLAKE_ANDROID, SCENARIOS, scenario_token
+from gateway.app.demo import ALEX_IPHONE, BLAKE_ANDROID, SCENARIOS, scenario_token
 from tests.conftest import CHROMIUM, Gateway, needs_chromium, screenshot
 from tests.helpers.admin import READER, admin_token, outlook, sync
 

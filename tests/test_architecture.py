@@ -12,8 +12,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What gateway/policy may import besides itself: Intune's compliance semantics (pure, no store).
-POLICY_MAY_IMPORT = frozenset({"gateway", "gateway.signals", "gateway.signals.compliance"})
+# What gateway/policy may import besides itself: the canonical request path (pure, no I/O).
+POLICY_MAY_IMPORT = frozenset({"gateway", "gateway.http", "gateway.http.paths"})
 POLICY_THIRD_PARTY = frozenset({"cachetools"})
 # Standard library that would make evaluation read the outside world: I/O, the clock, randomness.
 POLICY_NEVER_USES = frozenset({"asyncio", "http", "os", "random", "secrets", "socket", "sqlite3", "ssl",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.demo import ALEX_IPHONE, BLAKE_ANDROID
+from gateway.app.demo import ALEX_IPHONE, BLAKE_ANDROID
 from gateway.identity.browser import COOKIE_NAME
 from tests.conftest import Gateway
 from tests.helpers.browser import BROWSER, granted_callback, sign_in

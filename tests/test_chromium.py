@@ -17,8 +17,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from gateway import bootstrap
-from gateway.demo import ALEX_IPHONE, BLAKE_ANDROID
+from gateway.app import bootstrap
+from gateway.app.demo import ALEX_IPHONE, BLAKE_ANDROID
 from gateway.identity.browser import COOKIE_NAME
 from tests.conftest import CHROMIUM, Gateway, needs_chromium, screenshot
 

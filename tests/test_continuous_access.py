@@ -17,11 +17,11 @@ import httpx
 import pytest
 
 from addons.continuous_access import RELOAD_GRACE_SECONDS
-from gateway import bootstrap
-from gateway.access import utc_now
-from gateway.demo import ALEX_IPHONE, CASEY_IPAD, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.app import bootstrap
+from gateway.app.demo import ALEX_IPHONE, CASEY_IPAD, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.decision.service import utc_now
 from gateway.events import RULES_RELOADED, ChangeEvent, DevicesChanged
-from gateway.operations import Operations
+from gateway.ops.operations import Operations
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.mtd import Verdict
 from gateway.signals.sqlite_store import SqliteDeviceStore

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from gateway import bootstrap
-from gateway.audit import DecisionLog, Pseudonymizer, log_files
-from gateway.demo import DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, SHAREPOINT, activesync
-from gateway.metrics import GatewayMetrics
+from gateway.app import bootstrap
+from gateway.app.demo import DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, SHAREPOINT, activesync
+from gateway.decision.log import DecisionLog, Pseudonymizer, log_files
+from gateway.ops.metrics import GatewayMetrics
 from tests.conftest import Background, Gateway, Ports
 from tests.helpers.decision_log import listener, logged, own_config
 from tests.helpers.kiosk import kiosk_browser

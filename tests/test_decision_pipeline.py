@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from gateway.cli import main
+from gateway.app.cli import main
+from gateway.app.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
 from gateway.decision import pipeline
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
-from gateway.headers import CORRELATION_ID
+from gateway.http.headers import CORRELATION_ID
 from gateway.policy.evaluate import evaluate
 from gateway.policy.model import Decision
 from tests.conftest import Gateway, Ports, gateway_config, operations_for

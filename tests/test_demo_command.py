@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo import SCENARIOS
+from gateway.app.demo import SCENARIOS
 from tests.conftest import Ports, demo_config_copy
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))

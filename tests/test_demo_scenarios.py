@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.demo import SCENARIOS, Scenario, scenario_token
+from gateway.app.demo import SCENARIOS, Scenario, scenario_token
 from tests.conftest import Gateway
 
 

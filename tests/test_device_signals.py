@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConfigError, SignalUnavailable
+from gateway.policy.compliance import noncompliance_reason
 from gateway.policy.model import ComplianceSettings, ComplianceState, DeviceThreatLevel, ManagedDevice
 from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
 from gateway.signals.cache import CachedInventory
-from gateway.signals.compliance import noncompliance_reason
 from gateway.signals.sqlite_store import SqliteDeviceStore, export, parse_import
 from gateway.signals.store import StoreInventory
 from tests.conftest import REPO

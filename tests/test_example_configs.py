@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import bootstrap
-from gateway.access import utc_now
-from gateway.policy_cases import Case, load_cases, run_cases
-from gateway.whatif import WhatIf
+from gateway.app import bootstrap
+from gateway.decision.service import utc_now
+from gateway.ops.cases import Case, load_cases, run_cases
+from gateway.ops.whatif import WhatIf
 from tests.helpers.config import CONFIG_DIRS, shipped_config
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))

@@ -27,8 +27,8 @@ from exchangelib.ewsdatetime import UTC
 from exchangelib.protocol import BaseProtocol, RetryPolicy, close_connections
 from oauthlib.oauth2 import OAuth2Token
 
-from gateway.demo import ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, OUTLOOK_MOBILE, SCENARIOS, TEAMS, scenario_token
-from gateway.headers import CORRELATION_ID
+from gateway.app.demo import ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, OUTLOOK_MOBILE, SCENARIOS, TEAMS, scenario_token
+from gateway.http.headers import CORRELATION_ID
 from tests.conftest import Background, Gateway, Ports
 from tests.ews_backend import (
     DIRECTORY,

@@ -22,10 +22,10 @@ from addons.access_gate import AccessGate
 from addons.flow_state import FLOW_STATE_KEY, FlowState, state
 from addons.framing import UpstreamFraming
 from addons.recorded_flows import FlowRecording, read_flow_file
-from gateway.access import Outcome
 from gateway.decision.pipeline import refused_before_policy
-from gateway.headers import CORRELATION_ID
-from gateway.metrics import GatewayMetrics
+from gateway.decision.service import Outcome
+from gateway.http.headers import CORRELATION_ID
+from gateway.ops.metrics import GatewayMetrics
 from gateway.policy.model import AccessRequest, SessionControls
 from gateway.replay.recorded import RecordedRequest
 from gateway.web import pages

@@ -12,9 +12,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from gateway import bootstrap
-from gateway.access import AccessService
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, SHAREPOINT, TEAMS
+from gateway.app import bootstrap
+from gateway.app.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, SHAREPOINT, TEAMS
+from gateway.decision.service import AccessService
 from gateway.errors import SignalUnavailable
 from gateway.policy.model import ManagedDevice
 from gateway.web.demo_idp import DemoIdentityProvider

@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
+from gateway.app.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
 from gateway.identity.browser import COOKIE_NAME
 from tests.conftest import Gateway
 from tests.helpers.hosts import DOCS, MAIL

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.demo import ALEX_IPHONE, CASEY_IPAD, DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.app.demo import ALEX_IPHONE, CASEY_IPAD, DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.errors import SignalUnavailable
 from gateway.signals.mtd import MtdReceiver, Partner, sign
 from gateway.web.mtd_webhook import mtd_webhook_app

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from gateway.demo import ACTIVESYNC, ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
+from gateway.app.demo import ACTIVESYNC, ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
 from gateway.errors import SignalUnavailable
-from gateway.health import overall
+from gateway.ops.health import overall
 from tests.conftest import Background, Gateway, Ports, free_port
 from tests.helpers.hosts import MAIL
 from tests.helpers.operations import operated, own_config

@@ -20,7 +20,7 @@ from mitmproxy.test import tflow
 
 from addons.decision_records import DecisionRecords
 from addons.flow_state import state
-from gateway.demo import ACTIVESYNC
+from gateway.app.demo import ACTIVESYNC
 from tests.conftest import Background, Gateway, Ports, free_port, logged_records
 from tests.helpers.decision_log import logged
 from tests.helpers.http import tls_to

@@ -20,10 +20,10 @@ import httpx
 import pytest
 from ruamel.yaml import YAML
 
-from gateway import bootstrap
-from gateway.access import AccessService
-from gateway.demo import ACTIVESYNC, ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, OFFICE, OUTLOOK_MOBILE
-from gateway.operations import Operations
+from gateway.app import bootstrap
+from gateway.app.demo import ACTIVESYNC, ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, OFFICE, OUTLOOK_MOBILE
+from gateway.decision.service import AccessService
+from gateway.ops.operations import Operations
 from gateway.policy.model import AccessRequest, ManagedDevice
 from tests.conftest import (
     AlexPing,

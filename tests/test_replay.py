@@ -30,11 +30,12 @@ import httpx
 import pytest
 from ruamel.yaml import YAML
 
-from gateway import access, terminal
-from gateway.audit import Pseudonymizer
-from gateway.cli import main
+from gateway import terminal
+from gateway.app.cli import main
+from gateway.app.demo import ALEX_IPHONE, EXCHANGE, ONEDRIVE, SCENARIOS, Scenario
 from gateway.config import load_config
-from gateway.demo import ALEX_IPHONE, EXCHANGE, ONEDRIVE, SCENARIOS, Scenario
+from gateway.decision import service
+from gateway.decision.log import Pseudonymizer
 from gateway.identity.tokens import RejectedToken
 from gateway.policy.model import DecisionResult
 from gateway.replay import engine as replay_engine
@@ -616,7 +617,7 @@ def test_replay_decides_with_the_gateways_own_steps_after_identity() -> None:
     called = {node.func.id for node in ast.walk(engine) if isinstance(node, ast.Call)
               and isinstance(node.func, ast.Name)}
     assert "authorize" in called and not called & {"evaluate", "request_restriction", "restrict_and_evaluate"}, called
-    [authorize] = [node for node in ast.walk(ast.parse(Path(access.__file__).read_text()))
+    [authorize] = [node for node in ast.walk(ast.parse(Path(service.__file__).read_text()))
                    if isinstance(node, ast.AsyncFunctionDef) and node.name == "_authorize"]
     calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
              for node in ast.walk(authorize) if isinstance(node, ast.Call)}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.headers import headers_to_strip, is_client_identity_header
+from gateway.http.headers import headers_to_strip, is_client_identity_header
+from gateway.http.paths import canonical_path
 from gateway.identity.tokens import RejectedToken, bearer_token
-from gateway.paths import canonical_path
 
 
 @pytest.mark.parametrize(

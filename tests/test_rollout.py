@@ -18,12 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway import bootstrap
+from gateway.app import bootstrap
+from gateway.app.demo import ALEX_IPHONE, EXCHANGE, OFFICE
 from gateway.config import load_config
 from gateway.config.compile import compile_policy_set
 from gateway.config.lint import config_warnings
 from gateway.config.models import ConditionalAccessPolicy, Resource
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OFFICE
 from gateway.errors import ConfigError
 from gateway.policy.evaluate import evaluate
 from gateway.policy.model import (

@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from gateway import bootstrap
-from gateway.demo import ALEX_IPHONE
+from gateway.app import bootstrap
+from gateway.app.demo import ALEX_IPHONE
 from gateway.signals.mtd import sign
 from tests.conftest import MTD_SECRET, AlexPing, Gateway
 from tests.gateway_process import PORTCULLIS

@@ -38,8 +38,8 @@ from mitmproxy.addonmanager import traverse
 import addons
 from addons.runner import running_gateway
 from addons.safety import is_fail_closed
-from gateway import bootstrap
-from gateway.demo import ACTIVESYNC
+from gateway.app import bootstrap
+from gateway.app.demo import ACTIVESYNC
 from tests.conftest import Background, Gateway, Ports, free_port, gateway_config
 from tests.helpers.hosts import MAIL
 from tests.helpers.tokens import outlook_token

@@ -4,7 +4,7 @@ gateway, each beside a legitimate twin that must still pass.
 
 The gateway here is the demo config with one change: mail.contoso.test's upstream is a recording
 HTTP/1.1 server, so a test can show what reached the upstream, down to the byte. Each case's id
-says what mitmproxy 12.2.3 did with it alone, before Portcullis' own checks (``gateway/framing.py``,
+says what mitmproxy 12.2.3 did with it alone, before Portcullis' own checks (``gateway/http/framing.py``,
 ``addons/strict_http.py``, ``addons/framing.py``); "alone: 400" was mitmproxy's HTML page naming
 its version, now the gateway's JSON answer. Limits: docs/deployment.md, "Limits and timeouts".
 """
@@ -37,8 +37,9 @@ from ruamel.yaml import YAML
 from addons.mitm_internals import ReceiveHttp
 from addons.runner import running_gateway
 from addons.strict_http import StrictHttp1Server
-from gateway import bootstrap, framing, headers
-from gateway.demo import ALEX_IPHONE, TEAMS
+from gateway.app import bootstrap
+from gateway.app.demo import ALEX_IPHONE, TEAMS
+from gateway.http import framing, headers
 from gateway.signals.mtd import sign
 from tests.conftest import MTD_SECRET, Background, Gateway, Ports, free_port, gateway_config, http1_layer
 from tests.helpers.decision_log import listener

@@ -18,9 +18,9 @@ import httpx
 import pytest
 from ruamel.yaml import YAML
 
+from gateway.app.demo import TEAMS
 from gateway.config import load_config
-from gateway.demo import TEAMS
-from gateway.headers import client_address, fold, headers_to_strip, is_gateway_cookie, upstream_cookies
+from gateway.http.headers import client_address, fold, headers_to_strip, is_gateway_cookie, upstream_cookies
 from gateway.identity.browser import COOKIE_NAME
 from tests.conftest import Background, Gateway, Ports, demo_config_copy, gateway_config
 from tests.helpers.admin import READER, admin, admin_token, audit_path

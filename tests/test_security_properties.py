@@ -46,7 +46,7 @@ developer or a nightly job hunting for new counterexamples; pin what it finds wi
 
 Findings are pinned here once fixed, so they stay fixed:
 
-- F1 (fixed in ``gateway/headers.py``): a header spelled as a framing header with ``_`` or ``.``
+- F1 (fixed in ``gateway/http/headers.py``): a header spelled as a framing header with ``_`` or ``.``
   (``Transfer_Encoding: chunked``, ``Content_Length``) was forwarded to the upstream, although WSGI/CGI
   servers read it as ``HTTP_TRANSFER_ENCODING`` (gunicorn 22 refuses such names, CVE-2024-1135).
 """
@@ -75,10 +75,7 @@ from hypothesis import HealthCheck, event, example, given, reject, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from gateway.access import AccessService, Outcome
-from gateway.config import load_config
-from gateway.config.compile import compile_policies
-from gateway.demo import (
+from gateway.app.demo import (
     ALEX_IPHONE,
     BLAKE_ANDROID,
     CASEY_IPAD,
@@ -90,7 +87,10 @@ from gateway.demo import (
     SHAREPOINT,
     TEAMS,
 )
-from gateway.headers import (
+from gateway.config import load_config
+from gateway.config.compile import compile_policies
+from gateway.decision.service import AccessService, Outcome
+from gateway.http.headers import (
     FORWARDING_HEADERS,
     HOP_BY_HOP,
     IDENTITY_HEADERS,
@@ -98,11 +98,11 @@ from gateway.headers import (
     REWRITE_HEADERS,
     headers_to_strip,
 )
+from gateway.http.paths import canonical_path
 from gateway.identity.tokens import RejectedToken, bearer_token
-from gateway.paths import canonical_path
+from gateway.ops.whatif import GUID, Question, WhatIf
 from gateway.policy.model import AccessRequest, Decision, Listener
 from gateway.web.demo_idp import DemoIdentityProvider
-from gateway.whatif import GUID, Question, WhatIf
 from tests.conftest import REPO, Gateway, Ports, gateway_config, operations_for
 from tests.helpers.http import raw_exchange
 from tests.helpers.tokens import _hmac_token
@@ -355,7 +355,7 @@ def test_an_accepted_path_is_matched_as_the_segment_oracle_matches_it(host_and_t
 # Headers an identity-aware proxy, TLS terminator or Exchange front end sets and an upstream may
 # trust (oauth2-proxy, Authelia, Pomerium, authentik, Vouch, mod_auth_openidc, Azure App Service,
 # AWS ALB, Google IAP, Cloudflare Access, Envoy, IIS ARR, Traefik), or that make it rewrite the
-# request: written here from those products' documentation, independent of gateway/headers.py.
+# request: written here from those products' documentation, independent of gateway/http/headers.py.
 KNOWN_IDENTITY = (
     "X-Forwarded-User", "X-Forwarded-Email", "X-Forwarded-Preferred-Username", "X-Forwarded-Groups",
     "X-Forwarded-Access-Token", "X-Auth-Request-User", "X-Auth-Request-Email", "X-Auth-Request-Groups",

@@ -25,7 +25,7 @@ import h2.events
 import pytest
 from ruamel.yaml import YAML
 
-from gateway.demo import TEAMS
+from gateway.app.demo import TEAMS
 from tests.conftest import Background, Gateway, Ports, gateway_config, operations_for, proxy_for
 from tests.helpers.hosts import MAIL
 from tests.helpers.http import raw_exchange

@@ -32,8 +32,7 @@ import httpx
 import mitmproxy.ctx
 import pytest
 
-from gateway.access import AccessService, utc_now
-from gateway.demo import (
+from gateway.app.demo import (
     ALEX_IPHONE,
     BLAKE_ANDROID,
     DREW_IPHONE,
@@ -44,6 +43,7 @@ from gateway.demo import (
     TEAMS,
     activesync,
 )
+from gateway.decision.service import AccessService, utc_now
 from gateway.policy.model import ComplianceState, DeviceThreatLevel, ManagedDevice
 from gateway.signals import graph as graph_module
 from gateway.signals.cache import CachedInventory

@@ -42,10 +42,11 @@ from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from ruamel.yaml import YAML
 
-from gateway import bootstrap
+from gateway.app import bootstrap
+from gateway.app.demo import ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, SHAREPOINT, TEAMS
 from gateway.config.models import IdentitySettings
-from gateway.demo import ALEX_IPHONE, BLAKE_ANDROID, EXCHANGE, SHAREPOINT, TEAMS
 from gateway.errors import SignalUnavailable
+from gateway.http.strict_json import JsonRefused
 from gateway.identity.browser import COOKIE_NAME
 from gateway.identity.jwks import MAX_JWKS_BYTES, JwksCache
 from gateway.identity.oauth_client import strict_oauth_client
@@ -63,7 +64,6 @@ from gateway.identity.tokens import (
     RejectedToken,
 )
 from gateway.policy.model import Identity
-from gateway.strict_json import JsonRefused
 from gateway.web.demo_idp import DemoIdentityProvider
 from tests.conftest import Background, Gateway, Ports, gateway_config, proxy_for
 from tests.helpers.browser import sign_in

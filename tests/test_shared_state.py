@@ -25,7 +25,7 @@ import redis
 from cryptography.fernet import Fernet
 from pydantic import TypeAdapter
 
-from gateway import bootstrap
+from gateway.app import bootstrap
 from gateway.counted_log import REPEAT_LINE_SECONDS
 from gateway.errors import SignalUnavailable
 from gateway.events import ALL_DEVICES, ChangeEvent, DevicesChanged
@@ -801,7 +801,7 @@ def test_requests_refused_while_redis_is_down_are_logged_once_per_interval_with_
              "cannot start a sign-in": ("GET", "/owa/", BROWSER)}
     per_interval = 20
     answers: list[httpx.Response] = []
-    with caplog.at_level(logging.INFO, "gateway.access"), Background(lambda: proxy_for(service)) as port, \
+    with caplog.at_level(logging.INFO, "gateway.decision.service"), Background(lambda: proxy_for(service)) as port, \
             gateway.client() as client:
 
         def send(method: str, path: str, headers: dict[str, str]) -> httpx.Response:
@@ -824,7 +824,7 @@ def test_requests_refused_while_redis_is_down_are_logged_once_per_interval_with_
         record = recorded[answer.headers["x-portcullis-correlation-id"]]
         assert (record["httpStatus"], record["status"]["failureReason"]) == \
             (503, "a signal source is unavailable; try again shortly")
-    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.decision.service"]
     assert len(lines) == 6, lines
     for kind in kinds:
         counts = [re.findall(r"\((\d+) such refusals since the last line, (\d+) in all\)$", line)

@@ -14,10 +14,10 @@ from urllib.parse import urlsplit
 import pytest
 from ruamel.yaml import YAML
 
+from gateway.app.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
 from gateway.config import load_config
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
 from gateway.errors import ConfigError
-from gateway.headers import CORRELATION_ID
+from gateway.http.headers import CORRELATION_ID
 from gateway.web.demo_idp import DEMO_TENANT_ID
 from tests.conftest import Gateway, Ports, demo_config_copy
 

@@ -27,10 +27,10 @@ import httpx
 import pytest
 import trustme
 
-from gateway.access import utc_now
-from gateway.demo import ALEX_IPHONE, OUTLOOK_MOBILE, SHAREPOINT
+from gateway.app.demo import ALEX_IPHONE, OUTLOOK_MOBILE, SHAREPOINT
+from gateway.decision.service import utc_now
+from gateway.http.response_streaming import BUFFERED_BODY_BYTES, streams_as_sent
 from gateway.policy.model import DeviceThreatLevel
-from gateway.response_streaming import BUFFERED_BODY_BYTES, streams_as_sent
 from tests.conftest import Background, Gateway, Ports, gateway_config, operations_for, proxy_for
 from tests.helpers.hosts import MAIL
 from tests.helpers.http import h2_request, h2_to, tls_to

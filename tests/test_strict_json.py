@@ -1,4 +1,4 @@
-"""gateway.strict_json: one reading of JSON from the network, each refusal next to the twin that
+"""gateway.http.strict_json: one reading of JSON from the network, each refusal next to the twin that
 is still read. The callers' answers (401, 400, 503) are tested through the real listeners in
 tests/test_security_tokens.py, tests/test_mtd_webhook.py and tests/test_security_signals.py."""
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from gateway.strict_json import MAX_DEPTH, DuplicateMember, JsonRefused, NotUtf8Json, TooDeep, TooLarge, loads
+from gateway.http.strict_json import MAX_DEPTH, DuplicateMember, JsonRefused, NotUtf8Json, TooDeep, TooLarge, loads
 
 CLAIMS = {"sub": "alex", "azp": "outlook", "deviceid": "3c5f", "amr": ["pwd"], "cnf": {"x5t#S256": "abc"}}
 TEXT = json.dumps(CLAIMS)

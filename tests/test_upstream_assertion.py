@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc.jwk import ECKey
 
+from gateway.app.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, SHAREPOINT, TEAMS
 from gateway.config import load_config
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, SHAREPOINT, TEAMS
 from gateway.errors import ConfigError
 from gateway.identity.assertion import (
     TOKEN_TYPE,
@@ -108,7 +108,7 @@ def test_the_assertion_says_who_what_app_which_device_and_which_decision(gateway
 
 
 def test_a_grace_period_device_is_compliant_as_the_decision_saw_it(gateway: Gateway, demo_ports: Ports) -> None:
-    from gateway.demo import CASEY_IPAD, activesync
+    from gateway.app.demo import CASEY_IPAD, activesync
 
     token = gateway.idp.mint(user="casey@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE,
                              device_id=CASEY_IPAD)

@@ -27,11 +27,12 @@ import httpx
 import pytest
 from ruamel.yaml import YAML
 
-from gateway import bootstrap, whatif
-from gateway.access import utc_now
+from gateway.app import bootstrap
+from gateway.decision.service import utc_now
+from gateway.ops import whatif
+from gateway.ops.cases import Case, load_cases
+from gateway.ops.whatif import WhatIf
 from gateway.policy.model import ClientAppType, Decision, DevicePlatform, Listener
-from gateway.policy_cases import Case, load_cases
-from gateway.whatif import WhatIf
 from tests.conftest import Background, Gateway, Ports, free_port, gateway_config, write_trustme_certificate
 from tests.helpers.config import CONFIG_DIRS
 from tests.helpers.decision_log import listener

@@ -22,9 +22,9 @@ from ruamel.yaml import YAML
 
 from addons.drain import Drain, KeepAliveLimits
 from addons.flow_state import state
+from gateway.app.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.config.models import ClientLimitSettings
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
-from gateway.headers import CORRELATION_ID
+from gateway.http.headers import CORRELATION_ID
 from gateway.signals.mtd import sign
 from tests.conftest import MTD_SECRET, AlexPing, Background, Gateway, Ports, gateway_config
 from tests.gateway_process import GatewayProcess, sibling_config

@@ -32,7 +32,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from gateway import headers
+from gateway.http import headers
 from gateway.policy.device_filter import Rule, RuleSyntaxError, parse_rule
 from gateway.policy.model import (
     ALL,

@@ -22,7 +22,6 @@ from datetime import datetime
 from typing import Protocol
 from urllib.parse import parse_qsl
 
-from gateway import headers
 from gateway.config.models import ChallengeSettings
 from gateway.decision.outcome import (
     Action,
@@ -36,10 +35,11 @@ from gateway.decision.outcome import (
 )
 from gateway.decision.rules import Rules
 from gateway.errors import SignalUnavailable
+from gateway.http import headers
+from gateway.http.paths import canonical_path
 from gateway.identity import discovery
 from gateway.identity.assertion import AssertionSigner
 from gateway.identity.tokens import RejectedToken
-from gateway.paths import canonical_path
 from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, path_has_prefix
 from gateway.policy.evaluate import NO_RESOURCE_REASON, evaluate
 from gateway.policy.model import (
@@ -56,7 +56,7 @@ from gateway.policy.model import (
     SessionControls,
 )
 from gateway.policy.policy_set import ResourceMatch
-from gateway.session_controls import REASONS, request_restriction
+from gateway.policy.session_controls import REASONS, request_restriction
 from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
 
 ACCESS_TOKEN_IN_QUERY = "an access token is accepted only in the Authorization header"  # noqa: S105  (a reason, not a secret)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from gateway.audit import sign_in_record
+from gateway.decision.log import sign_in_record
 from gateway.decision.outcome import Authorization
 from gateway.decision.rules import Rules
 

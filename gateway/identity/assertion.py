@@ -38,8 +38,8 @@ from jwt.algorithms import ECAlgorithm
 from gateway.config import Config
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.identity.tokens import RejectedToken
+from gateway.policy.compliance import is_compliant
 from gateway.policy.model import ClientApp, DeviceSignals, Identity
-from gateway.signals.compliance import is_compliant
 from gateway.state_files import warn_if_readable_by_others, write_once
 
 ALGORITHM = "ES256"

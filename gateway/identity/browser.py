@@ -29,11 +29,11 @@ from urllib.parse import urlencode
 from cryptography.fernet import Fernet, InvalidToken
 
 from gateway.errors import SignalUnavailable
+from gateway.http.paths import canonical_path
 from gateway.identity.discovery import METADATA_PATH
 from gateway.identity.jwks import JwksCache
 from gateway.identity.oauth_client import OAuthError, strict_oauth_client
 from gateway.identity.tokens import BearerValidator, RejectedToken
-from gateway.paths import canonical_path
 from gateway.policy.model import PersistentBrowser, SessionControls
 from gateway.state.session_records import BrowserSession, PendingLogin
 from gateway.state.sessions import MemorySessionStore, SessionStore

@@ -11,7 +11,7 @@ Keys are bound to one algorithm each: a JWK's own ``alg`` must equal the token's
 An issuer that answers garbage fails closed the same way: each document must arrive whole within
 ``timeout`` (a total deadline, not httpx's per-read one, so a JWKS dripping a byte at a time cannot
 hold the key lock), unencoded, at most ``MAX_JWKS_BYTES`` (reading stops there), as JSON with one
-reading (``gateway.strict_json``: UTF-8, no member named twice, bounded nesting), and hold at least
+reading (``gateway.http.strict_json``: UTF-8, no member named twice, bounded nesting), and hold at least
 one asymmetric signing key. Known keys outlive failed refreshes for ``max_stale_seconds`` past
 ``cache_seconds`` only: keys the issuer may have withdrawn long ago are not trusted for ever, and
 tokens then get a 503, never a pass.
@@ -29,8 +29,8 @@ import jwt
 from jwt import PyJWK
 
 from gateway.errors import SignalUnavailable
-from gateway.strict_json import JsonRefused
-from gateway.strict_json import loads as strict_json
+from gateway.http.strict_json import JsonRefused
+from gateway.http.strict_json import loads as strict_json
 
 logger = logging.getLogger(__name__)
 

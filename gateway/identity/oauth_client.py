@@ -5,7 +5,7 @@ everywhere (JWKS fetching, Starlette's test client): same API, so that one warni
 
 authlib reads a token endpoint's answer with httpx's ``Response.json()``, which guesses the
 encoding and keeps the last of two members with one name: ``strict_oauth_client`` checks the
-answer with ``gateway.strict_json`` first (authlib's ``access_token_response`` compliance hook),
+answer with ``gateway.http.strict_json`` first (authlib's ``access_token_response`` compliance hook),
 so the one reading authlib then makes is the strict reader's. A refusal is a ``ValueError``.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import authlib.deprecate  # its own "always" filter must exist before ours is added on top
 import httpx
 
-from gateway.strict_json import loads as strict_json
+from gateway.http.strict_json import loads as strict_json
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", category=authlib.deprecate.AuthlibDeprecationWarning)

@@ -25,7 +25,7 @@ apply the same rules:
   an unknown one costs at most one JWKS fetch per ``jwksRefreshMinIntervalSeconds``.
 - ``aud`` is one string, as Entra issues it. A list is refused even when it names this host's
   audience: a token meant for several resources could be replayed by any of them to the others.
-- Header and claims are each one JSON object read one way only (``gateway.strict_json``): UTF-8
+- Header and claims are each one JSON object read one way only (``gateway.http.strict_json``): UTF-8
   without a byte-order mark, no member named twice, bounded nesting. pyjwt reads the claims with
   ``json.loads``, which guesses UTF-16 or UTF-32 and keeps the last of two ``azp``, ``sub`` or
   ``deviceid``: the gateway forwards the token, and an upstream keeping the first would see
@@ -56,10 +56,10 @@ import jwt
 from cachetools import TLRUCache
 
 from gateway.config.models import IdentitySettings
+from gateway.http.strict_json import DuplicateMember, JsonRefused, NotUtf8Json
+from gateway.http.strict_json import loads as strict_json
 from gateway.identity.jwks import JwksCache
 from gateway.policy.model import Identity
-from gateway.strict_json import DuplicateMember, JsonRefused, NotUtf8Json
-from gateway.strict_json import loads as strict_json
 
 MAX_TOKEN_BYTES = 16 * 1024
 MAX_KID_LENGTH = 256

@@ -1,7 +1,7 @@
 """Matching a request against policy assignments: users, resources, client app types, platforms,
 locations and the device filter. Each check answers None when it matches, or why it does not.
 
-No I/O here. Paths arrive canonical (see ``gateway.paths``); resource matching is
+No I/O here. Paths arrive canonical (see ``gateway.http.paths``); resource matching is
 case-insensitive because Exchange and SharePoint run on IIS, where ``/OWA/`` and ``/owa/`` are the
 same page.
 """
@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from gateway.policy.compliance import is_compliant
 from gateway.policy.device_filter import DeviceAttributes
 from gateway.policy.model import (
     ALL,
@@ -27,7 +28,6 @@ from gateway.policy.model import (
     ManagedDevice,
 )
 from gateway.policy.types import Assignment, Network, Platforms, Resource, Users
-from gateway.signals.compliance import is_compliant
 
 ACTIVESYNC_PATH = "/microsoft-server-activesync"
 

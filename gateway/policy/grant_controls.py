@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from gateway.policy.compliance import noncompliance_reason
 from gateway.policy.model import (
     BuiltInControl,
     ClientApp,
@@ -15,7 +16,6 @@ from gateway.policy.model import (
     Identity,
 )
 from gateway.policy.types import GrantControls
-from gateway.signals.compliance import noncompliance_reason
 
 MAX_DEVICE_THREAT_LEVEL = "maxDeviceThreatLevel"
 MFA_METHODS = frozenset({"mfa", "ngcmfa"})

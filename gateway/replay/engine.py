@@ -29,9 +29,9 @@ from typing import Any
 
 import jwt
 
-from gateway.audit import Pseudonymizer
 from gateway.config import Config
 from gateway.config.models import UsersCondition
+from gateway.decision.log import Pseudonymizer
 from gateway.decision.pipeline import Identified, Signals, authorize
 from gateway.decision.rules import Rules
 from gateway.identity.tokens import (

@@ -21,12 +21,12 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from gateway.audit import REDECIDED, log_files
+from gateway.decision.log import REDECIDED, log_files
 from gateway.errors import PortcullisError
-from gateway.headers import CORRELATION_ID
+from gateway.http.headers import CORRELATION_ID
 from gateway.identity.browser import COOKIE_NAME
 from gateway.policy.model import DecisionResult, Identity, Listener, ManagedDevice, RolloutCohort
-from gateway.session_controls import UPLOAD_BLOCKED
+from gateway.policy.session_controls import UPLOAD_BLOCKED
 from gateway.signals.devices import DeviceRecord
 
 MAX_HAR_BYTES = 512 * 1024 * 1024  # a HAR is one JSON document, read whole: larger ones are refused

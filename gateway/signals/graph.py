@@ -37,13 +37,13 @@ from cachetools import LRUCache
 from pydantic import ValidationError
 
 from gateway.errors import SignalUnavailable
+from gateway.http.strict_json import JsonRefused
+from gateway.http.strict_json import loads as strict_json
 from gateway.identity.oauth_client import OAuthError, strict_oauth_client
 from gateway.policy.model import ComplianceState, ManagedDevice
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.mtd import LEVELS
 from gateway.signals.store import DeviceStore, StoreInventory
-from gateway.strict_json import JsonRefused
-from gateway.strict_json import loads as strict_json
 
 logger = logging.getLogger(__name__)
 

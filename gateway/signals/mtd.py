@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from gateway.config.models import MtdPartnerSettings
+from gateway.http.strict_json import JsonRefused
+from gateway.http.strict_json import loads as strict_json
 from gateway.policy.model import DeviceThreatLevel
 from gateway.state.nonces import MemoryNonces, NonceStore
-from gateway.strict_json import JsonRefused
-from gateway.strict_json import loads as strict_json
 
 MAX_BODY_BYTES = 64 * 1024
 SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")

@@ -1,13 +1,13 @@
 """MTD ingest: an MTD partner's threat verdicts stored in the device store. The devices that
-changed are heard of through the store's change feed (``gateway.change_feed``), like any change."""
+changed are heard of through the store's change feed (``gateway.signals.change_feed``), like any change."""
 
 from __future__ import annotations
 
 import sqlite3
 from datetime import datetime
 
-from gateway.change_feed import ChangeFeed
 from gateway.errors import SignalUnavailable
+from gateway.signals.change_feed import ChangeFeed
 from gateway.signals.mtd import Verdict
 from gateway.signals.store import DeviceStore
 

@@ -31,9 +31,9 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from gateway import strict_json
 from gateway.config.loader import format_loc, locate, read_yaml
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
+from gateway.http import strict_json
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.store import DeviceStore, micros, with_threats

@@ -12,9 +12,9 @@ import logging
 from datetime import datetime
 from typing import Any
 
+from gateway.http.strict_json import loads as strict_json
 from gateway.policy.model import Identity
 from gateway.state.session_records import BrowserSession, PendingLogin
-from gateway.strict_json import loads as strict_json
 
 logger = logging.getLogger(__name__)
 

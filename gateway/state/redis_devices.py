@@ -15,11 +15,11 @@ import redis
 from pydantic import ValidationError
 
 from gateway.errors import SignalUnavailable
+from gateway.http.strict_json import loads as strict_json
 from gateway.policy.model import DeviceThreatLevel, ManagedDevice
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.store import DeviceStore, micros, with_threats
 from gateway.state.redis_keys import EVERY_DEVICE, Keys, unavailable
-from gateway.strict_json import loads as strict_json
 
 CHUNK = 1000  # devices per script call or MULTI in a bulk write
 PUBLISH_IDS_MAX = 1000  # a write changing more devices announces ["*"]

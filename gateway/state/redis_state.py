@@ -50,12 +50,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from gateway.events import ALL_DEVICES, AllDevicesChanged, DevicesChanged
+from gateway.http.strict_json import loads as strict_json
 from gateway.state.codec import decode_pending, decode_session, encode_pending, encode_session
 from gateway.state.redis_devices import RedisDeviceStore
 from gateway.state.redis_keys import CONNECT_TIMEOUT, EVERY_DEVICE, READ_TIMEOUT, Keys, redacted, unavailable
 from gateway.state.session_records import BrowserSession, PendingLogin
 from gateway.state.sessions import session_key
-from gateway.strict_json import loads as strict_json
 
 logger = logging.getLogger(__name__)
 

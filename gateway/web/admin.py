@@ -47,16 +47,18 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
-from gateway.access import Clock, utc_now
-from gateway.admin_audit import AdminAuditLog, TargetResource
+from gateway.app.workers import ONLY_WORKER, Worker
 from gateway.config.loader import validate
-from gateway.explain import explain
-from gateway.health import overall
-from gateway.operations import Operations
+from gateway.decision.service import Clock, utc_now
+from gateway.http.strict_json import JsonRefused
+from gateway.http.strict_json import loads as strict_json
+from gateway.ops.admin_audit import AdminAuditLog, TargetResource
+from gateway.ops.cases import QuestionInput
+from gateway.ops.explain import explain
+from gateway.ops.health import overall
+from gateway.ops.operations import Operations
+from gateway.ops.whatif import WhatIf, WhatIfError, as_json, policy_states
 from gateway.policy.model import Identity
-from gateway.policy_cases import QuestionInput
-from gateway.strict_json import JsonRefused
-from gateway.strict_json import loads as strict_json
 from gateway.web.admin_guard import (
     OPERATOR,
     READER,
@@ -82,8 +84,6 @@ from gateway.web.dashboard import (
     sign_in_page,
 )
 from gateway.web.embedded import EmbeddedServer
-from gateway.whatif import WhatIf, WhatIfError, as_json, policy_states
-from gateway.workers import ONLY_WORKER, Worker
 
 DECISION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 RELOAD_TRIGGER = "adminApi"

@@ -28,12 +28,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import headers
-from gateway.access import Clock, new_correlation_id
-from gateway.admin_audit import AdminActivity, AdminAuditLog, TargetResource, directory_audit_record
+from gateway.decision.service import Clock, new_correlation_id
 from gateway.errors import SignalUnavailable
+from gateway.http import headers
 from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
-from gateway.metrics import GatewayMetrics
+from gateway.ops.admin_audit import AdminActivity, AdminAuditLog, TargetResource, directory_audit_record
+from gateway.ops.metrics import GatewayMetrics
 from gateway.policy.model import Identity
 from gateway.web.dashboard import CONTENT_SECURITY_POLICY, message_page, sign_in_page
 

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.access import AccessService, new_correlation_id
+from gateway.decision.service import AccessService, new_correlation_id
 from gateway.errors import SignalUnavailable
 from gateway.identity.browser import (
     BINDING_COOKIE,

@@ -18,9 +18,9 @@ from html import escape
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from gateway.health import Check, overall
+from gateway.ops.health import Check, overall
+from gateway.ops.reload import ReloadOutcome
 from gateway.policy.model import DecisionResult, Identity, PolicyResultKind
-from gateway.reload import ReloadOutcome
 
 PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 MAX_FILTER_LENGTH = 256

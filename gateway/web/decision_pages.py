@@ -17,7 +17,7 @@ from gateway.decision.outcome import (
     Unauthenticated,
 )
 from gateway.policy.model import Restriction, SessionControls
-from gateway.session_controls import response_restriction
+from gateway.policy.session_controls import response_restriction
 from gateway.web import pages
 
 logger = logging.getLogger(__name__)

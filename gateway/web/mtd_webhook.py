@@ -2,7 +2,7 @@
 device's next request and closes its open connections if access is withdrawn.
 
 Answers: 202 accepted (with unknown devices and ignored states listed), 400 malformed (a body
-that is not JSON with one reading, ``gateway.strict_json``; Content-Type, X-Portcullis-Timestamp
+that is not JSON with one reading, ``gateway.http.strict_json``; Content-Type, X-Portcullis-Timestamp
 or X-Portcullis-Signature sent more than once), 401 bad or missing signature or timestamp outside
 the window, 404 unknown partner, 409 replayed push, 413 body too large, 415 not JSON, 503 not
 stored (retry: a push counts as received only once stored).
@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from gateway.access import AccessService
+from gateway.decision.service import AccessService
 from gateway.errors import SignalUnavailable
 from gateway.signals.mtd import MAX_BODY_BYTES, MtdReceiver, Partner, Verdict, WebhookRejected
 from gateway.terminal import printable

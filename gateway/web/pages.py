@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from html import escape
 
-from gateway.headers import CORRELATION_ID
+from gateway.http.headers import CORRELATION_ID
 from gateway.policy.model import AccessRequest, ClientApp, Decision, DeviceSignals, ErrorCode
 
 SECURITY_HEADERS = (

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 from ruamel.yaml import YAML
 
-from gateway.demo import (
+from gateway.app.demo import (
     ALEX_IPHONE,
     EXCHANGE,
     OUTLOOK_MOBILE,

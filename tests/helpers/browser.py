@@ -6,7 +6,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from gateway.demo import ALEX_IPHONE
+from gateway.app.demo import ALEX_IPHONE
 from tests.conftest import Gateway
 from tests.helpers.hosts import MAIL
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.certs import ensure_server_certificate
+from gateway.app.certs import ensure_server_certificate
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from tests.conftest import REPO

@@ -10,7 +10,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from gateway.audit import find_record, log_files
+from gateway.decision.log import find_record, log_files
 from tests.conftest import Gateway, Ports, gateway_config, operations_for, proxy_for
 
 

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from gateway import bootstrap
+from gateway.app import bootstrap
 from tests.conftest import Gateway
 from tests.helpers.hosts import MAIL
 

@@ -8,7 +8,7 @@ import uuid
 
 import httpx
 
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
+from gateway.app.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE, activesync
 from gateway.signals.mtd import sign
 from tests.conftest import MTD_SECRET, Gateway
 from tests.helpers.hosts import MAIL, SERVICE

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from gateway.operations import Operations
+from gateway.ops.operations import Operations
 from tests.conftest import Gateway, Ports, gateway_config, operations_for, proxy_for
 
 

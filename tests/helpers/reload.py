@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from gateway.operations import Operations
+from gateway.ops.operations import Operations
 from gateway.routing import BROWSER_ENDPOINTS
 from gateway.web.browser_pages import browser_app
 from tests.conftest import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.cli import main
+from gateway.app.cli import main
 
 
 def replay(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:

@@ -9,7 +9,7 @@ import httpx
 from cryptography.fernet import Fernet
 from ruamel.yaml import YAML
 
-from gateway.demo import ALEX_IPHONE, activesync
+from gateway.app.demo import ALEX_IPHONE, activesync
 from gateway.signals.mtd import sign
 from tests.conftest import MTD_SECRET, Gateway, Ports
 from tests.gateway_process import GatewayProcess, sibling_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from gateway.demo import ALEX_IPHONE, OUTLOOK_MOBILE, SHAREPOINT
+from gateway.app.demo import ALEX_IPHONE, OUTLOOK_MOBILE, SHAREPOINT
 from tests.conftest import Gateway
 from tests.helpers.hosts import DOCS
 

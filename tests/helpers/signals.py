@@ -6,9 +6,9 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway import bootstrap
-from gateway.access import utc_now
-from gateway.demo import ALEX_IPHONE
+from gateway.app import bootstrap
+from gateway.app.demo import ALEX_IPHONE
+from gateway.decision.service import utc_now
 from gateway.policy.model import DeviceThreatLevel
 from gateway.signals.sqlite_store import SqliteDeviceStore
 

@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import json
 
-from gateway.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
+from gateway.app.demo import ALEX_IPHONE, EXCHANGE, OUTLOOK_MOBILE
 from tests.conftest import (
     Gateway,
 )

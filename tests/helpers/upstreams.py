@@ -9,7 +9,7 @@ import threading
 
 import h2.errors
 
-from gateway.demo import ACTIVESYNC
+from gateway.app.demo import ACTIVESYNC
 from tests.conftest import Gateway
 from tests.helpers.hosts import MAIL
 from tests.helpers.http import h2_request, h2_to, tls_to

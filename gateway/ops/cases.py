@@ -40,6 +40,7 @@ from pydantic import Field, IPvAnyAddress
 
 from gateway.config.loader import raise_if, read_yaml, validate
 from gateway.config.models import Model
+from gateway.ops.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError
 from gateway.policy.model import (
     ClientAppType,
     Decision,
@@ -49,7 +50,6 @@ from gateway.policy.model import (
     Restriction,
     RolloutCohort,
 )
-from gateway.whatif import DEFAULT_IP, Question, WhatIf, WhatIfError
 
 
 class ExpectedResult(StrEnum):

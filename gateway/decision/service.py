@@ -2,7 +2,7 @@
 (``gateway.decision.pipeline``) with the gateway's own sources; this module applies the result:
 counts it, builds its record (written at once for an answer, when its answer is known for a
 forwarded request), renders its page, and starts a browser sign-in. It hands on to their own
-parts: the change feed (``gateway.change_feed``), MTD verdicts (``gateway.signals.mtd_ingest``)
+parts: the change feed (``gateway.signals.change_feed``), MTD verdicts (``gateway.signals.mtd_ingest``)
 and routing (``gateway.routing``, through ``rules.router``, swapped with the rules).
 """
 
@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.audit import REDECIDED, DecisionLog
-from gateway.change_feed import ChangeFeed
 from gateway.config import Config
 from gateway.counted_log import CountedLog
 from gateway.decision import pipeline
+from gateway.decision.log import REDECIDED, DecisionLog
 from gateway.decision.outcome import Authorization, Forward, SignIn
 from gateway.decision.record import decision_record
 from gateway.decision.rules import Rules
@@ -30,10 +29,11 @@ from gateway.events import RULES_RELOADED, AllDevicesChanged, ChangeListener, De
 from gateway.identity.assertion import AssertionSigner
 from gateway.identity.browser import BrowserSignIn
 from gateway.identity.tokens import BearerValidator
-from gateway.metrics import GatewayMetrics
+from gateway.ops.metrics import GatewayMetrics
 from gateway.policy.model import NO_SESSION_CONTROLS, AccessRequest, Decision, Restriction, SessionControls
 from gateway.policy.policy_set import PolicySet
 from gateway.signals.cache import CachedInventory
+from gateway.signals.change_feed import ChangeFeed
 from gateway.signals.mtd import Verdict
 from gateway.signals.mtd_ingest import ThreatVerdicts
 from gateway.signals.store import DeviceStore

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.audit import PrivateRotatingFileHandler
+from gateway.decision.log import PrivateRotatingFileHandler
 from gateway.policy.model import Identity
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ rest with 400 and a closed connection, before any hook, decision or upstream see
     field-line    = token ":" OWS [ value ] OWS    (no obs-fold; the value holds no CR, LF, NUL,
                                                     VT or FF: mitmproxy strips VT and FF, upstreams
                                                     may not. Other control bytes frame nothing:
-                                                    gateway.headers refuses them after parsing,
+                                                    gateway.http.headers refuses them after parsing,
                                                     for HTTP/2 alike)
     framing       = at most one Content-Length, 1*19DIGIT without leading zeros, below 2**63;
                     or exactly one "Transfer-Encoding: chunked", on HTTP/1.1 only; never both;
@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from gateway.headers import MAX_HEADER_BYTES, TOKEN
+from gateway.http.headers import MAX_HEADER_BYTES, TOKEN
 
 MAX_EMPTY_LINE_BYTES = 8  # empty lines (CRLF) before a request line: RFC 9112 §2.2 asks to ignore at least one
 MAX_REQUEST_LINE_BYTES = 8 * 1024  # IIS accepts 4 KiB URLs (16 KiB with the query); nginx 8 KiB lines

@@ -18,9 +18,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from gateway import bootstrap
-from gateway.audit import Pseudonymizer
+from gateway.app import bootstrap
 from gateway.config import Config, load_config
+from gateway.decision.log import Pseudonymizer
+from gateway.ops.whatif import DEFAULT_IP
 from gateway.replay.engine import Side, replay
 from gateway.replay.html import as_html
 from gateway.replay.recorded import (
@@ -34,7 +35,6 @@ from gateway.replay.recorded import (
 )
 from gateway.replay.report import ReplayReport, as_text, never_matched, notes
 from gateway.terminal import printable
-from gateway.whatif import DEFAULT_IP
 
 PSEUDONYM_KEY_FILE = "pseudonym.key"  # in the state directory, as ``bootstrap.pseudonym_key`` makes it
 RECORDED_BASELINE = "the decisions recorded in the decision log (what the running gateway decided)"

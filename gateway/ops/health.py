@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from gateway.access import AccessService, utc_now
-from gateway.drain_state import DrainState
+from gateway.decision.service import AccessService, utc_now
 from gateway.errors import SignalUnavailable
 from gateway.identity.jwks import JwksCache
-from gateway.reload import ConfigReloader
+from gateway.ops.drain import DrainState
+from gateway.ops.reload import ConfigReloader
 from gateway.signals.graph import GraphInventory
 
 type Status = Literal["pass", "warn", "fail"]

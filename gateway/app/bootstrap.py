@@ -13,15 +13,16 @@ from pathlib import Path
 import httpx
 from cryptography.fernet import Fernet
 
-from gateway.access import AccessService, Clock, utc_now
-from gateway.audit import DecisionLog, Pseudonymizer
+from gateway.app.workers import ONLY_WORKER, Worker
 from gateway.config import Config, load_config, load_gateway_file, resolve
 from gateway.config.models import GraphConnectorSettings, MtdPartnerSettings, StateSettings
+from gateway.decision.log import DecisionLog, Pseudonymizer
+from gateway.decision.service import AccessService, Clock, utc_now
 from gateway.identity.assertion import assertion_signer
 from gateway.identity.browser import BrowserSignIn
 from gateway.identity.jwks import JwksCache
 from gateway.identity.tokens import BearerValidator
-from gateway.metrics import GatewayMetrics
+from gateway.ops.metrics import GatewayMetrics
 from gateway.signals.cache import CachedInventory
 from gateway.signals.devices import DeviceInventory, FileDeviceInventory, OverlayInventory
 from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings
@@ -31,7 +32,6 @@ from gateway.state.nonces import MemoryNonces, NonceStore, SqliteNonces
 from gateway.state.redis_state import RedisState
 from gateway.state.sessions import MemorySessionStore, SessionStore, SqliteSessionStore
 from gateway.state_files import warn_if_readable_by_others, write_once
-from gateway.workers import ONLY_WORKER, Worker
 
 MIN_SECRET_BYTES = 16
 

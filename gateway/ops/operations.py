@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.access import AccessService
-from gateway.drain_state import DrainState
-from gateway.health import GatewayHealth
+from gateway.decision.service import AccessService
 from gateway.identity.jwks import JwksCache
-from gateway.metrics import CacheCollector, SignalAgeCollector
-from gateway.reload import ConfigReloader
+from gateway.ops.drain import DrainState
+from gateway.ops.health import GatewayHealth
+from gateway.ops.metrics import CacheCollector, SignalAgeCollector
+from gateway.ops.reload import ConfigReloader
 from gateway.signals.devices import DeviceInventory
 from gateway.signals.graph import GraphInventory
 

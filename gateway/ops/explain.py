@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.audit import REDECIDED, signal_text
+from gateway.decision.log import REDECIDED, signal_text
 
 RESULT_MARKS = {
     "success": "+", "failure": "x", "notApplied": "-", "notEnabled": " ",

@@ -22,6 +22,7 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any, cast
 
+from gateway.policy.compliance import is_compliant
 from gateway.policy.model import (
     AccessRequest,
     ClientApp,
@@ -34,7 +35,6 @@ from gateway.policy.model import (
     PolicyResultKind,
 )
 from gateway.policy.rollout import request_listener
-from gateway.signals.compliance import is_compliant
 from gateway.signals.devices import device_record
 
 logger = logging.getLogger(__name__)
@@ -405,15 +405,16 @@ def _rotated(path: Path) -> list[Path]:
 def find_record(files: Iterable[Path], correlation_id: str) -> dict[str, Any] | None:
     """The newest record of a request, its own before any re-decision of it (``DecisionLog.find``)."""
     needle = f'"correlationId":"{correlation_id}"'
-    again = None
+    again: dict[str, Any] | None = None
     for file in files:
-        found = found_again = None
+        found: dict[str, Any] | None = None
+        found_again: dict[str, Any] | None = None
         try:
             with file.open(encoding="utf-8", errors="replace") as lines:
                 for line in lines:
                     if needle in line:
                         try:
-                            record = json.loads(line)
+                            record: dict[str, Any] = json.loads(line)
                         except json.JSONDecodeError:
                             continue
                         if record.get(REDECIDED):

@@ -29,12 +29,12 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.audit import policy_entry
 from gateway.config import Config
+from gateway.decision.log import policy_entry
 from gateway.decision.pipeline import authorize
 from gateway.decision.rules import Rules
 from gateway.decision.sources import GivenIdentity, InventorySignals
-from gateway.paths import canonical_path
+from gateway.http.paths import canonical_path
 from gateway.policy.model import (
     AccessRequest,
     ClientAppType,

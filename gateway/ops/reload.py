@@ -19,16 +19,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.access import AccessService, utc_now
 from gateway.config import CASES_FILE, GATEWAY_FILE, POLICIES_FILE, Config, load_config
 from gateway.config.lint import covered_resources
 from gateway.config.loader import locate
 from gateway.decision.rules import Rules
+from gateway.decision.service import AccessService, utc_now
 from gateway.errors import ConfigError, ConfigProblem
-from gateway.metrics import GatewayMetrics
-from gateway.policy_cases import load_cases, run_cases
+from gateway.ops.cases import load_cases, run_cases
+from gateway.ops.metrics import GatewayMetrics
+from gateway.ops.whatif import WhatIf
 from gateway.signals.devices import DeviceInventory
-from gateway.whatif import WhatIf
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""One module per ``portcullis`` command: each adds its parser (``add_parser``) and runs it."""
