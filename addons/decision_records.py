@@ -11,6 +11,9 @@ failed is written once the gateway's own answer went out or none will (``error_a
 open when the gateway stops, without a status (``client_disconnected``, ``done``). Whichever
 comes first writes it; the others find nothing left to write. Last in the addon chain: any other
 hook may still change the answer.
+
+A request a hook failed on (``safety.block`` answered 500) and that has no record waiting is
+logged here as a refusal with that reason, whichever addon failed: every refusal is a decision.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import logging
 from mitmproxy import connection, http
 
 from addons.flow_state import state
+from addons.refusals import logged_refusal
 from addons.safety import fail_closed
 from gateway.decision.service import AccessService
+from gateway.web.pages import INTERNAL_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,21 @@ class DecisionRecords:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if state(flow).record is not None:
             self.waiting.setdefault(flow.client_conn.id, set()).add(flow)
+        self._failed(flow)
+
+    @fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        self._failed(flow)
+
+    def _failed(self, flow: http.HTTPFlow) -> None:
+        """A hook before this one failed and answered 500: logged once, unless a record waits for the
+        answer (a forwarded request's, written with the 500 it got)."""
+        flow_state = state(flow)
+        if flow_state.failed_hook is None or flow_state.record is not None or flow_state.failure_logged:
+            return
+        flow_state.failure_logged = True
+        logged_refusal(self.service, flow, 500, f"{INTERNAL_ERROR} ({flow_state.failed_hook})",
+                       host=flow_state.host or "", error="internal_error")
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:

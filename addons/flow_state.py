@@ -28,7 +28,8 @@ FLOW_STATE_KEY = "portcullis.flow_state"
 class FlowState:
     # -- Where the request goes: written by Routing (``requestheaders``, before any decision).
     # Its id in every log line and the Correlation-Id answer header (``safety.respond``, AccessGate), and
-    # in recordings. Also written by strict_http for a request mitmproxy refused before any hook.
+    # in recordings. Also written by strict_http for a request mitmproxy refused before any hook, and by
+    # ``safety.block`` for one a hook failed on before Routing ran.
     correlation_id: str | None = None
     authority: str = ""  # the Host header as sent (Routing rewrites it): ``flows.access_request``
     host: str | None = None  # the protected host it was routed to: AccessGate, its upstream errors, recordings
@@ -63,6 +64,10 @@ class FlowState:
     upstream_failed: bool = False  # strict_http: the upstream's side ended the flow: AccessGate.error counts it
     body_after_answer: bool = False  # strict_http: refused, its body is read after the answer: RequestFraming
     last_on_connection: bool = False  # Drain: the last answer on an HTTP/2 connection: strict_http's GOAWAY
+    # safety.block: this hook failed and the gateway answered 500 (or withheld the upstream's answer):
+    # DecisionRecords logs it as a refusal when no record of the request is written otherwise.
+    failed_hook: str | None = None
+    failure_logged: bool = False  # DecisionRecords wrote that refusal
     framed_by_gateway: bool = False  # UpstreamFraming added Transfer-Encoding (``requestheaders``), for ``request``
 
 

@@ -110,7 +110,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         ready,
     )
     if endpoints:
-        master.addons.add(ServiceEndpoints(endpoints))
+        master.addons.add(ServiceEndpoints(service, endpoints))
     state_dir = config.path(settings.state_dir)
     (state_dir / "mitmproxy").mkdir(parents=True, exist_ok=True)
     _use_gateway_ca(config, state_dir / "mitmproxy")

@@ -22,13 +22,12 @@ from typing import Any, cast
 from mitmproxy import connection, http
 
 from addons.flow_state import state
+from gateway.decision.service import new_correlation_id
 from gateway.http.headers import CORRELATION_ID
+from gateway.web import pages
 
 logger = logging.getLogger(__name__)
 
-JSON = (("Content-Type", "application/json"),)
-INTERNAL_ERROR = b'{"error": "internal_error", "error_description": "the gateway failed on this request; it was ' \
-                 b'not forwarded or its answer was withheld"}'
 RESPONSE_HOOKS = frozenset({"responseheaders", "response"})  # the upstream already answered: replace that answer
 NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -76,12 +75,15 @@ def block(flow: http.HTTPFlow | connection.Client, event: str, name: str) -> Non
         return
     try:
         flow_state = state(flow)
-        logger.exception("[%s] %s failed; blocking the request", flow_state.correlation_id or "-", name)
+        if flow_state.correlation_id is None:  # failed before Routing named the request
+            flow_state.correlation_id = new_correlation_id()
+        logger.exception("[%s] %s failed; blocking the request", flow_state.correlation_id, name)
         flow_state.allowed = False
+        flow_state.failed_hook = name  # DecisionRecords logs it as a decision when nothing else will
         if event in RESPONSE_HOOKS and flow.response is not None:
             replace_response(flow)
         else:
-            respond(flow, 500, INTERNAL_ERROR, JSON)
+            answer(flow, pages.internal_error(flow_state.correlation_id))
     except Exception:  # even the error answer failed: drop the connection
         logger.exception("could not answer after %s failed; killing the flow", name)
         flow.kill()
@@ -97,6 +99,11 @@ def respond(flow: http.HTTPFlow, status: int, body: bytes, headers: tuple[tuple[
     flow.response = response
 
 
+def answer(flow: http.HTTPFlow, page: pages.GatewayResponse, *, close: bool = False) -> None:
+    """Answer with one of the gateway's pages (``gateway/web/pages.py``)."""
+    respond(flow, page.status_code, page.body, (*page.headers, ("Connection", "close")) if close else page.headers)
+
+
 def replace_response(flow: http.HTTPFlow) -> None:
     """The upstream answered (its headers at least): a 500 of ours goes out instead, and none of
     the upstream's body. An upstream answer without a body (HEAD, 204, 304, ``Content-Length: 0``)
@@ -106,8 +113,9 @@ def replace_response(flow: http.HTTPFlow) -> None:
     assert upstream is not None  # response-side hooks only
     empty = flow.request.method.upper() == "HEAD" or upstream.status_code in NO_BODY_STATUSES \
         or upstream.status_code < 200 or upstream.headers.get("content-length", "").strip() == "0"
-    body = b"" if empty else INTERNAL_ERROR
-    respond(flow, 500, body, JSON)
+    page = pages.internal_error(state(flow).correlation_id or new_correlation_id())
+    body = b"" if empty else page.body
+    respond(flow, 500, body, page.headers)
     assert flow.response is not None  # respond set it
     flow.response.stream = dropping_upstream_body(body)
 

@@ -10,13 +10,15 @@ from mitmproxy import http
 
 from addons.flow_state import state
 from addons.mitm_internals import serve
-from addons.safety import fail_closed, respond
+from addons.refusals import refuse
+from addons.safety import fail_closed
+from gateway.decision.service import AccessService
 from gateway.web.types import ASGIApp
 
 
 class ServiceEndpoints:
-    def __init__(self, apps: dict[str, ASGIApp]) -> None:
-        self.apps = apps
+    def __init__(self, service: AccessService, apps: dict[str, ASGIApp]) -> None:
+        self.service, self.apps = service, apps
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -24,9 +26,10 @@ class ServiceEndpoints:
         if not kind or flow.response or flow.error or not flow.live:
             return
         app = self.apps.get(kind)
+        host = flow.request.host_header or ""
         if app is None:
-            respond(flow, 404, b'{"error": "not_found"}', (("Content-Type", "application/json"),))
+            refuse(self.service, flow, 404, "no endpoint of the gateway is configured here", host=host, close=False)
             return
         await serve(app, flow)
         if flow.response is None:
-            respond(flow, 500, b'{"error": "internal_error"}', (("Content-Type", "application/json"),))
+            refuse(self.service, flow, 500, f"the gateway's {kind} endpoint gave no answer", host=host, close=False)

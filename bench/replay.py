@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from addons.runner import running_gateway
 from gateway.app import bootstrap
+from gateway.app.commands.replay import read_sources
 from gateway.app.demo import SCENARIOS, scenario_token
 from gateway.config import load_config
 from gateway.ops.whatif import DEFAULT_IP
-from gateway.app.commands.replay import read_sources
 from gateway.replay.engine import Side, replay
 from tests.conftest import Ports, demo_config_copy
 

@@ -35,7 +35,9 @@ from gateway.app.demo import (
 from gateway.config import load_config
 from gateway.config.lint import config_warnings
 from gateway.errors import ConfigError
+from gateway.ops.metrics import GatewayMetrics, reason_label
 from gateway.ops.operations import Operations
+from gateway.policy.model import ClientAppType, Decision, DecisionResult, ErrorCode
 from gateway.web.admin import admin_listener
 from tests.conftest import (
     Background,
@@ -733,3 +735,14 @@ def test_the_admin_audit_log_rotates_by_size_and_stays_private(tmp_path: Path) -
     assert json.loads(path.read_text().splitlines()[-1])["correlationId"] == "c199"
     unwritable = AdminAuditLog(tmp_path)  # a directory: the write fails, is reported, never raised
     assert unwritable.write({"correlationId": "c"}) is False
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_every_error_code_is_counted_under_a_reason_of_its_own(code: ErrorCode) -> None:
+    """A refusal with any error code is counted (a 500 of the gateway's own raised KeyError in the
+    metrics, so the request it refused never reached the decision log)."""
+    decision = Decision(result=DecisionResult.block, status_code=code.value if code.value < 600 else 403,
+                        error_code=code, reason="r", resource=None, client_app_type=ClientAppType.other)
+    label = reason_label(decision)
+    assert label[0].islower() and label.isalnum() and label not in ("blocked", "refused")
+    GatewayMetrics().record_decision(decision, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,9 +20,11 @@ from mitmproxy.proxy import layers
 from mitmproxy.test import tflow, tutils
 
 from addons.access_gate import AccessGate
+from addons.decision_records import DecisionRecords
 from addons.flow_state import FLOW_STATE_KEY, FlowState, state
 from addons.framing import UpstreamFraming
 from addons.recorded_flows import FlowRecording, read_flow_file
+from addons.service_endpoints import ServiceEndpoints
 from gateway.decision.pipeline import refused_before_policy
 from gateway.decision.service import Outcome
 from gateway.http.headers import CORRELATION_ID
@@ -70,7 +73,8 @@ def test_the_credentials_kept_for_a_new_decision_stay_out_of_the_states_repr() -
 # Who writes what: one writer per field, except where this table says why not
 
 WRITERS: dict[str, set[str]] = {
-    "correlation_id": {"routing", "strict_http"},  # strict_http: a request mitmproxy refused before any hook
+    # strict_http: a request mitmproxy refused before any hook; safety: a hook failed before Routing named it
+    "correlation_id": {"routing", "strict_http", "safety"},
     "authority": {"routing"},
     "host": {"routing"},
     "service": {"routing"},
@@ -92,6 +96,8 @@ WRITERS: dict[str, set[str]] = {
     "upstream_failed": {"strict_http"},
     "body_after_answer": {"strict_http"},
     "last_on_connection": {"drain"},
+    "failed_hook": {"safety"},
+    "failure_logged": {"decision_records"},
     "framed_by_gateway": {"framing"},
 }
 
@@ -186,9 +192,11 @@ class CountingService:
 
     def __init__(self) -> None:
         self.metrics = GatewayMetrics()
+        self.refused: list[tuple[int, str]] = []  # what the core was asked to log
 
     def refuse(self, request: AccessRequest, status: int, reason: str, *, error: str | None = None) -> Outcome:
         """A refusal's answer as the core renders it (its record is the live tests' business)."""
+        self.refused.append((status, reason))
         return Outcome(refused_before_policy(request, status, reason),
                        pages.refused(status, reason, request.correlation_id, error=error), {})
 
@@ -249,6 +257,34 @@ def test_a_request_routing_did_not_route_is_answered_500_not_decided() -> None:
     invoke(AccessGate(CountingService()), layers.http.HttpRequestHeadersHook(flow))  # type: ignore[arg-type]
     assert flow.response is not None and flow.response.status_code == 500
     assert state(flow).allowed is False
+    page = json.loads(flow.response.content or b"")
+    assert page["error"] == "internal_error" and page["correlationId"] == state(flow).correlation_id
+    assert state(flow).failed_hook == "AccessGate.requestheaders"
+
+
+@pytest.mark.parametrize("record", [None, {"correlationId": "c0ffee"}], ids=["no record", "a record waits"])
+def test_a_failed_hook_is_logged_as_a_refusal_unless_a_record_waits_for_its_answer(
+        record: dict[str, str] | None) -> None:
+    flow = tflow.tflow()
+    notes = state(flow)
+    notes.correlation_id, notes.failed_hook, notes.record = "c0ffee", "Routing.requestheaders", record
+    service = CountingService()
+    for _ in range(2):  # requestheaders, then request: logged once
+        invoke(DecisionRecords(service), layers.http.HttpRequestHeadersHook(flow))  # type: ignore[arg-type]
+        invoke(DecisionRecords(service), layers.http.HttpRequestHook(flow))  # type: ignore[arg-type]
+    assert [status for status, _ in service.refused] == ([] if record else [500])
+    assert all("Routing.requestheaders" in reason for _, reason in service.refused)
+
+
+def test_the_gateways_endpoint_without_an_app_is_a_logged_404_page() -> None:
+    flow = tflow.tflow()
+    state(flow).correlation_id, state(flow).service = "c0ffee", "mtd"
+    service = CountingService()
+    invoke(ServiceEndpoints(service, {}), layers.http.HttpRequestHook(flow))  # type: ignore[arg-type]
+    assert flow.response is not None and flow.response.status_code == 404
+    assert json.loads(flow.response.content or b"")["error"] == "not_found"
+    assert flow.response.headers[CORRELATION_ID] == "c0ffee"
+    assert [status for status, _ in service.refused] == [404]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import json
 import pkgutil
 import ssl
 import sys
+import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -40,7 +41,8 @@ from addons.runner import running_gateway
 from addons.safety import is_fail_closed
 from gateway.app import bootstrap
 from gateway.app.demo import ACTIVESYNC
-from tests.conftest import Background, Gateway, Ports, free_port, gateway_config
+from gateway.http.headers import CORRELATION_ID
+from tests.conftest import Background, Gateway, Ports, free_port, gateway_config, logged_records
 from tests.helpers.hosts import MAIL
 from tests.helpers.tokens import outlook_token
 
@@ -203,6 +205,7 @@ class LiveChain:
     upstream: RecordingUpstream
     master: Any
     chain: list[Any]  # the Portcullis addons of the running chain, in order
+    decision_log: Path
 
 
 @contextlib.asynccontextmanager
@@ -217,7 +220,8 @@ async def production_gateway(config_dir: Path, upstream: RecordingUpstream) -> A
         async with upstream.serving(), running_gateway(loaded) as running:
             master = mitmproxy.ctx.master
             ours = [a for a in traverse(master.addons.chain) if type(a).__module__.split(".")[0] == "addons"]
-            yield LiveChain(running.addresses[0][1], kiosk.listen.port, upstream, master, ours)
+            yield LiveChain(running.addresses[0][1], kiosk.listen.port, upstream, master, ours,
+                            loaded.config.path(loaded.config.gateway_file.decision_log.path))
     finally:
         mitmproxy.ctx.master, mitmproxy.ctx.options = previous
 
@@ -295,12 +299,26 @@ def test_a_fault_in_any_hook_blocks_the_flow(live: LiveChain, gateway: Gateway, 
             failures.append(f"{name}: the client got {answer.status_code} {answer.text[:120]!r}")
         if event not in RESPONSE_SIDE and reached_upstream(live, probe):
             failures.append(f"{name}: the upstream received the request")
+        if event in REQUEST_SIDE and answer.status_code == 500 and not logged_as_500(live, answer):
+            failures.append(f"{name}: its 500 is not in the decision log")
         twin_probe = str(uuid.uuid4())
         twin = send(live, gateway, twin_probe)  # the legitimate twin: no fault, forwarded and answered
         if twin.status_code != 200 or twin.json().get("backend") != "recording-upstream" \
                 or not reached_upstream(live, twin_probe):
             failures.append(f"{name}: its twin without a fault got {twin.status_code} {twin.text[:120]!r}")
     assert not failures, "\n".join(failures)
+
+
+def logged_as_500(live: LiveChain, answer: httpx.Response) -> bool:
+    """A record of the answer's request says the client got 500 (written by a thread: waited for)."""
+    correlation_id = answer.headers.get(CORRELATION_ID)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if any(r.get("correlationId") == correlation_id and r.get("httpStatus") == 500
+               for r in logged_records(live.decision_log)):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def test_a_fault_after_the_upstream_answered_withholds_its_body(live: LiveChain, gateway: Gateway) -> None:

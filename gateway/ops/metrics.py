@@ -45,6 +45,7 @@ _ERROR_NAMES = {
     ErrorCode.blocked_by_conditional_access: "blockedByConditionalAccess",
     ErrorCode.blocked_due_to_risk: "blockedDueToRisk",
     ErrorCode.misdirected_request: "misdirected",
+    ErrorCode.internal_error: "internalError",
 }
 
 

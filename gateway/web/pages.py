@@ -59,9 +59,10 @@ def unauthenticated(reason: str, correlation_id: str, *, presented: bool = True,
     return _json(401, body, correlation_id, (("WWW-Authenticate", challenge),))
 
 
-REFUSALS = {400: "bad_request", 403: "access_denied", 411: "length_required", 413: "payload_too_large",
-            414: "uri_too_long", 421: "misdirected_request", 431: "request_header_fields_too_large",
-            500: "internal_error", 501: "not_implemented", 503: "temporarily_unavailable"}
+REFUSALS = {400: "bad_request", 403: "access_denied", 404: "not_found", 411: "length_required",
+            413: "payload_too_large", 414: "uri_too_long", 421: "misdirected_request",
+            431: "request_header_fields_too_large", 500: "internal_error", 501: "not_implemented",
+            503: "temporarily_unavailable"}
 
 
 def refused(status: int, reason: str, correlation_id: str, *, error: str | None = None) -> GatewayResponse:
@@ -70,6 +71,14 @@ def refused(status: int, reason: str, correlation_id: str, *, error: str | None 
     signal source down (503)."""
     body = {"error": error or REFUSALS[status], "error_description": reason, "correlationId": correlation_id}
     return _json(status, body, correlation_id, (("Retry-After", "30"),) if status == 503 else ())
+
+
+INTERNAL_ERROR = "the gateway failed on this request; it was not forwarded or its answer was withheld"
+
+
+def internal_error(correlation_id: str) -> GatewayResponse:
+    """A hook failed (``addons/safety.py``): nothing was forwarded, or the upstream's answer is withheld."""
+    return refused(500, INTERNAL_ERROR, correlation_id)
 
 
 def redirect(location: str, correlation_id: str, *, set_cookie: str | None = None) -> GatewayResponse:
