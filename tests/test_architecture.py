@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,22 @@ def test_no_test_module_imports_another_test_module() -> None:
         if imported in test_modules - {_module_name(path)}
     }
     assert not importers, sorted(importers)
+
+
+MODULE_PATH = re.compile(r"`((?:gateway|addons)/[\w/]+\.py)`")
+
+
+def test_the_module_map_names_every_module_and_only_modules_that_exist() -> None:
+    """docs/architecture.md is the module map: a module added, moved or removed shows up here."""
+    named = set(MODULE_PATH.findall((REPO / "docs" / "architecture.md").read_text()))
+    modules = {str(path.relative_to(REPO)) for top in ("gateway", "addons") for path in (REPO / top).rglob("*.py")}
+    assert "gateway/decision/pipeline.py" in modules
+    assert modules - named == set(), "modules the map does not name"
+    assert named - modules == set(), "the map names modules that do not exist"
+
+
+def test_the_readme_and_docs_name_only_modules_that_exist() -> None:
+    modules = {str(path.relative_to(REPO)) for top in ("gateway", "addons") for path in (REPO / top).rglob("*.py")}
+    for document in [REPO / "README.md", REPO / "SECURITY.md", *(REPO / "docs").glob("*.md")]:
+        missing = set(MODULE_PATH.findall(document.read_text())) - modules
+        assert missing == set(), f"{document.name} names modules that do not exist"
