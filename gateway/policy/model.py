@@ -142,6 +142,38 @@ class Restriction(StrEnum):
     block_uploads = "blockUploads"
 
 
+class DeviceKey(StrEnum):
+    """Which inventory field a device certificate names the device by (an MDM profile puts one of
+    them in the certificate: Intune's SAN URI ``IntuneDeviceId://{{DeviceId}}``, or
+    ``{{AAD_Device_ID}}``, or the serial number)."""
+
+    azure_ad_device_id = "azureADDeviceId"  # the Entra device id: the inventory's own key
+    intune_device_id = "intuneDeviceId"  # Intune's managed device id (Graph managedDevice ``id``)
+    serial_number = "serialNumber"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceCertificate:
+    """What the client's TLS certificate says about its device, verified once per connection
+    (``gateway/identity/device_certificates.py``). ``problem`` is None only for a certificate that
+    chains to a configured device CA, is valid now, is for client authentication, is not revoked,
+    and names exactly one device; the rest describes the certificate (never its key: the gateway
+    has none) for the decision log."""
+
+    device_key: DeviceKey | None = None  # which inventory field ``device_value`` is
+    device_value: str | None = None  # as the certificate names it (normalised: ids lower case)
+    subject: str = ""  # RFC 4514
+    issuer: str = ""  # RFC 4514
+    serial_number: str = ""  # hex, as CRLs and MDM consoles show it
+    sha256: str = ""  # the leaf certificate's fingerprint, hex
+    not_after: datetime | None = None
+    problem: str | None = None  # why it does not name a device the gateway may believe
+
+    @property
+    def verified(self) -> bool:
+        return self.problem is None and self.device_value is not None
+
+
 class DecisionResult(StrEnum):
     allow = "allow"
     block = "block"
@@ -166,6 +198,8 @@ class AccessRequest:
     chunked: bool = False
     authority: str = ""  # host[:port] as the client addressed it (the Host header, validated)
     kiosk_location: str | None = None  # set for requests through the kiosk proxy: an unmanaged browser
+    # the connection's client certificate (reverse listener only; None: none was presented)
+    device_certificate: DeviceCertificate | None = None
 
     @classmethod
     def unread(cls, *, correlation_id: str, client_ip: str, request_line: bytes,
