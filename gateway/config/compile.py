@@ -74,6 +74,7 @@ def session_controls(model: SessionControlsConfig | None) -> SessionControls:
         block_uploads=model.block_uploads,
         sign_in_frequency_seconds=model.sign_in_frequency.seconds if model.sign_in_frequency else None,
         persistent_browser=model.persistent_browser,
+        token_protection=model.token_protection,
     )
 
 

@@ -776,6 +776,7 @@ class SessionControlsConfig(Model):
     block_uploads: bool = False
     sign_in_frequency: SignInFrequency | None = None
     persistent_browser: PersistentBrowser | None = None
+    token_protection: bool = False  # Entra: "require token protection for sign-in sessions"
 
 
 class Rollout(Model):

@@ -28,6 +28,7 @@ from gateway.policy.model import (
     ClientApp,
     Decision,
     DecisionResult,
+    DeviceCertificate,
     DeviceSignals,
     Identity,
     ManagedDevice,
@@ -86,6 +87,8 @@ def sign_in_record(
     }
     if decision.restriction is not None:  # the device binding or a session control refused it, not a policy
         record["restriction"] = decision.restriction.value
+    if request.device_certificate is not None:
+        record["deviceCertificate"] = certificate_json(request.device_certificate)
     if identity is not None:
         record["evaluationInput"] = evaluation_input(identity, device, request)
     return record
@@ -106,6 +109,22 @@ def evaluation_input(identity: Identity, device: DeviceSignals | None, request: 
     }
 
 
+def certificate_json(certificate: DeviceCertificate) -> dict[str, Any]:
+    """The connection's client certificate as the decision saw it: whether it was believed, why
+    not, and what names it (never a key: the gateway has none)."""
+    return {
+        "verified": certificate.verified,
+        "problem": certificate.problem,
+        "deviceKey": certificate.device_key.value if certificate.device_key else None,
+        "deviceValue": certificate.device_value,
+        "subject": certificate.subject,
+        "issuer": certificate.issuer,
+        "serialNumber": certificate.serial_number,
+        "sha256": certificate.sha256,
+        "notAfter": certificate.not_after.isoformat() if certificate.not_after else None,
+    }
+
+
 @functools.lru_cache(maxsize=4096)
 def device_json(device: ManagedDevice) -> dict[str, Any]:
     """The device as Intune writes it. Cached: a device answers many requests between changes,
@@ -123,6 +142,10 @@ def signal_entries(*, request: AccessRequest, identity: Identity | None, identit
         entries.append(_signal("identity", "valid", identity_source or "accessToken", age))
         app_name = (app.name or app.client_id) if app else None
         entries.append(_signal("clientApp", app_name or "unknown", "token (azp/appid)", age))
+    certificate = request.device_certificate
+    if certificate is not None:
+        entries.append(_signal("deviceCertificate", "verified" if certificate.verified else "notAccepted",
+                               f"client certificate issued by {certificate.issuer or 'an unknown issuer'}", 0))
     if device is not None and device.device_id is not None:
         record = device.device
         if record is None:
@@ -222,6 +245,9 @@ class Pseudonymizer:
         if record.get("deviceDetail") and record["deviceDetail"].get("displayName"):
             record["deviceDetail"] = {**record["deviceDetail"],
                                       "displayName": self.pseudonym(record["deviceDetail"]["displayName"])}
+        if record.get("deviceCertificate") and record["deviceCertificate"].get("subject"):
+            record["deviceCertificate"] = {**record["deviceCertificate"],  # may name the user (CN=alex@...)
+                                           "subject": self.pseudonym(record["deviceCertificate"]["subject"])}
         if record.get("evaluationInput"):
             given = dict(record["evaluationInput"])
             given["subject"] = self.pseudonym(given["subject"])

@@ -23,6 +23,7 @@ from typing import Protocol
 from urllib.parse import parse_qsl
 
 from gateway.config.models import ChallengeSettings
+from gateway.decision import device_binding
 from gateway.decision.outcome import (
     Action,
     Authorization,
@@ -84,6 +85,10 @@ class Signals:
     check_binding: bool = True
     binding_problem: str | None = None
     cohorts: Mapping[str, RolloutCohort] | None = None
+    # the inventory device the connection's verified certificate names (``device`` is then that device),
+    # or why the certificate names none (``device_binding.resolution_problem``)
+    certificate_device_id: str | None = None
+    certificate_problem: str | None = None
 
 
 class IdentitySource(Protocol):
@@ -201,21 +206,49 @@ def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identi
     """The ActiveSync device binding, ``evaluate`` (its one call site), then the session controls
     that refuse the request itself. Pure."""
     app, device = rules.app(identity), signals.device
-    problem = _device_binding_problem(request, device) if signals.check_binding else signals.binding_problem
-    if problem is not None:
+    refused_device = _device_refusal(rules, request, identity, signals)
+    if refused_device is not None:
+        refusing, problem = refused_device
         return Decided(Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
                                 reason=problem, resource=None, client_app_type=client_app_type(request, identity),
-                                restriction=Restriction.activesync_device_id_mismatch), app, device)
+                                restriction=refusing), app, device)
     decision = evaluate(request=request, identity=identity, device=device, app=app, resources=resources,
                         policy_set=rules.policy_set, now=now, cohorts=signals.cohorts)
+    if not decision.allowed:
+        return Decided(decision, app, device)
     restriction = request_restriction(
         decision.session_controls, method=request.method, content_type=request.content_type,
         content_length=request.content_length, chunked=request.chunked, resources=resources,
-        download_resources=rules.policy_set.download_resources) if decision.allowed else None
+        download_resources=rules.policy_set.download_resources)
     if restriction is not None:
         decision = replace(decision, result=DecisionResult.block, status_code=403, reason=REASONS[restriction],
                            restriction=restriction)
+    elif decision.session_controls.token_protection:
+        unbound = device_binding.token_protection_problem(identity.device_id, signals.certificate_device_id)
+        if unbound is not None:
+            decision = replace(decision, result=DecisionResult.block, status_code=403,
+                               error_code=ErrorCode.device_not_compliant, reason=unbound,
+                               restriction=Restriction.token_protection)
     return Decided(decision, app, device)
+
+
+def _device_refusal(rules: Rules, request: AccessRequest, identity: Identity,
+                    signals: Signals) -> tuple[Restriction, str] | None:
+    """Before policy: the connection's device certificate (not believed, naming no single inventory
+    device, or missing where required), the token naming another device than the certificate, and
+    the ActiveSync DeviceId naming another device than the one decided for."""
+    if request.kiosk_location is None:
+        problem = device_binding.certificate_problem(
+            request.device_certificate, required=rules.device_certificate_required(request.host)) \
+            or signals.certificate_problem
+        if problem is not None:
+            return Restriction.device_certificate, problem
+        mismatch = device_binding.token_device_problem(identity.device_id, signals.certificate_device_id)
+        if mismatch is not None:
+            return Restriction.token_device_mismatch, mismatch
+    problem = _device_binding_problem(request, signals.device) if signals.check_binding \
+        else signals.binding_problem
+    return (Restriction.activesync_device_id_mismatch, problem) if problem is not None else None
 
 
 def _outcome(rules: Rules, request: AccessRequest, who: Identified, decided: Decided, source: IdentitySource,

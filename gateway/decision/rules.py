@@ -29,6 +29,10 @@ class Rules:
                    config.app_names_by_client_id(), config.gateway_file.device_signals.compliance.settings(),
                    Router(config.gateway_file))
 
+    def device_certificate_required(self, host: str) -> bool:
+        """The host refuses requests on a connection without a device certificate."""
+        return False  # no host asks for device certificates yet
+
     def app(self, identity: Identity) -> ClientApp:
         return ClientApp(client_id=identity.client_id, name=self.app_names.get(identity.client_id or ""))
 

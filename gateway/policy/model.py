@@ -138,6 +138,11 @@ class Restriction(StrEnum):
     (before policy), or a session control that refuses the request itself once policy allowed it."""
 
     activesync_device_id_mismatch = "activeSyncDeviceIdMismatch"  # the URL names another device than the token
+    # the connection's device certificate: not believed (unverified, or naming no single inventory device),
+    # or missing where the host requires one
+    device_certificate = "deviceCertificate"
+    token_device_mismatch = "tokenIssuedToAnotherDevice"  # noqa: S105  (the certificate names another device)
+    token_protection = "tokenProtection"  # noqa: S105  (the session control: the token is not bound to this device)
     block_downloads = "blockDownloads"
     block_uploads = "blockUploads"
 
@@ -306,6 +311,9 @@ class SessionControls:
     block_uploads: bool = False
     sign_in_frequency_seconds: int | None = None  # 0 means every time
     persistent_browser: PersistentBrowser | None = None
+    # Entra's "require token protection for sign-in sessions": the token or session is honoured only
+    # on a connection whose device certificate names the device it was issued to
+    token_protection: bool = False
 
     def merge(self, other: SessionControls) -> SessionControls:
         frequencies = [f for f in (self.sign_in_frequency_seconds, other.sign_in_frequency_seconds) if f is not None]
@@ -316,6 +324,7 @@ class SessionControls:
             sign_in_frequency_seconds=min(frequencies) if frequencies else None,
             persistent_browser=(PersistentBrowser.never if PersistentBrowser.never in browsers
                                 else next(iter(browsers), None)),
+            token_protection=self.token_protection or other.token_protection,
         )
 
     def names(self) -> tuple[str, ...]:
@@ -324,6 +333,7 @@ class SessionControls:
             ("blockUploads", self.block_uploads),
             ("signInFrequency", self.sign_in_frequency_seconds is not None),
             ("persistentBrowser", self.persistent_browser is not None),
+            ("tokenProtection", self.token_protection),
         ) if on)
 
 
