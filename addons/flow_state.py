@@ -19,7 +19,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from gateway.policy.model import AccessRequest, Restriction, SessionControls
+from gateway.policy.model import AccessRequest, DeviceCertificate, Restriction, SessionControls
 
 FLOW_STATE_KEY = "portcullis.flow_state"
 
@@ -38,6 +38,9 @@ class FlowState:
     service: str | None = None
     unprotected: bool = False  # a kiosk destination forwarded without a decision: AccessGate
     kiosk: bool = False  # it came through the kiosk forward proxy: AccessGate (the kiosk location), recordings
+    # The connection's device certificate as the core verified it, checked again for this request: written by
+    # DeviceCertificates (``requestheaders``, after Routing), read by AccessGate. None: none was asked or sent.
+    device_certificate: DeviceCertificate | None = None
 
     # -- The decision: written by AccessGate (``requestheaders``).
     client_ip: str | None = None  # the address decided for (a trusted proxy's client): recordings

@@ -35,6 +35,7 @@ def client_ip(flow: http.HTTPFlow, correlation_id: str, trusted_proxies: Sequenc
 
 def access_request(flow: http.HTTPFlow, correlation_id: str, host: str,
                    kiosk_location: str | None = None, trusted_proxies: Sequence[Network] = ()) -> AccessRequest:
+    """The request as the core decides it, with its connection's device certificate (reverse listener only)."""
     headers = flow.request.headers
     return AccessRequest(
         correlation_id=correlation_id,
@@ -51,4 +52,5 @@ def access_request(flow: http.HTTPFlow, correlation_id: str, host: str,
             and flow.request.method.upper() in ("POST", "PUT", "PATCH")),
         authority=authority(state(flow).authority, host),
         kiosk_location=kiosk_location,
+        device_certificate=None if kiosk_location is not None else state(flow).device_certificate,
     )

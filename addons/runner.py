@@ -25,6 +25,7 @@ from addons import strict_http
 from addons.access_gate import AccessGate
 from addons.continuous_access import ContinuousAccess, DecisionsUnderWay
 from addons.decision_records import DecisionRecords
+from addons.device_certificates import CertificateVerdicts, DeviceCertificates
 from addons.drain import Drain, KeepAliveLimits
 from addons.framing import PassThroughDeadline, RequestFraming, UpstreamFraming, UpstreamHttp1
 from addons.kiosk_proxy import KioskProxy
@@ -88,6 +89,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
     strict_http.install()  # strict request framing in mitmproxy's HTTP/1 layer (see addons/strict_http.py)
     request_framing = RequestFraming(client_limits(settings.client_limits), service)
     continuous_access = ContinuousAccess(service)
+    device_certificates = DeviceCertificates(lambda: service.rules)
     master.addons.add(
         drain or Drain(keep_alive_limits(settings.client_limits)),
         core.Core(),
@@ -96,9 +98,11 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
         ServerNames([host for c in settings.certificates for host in c.hosts]),  # before TlsConfig mints one
         UpstreamHttp1(),  # before TlsConfig offers the upstream what the client offered (h2)
         tlsconfig.TlsConfig(),
+        device_certificates,  # after TlsConfig made the connection: asks it for a device certificate
         errorcheck.ErrorCheck(),
         request_framing,  # first: client deadlines, upgrades refused
         Routing(service),
+        CertificateVerdicts(device_certificates, lambda: service.rules),  # after Routing, before AccessGate
         DecisionsUnderWay(continuous_access),  # before any decision: changes heard meanwhile are kept
         AccessGate(service),
         continuous_access,

@@ -80,6 +80,7 @@ WRITERS: dict[str, set[str]] = {
     "service": {"routing"},
     "unprotected": {"routing"},
     "kiosk": {"routing"},
+    "device_certificate": {"device_certificates"},
     "client_ip": {"access_gate"},
     "forwarded_for_problem": {"flows"},  # access_request's helper, called by AccessGate and Routing's refusals
     "allowed": {"access_gate", "safety"},  # safety.block: any hook that failed takes the permission back

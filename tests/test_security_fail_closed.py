@@ -68,6 +68,12 @@ SAFE_HOOKS: dict[tuple[str, str], str] = {
                                                "mitmproxy left open (nothing to refuse)",
     ("RequestFraming", "tcp_start"): "marks a kiosk's pass-through tunnel as carrying no HTTP to time; on an error "
                                      "it is timed as HTTP (closed sooner), and nothing is let through",
+    ("DeviceCertificates", "tls_start_client"): "sees no request: on an error no certificate is asked for, and the "
+                                                "connection is one without a certificate (a host that requires "
+                                                "one and tokenProtection refuse its requests; none grants more)",
+    ("DeviceCertificates", "tls_established_client"): "sees no request: a verification that raises is caught and "
+                                                      "the certificate not believed; any other error leaves the "
+                                                      "connection as one without a certificate (as above)",
     ("UpstreamHttp1", "tls_start_server"): "sees no request, decides no access, and only sets the protocols offered "
                                            "to an upstream (one assignment, nothing that can raise)",
     ("PassThroughDeadline", "tls_clienthello"): "sees no request: on an error a pass-through tunnel keeps the head "

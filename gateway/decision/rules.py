@@ -33,6 +33,10 @@ class Rules:
         """The host refuses requests on a connection without a device certificate."""
         return False  # no host asks for device certificates yet
 
+    def device_certificate_verifier(self, host: str) -> None:
+        """The verifier of the host's device certificates; None: the host does not ask for one."""
+        return None  # no host asks for device certificates yet
+
     def app(self, identity: Identity) -> ClientApp:
         return ClientApp(client_id=identity.client_id, name=self.app_names.get(identity.client_id or ""))
 
