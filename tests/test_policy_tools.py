@@ -81,6 +81,44 @@ def test_whatif_checks_the_activesync_device_id_against_the_token_s_device() -> 
     assert answer["policies"] == []  # refused before policy, as at the gateway
 
 
+BLAKE_ANDROID = "8d2e6f4a-1b3c-4d5e-8f70-2a4b6c8d0e02"
+ALEX_SYNC = f"{ACTIVESYNC}?Cmd=Sync&User=alex&DeviceId=ApplF17XK2ALEX1&DeviceType=iPhone"
+
+
+def test_whatif_refuses_a_token_on_a_connection_whose_certificate_names_another_device() -> None:
+    """The stolen-token question: Alex's phone's token from Blake's device (its certificate)."""
+    asked = ["whatif", "--config", REPO / "config", "--user", "alex@contoso.test", "--url", ALEX_SYNC,
+             "--app", "outlook-mobile", "--device", ALEX_IPHONE, "--json"]
+    stolen = json.loads(portcullis(*asked, "--device-certificate", BLAKE_ANDROID).stdout)
+    assert (stolen["result"], stolen["errorCode"], stolen["restriction"]) == \
+        ("block", 53000, "tokenIssuedToAnotherDevice")
+    assert stolen["input"]["deviceCertificate"] == BLAKE_ANDROID
+    own = json.loads(portcullis(*asked, "--device-certificate", ALEX_IPHONE).stdout)
+    assert (own["result"], own["restriction"]) == ("allow", None)
+
+
+def test_a_case_can_name_the_connections_device_certificate(tmp_path: Path) -> None:
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(f"""cases:
+  - name: a token replayed from another device is refused
+    user: alex@contoso.test
+    url: {ALEX_SYNC}
+    app: outlook-mobile
+    device: {ALEX_IPHONE}
+    deviceCertificate: {BLAKE_ANDROID}
+    expect: {{result: block, errorCode: 53000, restriction: tokenIssuedToAnotherDevice}}
+  - name: a token without a deviceid is decided for the certificate's device
+    user: alex@contoso.test
+    url: {ALEX_SYNC}
+    app: outlook-mobile
+    deviceCertificate: {ALEX_IPHONE}
+    expect: {{result: allow}}
+""")
+    result = portcullis("test", "--config", REPO / "config", cases)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{cases}: 2 of 2 cases passed" in result.stdout
+
+
 SIGN_IN_PAGE = "https://mail.contoso.test/owa/auth/logon.aspx"  # the demo's public resource
 
 

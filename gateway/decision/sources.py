@@ -9,13 +9,14 @@ import sqlite3
 from collections.abc import Callable
 from datetime import datetime
 
+from gateway.decision.device_binding import resolution_problem
 from gateway.decision.outcome import Refused, SignIn
 from gateway.decision.pipeline import Identified, Signals, decision_device_id
 from gateway.decision.rules import Rules
 from gateway.errors import SessionStoreUnavailable, SignalUnavailable
 from gateway.identity.browser import BrowserSession, BrowserSignIn, cookie_value
 from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
-from gateway.policy.model import AccessRequest, DeviceSignals, Identity, SessionControls
+from gateway.policy.model import AccessRequest, DeviceKey, DeviceSignals, Identity, SessionControls
 from gateway.signals.devices import DeviceInventory
 
 USERS_DIFFER = "the bearer token and the session cookie name different users"
@@ -107,7 +108,24 @@ class InventorySignals:
                 self._before_lookup()
             except sqlite3.Error as error:
                 raise SignalUnavailable(f"device inventory: {error}") from error
-        device_id = decision_device_id(identity, request)
+        certificate_device_id, problem = await self._certificate_device(request)
+        device_id = certificate_device_id or decision_device_id(identity, request)
         device = await self._inventory.managed_device(device_id) if device_id is not None else None
         return Signals(device=DeviceSignals(device_id=device_id, device=device, source=self._inventory.name,
-                                            compliance=rules.compliance))
+                                            compliance=rules.compliance),
+                       certificate_device_id=certificate_device_id, certificate_problem=problem)
+
+    async def _certificate_device(self, request: AccessRequest) -> tuple[str | None, str | None]:
+        """The inventory device a verified certificate names (a certificate beats a claim), or why
+        it names none. The kiosk never reads one."""
+        certificate = request.device_certificate
+        if certificate is None or not certificate.verified or request.kiosk_location is not None:
+            return None, None
+        assert certificate.device_key is not None and certificate.device_value is not None  # verified
+        if certificate.device_key is DeviceKey.azure_ad_device_id:
+            device = await self._inventory.managed_device(certificate.device_value)
+            ids = [certificate.device_value] if device is not None else []
+        else:
+            return None, f"this inventory cannot find devices by {certificate.device_key.value}"
+        problem = resolution_problem(certificate, ids)
+        return (ids[0] if problem is None else None), problem

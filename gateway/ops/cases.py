@@ -81,11 +81,13 @@ class QuestionInput(Model):
     platform: DevicePlatform | None = None
     listener: Listener = Listener.gateway
     object_id: str | None = None
+    device_certificate: str | None = None  # the device a verified certificate names (azureADDeviceId)
 
     def question(self) -> Question:
         return Question(user=self.user, url=self.url, app=self.app, device=self.device, ip=str(self.ip),
                         client_app_type=self.client_app_type, groups=tuple(self.groups), mfa=self.mfa,
-                        platform=self.platform, listener=self.listener, object_id=self.object_id)
+                        platform=self.platform, listener=self.listener, object_id=self.object_id,
+                        device_certificate=self.device_certificate)
 
 
 class Case(QuestionInput):

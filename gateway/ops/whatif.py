@@ -14,7 +14,8 @@ JSON output (``portcullis whatif --json``), stable::
      "result": "allow" | "block", "httpStatus": 200 | 403, "errorCode": 0 | 53000 | ...,
      "reason": "...", "resource": "exchange-owa" | null, "clientAppType": "browser" | ...,
      "failedPolicy": "policy-name" | null, "sessionControls": ["blockDownloads", ...],
-     "restriction": "blockDownloads" | "blockUploads" | "activeSyncDeviceIdMismatch" | null,
+     "restriction": "blockDownloads" | "blockUploads" | "activeSyncDeviceIdMismatch" | "deviceCertificate"
+                    | "tokenIssuedToAnotherDevice" | "tokenProtection" | null,
      "policies": [{"id", "displayName", "state", "result", "notAppliedBecause"?,
                    "enforcedGrantControls", "enforcedSessionControls", "failedControls"?,
                    "rollout"?: "inCohort:group" | "inCohort:percentOfUsers" | "inCohort:listener"
@@ -39,6 +40,8 @@ from gateway.policy.model import (
     AccessRequest,
     ClientAppType,
     Decision,
+    DeviceCertificate,
+    DeviceKey,
     DevicePlatform,
     Identity,
     Listener,
@@ -70,13 +73,16 @@ class Question:
     platform: DevicePlatform | None = None
     listener: Listener = Listener.gateway  # kiosk: through the kiosk forward proxy (an unmanaged browser)
     object_id: str | None = None  # the token's oid: a rollout's percentOfUsers share is drawn on it (else on user)
+    # the connection's device certificate, verified and naming this device (its azureADDeviceId); the token's
+    # device is ``device``: both set and different is the stolen-token case
+    device_certificate: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"user": self.user, "url": self.url, "app": self.app, "device": self.device, "ip": self.ip,
                 "clientAppType": self.client_app_type.value if self.client_app_type else None,
                 "groups": list(self.groups), "mfa": self.mfa,
                 "platform": self.platform.value if self.platform else None, "listener": self.listener.value,
-                "objectId": self.object_id}
+                "objectId": self.object_id, "deviceCertificate": self.device_certificate}
 
 
 class WhatIf:
@@ -104,7 +110,8 @@ class WhatIf:
                              client_ip=question.ip, user_agent=user_agent,
                              accepts_html=question.client_app_type is ClientAppType.browser,
                              declared_client_app_type=question.client_app_type,
-                             kiosk_location=self._kiosk_location(question.listener))
+                             kiosk_location=self._kiosk_location(question.listener),
+                             device_certificate=_certificate(question))
 
     def identity(self, question: Question) -> Identity:
         """The token the question stands for: its ``deviceid`` is the question's device, which
@@ -148,6 +155,14 @@ class WhatIf:
         raise WhatIfError(f"{app!r} is neither a configured application ({known}) nor a client id")
 
 
+def _certificate(question: Question) -> DeviceCertificate | None:
+    """A verified certificate naming the question's certificate device (the kiosk never asks for one)."""
+    if question.device_certificate is None or question.listener is Listener.kiosk:
+        return None
+    return DeviceCertificate(device_key=DeviceKey.azure_ad_device_id, device_value=question.device_certificate.lower(),
+                             subject="(What If)", issuer="(What If)")
+
+
 def as_json(question: Question, decision: Decision, states: dict[str, str]) -> dict[str, Any]:
     return {
         "input": question.as_json(),
@@ -173,6 +188,8 @@ def as_text(question: Question, decision: Decision, states: dict[str, str]) -> s
     if decision.restriction is not None:
         verdict += f" [restriction: {decision.restriction.value}]"
     through = " through the kiosk listener" if question.listener is Listener.kiosk else ""
+    if question.device_certificate:
+        through += f", on a connection whose device certificate names {question.device_certificate}"
     lines = [f"What if {question.user} opened {question.url}"
              f" with {question.app or 'no app'} on {question.device or 'no device'} from {question.ip}{through}?",
              f"  resource: {decision.resource or '(none: denied)'}; client app type: {decision.client_app_type.value}",

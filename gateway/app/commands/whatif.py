@@ -32,6 +32,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="device platform when the device is not in the inventory")
     whatif.add_argument("--listener", type=Listener, choices=list(Listener), default=Listener.gateway,
                         help="the listener the request comes through (kiosk: an unmanaged browser)")
+    whatif.add_argument("--device-certificate", metavar="DEVICE_ID",
+                        help="the connection's device certificate (verified) names this device; --device is the "
+                             "token's device")
     whatif.add_argument("--object-id", help="the user's object id (oid): a rollout's percentOfUsers share uses it")
     whatif.add_argument("--json", action="store_true", help="print the stable JSON form")
     whatif.set_defaults(command=_whatif)
@@ -48,7 +51,8 @@ def _whatif(args: argparse.Namespace) -> int:
     loaded = bootstrap.load(args.config)
     question = Question(user=args.user, url=args.url, app=args.app, device=args.device, ip=args.ip,
                         client_app_type=args.client_app_type, groups=tuple(args.group), mfa=args.mfa,
-                        platform=args.platform, listener=args.listener, object_id=args.object_id)
+                        platform=args.platform, listener=args.listener, object_id=args.object_id,
+                        device_certificate=args.device_certificate)
     try:
         decision = asyncio.run(WhatIf(loaded.config, loaded.inventory).ask(question, utc_now()))
     except WhatIfError as error:
