@@ -56,6 +56,7 @@ class DeviceCertificates:
     def __init__(self, rules: Callable[[], Verifiers], clock: Callable[[], datetime] = utc_now) -> None:
         self._rules = rules  # the rules in force: a reload changes which hosts ask and which CAs they trust
         self._clock = clock
+        # the host (SNI) each connection was asked for a certificate for: Routing holds its requests to it
         self._asked: weakref.WeakKeyDictionary[connection.Client, str] = weakref.WeakKeyDictionary()
         self._verdicts: weakref.WeakKeyDictionary[connection.Client, DeviceCertificate] = \
             weakref.WeakKeyDictionary()
@@ -92,8 +93,11 @@ class DeviceCertificates:
                            client.peername[0], host, verdict.problem, verdict.subject, verdict.issuer,
                            verdict.serial_number)
 
-    def verdict(self, client: connection.Client) -> DeviceCertificate | None:
-        return self._verdicts.get(client)
+    def verdict(self, client: connection.Client) -> tuple[str, DeviceCertificate] | None:
+        """The host the connection's certificate was asked for, and the verdict on it."""
+        verdict = self._verdicts.get(client)
+        host = self._asked.get(client)
+        return (host, verdict) if verdict is not None and host is not None else None
 
 
 class CertificateVerdicts:
@@ -106,11 +110,13 @@ class CertificateVerdicts:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Every request on the connection, the gateway's own endpoints (sign-in) included."""
         flow_state = state(flow)
-        verdict = self._certificates.verdict(flow.client_conn)
-        if verdict is None or flow_state.host is None:
+        found = self._certificates.verdict(flow.client_conn)
+        if found is None or flow.response is not None:
             return
-        verifier = self._rules().device_certificate_verifier(flow_state.host)
+        host, verdict = found
+        verifier = self._rules().device_certificate_verifier(host)
         if verifier is None:  # the host no longer asks: the certificate is not read
             return
         if verdict.problem is None:

@@ -13,7 +13,7 @@ from addons.mitm_internals import serve
 from addons.refusals import refuse
 from addons.safety import fail_closed
 from gateway.decision.service import AccessService
-from gateway.web.types import ASGIApp
+from gateway.web.types import ASGIApp, with_device_certificate
 
 
 class ServiceEndpoints:
@@ -30,6 +30,6 @@ class ServiceEndpoints:
         if app is None:
             refuse(self.service, flow, 404, "no endpoint of the gateway is configured here", host=host, close=False)
             return
-        await serve(app, flow)
+        await serve(with_device_certificate(app, state(flow).device_certificate), flow)
         if flow.response is None:
             refuse(self.service, flow, 500, f"the gateway's {kind} endpoint gave no answer", host=host, close=False)

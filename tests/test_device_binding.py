@@ -15,7 +15,7 @@ import pytest
 
 from gateway.app import bootstrap
 from gateway.app.demo import ACTIVESYNC, ALEX_IPHONE, BLAKE_ANDROID, OUTLOOK_MOBILE, activesync
-from gateway.decision.device_binding import TOKEN_ISSUED_TO_ANOTHER_DEVICE, TOKEN_NOT_BOUND
+from gateway.decision.device_binding import SESSION_BOUND, TOKEN_ISSUED_TO_ANOTHER_DEVICE, TOKEN_NOT_BOUND
 from gateway.decision.pipeline import Decided, Signals, restrict_and_evaluate
 from gateway.decision.rules import Rules
 from gateway.policy.model import (
@@ -142,3 +142,26 @@ def test_the_kiosk_never_reads_a_certificate(demo: tuple[Rules, bootstrap.Loaded
     signals = Signals(device=DeviceSignals(device_id=None, device=None, source="inventory"))
     decided = restrict_and_evaluate(rules, request, identity(None), signals, EXCHANGE, NOW)
     assert decided.decision.restriction is not Restriction.device_certificate
+
+
+@pytest.mark.parametrize(("certificate_of", "allowed"), [
+    pytest.param(ALEX_IPHONE, True, id="on its device's certificate -> allowed"),
+    pytest.param(None, False, id="its cookie in a browser without the certificate -> refused"),
+    pytest.param(BLAKE_ANDROID, False, id="on another device's certificate -> refused"),
+])
+def test_a_session_signed_in_with_a_certificate_is_honoured_only_on_that_device(
+        demo: tuple[Rules, bootstrap.Loaded], certificate_of: str | None, allowed: bool) -> None:
+    rules, loaded = demo
+    presented = certificate(certificate_of) if certificate_of else None
+    device = asyncio.run(loaded.inventory.managed_device(certificate_of or ALEX_IPHONE))
+    signals = Signals(device=DeviceSignals(device_id=certificate_of or ALEX_IPHONE, device=device,
+                                           source="inventory", compliance=rules.compliance),
+                      certificate_device_id=certificate_of)
+    owa = replace(REQUEST, device_certificate=presented, path="/owa/", target="/owa/", method="GET",
+                  accepts_html=True, user_agent="Mozilla/5.0")
+    decided = restrict_and_evaluate(rules, owa, identity(ALEX_IPHONE), signals, ("exchange-owa",), NOW,
+                                    certificate_bound=True)
+    assert decided.decision.allowed is allowed
+    if not allowed:
+        assert (decided.decision.restriction, decided.decision.reason) == \
+            (Restriction.token_device_mismatch, SESSION_BOUND)

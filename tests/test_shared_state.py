@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -264,7 +264,17 @@ BAD_SESSIONS = [
     pytest.param(encode_session(SESSION)[:-1] + ', "x": ' + "[" * 20_000 + "]" * 20_000 + "}", id="nested 20,000 deep"),
     pytest.param(encode_session(SESSION).replace('"host": ', '"host": "elsewhere.test", "host": '),
                  id="host named twice"),
+    pytest.param(encode_session(SESSION).replace('"certificateBound": false', '"certificateBound": "yes"'),
+                 id="certificateBound not a boolean"),
 ]
+
+
+def test_a_session_bound_to_a_device_certificate_stays_bound_and_one_stored_before_is_not() -> None:
+    bound = replace(SESSION, certificate_bound=True)
+    assert decode_session(encode_session(bound)) == bound
+    older = json.loads(encode_session(SESSION))
+    del older["certificateBound"]  # stored by a gateway before sessions could be bound
+    assert decode_session(json.dumps(older)) == SESSION
 
 
 @pytest.mark.parametrize("text", BAD_SESSIONS)

@@ -24,6 +24,7 @@ CERTIFICATE_REQUIRED = ("this resource needs your organisation's device certific
                         "portal (or your MDM), then open the page again on that device")
 TOKEN_ISSUED_TO_ANOTHER_DEVICE = "token issued to another device than the device certificate names"  # noqa: S105  (a reason)
 TOKEN_NOT_BOUND = "token protection: the token is not bound to a device certificate on this connection"  # noqa: S105
+SESSION_BOUND = "this browser session was signed in with a device certificate: open it on that device"
 NOT_IN_INVENTORY = "the device certificate names a device that is not in the inventory"
 
 
@@ -53,6 +54,14 @@ def token_device_problem(token_device_id: str | None, certificate_device_id: str
     if certificate_device_id is None or token_device_id is None:
         return None
     return None if token_device_id.lower() == certificate_device_id.lower() else TOKEN_ISSUED_TO_ANOTHER_DEVICE
+
+
+def session_problem(session_device_id: str | None, certificate_device_id: str | None) -> str | None:
+    """A browser session signed in on a certificate connection is that device's: honoured only where
+    the certificate names it again (its cookie copied into another browser is refused)."""
+    if certificate_device_id is None or session_device_id is None:
+        return SESSION_BOUND
+    return None if session_device_id.lower() == certificate_device_id.lower() else SESSION_BOUND
 
 
 def token_protection_problem(token_device_id: str | None, certificate_device_id: str | None) -> str | None:

@@ -72,6 +72,7 @@ class Identified:
 
     identity: Identity
     source: str = "accessToken"
+    certificate_bound: bool = False  # a browser session signed in with a device certificate: honoured only on it
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,7 +146,8 @@ async def authorize(request: AccessRequest, *, rules: Rules, identity: IdentityS
         signal = await signals.signals(rules, request, who.identity)
     except SignalUnavailable as error:
         return refused(request, 503, SIGNAL_UNAVAILABLE, unavailable=error)
-    decided = restrict_and_evaluate(rules, request, who.identity, signal, found.names, now)
+    decided = restrict_and_evaluate(rules, request, who.identity, signal, found.names, now,
+                                    certificate_bound=who.certificate_bound)
     return _outcome(rules, request, who, decided, identity, now, assertions)
 
 
@@ -202,11 +204,11 @@ def _not_identified(rules: Rules, request: AccessRequest, why: RejectedToken | S
 
 
 def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identity, signals: Signals,
-                          resources: tuple[str, ...], now: datetime) -> Decided:
+                          resources: tuple[str, ...], now: datetime, *, certificate_bound: bool = False) -> Decided:
     """The ActiveSync device binding, ``evaluate`` (its one call site), then the session controls
     that refuse the request itself. Pure."""
     app, device = rules.app(identity), signals.device
-    refused_device = _device_refusal(rules, request, identity, signals)
+    refused_device = _device_refusal(rules, request, identity, signals, certificate_bound)
     if refused_device is not None:
         refusing, problem = refused_device
         return Decided(Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
@@ -232,8 +234,8 @@ def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identi
     return Decided(decision, app, device)
 
 
-def _device_refusal(rules: Rules, request: AccessRequest, identity: Identity,
-                    signals: Signals) -> tuple[Restriction, str] | None:
+def _device_refusal(rules: Rules, request: AccessRequest, identity: Identity, signals: Signals,
+                    certificate_bound: bool) -> tuple[Restriction, str] | None:
     """Before policy: the connection's device certificate (not believed, naming no single inventory
     device, or missing where required), the token naming another device than the certificate, and
     the ActiveSync DeviceId naming another device than the one decided for."""
@@ -243,7 +245,9 @@ def _device_refusal(rules: Rules, request: AccessRequest, identity: Identity,
             or signals.certificate_problem
         if problem is not None:
             return Restriction.device_certificate, problem
-        mismatch = device_binding.token_device_problem(identity.device_id, signals.certificate_device_id)
+        mismatch = device_binding.session_problem(identity.device_id, signals.certificate_device_id) \
+            if certificate_bound else device_binding.token_device_problem(identity.device_id,
+                                                                          signals.certificate_device_id)
         if mismatch is not None:
             return Restriction.token_device_mismatch, mismatch
     problem = _device_binding_problem(request, signals.device) if signals.check_binding \

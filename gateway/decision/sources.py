@@ -16,7 +16,14 @@ from gateway.decision.rules import Rules
 from gateway.errors import SessionStoreUnavailable, SignalUnavailable
 from gateway.identity.browser import BrowserSession, BrowserSignIn, cookie_value
 from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
-from gateway.policy.model import AccessRequest, DeviceKey, DeviceSignals, Identity, SessionControls
+from gateway.policy.model import (
+    AccessRequest,
+    DeviceCertificate,
+    DeviceKey,
+    DeviceSignals,
+    Identity,
+    SessionControls,
+)
 from gateway.signals.devices import DeviceInventory
 
 USERS_DIFFER = "the bearer token and the session cookie name different users"
@@ -43,7 +50,7 @@ class BearerOrSession:
             return token
         if session is not None and not self._authorization:
             self._session = session
-            return Identified(session.identity, "browserSession")
+            return Identified(session.identity, "browserSession", session.certificate_bound)
         audiences = frozenset(rules.config.gateway_file.protected_hosts[request.host].audiences)
         identity = await self._validator.validate(str(token), audiences)
         if isinstance(identity, RejectedToken):
@@ -108,24 +115,26 @@ class InventorySignals:
                 self._before_lookup()
             except sqlite3.Error as error:
                 raise SignalUnavailable(f"device inventory: {error}") from error
-        certificate_device_id, problem = await self._certificate_device(request)
+        certificate = request.device_certificate if request.kiosk_location is None else None  # the kiosk reads none
+        certificate_device_id, problem = await certificate_device(self._inventory, certificate)
         device_id = certificate_device_id or decision_device_id(identity, request)
         device = await self._inventory.managed_device(device_id) if device_id is not None else None
         return Signals(device=DeviceSignals(device_id=device_id, device=device, source=self._inventory.name,
                                             compliance=rules.compliance),
                        certificate_device_id=certificate_device_id, certificate_problem=problem)
 
-    async def _certificate_device(self, request: AccessRequest) -> tuple[str | None, str | None]:
-        """The inventory device a verified certificate names (a certificate beats a claim), or why
-        it names none. The kiosk never reads one."""
-        certificate = request.device_certificate
-        if certificate is None or not certificate.verified or request.kiosk_location is not None:
-            return None, None
-        assert certificate.device_key is not None and certificate.device_value is not None  # verified
-        if certificate.device_key is DeviceKey.azure_ad_device_id:
-            device = await self._inventory.managed_device(certificate.device_value)
-            ids = [certificate.device_value] if device is not None else []
-        else:
-            return None, f"this inventory cannot find devices by {certificate.device_key.value}"
-        problem = resolution_problem(certificate, ids)
-        return (ids[0] if problem is None else None), problem
+
+async def certificate_device(inventory: DeviceInventory,
+                             certificate: DeviceCertificate | None) -> tuple[str | None, str | None]:
+    """The inventory device (its azureADDeviceId) a verified certificate names, or why it names
+    none; (None, None) without a verified certificate. Raises ``SignalUnavailable``."""
+    if certificate is None or not certificate.verified:
+        return None, None
+    assert certificate.device_key is not None and certificate.device_value is not None  # verified
+    if certificate.device_key is DeviceKey.azure_ad_device_id:
+        device = await inventory.managed_device(certificate.device_value)
+        ids = [certificate.device_value] if device is not None else []
+    else:
+        return None, f"this inventory cannot find devices by {certificate.device_key.value}"
+    problem = resolution_problem(certificate, ids)
+    return (ids[0] if problem is None else None), problem

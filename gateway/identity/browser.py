@@ -22,7 +22,7 @@ import base64
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from urllib.parse import urlencode
 
@@ -100,8 +100,11 @@ class BrowserSignIn:
                                        f"Max-Age={PENDING_SECONDS}")
 
     async def complete(self, authority: str, state: str, code: str, now: datetime,
-                       controls: SessionControls, binding: str | None) -> tuple[str, SessionCookie]:
-        """The callback: returns where to send the browser and the cookie to set."""
+                       controls: SessionControls, binding: str | None,
+                       certificate_device: str | None = None) -> tuple[str, SessionCookie]:
+        """The callback: returns where to send the browser and the cookie to set. On a connection
+        whose device certificate names ``certificate_device``, the session is that device's and
+        bound to it (an ID token naming another device is refused)."""
         pending = await self.sessions.take_pending(state)  # redeemed once, whatever happens next
         if pending is None or pending.authority != authority or not binding or \
                 not hmac.compare_digest(pending.browser_binding, _digest(binding)):
@@ -120,11 +123,15 @@ class BrowserSignIn:
                                                            pending.nonce)
         if isinstance(identity, RejectedToken):
             raise SignInFailed(f"the identity provider's answer was refused: {identity.reason}")
+        if certificate_device is not None:
+            if identity.device_id is not None and identity.device_id.lower() != certificate_device.lower():
+                raise SignInFailed("the sign-in names another device than this device's certificate")
+            identity = replace(identity, device_id=certificate_device)
         session_id = secrets.token_urlsafe(32)
         signed_in = datetime.fromtimestamp(identity.authenticated_at, now.tzinfo) if identity.authenticated_at else now
-        await self.sessions.put_session(session_id,
-                                        BrowserSession(identity, hostname_of(authority), min(signed_in, now)),
-                                        self._lifetime)
+        session = BrowserSession(identity, hostname_of(authority), min(signed_in, now),
+                                 certificate_bound=certificate_device is not None)
+        await self.sessions.put_session(session_id, session, self._lifetime)
         return pending.return_url, self._cookie(session_id, controls)
 
     async def session(self, cookie_value: str | None, host: str) -> BrowserSession | None:

@@ -55,7 +55,7 @@ def decode_pending(text: str | bytes) -> PendingLogin | None:
 def encode_session(session: BrowserSession) -> str:
     identity = {key: _plain(getattr(session.identity, name)) for name, key in IDENTITY_FIELDS.items()}
     return json.dumps({"v": VERSION, "host": session.host, "signedInAt": session.signed_in_at.isoformat(),
-                       "identity": identity})
+                       "identity": identity, "certificateBound": session.certificate_bound})
 
 
 def decode_session(text: str | bytes) -> BrowserSession | None:
@@ -64,7 +64,10 @@ def decode_session(text: str | bytes) -> BrowserSession | None:
         identity = data.get("identity")
         if not isinstance(identity, dict):
             raise _Malformed("identity is not an object")
-        return BrowserSession(_identity(identity), _text(data, "host"), _aware(_text(data, "signedInAt")))
+        bound = data.get("certificateBound", False)  # absent in sessions stored before it existed
+        if not isinstance(bound, bool):
+            raise _Malformed("certificateBound is not a boolean")
+        return BrowserSession(_identity(identity), _text(data, "host"), _aware(_text(data, "signedInAt")), bound)
     except _Malformed as error:
         logger.warning("a stored browser session is unreadable and was ignored: %s", error)
         return None

@@ -24,3 +24,6 @@ class BrowserSession:
     identity: Identity
     host: str
     signed_in_at: datetime
+    # signed in on a connection whose device certificate named ``identity.device_id``: the session is
+    # honoured only on a connection whose certificate names that device again (a copied cookie is not)
+    certificate_bound: bool = False

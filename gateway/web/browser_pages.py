@@ -12,6 +12,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.decision.service import AccessService, new_correlation_id
+from gateway.decision.sources import certificate_device
 from gateway.errors import SignalUnavailable
 from gateway.identity.browser import (
     BINDING_COOKIE,
@@ -22,8 +23,10 @@ from gateway.identity.browser import (
     cookie_value,
 )
 from gateway.identity.discovery import METADATA_PATH
+from gateway.policy.model import DeviceCertificate
 from gateway.web import pages
 from gateway.web.pages import GatewayResponse
+from gateway.web.types import device_certificate
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,7 @@ def browser_app(service: AccessService) -> Starlette:
         authority = request.headers.get("host", "").lower()  # validated by Routing against SNI
         state, code = request.query_params.get("state", ""), request.query_params.get("code", "")
         return _response(await complete_sign_in(service, authority, state, code,
-                                                request.cookies.get(BINDING_COOKIE)))
+                                                request.cookies.get(BINDING_COOKIE), device_certificate(request.scope)))
 
     async def logout_form(request: Request) -> Response:
         """A link to log out shows a button: logging out changes state, so it takes a POST."""
@@ -62,14 +65,20 @@ def browser_app(service: AccessService) -> Starlette:
 
 
 async def complete_sign_in(service: AccessService, authority: str, state: str, code: str,
-                           binding: str | None) -> GatewayResponse:
-    """The callback at ``https://<host>/.portcullis/callback``: a session, then the original URL."""
+                           binding: str | None, certificate: DeviceCertificate | None = None) -> GatewayResponse:
+    """The callback at ``https://<host>/.portcullis/callback``: a session, then the original URL.
+    On a connection with a verified device certificate the session is bound to its device."""
     if service.browser is None:
         return pages.sign_in_failed("browser sign-in is not configured here")
     try:
+        device, problem = await certificate_device(service.inventory, certificate)
+        if certificate is not None and problem is None and not certificate.verified:
+            problem = certificate.problem
+        if problem is not None:
+            return pages.sign_in_failed(f"this device's certificate cannot be used: {problem}")
         controls = service.rules.policy_set.session_controls_for_browsers()
         return_url, cookie = await service.browser.complete(authority, state, code, service.clock(), controls,
-                                                            binding)
+                                                            binding, device)
     except SignInFailed as failure:
         return pages.sign_in_failed(str(failure))
     except SignalUnavailable:
