@@ -6,6 +6,7 @@ connection whose certificate names its device. The live listener tests drive rea
 from __future__ import annotations
 
 import asyncio
+import base64
 import shutil
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -15,9 +16,16 @@ import pytest
 
 from gateway.app import bootstrap
 from gateway.app.demo import ACTIVESYNC, ALEX_IPHONE, BLAKE_ANDROID, OUTLOOK_MOBILE, activesync
-from gateway.decision.device_binding import SESSION_BOUND, TOKEN_ISSUED_TO_ANOTHER_DEVICE, TOKEN_NOT_BOUND
+from gateway.decision.device_binding import (
+    LEGACY_NEEDS_CERTIFICATE,
+    SESSION_BOUND,
+    TOKEN_ISSUED_TO_ANOTHER_DEVICE,
+    TOKEN_NOT_BOUND,
+)
 from gateway.decision.pipeline import Decided, Signals, restrict_and_evaluate
 from gateway.decision.rules import Rules
+from gateway.identity.legacy_activesync import basic_user, legacy_identity
+from gateway.identity.tokens import RejectedToken
 from gateway.policy.model import (
     AccessRequest,
     DecisionResult,
@@ -165,3 +173,37 @@ def test_a_session_signed_in_with_a_certificate_is_honoured_only_on_that_device(
     if not allowed:
         assert (decided.decision.restriction, decided.decision.reason) == \
             (Restriction.token_device_mismatch, SESSION_BOUND)
+
+
+def basic(user: str, password: str = "secret") -> list[str]:  # noqa: S107  (a test credential)
+    return ["Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()]
+
+
+def test_only_a_basic_user_principal_name_is_read_never_the_password() -> None:
+    assert basic_user(basic("Alex@Contoso.test")) == "alex@contoso.test"
+    assert basic_user(["Bearer eyJ"]) is None and basic_user([]) is None
+    for refused in (basic("CONTOSO\\alex"), basic("alex"), ["Basic !!!"], ["Basic " + "A" * 2000]):
+        assert isinstance(basic_user(refused), RejectedToken), refused
+
+
+@pytest.mark.parametrize(("user", "certificate_of", "reason"), [
+    pytest.param("alex@contoso.test", ALEX_IPHONE, None, id="the user's compliant device -> on to policy"),
+    pytest.param("alex@contoso.test", None, LEGACY_NEEDS_CERTIFICATE, id="no certificate -> refused"),
+    pytest.param("drew@contoso.test", ALEX_IPHONE, "another user", id="another user's device -> refused"),
+    pytest.param("blake@contoso.test", BLAKE_ANDROID, "noncompliant", id="a noncompliant device -> refused"),
+])
+def test_legacy_activesync_is_believed_only_with_a_certificate_of_a_compliant_device_of_that_user(
+        demo: tuple[Rules, bootstrap.Loaded], user: str, certificate_of: str | None, reason: str | None) -> None:
+    rules, loaded = demo
+    device = asyncio.run(loaded.inventory.managed_device(certificate_of)) if certificate_of else None
+    signals = Signals(device=DeviceSignals(device_id=certificate_of, device=device, source="inventory",
+                                           compliance=rules.compliance), certificate_device_id=certificate_of,
+                      check_binding=False)
+    request = replace(REQUEST, device_certificate=certificate(certificate_of) if certificate_of else None)
+    decision = restrict_and_evaluate(rules, request, legacy_identity(user, MAIL), signals, EXCHANGE, NOW,
+                                     legacy=True).decision
+    if reason is None:  # past the legacy check: policy decides (the demo's Exchange policy wants an approved app)
+        assert decision.restriction is None and decision.failed_policy_id == "exchange-outlook-only"
+    else:
+        assert (decision.result, decision.restriction) == (DecisionResult.block, Restriction.legacy_active_sync)
+        assert reason in decision.reason

@@ -268,6 +268,9 @@ class ProtectedHost(Model):
     upstream: str
     audiences: Annotated[list[str], Field(min_length=1)]
     challenge: ChallengeSettings = ChallengeSettings()
+    # Basic authentication on ActiveSync, believed only with a device certificate naming a compliant
+    # device of that user (gateway/identity/legacy_activesync.py); off: Basic is refused
+    legacy_active_sync: bool = False
 
     @field_validator("upstream")
     @classmethod

@@ -18,13 +18,17 @@ proves the device; a token's ``deviceid`` claim only says which device the token
 
 from __future__ import annotations
 
-from gateway.policy.model import DeviceCertificate
+from datetime import datetime
+
+from gateway.policy.compliance import noncompliance_reason
+from gateway.policy.model import ComplianceSettings, DeviceCertificate, ManagedDevice
 
 CERTIFICATE_REQUIRED = ("this resource needs your organisation's device certificate; install it from the company "
                         "portal (or your MDM), then open the page again on that device")
 TOKEN_ISSUED_TO_ANOTHER_DEVICE = "token issued to another device than the device certificate names"  # noqa: S105  (a reason)
 TOKEN_NOT_BOUND = "token protection: the token is not bound to a device certificate on this connection"  # noqa: S105
 SESSION_BOUND = "this browser session was signed in with a device certificate: open it on that device"
+LEGACY_NEEDS_CERTIFICATE = "legacy ActiveSync (Basic) needs this device's certificate"
 NOT_IN_INVENTORY = "the device certificate names a device that is not in the inventory"
 
 
@@ -69,3 +73,15 @@ def token_protection_problem(token_device_id: str | None, certificate_device_id:
     if certificate_device_id is None or token_device_id is None:
         return TOKEN_NOT_BOUND
     return token_device_problem(token_device_id, certificate_device_id)
+
+
+def legacy_active_sync_problem(user: str | None, certificate_device_id: str | None, device: ManagedDevice | None,
+                               now: datetime, compliance: ComplianceSettings) -> str | None:
+    """Basic authentication (``legacyActiveSync``) is believed only on a connection whose
+    certificate names a compliant inventory device registered to that same user."""
+    if certificate_device_id is None or device is None:
+        return LEGACY_NEEDS_CERTIFICATE
+    if (device.user_principal_name or "").lower() != (user or "").lower():
+        return "legacy ActiveSync: the device certificate names a device of another user"
+    noncompliant = noncompliance_reason(device, now, compliance)
+    return None if noncompliant is None else f"legacy ActiveSync: {noncompliant}"

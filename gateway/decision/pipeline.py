@@ -38,7 +38,7 @@ from gateway.decision.rules import Rules
 from gateway.errors import SignalUnavailable
 from gateway.http import headers
 from gateway.http.paths import canonical_path
-from gateway.identity import discovery
+from gateway.identity import discovery, legacy_activesync
 from gateway.identity.assertion import AssertionSigner
 from gateway.identity.tokens import RejectedToken
 from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, path_has_prefix
@@ -147,7 +147,8 @@ async def authorize(request: AccessRequest, *, rules: Rules, identity: IdentityS
     except SignalUnavailable as error:
         return refused(request, 503, SIGNAL_UNAVAILABLE, unavailable=error)
     decided = restrict_and_evaluate(rules, request, who.identity, signal, found.names, now,
-                                    certificate_bound=who.certificate_bound)
+                                    certificate_bound=who.certificate_bound,
+                                    legacy=who.source == legacy_activesync.SOURCE)
     return _outcome(rules, request, who, decided, identity, now, assertions)
 
 
@@ -204,11 +205,13 @@ def _not_identified(rules: Rules, request: AccessRequest, why: RejectedToken | S
 
 
 def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identity, signals: Signals,
-                          resources: tuple[str, ...], now: datetime, *, certificate_bound: bool = False) -> Decided:
+                          resources: tuple[str, ...], now: datetime, *, certificate_bound: bool = False,
+                          legacy: bool = False) -> Decided:
     """The ActiveSync device binding, ``evaluate`` (its one call site), then the session controls
     that refuse the request itself. Pure."""
     app, device = rules.app(identity), signals.device
-    refused_device = _device_refusal(rules, request, identity, signals, certificate_bound)
+    refused_device = _device_refusal(rules, request, identity, signals, certificate_bound) or \
+        (_legacy_refusal(rules, identity, signals, now) if legacy else None)
     if refused_device is not None:
         refusing, problem = refused_device
         return Decided(Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
@@ -232,6 +235,13 @@ def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identi
                                error_code=ErrorCode.device_not_compliant, reason=unbound,
                                restriction=Restriction.token_protection)
     return Decided(decision, app, device)
+
+
+def _legacy_refusal(rules: Rules, identity: Identity, signals: Signals,
+                    now: datetime) -> tuple[Restriction, str] | None:
+    problem = device_binding.legacy_active_sync_problem(identity.user_principal_name, signals.certificate_device_id,
+                                                        signals.device.device, now, rules.compliance)
+    return (Restriction.legacy_active_sync, problem) if problem is not None else None
 
 
 def _device_refusal(rules: Rules, request: AccessRequest, identity: Identity, signals: Signals,

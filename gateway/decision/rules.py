@@ -37,6 +37,11 @@ class Rules:
         """The verifier of the host's device certificates; None: the host does not ask for one."""
         return None  # no host asks for device certificates yet
 
+    def legacy_active_sync(self, host: str) -> bool:
+        """The host takes Basic authentication on ActiveSync from devices with a certificate."""
+        protected = self.config.gateway_file.protected_hosts.get(host)
+        return protected is not None and protected.legacy_active_sync
+
     def app(self, identity: Identity) -> ClientApp:
         return ClientApp(client_id=identity.client_id, name=self.app_names.get(identity.client_id or ""))
 

@@ -14,8 +14,11 @@ from gateway.decision.outcome import Refused, SignIn
 from gateway.decision.pipeline import Identified, Signals, decision_device_id
 from gateway.decision.rules import Rules
 from gateway.errors import SessionStoreUnavailable, SignalUnavailable
+from gateway.identity import legacy_activesync
 from gateway.identity.browser import BrowserSession, BrowserSignIn, cookie_value
+from gateway.identity.legacy_activesync import basic_user, legacy_identity
 from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
+from gateway.policy.conditions import ACTIVESYNC_PATH, path_has_prefix
 from gateway.policy.model import (
     AccessRequest,
     DeviceCertificate,
@@ -45,6 +48,11 @@ class BearerOrSession:
         session = await self._browser_session(request)
         if isinstance(session, SignIn):
             return session
+        if rules.legacy_active_sync(request.host) and path_has_prefix(request.path, ACTIVESYNC_PATH):
+            user = basic_user(self._authorization)
+            if user is not None:
+                return user if isinstance(user, RejectedToken) else \
+                    Identified(legacy_identity(user, request.host), legacy_activesync.SOURCE)
         token = bearer_token(self._authorization)
         if (session is None or self._authorization) and isinstance(token, RejectedToken):
             return token

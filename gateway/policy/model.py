@@ -143,6 +143,7 @@ class Restriction(StrEnum):
     device_certificate = "deviceCertificate"
     token_device_mismatch = "tokenIssuedToAnotherDevice"  # noqa: S105  (the certificate names another device)
     token_protection = "tokenProtection"  # noqa: S105  (the session control: the token is not bound to this device)
+    legacy_active_sync = "legacyActiveSync"  # Basic without a certificate of a compliant device of that user
     block_downloads = "blockDownloads"
     block_uploads = "blockUploads"
 
