@@ -21,17 +21,16 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     IPvAnyNetwork,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
 
+from gateway.config.base import Model
+from gateway.config.device_certificates import DeviceCertificateSettings
 from gateway.http import headers
 from gateway.policy.device_filter import Rule, RuleSyntaxError, parse_rule
 from gateway.policy.model import (
@@ -51,18 +50,6 @@ from gateway.policy.model import (
 HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 NAME_HELP = "lower-case letters, digits, '.', '_' and '-', starting with a letter or digit"
-
-
-class Model(BaseModel):
-    """Base for config models: camelCase keys, unknown keys rejected, values checked strictly."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        alias_generator=to_camel,
-        populate_by_name=False,
-        frozen=True,
-        strict=True,
-    )
 
 
 class SigningAlgorithm(StrEnum):
@@ -268,6 +255,7 @@ class ProtectedHost(Model):
     upstream: str
     audiences: Annotated[list[str], Field(min_length=1)]
     challenge: ChallengeSettings = ChallengeSettings()
+    device_certificates: DeviceCertificateSettings | None = None  # None: no client certificate is asked for
 
     @field_validator("upstream")
     @classmethod
