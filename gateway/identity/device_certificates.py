@@ -159,9 +159,10 @@ class DeviceCertificateVerifier:
         key = name.key
         values: list[str] = []
         for raw in self._candidates(leaf):
-            value = _normalised(key, raw)
+            value = normalised_device_value(key, raw)
             if value is None:
-                return replace(described, problem=f"its {words} {_short(raw)} is not a {key.value} ({_form(key)})")
+                return replace(described, problem=f"its {words} {_short(raw)} is not a {key.value} "
+                                                  f"({device_value_form(key)})")
             if value not in values:
                 values.append(value)
         if not values:
@@ -231,17 +232,19 @@ def _revoked(lists: Sequence[x509.CertificateRevocationList], serial: int, issue
         return f"the CRL of {issuer}{expired}: revocation of {what} cannot be checked"
     for revocation_list in current:
         if revocation_list.get_revoked_certificate_by_serial_number(serial) is not None:
-            return f"{what} is revoked (serial {_serial_hex(serial)}, CRL of {issuer})"
+            return f"{what} is revoked (serial {serial_hex(serial)}, CRL of {issuer})"
     return None
 
 
 def _describe(leaf: x509.Certificate, der: bytes) -> DeviceCertificate:
     return DeviceCertificate(subject=leaf.subject.rfc4514_string(), issuer=leaf.issuer.rfc4514_string(),
-                             serial_number=_serial_hex(leaf.serial_number), sha256=hashlib.sha256(der).hexdigest(),
+                             serial_number=serial_hex(leaf.serial_number), sha256=hashlib.sha256(der).hexdigest(),
                              not_after=leaf.not_valid_after_utc)
 
 
-def _normalised(key: DeviceKey, raw: str) -> str | None:
+def normalised_device_value(key: DeviceKey, raw: str) -> str | None:
+    """A device id as the inventory keys it (GUIDs lower case; serial numbers trimmed, upper
+    case), or None when ``raw`` is not one."""
     if key is DeviceKey.serial_number:
         value = raw.strip().upper()
         return value if SERIAL_NUMBER.match(value) else None
@@ -249,7 +252,7 @@ def _normalised(key: DeviceKey, raw: str) -> str | None:
     return value if GUID.match(value) else None
 
 
-def _form(key: DeviceKey) -> str:
+def device_value_form(key: DeviceKey) -> str:
     return "1 to 64 printable characters" if key is DeviceKey.serial_number else "a GUID"
 
 
@@ -280,7 +283,7 @@ def _key_bytes(certificate: x509.Certificate) -> bytes:
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _serial_hex(serial: int) -> str:
+def serial_hex(serial: int) -> str:
     text = format(serial, "X")
     return text.zfill(len(text) + len(text) % 2)
 
