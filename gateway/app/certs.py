@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.identity.device_certificates import device_value_form, normalised_device_value, serial_hex
+from gateway.identity.device_certificates import device_value_form, normalised_device_value
 from gateway.policy.model import DeviceKey
 
 CA_FILE = "ca.pem"

@@ -17,6 +17,7 @@ from gateway.app.certs import (
 from gateway.app.commands.common import DEFAULT_CONFIG
 from gateway.config import load_gateway_file, resolve
 from gateway.config.models import PortcullisFile
+from gateway.identity.device_certificates import serial_hex
 from gateway.policy.model import DeviceKey
 
 DEMO_P12_PASSWORD = "portcullis"  # noqa: S105  (a demo certificate's, printed with it)
@@ -78,7 +79,7 @@ def _device_cert(args: argparse.Namespace) -> int:
     port = gateway_file.gateway.listen.port
     print(f"DEMO/TEST ONLY: a device certificate from the demo device CA {directory / DEVICE_CA_FILE}\n"
           f"device: {args.key.value} {certificate.subject.rfc4514_string().removeprefix('CN=')}\n"
-          f"serial: {format(certificate.serial_number, 'X')}\n"
+          f"serial: {serial_hex(certificate.serial_number)}\n"
           f"certificate: {cert_file}\nkey: {key_file}\n"
           f"PKCS#12 (browsers, pk12util): {p12_file} (password: {DEMO_P12_PASSWORD})\n"
           f"try: curl --cacert {directory / CA_FILE} --cert {cert_file} --key {key_file} https://{host}:{port}/\n"
