@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.app.certs import DEVICE_CA_FILE, ensure_device_ca, issue_device_certificate
+from gateway.app.certs import DEVICE_CA_FILE, DEVICE_CA_NAME, ensure_device_ca, issue_device_certificate
 from gateway.config import load_config
 from gateway.config.device_certificates import DeviceCertificateSettings, DeviceTrust, SignedRevocationList
 from gateway.identity.device_certificates import DeviceCertificateVerifier
 from gateway.policy.model import DeviceCertificate, DeviceKey
 from tests.conftest import REPO, Ports, gateway_config, operations_for
+from tests.gateway_process import PORTCULLIS
 from tests.helpers.config import problems
 from tests.helpers.device_certificates import (
     DAY,
+    DEVICE_CERTIFICATES,
     NOW,
     Authority,
     ask_for_device_certificates,
@@ -374,7 +375,7 @@ def test_a_broken_crl_on_reload_keeps_the_previous_one_in_force(config_dir: Path
 
 def test_certs_device_cert_writes_a_demo_device_certificate(config_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "issued"
-    run = subprocess.run([sys.executable, "-m", "gateway", "certs", "--config", str(config_dir), "device-cert",
+    run = subprocess.run([PORTCULLIS, "certs", "--config", str(config_dir), "device-cert",
                           PHONE.upper(), "--out", str(out)], capture_output=True, text=True, cwd=REPO, check=False)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("DEMO/TEST ONLY: a device certificate from the demo device CA")
@@ -391,9 +392,23 @@ def test_certs_device_cert_writes_a_demo_device_certificate(config_dir: Path, tm
 
 
 def test_certs_device_cert_refuses_a_device_id_of_the_wrong_form(config_dir: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "gateway", "certs", "--config", str(config_dir), "device-cert",
+    run = subprocess.run([PORTCULLIS, "certs", "--config", str(config_dir), "device-cert",
                           "not-a-guid"], capture_output=True, text=True, cwd=REPO, check=False)
     assert run.returncode == 2 and "'not-a-guid' is not a intuneDeviceId (a GUID)" in run.stdout
-    help_text = subprocess.run([sys.executable, "-m", "gateway", "certs", "device-cert", "--help"],
+    help_text = subprocess.run([PORTCULLIS, "certs", "device-cert", "--help"],
                                capture_output=True, text=True, cwd=REPO, check=False).stdout
     assert "DEMO AND TESTS ONLY" in help_text
+
+
+def test_certs_init_makes_the_demo_device_ca_a_config_names(config_dir: Path, mdm: Authority) -> None:
+    demo = DEVICE_CERTIFICATES.replace("caFiles: [device-ca.pem]", "caFiles: [../certs/device-ca.pem]") \
+        .replace("      crlFiles: [device-ca.crl]\n", "")
+    line = ask_for_device_certificates(config_dir, mdm, mdm.crl(), demo)
+    missing = config_dir.parent / "certs" / DEVICE_CA_FILE
+    assert problems(config_dir) == [f"{config_dir / 'portcullis.yaml'}:{line + 2}:17: protectedHosts.docs.contoso.test"
+                                    f".deviceCertificates.caFiles[0]: {missing}: does not exist"]
+    made = subprocess.run([PORTCULLIS, "certs", "--config", str(config_dir), "init"], capture_output=True, text=True,
+                          cwd=REPO, check=False)
+    assert made.returncode == 0 and f"demo device CA (demo and tests only): {missing}" in made.stdout, made.stderr
+    trust = load_config(config_dir).device_trust["docs.contoso.test"]
+    assert [a.subject.rfc4514_string() for a in trust.authorities] == [f"O=Portcullis,CN={DEVICE_CA_NAME}"]

@@ -134,6 +134,8 @@ def _read(path: Path) -> bytes:
     try:
         with path.open("rb") as file:
             content = file.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ValueError("does not exist") from None
     except OSError as error:
         raise ValueError(f"cannot read: {error.strerror or error}") from None
     if len(content) > MAX_FILE_BYTES:
