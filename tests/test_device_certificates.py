@@ -251,8 +251,9 @@ def test_recheck_sees_expiry_and_a_crl_loaded_since(mdm: Authority) -> None:
 def test_the_acceptable_issuers_are_the_configured_cas(mdm: Authority) -> None:
     issuing = mdm.intermediate("Contoso MDM Issuing CA")
     trust = DeviceTrust((mdm.certificate, issuing.certificate, mdm.certificate))
-    assert DeviceCertificateVerifier(settings(), trust).acceptable_issuers == (
-        mdm.certificate.subject, issuing.certificate.subject)
+    checker = DeviceCertificateVerifier(settings(), trust)
+    assert checker.acceptable_issuers == (mdm.certificate.subject, issuing.certificate.subject)
+    assert checker.authorities == (mdm.certificate, issuing.certificate)
 
 
 # -- settings and their files, at file:line --------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -51,6 +51,20 @@ SOURCE_WORDS = {DeviceNameSource.san_uri: "SAN URI", DeviceNameSource.san_dns: "
 type CrlKey = tuple[x509.Name, bytes]  # the CRL's issuer name and the public key that signed it
 
 
+@dataclass(frozen=True, slots=True)
+class RevokedSerials:
+    """One CRL as the checks read it: when it holds, and its serials as a set (a lookup per
+    request, where the CRL itself is searched entry by entry)."""
+
+    last_update: datetime
+    next_update: datetime | None
+    serials: frozenset[int]
+
+    @classmethod
+    def of(cls, crl: x509.CertificateRevocationList) -> RevokedSerials:
+        return cls(crl.last_update_utc, crl.next_update_utc, frozenset(entry.serial_number for entry in crl))
+
+
 class DeviceCertificateVerifier:
     """One protected host's device certificate check, built from its settings and the CA
     certificates and CRLs read with the config (``gateway.config.device_certificates``)."""
@@ -59,16 +73,22 @@ class DeviceCertificateVerifier:
         self.settings = settings
         self._store = Store(list(trust.authorities))
         self._authorities = trust.authorities
-        self._crls: dict[CrlKey, list[x509.CertificateRevocationList]] = {}
+        self._crls: dict[CrlKey, list[RevokedSerials]] = {}
         for signed in trust.revocation_lists:  # each one's signature was checked when its file was read
-            self._crls.setdefault((signed.signer.subject, _key_bytes(signed.signer)), []).append(signed.crl)
-        self._crls_by_issuer_text: dict[str, list[x509.CertificateRevocationList]] = {}
+            self._crls.setdefault((signed.signer.subject, _key_bytes(signed.signer)), []).append(
+                RevokedSerials.of(signed.crl))
+        self._crls_by_issuer_text: dict[str, list[RevokedSerials]] = {}
         for (issuer, _), lists in self._crls.items():
             self._crls_by_issuer_text.setdefault(issuer.rfc4514_string(), []).extend(lists)
         ee_policy = ExtensionPolicy.webpki_defaults_ee()
         if settings.device_name.from_ is DeviceNameSource.subject:  # the id is in the subject: no SAN needed
             ee_policy = ee_policy.may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
         self._ee_policy = ee_policy
+
+    @property
+    def authorities(self) -> tuple[x509.Certificate, ...]:
+        """The configured CA certificates, each once (pyOpenSSL's ``Context.add_client_ca`` takes them)."""
+        return tuple(dict.fromkeys(self._authorities))
 
     @property
     def acceptable_issuers(self) -> tuple[x509.Name, ...]:
@@ -221,18 +241,15 @@ def _leaf_problem(leaf: x509.Certificate, intermediates: list[x509.Certificate],
     return None
 
 
-def _revoked(lists: Sequence[x509.CertificateRevocationList], serial: int, issuer: str, now: datetime,
-             what: str) -> str | None:
+def _revoked(lists: Sequence[RevokedSerials], serial: int, issuer: str, now: datetime, what: str) -> str | None:
     """Revoked by a current CRL of ``issuer``; with only stale CRLs, revocation cannot be told: refused."""
-    current = [crl for crl in lists if crl.last_update_utc <= now
-               and (crl.next_update_utc is None or now <= crl.next_update_utc)]
+    current = [crl for crl in lists if crl.last_update <= now and (crl.next_update is None or now <= crl.next_update)]
     if lists and not current:
-        latest = max((crl.next_update_utc for crl in lists if crl.next_update_utc is not None), default=None)
+        latest = max((crl.next_update for crl in lists if crl.next_update is not None), default=None)
         expired = f" expired on {_when(latest)}" if latest is not None else " is not yet valid"
         return f"the CRL of {issuer}{expired}: revocation of {what} cannot be checked"
-    for revocation_list in current:
-        if revocation_list.get_revoked_certificate_by_serial_number(serial) is not None:
-            return f"{what} is revoked (serial {serial_hex(serial)}, CRL of {issuer})"
+    if any(serial in crl.serials for crl in current):
+        return f"{what} is revoked (serial {serial_hex(serial)}, CRL of {issuer})"
     return None
 
 
