@@ -16,7 +16,7 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, pkcs12
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from gateway.app.certs import DEVICE_CA_FILE, DEVICE_CA_NAME, ensure_device_ca, issue_device_certificate
 from gateway.config import load_config
@@ -35,6 +35,7 @@ from tests.helpers.device_certificates import (
     der,
     pem,
     self_signed,
+    with_garbled_extension,
 )
 
 PHONE = "6a1d1e3f-2c4b-4d8e-9f10-3b2a1c0d9e8f"  # an Intune device id
@@ -237,6 +238,14 @@ def test_two_certificates_that_name_devices_in_one_chain_are_refused(mdm: Author
 def test_malformed_or_oversized_chains_are_refused_without_raising(mdm: Authority, chain: Sequence[bytes],
                                                                    fragment: str) -> None:
     refused(verifier(mdm).verify(chain, NOW), fragment)
+
+
+@pytest.mark.parametrize("extension", [ExtensionOID.EXTENDED_KEY_USAGE, ExtensionOID.SUBJECT_ALTERNATIVE_NAME])
+def test_a_certificate_with_an_extension_that_does_not_parse_is_refused_without_raising(
+        mdm: Authority, extension: x509.ObjectIdentifier) -> None:
+    result = verifier(mdm).verify(der(with_garbled_extension(mdm, extension)), NOW)
+    refused(result, "certificate 1 of the chain has an extension that cannot be parsed")
+    assert result.subject == "CN=device"  # described as far as it parsed
 
 
 def test_recheck_sees_expiry_and_a_crl_loaded_since(mdm: Authority) -> None:

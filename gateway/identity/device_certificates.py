@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import (
@@ -117,10 +118,19 @@ class DeviceCertificateVerifier:
             described = _describe(leaf, chain[0])
         except ValueError as error:
             return DeviceCertificate(problem=f"the certificate cannot be read: {error}")
-        problem = self._problem(leaf, certificates[1:], _utc(now))
-        if problem is not None:
-            return replace(described, problem=problem)
-        return self._device_named(leaf, described)
+        for index, certificate in enumerate(certificates):
+            try:
+                certificate.extensions  # noqa: B018  (parsed lazily: a bad one would raise in the checks below)
+            except ValueError:
+                return replace(described, problem=f"certificate {index + 1} of the chain has an extension that "
+                                                  "cannot be parsed")
+        try:
+            problem = self._problem(leaf, certificates[1:], _utc(now))
+            if problem is not None:
+                return replace(described, problem=problem)
+            return self._device_named(leaf, described)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as error:  # what a parser may still find: refused
+            return replace(described, problem=f"the certificate cannot be verified: {error}")
 
     def recheck(self, certificate: DeviceCertificate, now: datetime) -> str | None:
         """Per request, for a certificate verified when its connection began: why it no longer

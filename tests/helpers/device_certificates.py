@@ -97,6 +97,16 @@ def self_signed(sans: Sequence[x509.GeneralName]) -> x509.Certificate:
             .sign(key, hashes.SHA256()))
 
 
+def with_garbled_extension(authority: Authority, oid: x509.ObjectIdentifier) -> x509.Certificate:
+    """A certificate the CA signed whose extension ``oid`` holds bytes that are not its ASN.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device")]))
+            .issuer_name(authority.certificate.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(NOW - DAY).not_valid_after(NOW + DAY)
+            .add_extension(x509.UnrecognizedExtension(oid, b"\x04\x01\x00"), critical=False)
+            .sign(authority.key, hashes.SHA256()))
+
+
 def der(*certificates: x509.Certificate) -> list[bytes]:
     """A chain as a TLS client sends it: DER, leaf first."""
     return [c.public_bytes(serialization.Encoding.DER) for c in certificates]
