@@ -99,20 +99,9 @@ class DeviceCertificateVerifier:
 
     def verify(self, chain: Sequence[bytes], now: datetime) -> DeviceCertificate:
         """The device ``chain`` (DER, leaf first, as the client sent it) names, or why none."""
-        if not chain:
-            return DeviceCertificate(problem="no client certificate was presented")
-        if len(chain) > MAX_CHAIN_CERTIFICATES:
-            return DeviceCertificate(problem=f"the client sent {len(chain)} certificates; at most "
-                                             f"{MAX_CHAIN_CERTIFICATES} are accepted")
-        certificates: list[x509.Certificate] = []
-        for index, der in enumerate(chain):
-            if len(der) > MAX_CERTIFICATE_BYTES:
-                return DeviceCertificate(problem=f"certificate {index + 1} of the chain is larger than "
-                                                 f"{MAX_CERTIFICATE_BYTES // 1024} KiB")
-            try:
-                certificates.append(x509.load_der_x509_certificate(bytes(der)))
-            except ValueError:
-                return DeviceCertificate(problem=f"certificate {index + 1} of the chain is not a DER X.509 certificate")
+        certificates = _parsed(chain)
+        if isinstance(certificates, str):
+            return DeviceCertificate(problem=certificates)
         leaf = certificates[0]
         try:
             described = _describe(leaf, chain[0])
@@ -223,6 +212,23 @@ class DeviceCertificateVerifier:
             return list(san.get_values_for_type(x509.RFC822Name))
         return [_utf8_string(other.value) for other in san.get_values_for_type(x509.OtherName)
                 if other.type_id == UPN_OID]
+
+
+def _parsed(chain: Sequence[bytes]) -> list[x509.Certificate] | str:
+    """The chain's certificates, bounded in number and size, or why they cannot be read."""
+    if not chain:
+        return "no client certificate was presented"
+    if len(chain) > MAX_CHAIN_CERTIFICATES:
+        return f"the client sent {len(chain)} certificates; at most {MAX_CHAIN_CERTIFICATES} are accepted"
+    certificates: list[x509.Certificate] = []
+    for index, der in enumerate(chain):
+        if len(der) > MAX_CERTIFICATE_BYTES:
+            return f"certificate {index + 1} of the chain is larger than {MAX_CERTIFICATE_BYTES // 1024} KiB"
+        try:
+            certificates.append(x509.load_der_x509_certificate(bytes(der)))
+        except ValueError:
+            return f"certificate {index + 1} of the chain is not a DER X.509 certificate"
+    return certificates
 
 
 def _leaf_problem(leaf: x509.Certificate, intermediates: list[x509.Certificate], now: datetime) -> str | None:
