@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.config.device_certificates import DeviceTrust, load_device_trust
 from gateway.config.loader import locate, raise_if, read_yaml, validate
 from gateway.config.models import (
     ConditionalAccessPolicy,
@@ -37,6 +38,8 @@ class Config:
     gateway_file: PortcullisFile
     policies: tuple[ConditionalAccessPolicy, ...]
     sources: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # file -> parsed YAML
+    # host -> the CA certificates and CRLs its deviceCertificates names, read with the files
+    device_trust: dict[str, DeviceTrust] = field(default_factory=dict, compare=False, repr=False)
 
     def path(self, relative: Path) -> Path:
         """A path from the config files, resolved against the config directory."""
@@ -77,10 +80,12 @@ def load_config(directory: Path) -> Config:
         problems += more
     if gateway_file is not None and policies_file is not None:
         problems += _check_policies(gateway_file, policies_file, policies_data, policies_name)
+    device_trust, more = _device_trust(directory, gateway_file, gateway_data, gateway_name)
+    problems += more
     raise_if(problems)
     assert gateway_file is not None and policies_file is not None  # no problems
     return Config(directory.resolve(), gateway_file, tuple(policies_file.policies),
-                  {gateway_name: gateway_data, policies_name: policies_data})
+                  {gateway_name: gateway_data, policies_name: policies_data}, device_trust)
 
 
 def load_gateway_file(directory: Path) -> PortcullisFile:
@@ -107,6 +112,22 @@ def _gateway_file(directory: Path, name: str) -> tuple[PortcullisFile | None, An
     if gateway_file is not None:
         problems += _check_resources(gateway_file, data, name)
     return gateway_file, data, problems
+
+
+def _device_trust(directory: Path, gateway_file: PortcullisFile | None, data: Any,
+                  name: str) -> tuple[dict[str, DeviceTrust], list[ConfigProblem]]:
+    """Each protected host's device CAs and CRLs, read now: a reload reads them again."""
+    trust: dict[str, DeviceTrust] = {}
+    problems: list[ConfigProblem] = []
+    for host, protected in (gateway_file.protected_hosts.items() if gateway_file is not None else ()):
+        if protected.device_certificates is None:
+            continue
+        loaded, more = load_device_trust(protected.device_certificates, lambda path: resolve(directory, path),
+                                         data, ("protectedHosts", host, "deviceCertificates"), name)
+        problems += more
+        if loaded is not None:
+            trust[host] = loaded
+    return trust, problems
 
 
 def _display(path: Path) -> str:

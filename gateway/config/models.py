@@ -21,17 +21,16 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     IPvAnyNetwork,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
 
+from gateway.config.base import Model
+from gateway.config.device_certificates import DeviceCertificateSettings
 from gateway.http import headers
 from gateway.policy.device_filter import Rule, RuleSyntaxError, parse_rule
 from gateway.policy.model import (
@@ -51,18 +50,6 @@ from gateway.policy.model import (
 HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 NAME_HELP = "lower-case letters, digits, '.', '_' and '-', starting with a letter or digit"
-
-
-class Model(BaseModel):
-    """Base for config models: camelCase keys, unknown keys rejected, values checked strictly."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        alias_generator=to_camel,
-        populate_by_name=False,
-        frozen=True,
-        strict=True,
-    )
 
 
 class SigningAlgorithm(StrEnum):
@@ -271,6 +258,14 @@ class ProtectedHost(Model):
     # Basic authentication on ActiveSync, believed only with a device certificate naming a compliant
     # device of that user (gateway/identity/legacy_activesync.py); off: Basic is refused
     legacy_active_sync: bool = False
+    device_certificates: DeviceCertificateSettings | None = None  # None: no client certificate is asked for
+
+    @model_validator(mode="after")
+    def _legacy_needs_certificates(self) -> ProtectedHost:
+        if self.legacy_active_sync and self.device_certificates is None:
+            raise ValueError("legacyActiveSync needs deviceCertificates on the same host: Basic is believed only "
+                             "on a connection whose device certificate names the user's compliant device")
+        return self
 
     @field_validator("upstream")
     @classmethod

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.config import Config
 from gateway.config.compile import compile_policies
+from gateway.config.device_certificates import DeviceCertificateMode
+from gateway.identity.device_certificates import DeviceCertificateVerifier
 from gateway.policy.conditions import request_locations
 from gateway.policy.model import AccessRequest, ClientApp, ComplianceSettings, Identity
 from gateway.policy.policy_set import PolicySet
@@ -22,20 +25,23 @@ class Rules:
     app_names: dict[str, str]
     compliance: ComplianceSettings
     router: Router
+    # per host that asks for device certificates: its verifier, with the CAs and CRLs read at this (re)load
+    device_certificates: Mapping[str, DeviceCertificateVerifier]
 
     @classmethod
     def of(cls, config: Config) -> Rules:
         return cls(config, compile_policies(config),
                    config.app_names_by_client_id(), config.gateway_file.device_signals.compliance.settings(),
-                   Router(config.gateway_file))
+                   Router(config.gateway_file), _verifiers(config))
 
     def device_certificate_required(self, host: str) -> bool:
         """The host refuses requests on a connection without a device certificate."""
-        return False  # no host asks for device certificates yet
+        verifier = self.device_certificates.get(host)
+        return verifier is not None and verifier.settings.mode is DeviceCertificateMode.required
 
-    def device_certificate_verifier(self, host: str) -> None:
+    def device_certificate_verifier(self, host: str) -> DeviceCertificateVerifier | None:
         """The verifier of the host's device certificates; None: the host does not ask for one."""
-        return None  # no host asks for device certificates yet
+        return self.device_certificates.get(host)
 
     def legacy_active_sync(self, host: str) -> bool:
         """The host takes Basic authentication on ActiveSync from devices with a certificate."""
@@ -48,3 +54,9 @@ class Rules:
     def locations(self, request: AccessRequest) -> set[str]:
         """The named locations the request is in, as policy saw them (for the decision log's signals)."""
         return request_locations(request, self.policy_set.named_locations)[0]
+
+
+def _verifiers(config: Config) -> dict[str, DeviceCertificateVerifier]:
+    return {host: DeviceCertificateVerifier(protected.device_certificates, config.device_trust[host])
+            for host, protected in config.gateway_file.protected_hosts.items()
+            if protected.device_certificates is not None}
