@@ -228,19 +228,23 @@ class Gateway:
     admin_port: int = 0  # the admin API (http on 127.0.0.1)
     upstreams: DemoUpstreams | None = None  # the demo backends every test gateway forwards to
 
-    def client(self) -> httpx.Client:
+    def client(self, certificate: tuple[Path, Path] | None = None) -> httpx.Client:
+        """``certificate``: a client certificate and its key (PEM files) to present, as a device does."""
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
+        if certificate is not None:
+            context.load_cert_chain(*certificate)
         return httpx.Client(verify=context, timeout=10)
 
     def request(self, host: str, path: str, *, method: str = "GET", token: str | None = None,
                 headers: dict[str, str] | None = None, port: int | None = None,
-                sni: str | None = None, **kwargs: Any) -> httpx.Response:
+                sni: str | None = None, certificate: tuple[Path, Path] | None = None,
+                **kwargs: Any) -> httpx.Response:
         """Connect to 127.0.0.1 but speak TLS (SNI, certificate check) and HTTP as ``host``."""
         sent = {"Host": host, **(headers or {})}
         if token is not None:
             sent["Authorization"] = f"Bearer {token}"
-        with self.client() as client:
+        with self.client(certificate) as client:
             return client.request(method, f"https://127.0.0.1:{port or self.port}{path}", headers=sent,
                                   extensions={"sni_hostname": sni or host}, **kwargs)
 

@@ -22,7 +22,7 @@ from gateway.decision.device_binding import (
     TOKEN_ISSUED_TO_ANOTHER_DEVICE,
     TOKEN_NOT_BOUND,
 )
-from gateway.decision.pipeline import Decided, Signals, restrict_and_evaluate
+from gateway.decision.pipeline import Decided, Signals, certificate_refusal, restrict_and_evaluate
 from gateway.decision.rules import Rules
 from gateway.identity.legacy_activesync import basic_user, legacy_identity
 from gateway.identity.tokens import RejectedToken
@@ -118,12 +118,17 @@ def test_the_certificate_names_the_device_a_token_without_deviceid_is_decided_fo
     assert blake.device.device_id == BLAKE_ANDROID and blake.decision.error_code is ErrorCode.device_not_compliant
 
 
-def test_a_certificate_that_is_not_believed_refuses_even_where_none_is_required(
+def test_a_certificate_that_is_not_believed_refuses_before_identity_even_where_none_is_required(
         demo: tuple[Rules, bootstrap.Loaded]) -> None:
-    decision = decide(demo, token_device=ALEX_IPHONE, certificate_of=ALEX_IPHONE, problem="expired").decision
+    rules, _ = demo
+    refused = certificate_refusal(rules, replace(REQUEST, device_certificate=certificate(ALEX_IPHONE, "expired")))
+    assert refused is not None and refused.identity is None  # before any token is read
+    decision = refused.decision
     assert (decision.result, decision.restriction, decision.error_code) == \
         (DecisionResult.block, Restriction.device_certificate, ErrorCode.device_not_compliant)
     assert "expired" in decision.reason
+    assert certificate_refusal(rules, replace(REQUEST, device_certificate=certificate(ALEX_IPHONE))) is None
+    assert certificate_refusal(rules, REQUEST) is None  # none presented, none required
 
 
 @pytest.mark.parametrize(("token_device", "certificate_of", "allowed"), [
@@ -147,7 +152,9 @@ def test_token_protection_honours_a_token_only_on_its_devices_certificate(
 def test_the_kiosk_never_reads_a_certificate(demo: tuple[Rules, bootstrap.Loaded]) -> None:
     rules, _ = demo
     request = replace(REQUEST, kiosk_location="kiosk", device_certificate=certificate(ALEX_IPHONE, "expired"))
-    signals = Signals(device=DeviceSignals(device_id=None, device=None, source="inventory"))
+    assert certificate_refusal(rules, request) is None
+    signals = Signals(device=DeviceSignals(device_id=None, device=None, source="inventory"),
+                      certificate_problem="named no device")
     decided = restrict_and_evaluate(rules, request, identity(None), signals, EXCHANGE, NOW)
     assert decided.decision.restriction is not Restriction.device_certificate
 

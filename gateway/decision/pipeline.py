@@ -139,6 +139,9 @@ async def authorize(request: AccessRequest, *, rules: Rules, identity: IdentityS
     if isinstance(admitted, Authorization):
         return admitted
     request, found = admitted
+    unbelieved = certificate_refusal(rules, request)
+    if unbelieved is not None:
+        return unbelieved
     try:
         who = await identity.identify(rules, request)
         if not isinstance(who, Identified):
@@ -237,6 +240,24 @@ def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identi
     return Decided(decision, app, device)
 
 
+def certificate_refusal(rules: Rules, request: AccessRequest) -> Authorization | None:
+    """Before identity: a certificate that is presented but not believed, or none where the host
+    requires one, refuses the request (a sign-in would not help: the device needs its certificate)."""
+    if request.kiosk_location is not None:
+        return None  # the kiosk never asks for one
+    problem = device_binding.certificate_problem(request.device_certificate,
+                                                 required=rules.device_certificate_required(request.host))
+    if problem is None:
+        return None
+    app_type = client_app_type(request, None)
+    decision = Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
+                        reason=problem, resource=None, client_app_type=app_type,
+                        restriction=Restriction.device_certificate)
+    nobody = DeviceSignals(device_id=None, device=None, source="device certificate")
+    return Authorization(request=request, decision=decision,
+                         action=Blocked(app=ClientApp(client_id=None, name=None), device=nobody))
+
+
 def _legacy_refusal(rules: Rules, identity: Identity, signals: Signals,
                     now: datetime) -> tuple[Restriction, str] | None:
     problem = device_binding.legacy_active_sync_problem(identity.user_principal_name, signals.certificate_device_id,
@@ -246,15 +267,12 @@ def _legacy_refusal(rules: Rules, identity: Identity, signals: Signals,
 
 def _device_refusal(rules: Rules, request: AccessRequest, identity: Identity, signals: Signals,
                     certificate_bound: bool) -> tuple[Restriction, str] | None:
-    """Before policy: the connection's device certificate (not believed, naming no single inventory
-    device, or missing where required), the token naming another device than the certificate, and
-    the ActiveSync DeviceId naming another device than the one decided for."""
+    """Before policy: the connection's certificate naming no single inventory device, the token (or
+    a certificate-bound session) naming another device than the certificate, and the ActiveSync
+    DeviceId naming another device than the one decided for."""
     if request.kiosk_location is None:
-        problem = device_binding.certificate_problem(
-            request.device_certificate, required=rules.device_certificate_required(request.host)) \
-            or signals.certificate_problem
-        if problem is not None:
-            return Restriction.device_certificate, problem
+        if signals.certificate_problem is not None:
+            return Restriction.device_certificate, signals.certificate_problem
         mismatch = device_binding.session_problem(identity.device_id, signals.certificate_device_id) \
             if certificate_bound else device_binding.token_device_problem(identity.device_id,
                                                                           signals.certificate_device_id)

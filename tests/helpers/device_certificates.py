@@ -46,6 +46,14 @@ class Authority:
               not_before: dt.datetime = NOW - 30 * DAY, not_after: dt.datetime = NOW + 30 * DAY,
               ca: bool = False) -> x509.Certificate:
         """A client certificate; each argument is one way to make it bad (``purposes=None``: no EKU)."""
+        return self.issue_with_key(sans=sans, subject=subject, purposes=purposes, signature=signature,
+                                   not_before=not_before, not_after=not_after, ca=ca)[0]
+
+    def issue_with_key(self, *, sans: Sequence[x509.GeneralName] = (), subject: Sequence[x509.NameAttribute] = (),
+                       purposes: Sequence[x509.ObjectIdentifier] | None = CLIENT_AUTH, signature: bool = True,
+                       not_before: dt.datetime = NOW - 30 * DAY, not_after: dt.datetime = NOW + 30 * DAY,
+                       ca: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """``issue``, with the certificate's key: what a device presenting it over TLS holds."""
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name(list(subject) or [x509.NameAttribute(NameOID.COMMON_NAME, "device")])
         builder = (x509.CertificateBuilder().subject_name(name).issuer_name(self.certificate.subject)
@@ -59,7 +67,7 @@ class Authority:
             builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
         if purposes is not None:
             builder = builder.add_extension(x509.ExtendedKeyUsage(list(purposes)), critical=False)
-        return builder.sign(self.key, hashes.SHA256())
+        return builder.sign(self.key, hashes.SHA256()), key
 
     def crl(self, *revoked: x509.Certificate, last_update: dt.datetime = NOW - DAY,
             next_update: dt.datetime = NOW + 7 * DAY) -> x509.CertificateRevocationList:

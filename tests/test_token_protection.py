@@ -1,0 +1,220 @@
+"""Device certificates through the real listener: Python and curl clients present real client
+certificates (issued by a real device CA in Intune's SAN format) over real TLS to a gateway whose
+mail host asks for them (optional) and whose docs host requires them. A stolen token fails from
+another device; ``tokenProtection`` refuses it from a connection without its device's certificate;
+the kiosk proxy never asks for one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import httpx
+import mitmproxy.ctx
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from addons.runner import RunningGateway, running_gateway
+from gateway.app import bootstrap
+from gateway.app.demo import ACTIVESYNC, ALEX_IPHONE, BLAKE_ANDROID
+from gateway.http.headers import CORRELATION_ID
+from tests.conftest import Background, Gateway, Ports, free_port, gateway_config
+from tests.helpers.device_certificates import Authority, pem
+from tests.helpers.hosts import MAIL
+from tests.helpers.tokens import outlook_token
+
+DOCS = "docs.contoso.test"
+TOKEN_PROTECTION = "    sessionControls: {tokenProtection: true}\n"
+
+
+def settings(mode: str) -> str:
+    return (f"    deviceCertificates:\n      mode: {mode}\n      caFiles: [device-ca.pem]\n"
+            '      deviceName: {from: sanUri, prefix: "AzureADDeviceId://", key: azureADDeviceId}\n')
+
+
+@dataclass
+class Certified:
+    gateway: Gateway
+    running: RunningGateway
+    directory: Path
+    authority: Authority
+    loop: asyncio.AbstractEventLoop  # the gateway's: reloads run in it
+
+    def certificate(self, device_id: str, *, expired: bool = False,
+                    authority: Authority | None = None) -> tuple[Path, Path]:
+        """PEM files of a client certificate naming ``device_id`` and its key, as the device holds them."""
+        now = dt.datetime.now(dt.UTC)
+        cert, key = (authority or self.authority).issue_with_key(
+            sans=[x509.UniformResourceIdentifier(f"AzureADDeviceId://{device_id}")],
+            not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1) if expired else
+            now + dt.timedelta(days=30))
+        return self._files(f"{device_id}-{expired}-{id(authority)}", cert, key)
+
+    def _files(self, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+        cert_file, key_file = self.directory / f"{name}.pem", self.directory / f"{name}-key.pem"
+        cert_file.write_bytes(pem(cert))
+        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return cert_file, key_file
+
+    def sync(self, token: str, certificate: tuple[Path, Path] | None, path: str = ACTIVESYNC) -> httpx.Response:
+        return self.gateway.request(MAIL, path, method="POST", token=token, certificate=certificate)
+
+    def reload_with_token_protection(self, on: bool) -> None:
+        policies = self.gateway.config_dir / "policies.yaml"
+        text = policies.read_text()
+        anchor = "      maxDeviceThreatLevel: low\n"
+        text = text.replace(anchor + TOKEN_PROTECTION, anchor)
+        policies.write_text(text.replace(anchor, anchor + TOKEN_PROTECTION, 1) if on else text)
+        outcome = asyncio.run_coroutine_threadsafe(self.running.operations.reloader.reload("adminApi"),
+                                                   self.loop).result(30)
+        assert outcome.applied, outcome.problems
+
+
+@contextlib.asynccontextmanager
+async def certified_gateway(config_dir: Path) -> AsyncIterator[tuple[RunningGateway, asyncio.AbstractEventLoop]]:
+    async with running_gateway(bootstrap.load(config_dir)) as running:
+        yield running, asyncio.get_running_loop()
+
+
+@pytest.fixture(scope="module")
+def certified(gateway: Gateway, ca: trustme.CA, demo_ports: Ports,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Certified]:
+    directory = tmp_path_factory.mktemp("device-certificates")
+    authority = Authority.root("Contoso Device CA")
+    config_dir = gateway_config(directory, ca, Ports(free_port(), demo_ports.idp, demo_ports.mail, demo_ports.docs))
+    (config_dir / "cases.yaml").unlink()  # these tests change the rules; the shipped cases present no certificate
+    (config_dir / "device-ca.pem").write_bytes(pem(authority.certificate))
+    gateway_file = config_dir / "portcullis.yaml"
+    text = gateway_file.read_text()
+    mail_line = f"    upstream: http://127.0.0.1:{demo_ports.mail}\n"
+    docs_line = f"    upstream: http://127.0.0.1:{demo_ports.docs}\n"
+    assert mail_line in text and docs_line in text
+    gateway_file.write_text(text.replace(mail_line, mail_line + settings("optional"))
+                            .replace(docs_line, docs_line + settings("required")))
+    previous = (mitmproxy.ctx.master, mitmproxy.ctx.options)
+    try:
+        with Background(lambda: certified_gateway(config_dir)) as (running, loop):
+            loaded = bootstrap.load(config_dir)
+            log = loaded.config.path(loaded.config.gateway_file.decision_log.path)
+            own = replace(gateway, port=running.addresses[0][1], config_dir=config_dir, decision_log=log)
+            yield Certified(own, running, directory, authority, loop)
+    finally:
+        mitmproxy.ctx.master, mitmproxy.ctx.options = previous
+
+
+def test_a_compliant_phone_with_its_certificate_syncs_and_the_record_shows_the_certificate(
+        certified: Certified) -> None:
+    answer = certified.sync(outlook_token(certified.gateway), certified.certificate(ALEX_IPHONE))
+    assert answer.status_code == 200, answer.text
+    record = certified.gateway.decision(answer.headers[CORRELATION_ID])
+    assert record["deviceCertificate"]["verified"] is True
+    assert record["deviceCertificate"]["deviceValue"] == ALEX_IPHONE
+    assert record["deviceCertificate"]["issuer"] == "CN=Contoso Device CA"
+    assert record["deviceDetail"]["deviceId"] == ALEX_IPHONE
+    assert {"name": "deviceCertificate", "value": "verified", "source": "client certificate issued by "
+            "CN=Contoso Device CA", "ageSeconds": 0} in record["signals"]
+
+
+def test_a_stolen_token_from_another_devices_connection_is_refused(certified: Certified) -> None:
+    """Alex's phone's token, replayed from Blake's device (its own, valid certificate)."""
+    answer = certified.sync(outlook_token(certified.gateway), certified.certificate(BLAKE_ANDROID))
+    assert answer.status_code == 403
+    record = certified.gateway.decision(answer.headers[CORRELATION_ID])
+    assert (record["status"]["errorCode"], record["restriction"]) == (53000, "tokenIssuedToAnotherDevice")
+    assert record["deviceDetail"]["deviceId"] == BLAKE_ANDROID  # the certificate's device, not the claim's
+
+
+@pytest.mark.parametrize("protected", [True, False], ids=["tokenProtection", "without tokenProtection"])
+def test_token_protection_refuses_the_token_from_a_connection_without_its_devices_certificate(
+        certified: Certified, protected: bool) -> None:
+    certified.reload_with_token_protection(protected)
+    try:
+        bare = certified.sync(outlook_token(certified.gateway), None)
+        assert bare.status_code == (403 if protected else 200), bare.text
+        if protected:
+            record = certified.gateway.decision(bare.headers[CORRELATION_ID])
+            assert (record["status"]["errorCode"], record["restriction"]) == (53000, "tokenProtection")
+        own = certified.sync(outlook_token(certified.gateway), certified.certificate(ALEX_IPHONE))
+        assert own.status_code == 200, own.text  # bound: its own device's certificate
+        stolen = certified.sync(outlook_token(certified.gateway), certified.certificate(BLAKE_ANDROID))
+        assert stolen.status_code == 403
+    finally:
+        certified.reload_with_token_protection(False)
+
+
+def test_a_certificate_that_is_not_believed_is_refused_with_its_reason(certified: Certified) -> None:
+    outsider = Authority.root("Contoso Device CA")  # the same name, another key
+    for certificate, reason in ((certified.certificate(ALEX_IPHONE, expired=True), "expired"),
+                                (certified.certificate(ALEX_IPHONE, authority=outsider), "")):
+        answer = certified.sync(outlook_token(certified.gateway), certificate)
+        assert answer.status_code == 403
+        record = certified.gateway.decision(answer.headers[CORRELATION_ID])
+        assert record["restriction"] == "deviceCertificate" and record["status"]["errorCode"] == 53000
+        assert record["deviceCertificate"]["verified"] is False and reason in record["status"]["failureReason"]
+
+
+def test_a_host_that_requires_a_certificate_answers_a_browser_without_one_with_what_to_install(
+        certified: Certified) -> None:
+    answer = certified.gateway.request(DOCS, "/sites/finance/", headers={"Accept": "text/html"},
+                                       token=outlook_token(certified.gateway))
+    assert answer.status_code == 403
+    assert "device certificate" in answer.text and "company portal" in answer.text
+    record = certified.gateway.decision(answer.headers[CORRELATION_ID])
+    assert record["restriction"] == "deviceCertificate"
+
+
+def test_curl_presents_the_devices_certificate(certified: Certified, tmp_path: Path) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    ca_file = tmp_path / "gateway-ca.pem"
+    certified.gateway.ca.cert_pem.write_to_path(str(ca_file))
+    cert_file, key_file = certified.certificate(ALEX_IPHONE)
+    port = certified.gateway.port
+    out = subprocess.run([curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(ca_file),
+                          "--cert", str(cert_file), "--key", str(key_file), "-X", "POST",
+                          "--resolve", f"{MAIL}:{port}:127.0.0.1", "-H",
+                          f"Authorization: Bearer {outlook_token(certified.gateway)}",
+                          f"https://{MAIL}:{port}{ACTIVESYNC}"], capture_output=True, text=True, timeout=30)
+    assert out.stdout == "200", out.stderr
+    stolen_cert, stolen_key = certified.certificate(BLAKE_ANDROID)
+    out = subprocess.run([curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(ca_file),
+                          "--cert", str(stolen_cert), "--key", str(stolen_key), "-X", "POST",
+                          "--resolve", f"{MAIL}:{port}:127.0.0.1", "-H",
+                          f"Authorization: Bearer {outlook_token(certified.gateway)}",
+                          f"https://{MAIL}:{port}{ACTIVESYNC}"], capture_output=True, text=True, timeout=30)
+    assert out.stdout == "403", out.stderr
+
+
+def asked_for_a_certificate(*args: str) -> bool:
+    """Whether the server's handshake asked for a client certificate: the CertificateRequest among
+    the handshake messages openssl s_client received (``-msg``)."""
+    out = subprocess.run(["openssl", "s_client", "-msg", *args], input="", capture_output=True, text=True,
+                         timeout=30)
+    assert "Verify return code: 0 (ok)" in out.stdout, out.stdout + out.stderr  # the handshake completed
+    return "CertificateRequest" in out.stdout
+
+
+def test_only_the_hosts_that_ask_request_a_certificate_and_never_the_kiosk(certified: Certified,
+                                                                            gateway: Gateway, tmp_path: Path) -> None:
+    ca_file = tmp_path / "gateway-ca.pem"
+    certified.gateway.ca.cert_pem.write_to_path(str(ca_file))
+    kiosk = bootstrap.load(certified.gateway.config_dir).config.gateway_file.kiosk
+    assert kiosk is not None
+    for name, port, proxy, asked in (
+            ("mail (optional)", certified.gateway.port, None, True),
+            ("the session's gateway: no setting", gateway.port, None, False),
+            ("the kiosk proxy", 443, f"127.0.0.1:{kiosk.listen.port}", False)):
+        target = ["-connect", f"{MAIL}:{port}", "-proxy", proxy] if proxy else \
+            ["-connect", f"127.0.0.1:{port}"]
+        assert asked_for_a_certificate(*target, "-servername", MAIL, "-CAfile", str(ca_file)) is asked, name
