@@ -87,7 +87,7 @@ def test_import_is_all_or_nothing_with_lines(store: SqliteDeviceStore, tmp_path:
     exported.write_text(export(store, "csv"))
     rows = exported.read_text().splitlines()
     rows[2] = rows[2].replace("compliant", "compliantish", 1)
-    rows.append("not-a-device,,,,,,,,maybe,,compliant,,,,,{}")
+    rows.append("not-a-device,,,,,,,,maybe,,compliant,,,,,{},,")
     exported.write_text("\n".join(rows) + "\n")
     fresh = SqliteDeviceStore(tmp_path / "other.sqlite")
     with pytest.raises(ConfigError) as caught:
