@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -22,9 +23,11 @@ from gateway.signals.graph import GraphClient, GraphInventory
 from gateway.signals.sqlite_store import DEVICES_BY_KEY, SqliteDeviceStore, export, parse_import
 from gateway.signals.store import DeviceStore, StoreInventory
 from gateway.state.redis_state import RedisState
+from tests.conftest import REPO
 from tests.graph_server import GraphState, managed_device, serving
 from tests.helpers.shared_state import prefix, record
 from tests.redis_server import RedisServer, free_port
+from tests.test_device_signals import devices_cli
 from tests.test_graph_connector import settings
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -288,3 +291,25 @@ def test_export_carries_the_keys_and_imports_again(tmp_path: Path) -> None:
         assert {(r.azure_ad_device_id, r.intune_device_id, r.serial_number) for r in parse_import(path)} == {
             (A, INTUNE_A.lower(), "F2LX0001"), (B, None, None)}, fmt
     store.close()
+
+
+@pytest.mark.slow
+def test_devices_show_finds_a_device_by_serial_and_refuses_an_ambiguous_one(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    shutil.copytree(REPO / "config", config)
+    cli = devices_cli(config)
+    imported = tmp_path / "devices.csv"
+    imported.write_text("azureADDeviceId,complianceState,intuneDeviceId,serialNumber\n"
+                        f"{A},compliant,{INTUNE_A},F2LX0001\n{B},compliant,,F2LX0002\n")
+    assert cli("import", str(imported)).returncode == 0
+    store = SqliteDeviceStore(tmp_path / ".portcullis" / "devices.sqlite")
+    store.upsert(record(C, serialNumber="F2LX0002"), now=NOW)  # as a Graph sync may list it
+    store.close()
+    shown = json.loads(cli("show", "--by", "serialNumber", " f2lx0001").stdout)
+    assert (shown["device_id"], shown["intune_device_id"], shown["serial_number"]) == (A, INTUNE_A.lower(), "F2LX0001")
+    assert json.loads(cli("show", "--by", "intuneDeviceId", INTUNE_A)
+                      .stdout)["device_id"] == A
+    ambiguous = cli("show", "--by", "serialNumber", "F2LX0002")
+    assert (ambiguous.returncode, ambiguous.stderr) == (
+        1, f"portcullis: serialNumber 'F2LX0002' names 2 devices: {B}, {C}\n")
+    assert "serial F2LX0001" in next(line for line in cli("list").stdout.splitlines() if line.startswith(A))
