@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gateway.signals.graph import GraphSettings
 from gateway.web.embedded import EmbeddedServer
 
 TENANT = "c0a7e1d5-0000-4000-8000-00000000c0de"
@@ -50,6 +51,11 @@ def managed_device(index: int, **overrides: Any) -> dict[str, Any]:
         "model": "iPhone 16",
         **overrides,
     }
+
+
+def settings(base: str, *, secret: str = CLIENT_SECRET, rate: float = 5) -> GraphSettings:
+    return GraphSettings(token_url=f"{base}/{TENANT}/oauth2/v2.0/token", graph_url=f"{base}/v1.0",
+                         client_id=CLIENT_ID, client_secret=secret, lookups_per_second=rate)
 
 
 @dataclass

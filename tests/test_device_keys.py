@@ -24,11 +24,10 @@ from gateway.signals.sqlite_store import DEVICES_BY_KEY, SqliteDeviceStore, expo
 from gateway.signals.store import DeviceStore, StoreInventory
 from gateway.state.redis_state import RedisState
 from tests.conftest import REPO
-from tests.graph_server import GraphState, managed_device, serving
+from tests.graph_server import GraphState, managed_device, serving, settings
 from tests.helpers.shared_state import prefix, record
+from tests.helpers.signals import devices_cli
 from tests.redis_server import RedisServer, free_port
-from tests.test_device_signals import devices_cli
-from tests.test_graph_connector import settings
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 A, B, C = (f"aa000000-0000-4000-8000-00000000000{n}" for n in range(1, 4))

@@ -13,18 +13,13 @@ import pytest
 from gateway.errors import SignalUnavailable
 from gateway.policy.model import ComplianceState, DeviceThreatLevel
 from gateway.signals.cache import CachedInventory
-from gateway.signals.graph import RECHECK_FIRST_SECONDS, GraphClient, GraphInventory, GraphSettings, device_record
+from gateway.signals.graph import RECHECK_FIRST_SECONDS, GraphClient, GraphInventory, device_record
 from gateway.signals.sqlite_store import SqliteDeviceStore
 from gateway.signals.store import StoreInventory
-from tests.graph_server import CLIENT_ID, CLIENT_SECRET, TENANT, GraphState, managed_device, serving
+from tests.graph_server import GraphState, managed_device, serving, settings
 from tests.helpers.signals import Clock
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
-
-
-def settings(base: str, *, secret: str = CLIENT_SECRET, rate: float = 5) -> GraphSettings:
-    return GraphSettings(token_url=f"{base}/{TENANT}/oauth2/v2.0/token", graph_url=f"{base}/v1.0",
-                         client_id=CLIENT_ID, client_secret=secret, lookups_per_second=rate)
 
 
 def run(state: GraphState, scenario):
