@@ -173,11 +173,14 @@ def test_a_file_written_before_the_keys_gains_their_indexes_and_older_writers_ke
                                                                       "complianceState": "compliant"})))
     old.execute("INSERT INTO devices VALUES (?, ?)", (C, json.dumps({"azureADDeviceId": C, "serialNumber": "S3",
                                                                       "complianceState": "compliant"})))
+    old.execute("INSERT INTO devices VALUES (?, ?)", (A, "not JSON: a hand edit"))
     store = SqliteDeviceStore(path)  # the upgrade: the file is opened by this version
     indexes = {name for (name,) in old.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
                                                   "AND sql IS NOT NULL")}
     assert indexes == {"devices_by_intune_device_id", "devices_by_serial_number"}
     assert store.device_ids_for(SERIAL, "s3") == [C]  # a row already there is in the index
+    with pytest.raises(SignalUnavailable, match="unreadable"):  # that device is unavailable, the file is not
+        store.managed_device(A)
     store.upsert(record(B, serialNumber="S2"), now=NOW)
     assert store.device_ids_for(SERIAL, "S2") == [B]
     # a gateway of the version before, sharing the file, rewrites B without a serial: B is not found by it

@@ -71,18 +71,24 @@ CREATE TABLE IF NOT EXISTS changes (
     device_id TEXT NOT NULL,
     changed_at TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS devices_by_intune_device_id ON devices (json_extract(record, '$.intuneDeviceId'))
-    WHERE json_extract(record, '$.intuneDeviceId') IS NOT NULL;
-CREATE INDEX IF NOT EXISTS devices_by_serial_number ON devices (json_extract(record, '$.serialNumber'))
-    WHERE json_extract(record, '$.serialNumber') IS NOT NULL;
 """
+
+
+def _key_in_record(key: DeviceKey) -> str:
+    """A key as its index holds it: NULL in a row that is no JSON (written by something else; reading
+    that device is unavailable), which must not make every later write, or the upgrade, fail."""
+    return f"(CASE WHEN json_valid(record) THEN json_extract(record, '$.{key.value}') END)"
+
+
+KEY_INDEXES = {DeviceKey.intune_device_id: "devices_by_intune_device_id",
+               DeviceKey.serial_number: "devices_by_serial_number"}
+SCHEMA += "".join(f"CREATE INDEX IF NOT EXISTS {name} ON devices {_key_in_record(key)} "
+                  f"WHERE {_key_in_record(key)} IS NOT NULL;\n" for key, name in KEY_INDEXES.items())
 # the devices a key names; the expressions are the indexes' own, so the lookup is a search of one
 DEVICES_BY_KEY = {
     DeviceKey.azure_ad_device_id: "SELECT device_id FROM devices WHERE device_id = ?",
-    DeviceKey.intune_device_id: "SELECT device_id FROM devices WHERE json_extract(record, '$.intuneDeviceId') = ? "
-                                "ORDER BY device_id",
-    DeviceKey.serial_number: "SELECT device_id FROM devices WHERE json_extract(record, '$.serialNumber') = ? "
-                             "ORDER BY device_id",
+    **{key: f"SELECT device_id FROM devices WHERE {_key_in_record(key)} = ? ORDER BY device_id"  # noqa: S608
+       for key in KEY_INDEXES},
 }
 CSV_LIST_FIELDS = ("extensionAttributes",)
 EXPORT_FIELDS = (
