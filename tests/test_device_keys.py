@@ -18,7 +18,7 @@ import redis
 from gateway.errors import ConfigError, SignalUnavailable
 from gateway.policy.model import DeviceKey
 from gateway.signals.cache import CachedInventory
-from gateway.signals.devices import FileDeviceInventory, OverlayInventory, device_record
+from gateway.signals.devices import MATCHES_MAX, FileDeviceInventory, OverlayInventory, device_record
 from gateway.signals.graph import GraphClient, GraphInventory
 from gateway.signals.sqlite_store import DEVICES_BY_KEY, SqliteDeviceStore, export, parse_import
 from gateway.signals.store import DeviceStore, StoreInventory
@@ -78,6 +78,15 @@ def test_the_keys_follow_every_write_path(store: DeviceStore) -> None:
     assert lookups(store, (SERIAL, "S3"), (SERIAL, "S2")) == [[], [C]]
     store.remove([C], now=NOW)
     assert lookups(store, (SERIAL, "S2")) == [[]]
+
+
+def test_a_serial_thousands_of_devices_share_names_a_bounded_few(store: DeviceStore) -> None:
+    """Enough to refuse the certificate as ambiguous and name some of them, not thousands per handshake."""
+    many = [record(f"bb000000-0000-4000-8000-{n:012d}", serialNumber="To be filled by O.E.M.") for n in range(25)]
+    store.replace_all(many, now=NOW)
+    found = store.device_ids_for(SERIAL, "to be filled by o.e.m.")
+    assert len(found) == MATCHES_MAX and found == sorted(found)
+    assert set(found) <= {r.azure_ad_device_id for r in many}
 
 
 def test_redis_keeps_no_key_entry_of_a_rewritten_pruned_or_removed_device(redis_server: RedisServer) -> None:

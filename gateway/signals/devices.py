@@ -19,6 +19,9 @@ from gateway.errors import ConfigProblem
 from gateway.policy.model import ComplianceState, DeviceKey, DeviceThreatLevel, ManagedDevice
 
 GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# A lookup by key names at most this many devices: enough to refuse several and name them in the
+# log. White-box PCs share placeholder serials ("To be filled by O.E.M.") by the thousand.
+MATCHES_MAX = 10
 
 
 class DeviceInventory(Protocol):
@@ -32,9 +35,9 @@ class DeviceInventory(Protocol):
 
     async def device_ids_for(self, key: DeviceKey, value: str) -> list[str]:
         """The azureADDeviceIds of every device whose ``key`` is ``value`` (normalised, see
-        ``normalised``), sorted: a device certificate may name its device by any of them. The
-        caller refuses none as unknown and several as ambiguous, never picks one. Raises
-        SignalUnavailable."""
+        ``normalised``; at most ``MATCHES_MAX`` of them), sorted: a device certificate may name its
+        device by any of them. The caller refuses none as unknown and several as ambiguous, never
+        picks one. Raises SignalUnavailable."""
         ...
 
 
@@ -218,7 +221,7 @@ class FileDeviceInventory:
         value = normalised(key, value)
         if key is DeviceKey.azure_ad_device_id:
             return [value] if value in self._devices else []
-        return list(self._by_key.get((key, value), []))
+        return self._by_key.get((key, value), [])[:MATCHES_MAX]
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -241,7 +244,7 @@ class OverlayInventory:
         for device_id in await self.bottom.device_ids_for(key, value):
             if device_id not in found and await self.top.managed_device(device_id) is None:
                 found.add(device_id)
-        return sorted(found)
+        return sorted(found)[:MATCHES_MAX]
 
 
 class KeysSeen:

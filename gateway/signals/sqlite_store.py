@@ -41,7 +41,7 @@ from gateway.config.loader import format_loc, locate, read_yaml
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.http import strict_json
 from gateway.policy.model import DeviceKey, DeviceThreatLevel, ManagedDevice
-from gateway.signals.devices import DeviceRecord, KeysSeen, normalised
+from gateway.signals.devices import MATCHES_MAX, DeviceRecord, KeysSeen, normalised
 from gateway.signals.store import DeviceStore, micros, with_threats
 
 SCHEMA = """
@@ -87,8 +87,8 @@ SCHEMA += "".join(f"CREATE INDEX IF NOT EXISTS {name} ON devices {_key_in_record
 # the devices a key names; the expressions are the indexes' own, so the lookup is a search of one
 DEVICES_BY_KEY = {
     DeviceKey.azure_ad_device_id: "SELECT device_id FROM devices WHERE device_id = ?",
-    **{key: f"SELECT device_id FROM devices WHERE {_key_in_record(key)} = ? ORDER BY device_id"  # noqa: S608
-       for key in KEY_INDEXES},
+    **{key: f"SELECT device_id FROM devices WHERE {_key_in_record(key)} = ? ORDER BY device_id "  # noqa: S608
+            f"LIMIT {MATCHES_MAX}" for key in KEY_INDEXES},
 }
 CSV_LIST_FIELDS = ("extensionAttributes",)
 EXPORT_FIELDS = (

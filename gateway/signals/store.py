@@ -51,8 +51,8 @@ class DeviceStore(ABC):
 
     @abstractmethod
     def device_ids_for(self, key: DeviceKey, value: str) -> list[str]:
-        """The azureADDeviceIds of every device whose ``key`` is ``value`` (normalised), sorted, from
-        an index: ``DeviceInventory.device_ids_for``."""
+        """The azureADDeviceIds of the devices whose ``key`` is ``value`` (normalised), at most
+        ``MATCHES_MAX``, sorted, from an index: ``DeviceInventory.device_ids_for``."""
 
     @abstractmethod
     def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_partner: str | None = None,

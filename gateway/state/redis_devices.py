@@ -23,7 +23,7 @@ import redis
 from gateway.errors import SignalUnavailable
 from gateway.http.strict_json import loads as strict_json
 from gateway.policy.model import DeviceKey, DeviceThreatLevel, ManagedDevice
-from gateway.signals.devices import DeviceRecord, key_value, normalised
+from gateway.signals.devices import MATCHES_MAX, DeviceRecord, normalised
 from gateway.signals.store import DeviceStore, micros, with_threats
 from gateway.state.redis_keys import Keys, unavailable
 
@@ -161,14 +161,20 @@ for i = 4, #ARGV do
 end
 publish(p .. 'devices', pruned, limit)
 """
-# ARGV: prefix, key, value: the records of the devices the key's set names (nil for one gone), with their ids.
+# ARGV: prefix, key, value (normalised), limit: the ids in the key's set whose record has that value
+# (an entry an older gateway left behind does not), at most ``limit``.
 DEVICES_BY_KEY_LUA = """
-local p, out = ARGV[1], {}
-for _, id in ipairs(redis.call('SMEMBERS', p .. 'device-key:' .. ARGV[2] .. ':' .. ARGV[3])) do
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('GET', p .. 'device:' .. id) or ''
+local p, key, value, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local found = {}
+for _, id in ipairs(redis.call('SMEMBERS', p .. 'device-key:' .. key .. ':' .. value)) do
+  local record = redis.call('GET', p .. 'device:' .. id)
+  local ok, fields = pcall(cjson.decode, record or '')
+  if ok and type(fields) == 'table' and fields[key] == value then
+    found[#found + 1] = id
+    if #found >= limit then break end
+  end
 end
-return out
+return found
 """
 PARTNER_CONTACT_LUA = CONTACT_LUA + "contact(ARGV[1], ARGV[2], ARGV[3])\n"
 # Per partner: its last contact and its newest verdict (one snapshot).
@@ -232,12 +238,7 @@ class RedisDeviceStore(DeviceStore):
             with unavailable(self.location):
                 return [value] if self._client.exists(self._keys.device(value)) else []
         with unavailable(self.location):
-            flat = self._by_key_script(args=[self._keys.prefix, key.value, value])
-        found = []
-        for device_id, record in zip(_texts(flat[::2]), _texts(flat[1::2]), strict=True):
-            if record and key_value(self._device(device_id, record), key) == value:
-                found.append(device_id)
-        return sorted(found)
+            return sorted(_texts(self._by_key_script(args=[self._keys.prefix, key.value, value, MATCHES_MAX])))
 
     def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_partner: str | None = None,
                     seed: bool = False) -> int:
