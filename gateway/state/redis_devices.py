@@ -1,6 +1,6 @@
 """The device inventory in Redis: ``DeviceStore``'s interface and semantics, for gateways on
 several hosts. Every write announces the devices it changed on ``<p>devices`` in the same atomic
-step (a Lua script, or MULTI), so every process drops exactly those devices from its caches.
+step (a Lua script), so every process drops exactly those devices from its caches.
 Keys: see ``gateway.state.redis_state``.
 
 A device certificate may name its device by ``intuneDeviceId`` or ``serialNumber``: the set
@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import redis
+from pydantic import ValidationError
 
 from gateway.errors import SignalUnavailable
 from gateway.http.strict_json import loads as strict_json
@@ -218,19 +219,13 @@ class RedisDeviceStore(DeviceStore):
             record, threats = pipe.execute()
         if record is None:
             return None
-        device = self._device(key, record)
-        try:
-            verdicts = [_verdict(partner, text) for partner, text in threats.items() if partner not in ignored_partners]
-        except (ValueError, KeyError, TypeError) as error:
-            raise SignalUnavailable(f"shared state {self.location}: device {key} is unreadable") from error
-        return with_threats(device, verdicts)
-
-    def _device(self, key: str, record: str) -> ManagedDevice:
         try:
             strict_json(record)  # one reading, as of all shared state: pydantic keeps a member named twice
-            return DeviceRecord.model_validate_json(record).to_managed_device()
-        except (ValueError, KeyError, TypeError) as error:  # ValidationError and JsonRefused are ValueErrors
+            device = DeviceRecord.model_validate_json(record).to_managed_device()
+            verdicts = [_verdict(partner, text) for partner, text in threats.items() if partner not in ignored_partners]
+        except (ValidationError, ValueError, KeyError, TypeError) as error:
             raise SignalUnavailable(f"shared state {self.location}: device {key} is unreadable") from error
+        return with_threats(device, verdicts)
 
     def device_ids_for(self, key: DeviceKey, value: str) -> list[str]:
         value = normalised(key, value)
