@@ -1,5 +1,6 @@
 """A local server in Microsoft Graph's shapes for the connector's tests: the v2.0 token endpoint
-(client credentials), and /deviceManagement/managedDevices with $select, $filter on
+(client credentials), and /deviceManagement/managedDevices with $select (only the properties it
+names are answered, as Graph does), $filter on
 azureADDeviceId, paging by @odata.nextLink, and throttling (429/503 with Retry-After)."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gateway.signals.graph import GraphSettings
 from gateway.web.embedded import EmbeddedServer
 
 TENANT = "c0a7e1d5-0000-4000-8000-00000000c0de"
@@ -26,10 +28,13 @@ CLIENT_SECRET = "connector-secret-0123456789"  # a test server's fake credential
 
 
 def managed_device(index: int, **overrides: Any) -> dict[str, Any]:
-    """A managedDevice as Graph v1.0 returns it (only the fields the connector selects, plus noise)."""
+    """A managedDevice as Graph v1.0 returns it (the fields the connector selects, plus noise).
+    ``id`` is Intune's managed device id; ``serialNumber`` is "" for a device Intune has none of."""
     return {
         "id": f"1b2c3d4e-0000-4000-8000-{index:012d}",
         "azureADDeviceId": f"aa000000-0000-4000-8000-{index:012d}",
+        "serialNumber": f"F2LX{index:08d}",
+        "imei": f"35 000000 {index:06d} 0",
         "easDeviceId": f"Appl{index:08d}",
         "deviceName": f"Phone {index}",
         "userPrincipalName": f"user{index}@contoso.test",
@@ -46,6 +51,11 @@ def managed_device(index: int, **overrides: Any) -> dict[str, Any]:
         "model": "iPhone 16",
         **overrides,
     }
+
+
+def settings(base: str, *, secret: str = CLIENT_SECRET, rate: float = 5) -> GraphSettings:
+    return GraphSettings(token_url=f"{base}/{TENANT}/oauth2/v2.0/token", graph_url=f"{base}/v1.0",
+                         client_id=CLIENT_ID, client_secret=secret, lookups_per_second=rate)
 
 
 @dataclass
@@ -83,6 +93,9 @@ def graph_app(state: GraphState) -> Starlette:
             selected = [d for d in selected if d["azureADDeviceId"] == key]
         start = int(request.query_params.get("$skiptoken", "0"))
         page = selected[start:start + state.page_size]
+        if "$select" in request.query_params:
+            properties = request.query_params["$select"].split(",")
+            page = [{name: device[name] for name in properties if name in device} for device in page]
         body: dict[str, Any] = {"@odata.context": "https://graph.microsoft.com/v1.0/$metadata#deviceManagement/"
                                                   "managedDevices", "value": page}
         if start + state.page_size < len(selected):

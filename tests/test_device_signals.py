@@ -8,7 +8,6 @@ import base64
 import json
 import subprocess
 import sys
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from gateway.signals.cache import CachedInventory
 from gateway.signals.sqlite_store import SqliteDeviceStore, export, parse_import
 from gateway.signals.store import StoreInventory
 from tests.conftest import REPO
-from tests.helpers.signals import Clock
+from tests.helpers.signals import Clock, devices_cli
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
@@ -87,7 +86,7 @@ def test_import_is_all_or_nothing_with_lines(store: SqliteDeviceStore, tmp_path:
     exported.write_text(export(store, "csv"))
     rows = exported.read_text().splitlines()
     rows[2] = rows[2].replace("compliant", "compliantish", 1)
-    rows.append("not-a-device,,,,,,,,maybe,,compliant,,,,,{}")
+    rows.append("not-a-device,,,,,,,,maybe,,compliant,,,,,{},,")
     exported.write_text("\n".join(rows) + "\n")
     fresh = SqliteDeviceStore(tmp_path / "other.sqlite")
     with pytest.raises(ConfigError) as caught:
@@ -227,15 +226,6 @@ def test_activesync_device_ids(target: str, expected: set[str]) -> None:
 def test_unreadable_base64_query_is_an_error() -> None:
     with pytest.raises(MalformedActiveSyncQuery):
         activesync_device_ids("/Microsoft-Server-ActiveSync?" + base64.b64encode(bytes([141, 0, 9, 4, 50])).decode())
-
-
-def devices_cli(config: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """``portcullis devices --config CONFIG ...`` as a subprocess, as an operator runs it."""
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PORTCULLIS, "devices", "--config", str(config), *args], capture_output=True,
-                              text=True, timeout=60)
-
-    return cli
 
 
 @pytest.mark.slow

@@ -263,6 +263,8 @@ class ManagedDevice:
     operating_system_version: str | None = None
     trust_type: str | None = None
     extension_attributes: tuple[tuple[str, str], ...] = ()
+    intune_device_id: str | None = None  # Intune's managed device id (Graph managedDevice ``id``), lower case
+    serial_number: str | None = None  # trimmed, upper case
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

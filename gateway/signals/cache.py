@@ -17,6 +17,9 @@
   never sees such a record.
 - ``invalidate`` drops devices at once: a risk raise or compliance loss is seen by the very next
   request.
+- ``device_ids_for`` (which devices a certificate's ``intuneDeviceId`` or ``serialNumber`` names)
+  is not cached: it is asked once per TLS connection. It is bounded in time like a lookup, and a
+  source that cannot answer raises (no copy to fall back on).
 - A shared source (Redis) tells every process what changed over a feed. While that feed is down
   (``feed_lost``) nothing is answered from the fresh cache, since a change could be missed: each
   lookup asks the source, and the staleness rule above applies when it cannot answer.
@@ -38,7 +41,7 @@ from cachetools import LRUCache, TLRUCache, TTLCache
 
 from gateway.counted_log import REPEAT_LINE_SECONDS, CountedLog
 from gateway.errors import SignalUnavailable
-from gateway.policy.model import ComplianceState, ManagedDevice
+from gateway.policy.model import ComplianceState, DeviceKey, ManagedDevice
 from gateway.signals.devices import DeviceInventory
 
 logger = logging.getLogger(__name__)
@@ -123,6 +126,15 @@ class CachedInventory:
         finally:
             if self._in_flight.get(key) is future:  # an invalidation may have dropped it already
                 del self._in_flight[key]
+
+    async def device_ids_for(self, key: DeviceKey, value: str) -> list[str]:
+        try:
+            found = await asyncio.wait_for(self.source.device_ids_for(key, value), self.lookup_timeout)
+        except TimeoutError:
+            raise SignalUnavailable(f"{self.name} did not answer within {self.lookup_timeout:g} s") from None
+        if not isinstance(found, list) or not all(isinstance(device_id, str) for device_id in found):
+            raise SignalUnavailable(f"device source answered a {type(found).__name__}, not a list of device ids")
+        return found
 
     def _expiry(self, _key: str, device: ManagedDevice, now: float) -> float:
         undecided = device.compliance_state is ComplianceState.unknown

@@ -6,6 +6,10 @@
   replaces the inventory's records in one transaction (nothing half-synced). Devices Intune no
   longer lists are removed with Graph's verdict on them; other MTD partners' verdicts stay. An
   empty answer removes nothing.
+- Each device's managedDevice ``id`` and ``serialNumber`` are stored as ``intuneDeviceId`` and
+  ``serialNumber``: a device certificate may name the device by either. Intune lists two devices
+  with one serial number (a reset device enrolled again, a virtual machine's placeholder) as it
+  finds them; a lookup by that serial then finds both and is refused as ambiguous.
 - A device the inventory does not know is looked up on its own
   (``$filter=azureADDeviceId eq '<id>'``), at most ``lookupsPerSecond``, so a flood of random
   device ids cannot hammer Graph; beyond the rate the device counts as unknown (not compliant).
@@ -40,7 +44,7 @@ from gateway.errors import SignalUnavailable
 from gateway.http.strict_json import JsonRefused
 from gateway.http.strict_json import loads as strict_json
 from gateway.identity.oauth_client import OAuthError, strict_oauth_client
-from gateway.policy.model import ComplianceState, ManagedDevice
+from gateway.policy.model import ComplianceState, DeviceKey, ManagedDevice
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.mtd import LEVELS
 from gateway.signals.store import DeviceStore, StoreInventory
@@ -48,8 +52,8 @@ from gateway.signals.store import DeviceStore, StoreInventory
 logger = logging.getLogger(__name__)
 
 
-SELECT = ("azureADDeviceId,easDeviceId,deviceName,userPrincipalName,operatingSystem,osVersion,jailBroken,"
-          "managedDeviceOwnerType,managementAgent,lastSyncDateTime,complianceState,"
+SELECT = ("id,azureADDeviceId,serialNumber,easDeviceId,deviceName,userPrincipalName,operatingSystem,osVersion,"
+          "jailBroken,managedDeviceOwnerType,managementAgent,lastSyncDateTime,complianceState,"
           "complianceGracePeriodExpirationDateTime,partnerReportedThreatState,manufacturer,model")
 MAX_RETRIES = 4
 MAX_RETRY_AFTER_SECONDS = 30.0
@@ -96,11 +100,19 @@ def device_record(item: Mapping[str, Any]) -> DeviceRecord | None:
         "complianceGracePeriodExpirationDateTime": item.get("complianceGracePeriodExpirationDateTime"),
         "manufacturer": item.get("manufacturer"),
         "model": item.get("model"),
+        "intuneDeviceId": item.get("id") or None,  # the managedDevice's own id
+        "serialNumber": _blank_as_none(item.get("serialNumber")),
     }
     if threat in LEVELS:
         fields["threatLevel"], fields["threatSource"] = LEVELS[threat].value, GRAPH_PARTNER
     return DeviceRecord.model_validate_json(json.dumps({k: v for k, v in fields.items() if v is not None}),
                                             strict=True)
+
+
+def _blank_as_none(value: object) -> object:
+    """Graph answers "" for a serial number it does not know; a value that is no text is left for
+    validation to refuse."""
+    return (value.strip() or None) if isinstance(value, str) else value
 
 
 class GraphClient:
@@ -231,6 +243,10 @@ class GraphInventory:
         if fresh is not None and fresh.compliance_state is ComplianceState.unknown:
             return self._schedule(key, fresh, RECHECK_FIRST_SECONDS, unknown_answers=1)
         return fresh
+
+    async def device_ids_for(self, key: DeviceKey, value: str) -> list[str]:
+        """From the store alone: Graph is not asked about a key the inventory does not list."""
+        return await self.local.device_ids_for(key, value)
 
     async def _recheck(self, key: str, found: ManagedDevice) -> ManagedDevice | None:
         """A stored device, asked about again when it is undecided and its time has come."""

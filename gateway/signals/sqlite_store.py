@@ -14,6 +14,12 @@ order received.
 The ``vendor`` columns hold the partner: that is their name in the files already written, and
 renaming them would mean migrating every file, which gateways of two versions may share during an
 upgrade.
+
+A device certificate may name its device by ``intuneDeviceId`` or ``serialNumber`` instead:
+``device_ids_for`` finds them through expression indexes on the record's JSON. SQLite keeps those
+in step with every write, an older gateway's sharing the file included (no column of theirs
+changes), and ``CREATE INDEX IF NOT EXISTS`` builds them from the rows of a file written before
+them when a gateway of this version first opens it.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from pydantic import TypeAdapter, ValidationError
 from gateway.config.loader import format_loc, locate, read_yaml
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.http import strict_json
-from gateway.policy.model import DeviceThreatLevel, ManagedDevice
-from gateway.signals.devices import DeviceRecord
+from gateway.policy.model import DeviceKey, DeviceThreatLevel, ManagedDevice
+from gateway.signals.devices import MATCHES_MAX, DeviceRecord, KeysSeen, normalised
 from gateway.signals.store import DeviceStore, micros, with_threats
 
 SCHEMA = """
@@ -66,11 +72,30 @@ CREATE TABLE IF NOT EXISTS changes (
     changed_at TEXT NOT NULL
 );
 """
+
+
+def _key_in_record(key: DeviceKey) -> str:
+    """A key as its index holds it: NULL in a row that is no JSON (written by something else; reading
+    that device is unavailable), which must not make every later write, or the upgrade, fail."""
+    return f"(CASE WHEN json_valid(record) THEN json_extract(record, '$.{key.value}') END)"
+
+
+KEY_INDEXES = {DeviceKey.intune_device_id: "devices_by_intune_device_id",
+               DeviceKey.serial_number: "devices_by_serial_number"}
+SCHEMA += "".join(f"CREATE INDEX IF NOT EXISTS {name} ON devices {_key_in_record(key)} "
+                  f"WHERE {_key_in_record(key)} IS NOT NULL;\n" for key, name in KEY_INDEXES.items())
+# the devices a key names; the expressions are the indexes' own, so the lookup is a search of one
+DEVICES_BY_KEY = {
+    DeviceKey.azure_ad_device_id: "SELECT device_id FROM devices WHERE device_id = ?",
+    **{key: f"SELECT device_id FROM devices WHERE {_key_in_record(key)} = ? ORDER BY device_id "  # noqa: S608
+            f"LIMIT {MATCHES_MAX}" for key in KEY_INDEXES},
+}
 CSV_LIST_FIELDS = ("extensionAttributes",)
 EXPORT_FIELDS = (
     "azureADDeviceId", "easDeviceId", "deviceName", "userPrincipalName", "operatingSystem", "osVersion",
     "managedDeviceOwnerType", "managementAgent", "jailBroken", "lastSyncDateTime", "complianceState",
     "complianceGracePeriodExpirationDateTime", "manufacturer", "model", "trustType", "extensionAttributes",
+    "intuneDeviceId", "serialNumber",
 )
 
 
@@ -122,6 +147,9 @@ class SqliteDeviceStore(DeviceStore):
             return with_threats(device, [t for t in threats if t[0] not in ignored_partners])
         except ValueError as error:  # pydantic's ValidationError included: a row written by something else
             raise SignalUnavailable(f"device inventory {self.path}: device {key} is unreadable") from error
+
+    def device_ids_for(self, key: DeviceKey, value: str) -> list[str]:
+        return [device_id for (device_id,) in self._read(DEVICES_BY_KEY[key], (normalised(key, value),))]
 
     def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_partner: str | None = None,
                     seed: bool = False) -> int:
@@ -286,7 +314,7 @@ def parse_import(path: Path) -> list[DeviceRecord]:
     if not isinstance(items, list):
         raise ConfigError([ConfigProblem(str(path), 1, 1, "", "expected a list of devices, "
                                          "or an object with 'devices' or Graph's 'value'")])
-    records, problems, seen = [], [], set()
+    records, problems, seen = [], [], KeysSeen()
     prefix = ["value"] if isinstance(data, dict) and "value" in data else ["devices"] if isinstance(data, dict) else []
     for index, item in enumerate(items):
         try:
@@ -294,10 +322,8 @@ def parse_import(path: Path) -> list[DeviceRecord]:
         except ValidationError as error:
             problems += [locate(data, (*prefix, index, *e["loc"]), str(path), e["msg"]) for e in error.errors()]
             continue
-        if record.azure_ad_device_id.lower() in seen:
-            problems.append(locate(data, (*prefix, index, "azureADDeviceId"), str(path),
-                                   f"{record.azure_ad_device_id!r} is listed twice"))
-        seen.add(record.azure_ad_device_id.lower())
+        problems += [locate(data, (*prefix, index, key.value), str(path), problem)
+                     for key, problem in seen.repeated(record)]
         records.append(record)
     _raise(problems)
     return records
@@ -319,8 +345,9 @@ def _parse_valid_json(path: Path) -> list[DeviceRecord] | None:
         records = DEVICE_LIST.validate_json(json.dumps(items), strict=True)
     except (OSError, ValueError):  # ValidationError and strict_json's JsonRefused are ValueErrors
         return None
-    if len({r.azure_ad_device_id.lower() for r in records}) != len(records):
-        return None  # a device listed twice
+    seen = KeysSeen()
+    if any(seen.repeated(record) for record in records):
+        return None  # a device listed twice, or two devices with one intuneDeviceId or serialNumber
     return records
 
 
@@ -330,6 +357,7 @@ def _parse_csv(path: Path) -> list[DeviceRecord]:
     records: list[DeviceRecord] = []
     problems: list[ConfigProblem] = []
     seen: dict[str, int] = {}
+    keys = KeysSeen()
     for row in reader:
         line = reader.line_num
         if None in row or None in row.values():
@@ -344,7 +372,10 @@ def _parse_csv(path: Path) -> list[DeviceRecord]:
         seen[device_id] = line
         try:
             item = {k: _csv_value(k, v) for k, v in row.items() if k and v not in (None, "")}
-            records.append(DeviceRecord.model_validate_json(json.dumps(item), strict=True))
+            record = DeviceRecord.model_validate_json(json.dumps(item), strict=True)
+            problems += [ConfigProblem(str(path), line, None, key.value, problem)
+                         for key, problem in keys.repeated(record)]
+            records.append(record)
         except ValidationError as error:
             problems += [ConfigProblem(str(path), line, None, format_loc(tuple(e["loc"])), e["msg"])
                          for e in error.errors()]

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.errors import SignalUnavailable
-from gateway.policy.model import DeviceThreatLevel, ManagedDevice
+from gateway.policy.model import DeviceKey, DeviceThreatLevel, ManagedDevice
 from gateway.signals.devices import DeviceRecord
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -48,6 +48,11 @@ class DeviceStore(ABC):
     @abstractmethod
     def managed_device(self, device_id: str, ignored_partners: frozenset[str] = frozenset()) -> ManagedDevice | None:
         """The device with the highest current MTD level, leaving out ``ignored_partners``; None if unknown."""
+
+    @abstractmethod
+    def device_ids_for(self, key: DeviceKey, value: str) -> list[str]:
+        """The azureADDeviceIds of the devices whose ``key`` is ``value`` (normalised), at most
+        ``MATCHES_MAX``, sorted, from an index: ``DeviceInventory.device_ids_for``."""
 
     @abstractmethod
     def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_partner: str | None = None,
@@ -132,3 +137,9 @@ class StoreInventory:
 
     def _lookup(self, device_id: str) -> ManagedDevice | None:
         return self.store.managed_device(device_id, self.ignored_partners())
+
+    async def device_ids_for(self, key: DeviceKey, value: str) -> list[str]:
+        try:
+            return await asyncio.to_thread(self.store.device_ids_for, key, value)
+        except sqlite3.Error as error:
+            raise SignalUnavailable(f"device inventory {self.store.location}: {error}") from error

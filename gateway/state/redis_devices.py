@@ -1,7 +1,14 @@
 """The device inventory in Redis: ``DeviceStore``'s interface and semantics, for gateways on
 several hosts. Every write announces the devices it changed on ``<p>devices`` in the same atomic
-step (a Lua script, or MULTI), so every process drops exactly those devices from its caches.
+step (a Lua script), so every process drops exactly those devices from its caches.
 Keys: see ``gateway.state.redis_state``.
+
+A device certificate may name its device by ``intuneDeviceId`` or ``serialNumber``: the set
+``<p>device-key:<key>:<value>`` holds the ids of the devices whose record has that value. Every
+script that writes or deletes a record takes the old record's entries out and puts the new one's
+in, in the same atomic step. ``device_ids_for`` still checks each record it finds against the
+value, so an entry left behind by a gateway of an older version (which rewrites records without
+touching the sets) finds nothing.
 """
 
 from __future__ import annotations
@@ -16,10 +23,10 @@ from pydantic import ValidationError
 
 from gateway.errors import SignalUnavailable
 from gateway.http.strict_json import loads as strict_json
-from gateway.policy.model import DeviceThreatLevel, ManagedDevice
-from gateway.signals.devices import DeviceRecord
+from gateway.policy.model import DeviceKey, DeviceThreatLevel, ManagedDevice
+from gateway.signals.devices import MATCHES_MAX, DeviceRecord, normalised
 from gateway.signals.store import DeviceStore, micros, with_threats
-from gateway.state.redis_keys import EVERY_DEVICE, Keys, unavailable
+from gateway.state.redis_keys import Keys, unavailable
 
 CHUNK = 1000  # devices per script call or MULTI in a bulk write
 PUBLISH_IDS_MAX = 1000  # a write changing more devices announces ["*"]
@@ -31,19 +38,33 @@ local function publish(channel, changed, limit)
   elseif #changed > 0 then redis.call('PUBLISH', channel, cjson.encode(changed)) end
 end
 """
+# The device-key sets' entries of a record (JSON; nil or unreadable: none): ``command`` is SADD for
+# a record written, SREM for one replaced or deleted.
+INDEX_LUA = """
+local function index(p, id, record, command)
+  if not record then return end
+  local ok, fields = pcall(cjson.decode, record)
+  if not ok or type(fields) ~= 'table' then return end
+  for _, key in ipairs({'intuneDeviceId', 'serialNumber'}) do
+    if type(fields[key]) == 'string' then redis.call(command, p .. 'device-key:' .. key .. ':' .. fields[key], id) end
+  end
+end
+"""
 # ARGV: prefix, clear partner ('' = none), publish limit, a JSON list of devices, each [id, partner,
 # mode, verdict, verdict time in µs] (one argument: far cheaper to send than five per device), then
 # each device's record (JSON) as an argument of its own, in the same order (not inside the list,
 # where every quote would be escaped and decoded again). Modes mirror SqliteDeviceStore._upsert: none
 # (no level: the clear partner's verdict goes), always, newer (seed with a time: not over a newer
 # verdict), absent (seed without a time: never over any verdict).
-UPSERT_LUA = PUBLISH_LUA + """
+UPSERT_LUA = PUBLISH_LUA + INDEX_LUA + """
 local p, clear, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local changed, seen = {}, {}
 for i, d in ipairs(cjson.decode(ARGV[4])) do
   local id, partner, mode, verdict, at, record = d[1], d[2], d[3], d[4], d[5], ARGV[4 + i]
   local threats = p .. 'threats:' .. id
+  index(p, id, redis.call('GET', p .. 'device:' .. id), 'SREM')
   redis.call('SET', p .. 'device:' .. id, record)
+  index(p, id, record, 'SADD')
   redis.call('SADD', p .. 'device-ids', id)
   local write = mode == 'always'
   if mode == 'absent' then
@@ -108,11 +129,12 @@ return {changed, unknown}
 """
 # ARGV: prefix, publish limit, then the ids to retire. Each goes with every partner's verdict, report
 # score and verdict time. Returns the ids of which anything was there (a record, or verdicts alone).
-REMOVE_LUA = PUBLISH_LUA + """
+REMOVE_LUA = PUBLISH_LUA + INDEX_LUA + """
 local p, limit = ARGV[1], tonumber(ARGV[2])
 local partners, removed = redis.call('SMEMBERS', p .. 'vendors'), {}
 for i = 3, #ARGV do
   local id = ARGV[i]
+  index(p, id, redis.call('GET', p .. 'device:' .. id), 'SREM')
   local gone = redis.call('SREM', p .. 'device-ids', id)
   gone = gone + redis.call('DEL', p .. 'device:' .. id, p .. 'threats:' .. id)
   for _, partner in ipairs(partners) do
@@ -123,6 +145,37 @@ for i = 3, #ARGV do
 end
 publish(p .. 'devices', removed, limit)
 return removed
+"""
+# ARGV: prefix, partner, publish limit, then the ids a full sync no longer lists: each goes with
+# ``partner``'s verdict on it (other partners' stay for when it returns).
+PRUNE_LUA = PUBLISH_LUA + INDEX_LUA + """
+local p, partner, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local pruned = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  index(p, id, redis.call('GET', p .. 'device:' .. id), 'SREM')
+  redis.call('DEL', p .. 'device:' .. id)
+  redis.call('HDEL', p .. 'threats:' .. id, partner)
+  redis.call('ZREM', p .. 'reports:' .. partner, id)
+  redis.call('SREM', p .. 'device-ids', id)
+  pruned[#pruned + 1] = id
+end
+publish(p .. 'devices', pruned, limit)
+"""
+# ARGV: prefix, key, value (normalised), limit: the ids in the key's set whose record has that value
+# (an entry an older gateway left behind does not), at most ``limit``.
+DEVICES_BY_KEY_LUA = """
+local p, key, value, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local found = {}
+for _, id in ipairs(redis.call('SMEMBERS', p .. 'device-key:' .. key .. ':' .. value)) do
+  local record = redis.call('GET', p .. 'device:' .. id)
+  local ok, fields = pcall(cjson.decode, record or '')
+  if ok and type(fields) == 'table' and fields[key] == value then
+    found[#found + 1] = id
+    if #found >= limit then break end
+  end
+end
+return found
 """
 PARTNER_CONTACT_LUA = CONTACT_LUA + "contact(ARGV[1], ARGV[2], ARGV[3])\n"
 # Per partner: its last contact and its newest verdict (one snapshot).
@@ -139,10 +192,6 @@ return out
 """
 
 
-def _published(device_ids: list[str]) -> str:
-    return json.dumps([EVERY_DEVICE] if len(device_ids) > PUBLISH_IDS_MAX else device_ids)
-
-
 class RedisDeviceStore(DeviceStore):
     """``DeviceStore`` over Redis. Differences from ``SqliteDeviceStore``: a bulk write is atomic
     per ``CHUNK`` devices, not as a whole, and a device another writer adds while a full sync prunes
@@ -156,6 +205,8 @@ class RedisDeviceStore(DeviceStore):
         self._partners_script = client.register_script(PARTNERS_LUA)
         self._contact_script = client.register_script(PARTNER_CONTACT_LUA)
         self._remove_script = client.register_script(REMOVE_LUA)
+        self._prune_script = client.register_script(PRUNE_LUA)
+        self._by_key_script = client.register_script(DEVICES_BY_KEY_LUA)
 
     def close(self) -> None:
         self._client.close()
@@ -175,6 +226,14 @@ class RedisDeviceStore(DeviceStore):
         except (ValidationError, ValueError, KeyError, TypeError) as error:
             raise SignalUnavailable(f"shared state {self.location}: device {key} is unreadable") from error
         return with_threats(device, verdicts)
+
+    def device_ids_for(self, key: DeviceKey, value: str) -> list[str]:
+        value = normalised(key, value)
+        if key is DeviceKey.azure_ad_device_id:
+            with unavailable(self.location):
+                return [value] if self._client.exists(self._keys.device(value)) else []
+        with unavailable(self.location):
+            return sorted(_texts(self._by_key_script(args=[self._keys.prefix, key.value, value, MATCHES_MAX])))
 
     def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_partner: str | None = None,
                     seed: bool = False) -> int:
@@ -244,15 +303,7 @@ class RedisDeviceStore(DeviceStore):
         with unavailable(self.location):
             gone = sorted(set(_texts(self._client.smembers(self._keys.device_ids))) - keep)
             for start in range(0, len(gone), CHUNK):
-                chunk = gone[start:start + CHUNK]
-                with self._client.pipeline(transaction=True) as pipe:
-                    for device_id in chunk:
-                        pipe.delete(self._keys.device(device_id))
-                        pipe.hdel(self._keys.threats(device_id), partner)
-                    pipe.zrem(self._keys.reports(partner), *chunk)
-                    pipe.srem(self._keys.device_ids, *chunk)
-                    pipe.publish(self._keys.devices_channel, _published(chunk))
-                    pipe.execute()
+                self._prune_script(args=[self._keys.prefix, partner, PUBLISH_IDS_MAX, *gone[start:start + CHUNK]])
 
 
 def _texts(replies: Iterable[bytes | str]) -> list[str]:

@@ -7,6 +7,7 @@ by default; device ids are lower case)::
     <p>device:<id>          string  the device's Intune fields, JSON (as DeviceStore's ``record``)
     <p>threats:<id>         hash    partner -> {"level": ..., "reportedAt": ISO 8601}
     <p>device-ids           set     every device id
+    <p>device-key:<key>:<v> set     ids of the devices whose intuneDeviceId or serialNumber is v (redis_devices)
     <p>reports:<partner>    zset    device id -> that partner's verdict time (µs): its newest verdict
     <p>vendors              set     every partner with a verdict or a contact (the key's first name)
     <p>partners             hash    partner -> last signed push or heartbeat, ISO 8601

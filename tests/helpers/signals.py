@@ -1,9 +1,12 @@
-"""Device-signal test helpers: a settable clock and a second connection to the device store."""
+"""Device-signal test helpers: a settable clock, a second connection to the device store, and
+``portcullis devices`` as an operator runs it."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gateway.app import bootstrap
@@ -11,6 +14,8 @@ from gateway.app.demo import ALEX_IPHONE
 from gateway.decision.service import utc_now
 from gateway.policy.model import DeviceThreatLevel
 from gateway.signals.sqlite_store import SqliteDeviceStore
+
+PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 
 
 @contextlib.contextmanager
@@ -32,3 +37,12 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def devices_cli(config: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``portcullis devices --config CONFIG ...`` as a subprocess, as an operator runs it."""
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PORTCULLIS, "devices", "--config", str(config), *args], capture_output=True,
+                              text=True, timeout=60)
+
+    return cli

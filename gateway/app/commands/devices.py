@@ -15,7 +15,7 @@ from gateway.app import bootstrap
 from gateway.config import GATEWAY_FILE
 from gateway.decision.service import utc_now
 from gateway.errors import ConfigError, ConfigProblem
-from gateway.policy.model import DeviceThreatLevel
+from gateway.policy.model import DeviceKey, DeviceThreatLevel
 from gateway.signals.sqlite_store import export, parse_import
 from gateway.signals.store import DeviceStore, StoreInventory
 
@@ -32,7 +32,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     exports.set_defaults(command=_devices_export)
     actions.add_parser("list", help="one line per device").set_defaults(command=_devices_list)
     show = actions.add_parser("show", help="one device, as policy sees it")
-    show.add_argument("device_id")
+    show.add_argument("device_id", help="its azureADDeviceId, or the value of --by")
+    show.add_argument("--by", type=DeviceKey, choices=list(DeviceKey), default=DeviceKey.azure_ad_device_id,
+                      help="the key to find it by, as a device certificate names it (default azureADDeviceId)")
     show.set_defaults(command=_devices_show)
     set_risk = actions.add_parser("set-risk", help="record an MTD verdict for a device")
     set_risk.add_argument("device_id")
@@ -96,13 +98,19 @@ def _devices_list(args: argparse.Namespace) -> int:
         assert device is not None  # just listed
         threat = f"{device.threat_level.value} ({device.threat_source})" if device.threat_level else "-"
         print(f"{device.device_id}  {device.compliance_state.value:<13} threat {threat:<20} "
-              f"{device.operating_system or '-':<8} {device.user_principal_name or '-'}  {device.display_name or ''}")
+              f"{device.operating_system or '-':<8} serial {device.serial_number or '-':<14} "
+              f"{device.user_principal_name or '-'}  {device.display_name or ''}")
     return 0
 
 
 def _devices_show(args: argparse.Namespace) -> int:
     inventory = _inventory(args)
-    device = inventory.store.managed_device(args.device_id, inventory.ignored_partners())
+    found = inventory.store.device_ids_for(args.by, args.device_id)
+    if len(found) > 1:
+        print(f"portcullis: {args.by.value} {args.device_id!r} names {len(found)} devices: {', '.join(found)}",
+              file=sys.stderr)
+        return 1
+    device = inventory.store.managed_device(found[0], inventory.ignored_partners()) if found else None
     if device is None:
         print(f"portcullis: no device {args.device_id!r} in the inventory", file=sys.stderr)
         return 1
