@@ -33,7 +33,8 @@ from ruamel.yaml import YAML
 from addons.mitm_internals import Http1Server
 from addons.runner import Ready, build_master, running_gateway
 from gateway.app import bootstrap
-from gateway.app.demo import DemoUpstreams
+from gateway.app.certs import DEVICE_CA_FILE, demo_device_files, ensure_demo_device_certificates, ensure_device_ca
+from gateway.app.demo import DEMO_CERTIFICATES, DemoUpstreams
 from gateway.decision.service import AccessService
 from gateway.ops.operations import Operations
 from gateway.web.demo_idp import DemoIdentityProvider
@@ -98,11 +99,13 @@ def demo_config_copy(directory: Path, ports: Ports) -> Path:
 
 
 def write_trustme_certificate(ca: trustme.CA, config_dir: Path) -> None:
-    """A trustme server certificate where the config expects the gateway's PEM (chain + key)."""
+    """A trustme server certificate where the config expects the gateway's PEM (chain + key); and,
+    as the demo makes them, the demo device CA and its devices' certificates."""
     pem = config_dir.parent / "certs" / "gateway.pem"
     pem.parent.mkdir(parents=True, exist_ok=True)
     server = ca.issue_cert(*HOSTS)
     pem.write_bytes(b"".join(b.bytes() for b in server.cert_chain_pems) + server.private_key_pem.bytes())
+    ensure_demo_device_certificates(ensure_device_ca(pem.parent), DEMO_CERTIFICATES, b"portcullis")
 
 
 class Background[T]:
@@ -227,6 +230,12 @@ class Gateway:
     decision_log: Path
     admin_port: int = 0  # the admin API (http on 127.0.0.1)
     upstreams: DemoUpstreams | None = None  # the demo backends every test gateway forwards to
+
+    def demo_certificate(self, intune_device_id: str | None) -> tuple[Path, Path] | None:
+        """The demo device certificate of a scenario's device (PEM certificate and key), as the demo makes it."""
+        if intune_device_id is None:
+            return None
+        return demo_device_files(self.config_dir.parent / "certs" / DEVICE_CA_FILE, intune_device_id)
 
     def client(self, certificate: tuple[Path, Path] | None = None) -> httpx.Client:
         """``certificate``: a client certificate and its key (PEM files) to present, as a device does."""

@@ -34,7 +34,8 @@ def test_a_reader_filters_decisions_and_reads_one_explanation(chromium: object, 
                                                               tmp_path: Path) -> None:
     for scenario in SCENARIOS:  # what the demo prints, for a dashboard with some history
         gateway.request(scenario.host, scenario.path, method=scenario.method, headers=dict(scenario.headers),
-                        token=scenario_token(gateway.idp, scenario))
+                        token=scenario_token(gateway.idp, scenario), certificate=gateway.demo_certificate(
+                            scenario.certificate))
     blake = sync(gateway, outlook(gateway, user="blake@contoso.test", device=BLAKE_ANDROID), BLAKE_ANDROID, "blake")
     alex = sync(gateway, outlook(gateway), ALEX_IPHONE)
     assert (blake.status_code, alex.status_code) == (403, 200)

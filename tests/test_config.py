@@ -162,7 +162,12 @@ def test_check_reports_a_missing_certificate_file_at_its_line_and_how_to_make_it
         f"portcullis: {gateway_file}:{line_of(gateway_file, 'file: ../certs/gateway.pem')}:13: "
         f"gateway.certificates[0].file: {expected} does not exist, and the gateway cannot start without it: create "
         f"it (and the CA kiosks and test clients trust) with `portcullis certs --config {config_dir} init`, or put "
-        "your own PEM there (certificate chain and private key)\n")
+        "your own PEM there (certificate chain and private key)\n"
+        # the demo config trusts the demo device CA for its mail host: made by the same command
+        f"portcullis: {gateway_file}:{line_of(gateway_file, 'caFiles: [../certs/device-ca.pem]')}:17: "
+        f"protectedHosts.mail.contoso.test.deviceCertificates.caFiles[0]: {expected.parent / 'device-ca.pem'} does "
+        "not exist, and no device certificate could be verified without it: put your MDM's issuing CA there (PEM), "
+        f"or for the demo device CA run `portcullis certs --config {config_dir} init`\n")
     made = subprocess.run([PORTCULLIS, "certs", "--config", str(config_dir), "init"], capture_output=True, text=True,
                           timeout=60)
     assert made.returncode == 0, made.stderr
@@ -176,7 +181,9 @@ def test_run_without_its_certificate_file_says_which_file(config_dir: Path) -> N
                             timeout=60)
     assert result.returncode == 1
     expected = config_dir.parent / "certs" / "gateway.pem"
-    assert f"portcullis: {expected}: gateway.certificates: certificate file not found" in result.stderr
+    gateway_file = config_dir / "portcullis.yaml"  # as `check` says it, at its line, with how to make it
+    assert f"portcullis: {gateway_file}:{line_of(gateway_file, 'file: ../certs/gateway.pem')}:13: " \
+           f"gateway.certificates[0].file: {expected} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app.demo import SCENARIOS
+from gateway.app.demo import CERTIFICATE_SCENARIOS, SCENARIOS
 from tests.conftest import Ports, demo_config_copy
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
@@ -44,7 +44,8 @@ def test_every_printed_curl_command_behaves_as_printed(tmp_path: Path) -> None:
         lines = _read_banner(process, time.monotonic() + 60)
         assert (tmp_path / "certs" / "gateway.pem").exists(), "the demo creates its certificates at first run"
         blocks = [(lines[i], lines[i + 1]) for i, line in enumerate(lines) if line.startswith("#    expect:")]
-        assert len(blocks) == len(SCENARIOS)
+        assert len(blocks) == len(SCENARIOS) + len(CERTIFICATE_SCENARIOS)  # the shipped demo trusts its device CA
+        assert sum("--cert" in command for _, command in blocks) == len(CERTIFICATE_SCENARIOS)
         for expectation, command in blocks:
             status, text = re.match(r"#    expect: (\d+)(?: and (.*))?$", expectation).groups()  # type: ignore[union-attr]
             output = _shell(command, tmp_path)

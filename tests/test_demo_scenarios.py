@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.app.demo import SCENARIOS, Scenario, scenario_token
+from gateway.app.demo import CERTIFICATE_SCENARIOS, SCENARIOS, Scenario, scenario_token
 from tests.conftest import Gateway
 
 
-@pytest.mark.parametrize("scenario", [pytest.param(s, id=s.title) for s in SCENARIOS])
+@pytest.mark.parametrize("scenario", [pytest.param(s, id=s.title) for s in SCENARIOS + CERTIFICATE_SCENARIOS])
 def test_demo_scenario_behaves_as_printed(gateway: Gateway, scenario: Scenario) -> None:
     token = scenario_token(gateway.idp, scenario)
     response = gateway.request(scenario.host, scenario.path, method=scenario.method, token=token,
-                               headers=dict(scenario.headers))
+                               headers=dict(scenario.headers),
+                               certificate=gateway.demo_certificate(scenario.certificate))
     assert response.status_code == scenario.expect_status
     shown = response.text.replace(" ", "") if scenario.expect_text and '":"' in scenario.expect_text else response.text
     headers = "\n".join(f"{k}: {v}" for k, v in response.headers.items())

@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from gateway.app.certs import DEVICE_CA_FILE, DEVICE_CA_NAME, ensure_device_ca, issue_device_certificate
 from gateway.config import load_config
 from gateway.config.device_certificates import DeviceCertificateSettings, DeviceTrust, SignedRevocationList
+from gateway.config.files import missing_certificates
 from gateway.identity.device_certificates import DeviceCertificateVerifier
 from gateway.policy.model import DeviceCertificate, DeviceKey
 from tests.conftest import REPO, Ports, gateway_config, operations_for
@@ -416,10 +417,25 @@ def test_certs_init_makes_the_demo_device_ca_a_config_names(config_dir: Path, md
         .replace("      crlFiles: [device-ca.crl]\n", "")
     line = ask_for_device_certificates(config_dir, mdm, mdm.crl(), demo)
     missing = config_dir.parent / "certs" / DEVICE_CA_FILE
-    assert problems(config_dir) == [f"{config_dir / 'portcullis.yaml'}:{line + 2}:17: protectedHosts.docs.contoso.test"
-                                    f".deviceCertificates.caFiles[0]: {missing}: does not exist"]
+    # the config loads (as with a server certificate not made yet); check and run refuse it, saying how to make it
+    assert not load_config(config_dir).device_trust["docs.contoso.test"].authorities
+    [problem] = [str(p) for p in missing_certificates(load_config(config_dir), config_dir)]
+    assert problem.startswith(f"{config_dir / 'portcullis.yaml'}:{line + 2}:17: protectedHosts.docs.contoso.test"
+                              f".deviceCertificates.caFiles[0]: {missing} does not exist")
+    assert "portcullis certs --config" in problem
+    checked = subprocess.run([PORTCULLIS, "check", "--config", str(config_dir)], capture_output=True, text=True,
+                             cwd=REPO, check=False)
+    assert checked.returncode == 1 and f"{missing} does not exist" in checked.stderr
     made = subprocess.run([PORTCULLIS, "certs", "--config", str(config_dir), "init"], capture_output=True, text=True,
                           cwd=REPO, check=False)
     assert made.returncode == 0 and f"demo device CA (demo and tests only): {missing}" in made.stdout, made.stderr
     trust = load_config(config_dir).device_trust["docs.contoso.test"]
     assert [a.subject.rfc4514_string() for a in trust.authorities] == [f"O=Portcullis,CN={DEVICE_CA_NAME}"]
+
+
+def test_a_host_whose_ca_file_is_missing_refuses_every_certificate(mdm: Authority) -> None:
+    """The config loads without it (as without a server certificate not made yet; `check` and
+    `run` refuse it): no certificate is believed meanwhile, and the gateway does not crash."""
+    verdict = DeviceCertificateVerifier(settings(), DeviceTrust(())).verify(der(mdm.issue(sans=intune_san(PHONE))),
+                                                                            NOW)
+    assert verdict.problem == "no device CA is available to verify it (a caFiles entry is missing)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -25,20 +26,28 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from addons.runner import RunningGateway, running_gateway
 from gateway.app import bootstrap
-from gateway.app.demo import ACTIVESYNC, ALEX_IPHONE, BLAKE_ANDROID
+from gateway.app.demo import (
+    ACTIVESYNC,
+    ALEX_IPHONE,
+    ALEX_IPHONE_INTUNE,
+    BLAKE_ANDROID,
+    BLAKE_ANDROID_INTUNE,
+)
 from gateway.http.headers import CORRELATION_ID
+from gateway.ops.explain import explain
 from tests.conftest import Background, Gateway, Ports, free_port, gateway_config
 from tests.helpers.device_certificates import Authority, pem
 from tests.helpers.hosts import MAIL
+from tests.helpers.replay import replay, totals
 from tests.helpers.tokens import outlook_token
 
 DOCS = "docs.contoso.test"
 TOKEN_PROTECTION = "    sessionControls: {tokenProtection: true}\n"
 
 
-def settings(mode: str) -> str:
-    return (f"    deviceCertificates:\n      mode: {mode}\n      caFiles: [device-ca.pem]\n"
-            '      deviceName: {from: sanUri, prefix: "AzureADDeviceId://", key: azureADDeviceId}\n')
+REQUIRED = ("    deviceCertificates:\n      mode: required\n      caFiles: [../certs/device-ca.pem]\n"
+            '      deviceName: {from: sanUri, prefix: "IntuneDeviceId://", key: intuneDeviceId}\n')
+INTUNE_IDS = {ALEX_IPHONE: ALEX_IPHONE_INTUNE, BLAKE_ANDROID: BLAKE_ANDROID_INTUNE}
 
 
 @dataclass
@@ -53,8 +62,8 @@ class Certified:
                     authority: Authority | None = None) -> tuple[Path, Path]:
         """PEM files of a client certificate naming ``device_id`` and its key, as the device holds them."""
         now = dt.datetime.now(dt.UTC)
-        cert, key = (authority or self.authority).issue_with_key(
-            sans=[x509.UniformResourceIdentifier(f"AzureADDeviceId://{device_id}")],
+        cert, key = (authority or self.authority).issue_with_key(  # Intune's SAN format
+            sans=[x509.UniformResourceIdentifier(f"IntuneDeviceId://{INTUNE_IDS[device_id]}")],
             not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1) if expired else
             now + dt.timedelta(days=30))
         return self._files(f"{device_id}-{expired}-{id(authority)}", cert, key)
@@ -93,14 +102,13 @@ def certified(gateway: Gateway, ca: trustme.CA, demo_ports: Ports,
     authority = Authority.root("Contoso Device CA")
     config_dir = gateway_config(directory, ca, Ports(free_port(), demo_ports.idp, demo_ports.mail, demo_ports.docs))
     (config_dir / "cases.yaml").unlink()  # these tests change the rules; the shipped cases present no certificate
-    (config_dir / "device-ca.pem").write_bytes(pem(authority.certificate))
+    # the demo config asks for them on the mail host (optional), from ../certs/device-ca.pem: this test's CA
+    (config_dir.parent / "certs" / "device-ca.pem").write_bytes(pem(authority.certificate))
     gateway_file = config_dir / "portcullis.yaml"
     text = gateway_file.read_text()
-    mail_line = f"    upstream: http://127.0.0.1:{demo_ports.mail}\n"
     docs_line = f"    upstream: http://127.0.0.1:{demo_ports.docs}\n"
-    assert mail_line in text and docs_line in text
-    gateway_file.write_text(text.replace(mail_line, mail_line + settings("optional"))
-                            .replace(docs_line, docs_line + settings("required")))
+    assert docs_line in text and "mode: optional" in text
+    gateway_file.write_text(text.replace(docs_line, docs_line + REQUIRED))
     previous = (mitmproxy.ctx.master, mitmproxy.ctx.options)
     try:
         with Background(lambda: certified_gateway(config_dir)) as (running, loop):
@@ -118,11 +126,16 @@ def test_a_compliant_phone_with_its_certificate_syncs_and_the_record_shows_the_c
     assert answer.status_code == 200, answer.text
     record = certified.gateway.decision(answer.headers[CORRELATION_ID])
     assert record["deviceCertificate"]["verified"] is True
-    assert record["deviceCertificate"]["deviceValue"] == ALEX_IPHONE
+    assert (record["deviceCertificate"]["deviceKey"], record["deviceCertificate"]["deviceValue"]) == \
+        ("intuneDeviceId", ALEX_IPHONE_INTUNE)
     assert record["deviceCertificate"]["issuer"] == "CN=Contoso Device CA"
     assert record["deviceDetail"]["deviceId"] == ALEX_IPHONE
     assert {"name": "deviceCertificate", "value": "verified", "source": "client certificate issued by "
             "CN=Contoso Device CA", "ageSeconds": 0} in record["signals"]
+    told = explain(record)  # portcullis why
+    assert f"certificate: verified, names intuneDeviceId {ALEX_IPHONE_INTUNE} (CN=device, issued by CN=Contoso " \
+           f"Device CA, serial {record['deviceCertificate']['serialNumber']})" in told
+    assert "deviceCertificate=verified source=client certificate issued by CN=Contoso Device CA" in told
 
 
 def test_a_stolen_token_from_another_devices_connection_is_refused(certified: Certified) -> None:
@@ -211,10 +224,40 @@ def test_only_the_hosts_that_ask_request_a_certificate_and_never_the_kiosk(certi
     certified.gateway.ca.cert_pem.write_to_path(str(ca_file))
     kiosk = bootstrap.load(certified.gateway.config_dir).config.gateway_file.kiosk
     assert kiosk is not None
-    for name, port, proxy, asked in (
-            ("mail (optional)", certified.gateway.port, None, True),
-            ("the session's gateway: no setting", gateway.port, None, False),
-            ("the kiosk proxy", 443, f"127.0.0.1:{kiosk.listen.port}", False)):
-        target = ["-connect", f"{MAIL}:{port}", "-proxy", proxy] if proxy else \
+    for name, host, port, proxy, asked in (
+            ("mail (optional)", MAIL, certified.gateway.port, None, True),
+            ("docs (required)", DOCS, certified.gateway.port, None, True),
+            ("docs on the session's gateway: no setting", DOCS, gateway.port, None, False),
+            ("the kiosk proxy", MAIL, 443, f"127.0.0.1:{kiosk.listen.port}", False)):
+        target = ["-connect", f"{host}:{port}", "-proxy", proxy] if proxy else \
             ["-connect", f"127.0.0.1:{port}"]
-        assert asked_for_a_certificate(*target, "-servername", MAIL, "-CAfile", str(ca_file)) is asked, name
+        assert asked_for_a_certificate(*target, "-servername", host, "-CAfile", str(ca_file)) is asked, name
+
+
+def test_replay_of_the_decision_log_reproduces_the_certificate_decisions(
+        certified: Certified, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The record keeps what the certificate said and which device it named: replay decides the
+    stolen token, the bad certificate and the certificate's own device as the gateway did, and a
+    candidate with tokenProtection flips the request that had no certificate."""
+    token = outlook_token(certified.gateway)
+    answers = [certified.sync(token, certified.certificate(ALEX_IPHONE)),
+               certified.sync(token, certified.certificate(BLAKE_ANDROID)),
+               certified.sync(token, certified.certificate(ALEX_IPHONE, expired=True)),
+               certified.sync(token, None)]
+    assert [a.status_code for a in answers] == [200, 403, 403, 200]
+    wanted = {a.headers[CORRELATION_ID] for a in answers}
+    records = [certified.gateway.decision(c) for c in wanted]  # written by its thread: waited for
+    log = tmp_path / "decisions.jsonl"
+    log.write_text("".join(json.dumps(record) + "\n" for record in records))
+    code, out, err = replay(capsys, "--config", certified.gateway.config_dir, log)
+    assert code == 0, err
+    assert totals(out) == {"same result": 4, "blocked for another reason": 0, "allow→block": 0, "block→allow": 0,
+                           "skipped": 0}, out
+    stricter = tmp_path / "stricter"
+    shutil.copytree(certified.gateway.config_dir, stricter)
+    policies = stricter / "policies.yaml"
+    anchor = "      maxDeviceThreatLevel: low\n"
+    policies.write_text(policies.read_text().replace(anchor, anchor + TOKEN_PROTECTION, 1))
+    code, out, err = replay(capsys, "--config", stricter, log)
+    assert code == 0, err
+    assert totals(out)["allow→block"] == 1 and totals(out)["same result"] == 3, out  # the one without a certificate

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
@@ -18,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.config import resolve
+from gateway.config.models import PortcullisFile
 from gateway.identity.device_certificates import device_value_form, normalised_device_value
 from gateway.policy.model import DeviceKey
 
@@ -177,3 +180,27 @@ def write_device_certificate(out: Path, certificate: x509.Certificate, key: ec.E
     _write_private(p12_file, pkcs12.serialize_key_and_certificates(
         f"Portcullis demo device {name}".encode(), key, certificate, [ca], encryption))
     return cert_file, key_file, p12_file
+
+
+def demo_device_ca(config_dir: Path, gateway_file: PortcullisFile) -> Path | None:
+    """The demo device CA's certificate path when a host's ``caFiles`` names it (beside the
+    gateway's CA), else None: only then do ``certs init`` and the demo make it."""
+    device_ca = resolve(config_dir, gateway_file.gateway.certificates[0].file).parent / DEVICE_CA_FILE
+    named = {resolve(config_dir, file).resolve() for host in gateway_file.protected_hosts.values()
+             if host.device_certificates is not None for file in host.device_certificates.ca_files}
+    return device_ca if device_ca.resolve() in named else None
+
+
+def demo_device_files(ca_file: Path, device_id: str) -> tuple[Path, Path]:
+    """Where the demo keeps a device's certificate and key (PEM), beside its device CA."""
+    directory = ca_file.parent / "devices"
+    return directory / f"{device_id}.pem", directory / f"{device_id}-key.pem"
+
+
+def ensure_demo_device_certificates(ca_file: Path, device_ids: Iterable[str], password: bytes) -> None:
+    """The demo's devices' certificates (Intune's SAN format), issued once by the demo device CA."""
+    for device_id in device_ids:
+        cert_file, _ = demo_device_files(ca_file, device_id)
+        if not cert_file.exists():
+            certificate, key = issue_device_certificate(ca_file.parent, device_id)
+            write_device_certificate(cert_file.parent, certificate, key, ca_file, password)

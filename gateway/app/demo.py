@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import uvicorn
 
+from gateway.app.certs import demo_device_files
 from gateway.config import Config
 from gateway.identity.assertion import assertion_signer
 from gateway.web.demo_backends import AssertionCheck, exchange_app, sharepoint_app
@@ -36,6 +37,10 @@ ALEX_IPHONE = "3c5f0b1e-7a2d-4e8f-9b61-0d2a4c8e1f01"  # compliant, threat level 
 BLAKE_ANDROID = "8d2e6f4a-1b3c-4d5e-8f70-2a4b6c8d0e02"  # noncompliant
 CASEY_IPAD = "1a7b9c3d-5e6f-4a8b-9c0d-4e6f8a0b2c03"  # in grace period
 DREW_IPHONE = "5e9f1a2b-3c4d-4e5f-a6b7-6c8d0e2f4a04"  # compliant, threat level high
+# Intune's device ids (config/devices.yaml): what the demo devices' certificates name, in Intune's SAN format
+ALEX_IPHONE_INTUNE = "b7e2c4a1-5d3f-4e6a-9c8b-1f0e2d3c4a01"
+BLAKE_ANDROID_INTUNE = "b7e2c4a1-5d3f-4e6a-9c8b-1f0e2d3c4a02"
+DEMO_CERTIFICATES = (ALEX_IPHONE_INTUNE, BLAKE_ANDROID_INTUNE)
 
 BROWSER_UA = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/126.0 Safari/537.36"
 ACTIVESYNC_UA = "Outlook-iOS-Android/1.0"
@@ -55,6 +60,7 @@ class Scenario:
     audience: str = EXCHANGE
     device_id: str | None = ALEX_IPHONE
     headers: tuple[tuple[str, str], ...] = field(default=(("User-Agent", ACTIVESYNC_UA),))
+    certificate: str | None = None  # the Intune device id whose demo device certificate the client presents
 
 
 EAS_IDS = {ALEX_IPHONE: "ApplF17XK2ALEX1", BLAKE_ANDROID: "androidc0ffee42b1", CASEY_IPAD: "ApplDMPCASEY01",
@@ -108,6 +114,26 @@ SCENARIOS: tuple[Scenario, ...] = (
 )
 
 
+# Shown when the config trusts the demo device CA (the shipped demo does, for its mail host): the
+# client presents its device's MDM certificate (curl --cert), made by the demo at first run.
+CERTIFICATE_SCENARIOS: tuple[Scenario, ...] = (
+    Scenario(title="Outlook on the compliant phone presenting its MDM device certificate (Intune's SAN) reaches "
+                   "ActiveSync", host="mail.contoso.test", path=ACTIVESYNC, method="POST",
+             certificate=ALEX_IPHONE_INTUNE, expect_status=200, expect_text='"backend":"exchange"'),
+    Scenario(title="The noncompliant phone with its own certificate and token is refused",
+             host="mail.contoso.test", path=activesync(BLAKE_ANDROID, "blake"), method="POST",
+             user="blake@contoso.test", device_id=BLAKE_ANDROID, certificate=BLAKE_ANDROID_INTUNE,
+             expect_status=403, expect_text="device not compliant"),
+    Scenario(title="Alex's token stolen and replayed from the noncompliant phone (its certificate) is refused",
+             host="mail.contoso.test", path=ACTIVESYNC, method="POST", certificate=BLAKE_ANDROID_INTUNE,
+             expect_status=403, expect_text="token issued to another device"),
+)
+
+
+def shown_scenarios(with_certificates: bool) -> tuple[Scenario, ...]:
+    return SCENARIOS + CERTIFICATE_SCENARIOS if with_certificates else SCENARIOS
+
+
 def scenario_token(idp: DemoIdentityProvider, scenario: Scenario) -> str | None:
     if scenario.credential == "none":
         return None
@@ -120,8 +146,13 @@ def scenario_token(idp: DemoIdentityProvider, scenario: Scenario) -> str | None:
     return token
 
 
-def curl_command(scenario: Scenario, token: str | None, *, port: int, ca_file: str) -> str:
+def curl_command(scenario: Scenario, token: str | None, *, port: int, ca_file: str,
+                 device_ca: Path | None = None) -> str:
+    """``device_ca``: the demo device CA, beside whose ``devices/`` the scenario's certificate is."""
     parts = ["curl", "-sS", "-i", "--cacert", ca_file, "--resolve", f"{scenario.host}:{port}:127.0.0.1"]
+    if scenario.certificate is not None and device_ca is not None:
+        cert_file, key_file = demo_device_files(device_ca, scenario.certificate)
+        parts += ["--cert", _relative(cert_file), "--key", _relative(key_file)]
     if scenario.method != "GET":
         parts += ["-X", scenario.method]
     for name, value in scenario.headers:
@@ -138,7 +169,9 @@ def expectation(scenario: Scenario) -> str:
 
 
 def banner(config: Config, idp: DemoIdentityProvider, ca_file: Path, port: int,
-           partner_secrets: dict[str, str] | None = None) -> str:
+           partner_secrets: dict[str, str] | None = None, device_ca: Path | None = None) -> str:
+    """``device_ca``: the demo device CA, when the config trusts it (scenarios with a certificate
+    are shown only then)."""
     shown_ca = _relative(ca_file)
     hosts = ", ".join(f"https://{h}:{port}" for h in config.gateway_file.protected_hosts)
     lines = [
@@ -155,10 +188,10 @@ def banner(config: Config, idp: DemoIdentityProvider, ca_file: Path, port: int,
         lines += [f"# Kiosk browsers use the forward proxy {listen.host}:{listen.port} "
                   f"(e.g. chromium --proxy-server={listen.host}:{listen.port}) and open https://mail.contoso.test/owa/"]
     lines += [""]
-    for number, scenario in enumerate(SCENARIOS, start=1):
+    for number, scenario in enumerate(shown_scenarios(device_ca is not None), start=1):
         token = scenario_token(idp, scenario)
         lines += [f"# {number}. {scenario.title}", f"#    {expectation(scenario)}",
-                  curl_command(scenario, token, port=port, ca_file=shown_ca), ""]
+                  curl_command(scenario, token, port=port, ca_file=shown_ca, device_ca=device_ca), ""]
     service_host = config.gateway_file.gateway.service_host
     for partner, secret in (partner_secrets or {}).items():
         if service_host is None:

@@ -115,6 +115,8 @@ def load_device_trust(settings: DeviceCertificateSettings, resolve: Callable[[Pa
     problems: list[ConfigProblem] = []
     authorities: list[x509.Certificate] = []
     for index, file in enumerate(settings.ca_files):
+        if not resolve(file).exists():
+            continue  # like a missing server certificate: `check` and `run` refuse it (files.py), the demo makes it
         try:
             authorities += _authorities(_read(resolve(file)))
         except ValueError as error:

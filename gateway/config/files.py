@@ -11,11 +11,29 @@ from gateway.errors import ConfigProblem
 
 
 def missing_certificates(config: Config, config_dir: Path) -> list[ConfigProblem]:
-    """Each ``gateway.certificates[].file`` that is not a file, with the command that makes it."""
+    """Each ``gateway.certificates[].file`` and each ``deviceCertificates.caFiles`` entry that is not
+    a file, with the command that makes it."""
     name, data = config.source(GATEWAY_FILE)
     return [locate(data, ("gateway", "certificates", index, "file"), name,
                    f"{config.path(certificate.file)} does not exist, and the gateway cannot start without it: "
                    f"create it (and the CA kiosks and test clients trust) with `portcullis certs --config "
                    f"{config_dir} init`, or put your own PEM there (certificate chain and private key)")
             for index, certificate in enumerate(config.gateway_file.gateway.certificates)
-            if not config.path(certificate.file).is_file()]
+            if not config.path(certificate.file).is_file()] + missing_device_cas(config, config_dir)
+
+
+def missing_device_cas(config: Config, config_dir: Path) -> list[ConfigProblem]:
+    """Each ``deviceCertificates.caFiles`` entry that is not a file (without it every device
+    certificate would be refused: ``run`` stops instead)."""
+    name, data = config.source(GATEWAY_FILE)
+    problems = []
+    for host, protected in config.gateway_file.protected_hosts.items():
+        settings = protected.device_certificates
+        for index, file in enumerate(settings.ca_files if settings is not None else ()):
+            if not config.path(file).is_file():
+                problems.append(locate(
+                    data, ("protectedHosts", host, "deviceCertificates", "caFiles", index), name,
+                    f"{config.path(file)} does not exist, and no device certificate could be verified without it: "
+                    f"put your MDM's issuing CA there (PEM), or for the demo device CA run `portcullis certs "
+                    f"--config {config_dir} init`"))
+    return problems

@@ -106,6 +106,9 @@ def evaluation_input(identity: Identity, device: DeviceSignals | None, request: 
         "deviceId": identity.device_id,
         "kioskLocation": request.kiosk_location,
         "device": device_json(record) if record is not None else None,
+        # the inventory device a verified certificate named (the device decided for), for replay
+        "certificateDeviceId": device.device_id if device is not None and request.device_certificate is not None
+        and request.device_certificate.verified else None,
     }
 
 

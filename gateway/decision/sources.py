@@ -22,7 +22,6 @@ from gateway.policy.conditions import ACTIVESYNC_PATH, path_has_prefix
 from gateway.policy.model import (
     AccessRequest,
     DeviceCertificate,
-    DeviceKey,
     DeviceSignals,
     Identity,
     SessionControls,
@@ -139,10 +138,6 @@ async def certificate_device(inventory: DeviceInventory,
     if certificate is None or not certificate.verified:
         return None, None
     assert certificate.device_key is not None and certificate.device_value is not None  # verified
-    if certificate.device_key is DeviceKey.azure_ad_device_id:
-        device = await inventory.managed_device(certificate.device_value)
-        ids = [certificate.device_value] if device is not None else []
-    else:
-        return None, f"this inventory cannot find devices by {certificate.device_key.value}"
+    ids = await inventory.device_ids_for(certificate.device_key, certificate.device_value)
     problem = resolution_problem(certificate, ids)
     return (ids[0] if problem is None else None), problem

@@ -72,7 +72,8 @@ class DeviceCertificateVerifier:
 
     def __init__(self, settings: DeviceCertificateSettings, trust: DeviceTrust) -> None:
         self.settings = settings
-        self._store = Store(list(trust.authorities))
+        # None: no CA file could be read (a missing one: `check` and `run` refuse it); every certificate is refused
+        self._store = Store(list(trust.authorities)) if trust.authorities else None
         self._authorities = trust.authorities
         self._crls: dict[CrlKey, list[RevokedSerials]] = {}
         for signed in trust.revocation_lists:  # each one's signature was checked when its file was read
@@ -140,6 +141,8 @@ class DeviceCertificateVerifier:
         problem = _leaf_problem(leaf, intermediates, now)
         if problem is not None:
             return problem
+        if self._store is None:
+            return "no device CA is available to verify it (a caFiles entry is missing)"
         policy = PolicyBuilder().store(self._store).time(now).extension_policies(
             ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=self._ee_policy)
         try:

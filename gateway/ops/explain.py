@@ -42,6 +42,9 @@ def explain(record: dict[str, Any]) -> str:
         + (f" ({device.get('displayName')}, {device.get('operatingSystem')})" if device.get("displayName") else ""),
         f"  resource: {record.get('resourceDisplayName') or '(none)'}" + _also(record),
     ]
+    certificate = record.get("deviceCertificate")
+    if isinstance(certificate, dict):
+        lines.append(f"  certificate: {_certificate(certificate)}")
     signals = record.get("signals") or []
     if signals:
         lines.append("  signals:")
@@ -90,3 +93,12 @@ def _policy_line(policy: dict[str, Any]) -> str:
     elif result in ("success", "reportOnlySuccess") and policy.get("enforcedGrantControls"):
         text += f" - satisfied: {', '.join(policy['enforcedGrantControls'])}"
     return text
+
+
+def _certificate(certificate: dict[str, object]) -> str:
+    """``verified, names intuneDeviceId b7e2... (CN=..., issued by CN=..., serial 0a1b)``"""
+    verdict = "verified" if certificate.get("verified") is True else f"not accepted: {certificate.get('problem')}"
+    named = f", names {certificate.get('deviceKey')} {certificate.get('deviceValue')}" \
+        if certificate.get("deviceValue") else ""
+    return (f"{verdict}{named} ({certificate.get('subject')}, issued by {certificate.get('issuer')}, "
+            f"serial {certificate.get('serialNumber')})")

@@ -34,6 +34,7 @@ from gateway.config.models import UsersCondition
 from gateway.decision.log import Pseudonymizer
 from gateway.decision.pipeline import Identified, Signals, authorize
 from gateway.decision.rules import Rules
+from gateway.decision.sources import certificate_device
 from gateway.identity.tokens import (
     MALFORMED,
     REQUIRED_CLAIMS,
@@ -377,9 +378,18 @@ class RecordedSignals:
         device, self.current = await _device(rules, self._request, identity, self._devices, self._kiosk_location)
         given = self._request.evaluation_input  # the binding was checked against the device of the time: as recorded
         self.known = recorded_cohorts(rules, access, identity, self._request.recorded, self._recording)
+        certificate_device, problem = await self._certificate_device(access)
         return Signals(device=device, check_binding=given is None or self.current,
                        binding_problem=given.binding_problem if given else None,
-                       cohorts=self.known.cohorts if self.known else None)
+                       cohorts=self.known.cohorts if self.known else None,
+                       certificate_device_id=certificate_device, certificate_problem=problem)
+
+    async def _certificate_device(self, access: AccessRequest) -> tuple[str | None, str | None]:
+        """The device the recorded certificate named, as recorded; else as today's inventory finds it."""
+        given = self._request.evaluation_input
+        if given is not None and given.certificate_device_id is not None:
+            return given.certificate_device_id, None
+        return await certificate_device(self._devices.inventory, access.device_certificate)
 
 
 async def decide(side: Side, request: RecordedRequest, claims: Claims, devices: Devices, default_ip: str,
@@ -395,7 +405,8 @@ async def decide(side: Side, request: RecordedRequest, claims: Claims, devices: 
                            path=request.target, method=request.method, client_ip=request.client_ip or default_ip,
                            user_agent=request.user_agent, accepts_html=request.accepts_html,
                            content_type=request.content_type, content_length=request.content_length,
-                           chunked=request.chunked, kiosk_location=kiosk_location)
+                           chunked=request.chunked, kiosk_location=kiosk_location,
+                           device_certificate=request.device_certificate if kiosk_location is None else None)
     signals = RecordedSignals(request, devices, kiosk_location, recording)
     try:
         result = await authorize(access, rules=rules, identity=RecordedIdentity(config, request, claims),
@@ -419,6 +430,9 @@ async def _device(rules: Rules, request: RecordedRequest, identity: Identity, de
     if kiosk_location is not None:  # a kiosk is unmanaged, whatever device its token names (as at the gateway)
         return DeviceSignals(device_id=None, device=None, source="none", compliance=rules.compliance), False
     given = request.evaluation_input
+    if given is not None and given.certificate_device_id is not None:  # a certificate beat the claim: its device
+        return DeviceSignals(device_id=given.certificate_device_id, device=given.device, source="decision log",
+                             compliance=rules.compliance), False
     if given is not None and given.identity.device_id == identity.device_id:
         return DeviceSignals(device_id=given.device_id, device=given.device, source="decision log",
                              compliance=rules.compliance), False

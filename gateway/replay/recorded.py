@@ -25,7 +25,15 @@ from gateway.decision.log import REDECIDED, log_files
 from gateway.errors import PortcullisError
 from gateway.http.headers import CORRELATION_ID
 from gateway.identity.browser import COOKIE_NAME
-from gateway.policy.model import DecisionResult, Identity, Listener, ManagedDevice, RolloutCohort
+from gateway.policy.model import (
+    DecisionResult,
+    DeviceCertificate,
+    DeviceKey,
+    Identity,
+    Listener,
+    ManagedDevice,
+    RolloutCohort,
+)
 from gateway.policy.session_controls import UPLOAD_BLOCKED
 from gateway.signals.devices import DeviceRecord
 
@@ -73,6 +81,7 @@ class RecordedInput:
     device: ManagedDevice | None
     kiosk_location: str | None
     binding_problem: str | None  # an ActiveSync device binding refusal (its query is not logged)
+    certificate_device_id: str | None = None  # the device the connection's verified certificate named
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,6 +107,7 @@ class RecordedRequest:
     evaluation_input: RecordedInput | None = None
     log_place: str | None = None
     pseudonymized: bool = False
+    device_certificate: DeviceCertificate | None = None  # the connection's, as the decision log recorded it
 
 
 def source_kind(path: Path) -> str:
@@ -186,7 +196,22 @@ def _from_log_record(record: dict[str, Any], place: str) -> RecordedRequest:
         evaluation_input=_recorded_input(record, given) if isinstance(given, dict) else None,
         log_place=place,
         pseudonymized=isinstance(user, str) and user.startswith("pseudonym:"),
+        device_certificate=_recorded_certificate(record.get("deviceCertificate")),
     )
+
+
+def _recorded_certificate(given: object) -> DeviceCertificate | None:
+    """The connection's certificate as the record describes it (verified or why not)."""
+    if not isinstance(given, dict):
+        return None
+    not_after = given.get("notAfter")
+    return DeviceCertificate(
+        device_key=DeviceKey(given["deviceKey"]) if given.get("deviceKey") else None,
+        device_value=given.get("deviceValue"), subject=str(given.get("subject") or ""),
+        issuer=str(given.get("issuer") or ""), serial_number=str(given.get("serialNumber") or ""),
+        sha256=str(given.get("sha256") or ""),
+        not_after=_aware(datetime.fromisoformat(not_after)) if isinstance(not_after, str) else None,
+        problem=given.get("problem") if given.get("verified") is not True else None)
 
 
 def _recorded_decision(record: dict[str, Any]) -> RecordedDecision:
@@ -227,7 +252,8 @@ def _recorded_input(record: dict[str, Any], given: dict[str, Any]) -> RecordedIn
         identity=identity, device_id=given.get("deviceId"),
         device=DeviceRecord.model_validate(device, strict=False).to_managed_device() if device else None,
         kiosk_location=given.get("kioskLocation"),
-        binding_problem=(record.get("status") or {}).get("failureReason") if refused_before_policy else None)
+        binding_problem=(record.get("status") or {}).get("failureReason") if refused_before_policy else None,
+        certificate_device_id=given.get("certificateDeviceId"))
 
 
 def read_har(path: Path) -> Iterator[RecordedRequest | Skipped]:
@@ -316,7 +342,7 @@ def _with_record(request: RecordedRequest, record: RecordedRequest | None) -> Re
     return replace(request, time=record.time, client_ip=record.client_ip or request.client_ip, kiosk=record.kiosk,
                    authenticated=record.authenticated, recorded=record.recorded,
                    evaluation_input=record.evaluation_input, log_place=record.log_place,
-                   pseudonymized=record.pseudonymized)
+                   pseudonymized=record.pseudonymized, device_certificate=record.device_certificate)
 
 
 def _first(headers: list[tuple[str, str]], name: str) -> str | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app.certs import ensure_server_certificate
+from gateway.app.certs import demo_device_ca, ensure_device_ca, ensure_server_certificate
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from tests.conftest import REPO
@@ -25,6 +25,9 @@ def make_certificates(config_dir: Path) -> Path:
     config = load_config(config_dir)
     for certificate in config.gateway_file.gateway.certificates:
         ensure_server_certificate(config.path(certificate.file), certificate.hosts)
+    device_ca = demo_device_ca(config_dir, config.gateway_file)
+    if device_ca is not None:
+        ensure_device_ca(device_ca.parent)
     return config_dir
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from gateway.app.certs import (
     CA_FILE,
     DEVICE_CA_FILE,
+    demo_device_ca,
     ensure_device_ca,
     ensure_server_certificate,
     issue_device_certificate,
@@ -56,10 +57,8 @@ def _certs_init(args: argparse.Namespace) -> int:
         print(f"{path}: certificate and key for {', '.join(certificate.hosts)}")
     print(f"CA: {ca_file} (trust it on kiosks and test clients: curl --cacert {ca_file}; Chromium and Firefox: "
           f"import it as an authority)\nhosts: {', '.join(hosts)}")
-    device_ca = _certs_directory(args.config, gateway_file) / DEVICE_CA_FILE
-    named = {resolve(args.config, file) for host in gateway_file.protected_hosts.values()
-             if host.device_certificates is not None for file in host.device_certificates.ca_files}
-    if device_ca.resolve() in named:  # a demo config trusts the demo device CA: make it, or it cannot load
+    device_ca = demo_device_ca(args.config, gateway_file)
+    if device_ca is not None:  # a demo config trusts the demo device CA: make it, or no device can be verified
         print(f"demo device CA (demo and tests only): {ensure_device_ca(device_ca.parent)}")
     return 0
 

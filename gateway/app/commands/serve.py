@@ -16,7 +16,9 @@ from pathlib import Path
 from gateway.app import bootstrap
 from gateway.app.commands.common import DEFAULT_CONFIG
 from gateway.app.workers import ONLY_WORKER, Supervisor, Worker, hold_reloads, release_reloads, worker_command
-from gateway.config import Config, load_config
+from gateway.config import Config, load_config, load_gateway_file
+from gateway.config.files import missing_certificates
+from gateway.config.loader import raise_if
 from gateway.ops.reload import check_in_force, config_digest, record_in_force
 
 MAX_WORKERS = 64
@@ -135,7 +137,10 @@ async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, wo
     from gateway.app.demo import banner
 
     digest = config_digest(config_dir)
+    device_ca = _demo_device_certificates(config_dir) if demo else None  # before loading: the config trusts it
     loaded = bootstrap.load(config_dir, worker)
+    if not demo:
+        raise_if(missing_certificates(loaded.config, config_dir))  # the demo makes its own; a gateway must have them
     in_force = loaded.config.path(loaded.config.gateway_file.gateway.state_dir) / "config-in-force"
     if restarted:
         check_in_force(in_force, config_dir)
@@ -161,7 +166,7 @@ async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, wo
         if gateway.upstreams is not None:
             certificate = loaded.config.gateway_file.gateway.certificates[0]
             ca_file = loaded.config.path(certificate.file).parent / CA_FILE
-            print(banner(loaded.config, gateway.upstreams.idp, ca_file, port, demo_secrets), flush=True)
+            print(banner(loaded.config, gateway.upstreams.idp, ca_file, port, demo_secrets, device_ca), flush=True)
         else:
             listen = ", ".join(f"{h}:{p}" for h, p in gateway.addresses)
             name = f"worker {worker.index} (pid {os.getpid()})" if worker.shares_listeners else "Portcullis"
@@ -180,3 +185,18 @@ async def _stop_when_orphaned(stop: asyncio.Event) -> None:
         await asyncio.sleep(1)
     logger.warning("the supervisor (pid %d) is gone: draining", parent)
     stop.set()
+
+
+def _demo_device_certificates(config_dir: Path) -> Path | None:
+    """The demo device CA and the demo devices' certificates, made on first run when the config
+    trusts that CA (the shipped demo does, for its mail host); its path, else None."""
+    from gateway.app.certs import demo_device_ca, ensure_demo_device_certificates, ensure_device_ca
+    from gateway.app.commands.certs import DEMO_P12_PASSWORD
+    from gateway.app.demo import DEMO_CERTIFICATES
+
+    device_ca = demo_device_ca(config_dir, load_gateway_file(config_dir))
+    if device_ca is None:
+        return None
+    ensure_device_ca(device_ca.parent)
+    ensure_demo_device_certificates(device_ca, DEMO_CERTIFICATES, DEMO_P12_PASSWORD.encode())
+    return device_ca
