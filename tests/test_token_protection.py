@@ -7,6 +7,7 @@ the kiosk proxy never asks for one."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import json
@@ -32,6 +33,7 @@ from gateway.app.demo import (
     ALEX_IPHONE_INTUNE,
     BLAKE_ANDROID,
     BLAKE_ANDROID_INTUNE,
+    activesync,
 )
 from gateway.http.headers import CORRELATION_ID
 from gateway.ops.explain import explain
@@ -43,6 +45,11 @@ from tests.helpers.tokens import outlook_token
 
 DOCS = "docs.contoso.test"
 TOKEN_PROTECTION = "    sessionControls: {tokenProtection: true}\n"
+ANCHOR = "      maxDeviceThreatLevel: low\n"  # the end of the Exchange policy
+BOTH_CONTROLS = "builtInControls: [compliantDevice, approvedApplication]"
+APPROVED = "      approvedApplications: [outlook-mobile, outlook-desktop]\n"
+MAIL_LINE = "  mail.contoso.test:\n"
+LEGACY = "    legacyActiveSync: true\n"
 
 
 REQUIRED = ("    deviceCertificates:\n      mode: required\n      caFiles: [../certs/device-ca.pem]\n"
@@ -57,6 +64,8 @@ class Certified:
     directory: Path
     authority: Authority
     loop: asyncio.AbstractEventLoop  # the gateway's: reloads run in it
+    policies: str  # the files as the fixture wrote them, for reloads
+    gateway_file: str
 
     def certificate(self, device_id: str, *, expired: bool = False,
                     authority: Authority | None = None) -> tuple[Path, Path]:
@@ -79,11 +88,20 @@ class Certified:
         return self.gateway.request(MAIL, path, method="POST", token=token, certificate=certificate)
 
     def reload_with_token_protection(self, on: bool) -> None:
+        self.reload(token_protection=on)
+
+    def reload(self, *, token_protection: bool = False, legacy: bool = False,
+               compliant_device_only: bool = False) -> None:
+        """The rules in force: the fixture's, with token protection on the Exchange policy, legacy
+        ActiveSync on the mail host, or that policy wanting a compliant device only (no approved app)."""
         policies = self.gateway.config_dir / "policies.yaml"
-        text = policies.read_text()
-        anchor = "      maxDeviceThreatLevel: low\n"
-        text = text.replace(anchor + TOKEN_PROTECTION, anchor)
-        policies.write_text(text.replace(anchor, anchor + TOKEN_PROTECTION, 1) if on else text)
+        text = self.policies.replace(ANCHOR, ANCHOR + TOKEN_PROTECTION, 1) if token_protection else self.policies
+        if compliant_device_only:
+            text = text.replace(BOTH_CONTROLS, "builtInControls: [compliantDevice]", 1).replace(APPROVED, "", 1)
+        policies.write_text(text)
+        gateway_file = self.gateway.config_dir / "portcullis.yaml"
+        gateway_file.write_text(self.gateway_file.replace(MAIL_LINE, MAIL_LINE + LEGACY, 1) if legacy
+                                else self.gateway_file)
         outcome = asyncio.run_coroutine_threadsafe(self.running.operations.reloader.reload("adminApi"),
                                                    self.loop).result(30)
         assert outcome.applied, outcome.problems
@@ -115,7 +133,8 @@ def certified(gateway: Gateway, ca: trustme.CA, demo_ports: Ports,
             loaded = bootstrap.load(config_dir)
             log = loaded.config.path(loaded.config.gateway_file.decision_log.path)
             own = replace(gateway, port=running.addresses[0][1], config_dir=config_dir, decision_log=log)
-            yield Certified(own, running, directory, authority, loop)
+            yield Certified(own, running, directory, authority, loop, (config_dir / "policies.yaml").read_text(),
+                            gateway_file.read_text())
     finally:
         mitmproxy.ctx.master, mitmproxy.ctx.options = previous
 
@@ -261,3 +280,40 @@ def test_replay_of_the_decision_log_reproduces_the_certificate_decisions(
     code, out, err = replay(capsys, "--config", stricter, log)
     assert code == 0, err
     assert totals(out)["allow→block"] == 1 and totals(out)["same result"] == 3, out  # the one without a certificate
+
+
+def basic(user: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:Passw0rd".encode()).decode()}
+
+
+def test_legacy_activesync_basic_is_believed_only_with_a_certificate_of_that_users_compliant_device(
+        certified: Certified) -> None:
+    """On-premises phones that send Basic: opt-in per host, then only with a device certificate
+    of a compliant device registered to that user; Exchange checks the password."""
+    def sync(user: str, device: str | None) -> httpx.Response:  # the ActiveSync URL of the device it presents
+        path = activesync(device or ALEX_IPHONE, user.partition("@")[0])
+        return certified.gateway.request(MAIL, path, method="POST", headers=basic(user),
+                                         certificate=certified.certificate(device) if device else None)
+
+    assert sync("alex@contoso.test", ALEX_IPHONE).status_code == 401  # off by default: Basic is no credential
+    certified.reload(legacy=True)
+    try:
+        for user, device, reason in (("alex@contoso.test", None, "needs this device's certificate"),
+                                     ("drew@contoso.test", ALEX_IPHONE, "a device of another user"),
+                                     ("blake@contoso.test", BLAKE_ANDROID, "noncompliant")):
+            answer = sync(user, device)
+            record = certified.gateway.decision(answer.headers[CORRELATION_ID])
+            assert (answer.status_code, record["restriction"]) == (403, "legacyActiveSync"), answer.text
+            assert reason in record["status"]["failureReason"]
+        alex = sync("alex@contoso.test", ALEX_IPHONE)  # believed; the demo's Exchange policy wants an approved app
+        record = certified.gateway.decision(alex.headers[CORRELATION_ID])
+        assert (alex.status_code, record["status"]["errorCode"], record.get("restriction")) == (403, 53002, None)
+        certified.reload(legacy=True, compliant_device_only=True)  # a policy for legacy phones: a compliant device
+        alex = sync("alex@contoso.test", ALEX_IPHONE)
+        assert alex.status_code == 200, alex.text
+        record = certified.gateway.decision(alex.headers[CORRELATION_ID])
+        assert record["userPrincipalName"] == "alex@contoso.test" and record["deviceDetail"]["deviceId"] == ALEX_IPHONE
+        assert {"name": "identity", "value": "valid", "source": "legacyActiveSync"}.items() <= \
+            next(s for s in record["signals"] if s["name"] == "identity").items()
+    finally:
+        certified.reload()

@@ -213,8 +213,9 @@ def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identi
     """The ActiveSync device binding, ``evaluate`` (its one call site), then the session controls
     that refuse the request itself. Pure."""
     app, device = rules.app(identity), signals.device
-    refused_device = _device_refusal(rules, request, identity, signals, certificate_bound) or \
-        (_legacy_refusal(rules, identity, signals, now) if legacy else None)
+    # Basic is believed only with the user's device certificate: before anything that takes the user as given
+    refused_device = (_legacy_refusal(rules, identity, signals, now) if legacy else None) or \
+        _device_refusal(rules, request, identity, signals, certificate_bound)
     if refused_device is not None:
         refusing, problem = refused_device
         return Decided(Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
