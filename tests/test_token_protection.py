@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,14 +34,19 @@ from gateway.app.demo import (
     ALEX_IPHONE_INTUNE,
     BLAKE_ANDROID,
     BLAKE_ANDROID_INTUNE,
+    EXCHANGE,
+    OUTLOOK_MOBILE,
     activesync,
 )
+from gateway.decision.service import utc_now
 from gateway.http.headers import CORRELATION_ID
 from gateway.ops.explain import explain
-from tests.conftest import Background, Gateway, Ports, free_port, gateway_config
+from gateway.policy.model import DeviceThreatLevel
+from tests.conftest import Background, Gateway, LongPoll, Ports, free_port, gateway_config
 from tests.helpers.device_certificates import Authority, pem
 from tests.helpers.hosts import MAIL
 from tests.helpers.replay import replay, totals
+from tests.helpers.signals import second_connection
 from tests.helpers.tokens import outlook_token
 
 DOCS = "docs.contoso.test"
@@ -317,3 +323,26 @@ def test_legacy_activesync_basic_is_believed_only_with_a_certificate_of_that_use
             next(s for s in record["signals"] if s["name"] == "identity").items()
     finally:
         certified.reload()
+
+
+def test_a_risk_raise_of_the_certificates_device_closes_its_open_long_poll_within_a_second(
+        certified: Certified) -> None:
+    """Continuous access evaluation covers the device a certificate named: here the token names no
+    device at all (an issuer without deviceid), so only the certificate ties the Ping to Alex's phone."""
+    gateway = certified.gateway
+    token = gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=EXCHANGE, device_id=None)
+    path = activesync(ALEX_IPHONE).replace("Cmd=Sync", "Cmd=Ping") + "&HeartbeatInterval=8"
+    certificate = certified.certificate(ALEX_IPHONE)
+
+    def send(user_agent: str) -> int:
+        return gateway.request(MAIL, path, method="POST", token=token, headers={"User-Agent": user_agent},
+                               certificate=certificate, timeout=20).status_code
+
+    with second_connection(gateway.config_dir) as store:
+        ping = LongPoll(send, "Outlook-iOS/2.0", gateway.decision_log, gateway.upstreams).started()
+        raised = time.monotonic()
+        store.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.high, now=utc_now())
+        closed = ping.closed_after(raised)
+    assert closed is not None and closed < 1.0, f"the long-poll was not closed within a second: {closed}"
+    withdrawn = ping.decisions(1, again=True)[-1]
+    assert (withdrawn["result"], withdrawn["deviceDetail"]["deviceId"]) == ("block", ALEX_IPHONE)
