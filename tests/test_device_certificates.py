@@ -439,3 +439,31 @@ def test_a_host_whose_ca_file_is_missing_refuses_every_certificate(mdm: Authorit
     verdict = DeviceCertificateVerifier(settings(), DeviceTrust(())).verify(der(mdm.issue(sans=intune_san(PHONE))),
                                                                             NOW)
     assert verdict.problem == "no device CA is available to verify it (a caFiles entry is missing)"
+
+
+def test_a_crl_replaced_on_disk_is_picked_up_by_the_file_watch(config_dir: Path, mdm: Authority) -> None:
+    """The job that fetches the MDM's CRL replaces the file; no SIGHUP needed."""
+    revoked = mdm.issue(sans=intune_san(OTHER))
+    first, second = mdm.crl(), mdm.crl(revoked)
+    ask_for_device_certificates(config_dir, mdm, first, DEVICE_CERTIFICATES.replace("required", "optional"))
+
+    async def scenario() -> None:
+        operations = await operations_for(config_dir, fetch_keys=False)
+        watching = asyncio.create_task(operations.reloader.watch(interval=0.02, settle=0.02))
+        try:
+            def in_force() -> list[x509.CertificateRevocationList]:
+                return [s.crl for s in operations.service.config.device_trust["docs.contoso.test"].revocation_lists]
+
+            assert in_force() == [first]
+            (config_dir / "device-ca.crl").write_bytes(pem(second))
+            for _ in range(500):  # the watch polls every 20 ms
+                if in_force() == [second]:
+                    break
+                await asyncio.sleep(0.01)
+            assert in_force() == [second]
+            assert operations.reloader.last is not None and operations.reloader.last.trigger == "fileWatch"
+        finally:
+            watching.cancel()
+            operations.service.close()
+
+    asyncio.run(scenario())

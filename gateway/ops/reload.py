@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -67,7 +67,7 @@ class ConfigReloader:
         self._lock = asyncio.Lock()
         self.last: ReloadOutcome | None = None
         self.loaded_at = clock()
-        self._signature = files_signature(self.directory)
+        self._signature = files_signature(self.directory, self._trust_files())
         self.in_force_file: Path | None = None  # workers: where the digest of the config in force is kept
 
     @property
@@ -77,7 +77,7 @@ class ConfigReloader:
 
     async def reload(self, trigger: str) -> ReloadOutcome:
         async with self._lock:
-            self._signature = files_signature(self.directory)
+            self._signature = files_signature(self.directory, self._trust_files())
             digest = config_digest(self.directory)
             outcome = await self._reload(trigger)
             self.last = outcome
@@ -123,16 +123,24 @@ class ConfigReloader:
         return [ConfigProblem(str(cases_file), None, None, "", f"policy test failed: {o.name}: "
                               + "; ".join(o.differences)) for o in outcomes if not o.passed]
 
+    def _trust_files(self) -> list[Path]:
+        """The device CA and CRL files the rules in force read: a CRL replaced by the job that
+        fetches it is picked up like an edited YAML file."""
+        config = self.service.config
+        return [config.path(file) for host in config.gateway_file.protected_hosts.values()
+                if host.device_certificates is not None
+                for file in (*host.device_certificates.ca_files, *host.device_certificates.crl_files)]
+
     async def watch(self, interval: float = 1.0, settle: float = 0.3) -> None:
         """Reload when a watched file changes (and has stopped changing for ``settle`` seconds:
         an editor writing in steps would otherwise be read half-written)."""
         while True:
             await asyncio.sleep(interval)
-            signature = files_signature(self.directory)
+            signature = files_signature(self.directory, self._trust_files())
             if signature == self._signature:
                 continue
             await asyncio.sleep(settle)
-            if files_signature(self.directory) != signature:
+            if files_signature(self.directory, self._trust_files()) != signature:
                 continue  # still being written: look again next time
             await self.reload("fileWatch")
 
@@ -169,14 +177,15 @@ def check_in_force(path: Path, directory: Path) -> None:
                                          "this worker starts once they are (fix or revert the change)")])
 
 
-def files_signature(directory: Path) -> tuple[tuple[str, int, int, int], ...]:
+def files_signature(directory: Path, more: Iterable[Path] = ()) -> tuple[tuple[str, int, int, int], ...]:
+    """The watched files' times, sizes and inodes: the YAML files, and ``more`` (the trust files)."""
     signature = []
-    for name in WATCHED_FILES:
+    for path in (*(directory / name for name in WATCHED_FILES), *more):
         try:
-            stat = (directory / name).stat()
+            stat = path.stat()
         except OSError:
             continue
-        signature.append((name, stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        signature.append((str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino))
     return tuple(signature)
 
 
