@@ -8,30 +8,20 @@ to refresh the PNGs the README shows (`PORTCULLIS_SCREENSHOTS=docs/screenshots .
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gateway.app import bootstrap
 from gateway.app.demo import ALEX_IPHONE, BLAKE_ANDROID
 from gateway.identity.browser import COOKIE_NAME
 from tests.conftest import CHROMIUM, Gateway, needs_chromium, screenshot
+from tests.helpers.browser import spki_pin
 
 pytestmark = needs_chromium
 playwright_api = pytest.importorskip("playwright.sync_api")
 MAIL, DOCS = "mail.contoso.test", "docs.contoso.test"
-
-
-def spki_pin(certificate_file: Path) -> str:
-    """Chromium trusts the gateway's certificate by its public key (no system trust store here)."""
-    cert = x509.load_pem_x509_certificate(certificate_file.read_bytes())
-    der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,11 @@ import base64
 import contextlib
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +27,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
 
 from addons.runner import RunningGateway, running_gateway
 from gateway.app import bootstrap
@@ -38,11 +41,14 @@ from gateway.app.demo import (
     OUTLOOK_MOBILE,
     activesync,
 )
+from gateway.decision.device_binding import SESSION_BOUND
 from gateway.decision.service import utc_now
 from gateway.http.headers import CORRELATION_ID
+from gateway.identity.browser import COOKIE_NAME
 from gateway.ops.explain import explain
 from gateway.policy.model import DeviceThreatLevel
-from tests.conftest import Background, Gateway, LongPoll, Ports, free_port, gateway_config
+from tests.conftest import CHROMIUM, Background, Gateway, LongPoll, Ports, free_port, gateway_config, needs_chromium
+from tests.helpers.browser import spki_pin
 from tests.helpers.device_certificates import Authority, pem
 from tests.helpers.hosts import MAIL
 from tests.helpers.replay import replay, totals
@@ -346,3 +352,79 @@ def test_a_risk_raise_of_the_certificates_device_closes_its_open_long_poll_withi
     assert closed is not None and closed < 1.0, f"the long-poll was not closed within a second: {closed}"
     withdrawn = ping.decisions(1, again=True)[-1]
     assert (withdrawn["result"], withdrawn["deviceDetail"]["deviceId"]) == ("block", ALEX_IPHONE)
+
+
+POLICIES = Path("/etc/chromium/policies/managed")  # where Debian's Chromium reads managed policies
+
+
+@contextlib.contextmanager
+def auto_selected_certificate(url: str) -> Iterator[None]:
+    """Chromium's ``AutoSelectCertificateForUrls`` policy for ``url`` (as an MDM sets it): the
+    browser presents the matching certificate without asking. Removed afterwards."""
+    POLICIES.mkdir(parents=True, exist_ok=True)
+    policy = POLICIES / f"portcullis-test-{uuid.uuid4().hex}.json"
+    rule = json.dumps({"pattern": url, "filter": {"ISSUER": {"CN": "Contoso Device CA"}}})
+    policy.write_text(json.dumps({"AutoSelectCertificateForUrls": [rule]}))
+    try:
+        yield
+    finally:
+        policy.unlink()
+
+
+def nss_home(home: Path, certificate: tuple[Path, Path] | None) -> Path:
+    """A HOME whose NSS database (``~/.pki/nssdb``, where Chromium on Linux keeps client
+    certificates) holds ``certificate`` and its key, imported with certutil and pk12util."""
+    database = home / ".pki" / "nssdb"
+    database.mkdir(parents=True)
+    subprocess.run(["certutil", "-N", "-d", f"sql:{database}", "--empty-password"], check=True, timeout=30)
+    if certificate is not None:
+        bundle = home / "device.p12"
+        cert = x509.load_pem_x509_certificate(certificate[0].read_bytes())
+        key = serialization.load_pem_private_key(certificate[1].read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        bundle.write_bytes(pkcs12.serialize_key_and_certificates(b"device", key, cert, None,
+                                                                 serialization.BestAvailableEncryption(b"p")))
+        subprocess.run(["pk12util", "-i", str(bundle), "-d", f"sql:{database}", "-W", "p"], check=True,
+                       capture_output=True, timeout=30)
+    return home
+
+
+@needs_chromium
+@pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("PORTCULLIS_REQUIRE_CHROMIUM"),
+                    reason="writes a managed Chromium policy under /etc (as an MDM would): root only; CI is root")
+def test_chromium_signs_in_as_its_certificates_device_and_the_session_cookie_elsewhere_is_refused(
+        certified: Certified, tmp_path: Path) -> None:
+    """Headless Chromium with Alex's phone's certificate in its NSS database signs in (no device
+    picked at the issuer: the certificate names it) and reaches OWA as that device; the session
+    cookie copied into a Chromium without the certificate is refused."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    gateway = certified.gateway
+    origin = f"https://{MAIL}:{gateway.port}"
+    pin = spki_pin(gateway.config_dir.parent / "certs" / "gateway.pem")
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+            "--disable-background-networking", "--disable-component-update",
+            f"--ignore-certificate-errors-spki-list={pin}", f"--host-resolver-rules=MAP {MAIL} 127.0.0.1"]
+    with auto_selected_certificate(origin), playwright_api.sync_playwright() as playwright:
+        managed = playwright.chromium.launch(executable_path=CHROMIUM, args=args, env={
+            **os.environ, "HOME": str(nss_home(tmp_path / "managed", certified.certificate(ALEX_IPHONE)))})
+        page = managed.new_context().new_page()
+        page.goto(f"{origin}/owa/")
+        assert "Sign in to Contoso" in page.content()
+        page.select_option("select[name=user]", "alex@contoso.test")
+        page.select_option("select[name=device_id]", "")  # no device picked: the certificate names it
+        page.click("#sign-in")
+        page.wait_for_url(f"{origin}/owa/")
+        assert '"backend":"exchange"' in page.content().replace(" ", "")
+        cookies = [c for c in page.context.cookies() if c["name"] == COOKIE_NAME]
+        assert cookies, page.context.cookies()
+        managed.close()
+        elsewhere = playwright.chromium.launch(executable_path=CHROMIUM, args=args, env={
+            **os.environ, "HOME": str(nss_home(tmp_path / "unmanaged", None))})
+        context = elsewhere.new_context()
+        context.add_cookies(cookies)
+        answer = context.new_page().goto(f"{origin}/owa/")
+        assert answer is not None and answer.status == 403
+        record = gateway.decision(answer.headers["x-portcullis-correlation-id"])
+        assert (record["restriction"], record["status"]["failureReason"]) == ("tokenIssuedToAnotherDevice",
+                                                                              SESSION_BOUND)
+        elsewhere.close()

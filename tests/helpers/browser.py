@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gateway.app.demo import ALEX_IPHONE
 from tests.conftest import Gateway
@@ -43,3 +48,10 @@ def sign_in(gateway: Gateway, *, user: str = "alex@contoso.test", device: str = 
     answer = gateway.request(MAIL, f"{callback.path}?{callback.query}", headers={"Cookie": binding})
     cookie = answer.headers.get("set-cookie", "")
     return answer, cookie.split(";", 1)[0]
+
+
+def spki_pin(certificate_file: Path) -> str:
+    """Chromium trusts the gateway's certificate by its public key (no system trust store here)."""
+    cert = x509.load_pem_x509_certificate(certificate_file.read_bytes())
+    der = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
