@@ -210,12 +210,14 @@ def _not_identified(rules: Rules, request: AccessRequest, why: RejectedToken | S
 def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identity, signals: Signals,
                           resources: tuple[str, ...], now: datetime, *, certificate_bound: bool = False,
                           legacy: bool = False) -> Decided:
-    """The ActiveSync device binding, ``evaluate`` (its one call site), then the session controls
-    that refuse the request itself. Pure."""
+    """The device checks before policy (legacy ActiveSync's certificate, the certificate's device
+    against the token's or the session's, the ActiveSync DeviceId binding), ``evaluate`` (its one
+    call site), then the session controls that refuse the request itself (``tokenProtection``
+    among them). Pure."""
     app, device = rules.app(identity), signals.device
     # Basic is believed only with the user's device certificate: before anything that takes the user as given
     refused_device = (_legacy_refusal(rules, identity, signals, now) if legacy else None) or \
-        _device_refusal(rules, request, identity, signals, certificate_bound)
+        _device_refusal(request, identity, signals, certificate_bound)
     if refused_device is not None:
         refusing, problem = refused_device
         return Decided(Decision(result=DecisionResult.block, status_code=403, error_code=ErrorCode.device_not_compliant,
@@ -266,7 +268,7 @@ def _legacy_refusal(rules: Rules, identity: Identity, signals: Signals,
     return (Restriction.legacy_active_sync, problem) if problem is not None else None
 
 
-def _device_refusal(rules: Rules, request: AccessRequest, identity: Identity, signals: Signals,
+def _device_refusal(request: AccessRequest, identity: Identity, signals: Signals,
                     certificate_bound: bool) -> tuple[Restriction, str] | None:
     """Before policy: the connection's certificate naming no single inventory device, the token (or
     a certificate-bound session) naming another device than the certificate, and the ActiveSync
