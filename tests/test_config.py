@@ -57,7 +57,8 @@ def test_unknown_key_is_an_error_listing_allowed_keys(config_dir: Path) -> None:
     [problem] = problems(config_dir)
     assert problem.startswith(f"{policies}:{line_of(policies, 'operatr')}:7: policies[0].grantControls.operatr:")
     assert "unknown key 'operatr'; did you mean 'operator'?" in problem
-    assert "(allowed: approvedApplications, builtInControls, maxDeviceThreatLevel, operator)" in problem
+    assert "(allowed: approvedApplications, authenticationStrength, builtInControls, maxDeviceThreatLevel, " \
+           "operator)" in problem
 
 
 def test_every_problem_of_every_file_is_reported_at_once(config_dir: Path) -> None:

@@ -56,7 +56,7 @@ IDENTITY = Identity(subject="sub-alex", user_principal_name="alex@contoso.test",
                     client_id="client-1", device_id="device-1", groups=frozenset({"finance", "staff"}),
                     audience="api://mail", expires_at=1_900_000_000.5, authentication_methods=frozenset({"pwd", "mfa"}),
                     authenticated_at=1_800_000_000.0, authentication_context="c1", issued_at=1_800_000_001.25,
-                    roles=frozenset({"Portcullis.Admin"}))
+                    roles=frozenset({"Portcullis.Admin"}), authentication_contexts=frozenset({"c1", "c7"}))
 SESSION = BrowserSession(IDENTITY, "mail.contoso.test", datetime(2026, 11, 23, 8, 0, tzinfo=UTC))
 PENDING = PendingLogin("mail.contoso.test:8443", "https://mail.contoso.test:8443/inbox?x=1", "verifier-1", "nonce-1",
                        "binding-hash")
@@ -275,6 +275,9 @@ def test_a_session_bound_to_a_device_certificate_stays_bound_and_one_stored_befo
     older = json.loads(encode_session(SESSION))
     del older["certificateBound"]  # stored by a gateway before sessions could be bound
     assert decode_session(json.dumps(older)) == SESSION
+    del older["identity"]["authenticationContexts"]  # or before tokens' acrs were kept
+    assert decode_session(json.dumps(older)) == replace(SESSION, identity=replace(IDENTITY,
+                                                                                 authentication_contexts=frozenset()))
 
 
 @pytest.mark.parametrize("text", BAD_SESSIONS)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.device_certificates import DeviceTrust, load_device_trust
-from gateway.config.loader import locate, raise_if, read_yaml, validate
+from gateway.config.loader import locate, raise_if, read_yaml, suggest, validate
 from gateway.config.models import (
     ConditionalAccessPolicy,
     Include,
@@ -23,6 +23,7 @@ from gateway.config.models import (
 )
 from gateway.config.presets import expand_presets
 from gateway.errors import ConfigError, ConfigProblem
+from gateway.policy.authentication import BUILT_IN_STRENGTHS
 from gateway.policy.model import ALL, ALL_TRUSTED
 
 __all__ = ["Config", "ConfigError", "load_config", "load_gateway_file", "GATEWAY_FILE", "POLICIES_FILE"]
@@ -193,6 +194,12 @@ def _check_policies(
             problems += _unknown_names(data, name, (*conditions, "locations"), policy.conditions.locations,
                                        "named location", [ALL, ALL_TRUSTED], locations)
         grant = policy.grant_controls
+        strength = grant.authentication_strength if grant else None
+        strengths = sorted({*BUILT_IN_STRENGTHS, *gateway_file.authentication_strengths})
+        if strength is not None and strength not in strengths:
+            problems.append(locate(data, ("policies", index, "grantControls", "authenticationStrength"), name,
+                                   f"{strength!r} is not an authentication strength; known: {', '.join(strengths)}"
+                                   f"{suggest(strength, strengths)}"))
         for item_index, app in enumerate(grant.approved_applications if grant else []):
             if app not in gateway_file.applications:
                 loc = ("policies", index, "grantControls", "approvedApplications", item_index)

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 
 from gateway.config import Config
 from gateway.config.models import (
+    AuthenticationStrengthConfig,
     ConditionalAccessPolicy,
     DeviceFilter,
     GrantControls,
@@ -21,23 +22,30 @@ from gateway.config.models import (
     UsersCondition,
 )
 from gateway.policy import types as rules
+from gateway.policy.authentication import BUILT_IN_STRENGTHS
 from gateway.policy.model import NO_SESSION_CONTROLS, SessionControls
 from gateway.policy.policy_set import PolicySet
 
 
 def compile_policies(config: Config) -> PolicySet:
     """The policy set a gateway evaluates, built once per (re)load."""
-    return compile_policy_set(config.resources, config.policies, config.gateway_file.named_locations)
+    return compile_policy_set(config.resources, config.policies, config.gateway_file.named_locations,
+                              config.gateway_file.authentication_strengths)
 
 
 def compile_policy_set(resources: Mapping[str, Resource], policies: Iterable[ConditionalAccessPolicy],
-                       named_locations: Mapping[str, NamedLocation]) -> PolicySet:
+                       named_locations: Mapping[str, NamedLocation],
+                       strengths: Mapping[str, AuthenticationStrengthConfig] | None = None) -> PolicySet:
+    known = {**BUILT_IN_STRENGTHS, **{name: strength(name, s) for name, s in (strengths or {}).items()}}
     return PolicySet.build({name: resource(r) for name, r in resources.items()},
-                           tuple(policy(p) for p in policies),
+                           tuple(policy(p, resources, known) for p in policies),
                            {name: named_location(n) for name, n in named_locations.items()})
 
 
-def policy(model: ConditionalAccessPolicy) -> rules.Policy:
+def policy(model: ConditionalAccessPolicy, resources: Mapping[str, Resource] | None = None,
+           strengths: Mapping[str, rules.AuthenticationStrength] | None = None) -> rules.Policy:
+    """``resources``: every resource, for a policy that targets authentication contexts (those
+    carrying them join its ``include``); ``strengths``: the authentication strengths by name."""
     conditions = model.conditions
     return rules.Policy(
         name=model.name,
@@ -45,13 +53,15 @@ def policy(model: ConditionalAccessPolicy) -> rules.Policy:
         state=model.state,
         conditions=rules.Conditions(
             users=users(conditions.users),
-            resources=assignment(conditions.resources),
+            resources=_targeted(conditions.resources, conditions.authentication_contexts, resources or {}),
+            authentication_contexts=tuple(conditions.authentication_contexts),
             client_app_types=tuple(conditions.client_app_types),
             platforms=_platforms(conditions.platforms) if conditions.platforms else None,
             locations=assignment(conditions.locations) if conditions.locations else None,
             device_filter=_device_filter(conditions.device_filter) if conditions.device_filter else None,
         ),
-        grant_controls=_grant_controls(model.grant_controls) if model.grant_controls else None,
+        grant_controls=_grant_controls(model.grant_controls, strengths or BUILT_IN_STRENGTHS)
+        if model.grant_controls else None,
         session_controls=session_controls(model.session_controls),
         rollout=_rollout(model.rollout) if model.rollout else None,
     )
@@ -80,7 +90,18 @@ def session_controls(model: SessionControlsConfig | None) -> SessionControls:
 
 def resource(model: Resource) -> rules.Resource:
     return rules.Resource(hosts=tuple(model.hosts), paths=tuple(model.paths), public=model.public,
-                          downloads=model.downloads)
+                          downloads=model.downloads, authentication_contexts=tuple(model.authentication_contexts))
+
+
+def strength(name: str, model: AuthenticationStrengthConfig) -> rules.AuthenticationStrength:
+    return rules.AuthenticationStrength(name=name, combinations=tuple(frozenset(c) for c in model.allowed_combinations),
+                                        acr_values=tuple(model.acr_values))
+
+
+def _targeted(model: Include, contexts: list[str], resources: Mapping[str, Resource]) -> rules.Assignment:
+    """The resources a policy targets: those it names, and those carrying a context it targets."""
+    carrying = [name for name, r in resources.items() if set(r.authentication_contexts) & set(contexts)]
+    return rules.Assignment(include=tuple(dict.fromkeys((*model.include, *carrying))), exclude=tuple(model.exclude))
 
 
 def named_location(model: NamedLocation) -> rules.NamedLocation:
@@ -95,10 +116,12 @@ def _device_filter(model: DeviceFilter) -> rules.DeviceFilter:
     return rules.DeviceFilter(mode=model.mode, rule=model.parsed)
 
 
-def _grant_controls(model: GrantControls) -> rules.GrantControls:
+def _grant_controls(model: GrantControls, strengths: Mapping[str, rules.AuthenticationStrength]) -> rules.GrantControls:
+    named = model.authentication_strength
     return rules.GrantControls(operator=model.operator, built_in_controls=tuple(model.built_in_controls),
                                approved_applications=tuple(model.approved_applications),
-                               max_device_threat_level=model.max_device_threat_level)
+                               max_device_threat_level=model.max_device_threat_level,
+                               authentication_strength=strengths[named] if named is not None else None)
 
 
 def _rollout(model: Rollout) -> rules.Rollout:

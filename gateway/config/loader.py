@@ -116,14 +116,14 @@ def _problem(model: type[BaseModel], data: Any, display_name: str, error: Any) -
     kind = error["type"]
     if kind == "extra_forbidden":
         allowed = sorted(_keys_at(model, loc[:-1]))
-        message = f"unknown key {loc[-1]!r}{_suggest(str(loc[-1]), allowed)} (allowed: {', '.join(allowed)})"
+        message = f"unknown key {loc[-1]!r}{suggest(str(loc[-1]), allowed)} (allowed: {', '.join(allowed)})"
         return locate(data, loc, display_name, message, at_value=False)
     if kind == "missing":
         return locate(data, loc[:-1], display_name, f"required key {loc[-1]!r} is missing", at_value=False)
     if kind == "enum":
         allowed = re.findall(r"'([^']*)'", error["ctx"]["expected"])
         value = error["input"]
-        message = f"{value!r} is not allowed{_suggest(str(value), allowed)} (allowed: {', '.join(allowed)})"
+        message = f"{value!r} is not allowed{suggest(str(value), allowed)} (allowed: {', '.join(allowed)})"
         return locate(data, loc, display_name, message)
     message = error["msg"].removeprefix("Value error, ")
     if kind not in ("value_error", "assertion_error"):
@@ -131,7 +131,7 @@ def _problem(model: type[BaseModel], data: Any, display_name: str, error: Any) -
     return locate(data, loc, display_name, message)
 
 
-def _suggest(value: str, allowed: list[str]) -> str:
+def suggest(value: str, allowed: list[str]) -> str:
     same_but_case = [a for a in allowed if a.lower() == value.lower()]
     close = same_but_case or difflib.get_close_matches(value, allowed, n=1)
     return f"; did you mean {close[0]!r}?" if close else ""

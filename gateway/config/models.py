@@ -52,6 +52,8 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 NAME_HELP = "lower-case letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
+AUTHENTICATION_CONTEXT_ID = r"^c([1-9]|[1-9][0-9])$"  # Entra: c1 to c99
+
 class SigningAlgorithm(StrEnum):
     """Asymmetric JWS algorithms only: ``none`` and HMAC are never accepted for an issuer."""
 
@@ -287,6 +289,8 @@ class Resource(Model):
     display_name: str | None = None
     public: bool = False
     downloads: bool = False  # every response of it saves a file: blockDownloads refuses the request itself
+    # Entra's authentication contexts (c1..c99): policies that target one apply here (a step-up)
+    authentication_contexts: list[Annotated[str, Field(pattern=AUTHENTICATION_CONTEXT_ID)]] = []
 
     @field_validator("paths")
     @classmethod
@@ -581,6 +585,7 @@ class PortcullisFile(Model):
     protected_hosts: Annotated[dict[str, ProtectedHost], Field(min_length=1)]
     resource_presets: dict[ResourcePreset, Annotated[list[str], Field(min_length=1)]] = {}
     resources: dict[str, Resource] = {}
+    authentication_strengths: dict[str, AuthenticationStrengthConfig] = {}  # custom ones, by name
     named_locations: dict[str, NamedLocation] = {}
     applications: dict[str, Annotated[list[str], Field(min_length=1)]] = {}
     device_signals: DeviceSignalsSettings
@@ -657,6 +662,15 @@ class PortcullisFile(Model):
         return value
 
 
+class AuthenticationStrengthConfig(Model):
+    """A custom authentication strength: the method combinations (``amr`` values, all present)
+    that satisfy it, and the ``acr`` values an issuer uses to say it was met."""
+
+    allowed_combinations: Annotated[list[Annotated[list[Annotated[str, Field(min_length=1, max_length=32)]],
+                                                   Field(min_length=1)]], Field(min_length=1, max_length=64)]
+    acr_values: list[Annotated[str, Field(pattern=r"^[\x21\x23-\x5b\x5d-\x7e]{1,64}$")]] = []
+
+
 class Include(Model):
     """Entra's include/exclude pair; ``All`` in ``include`` means every named item."""
 
@@ -704,11 +718,20 @@ ALL_USERS = UsersCondition.model_construct(include_users=[ALL], exclude_users=[]
 
 class PolicyConditions(Model):
     users: UsersCondition = ALL_USERS
-    resources: Include
+    resources: Include = Include()
+    # Entra's conditions.applications.includeAuthenticationContextClassReferences: instead of (or beside)
+    # resources, every resource carrying one of these contexts
+    authentication_contexts: list[Annotated[str, Field(pattern=AUTHENTICATION_CONTEXT_ID)]] = []
     client_app_types: Annotated[list[ClientAppType], Field(min_length=1)] = [ClientAppType.all]
     platforms: PlatformsCondition | None = None
     locations: Include | None = None
     device_filter: DeviceFilter | None = None
+
+    @model_validator(mode="after")
+    def _targets_something(self) -> PolicyConditions:
+        if not self.resources.include and not self.authentication_contexts:
+            raise ValueError("a policy targets resources (resources.include) or authenticationContexts")
+        return self
 
 
 class GrantControls(Model):
@@ -716,6 +739,7 @@ class GrantControls(Model):
     built_in_controls: list[BuiltInControl] = []
     approved_applications: list[str] = []
     max_device_threat_level: DeviceThreatLevel | None = None
+    authentication_strength: str | None = None  # mfa | passwordlessMfa | phishingResistantMfa | a custom one
 
     @model_validator(mode="after")
     def _consistent(self) -> GrantControls:
@@ -729,7 +753,7 @@ class GrantControls(Model):
                 "'approvedApplication' in builtInControls and a non-empty 'approvedApplications' "
                 "list go together"
             )
-        if not controls and self.max_device_threat_level is None:
+        if not controls and self.max_device_threat_level is None and self.authentication_strength is None:
             raise ValueError("grantControls needs at least one control (or leave grantControls out)")
         if self.operator is GrantOperator.OR and self.max_device_threat_level is not None:
             raise ValueError("maxDeviceThreatLevel cannot be one alternative of operator OR (any other control would "

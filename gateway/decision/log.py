@@ -102,6 +102,7 @@ def evaluation_input(identity: Identity, device: DeviceSignals | None, request: 
         "subject": identity.subject,
         "groups": sorted(identity.groups),
         "authenticationMethods": sorted(identity.authentication_methods),
+        "authenticationContexts": sorted(identity.authentication_contexts),
         "authenticatedAt": identity.authenticated_at,
         "deviceId": identity.device_id,
         "kioskLocation": request.kiosk_location,

@@ -53,6 +53,8 @@ class Unauthenticated:
     reason: str
     presented: bool
     parameters: tuple[tuple[str, str], ...]
+    # invalid_token; or a step-up (RFC 9470's insufficient_user_authentication, Entra's insufficient_claims)
+    error: str = "invalid_token"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,6 +70,8 @@ class SignIn:
     frequency (``max_age``). Starting a sign-in is I/O: the consumer does it."""
 
     max_age: int | None = None
+    acr_values: tuple[str, ...] = ()  # a step-up: the authentication strength the issuer is asked for
+    claims: str | None = None  # a step-up: OIDC's claims request (the authentication contexts needed)
 
 
 type Action = Forward | Blocked | Refused | Unauthenticated | SessionRestricted | SignIn

@@ -16,6 +16,8 @@ A source that cannot answer (``SignalUnavailable``) makes the outcome a 503, nev
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -41,12 +43,14 @@ from gateway.http.paths import canonical_path
 from gateway.identity import discovery, legacy_activesync
 from gateway.identity.assertion import AssertionSigner
 from gateway.identity.tokens import RejectedToken
+from gateway.policy.authentication import AUTHENTICATION_CONTEXT, STEP_UP_CONTROLS
 from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, path_has_prefix
 from gateway.policy.evaluate import NO_RESOURCE_REASON, evaluate
 from gateway.policy.model import (
     AccessRequest,
     ClientApp,
     ClientAppType,
+    ControlFailure,
     Decision,
     DecisionResult,
     DeviceSignals,
@@ -293,6 +297,9 @@ def _outcome(rules: Rules, request: AccessRequest, who: Identified, decided: Dec
     decision = decided.decision
     if decided.policy_allowed and source.sign_in_again(decision.session_controls, now):
         return sign_in(request, decision.session_controls.sign_in_frequency_seconds)
+    step_up = _step_up(rules, request, who, decision)
+    if step_up is not None:
+        return step_up
     action: Action
     if decided.session_restricted:
         action = SessionRestricted(reason=decision.reason)
@@ -303,6 +310,47 @@ def _outcome(rules: Rules, request: AccessRequest, who: Identified, decided: Dec
         action = Blocked(app=decided.app, device=decided.device)
     return Authorization(request=request, decision=decision, action=action, identity=who.identity, app=decided.app,
                          device=decided.device, identity_source=who.source)
+
+
+def _step_up(rules: Rules, request: AccessRequest, who: Identified, decision: Decision) -> Authorization | None:
+    """A block a new sign-in can lift (an authentication strength, an authentication context): a
+    browser session signs in again asking for it; a token gets a 401 saying what is missing
+    (RFC 9470's ``insufficient_user_authentication``, Entra's ``insufficient_claims`` challenge)."""
+    failure = _deciding_failure(decision)
+    if failure is None or failure.control not in STEP_UP_CONTROLS:
+        return None
+    contexts = failure.step_up if failure.control == AUTHENTICATION_CONTEXT else ()
+    claims = claims_request(contexts) if contexts else None
+    acr_values = () if contexts else failure.step_up
+    stepped = replace(decision, result=DecisionResult.unauthenticated,
+                      status_code=302 if who.source == "browserSession" else 401)
+    if who.source == "browserSession":
+        return Authorization(request=request, decision=stepped, action=SignIn(max_age=0, acr_values=acr_values,
+                                                                              claims=claims),
+                             identity=who.identity, identity_source=who.source)
+    host = rules.config.gateway_file.protected_hosts.get(request.host)
+    parameters = discovery.challenge_parameters(host.challenge if host is not None else ChallengeSettings(),
+                                                request.authority or request.host)
+    extra = (("claims", base64.b64encode(claims.encode()).decode()),) if claims else \
+        (("acr_values", " ".join(acr_values)),) if acr_values else ()
+    error = "insufficient_claims" if contexts else "insufficient_user_authentication"
+    return Authorization(request=request, decision=stepped, identity=who.identity, identity_source=who.source,
+                         action=Unauthenticated(reason=failure.reason, presented=True, parameters=(*extra, *parameters),
+                                                error=error))
+
+
+def claims_request(contexts: tuple[str, ...]) -> str:
+    """OIDC's claims request for Entra's authentication contexts, as Entra's own challenge words it."""
+    acrs: dict[str, object] = {"essential": True, "value": contexts[0]} if len(contexts) == 1 else \
+        {"essential": True, "values": list(contexts)}
+    return json.dumps({"access_token": {"acrs": acrs}}, separators=(",", ":"))
+
+
+def _deciding_failure(decision: Decision) -> ControlFailure | None:
+    if decision.allowed or decision.failed_policy_id is None:
+        return None
+    failed = next((p for p in decision.policies if p.name == decision.failed_policy_id), None)
+    return next((f for f in failed.failures if f.reason == decision.reason), None) if failed else None
 
 
 def decided_before_identity(request: AccessRequest, resource: str | None) -> Decision:

@@ -237,8 +237,10 @@ class AccessService:
         assert self.browser is not None and isinstance(result.action, SignIn)  # only browser sessions sign in
         request = result.request
         try:
+            action = result.action
             login = await self.browser.login_redirect(request.authority or request.host,
-                                                      request.target or request.path, result.action.max_age)
+                                                      request.target or request.path, action.max_age,
+                                                      acr_values=action.acr_values, claims=action.claims)
         except SignalUnavailable as error:
             self.unavailable_log.log(SIGN_IN_STORE_DOWN, request.correlation_id, error)
             return self._applied(rules, pipeline.refused(request, 503, pipeline.SIGNAL_UNAVAILABLE), now)

@@ -80,10 +80,13 @@ class BrowserSignIn:
             raise SignalUnavailable(f"the identity provider's discovery document has no usable {name}")
         return value
 
-    async def login_redirect(self, authority: str, target: str, max_age: int | None = None) -> LoginRedirect:
+    async def login_redirect(self, authority: str, target: str, max_age: int | None = None, *,
+                             acr_values: tuple[str, ...] = (), claims: str | None = None) -> LoginRedirect:
         """Where to send a browser that has no session. It comes back to ``target`` on the same
         host only: the original URL is kept here, never taken from the callback. The sign-in is
-        bound to this browser by a short-lived cookie that the callback must present."""
+        bound to this browser by a short-lived cookie that the callback must present. A step-up
+        asks the issuer for ``acr_values`` (an authentication strength) or ``claims`` (OIDC's
+        claims request: the authentication contexts the token's ``acrs`` must carry)."""
         verifier, nonce, state, binding = (secrets.token_urlsafe(48), secrets.token_urlsafe(16),
                                            secrets.token_urlsafe(24), secrets.token_urlsafe(24))
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
@@ -91,7 +94,11 @@ class BrowserSignIn:
                  "redirect_uri": f"https://{authority}{CALLBACK_PATH}", "scope": "openid profile",
                  "state": state, "nonce": nonce, "code_challenge": challenge, "code_challenge_method": "S256"}
         if max_age is not None:
-            query["max_age"] = str(max_age)  # signInFrequency: the issuer must authenticate again
+            query["max_age"] = str(max_age)  # signInFrequency, a step-up: the issuer must authenticate again
+        if acr_values:
+            query["acr_values"] = " ".join(acr_values)
+        if claims is not None:
+            query["claims"] = claims
         path = target if target.startswith("/") and not target.startswith("//") else "/"
         location = f"{self._endpoint('authorization_endpoint')}?{urlencode(query)}"
         await self.sessions.put_pending(state, PendingLogin(authority, f"https://{authority}{path}", verifier, nonce,

@@ -92,6 +92,10 @@ class RejectedToken:
     presented: bool = True  # False: no credentials at all (RFC 6750 §3.1: the challenge names no error)
 
 
+CONTEXT_ID = re.compile(r"c(?:[1-9]|[1-9][0-9])")  # Entra: c1 to c99
+MAX_CONTEXTS = 99
+
+
 def bearer_token(authorization_values: list[str]) -> str | RejectedToken:
     """RFC 6750: exactly one ``Authorization: Bearer <token>``; the scheme is case-insensitive."""
     if not authorization_values:
@@ -291,6 +295,7 @@ def identity_from_claims(claims: dict[str, object], audiences: frozenset[str]) -
         authentication_methods=(frozenset(m for m in amr if isinstance(m, str))
                                 if isinstance(amr, list) else frozenset()),
         authentication_context=_text(claims.get("acr")),
+        authentication_contexts=_contexts(claims.get("acrs")),
         authenticated_at=float(auth_time) if isinstance(auth_time := claims.get("auth_time"), int | float) else None,
         issued_at=float(iat) if isinstance(iat := claims.get("iat"), int | float) else None,
         roles=frozenset(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else frozenset(),
@@ -303,3 +308,10 @@ def _text(value: object) -> str | None:
 
 def _until_exp(_key: object, identity: Identity, _now: float) -> float:
     return identity.expires_at
+
+
+def _contexts(value: object) -> frozenset[str]:
+    """Entra's ``acrs``: a list of authentication context ids; anything else names none."""
+    if not isinstance(value, list):
+        return frozenset()
+    return frozenset(item for item in value[:MAX_CONTEXTS] if isinstance(item, str) and CONTEXT_ID.fullmatch(item))

@@ -46,6 +46,7 @@ _ERROR_NAMES = {
     ErrorCode.blocked_due_to_risk: "blockedDueToRisk",
     ErrorCode.misdirected_request: "misdirected",
     ErrorCode.internal_error: "internalError",
+    ErrorCode.insufficient_claims: "insufficientClaims",
 }
 
 

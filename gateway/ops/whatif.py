@@ -76,13 +76,16 @@ class Question:
     # the connection's device certificate, verified and naming this device (its azureADDeviceId); the token's
     # device is ``device``: both set and different is the stolen-token case
     device_certificate: str | None = None
+    authentication_methods: tuple[str, ...] = ()  # the token's amr beyond --mfa (e.g. fido): authentication strength
+    authentication_contexts: tuple[str, ...] = ()  # the token's acrs (c1..c99): authentication contexts
 
     def as_json(self) -> dict[str, Any]:
         return {"user": self.user, "url": self.url, "app": self.app, "device": self.device, "ip": self.ip,
                 "clientAppType": self.client_app_type.value if self.client_app_type else None,
                 "groups": list(self.groups), "mfa": self.mfa,
                 "platform": self.platform.value if self.platform else None, "listener": self.listener.value,
-                "objectId": self.object_id, "deviceCertificate": self.device_certificate}
+                "objectId": self.object_id, "deviceCertificate": self.device_certificate,
+                "amr": list(self.authentication_methods), "acrs": list(self.authentication_contexts)}
 
 
 class WhatIf:
@@ -120,7 +123,9 @@ class WhatIf:
                         tenant_id=None, client_id=self._client_id(question.app),
                         device_id=question.device.lower() if question.device else None,
                         groups=frozenset(question.groups), audience="what-if", expires_at=0,
-                        authentication_methods=frozenset({"pwd", "mfa"} if question.mfa else {"pwd"}))
+                        authentication_methods=frozenset({"pwd", "mfa"} if question.mfa else {"pwd"})
+                        | frozenset(question.authentication_methods),
+                        authentication_contexts=frozenset(question.authentication_contexts))
 
     def _target(self, url: str) -> tuple[str, str, str]:
         """Host, canonical path and the request target (path and query) as a client sends it."""

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from gateway.policy.authentication import AUTHENTICATION_CONTEXT, AUTHENTICATION_STRENGTH, context_failure
 from gateway.policy.conditions import (
     client_app_type,
     client_app_type_not_matched,
@@ -74,6 +75,7 @@ class Facts:
     device_attributes: DeviceAttributes | None
     now: datetime
     cohorts: Mapping[str, RolloutCohort] | None = None  # given cohorts, by policy name
+    contexts: frozenset[str] = frozenset()  # the authentication contexts the request's resources carry
 
 
 def evaluate(
@@ -100,7 +102,8 @@ def evaluate(
                   groups=frozenset(g.lower() for g in identity.groups),
                   platform=device_platform(device.device, request.user_agent), locations=inside,
                   trusted_location=trusted,
-                  device_attributes=device_filter_attributes(device, now), now=now, cohorts=cohorts)
+                  device_attributes=device_filter_attributes(device, now), now=now, cohorts=cohorts,
+                  contexts=policy_set.contexts_of(resources))
     targeting = policy_set.targeting(resources)
     results = tuple(_evaluate_policy(c, facts) for c in targeting.candidates)
     not_targeted, resource = targeting.not_targeted, resources[0]
@@ -160,6 +163,10 @@ def _evaluate_policy(compiled: CompiledPolicy, facts: Facts) -> PolicyResult:
         return PolicyResult(name=policy.name, display_name=compiled.display_name, result=kind,
                             not_applied_because=why_not, rollout=cohort)
     failures = failed_controls(policy.grant_controls, facts.identity, facts.device, facts.app, facts.now)
+    if policy.conditions.authentication_contexts:  # before any control: a new sign-in for the context first
+        context = context_failure(frozenset(policy.conditions.authentication_contexts) & facts.contexts,
+                                  facts.identity)
+        failures = (context, *failures) if context is not None else failures
     if report_only:
         kind = PolicyResultKind.report_only_failure if failures else PolicyResultKind.report_only_success
     else:
@@ -191,8 +198,8 @@ def _session_controls(policy_set: PolicySet, results: tuple[PolicyResult, ...]) 
 
 
 CONTROL_ORDER = {name: rank for rank, name in enumerate(
-    (BuiltInControl.block, BuiltInControl.mfa, BuiltInControl.compliant_device,
-     BuiltInControl.approved_application, "maxDeviceThreatLevel"))}
+    (BuiltInControl.block, AUTHENTICATION_CONTEXT, BuiltInControl.mfa, AUTHENTICATION_STRENGTH,
+     BuiltInControl.compliant_device, BuiltInControl.approved_application, "maxDeviceThreatLevel"))}
 
 
 def _deciding_failure(results: tuple[PolicyResult, ...]) -> tuple[PolicyResult, ControlFailure] | None:

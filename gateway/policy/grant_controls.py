@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from gateway.policy.authentication import AUTHENTICATION_STRENGTH, strength_failure
 from gateway.policy.compliance import noncompliance_reason
 from gateway.policy.model import (
     BuiltInControl,
@@ -68,6 +69,8 @@ def controls_named(grant: GrantControls | None) -> tuple[str, ...]:
     names: list[str] = [c.value for c in grant.built_in_controls]
     if grant.max_device_threat_level is not None:
         names.append(MAX_DEVICE_THREAT_LEVEL)
+    if grant.authentication_strength is not None:
+        names.append(AUTHENTICATION_STRENGTH)
     return tuple(names)
 
 
@@ -89,6 +92,8 @@ def failed_controls(
         outcomes.append(approved_application(app, grant.approved_applications))
     if grant.max_device_threat_level is not None:
         outcomes.append(max_device_threat_level(device, grant.max_device_threat_level))
+    if grant.authentication_strength is not None:
+        outcomes.append(strength_failure(grant.authentication_strength, identity))
     failures = tuple(f for f in outcomes if f is not None)
     if grant.operator is GrantOperator.OR and len(failures) < len(outcomes):
         return ()

@@ -104,6 +104,9 @@ class ErrorCode(IntEnum):
     misdirected_request = 421
     # the gateway failed on the request (HTTP 500): no policy decided it either.
     internal_error = 500
+    # the token lacks an authentication context the resource needs (HTTP 401 with Entra's claims
+    # challenge): the client signs in again for it; Entra answers the resource's challenge, no code.
+    insufficient_claims = 401
 
 
 class PolicyResultKind(StrEnum):
@@ -236,6 +239,8 @@ class Identity:
     authentication_methods: frozenset[str] = frozenset()  # the amr claim
     authenticated_at: float | None = None  # the auth_time claim (ID tokens)
     authentication_context: str | None = None  # the acr claim
+    # the acrs claim: the authentication context ids (c1..c99) the sign-in satisfied (Entra's step-up)
+    authentication_contexts: frozenset[str] = frozenset()
     issued_at: float | None = None  # the iat claim: how old the token's view of the user is
     roles: frozenset[str] = frozenset()  # app roles (the roles claim), for the admin API
 
@@ -304,6 +309,9 @@ class ControlFailure:
     control: str
     error_code: ErrorCode
     reason: str
+    # what a new sign-in must bring (a step-up): the acr values of an authentication strength, or
+    # the authentication context ids (c1..c99) the token's acrs lacks
+    step_up: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -85,6 +85,7 @@ class PolicySet:
     named_locations: Mapping[str, tuple[tuple[Network, ...], bool]]
     by_name: Mapping[str, CompiledPolicy]
     has_rollouts: bool = False  # a policy's result then depends on the user even where it is not targeted
+    contexts_by_resource: Mapping[str, frozenset[str]] = field(default_factory=dict)  # authentication contexts
     _targeting: LRUCache[tuple[str, ...], Targeting] = field(
         default_factory=lambda: LRUCache(maxsize=TARGETING_CACHE_SIZE), compare=False, repr=False)
 
@@ -104,6 +105,8 @@ class PolicySet:
                              for name, location in named_locations.items()},
             by_name={c.policy.name: c for c in compiled},
             has_rollouts=any(c.rollout is not None for c in compiled),
+            contexts_by_resource={name: frozenset(r.authentication_contexts) for name, r in resources.items()
+                                  if r.authentication_contexts},
         )
 
     def match(self, host: str, path: str) -> ResourceMatch | None:
@@ -117,6 +120,10 @@ class PolicySet:
             return ResourceMatch((best.resource,), True)
         names = tuple(dict.fromkeys(p.resource for p in patterns if p.resource not in self.public_resources))
         return ResourceMatch(names, False)
+
+    def contexts_of(self, resources: tuple[str, ...]) -> frozenset[str]:
+        """The authentication contexts (c1..c99) these resources carry."""
+        return frozenset().union(*(self.contexts_by_resource.get(r, frozenset()) for r in resources))
 
     def session_controls_for_browsers(self) -> SessionControls:
         """The strictest session controls any enabled policy could put on a browser session, for

@@ -63,6 +63,19 @@ class Conditions:
     platforms: Platforms | None = None
     locations: Assignment | None = None
     device_filter: DeviceFilter | None = None
+    # Entra's authentication contexts (c1..c99) the policy targets: the resources carrying them are in
+    # ``resources.include`` (compiled so), and a token must carry them in ``acrs`` (a claims challenge)
+    authentication_contexts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthenticationStrength:
+    """Which sign-ins are strong enough: one of ``combinations`` (authentication method
+    references, RFC 8176 ``amr`` values, all present), or an ``acr`` an issuer uses to say so."""
+
+    name: str
+    combinations: tuple[frozenset[str], ...]
+    acr_values: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +84,7 @@ class GrantControls:
     built_in_controls: tuple[BuiltInControl, ...] = ()
     approved_applications: tuple[str, ...] = ()
     max_device_threat_level: DeviceThreatLevel | None = None
+    authentication_strength: AuthenticationStrength | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +117,7 @@ class Resource:
     paths: tuple[str, ...]
     public: bool = False
     downloads: bool = False
+    authentication_contexts: tuple[str, ...] = ()  # step-up for this part: policies targeting them apply
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -245,6 +245,7 @@ def _recorded_input(record: dict[str, Any], given: dict[str, Any]) -> RecordedIn
         device_id=given.get("deviceId"), groups=frozenset(given.get("groups") or ()),
         audience=record.get("resourceId") or "", expires_at=math.inf,
         authentication_methods=frozenset(given.get("authenticationMethods") or ()),
+        authentication_contexts=frozenset(given.get("authenticationContexts") or ()),
         authenticated_at=given.get("authenticatedAt"))
     device = given.get("device")
     refused_before_policy = record["result"] == "block" and record.get("resourceDisplayName") is None

@@ -24,9 +24,10 @@ IDENTITY_FIELDS = {  # Identity field -> JSON key; a test checks that every fiel
     "tenant_id": "tenantId", "client_id": "clientId", "device_id": "deviceId", "groups": "groups",
     "audience": "audience", "expires_at": "expiresAt", "authentication_methods": "authenticationMethods",
     "authenticated_at": "authenticatedAt", "authentication_context": "authenticationContext",
-    "issued_at": "issuedAt", "roles": "roles",
+    "issued_at": "issuedAt", "roles": "roles", "authentication_contexts": "authenticationContexts",
 }
-_SETS = frozenset({"groups", "authentication_methods", "roles"})
+_SETS = frozenset({"groups", "authentication_methods", "roles", "authentication_contexts"})
+_ADDED_SETS = frozenset({"authentication_contexts"})  # absent from sessions stored by earlier versions
 _OPTIONAL_TEXT = frozenset({"user_principal_name", "object_id", "tenant_id", "client_id", "device_id",
                             "authentication_context"})
 _OPTIONAL_TIMES = frozenset({"authenticated_at", "issued_at"})
@@ -89,7 +90,8 @@ def _identity(data: dict[str, Any]) -> Identity:
     values: dict[str, Any] = {}
     for name, key in IDENTITY_FIELDS.items():
         if name in _SETS:
-            values[name] = _strings(data, key)
+            # a session stored before a field existed has none of it (acrs)
+            values[name] = _strings(data, key) if key in data or name not in _ADDED_SETS else frozenset()
         elif name in _OPTIONAL_TEXT:
             values[name] = _text(data, key) if data.get(key) is not None else None
         elif name in _OPTIONAL_TIMES:

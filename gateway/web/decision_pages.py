@@ -33,7 +33,7 @@ def render(result: Authorization, *, remediation_url: str, now: datetime) -> pag
         return pages.refused(action.status, action.reason, correlation_id, error=action.error)
     if isinstance(action, Unauthenticated):
         return pages.unauthenticated(action.reason, correlation_id, presented=action.presented,
-                                     parameters=action.parameters)
+                                     parameters=action.parameters, error=action.error)
     if isinstance(action, SessionRestricted):
         return pages.session_restricted(action.reason, correlation_id, html=request.accepts_html, now=now)
     if isinstance(action, SignIn):

@@ -115,6 +115,7 @@ class DemoIdentityProvider:
 <p><label>User <select name="user">{users}</select></label></p>
 <p><label>This browser runs on <select name="device_id">{devices}</select></label></p>
 <p><label><input type="checkbox" name="mfa" value="1"> I did multifactor authentication</label></p>
+<p><label><input type="checkbox" name="fido" value="1"> with a FIDO2 security key (phishing-resistant)</label></p>
 <p><button type="submit" id="sign-in">Sign in</button></p></form></main></body></html>"""
         return HTMLResponse(page)
 
@@ -144,9 +145,12 @@ class DemoIdentityProvider:
             "iss": self.issuer, "aud": granted["client_id"], "iat": now, "nbf": now, "exp": now + 3600,
             "auth_time": now, "nonce": granted["nonce"], "sub": str(uuid.uuid5(uuid.NAMESPACE_URL, f"sub:{user}")),
             "oid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"oid:{user}")), "tid": DEMO_TENANT_ID,
-            "preferred_username": user, "upn": user, "amr": ["pwd", "mfa"] if granted.get("mfa") else ["pwd"],
+            "preferred_username": user, "upn": user, "amr": _methods(granted),
             "groups": ["kiosk-users"] if user.startswith("kiosk") else [],
         }
+        contexts = _requested_contexts(granted.get("claims", ""))
+        if contexts:  # the demo's sign-in satisfies every authentication context asked for
+            claims["acrs"] = contexts
         if granted.get("device_id"):
             claims["deviceid"] = granted["device_id"]
         id_token = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid})
@@ -169,14 +173,36 @@ class DemoIdentityProvider:
         return JSONResponse(self.jwks())
 
     async def _token(self, request: Request) -> JSONResponse:
-        """Dev-only minting: form fields ``user``, ``client_id``, ``audience``, ``device_id`` and
-        ``roles`` (space-separated app roles)."""
+        """Dev-only minting: form fields ``user``, ``client_id``, ``audience``, ``device_id``,
+        ``roles`` (space-separated app roles), ``amr`` (space-separated authentication methods,
+        default ``pwd``) and ``acrs`` (space-separated authentication contexts, c1..c99)."""
         form = await request.form()
-        fields = {k: str(form.get(k, "")).strip() for k in ("user", "client_id", "audience", "device_id", "roles")}
+        fields = {k: str(form.get(k, "")).strip()
+                  for k in ("user", "client_id", "audience", "device_id", "roles", "amr", "acrs")}
         missing = [k for k in ("user", "client_id", "audience") if not fields[k]]
         if missing:
             return JSONResponse({"error": "invalid_request", "error_description": f"missing: {', '.join(missing)}"},
                                 status_code=400)
+        extra: dict[str, object] = {"amr": fields["amr"].split()} if fields["amr"] else {}
+        if fields["acrs"]:
+            extra["acrs"] = fields["acrs"].split()
         token = self.mint(user=fields["user"], client_id=fields["client_id"], audience=fields["audience"],
-                          device_id=fields["device_id"] or None, roles=tuple(fields["roles"].split()))
+                          device_id=fields["device_id"] or None, roles=tuple(fields["roles"].split()), extra=extra)
         return JSONResponse({"access_token": token, "token_type": "Bearer", "expires_in": 3600})
+
+
+def _methods(granted: dict[str, str]) -> list[str]:
+    """The ``amr`` of a demo sign-in: a password, then what the sign-in page says was added."""
+    if granted.get("fido"):
+        return ["fido", "mfa"]
+    return ["pwd", "mfa"] if granted.get("mfa") else ["pwd"]
+
+
+def _requested_contexts(claims: str) -> list[str]:
+    """The authentication contexts an OIDC claims request asks ``acrs`` to carry (Entra's shape)."""
+    try:
+        acrs = json.loads(claims)["access_token"]["acrs"] if claims else {}
+    except (ValueError, KeyError, TypeError):
+        return []
+    values = acrs.get("values") or [acrs.get("value")] if isinstance(acrs, dict) else []
+    return [v for v in values if isinstance(v, str)][:99]

@@ -46,15 +46,15 @@ class GatewayResponse:
 
 
 def unauthenticated(reason: str, correlation_id: str, *, presented: bool = True,
-                    parameters: tuple[tuple[str, str], ...] = ()) -> GatewayResponse:
+                    parameters: tuple[tuple[str, str], ...] = (), error: str = "invalid_token") -> GatewayResponse:
     """RFC 6750 §3.1 challenge: ``invalid_token`` only when a token was presented and failed; a
     request without credentials (an empty ``Bearer`` included) learns where to sign in and no
     error. The reason and ``parameters`` are ours or the config's (checked quotable), never client
     input, so they are safe to quote."""
-    attributes = [*((("error", "invalid_token"), ("error_description", reason)) if presented else ()),
+    attributes = [*((("error", error), ("error_description", reason)) if presented else ()),
                   *parameters]
     challenge = "Bearer " + ", ".join(f'{name}="{value}"' for name, value in attributes)
-    body = {"error": "invalid_token" if presented else "unauthorized", "error_description": reason,
+    body = {"error": error if presented else "unauthorized", "error_description": reason,
             "correlationId": correlation_id}
     return _json(401, body, correlation_id, (("WWW-Authenticate", challenge),))
 
