@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -176,3 +178,21 @@ def test_strengths_and_contexts_that_do_not_exist_are_config_problems_at_their_l
     policies.write_text(text.replace("      authenticationContexts: [c1]\n", "      clientAppTypes: [all]\n"))
     [problem] = problems(config_dir)
     assert "a policy targets resources (resources.include) or authenticationContexts" in problem
+
+
+def test_whatif_and_cases_answer_the_step_up_as_the_gateway_does(stepped: Started) -> None:
+    config = str(stepped.gateway.config_dir)
+    asked = ["whatif", "--config", config, "--user", "alex@contoso.test", "--app", "outlook-mobile",
+             "--device", ALEX_IPHONE, "--url", f"https://{DOCS}{FINANCE}", "--json"]
+    without = json.loads(portcullis(*asked).stdout)
+    assert (without["result"], without["httpStatus"], without["errorCode"]) == ("unauthenticated", 401, 401)
+    weak = json.loads(portcullis(*asked, "--acrs", "c1").stdout)
+    assert (weak["httpStatus"], weak["reason"]) == (401, "authentication strength phishingResistantMfa required")
+    assert weak["input"]["acrs"] == ["c1"]
+    strong = json.loads(portcullis(*asked, "--acrs", "c1", "--amr", "fido").stdout)
+    assert (strong["result"], strong["httpStatus"]) == ("allow", 200)
+
+
+def portcullis(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).with_name("portcullis")), *args], capture_output=True, text=True,
+                          timeout=60, check=True)
