@@ -22,7 +22,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gateway.app.commands import cases, certs, check, devices, replay, serve, whatif, why
+from gateway.app.commands import cases, certs, check, devices, entra, replay, serve, whatif, why
 from gateway.errors import ConfigError
 from gateway.terminal import printable, printable_lines
 
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     serve.add_parsers(commands)  # demo, run
-    for command in (check, whatif, devices, why, certs, cases, replay):
+    for command in (check, whatif, devices, why, certs, cases, replay, entra):
         command.add_parser(commands)
     return parser
 
