@@ -162,8 +162,9 @@ def _policies_document(path: Path) -> CommentedMap:
         document = CommentedMap()
         document["policies"] = CommentedSeq()
         return document
-    data, problems = read_yaml(path, str(path))
+    _, problems = read_yaml(path, str(path))  # syntax errors at their line
     raise_if(problems)
+    data = _yaml().load(path)
     if not isinstance(data, CommentedMap) or not isinstance(data.get("policies", []), list):
         raise ConfigError([ConfigProblem(str(path), 1, 1, "", "expected a mapping with a 'policies' list")])
     policies = data.get("policies") or CommentedSeq()
@@ -200,6 +201,7 @@ def _commented(value: Any) -> Any:
 
 def _yaml() -> YAML:
     yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True  # the policies already in the file stay as written
     yaml.indent(mapping=2, sequence=4, offset=2)
     yaml.width = 120
     return yaml
