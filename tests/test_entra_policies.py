@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.app.demo import ALEX_IPHONE
 from gateway.config import load_config
 from gateway.config.entra import (
     EXCHANGE_ONLINE,
@@ -27,8 +30,8 @@ from gateway.config.models import ResourcePreset
 from gateway.config.presets import PRESETS
 from tests.conftest import REPO
 from tests.helpers.config import shipped_config
-from tests.test_policy_tools import ALEX_IPHONE, portcullis
 
+PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 DATA = Path(__file__).parent / "data" / "entra"
 POLICIES = DATA / "policies.json"
 LOCATIONS = DATA / "named-locations.json"
@@ -52,6 +55,10 @@ EXPECTED = {
                                                             "grantControls.builtInControls"]),
 }
 SKIPPED = "5a6e1f7b-8293-44a5-9fb6-c708192a3b4c"
+
+
+def portcullis(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PORTCULLIS, *map(str, args)], capture_output=True, text=True, timeout=60)
 
 
 def graph_input() -> list[dict[str, Any]]:

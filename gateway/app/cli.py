@@ -10,6 +10,8 @@
     portcullis devices --config DIR import FILE | export [--format csv] | list | show ID | set-risk ID LEVEL
                                     | remove ID...
     portcullis certs  [--config DIR] init        create the CA and server certificates (kiosks trust the CA)
+    portcullis import entra POLICIES.json --config DIR [--out FILE] [--dry-run]   Graph policies into policies.yaml
+    portcullis export entra --config DIR [--out FILE]   policies.yaml as Graph conditionalAccessPolicy JSON
 
 Exit codes: 0 ok, 1 config or start-up failure, 2 usage. Errors go to stderr as
 ``portcullis: <message>``, without a traceback unless ``--debug``.
