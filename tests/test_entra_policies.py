@@ -18,6 +18,7 @@ from gateway.app.demo import ALEX_IPHONE
 from gateway.config import load_config
 from gateway.config.entra import (
     EXCHANGE_ONLINE,
+    GRAPH_FIELDS,
     OFFICE_365,
     SHAREPOINT_ONLINE,
     Names,
@@ -355,3 +356,30 @@ def test_import_keeps_the_policies_already_in_the_file(tmp_path: Path) -> None:
     after = (directory / "policies.yaml").read_text()
     assert after.startswith(before.rstrip("\n"))  # comments and policies kept as written
     assert len(load_config(directory).policies) == 6 + len(EXPECTED)
+
+
+WRONG_TYPES = [1, "text", True, [1], [{"a": 1}], {"a": [1]}, ["All", 2]]
+
+
+@pytest.mark.parametrize("dotted", [f for f in GRAPH_FIELDS if f not in ("id", "displayName")])
+def test_a_field_of_the_wrong_type_is_reported_never_a_crash_nor_enforced(dotted: str) -> None:
+    for value in WRONG_TYPES:
+        result = import_policy(with_field(dotted, value), names())
+        if result.policy is not None and result.policy["state"] == "enabled":
+            # written as Entra has it only when the value, whatever its type, was exact
+            assert not result.dropped, (dotted, value)
+
+
+def test_a_line_break_in_graph_text_cannot_write_yaml_through_a_comment(config_dir: Path, tmp_path: Path) -> None:
+    policy = with_field("conditions.users.excludeRoles", ["r"])
+    injected = "x\n  - name: injected\n    state: enabled\r\u2028\x85y"
+    policy["displayName"] = f"Mail {injected}"
+    policy["conditions"][injected] = ["z"]
+    source = tmp_path / "policies.json"
+    source.write_text(json.dumps([policy]))
+    result = portcullis("import", "entra", source, "--config", config_dir)
+    assert result.returncode == 0, result.stderr
+    policies = load_config(config_dir).policies
+    assert [(p.name, p.state.value) for p in policies] == [("mail-x-name-injected-state-enabled-y", "reportOnly")]
+    assert policies[0].display_name == f"Mail {injected}"
+    assert "\x85" not in result.stderr and "\r" not in result.stderr

@@ -208,7 +208,7 @@ def _users_to_portcullis(target: str) -> ToPortcullis:
 
 
 def _state_to_portcullis(value: Any, names: Names) -> Converted:
-    if value not in GRAPH_STATES:
+    if not isinstance(value, str) or value not in GRAPH_STATES:
         raise Unmapped(f"state {value!r} is not one of {', '.join(GRAPH_STATES)}", Outcome.skip)
     return {"state": GRAPH_STATES[value].value}
 
@@ -219,7 +219,7 @@ def _state_to_graph(value: Any, names: Names) -> Converted:
 
 def _apps_to_portcullis(target: str) -> ToPortcullis:
     def convert(value: Any, names: Names) -> Converted:
-        if target.endswith("include") and NONE in value:
+        if target.endswith("include") and isinstance(value, list) and NONE in value:
             raise Unmapped("includeApplications None: the policy applies to no app", Outcome.skip)
         mapped: list[str] = []
         unmapped: list[str] = []
@@ -319,7 +319,7 @@ def _frequency_to_graph(value: Any, names: Names) -> Converted:
 def _browser_to_portcullis(value: Any, names: Names) -> Converted:
     if not _enabled(value):
         return {}
-    if value.get("mode") not in _values(PersistentBrowser):
+    if not isinstance(value.get("mode"), str) or value["mode"] not in _values(PersistentBrowser):
         raise Unmapped(f"mode {value.get('mode')!r}: Portcullis knows always and never")
     return {"sessionControls.persistentBrowser": value["mode"]}
 
@@ -554,7 +554,7 @@ def _walk(node: Mapping[str, Any], prefix: str, names: Names, policy: dict[str, 
     for key, value in node.items():
         path = f"{prefix}.{key}" if prefix else key
         rule = GRAPH_FIELDS.get(path)
-        if "@odata." in key or rule is IGNORED or value in (None, [], {}, "", False):
+        if "@odata." in key or rule is IGNORED or _says_nothing(value):
             continue  # metadata, or a field that says nothing
         if rule is None:
             dropped.append(Dropped(path, Outcome.report_only, "not a field Portcullis knows"))
@@ -576,9 +576,14 @@ def _walk(node: Mapping[str, Any], prefix: str, names: Names, policy: dict[str, 
     return dropped
 
 
+def _says_nothing(value: Any) -> bool:
+    """Graph writes every field, unset ones as null, [], {} or false."""
+    return value is None or value is False or (isinstance(value, list | dict | str) and not value)
+
+
 def _copy(rule: Copy, value: Any) -> Any:
     values = value if isinstance(value, list) else [value]
-    outside = [v for v in values if rule.allowed is not None and v not in rule.allowed]
+    outside = [v for v in values if rule.allowed is not None and (not isinstance(v, str) or v not in rule.allowed)]
     if outside:
         raise Unmapped(f"{', '.join(map(str, outside))}: {rule.why_not or 'not a value Portcullis knows'}")
     return {rule.target: value}

@@ -31,6 +31,7 @@ from gateway.config.loader import raise_if, read_yaml, validate
 from gateway.config.models import PoliciesFile
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.http import strict_json
+from gateway.terminal import printable
 
 MAX_GRAPH_FILE_BYTES = 32 * 1024 * 1024  # thousands of policies; Entra allows 195 per tenant
 MAX_GRAPH_DEPTH = 16  # a policy nests 5 deep (value[].conditions.users.includeUsers[])
@@ -182,7 +183,8 @@ def _append(policies: CommentedSeq, result: Imported) -> None:
     if result.dropped:
         lines.append(f"Written {result.policy['state']}, never enforced: Portcullis cannot express")
         lines += [f"  {dropped}" for dropped in result.dropped]
-    policies.yaml_set_comment_before_after_key(len(policies) - 1, before="\n".join(lines), indent=2)
+    # the text comes from the JSON: a line break in a name or key must not end the comment
+    policies.yaml_set_comment_before_after_key(len(policies) - 1, before="\n".join(map(printable, lines)), indent=2)
 
 
 def _commented(value: Any) -> Any:
@@ -233,17 +235,18 @@ def _report(imported: list[Imported]) -> None:
     for result in imported:
         source = f"{result.display_name!r} ({result.graph_id or 'no id'}, {result.graph_state})"
         if result.policy is None:
-            print(f"skipped {source}:", file=sys.stderr)
+            line = f"skipped {source}:"
         elif result.dropped:
-            print(f"imported {source} as {result.name}, {result.policy['state']} because:", file=sys.stderr)
+            line = f"imported {source} as {result.name}, {result.policy['state']} because:"
         else:
-            print(f"imported {source} as {result.name}, {result.policy['state']}", file=sys.stderr)
+            line = f"imported {source} as {result.name}, {result.policy['state']}"
+        print(printable(line), file=sys.stderr)
         _print_dropped(result.dropped)
 
 
 def _print_dropped(dropped: tuple[Dropped, ...]) -> None:
     for item in dropped:
-        print(f"  {item}", file=sys.stderr)
+        print(printable(f"  {item}"), file=sys.stderr)
 
 
 def _export(args: argparse.Namespace) -> int:
