@@ -383,3 +383,20 @@ def test_a_line_break_in_graph_text_cannot_write_yaml_through_a_comment(config_d
     assert [(p.name, p.state.value) for p in policies] == [("mail-x-name-injected-state-enabled-y", "reportOnly")]
     assert policies[0].display_name == f"Mail {injected}"
     assert "\x85" not in result.stderr and "\r" not in result.stderr
+
+
+def test_map_and_approved_apps_on_the_command_line(config_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "policies.json"
+    controls = ["compliantDevice", "approvedApplication"]
+    source.write_text(json.dumps(with_field("grantControls.builtInControls", controls)))
+    result = portcullis("import", "entra", source, "--config", config_dir, "--map", f"{EXCHANGE_ONLINE}=exchange-owa",
+                        "--approved-apps", "outlook-mobile,outlook-desktop")
+    assert result.returncode == 0, result.stderr
+    (policy,) = load_config(config_dir).policies
+    assert (policy.state.value, policy.conditions.resources.include) == ("enabled", ["exchange-owa"])
+    assert policy.grant_controls is not None
+    assert policy.grant_controls.approved_applications == ["outlook-mobile", "outlook-desktop"]
+    unknown = portcullis("import", "entra", source, "--config", config_dir, "--map", f"{EXCHANGE_ONLINE}=exchange-x")
+    assert unknown.returncode == 1 and "exchange-x is neither a resource nor one named location" in unknown.stderr
+    no_app = portcullis("import", "entra", source, "--config", config_dir, "--approved-apps", "outlook")
+    assert no_app.returncode == 1 and "'outlook' is not an application of the config" in no_app.stderr

@@ -113,7 +113,7 @@ def _graph_policies(path: Path) -> list[dict[str, Any]]:
 
 
 def _names_of(config: Config, args: argparse.Namespace, approved: list[str] | None = None) -> Names:
-    locations = graph_policies_locations(args.locations) if args.locations else []
+    locations = graph_named_locations(args.locations) if args.locations else []
     named = {*config.gateway_file.named_locations, *([config.gateway_file.kiosk.location] if config.gateway_file.kiosk
                                                       else [])}
     try:
@@ -123,7 +123,7 @@ def _names_of(config: Config, args: argparse.Namespace, approved: list[str] | No
         raise ConfigError([ConfigProblem("command line", None, None, "", str(error))]) from None
 
 
-def graph_policies_locations(path: Path) -> list[dict[str, Any]]:
+def graph_named_locations(path: Path) -> list[dict[str, Any]]:
     """Graph's namedLocations answer (``{"value": [...]}`` or a list), each with an id and displayName."""
     document = read_graph_json(path)
     locations = document.get("value") if isinstance(document, dict) else document
@@ -144,10 +144,8 @@ def _import(args: argparse.Namespace) -> int:
         if result.policy is not None:
             _append(document["policies"], result)
     text = _yaml_text(document)
-    data, problems = read_yaml_text(text, str(out))
-    parsed, more = validate(PoliciesFile, data, str(out))
-    raise_if(problems + more)
-    assert parsed is not None  # no problems
+    _, problems = validate(PoliciesFile, _yaml().load(text), str(out))  # read back as the gateway will read it
+    raise_if(problems)
     _report(imported)
     if args.dry_run:
         sys.stdout.write(text)
@@ -213,14 +211,6 @@ def _yaml_text(document: CommentedMap) -> str:
     stream = io.StringIO()
     _yaml().dump(document, stream)
     return stream.getvalue()
-
-
-def read_yaml_text(text: str, name: str) -> tuple[Any, list[ConfigProblem]]:
-    """The text just produced, read back as the gateway will read it."""
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / POLICIES_FILE
-        path.write_text(text, encoding="utf-8")
-        return read_yaml(path, name)
 
 
 def _write_atomically(path: Path, text: str) -> None:
