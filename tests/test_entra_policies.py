@@ -27,7 +27,7 @@ from gateway.config.entra import (
     import_policy,
     names_for,
 )
-from gateway.config.models import ResourcePreset
+from gateway.config.models import ConditionalAccessPolicy, ResourcePreset
 from gateway.config.presets import PRESETS
 from tests.conftest import REPO
 from tests.helpers.config import shipped_config
@@ -51,7 +51,7 @@ EXPECTED = {
     "6b7f2a8c-93a4-45b6-a0c7-d8192a3b4c5d": ("reportOnly", ["conditions.signInRiskLevels"]),
     "7c8a3b9d-a4b5-46c7-b1d8-e92a3b4c5d6e": ("reportOnly", [
         "conditions.locations.includeLocations", "conditions.users.includeGuestsOrExternalUsers",
-        "grantControls.termsOfUse", "grantControls.authenticationStrength"]),
+        "grantControls.termsOfUse"]),
     "8d9b4cae-b5c6-47d8-82e9-fa3b4c5d6e7f": ("reportOnly", ["conditions.networkAccess",
                                                             "grantControls.builtInControls"]),
 }
@@ -178,6 +178,9 @@ def supported_subset(policy: dict[str, Any]) -> dict[str, Any]:
             node = node[part]
         node.pop(last)
     subset["state"] = {"reportOnly": "enabledForReportingButNotEnforced"}.get(state, state)
+    strength = (subset["grantControls"] or {}).get("authenticationStrength")
+    if strength:
+        subset["grantControls"]["authenticationStrength"] = {"id": strength["id"]}  # by id, as POST takes it
     if "grantControls.builtInControls" in left_out:
         subset["grantControls"]["builtInControls"] = ["compliantDevice"]  # domainJoinedDevice left out
     return dict(prune(subset))
@@ -227,7 +230,8 @@ REPORT_ONLY_FIELDS = {
     "grantControls.builtInControls": ["compliantDevice", "passwordChange"],
     "grantControls.customAuthenticationFactors": ["duo"],
     "grantControls.termsOfUse": ["1a2b3c4d-0000-4000-8000-000000000001"],
-    "grantControls.authenticationStrength": {"id": "00000000-0000-0000-0000-000000000004"},
+    "grantControls.authenticationStrength": {"id": "a1b2c3d4-0000-4000-8000-00000000beef", "policyType": "custom",
+                                             "displayName": "Contoso hardware keys"},
     "sessionControls": {"cloudAppSecurity": {"isEnabled": True, "cloudAppSecurityType": "monitorOnly"}},
     "sessionControls.applicationEnforcedRestrictions": {"isEnabled": True},
     "sessionControls.continuousAccessEvaluation": {"mode": "strictEnforcement"},
@@ -236,7 +240,7 @@ REPORT_ONLY_FIELDS = {
 
 SKIP_FIELDS = {
     "conditions.applications.includeUserActions": ["urn:user:registerdevice"],
-    "conditions.applications.includeAuthenticationContextClassReferences": ["c1"],
+    "conditions.applications.includeAuthenticationContextClassReferences": ["c100"],  # Entra's are c1 to c99
     "conditions.clientApplications": {"includeServicePrincipals": ["All"]},
     "conditions.applications.includeApplications": ["c44b4083-3bb0-49c1-b47d-974e53cbdf3c"],  # nothing left
     "state": "enabledSomeday",
@@ -400,3 +404,46 @@ def test_map_and_approved_apps_on_the_command_line(config_dir: Path, tmp_path: P
     assert unknown.returncode == 1 and "exchange-x is neither a resource nor one named location" in unknown.stderr
     no_app = portcullis("import", "entra", source, "--config", config_dir, "--approved-apps", "outlook")
     assert no_app.returncode == 1 and "'outlook' is not an application of the config" in no_app.stderr
+
+
+PHISHING_RESISTANT = {"id": "00000000-0000-0000-0000-000000000004", "displayName": "Phishing-resistant MFA",
+                      "policyType": "builtIn", "allowedCombinations": ["windowsHelloForBusiness", "fido2"]}
+
+
+def test_authentication_contexts_and_strengths_map_both_ways() -> None:
+    policy = with_field("conditions.applications", {"includeApplications": [],
+                                                    "includeAuthenticationContextClassReferences": ["c1"]})
+    policy["grantControls"] = {"operator": "OR", "builtInControls": [], "authenticationStrength": PHISHING_RESISTANT}
+    result = import_policy(policy, names())
+    assert result.policy is not None and not result.dropped
+    assert (result.policy["state"], result.policy["conditions"]["authenticationContexts"],
+            result.policy["grantControls"]["authenticationStrength"]) == ("enabled", ["c1"], "phishingResistantMfa")
+    exported = export_policy(ConditionalAccessPolicy.model_validate_json(json.dumps(result.policy), strict=True),
+                             names())
+    assert exported.policy is not None and not exported.dropped
+    assert exported.policy["conditions"]["applications"] == {"includeAuthenticationContextClassReferences": ["c1"]}
+    assert exported.policy["grantControls"] == {"operator": "OR",
+                                                "authenticationStrength": {"id": PHISHING_RESISTANT["id"]}}
+
+
+def test_a_custom_strength_maps_by_display_name_or_map_and_exports_only_with_its_id() -> None:
+    config = load_config(REPO / "config")
+    custom = {"id": "a1b2c3d4-0000-4000-8000-00000000beef", "displayName": "Contoso hardware keys",
+              "policyType": "custom"}
+    policy = with_field("grantControls.authenticationStrength", custom)
+    by_name = names_for(config.resources, config.gateway_file.named_locations, {},
+                        strengths=["contoso-hardware-keys"])
+    imported = import_policy(policy, by_name)
+    assert imported.policy is not None and imported.policy["state"] == "enabled"
+    assert imported.policy["grantControls"]["authenticationStrength"] == "contoso-hardware-keys"
+    model = ConditionalAccessPolicy.model_validate_json(json.dumps(imported.policy), strict=True)
+    without_id = export_policy(model, by_name)
+    assert without_id.policy is not None and without_id.policy["state"] == "enabledForReportingButNotEnforced"
+    mapped = names_for(config.resources, config.gateway_file.named_locations, {custom["id"]: ["hardware"]},
+                       strengths=["hardware"])
+    renamed = import_policy(policy, mapped)
+    assert renamed.policy is not None and renamed.policy["grantControls"]["authenticationStrength"] == "hardware"
+    model = ConditionalAccessPolicy.model_validate_json(json.dumps(renamed.policy), strict=True)
+    with_id = export_policy(model, mapped)
+    assert with_id.policy is not None and with_id.policy["state"] == "enabled"
+    assert with_id.policy["grantControls"]["authenticationStrength"] == {"id": custom["id"]}

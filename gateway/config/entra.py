@@ -6,7 +6,7 @@ converted by a pair of functions, ignored (metadata), or unsupported with the re
 happens to a policy that has it. The safety rule: a policy is written as Entra has it only when
 every field it sets was mapped exactly. Otherwise it is written ``reportOnly`` (evaluated and logged,
 never enforced) when what remains is still a valid policy, or not at all (``skip``) when the field
-says what the policy is *about* (user actions, workload identities, authentication contexts) or
+says what the policy is *about* (user actions, workload identities) or
 nothing valid remains. A dropped exclusion, include restriction or grant therefore never reaches
 enforcement. Export applies the same rule the other way (``enabledForReportingButNotEnforced``).
 """
@@ -52,6 +52,13 @@ CLOUD_APPS: dict[str, tuple[ResourcePreset, ...]] = {
     OFFICE_365: (ResourcePreset.exchange, ResourcePreset.sharepoint),
 }
 
+# Entra's built-in authentication strengths (authenticationStrengthPolicy ids) and Portcullis's names
+BUILT_IN_STRENGTHS = {
+    "00000000-0000-0000-0000-000000000002": "mfa",
+    "00000000-0000-0000-0000-000000000003": "passwordlessMfa",
+    "00000000-0000-0000-0000-000000000004": "phishingResistantMfa",
+}
+
 GRAPH_STATES = {"enabled": PolicyState.enabled, "disabled": PolicyState.disabled,
                 "enabledForReportingButNotEnforced": PolicyState.report_only}
 PORTCULLIS_STATES = {state: graph for graph, state in GRAPH_STATES.items()}
@@ -92,6 +99,8 @@ class Names:
     app_resources: dict[str, tuple[str, ...]]  # cloud app id or OFFICE_365 -> resources, in export order
     location_names: dict[str, str]  # named location id (lower case) -> Portcullis named location
     approved_applications: tuple[str, ...] | None = None  # what Entra's approvedApplication means here
+    strength_names: dict[str, str] = field(default_factory=lambda: dict(BUILT_IN_STRENGTHS))  # id (lower) -> name
+    custom_strengths: frozenset[str] = frozenset()  # the config's authenticationStrengths
 
     def resources_of(self, app_id: str) -> tuple[str, ...]:
         if app_id == ALL:
@@ -110,16 +119,29 @@ class Names:
                            f"give --locations with Graph's namedLocations, or --map {location_id}=NAME")
         return (self.location_names[location_id.lower()],)
 
+    def strength_of(self, strength: dict[str, Any]) -> str:
+        """A Graph authenticationStrength (as GET expands it: id, displayName, policyType) by name."""
+        strength_id, display_name = strength.get("id"), strength.get("displayName")
+        if isinstance(strength_id, str) and strength_id.lower() in self.strength_names:
+            return self.strength_names[strength_id.lower()]
+        if isinstance(display_name, str) and slug(display_name) in self.custom_strengths:
+            return slug(display_name)
+        raise Unmapped(f"authentication strength {strength_id} ({display_name}) is not in portcullis.yaml's "
+                       f"authenticationStrengths: add it, or --map {strength_id}=NAME")
+
     def location_ids(self) -> dict[str, str]:
         return {name: location_id for location_id, name in self.location_names.items()}
 
 
 def names_for(resources: Iterable[str], named_locations: Iterable[str], overrides: Mapping[str, list[str]],
               graph_locations: Iterable[Mapping[str, Any]] = (),
-              approved_applications: Iterable[str] | None = None, applications: Iterable[str] = ()) -> Names:
+              approved_applications: Iterable[str] | None = None, applications: Iterable[str] = (),
+              strengths: Iterable[str] = ()) -> Names:
     """The id tables for one config. ``overrides`` come from ``--map ID=NAME,...``: app ids to
-    resources, location ids to named locations; a name that is neither is a ``ValueError``."""
-    resources, locations = set(resources), set(named_locations)
+    resources, location ids to named locations, authentication strength ids to the config's
+    ``authenticationStrengths``; a name that is none of these is a ``ValueError``."""
+    resources, locations, custom = set(resources), set(named_locations), frozenset(strengths)
+    strength_names = dict(BUILT_IN_STRENGTHS)
     app_resources = {app_id: tuple(name for preset in presets for name in PRESETS[preset] if name in resources)
                      for app_id, presets in CLOUD_APPS.items()}
     location_names = {name.lower(): name for name in locations if _is_guid(name)}
@@ -128,20 +150,22 @@ def names_for(resources: Iterable[str], named_locations: Iterable[str], override
         if isinstance(location_id, str) and isinstance(display_name, str) and slug(display_name) in locations:
             location_names[location_id.lower()] = slug(display_name)
     for graph_id, mapped in overrides.items():
-        if mapped and all(name in locations for name in mapped) and len(mapped) == 1:
+        if len(mapped) == 1 and mapped[0] in locations:
             location_names[graph_id.lower()] = mapped[0]
+        elif len(mapped) == 1 and mapped[0] in custom:
+            strength_names[graph_id.lower()] = mapped[0]
         elif all(name in resources for name in mapped):
             app_resources = {known: resources for known, resources in app_resources.items()
                              if known.lower() != graph_id.lower()} | {graph_id: tuple(mapped)}
         else:
             unknown = [name for name in mapped if name not in resources | locations]
             raise ValueError(f"--map {graph_id}: {', '.join(unknown) or ','.join(mapped)} is neither a resource nor "
-                             "one named location of the config")
+                             "one named location or authentication strength of the config")
     approved = tuple(approved_applications) if approved_applications is not None else None
     for app in approved or ():
         if app not in set(applications):
             raise ValueError(f"--approved-apps: {app!r} is not an application of the config")
-    return Names(app_resources, location_names, approved)
+    return Names(app_resources, location_names, approved, strength_names, custom)
 
 
 def _is_guid(text: str) -> bool:
@@ -297,6 +321,20 @@ def _grants_to_graph(value: Any, names: Names) -> Converted:
     return {"grantControls.builtInControls": list(value)}
 
 
+def _strength_to_portcullis(value: Any, names: Names) -> Converted:
+    if not isinstance(value, dict):
+        raise Unmapped(f"expected an object, found {type(value).__name__}")
+    return {"grantControls.authenticationStrength": names.strength_of(value)}
+
+
+def _strength_to_graph(value: Any, names: Names) -> Converted:
+    """By id, as POST takes it; a custom strength's id is known only from --map."""
+    ids = {name: strength_id for strength_id, name in names.strength_names.items()}
+    if value not in ids:
+        raise Unmapped(f"authentication strength {value!r} has no Entra id (give --map ID={value})")
+    return {"grantControls.authenticationStrength": {"id": ids[value]}}
+
+
 def _frequency_to_portcullis(value: Any, names: Names) -> Converted:
     if not _enabled(value):
         return {}
@@ -395,8 +433,7 @@ GRAPH_FIELDS: dict[str, Copy | Convert | Unsupported] = {
     "conditions.applications.includeUserActions": Unsupported(Outcome.skip, "user actions (registering security "
                                                               "info, joining devices) happen at Entra, not behind "
                                                               "the gateway"),
-    "conditions.applications.includeAuthenticationContextClassReferences": Unsupported(
-        Outcome.skip, f"authentication contexts are {NOT_YET}"),
+    "conditions.applications.includeAuthenticationContextClassReferences": Copy("conditions.authenticationContexts"),
     "conditions.applications.applicationFilter": Unsupported(Outcome.report_only, "Portcullis has no custom "
                                                              "security attributes to filter apps by"),
     "conditions.clientAppTypes": Copy("conditions.clientAppTypes", _values(ClientAppType),
@@ -437,7 +474,8 @@ GRAPH_FIELDS: dict[str, Copy | Convert | Unsupported] = {
                                              _grants_to_graph),
     "grantControls.customAuthenticationFactors": Unsupported(Outcome.report_only, "custom controls run at Entra"),
     "grantControls.termsOfUse": Unsupported(Outcome.report_only, "terms of use are accepted at Entra"),
-    "grantControls.authenticationStrength": Unsupported(Outcome.report_only, f"authentication strength is {NOT_YET}"),
+    "grantControls.authenticationStrength": Convert(_strength_to_portcullis, "grantControls.authenticationStrength",
+                                                    _strength_to_graph),
     "sessionControls": OBJECT,
     "sessionControls.signInFrequency": Convert(_frequency_to_portcullis, "sessionControls.signInFrequency",
                                                _frequency_to_graph),
@@ -533,9 +571,10 @@ def import_policy(graph: Mapping[str, Any], names: Names, taken: set[str] | None
     policy = {"name": name, **policy}
     state = policy.get("state")
     graph_state = str(graph.get("state"))
-    if "conditions" not in policy or not policy["conditions"].get("resources", {}).get("include"):
+    conditions = policy.get("conditions", {})
+    if not conditions.get("resources", {}).get("include") and not conditions.get("authenticationContexts"):
         dropped.append(Dropped("conditions.applications.includeApplications", Outcome.skip,
-                               "the policy applies to no Portcullis resource"))
+                               "the policy applies to no Portcullis resource nor authentication context"))
     if state is None and not any(d.field == "state" for d in dropped):
         dropped.append(Dropped("state", Outcome.skip, "missing"))
     if any(d.outcome is Outcome.skip for d in dropped):
@@ -613,7 +652,8 @@ def _invalid(policy: dict[str, Any]) -> list[str]:
 
 
 KEY_ORDER = ("name", "displayName", "state", "conditions", "grantControls", "sessionControls")
-CONDITIONS_ORDER = ("users", "resources", "clientAppTypes", "platforms", "locations", "deviceFilter")
+CONDITIONS_ORDER = ("users", "resources", "authenticationContexts", "clientAppTypes", "platforms", "locations",
+                    "deviceFilter")
 
 
 def _ordered(policy: dict[str, Any]) -> dict[str, Any]:
@@ -668,7 +708,9 @@ def export_policy(policy: ConditionalAccessPolicy, names: Names) -> Exported:
         graph["grantControls"] = {"operator": GrantOperator.AND.value, **graph["grantControls"]}
     if dropped and graph.get("state") == "enabled":
         graph["state"] = REPORT_ONLY
-    if not graph["conditions"].get("applications", {}).get("includeApplications"):
+    applications = graph["conditions"].get("applications", {})
+    if not applications.get("includeApplications") and not applications.get(
+            "includeAuthenticationContextClassReferences"):
         return Exported(policy.name, None, tuple(dropped))
     return Exported(policy.name, _graph_ordered(graph), tuple(dropped))
 

@@ -118,7 +118,7 @@ def _names_of(config: Config, args: argparse.Namespace, approved: list[str] | No
                                                       else [])}
     try:
         return names_for(config.resources, named, dict(args.map), locations, approved,
-                         config.gateway_file.applications)
+                         config.gateway_file.applications, config.gateway_file.authentication_strengths)
     except ValueError as error:
         raise ConfigError([ConfigProblem("command line", None, None, "", str(error))]) from None
 
