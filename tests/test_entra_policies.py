@@ -54,6 +54,7 @@ EXPECTED = {
         "grantControls.termsOfUse"]),
     "8d9b4cae-b5c6-47d8-82e9-fa3b4c5d6e7f": ("reportOnly", ["conditions.networkAccess",
                                                             "grantControls.builtInControls"]),
+    "9f0c5dbf-c6d7-48e9-93fa-0b4c5d6e7f80": ("enabled", []),
 }
 SKIPPED = "5a6e1f7b-8293-44a5-9fb6-c708192a3b4c"
 

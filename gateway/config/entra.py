@@ -399,7 +399,6 @@ def _string_list(value: Any) -> list[str]:
     return list(value)
 
 
-NOT_YET = "not yet supported by Portcullis"
 NO_RISK = ("Portcullis has no Entra ID Protection risk; its risk signal is the device's MTD threat level "
            "(grantControls.maxDeviceThreatLevel)")
 
@@ -408,7 +407,7 @@ GRAPH_FIELDS: dict[str, Copy | Convert | Unsupported] = {
     "description": IGNORED, "deletedDateTime": IGNORED,
     "displayName": Copy("displayName"),
     "state": Convert(_state_to_portcullis, "state", _state_to_graph),
-    "partialEnablementStrategy": Unsupported(Outcome.report_only, NOT_YET),
+    "partialEnablementStrategy": Unsupported(Outcome.report_only, "Portcullis stages a policy with its own rollout"),
     "conditions": OBJECT,
     "conditions.users": OBJECT,
     "conditions.users.includeUsers": Convert(_users_to_portcullis("conditions.users.includeUsers")),
