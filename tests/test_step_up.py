@@ -21,6 +21,7 @@ import trustme
 
 from gateway.app.demo import ALEX_IPHONE, OUTLOOK_MOBILE
 from gateway.config import load_config
+from gateway.config.lint import config_warnings
 from gateway.http.headers import CORRELATION_ID
 from tests.conftest import REPO, Gateway, Ports, free_port, gateway_config
 from tests.helpers.browser import BROWSER
@@ -196,3 +197,14 @@ def test_whatif_and_cases_answer_the_step_up_as_the_gateway_does(stepped: Starte
 def portcullis(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(Path(sys.executable).with_name("portcullis")), *args], capture_output=True, text=True,
                           timeout=60, check=True)
+
+
+def test_check_knows_a_policy_applies_where_its_authentication_context_is_carried(tmp_path: Path) -> None:
+    config_dir = tmp_path / "config"
+    shutil.copytree(REPO / "config", config_dir)
+    with_step_up(config_dir)
+    assert not [w for w in config_warnings(load_config(config_dir)) if "finance-phishing-resistant" in str(w)]
+    gateway_file = config_dir / "portcullis.yaml"
+    gateway_file.write_text(gateway_file.read_text().replace("    authenticationContexts: [c1]\n", ""))
+    [warning] = [str(w) for w in config_warnings(load_config(config_dir)) if "finance-phishing-resistant" in str(w)]
+    assert "can never apply: no resource carries its authentication contexts (c1)" in warning

@@ -31,16 +31,25 @@ def _policies_that_never_apply(config: Config) -> Iterator[ConfigProblem]:
     for index, policy in enumerate(config.policies):
         if policy.state is PolicyState.disabled:
             continue
-        reason = _never_applies(policy, set(config.resources))
+        reason = _never_applies(policy, set(config.resources), _carrying(config, policy))
         if reason:
             yield locate(data, ("policies", index, "conditions"), name,
                          f"policy {policy.name!r} can never apply: {reason}", at_value=False)
 
 
-def _never_applies(policy: ConditionalAccessPolicy, resources: set[str]) -> str | None:
+def _carrying(config: Config, policy: ConditionalAccessPolicy) -> set[str]:
+    """The resources that carry an authentication context the policy targets (it applies to them)."""
+    contexts = set(policy.conditions.authentication_contexts)
+    return {name for name, r in config.resources.items() if contexts & set(r.authentication_contexts)}
+
+
+def _never_applies(policy: ConditionalAccessPolicy, resources: set[str], carrying: set[str]) -> str | None:
     conditions = policy.conditions
-    included = resources if ALL in conditions.resources.include else set(conditions.resources.include)
+    included = resources if ALL in conditions.resources.include else set(conditions.resources.include) | carrying
     if ALL in conditions.resources.exclude or not included - set(conditions.resources.exclude):
+        if conditions.authentication_contexts and not carrying:
+            return (f"no resource carries its authentication contexts "
+                    f"({', '.join(conditions.authentication_contexts)}) and it includes no other resource")
         return "every resource it includes is excluded (or it includes none)"
     users = conditions.users
     if ALL in users.exclude_users:
