@@ -245,7 +245,7 @@ def _recorded_input(record: dict[str, Any], given: dict[str, Any]) -> RecordedIn
         device_id=given.get("deviceId"), groups=frozenset(given.get("groups") or ()),
         audience=record.get("resourceId") or "", expires_at=math.inf,
         authentication_methods=frozenset(given.get("authenticationMethods") or ()),
-        authenticated_at=given.get("authenticatedAt"))
+        authenticated_at=given.get("authenticatedAt"), issuer=given.get("issuer"))
     device = given.get("device")
     refused_before_policy = record["result"] == "block" and record.get("resourceDisplayName") is None
     return RecordedInput(

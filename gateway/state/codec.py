@@ -24,11 +24,11 @@ IDENTITY_FIELDS = {  # Identity field -> JSON key; a test checks that every fiel
     "tenant_id": "tenantId", "client_id": "clientId", "device_id": "deviceId", "groups": "groups",
     "audience": "audience", "expires_at": "expiresAt", "authentication_methods": "authenticationMethods",
     "authenticated_at": "authenticatedAt", "authentication_context": "authenticationContext",
-    "issued_at": "issuedAt", "roles": "roles",
+    "issued_at": "issuedAt", "roles": "roles", "issuer": "issuer",
 }
 _SETS = frozenset({"groups", "authentication_methods", "roles"})
 _OPTIONAL_TEXT = frozenset({"user_principal_name", "object_id", "tenant_id", "client_id", "device_id",
-                            "authentication_context"})
+                            "authentication_context", "issuer"})
 _OPTIONAL_TIMES = frozenset({"authenticated_at", "issued_at"})
 
 
