@@ -192,6 +192,8 @@ def _check_policies(
         if policy.conditions.locations is not None:
             problems += _unknown_names(data, name, (*conditions, "locations"), policy.conditions.locations,
                                        "named location", [ALL, ALL_TRUSTED], locations)
+        problems += _unknown_issuers(data, name, (*conditions, "users"), policy.conditions.users.include_issuers,
+                                     policy.conditions.users.exclude_issuers, gateway_file)
         grant = policy.grant_controls
         for item_index, app in enumerate(grant.approved_applications if grant else []):
             if app not in gateway_file.applications:
@@ -199,6 +201,15 @@ def _check_policies(
                 problems.append(locate(data, loc, name,
                                        f"{app!r} is not an application; known: {', '.join(apps)}"))
     return problems
+
+
+def _unknown_issuers(data: object, file: str, loc: tuple[str | int, ...], include: list[str], exclude: list[str],
+                     gateway_file: PortcullisFile) -> list[ConfigProblem]:
+    """``includeIssuers``/``excludeIssuers`` name issuers of ``identity`` (``default``: the single issuer)."""
+    known = [entry.name for entry in gateway_file.identity.trusted]
+    return [locate(data, (*loc, key, item_index), file, f"{item!r} is not an issuer; known: {', '.join(known)}")
+            for key, names in (("includeIssuers", include), ("excludeIssuers", exclude))
+            for item_index, item in enumerate(names) if item not in known]
 
 
 def _unknown_names(data: object, file: str, loc: tuple[str | int, ...], assignment: Include, what: str,

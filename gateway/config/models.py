@@ -799,13 +799,17 @@ class Include(Model):
 
 class UsersCondition(Model):
     """Users by UPN or object id, ``All`` or ``None``; groups by the names or ids the token's
-    ``groups`` claim carries. Exclusions beat inclusions. Naming only groups includes only them:
-    ``includeUsers`` is empty unless written (a policy without ``users`` at all covers All)."""
+    ``groups`` claim carries; issuers by their names in ``identity.issuers`` (a partner tenant's
+    guests, a Keycloak's contractors). Exclusions beat inclusions. Naming only groups or issuers
+    includes only them: ``includeUsers`` is empty unless written (a policy without ``users`` at all
+    covers All)."""
 
     include_users: list[str] = []
     exclude_users: list[str] = []
     include_groups: list[str] = []
     exclude_groups: list[str] = []
+    include_issuers: list[str] = []
+    exclude_issuers: list[str] = []
 
 
 class PlatformsCondition(Model):
@@ -832,7 +836,7 @@ class DeviceFilter(Model):
 
 
 ALL_USERS = UsersCondition.model_construct(include_users=[ALL], exclude_users=[], include_groups=[],
-                                           exclude_groups=[])
+                                           exclude_groups=[], include_issuers=[], exclude_issuers=[])
 
 
 class PolicyConditions(Model):

@@ -82,12 +82,13 @@ class QuestionInput(Model):
     listener: Listener = Listener.gateway
     object_id: str | None = None
     device_certificate: str | None = None  # the device a verified certificate names (azureADDeviceId)
+    issuer: str | None = None  # the token's issuer by name (identity.issuers); default the first
 
     def question(self) -> Question:
         return Question(user=self.user, url=self.url, app=self.app, device=self.device, ip=str(self.ip),
                         client_app_type=self.client_app_type, groups=tuple(self.groups), mfa=self.mfa,
                         platform=self.platform, listener=self.listener, object_id=self.object_id,
-                        device_certificate=self.device_certificate)
+                        device_certificate=self.device_certificate, issuer=self.issuer)
 
 
 class Case(QuestionInput):

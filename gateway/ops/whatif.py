@@ -76,13 +76,14 @@ class Question:
     # the connection's device certificate, verified and naming this device (its azureADDeviceId); the token's
     # device is ``device``: both set and different is the stolen-token case
     device_certificate: str | None = None
+    issuer: str | None = None  # the name of the token's issuer (identity.issuers); None: the first
 
     def as_json(self) -> dict[str, Any]:
         return {"user": self.user, "url": self.url, "app": self.app, "device": self.device, "ip": self.ip,
                 "clientAppType": self.client_app_type.value if self.client_app_type else None,
                 "groups": list(self.groups), "mfa": self.mfa,
                 "platform": self.platform.value if self.platform else None, "listener": self.listener.value,
-                "objectId": self.object_id, "deviceCertificate": self.device_certificate}
+                "objectId": self.object_id, "deviceCertificate": self.device_certificate, "issuer": self.issuer}
 
 
 class WhatIf:
@@ -120,7 +121,18 @@ class WhatIf:
                         tenant_id=None, client_id=self._client_id(question.app),
                         device_id=question.device.lower() if question.device else None,
                         groups=frozenset(question.groups), audience="what-if", expires_at=0,
-                        authentication_methods=frozenset({"pwd", "mfa"} if question.mfa else {"pwd"}))
+                        authentication_methods=frozenset({"pwd", "mfa"} if question.mfa else {"pwd"}),
+                        issuer=self._issuer(question.issuer))
+
+    def _issuer(self, name: str | None) -> str:
+        """The question's issuer, by name; none given: the first of ``identity`` (the only one of
+        the single ``identity.issuer`` form)."""
+        trusted = [entry.name for entry in self.config.gateway_file.identity.trusted]
+        if name is None:
+            return trusted[0]
+        if name not in trusted:
+            raise WhatIfError(f"{name!r} is not an issuer; known: {', '.join(trusted)}")
+        return name
 
     def _target(self, url: str) -> tuple[str, str, str]:
         """Host, canonical path and the request target (path and query) as a client sends it."""

@@ -35,6 +35,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     whatif.add_argument("--device-certificate", metavar="DEVICE_ID",
                         help="the connection's device certificate (verified) names this device; --device is the "
                              "token's device")
+    whatif.add_argument("--issuer", help="the token's issuer, by its name in identity.issuers (default: the first)")
     whatif.add_argument("--object-id", help="the user's object id (oid): a rollout's percentOfUsers share uses it")
     whatif.add_argument("--json", action="store_true", help="print the stable JSON form")
     whatif.set_defaults(command=_whatif)
@@ -52,7 +53,7 @@ def _whatif(args: argparse.Namespace) -> int:
     question = Question(user=args.user, url=args.url, app=args.app, device=args.device, ip=args.ip,
                         client_app_type=args.client_app_type, groups=tuple(args.group), mfa=args.mfa,
                         platform=args.platform, listener=args.listener, object_id=args.object_id,
-                        device_certificate=args.device_certificate)
+                        device_certificate=args.device_certificate, issuer=args.issuer)
     try:
         decision = asyncio.run(WhatIf(loaded.config, loaded.inventory).ask(question, utc_now()))
     except WhatIfError as error:
