@@ -110,7 +110,7 @@ def _gateway_file(directory: Path, name: str) -> tuple[PortcullisFile | None, An
         return None, data, problems
     gateway_file, problems = validate(PortcullisFile, data, name)
     if gateway_file is not None:
-        problems += _check_resources(gateway_file, data, name)
+        problems += _check_issuers(gateway_file, data, name) + _check_resources(gateway_file, data, name)
     return gateway_file, data, problems
 
 
@@ -135,6 +135,26 @@ def _display(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def _check_issuers(gateway_file: PortcullisFile, data: object, name: str) -> list[ConfigProblem]:
+    """One ``iss`` names one issuer, one name one entry: else which keys verify a token, or which
+    issuer a policy means, would depend on the order of the list."""
+    named: dict[str, int] = {}
+    issued: dict[str, int] = {}
+    problems = []
+    for index, entry in enumerate(gateway_file.identity.issuers):
+        if entry.name in named:
+            problems.append(locate(data, ("identity", "issuers", index, "name"), name,
+                                   f"{entry.name!r} already names issuers[{named[entry.name]}]"))
+        named.setdefault(entry.name, index)
+        for key, iss in [("issuer", entry.issuer), *(("additionalIssuers", a) for a in entry.additional_issuers)]:
+            if iss in issued:
+                problems.append(locate(data, ("identity", "issuers", index, key), name,
+                                       f"{iss!r} is already an iss of issuers[{issued[iss]}] (each iss belongs "
+                                       "to one)"))
+            issued.setdefault(iss, index)
+    return problems
 
 
 def _check_resources(gateway_file: PortcullisFile, data: object, name: str) -> list[ConfigProblem]:

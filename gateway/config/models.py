@@ -266,23 +266,6 @@ class IdentitySettings(Model):
     def _issuer_url(cls, value: str | None) -> str | None:
         return None if value is None else _check_url(value, what="issuer")
 
-    @field_validator("issuers")
-    @classmethod
-    def _distinct(cls, value: list[IssuerSettings]) -> list[IssuerSettings]:
-        """One ``iss`` names one issuer, one name one entry: else which keys verify a token would
-        depend on the order of the list."""
-        names: set[str] = set()
-        issued: set[str] = set()
-        for entry in value:
-            if entry.name in names:
-                raise ValueError(f"issuer name {entry.name!r} is used twice")
-            names.add(entry.name)
-            for iss in entry.issued_as:
-                if iss in issued:
-                    raise ValueError(f"{iss!r} is the issuer of two entries (each iss belongs to one)")
-                issued.add(iss)
-        return value
-
     @model_validator(mode="after")
     def _one_form(self) -> IdentitySettings:
         if (self.issuer is None) == (not self.issuers):
