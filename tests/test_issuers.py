@@ -335,8 +335,12 @@ def test_reload_adds_an_issuer_and_removing_it_refuses_its_tokens_at_once(gatewa
         assert send(port) == 200, "the new issuer's keys were fetched with the reload"
         assert contractors.fetches == Counter({"discovery": 1, "keys": 1})
         assert {c.name for c in operations.health.checks()} >= {"jwks:contoso", "jwks:contractors"}
-        write_issuers(config_dir, gateway)
+        save(config_dir / "policies.yaml", OUTLOOK_ONLY.replace("outlook-only", "outlook-only-again"))
         wait_for_reloads(operations, 2)
+        assert send(port) == 200 and contractors.fetches == Counter({"discovery": 1, "keys": 1}), \
+            "an issuer a reload keeps keeps its keys"
+        write_issuers(config_dir, gateway)
+        wait_for_reloads(operations, 3)
         assert operations.reloader.last is not None and operations.reloader.last.applied
         assert send(port) == 401, "a verified token of a removed issuer is not served from the cache"
         assert "jwks:contractors" not in {c.name for c in operations.health.checks()}
