@@ -31,9 +31,11 @@ from gateway.app.demo import EXCHANGE, OUTLOOK_MOBILE
 from gateway.errors import SignalUnavailable
 from gateway.ops.operations import Operations
 from gateway.ops.whatif import Question, WhatIf, WhatIfError
+from gateway.web.admin import admin_listener
 from gateway.web.demo_idp import DemoIdentityProvider
 from gateway.web.embedded import EmbeddedServer
 from tests.conftest import Background, Gateway, Ports
+from tests.helpers.admin import ADMIN_APP, ADMIN_AUDIENCE, READER, admin
 from tests.helpers.config import problems
 from tests.helpers.decision_log import logged
 from tests.helpers.reload import own_config, reloading_gateway, save, wait_for_reloads
@@ -126,13 +128,14 @@ class Partner:
         self.v1 = self.server.issuer
         self.v2 = f"{self.server.base}/{FABRIKAM_TENANT}/v2.0"
 
-    def token(self, user: str = "guest@fabrikam.test", *, version: int = 2, **extra: object) -> str:
+    def token(self, user: str = "guest@fabrikam.test", *, version: int = 2, audience: str = EXCHANGE,
+              **extra: object) -> str:
         claims: dict[str, object] = {"tid": FABRIKAM_TENANT, "amr": MFA, **extra}
         if version == 2:
             claims["iss"] = self.v2
         else:
             claims.update({"appid": OUTLOOK_MOBILE, "ver": "1.0"})
-        return self.server.idp.mint(user=user, client_id=OUTLOOK_MOBILE, audience=EXCHANGE, extra=claims)
+        return self.server.idp.mint(user=user, client_id=OUTLOOK_MOBILE, audience=audience, extra=claims)
 
     def entry(self) -> dict[str, object]:
         return {"name": "fabrikam", "issuer": self.v1, "additionalIssuers": [self.v2],
@@ -178,14 +181,16 @@ def _dumped(yaml: YAML, data: object) -> str:
 
 @contextlib.asynccontextmanager
 async def issuers_and_gateway(config_dir: Path, servers: list[IssuerServer]) -> AsyncIterator[tuple[int, Operations]]:
-    """The issuers' servers, then a watched gateway started as ``portcullis run`` starts one: every
-    issuer's keys fetched, a failure logged and left to that issuer's tokens (503)."""
+    """The issuers' servers, then a watched gateway (and its admin listener) started as ``portcullis
+    run`` starts one: every issuer's keys fetched, a failure logged and left to that issuer's tokens
+    (503)."""
     async with contextlib.AsyncExitStack() as stack:
         for server in servers:
             await stack.enter_async_context(server.serving())
         port, operations = await stack.enter_async_context(reloading_gateway(config_dir, fetch_keys=False))
         with contextlib.suppress(SignalUnavailable):
             await operations.health.issuers.refresh()
+        await stack.enter_async_context(admin_listener(operations))
         yield port, operations
 
 
@@ -300,6 +305,17 @@ def test_policies_include_and_exclude_issuers(several: Several) -> None:
     assert status == 200
     assert {p["id"]: p["result"] for p in record["appliedConditionalAccessPolicies"]}["mfa-for-members"] \
         == "notApplied"
+
+
+def test_the_admin_api_takes_tokens_of_its_own_issuer_only(several: Several) -> None:
+    """A partner tenant (or a contractors' Keycloak) can put any ``roles`` in its tokens."""
+    admin_port = several.operations.service.config.gateway_file.admin.listen.port  # type: ignore[union-attr]
+    guest = several.partner.token(audience=ADMIN_AUDIENCE, roles=[READER])
+    refused = admin(admin_port, "GET", "/metrics", guest)
+    assert refused.status_code == 401 and "its own issuer only" in refused.headers["www-authenticate"]
+    member = several.gateway.idp.mint(user="olivia@contoso.test", client_id=ADMIN_APP, audience=ADMIN_AUDIENCE,
+                                      roles=(READER,))
+    assert admin(admin_port, "GET", "/metrics", member).status_code == 200
 
 
 def test_what_if_and_cases_name_the_issuer(several: Several) -> None:

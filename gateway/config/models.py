@@ -649,6 +649,7 @@ class AdminSettings(Model):
     audience: Annotated[str, Field(min_length=1)]
     audit_log: Path = Path("../.portcullis/admin-audit.jsonl")  # one JSON line per admin request
     public_url: str | None = None  # https://host[:port]: the origin browsers use through a TLS reverse proxy
+    issuer: str | None = None  # the name of the only issuer whose tokens it takes; default the first of identity
 
     @property
     def on_loopback(self) -> bool:
@@ -712,10 +713,17 @@ class PortcullisFile(Model):
 
     def _check_browser_issuer(self) -> None:
         names = [entry.name for entry in self.identity.trusted]
-        if self.browser_sign_in is not None and self.browser_sign_in.issuer is not None and \
-                self.browser_sign_in.issuer not in names:
-            raise ValueError(f"browserSignIn.issuer {self.browser_sign_in.issuer!r} is not an issuer of identity; "
-                             f"known: {', '.join(names)}")
+        for key, section in (("browserSignIn", self.browser_sign_in), ("admin", self.admin)):
+            if section is not None and section.issuer is not None and section.issuer not in names:
+                raise ValueError(f"{key}.issuer {section.issuer!r} is not an issuer of identity; "
+                                 f"known: {', '.join(names)}")
+
+    @property
+    def admin_issuer(self) -> str:
+        """The one issuer the admin API takes tokens from (a partner tenant or a contractors'
+        Keycloak could mint any ``roles``): ``admin.issuer``, else the first."""
+        wanted = self.admin.issuer if self.admin is not None else None
+        return wanted or self.identity.trusted[0].name
 
     @property
     def browser_issuer(self) -> IssuerSettings:
