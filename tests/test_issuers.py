@@ -36,6 +36,7 @@ from gateway.web.demo_idp import DemoIdentityProvider
 from gateway.web.embedded import EmbeddedServer
 from tests.conftest import Background, Gateway, Ports
 from tests.helpers.admin import ADMIN_APP, ADMIN_AUDIENCE, READER, admin
+from tests.helpers.browser import BROWSER, sign_in
 from tests.helpers.config import problems
 from tests.helpers.decision_log import logged
 from tests.helpers.reload import own_config, reloading_gateway, save, wait_for_reloads
@@ -60,6 +61,13 @@ policies:
       users: {includeIssuers: [fabrikam]}
       resources: {include: [exchange-ews]}
     grantControls: {builtInControls: [block]}
+"""
+COMPLIANT_DEVICE = """\
+policies:
+  - name: compliant-devices
+    state: enabled
+    conditions: {resources: {include: [All]}}
+    grantControls: {builtInControls: [compliantDevice]}
 """
 OUTLOOK_ONLY = """\
 policies:
@@ -165,11 +173,12 @@ def issuers_config(tmp_path: Path, gateway: Gateway, demo_ports: Ports, *entries
     return config_dir
 
 
-def write_issuers(config_dir: Path, gateway: Gateway, *entries: dict[str, object]) -> None:
+def write_issuers(config_dir: Path, gateway: Gateway, *entries: dict[str, object], first: bool = True) -> None:
+    """``first``: the session's issuer (``contoso``, the browsers' and the admin API's) comes first."""
     yaml = YAML()
     data = yaml.load(config_dir / "portcullis.yaml")
-    data["identity"] = {"issuers": [{"name": "contoso", "issuer": gateway.idp.issuer}, *entries],
-                        "clockSkewSeconds": 30}
+    contoso = [{"name": "contoso", "issuer": gateway.idp.issuer}] if first else []
+    data["identity"] = {"issuers": [*contoso, *entries], "clockSkewSeconds": 30}
     save(config_dir / "portcullis.yaml", _dumped(yaml, data))
 
 
@@ -360,6 +369,22 @@ def test_reload_adds_an_issuer_and_removing_it_refuses_its_tokens_at_once(gatewa
         assert operations.reloader.last is not None and operations.reloader.last.applied
         assert send(port) == 401, "a verified token of a removed issuer is not served from the cache"
         assert "jwks:contractors" not in {c.name for c in operations.health.checks()}
+
+
+def test_removing_the_issuer_of_a_browser_session_ends_the_session(gateway: Gateway, tmp_path: Path,
+                                                                    demo_ports: Ports) -> None:
+    contractors = IssuerServer("/realms/contractors")
+    config_dir = issuers_config(tmp_path, gateway, demo_ports, keycloak_entry(contractors))
+    (config_dir / "policies.yaml").write_text(COMPLIANT_DEVICE)
+    with Background(lambda: issuers_and_gateway(config_dir, [contractors])) as (port, operations):
+        answer, cookie = sign_in(gateway, port=port)
+        inbox = gateway.request(MAIL, "/owa/", headers={**BROWSER, "Cookie": cookie}, port=port)
+        assert answer.status_code == 302 and inbox.status_code == 200
+        write_issuers(config_dir, gateway, keycloak_entry(contractors), first=False)
+        wait_for_reloads(operations, 1)
+        assert operations.reloader.last is not None and operations.reloader.last.applied, operations.reloader.last
+        again = gateway.request(MAIL, "/owa/", headers={**BROWSER, "Cookie": cookie}, port=port)
+    assert again.status_code == 503, "no session of a removed issuer, and no sign-in at it"
 
 
 def test_issuer_config_errors_are_reported_at_their_line(gateway: Gateway, tmp_path: Path,
