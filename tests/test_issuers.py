@@ -29,8 +29,11 @@ from starlette.routing import Route
 
 from gateway.app.demo import EXCHANGE, OUTLOOK_MOBILE
 from gateway.errors import SignalUnavailable
+from gateway.identity.issuers import TrustedIssuers
+from gateway.identity.tokens import BearerValidator, RejectedToken
 from gateway.ops.operations import Operations
 from gateway.ops.whatif import Question, WhatIf, WhatIfError
+from gateway.policy.model import Identity
 from gateway.web.admin import admin_listener
 from gateway.web.demo_idp import DemoIdentityProvider
 from gateway.web.embedded import EmbeddedServer
@@ -325,6 +328,20 @@ def test_the_admin_api_takes_tokens_of_its_own_issuer_only(several: Several) -> 
     member = several.gateway.idp.mint(user="olivia@contoso.test", client_id=ADMIN_APP, audience=ADMIN_AUDIENCE,
                                       roles=(READER,))
     assert admin(admin_port, "GET", "/metrics", member).status_code == 200
+
+
+def test_browser_sign_in_takes_id_tokens_of_its_issuer_only(several: Several) -> None:
+    """The code flow's ID token must come from the browsers' issuer, not from any trusted one."""
+    settings = several.operations.service.config.gateway_file.identity
+    validator = BearerValidator(settings, TrustedIssuers(settings))
+    id_token = several.partner.token(audience="portcullis-demo", nonce="n-1")
+
+    async def as_signed_in_by(issuer: str) -> Identity | RejectedToken:
+        return await validator.validate_id_token(id_token, "portcullis-demo", "n-1", issuer=issuer)
+
+    assert asyncio.run(as_signed_in_by("contoso")) == RejectedToken("token issuer not accepted")
+    identity = asyncio.run(as_signed_in_by("fabrikam"))
+    assert isinstance(identity, Identity) and identity.issuer == "fabrikam"
 
 
 def test_what_if_and_cases_name_the_issuer(several: Several) -> None:
