@@ -43,6 +43,7 @@ from tests.helpers.browser import BROWSER, sign_in
 from tests.helpers.config import problems
 from tests.helpers.decision_log import logged
 from tests.helpers.reload import own_config, reloading_gateway, save, wait_for_reloads
+from tests.helpers.replay import replay, totals
 
 MAIL, DOCS = "mail.contoso.test", "docs.contoso.test"
 SHAREPOINT = "00000003-0000-0ff1-ce00-000000000000"
@@ -317,6 +318,18 @@ def test_policies_include_and_exclude_issuers(several: Several) -> None:
     assert status == 200
     assert {p["id"]: p["result"] for p in record["appliedConditionalAccessPolicies"]}["mfa-for-members"] \
         == "notApplied"
+
+
+def test_replay_decides_the_logged_requests_again_with_their_issuers(several: Several,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``evaluationInput.issuer`` keeps the issuer a policy named: the guest's EWS request stays blocked."""
+    assert several.send(several.partner.token(), EWS)[0] == 403
+    assert several.send(keycloak_token(several.contractors))[0] == 200
+    service = several.operations.service
+    code, out, _ = replay(capsys, "--config", service.config.directory, service.decision_log.path)
+    assert code == 0, out
+    counted = totals(out)
+    assert counted["same result"] >= 2 and counted["allow→block"] == counted["block→allow"] == 0, out
 
 
 def test_the_admin_api_takes_tokens_of_its_own_issuer_only(several: Several) -> None:
