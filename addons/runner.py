@@ -205,12 +205,12 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         listen_with_reuse_port()  # the supervisor prepared the state (``prepare_state``)
     else:
         prepare_state(loaded)
-    service, jwks = build_service(loaded)
+    service, issuers = build_service(loaded)
     try:
         try:
-            await jwks.refresh()
+            await issuers.refresh()
         except SignalUnavailable as error:
-            logger.warning("signing keys not fetched yet (%s); requests get 503 until they are", error)
+            logger.warning("signing keys not fetched yet (%s); those issuers' tokens get 503 until they are", error)
         endpoints = _service_endpoints(loaded, service)
         drain = Drain(keep_alive_limits(config.gateway_file.gateway.client_limits))
         master, ready = build_master(service, endpoints, drain)
@@ -225,7 +225,7 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         gc.freeze()  # what start-up built lives as long as the process: full collections need not walk it
         graph = service.inventory.source if isinstance(service.inventory.source, GraphInventory) else None
         # only worker 0 syncs from Graph, so only its readiness covers the sync
-        operations = Operations.of(service, jwks, loaded.inventory, graph if worker.primary else None,
+        operations = Operations.of(service, issuers, loaded.inventory, graph if worker.primary else None,
                                    drain=drain.state)
         background = _background_jobs(loaded, service, operations, graph)
         try:

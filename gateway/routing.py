@@ -134,8 +134,10 @@ class Router:
         protected = self.gateway_file.protected_hosts.get(hostname_of(authority))
         if protected is None:
             return None
-        return discovery.resource_metadata(protected.challenge, authority, self.gateway_file.identity.issuer,
-                                           path_suffix)
+        audiences = set(protected.audiences)
+        issuers = [entry.issuer for entry in self.gateway_file.identity.trusted
+                   if not entry.audiences or audiences & set(entry.audiences)]  # those whose tokens it takes
+        return discovery.resource_metadata(protected.challenge, authority, issuers, path_suffix)
 
     def route(self, query: RouteQuery) -> Route:
         if query.kiosk and not query.tls and self.kiosk_destination(query.target_host, query.target_port) == "pass":

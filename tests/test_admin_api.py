@@ -133,7 +133,8 @@ def test_readyz_fails_with_503_when_the_issuer_keys_were_never_fetched(gateway: 
     with Background(lambda: admin_only(config_dir, fetch_keys=False)) as (port, operations):
         response = admin(port, "GET", "/readyz")
         assert admin(port, "GET", "/healthz").status_code == 200  # alive, but not ready
-        refused = admin(port, "GET", "/metrics", admin_token(gateway, READER))
+        dead_token = admin_token(gateway, READER, extra={"iss": operations.service.config.gateway_file.identity.issuer})
+        refused = admin(port, "GET", "/metrics", dead_token)
         details = operations.health.checks()  # a reader could not read them: no keys to check the token
     assert response.status_code == 503
     body = response.json()

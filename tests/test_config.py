@@ -75,9 +75,15 @@ def test_every_problem_of_every_file_is_reported_at_once(config_dir: Path) -> No
 
 
 def test_missing_required_key_is_named(config_dir: Path) -> None:
+    edit(config_dir / "portcullis.yaml", "    upstream: http://127.0.0.1:9401", "    # no upstream")
+    [problem] = problems(config_dir)
+    assert "protectedHosts.mail.contoso.test: required key 'upstream' is missing" in problem
+
+
+def test_identity_without_an_issuer_says_which_keys_to_give(config_dir: Path) -> None:
     edit(config_dir / "portcullis.yaml", "  issuer: http://127.0.0.1:9400/contoso", "  # no issuer")
     [problem] = problems(config_dir)
-    assert "identity: required key 'issuer' is missing" in problem
+    assert "portcullis.yaml:16:3: identity: give either 'issuer' (one issuer) or 'issuers' (a list)" in problem
 
 
 @pytest.mark.parametrize(

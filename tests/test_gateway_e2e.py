@@ -251,8 +251,9 @@ def test_unreachable_issuer_fails_closed_with_503(gateway: Gateway, tmp_path: Pa
     dead_issuer = Ports(0, _closed_port(), demo_ports.mail, demo_ports.docs)
     inventory = FailingInventory(AssertionError("never asked"))
     service = _service_with(tmp_path, gateway.ca, dead_issuer, inventory)
+    token = outlook_token(gateway, extra={"iss": service.config.gateway_file.identity.issuer})  # the dead issuer's
     with Background(lambda: proxy_for(service)) as port:
-        response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=outlook_token(gateway), port=port)
+        response = gateway.request(MAIL, ACTIVESYNC, method="POST", token=token, port=port)
     assert response.status_code == 503
     assert inventory.calls == 0
 

@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from gateway.config.models import IdentitySettings
 from gateway.errors import SignalUnavailable
+from gateway.identity.issuers import TrustedIssuers
 from gateway.identity.jwks import JwksCache
 from gateway.identity.tokens import BearerValidator, RejectedToken
 from gateway.policy.model import Identity
@@ -48,7 +49,7 @@ def validator_for(idp: DemoIdentityProvider, clock: Clock | None = None,
         json.dumps({"issuer": ISSUER, "algorithms": list(algorithms)}), strict=True)
     jwks = JwksCache(ISSUER, cache_seconds=3600, min_refresh_interval=30, timeout=5,
                      timer=clock or Clock(), transport=transport)
-    return BearerValidator(settings, jwks), transport
+    return BearerValidator(settings, TrustedIssuers.with_keys(settings, jwks)), transport
 
 
 def mint(idp: DemoIdentityProvider, **extra: object) -> str:
@@ -101,7 +102,7 @@ def test_unknown_kid_storm_refetches_jwks_at_most_once_per_interval() -> None:
 
     async def storm() -> list[Identity | RejectedToken]:
         assert isinstance(await validator.validate(mint(idp), AUDIENCES), Identity)
-        forged = [jwt.encode({"sub": "x"}, idp.key, algorithm="RS256", headers={"kid": f"kid-{i}"})
+        forged = [jwt.encode({"sub": "x", "iss": ISSUER}, idp.key, algorithm="RS256", headers={"kid": f"kid-{i}"})
                   for i in range(50)]
         return [await validator.validate(t, AUDIENCES) for t in forged]
 
@@ -139,7 +140,7 @@ def test_unreachable_issuer_with_no_keys_raises_signal_unavailable() -> None:
 
     jwks = JwksCache(ISSUER, cache_seconds=3600, min_refresh_interval=30, timeout=5,
                      transport=httpx.MockTransport(refuse))
-    validator = BearerValidator(settings, jwks)
+    validator = BearerValidator(settings, TrustedIssuers.with_keys(settings, jwks))
     with pytest.raises(SignalUnavailable):
         asyncio.run(validator.validate(mint(DemoIdentityProvider(ISSUER)), AUDIENCES))
 
@@ -196,7 +197,7 @@ def test_issuer_with_trailing_slash_is_matched_exactly() -> None:
     assert settings.issuer == issuer
     jwks = JwksCache(issuer, cache_seconds=3600, min_refresh_interval=30, timeout=5,
                      transport=httpx.ASGITransport(app=idp.app()))
-    validator = BearerValidator(settings, jwks)
+    validator = BearerValidator(settings, TrustedIssuers.with_keys(settings, jwks))
     assert isinstance(asyncio.run(validator.validate(mint(idp), AUDIENCES)), Identity)
 
 
@@ -211,7 +212,7 @@ def test_failed_first_fetch_keeps_answering_unavailable_not_invalid_token() -> N
     settings = IdentitySettings.model_validate_json(json.dumps({"issuer": ISSUER}), strict=True)
     jwks = JwksCache(ISSUER, cache_seconds=3600, min_refresh_interval=30, timeout=5, timer=Clock(),
                      transport=httpx.MockTransport(refuse))
-    validator = BearerValidator(settings, jwks)
+    validator = BearerValidator(settings, TrustedIssuers.with_keys(settings, jwks))
     token = mint(DemoIdentityProvider(ISSUER))
 
     async def twice() -> None:
@@ -239,7 +240,7 @@ def test_jwk_without_alg_serves_the_pinned_algorithm_the_token_names() -> None:
 
     jwks = JwksCache(ISSUER, cache_seconds=3600, min_refresh_interval=30, timeout=5,
                      transport=httpx.MockTransport(serve))
-    validator = BearerValidator(settings, jwks)
+    validator = BearerValidator(settings, TrustedIssuers.with_keys(settings, jwks))
     claims = jwt.decode(mint(idp), options={"verify_signature": False})
     ps256 = jwt.encode(claims, idp.key, algorithm="PS256", headers={"kid": idp.kid})
     rs256 = jwt.encode(claims, idp.key, algorithm="RS256", headers={"kid": idp.kid})

@@ -58,7 +58,7 @@ def test_readiness_fails_while_the_issuer_keys_were_never_fetched(gateway: Gatew
     async def checks() -> list[tuple[str, str]]:
         async with operated(config_dir, fetch_keys=False) as (_, operations):
             with contextlib.suppress(SignalUnavailable):
-                await operations.health.jwks.refresh()
+                await operations.health.issuers.refresh()
             found = operations.health.checks()
             assert overall(found) == "fail"
             return [(c.name, c.status) for c in found]

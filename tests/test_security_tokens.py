@@ -48,6 +48,7 @@ from gateway.config.models import IdentitySettings
 from gateway.errors import SignalUnavailable
 from gateway.http.strict_json import JsonRefused
 from gateway.identity.browser import COOKIE_NAME
+from gateway.identity.issuers import TrustedIssuers
 from gateway.identity.jwks import MAX_JWKS_BYTES, JwksCache
 from gateway.identity.oauth_client import strict_oauth_client
 from gateway.identity.tokens import (
@@ -649,8 +650,7 @@ def test_an_id_token_is_refused_even_where_its_aud_is_accepted(gateway: Gateway)
     nonce = secrets.token_urlsafe(8)
     id_token = issuer_id_token(gateway, nonce=nonce)
     settings = IdentitySettings.model_validate_json(json.dumps({"issuer": gateway.idp.issuer}), strict=True)
-    validator = BearerValidator(settings, JwksCache(gateway.idp.issuer, cache_seconds=3600, min_refresh_interval=30,
-                                                    timeout=5))
+    validator = BearerValidator(settings, TrustedIssuers(settings))
 
     async def both() -> tuple[Identity | RejectedToken, Identity | RejectedToken]:
         return (await validator.validate(id_token, frozenset({CLIENT_ID})),

@@ -56,7 +56,8 @@ IDENTITY = Identity(subject="sub-alex", user_principal_name="alex@contoso.test",
                     client_id="client-1", device_id="device-1", groups=frozenset({"finance", "staff"}),
                     audience="api://mail", expires_at=1_900_000_000.5, authentication_methods=frozenset({"pwd", "mfa"}),
                     authenticated_at=1_800_000_000.0, authentication_context="c1", issued_at=1_800_000_001.25,
-                    roles=frozenset({"Portcullis.Admin"}), authentication_contexts=frozenset({"c1", "c7"}))
+                    roles=frozenset({"Portcullis.Admin"}), authentication_contexts=frozenset({"c1", "c7"}),
+                    issuer="contoso")
 SESSION = BrowserSession(IDENTITY, "mail.contoso.test", datetime(2026, 11, 23, 8, 0, tzinfo=UTC))
 PENDING = PendingLogin("mail.contoso.test:8443", "https://mail.contoso.test:8443/inbox?x=1", "verifier-1", "nonce-1",
                        "binding-hash")

@@ -20,7 +20,7 @@ from gateway.decision.log import DecisionLog, Pseudonymizer
 from gateway.decision.service import AccessService, Clock, utc_now
 from gateway.identity.assertion import assertion_signer
 from gateway.identity.browser import BrowserSignIn
-from gateway.identity.jwks import JwksCache
+from gateway.identity.issuers import TrustedIssuers
 from gateway.identity.tokens import BearerValidator
 from gateway.ops.metrics import GatewayMetrics
 from gateway.signals.cache import CachedInventory
@@ -226,28 +226,23 @@ def build_service(
     clock: Clock = utc_now,
     transport: httpx.AsyncBaseTransport | None = None,
     inventory: DeviceInventory | None = None,
-) -> tuple[AccessService, JwksCache]:
-    """``transport`` and ``inventory`` let tests put a failing issuer or signal source in place."""
+) -> tuple[AccessService, TrustedIssuers]:
+    """``transport`` and ``inventory`` let tests put a failing issuer or signal source in place.
+    The trusted issuers are returned for their keys to be fetched at start and checked for readiness."""
     config = loaded.config
     identity = config.gateway_file.identity
     cache = config.gateway_file.device_signals.cache
-    jwks = JwksCache(
-        identity.issuer,
-        cache_seconds=identity.jwks_cache_seconds,
-        min_refresh_interval=identity.jwks_refresh_min_interval_seconds,
-        timeout=identity.http_timeout_seconds,
-        transport=transport,
-        max_stale_seconds=identity.jwks_max_stale_seconds,
-    )
+    issuers = TrustedIssuers(identity, transport)
     cached = CachedInventory(inventory or loaded.live_inventory, ttl=cache.ttl_seconds, miss_ttl=cache.miss_ttl_seconds,
                              max_staleness=cache.max_staleness_seconds, max_entries=cache.max_entries)
     cached.trust_fresh = loaded.shared is None  # with Redis: only once its change feed is up
-    validator = BearerValidator(identity, jwks)
+    validator = BearerValidator(identity, issuers)
     metrics = GatewayMetrics()
     browser = None
     if config.gateway_file.browser_sign_in is not None:
         settings = config.gateway_file.browser_sign_in
-        browser = BrowserSignIn(client_id=settings.client_id, jwks=jwks, validator=validator,
+        browser = BrowserSignIn(client_id=settings.client_id, issuer=config.gateway_file.browser_issuer.name,
+                                validator=validator,
                                 key=session_key(config, os.environ), lifetime_seconds=settings.session_lifetime_seconds,
                                 sessions=loaded.sessions)
     service = AccessService(
@@ -261,4 +256,4 @@ def build_service(
         metrics=metrics,
         assertions=assertion_signer(config),
     )
-    return service, jwks
+    return service, issuers

@@ -252,9 +252,9 @@ class DemoUpstreams:
     """The demo issuer and backends, served by uvicorn on the loopback ports the config names."""
 
     def __init__(self, config: Config) -> None:
-        identity = config.gateway_file.identity
-        self.idp = DemoIdentityProvider(identity.issuer)
-        self._servers: list[uvicorn.Server] = [_server(self.idp.app(), identity.issuer)]
+        issuer = config.gateway_file.browser_issuer.issuer  # the demo issuer plays the browsers' issuer
+        self.idp = DemoIdentityProvider(issuer)
+        self._servers: list[uvicorn.Server] = [_server(self.idp.app(), issuer)]
         signer = assertion_signer(config)  # the gateway's key (made here on first run): backends get its JWKS
         self._holding: list[Counter[str]] = []  # each backend's long-polls held now, by User-Agent
         for host, protected in config.gateway_file.protected_hosts.items():

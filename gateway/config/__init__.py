@@ -111,7 +111,7 @@ def _gateway_file(directory: Path, name: str) -> tuple[PortcullisFile | None, An
         return None, data, problems
     gateway_file, problems = validate(PortcullisFile, data, name)
     if gateway_file is not None:
-        problems += _check_resources(gateway_file, data, name)
+        problems += _check_issuers(gateway_file, data, name) + _check_resources(gateway_file, data, name)
     return gateway_file, data, problems
 
 
@@ -136,6 +136,26 @@ def _display(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def _check_issuers(gateway_file: PortcullisFile, data: object, name: str) -> list[ConfigProblem]:
+    """One ``iss`` names one issuer, one name one entry: else which keys verify a token, or which
+    issuer a policy means, would depend on the order of the list."""
+    named: dict[str, int] = {}
+    issued: dict[str, int] = {}
+    problems = []
+    for index, entry in enumerate(gateway_file.identity.issuers):
+        if entry.name in named:
+            problems.append(locate(data, ("identity", "issuers", index, "name"), name,
+                                   f"{entry.name!r} already names issuers[{named[entry.name]}]"))
+        named.setdefault(entry.name, index)
+        for key, iss in [("issuer", entry.issuer), *(("additionalIssuers", a) for a in entry.additional_issuers)]:
+            if iss in issued:
+                problems.append(locate(data, ("identity", "issuers", index, key), name,
+                                       f"{iss!r} is already an iss of issuers[{issued[iss]}] (each iss belongs "
+                                       "to one)"))
+            issued.setdefault(iss, index)
+    return problems
 
 
 def _check_resources(gateway_file: PortcullisFile, data: object, name: str) -> list[ConfigProblem]:
@@ -193,6 +213,8 @@ def _check_policies(
         if policy.conditions.locations is not None:
             problems += _unknown_names(data, name, (*conditions, "locations"), policy.conditions.locations,
                                        "named location", [ALL, ALL_TRUSTED], locations)
+        problems += _unknown_issuers(data, name, (*conditions, "users"), policy.conditions.users.include_issuers,
+                                     policy.conditions.users.exclude_issuers, gateway_file)
         grant = policy.grant_controls
         strength = grant.authentication_strength if grant else None
         strengths = sorted({*BUILT_IN_STRENGTHS, *gateway_file.authentication_strengths})
@@ -206,6 +228,15 @@ def _check_policies(
                 problems.append(locate(data, loc, name,
                                        f"{app!r} is not an application; known: {', '.join(apps)}"))
     return problems
+
+
+def _unknown_issuers(data: object, file: str, loc: tuple[str | int, ...], include: list[str], exclude: list[str],
+                     gateway_file: PortcullisFile) -> list[ConfigProblem]:
+    """``includeIssuers``/``excludeIssuers`` name issuers of ``identity`` (``default``: the single issuer)."""
+    known = [entry.name for entry in gateway_file.identity.trusted]
+    return [locate(data, (*loc, key, item_index), file, f"{item!r} is not an issuer; known: {', '.join(known)}")
+            for key, names in (("includeIssuers", include), ("excludeIssuers", exclude))
+            for item_index, item in enumerate(names) if item not in known]
 
 
 def _unknown_names(data: object, file: str, loc: tuple[str | int, ...], assignment: Include, what: str,

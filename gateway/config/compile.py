@@ -69,7 +69,8 @@ def policy(model: ConditionalAccessPolicy, resources: Mapping[str, Resource] | N
 
 def users(model: UsersCondition) -> rules.Users:
     return rules.Users(include_users=tuple(model.include_users), exclude_users=tuple(model.exclude_users),
-                       include_groups=tuple(model.include_groups), exclude_groups=tuple(model.exclude_groups))
+                       include_groups=tuple(model.include_groups), exclude_groups=tuple(model.exclude_groups),
+                       include_issuers=tuple(model.include_issuers), exclude_issuers=tuple(model.exclude_issuers))
 
 
 def assignment(model: Include) -> rules.Assignment:

@@ -39,9 +39,9 @@ class UsersReach:
     @classmethod
     def of(cls, policy: ConditionalAccessPolicy) -> UsersReach:
         users = CompiledUsers.of(policy_users(policy.conditions.users))
-        included = _questions(users.include_users - {"all", NO_USER}, users.include_groups)
-        return cls(policy.name, users.include_all, included, _questions(users.exclude_users, users.exclude_groups),
-                   users.exclude_all)
+        included = _questions(users.include_users - {"all", NO_USER}, users.include_groups, users.include_issuers)
+        return cls(policy.name, users.include_all, included,
+                   _questions(users.exclude_users, users.exclude_groups, users.exclude_issuers), users.exclude_all)
 
     def leaves_out(self, yes: frozenset[str]) -> bool:
         """Whether a user for whom exactly the questions in ``yes`` are true is left out."""
@@ -80,8 +80,10 @@ def resources_of(policy: ConditionalAccessPolicy, resources: set[str]) -> set[st
     return (resources if ALL in include else set(include)) - set(exclude)
 
 
-def _questions(users: frozenset[str], groups: frozenset[str]) -> frozenset[str]:
-    return frozenset({*(f"user {u}" for u in users), *(f"group {g}" for g in groups)})
+def _questions(users: frozenset[str], groups: frozenset[str], issuers: frozenset[str] = frozenset()) -> frozenset[str]:
+    """Issuers are questions like groups (a user of issuer x): weighed apart, never as exclusive."""
+    return frozenset({*(f"user {u}" for u in users), *(f"group {g}" for g in groups),
+                      *(f"issuer {i}" for i in issuers)})
 
 
 def _left_out_of_all(reaches: list[UsersReach]) -> str | None:

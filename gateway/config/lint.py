@@ -54,7 +54,8 @@ def _never_applies(policy: ConditionalAccessPolicy, resources: set[str], carryin
     users = conditions.users
     if ALL in users.exclude_users:
         return "excludeUsers has All"
-    if not users.include_groups and users.include_users and {u.lower() for u in users.include_users} <= {"none"}:
+    if not users.include_groups and not users.include_issuers and users.include_users and \
+            {u.lower() for u in users.include_users} <= {"none"}:
         return "it includes no users (None)"
     if conditions.platforms is not None:
         included_platforms = {p.value for p in PlatformOrAll if p is not PlatformOrAll.all} \

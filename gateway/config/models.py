@@ -156,25 +156,61 @@ class GatewaySettings(Model):
         return _check_url(value, what="remediationUrl")
 
 
-class IdentitySettings(Model):
-    issuer: str
-    algorithms: Annotated[list[SigningAlgorithm], Field(min_length=1)] = [SigningAlgorithm.RS256]
-    clock_skew_seconds: Annotated[int, Field(ge=0, le=300)] = 30
-    jwks_cache_seconds: Annotated[int, Field(ge=60, le=86400)] = 3600
-    jwks_refresh_min_interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
-    jwks_max_stale_seconds: Annotated[int, Field(ge=0, le=7 * 86400)] = 86400
-    http_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 5.0
+def _no_symmetric(value: object) -> object:
+    if isinstance(value, list):
+        for item in value:
+            if isinstance(item, str) and (item.lower() == "none" or item.upper().startswith("HS")):
+                raise ValueError(
+                    f"{item!r} is never accepted: tokens must be signed with the issuer's "
+                    "private key (use RS*, PS*, ES* or EdDSA)"
+                )
+    return value
 
-    @field_validator("algorithms", mode="before")
+
+Algorithms = Annotated[list[SigningAlgorithm], Field(min_length=1), BeforeValidator(_no_symmetric)]
+CLAIM_NAME = re.compile(r"^[A-Za-z0-9_:.-]{1,64}$")
+DEFAULT_ISSUER_NAME = "default"  # the single ``identity.issuer`` form's name in policies, logs and readiness
+
+
+def _claim_names(value: object) -> object:
+    """``userName: preferred_username`` is short for a list of one; the first present claim wins."""
+    return [value] if isinstance(value, str) else value
+
+
+ClaimNames = Annotated[list[Annotated[str, Field(pattern=CLAIM_NAME.pattern)]], Field(min_length=1, max_length=4),
+                       BeforeValidator(_claim_names)]
+
+
+class ClaimSettings(Model):
+    """Where an issuer puts what policy reads (Entra's names by default; Keycloak: ``userName:
+    preferred_username``). Each is a claim name or a list of them, the first present one used."""
+
+    user_name: ClaimNames = ["upn", "preferred_username"]
+    client_id: ClaimNames = ["azp", "appid"]  # v2 tokens: azp; v1: appid
+    device_id: ClaimNames = ["deviceid"]
+    groups: ClaimNames = ["groups"]
+
+
+class IssuerSettings(Model):
+    """One trusted OIDC issuer. ``issuer`` is the exact ``iss`` of its tokens and the issuer its
+    discovery document must name; ``additionalIssuers`` are more exact ``iss`` values signed with
+    the same keys (Entra's v1 ``https://sts.windows.net/<tid>/`` beside its v2 issuer), verified
+    with the one JWKS fetched for ``issuer``."""
+
+    name: str
+    issuer: str
+    additional_issuers: Annotated[list[str], Field(max_length=8)] = []
+    discovery_url: str | None = None  # default: <issuer>/.well-known/openid-configuration
+    algorithms: Algorithms = [SigningAlgorithm.RS256]
+    audiences: list[Annotated[str, Field(min_length=1)]] = []  # empty: the host's; else only these of the host's
+    tenant_ids: list[uuid.UUID] = []  # empty: any tid; else the token's tid must be one of them
+    claims: ClaimSettings = ClaimSettings()
+
+    @field_validator("name")
     @classmethod
-    def _no_symmetric(cls, value: object) -> object:
-        if isinstance(value, list):
-            for item in value:
-                if isinstance(item, str) and (item.lower() == "none" or item.upper().startswith("HS")):
-                    raise ValueError(
-                        f"{item!r} is never accepted: tokens must be signed with the issuer's "
-                        "private key (use RS*, PS*, ES* or EdDSA)"
-                    )
+    def _name(cls, value: str) -> str:
+        if not NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid name ({NAME_HELP})")
         return value
 
     @field_validator("issuer")
@@ -183,6 +219,71 @@ class IdentitySettings(Model):
         """Kept exactly as written: ``iss`` is compared byte for byte, and Entra v1 issuers
         (``https://sts.windows.net/<tenant>/``) end with a slash."""
         return _check_url(value, what="issuer")
+
+    @field_validator("additional_issuers")
+    @classmethod
+    def _additional_urls(cls, value: list[str]) -> list[str]:
+        return [_check_url(item, what="additionalIssuers entry") for item in value]
+
+    @field_validator("discovery_url")
+    @classmethod
+    def _discovery_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value, what="discoveryUrl")
+
+    @field_validator("tenant_ids", mode="before")
+    @classmethod
+    def _tenant_ids(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        try:
+            return [uuid.UUID(item) if isinstance(item, str) else item for item in value]
+        except ValueError as error:
+            raise ValueError(f"a tenant id is a GUID: {error}") from None
+
+    @property
+    def issued_as(self) -> tuple[str, ...]:
+        """Every exact ``iss`` this issuer's tokens may carry."""
+        return (self.issuer, *self.additional_issuers)
+
+    @property
+    def discovery(self) -> str:
+        return self.discovery_url or f"{self.issuer.rstrip('/')}/.well-known/openid-configuration"
+
+
+class IdentitySettings(Model):
+    """Either ``issuer`` (one issuer, named ``default``) or ``issuers`` (a list); the JWKS cache
+    settings apply to every issuer."""
+
+    issuer: str | None = None
+    algorithms: Algorithms = [SigningAlgorithm.RS256]  # of the single ``issuer``; with ``issuers``, each its own
+    issuers: list[IssuerSettings] = []
+    clock_skew_seconds: Annotated[int, Field(ge=0, le=300)] = 30
+    jwks_cache_seconds: Annotated[int, Field(ge=60, le=86400)] = 3600
+    jwks_refresh_min_interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
+    jwks_max_stale_seconds: Annotated[int, Field(ge=0, le=7 * 86400)] = 86400
+    http_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 5.0
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value, what="issuer")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> IdentitySettings:
+        if (self.issuer is None) == (not self.issuers):
+            raise ValueError("give either 'issuer' (one issuer) or 'issuers' (a list), not both or neither")
+        if self.issuers and "algorithms" in self.model_fields_set:
+            raise ValueError("with 'issuers', give each issuer its own 'algorithms'")
+        return self
+
+    @property
+    def trusted(self) -> tuple[IssuerSettings, ...]:
+        """Every trusted issuer: the single ``issuer`` form is a list of one, named ``default``."""
+        if self.issuer is not None:
+            return (IssuerSettings.model_construct(
+                name=DEFAULT_ISSUER_NAME, issuer=self.issuer, additional_issuers=[], discovery_url=None,
+                algorithms=self.algorithms, audiences=[], tenant_ids=[], claims=ClaimSettings()),)
+        return tuple(self.issuers)
 
 
 AUTH_PARAM_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an RFC 9110 token
@@ -498,6 +599,7 @@ class BrowserSignInSettings(Model):
     client_id: Annotated[str, Field(min_length=1)]
     session_lifetime_seconds: Annotated[int, Field(ge=300, le=7 * 86400)] = 8 * 3600
     session_key_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None  # else stateDir/session.key
+    issuer: str | None = None  # the name of the issuer browsers sign in with; default the first of identity
 
 
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # an RFC 9110 token
@@ -551,6 +653,7 @@ class AdminSettings(Model):
     audience: Annotated[str, Field(min_length=1)]
     audit_log: Path = Path("../.portcullis/admin-audit.jsonl")  # one JSON line per admin request
     public_url: str | None = None  # https://host[:port]: the origin browsers use through a TLS reverse proxy
+    issuer: str | None = None  # the name of the only issuer whose tokens it takes; default the first of identity
 
     @property
     def on_loopback(self) -> bool:
@@ -610,7 +713,28 @@ class PortcullisFile(Model):
         """Settings that depend on each other, checked in this order: the first problem is reported."""
         self._check_device_stores()
         self._check_hosts()
+        self._check_browser_issuer()
         return self
+
+    def _check_browser_issuer(self) -> None:
+        names = [entry.name for entry in self.identity.trusted]
+        for key, section in (("browserSignIn", self.browser_sign_in), ("admin", self.admin)):
+            if section is not None and section.issuer is not None and section.issuer not in names:
+                raise ValueError(f"{key}.issuer {section.issuer!r} is not an issuer of identity; "
+                                 f"known: {', '.join(names)}")
+
+    @property
+    def admin_issuer(self) -> str:
+        """The one issuer the admin API takes tokens from (a partner tenant or a contractors'
+        Keycloak could mint any ``roles``): ``admin.issuer``, else the first."""
+        wanted = self.admin.issuer if self.admin is not None else None
+        return wanted or self.identity.trusted[0].name
+
+    @property
+    def browser_issuer(self) -> IssuerSettings:
+        """The one issuer browsers sign in with: ``browserSignIn.issuer``, else the first."""
+        wanted = self.browser_sign_in.issuer if self.browser_sign_in is not None else None
+        return next((e for e in self.identity.trusted if e.name == wanted), self.identity.trusted[0])
 
     def _check_device_stores(self) -> None:
         """Where devices live, and what needs a device store or shared state."""
@@ -680,13 +804,17 @@ class Include(Model):
 
 class UsersCondition(Model):
     """Users by UPN or object id, ``All`` or ``None``; groups by the names or ids the token's
-    ``groups`` claim carries. Exclusions beat inclusions. Naming only groups includes only them:
-    ``includeUsers`` is empty unless written (a policy without ``users`` at all covers All)."""
+    ``groups`` claim carries; issuers by their names in ``identity.issuers`` (a partner tenant's
+    guests, a Keycloak's contractors). Exclusions beat inclusions. Naming only groups or issuers
+    includes only them: ``includeUsers`` is empty unless written (a policy without ``users`` at all
+    covers All)."""
 
     include_users: list[str] = []
     exclude_users: list[str] = []
     include_groups: list[str] = []
     exclude_groups: list[str] = []
+    include_issuers: list[str] = []
+    exclude_issuers: list[str] = []
 
 
 class PlatformsCondition(Model):
@@ -713,7 +841,7 @@ class DeviceFilter(Model):
 
 
 ALL_USERS = UsersCondition.model_construct(include_users=[ALL], exclude_users=[], include_groups=[],
-                                           exclude_groups=[])
+                                           exclude_groups=[], include_issuers=[], exclude_issuers=[])
 
 
 class PolicyConditions(Model):

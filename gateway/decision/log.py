@@ -100,6 +100,7 @@ def evaluation_input(identity: Identity, device: DeviceSignals | None, request: 
     record = device.device if device is not None else None
     return {
         "subject": identity.subject,
+        "issuer": identity.issuer,
         "groups": sorted(identity.groups),
         "authenticationMethods": sorted(identity.authentication_methods),
         "authenticationContexts": sorted(identity.authentication_contexts),
@@ -146,6 +147,8 @@ def signal_entries(*, request: AccessRequest, identity: Identity | None, identit
         entries.append(_signal("identity", "valid", identity_source or "accessToken", age))
         app_name = (app.name or app.client_id) if app else None
         entries.append(_signal("clientApp", app_name or "unknown", "token (azp/appid)", age))
+        if identity.issuer is not None:  # the trusted issuer whose keys verified it (identity.issuers)
+            entries.append(_signal("issuer", identity.issuer, "token (iss)", age))
     certificate = request.device_certificate
     if certificate is not None:
         entries.append(_signal("deviceCertificate", "verified" if certificate.verified else "notAccepted",

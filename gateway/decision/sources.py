@@ -75,6 +75,9 @@ class BearerOrSession:
             session = await self._browser.session(self._cookie, request.host)
         except SignalUnavailable as error:
             raise SessionStoreUnavailable(str(error)) from error
+        if session is not None and session.identity.issuer is not None and \
+                self._validator.issuers.named(session.identity.issuer) is None:
+            session = None  # its issuer was removed by a reload: the session ends with it
         if session is None and not self._authorization and request.accepts_html:
             return SignIn()
         return session

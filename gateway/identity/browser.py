@@ -31,7 +31,6 @@ from cryptography.fernet import Fernet, InvalidToken
 from gateway.errors import SignalUnavailable
 from gateway.http.paths import canonical_path
 from gateway.identity.discovery import METADATA_PATH
-from gateway.identity.jwks import JwksCache
 from gateway.identity.oauth_client import OAuthError, strict_oauth_client
 from gateway.identity.tokens import BearerValidator, RejectedToken
 from gateway.policy.model import PersistentBrowser, SessionControls
@@ -64,10 +63,11 @@ class SessionCookie:
 
 
 class BrowserSignIn:
-    def __init__(self, *, client_id: str, jwks: JwksCache, validator: BearerValidator, key: bytes,
+    def __init__(self, *, client_id: str, issuer: str, validator: BearerValidator, key: bytes,
                  lifetime_seconds: int, timeout: float = 10.0, sessions: SessionStore | None = None) -> None:
+        """``issuer``: the name of the one trusted issuer browsers sign in with."""
         self.client_id = client_id
-        self._jwks = jwks
+        self.issuer = issuer
         self._validator = validator
         self._cipher = Fernet(key)
         self._lifetime = lifetime_seconds
@@ -75,7 +75,10 @@ class BrowserSignIn:
         self.sessions: SessionStore = sessions if sessions is not None else MemorySessionStore()
 
     def _endpoint(self, name: str) -> str:
-        value = self._jwks.discovery.get(name)
+        trusted = self._validator.issuers.named(self.issuer)
+        if trusted is None:  # removed by a reload: no sign-in until it is back (fail closed)
+            raise SignalUnavailable(f"the sign-in issuer {self.issuer!r} is no longer trusted")
+        value = trusted.keys.discovery.get(name)
         if not isinstance(value, str) or not value.startswith(("https://", "http://127.0.0.1", "http://localhost")):
             raise SignalUnavailable(f"the identity provider's discovery document has no usable {name}")
         return value
@@ -127,7 +130,7 @@ class BrowserSignIn:
         finally:
             await client.aclose()
         identity = await self._validator.validate_id_token(str(token.get("id_token", "")), self.client_id,
-                                                           pending.nonce)
+                                                           pending.nonce, issuer=self.issuer)
         if isinstance(identity, RejectedToken):
             raise SignInFailed(f"the identity provider's answer was refused: {identity.reason}")
         if certificate_device is not None:

@@ -36,13 +36,14 @@ def challenge_parameters(settings: ChallengeSettings, authority: str) -> tuple[t
     return tuple(parameters.items())
 
 
-def resource_metadata(settings: ChallengeSettings, authority: str, issuer: str,
+def resource_metadata(settings: ChallengeSettings, authority: str, issuers: list[str],
                       path_suffix: str = "") -> dict[str, object]:
     """The RFC 9728 §2 document for ``https://<authority><path_suffix>``: who issues its tokens
-    and how to send them (the header only: a token in the query is refused, RFC 6750 §2.3)."""
+    (every trusted issuer whose audiences include one of the host's) and how to send them (the
+    header only: a token in the query is refused, RFC 6750 §2.3)."""
     document: dict[str, object] = {
         "resource": resource_identifier(authority) + path_suffix,
-        "authorization_servers": [issuer],
+        "authorization_servers": issuers,
         "bearer_methods_supported": ["header"],
     }
     if settings.scopes:

@@ -1,4 +1,5 @@
-"""The issuer's signing keys: discovery document, then JWKS, cached and refreshed on demand.
+"""One issuer's signing keys: discovery document (at ``<issuer>/.well-known/openid-configuration``
+unless another URL is given; it must name the issuer), then JWKS, cached and refreshed on demand.
 
 An unknown ``kid`` triggers a refetch at most once per ``min_refresh_interval`` so that a storm of
 forged kids cannot hammer the issuer. When the issuer cannot be reached, known keys keep working
@@ -44,6 +45,7 @@ class JwksCache:
         self,
         issuer: str,
         *,
+        discovery_url: str | None = None,
         cache_seconds: float,
         min_refresh_interval: float,
         timeout: float,
@@ -52,6 +54,7 @@ class JwksCache:
         max_stale_seconds: float = MAX_STALE_SECONDS,
     ) -> None:
         self.issuer = issuer
+        self.discovery_url = discovery_url or f"{issuer.rstrip('/')}/.well-known/openid-configuration"
         self._cache_seconds = cache_seconds
         self._max_stale_seconds = max_stale_seconds
         self._min_refresh_interval = min_refresh_interval
@@ -128,8 +131,7 @@ class JwksCache:
     async def _fetch_keys(self) -> None:
         async with httpx.AsyncClient(timeout=self._timeout, transport=self._transport,
                                      follow_redirects=False) as client:
-            discovery = await _get_json(client, f"{self.issuer.rstrip('/')}/.well-known/openid-configuration",
-                                        self._timeout)
+            discovery = await _get_json(client, self.discovery_url, self._timeout)
             if discovery.get("issuer") != self.issuer:
                 raise SignalUnavailable(
                     f"discovery document names issuer {discovery.get('issuer')!r}, expected {self.issuer!r}"

@@ -10,7 +10,11 @@ apply the same rules:
 - Only a JWS in compact form: three base64url segments without padding (pyjwt accepts a padded
   signature: one token, two spellings), so a JWE (five segments) or a two- or four-part token is
   ``malformed`` before its header is read.
-- Keys come from the configured issuer's JWKS and nowhere else. A token whose header names a key
+- The token's issuer is the trusted issuer whose ``iss`` it names exactly, read from the strictly
+  parsed claims before any key is looked up (``gateway.identity.issuers``): an unknown ``iss``
+  never costs a fetch, and only that issuer's algorithms, keys, audiences, tenants and claim names
+  apply to it.
+- Keys come from the token's issuer's JWKS and nowhere else. A token whose header names a key
   of its own (``jwk``, ``jku``, ``x5u``, ``x5c``) is refused, even when the issuer's key signed it:
   Entra never sends them, and pyjwt would never use them, so such a token is either forged or not
   Entra's; refusing it (rather than ignoring the fields) makes the probe visible in the decision
@@ -55,10 +59,16 @@ from dataclasses import dataclass
 import jwt
 from cachetools import TLRUCache
 
-from gateway.config.models import IdentitySettings
+from gateway.config.models import ClaimSettings, IdentitySettings, IssuerSettings
 from gateway.http.strict_json import DuplicateMember, JsonRefused, NotUtf8Json
 from gateway.http.strict_json import loads as strict_json
-from gateway.identity.jwks import JwksCache
+from gateway.identity.issuers import (
+    ISSUER_NOT_ACCEPTED,
+    TrustedIssuer,
+    TrustedIssuers,
+    accepted_audiences,
+    tenant_problem,
+)
 from gateway.policy.model import Identity
 
 MAX_TOKEN_BYTES = 16 * 1024
@@ -130,6 +140,13 @@ def unverified_header(token: str) -> dict[str, object] | None:
 def claims_segment_problem(token: str) -> str | None:
     """Why the claims of a token that passed ``unverified_header`` have no single reading (see the
     module docstring). pyjwt reads them again once the signature is checked, the same way."""
+    claims = unverified_claims(token)
+    return claims if isinstance(claims, str) else None
+
+
+def unverified_claims(token: str) -> dict[str, object] | str:
+    """The claims of a token that passed ``unverified_header``, read the one strict way, or why
+    they cannot be: what names the issuer whose keys may then verify it."""
     try:
         claims = _segment_json(token.split(".", 2)[1])
     except NotUtf8Json:
@@ -138,7 +155,7 @@ def claims_segment_problem(token: str) -> str | None:
         return CLAIM_NAMED_TWICE
     except (binascii.Error, JsonRefused):
         return MALFORMED
-    return None if isinstance(claims, dict) else MALFORMED
+    return claims if isinstance(claims, dict) else MALFORMED
 
 
 def _segment_json(segment: str) -> object:
@@ -190,18 +207,23 @@ def _numeric_date(value: object) -> bool:
 
 
 class BearerValidator:
-    def __init__(self, settings: IdentitySettings, jwks: JwksCache) -> None:
-        self._issuer = settings.issuer
-        self._algorithms = {a.value for a in settings.algorithms}
+    def __init__(self, settings: IdentitySettings, issuers: TrustedIssuers) -> None:
+        self.issuers = issuers
         self._leeway = settings.clock_skew_seconds
-        self._jwks = jwks
         self.cache_hits = self.cache_misses = 0
         self._verified: TLRUCache[tuple[str, frozenset[str]], Identity] = TLRUCache(
             maxsize=CACHE_SIZE, ttu=_until_exp, timer=time.time
         )
 
+    def use(self, settings: IdentitySettings) -> list[TrustedIssuer]:
+        """Trust exactly the issuers of ``settings`` from the next token on (a reload); tokens
+        verified before are verified again. Returns the issuers whose keys are new."""
+        new = self.issuers.use(settings)
+        self._verified.clear()
+        return new
+
     async def validate(self, token: str, audiences: frozenset[str]) -> Identity | RejectedToken:
-        """Raises SignalUnavailable only when no signing key can be had at all."""
+        """Raises SignalUnavailable only when no signing key of the token's issuer can be had."""
         cache_key = (token, audiences)
         cached = self._verified.get(cache_key)
         if cached is not None:
@@ -216,40 +238,66 @@ class BearerValidator:
             self._verified[cache_key] = result
         return result
 
-    async def validate_id_token(self, token: str, client_id: str, nonce: str) -> Identity | RejectedToken:
+    async def validate_id_token(self, token: str, client_id: str, nonce: str,
+                                issuer: str | None = None) -> Identity | RejectedToken:
         """An OIDC ID token from the code flow: the issuer's signature, ``aud`` = our client id,
-        the ``nonce`` we sent. Never cached: each is used once."""
+        the ``nonce`` we sent; with ``issuer`` (a name), from that issuer only. Never cached."""
         signing = await self._signing_key(token)
         if isinstance(signing, RejectedToken):
             return signing
-        return self._decode(token, *signing, frozenset({client_id}), nonce=nonce)
+        if issuer is not None and signing[2].name != issuer:
+            return RejectedToken(ISSUER_NOT_ACCEPTED)
+        return self._decode(token, *signing, frozenset({client_id}), nonce=nonce, narrow=False)
 
-    async def _signing_key(self, token: str) -> tuple[jwt.PyJWK, str] | RejectedToken:
-        """The issuer's key for this token's pinned algorithm and ``kid``, read from an unverified
-        header that passed ``header_problem`` first, of a token whose claims read one way only: a
-        hostile header or claims segment never reaches the JWKS."""
+    async def _signing_key(self, token: str) -> tuple[jwt.PyJWK, str, TrustedIssuer] | RejectedToken:
+        """The token's issuer's key for its pinned algorithm and ``kid``, read from an unverified
+        header that passed ``header_problem`` first, of a token whose claims read one way only and
+        name a trusted issuer: a hostile header or claims segment, or an unknown ``iss``, never
+        reaches a JWKS."""
         header = unverified_header(token)
         if header is None:
             return RejectedToken(MALFORMED)
-        problem = header_problem(header, self._algorithms) or kid_problem(header) or claims_segment_problem(token)
+        claims = unverified_claims(token)
+        trusted = self.issuers.of(claims.get("iss")) if isinstance(claims, dict) else None
+        algorithms = trusted.algorithms if trusted is not None else self.issuers.algorithms
+        problem = header_problem(header, algorithms) or kid_problem(header) or \
+            (claims if isinstance(claims, str) else None)
         if problem is not None:
             return RejectedToken(problem)
+        if trusted is None:
+            return RejectedToken(ISSUER_NOT_ACCEPTED)
         algorithm, kid = str(header["alg"]), str(header["kid"])
-        key = await self._jwks.key(kid, algorithm)
+        key = await trusted.keys.key(kid, algorithm)
         if key is None:
             return RejectedToken("unknown signing key")
-        return key, algorithm
+        return key, algorithm, trusted
 
-    def _decode(
-        self, token: str, key: jwt.PyJWK, algorithm: str, audiences: frozenset[str], nonce: str | None = None
-    ) -> Identity | RejectedToken:
+    def _decode(self, token: str, key: jwt.PyJWK, algorithm: str, trusted: TrustedIssuer, audiences: frozenset[str],
+                nonce: str | None = None, *, narrow: bool = True) -> Identity | RejectedToken:
+        settings = trusted.settings
+        accepted = accepted_audiences(settings, audiences) if narrow else audiences
+        if not accepted:
+            return RejectedToken(AUDIENCE_NOT_ACCEPTED)
+        claims = self._verified_claims(token, key, algorithm, settings, accepted)
+        if isinstance(claims, RejectedToken):
+            return claims
+        problem = claims_problem(claims, access_token=nonce is None) or tenant_problem(settings, claims)
+        if problem is not None:
+            return RejectedToken(problem)
+        if nonce is not None and claims.get("nonce") != nonce:
+            return RejectedToken("nonce does not match")
+        return identity_from_claims(claims, accepted, settings)
+
+    def _verified_claims(self, token: str, key: jwt.PyJWK, algorithm: str, settings: IssuerSettings,
+                         audiences: frozenset[str]) -> dict[str, object] | RejectedToken:
+        """pyjwt's checks: signature, ``iss`` among the issuer's, ``aud``, times, required claims."""
         try:
-            claims = jwt.decode(
+            claims: dict[str, object] = jwt.decode(
                 token,
                 key=key,
                 algorithms=[algorithm],
                 audience=sorted(audiences),
-                issuer=self._issuer,
+                issuer=list(settings.issued_as),
                 leeway=self._leeway,
                 options={"require": REQUIRED_CLAIMS, "strict_aud": False},
             )
@@ -260,35 +308,33 @@ class BearerValidator:
         except jwt.InvalidAudienceError:
             return RejectedToken(AUDIENCE_NOT_ACCEPTED)
         except jwt.InvalidIssuerError:
-            return RejectedToken("token issuer not accepted")
+            return RejectedToken(ISSUER_NOT_ACCEPTED)
         except jwt.InvalidSignatureError:
             return RejectedToken("token signature invalid")
         except jwt.MissingRequiredClaimError as error:
             return RejectedToken(f"token has no {error.claim!r} claim")
         except jwt.InvalidTokenError:
             return RejectedToken(MALFORMED)
-        problem = claims_problem(claims, access_token=nonce is None)
-        if problem is not None:
-            return RejectedToken(problem)
-        if nonce is not None and claims.get("nonce") != nonce:
-            return RejectedToken("nonce does not match")
-        return identity_from_claims(claims, audiences)
+        return claims
 
 
-def identity_from_claims(claims: dict[str, object], audiences: frozenset[str]) -> Identity:
-    """Entra's claim names: ``azp`` (v2) or ``appid`` (v1) is the client app, ``deviceid`` the device."""
+def identity_from_claims(claims: dict[str, object], audiences: frozenset[str],
+                         issuer: IssuerSettings | None = None) -> Identity:
+    """The claims where the issuer puts them (``identity.issuers[].claims``); Entra's by default:
+    ``azp`` (v2) or ``appid`` (v1) is the client app, ``deviceid`` the device."""
     aud, exp = claims["aud"], claims["exp"]
     assert isinstance(aud, str) and isinstance(exp, int | float)  # claims_problem checked both
-    groups = claims.get("groups")
+    names = issuer.claims if issuer is not None else DEFAULT_CLAIMS
+    groups = next((claims[name] for name in names.groups if isinstance(claims.get(name), list)), None)
     amr = claims.get("amr")
     roles = claims.get("roles")
     return Identity(
         subject=str(claims["sub"]),
-        user_principal_name=_text(claims.get("upn")) or _text(claims.get("preferred_username")),
+        user_principal_name=_first_text(claims, names.user_name),
         object_id=_text(claims.get("oid")),
         tenant_id=_text(claims.get("tid")),
-        client_id=(_text(claims.get("azp")) or _text(claims.get("appid")) or "").lower() or None,
-        device_id=(_text(claims.get("deviceid")) or "").lower() or None,
+        client_id=(_first_text(claims, names.client_id) or "").lower() or None,
+        device_id=(_first_text(claims, names.device_id) or "").lower() or None,
         groups=frozenset(g for g in groups if isinstance(g, str)) if isinstance(groups, list) else frozenset(),
         audience=aud if aud in audiences else "",
         expires_at=float(exp),
@@ -299,7 +345,16 @@ def identity_from_claims(claims: dict[str, object], audiences: frozenset[str]) -
         authenticated_at=float(auth_time) if isinstance(auth_time := claims.get("auth_time"), int | float) else None,
         issued_at=float(iat) if isinstance(iat := claims.get("iat"), int | float) else None,
         roles=frozenset(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else frozenset(),
+        issuer=issuer.name if issuer is not None else None,
     )
+
+
+DEFAULT_CLAIMS = ClaimSettings()
+
+
+def _first_text(claims: dict[str, object], names: list[str]) -> str | None:
+    """The first of ``names`` the token carries as a non-empty string."""
+    return next((text for name in names if (text := _text(claims.get(name))) is not None), None)
 
 
 def _text(value: object) -> str | None:

@@ -84,13 +84,14 @@ class QuestionInput(Model):
     device_certificate: str | None = None  # the device a verified certificate names (azureADDeviceId)
     amr: list[Annotated[str, Field(min_length=1, max_length=32)]] = []  # more authentication methods (fido)
     acrs: list[Annotated[str, Field(pattern=r"^c([1-9]|[1-9][0-9])$")]] = []  # authentication contexts
+    issuer: str | None = None  # the token's issuer by name (identity.issuers); default the first
 
     def question(self) -> Question:
         return Question(user=self.user, url=self.url, app=self.app, device=self.device, ip=str(self.ip),
                         client_app_type=self.client_app_type, groups=tuple(self.groups), mfa=self.mfa,
                         platform=self.platform, listener=self.listener, object_id=self.object_id,
                         device_certificate=self.device_certificate, authentication_methods=tuple(self.amr),
-                        authentication_contexts=tuple(self.acrs))
+                        authentication_contexts=tuple(self.acrs), issuer=self.issuer)
 
 
 class Case(QuestionInput):

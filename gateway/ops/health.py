@@ -3,8 +3,9 @@
 decided on stale data: take this instance out of the load balancer).
 
 - ``config``: the last reload attempt; a rejected one warns (the last good rules stay in force).
-- ``jwks``: the issuer's signing keys were fetched; a failed refresh warns (the keys already
-  fetched stay in use), never fetched fails.
+- ``jwks`` (one issuer) or ``jwks:<name>`` per issuer (``identity.issuers``): the issuer's signing
+  keys were fetched; a failed refresh warns (the keys already fetched stay in use), never fetched
+  fails (that issuer's tokens get 503; the other issuers' keep working).
 - ``deviceInventory``: the SQLite inventory answers; ``graph``: the last full sync is not older
   than twice the sync interval (and one has succeeded within twice the interval of the start).
 - ``mtd:<partner>``: the partner was heard from within ``unresponsiveAfterSeconds``; past that its
@@ -22,7 +23,7 @@ from typing import Any, Literal
 
 from gateway.decision.service import AccessService, utc_now
 from gateway.errors import SignalUnavailable
-from gateway.identity.jwks import JwksCache
+from gateway.identity.issuers import TrustedIssuer, TrustedIssuers
 from gateway.ops.drain import DrainState
 from gateway.ops.reload import ConfigReloader
 from gateway.signals.graph import GraphInventory
@@ -49,17 +50,17 @@ def overall(checks: list[Check]) -> Status:
 
 
 class GatewayHealth:
-    def __init__(self, service: AccessService, jwks: JwksCache, reloader: ConfigReloader | None = None, *,
+    def __init__(self, service: AccessService, issuers: TrustedIssuers, reloader: ConfigReloader | None = None, *,
                  graph: GraphInventory | None = None, timer: Callable[[], float] = time.monotonic,
                  clock: Callable[[], datetime] = utc_now, drain: DrainState | None = None) -> None:
-        self.service, self.jwks, self.reloader, self.graph = service, jwks, reloader, graph
+        self.service, self.issuers, self.reloader, self.graph = service, issuers, reloader, graph
         self.drain = drain or DrainState()
         self._timer, self._clock = timer, clock
         self._started = clock()
 
     def checks(self) -> list[Check]:
         """Cheap enough for a load balancer polling every second (a few SQLite reads)."""
-        checks = [self._config(), self._jwks(), *self._shared_state(), *self._devices()]
+        checks = [self._config(), *self._keys(), *self._shared_state(), *self._devices()]
         if self.drain.draining:
             checks.append(Check("draining", "fail", "stopping (SIGTERM): finishing the requests in flight"))
         return checks
@@ -90,15 +91,23 @@ class GatewayHealth:
                          f"rejected; the previous rules stay in force: {'; '.join(failed.problems)}", age)
         return Check("config", "pass", f"{len(self.service.config.policies)} policies in force", age)
 
-    def _jwks(self) -> Check:
-        fetched = self.jwks.fetched_at
+    def _keys(self) -> list[Check]:
+        """The issuers in force (a reload may add or remove one): ``jwks`` alone, or one per issuer."""
+        entries = self.issuers.entries
+        if len(entries) == 1 and self.service.config.gateway_file.identity.issuer is not None:
+            return [self._jwks("jwks", entries[0])]
+        return [self._jwks(f"jwks:{entry.name}", entry) for entry in entries]
+
+    def _jwks(self, name: str, entry: TrustedIssuer) -> Check:
+        fetched = entry.keys.fetched_at
         if fetched is None:
-            return Check("jwks", "fail", "the issuer's signing keys were never fetched: every token is refused")
+            return Check(name, "fail", f"the signing keys of {entry.settings.issuer} were never fetched: its tokens "
+                         "are refused (503)")
         age = self._timer() - fetched
-        if self.jwks.refresh_failing:
-            return Check("jwks", "warn", "refreshing the signing keys fails; the keys fetched "
-                         f"{age:.0f} s ago stay in use", age)
-        return Check("jwks", "pass", "signing keys fetched", age)
+        if entry.keys.refresh_failing:
+            return Check(name, "warn", f"refreshing the signing keys of {entry.settings.issuer} fails; the keys "
+                         f"fetched {age:.0f} s ago stay in use", age)
+        return Check(name, "pass", f"signing keys of {entry.settings.issuer} fetched", age)
 
     def _devices(self) -> list[Check]:
         checks = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.decision.service import AccessService
-from gateway.identity.jwks import JwksCache
+from gateway.identity.issuers import TrustedIssuers
 from gateway.ops.drain import DrainState
 from gateway.ops.health import GatewayHealth
 from gateway.ops.metrics import CacheCollector, SignalAgeCollector
@@ -23,11 +23,11 @@ class Operations:
     whatif_inventory: DeviceInventory  # the devices policy tests and What If questions name
 
     @classmethod
-    def of(cls, service: AccessService, jwks: JwksCache, inventory: DeviceInventory,
+    def of(cls, service: AccessService, issuers: TrustedIssuers, inventory: DeviceInventory,
            graph: GraphInventory | None = None, drain: DrainState | None = None) -> Operations:
         """Wire reloads, readiness and the scrape-time metrics of one gateway."""
         reloader = ConfigReloader(service, inventory)
-        health = GatewayHealth(service, jwks, reloader, graph=graph, drain=drain)
+        health = GatewayHealth(service, issuers, reloader, graph=graph, drain=drain)
         service.metrics.watch(CacheCollector(lambda: (
             ("accessTokens", service.validator.cache_hits, service.validator.cache_misses),
             ("devices", service.inventory.hits, service.inventory.misses),

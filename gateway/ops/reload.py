@@ -3,8 +3,13 @@
 Triggers: a change of the files (polled), SIGHUP, ``POST /admin/reload``. A reload is all or
 nothing. It is rejected, and the rules in force stay, when a file does not validate, when a
 policy test in ``cases.yaml`` fails, or when a setting changed that only a restart can apply
-(listeners, certificates, the identity provider, signal sources, the decision log). Requests
+(listeners, certificates, the JWKS cache settings, signal sources, the decision log). Requests
 that started before the swap finish under the rules they started with (``AccessService.apply``).
+
+The trusted issuers (``identity.issuer``, ``identity.issuers``) are swapped with the rules, before
+anything is awaited: a removed issuer's tokens are refused from the next request on, and a new
+issuer's keys are fetched right after (a failed fetch leaves its tokens at 503 and its readiness
+check failing, the other issuers untouched).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from gateway.config.lint import covered_resources
 from gateway.config.loader import locate
 from gateway.decision.rules import Rules
 from gateway.decision.service import AccessService, utc_now
-from gateway.errors import ConfigError, ConfigProblem
+from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.ops.cases import load_cases, run_cases
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.whatif import WhatIf
@@ -35,10 +40,11 @@ logger = logging.getLogger(__name__)
 WATCHED_FILES = (GATEWAY_FILE, POLICIES_FILE, CASES_FILE)
 
 # Settings a running gateway can take over; every other one needs a restart. Top-level keys of
-# portcullis.yaml, and for three sections the keys inside them.
+# portcullis.yaml, and for four sections the keys inside them.
 RELOADABLE = {"protected_hosts", "resource_presets", "resources", "named_locations", "applications"}
 RELOADABLE_INSIDE = {"gateway": {"remediation_url"}, "device_signals": {"compliance"},
-                     "kiosk": {"location", "pass_through", "allow"}}
+                     "kiosk": {"location", "pass_through", "allow"},
+                     "identity": {"issuer", "issuers", "algorithms"}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +112,12 @@ class ConfigReloader:
         if problems:
             return ReloadOutcome(trigger, now, False, tuple(str(p) for p in problems))
         self.service.apply(Rules.of(config))
+        new_issuers = self.service.validator.use(config.gateway_file.identity)  # no await between the two swaps
+        try:
+            await self.service.validator.issuers.refresh(new_issuers)
+        except SignalUnavailable as error:
+            logger.warning("config reload (%s): signing keys of a new issuer not fetched yet (%s); its tokens get "
+                           "503 until they are", trigger, error)
         return ReloadOutcome(trigger, now, True, policies=len(config.policies))
 
     async def _failing_cases(self, config: Config, now: datetime) -> list[ConfigProblem]:

@@ -78,6 +78,7 @@ class Question:
     device_certificate: str | None = None
     authentication_methods: tuple[str, ...] = ()  # the token's amr beyond --mfa (e.g. fido): authentication strength
     authentication_contexts: tuple[str, ...] = ()  # the token's acrs (c1..c99): authentication contexts
+    issuer: str | None = None  # the name of the token's issuer (identity.issuers); None: the first
 
     def as_json(self) -> dict[str, Any]:
         return {"user": self.user, "url": self.url, "app": self.app, "device": self.device, "ip": self.ip,
@@ -85,7 +86,8 @@ class Question:
                 "groups": list(self.groups), "mfa": self.mfa,
                 "platform": self.platform.value if self.platform else None, "listener": self.listener.value,
                 "objectId": self.object_id, "deviceCertificate": self.device_certificate,
-                "amr": list(self.authentication_methods), "acrs": list(self.authentication_contexts)}
+                "amr": list(self.authentication_methods), "acrs": list(self.authentication_contexts),
+                "issuer": self.issuer}
 
 
 class WhatIf:
@@ -125,7 +127,18 @@ class WhatIf:
                         groups=frozenset(question.groups), audience="what-if", expires_at=0,
                         authentication_methods=frozenset({"pwd", "mfa"} if question.mfa else {"pwd"})
                         | frozenset(question.authentication_methods),
-                        authentication_contexts=frozenset(question.authentication_contexts))
+                        authentication_contexts=frozenset(question.authentication_contexts),
+                        issuer=self._issuer(question.issuer))
+
+    def _issuer(self, name: str | None) -> str:
+        """The question's issuer, by name; none given: the first of ``identity`` (the only one of
+        the single ``identity.issuer`` form)."""
+        trusted = [entry.name for entry in self.config.gateway_file.identity.trusted]
+        if name is None:
+            return trusted[0]
+        if name not in trusted:
+            raise WhatIfError(f"{name!r} is not an issuer; known: {', '.join(trusted)}")
+        return name
 
     def _target(self, url: str) -> tuple[str, str, str]:
         """Host, canonical path and the request target (path and query) as a client sends it."""

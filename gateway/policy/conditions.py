@@ -103,22 +103,32 @@ class CompiledUsers:
     exclude_users: frozenset[str]
     include_groups: frozenset[str]
     exclude_groups: frozenset[str]
+    include_issuers: frozenset[str] = frozenset()
+    exclude_issuers: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, users: Users) -> CompiledUsers:
         include = frozenset(u.lower() for u in users.include_users)
         exclude = frozenset(u.lower() for u in users.exclude_users)
-        nothing_included = not users.include_users and not users.include_groups
+        nothing_included = not users.include_users and not users.include_groups and not users.include_issuers
         return cls("all" in include or nothing_included, "all" in exclude, include, exclude,
                    frozenset(g.lower() for g in users.include_groups),
-                   frozenset(g.lower() for g in users.exclude_groups))
+                   frozenset(g.lower() for g in users.exclude_groups),
+                   frozenset(i.lower() for i in users.include_issuers),
+                   frozenset(i.lower() for i in users.exclude_issuers))
 
 
-def users_not_matched(users: CompiledUsers, names: frozenset[str], groups: frozenset[str]) -> str | None:
-    """``names`` and ``groups`` arrive folded to lower case, as the compiled assignment is."""
+def users_not_matched(users: CompiledUsers, names: frozenset[str], groups: frozenset[str],
+                      issuer: str | None = None) -> str | None:
+    """``names`` and ``groups`` arrive folded to lower case, as the compiled assignment is;
+    ``issuer`` is the name of the token's trusted issuer (None: no token, as ActiveSync Basic)."""
     if users.exclude_all or not names.isdisjoint(users.exclude_users) or not groups.isdisjoint(users.exclude_groups):
         return "user is excluded"
+    if issuer is not None and issuer.lower() in users.exclude_issuers:
+        return "user's issuer is excluded"
     if users.include_all or not names.isdisjoint(users.include_users) or not groups.isdisjoint(users.include_groups):
+        return None
+    if issuer is not None and issuer.lower() in users.include_issuers:
         return None
     return "user is not included"
 

@@ -126,7 +126,7 @@ def not_applied_because(compiled: CompiledPolicy, facts: Facts) -> str | None:
     """The first assignment the request falls outside of, or None if the policy applies."""
     conditions = compiled.policy.conditions
     return (
-        users_not_matched(compiled.users, facts.user_names, facts.groups)
+        users_not_matched(compiled.users, facts.user_names, facts.groups, facts.identity.issuer)
         or resource_not_included(conditions.resources, facts.resources)
         or client_app_type_not_matched(conditions.client_app_types, facts.client_app_type)
         or (conditions.platforms and platform_not_matched(conditions.platforms, facts.platform))

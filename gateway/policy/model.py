@@ -243,6 +243,7 @@ class Identity:
     authentication_contexts: frozenset[str] = frozenset()
     issued_at: float | None = None  # the iat claim: how old the token's view of the user is
     roles: frozenset[str] = frozenset()  # app roles (the roles claim), for the admin API
+    issuer: str | None = None  # the name of the trusted issuer that signed it (identity.issuers)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,12 +35,15 @@ class Assignment:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Users:
-    """Users by UPN, object id or subject (``All``, ``None``); groups by name or id, as written."""
+    """Users by UPN, object id or subject (``All``, ``None``); groups by name or id, as written;
+    issuers by name."""
 
     include_users: tuple[str, ...] = ()
     exclude_users: tuple[str, ...] = ()
     include_groups: tuple[str, ...] = ()
     exclude_groups: tuple[str, ...] = ()
+    include_issuers: tuple[str, ...] = ()  # names of trusted issuers (identity.issuers)
+    exclude_issuers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,6 +35,7 @@ from gateway.decision.log import Pseudonymizer
 from gateway.decision.pipeline import Identified, Signals, authorize
 from gateway.decision.rules import Rules
 from gateway.decision.sources import certificate_device
+from gateway.identity.issuers import ISSUER_NOT_ACCEPTED, accepted_audiences, issuer_of, tenant_problem
 from gateway.identity.tokens import (
     MALFORMED,
     REQUIRED_CLAIMS,
@@ -261,19 +262,20 @@ def token_identity(config: Config, host: str, claims: tuple[dict[str, Any], dict
     but the signature, at the recorded time."""
     header, payload = claims
     identity = config.gateway_file.identity
-    problem = header_problem(header, {a.value for a in identity.algorithms}) or _missing_claim(payload) \
-        or _time_problem(payload, at.timestamp(), identity.clock_skew_seconds)
+    trusted = issuer_of(identity.trusted, payload.get("iss"))
+    algorithms = {a.value for entry in ([trusted] if trusted else identity.trusted) for a in entry.algorithms}
+    problem = header_problem(header, algorithms) or (ISSUER_NOT_ACCEPTED if trusted is None else None) \
+        or _missing_claim(payload) or _time_problem(payload, at.timestamp(), identity.clock_skew_seconds)
     if problem is not None:
         return RejectedToken(problem)
-    if payload["iss"] != identity.issuer:
-        return RejectedToken("token issuer not accepted")
-    audiences = frozenset(config.gateway_file.protected_hosts[host].audiences)
+    assert trusted is not None  # refused above
+    audiences = accepted_audiences(trusted, frozenset(config.gateway_file.protected_hosts[host].audiences))
     problem = _audience_problem(payload["aud"], audiences) \
         or (MALFORMED if not isinstance(payload["sub"], str) else None) \
-        or claims_problem(payload, access_token=True)
+        or claims_problem(payload, access_token=True) or tenant_problem(trusted, payload)
     if problem is not None:
         return RejectedToken(problem)
-    return identity_from_claims(payload, audiences)
+    return identity_from_claims(payload, audiences, trusted)
 
 
 def _missing_claim(payload: dict[str, Any]) -> str | None:

@@ -246,7 +246,7 @@ def _recorded_input(record: dict[str, Any], given: dict[str, Any]) -> RecordedIn
         audience=record.get("resourceId") or "", expires_at=math.inf,
         authentication_methods=frozenset(given.get("authenticationMethods") or ()),
         authentication_contexts=frozenset(given.get("authenticationContexts") or ()),
-        authenticated_at=given.get("authenticatedAt"))
+        authenticated_at=given.get("authenticatedAt"), issuer=given.get("issuer"))
     device = given.get("device")
     refused_before_policy = record["result"] == "block" and record.get("resourceDisplayName") is None
     return RecordedInput(

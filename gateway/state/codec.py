@@ -25,11 +25,12 @@ IDENTITY_FIELDS = {  # Identity field -> JSON key; a test checks that every fiel
     "audience": "audience", "expires_at": "expiresAt", "authentication_methods": "authenticationMethods",
     "authenticated_at": "authenticatedAt", "authentication_context": "authenticationContext",
     "issued_at": "issuedAt", "roles": "roles", "authentication_contexts": "authenticationContexts",
+    "issuer": "issuer",
 }
 _SETS = frozenset({"groups", "authentication_methods", "roles", "authentication_contexts"})
 _ADDED_SETS = frozenset({"authentication_contexts"})  # absent from sessions stored by earlier versions
 _OPTIONAL_TEXT = frozenset({"user_principal_name", "object_id", "tenant_id", "client_id", "device_id",
-                            "authentication_context"})
+                            "authentication_context", "issuer"})
 _OPTIONAL_TIMES = frozenset({"authenticated_at", "issued_at"})
 
 

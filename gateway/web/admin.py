@@ -11,7 +11,8 @@
     GET|POST /signin, POST /signout   the dashboard's cookie: a pasted token
     GET  /.well-known/jwks.json   anyone: the keys backends verify upstream identity assertions with
 
-Callers present an access token from the configured issuer whose ``aud`` is ``admin.audience``
+Callers present an access token from the admin issuer (``admin.issuer``, else the first of
+``identity``) whose ``aud`` is ``admin.audience``
 and whose ``roles`` claim names Portcullis.Reader or Portcullis.Operator (an operator may do what
 a reader may). The token is validated on every request: 401 with a Bearer challenge when it is
 missing or invalid, 403 when its roles do not allow the action. Browsers may carry it in an
@@ -143,7 +144,8 @@ class AdminApi:
         self.operations = operations
         self.service = operations.service
         self._clock = clock
-        self._guard = AdminGuard(self.service.validator, audience, audit, self.service.metrics, clock, site)
+        self._guard = AdminGuard(self.service.validator, audience, audit, self.service.metrics, clock, site,
+                                 issuer=self.service.config.gateway_file.admin_issuer)
         self.site = self._guard.site
         self.scans = LogScans()
         self._readiness_details = self._guard(READ_READINESS, self.readiness_details)

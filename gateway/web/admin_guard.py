@@ -181,8 +181,10 @@ def failed(response: Response, reason: str) -> Done:
 
 class AdminGuard:
     def __init__(self, validator: BearerValidator, audience: str, audit: AdminAuditLog, metrics: GatewayMetrics,
-                 clock: Clock, site: AdminSite | None = None) -> None:
+                 clock: Clock, site: AdminSite | None = None, *, issuer: str | None = None) -> None:
+        """``issuer``: the name of the only trusted issuer whose tokens may carry admin roles."""
         self._validator = validator
+        self._issuer = issuer
         self._audiences = frozenset({audience})
         self._audit = audit
         self._metrics = metrics
@@ -261,6 +263,8 @@ class AdminGuard:
             return Refusal(503, "the issuer's signing keys cannot be fetched")
         if isinstance(identity, RejectedToken):
             return Refusal(401, identity.reason)
+        if self._issuer is not None and identity.issuer != self._issuer:
+            return Refusal(401, "the admin API takes tokens of its own issuer only")
         if not may(identity.roles, action.role):
             return Refusal(403, f"{action.activity} needs the role {action.role}", identity)
         return identity

@@ -31,9 +31,10 @@ def granted_callback(gateway: Gateway, user: str, device: str, path: str = "/owa
 
 
 def sign_in(gateway: Gateway, *, user: str = "alex@contoso.test", device: str = ALEX_IPHONE,
-            path: str = "/owa/?folder=inbox") -> tuple[httpx.Response, str]:
-    """Open ``path`` as a browser, sign in at the demo issuer, follow the callback."""
-    start = gateway.request(MAIL, path, headers=BROWSER)
+            path: str = "/owa/?folder=inbox", port: int | None = None) -> tuple[httpx.Response, str]:
+    """Open ``path`` as a browser, sign in at the demo issuer, follow the callback (through the
+    session's gateway, or the listener on ``port``)."""
+    start = gateway.request(MAIL, path, headers=BROWSER, port=port)
     assert start.status_code == 302, start.text
     authorize = start.headers["location"]
     query = {k: v[0] for k, v in parse_qs(urlsplit(authorize).query).items()}
@@ -45,7 +46,7 @@ def sign_in(gateway: Gateway, *, user: str = "alex@contoso.test", device: str = 
     assert granted.status_code == 302
     callback = urlsplit(granted.headers["location"])
     binding = start.headers["set-cookie"].split(";", 1)[0]  # the browser that started the sign-in
-    answer = gateway.request(MAIL, f"{callback.path}?{callback.query}", headers={"Cookie": binding})
+    answer = gateway.request(MAIL, f"{callback.path}?{callback.query}", headers={"Cookie": binding}, port=port)
     cookie = answer.headers.get("set-cookie", "")
     return answer, cookie.split(";", 1)[0]
 

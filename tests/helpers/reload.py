@@ -45,10 +45,10 @@ def own_config(tmp_path: Path, gateway: Gateway, demo_ports: Ports, *, keep_case
 
 
 @contextlib.asynccontextmanager
-async def reloading_gateway(config_dir: Path) -> AsyncIterator[tuple[int, Operations]]:
+async def reloading_gateway(config_dir: Path, *, fetch_keys: bool = True) -> AsyncIterator[tuple[int, Operations]]:
     """A listener of its own, with the browser sign-in endpoints, whose config directory is
     watched, as `portcullis run` does."""
-    operations = await operations_for(config_dir)
+    operations = await operations_for(config_dir, fetch_keys=fetch_keys)
     watcher = asyncio.create_task(operations.reloader.watch(interval=0.05, settle=0.05))
     try:
         async with proxy_for(operations.service, {BROWSER_ENDPOINTS: browser_app(operations.service)}) as port:

@@ -39,6 +39,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="an authentication method the token names (amr), e.g. fido (repeatable)")
     whatif.add_argument("--acrs", action="append", default=[], metavar="CONTEXT",
                         help="an authentication context the token carries (acrs), c1..c99 (repeatable)")
+    whatif.add_argument("--issuer", help="the token's issuer, by its name in identity.issuers (default: the first)")
     whatif.add_argument("--object-id", help="the user's object id (oid): a rollout's percentOfUsers share uses it")
     whatif.add_argument("--json", action="store_true", help="print the stable JSON form")
     whatif.set_defaults(command=_whatif)
@@ -57,7 +58,7 @@ def _whatif(args: argparse.Namespace) -> int:
                         client_app_type=args.client_app_type, groups=tuple(args.group), mfa=args.mfa,
                         platform=args.platform, listener=args.listener, object_id=args.object_id,
                         device_certificate=args.device_certificate, authentication_methods=tuple(args.amr),
-                        authentication_contexts=tuple(args.acrs))
+                        authentication_contexts=tuple(args.acrs), issuer=args.issuer)
     try:
         decision = asyncio.run(WhatIf(loaded.config, loaded.inventory).ask(question, utc_now()))
     except WhatIfError as error:
