@@ -23,6 +23,14 @@ from gateway.identity.browser import BrowserSignIn
 from gateway.identity.jwks import JwksCache
 from gateway.identity.tokens import BearerValidator
 from gateway.ops.metrics import GatewayMetrics
+from gateway.signals.app_protection import (
+    AppProtectionSource,
+    AppRegistrationStore,
+    MemoryAppRegistrations,
+    OverlayAppRegistrations,
+    parse_registrations,
+)
+from gateway.signals.app_registrations_sqlite import SqliteAppRegistrations
 from gateway.signals.cache import CachedInventory
 from gateway.signals.devices import DeviceInventory, FileDeviceInventory, OverlayInventory
 from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings
@@ -46,6 +54,25 @@ class Loaded:
     shared: RedisState | None = None  # ``state: redis://...``: devices, sessions and nonces live there
     sessions: SessionStore = field(default_factory=MemorySessionStore)
     nonces: NonceStore = field(default_factory=MemoryNonces)
+    apps: AppRegistrationStore | None = None  # app protection registrations (None: none configured)
+
+    @property
+    def app_protection(self) -> AppProtectionSource | None:
+        """The app registrations as the pipeline reads them (the gateway, What If, cases)."""
+        return AppProtectionSource(self.apps, name=self.store_name if self.store is not None else "file") \
+            if self.apps is not None else None
+
+    @property
+    def whatif_app_protection(self) -> AppProtectionSource | None:
+        """What a gateway started now would read: the stored registrations with the seed's laid
+        over them (the seed is written at start). For the rule tools, like ``inventory``."""
+        seed = self.config.gateway_file.device_signals.app_protection.registrations
+        if self.apps is None or seed is None or isinstance(self.apps, MemoryAppRegistrations):
+            return self.app_protection
+        path = self.config.path(seed)
+        overlay = OverlayAppRegistrations(MemoryAppRegistrations(parse_registrations(path), location=str(path)),
+                                          self.apps)
+        return AppProtectionSource(overlay, name=self.store_name)
 
     @property
     def inventory(self) -> DeviceInventory:
@@ -104,14 +131,30 @@ def load(config_dir: Path, worker: Worker = ONLY_WORKER) -> Loaded:
     shared = shared_state(config.gateway_file.state, os.environ)
     if shared is not None:
         return Loaded(config, file_inventory, shared.devices, worker=worker, shared=shared, sessions=shared.sessions,
-                      nonces=shared.nonces)
+                      nonces=shared.nonces, apps=app_registrations(config, shared))
     store = SqliteDeviceStore(config.path(signals.database)) if signals.database else None
+    apps = app_registrations(config, None)
     if worker.shares_listeners:  # the workers of one host: sessions and nonces in the state directory
         state_dir = config.path(config.gateway_file.gateway.state_dir)
         return Loaded(config, file_inventory, store, worker=worker,
                       sessions=SqliteSessionStore(state_dir / "sessions.sqlite"),
-                      nonces=SqliteNonces(state_dir / "nonces.sqlite"))
-    return Loaded(config, file_inventory, store, worker=worker)
+                      nonces=SqliteNonces(state_dir / "nonces.sqlite"), apps=apps)
+    return Loaded(config, file_inventory, store, worker=worker, apps=apps)
+
+
+def app_registrations(config: Config, shared: RedisState | None) -> AppRegistrationStore | None:
+    """Where app protection registrations live: beside the devices (the SQLite file, or Redis),
+    else the seed alone in memory; None when neither is configured."""
+    signals = config.gateway_file.device_signals
+    seed = signals.app_protection.registrations
+    if shared is not None:
+        return shared.apps
+    if signals.database is not None:
+        return SqliteAppRegistrations(config.path(signals.database))
+    if seed is not None:
+        path = config.path(seed)
+        return MemoryAppRegistrations(parse_registrations(path), location=str(path))
+    return None
 
 
 def device_commands_inventory(config_dir: Path) -> StoreInventory | None:
@@ -215,9 +258,13 @@ def decision_log(config: Config, metrics: GatewayMetrics | None = None, worker: 
 
 
 def seed_store(loaded: Loaded, now_clock: Clock = utc_now) -> None:
-    """With both a YAML inventory and a database, the YAML file seeds the store at start."""
+    """With both a YAML inventory and a database, the YAML file seeds the store at start; so does
+    the app registrations' seed (its registrations are written over the stored ones of their ids)."""
     if loaded.store is not None and loaded.file_inventory is not None:
         loaded.store.replace_all(loaded.file_inventory.records, now=now_clock(), seed=True)
+    seed = loaded.config.gateway_file.device_signals.app_protection.registrations
+    if seed is not None and loaded.apps is not None and not isinstance(loaded.apps, MemoryAppRegistrations):
+        loaded.apps.replace_all(parse_registrations(loaded.config.path(seed)), now=now_clock())
 
 
 def build_service(
@@ -258,6 +305,7 @@ def build_service(
         decision_log=decision_log(config, metrics, loaded.worker),
         clock=clock,
         store=loaded.store,
+        apps=loaded.app_protection,
         metrics=metrics,
         assertions=assertion_signer(config),
     )

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from gateway.policy.compliance import is_compliant
+from gateway.policy.grant_controls import app_protection_problem
 from gateway.policy.model import (
     AccessRequest,
+    AppProtection,
     ClientApp,
     Decision,
     DecisionResult,
@@ -36,6 +38,7 @@ from gateway.policy.model import (
     PolicyResultKind,
 )
 from gateway.policy.rollout import request_listener
+from gateway.signals.app_protection import registration_json
 from gateway.signals.devices import device_record
 
 logger = logging.getLogger(__name__)
@@ -91,7 +94,17 @@ def sign_in_record(
         record["deviceCertificate"] = certificate_json(request.device_certificate)
     if identity is not None:
         record["evaluationInput"] = evaluation_input(identity, device, request)
+        if app is not None and app.protection is not None:  # only when a policy asked for it
+            record["evaluationInput"]["appProtection"] = app_protection_json(app.protection)
     return record
+
+
+def app_protection_json(protection: AppProtection) -> dict[str, Any]:
+    """The app's registrations policy saw, for replay (``gateway.replay.recorded``). Without their
+    user: they were found for the record's user, whose name the log may pseudonymise."""
+    age = protection.max_sync_age
+    return {"source": protection.source, "maxSyncAgeSeconds": None if age is None else round(age.total_seconds()),
+            "registrations": [registration_json(r, with_user=False) for r in protection.registrations]}
 
 
 def evaluation_input(identity: Identity, device: DeviceSignals | None, request: AccessRequest) -> dict[str, Any]:
@@ -159,11 +172,33 @@ def signal_entries(*, request: AccessRequest, identity: Identity | None, identit
             reported = (now - record.threat_reported_at).total_seconds() if record.threat_reported_at else None
             entries.append(_signal("threatLevel", record.threat_level.value if record.threat_level else "none",
                                    record.threat_source or device.source, reported))
+    if app is not None and app.protection is not None:
+        entries.append(_app_protection_signal(app.protection, identity, now))
     named = sorted(locations)
     kiosk = " through the kiosk proxy" if request.kiosk_location is not None else ""
     entries.append(_signal("location", ",".join(named) if named else "none",
                            f"client address {request.client_ip}{kiosk}", 0))
     return entries
+
+
+def _app_protection_signal(protection: AppProtection, identity: Identity | None, now: datetime) -> dict[str, Any]:
+    """``appProtection=registered|flagged|noPolicyApplied|stale|notRegistered``, aged by the newest
+    check-in of the registrations found."""
+    registrations = protection.registrations
+    synced = [r.last_sync for r in registrations if r.last_sync is not None]
+    age = (now - max(synced)).total_seconds() if synced else None
+    if not registrations:
+        value = "notRegistered"
+    elif identity is not None and app_protection_problem(ClientApp(client_id=None, name=None, protection=protection),
+                                                         identity, now) is None:
+        value = "registered"
+    elif all(r.flagged_reasons for r in registrations):
+        value = "flagged"
+    elif all(not r.applied_policies for r in registrations):
+        value = "noPolicyApplied"
+    else:
+        value = "stale"
+    return _signal("appProtection", value, protection.source, age)
 
 
 def _signal(name: str, value: str, source: str, age: float | None) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, path_has
 from gateway.policy.evaluate import NO_RESOURCE_REASON, evaluate
 from gateway.policy.model import (
     AccessRequest,
+    AppProtection,
     ClientApp,
     ClientAppType,
     Decision,
@@ -90,6 +91,8 @@ class Signals:
     # or why the certificate names none (``device_binding.resolution_problem``)
     certificate_device_id: str | None = None
     certificate_problem: str | None = None
+    # the token's app's app protection registrations for its user (None: no policy asks for them)
+    app_protection: AppProtection | None = None
 
 
 class IdentitySource(Protocol):
@@ -214,7 +217,7 @@ def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identi
     against the token's or the session's, the ActiveSync DeviceId binding), ``evaluate`` (its one
     call site), then the session controls that refuse the request itself (``tokenProtection``
     among them). Pure."""
-    app, device = rules.app(identity), signals.device
+    app, device = replace(rules.app(identity), protection=signals.app_protection), signals.device
     # Basic is believed only with the user's device certificate: before anything that takes the user as given
     refused_device = (_legacy_refusal(rules, identity, signals, now) if legacy else None) or \
         _device_refusal(request, identity, signals, certificate_bound)

@@ -32,6 +32,7 @@ from gateway.identity.tokens import BearerValidator
 from gateway.ops.metrics import GatewayMetrics
 from gateway.policy.model import NO_SESSION_CONTROLS, AccessRequest, Decision, Restriction, SessionControls
 from gateway.policy.policy_set import PolicySet
+from gateway.signals.app_protection import AppProtectionSource
 from gateway.signals.cache import CachedInventory
 from gateway.signals.change_feed import ChangeFeed
 from gateway.signals.mtd import Verdict
@@ -89,6 +90,7 @@ class AccessService:
         decision_log: DecisionLog,
         clock: Clock = utc_now,
         store: DeviceStore | None = None,
+        apps: AppProtectionSource | None = None,
         browser: BrowserSignIn | None = None,
         metrics: GatewayMetrics | None = None,
         assertions: AssertionSigner | None = None,
@@ -98,6 +100,7 @@ class AccessService:
         self.assertions = assertions  # signs the identity assertion of each forwarded request
         self.browser = browser
         self.store = store
+        self.apps = apps  # app protection registrations, for compliantApplication
         self.feed = ChangeFeed(inventory, store)
         self.threat_verdicts = ThreatVerdicts(store, self.feed)
         self.validator = validator
@@ -214,7 +217,8 @@ class AccessService:
         now = self.clock()
         result = await pipeline.authorize(
             request, rules=rules, identity=BearerOrSession(self.validator, self.browser, authorization, cookies),
-            signals=InventorySignals(self.inventory, self.pick_up_changes), now=now, assertions=self.assertions)
+            signals=InventorySignals(self.inventory, self.pick_up_changes, self.apps), now=now,
+            assertions=self.assertions)
         if result.unavailable is not None:
             down = SESSION_STORE_DOWN if isinstance(result.unavailable, SessionStoreUnavailable) else SIGNAL_DOWN
             self.unavailable_log.log(down, request.correlation_id, result.unavailable)

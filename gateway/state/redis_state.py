@@ -53,6 +53,7 @@ from redis.retry import Retry
 from gateway.events import ALL_DEVICES, AllDevicesChanged, DevicesChanged
 from gateway.http.strict_json import loads as strict_json
 from gateway.state.codec import decode_pending, decode_session, encode_pending, encode_session
+from gateway.state.redis_apps import RedisAppRegistrations
 from gateway.state.redis_devices import RedisDeviceStore
 from gateway.state.redis_keys import CONNECT_TIMEOUT, EVERY_DEVICE, READ_TIMEOUT, Keys, redacted, unavailable
 from gateway.state.session_records import BrowserSession, PendingLogin
@@ -325,6 +326,7 @@ class RedisState:
         self._async = redis.asyncio.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 1, retry), **self._options)
         self._subscribers: list[redis.asyncio.Redis] = []
         self.devices = RedisDeviceStore(self._sync, self._keys, self.location)
+        self.apps = RedisAppRegistrations(self._sync, self._keys, self.location)
         self.sessions = RedisSessionStore(self._async, self._keys, self.location)
         self.nonces = RedisNonces(self._async, self._keys, self.location)
 

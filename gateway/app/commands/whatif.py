@@ -54,7 +54,8 @@ def _whatif(args: argparse.Namespace) -> int:
                         platform=args.platform, listener=args.listener, object_id=args.object_id,
                         device_certificate=args.device_certificate)
     try:
-        decision = asyncio.run(WhatIf(loaded.config, loaded.inventory).ask(question, utc_now()))
+        whatif = WhatIf(loaded.config, loaded.inventory, loaded.whatif_app_protection)
+        decision = asyncio.run(whatif.ask(question, utc_now()))
     except WhatIfError as error:
         print(f"portcullis: {error}", file=sys.stderr)
         return 2
