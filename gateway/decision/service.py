@@ -32,7 +32,7 @@ from gateway.identity.tokens import BearerValidator
 from gateway.ops.metrics import GatewayMetrics
 from gateway.policy.model import NO_SESSION_CONTROLS, AccessRequest, Decision, Restriction, SessionControls
 from gateway.policy.policy_set import PolicySet
-from gateway.signals.app_protection import AppProtectionSource
+from gateway.signals.app_protection import AppProtectionSource, user_keys
 from gateway.signals.cache import CachedInventory
 from gateway.signals.change_feed import ChangeFeed
 from gateway.signals.mtd import Verdict
@@ -74,6 +74,7 @@ class Outcome:
     upstream_headers: tuple[tuple[str, str], ...] = ()
     device_id: str | None = None
     session_controls: SessionControls = NO_SESSION_CONTROLS
+    app_users: frozenset[str] = frozenset()  # its decision read these users' app registrations: likewise
 
     @property
     def forward(self) -> bool:
@@ -101,7 +102,7 @@ class AccessService:
         self.browser = browser
         self.store = store
         self.apps = apps  # app protection registrations, for compliantApplication
-        self.feed = ChangeFeed(inventory, store)
+        self.feed = ChangeFeed(inventory, store, apps.store if apps is not None else None)
         self.threat_verdicts = ThreatVerdicts(store, self.feed)
         self.validator = validator
         self.inventory = inventory
@@ -232,8 +233,10 @@ class AccessService:
                                result.app.name if result.app else None)
         response = render(result, remediation_url=rules.config.gateway_file.gateway.remediation_url, now=now)
         if isinstance(result.action, Forward):
+            read_apps = result.app is not None and result.app.protection is not None and result.identity is not None
             return Outcome(result.decision, None, record, result.action.upstream_headers, result.action.device_id,
-                           result.action.session_controls)
+                           result.action.session_controls,
+                           frozenset(user_keys(result.identity)) if read_apps and result.identity else frozenset())
         return Outcome(result.decision, response, record)
 
     async def _sign_in(self, rules: Rules, result: Authorization, now: datetime) -> Outcome:

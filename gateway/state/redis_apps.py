@@ -96,10 +96,6 @@ class RedisAppRegistrations(AppRegistrationStore):
         self._replace = client.register_script(REPLACE_LUA)
         self._remove = client.register_script(REMOVE_LUA)
 
-    @property
-    def channel(self) -> str:
-        return f"{self._keys.prefix}app-registrations"
-
     def _key(self, registration_id: str) -> str:
         return f"{self._keys.prefix}app-registration:{registration_id}"
 
@@ -108,7 +104,7 @@ class RedisAppRegistrations(AppRegistrationStore):
         with unavailable(self.location):
             ids: set[str] = set()
             for user in sorted(set(user_keys)):
-                ids |= set(texts(self._client.smembers(f"{self._keys.prefix}app-user:{user}")))
+                ids |= set(texts(self._client.smembers(self._keys.prefix + "app-user:" + user)))
             records = _texts_or_none(self._client.mget([self._key(i) for i in sorted(ids)])) if ids else []
         found = [self._registration(i, r) for i, r in zip(sorted(ids), records, strict=True) if r is not None]
         return [r for r in found if r.app_identifier in apps][:REGISTRATIONS_MAX]
