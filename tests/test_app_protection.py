@@ -377,3 +377,25 @@ def test_an_open_long_poll_is_closed_within_a_second_when_its_registration_is_fl
         assert closed is not None and closed < 1.0, f"the long-poll was not closed within a second: {closed}"
         withdrawn = ping.decisions(1, again=True)[-1]
     assert (withdrawn["result"], withdrawn["status"]["errorCode"]) == ("block", 53000)  # OR: the device is asked first
+
+
+# -- portcullis check
+
+
+def test_check_warns_at_every_approved_application_without_an_app_protection_alternative(tmp_path: Path) -> None:
+    from gateway.config import load_config
+    from gateway.config.lint import config_warnings
+    from tests.helpers.config import shipped_config
+
+    demo = shipped_config(Path(__file__).parent.parent / "config", tmp_path)
+    policies = demo / "policies.yaml"
+    text = policies.read_text()
+    lines = text.splitlines()
+    retired = [w for w in config_warnings(load_config(demo)) if "Entra retired the approvedApplication" in w.message]
+    assert [(w.file.endswith("policies.yaml"), w.line) for w in retired] == \
+        [(True, lines.index("      builtInControls: [compliantDevice, approvedApplication]") + 1)]
+    assert "policy 'exchange-outlook-only'" in retired[0].message and "March 2026" in retired[0].message
+    migrated = text.replace("      operator: AND\n      builtInControls: [compliantDevice, approvedApplication]",
+                            "      operator: OR\n      builtInControls: [approvedApplication, compliantApplication]")
+    save(policies, migrated.replace("      maxDeviceThreatLevel: low\n", "", 1))
+    assert not [w for w in config_warnings(load_config(demo)) if "approvedApplication" in w.message]

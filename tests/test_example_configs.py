@@ -18,7 +18,10 @@ from tests.helpers.config import CONFIG_DIRS, shipped_config
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 EXPECTED_EXAMPLES = {"on-premises-mail", "personal-devices", "corporate-phones", "shared-tablets", "public-kiosk",
-                     "report-only-trial"}
+                     "report-only-trial", "byod-app-protection"}
+# The demo's headline policy (exchange-outlook-only) still requires compliantDevice AND approvedApplication:
+# many tests name it and its failures; moving it to compliantApplication is the lead's call (issue 18).
+KNOWN_WARNINGS = {"config": ["Entra retired the approvedApplication grant"]}
 
 
 def _cases() -> list[object]:
@@ -34,7 +37,8 @@ def test_every_scenario_ships_with_cases() -> None:
 @pytest.mark.parametrize(("directory", "case"), _cases())
 def test_example_case(directory: Path, case: Case) -> None:
     loaded = bootstrap.load(directory)
-    [outcome] = asyncio.run(run_cases(WhatIf(loaded.config, loaded.inventory), [case], utc_now()))
+    [outcome] = asyncio.run(run_cases(WhatIf(loaded.config, loaded.inventory, loaded.whatif_app_protection), [case],
+                                      utc_now()))
     assert outcome.passed, "\n".join(outcome.differences)
 
 
@@ -45,5 +49,6 @@ def test_check_passes_without_warnings(directory: Path, tmp_path: Path) -> None:
     result = subprocess.run([PORTCULLIS, "check", "--config", str(copy)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "warning:" not in result.stdout
+    warnings = [line for line in result.stdout.splitlines() if "warning:" in line]
+    assert [w for w in warnings if not any(known in w for known in KNOWN_WARNINGS.get(directory.name, []))] == []
     assert "cases passed" in result.stdout
