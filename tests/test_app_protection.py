@@ -31,6 +31,7 @@ from gateway.signals.app_registrations_sqlite import SqliteAppRegistrations
 from gateway.state.redis_state import RedisState
 from tests.conftest import Background, Gateway, LongPoll, Ports, proxy_for
 from tests.helpers.reload import own_config, save
+from tests.helpers.signals import devices_cli
 from tests.redis_server import RedisServer
 from tests.test_policy import COMPLIANT, NOW, TEAMS, UNKNOWN_DEVICE, decide, device, policy
 
@@ -370,7 +371,7 @@ def test_an_open_long_poll_is_closed_within_a_second_when_its_registration_is_fl
         changed = time.monotonic()
         if change == "flagged":
             other.replace_all([replace(drews, flagged_reasons=("androidBootloaderUnlocked",))], now=utc_now())
-        else:
+        else:  # as `portcullis apps remove` does, from another process's connection
             other.remove([drews.registration_id], now=utc_now())
         closed = ping.closed_after(changed)
         other.close()
@@ -399,3 +400,38 @@ def test_check_warns_at_every_approved_application_without_an_app_protection_alt
                             "      operator: OR\n      builtInControls: [approvedApplication, compliantApplication]")
     save(policies, migrated.replace("      maxDeviceThreatLevel: low\n", "", 1))
     assert not [w for w in config_warnings(load_config(demo)) if "approvedApplication" in w.message]
+
+
+# -- portcullis apps
+
+
+GRAPH_EXPORT = {"@odata.context": "https://graph.microsoft.com/v1.0/$metadata#deviceAppManagement/managedAppRegistrations",
+                "value": [{
+                    "@odata.type": "#microsoft.graph.iosManagedAppRegistration", "id": "0f6d2a49-ios-outlook-kim",
+                    "appIdentifier": {"@odata.type": "#microsoft.graph.iosMobileAppIdentifier",
+                                      "bundleId": "com.microsoft.Office.Outlook"},
+                    "userId": "7d1c0000-0000-4000-8000-00000000a0a0", "deviceTag": "kim-tag",
+                    "deviceName": "Kim's iPhone", "flaggedReasons": [], "lastSyncDateTime": "2026-11-23T11:00:00Z",
+                    "appliedPolicies": [{"@odata.type": "#microsoft.graph.iosManagedAppProtection",
+                                         "id": "T_1", "displayName": "iOS mail"}]}]}
+
+
+def test_apps_command_imports_lists_shows_and_removes(tmp_path: Path, gateway: Gateway, demo_ports: Ports) -> None:
+    config_dir = own_config(tmp_path, gateway, demo_ports)
+    cli = devices_cli(config_dir, "apps")
+    export = tmp_path / "registrations.json"
+    export.write_text(json.dumps(GRAPH_EXPORT))
+    imported = cli("import", str(export))
+    assert (imported.returncode, imported.stdout) == (0, f"imported 1 app registrations from {export}\n")
+    listed = cli("list").stdout
+    assert "0f6d2a49-ios-outlook-kim  iOS     com.microsoft.office.outlook" in listed and "protected" in listed
+    shown = json.loads(cli("show", "0F6D2A49-ios-outlook-kim").stdout)
+    assert (shown["userId"], shown["appliedPolicies"], shown["deviceTag"]) == \
+        ("7d1c0000-0000-4000-8000-00000000a0a0", ["iOS mail"], "kim-tag")
+    assert cli("remove", "0f6d2a49-ios-outlook-kim").returncode == 0
+    missing = cli("show", "0f6d2a49-ios-outlook-kim")
+    assert (missing.returncode, missing.stderr) == (1, "portcullis: no app registration '0f6d2a49-ios-outlook-kim'\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"value": [{**GRAPH_EXPORT["value"][0], "appIdentifier": {}}]}))  # type: ignore[index]
+    refused = cli("import", str(bad))
+    assert refused.returncode == 1 and "give exactly one of bundleId (iOS) and packageId (Android)" in refused.stderr

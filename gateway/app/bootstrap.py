@@ -172,6 +172,17 @@ def device_commands_inventory(config_dir: Path) -> StoreInventory | None:
                           name="redis" if shared is not None else "sqlite")
 
 
+def app_commands_store(config_dir: Path) -> AppRegistrationStore | None:
+    """The app registrations' store, from ``portcullis.yaml`` alone (``portcullis apps``), as
+    ``device_commands_inventory`` finds the devices'. None without a database or state."""
+    gateway_file = load_gateway_file(config_dir)
+    shared = shared_state(gateway_file.state, os.environ)
+    if shared is not None:
+        return shared.apps
+    database = gateway_file.device_signals.database
+    return SqliteAppRegistrations(resolve(config_dir, database)) if database else None
+
+
 def unresponsive_after(partners: Mapping[str, MtdPartnerSettings]) -> dict[str, timedelta]:
     """After how long without contact each MTD partner's verdicts are ignored."""
     return {name: timedelta(seconds=p.unresponsive_after_seconds) for name, p in partners.items()}

@@ -9,6 +9,7 @@
     portcullis why    [--config DIR] CORRELATION_ID [--json]   explain one logged decision
     portcullis devices --config DIR import FILE | export [--format csv] | list | show ID | set-risk ID LEVEL
                                     | remove ID...
+    portcullis apps    --config DIR import FILE | list | show ID | remove ID...   app protection registrations
     portcullis certs  [--config DIR] init        create the CA and server certificates (kiosks trust the CA)
 
 Exit codes: 0 ok, 1 config or start-up failure, 2 usage. Errors go to stderr as
@@ -22,7 +23,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gateway.app.commands import cases, certs, check, devices, replay, serve, whatif, why
+from gateway.app.commands import apps, cases, certs, check, devices, replay, serve, whatif, why
 from gateway.errors import ConfigError
 from gateway.terminal import printable, printable_lines
 
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     serve.add_parsers(commands)  # demo, run
-    for command in (check, whatif, devices, why, certs, cases, replay):
+    for command in (check, whatif, devices, apps, why, certs, cases, replay):
         command.add_parser(commands)
     return parser
 
