@@ -106,7 +106,10 @@ class Loaded:
         if self.graph_client is None:
             return local
         assert self.store is not None  # local inventory implies a store
-        return GraphInventory(self.store, local, self.graph_client, clock=utc_now)
+        syncs_apps = bool(self.config.gateway_file.device_signals.app_protection.app_identifiers) and \
+            not isinstance(self.apps, MemoryAppRegistrations)  # only where app protection is used: a permission more
+        return GraphInventory(self.store, local, self.graph_client, clock=utc_now,
+                              apps=self.apps if syncs_apps else None)
 
     @property
     def graph_client(self) -> GraphClient | None:
