@@ -31,6 +31,7 @@ from gateway.signals.app_registrations_sqlite import SqliteAppRegistrations
 from gateway.state.redis_state import RedisState
 from tests.conftest import Background, Gateway, LongPoll, Ports, proxy_for
 from tests.helpers.reload import own_config, save
+from tests.helpers.replay import replay, totals
 from tests.helpers.signals import devices_cli
 from tests.redis_server import RedisServer
 from tests.test_policy import COMPLIANT, NOW, TEAMS, UNKNOWN_DEVICE, decide, device, policy
@@ -435,3 +436,18 @@ def test_apps_command_imports_lists_shows_and_removes(tmp_path: Path, gateway: G
     bad.write_text(json.dumps({"value": [{**GRAPH_EXPORT["value"][0], "appIdentifier": {}}]}))  # type: ignore[index]
     refused = cli("import", str(bad))
     assert refused.returncode == 1 and "give exactly one of bundleId (iOS) and packageId (Android)" in refused.stderr
+
+
+def test_replay_decides_with_the_registrations_of_the_time(gateway: Gateway, byod_config: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Drew's registration is removed afterwards: the decision log's record of it still reproduces
+    the allow (today's store is not asked), and Casey's flagged one the block."""
+    with byod_gateway(byod_config) as (port, log):
+        assert ews(gateway, port, token(gateway, "drew@contoso.test")).status_code == 200
+        assert ews(gateway, port, token(gateway, "casey@contoso.test")).status_code == 403
+        loaded = bootstrap.load(byod_config)
+        assert loaded.apps is not None
+        loaded.apps.remove(["android-outlook-drew-personal"], now=utc_now())
+    code, out, _ = replay(capsys, "--config", byod_config, log)
+    assert code == 0, out
+    assert totals(out)["same result"] == 2 and totals(out)["skipped"] == 0, out
