@@ -451,3 +451,14 @@ def test_replay_decides_with_the_registrations_of_the_time(gateway: Gateway, byo
     code, out, _ = replay(capsys, "--config", byod_config, log)
     assert code == 0, out
     assert totals(out)["same result"] == 2 and totals(out)["skipped"] == 0, out
+
+
+def test_pseudonymised_logs_keep_no_phone_name_of_a_registration() -> None:
+    from gateway.decision.log import Pseudonymizer, app_protection_json
+
+    protection = AppProtection(registrations=(replace(registration(), device_name="Drew's personal phone"),),
+                               source="sqlite")
+    record = {"evaluationInput": {"subject": "s", "appProtection": app_protection_json(protection)}}
+    [written] = Pseudonymizer(b"0123456789abcdef").apply(record)["evaluationInput"]["appProtection"]["registrations"]
+    assert written["deviceName"].startswith("pseudonym:") and "Drew" not in json.dumps(written)
+    assert "userPrincipalName" not in written and "userId" not in written

@@ -292,6 +292,12 @@ class Pseudonymizer:
             if given.get("device"):
                 given["device"] = {key: self.pseudonym(value) if key in PERSONAL_DEVICE_FIELDS and value else value
                                    for key, value in given["device"].items()}
+            if given.get("appProtection"):  # its registrations name no user, but their phones may ("Drew's phone")
+                protection = dict(given["appProtection"])
+                protection["registrations"] = [
+                    {**r, "deviceName": self.pseudonym(r["deviceName"])} if r.get("deviceName") else r
+                    for r in protection.get("registrations") or ()]
+                given["appProtection"] = protection
             record["evaluationInput"] = given
         return record
 
