@@ -30,11 +30,11 @@ from gateway.signals.app_protection import AppRegistrationStore, parse_registrat
 from gateway.signals.app_registrations_sqlite import SqliteAppRegistrations
 from gateway.state.redis_state import RedisState
 from tests.conftest import Background, Gateway, LongPoll, Ports, proxy_for
+from tests.helpers.policy import COMPLIANT, NOW, TEAMS, UNKNOWN_DEVICE, decide, device, policy
 from tests.helpers.reload import own_config, save
 from tests.helpers.replay import replay, totals
 from tests.helpers.signals import devices_cli
 from tests.redis_server import RedisServer
-from tests.test_policy import COMPLIANT, NOW, TEAMS, UNKNOWN_DEVICE, decide, device, policy
 
 MAIL = "mail.contoso.test"
 OUTLOOK_IOS = "com.microsoft.office.outlook"  # lower case, as stored

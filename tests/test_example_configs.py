@@ -14,14 +14,12 @@ from gateway.app import bootstrap
 from gateway.decision.service import utc_now
 from gateway.ops.cases import Case, load_cases, run_cases
 from gateway.ops.whatif import WhatIf
-from tests.helpers.config import CONFIG_DIRS, shipped_config
+from tests.helpers.config import CONFIG_DIRS, shipped_config, unexpected_warnings
 
 PORTCULLIS = str(Path(sys.executable).with_name("portcullis"))
 EXPECTED_EXAMPLES = {"on-premises-mail", "personal-devices", "corporate-phones", "shared-tablets", "public-kiosk",
                      "report-only-trial", "byod-app-protection"}
-# The demo's headline policy (exchange-outlook-only) still requires compliantDevice AND approvedApplication:
-# many tests name it and its failures; moving it to compliantApplication is the lead's call (issue 18).
-KNOWN_WARNINGS = {"config": ["Entra retired the approvedApplication grant"]}
+
 
 
 def _cases() -> list[object]:
@@ -49,6 +47,6 @@ def test_check_passes_without_warnings(directory: Path, tmp_path: Path) -> None:
     result = subprocess.run([PORTCULLIS, "check", "--config", str(copy)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    warnings = [line for line in result.stdout.splitlines() if "warning:" in line]
-    assert [w for w in warnings if not any(known in w for known in KNOWN_WARNINGS.get(directory.name, []))] == []
+    lines = result.stdout.splitlines()
+    assert (unexpected_warnings(lines) if directory == CONFIG_DIRS[0] else [w for w in lines if "warning" in w]) == []
     assert "cases passed" in result.stdout
