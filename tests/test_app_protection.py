@@ -462,3 +462,33 @@ def test_pseudonymised_logs_keep_no_phone_name_of_a_registration() -> None:
     [written] = Pseudonymizer(b"0123456789abcdef").apply(record)["evaluationInput"]["appProtection"]["registrations"]
     assert written["deviceName"].startswith("pseudonym:") and "Drew" not in json.dumps(written)
     assert "userPrincipalName" not in written and "userId" not in written
+
+
+def test_a_registration_changed_on_another_host_is_heard_over_redis(redis_server: RedisServer) -> None:
+    """Redis announces each write on ``<prefix>app-registrations``: every gateway's subscriber hears
+    the users it concerns and continuous access evaluation decides their open flows again."""
+    import asyncio
+
+    from gateway.events import AppRegistrationsChanged
+
+    redis_server.start()
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+
+    async def scenario() -> list[AppRegistrationsChanged]:
+        state, other = RedisState.from_url(redis_server.url, prefix=prefix), RedisState.from_url(redis_server.url,
+                                                                                                 prefix=prefix)
+        heard: list[AppRegistrationsChanged] = []
+        connected, changed = asyncio.Event(), asyncio.Event()
+        events = state.events(on_connected=connected.set, on_apps=lambda e: (heard.append(e), changed.set()))
+        job = asyncio.create_task(events.run())
+        try:
+            await asyncio.wait_for(connected.wait(), 5)
+            await asyncio.to_thread(other.apps.replace_all, [registration("a", user="drew@contoso.test")], now=NOW)
+            await asyncio.wait_for(changed.wait(), 5)
+        finally:
+            job.cancel()
+            await state.aclose()
+            other.close()
+        return heard
+
+    assert asyncio.run(scenario()) == [AppRegistrationsChanged(frozenset({"drew@contoso.test"}))]
