@@ -5,8 +5,9 @@
                 any token), an access token in the URL (400)
     identity    who asks: the ``IdentitySource`` says (a bearer token or browser session at the
                 gateway; the question in What If; the recorded token in replay)
-    signals     the device the decision uses: the ``SignalSource`` says (the inventory, or the
-                decision log's record of the time)
+    signals     the device the decision uses, and the app's protection registrations when a policy
+                asks for them: the ``SignalSource`` says (the inventory and the app registration
+                store, or the decision log's record of the time)
     evaluate    ``gateway.policy.evaluate``, pure; called here and nowhere else
     restrict    the ActiveSync DeviceId binding before it, the request's session controls after
     outcome     the action: forward with the upstream headers, or which page answers
