@@ -26,7 +26,7 @@ from gateway.decision.service import utc_now
 from gateway.errors import ConfigError
 from gateway.http.headers import CORRELATION_ID
 from gateway.policy.model import AppProtection, AppRegistration, ClientApp, DeviceSignals
-from gateway.signals.app_protection import AppRegistrationStore, parse_registrations
+from gateway.signals.app_protection import AppRegistrationStore, MemoryAppRegistrations, parse_registrations
 from gateway.signals.app_registrations_sqlite import SqliteAppRegistrations
 from gateway.state.redis_state import RedisState
 from tests.conftest import Background, Gateway, LongPoll, Ports, proxy_for
@@ -122,8 +122,11 @@ def test_app_protection_is_asked_after_an_approved_app_as_entra_orders_it() -> N
 # -- the stores and the seed
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "memory"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AppRegistrationStore]:
+    if request.param == "memory":  # the seed alone, without a database
+        yield MemoryAppRegistrations()
+        return
     if request.param == "sqlite":
         sqlite = SqliteAppRegistrations(tmp_path / "devices.sqlite")
         yield sqlite
@@ -144,6 +147,15 @@ def test_a_store_finds_a_users_registrations_of_an_app_by_object_id_or_upn(store
     assert [r.registration_id for r in found] == ["by-oid", "by-upn"]
     assert found[1] == registration("by-upn")  # every field round-trips
     assert store.count() == 4
+
+
+def test_a_registration_naming_an_object_id_is_found_by_it_and_never_by_upn(store: AppRegistrationStore) -> None:
+    """A token's UPN is a claim another issuer could mint for anyone: Graph's registrations, which
+    carry the user's object id, are found by it alone."""
+    graphs = replace(registration("graph"), user_id="oid-1")  # names the UPN too
+    store.replace_all([graphs], now=NOW)
+    assert store.registrations_for(["alex@contoso.test"], [OUTLOOK_IOS]) == []
+    assert store.registrations_for(["oid-1"], [OUTLOOK_IOS]) == [graphs]
 
 
 def test_a_full_sync_prunes_the_rest_but_an_empty_answer_prunes_nothing(store: AppRegistrationStore) -> None:
@@ -307,23 +319,26 @@ def test_byod_outlook_with_app_protection_and_no_enrolled_device_is_allowed(gate
     assert seen["id"] == "android-outlook-drew-personal" and "userPrincipalName" not in seen
 
 
-@pytest.mark.parametrize(("user", "device_id", "client_id", "reason"), [
-    pytest.param("casey@contoso.test", None, OUTLOOK_MOBILE, "registration flagged (rootedDevice)",
+@pytest.mark.parametrize(("user", "device_id", "client_id", "reason", "signal"), [
+    pytest.param("casey@contoso.test", None, OUTLOOK_MOBILE, "registration flagged (rootedDevice)", "flagged",
                  id="a flagged registration"),
     pytest.param("blake@contoso.test", None, "1fec8e78-bce4-4aaf-ab1b-5451cc387264",
-                 "no registration of this app for this user", id="an app without registrations (Teams)"),
+                 "no registration of this app for this user", "notRegistered",
+                 id="an app without registrations (Teams)"),
     pytest.param("alex@contoso.test", BLAKE_ANDROID, OUTLOOK_MOBILE,
-                 "no registration of this app for this user on this device",
+                 "no registration of this app for this user on this device", "otherDevice",
                  id="a token naming a noncompliant device Alex's registration is not on"),
 ])
 def test_without_a_current_registration_or_compliant_device_access_is_refused(
-        gateway: Gateway, byod_config: Path, user: str, device_id: str | None, client_id: str, reason: str) -> None:
+        gateway: Gateway, byod_config: Path, user: str, device_id: str | None, client_id: str, reason: str,
+        signal: str) -> None:
     with byod_gateway(byod_config) as (port, log):
         answer = ews(gateway, port, token(gateway, user, device_id, client_id))
         record = logged(log, answer.headers[CORRELATION_ID])
     assert answer.status_code == 403
     failures = record["appliedConditionalAccessPolicies"][0]["failedControls"]  # type: ignore[index]
     assert any(f["control"] == "compliantApplication" and reason in f["reason"] for f in failures), failures
+    assert [s["value"] for s in record["signals"] if s["name"] == "appProtection"] == [signal]  # type: ignore[attr-defined]
 
 
 def test_blake_on_a_noncompliant_phone_gets_in_with_outlooks_app_protection(gateway: Gateway,

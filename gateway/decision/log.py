@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from gateway.policy.compliance import is_compliant
-from gateway.policy.grant_controls import app_protection_problem
+from gateway.policy.grant_controls import app_protection_state
 from gateway.policy.model import (
     AccessRequest,
     AppProtection,
@@ -182,22 +182,12 @@ def signal_entries(*, request: AccessRequest, identity: Identity | None, identit
 
 
 def _app_protection_signal(protection: AppProtection, identity: Identity | None, now: datetime) -> dict[str, Any]:
-    """``appProtection=registered|flagged|noPolicyApplied|stale|notRegistered``, aged by the newest
-    check-in of the registrations found."""
-    registrations = protection.registrations
-    synced = [r.last_sync for r in registrations if r.last_sync is not None]
+    """``appProtection=registered|notRegistered|otherDevice|flagged|noPolicyApplied|notCheckedIn``,
+    aged by the newest check-in of the registrations found."""
+    synced = [r.last_sync for r in protection.registrations if r.last_sync is not None]
     age = (now - max(synced)).total_seconds() if synced else None
-    if not registrations:
-        value = "notRegistered"
-    elif identity is not None and app_protection_problem(ClientApp(client_id=None, name=None, protection=protection),
-                                                         identity, now) is None:
-        value = "registered"
-    elif all(r.flagged_reasons for r in registrations):
-        value = "flagged"
-    elif all(not r.applied_policies for r in registrations):
-        value = "noPolicyApplied"
-    else:
-        value = "stale"
+    value = "notRegistered" if identity is None else \
+        app_protection_state(ClientApp(client_id=None, name=None, protection=protection), identity, now)[0]
     return _signal("appProtection", value, protection.source, age)
 
 

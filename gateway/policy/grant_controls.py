@@ -61,34 +61,41 @@ def compliant_application(app: ClientApp, identity: Identity, now: datetime) -> 
 
 def app_protection_problem(app: ClientApp, identity: Identity, now: datetime) -> str | None:
     """None when one registration holds; else why the first one (or the lack of one) does not."""
+    problem = app_protection_state(app, identity, now)[1]
+    return None if problem is None else f"app protection policy required: {problem}"
+
+
+def app_protection_state(app: ClientApp, identity: Identity, now: datetime) -> tuple[str, str | None]:
+    """The registrations' state as the decision log names it (``registered``, ``notRegistered``,
+    ``otherDevice``, ``flagged``, ``noPolicyApplied``, ``notCheckedIn``) and the problem, if any."""
     protection = app.protection
     registrations = protection.registrations if protection is not None else ()
     device_id = (identity.device_id or "").lower()
     on_device = [r for r in registrations if not device_id or r.device_id is None or r.device_id == device_id]
     if not on_device:
-        where = " on this device" if registrations else ""
-        return f"app protection policy required: no registration of this app for this user{where}"
+        if registrations:
+            return "otherDevice", "no registration of this app for this user on this device"
+        return "notRegistered", "no registration of this app for this user"
     max_age = protection.max_sync_age if protection is not None else None
-    problems = [_registration_problem(r, max_age, now) for r in on_device]
-    if None in problems:
-        return None
-    return f"app protection policy required: {problems[0]}"
+    states = [_registration_state(r, max_age, now) for r in on_device]
+    return next((state for state in states if state[1] is None), states[0])
 
 
-def _registration_problem(registration: AppRegistration, max_age: timedelta | None, now: datetime) -> str | None:
+def _registration_state(registration: AppRegistration, max_age: timedelta | None,
+                        now: datetime) -> tuple[str, str | None]:
     if registration.flagged_reasons:
-        return "registration flagged (" + ", ".join(registration.flagged_reasons) + ")"
+        return "flagged", "registration flagged (" + ", ".join(registration.flagged_reasons) + ")"
     if not registration.applied_policies:
-        return "no app protection policy applied to the app"
+        return "noPolicyApplied", "no app protection policy applied to the app"
     if max_age is None:
-        return None
+        return "registered", None
     if registration.last_sync is None:
-        return "the app never checked in with Intune"
+        return "notCheckedIn", "the app never checked in with Intune"
     age = now - registration.last_sync
     if age > max_age:
-        return f"the app last checked in {round(age.total_seconds())}s ago " \
-               f"(allowed: {round(max_age.total_seconds())}s)"
-    return None
+        return "notCheckedIn", f"the app last checked in {round(age.total_seconds())}s ago " \
+                               f"(allowed: {round(max_age.total_seconds())}s)"
+    return "registered", None
 
 
 def max_device_threat_level(device: DeviceSignals, allowed: DeviceThreatLevel) -> ControlFailure | None:

@@ -197,7 +197,7 @@ class AppRegistrationStore(ABC):
     @abstractmethod
     def registrations_for(self, user_keys: Iterable[str], app_identifiers: Iterable[str]) -> list[AppRegistration]:
         """The registrations of these apps (bundle/package ids, lower case) for a user named by any of
-        ``user_keys`` (object id or UPN, lower case), at most ``REGISTRATIONS_MAX``, by id."""
+        ``user_keys`` (object id or UPN, lower case: see ``names``), at most ``REGISTRATIONS_MAX``, by id."""
 
     @abstractmethod
     def replace_all(self, registrations: Iterable[AppRegistration], *, now: datetime, prune: bool = False) -> int:
@@ -220,6 +220,15 @@ class AppRegistrationStore(ABC):
 
     def registration(self, registration_id: str) -> AppRegistration | None:
         return next((r for r in self.registrations() if r.registration_id == registration_id.lower()), None)
+
+
+def names(registration: AppRegistration, user_keys: set[str]) -> bool:
+    """Whether a registration is one of these users': by its object id (Graph's ``userId``), or by
+    UPN only when it names no object id (a seed's). A UPN is a claim another issuer could mint for
+    anyone; Graph's registrations carry the object id, which only the tenant's own tokens hold."""
+    if registration.user_id is not None:
+        return registration.user_id in user_keys
+    return registration.user_principal_name in user_keys
 
 
 def user_keys(identity: Identity) -> tuple[str, ...]:
@@ -260,8 +269,8 @@ class MemoryAppRegistrations(AppRegistrationStore):
 
     def registrations_for(self, user_keys: Iterable[str], app_identifiers: Iterable[str]) -> list[AppRegistration]:
         users, apps = set(user_keys), set(app_identifiers)
-        return [r for _, r in sorted(self._by_id.items()) if r.app_identifier in apps
-                and (r.user_id in users or r.user_principal_name in users)][:REGISTRATIONS_MAX]
+        return [r for _, r in sorted(self._by_id.items()) if r.app_identifier in apps and names(r, users)
+                ][:REGISTRATIONS_MAX]
 
     def replace_all(self, registrations: Iterable[AppRegistration], *, now: datetime, prune: bool = False) -> int:
         given = {r.registration_id.lower(): r for r in registrations}

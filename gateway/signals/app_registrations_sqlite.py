@@ -72,7 +72,7 @@ class SqliteAppRegistrations(AppRegistrationStore):
         marks_users, marks_apps = ",".join("?" * len(users)), ",".join("?" * len(apps))
         rows = self._read(
             f"SELECT registration_id, record FROM app_registrations WHERE app_identifier IN ({marks_apps}) "  # noqa: S608
-            f"AND (user_id IN ({marks_users}) OR user_principal_name IN ({marks_users})) "
+            f"AND (user_id IN ({marks_users}) OR (user_id IS NULL AND user_principal_name IN ({marks_users}))) "
             f"ORDER BY registration_id LIMIT {REGISTRATIONS_MAX}", (*apps, *users, *users))
         return [self._registration(registration_id, record) for registration_id, record in rows]
 

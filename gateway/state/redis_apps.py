@@ -19,6 +19,7 @@ from gateway.policy.model import AppRegistration
 from gateway.signals.app_protection import (
     REGISTRATIONS_MAX,
     AppRegistrationStore,
+    names,
     registration_from_json,
     registration_json,
 )
@@ -100,14 +101,14 @@ class RedisAppRegistrations(AppRegistrationStore):
         return f"{self._keys.prefix}app-registration:{registration_id}"
 
     def registrations_for(self, user_keys: Iterable[str], app_identifiers: Iterable[str]) -> list[AppRegistration]:
-        apps = set(app_identifiers)
+        apps, users = set(app_identifiers), set(user_keys)
         with unavailable(self.location):
             ids: set[str] = set()
-            for user in sorted(set(user_keys)):
+            for user in sorted(users):
                 ids |= set(texts(self._client.smembers(self._keys.prefix + "app-user:" + user)))
             records = _texts_or_none(self._client.mget([self._key(i) for i in sorted(ids)])) if ids else []
         found = [self._registration(i, r) for i, r in zip(sorted(ids), records, strict=True) if r is not None]
-        return [r for r in found if r.app_identifier in apps][:REGISTRATIONS_MAX]
+        return [r for r in found if r.app_identifier in apps and names(r, users)][:REGISTRATIONS_MAX]
 
     def _registration(self, registration_id: str, record: str) -> AppRegistration:
         try:
