@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -507,3 +508,17 @@ def test_a_registration_changed_on_another_host_is_heard_over_redis(redis_server
         return heard
 
     assert asyncio.run(scenario()) == [AppRegistrationsChanged(frozenset({"drew@contoso.test"}))]
+
+
+def test_check_reports_a_bad_seed_entry_at_its_line_beside_a_database(tmp_path: Path) -> None:
+    from tests.helpers.config import shipped_config
+    from tests.helpers.signals import PORTCULLIS
+
+    demo = shipped_config(Path(__file__).parent.parent / "config", tmp_path)  # a database and the seed
+    (demo / "cases.yaml").unlink()  # read when the gateway's files are, not only when a case asks What If
+    seed = demo / "app-registrations.yaml"
+    seed.write_text(seed.read_text().replace("flaggedReasons: [rootedDevice]", "flaggedReasons: rootedDevice"))
+    result = subprocess.run([PORTCULLIS, "check", "--config", str(demo)], capture_output=True, text=True, timeout=60)
+    line = seed.read_text().splitlines().index("    flaggedReasons: rootedDevice") + 1
+    assert result.returncode == 1
+    assert f"app-registrations.yaml:{line}:" in result.stderr and "flaggedReasons" in result.stderr, result.stderr

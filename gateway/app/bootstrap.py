@@ -55,6 +55,7 @@ class Loaded:
     sessions: SessionStore = field(default_factory=MemorySessionStore)
     nonces: NonceStore = field(default_factory=MemoryNonces)
     apps: AppRegistrationStore | None = None  # app protection registrations (None: none configured)
+    app_seed: MemoryAppRegistrations | None = None  # deviceSignals.appProtection.registrations, read at load
 
     @property
     def app_protection(self) -> AppProtectionSource | None:
@@ -66,13 +67,9 @@ class Loaded:
     def whatif_app_protection(self) -> AppProtectionSource | None:
         """What a gateway started now would read: the stored registrations with the seed's laid
         over them (the seed is written at start). For the rule tools, like ``inventory``."""
-        seed = self.config.gateway_file.device_signals.app_protection.registrations
-        if self.apps is None or seed is None or isinstance(self.apps, MemoryAppRegistrations):
+        if self.apps is None or self.app_seed is None or self.apps is self.app_seed:
             return self.app_protection
-        path = self.config.path(seed)
-        overlay = OverlayAppRegistrations(MemoryAppRegistrations(parse_registrations(path), location=str(path)),
-                                          self.apps)
-        return AppProtectionSource(overlay, name=self.store_name)
+        return AppProtectionSource(OverlayAppRegistrations(self.app_seed, self.apps), name=self.store_name)
 
     @property
     def inventory(self) -> DeviceInventory:
@@ -107,7 +104,7 @@ class Loaded:
             return local
         assert self.store is not None  # local inventory implies a store
         syncs_apps = bool(self.config.gateway_file.device_signals.app_protection.app_identifiers) and \
-            not isinstance(self.apps, MemoryAppRegistrations)  # only where app protection is used: a permission more
+            self.apps is not self.app_seed  # only where app protection is used: a permission more
         return GraphInventory(self.store, local, self.graph_client, clock=utc_now,
                               apps=self.apps if syncs_apps else None)
 
@@ -131,33 +128,22 @@ def load(config_dir: Path, worker: Worker = ONLY_WORKER) -> Loaded:
     config = load_config(config_dir)
     signals = config.gateway_file.device_signals
     file_inventory = FileDeviceInventory.load(config.path(signals.inventory)) if signals.inventory else None
+    seed_path = signals.app_protection.registrations
+    seed = MemoryAppRegistrations(parse_registrations(config.path(seed_path)), location=str(config.path(seed_path))) \
+        if seed_path is not None else None  # read now, with the other files: ``check`` reports a bad entry's line
     shared = shared_state(config.gateway_file.state, os.environ)
     if shared is not None:
         return Loaded(config, file_inventory, shared.devices, worker=worker, shared=shared, sessions=shared.sessions,
-                      nonces=shared.nonces, apps=app_registrations(config, shared))
+                      nonces=shared.nonces, apps=shared.apps, app_seed=seed)
     store = SqliteDeviceStore(config.path(signals.database)) if signals.database else None
-    apps = app_registrations(config, None)
+    # beside the devices (the SQLite file), else the seed alone in memory
+    apps = SqliteAppRegistrations(config.path(signals.database)) if signals.database else seed
     if worker.shares_listeners:  # the workers of one host: sessions and nonces in the state directory
         state_dir = config.path(config.gateway_file.gateway.state_dir)
         return Loaded(config, file_inventory, store, worker=worker,
                       sessions=SqliteSessionStore(state_dir / "sessions.sqlite"),
-                      nonces=SqliteNonces(state_dir / "nonces.sqlite"), apps=apps)
-    return Loaded(config, file_inventory, store, worker=worker, apps=apps)
-
-
-def app_registrations(config: Config, shared: RedisState | None) -> AppRegistrationStore | None:
-    """Where app protection registrations live: beside the devices (the SQLite file, or Redis),
-    else the seed alone in memory; None when neither is configured."""
-    signals = config.gateway_file.device_signals
-    seed = signals.app_protection.registrations
-    if shared is not None:
-        return shared.apps
-    if signals.database is not None:
-        return SqliteAppRegistrations(config.path(signals.database))
-    if seed is not None:
-        path = config.path(seed)
-        return MemoryAppRegistrations(parse_registrations(path), location=str(path))
-    return None
+                      nonces=SqliteNonces(state_dir / "nonces.sqlite"), apps=apps, app_seed=seed)
+    return Loaded(config, file_inventory, store, worker=worker, apps=apps, app_seed=seed)
 
 
 def device_commands_inventory(config_dir: Path) -> StoreInventory | None:
@@ -276,9 +262,8 @@ def seed_store(loaded: Loaded, now_clock: Clock = utc_now) -> None:
     the app registrations' seed (its registrations are written over the stored ones of their ids)."""
     if loaded.store is not None and loaded.file_inventory is not None:
         loaded.store.replace_all(loaded.file_inventory.records, now=now_clock(), seed=True)
-    seed = loaded.config.gateway_file.device_signals.app_protection.registrations
-    if seed is not None and loaded.apps is not None and not isinstance(loaded.apps, MemoryAppRegistrations):
-        loaded.apps.replace_all(parse_registrations(loaded.config.path(seed)), now=now_clock())
+    if loaded.app_seed is not None and loaded.apps is not None and loaded.apps is not loaded.app_seed:
+        loaded.apps.replace_all(loaded.app_seed.registrations(), now=now_clock())
 
 
 def build_service(
