@@ -52,6 +52,7 @@ class AccessGate:
             flow_state.access_request, flow_state.authorization, flow_state.cookies = request, authorization, cookies
             if outcome.device_id:
                 flow_state.device_id = outcome.device_id
+            flow_state.app_users = outcome.app_users
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:

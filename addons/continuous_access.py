@@ -1,8 +1,9 @@
 """ContinuousAccess: every flow the rules allowed is kept while it is open, whether or not its
 decision used a device (a kiosk's never does). When a device's signals change (MTD webhook,
 inventory sync, CLI), every open flow of that device is decided again, and its connection closed
-if it is no longer allowed: an ActiveSync Ping long-poll or a streamed download does not outlive a
-risk raise. A reload of the rules decides again every flow still open two seconds after it
+if it is no longer allowed (so too every open flow whose decision read a user's app protection
+registrations, when those change: flagged, removed): an ActiveSync Ping long-poll or a streamed
+download does not outlive a risk raise. A reload of the rules decides again every flow still open two seconds after it
 started, with a device or without: a tightening reload closes a kiosk's long request too.
 
 A change can also land while a flow is being decided: after its decision read the device (or the
@@ -26,7 +27,7 @@ from addons.flow_state import state
 from addons.mitm_internals import close_client_connection
 from addons.safety import fail_closed
 from gateway.decision.service import AccessService
-from gateway.events import RULES_RELOADED, AllDevicesChanged, ChangeEvent, RulesReloaded
+from gateway.events import RULES_RELOADED, AllDevicesChanged, AppRegistrationsChanged, ChangeEvent, RulesReloaded
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class ContinuousAccess:
         self.service = service
         self.open_flows: set[http.HTTPFlow] = set()  # every allowed flow still open: a reload decides them again
         self.by_device: dict[str, set[http.HTTPFlow]] = {}  # those whose decision used a device
+        self.by_app_user: dict[str, set[http.HTTPFlow]] = {}  # those whose decision read a user's app registrations
         self.deciding: dict[str, set[ChangeEvent]] = {}  # flow id -> changes heard while it was being decided
         self._tasks: set[asyncio.Task[None]] = set()
         service.subscribe(self.changed)
@@ -52,7 +54,11 @@ class ContinuousAccess:
         device_id = flow_state.device_id
         if device_id:
             self.by_device.setdefault(device_id, set()).add(flow)
-        if device_id and any(event.touches(device_id) for event in heard):
+        users = flow_state.app_users
+        for user in users:
+            self.by_app_user.setdefault(user, set()).add(flow)
+        if (device_id and any(event.touches(device_id) for event in heard)) or \
+                any(isinstance(event, AppRegistrationsChanged) and event.concerns(users) for event in heard):
             self._start(flow)  # its decision may have read the signals from before the change
         elif RULES_RELOADED in heard:
             self._decide_after_grace(flow, asyncio.get_running_loop(), time.time())
@@ -71,6 +77,11 @@ class ContinuousAccess:
             heard.add(event)
         if isinstance(event, RulesReloaded):
             self._rules_changed()
+            return
+        if isinstance(event, AppRegistrationsChanged):
+            users = set(self.by_app_user) if event.every else event.users
+            for flow in {f for user in users for f in self.by_app_user.get(user, ())}:
+                self._start(flow)
             return
         device_ids = set(self.by_device) if isinstance(event, AllDevicesChanged) else event.device_ids
         for device_id in device_ids:
@@ -123,6 +134,12 @@ class ContinuousAccess:
             flows.discard(flow)
             if not flows:
                 del self.by_device[device_id]
+        for user in state(flow).app_users:
+            flows = self.by_app_user.get(user)
+            if flows is not None:
+                flows.discard(flow)
+                if not flows:
+                    del self.by_app_user[user]
 
 
 class DecisionsUnderWay:

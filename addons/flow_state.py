@@ -54,6 +54,8 @@ class FlowState:
     authorization: list[str] = field(default_factory=list, repr=False)  # likewise (never logged)
     cookies: list[str] = field(default_factory=list, repr=False)  # likewise
     device_id: str | None = None  # the device its decision used: ContinuousAccess (when that device changes)
+    # the users whose app protection registrations its decision read: ContinuousAccess (when they change)
+    app_users: frozenset[str] = frozenset()
     session_controls: SessionControls | None = None  # an allowed request's session controls: SessionEnforcement
     # Its decision record, until its answer is known: DecisionRecords writes it then, and clears this.
     record: dict[str, Any] | None = None

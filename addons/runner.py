@@ -181,7 +181,8 @@ def _background_jobs(loaded: Loaded, service: AccessService, operations: Operati
         service.shared_feed_up = False
         events = loaded.shared.events(on_devices=service.shared_devices_changed,
                                       on_connected=service.shared_feed_restored,
-                                      on_lost=service.shared_feed_lost)
+                                      on_lost=service.shared_feed_lost,
+                                      on_apps=service.feed.shared_apps_changed)
         background.append(asyncio.create_task(events.run()))
     if graph is not None and loaded.worker.primary:
         background.append(asyncio.create_task(_sync_from_graph(loaded, graph)))

@@ -1,5 +1,6 @@
 """Change events: what makes a gateway process drop cached device signals and decide its open
-connections again (continuous access evaluation).
+connections again (continuous access evaluation), device changes and app protection registration
+changes alike.
 
 A process hears device changes from one source, its store's change feed: the SQLite change log it
 polls, or the Redis channel every write is announced on. Its own writes come back the same way, so
@@ -43,7 +44,23 @@ class RulesReloaded:
         return False  # no device's signals changed
 
 
-type ChangeEvent = DevicesChanged | AllDevicesChanged | RulesReloaded
+@dataclass(frozen=True, slots=True)
+class AppRegistrationsChanged:
+    """These users' app protection registrations changed (object ids or UPNs, lower case); ``every``:
+    any user's may have (a change log this process fell behind). No device's signals changed: the
+    flows whose decision read these users' registrations are decided again."""
+
+    users: frozenset[str]
+    every: bool = False
+
+    def touches(self, device_id: str) -> bool:
+        return False
+
+    def concerns(self, users: frozenset[str]) -> bool:
+        return self.every or not self.users.isdisjoint(users)
+
+
+type ChangeEvent = DevicesChanged | AllDevicesChanged | RulesReloaded | AppRegistrationsChanged
 type ChangeListener = Callable[[ChangeEvent], None]
 
 ALL_DEVICES = AllDevicesChanged()

@@ -1,7 +1,8 @@
 """A local server in Microsoft Graph's shapes for the connector's tests: the v2.0 token endpoint
-(client credentials), and /deviceManagement/managedDevices with $select (only the properties it
-names are answered, as Graph does), $filter on
-azureADDeviceId, paging by @odata.nextLink, and throttling (429/503 with Retry-After)."""
+(client credentials), /deviceManagement/managedDevices with $select (only the properties it
+names are answered, as Graph does), $filter on azureADDeviceId, and
+/deviceAppManagement/managedAppRegistrations (iOS and Android registrations, appliedPolicies only
+with $expand); both paged by @odata.nextLink and throttled (429/503 with Retry-After)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,36 @@ def managed_device(index: int, **overrides: Any) -> dict[str, Any]:
     }
 
 
+def app_registration(index: int, *, android: bool = False, **overrides: Any) -> dict[str, Any]:
+    """A managedAppRegistration as Graph v1.0 returns it (with ``$expand=appliedPolicies``), noise included."""
+    kind = "android" if android else "ios"
+    identifier = {"@odata.type": "#microsoft.graph.androidMobileAppIdentifier",
+                  "packageId": "com.microsoft.office.outlook"} if android else \
+        {"@odata.type": "#microsoft.graph.iosMobileAppIdentifier", "bundleId": "com.microsoft.Office.Outlook"}
+    return {
+        "@odata.type": f"#microsoft.graph.{kind}ManagedAppRegistration",
+        "id": f"{kind}-registration-{index}",
+        "createdDateTime": "2026-10-01T08:00:00Z",
+        "lastSyncDateTime": "2026-11-23T08:00:00Z",
+        "applicationVersion": "4.2445.0",
+        "managementSdkVersion": "19.6.0",
+        "platformVersion": "18.1",
+        "deviceType": "iPhone" if not android else "Pixel 9",
+        "deviceTag": f"tag-{index}",
+        "deviceName": f"Phone {index}",
+        "managedDeviceId": None,
+        "azureADDeviceId": None,
+        "flaggedReasons": [],
+        "userId": f"0b000000-0000-4000-8000-{index:012d}",
+        "appIdentifier": identifier,
+        "version": "3",
+        "appliedPolicies": [{"@odata.type": f"#microsoft.graph.{kind}ManagedAppProtection", "id": f"T_{kind}-mail",
+                             "displayName": "Mail apps", "description": "", "version": "1",
+                             "createdDateTime": "2026-09-01T08:00:00Z", "roleScopeTagIds": ["0"]}],
+        **overrides,
+    }
+
+
 def settings(base: str, *, secret: str = CLIENT_SECRET, rate: float = 5) -> GraphSettings:
     return GraphSettings(token_url=f"{base}/{TENANT}/oauth2/v2.0/token", graph_url=f"{base}/v1.0",
                          client_id=CLIENT_ID, client_secret=secret, lookups_per_second=rate)
@@ -65,6 +96,32 @@ class GraphState:
     throttle: list[int] = field(default_factory=list)  # statuses to answer before the next page
     tokens_issued: int = 0
     requests: list[str] = field(default_factory=list)
+    app_registrations: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _refused(state: GraphState, request: Request) -> JSONResponse | None:
+    """Graph's answer before any page: no token (401), or throttled (429/503 with Retry-After)."""
+    state.requests.append(str(request.url))
+    if not request.headers.get("authorization", "").startswith("Bearer t"):
+        return JSONResponse({"error": {"code": "InvalidAuthenticationToken"}}, status_code=401)
+    if state.throttle:
+        status = state.throttle.pop(0)
+        return JSONResponse({"error": {"code": "TooManyRequests"}}, status_code=status,
+                            headers={"Retry-After": "0"})
+    return None
+
+
+def _paged(state: GraphState, request: Request, selected: list[dict[str, Any]], context: str) -> JSONResponse:
+    start = int(request.query_params.get("$skiptoken", "0"))
+    page = selected[start:start + state.page_size]
+    if "$select" in request.query_params:
+        properties = request.query_params["$select"].split(",")
+        page = [{name: item[name] for name in properties if name in item} for item in page]
+    body: dict[str, Any] = {"@odata.context": f"https://graph.microsoft.com/v1.0/$metadata#{context}",
+                            "value": page}
+    if start + state.page_size < len(selected):
+        body["@odata.nextLink"] = str(request.url.include_query_params(**{"$skiptoken": start + state.page_size}))
+    return JSONResponse(body)
 
 
 def graph_app(state: GraphState) -> Starlette:
@@ -79,32 +136,27 @@ def graph_app(state: GraphState) -> Starlette:
         return JSONResponse({"token_type": "Bearer", "expires_in": 3599, "access_token": f"t{state.tokens_issued}"})
 
     async def devices(request: Request) -> JSONResponse:
-        state.requests.append(str(request.url))
-        if not request.headers.get("authorization", "").startswith("Bearer t"):
-            return JSONResponse({"error": {"code": "InvalidAuthenticationToken"}}, status_code=401)
-        if state.throttle:
-            status = state.throttle.pop(0)
-            return JSONResponse({"error": {"code": "TooManyRequests"}}, status_code=status,
-                                headers={"Retry-After": "0"})
+        if (refusal := _refused(state, request)) is not None:
+            return refusal
         selected = state.devices
         wanted = request.query_params.get("$filter", "")
         if wanted.startswith("azureADDeviceId eq '"):
             key = wanted.removeprefix("azureADDeviceId eq '").rstrip("'")
             selected = [d for d in selected if d["azureADDeviceId"] == key]
-        start = int(request.query_params.get("$skiptoken", "0"))
-        page = selected[start:start + state.page_size]
-        if "$select" in request.query_params:
-            properties = request.query_params["$select"].split(",")
-            page = [{name: device[name] for name in properties if name in device} for device in page]
-        body: dict[str, Any] = {"@odata.context": "https://graph.microsoft.com/v1.0/$metadata#deviceManagement/"
-                                                  "managedDevices", "value": page}
-        if start + state.page_size < len(selected):
-            body["@odata.nextLink"] = str(request.url.include_query_params(**{"$skiptoken": start + state.page_size}))
-        return JSONResponse(body)
+        return _paged(state, request, selected, "deviceManagement/managedDevices")
+
+    async def app_registrations(request: Request) -> JSONResponse:
+        if (refusal := _refused(state, request)) is not None:
+            return refusal
+        selected = state.app_registrations
+        if request.query_params.get("$expand") != "appliedPolicies":  # a navigation property: only when expanded
+            selected = [{k: v for k, v in r.items() if k != "appliedPolicies"} for r in selected]
+        return _paged(state, request, selected, "deviceAppManagement/managedAppRegistrations")
 
     return Starlette(routes=[
         Route(f"/{TENANT}/oauth2/v2.0/token", token, methods=["POST"]),
         Route("/v1.0/deviceManagement/managedDevices", devices),
+        Route("/v1.0/deviceAppManagement/managedAppRegistrations", app_registrations),
     ])
 
 

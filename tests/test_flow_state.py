@@ -88,6 +88,7 @@ WRITERS: dict[str, set[str]] = {
     "authorization": {"access_gate"},
     "cookies": {"access_gate"},
     "device_id": {"access_gate"},
+    "app_users": {"access_gate"},
     "session_controls": {"access_gate"},
     "record": {"access_gate", "decision_records"},  # DecisionRecords clears it once written: written once
     "client_close": {"access_gate"},

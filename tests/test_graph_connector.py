@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import SignalUnavailable
-from gateway.policy.model import ComplianceState, DeviceThreatLevel
+from gateway.policy.model import AppRegistration, ComplianceState, DeviceThreatLevel
+from gateway.signals.app_protection import parse_registrations
+from gateway.signals.app_registrations_sqlite import SqliteAppRegistrations
 from gateway.signals.cache import CachedInventory
 from gateway.signals.graph import RECHECK_FIRST_SECONDS, GraphClient, GraphInventory, device_record
 from gateway.signals.sqlite_store import SqliteDeviceStore
 from gateway.signals.store import StoreInventory
-from tests.graph_server import GraphState, managed_device, serving, settings
+from tests.graph_server import GraphState, app_registration, managed_device, serving, settings
 from tests.helpers.signals import Clock
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -236,3 +238,85 @@ def test_endless_throttling_gives_up_with_signal_unavailable() -> None:
             await client.close()
 
     run(state, scenario)
+
+
+def test_app_registrations_sync_through_paging_and_throttling_in_one_transaction(tmp_path: Path) -> None:
+    state = GraphState(devices=[], throttle=[429, 503], app_registrations=[
+        app_registration(1), app_registration(2, android=True, flaggedReasons=["rootedDevice"]),
+        app_registration(3, appliedPolicies=[]), app_registration(4, lastSyncDateTime="yesterday"),  # unreadable
+        app_registration(5, **{"@odata.type": "#microsoft.graph.windowsManagedAppRegistration"}),  # not iOS/Android
+    ])
+    store = SqliteDeviceStore(tmp_path / "d.sqlite")
+    apps = SqliteAppRegistrations(tmp_path / "d.sqlite")  # beside the devices, in the same file
+    apps.replace_all([app_registration_gone()], now=NOW)  # Intune no longer lists it: pruned
+
+    async def scenario(base: str) -> int:
+        client = GraphClient(settings(base))
+        try:
+            return await GraphInventory(store, StoreInventory(store), client,
+                                        clock=lambda: NOW).sync_app_registrations(apps)
+        finally:
+            await client.close()
+
+    assert run(state, scenario) == 3
+    registrations = {r.registration_id: r for r in apps.registrations()}
+    assert sorted(registrations) == ["android-registration-2", "ios-registration-1", "ios-registration-3"]
+    ios, android = registrations["ios-registration-1"], registrations["android-registration-2"]
+    assert (ios.app_identifier, ios.platform, ios.user_id, ios.device_tag, ios.applied_policies,
+            ios.last_sync) == ("com.microsoft.office.outlook", "iOS", "0b000000-0000-4000-8000-000000000001",
+                               "tag-1", ("Mail apps",), datetime(2026, 11, 23, 8, 0, tzinfo=UTC))
+    assert (android.platform, android.flagged_reasons) == ("android", ("rootedDevice",))
+    assert registrations["ios-registration-3"].applied_policies == ()
+    assert len(state.requests) == 2 + 3  # two throttled answers, then three pages of two
+    assert "%24expand=appliedPolicies" in state.requests[0]
+
+
+def test_a_full_sync_brings_the_app_registrations_with_the_devices(tmp_path: Path) -> None:
+    state = GraphState(devices=[managed_device(1)], app_registrations=[app_registration(1)])
+    store = SqliteDeviceStore(tmp_path / "d.sqlite")
+    apps = SqliteAppRegistrations(tmp_path / "d.sqlite")
+
+    async def scenario(base: str) -> int:
+        client = GraphClient(settings(base))
+        try:
+            return await GraphInventory(store, StoreInventory(store), client, clock=lambda: NOW, apps=apps).full_sync()
+        finally:
+            await client.close()
+
+    assert run(state, scenario) == 1
+    assert [r.registration_id for r in apps.registrations()] == ["ios-registration-1"]
+
+
+def app_registration_gone() -> AppRegistration:
+    """A registration Intune does not list (the demo seed's first)."""
+    path = Path(__file__).parent.parent / "config" / "app-registrations.yaml"
+    return parse_registrations(path)[0]
+
+
+def test_an_empty_app_registrations_answer_prunes_nothing(tmp_path: Path) -> None:
+    apps = SqliteAppRegistrations(tmp_path / "d.sqlite")
+    apps.replace_all([app_registration_gone()], now=NOW)
+    store = SqliteDeviceStore(tmp_path / "d.sqlite")
+
+    async def scenario(base: str) -> int:
+        client = GraphClient(settings(base))
+        try:
+            return await GraphInventory(store, StoreInventory(store), client,
+                                        clock=lambda: NOW).sync_app_registrations(apps)
+        finally:
+            await client.close()
+
+    assert run(GraphState(devices=[]), scenario) == 0
+    assert apps.count() == 1
+
+
+def test_app_registrations_with_a_wrong_client_secret_fail_clearly(tmp_path: Path) -> None:
+    async def scenario(base: str) -> None:
+        client = GraphClient(settings(base, secret="wrong-secret-0123456789"))
+        try:
+            with pytest.raises(SignalUnavailable, match="Graph token request failed"):
+                await client.managed_app_registrations()
+        finally:
+            await client.close()
+
+    run(GraphState(devices=[], app_registrations=[app_registration(1)]), scenario)

@@ -88,7 +88,7 @@ def live(request: pytest.FixtureRequest, gateway: Gateway, demo_ports: Ports,
     loaded = bootstrap.load(config_dir)
     with Background(lambda: listener(config_dir)) as (port, decision_log):
         yield Live(replace(gateway, port=port, decision_log=decision_log, config_dir=config_dir),
-                   WhatIf(loaded.config, loaded.inventory))
+                   WhatIf(loaded.config, loaded.inventory, loaded.whatif_app_protection))
 
 
 PLATFORM_IN_USER_AGENT = {  # how real clients name their platform in a User-Agent

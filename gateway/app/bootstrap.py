@@ -23,6 +23,14 @@ from gateway.identity.browser import BrowserSignIn
 from gateway.identity.issuers import TrustedIssuers
 from gateway.identity.tokens import BearerValidator
 from gateway.ops.metrics import GatewayMetrics
+from gateway.signals.app_protection import (
+    AppProtectionSource,
+    AppRegistrationStore,
+    MemoryAppRegistrations,
+    OverlayAppRegistrations,
+    parse_registrations,
+)
+from gateway.signals.app_registrations_sqlite import SqliteAppRegistrations
 from gateway.signals.cache import CachedInventory
 from gateway.signals.devices import DeviceInventory, FileDeviceInventory, OverlayInventory
 from gateway.signals.graph import GraphClient, GraphInventory, GraphSettings
@@ -46,6 +54,22 @@ class Loaded:
     shared: RedisState | None = None  # ``state: redis://...``: devices, sessions and nonces live there
     sessions: SessionStore = field(default_factory=MemorySessionStore)
     nonces: NonceStore = field(default_factory=MemoryNonces)
+    apps: AppRegistrationStore | None = None  # app protection registrations (None: none configured)
+    app_seed: MemoryAppRegistrations | None = None  # deviceSignals.appProtection.registrations, read at load
+
+    @property
+    def app_protection(self) -> AppProtectionSource | None:
+        """The app registrations as the pipeline reads them (the gateway, What If, cases)."""
+        return AppProtectionSource(self.apps, name=self.store_name if self.store is not None else "file") \
+            if self.apps is not None else None
+
+    @property
+    def whatif_app_protection(self) -> AppProtectionSource | None:
+        """What a gateway started now would read: the stored registrations with the seed's laid
+        over them (the seed is written at start). For the rule tools, like ``inventory``."""
+        if self.apps is None or self.app_seed is None or self.apps is self.app_seed:
+            return self.app_protection
+        return AppProtectionSource(OverlayAppRegistrations(self.app_seed, self.apps), name=self.store_name)
 
     @property
     def inventory(self) -> DeviceInventory:
@@ -79,7 +103,10 @@ class Loaded:
         if self.graph_client is None:
             return local
         assert self.store is not None  # local inventory implies a store
-        return GraphInventory(self.store, local, self.graph_client, clock=utc_now)
+        syncs_apps = bool(self.config.gateway_file.device_signals.app_protection.app_identifiers) and \
+            self.apps is not self.app_seed  # only where app protection is used: a permission more
+        return GraphInventory(self.store, local, self.graph_client, clock=utc_now,
+                              apps=self.apps if syncs_apps else None)
 
     @property
     def graph_client(self) -> GraphClient | None:
@@ -101,17 +128,22 @@ def load(config_dir: Path, worker: Worker = ONLY_WORKER) -> Loaded:
     config = load_config(config_dir)
     signals = config.gateway_file.device_signals
     file_inventory = FileDeviceInventory.load(config.path(signals.inventory)) if signals.inventory else None
+    seed_path = signals.app_protection.registrations
+    seed = MemoryAppRegistrations(parse_registrations(config.path(seed_path)), location=str(config.path(seed_path))) \
+        if seed_path is not None else None  # read now, with the other files: ``check`` reports a bad entry's line
     shared = shared_state(config.gateway_file.state, os.environ)
     if shared is not None:
         return Loaded(config, file_inventory, shared.devices, worker=worker, shared=shared, sessions=shared.sessions,
-                      nonces=shared.nonces)
+                      nonces=shared.nonces, apps=shared.apps, app_seed=seed)
     store = SqliteDeviceStore(config.path(signals.database)) if signals.database else None
+    # beside the devices (the SQLite file), else the seed alone in memory
+    apps = SqliteAppRegistrations(config.path(signals.database)) if signals.database else seed
     if worker.shares_listeners:  # the workers of one host: sessions and nonces in the state directory
         state_dir = config.path(config.gateway_file.gateway.state_dir)
         return Loaded(config, file_inventory, store, worker=worker,
                       sessions=SqliteSessionStore(state_dir / "sessions.sqlite"),
-                      nonces=SqliteNonces(state_dir / "nonces.sqlite"))
-    return Loaded(config, file_inventory, store, worker=worker)
+                      nonces=SqliteNonces(state_dir / "nonces.sqlite"), apps=apps, app_seed=seed)
+    return Loaded(config, file_inventory, store, worker=worker, apps=apps, app_seed=seed)
 
 
 def device_commands_inventory(config_dir: Path) -> StoreInventory | None:
@@ -127,6 +159,17 @@ def device_commands_inventory(config_dir: Path) -> StoreInventory | None:
         return None
     return StoreInventory(store, unresponsive_after(gateway_file.mtd_partners),
                           name="redis" if shared is not None else "sqlite")
+
+
+def app_commands_store(config_dir: Path) -> AppRegistrationStore | None:
+    """The app registrations' store, from ``portcullis.yaml`` alone (``portcullis apps``), as
+    ``device_commands_inventory`` finds the devices'. None without a database or state."""
+    gateway_file = load_gateway_file(config_dir)
+    shared = shared_state(gateway_file.state, os.environ)
+    if shared is not None:
+        return shared.apps
+    database = gateway_file.device_signals.database
+    return SqliteAppRegistrations(resolve(config_dir, database)) if database else None
 
 
 def unresponsive_after(partners: Mapping[str, MtdPartnerSettings]) -> dict[str, timedelta]:
@@ -215,9 +258,12 @@ def decision_log(config: Config, metrics: GatewayMetrics | None = None, worker: 
 
 
 def seed_store(loaded: Loaded, now_clock: Clock = utc_now) -> None:
-    """With both a YAML inventory and a database, the YAML file seeds the store at start."""
+    """With both a YAML inventory and a database, the YAML file seeds the store at start; so does
+    the app registrations' seed (its registrations are written over the stored ones of their ids)."""
     if loaded.store is not None and loaded.file_inventory is not None:
         loaded.store.replace_all(loaded.file_inventory.records, now=now_clock(), seed=True)
+    if loaded.app_seed is not None and loaded.apps is not None and loaded.apps is not loaded.app_seed:
+        loaded.apps.replace_all(loaded.app_seed.registrations(), now=now_clock())
 
 
 def build_service(
@@ -253,6 +299,7 @@ def build_service(
         decision_log=decision_log(config, metrics, loaded.worker),
         clock=clock,
         store=loaded.store,
+        apps=loaded.app_protection,
         metrics=metrics,
         assertions=assertion_signer(config),
     )

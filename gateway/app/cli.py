@@ -9,6 +9,7 @@
     portcullis why    [--config DIR] CORRELATION_ID [--json]   explain one logged decision
     portcullis devices --config DIR import FILE | export [--format csv] | list | show ID | set-risk ID LEVEL
                                     | remove ID...
+    portcullis apps    --config DIR import FILE | list | show ID | remove ID...   app protection registrations
     portcullis certs  [--config DIR] init        create the CA and server certificates (kiosks trust the CA)
     portcullis import entra POLICIES.json --config DIR [--out FILE] [--dry-run]   Graph policies into policies.yaml
     portcullis export entra --config DIR [--out FILE]   policies.yaml as Graph conditionalAccessPolicy JSON
@@ -24,7 +25,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from gateway.app.commands import cases, certs, check, devices, entra, replay, serve, whatif, why
+from gateway.app.commands import apps, cases, certs, check, devices, entra, replay, serve, whatif, why
 from gateway.errors import ConfigError
 from gateway.terminal import printable, printable_lines
 
@@ -54,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     serve.add_parsers(commands)  # demo, run
-    for command in (check, whatif, devices, why, certs, cases, replay, entra):
+    for command in (check, whatif, devices, apps, why, certs, cases, replay, entra):
         command.add_parser(commands)
     return parser
 

@@ -62,6 +62,15 @@ class Config:
             for client_id in client_ids
         }
 
+    def app_identifiers_by_client_id(self) -> dict[str, tuple[str, ...]]:
+        """The bundle and package ids (lower case) of each configured client id's application."""
+        identifiers = self.gateway_file.device_signals.app_protection.app_identifiers
+        return {
+            client_id.lower(): tuple(sorted({i.lower() for i in identifiers[name]}))
+            for name, client_ids in self.gateway_file.applications.items() if name in identifiers
+            for client_id in client_ids
+        }
+
 
 def resolve(directory: Path, relative: Path) -> Path:
     """A path written in a config file, resolved against the config directory."""

@@ -1,7 +1,8 @@
 """Warnings for a config that loads but probably does not say what its authors meant: policies
 that can never apply, resources no policy covers (or only a rollout cohort's, or only some users
 or client app types), rollouts whose
-cohort names a listener that does not exist, apps listed twice, an admin API off loopback.
+cohort names a listener that does not exist, apps listed twice, an admin API off loopback,
+``approvedApplication`` without a ``compliantApplication`` alternative (Entra retired it).
 ``portcullis check`` prints them; they do not stop the gateway."""
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from gateway.config.coverage import resources_of, uncovered_cohorts
 from gateway.config.loader import locate
 from gateway.config.models import ConditionalAccessPolicy, PlatformOrAll, PolicyState
 from gateway.errors import ConfigProblem
-from gateway.policy.model import ALL, ALL_TRUSTED, Listener
+from gateway.policy.model import ALL, ALL_TRUSTED, BuiltInControl, GrantOperator, Listener
 
 
 def config_warnings(config: Config) -> list[ConfigProblem]:
     return [*_policies_that_never_apply(config), *_uncovered_resources(config), *_rollouts_without_kiosk(config),
-            *_apps_listed_twice(config), *_admin_off_loopback(config)]
+            *_apps_listed_twice(config), *_admin_off_loopback(config), *_approved_application_retired(config)]
 
 
 def public_resources(config: Config) -> list[str]:
@@ -151,3 +152,25 @@ def _admin_off_loopback(config: Config) -> Iterator[ConfigProblem]:
     yield locate(data, ("admin", "listen", "host"), name,
                  f"the admin API listens on {admin.listen.host} in plain HTTP: bearer tokens and decision records "
                  "would cross the network unencrypted; keep it on 127.0.0.1 behind a TLS reverse proxy")
+
+
+APPROVED_APPLICATION_RETIRED = (
+    "policy {name!r}: Entra retired the approvedApplication grant (\"Require approved client app\") in March "
+    "2026; give it compliantApplication (\"Require app protection policy\") as an alternative (operator: OR, "
+    "builtInControls: [approvedApplication, compliantApplication]), or move to compliantApplication "
+    "(see docs/configuration.md, \"Migrating from approvedApplication\")")
+
+
+def _approved_application_retired(config: Config) -> Iterator[ConfigProblem]:
+    """Entra's migration: every policy that requires an approved client app requires it OR an app
+    protection policy. Portcullis still enforces approvedApplication (the client id of a signed token)."""
+    name, data = config.source(POLICIES_FILE)
+    for index, policy in enumerate(config.policies):
+        grant = policy.grant_controls
+        if grant is None or BuiltInControl.approved_application not in grant.built_in_controls:
+            continue
+        if grant.operator is GrantOperator.OR and BuiltInControl.compliant_application in grant.built_in_controls:
+            continue
+        at = grant.built_in_controls.index(BuiltInControl.approved_application)
+        yield locate(data, ("policies", index, "grantControls", "builtInControls", at), name,
+                     APPROVED_APPLICATION_RETIRED.format(name=policy.name))

@@ -500,6 +500,21 @@ class GraphConnectorSettings(Model):
         return _check_url(value, what="URL").rstrip("/")
 
 
+class AppProtectionSettings(Model):
+    """Intune app protection (MAM) registrations, read by the ``compliantApplication`` grant
+    control. ``registrations``: a YAML seed (written into the device store's database at every start,
+    or read alone without one). ``appIdentifiers``: per application (a name of ``applications``),
+    its iOS bundle ids and Android package ids (Graph's ``appIdentifier``), which registrations name
+    apps by. ``maxSyncAgeSeconds``: a registration whose app has not checked in with Intune for
+    longer no longer counts (Intune's own "Offline grace period" blocks access after 720 minutes;
+    24 hours leaves a phone that was off overnight its access); null: check-ins are not looked at."""
+
+    registrations: Path | None = None
+    app_identifiers: dict[str, Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,255}$")]],
+                                         Field(min_length=1)]] = {}
+    max_sync_age_seconds: Annotated[int, Field(ge=60, le=30 * 86400)] | None = 86400
+
+
 class DeviceSignalsSettings(Model):
     """``inventory``: a YAML file read at start. ``database``: the SQLite store (``portcullis
     devices ...``). With both, the YAML file seeds the store each time the gateway starts."""
@@ -509,6 +524,7 @@ class DeviceSignalsSettings(Model):
     graph: GraphConnectorSettings | None = None
     cache: DeviceCacheSettings = DeviceCacheSettings()
     compliance: ComplianceTenantSettings = ComplianceTenantSettings()
+    app_protection: AppProtectionSettings = AppProtectionSettings()
 
 
 
@@ -714,6 +730,7 @@ class PortcullisFile(Model):
         self._check_device_stores()
         self._check_hosts()
         self._check_browser_issuer()
+        self._check_app_identifiers()
         return self
 
     def _check_browser_issuer(self) -> None:
@@ -735,6 +752,18 @@ class PortcullisFile(Model):
         """The one issuer browsers sign in with: ``browserSignIn.issuer``, else the first."""
         wanted = self.browser_sign_in.issuer if self.browser_sign_in is not None else None
         return next((e for e in self.identity.trusted if e.name == wanted), self.identity.trusted[0])
+
+    def _check_app_identifiers(self) -> None:
+        """Bundle and package ids belong to a configured application, each to one."""
+        owners: dict[str, str] = {}
+        for name, identifiers in self.device_signals.app_protection.app_identifiers.items():
+            if name not in self.applications:
+                raise ValueError(f"deviceSignals.appProtection.appIdentifiers: {name!r} is not in applications")
+            for identifier in identifiers:
+                owner = owners.setdefault(identifier.lower(), name)
+                if owner != name:
+                    raise ValueError(f"deviceSignals.appProtection.appIdentifiers: {identifier!r} is listed under "
+                                     f"{owner!r} and {name!r}")
 
     def _check_device_stores(self) -> None:
         """Where devices live, and what needs a device store or shared state."""

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from gateway.policy.compliance import is_compliant
+from gateway.policy.grant_controls import app_protection_state
 from gateway.policy.model import (
     AccessRequest,
+    AppProtection,
     ClientApp,
     Decision,
     DecisionResult,
@@ -36,6 +38,7 @@ from gateway.policy.model import (
     PolicyResultKind,
 )
 from gateway.policy.rollout import request_listener
+from gateway.signals.app_protection import registration_json
 from gateway.signals.devices import device_record
 
 logger = logging.getLogger(__name__)
@@ -91,7 +94,17 @@ def sign_in_record(
         record["deviceCertificate"] = certificate_json(request.device_certificate)
     if identity is not None:
         record["evaluationInput"] = evaluation_input(identity, device, request)
+        if app is not None and app.protection is not None:  # only when a policy asked for it
+            record["evaluationInput"]["appProtection"] = app_protection_json(app.protection)
     return record
+
+
+def app_protection_json(protection: AppProtection) -> dict[str, Any]:
+    """The app's registrations policy saw, for replay (``gateway.replay.recorded``). Without their
+    user: they were found for the record's user, whose name the log may pseudonymise."""
+    age = protection.max_sync_age
+    return {"source": protection.source, "maxSyncAgeSeconds": None if age is None else round(age.total_seconds()),
+            "registrations": [registration_json(r, with_user=False) for r in protection.registrations]}
 
 
 def evaluation_input(identity: Identity, device: DeviceSignals | None, request: AccessRequest) -> dict[str, Any]:
@@ -163,11 +176,23 @@ def signal_entries(*, request: AccessRequest, identity: Identity | None, identit
             reported = (now - record.threat_reported_at).total_seconds() if record.threat_reported_at else None
             entries.append(_signal("threatLevel", record.threat_level.value if record.threat_level else "none",
                                    record.threat_source or device.source, reported))
+    if app is not None and app.protection is not None:
+        entries.append(_app_protection_signal(app.protection, identity, now))
     named = sorted(locations)
     kiosk = " through the kiosk proxy" if request.kiosk_location is not None else ""
     entries.append(_signal("location", ",".join(named) if named else "none",
                            f"client address {request.client_ip}{kiosk}", 0))
     return entries
+
+
+def _app_protection_signal(protection: AppProtection, identity: Identity | None, now: datetime) -> dict[str, Any]:
+    """``appProtection=registered|notRegistered|otherDevice|flagged|noPolicyApplied|notCheckedIn``,
+    aged by the newest check-in of the registrations found."""
+    synced = [r.last_sync for r in protection.registrations if r.last_sync is not None]
+    age = (now - max(synced)).total_seconds() if synced else None
+    value = "notRegistered" if identity is None else \
+        app_protection_state(ClientApp(client_id=None, name=None, protection=protection), identity, now)[0]
+    return _signal("appProtection", value, protection.source, age)
 
 
 def _signal(name: str, value: str, source: str, age: float | None) -> dict[str, Any]:
@@ -261,6 +286,12 @@ class Pseudonymizer:
             if given.get("device"):
                 given["device"] = {key: self.pseudonym(value) if key in PERSONAL_DEVICE_FIELDS and value else value
                                    for key, value in given["device"].items()}
+            if given.get("appProtection"):  # its registrations name no user, but their phones may ("Drew's phone")
+                protection = dict(given["appProtection"])
+                protection["registrations"] = [
+                    {**r, "deviceName": self.pseudonym(r["deviceName"])} if r.get("deviceName") else r
+                    for r in protection.get("registrations") or ()]
+                given["appProtection"] = protection
             record["evaluationInput"] = given
         return record
 

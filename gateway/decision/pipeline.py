@@ -5,8 +5,9 @@
                 any token), an access token in the URL (400)
     identity    who asks: the ``IdentitySource`` says (a bearer token or browser session at the
                 gateway; the question in What If; the recorded token in replay)
-    signals     the device the decision uses: the ``SignalSource`` says (the inventory, or the
-                decision log's record of the time)
+    signals     the device the decision uses, and the app's protection registrations when a policy
+                asks for them: the ``SignalSource`` says (the inventory and the app registration
+                store, or the decision log's record of the time)
     evaluate    ``gateway.policy.evaluate``, pure; called here and nowhere else
     restrict    the ActiveSync DeviceId binding before it, the request's session controls after
     outcome     the action: forward with the upstream headers, or which page answers
@@ -48,6 +49,7 @@ from gateway.policy.conditions import ACTIVESYNC_PATH, client_app_type, path_has
 from gateway.policy.evaluate import NO_RESOURCE_REASON, evaluate
 from gateway.policy.model import (
     AccessRequest,
+    AppProtection,
     ClientApp,
     ClientAppType,
     ControlFailure,
@@ -94,6 +96,8 @@ class Signals:
     # or why the certificate names none (``device_binding.resolution_problem``)
     certificate_device_id: str | None = None
     certificate_problem: str | None = None
+    # the token's app's app protection registrations for its user (None: no policy asks for them)
+    app_protection: AppProtection | None = None
 
 
 class IdentitySource(Protocol):
@@ -218,7 +222,7 @@ def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identi
     against the token's or the session's, the ActiveSync DeviceId binding), ``evaluate`` (its one
     call site), then the session controls that refuse the request itself (``tokenProtection``
     among them). Pure."""
-    app, device = rules.app(identity), signals.device
+    app, device = replace(rules.app(identity), protection=signals.app_protection), signals.device
     # Basic is believed only with the user's device certificate: before anything that takes the user as given
     refused_device = (_legacy_refusal(rules, identity, signals, now) if legacy else None) or \
         _device_refusal(request, identity, signals, certificate_bound)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 from gateway.config import Config
 from gateway.config.compile import compile_policies
@@ -27,12 +28,22 @@ class Rules:
     router: Router
     # per host that asks for device certificates: its verifier, with the CAs and CRLs read at this (re)load
     device_certificates: Mapping[str, DeviceCertificateVerifier]
+    # per client id: the bundle and package ids its app protection registrations name it by
+    app_identifiers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    app_sync_age: timedelta | None = timedelta(hours=24)  # deviceSignals.appProtection.maxSyncAgeSeconds
 
     @classmethod
     def of(cls, config: Config) -> Rules:
+        protection = config.gateway_file.device_signals.app_protection
         return cls(config, compile_policies(config),
                    config.app_names_by_client_id(), config.gateway_file.device_signals.compliance.settings(),
-                   Router(config.gateway_file), _verifiers(config))
+                   Router(config.gateway_file), _verifiers(config), config.app_identifiers_by_client_id(),
+                   None if protection.max_sync_age_seconds is None else
+                   timedelta(seconds=protection.max_sync_age_seconds))
+
+    def app_identifiers_of(self, identity: Identity) -> tuple[str, ...]:
+        """The bundle and package ids of the token's app (none: it has no registrations to find)."""
+        return self.app_identifiers.get((identity.client_id or "").lower(), ())
 
     def device_certificate_required(self, host: str) -> bool:
         """The host refuses requests on a connection without a device certificate."""

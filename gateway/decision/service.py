@@ -32,6 +32,7 @@ from gateway.identity.tokens import BearerValidator
 from gateway.ops.metrics import GatewayMetrics
 from gateway.policy.model import NO_SESSION_CONTROLS, AccessRequest, Decision, Restriction, SessionControls
 from gateway.policy.policy_set import PolicySet
+from gateway.signals.app_protection import AppProtectionSource, user_keys
 from gateway.signals.cache import CachedInventory
 from gateway.signals.change_feed import ChangeFeed
 from gateway.signals.mtd import Verdict
@@ -73,6 +74,7 @@ class Outcome:
     upstream_headers: tuple[tuple[str, str], ...] = ()
     device_id: str | None = None
     session_controls: SessionControls = NO_SESSION_CONTROLS
+    app_users: frozenset[str] = frozenset()  # its decision read these users' app registrations: likewise
 
     @property
     def forward(self) -> bool:
@@ -89,6 +91,7 @@ class AccessService:
         decision_log: DecisionLog,
         clock: Clock = utc_now,
         store: DeviceStore | None = None,
+        apps: AppProtectionSource | None = None,
         browser: BrowserSignIn | None = None,
         metrics: GatewayMetrics | None = None,
         assertions: AssertionSigner | None = None,
@@ -98,7 +101,8 @@ class AccessService:
         self.assertions = assertions  # signs the identity assertion of each forwarded request
         self.browser = browser
         self.store = store
-        self.feed = ChangeFeed(inventory, store)
+        self.apps = apps  # app protection registrations, for compliantApplication
+        self.feed = ChangeFeed(inventory, store, apps.store if apps is not None else None)
         self.threat_verdicts = ThreatVerdicts(store, self.feed)
         self.validator = validator
         self.inventory = inventory
@@ -214,7 +218,8 @@ class AccessService:
         now = self.clock()
         result = await pipeline.authorize(
             request, rules=rules, identity=BearerOrSession(self.validator, self.browser, authorization, cookies),
-            signals=InventorySignals(self.inventory, self.pick_up_changes), now=now, assertions=self.assertions)
+            signals=InventorySignals(self.inventory, self.pick_up_changes, self.apps), now=now,
+            assertions=self.assertions)
         if result.unavailable is not None:
             down = SESSION_STORE_DOWN if isinstance(result.unavailable, SessionStoreUnavailable) else SIGNAL_DOWN
             self.unavailable_log.log(down, request.correlation_id, result.unavailable)
@@ -228,8 +233,10 @@ class AccessService:
                                result.app.name if result.app else None)
         response = render(result, remediation_url=rules.config.gateway_file.gateway.remediation_url, now=now)
         if isinstance(result.action, Forward):
+            read_apps = result.app is not None and result.app.protection is not None and result.identity is not None
             return Outcome(result.decision, None, record, result.action.upstream_headers, result.action.device_id,
-                           result.action.session_controls)
+                           result.action.session_controls,
+                           frozenset(user_keys(result.identity)) if read_apps and result.identity else frozenset())
         return Outcome(result.decision, response, record)
 
     async def _sign_in(self, rules: Rules, result: Authorization, now: datetime) -> Outcome:

@@ -21,11 +21,13 @@ from gateway.identity.tokens import BearerValidator, RejectedToken, bearer_token
 from gateway.policy.conditions import ACTIVESYNC_PATH, path_has_prefix
 from gateway.policy.model import (
     AccessRequest,
+    AppProtection,
     DeviceCertificate,
     DeviceSignals,
     Identity,
     SessionControls,
 )
+from gateway.signals.app_protection import AppProtectionSource
 from gateway.signals.devices import DeviceInventory
 
 USERS_DIFFER = "the bearer token and the session cookie name different users"
@@ -107,13 +109,16 @@ class GivenIdentity:
 
 
 class InventorySignals:
-    """The device the identity names, from an inventory. ``before_lookup`` runs first (the
-    gateway picks up device changes other processes committed); a SQLite error there is a
-    source that cannot answer."""
+    """The device the identity names, from an inventory, and the token's app's app protection
+    registrations for its user, from ``apps`` (none configured: the app has none). ``before_lookup``
+    runs first (the gateway picks up device changes other processes committed); a SQLite error
+    there is a source that cannot answer."""
 
-    def __init__(self, inventory: DeviceInventory, before_lookup: Callable[[], None] | None = None) -> None:
+    def __init__(self, inventory: DeviceInventory, before_lookup: Callable[[], None] | None = None,
+                 apps: AppProtectionSource | None = None) -> None:
         self._inventory = inventory
         self._before_lookup = before_lookup
+        self._apps = apps
 
     @property
     def name(self) -> str:
@@ -131,7 +136,16 @@ class InventorySignals:
         device = await self._inventory.managed_device(device_id) if device_id is not None else None
         return Signals(device=DeviceSignals(device_id=device_id, device=device, source=self._inventory.name,
                                             compliance=rules.compliance),
-                       certificate_device_id=certificate_device_id, certificate_problem=problem)
+                       certificate_device_id=certificate_device_id, certificate_problem=problem,
+                       app_protection=await self._app_protection(rules, identity))
+
+    async def _app_protection(self, rules: Rules, identity: Identity) -> AppProtection | None:
+        """Looked up only when a policy could ask for it (``compliantApplication``)."""
+        if not rules.policy_set.uses_app_protection:
+            return None
+        if self._apps is None:
+            return AppProtection(registrations=(), source="none configured", max_sync_age=rules.app_sync_age)
+        return await self._apps.protection(identity, rules.app_identifiers_of(identity), rules.app_sync_age)
 
 
 async def certificate_device(inventory: DeviceInventory,

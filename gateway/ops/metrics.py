@@ -44,6 +44,7 @@ _ERROR_NAMES = {
     ErrorCode.app_not_approved: "appNotApproved",
     ErrorCode.blocked_by_conditional_access: "blockedByConditionalAccess",
     ErrorCode.blocked_due_to_risk: "blockedDueToRisk",
+    ErrorCode.app_protection_required: "appProtectionRequired",
     ErrorCode.misdirected_request: "misdirected",
     ErrorCode.internal_error: "internalError",
     ErrorCode.insufficient_claims: "insufficientClaims",

@@ -127,7 +127,7 @@ class ConfigReloader:
             return []
         try:
             cases = load_cases(cases_file)
-            outcomes = await run_cases(WhatIf(config, self._inventory), cases, now)
+            outcomes = await run_cases(WhatIf(config, self._inventory, self.service.apps), cases, now)
         except ConfigError as error:
             return list(error.problems)
         except Exception as error:  # noqa: BLE001  (a case that cannot run fails the reload, never the gateway)

@@ -46,6 +46,7 @@ from gateway.policy.model import (
     Identity,
     Listener,
 )
+from gateway.signals.app_protection import AppProtectionSource
 from gateway.signals.devices import DeviceInventory
 
 GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
@@ -91,16 +92,17 @@ class Question:
 
 
 class WhatIf:
-    def __init__(self, config: Config, inventory: DeviceInventory) -> None:
+    def __init__(self, config: Config, inventory: DeviceInventory, apps: AppProtectionSource | None = None) -> None:
         self.config = config
         self.inventory = inventory
+        self.apps = apps  # app protection registrations, as the gateway reads them
         self.rules = Rules.of(config)
 
     async def ask(self, question: Question, now: datetime) -> Decision:
         """What the gateway decides for this question, as it answers a live request."""
         result = await authorize(self.request(question), rules=self.rules,
                                  identity=GivenIdentity(lambda: self.identity(question)),
-                                 signals=InventorySignals(self.inventory), now=now)
+                                 signals=InventorySignals(self.inventory, apps=self.apps), now=now)
         return result.decision
 
     def request(self, question: Question) -> AccessRequest:

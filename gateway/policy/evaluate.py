@@ -199,12 +199,13 @@ def _session_controls(policy_set: PolicySet, results: tuple[PolicyResult, ...]) 
 
 CONTROL_ORDER = {name: rank for rank, name in enumerate(
     (BuiltInControl.block, AUTHENTICATION_CONTEXT, BuiltInControl.mfa, AUTHENTICATION_STRENGTH,
-     BuiltInControl.compliant_device, BuiltInControl.approved_application, "maxDeviceThreatLevel"))}
+     BuiltInControl.compliant_device, BuiltInControl.approved_application, BuiltInControl.compliant_application,
+     "maxDeviceThreatLevel"))}
 
 
 def _deciding_failure(results: tuple[PolicyResult, ...]) -> tuple[PolicyResult, ControlFailure] | None:
     """The failure shown to the user, across every enforced policy that failed: a block wins,
-    then Entra's order of asking (MFA, compliant device, approved app, threat level), then the
+    then Entra's order of asking (MFA, compliant device, approved app, app protection, threat level), then the
     policies' order in the file."""
     failures = [(CONTROL_ORDER.get(f.control, len(CONTROL_ORDER)), index, result, f)
                 for index, result in enumerate(results) if result.result is PolicyResultKind.failure

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from gateway.policy.authentication import AUTHENTICATION_STRENGTH, strength_failure
 from gateway.policy.compliance import noncompliance_reason
 from gateway.policy.model import (
+    AppRegistration,
     BuiltInControl,
     ClientApp,
     ControlFailure,
@@ -46,6 +47,56 @@ def approved_application(app: ClientApp, approved: tuple[str, ...]) -> ControlFa
         return None
     return ControlFailure(control=BuiltInControl.approved_application,
                           error_code=ErrorCode.app_not_approved, reason="app not approved")
+
+
+def compliant_application(app: ClientApp, identity: Identity, now: datetime) -> ControlFailure | None:
+    """Entra's "Require app protection policy": the token's app has a registration for this user
+    (on this device, when the token names one and the registration does) with a policy applied,
+    not flagged, and checked in within ``max_sync_age``. Needs no enrolled device (BYOD)."""
+    reason = app_protection_problem(app, identity, now)
+    if reason is None:
+        return None
+    return ControlFailure(control=BuiltInControl.compliant_application,
+                          error_code=ErrorCode.app_protection_required, reason=reason)
+
+
+def app_protection_problem(app: ClientApp, identity: Identity, now: datetime) -> str | None:
+    """None when one registration holds; else why the first one (or the lack of one) does not."""
+    problem = app_protection_state(app, identity, now)[1]
+    return None if problem is None else f"app protection policy required: {problem}"
+
+
+def app_protection_state(app: ClientApp, identity: Identity, now: datetime) -> tuple[str, str | None]:
+    """The registrations' state as the decision log names it (``registered``, ``notRegistered``,
+    ``otherDevice``, ``flagged``, ``noPolicyApplied``, ``notCheckedIn``) and the problem, if any."""
+    protection = app.protection
+    registrations = protection.registrations if protection is not None else ()
+    device_id = (identity.device_id or "").lower()
+    on_device = [r for r in registrations if not device_id or r.device_id is None or r.device_id == device_id]
+    if not on_device:
+        if registrations:
+            return "otherDevice", "no registration of this app for this user on this device"
+        return "notRegistered", "no registration of this app for this user"
+    max_age = protection.max_sync_age if protection is not None else None
+    states = [_registration_state(r, max_age, now) for r in on_device]
+    return next((state for state in states if state[1] is None), states[0])
+
+
+def _registration_state(registration: AppRegistration, max_age: timedelta | None,
+                        now: datetime) -> tuple[str, str | None]:
+    if registration.flagged_reasons:
+        return "flagged", "registration flagged (" + ", ".join(registration.flagged_reasons) + ")"
+    if not registration.applied_policies:
+        return "noPolicyApplied", "no app protection policy applied to the app"
+    if max_age is None:
+        return "registered", None
+    if registration.last_sync is None:
+        return "notCheckedIn", "the app never checked in with Intune"
+    age = now - registration.last_sync
+    if age > max_age:
+        return "notCheckedIn", f"the app last checked in {round(age.total_seconds())}s ago " \
+                               f"(allowed: {round(max_age.total_seconds())}s)"
+    return "registered", None
 
 
 def max_device_threat_level(device: DeviceSignals, allowed: DeviceThreatLevel) -> ControlFailure | None:
@@ -90,6 +141,8 @@ def failed_controls(
         outcomes.append(compliant_device(device, now))
     if BuiltInControl.approved_application in controls:
         outcomes.append(approved_application(app, grant.approved_applications))
+    if BuiltInControl.compliant_application in controls:
+        outcomes.append(compliant_application(app, identity, now))
     if grant.max_device_threat_level is not None:
         outcomes.append(max_device_threat_level(device, grant.max_device_threat_level))
     if grant.authentication_strength is not None:

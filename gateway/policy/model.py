@@ -30,6 +30,7 @@ class BuiltInControl(StrEnum):
     mfa = "mfa"
     compliant_device = "compliantDevice"
     approved_application = "approvedApplication"
+    compliant_application = "compliantApplication"  # "Require app protection policy" (Intune MAM)
 
 
 class DevicePlatform(StrEnum):
@@ -99,6 +100,7 @@ class ErrorCode(IntEnum):
     app_not_approved = 53002
     blocked_by_conditional_access = 53003
     blocked_due_to_risk = 53004
+    app_protection_required = 53005  # "Require app protection policy": no current, unflagged registration
     # Portcullis's own, not Entra's (Entra has none for it; its codes all have five or more digits):
     # the request named a host this listener does not serve (HTTP 421), so no policy was asked.
     misdirected_request = 421
@@ -297,12 +299,47 @@ class DeviceSignals:
     compliance: ComplianceSettings = DEFAULT_COMPLIANCE
 
 
+DEFAULT_APP_SYNC_AGE = timedelta(hours=24)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppRegistration:
+    """An Intune app protection (MAM) registration: one app (its bundle or package id, Graph's
+    ``appIdentifier``) of one user on one device, as Graph's ``managedAppRegistration`` says it.
+    A personal phone that is not enrolled has one too: ``device_id`` is then None."""
+
+    registration_id: str
+    app_identifier: str  # bundleId (iOS) or packageId (Android), lower case
+    platform: str  # "iOS" | "android"
+    user_id: str | None  # the user's Entra object id (Graph's ``userId``), lower case
+    user_principal_name: str | None  # lower case
+    device_id: str | None = None  # the Entra device id (``azureADDeviceId``) when known, lower case
+    device_tag: str | None = None  # Intune's ``deviceTag``
+    device_name: str | None = None
+    applied_policies: tuple[str, ...] = ()  # the app protection policies applied (their ids or names)
+    flagged_reasons: tuple[str, ...] = ()  # e.g. rootedDevice, androidBootloaderUnlocked
+    last_sync: datetime | None = None  # when the app last checked in with Intune
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppProtection:
+    """The token's app's registrations for the token's user, as policy sees them: ``registrations``
+    is empty when the app has none (or names no bundle/package id). ``max_sync_age``: a
+    registration that has not checked in for longer no longer counts (None: check-ins are not looked at)."""
+
+    registrations: tuple[AppRegistration, ...]
+    source: str
+    max_sync_age: timedelta | None = DEFAULT_APP_SYNC_AGE
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientApp:
-    """The client app, from the token's ``azp``/``appid``; ``name`` is None when not configured."""
+    """The client app, from the token's ``azp``/``appid``; ``name`` is None when not configured.
+    ``protection``: its app protection registrations for this user (None: not looked up)."""
 
     client_id: str | None
     name: str | None
+    protection: AppProtection | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

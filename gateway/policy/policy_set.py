@@ -26,6 +26,7 @@ from gateway.policy.grant_controls import controls_named
 from gateway.policy.model import (
     ALL,
     NO_SESSION_CONTROLS,
+    BuiltInControl,
     ClientAppType,
     PolicyResult,
     PolicyResultKind,
@@ -86,6 +87,7 @@ class PolicySet:
     by_name: Mapping[str, CompiledPolicy]
     has_rollouts: bool = False  # a policy's result then depends on the user even where it is not targeted
     contexts_by_resource: Mapping[str, frozenset[str]] = field(default_factory=dict)  # authentication contexts
+    uses_app_protection: bool = False  # a policy asks for compliantApplication: registrations are looked up
     _targeting: LRUCache[tuple[str, ...], Targeting] = field(
         default_factory=lambda: LRUCache(maxsize=TARGETING_CACHE_SIZE), compare=False, repr=False)
 
@@ -107,6 +109,8 @@ class PolicySet:
             has_rollouts=any(c.rollout is not None for c in compiled),
             contexts_by_resource={name: frozenset(r.authentication_contexts) for name, r in resources.items()
                                   if r.authentication_contexts},
+            uses_app_protection=any(p.grant_controls is not None and BuiltInControl.compliant_application in
+                                    p.grant_controls.built_in_controls for p in policies),
         )
 
     def match(self, host: str, path: str) -> ResourceMatch | None:

@@ -49,6 +49,7 @@ from gateway.identity.tokens import (
 )
 from gateway.policy.model import (
     AccessRequest,
+    AppProtection,
     Decision,
     DecisionResult,
     DeviceSignals,
@@ -59,7 +60,7 @@ from gateway.policy.model import (
     SessionControls,
 )
 from gateway.policy.rollout import user_key
-from gateway.replay.recorded import RecordedDecision, RecordedRequest, Skipped
+from gateway.replay.recorded import RecordedDecision, RecordedInput, RecordedRequest, Skipped
 from gateway.signals.devices import DeviceInventory
 
 APPLIED = frozenset({PolicyResultKind.success, PolicyResultKind.failure, PolicyResultKind.report_only_success,
@@ -384,7 +385,8 @@ class RecordedSignals:
         return Signals(device=device, check_binding=given is None or self.current,
                        binding_problem=given.binding_problem if given else None,
                        cohorts=self.known.cohorts if self.known else None,
-                       certificate_device_id=certificate_device, certificate_problem=problem)
+                       certificate_device_id=certificate_device, certificate_problem=problem,
+                       app_protection=_app_protection(rules, given))
 
     async def _certificate_device(self, access: AccessRequest) -> tuple[str | None, str | None]:
         """The device the recorded certificate named, as recorded; else as today's inventory finds it."""
@@ -392,6 +394,17 @@ class RecordedSignals:
         if given is not None and given.certificate_device_id is not None:
             return given.certificate_device_id, None
         return await certificate_device(self._devices.inventory, access.device_certificate)
+
+
+def _app_protection(rules: Rules, given: RecordedInput | None) -> AppProtection | None:
+    """The registrations recorded, checked against the replayed rules' sync window; none recorded
+    (no policy asked for them then): the app had none, as far as replay can tell."""
+    if not rules.policy_set.uses_app_protection:
+        return None
+    recorded = given.app_protection if given is not None else None
+    if recorded is None:
+        return AppProtection(registrations=(), source="not recorded", max_sync_age=rules.app_sync_age)
+    return dataclasses.replace(recorded, max_sync_age=rules.app_sync_age)
 
 
 async def decide(side: Side, request: RecordedRequest, claims: Claims, devices: Devices, default_ip: str,

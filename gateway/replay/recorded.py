@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +26,7 @@ from gateway.errors import PortcullisError
 from gateway.http.headers import CORRELATION_ID
 from gateway.identity.browser import COOKIE_NAME
 from gateway.policy.model import (
+    AppProtection,
     DecisionResult,
     DeviceCertificate,
     DeviceKey,
@@ -35,6 +36,7 @@ from gateway.policy.model import (
     RolloutCohort,
 )
 from gateway.policy.session_controls import UPLOAD_BLOCKED
+from gateway.signals.app_protection import registration_from_json
 from gateway.signals.devices import DeviceRecord
 
 MAX_HAR_BYTES = 512 * 1024 * 1024  # a HAR is one JSON document, read whole: larger ones are refused
@@ -82,6 +84,7 @@ class RecordedInput:
     kiosk_location: str | None
     binding_problem: str | None  # an ActiveSync device binding refusal (its query is not logged)
     certificate_device_id: str | None = None  # the device the connection's verified certificate named
+    app_protection: AppProtection | None = None  # the app's registrations, when a policy asked for them
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -254,7 +257,18 @@ def _recorded_input(record: dict[str, Any], given: dict[str, Any]) -> RecordedIn
         device=DeviceRecord.model_validate(device, strict=False).to_managed_device() if device else None,
         kiosk_location=given.get("kioskLocation"),
         binding_problem=(record.get("status") or {}).get("failureReason") if refused_before_policy else None,
-        certificate_device_id=given.get("certificateDeviceId"))
+        certificate_device_id=given.get("certificateDeviceId"),
+        app_protection=_recorded_app_protection(given.get("appProtection"), str(given["subject"])))
+
+
+def _recorded_app_protection(given: object, user: str) -> AppProtection | None:
+    """The registrations the decision saw (their ages are replayed against the record's time)."""
+    if not isinstance(given, dict):
+        return None
+    registrations = tuple(registration_from_json(json.dumps(r), user) for r in given.get("registrations") or ())
+    age = given.get("maxSyncAgeSeconds")
+    return AppProtection(registrations=registrations, source=str(given.get("source") or "decision log"),
+                         max_sync_age=None if age is None else timedelta(seconds=int(age)))
 
 
 def read_har(path: Path) -> Iterator[RecordedRequest | Skipped]:

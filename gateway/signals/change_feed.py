@@ -11,7 +11,16 @@ import logging
 import sqlite3
 from collections.abc import Callable, Iterable
 
-from gateway.events import ALL_DEVICES, AllDevicesChanged, ChangeEvent, ChangeListener, DevicesChanged
+from gateway.events import (
+    ALL_DEVICES,
+    AllDevicesChanged,
+    AppRegistrationsChanged,
+    ChangeEvent,
+    ChangeListener,
+    DevicesChanged,
+)
+from gateway.signals.app_protection import AppRegistrationStore
+from gateway.signals.app_registrations_sqlite import SqliteAppRegistrations
 from gateway.signals.cache import CachedInventory
 from gateway.signals.sqlite_store import SqliteDeviceStore
 from gateway.signals.store import DeviceStore
@@ -22,8 +31,13 @@ logger = logging.getLogger(__name__)
 class ChangeFeed:
     """Listeners are told in the event loop; the cache forgets a device before they are told."""
 
-    def __init__(self, inventory: CachedInventory, store: DeviceStore | None) -> None:
+    def __init__(self, inventory: CachedInventory, store: DeviceStore | None,
+                 apps: AppRegistrationStore | None = None) -> None:
         self.inventory = inventory
+        # app registrations in a SQLite file: their change log is polled as the devices' is (not cached)
+        self._apps = apps if isinstance(apps, SqliteAppRegistrations) else None
+        self._seen_app_change = self._apps.last_change() if self._apps is not None else 0
+        self._apps_version = self._apps.data_version() if self._apps is not None else 0
         self._listeners: list[ChangeListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._polled = store if isinstance(store, SqliteDeviceStore) else None  # Redis announces its changes instead
@@ -68,6 +82,7 @@ class ChangeFeed:
         self.shared_feed_up = True
         self.inventory.feed_restored()
         self.tell(ALL_DEVICES)
+        self.tell(AppRegistrationsChanged(frozenset(), every=True))
 
     def wrote(self, device_ids: set[str]) -> None:
         """This process changed these devices. Its listeners hear of it through the store's feed, as
@@ -112,3 +127,24 @@ class ChangeFeed:
             self.pick_up_changes()
         except sqlite3.Error as error:
             logger.warning("cannot read device changes: %s", error)  # the next poll tries again
+        try:
+            self.pick_up_app_changes()
+        except sqlite3.Error as error:
+            logger.warning("cannot read app registration changes: %s", error)
+
+    def pick_up_app_changes(self) -> None:
+        """App registrations committed by any process (a sync, ``portcullis apps``): the users
+        whose open flows read them are decided again."""
+        if self._apps is None or self._apps.data_version() == self._apps_version:
+            return
+        self._apps_version = self._apps.data_version()
+        self._seen_app_change, users, complete = self._apps.changes_since(self._seen_app_change)
+        if not complete:
+            logger.warning("app registration change log moved past this gateway; deciding every open flow again")
+            self.tell(AppRegistrationsChanged(frozenset(), every=True))
+        elif users:
+            self.tell(AppRegistrationsChanged(frozenset(users)))
+
+    def shared_apps_changed(self, event: AppRegistrationsChanged) -> None:
+        """A change announced over the shared state's feed (Redis), by any process or host."""
+        self.tell(event)

@@ -16,6 +16,10 @@
   A stored device without a compliance verdict yet is looked up again on a backing-off schedule
   (``GraphInventory``), so a device first seen while Graph was broken recovers with Graph, until
   Graph has answered "unknown" for it a few times in a row (then the full sync keeps it current).
+- With app protection configured, the full sync also reads Intune's app protection registrations
+  (``/deviceAppManagement/managedAppRegistrations``, iOS and Android, with their applied policies)
+  into the app registration store, in one transaction, pruning the ones Intune no longer lists
+  (an empty answer prunes nothing). Permission: DeviceManagementApps.Read.All.
 - ``429`` and ``503`` are retried after ``Retry-After`` (bounded); other failures raise
   ``SignalUnavailable`` and the cache's staleness rules apply. So does an answer in the wrong
   shape (not JSON, ``value`` not a list of objects, an ``@odata.nextLink`` outside the Graph
@@ -31,7 +35,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -44,7 +48,8 @@ from gateway.errors import SignalUnavailable
 from gateway.http.strict_json import JsonRefused
 from gateway.http.strict_json import loads as strict_json
 from gateway.identity.oauth_client import OAuthError, strict_oauth_client
-from gateway.policy.model import ComplianceState, DeviceKey, ManagedDevice
+from gateway.policy.model import AppRegistration, ComplianceState, DeviceKey, ManagedDevice
+from gateway.signals.app_protection import ANDROID, IOS, AppRegistrationRecord, AppRegistrationStore
 from gateway.signals.devices import DeviceRecord
 from gateway.signals.mtd import LEVELS
 from gateway.signals.store import DeviceStore, StoreInventory
@@ -109,6 +114,26 @@ def device_record(item: Mapping[str, Any]) -> DeviceRecord | None:
                                             strict=True)
 
 
+APP_REGISTRATION_TYPES = frozenset({IOS, ANDROID})
+APP_REGISTRATION_FIELDS = ("id", "@odata.type", "appIdentifier", "userId", "azureADDeviceId", "deviceTag",
+                           "deviceName", "flaggedReasons", "lastSyncDateTime")
+APPLIED_POLICY_FIELDS = ("@odata.type", "id", "displayName")
+
+
+def app_registration(item: Mapping[str, Any]) -> AppRegistration:
+    """Graph's managedAppRegistration (of the fields a registration keeps; Graph sends many more)."""
+    fields = {name: item[name] for name in APP_REGISTRATION_FIELDS if item.get(name) is not None}
+    policies = item.get("appliedPolicies") or []
+    if isinstance(policies, list):
+        fields["appliedPolicies"] = [{k: p[k] for k in APPLIED_POLICY_FIELDS if p.get(k) is not None}
+                                     if isinstance(p, dict) else p for p in policies]
+    else:
+        fields["appliedPolicies"] = policies  # refused by validation
+    if isinstance(fields.get("appIdentifier"), dict):
+        fields["appIdentifier"] = {k: v for k, v in fields["appIdentifier"].items() if v is not None}
+    return AppRegistrationRecord.model_validate_json(json.dumps(fields), strict=True).to_registration()
+
+
 def _blank_as_none(value: object) -> object:
     """Graph answers "" for a serial number it does not know; a value that is no text is left for
     validation to refuse."""
@@ -130,26 +155,47 @@ class GraphClient:
 
     async def managed_devices(self, filter_: str | None = None) -> list[DeviceRecord]:
         """Every managed device (or those matching ``filter_``), across all pages."""
-        url: str | None = f"{self.settings.graph_url}/deviceManagement/managedDevices"
-        params: dict[str, str] | None = {"$select": SELECT, **({"$filter": filter_} if filter_ else {})}
         records: list[DeviceRecord] = []
+        params = {"$select": SELECT, **({"$filter": filter_} if filter_ else {})}
+        async for item in self._items(f"{self.settings.graph_url}/deviceManagement/managedDevices", params):
+            try:
+                record = device_record(item)
+            except ValidationError as error:
+                logger.warning("Graph device %r skipped: %s", item.get("azureADDeviceId"), error)
+                continue
+            if record is not None:
+                records.append(record)
+        return records
+
+    async def managed_app_registrations(self) -> list[AppRegistration]:
+        """Every iOS and Android app protection registration, with its applied policies, across all
+        pages; one with unreadable fields (or of another platform) is skipped."""
+        registrations: list[AppRegistration] = []
+        url = f"{self.settings.graph_url}/deviceAppManagement/managedAppRegistrations"
+        async for item in self._items(url, {"$expand": "appliedPolicies"}):
+            if item.get("@odata.type") not in APP_REGISTRATION_TYPES:
+                continue
+            try:
+                registrations.append(app_registration(item))
+            except ValidationError as error:
+                logger.warning("Graph app registration %r skipped: %s", item.get("id"), error)
+        return registrations
+
+    async def _items(self, url: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+        """The objects of every page, following ``@odata.nextLink`` (which carries the query)."""
+        next_url: str | None = url
+        query: dict[str, str] | None = params
         for _ in range(MAX_PAGES):
-            if url is None:
-                return records
-            page = await self._get(url, params)
-            params = None  # nextLink carries the query
+            if next_url is None:
+                return
+            page = await self._get(next_url, query)
+            query = None
             items = page.get("value", [])
             if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
                 raise SignalUnavailable("Graph answered a page whose value is not a list of objects")
             for item in items:
-                try:
-                    record = device_record(item)
-                except ValidationError as error:
-                    logger.warning("Graph device %r skipped: %s", item.get("azureADDeviceId"), error)
-                    continue
-                if record is not None:
-                    records.append(record)
-            url = self._next_link(page.get("@odata.nextLink"))
+                yield item
+            next_url = self._next_link(page.get("@odata.nextLink"))
         raise SignalUnavailable(f"Graph returned more than {MAX_PAGES} pages")
 
     def _next_link(self, link: object) -> str | None:
@@ -222,8 +268,10 @@ class GraphInventory:
     name = "graph"
 
     def __init__(self, store: DeviceStore, local: StoreInventory, client: GraphClient, *,
-                 clock: Callable[[], datetime], timer: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], datetime], timer: Callable[[], float] = time.monotonic,
+                 apps: AppRegistrationStore | None = None) -> None:
         self.store, self.local, self.client = store, local, client
+        self.apps = apps  # app protection registrations, synced with the devices
         self._clock, self._timer = clock, timer
         self._allowance = client.settings.lookups_per_second
         self._checked = timer()
@@ -304,8 +352,15 @@ class GraphInventory:
     async def full_sync(self) -> int:
         records = await self.client.managed_devices()
         count = await asyncio.to_thread(self.store.replace_all, records, now=self._clock(), prune_partner=GRAPH_PARTNER)
+        if self.apps is not None:
+            await self.sync_app_registrations(self.apps)
         self.synced_at = self._clock()
         return count
+
+    async def sync_app_registrations(self, apps: AppRegistrationStore) -> int:
+        """Every registration Intune lists, in one transaction; the others go (none on an empty answer)."""
+        registrations = await self.client.managed_app_registrations()
+        return await asyncio.to_thread(apps.replace_all, registrations, now=self._clock(), prune=True)
 
     def _may_look_up(self, *, spare_only: bool = False) -> bool:
         """A token bucket of ``lookupsPerSecond``: misses beyond it are not looked up. Rechecks

@@ -233,7 +233,7 @@ class RedisDeviceStore(DeviceStore):
             with unavailable(self.location):
                 return [value] if self._client.exists(self._keys.device(value)) else []
         with unavailable(self.location):
-            return sorted(_texts(self._by_key_script(args=[self._keys.prefix, key.value, value, MATCHES_MAX])))
+            return sorted(texts(self._by_key_script(args=[self._keys.prefix, key.value, value, MATCHES_MAX])))
 
     def replace_all(self, records: Iterable[DeviceRecord], *, now: datetime, prune_partner: str | None = None,
                     seed: bool = False) -> int:
@@ -284,7 +284,7 @@ class RedisDeviceStore(DeviceStore):
 
     def records(self) -> Iterator[dict[str, Any]]:
         with unavailable(self.location):
-            ids = sorted(_texts(self._client.smembers(self._keys.device_ids)))
+            ids = sorted(texts(self._client.smembers(self._keys.device_ids)))
             for start in range(0, len(ids), CHUNK):
                 values = self._client.mget([self._keys.device(i) for i in ids[start:start + CHUNK]])
                 yield from (strict_json(value) for value in values if value is not None)
@@ -301,12 +301,12 @@ class RedisDeviceStore(DeviceStore):
 
     def _prune(self, keep: set[str], partner: str) -> None:
         with unavailable(self.location):
-            gone = sorted(set(_texts(self._client.smembers(self._keys.device_ids))) - keep)
+            gone = sorted(set(texts(self._client.smembers(self._keys.device_ids))) - keep)
             for start in range(0, len(gone), CHUNK):
                 self._prune_script(args=[self._keys.prefix, partner, PUBLISH_IDS_MAX, *gone[start:start + CHUNK]])
 
 
-def _texts(replies: Iterable[bytes | str]) -> list[str]:
+def texts(replies: Iterable[bytes | str]) -> list[str]:
     """Replies of a client made with ``decode_responses=True`` (``RedisState``'s): text, though
     redis-py's types allow bytes."""
     return [reply if isinstance(reply, str) else reply.decode() for reply in replies]

@@ -57,6 +57,11 @@ class Keys:
         return f"{self.prefix}devices"
 
     @property
+    def apps_channel(self) -> str:
+        """App protection registration changes: a JSON list of the users they concern."""
+        return f"{self.prefix}app-registrations"
+
+    @property
     def revoked_channel(self) -> str:
         return f"{self.prefix}revoked"
 

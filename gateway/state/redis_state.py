@@ -50,9 +50,10 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.events import ALL_DEVICES, AllDevicesChanged, DevicesChanged
+from gateway.events import ALL_DEVICES, AllDevicesChanged, AppRegistrationsChanged, DevicesChanged
 from gateway.http.strict_json import loads as strict_json
 from gateway.state.codec import decode_pending, decode_session, encode_pending, encode_session
+from gateway.state.redis_apps import RedisAppRegistrations
 from gateway.state.redis_devices import RedisDeviceStore
 from gateway.state.redis_keys import CONNECT_TIMEOUT, EVERY_DEVICE, READ_TIMEOUT, Keys, redacted, unavailable
 from gateway.state.session_records import BrowserSession, PendingLogin
@@ -176,22 +177,24 @@ class SubscriptionSilent(redis.ConnectionError):
 
 
 class RedisEvents:
-    """The one subscriber of a process to ``<p>devices`` and ``<p>revoked``. ``run`` runs until
-    cancelled, reconnecting with backoff; callbacks may be plain functions or coroutines and must
-    not raise (an exception ends ``run``, after the session cache is switched off).
+    """The one subscriber of a process to ``<p>devices``, ``<p>app-registrations`` and
+    ``<p>revoked``. ``run`` runs until cancelled, reconnecting with backoff; callbacks may be plain
+    functions or coroutines and must not raise (an exception ends ``run``, after the session cache
+    is switched off).
 
     ``on_connected()`` follows every (re)subscription: messages may have been missed, so the caller
-    drops its caches. ``on_devices(event)`` (``DevicesChanged`` or ``AllDevicesChanged``), ``on_revoked(key_hash)``,
-    ``on_lost()`` as soon as a subscription that was up is lost. The session store is kept in step
-    here, before the callbacks run."""
+    drops its caches. ``on_devices(event)`` (``DevicesChanged`` or ``AllDevicesChanged``),
+    ``on_apps(event)`` (``AppRegistrationsChanged``), ``on_revoked(key_hash)``, ``on_lost()`` as
+    soon as a subscription that was up is lost. The session store is kept in step here, before the
+    callbacks run."""
 
     def __init__(self, client: redis.asyncio.Redis, keys: Keys, location: str, *,
                  sessions: RedisSessionStore | None = None, on_devices: Callback | None = None,
                  on_revoked: Callback | None = None, on_connected: Callback | None = None,
-                 on_lost: Callback | None = None) -> None:
+                 on_lost: Callback | None = None, on_apps: Callback | None = None) -> None:
         self._client, self._keys, self.location = client, keys, location
         self._sessions = sessions
-        self._on_devices, self._on_revoked = on_devices, on_revoked
+        self._on_devices, self._on_revoked, self._on_apps = on_devices, on_revoked, on_apps
         self._on_connected, self._on_lost = on_connected, on_lost
         self.connected = False
         self._down_since: float | None = None
@@ -222,11 +225,12 @@ class RedisEvents:
                 self._sessions.subscription_down()
 
     async def _subscribe(self, pubsub: redis.asyncio.client.PubSub) -> None:
-        """Returns once Redis confirmed both channels: later publishes reach this process."""
-        await pubsub.subscribe(self._keys.devices_channel, self._keys.revoked_channel)
+        """Returns once Redis confirmed every channel: later publishes reach this process."""
+        channels = (self._keys.devices_channel, self._keys.revoked_channel, self._keys.apps_channel)
+        await pubsub.subscribe(*channels)
         loop = asyncio.get_running_loop()
         deadline, confirmed = loop.time() + READ_TIMEOUT, 0
-        while confirmed < 2:
+        while confirmed < len(channels):
             if loop.time() > deadline:
                 raise SubscriptionSilent("Redis did not confirm the subscription")
             message = await pubsub.get_message(timeout=0.1)
@@ -257,6 +261,8 @@ class RedisEvents:
             return  # pong, or a subscription confirmation
         if message["channel"] == self._keys.devices_channel:
             await _call(self._on_devices, device_change(message["data"]))
+        elif message["channel"] == self._keys.apps_channel:
+            await _call(self._on_apps, apps_change(message["data"]))
         elif message["channel"] == self._keys.revoked_channel:
             key_hash = message["data"]
             if self._sessions is not None:
@@ -295,6 +301,18 @@ async def _call(callback: Callback | None, *arguments: object) -> None:
             await result
 
 
+def apps_change(data: str) -> AppRegistrationsChanged:
+    """An ``<p>app-registrations`` message: a JSON list of the users whose registrations changed."""
+    try:
+        users = strict_json(data)
+    except ValueError:
+        users = None
+    if not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+        logger.warning("an app registration change message is unreadable: treated as a change to every user")
+        return AppRegistrationsChanged(frozenset(), every=True)
+    return AppRegistrationsChanged(frozenset(users))
+
+
 def device_change(data: str) -> DevicesChanged | AllDevicesChanged:
     """A ``<p>devices`` message: a JSON list of device ids, ``["*"]`` for every device."""
     try:
@@ -325,6 +343,7 @@ class RedisState:
         self._async = redis.asyncio.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 1, retry), **self._options)
         self._subscribers: list[redis.asyncio.Redis] = []
         self.devices = RedisDeviceStore(self._sync, self._keys, self.location)
+        self.apps = RedisAppRegistrations(self._sync, self._keys, self.location)
         self.sessions = RedisSessionStore(self._async, self._keys, self.location)
         self.nonces = RedisNonces(self._async, self._keys, self.location)
 
@@ -333,13 +352,14 @@ class RedisState:
         return cls(url, password=password, prefix=prefix)
 
     def events(self, *, on_devices: Callback | None = None, on_revoked: Callback | None = None,
-               on_connected: Callback | None = None, on_lost: Callback | None = None) -> RedisEvents:
+               on_connected: Callback | None = None, on_lost: Callback | None = None,
+               on_apps: Callback | None = None) -> RedisEvents:
         """The subscriber; it switches ``sessions``' local cache on and off by itself. Its own
         connection never retries silently: a reconnection must be seen, as messages were missed."""
         client = redis.asyncio.Redis.from_url(self._url, retry=AsyncRetry(NoBackoff(), 0), **self._options)
         self._subscribers.append(client)
         return RedisEvents(client, self._keys, self.location, sessions=self.sessions, on_devices=on_devices,
-                           on_revoked=on_revoked, on_connected=on_connected, on_lost=on_lost)
+                           on_revoked=on_revoked, on_connected=on_connected, on_lost=on_lost, on_apps=on_apps)
 
     def close(self) -> None:
         self._sync.close()

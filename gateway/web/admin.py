@@ -225,7 +225,8 @@ class AdminApi:
         question = model.question()
         config = self.service.config
         try:
-            decision = await WhatIf(config, self.operations.whatif_inventory).ask(question, self._clock())
+            decision = await WhatIf(config, self.operations.whatif_inventory,
+                                          self.operations.service.apps).ask(question, self._clock())
         except WhatIfError as error:
             return _bad_question(str(error))
         answer = as_json(question, decision, policy_states(config))

@@ -26,6 +26,7 @@ HEADLINES = {
     ErrorCode.app_not_approved: "This app is not approved to reach this resource.",
     ErrorCode.blocked_by_conditional_access: "Your organisation's policy blocks access to this resource.",
     ErrorCode.blocked_due_to_risk: "This device's threat level is too high to reach this resource.",
+    ErrorCode.app_protection_required: "This app needs an app protection policy to reach this resource.",
 }
 FIXES = {
     ErrorCode.device_not_compliant:
@@ -35,6 +36,9 @@ FIXES = {
     ErrorCode.blocked_due_to_risk:
         "Open your threat defence app and resolve the threats it reports; "
         "access returns once the device is secure.",
+    ErrorCode.app_protection_required:
+        "Sign in to an app your organisation protects, such as Outlook, and let it apply the policy "
+        "(install Microsoft Authenticator or the Company Portal if it asks).",
 }
 
 

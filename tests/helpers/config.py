@@ -12,6 +12,16 @@ from gateway.config import load_config
 from gateway.errors import ConfigError
 from tests.conftest import REPO
 
+# The demo's headline policy (exchange-outlook-only) still requires compliantDevice AND approvedApplication,
+# which `check` warns about since Entra retired that grant: many tests name the policy and its failures, so
+# moving it to compliantApplication is the lead's call (issue 18). Every other warning still fails these tests.
+DEMO_RETIRED_GRANT = "Entra retired the approvedApplication grant"
+
+
+def unexpected_warnings(lines: list[str]) -> list[str]:
+    """Warnings other than the demo's known one."""
+    return [line for line in lines if "warning" in line and DEMO_RETIRED_GRANT not in line]
+
 
 def problems(config_dir: Path) -> list[str]:
     with pytest.raises(ConfigError) as caught:

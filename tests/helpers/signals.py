@@ -39,10 +39,11 @@ class Clock:
         return self.now
 
 
-def devices_cli(config: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """``portcullis devices --config CONFIG ...`` as a subprocess, as an operator runs it."""
+def devices_cli(config: Path, command: str = "devices") -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``portcullis devices --config CONFIG ...`` (or ``command``: ``apps``) as a subprocess, as an
+    operator runs it."""
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PORTCULLIS, "devices", "--config", str(config), *args], capture_output=True,
+        return subprocess.run([PORTCULLIS, command, "--config", str(config), *args], capture_output=True,
                               text=True, timeout=60)
 
     return cli

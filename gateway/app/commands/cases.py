@@ -26,7 +26,8 @@ def _test(args: argparse.Namespace) -> int:
 
 def run_case_file(loaded: bootstrap.Loaded, cases_file: Path) -> int:
     cases = load_cases(cases_file)
-    outcomes = asyncio.run(run_cases(WhatIf(loaded.config, loaded.inventory), cases, utc_now()))
+    whatif = WhatIf(loaded.config, loaded.inventory, loaded.whatif_app_protection)
+    outcomes = asyncio.run(run_cases(whatif, cases, utc_now()))
     for outcome in outcomes:
         print(f"{'PASS' if outcome.passed else 'FAIL'}: {outcome.name}")
         for difference in outcome.differences:

@@ -60,7 +60,8 @@ def _whatif(args: argparse.Namespace) -> int:
                         device_certificate=args.device_certificate, authentication_methods=tuple(args.amr),
                         authentication_contexts=tuple(args.acrs), issuer=args.issuer)
     try:
-        decision = asyncio.run(WhatIf(loaded.config, loaded.inventory).ask(question, utc_now()))
+        whatif = WhatIf(loaded.config, loaded.inventory, loaded.whatif_app_protection)
+        decision = asyncio.run(whatif.ask(question, utc_now()))
     except WhatIfError as error:
         print(f"portcullis: {error}", file=sys.stderr)
         return 2
