@@ -44,6 +44,7 @@ from gateway.decision.service import AccessService, utc_now
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.http import framing
 from gateway.http.response_streaming import BUFFERED_BODY_BYTES
+from gateway.identity.issuers import fetch_issuer_keys
 from gateway.ops.operations import Operations
 from gateway.routing import BROWSER_ENDPOINTS, MTD_ENDPOINTS
 from gateway.signals.graph import GraphInventory
@@ -208,10 +209,7 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
         prepare_state(loaded)
     service, issuers = build_service(loaded)
     try:
-        try:
-            await issuers.refresh()
-        except SignalUnavailable as error:
-            logger.warning("signing keys not fetched yet (%s); those issuers' tokens get 503 until they are", error)
+        await fetch_issuer_keys(issuers.refresh(), loaded.config)
         endpoints = _service_endpoints(loaded, service)
         drain = Drain(keep_alive_limits(config.gateway_file.gateway.client_limits))
         master, ready = build_master(service, endpoints, drain)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
+import re
 import socket
 import time
 import uuid
@@ -29,7 +31,7 @@ from starlette.routing import Route
 
 from gateway.app.demo import EXCHANGE, OUTLOOK_MOBILE
 from gateway.errors import SignalUnavailable
-from gateway.identity.issuers import TrustedIssuers
+from gateway.identity.issuers import IssuersUnavailable, TrustedIssuers, fetch_issuer_keys
 from gateway.identity.tokens import BearerValidator, RejectedToken
 from gateway.ops.operations import Operations
 from gateway.ops.whatif import Question, WhatIf, WhatIfError
@@ -434,3 +436,21 @@ def test_issuer_config_errors_are_reported_at_their_line(gateway: Gateway, tmp_p
     (config_dir / "policies.yaml").write_text(POLICIES.replace("includeIssuers: [fabrikam]", "includeIssuers: [fab]"))
     assert problems(config_dir) == [f"{config_dir / 'policies.yaml'}:11:32: policies[1].conditions.users."
                                     "includeIssuers[0]: 'fab' is not an issuer; known: contoso, contractors"]
+
+
+def test_an_issuer_whose_keys_cannot_be_fetched_is_named_at_its_line(several: Several,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """At start and after a reload, each issuer whose discovery or keys failed is logged at its
+    entry in portcullis.yaml, so the operator knows which one to look at."""
+    config = several.operations.service.config
+
+    async def failing() -> None:
+        raise IssuersUnavailable([("broken", "discovery answered 500")])
+
+    with caplog.at_level(logging.WARNING, "gateway.identity.issuers"):
+        asyncio.run(fetch_issuer_keys(failing(), config, "config reload (adminApi): "))
+    [message] = [r.getMessage() for r in caplog.records if "not fetched" in r.getMessage()]
+    index = [entry.name for entry in config.gateway_file.identity.issuers].index("broken")
+    assert re.fullmatch(rf"config reload \(adminApi\): .*portcullis\.yaml:\d+:\d+: identity\.issuers\[{index}\]: "
+                        r"discovery or signing keys not fetched \(discovery answered 500\); this issuer's tokens get "
+                        r"503 until they are", message), message

@@ -46,6 +46,14 @@ class Config:
         """A path from the config files, resolved against the config directory."""
         return resolve(self.directory, relative)
 
+    def issuer_problem(self, name: str, message: str) -> ConfigProblem:
+        """A problem of one trusted issuer, at its line (``identity.issuer``, or its ``identity.issuers`` entry)."""
+        file, data = self.source(GATEWAY_FILE)
+        identity = self.gateway_file.identity
+        index = next((i for i, entry in enumerate(identity.issuers) if entry.name == name), None)
+        return locate(data, ("identity", "issuers", index) if index is not None else ("identity", "issuer"), file,
+                      message)
+
     def source(self, file: str) -> tuple[str, Any]:
         """The name a file is shown by in messages, and its parsed YAML (which knows every line)."""
         return next(((name, data) for name, data in self.sources.items() if name.endswith(file)), (file, None))

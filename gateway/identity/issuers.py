@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 
 import httpx
 
+from gateway.config import Config
 from gateway.config.models import IdentitySettings, IssuerSettings
 from gateway.errors import SignalUnavailable
 from gateway.identity.jwks import JwksCache
@@ -31,6 +32,14 @@ logger = logging.getLogger(__name__)
 
 ISSUER_NOT_ACCEPTED = "token issuer not accepted"
 TENANT_NOT_ACCEPTED = "token tenant not accepted"
+
+
+class IssuersUnavailable(SignalUnavailable):
+    """Some issuers' discovery or keys could not be fetched: ``failed`` names each, with why."""
+
+    def __init__(self, failed: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{name}: {why}" for name, why in failed))
+        self.failed = failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +134,9 @@ class TrustedIssuers:
             try:
                 await entry.keys.refresh()
             except SignalUnavailable as error:
-                failed.append(f"{entry.name}: {error}")
+                failed.append((entry.name, str(error)))
         if failed:
-            raise SignalUnavailable("; ".join(failed))
+            raise IssuersUnavailable(failed)
 
     def _keys(self, settings: IssuerSettings) -> JwksCache:
         identity = self._identity
@@ -136,3 +145,14 @@ class TrustedIssuers:
                          min_refresh_interval=identity.jwks_refresh_min_interval_seconds,
                          timeout=identity.http_timeout_seconds, transport=self._transport,
                          max_stale_seconds=identity.jwks_max_stale_seconds)
+
+
+async def fetch_issuer_keys(refresh: Awaitable[None], config: Config, context: str = "") -> None:
+    """Fetch the issuers' keys; each that fails is logged at its issuer's line (which one to look
+    at), and its tokens get 503 until a later fetch succeeds."""
+    try:
+        await refresh
+    except IssuersUnavailable as error:
+        for name, why in error.failed:
+            logger.warning("%s%s", context, config.issuer_problem(
+                name, f"discovery or signing keys not fetched ({why}); this issuer's tokens get 503 until they are"))

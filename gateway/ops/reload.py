@@ -29,7 +29,8 @@ from gateway.config.lint import covered_resources
 from gateway.config.loader import locate
 from gateway.decision.rules import Rules
 from gateway.decision.service import AccessService, utc_now
-from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
+from gateway.errors import ConfigError, ConfigProblem
+from gateway.identity.issuers import fetch_issuer_keys
 from gateway.ops.cases import load_cases, run_cases
 from gateway.ops.metrics import GatewayMetrics
 from gateway.ops.whatif import WhatIf
@@ -113,11 +114,8 @@ class ConfigReloader:
             return ReloadOutcome(trigger, now, False, tuple(str(p) for p in problems))
         self.service.apply(Rules.of(config))
         new_issuers = self.service.validator.use(config.gateway_file.identity)  # no await between the two swaps
-        try:
-            await self.service.validator.issuers.refresh(new_issuers)
-        except SignalUnavailable as error:
-            logger.warning("config reload (%s): signing keys of a new issuer not fetched yet (%s); its tokens get "
-                           "503 until they are", trigger, error)
+        await fetch_issuer_keys(self.service.validator.issuers.refresh(new_issuers), config,
+                                f"config reload ({trigger}): ")
         return ReloadOutcome(trigger, now, True, policies=len(config.policies))
 
     async def _failing_cases(self, config: Config, now: datetime) -> list[ConfigProblem]:
