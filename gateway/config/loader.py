@@ -14,6 +14,7 @@ import re
 import types
 import typing
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +174,15 @@ def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
     if origin in (typing.Union, types.UnionType, typing.Annotated):
         for arg in typing.get_args(annotation):
             yield from _models_in(arg)
+
+
+def plain(node: Any) -> Any:
+    """Parsed YAML as JSON values (mappings with text keys, lists, times as ISO 8601), for a
+    strict pydantic model to read the same way it reads JSON."""
+    if isinstance(node, dict):
+        return {str(k): plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [plain(v) for v in node]
+    if isinstance(node, datetime):
+        return node.isoformat()
+    return node

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from gateway.config.loader import locate, read_yaml
+from gateway.config.loader import locate, plain, read_yaml
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.http import strict_json
 from gateway.policy.model import AppProtection, AppRegistration, Identity
@@ -164,7 +164,7 @@ def parse_registrations(path: Path, display_name: str | None = None) -> list[App
     seen: set[str] = set()
     for index, item in enumerate(items):
         try:
-            record = AppRegistrationRecord.model_validate_json(json.dumps(_plain(item)), strict=True)
+            record = AppRegistrationRecord.model_validate_json(json.dumps(plain(item)), strict=True)
         except ValidationError as error:
             problems += [locate(data, (*prefix, index, *e["loc"]), shown, e["msg"]) for e in error.errors()]
             continue
@@ -176,15 +176,6 @@ def parse_registrations(path: Path, display_name: str | None = None) -> list[App
         raise ConfigError(problems)
     return registrations
 
-
-def _plain(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    if isinstance(node, datetime):
-        return node.isoformat()
-    return node
 
 
 class AppRegistrationStore(ABC):

@@ -6,12 +6,9 @@ evaluation decides those users' open flows again."""
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from gateway.errors import SignalUnavailable
 from gateway.policy.model import AppRegistration
@@ -22,6 +19,7 @@ from gateway.signals.app_protection import (
     registration_from_json,
     registration_json,
 )
+from gateway.signals.sqlite_store import WalConnections
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS app_registrations (
@@ -44,26 +42,11 @@ CREATE TABLE IF NOT EXISTS app_changes (
 CHANGES_KEPT = 100_000
 
 
-class SqliteAppRegistrations(AppRegistrationStore):
+class SqliteAppRegistrations(WalConnections, AppRegistrationStore):
     """One writer and one reader connection (WAL: a long sync never holds up a lookup)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.location = path, str(path)
-        self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
-        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
-
-    def close(self) -> None:
-        with self._write_lock, self._read_lock:
-            self._db.close()
-            self._reader.close()
-
-    def _read(self, sql: str, parameters: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._read_lock:
-            return self._reader.execute(sql, parameters).fetchall()
+        super().__init__(path, SCHEMA)
 
     def registrations_for(self, user_keys: Iterable[str], app_identifiers: Iterable[str]) -> list[AppRegistration]:
         users, apps = sorted(set(user_keys)), sorted(set(app_identifiers))

@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from gateway.config.loader import format_loc, locate, read_yaml
+from gateway.config.loader import format_loc, locate, plain, read_yaml
 from gateway.errors import ConfigError, ConfigProblem, SignalUnavailable
 from gateway.http import strict_json
 from gateway.policy.model import DeviceKey, DeviceThreatLevel, ManagedDevice
@@ -107,18 +107,17 @@ PARTNER_CONTACT = ("INSERT INTO partners VALUES (?, ?) ON CONFLICT (vendor) DO U
 logger = logging.getLogger(__name__)
 
 
-class SqliteDeviceStore(DeviceStore):
+class WalConnections:
     """Writes go through one connection, reads through another: in WAL mode a long write (a full
-    sync) never holds up lookups or the change check made before every request. Async callers use
-    ``to_thread`` for anything but ``data_version``/``changes_since``."""
+    sync) never holds up lookups or the change check made before every request."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, schema: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.location = path, str(path)
         self._write_lock, self._read_lock = threading.Lock(), threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        self._db.executescript(schema)
         self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
 
     def close(self) -> None:
@@ -129,6 +128,14 @@ class SqliteDeviceStore(DeviceStore):
     def _read(self, sql: str, parameters: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         with self._read_lock:
             return self._reader.execute(sql, parameters).fetchall()
+
+
+class SqliteDeviceStore(WalConnections, DeviceStore):
+    """The device store in SQLite (``WalConnections``). Async callers use ``to_thread`` for
+    anything but ``data_version``/``changes_since``."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, SCHEMA)
 
     def managed_device(self, device_id: str, ignored_partners: frozenset[str] = frozenset()) -> ManagedDevice | None:
         key = device_id.lower()
@@ -318,7 +325,7 @@ def parse_import(path: Path) -> list[DeviceRecord]:
     prefix = ["value"] if isinstance(data, dict) and "value" in data else ["devices"] if isinstance(data, dict) else []
     for index, item in enumerate(items):
         try:
-            record = DeviceRecord.model_validate_json(json.dumps(_plain(item)), strict=True)
+            record = DeviceRecord.model_validate_json(json.dumps(plain(item)), strict=True)
         except ValidationError as error:
             problems += [locate(data, (*prefix, index, *e["loc"]), str(path), e["msg"]) for e in error.errors()]
             continue
@@ -397,15 +404,6 @@ def _csv_value(key: str, value: str) -> object:
             raise ValueError(f"{key}: {value!r} is not JSON") from None
     return value
 
-
-def _plain(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    if isinstance(node, datetime):
-        return node.isoformat()
-    return node
 
 
 def _raise(problems: list[ConfigProblem]) -> None:
