@@ -6,7 +6,6 @@ the kiosk proxy never asks for one."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -16,12 +15,11 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import mitmproxy.ctx
 import pytest
 import trustme
 from cryptography import x509
@@ -29,7 +27,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from addons.runner import RunningGateway, running_gateway
 from gateway.app import bootstrap
 from gateway.app.demo import (
     ACTIVESYNC,
@@ -47,11 +44,12 @@ from gateway.http.headers import CORRELATION_ID
 from gateway.identity.browser import COOKIE_NAME
 from gateway.ops.explain import explain
 from gateway.policy.model import DeviceThreatLevel
-from tests.conftest import CHROMIUM, Background, Gateway, LongPoll, Ports, free_port, gateway_config, needs_chromium
+from tests.conftest import CHROMIUM, Gateway, LongPoll, Ports, free_port, gateway_config, needs_chromium
 from tests.helpers.browser import spki_pin
 from tests.helpers.device_certificates import Authority, pem
 from tests.helpers.hosts import MAIL
 from tests.helpers.replay import replay, totals
+from tests.helpers.running import Started, started
 from tests.helpers.signals import second_connection
 from tests.helpers.tokens import outlook_token
 
@@ -71,13 +69,15 @@ INTUNE_IDS = {ALEX_IPHONE: ALEX_IPHONE_INTUNE, BLAKE_ANDROID: BLAKE_ANDROID_INTU
 
 @dataclass
 class Certified:
-    gateway: Gateway
-    running: RunningGateway
+    started: Started
     directory: Path
     authority: Authority
-    loop: asyncio.AbstractEventLoop  # the gateway's: reloads run in it
     policies: str  # the files as the fixture wrote them, for reloads
     gateway_file: str
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.started.gateway
 
     def certificate(self, device_id: str, *, expired: bool = False,
                     authority: Authority | None = None) -> tuple[Path, Path]:
@@ -114,15 +114,7 @@ class Certified:
         gateway_file = self.gateway.config_dir / "portcullis.yaml"
         gateway_file.write_text(self.gateway_file.replace(MAIL_LINE, MAIL_LINE + LEGACY, 1) if legacy
                                 else self.gateway_file)
-        outcome = asyncio.run_coroutine_threadsafe(self.running.operations.reloader.reload("adminApi"),
-                                                   self.loop).result(30)
-        assert outcome.applied, outcome.problems
-
-
-@contextlib.asynccontextmanager
-async def certified_gateway(config_dir: Path) -> AsyncIterator[tuple[RunningGateway, asyncio.AbstractEventLoop]]:
-    async with running_gateway(bootstrap.load(config_dir)) as running:
-        yield running, asyncio.get_running_loop()
+        self.started.reload()
 
 
 @pytest.fixture(scope="module")
@@ -139,16 +131,9 @@ def certified(gateway: Gateway, ca: trustme.CA, demo_ports: Ports,
     docs_line = f"    upstream: http://127.0.0.1:{demo_ports.docs}\n"
     assert docs_line in text and "mode: optional" in text
     gateway_file.write_text(text.replace(docs_line, docs_line + REQUIRED))
-    previous = (mitmproxy.ctx.master, mitmproxy.ctx.options)
-    try:
-        with Background(lambda: certified_gateway(config_dir)) as (running, loop):
-            loaded = bootstrap.load(config_dir)
-            log = loaded.config.path(loaded.config.gateway_file.decision_log.path)
-            own = replace(gateway, port=running.addresses[0][1], config_dir=config_dir, decision_log=log)
-            yield Certified(own, running, directory, authority, loop, (config_dir / "policies.yaml").read_text(),
-                            gateway_file.read_text())
-    finally:
-        mitmproxy.ctx.master, mitmproxy.ctx.options = previous
+    with started(gateway, config_dir) as running:
+        yield Certified(running, directory, authority, (config_dir / "policies.yaml").read_text(),
+                        gateway_file.read_text())
 
 
 def test_a_compliant_phone_with_its_certificate_syncs_and_the_record_shows_the_certificate(
