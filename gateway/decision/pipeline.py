@@ -2,15 +2,20 @@
 ``Check``: request → ``Evaluate`` → ``handleResult``; the log is the consumer's):
 
     admission   canonical path (ambiguous: 400), resource match (none: 403; public: allow before
-                any token), an access token in the URL (400)
-    identity    who asks: the ``IdentitySource`` says (a bearer token or browser session at the
-                gateway; the question in What If; the recorded token in replay)
-    signals     the device the decision uses, and the app's protection registrations when a policy
-                asks for them: the ``SignalSource`` says (the inventory and the app registration
-                store, or the decision log's record of the time)
+                any token), an access token in the URL (400), the connection's device
+                certificate (not believed, or missing where required: 403)
+    identity    who asks: the ``IdentitySource`` says (a bearer token, a browser session or
+                legacy ActiveSync's Basic user at the gateway; the question in What If; the
+                recorded token in replay)
+    signals     the device the decision uses (the certificate's, else the token's), and the app's
+                protection registrations when a policy asks for them: the ``SignalSource`` says
+                (the inventory and the app registration store, or the decision log's record)
     evaluate    ``gateway.policy.evaluate``, pure; called here and nowhere else
-    restrict    the ActiveSync DeviceId binding before it, the request's session controls after
-    outcome     the action: forward with the upstream headers, or which page answers
+    restrict    before it, the device bindings (certificate against token or session, legacy
+                ActiveSync, the ActiveSync DeviceId); after it, the session controls that refuse
+                the request (blockDownloads, blockUploads, tokenProtection)
+    outcome     the action: forward with the upstream headers, a step-up (a 401 or a new sign-in
+                for an authentication strength or context), or which page answers
 
 A source that cannot answer (``SignalUnavailable``) makes the outcome a 503, never a forward.
 """
