@@ -50,9 +50,9 @@ from gateway.routing import BROWSER_ENDPOINTS, MTD_ENDPOINTS
 from gateway.signals.graph import GraphInventory
 from gateway.signals.mtd import MtdReceiver, partners_from_config
 from gateway.web.admin import admin_listener
-from gateway.web.forward_auth import forward_auth_listener
 from gateway.web.assertion_keys import service_host_app
 from gateway.web.browser_pages import browser_app
+from gateway.web.forward_auth import forward_auth_listener
 from gateway.web.mtd_webhook import mtd_webhook_app
 from gateway.web.types import ASGIApp
 
