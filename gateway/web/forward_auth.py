@@ -83,8 +83,7 @@ class ForwardAuth:
 
     @property
     def settings(self) -> ForwardAuthSettings | None:
-        """Read per request: a reload may change the proxies and hosts (or remove the section:
-        then every request is refused)."""
+        """The section of the config in force (a reload never changes it: it needs a restart)."""
         return self.service.config.gateway_file.forward_auth
 
     def app(self) -> Starlette:
