@@ -9,11 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ruamel.yaml import YAML
 
 from gateway.app.demo import ACTIVESYNC, ACTIVESYNC_UA, BLAKE_ANDROID, BROWSER_UA, OFFICE, activesync
 from gateway.http.headers import CORRELATION_ID
 from gateway.web import forward_auth
-from tests.conftest import Gateway, Ports
+from tests.conftest import Gateway, Ports, demo_config_copy
+from tests.helpers.config import problems
 from tests.helpers.forward_auth import OUTSIDER, ask, endpoint, forward_auth_gateway
 from tests.helpers.running import Started
 from tests.helpers.tokens import outlook_token
@@ -139,3 +141,19 @@ def test_only_the_hosts_listed_are_decided(gateway: Gateway, demo_ports: Ports, 
     assert answer.status_code == 403
     assert running.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == \
         forward_auth.NOT_SERVED
+
+
+@pytest.mark.parametrize(("section", "said"), [
+    ({"trustedProxies": ["0.0.0.0/0"]}, "trusts every address"),
+    ({"trustedProxies": ["127.0.0.1"]}, "needs a prefix length"),
+    ({"trustedProxies": []}, "at least 1 item"),
+    ({"hosts": ["intranet.contoso.test"]}, "not in protectedHosts"),
+], ids=["every-address", "no-prefix", "no-proxy", "unknown-host"])
+def test_a_forward_auth_section_that_would_believe_anyone_or_names_no_host_is_refused(
+        tmp_path: Path, section: dict[str, object], said: str) -> None:
+    config_dir = demo_config_copy(tmp_path, Ports.fresh())
+    yaml = YAML()
+    data = yaml.load(config_dir / "portcullis.yaml")
+    data["forwardAuth"] = section
+    yaml.dump(data, config_dir / "portcullis.yaml")
+    assert any(said in problem for problem in problems(config_dir)), problems(config_dir)
