@@ -52,6 +52,7 @@ from gateway.signals.mtd import MtdReceiver, partners_from_config
 from gateway.web.admin import admin_listener
 from gateway.web.assertion_keys import service_host_app
 from gateway.web.browser_pages import browser_app
+from gateway.web.forward_auth import forward_auth_listener
 from gateway.web.mtd_webhook import mtd_webhook_app
 from gateway.web.types import ASGIApp
 
@@ -159,6 +160,7 @@ class RunningGateway:
     operations: Operations
     drain: Drain  # SIGTERM: ``await gateway.drain.drain(seconds)`` before leaving the context
     admin: tuple[str, int] | None = None  # the admin API's address, when the config has an admin section
+    forward_auth: tuple[str, int] | None = None  # the forward-auth listener's, when it has a forwardAuth section
 
 
 def _service_endpoints(loaded: Loaded, service: AccessService) -> dict[str, ASGIApp]:
@@ -228,8 +230,9 @@ async def running_gateway(loaded: Loaded, *, demo: bool = False,
                                    drain=drain.state)
         background = _background_jobs(loaded, service, operations, graph)
         try:
-            async with admin_listener(operations, worker=worker) as admin:
-                yield RunningGateway(service, ready.addresses, upstreams, operations, drain, admin)
+            async with admin_listener(operations, worker=worker) as admin, \
+                    forward_auth_listener(service, worker=worker) as forward_auth:
+                yield RunningGateway(service, ready.addresses, upstreams, operations, drain, admin, forward_auth)
         finally:
             for job in background:
                 job.cancel()

@@ -123,6 +123,22 @@ class CertificateFile(Model):
     file: Path
 
 
+def proxy_networks(value: object) -> object:
+    """Each entry a network with its prefix length; never every address, or any client could
+    name its own address (and with it a trusted named location)."""
+    for item in value if isinstance(value, list) else []:
+        if not isinstance(item, str) or "/" not in item:
+            raise ValueError(f"{item!r} needs a prefix length, like 10.0.1.0/24 (or /32 for one address)")
+        try:
+            network = ipaddress.ip_network(item)
+        except ValueError as error:
+            raise ValueError(f"{item!r}: {error}") from None
+        if network.prefixlen == 0:
+            raise ValueError(f"{item!r} trusts every address, so any client could choose the address the "
+                             "gateway sees; list only your load balancers' addresses")
+    return value
+
+
 class GatewaySettings(Model):
     listen: Listen = Listen()
     certificates: Annotated[list[CertificateFile], Field(min_length=1)]
@@ -135,19 +151,7 @@ class GatewaySettings(Model):
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _proxy_networks(cls, value: object) -> object:
-        """Each entry a network with its prefix length; never every address, or any client could
-        name its own address (and with it a trusted named location)."""
-        for item in value if isinstance(value, list) else []:
-            if not isinstance(item, str) or "/" not in item:
-                raise ValueError(f"{item!r} needs a prefix length, like 10.0.1.0/24 (or /32 for one address)")
-            try:
-                network = ipaddress.ip_network(item)
-            except ValueError as error:
-                raise ValueError(f"{item!r}: {error}") from None
-            if network.prefixlen == 0:
-                raise ValueError(f"{item!r} trusts every address, so any client could choose the address the "
-                                 "gateway sees; list only your load balancers' addresses")
-        return value
+        return proxy_networks(value)
 
     @field_validator("remediation_url")
     @classmethod
@@ -659,6 +663,29 @@ class AdminListen(Listen):
     port: Annotated[int, Field(ge=0, le=65535)] = 9090
 
 
+class ForwardAuthListen(Listen):
+    port: Annotated[int, Field(ge=0, le=65535)] = 9404
+
+
+LOOPBACK_PROXIES = [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")]
+
+
+class ForwardAuthSettings(Model):
+    """The forward-auth listener (gateway/web/forward_auth.py): an edge proxy (nginx
+    ``auth_request``, Caddy ``forward_auth``, Traefik ``ForwardAuth``) asks it whether a request
+    may go upstream. Plain HTTP, so loopback by default; the original request's headers are
+    believed only from ``trustedProxies`` (the edge's addresses), never from anyone else."""
+
+    listen: ForwardAuthListen = ForwardAuthListen()
+    trusted_proxies: Annotated[list[IPvAnyNetwork], Field(min_length=1)] = LOOPBACK_PROXIES
+    hosts: list[str] = []  # the protected hosts decided here; empty: every protected host
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_networks(cls, value: object) -> object:
+        return proxy_networks(value)
+
+
 class AdminSettings(Model):
     """The admin API and dashboard (gateway/web/admin.py). Plain HTTP, so loopback by default: put a
     TLS reverse proxy in front to reach it from elsewhere. Callers present access tokens from the
@@ -714,6 +741,7 @@ class PortcullisFile(Model):
     decision_log: DecisionLogSettings = DecisionLogSettings()
     upstream_assertion: UpstreamAssertionSettings = UpstreamAssertionSettings()
     admin: AdminSettings | None = None  # no section, no admin listener
+    forward_auth: ForwardAuthSettings | None = None  # no section, no forward-auth listener
     state: StateSettings | None = None  # shared by workers and hosts; none: SQLite files and memory
 
     @field_validator("protected_hosts")
@@ -731,7 +759,14 @@ class PortcullisFile(Model):
         self._check_hosts()
         self._check_browser_issuer()
         self._check_app_identifiers()
+        self._check_forward_auth_hosts()
         return self
+
+    def _check_forward_auth_hosts(self) -> None:
+        unknown = [host for host in self.forward_auth.hosts if host not in self.protected_hosts] \
+            if self.forward_auth is not None else []
+        if unknown:
+            raise ValueError(f"forwardAuth.hosts names {', '.join(map(repr, unknown))}, not in protectedHosts")
 
     def _check_browser_issuer(self) -> None:
         names = [entry.name for entry in self.identity.trusted]

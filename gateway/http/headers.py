@@ -184,6 +184,14 @@ def _trusted(address: Address, proxies: Sequence[Network]) -> bool:
     return any(address in network for network in proxies)
 
 
+def trusted_peer(peer: str, proxies: Sequence[Network]) -> bool:
+    """The connection's peer address is inside one of ``proxies``."""
+    try:
+        return _trusted(_address(peer), proxies)
+    except ValueError:
+        return False
+
+
 def client_address(peer: str, forwarded_for: Sequence[str],
                    trusted_proxies: Sequence[Network]) -> tuple[str, str | None]:
     """The client address for policy, the decision log and the upstream's X-Forwarded-For, and why

@@ -33,20 +33,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import socket
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
-import uvicorn
 from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp
 
 from gateway.app.workers import ONLY_WORKER, Worker
 from gateway.config.loader import validate
@@ -84,7 +81,7 @@ from gateway.web.dashboard import (
     overview_page,
     sign_in_page,
 )
-from gateway.web.embedded import EmbeddedServer
+from gateway.web.embedded import serving
 
 DECISION_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 RELOAD_TRIGGER = "adminApi"
@@ -343,34 +340,9 @@ async def admin_listener(operations: Operations, *, clock: Clock = utc_now,
     audit = AdminAuditLog(worker.own_file(config.path(settings.audit_log)))
     api = AdminApi(operations, settings.audience, audit, clock=clock, site=site)
     try:
-        async with serving(api.app(), settings.listen.host, worker.own_port(settings.listen.port)) as address:
+        async with serving(api.app(), settings.listen.host, worker.own_port(settings.listen.port),
+                           name="the admin API") as address:
             yield address
     finally:
         api.scans.close()
         audit.close()
-
-
-@contextlib.asynccontextmanager
-async def serving(app: ASGIApp, host: str, port: int) -> AsyncIterator[tuple[str, int]]:
-    """uvicorn in the running loop. The socket is bound first, so a port in use is a clear error;
-    client addresses are the ones the socket saw (no X-Forwarded-For: the audit log names them)."""
-    try:
-        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    except OSError as error:
-        raise RuntimeError(f"the admin API cannot listen on {host}:{port}: {error.strerror}") from error
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, proxy_headers=False,
-                            timeout_graceful_shutdown=2)
-    server = EmbeddedServer(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                await task
-                raise RuntimeError(f"the admin API on {host}:{port} did not start; see the log above")
-            await asyncio.sleep(0.01)
-        address = sock.getsockname()
-        yield str(address[0]), int(address[1])
-    finally:
-        server.should_exit = True
-        await asyncio.gather(task, return_exceptions=True)
-        sock.close()

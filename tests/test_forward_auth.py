@@ -1,0 +1,159 @@
+"""The forward-auth listener at the HTTP level: a real gateway in-process, its forward-auth listener
+on a real socket, real tokens from the demo issuer, asked in nginx's and in Caddy/Traefik's
+conventions. The same pipeline decides: the decision log holds each answer with its reason."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from ruamel.yaml import YAML
+
+from gateway.app.demo import ACTIVESYNC, ACTIVESYNC_UA, BLAKE_ANDROID, BROWSER_UA, OFFICE, activesync
+from gateway.http.headers import CORRELATION_ID
+from gateway.web import forward_auth
+from tests.conftest import Gateway, Ports, demo_config_copy
+from tests.helpers.config import problems
+from tests.helpers.forward_auth import OUTSIDER, ask, endpoint, forward_auth_gateway
+from tests.helpers.running import Started
+from tests.helpers.tokens import outlook_token
+
+MAIL = "mail.contoso.test"
+CLIENT = "203.0.113.7"
+
+
+@pytest.fixture(scope="module")
+def edge(gateway: Gateway, demo_ports: Ports, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
+    with forward_auth_gateway(gateway, tmp_path_factory.mktemp("forward-auth"), demo_ports) as running:
+        yield running
+
+
+def nginx(uri: str, method: str = "GET", host: str = MAIL, **headers: str) -> dict[str, str]:
+    return {"X-Original-URI": uri, "X-Original-Method": method, "Host": host, "X-Forwarded-For": CLIENT, **headers}
+
+
+def caddy(uri: str, method: str = "GET", host: str = MAIL, **headers: str) -> dict[str, str]:
+    return {"X-Forwarded-Uri": uri, "X-Forwarded-Method": method, "X-Forwarded-Host": host,
+            "X-Forwarded-Proto": "https", "X-Forwarded-For": CLIENT, **headers}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "User-Agent": ACTIVESYNC_UA}
+
+
+@pytest.mark.parametrize("convention", [nginx, caddy], ids=["nginx", "caddy-traefik"])
+def test_an_allowed_request_answers_200_with_the_reverse_proxys_upstream_headers(edge: Started, convention) -> None:
+    answer = ask(edge, convention(ACTIVESYNC, "POST", **bearer(outlook_token(edge.gateway))))
+    assert answer.status_code == 200 and answer.content == b""
+    assert answer.headers["X-Portcullis-User"] == "alex@contoso.test"
+    assert answer.headers["X-Portcullis-Client-App"] == "outlook-mobile"
+    assert answer.headers["X-Forwarded-For"] == CLIENT and answer.headers["X-Forwarded-Host"] == MAIL
+    assert answer.headers["X-Portcullis-Assertion"].count(".") == 2
+    record = edge.gateway.decision(answer.headers[CORRELATION_ID])
+    assert record["status"]["errorCode"] == 0 and record["ipAddress"] == CLIENT
+    assert record["httpStatus"] == 200 and record["upstreamStatus"] is None
+
+
+@pytest.mark.parametrize("convention", [nginx, caddy], ids=["nginx", "caddy-traefik"])
+def test_a_noncompliant_device_is_blocked_with_the_gateways_json_answer(edge: Started, convention) -> None:
+    token = outlook_token(edge.gateway, user="blake@contoso.test", device_id=BLAKE_ANDROID)
+    answer = ask(edge, convention(activesync(BLAKE_ANDROID, "blake"), "POST", **bearer(token)))
+    assert answer.status_code == 403
+    assert answer.json()["reason"].startswith("device not compliant") and answer.json()["error"] == "access_denied"
+    assert "X-Portcullis-User" not in answer.headers
+    assert edge.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == \
+        answer.json()["reason"]
+
+
+def test_a_browser_is_blocked_with_the_html_block_page(edge: Started) -> None:
+    token = outlook_token(edge.gateway, user="blake@contoso.test", device_id=BLAKE_ANDROID, client_id=OFFICE)
+    answer = ask(edge, nginx("/owa/", Authorization=f"Bearer {token}", Accept="text/html",
+                             **{"User-Agent": BROWSER_UA}))
+    assert answer.status_code == 403 and "You can't get there from here" in answer.text
+
+
+def test_no_token_answers_401_with_the_bearer_challenge(edge: Started) -> None:
+    answer = ask(edge, nginx(ACTIVESYNC, "POST", **{"User-Agent": ACTIVESYNC_UA}))
+    assert answer.status_code == 401
+    assert 'resource_metadata="https://mail.contoso.test' in answer.headers["WWW-Authenticate"]
+
+
+def test_a_browser_without_a_session_is_sent_to_sign_in(edge: Started) -> None:
+    answer = ask(edge, nginx("/owa/", Accept="text/html", **{"User-Agent": BROWSER_UA}))
+    assert answer.status_code == 302
+    assert answer.headers["Location"].startswith(edge.gateway.idp.issuer)
+    assert "__Host-portcullis-signin" in answer.headers["Set-Cookie"]
+
+
+def test_a_request_from_an_address_that_is_not_the_edge_is_refused_and_logged(edge: Started) -> None:
+    answer = ask(edge, nginx(ACTIVESYNC, "POST", **bearer(outlook_token(edge.gateway))), source=OUTSIDER)
+    assert answer.status_code == 403 and "X-Portcullis-User" not in answer.headers
+    record = edge.gateway.decision(answer.headers[CORRELATION_ID])
+    assert record["status"]["failureReason"] == forward_auth.NOT_A_PROXY and record["ipAddress"] == OUTSIDER
+
+
+@pytest.mark.parametrize(("headers", "reason"), [
+    ({"Host": MAIL, "X-Original-Method": "GET", "X-Forwarded-For": CLIENT}, forward_auth.NO_ORIGINAL),
+    ({**caddy("/owa/"), "X-Original-URI": "/owa/"}, forward_auth.TWO_CONVENTIONS),
+    ({"Host": MAIL, "X-Original-Method": "GET", "X-Original-URI": "/owa/"}, forward_auth.NO_CLIENT),
+], ids=["no-original-uri", "both-conventions", "no-client-address"])
+def test_a_request_that_does_not_name_the_original_one_is_refused_and_logged(edge: Started, headers: dict[str, str],
+                                                                             reason: str) -> None:
+    answer = ask(edge, {**headers, **bearer(outlook_token(edge.gateway))})
+    assert answer.status_code == 400
+    assert edge.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == reason
+
+
+def test_an_original_header_sent_twice_is_refused(edge: Started) -> None:
+    headers = [*nginx(ACTIVESYNC, "POST", **bearer(outlook_token(edge.gateway))).items(), ("X-Original-URI", "/ecp/")]
+    answer = httpx.get(f"{endpoint(edge)}/", headers=headers, timeout=10)
+    assert answer.status_code == 400
+    assert edge.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == forward_auth.REPEATED
+
+
+@pytest.mark.parametrize("host", ["intranet.contoso.test", "mail.contoso.test:bad", "127.0.0.1"])
+def test_a_host_the_gateway_does_not_serve_is_refused(edge: Started, host: str) -> None:
+    answer = ask(edge, caddy(ACTIVESYNC, "POST", host=host, **bearer(outlook_token(edge.gateway))))
+    assert answer.status_code == 403
+    assert edge.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == forward_auth.NOT_SERVED
+
+
+def test_the_original_target_is_normalised_as_the_reverse_proxy_does(edge: Started) -> None:
+    """A path Tomcat reads as /ecp/ behind an OWA rule: ambiguous, refused before any token is read."""
+    answer = ask(edge, nginx("/owa/..;/ecp/", **bearer(outlook_token(edge.gateway))))
+    assert answer.status_code == 400
+    assert edge.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == "ambiguous request path"
+
+
+def test_identity_headers_a_client_sent_do_not_change_the_answer(edge: Started) -> None:
+    answer = ask(edge, nginx(ACTIVESYNC, "POST", **bearer(outlook_token(edge.gateway)),
+                             **{"X-Portcullis-User": "admin@contoso.test", "X-Portcullis-Device-Id": "forged"}))
+    assert answer.status_code == 200
+    assert answer.headers["X-Portcullis-User"] == "alex@contoso.test"
+    assert answer.headers.get_list("X-Portcullis-Device-Id") != ["forged"]
+
+
+def test_only_the_hosts_listed_are_decided(gateway: Gateway, demo_ports: Ports, tmp_path: Path) -> None:
+    with forward_auth_gateway(gateway, tmp_path, demo_ports, hosts=["docs.contoso.test"]) as running:
+        answer = ask(running, nginx(ACTIVESYNC, "POST", **bearer(outlook_token(gateway))))
+    assert answer.status_code == 403
+    assert running.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == \
+        forward_auth.NOT_SERVED
+
+
+@pytest.mark.parametrize(("section", "said"), [
+    ({"trustedProxies": ["0.0.0.0/0"]}, "trusts every address"),
+    ({"trustedProxies": ["127.0.0.1"]}, "needs a prefix length"),
+    ({"trustedProxies": []}, "at least 1 item"),
+    ({"hosts": ["intranet.contoso.test"]}, "not in protectedHosts"),
+], ids=["every-address", "no-prefix", "no-proxy", "unknown-host"])
+def test_a_forward_auth_section_that_would_believe_anyone_or_names_no_host_is_refused(
+        tmp_path: Path, section: dict[str, object], said: str) -> None:
+    config_dir = demo_config_copy(tmp_path, Ports.fresh())
+    yaml = YAML()
+    data = yaml.load(config_dir / "portcullis.yaml")
+    data["forwardAuth"] = section
+    yaml.dump(data, config_dir / "portcullis.yaml")
+    assert any(said in problem for problem in problems(config_dir)), problems(config_dir)
