@@ -1,85 +1,23 @@
 """Debian's nginx in a temporary prefix, in front of the demo backends, with the shipped
-forward-auth snippets (deploy/nginx/), as a non-daemon process the test stops."""
+forward-auth snippets (deploy/nginx/), as a non-daemon process the test stops
+(gateway/app/edges.py starts it, as ``portcullis demo --edge nginx`` does)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import pwd
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from gateway.app.edges import Site, running_edge
+from tests.conftest import free_port
+from tests.helpers.edges import MAIL, needs_edge
 
-from tests.conftest import REPO, free_port
-
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-# CI installs nginx and sets PORTCULLIS_REQUIRE_NGINX: there a missing nginx fails the tests instead of hiding them
-needs_nginx = pytest.mark.skipif(not Path(NGINX).is_file() and not os.environ.get("PORTCULLIS_REQUIRE_NGINX"),
-                                 reason="nginx is not installed (apt-get install nginx)")
-SNIPPETS = REPO / "deploy" / "nginx"
-START_SECONDS = 10
-
-CONF = """
-{user}
-worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    upstream portcullis_forward_auth {{
-        server 127.0.0.1:{forward_auth};
-        keepalive 16;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        server_name mail.contoso.test;
-        include {snippets}/portcullis-forward-auth.conf;
-        location / {{
-            include {snippets}/portcullis-protect.conf;
-            proxy_pass http://127.0.0.1:{backend};
-        }}
-    }}
-}}
-"""
+needs_nginx = needs_edge("nginx")
 
 
 @contextlib.contextmanager
 def nginx_edge(directory: Path, *, forward_auth: int, backend: int) -> Iterator[int]:
     """nginx asking the forward-auth listener on port ``forward_auth`` and proxying to ``backend``; its port."""
-    directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""  # workers read the prefix
-    (directory / "nginx.conf").write_text(CONF.format(user=user, prefix=directory, forward_auth=forward_auth,
-                                                      port=port, snippets=SNIPPETS, backend=backend))
-    with (directory / "out.log").open("wb") as log:
-        process = subprocess.Popen([NGINX, "-p", str(directory), "-c", str(directory / "nginx.conf")],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        _wait_listening(process, port, directory)
+    with running_edge("nginx", directory, port=free_port(), forward_auth=forward_auth,
+                      sites=[Site(MAIL, backend)]) as port:
         yield port
-    finally:
-        process.terminate()
-        process.wait(START_SECONDS)
-
-
-def _wait_listening(process: subprocess.Popen[bytes], port: int, directory: Path) -> None:
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"nginx exited: {(directory / 'error.log').read_text(errors='replace')}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nginx is not listening on {port}")

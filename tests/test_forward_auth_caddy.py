@@ -1,0 +1,172 @@
+"""Debian's Caddy in front of the demo Exchange and SharePoint backends with the shipped snippet
+(deploy/caddy/Caddyfile), asking a real gateway's forward-auth listener about each request: what
+reaches the backend, what the client gets. Caddy relays Portcullis's refusals as they are, so each
+demo scenario answers through Caddy exactly as through the reverse proxy."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.app.demo import (
+    ACTIVESYNC,
+    ALEX_IPHONE,
+    BLAKE_ANDROID,
+    BROWSER_UA,
+    SCENARIOS,
+    Scenario,
+    activesync,
+    scenario_token,
+)
+from gateway.app.edges import Site
+from gateway.http.headers import CORRELATION_ID
+from gateway.web import forward_auth
+from tests.conftest import Gateway, Ports, free_port
+from tests.helpers.caddy import caddy_edge, needs_caddy
+from tests.helpers.edges import DOCS, MAIL, received, through_edge
+from tests.helpers.forward_auth import OUTSIDER, ask, forward_auth_gateway
+from tests.helpers.mtd import level, push
+from tests.helpers.running import Started
+from tests.helpers.tokens import outlook_token
+
+pytestmark = needs_caddy
+
+FORGED = {"X-Original-URI": ACTIVESYNC, "X-Forwarded-Uri": ACTIVESYNC, "X-Original-Method": "POST",
+          "X-Forwarded-Method": "POST", "X-Forwarded-Host": DOCS, "X-Forwarded-For": "10.0.0.1",
+          "X-Portcullis-User": "admin@contoso.test", "X-Portcullis-Device-Id": "forged",
+          "X-Portcullis-Client-App": "forged", "X-Portcullis-Assertion": "forged"}
+
+
+@pytest.fixture(scope="module")
+def portcullis(gateway: Gateway, demo_ports: Ports, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
+    with forward_auth_gateway(gateway, tmp_path_factory.mktemp("forward-auth"), demo_ports) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def edge(portcullis: Started, demo_ports: Ports, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    assert portcullis.running.forward_auth is not None
+    with caddy_edge(tmp_path_factory.mktemp("caddy"), forward_auth=portcullis.running.forward_auth[1],
+                    sites=[Site(MAIL, demo_ports.mail), Site(DOCS, demo_ports.docs)]) as port:
+        yield port
+
+
+def test_an_allowed_request_reaches_the_backend_with_the_identity_headers_and_assertion(
+        edge: int, portcullis: Started) -> None:
+    backend = received(through_edge(edge, ACTIVESYNC, token=outlook_token(portcullis.gateway)))
+    headers = backend["receivedHeaders"]
+    assert headers["x-portcullis-user"] == "alex@contoso.test"
+    assert headers["x-portcullis-client-app"] == "outlook-mobile"
+    assert headers["x-portcullis-device-id"] == ALEX_IPHONE
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+    assert backend["verifiedAssertion"]["sub"], backend["verifiedAssertion"]
+    assert "rejected" not in backend["verifiedAssertion"]
+    record = portcullis.gateway.decision(headers["x-portcullis-correlation-id"])
+    assert record["status"]["errorCode"] == 0 and record["httpStatus"] == 200
+    assert record["ipAddress"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("scenario", [pytest.param(s, id=s.title) for s in SCENARIOS])
+def test_each_demo_scenario_answers_through_caddy_as_through_the_reverse_proxy(
+        edge: int, portcullis: Started, scenario: Scenario) -> None:
+    """Allowed, and each block reason (app not approved, noncompliant, high risk, a token replayed
+    from another device, no token, a bad token, the browser block page, a path no resource names):
+    Caddy relays Portcullis's status, body and challenge."""
+    answer = through_edge(edge, scenario.path, method=scenario.method, host=scenario.host,
+                          token=scenario_token(portcullis.gateway.idp, scenario), headers=dict(scenario.headers))
+    assert answer.status_code == scenario.expect_status, answer.text[:300]
+    shown = answer.text.replace('": "', '":"') + "\n".join(f"{k}: {v}" for k, v in answer.headers.items())
+    assert scenario.expect_text is None or scenario.expect_text in shown
+    if answer.status_code != 200:
+        assert '"backend"' not in answer.text
+
+
+def test_an_unknown_device_is_blocked_with_403(edge: int, portcullis: Started) -> None:
+    unknown = str(uuid.uuid4())
+    answer = through_edge(edge, ACTIVESYNC, token=outlook_token(portcullis.gateway, device_id=unknown))
+    assert answer.status_code == 403 and '"backend"' not in answer.text
+    assert portcullis.gateway.decision(answer.json()["correlationId"])["deviceDetail"]["deviceId"] in ("", unknown)
+
+
+def test_a_browser_without_a_session_is_redirected_to_sign_in(edge: int, portcullis: Started) -> None:
+    answer = through_edge(edge, "/owa/", method="GET", headers={"User-Agent": BROWSER_UA, "Accept": "text/html"})
+    assert answer.status_code == 302
+    assert answer.headers["Location"].startswith(portcullis.gateway.idp.issuer)
+    assert "__Host-portcullis-signin" in answer.headers["Set-Cookie"]
+
+
+def test_headers_a_client_sends_neither_change_the_decision_nor_reach_the_backend(
+        edge: int, portcullis: Started) -> None:
+    """The client names an allowed URI and another host, and claims an identity: Portcullis decides
+    the real target (a path no resource names: 403); on an allowed request the backend sees only
+    what Portcullis set."""
+    token = outlook_token(portcullis.gateway)
+    refused = through_edge(edge, "/ecp/", token=token, headers=FORGED)
+    assert refused.status_code == 403 and '"backend"' not in refused.text
+    assert refused.json()["reason"] == "path is not part of any protected resource"
+
+    allowed = received(through_edge(edge, ACTIVESYNC, token=token, headers=FORGED))["receivedHeaders"]
+    assert allowed["x-portcullis-user"] == "alex@contoso.test"
+    assert allowed["x-portcullis-device-id"] == ALEX_IPHONE
+    assert allowed["x-portcullis-client-app"] == "outlook-mobile"
+    assert allowed["x-portcullis-assertion"] != "forged"
+    assert allowed["x-forwarded-for"] == "127.0.0.1" and allowed["x-forwarded-host"] == MAIL
+    assert not {"x-original-uri", "x-original-method", "x-forwarded-uri", "x-forwarded-method"} & set(allowed)
+    record = portcullis.gateway.decision(allowed["x-portcullis-correlation-id"])
+    assert (record["ipAddress"], record["resourceDisplayName"]) == ("127.0.0.1", "exchange-activesync")
+
+
+def test_identity_headers_portcullis_does_not_set_never_reach_the_backend(edge: int) -> None:
+    """A public resource names no user, app or device: the client's own copies are removed, and
+    no header carries the text of an unresolved Caddy placeholder (Caddy 2.6's copy_headers would)."""
+    backend = received(through_edge(edge, "/owa/auth/logon.aspx", method="GET", headers=FORGED))
+    headers = backend["receivedHeaders"]
+    assert not {"x-portcullis-user", "x-portcullis-device-id", "x-portcullis-client-app",
+                "x-portcullis-assertion"} & set(headers)
+    assert not any("{" in value for value in headers.values()), headers
+    assert headers["x-portcullis-correlation-id"]
+
+
+def test_the_endpoint_called_directly_in_caddys_convention_by_another_address_is_refused(
+        edge: int, portcullis: Started) -> None:
+    headers = {"X-Forwarded-Uri": ACTIVESYNC, "X-Forwarded-Method": "POST", "X-Forwarded-Host": MAIL,
+               "X-Forwarded-For": "127.0.0.1", "Authorization": f"Bearer {outlook_token(portcullis.gateway)}"}
+    answer = ask(portcullis, headers, source=OUTSIDER)
+    assert answer.status_code == 403 and "X-Portcullis-User" not in answer.headers
+    assert portcullis.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == \
+        forward_auth.NOT_A_PROXY
+
+
+def test_a_risk_raise_takes_effect_on_the_next_request(edge: int, portcullis: Started) -> None:
+    """The MTD partner pushes a high threat level to this gateway's webhook: Alex's very next
+    request through Caddy is refused; lowering it restores access."""
+    token = outlook_token(portcullis.gateway)
+    assert through_edge(edge, ACTIVESYNC, token=token).status_code == 200
+    try:
+        assert push(portcullis.gateway, level(ALEX_IPHONE, "highSeverity")).status_code == 202
+        blocked = through_edge(edge, ACTIVESYNC, token=token)
+        assert (blocked.status_code, blocked.json()["reason"]) == (403, "device risk high, allowed: low")
+    finally:
+        assert push(portcullis.gateway, level(ALEX_IPHONE, "low")).status_code == 202
+    assert through_edge(edge, ACTIVESYNC, token=token).status_code == 200
+
+
+def test_with_portcullis_down_caddy_answers_502_and_never_lets_the_request_through(
+        portcullis: Started, demo_ports: Ports, tmp_path: Path) -> None:
+    nobody_listening = free_port()
+    with caddy_edge(tmp_path / "caddy", forward_auth=nobody_listening, sites=[Site(MAIL, demo_ports.mail)]) as port:
+        for path, headers in ((ACTIVESYNC, {}), ("/owa/", {"User-Agent": BROWSER_UA, "Accept": "text/html"}),
+                              ("/owa/auth/logon.aspx", {})):
+            answer = through_edge(port, path, token=outlook_token(portcullis.gateway), headers=headers)
+            assert answer.status_code == 502 and '"backend"' not in answer.text
+
+
+def test_a_noncompliant_device_forging_the_compliant_ones_headers_is_still_blocked(
+        edge: int, portcullis: Started) -> None:
+    token = outlook_token(portcullis.gateway, user="blake@contoso.test", device_id=BLAKE_ANDROID)
+    answer = through_edge(edge, activesync(BLAKE_ANDROID, "blake"), token=token,
+                          headers={**FORGED, "X-Portcullis-Device-Id": ALEX_IPHONE})
+    assert answer.status_code == 403 and answer.json()["reason"].startswith("device not compliant")
