@@ -146,10 +146,12 @@ def scenario_token(idp: DemoIdentityProvider, scenario: Scenario) -> str | None:
     return token
 
 
-def curl_command(scenario: Scenario, token: str | None, *, port: int, ca_file: str,
+def curl_command(scenario: Scenario, token: str | None, *, port: int, ca_file: str | None,
                  device_ca: Path | None = None) -> str:
-    """``device_ca``: the demo device CA, beside whose ``devices/`` the scenario's certificate is."""
-    parts = ["curl", "-sS", "-i", "--cacert", ca_file, "--resolve", f"{scenario.host}:{port}:127.0.0.1"]
+    """``device_ca``: the demo device CA, beside whose ``devices/`` the scenario's certificate is;
+    ``ca_file`` None: plain HTTP (an edge of ``demo --edge``)."""
+    parts = ["curl", "-sS", "-i", *(["--cacert", ca_file] if ca_file else []),
+             "--resolve", f"{scenario.host}:{port}:127.0.0.1"]
     if scenario.certificate is not None and device_ca is not None:
         cert_file, key_file = demo_device_files(device_ca, scenario.certificate)
         parts += ["--cert", _relative(cert_file), "--key", _relative(key_file)]
@@ -159,7 +161,7 @@ def curl_command(scenario: Scenario, token: str | None, *, port: int, ca_file: s
         parts += ["-H", f"{name}: {value}"]
     if token:
         parts += ["-H", f"Authorization: Bearer {token}"]
-    parts.append(f"https://{scenario.host}:{port}{scenario.path}")
+    parts.append(f"{'https' if ca_file else 'http'}://{scenario.host}:{port}{scenario.path}")
     return shlex.join(parts)
 
 

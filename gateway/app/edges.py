@@ -13,8 +13,16 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from gateway.config import Config
+from gateway.config.models import ForwardAuthListen, ForwardAuthSettings
+
+if TYPE_CHECKING:
+    from gateway.web.demo_idp import DemoIdentityProvider
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"  # beside the package in a checkout
 START_SECONDS = 10
@@ -35,6 +43,7 @@ class Edge:
     package: str  # Debian's, named when the binary is missing
     candidates: tuple[str, ...]  # where the binary may be when it is not on PATH
     snippets: str  # the directory under deploy/
+    relays_block_pages: bool  # the client gets Portcullis's 403 body (else the edge's own page)
     write_config: Callable[[Path, int, int, Sequence[Site], Path], Path]
     command: Callable[[str, Path, Path], list[str]]
 
@@ -123,9 +132,9 @@ def write_caddyfile(directory: Path, port: int, forward_auth: int, sites: Sequen
 
 
 EDGES: Mapping[str, Edge] = {
-    "nginx": Edge("nginx", "nginx", ("/usr/sbin/nginx",), "nginx", write_nginx_config,
+    "nginx": Edge("nginx", "nginx", ("/usr/sbin/nginx",), "nginx", False, write_nginx_config,
                   lambda binary, directory, config: [binary, "-p", str(directory), "-c", str(config)]),
-    "caddy": Edge("caddy", "caddy", ("/usr/bin/caddy",), "caddy", write_caddyfile,
+    "caddy": Edge("caddy", "caddy", ("/usr/bin/caddy",), "caddy", True, write_caddyfile,
                   lambda binary, directory, config: [binary, "run", "--adapter", "caddyfile", "--config", str(config)]),
 }
 
@@ -181,3 +190,38 @@ def running_edge(name: str, directory: Path, *, port: int, forward_auth: int, si
                        name=name, env=env):
         yield port
 
+
+
+def with_forward_auth(config: Config) -> Config:
+    """The config with a forward-auth listener for the edge: its own section if it has one, else
+    one on a free loopback port trusting loopback (the edge runs beside the demo)."""
+    if config.gateway_file.forward_auth is not None:
+        return config
+    section = ForwardAuthSettings(listen=ForwardAuthListen(host="127.0.0.1", port=0))
+    return replace(config, gateway_file=config.gateway_file.model_copy(update={"forward_auth": section}))
+
+
+def demo_sites(config: Config) -> list[Site]:
+    """Each protected host, in front of its demo backend (on 127.0.0.1, as the demo serves it)."""
+    sites = []
+    for host, protected in config.gateway_file.protected_hosts.items():
+        upstream = urlsplit(protected.upstream)
+        sites.append(Site(host, upstream.port or 80))
+    return sites
+
+
+def edge_banner(name: str, port: int, idp: DemoIdentityProvider, sites: Sequence[Site]) -> str:
+    """What to try through the edge: its URLs, and the demo's requests in plain HTTP to its port."""
+    from gateway.app.demo import SCENARIOS, curl_command, expectation, scenario_token  # the demo's web parts
+
+    edge = EDGES[name]
+    hosts = ", ".join(f"http://{site.host}:{port}" for site in sites)
+    lines = [f"# {name} is up in front of the demo backends: {hosts} (on 127.0.0.1), asking Portcullis "
+             "about every request (forward auth, with the shipped snippets in deploy/).", ""]
+    for number, scenario in enumerate(SCENARIOS, start=1):
+        shown = scenario if edge.relays_block_pages or scenario.expect_status in (200, 401) \
+            else replace(scenario, expect_text=None)  # nginx answers 403 with its own page
+        lines += [f"# {name} {number}. {scenario.title}", f"#    {expectation(shown)}",
+                  curl_command(scenario, scenario_token(idp, scenario), port=port, ca_file=None), ""]
+    lines += [f"# Ctrl-C stops the demo and {name}."]
+    return "\n".join(lines)

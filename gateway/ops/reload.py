@@ -76,6 +76,7 @@ class ConfigReloader:
         self.loaded_at = clock()
         self._signature = files_signature(self.directory, self._trust_files())
         self.in_force_file: Path | None = None  # workers: where the digest of the config in force is kept
+        self.adjust: Callable[[Config], Config] | None = None  # `demo --edge`: what it adds to every config loaded
 
     @property
     def last_failed(self) -> ReloadOutcome | None:
@@ -105,6 +106,8 @@ class ConfigReloader:
         now = self._clock()
         try:
             config = await asyncio.to_thread(load_config, self.directory)  # file reads stay off the proxy's loop
+            if self.adjust is not None:
+                config = self.adjust(config)
         except ConfigError as error:
             return ReloadOutcome(trigger, now, False, tuple(str(p) for p in error.problems))
         problems = restart_only_changes(self.service.config, config) + uncovered_by_change(self.service.config, config)

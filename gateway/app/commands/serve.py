@@ -6,22 +6,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import signal
 import subprocess
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.app import bootstrap
 from gateway.app.commands.common import DEFAULT_CONFIG
+from gateway.app.edges import EDGES, demo_sites, edge_banner, running_edge, with_forward_auth
 from gateway.app.workers import ONLY_WORKER, Supervisor, Worker, hold_reloads, release_reloads, worker_command
 from gateway.config import Config, load_config, load_gateway_file
 from gateway.config.files import missing_certificates
 from gateway.config.loader import raise_if
 from gateway.ops.reload import check_in_force, config_digest, record_in_force
 
+if TYPE_CHECKING:
+    from gateway.web.demo_idp import DemoIdentityProvider
+
 MAX_WORKERS = 64
+DEFAULT_EDGE_PORT = 8081
 RECORD_HELP = "also write every flow to this mitmproxy flow file for `portcullis replay` (mode 0600: it holds tokens)"
 logger = logging.getLogger("portcullis")
 
@@ -30,6 +38,10 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     demo = commands.add_parser("demo", help="run the embedded demo (issuer, backends, gateway)")
     demo.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config directory (default: config)")
     demo.add_argument("--record", type=Path, metavar="FLOWS", help=RECORD_HELP)
+    demo.add_argument("--edge", choices=sorted(EDGES), help="also start Debian's nginx or Caddy in front of the demo "
+                      "backends, asking Portcullis about each request (forward auth, the snippets in deploy/)")
+    demo.add_argument("--edge-port", type=int, default=DEFAULT_EDGE_PORT, metavar="PORT",
+                      help=f"the edge's plain-HTTP port on 127.0.0.1 (default {DEFAULT_EDGE_PORT})")
     demo.set_defaults(command=_demo)
     run = commands.add_parser("run", help="run the gateway on a config directory")
     run.add_argument("--config", type=Path, required=True, help="config directory")
@@ -112,9 +124,20 @@ def _worker_count(value: str) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    edge = None
+    if args.edge is not None:
+        EDGES[args.edge].binary()  # a missing edge is said before anything starts
+        EDGES[args.edge].snippet_directory()
+        edge = DemoEdge(args.edge, args.edge_port)
     hold_reloads()
-    asyncio.run(_serve(args.config, demo=True, record=args.record))
+    asyncio.run(_serve(args.config, demo=True, record=args.record, edge=edge))
     return 0
+
+
+@dataclass(frozen=True, slots=True)
+class DemoEdge:
+    name: str  # one of EDGES
+    port: int
 
 
 def _demo_partner_secrets(config: Config) -> dict[str, str]:
@@ -128,8 +151,9 @@ def _demo_partner_secrets(config: Config) -> dict[str, str]:
 
 
 async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, worker: Worker = ONLY_WORKER,
-                 drain_seconds: float = 30.0, restarted: bool = False) -> None:
-    """Serve until SIGTERM or SIGINT, then drain: stop accepting, let requests in flight finish."""
+                 drain_seconds: float = 30.0, restarted: bool = False, edge: DemoEdge | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: stop accepting, let requests in flight finish.
+    ``edge``: the demo's edge proxy, started once the gateway is up and stopped when it stops."""
     from addons.runner import (
         running_gateway,  # the core never imports mitmproxy; only this command does
     )
@@ -139,13 +163,17 @@ async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, wo
     digest = config_digest(config_dir)
     device_ca = _demo_device_certificates(config_dir) if demo else None  # before loading: the config trusts it
     loaded = bootstrap.load(config_dir, worker)
+    if edge is not None:
+        loaded = replace(loaded, config=with_forward_auth(loaded.config))
     if not demo:
         raise_if(missing_certificates(loaded.config, config_dir))  # the demo makes its own; a gateway must have them
     in_force = loaded.config.path(loaded.config.gateway_file.gateway.state_dir) / "config-in-force"
     if restarted:
         check_in_force(in_force, config_dir)
     demo_secrets = _demo_partner_secrets(loaded.config) if demo else {}
-    async with running_gateway(loaded, demo=demo, record=record) as gateway:
+    async with running_gateway(loaded, demo=demo, record=record) as gateway, contextlib.AsyncExitStack() as stack:
+        if edge is not None:
+            gateway.operations.reloader.adjust = with_forward_auth  # a reload keeps the edge's listener
         if worker.shares_listeners:
             record_in_force(in_force, digest)
             gateway.operations.reloader.in_force_file = in_force
@@ -167,6 +195,9 @@ async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, wo
             certificate = loaded.config.gateway_file.gateway.certificates[0]
             ca_file = loaded.config.path(certificate.file).parent / CA_FILE
             print(banner(loaded.config, gateway.upstreams.idp, ca_file, port, demo_secrets, device_ca), flush=True)
+            if edge is not None:
+                print(await _start_edge(stack, edge, loaded.config, gateway.forward_auth, gateway.upstreams.idp),
+                      flush=True)
         else:
             listen = ", ".join(f"{h}:{p}" for h, p in gateway.addresses)
             name = f"worker {worker.index} (pid {os.getpid()})" if worker.shares_listeners else "Portcullis"
@@ -176,6 +207,19 @@ async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, wo
         if watch is not None:
             watch.cancel()
         await gateway.drain.drain(drain_seconds)
+
+
+async def _start_edge(stack: contextlib.AsyncExitStack, edge: DemoEdge, config: Config,
+                      forward_auth: tuple[str, int] | None, idp: DemoIdentityProvider) -> str:
+    """The edge as a child process (stopped when ``stack`` closes: Ctrl-C, an error), its files in
+    the state directory; what to try through it."""
+    assert forward_auth is not None  # with_forward_auth gave the config its section
+    directory = config.path(config.gateway_file.gateway.state_dir) / f"edge-{edge.name}"
+    sites = demo_sites(config)
+    running = running_edge(edge.name, directory, port=edge.port, forward_auth=forward_auth[1], sites=sites)
+    await asyncio.to_thread(running.__enter__)  # waits for the edge to listen, off the gateway's loop
+    stack.push_async_callback(asyncio.to_thread, running.__exit__, None, None, None)
+    return edge_banner(edge.name, edge.port, idp, sites)
 
 
 async def _stop_when_orphaned(stop: asyncio.Event) -> None:
