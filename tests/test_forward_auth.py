@@ -127,6 +127,26 @@ def test_the_original_target_is_normalised_as_the_reverse_proxy_does(edge: Start
     assert edge.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == "ambiguous request path"
 
 
+@pytest.mark.parametrize("target", ["/.portcullis/callback?state=x&code=y", "/.PORTCULLIS/logout",
+                                    "/%2Eportcullis/callback", "/.well-known/oauth-protected-resource"])
+def test_a_question_naming_the_gateways_own_pages_is_refused(edge: Started, target: str) -> None:
+    """Those pages are Portcullis's: allowed as a question, the edge would send them, with the
+    browser's cookies, to the upstream."""
+    answer = ask(edge, caddy(target, **bearer(outlook_token(edge.gateway))))
+    assert answer.status_code == 404
+    assert edge.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == forward_auth.RESERVED
+
+
+@pytest.mark.parametrize(("source", "host", "reason"), [
+    (OUTSIDER, MAIL, forward_auth.NOT_A_PROXY), ("127.0.0.1", "intranet.contoso.test", forward_auth.NOT_SERVED)])
+def test_the_gateways_pages_are_served_to_the_edge_for_a_host_it_decides_only(edge: Started, source: str,
+                                                                            host: str, reason: str) -> None:
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=10) as client:
+        answer = client.get(f"{endpoint(edge)}/.portcullis/logout", headers={"Host": host})
+    assert answer.status_code == 403
+    assert edge.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == reason
+
+
 def test_identity_headers_a_client_sent_do_not_change_the_answer(edge: Started) -> None:
     answer = ask(edge, nginx(ACTIVESYNC, "POST", **bearer(outlook_token(edge.gateway)),
                              **{"X-Portcullis-User": "admin@contoso.test", "X-Portcullis-Device-Id": "forged"}))

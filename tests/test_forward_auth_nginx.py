@@ -7,15 +7,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
-from gateway.app.demo import ACTIVESYNC, ACTIVESYNC_UA, BLAKE_ANDROID, BROWSER_UA, activesync
+from gateway.app.demo import ACTIVESYNC, ACTIVESYNC_UA, ALEX_IPHONE, BLAKE_ANDROID, BROWSER_UA, activesync
 from gateway.http.headers import CORRELATION_ID
 from gateway.web import forward_auth
 from tests.conftest import Gateway, Ports, free_port
-from tests.helpers.forward_auth import OUTSIDER, ask, forward_auth_gateway
+from tests.helpers.forward_auth import OUTSIDER, ask, endpoint, forward_auth_gateway
+from tests.helpers.mtd import level, push
 from tests.helpers.nginx import needs_nginx, nginx_edge
 from tests.helpers.running import Started
 from tests.helpers.tokens import outlook_token
@@ -46,6 +48,17 @@ def through_nginx(port: int, path: str, *, method: str = "POST", token: str | No
     return httpx.request(method, f"http://127.0.0.1:{port}{path}", headers=sent, timeout=10)
 
 
+def granted(authorize: str) -> str:
+    """The demo issuer grants Alex's sign-in on his iPhone: the callback target it sends the browser to."""
+    query = {name: values[0] for name, values in parse_qs(urlsplit(authorize).query).items()}
+    with httpx.Client(timeout=10) as idp:
+        answer = idp.post(authorize.split("?")[0],
+                          data={**query, "user": "alex@contoso.test", "device_id": ALEX_IPHONE})
+    assert answer.status_code == 302, answer.text
+    callback = urlsplit(answer.headers["Location"])
+    return f"{callback.path}?{callback.query}"
+
+
 def received(answer: httpx.Response) -> dict[str, Any]:
     """What the demo backend says it received (its headers, the assertion it verified)."""
     assert answer.json()["backend"] == "exchange"
@@ -67,17 +80,83 @@ def test_an_allowed_request_reaches_the_backend_with_the_identity_headers_and_as
     assert record["status"]["errorCode"] == 0 and record["httpStatus"] == 200
 
 
-def test_a_noncompliant_device_is_blocked_with_403(edge: int, portcullis: Started) -> None:
+def test_a_noncompliant_device_is_blocked_with_403_and_portcullis_answer(edge: int, portcullis: Started) -> None:
+    """auth_request passes on the status only: the snippet fetches the refusal's own answer."""
     token = outlook_token(portcullis.gateway, user="blake@contoso.test", device_id=BLAKE_ANDROID)
     answer = through_nginx(edge, activesync(BLAKE_ANDROID, "blake"), token=token)
     assert answer.status_code == 403
-    assert '"backend"' not in answer.text
+    assert answer.json()["error"] == "access_denied" and '"backend"' not in answer.text
+    record = portcullis.gateway.decision(answer.json()["correlationId"])
+    assert record["httpStatus"] == 403 and record["status"]["failureReason"] == answer.json()["reason"]
 
 
-def test_no_token_is_answered_401_with_portcullis_challenge(edge: int) -> None:
+def test_a_browser_is_shown_portcullis_block_page(edge: int, portcullis: Started) -> None:
+    blake = outlook_token(portcullis.gateway, user="blake@contoso.test", device_id=BLAKE_ANDROID)
+    page = through_nginx(edge, activesync(BLAKE_ANDROID, "blake"), token=blake,
+                         headers={"Accept": "text/html"})
+    assert page.status_code == 403 and page.headers["Content-Type"].startswith("text/html")
+    assert "<html" in page.text and page.headers[CORRELATION_ID] in page.text
+
+
+def test_no_token_is_answered_401_with_portcullis_challenge_once(edge: int) -> None:
     answer = through_nginx(edge, ACTIVESYNC)
     assert answer.status_code == 401
+    assert answer.headers.get_list("WWW-Authenticate") == [answer.headers["WWW-Authenticate"]]
     assert 'resource_metadata="https://mail.contoso.test' in answer.headers["WWW-Authenticate"]
+    assert answer.json()["error"] == "unauthorized"
+
+
+def test_a_refusals_answer_is_held_once_and_for_the_edge_only(edge: int, portcullis: Started) -> None:
+    answer = ask(portcullis, {"X-Original-URI": ACTIVESYNC, "X-Original-Method": "POST", "Host": MAIL,
+                              "X-Forwarded-For": "127.0.0.1", "User-Agent": ACTIVESYNC_UA})
+    assert answer.status_code == 401
+    held = f"{forward_auth.ANSWER_PATH}{answer.headers[CORRELATION_ID]}"
+    with httpx.Client(transport=httpx.HTTPTransport(local_address=OUTSIDER), timeout=10) as outsider:
+        assert outsider.get(f"{endpoint(portcullis)}{held}").status_code == 403
+    first = httpx.get(f"{endpoint(portcullis)}{held}", timeout=10)
+    assert (first.status_code, first.content) == (401, answer.content)
+    assert "WWW-Authenticate" not in first.headers  # nginx passes on the question's own: one challenge
+    assert httpx.get(f"{endpoint(portcullis)}{held}", timeout=10).status_code == 500
+
+
+def test_a_browser_signs_in_and_out_through_nginx(edge: int, portcullis: Started) -> None:
+    """The sign-in callback and logout under /.portcullis/ go to Portcullis, never upstream."""
+    browser = {"User-Agent": BROWSER_UA, "Accept": "text/html"}
+    start = through_nginx(edge, "/owa/?folder=inbox", method="GET", headers=browser)
+    assert start.status_code == 302
+    callback = granted(start.headers["Location"])
+    binding = start.headers["Set-Cookie"].split(";", 1)[0]
+    signed_in = through_nginx(edge, callback, method="GET", headers={**browser, "Cookie": binding})
+    assert signed_in.status_code == 302 and signed_in.headers["Location"] == f"https://{MAIL}/owa/?folder=inbox"
+    session = signed_in.headers["Set-Cookie"].split(";", 1)[0]
+    inbox = through_nginx(edge, "/owa/?folder=inbox", method="GET", headers={**browser, "Cookie": session})
+    assert inbox.status_code == 200 and received(inbox)["receivedHeaders"]["x-portcullis-user"] == "alex@contoso.test"
+
+    out = through_nginx(edge, "/.portcullis/logout", headers={**browser, "Cookie": session,
+                                                              "Origin": f"https://{MAIL}"})
+    assert out.status_code == 200 and "Max-Age=0" in out.headers["Set-Cookie"]
+    again = through_nginx(edge, "/owa/?folder=inbox", method="GET", headers={**browser, "Cookie": session})
+    assert again.status_code == 302 and again.headers["Location"].startswith(portcullis.gateway.idp.issuer)
+
+
+def test_portcullis_pages_are_served_by_portcullis_not_the_backend(edge: int) -> None:
+    metadata = through_nginx(edge, "/.well-known/oauth-protected-resource", method="GET")
+    assert metadata.status_code == 200 and metadata.json()["resource"] == f"https://{MAIL}"
+    for spelling in ("/.portcullis/callback?state=x&code=y", "/.Portcullis/callback?state=x&code=y"):
+        answer = through_nginx(edge, spelling, method="GET", headers={"Accept": "text/html"})
+        assert answer.status_code != 200 and '"backend"' not in answer.text, spelling
+
+
+def test_a_risk_raise_takes_effect_on_the_next_request(edge: int, portcullis: Started) -> None:
+    token = outlook_token(portcullis.gateway)
+    assert through_nginx(edge, ACTIVESYNC, token=token).status_code == 200
+    assert push(portcullis.gateway, level(ALEX_IPHONE, "high")).status_code == 202
+    try:
+        blocked = through_nginx(edge, ACTIVESYNC, token=token)
+        assert (blocked.status_code, blocked.json()["reason"]) == (403, "device risk high, allowed: low")
+    finally:
+        assert push(portcullis.gateway, level(ALEX_IPHONE, "secured")).status_code == 202
+    assert through_nginx(edge, ACTIVESYNC, token=token).status_code == 200
 
 
 def test_a_browser_without_a_session_is_redirected_to_sign_in(edge: int, portcullis: Started) -> None:

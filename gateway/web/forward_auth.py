@@ -15,8 +15,16 @@ names it twice or in both conventions, is refused (400). Every refusal is a logg
 
 Answers: 200 (empty) with the headers the edge adds upstream, exactly those the reverse proxy sets
 (``X-Portcullis-*``, ``X-Forwarded-*``, the signed assertion); otherwise the gateway's own answer
-(401 with its challenge, 403 with the block page or JSON, 503, a 302 to sign in). nginx turns
-anything but 2xx, 401 and 403 into 500: its snippet (deploy/nginx/) maps the 302.
+(401 with its challenge, 403 with the block page or JSON, 503, a 302 to sign in). Caddy, Traefik
+and Envoy relay that answer to the client. nginx relays only the status (and a 401's challenge)
+and turns anything but 2xx, 401 and 403 into 500: its snippet (deploy/nginx/) maps the 302 to the
+sign-in redirect, and fetches the refusal itself from ``/.portcullis-answer/<correlation id>``,
+where each refusal to an nginx question waits, once, for a few seconds.
+
+The browser's own pages (sign-in callback, logout, RFC 9728 metadata: ``/.portcullis/`` and
+``/.well-known/oauth-protected-resource`` on a protected host) are served here too, for the edge
+routes them to this listener; a question naming one of them is refused, so they never reach the
+upstream.
 """
 
 from __future__ import annotations
@@ -24,21 +32,27 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from cachetools import TTLCache
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.app.workers import ONLY_WORKER, Worker
 from gateway.config.models import HOST_NAME, ForwardAuthSettings
 from gateway.decision.service import AccessService, Outcome, new_correlation_id
 from gateway.http.headers import client_address, trusted_peer
+from gateway.identity.browser import is_reserved
 from gateway.policy.model import AccessRequest
 from gateway.routing import METHOD, NEVER_FORWARDED
+from gateway.web import pages
+from gateway.web.browser_pages import browser_app
 from gateway.web.embedded import serving
+from gateway.web.pages import GatewayResponse
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +65,13 @@ NO_CLIENT = "forward-auth request without X-Forwarded-For naming the client"
 BAD_METHOD = "the original method is not an upper-case method token"
 NOT_FORWARDED = "TRACE and TRACK are never forwarded"
 NOT_SERVED = "the original host is not a protected host decided by this forward-auth listener"
+RESERVED = "the gateway's own pages (/.portcullis/, RFC 9728 metadata) are never forwarded upstream: " \
+    "the edge sends them to the forward-auth listener (see deploy/)"
+ANSWER_GONE = "the refusal's answer is no longer held (fetched once, within ANSWER_SECONDS)"
+ANSWER_PATH = "/.portcullis-answer/"
+NGINX_RELAYS = frozenset({401, 403})  # the statuses auth_request passes on (it makes others 500)
+ANSWER_SECONDS = 10  # an nginx refusal's answer waits this long for the snippet to fetch it
+ANSWER_BYTES = 8 * 1024 * 1024  # and all answers held together at most this many bytes (oldest dropped)
 # framing of the original request (the edge sends no body): its upload, for blockUploads
 ORIGINAL_LENGTH = "x-original-content-length"
 ORIGINAL_TRANSFER_ENCODING = "x-original-transfer-encoding"
@@ -80,14 +101,53 @@ class Original:
 class ForwardAuth:
     def __init__(self, service: AccessService) -> None:
         self.service = service
+        self.answers: TTLCache[str, GatewayResponse] = TTLCache(maxsize=ANSWER_BYTES, ttl=ANSWER_SECONDS,
+                                                                 getsizeof=_size)
 
     @property
     def settings(self) -> ForwardAuthSettings | None:
         """The section of the config in force (a reload never changes it: it needs a restart)."""
         return self.service.config.gateway_file.forward_auth
 
-    def app(self) -> Starlette:
-        return Starlette(routes=[Route("/{path:path}", self.decide, methods=ALL_METHODS)])
+    def app(self) -> ASGIApp:
+        questions = Starlette(routes=[Route(ANSWER_PATH + "{correlation_id}", self.answer, methods=["GET"]),
+                                      Route("/{path:path}", self.decide, methods=ALL_METHODS)])
+        pages = browser_app(self.service)
+
+        async def pages_or_question(scope: Scope, receive: Receive, send: Send) -> None:
+            """The browser's pages on a protected host (from the edge, for a host decided here), or a question."""
+            if scope["type"] != "http" or not is_reserved(scope["path"]):
+                await questions(scope, receive, send)
+                return
+            refusal = self._page_refusal(Request(scope))
+            await (refusal if refusal is not None else pages)(scope, receive, send)
+        return pages_or_question
+
+    def _page_refusal(self, request: Request) -> Response | None:
+        peer = request.client.host if request.client else ""
+        host = _host(request.headers.get("host", "")) or ""
+        page = AccessRequest(correlation_id=new_correlation_id(), host=host, path=request.url.path,
+                             method=request.method, client_ip=peer, user_agent=request.headers.get("user-agent", ""),
+                             accepts_html=False)
+        settings = self.settings
+        if settings is None or not trusted_peer(peer, settings.trusted_proxies):
+            return self._refused(page, 403, NOT_A_PROXY)
+        return None if self._serves(settings, host) else self._refused(page, 403, NOT_SERVED)
+
+    async def answer(self, request: Request) -> Response:
+        """A refusal's answer, for the nginx snippet's error page; once, and to the edge only."""
+        peer = request.client.host if request.client else ""
+        settings = self.settings
+        correlation_id = request.path_params["correlation_id"]
+        if settings is None or not trusted_peer(peer, settings.trusted_proxies):
+            nobody = AccessRequest(correlation_id=new_correlation_id(), host="", path=request.url.path, method="GET",
+                                   client_ip=peer, user_agent="", accepts_html=False)
+            return self._refused(nobody, 403, NOT_A_PROXY)
+        held = self.answers.pop(correlation_id, None)
+        if held is None:
+            logger.warning("[%s] forward-auth: %s", correlation_id, ANSWER_GONE)
+            return _response(pages.internal_error(correlation_id))
+        return _response(held)
 
     async def decide(self, request: Request) -> Response:
         """One question from the edge: may the original request go upstream?"""
@@ -110,11 +170,12 @@ class ForwardAuth:
             content_type=headers.get("content-type", ""), content_length=headers.get(ORIGINAL_LENGTH, ""),
             chunked="chunked" in headers.get(ORIGINAL_TRANSFER_ENCODING, "").lower(),
             authority=original.host_header.lower())
+        hold = bool(headers.getlist(NGINX.uri))  # nginx fetches a refusal's answer from ANSWER_PATH
         refusal = self._request_refusal(settings, access, original, headers.getlist("x-forwarded-for"), problem)
         if refusal is not None:
-            return self._refused(access, *refusal)
+            return self._refused(access, *refusal, hold=hold)
         outcome = await self.service.authorize(access, headers.getlist("authorization"), headers.getlist("cookie"))
-        return self._answer(outcome)
+        return self._answer(outcome, hold=hold)
 
     def _request_refusal(self, settings: ForwardAuthSettings, access: AccessRequest, original: Original,
                          forwarded_for: list[str], problem: str | None) -> tuple[int, str] | None:
@@ -127,23 +188,37 @@ class ForwardAuth:
             return 400, BAD_METHOD
         if original.method in NEVER_FORWARDED:
             return 403, NOT_FORWARDED
-        served = access.host in self.service.config.gateway_file.protected_hosts and \
-            (not settings.hosts or access.host in settings.hosts)
-        return None if served and _host(original.host_header) else (403, NOT_SERVED)
+        if not (self._serves(settings, access.host) and _host(original.host_header)):
+            return 403, NOT_SERVED
+        return (404, RESERVED) if is_reserved(original.target) else None
 
-    def _refused(self, access: AccessRequest, status: int, reason: str) -> Response:
+    def _serves(self, settings: ForwardAuthSettings, host: str) -> bool:
+        protected = self.service.config.gateway_file.protected_hosts
+        return host in protected and (not settings.hosts or host in settings.hosts)
+
+    def _refused(self, access: AccessRequest, status: int, reason: str, *, hold: bool = False) -> Response:
         logger.warning("[%s] forward-auth refused (%d): %s", access.correlation_id, status, reason)
-        return self._answer(self.service.refuse(access, status, reason))
+        return self._answer(self.service.refuse(access, status, reason), hold=hold)
 
-    def _answer(self, outcome: Outcome) -> Response:
+    def _answer(self, outcome: Outcome, *, hold: bool = False) -> Response:
         if outcome.response is None:  # allowed: the edge adds these headers to the upstream request
             self.service.record_answer(outcome.record, 200, None)
             return Response(b"", 200, headers=dict(outcome.upstream_headers))
-        page = outcome.response
-        response = Response(page.body, page.status_code)
-        for name, value in page.headers:
-            response.headers.append(name, value)
-        return response
+        if hold and outcome.response.status_code in NGINX_RELAYS:  # without the challenge nginx passes on itself
+            held = [(name, value) for name, value in outcome.response.headers if name.lower() != "www-authenticate"]
+            self.answers[outcome.record["correlationId"]] = replace(outcome.response, headers=tuple(held))
+        return _response(outcome.response)
+
+
+def _response(page: GatewayResponse) -> Response:
+    response = Response(page.body, page.status_code)
+    for name, value in page.headers:
+        response.headers.append(name, value)
+    return response
+
+
+def _size(page: GatewayResponse) -> int:
+    return len(page.body) + sum(len(name) + len(value) for name, value in page.headers)
 
 
 def _original(headers: Headers) -> Original | str:
