@@ -22,14 +22,16 @@ from gateway.app.demo import (
     scenario_token,
 )
 from gateway.app.edges import Site
+from gateway.decision.service import utc_now
 from gateway.http.headers import CORRELATION_ID
+from gateway.policy.model import DeviceThreatLevel
 from gateway.web import forward_auth
 from tests.conftest import Gateway, Ports, free_port
 from tests.helpers.caddy import caddy_edge, needs_caddy
-from tests.helpers.edges import DOCS, MAIL, received, through_edge
+from tests.helpers.edges import DOCS, MAIL, granted, received, through_edge
 from tests.helpers.forward_auth import OUTSIDER, ask, forward_auth_gateway
-from tests.helpers.mtd import level, push
 from tests.helpers.running import Started
+from tests.helpers.signals import second_connection
 from tests.helpers.tokens import outlook_token
 
 pytestmark = needs_caddy
@@ -141,17 +143,52 @@ def test_the_endpoint_called_directly_in_caddys_convention_by_another_address_is
 
 
 def test_a_risk_raise_takes_effect_on_the_next_request(edge: int, portcullis: Started) -> None:
-    """The MTD partner pushes a high threat level to this gateway's webhook: Alex's very next
-    request through Caddy is refused; lowering it restores access."""
+    """Written to the gateway's inventory by another connection (as `portcullis devices set-risk`
+    does; second_connection lowers it again): Alex's very next request through Caddy is refused."""
     token = outlook_token(portcullis.gateway)
     assert through_edge(edge, ACTIVESYNC, token=token).status_code == 200
-    try:
-        assert push(portcullis.gateway, level(ALEX_IPHONE, "highSeverity")).status_code == 202
+    with second_connection(portcullis.gateway.config_dir) as store:
+        store.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.high, now=utc_now())
         blocked = through_edge(edge, ACTIVESYNC, token=token)
         assert (blocked.status_code, blocked.json()["reason"]) == (403, "device risk high, allowed: low")
-    finally:
-        assert push(portcullis.gateway, level(ALEX_IPHONE, "low")).status_code == 202
-    assert through_edge(edge, ACTIVESYNC, token=token).status_code == 200
+        store.set_threat_level(ALEX_IPHONE, "lookout", DeviceThreatLevel.low, now=utc_now())
+        assert through_edge(edge, ACTIVESYNC, token=token).status_code == 200
+
+
+def test_a_browser_signs_in_and_out_through_caddy(edge: int, portcullis: Started) -> None:
+    """The sign-in callback and logout under /.portcullis/ go to Portcullis, never upstream."""
+    browser = {"User-Agent": BROWSER_UA, "Accept": "text/html"}
+    start = through_edge(edge, "/owa/?folder=inbox", method="GET", headers=browser)
+    assert start.status_code == 302
+    callback = granted(start.headers["Location"])
+    binding = start.headers["Set-Cookie"].split(";", 1)[0]
+    signed_in = through_edge(edge, callback, method="GET", headers={**browser, "Cookie": binding})
+    assert signed_in.status_code == 302 and signed_in.headers["Location"] == f"https://{MAIL}/owa/?folder=inbox"
+    session = signed_in.headers["Set-Cookie"].split(";", 1)[0]
+    inbox = received(through_edge(edge, "/owa/?folder=inbox", method="GET", headers={**browser, "Cookie": session}))
+    assert inbox["receivedHeaders"]["x-portcullis-user"] == "alex@contoso.test"
+    record = portcullis.gateway.decision(inbox["receivedHeaders"]["x-portcullis-correlation-id"])
+    assert record["ipAddress"] == "127.0.0.1"
+
+    out = through_edge(edge, "/.portcullis/logout", headers={**browser, "Cookie": session, "Origin": f"https://{MAIL}"})
+    assert out.status_code == 200 and "Max-Age=0" in out.headers["Set-Cookie"]
+    again = through_edge(edge, "/owa/?folder=inbox", method="GET", headers={**browser, "Cookie": session})
+    assert again.status_code == 302 and again.headers["Location"].startswith(portcullis.gateway.idp.issuer)
+
+
+@pytest.mark.parametrize("path", ["/.portcullis/callback?state=x&code=y", "/.Portcullis/callback?state=x&code=y",
+                                  "/%2Eportcullis/callback?state=x&code=y", "/.portcullis/unknown",
+                                  "/.well-known/OAuth-Protected-Resource/x"])
+def test_portcullis_pages_in_any_spelling_never_reach_the_backend(edge: int, path: str) -> None:
+    """Answered by Portcullis (a refused callback, its metadata), never by the backend."""
+    answer = through_edge(edge, path, method="GET", headers={"Accept": "text/html"})
+    assert '"backend"' not in answer.text, answer.text[:300]
+    assert answer.status_code != 200 or answer.json()["resource"] == f"https://{MAIL}/x"
+
+
+def test_the_protected_resource_metadata_is_portcullis(edge: int) -> None:
+    metadata = through_edge(edge, "/.well-known/oauth-protected-resource", method="GET")
+    assert metadata.status_code == 200 and metadata.json()["resource"] == f"https://{MAIL}"
 
 
 def test_with_portcullis_down_caddy_answers_502_and_never_lets_the_request_through(

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -16,6 +15,7 @@ from gateway.app.demo import ACTIVESYNC, ACTIVESYNC_UA, ALEX_IPHONE, BLAKE_ANDRO
 from gateway.http.headers import CORRELATION_ID
 from gateway.web import forward_auth
 from tests.conftest import Gateway, Ports, free_port
+from tests.helpers.edges import granted
 from tests.helpers.forward_auth import OUTSIDER, ask, endpoint, forward_auth_gateway
 from tests.helpers.mtd import level, push
 from tests.helpers.nginx import needs_nginx, nginx_edge
@@ -46,17 +46,6 @@ def through_nginx(port: int, path: str, *, method: str = "POST", token: str | No
     sent = {"Host": MAIL, "User-Agent": ACTIVESYNC_UA, **({"Authorization": f"Bearer {token}"} if token else {}),
             **(headers or {})}
     return httpx.request(method, f"http://127.0.0.1:{port}{path}", headers=sent, timeout=10)
-
-
-def granted(authorize: str) -> str:
-    """The demo issuer grants Alex's sign-in on his iPhone: the callback target it sends the browser to."""
-    query = {name: values[0] for name, values in parse_qs(urlsplit(authorize).query).items()}
-    with httpx.Client(timeout=10) as idp:
-        answer = idp.post(authorize.split("?")[0],
-                          data={**query, "user": "alex@contoso.test", "device_id": ALEX_IPHONE})
-    assert answer.status_code == 302, answer.text
-    callback = urlsplit(answer.headers["Location"])
-    return f"{callback.path}?{callback.query}"
 
 
 def received(answer: httpx.Response) -> dict[str, Any]:

@@ -43,7 +43,6 @@ class Edge:
     package: str  # Debian's, named when the binary is missing
     candidates: tuple[str, ...]  # where the binary may be when it is not on PATH
     snippets: str  # the directory under deploy/
-    relays_block_pages: bool  # the client gets Portcullis's 403 body (else the edge's own page)
     write_config: Callable[[Path, int, int, Sequence[Site], Path], Path]
     command: Callable[[str, Path, Path], list[str]]
 
@@ -132,9 +131,9 @@ def write_caddyfile(directory: Path, port: int, forward_auth: int, sites: Sequen
 
 
 EDGES: Mapping[str, Edge] = {
-    "nginx": Edge("nginx", "nginx", ("/usr/sbin/nginx",), "nginx", False, write_nginx_config,
+    "nginx": Edge("nginx", "nginx", ("/usr/sbin/nginx",), "nginx", write_nginx_config,
                   lambda binary, directory, config: [binary, "-p", str(directory), "-c", str(config)]),
-    "caddy": Edge("caddy", "caddy", ("/usr/bin/caddy",), "caddy", True, write_caddyfile,
+    "caddy": Edge("caddy", "caddy", ("/usr/bin/caddy",), "caddy", write_caddyfile,
                   lambda binary, directory, config: [binary, "run", "--adapter", "caddyfile", "--config", str(config)]),
 }
 
@@ -214,14 +213,11 @@ def edge_banner(name: str, port: int, idp: DemoIdentityProvider, sites: Sequence
     """What to try through the edge: its URLs, and the demo's requests in plain HTTP to its port."""
     from gateway.app.demo import SCENARIOS, curl_command, expectation, scenario_token  # the demo's web parts
 
-    edge = EDGES[name]
     hosts = ", ".join(f"http://{site.host}:{port}" for site in sites)
     lines = [f"# {name} is up in front of the demo backends: {hosts} (on 127.0.0.1), asking Portcullis "
              "about every request (forward auth, with the shipped snippets in deploy/).", ""]
     for number, scenario in enumerate(SCENARIOS, start=1):
-        shown = scenario if edge.relays_block_pages or scenario.expect_status in (200, 401) \
-            else replace(scenario, expect_text=None)  # nginx answers 403 with its own page
-        lines += [f"# {name} {number}. {scenario.title}", f"#    {expectation(shown)}",
+        lines += [f"# {name} {number}. {scenario.title}", f"#    {expectation(scenario)}",
                   curl_command(scenario, scenario_token(idp, scenario), port=port, ca_file=None), ""]
     lines += [f"# Ctrl-C stops the demo and {name}."]
     return "\n".join(lines)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
-from gateway.app.demo import ACTIVESYNC_UA
+from gateway.app.demo import ACTIVESYNC_UA, ALEX_IPHONE
 from gateway.app.edges import EDGES
 
 MAIL = "mail.contoso.test"
@@ -38,3 +39,14 @@ def received(answer: httpx.Response, backend: str = "exchange") -> dict[str, Any
     assert answer.status_code == 200, answer.text[:300]
     assert answer.json()["backend"] == backend
     return answer.json()
+
+
+def granted(authorize: str) -> str:
+    """The demo issuer grants Alex's sign-in on his iPhone: the callback target it sends the browser to."""
+    query = {name: values[0] for name, values in parse_qs(urlsplit(authorize).query).items()}
+    with httpx.Client(timeout=10) as idp:
+        answer = idp.post(authorize.split("?")[0],
+                          data={**query, "user": "alex@contoso.test", "device_id": ALEX_IPHONE})
+    assert answer.status_code == 302, answer.text
+    callback = urlsplit(answer.headers["Location"])
+    return f"{callback.path}?{callback.query}"
