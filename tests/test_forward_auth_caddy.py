@@ -16,6 +16,7 @@ from gateway.app.demo import (
     ALEX_IPHONE,
     BLAKE_ANDROID,
     BROWSER_UA,
+    CASEY_IPAD,
     SCENARIOS,
     Scenario,
     activesync,
@@ -25,12 +26,13 @@ from gateway.app.edges import Site
 from gateway.decision.service import utc_now
 from gateway.http.headers import CORRELATION_ID
 from gateway.policy.model import DeviceThreatLevel
+from gateway.policy.session_controls import UPLOAD_BLOCKED
 from gateway.web import forward_auth
 from tests.conftest import Gateway, Ports, free_port
 from tests.helpers.caddy import caddy_edge, needs_caddy
 from tests.helpers.edges import DOCS, MAIL, granted, received, through_edge
-from tests.helpers.forward_auth import OUTSIDER, ask, forward_auth_gateway
-from tests.helpers.running import Started
+from tests.helpers.forward_auth import OUTSIDER, ask, forward_auth_config, forward_auth_gateway
+from tests.helpers.running import Started, started
 from tests.helpers.signals import second_connection
 from tests.helpers.tokens import outlook_token
 
@@ -207,3 +209,46 @@ def test_a_noncompliant_device_forging_the_compliant_ones_headers_is_still_block
     answer = through_edge(edge, activesync(BLAKE_ANDROID, "blake"), token=token,
                           headers={**FORGED, "X-Portcullis-Device-Id": ALEX_IPHONE})
     assert answer.status_code == 403 and answer.json()["reason"].startswith("device not compliant")
+
+
+def test_a_chunked_upload_reaches_the_backend_whole_without_the_snippets_framing_note(
+        edge: int, portcullis: Started) -> None:
+    """The snippet tells Portcullis that a body without Content-Length is chunked (for
+    blockUploads), and removes that note before the upstream request."""
+    chunks = iter([b"a" * 1000, b"b" * 24])
+    backend = received(through_edge(edge, ACTIVESYNC, token=outlook_token(portcullis.gateway),
+                                    headers={"X-Original-Transfer-Encoding": "identity"}, content=chunks))
+    headers = backend["receivedHeaders"]
+    assert headers["x-demo-body-bytes"] == "1024"
+    assert not [name for name in headers if name.startswith("x-original-")], headers
+
+
+NO_UPLOADS_FOR_CASEY = """
+  - name: casey-no-uploads
+    state: enabled
+    conditions:
+      users: {includeUsers: [casey@contoso.test]}
+      resources: {include: [exchange-activesync]}
+    sessionControls: {blockUploads: true}
+"""
+
+
+def test_block_uploads_holds_through_caddy_for_a_body_of_either_framing(
+        gateway: Gateway, demo_ports: Ports, tmp_path: Path) -> None:
+    """Caddy sends the question without the body: the snippet names its framing, so a chunked
+    upload is refused like one with a Content-Length; a POST without a body is not an upload."""
+    config_dir = forward_auth_config(gateway, tmp_path / "portcullis", demo_ports)
+    with (config_dir / "policies.yaml").open("a") as policies:
+        policies.write(NO_UPLOADS_FOR_CASEY)
+    (config_dir / "cases.yaml").unlink()  # the demo's cases do not expect this policy
+    with started(gateway, config_dir) as running:
+        assert running.running.forward_auth is not None
+        with caddy_edge(tmp_path / "caddy", forward_auth=running.running.forward_auth[1],
+                        sites=[Site(MAIL, demo_ports.mail)]) as port:
+            token = outlook_token(running.gateway, user="casey@contoso.test", device_id=CASEY_IPAD)
+            path = activesync(CASEY_IPAD, "casey")
+            binary = {"Content-Type": "application/octet-stream"}
+            assert through_edge(port, path, token=token).status_code == 200
+            for body in (b"x" * 1024, iter([b"x" * 1000, b"y" * 24])):  # Content-Length, chunked
+                refused = through_edge(port, path, token=token, headers=binary, content=body)
+                assert refused.status_code == 403 and UPLOAD_BLOCKED in refused.text, refused.text[:300]
