@@ -128,7 +128,7 @@ class ForwardAuth:
         host = _host(request.headers.get("host", "")) or ""
         page = AccessRequest(correlation_id=new_correlation_id(), host=host, path=request.url.path,
                              method=request.method, client_ip=peer, user_agent=request.headers.get("user-agent", ""),
-                             accepts_html=False)
+                             accepts_html=False, forward_auth=True)
         settings = self.settings
         if settings is None or not trusted_peer(peer, settings.trusted_proxies):
             return self._refused(page, 403, NOT_A_PROXY)
@@ -141,7 +141,7 @@ class ForwardAuth:
         correlation_id = request.path_params["correlation_id"]
         if settings is None or not trusted_peer(peer, settings.trusted_proxies):
             nobody = AccessRequest(correlation_id=new_correlation_id(), host="", path=request.url.path, method="GET",
-                                   client_ip=peer, user_agent="", accepts_html=False)
+                                   client_ip=peer, user_agent="", accepts_html=False, forward_auth=True)
             return self._refused(nobody, 403, NOT_A_PROXY)
         held = self.answers.pop(correlation_id, None)
         if held is None:
@@ -155,7 +155,7 @@ class ForwardAuth:
         peer = request.client.host if request.client else ""
         headers = request.headers
         nobody = AccessRequest(correlation_id=correlation_id, host="", path="", method="", client_ip=peer,
-                               user_agent="", accepts_html=False)
+                               user_agent="", accepts_html=False, forward_auth=True)
         settings = self.settings
         if settings is None or not trusted_peer(peer, settings.trusted_proxies):
             return self._refused(nobody, 403, NOT_A_PROXY)
@@ -169,7 +169,7 @@ class ForwardAuth:
             user_agent=headers.get("user-agent", ""), accepts_html="text/html" in headers.get("accept", "").lower(),
             content_type=headers.get("content-type", ""), content_length=headers.get(ORIGINAL_LENGTH, ""),
             chunked="chunked" in headers.get(ORIGINAL_TRANSFER_ENCODING, "").lower(),
-            authority=original.host_header.lower())
+            authority=original.host_header.lower(), forward_auth=True)
         hold = bool(headers.getlist(NGINX.uri))  # nginx fetches a refusal's answer from ANSWER_PATH
         refusal = self._request_refusal(settings, access, original, headers.getlist("x-forwarded-for"), problem)
         if refusal is not None:
