@@ -229,18 +229,15 @@ def test_headers_a_client_sends_do_not_change_the_decision(portcullis: Started, 
     assert record["ipAddress"] == CLIENT
 
 
-@pytest.mark.parametrize("client", [
-    activesync_client("", **FORGED),
-    Client("GET", "/owa/auth/logon.aspx", {"User-Agent": BROWSER_UA, **FORGED}),
-], ids=["identified", "public-resource"])
-def test_headers_a_client_sends_never_reach_the_upstream(portcullis: Started, edge: Edge, client: Client) -> None:
+@pytest.mark.parametrize("public", [False, True], ids=["identified", "public-resource"])
+def test_headers_a_client_sends_never_reach_the_upstream(portcullis: Started, edge: Edge, public: bool) -> None:
     """Also when the answer names no user or device (a public resource): the client's copies go."""
-    if "authorization" in client.headers:
-        client.headers["authorization"] = f"Bearer {outlook_token(portcullis.gateway)}"
+    client = Client("GET", "/owa/auth/logon.aspx", {"User-Agent": BROWSER_UA, **FORGED}) if public else \
+        activesync_client(outlook_token(portcullis.gateway), **FORGED)
     answer = edge.ask(portcullis, client)
     assert answer.status_code == 200
     upstream = edge.upstream(client, answer)
-    assert upstream.get("x-portcullis-user") in (None, "alex@contoso.test")
+    assert upstream.get("x-portcullis-user") == (None if public else "alex@contoso.test")
     assert upstream.get("x-portcullis-device-id") != "forged"
     assert not {"x-original-uri", "x-forwarded-uri", "x-original-method", "x-forwarded-method"} & set(upstream)
 
