@@ -1,22 +1,26 @@
 """The forward-auth listener: an edge proxy that already runs (nginx ``auth_request``, Caddy
-``forward_auth``, Traefik ``ForwardAuth``) asks, for each request, whether it may go upstream; the
-answer is decided by the one pipeline through ``AccessService.authorize``, with the same policies,
-signals, decision log and metrics as the reverse proxy.
+``forward_auth``, Traefik ``ForwardAuth``, Envoy ``ext_authz``) asks, for each request, whether it
+may go upstream; the answer is decided by the one pipeline through ``AccessService.authorize``,
+with the same policies, signals, decision log and metrics as the reverse proxy.
 
-The edge names the original request in headers, by its convention:
+The edge names the original request by its convention:
 
     nginx            X-Original-URI, X-Original-Method, Host (the snippet sets them)
     Caddy, Traefik   X-Forwarded-Uri, X-Forwarded-Method, X-Forwarded-Host
+    Envoy            the check request itself: its method, its path after ``/envoy`` (the
+                     snippet's ``path_prefix``; Envoy appends the original path and query), Host
 
 and the client's address in X-Forwarded-For (read as the reverse proxy reads it, from the right).
-These headers are believed only from ``forwardAuth.trustedProxies``: a request from any other
-address is refused (403) before any of them is read, and one that names no original request, or
-names it twice or in both conventions, is refused (400). Every refusal is a logged decision.
+These are believed only from ``forwardAuth.trustedProxies``: a request from any other address is
+refused (403) before any of them is read, and one that names no original request, or names it
+twice or in more than one convention, is refused (400). Every refusal is a logged decision. Any
+method is accepted, since Envoy's check keeps the original one (WebDAV's included).
 
 Answers: 200 (empty) with the headers the edge adds upstream, exactly those the reverse proxy sets
 (``X-Portcullis-*``, ``X-Forwarded-*``, the signed assertion); otherwise the gateway's own answer
 (401 with its challenge, 403 with the block page or JSON, 503, a 302 to sign in). Caddy, Traefik
-and Envoy relay that answer to the client. nginx relays only the status (and a 401's challenge)
+and Envoy relay that answer to the client (Envoy allows only a 200 and answers a 5xx with its
+``status_on_error``: deploy/envoy/). nginx relays only the status (and a 401's challenge)
 and turns anything but 2xx, 401 and 403 into 500: its snippet (deploy/nginx/) maps the 302 to the
 sign-in redirect, and fetches the refusal itself from ``/.portcullis-answer/<correlation id>``,
 where each refusal to an nginx question waits, once, for a few seconds.
@@ -36,10 +40,9 @@ from dataclasses import dataclass, replace
 
 from cachetools import TTLCache
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.app.workers import ONLY_WORKER, Worker
@@ -56,10 +59,9 @@ from gateway.web.pages import GatewayResponse
 
 logger = logging.getLogger(__name__)
 
-ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 NOT_A_PROXY = "forward-auth request from an address that is not one of forwardAuth.trustedProxies"
 NO_ORIGINAL = "forward-auth request without the original method, URI and host"
-TWO_CONVENTIONS = "forward-auth request naming the original request in both nginx and Caddy/Traefik headers"
+TWO_CONVENTIONS = "forward-auth request naming the original request in two conventions (nginx, Caddy/Traefik, Envoy)"
 REPEATED = "forward-auth request repeating a header that names the original request"
 NO_CLIENT = "forward-auth request without X-Forwarded-For naming the client"
 BAD_METHOD = "the original method is not an upper-case method token"
@@ -89,6 +91,9 @@ class Convention:
 
 NGINX = Convention("nginx", "x-original-method", "x-original-uri", "host")
 FORWARDED = Convention("forwarded", "x-forwarded-method", "x-forwarded-uri", "x-forwarded-host")
+# Envoy's HTTP ext_authz names the original in the check request's own method and path
+ENVOY = Convention("envoy", ":method", ":path", "host")
+ENVOY_PREFIX = "/envoy"  # http_service.path_prefix in deploy/envoy/envoy.yaml
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +115,9 @@ class ForwardAuth:
         return self.service.config.gateway_file.forward_auth
 
     def app(self) -> ASGIApp:
+        # every path and every method: an Envoy check keeps the original method (PROPFIND too)
         questions = Starlette(routes=[Route(ANSWER_PATH + "{correlation_id}", self.answer, methods=["GET"]),
-                                      Route("/{path:path}", self.decide, methods=ALL_METHODS)])
+                                      Mount("/", app=request_response(self.decide))])
         pages = browser_app(self.service)
 
         async def pages_or_question(scope: Scope, receive: Receive, send: Send) -> None:
@@ -159,7 +165,7 @@ class ForwardAuth:
         settings = self.settings
         if settings is None or not trusted_peer(peer, settings.trusted_proxies):
             return self._refused(nobody, 403, NOT_A_PROXY)
-        original = _original(headers)
+        original = _original(request)
         if isinstance(original, str):
             return self._refused(nobody, 400, original)
         client_ip, problem = client_address(peer, headers.getlist("x-forwarded-for"), settings.trusted_proxies)
@@ -221,20 +227,42 @@ def _size(page: GatewayResponse) -> int:
     return len(page.body) + sum(len(name) + len(value) for name, value in page.headers)
 
 
-def _original(headers: Headers) -> Original | str:
+def _original(request: Request) -> Original | str:
     """The original request's method, target and Host in one convention, or why there is none."""
-    nginx = headers.getlist(NGINX.uri)
-    forwarded = headers.getlist(FORWARDED.uri)
-    if nginx and forwarded:
+    headers = request.headers
+    named = [convention for convention, present in ((NGINX, headers.getlist(NGINX.uri)),
+                                                    (FORWARDED, headers.getlist(FORWARDED.uri)),
+                                                    (ENVOY, _envoy_target(request) is not None)) if present]
+    if len(named) > 1:
         return TWO_CONVENTIONS
-    convention = NGINX if nginx else FORWARDED
-    values = [headers.getlist(name) for name in (convention.method, convention.uri, convention.host)]
+    convention = named[0] if named else FORWARDED
+    values = [_field(request, name) for name in (convention.method, convention.uri, convention.host)]
     if any(len(value) > 1 for value in values):
         return REPEATED
     if not all(value and value[0] for value in values):
         return NO_ORIGINAL
     method, target, host = (value[0] for value in values)
     return Original(method=method, target=target, host_header=host)
+
+
+def _field(request: Request, name: str) -> list[str]:
+    """The values of a header, or of the check request's own method or path (Envoy)."""
+    if name == ENVOY.method:
+        return [request.method]
+    if name == ENVOY.uri:
+        target = _envoy_target(request)
+        return [target] if target else []
+    return request.headers.getlist(name)
+
+
+def _envoy_target(request: Request) -> str | None:
+    """The original target Envoy appended to ``ENVOY_PREFIX`` (still encoded, with its query), or
+    None when the path is not under the prefix."""
+    path = request.scope["raw_path"].decode("latin-1")
+    if not path.startswith(ENVOY_PREFIX + "/"):
+        return None
+    query = request.scope["query_string"].decode("latin-1")
+    return path.removeprefix(ENVOY_PREFIX) + (f"?{query}" if query else "")
 
 
 def _host(host_header: str) -> str | None:
