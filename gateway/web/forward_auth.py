@@ -10,7 +10,9 @@ The edge names the original request in headers, by its convention:
 
 and the client's address in X-Forwarded-For (read as the reverse proxy reads it, from the right).
 These headers are believed only from ``forwardAuth.trustedProxies``: a request from any other
-address is refused (403) before any of them is read, and one that names no original request, or
+address is refused (403) before any of them is read (with ``forwardAuth.tls.proxyCaFiles`` the
+handshake also requires a proxy certificate from those CAs, and with ``proxyNames`` a request whose
+certificate names none of them is refused 403 too), and one that names no original request, or
 names it twice or in both conventions, is refused (400). Every refusal is a logged decision.
 
 Answers: 200 (empty) with the headers the edge adds upstream, exactly those the reverse proxy sets
@@ -23,14 +25,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Scope
 
 from gateway.app.workers import ONLY_WORKER, Worker
 from gateway.config.models import HOST_NAME, ForwardAuthSettings
@@ -38,12 +44,13 @@ from gateway.decision.service import AccessService, Outcome, new_correlation_id
 from gateway.http.headers import client_address, trusted_peer
 from gateway.policy.model import AccessRequest
 from gateway.routing import METHOD, NEVER_FORWARDED
-from gateway.web.embedded import serving
+from gateway.web.embedded import server_tls, serving
 
 logger = logging.getLogger(__name__)
 
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 NOT_A_PROXY = "forward-auth request from an address that is not one of forwardAuth.trustedProxies"
+NOT_A_NAMED_PROXY = "forward-auth request with a proxy certificate that names none of forwardAuth.tls.proxyNames"
 NO_ORIGINAL = "forward-auth request without the original method, URI and host"
 TWO_CONVENTIONS = "forward-auth request naming the original request in both nginx and Caddy/Traefik headers"
 REPEATED = "forward-auth request repeating a header that names the original request"
@@ -99,6 +106,9 @@ class ForwardAuth:
         settings = self.settings
         if settings is None or not trusted_peer(peer, settings.trusted_proxies):
             return self._refused(nobody, 403, NOT_A_PROXY)
+        if settings.tls is not None and settings.tls.proxy_names and \
+                not _names_a_proxy(request.scope, settings.tls.proxy_names):
+            return self._refused(nobody, 403, NOT_A_NAMED_PROXY)
         original = _original(headers)
         if isinstance(original, str):
             return self._refused(nobody, 400, original)
@@ -170,6 +180,34 @@ def _host(host_header: str) -> str | None:
     return name if HOST_NAME.match(name) else None
 
 
+def _names_a_proxy(scope: Scope, proxy_names: list[str]) -> bool:
+    """The verified client certificate (ASGI's TLS extension, set by ``serving``) names one of
+    ``proxy_names``: a SAN DNS name or the subject CN (either case, no wildcards), or a SAN URI
+    (exactly). No certificate in the scope: False."""
+    chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain") or []
+    if not chain:
+        return False
+    certificate = x509.load_pem_x509_certificate(chain[0].encode())
+    try:
+        alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = alternative.get_values_for_type(x509.DNSName)
+        uris = alternative.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        dns, uris = [], []
+    common_names = [str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    names = {name.lower().rstrip(".") for name in [*dns, *common_names]}
+    return any(wanted.lower().rstrip(".") in names or wanted in uris for wanted in proxy_names)
+
+
+def _listener_tls(service: AccessService, settings: ForwardAuthSettings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if tls is None:
+        return None
+    path = service.config.path
+    return server_tls(path(tls.certificate_file), path(tls.key_file) if tls.key_file is not None else None,
+                      [path(file) for file in tls.proxy_ca_files])
+
+
 @contextlib.asynccontextmanager
 async def forward_auth_listener(service: AccessService, *,
                                 worker: Worker = ONLY_WORKER) -> AsyncIterator[tuple[str, int] | None]:
@@ -182,5 +220,5 @@ async def forward_auth_listener(service: AccessService, *,
         return
     app = ForwardAuth(service).app()
     async with serving(app, settings.listen.host, worker.own_port(settings.listen.port),
-                       name="the forward-auth listener") as address:
+                       name="the forward-auth listener", tls=_listener_tls(service, settings)) as address:
         yield address
