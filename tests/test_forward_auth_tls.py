@@ -10,12 +10,16 @@ import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 import trustme
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from ruamel.yaml import YAML
 
 from gateway.app.certs import CA_FILE
@@ -36,6 +40,7 @@ from tests.helpers.tokens import outlook_token
 MAIL = "mail.contoso.test"
 LISTENER_NAME = "forward-auth.portcullis.test"  # the listener certificate's name, as the edge verifies it
 PROXY_NAME = "edge.contoso.test"
+PROXY_URI = "spiffe://contoso.test/ns/edge/sa/nginx"  # a mesh's workload identity, in a SAN URI
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class Pki:
     proxy: trustme.LeafCert  # the edge's certificate, naming PROXY_NAME
     unlisted: trustme.LeafCert  # from the proxy CA, naming another proxy
     common_name_only: trustme.LeafCert  # from the proxy CA, naming PROXY_NAME (upper case) in its subject CN only
+    uri: trustme.LeafCert  # from the proxy CA, naming PROXY_URI in a SAN URI only
+    uri_upper: trustme.LeafCert  # the same URI in upper case: URIs are compared exactly
     foreign: trustme.LeafCert  # naming PROXY_NAME, from a CA the listener does not trust
 
 
@@ -56,7 +63,27 @@ def pki(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(ca, directory / "proxy-ca.pem", proxy_ca.issue_cert(PROXY_NAME),
                proxy_ca.issue_cert("intruder.contoso.test"),
                proxy_ca.issue_cert("unrelated.contoso.test", common_name=PROXY_NAME.upper()),
+               uri_certificate(proxy_ca, PROXY_URI), uri_certificate(proxy_ca, PROXY_URI.upper()),
                trustme.CA().issue_cert(PROXY_NAME))
+
+
+def uri_certificate(issuer: trustme.CA, uri: str) -> trustme.LeafCert:
+    """A client certificate naming ``uri`` in its SAN (trustme issues DNS names, addresses and emails only)."""
+    issuer_key = serialization.load_pem_private_key(issuer.private_key_pem.bytes(), password=None)
+    assert isinstance(issuer_key, ec.EllipticCurvePrivateKey)
+    issuer_cert = x509.load_pem_x509_certificate(issuer.cert_pem.bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(issuer_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(issuer_key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return trustme.LeafCert(key_pem, certificate.public_bytes(serialization.Encoding.PEM), [issuer.cert_pem.bytes()])
 
 
 def with_tls(config_dir: Path, tls: dict[str, object], *, host: str | None = None) -> Path:
@@ -76,7 +103,7 @@ def tls_config(gateway: Gateway, directory: Path, demo_ports: Ports, pki: Pki) -
     pki.server_ca.issue_cert(LISTENER_NAME, "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
         str(config_dir / "forward-auth.pem"))
     return with_tls(config_dir, {"certificateFile": "forward-auth.pem", "proxyCaFiles": [str(pki.proxy_ca_file)],
-                                 "proxyNames": [PROXY_NAME]})
+                                 "proxyNames": [PROXY_NAME, PROXY_URI]})
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +139,10 @@ def question(token: str, path: str = ACTIVESYNC) -> dict[str, str]:
             "Authorization": f"Bearer {token}", "User-Agent": ACTIVESYNC_UA}
 
 
-@pytest.mark.parametrize("proxy", ["san-dns", "subject-cn"])
+@pytest.mark.parametrize("proxy", ["san-dns", "subject-cn", "san-uri"])
 def test_an_allowed_question_over_tls_from_a_named_proxy_answers_200(listener: Started, pki: Pki,
                                                                       proxy: str) -> None:
-    certificate = pki.proxy if proxy == "san-dns" else pki.common_name_only
+    certificate = {"san-dns": pki.proxy, "subject-cn": pki.common_name_only, "san-uri": pki.uri}[proxy]
     answer = ask_over_tls(listener, pki, certificate, question(outlook_token(listener.gateway)))
     assert answer.status_code == 200, answer.text
     assert answer.headers["X-Portcullis-User"] == "alex@contoso.test"
@@ -154,8 +181,11 @@ def test_only_a_caller_with_a_certificate_from_the_proxy_ca_gets_an_answer(liste
     assert start.startswith(b"HTTP/1.1 ") if answered else start == b"", start
 
 
-def test_a_proxy_certificate_naming_another_proxy_is_refused_and_logged(listener: Started, pki: Pki) -> None:
-    answer = ask_over_tls(listener, pki, pki.unlisted, question(outlook_token(listener.gateway)))
+@pytest.mark.parametrize("proxy", ["other-dns-name", "uri-in-upper-case"])
+def test_a_proxy_certificate_naming_another_proxy_is_refused_and_logged(listener: Started, pki: Pki,
+                                                                        proxy: str) -> None:
+    certificate = pki.unlisted if proxy == "other-dns-name" else pki.uri_upper
+    answer = ask_over_tls(listener, pki, certificate, question(outlook_token(listener.gateway)))
     assert answer.status_code == 403 and "X-Portcullis-User" not in answer.headers
     assert listener.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == \
         forward_auth.NOT_A_NAMED_PROXY
