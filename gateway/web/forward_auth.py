@@ -187,14 +187,16 @@ def _names_a_proxy(scope: Scope, proxy_names: list[str]) -> bool:
     chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain") or []
     if not chain:
         return False
-    certificate = x509.load_pem_x509_certificate(chain[0].encode())
     try:
+        certificate = x509.load_pem_x509_certificate(chain[0].encode())
+        common_names = [str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         dns = alternative.get_values_for_type(x509.DNSName)
         uris = alternative.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         dns, uris = [], []
-    common_names = [str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    except ValueError:  # OpenSSL verified it, but cryptography cannot read it: it names nobody
+        return False
     names = {name.lower().rstrip(".") for name in [*dns, *common_names]}
     return any(wanted.lower().rstrip(".") in names or wanted in uris for wanted in proxy_names)
 
