@@ -228,6 +228,18 @@ def test_a_missing_listener_certificate_is_an_error_at_its_line_with_the_command
     assert certificate.issuer == x509.load_pem_x509_certificate((config_dir / CA_FILE).read_bytes()).subject
 
 
+@pytest.mark.parametrize("broken", ["certificateFile", "proxyCaFiles"])
+def test_a_tls_file_that_is_not_pem_stops_the_gateway_from_starting(gateway: Gateway, demo_ports: Ports, pki: Pki,
+                                                                    tmp_path: Path, broken: str) -> None:
+    config_dir = tls_config(gateway, tmp_path, demo_ports, pki)
+    path = config_dir / "forward-auth.pem" if broken == "certificateFile" else config_dir / "proxy-ca.pem"
+    path.write_text("not a certificate\n")
+    if broken == "proxyCaFiles":
+        with_tls(config_dir, {"certificateFile": "forward-auth.pem", "proxyCaFiles": ["proxy-ca.pem"]})
+    with pytest.raises(RuntimeError, match=f"{path}: not a PEM"), started(gateway, config_dir):
+        pass
+
+
 def test_check_warns_about_a_plain_http_listener_off_loopback(gateway: Gateway, demo_ports: Ports, pki: Pki,
                                                               tmp_path: Path) -> None:
     def forward_auth_warnings(config_dir: Path) -> list[str]:
