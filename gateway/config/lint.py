@@ -1,9 +1,10 @@
 """Warnings for a config that loads but probably does not say what its authors meant: policies
 that can never apply, resources no policy covers (or only a rollout cohort's, or only some users
 or client app types), rollouts whose
-cohort names a listener that does not exist, apps listed twice, an admin API off loopback,
-``approvedApplication`` without a ``compliantApplication`` alternative (Entra retired it), session
-controls on a host decided for an edge proxy that cannot enforce them.
+cohort names a listener that does not exist, apps listed twice, an admin API off loopback, a
+forward-auth listener off loopback in plain HTTP, ``approvedApplication`` without a
+``compliantApplication`` alternative (Entra retired it), session controls on a host decided for an
+edge proxy that cannot enforce them.
 ``portcullis check`` prints them; they do not stop the gateway."""
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from gateway.policy.model import ALL, ALL_TRUSTED, BuiltInControl, GrantOperator
 def config_warnings(config: Config) -> list[ConfigProblem]:
     return [*_policies_that_never_apply(config), *_uncovered_resources(config),
             *_rollouts_without_their_listener(config), *_apps_listed_twice(config), *_admin_off_loopback(config),
-            *_approved_application_retired(config), *_session_controls_an_edge_cannot_enforce(config)]
+            *_forward_auth_in_plain_http(config), *_approved_application_retired(config),
+            *_session_controls_an_edge_cannot_enforce(config)]
 
 
 def public_resources(config: Config) -> list[str]:
@@ -185,6 +187,20 @@ def _admin_off_loopback(config: Config) -> Iterator[ConfigProblem]:
     yield locate(data, ("admin", "listen", "host"), name,
                  f"the admin API listens on {admin.listen.host} in plain HTTP: bearer tokens and decision records "
                  "would cross the network unencrypted; keep it on 127.0.0.1 behind a TLS reverse proxy")
+
+
+def _forward_auth_in_plain_http(config: Config) -> Iterator[ConfigProblem]:
+    """Allowed (an edge on another host needs it), but without ``tls`` every question carries the
+    client's bearer token or session cookie in the clear."""
+    forward_auth = config.gateway_file.forward_auth
+    if forward_auth is None or forward_auth.on_loopback or forward_auth.tls is not None:
+        return
+    name, data = config.source(GATEWAY_FILE)
+    yield locate(data, ("forwardAuth", "listen", "host"), name,
+                 f"the forward-auth listener listens on {forward_auth.listen.host} in plain HTTP: each question "
+                 "carries the client's bearer token or session cookie across the network unencrypted; set "
+                 "forwardAuth.tls (with proxyCaFiles, so only the edges' certificates are answered) or keep it "
+                 "on 127.0.0.1")
 
 
 APPROVED_APPLICATION_RETIRED = (

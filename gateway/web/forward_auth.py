@@ -12,7 +12,9 @@ The edge names the original request by its convention:
 
 and the client's address in X-Forwarded-For (read as the reverse proxy reads it, from the right).
 These are believed only from ``forwardAuth.trustedProxies``: a request from any other address is
-refused (403) before any of them is read, and one that names no original request, or names it
+refused (403) before any of them is read (with ``forwardAuth.tls.proxyCaFiles`` the handshake
+also requires a proxy certificate from those CAs, and with ``proxyNames`` a request whose
+certificate names none of them is refused 403 too), and one that names no original request, or names it
 twice or in more than one convention, is refused (400). Every refusal is a logged decision. Any
 method is accepted, since Envoy's check keeps the original one (WebDAV's included).
 
@@ -35,10 +37,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from cachetools import TTLCache
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -54,12 +59,13 @@ from gateway.policy.model import AccessRequest
 from gateway.routing import METHOD, NEVER_FORWARDED
 from gateway.web import pages
 from gateway.web.browser_pages import browser_app
-from gateway.web.embedded import serving
+from gateway.web.embedded import server_tls, serving
 from gateway.web.pages import GatewayResponse
 
 logger = logging.getLogger(__name__)
 
 NOT_A_PROXY = "forward-auth request from an address that is not one of forwardAuth.trustedProxies"
+NOT_A_NAMED_PROXY = "forward-auth request with a proxy certificate that names none of forwardAuth.tls.proxyNames"
 NO_ORIGINAL = "forward-auth request without the original method, URI and host"
 TWO_CONVENTIONS = "forward-auth request naming the original request in two conventions (nginx, Caddy/Traefik, Envoy)"
 REPEATED = "forward-auth request repeating a header that names the original request"
@@ -129,26 +135,34 @@ class ForwardAuth:
             await (refusal if refusal is not None else pages)(scope, receive, send)
         return pages_or_question
 
-    def _page_refusal(self, request: Request) -> Response | None:
-        peer = request.client.host if request.client else ""
-        host = _host(request.headers.get("host", "")) or ""
-        page = AccessRequest(correlation_id=new_correlation_id(), host=host, path=request.url.path,
-                             method=request.method, client_ip=peer, user_agent=request.headers.get("user-agent", ""),
-                             accepts_html=False, forward_auth=True)
+    def _the_edge(self, request: Request) -> tuple[ForwardAuthSettings | None, str | None]:
+        """The section in force, and why the caller is not the edge (None: it is). Checked before
+        anything the caller sent is read, for questions, pages and held answers alike."""
         settings = self.settings
+        peer = request.client.host if request.client else ""
         if settings is None or not trusted_peer(peer, settings.trusted_proxies):
-            return self._refused(page, 403, NOT_A_PROXY)
-        return None if self._serves(settings, host) else self._refused(page, 403, NOT_SERVED)
+            return settings, NOT_A_PROXY
+        if settings.tls is not None and settings.tls.proxy_names and \
+                not _names_a_proxy(request.scope, settings.tls.proxy_names):
+            return settings, NOT_A_NAMED_PROXY
+        return settings, None
+
+    def _page_refusal(self, request: Request) -> Response | None:
+        settings, not_the_edge = self._the_edge(request)
+        if settings is None or not_the_edge is not None:
+            return self._refused(_nobody(request, new_correlation_id()), 403, not_the_edge or NOT_A_PROXY)
+        host = _host(request.headers.get("host", "")) or ""
+        if self._serves(settings, host):
+            return None
+        return self._refused(replace(_nobody(request, new_correlation_id()), host=host, path=request.url.path,
+                                     method=request.method), 403, NOT_SERVED)
 
     async def answer(self, request: Request) -> Response:
         """A refusal's answer, for the nginx snippet's error page; once, and to the edge only."""
-        peer = request.client.host if request.client else ""
-        settings = self.settings
+        settings, not_the_edge = self._the_edge(request)
         correlation_id = request.path_params["correlation_id"]
-        if settings is None or not trusted_peer(peer, settings.trusted_proxies):
-            nobody = AccessRequest(correlation_id=new_correlation_id(), host="", path=request.url.path, method="GET",
-                                   client_ip=peer, user_agent="", accepts_html=False, forward_auth=True)
-            return self._refused(nobody, 403, NOT_A_PROXY)
+        if settings is None or not_the_edge is not None:
+            return self._refused(_nobody(request, new_correlation_id()), 403, not_the_edge or NOT_A_PROXY)
         held = self.answers.pop(correlation_id, None)
         if held is None:
             logger.warning("[%s] forward-auth: %s", correlation_id, ANSWER_GONE)
@@ -160,11 +174,10 @@ class ForwardAuth:
         correlation_id = new_correlation_id()
         peer = request.client.host if request.client else ""
         headers = request.headers
-        nobody = AccessRequest(correlation_id=correlation_id, host="", path="", method="", client_ip=peer,
-                               user_agent="", accepts_html=False, forward_auth=True)
-        settings = self.settings
-        if settings is None or not trusted_peer(peer, settings.trusted_proxies):
-            return self._refused(nobody, 403, NOT_A_PROXY)
+        nobody = _nobody(request, correlation_id)
+        settings, not_the_edge = self._the_edge(request)
+        if settings is None or not_the_edge is not None:
+            return self._refused(nobody, 403, not_the_edge or NOT_A_PROXY)
         original = _original(request)
         if isinstance(original, str):
             return self._refused(nobody, 400, original)
@@ -214,6 +227,13 @@ class ForwardAuth:
             held = [(name, value) for name, value in outcome.response.headers if name.lower() != "www-authenticate"]
             self.answers[outcome.record["correlationId"]] = replace(outcome.response, headers=tuple(held))
         return _response(outcome.response)
+
+
+def _nobody(request: Request, correlation_id: str) -> AccessRequest:
+    """A request of the caller itself, naming nothing it sent: what a refusal before any header is logged as."""
+    return AccessRequest(correlation_id=correlation_id, host="", path="", method="",
+                         client_ip=request.client.host if request.client else "", user_agent="", accepts_html=False,
+                         forward_auth=True)
 
 
 def _response(page: GatewayResponse) -> Response:
@@ -273,6 +293,36 @@ def _host(host_header: str) -> str | None:
     return name if HOST_NAME.match(name) else None
 
 
+def _names_a_proxy(scope: Scope, proxy_names: list[str]) -> bool:
+    """The verified client certificate (ASGI's TLS extension, set by ``serving``) names one of
+    ``proxy_names``: a SAN DNS name or the subject CN (either case, no wildcards), or a SAN URI
+    (exactly). No certificate in the scope: False."""
+    chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain") or []
+    if not chain:
+        return False
+    try:
+        certificate = x509.load_pem_x509_certificate(chain[0].encode())
+        common_names = [str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = alternative.get_values_for_type(x509.DNSName)
+        uris = alternative.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        dns, uris = [], []
+    except ValueError:  # OpenSSL verified it, but cryptography cannot read it: it names nobody
+        return False
+    names = {name.lower().rstrip(".") for name in [*dns, *common_names]}
+    return any(wanted.lower().rstrip(".") in names or wanted in uris for wanted in proxy_names)
+
+
+def _listener_tls(service: AccessService, settings: ForwardAuthSettings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if tls is None:
+        return None
+    path = service.config.path
+    return server_tls(path(tls.certificate_file), path(tls.key_file) if tls.key_file is not None else None,
+                      [path(file) for file in tls.proxy_ca_files])
+
+
 @contextlib.asynccontextmanager
 async def forward_auth_listener(service: AccessService, *,
                                 worker: Worker = ONLY_WORKER) -> AsyncIterator[tuple[str, int] | None]:
@@ -285,5 +335,5 @@ async def forward_auth_listener(service: AccessService, *,
         return
     app = ForwardAuth(service).app()
     async with serving(app, settings.listen.host, worker.own_port(settings.listen.port),
-                       name="the forward-auth listener") as address:
+                       name="the forward-auth listener", tls=_listener_tls(service, settings)) as address:
         yield address

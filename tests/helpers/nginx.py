@@ -23,6 +23,7 @@ needs_nginx = pytest.mark.skipif(not Path(NGINX).is_file() and not os.environ.ge
                                  reason="nginx is not installed (apt-get install nginx)")
 SNIPPETS = REPO / "deploy" / "nginx"
 START_SECONDS = 10
+PLAIN_PASS = "proxy_pass http://portcullis_forward_auth;"  # the snippet's question, over plain HTTP
 
 CONF = """
 {user}
@@ -45,7 +46,8 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         server_name mail.contoso.test;
-        include {snippets}/portcullis-forward-auth.conf;
+        {forward_auth_tls}
+        include {forward_auth_snippet};
         location / {{
             include {snippets}/portcullis-protect.conf;
             proxy_pass http://127.0.0.1:{backend};
@@ -56,13 +58,22 @@ http {{
 
 
 @contextlib.contextmanager
-def nginx_edge(directory: Path, *, forward_auth: int, backend: int) -> Iterator[int]:
-    """nginx asking the forward-auth listener on port ``forward_auth`` and proxying to ``backend``; its port."""
+def nginx_edge(directory: Path, *, forward_auth: int, backend: int, forward_auth_tls: str = "") -> Iterator[int]:
+    """nginx asking the forward-auth listener on port ``forward_auth`` and proxying to ``backend``; its port.
+    With ``forward_auth_tls`` (the server-level ``proxy_ssl_*`` lines), it asks over https, with the
+    shipped snippet changed as docs/forward-auth.md says: ``proxy_pass https://`` instead of ``http://``."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""  # workers read the prefix
+    snippet = SNIPPETS / "portcullis-forward-auth.conf"
+    if forward_auth_tls:
+        shipped = snippet.read_text()
+        assert shipped.count(PLAIN_PASS) == 1
+        snippet = directory / snippet.name
+        snippet.write_text(shipped.replace(PLAIN_PASS, PLAIN_PASS.replace("http://", "https://")))
     (directory / "nginx.conf").write_text(CONF.format(user=user, prefix=directory, forward_auth=forward_auth,
-                                                      port=port, snippets=SNIPPETS, backend=backend))
+                                                      port=port, snippets=SNIPPETS, backend=backend,
+                                                      forward_auth_snippet=snippet, forward_auth_tls=forward_auth_tls))
     with (directory / "out.log").open("wb") as log:
         process = subprocess.Popen([NGINX, "-p", str(directory), "-c", str(directory / "nginx.conf")],
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
