@@ -23,7 +23,7 @@ needs_nginx = pytest.mark.skipif(not Path(NGINX).is_file() and not os.environ.ge
                                  reason="nginx is not installed (apt-get install nginx)")
 SNIPPETS = REPO / "deploy" / "nginx"
 START_SECONDS = 10
-PLAIN_PASS = "proxy_pass http://portcullis_forward_auth;"  # the snippet's question, over plain HTTP
+PLAIN_PASS = "proxy_pass http://portcullis_forward_auth"  # the snippet's questions and pages, over plain HTTP
 
 CONF = """
 {user}
@@ -61,14 +61,14 @@ http {{
 def nginx_edge(directory: Path, *, forward_auth: int, backend: int, forward_auth_tls: str = "") -> Iterator[int]:
     """nginx asking the forward-auth listener on port ``forward_auth`` and proxying to ``backend``; its port.
     With ``forward_auth_tls`` (the server-level ``proxy_ssl_*`` lines), it asks over https, with the
-    shipped snippet changed as docs/forward-auth.md says: ``proxy_pass https://`` instead of ``http://``."""
+    shipped snippet changed as docs/forward-auth.md says: each ``proxy_pass https://`` instead of ``http://``."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""  # workers read the prefix
     snippet = SNIPPETS / "portcullis-forward-auth.conf"
     if forward_auth_tls:
         shipped = snippet.read_text()
-        assert shipped.count(PLAIN_PASS) == 1
+        assert shipped.count(PLAIN_PASS) == 4  # the question, the held refusal, the browser's pages, RFC 9728
         snippet = directory / snippet.name
         snippet.write_text(shipped.replace(PLAIN_PASS, PLAIN_PASS.replace("http://", "https://")))
     (directory / "nginx.conf").write_text(CONF.format(user=user, prefix=directory, forward_auth=forward_auth,
