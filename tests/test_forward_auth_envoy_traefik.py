@@ -303,3 +303,37 @@ def test_the_traefik_snippet_does_not_trust_the_clients_forwarded_headers() -> N
     assert traefik.forward_auth["trustForwardHeader"] is False
     assert traefik.chain == ["portcullis-strip", "portcullis-forward-auth"]
     assert not urlsplit(traefik.forward_auth["address"]).path.startswith(forward_auth.ENVOY_PREFIX + "/")
+
+
+PAGES = ("/.portcullis/", "/.well-known/oauth-protected-resource")
+
+
+def envoy_pages_routes() -> dict[str, str]:
+    """Each route prefix of deploy/envoy/envoy.yaml whose ext_authz is off, and its cluster."""
+    manager = _load(DEPLOY / "envoy" / "envoy.yaml")["static_resources"]["listeners"][0]["filter_chains"][0][
+        "filters"][0]["typed_config"]
+    routes = manager["route_config"]["virtual_hosts"][0]["routes"]
+    return {route["match"]["prefix"]: route["route"]["cluster"] for route in routes
+            if route.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_authz", {}).get("disabled")}
+
+
+def traefik_pages_router() -> dict[str, Any]:
+    return _load(DEPLOY / "traefik" / "portcullis.yml")["http"]["routers"]["mail-portcullis-pages"]
+
+
+def test_the_snippets_send_the_gateways_pages_to_the_listener_without_asking() -> None:
+    """The sign-in callback, logout and RFC 9728 metadata are Portcullis's: the edge routes them to
+    the forward-auth listener (which refuses a question naming them: they would reach the upstream)."""
+    assert envoy_pages_routes() == {prefix: "portcullis_forward_auth" for prefix in PAGES}
+    router = traefik_pages_router()
+    assert all(f"PathPrefix(`{prefix}`)" in router["rule"] for prefix in PAGES)
+    assert "portcullis" not in router["middlewares"] and router["service"] == "portcullis"
+    service = _load(DEPLOY / "traefik" / "portcullis.yml")["http"]["services"]["portcullis"]["loadBalancer"]
+    assert service["passHostHeader"] is True
+
+
+def test_the_gateways_pages_answer_the_edge_on_a_protected_host(portcullis: Started) -> None:
+    """What those routes reach: the listener serves the pages for the edge (Host kept)."""
+    metadata = ask(portcullis, {"Host": MAIL}, path="/.well-known/oauth-protected-resource")
+    assert metadata.status_code == 200 and metadata.json()["resource"] == f"https://{MAIL}"
+    assert ask(portcullis, {"Host": MAIL}, path="/.portcullis/logout").status_code == 200  # the logout form
