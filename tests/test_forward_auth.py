@@ -4,23 +4,43 @@ conventions. The same pipeline decides: the decision log holds each answer with 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 from ruamel.yaml import YAML
 
-from gateway.app.demo import ACTIVESYNC, ACTIVESYNC_UA, BLAKE_ANDROID, BROWSER_UA, OFFICE, activesync
+from gateway.app import bootstrap
+from gateway.app.demo import (
+    ACTIVESYNC,
+    ACTIVESYNC_UA,
+    ALEX_IPHONE,
+    BLAKE_ANDROID,
+    BROWSER_UA,
+    OFFICE,
+    OUTLOOK_MOBILE,
+    SHAREPOINT,
+    activesync,
+)
+from gateway.config.lint import config_warnings
+from gateway.decision.service import utc_now
 from gateway.http.headers import CORRELATION_ID
+from gateway.ops.whatif import Question, WhatIf
+from gateway.policy.model import Listener, Restriction
+from gateway.policy.session_controls import NEEDS_REVERSE_PROXY
 from gateway.web import forward_auth
 from tests.conftest import Gateway, Ports, demo_config_copy
 from tests.helpers.config import problems
 from tests.helpers.forward_auth import OUTSIDER, ask, endpoint, forward_auth_gateway
+from tests.helpers.replay import replay, totals
 from tests.helpers.running import Started
 from tests.helpers.tokens import outlook_token
 
 MAIL = "mail.contoso.test"
+DOCS = "docs.contoso.test"
 CLIENT = "203.0.113.7"
 
 
@@ -147,6 +167,26 @@ def test_the_gateways_pages_are_served_to_the_edge_for_a_host_it_decides_only(ed
     assert edge.gateway.decision(answer.headers[CORRELATION_ID])["status"]["failureReason"] == reason
 
 
+def kiosk_account(edge: Started, groups: tuple[str, ...] = ("kiosk-users",)) -> dict[str, str]:
+    """Alex as a member of kiosk-users: the demo's kiosk-accounts-view-only policy (blockDownloads) applies."""
+    token = edge.gateway.idp.mint(user="alex@contoso.test", client_id=OUTLOOK_MOBILE, audience=SHAREPOINT,
+                                  device_id=ALEX_IPHONE, extra={"groups": list(groups)})
+    return {"Authorization": f"Bearer {token}", "User-Agent": "Mozilla/5.0 (Windows NT 10.0)"}
+
+
+def test_a_session_control_only_the_reverse_proxy_enforces_refuses_the_request_at_the_edge(edge: Started) -> None:
+    """blockDownloads needs the answer (an attachment from any URL): the edge's question is refused,
+    where the reverse proxy lets the page through and replaces a download."""
+    answer = ask(edge, caddy("/sites/team/", host=DOCS, **kiosk_account(edge)))
+    assert answer.status_code == 403
+    record = edge.gateway.decision(answer.headers[CORRELATION_ID])
+    assert record["status"]["failureReason"] == NEEDS_REVERSE_PROXY.format(control="blockDownloads")
+    assert (record["restriction"], record["request"]["listener"]) == ("sessionControlNeedsReverseProxy", "forwardAuth")
+    assert record["enforcedSessionControls"] == ["blockDownloads", "blockUploads"]
+    plain = ask(edge, caddy("/sites/team/", host=DOCS, **kiosk_account(edge, groups=())))
+    assert plain.status_code == 200  # the same request without the kiosk group: no session control, allowed
+
+
 def test_identity_headers_a_client_sent_do_not_change_the_answer(edge: Started) -> None:
     answer = ask(edge, nginx(ACTIVESYNC, "POST", **bearer(outlook_token(edge.gateway)),
                              **{"X-Portcullis-User": "admin@contoso.test", "X-Portcullis-Device-Id": "forged"}))
@@ -177,3 +217,42 @@ def test_a_forward_auth_section_that_would_believe_anyone_or_names_no_host_is_re
     data["forwardAuth"] = section
     yaml.dump(data, config_dir / "portcullis.yaml")
     assert any(said in problem for problem in problems(config_dir)), problems(config_dir)
+
+
+def test_what_if_and_replay_answer_an_edges_question_as_the_listener_did(
+        gateway: Gateway, demo_ports: Ports, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The listener is part of the question: What If asked with ``listener: forwardAuth`` and replay
+    of the decision log refuse the kiosk account's request as the forward-auth listener did, and
+    What If through the reverse proxy allows it (its answer, not the request, is restricted)."""
+    with forward_auth_gateway(gateway, tmp_path / "own", demo_ports) as running:
+        answer = ask(running, caddy("/sites/team/", host=DOCS, **kiosk_account(running)))
+        record = running.gateway.decision(answer.headers[CORRELATION_ID])
+        config_dir, log = running.gateway.config_dir, running.gateway.decision_log
+    loaded = bootstrap.load(config_dir)
+    what_if = WhatIf(loaded.config, loaded.inventory, loaded.whatif_app_protection)
+    question = Question(user="alex@contoso.test", url=f"https://{DOCS}/sites/team/", app="outlook-mobile",
+                        device=ALEX_IPHONE, groups=("kiosk-users",), listener=Listener.forward_auth)
+    at_edge = asyncio.run(what_if.ask(question, utc_now()))
+    assert (at_edge.status_code, at_edge.reason, at_edge.restriction) == \
+        (record["httpStatus"], record["status"]["failureReason"], Restriction.needs_reverse_proxy)
+    through_proxy = asyncio.run(what_if.ask(replace(question, listener=Listener.gateway), utc_now()))
+    assert through_proxy.allowed and "blockDownloads" in through_proxy.session_controls.names()
+
+    code, out, _ = replay(capsys, "--config", config_dir, log)
+    assert code == 0 and totals(out)["same result"] == 1 and totals(out)["block→allow"] == 0, out
+
+
+def test_check_names_the_policy_whose_session_controls_an_edge_cannot_enforce(tmp_path: Path) -> None:
+    config_dir = demo_config_copy(tmp_path, Ports.fresh())
+    yaml = YAML()
+    data = yaml.load(config_dir / "portcullis.yaml")
+    data["forwardAuth"] = {"hosts": [DOCS]}
+    yaml.dump(data, config_dir / "portcullis.yaml")
+    warnings = [str(w) for w in config_warnings(bootstrap.load(config_dir).config)]
+    edge = [w for w in warnings if "forwardAuth" in w]
+    assert len(edge) == 2, warnings  # kiosk-accounts-view-only (All) and kiosks-read-only-browser (SharePoint)
+    assert all("blockDownloads" in w and DOCS in w and MAIL not in w and "policies.yaml:" in w for w in edge), edge
+    data["forwardAuth"] = {"hosts": [MAIL]}
+    yaml.dump(data, config_dir / "portcullis.yaml")
+    mail = [str(w) for w in config_warnings(bootstrap.load(config_dir).config) if "forwardAuth" in str(w)]
+    assert len(mail) == 2 and all(MAIL in w and DOCS not in w for w in mail), mail

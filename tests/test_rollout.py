@@ -223,7 +223,7 @@ ROLLOUT_POLICY = """
         pytest.param("enabled", "{percentOfUsers: '10%'}", "rollout.percentOfUsers", "valid integer",
                      id="a percentage as text"),
         pytest.param("enabled", "{listeners: [lobby]}", "rollout.listeners[0]",
-                     "'lobby' is not allowed (allowed: gateway, kiosk)", id="unknown listener"),
+                     "'lobby' is not allowed (allowed: gateway, kiosk, forwardAuth)", id="unknown listener"),
         pytest.param("enabled", "{groups: [a], users: [b]}", "rollout.users", "unknown key 'users'", id="unknown key"),
     ],
 )
@@ -353,3 +353,14 @@ def test_the_kiosk_listener_is_in_the_cohort(rollout_gateway: tuple[Gateway, int
     assert response.status_code == 403
     assert response.json()["errorCode"] == 50076
     assert _logged_rollout(gateway, response) == ("failure", "inCohort:listener")
+
+
+def test_check_warns_about_a_forward_auth_rollout_without_a_forward_auth_listener(tmp_path: Path) -> None:
+    target = tmp_path / "config"
+    shutil.copytree(REPO / "config" / "examples" / "report-only-trial", target)
+    shutil.copy(REPO / "config" / "examples" / "devices.yaml", tmp_path / "devices.yaml")
+    policies = target / "policies.yaml"
+    policies.write_text(policies.read_text().replace("listeners: [kiosk]", "listeners: [forwardAuth]"))
+    [warning] = [str(w) for w in config_warnings(load_config(target))]
+    assert "policy 'sharepoint-mfa-rollout': no forwardAuth listener is configured, so its rollout never includes " \
+           "forwardAuth requests" in warning

@@ -43,7 +43,7 @@ class Edge:
     package: str  # Debian's, named when the binary is missing
     candidates: tuple[str, ...]  # where the binary may be when it is not on PATH
     snippets: str  # the directory under deploy/
-    write_config: Callable[[Path, int, int, Sequence[Site], Path], Path]
+    write_config: Callable[[Path, int, int, Sequence[Site], Path, str], Path]
     command: Callable[[str, Path, Path], list[str]]
 
     def find(self) -> str | None:
@@ -86,7 +86,7 @@ http {{
 NGINX_SERVER = """    server {{
         listen 127.0.0.1:{port};
         server_name {host};
-        include {snippets}/portcullis-forward-auth.conf;
+{lines}        include {snippets}/portcullis-forward-auth.conf;
         location / {{
             include {snippets}/portcullis-protect.conf;
             proxy_pass http://127.0.0.1:{backend};
@@ -95,11 +95,13 @@ NGINX_SERVER = """    server {{
 """
 
 
-def write_nginx_config(directory: Path, port: int, forward_auth: int, sites: Sequence[Site], snippets: Path) -> Path:
-    """nginx.conf: one server per site on ``port``, each including the shipped snippets."""
+def write_nginx_config(directory: Path, port: int, forward_auth: int, sites: Sequence[Site], snippets: Path,
+                       lines: str) -> Path:
+    """nginx.conf: one server per site on ``port``, each with ``lines`` and including the snippets."""
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""  # workers read the prefix
-    servers = "".join(NGINX_SERVER.format(port=port, host=site.host, snippets=snippets, backend=site.backend)
-                      for site in sites)
+    indented = "".join(f"        {line}\n" for line in lines.splitlines())
+    servers = "".join(NGINX_SERVER.format(port=port, host=site.host, lines=indented, snippets=snippets,
+                                          backend=site.backend) for site in sites)
     path = directory / "nginx.conf"
     path.write_text(NGINX_CONF.format(user=user, prefix=directory, forward_auth=forward_auth, servers=servers))
     return path
@@ -114,16 +116,18 @@ import {snippets}/Caddyfile
 {sites}"""
 CADDY_SITE = """http://{host}:{port} {{
 \tbind 127.0.0.1
-\timport portcullis 127.0.0.1:{forward_auth}
+{lines}\timport portcullis 127.0.0.1:{forward_auth}
 \treverse_proxy 127.0.0.1:{backend}
 }}
 """
 
 
-def write_caddyfile(directory: Path, port: int, forward_auth: int, sites: Sequence[Site], snippets: Path) -> Path:
-    """A Caddyfile: one plain-HTTP site per host on ``port``, each importing the shipped snippet."""
+def write_caddyfile(directory: Path, port: int, forward_auth: int, sites: Sequence[Site], snippets: Path,
+                    lines: str) -> Path:
+    """A Caddyfile: one plain-HTTP site per host on ``port``, each with ``lines`` and importing the snippet."""
+    indented = "".join(f"\t{line}\n" for line in lines.splitlines())
     text = CADDYFILE.format(directory=directory, snippets=snippets, sites="".join(
-        CADDY_SITE.format(host=site.host, port=port, forward_auth=forward_auth, backend=site.backend)
+        CADDY_SITE.format(host=site.host, port=port, lines=indented, forward_auth=forward_auth, backend=site.backend)
         for site in sites))
     path = directory / "Caddyfile"
     path.write_text(text)
@@ -174,14 +178,16 @@ def _tail(log: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_edge(name: str, directory: Path, *, port: int, forward_auth: int, sites: Sequence[Site]) -> Iterator[int]:
+def running_edge(name: str, directory: Path, *, port: int, forward_auth: int, sites: Sequence[Site],
+                 snippets: Path | None = None, lines: str = "") -> Iterator[int]:
     """The edge ``name`` on 127.0.0.1:``port``, asking the forward-auth listener on
     127.0.0.1:``forward_auth`` and proxying each site to its backend; its config, logs and state
-    in ``directory``. Yields the port."""
+    in ``directory``. Yields the port. ``snippets``: a directory of changed snippets instead of
+    the shipped ones; ``lines``: more directives in each site (both for tests, e.g. TLS to Portcullis)."""
     edge = EDGES[name]
     binary = edge.binary()
     directory.mkdir(parents=True, exist_ok=True)
-    config = edge.write_config(directory, port, forward_auth, sites, edge.snippet_directory())
+    config = edge.write_config(directory, port, forward_auth, sites, snippets or edge.snippet_directory(), lines)
     # Caddy keeps its state under $HOME / $XDG_*: here, in the edge's own directory
     env = {**os.environ, "HOME": str(directory), "XDG_DATA_HOME": str(directory / "data"),
            "XDG_CONFIG_HOME": str(directory / "config")}

@@ -1,8 +1,10 @@
 """Warnings for a config that loads but probably does not say what its authors meant: policies
 that can never apply, resources no policy covers (or only a rollout cohort's, or only some users
 or client app types), rollouts whose
-cohort names a listener that does not exist, apps listed twice, an admin API off loopback,
-``approvedApplication`` without a ``compliantApplication`` alternative (Entra retired it).
+cohort names a listener that does not exist, apps listed twice, an admin API off loopback, a
+forward-auth listener off loopback in plain HTTP, ``approvedApplication`` without a
+``compliantApplication`` alternative (Entra retired it), session controls on a host decided for an
+edge proxy that cannot enforce them.
 ``portcullis check`` prints them; they do not stop the gateway."""
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from gateway.policy.model import ALL, ALL_TRUSTED, BuiltInControl, GrantOperator
 
 
 def config_warnings(config: Config) -> list[ConfigProblem]:
-    return [*_policies_that_never_apply(config), *_uncovered_resources(config), *_rollouts_without_kiosk(config),
-            *_apps_listed_twice(config), *_admin_off_loopback(config), *_approved_application_retired(config)]
+    return [*_policies_that_never_apply(config), *_uncovered_resources(config),
+            *_rollouts_without_their_listener(config), *_apps_listed_twice(config), *_admin_off_loopback(config),
+            *_forward_auth_in_plain_http(config), *_approved_application_retired(config),
+            *_session_controls_an_edge_cannot_enforce(config)]
 
 
 def public_resources(config: Config) -> list[str]:
@@ -114,16 +118,47 @@ def _enforced_for_everyone(policy: ConditionalAccessPolicy) -> bool:
     return policy.state is PolicyState.enabled and policy.grant_controls is not None and policy.rollout is None
 
 
-def _rollouts_without_kiosk(config: Config) -> Iterator[ConfigProblem]:
-    if config.gateway_file.kiosk is not None:
-        return
+def _rollouts_without_their_listener(config: Config) -> Iterator[ConfigProblem]:
+    configured = {Listener.gateway, *([Listener.kiosk] if config.gateway_file.kiosk is not None else []),
+                  *([Listener.forward_auth] if config.gateway_file.forward_auth is not None else [])}
     name, data = config.source(POLICIES_FILE)
     for index, policy in enumerate(config.policies):
         listeners = policy.rollout.listeners if policy.rollout else []
-        if Listener.kiosk in listeners:
-            yield locate(data, ("policies", index, "rollout", "listeners", listeners.index(Listener.kiosk)), name,
-                         f"policy {policy.name!r}: no kiosk listener is configured, so its rollout never includes "
-                         "kiosk requests")
+        for at, listener in enumerate(listeners):
+            if listener not in configured:
+                what = "kiosk" if listener is Listener.kiosk else "forwardAuth"
+                yield locate(data, ("policies", index, "rollout", "listeners", at), name,
+                             f"policy {policy.name!r}: no {what} listener is configured, so its rollout never "
+                             f"includes {what} requests")
+
+
+EDGE_CANNOT_ENFORCE = (
+    "policy {name!r} sets {control} on {hosts}, decided for an edge proxy (forwardAuth): the edge cannot "
+    "{why}, so the requests there this policy applies to are refused (403); serve those hosts through "
+    "Portcullis's reverse proxy, or leave them out of forwardAuth.hosts (docs/forward-auth.md)")
+EDGE_WHY = {"blockDownloads": "replace a download in the answer, which Portcullis never sees",
+            "tokenProtection": "present the client's device certificate, which its TLS ends"}
+
+
+def _session_controls_an_edge_cannot_enforce(config: Config) -> Iterator[ConfigProblem]:
+    """blockDownloads needs the answer, tokenProtection the client's certificate: neither reaches forward-auth."""
+    forward_auth = config.gateway_file.forward_auth
+    if forward_auth is None:
+        return
+    at_edge = set(forward_auth.hosts or config.gateway_file.protected_hosts)
+    name, data = config.source(POLICIES_FILE)
+    for index, policy in enumerate(config.policies):
+        controls = policy.session_controls
+        if policy.state is PolicyState.disabled or controls is None:
+            continue
+        applies_to = resources_of(policy, set(config.resources)) | _carrying(config, policy)
+        hosts = sorted(at_edge & {host for resource in applies_to for host in config.resources[resource].hosts})
+        for control, key in (("blockDownloads", controls.block_downloads),
+                             ("tokenProtection", controls.token_protection)):
+            if key and hosts:
+                yield locate(data, ("policies", index, "sessionControls", control), name,
+                             EDGE_CANNOT_ENFORCE.format(name=policy.name, control=control, hosts=", ".join(hosts),
+                                                        why=EDGE_WHY[control]))
 
 
 def _apps_listed_twice(config: Config) -> Iterator[ConfigProblem]:
@@ -152,6 +187,20 @@ def _admin_off_loopback(config: Config) -> Iterator[ConfigProblem]:
     yield locate(data, ("admin", "listen", "host"), name,
                  f"the admin API listens on {admin.listen.host} in plain HTTP: bearer tokens and decision records "
                  "would cross the network unencrypted; keep it on 127.0.0.1 behind a TLS reverse proxy")
+
+
+def _forward_auth_in_plain_http(config: Config) -> Iterator[ConfigProblem]:
+    """Allowed (an edge on another host needs it), but without ``tls`` every question carries the
+    client's bearer token or session cookie in the clear."""
+    forward_auth = config.gateway_file.forward_auth
+    if forward_auth is None or forward_auth.on_loopback or forward_auth.tls is not None:
+        return
+    name, data = config.source(GATEWAY_FILE)
+    yield locate(data, ("forwardAuth", "listen", "host"), name,
+                 f"the forward-auth listener listens on {forward_auth.listen.host} in plain HTTP: each question "
+                 "carries the client's bearer token or session cookie across the network unencrypted; set "
+                 "forwardAuth.tls (with proxyCaFiles, so only the edges' certificates are answered) or keep it "
+                 "on 127.0.0.1")
 
 
 APPROVED_APPLICATION_RETIRED = (

@@ -670,15 +670,40 @@ class ForwardAuthListen(Listen):
 LOOPBACK_PROXIES = [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")]
 
 
+class ForwardAuthTlsSettings(Model):
+    """TLS on the forward-auth listener (docs/forward-auth.md, "TLS and proxy certificates").
+    With ``proxyCaFiles`` the handshake requires a client certificate from one of those CAs, and
+    with ``proxyNames`` that certificate must name one of them (a SAN DNS name or URI, or the
+    subject CN); ``trustedProxies`` still applies on top."""
+
+    certificate_file: Path  # PEM: the certificate chain, and its key unless keyFile names another file
+    key_file: Path | None = None
+    proxy_ca_files: Annotated[list[Path], Field(max_length=16)] = []  # PEM: the CAs of the edges' certificates
+    proxy_names: Annotated[list[Annotated[str, Field(min_length=1, max_length=255)]], Field(max_length=64)] = []
+
+    @model_validator(mode="after")
+    def _names_need_a_ca(self) -> ForwardAuthTlsSettings:
+        if self.proxy_names and not self.proxy_ca_files:
+            raise ValueError("proxyNames needs proxyCaFiles: a name is believed only from a certificate verified "
+                             "against the CAs that issue the edges' certificates")
+        return self
+
+
 class ForwardAuthSettings(Model):
     """The forward-auth listener (gateway/web/forward_auth.py): an edge proxy (nginx
     ``auth_request``, Caddy ``forward_auth``, Traefik ``ForwardAuth``) asks it whether a request
-    may go upstream. Plain HTTP, so loopback by default; the original request's headers are
-    believed only from ``trustedProxies`` (the edge's addresses), never from anyone else."""
+    may go upstream. Plain HTTP unless ``tls`` is set, so loopback by default; the original
+    request's headers are believed only from ``trustedProxies`` (the edge's addresses), and with
+    ``tls.proxyCaFiles`` only from a caller that also presents a proxy certificate."""
 
     listen: ForwardAuthListen = ForwardAuthListen()
     trusted_proxies: Annotated[list[IPvAnyNetwork], Field(min_length=1)] = LOOPBACK_PROXIES
     hosts: list[str] = []  # the protected hosts decided here; empty: every protected host
+    tls: ForwardAuthTlsSettings | None = None  # none: plain HTTP (`check` warns off loopback)
+
+    @property
+    def on_loopback(self) -> bool:
+        return _is_loopback_host(self.listen.host)
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

@@ -68,7 +68,7 @@ from gateway.policy.model import (
     SessionControls,
 )
 from gateway.policy.policy_set import ResourceMatch
-from gateway.policy.session_controls import REASONS, request_restriction
+from gateway.policy.session_controls import NEEDS_REVERSE_PROXY, REASONS, edge_unenforceable, request_restriction
 from gateway.signals.activesync import MalformedActiveSyncQuery, activesync_device_ids
 
 ACCESS_TOKEN_IN_QUERY = "an access token is accepted only in the Authorization header"  # noqa: S105  (a reason, not a secret)
@@ -244,9 +244,15 @@ def restrict_and_evaluate(rules: Rules, request: AccessRequest, identity: Identi
         decision.session_controls, method=request.method, content_type=request.content_type,
         content_length=request.content_length, chunked=request.chunked, resources=resources,
         download_resources=rules.policy_set.download_resources)
+    at_edge = edge_unenforceable(decision.session_controls) if request.forward_auth else None
     if restriction is not None:
         decision = replace(decision, result=DecisionResult.block, status_code=403, reason=REASONS[restriction],
                            restriction=restriction)
+    elif at_edge is not None:
+        decision = replace(decision, result=DecisionResult.block, status_code=403,
+                           error_code=ErrorCode.blocked_by_conditional_access,
+                           reason=NEEDS_REVERSE_PROXY.format(control=at_edge),
+                           restriction=Restriction.needs_reverse_proxy)
     elif decision.session_controls.token_protection:
         unbound = device_binding.token_protection_problem(identity.device_id, signals.certificate_device_id)
         if unbound is not None:

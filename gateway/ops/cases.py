@@ -12,7 +12,7 @@ policies (OPA-style), run by ``portcullis test`` and ``portcullis check``.
         groups: [finance]                # optional: the token's groups claim
         mfa: true                        # optional: amr contains mfa
         platform: iOS                    # optional: when the device is not in the inventory
-        listener: kiosk                  # optional: gateway (default) or kiosk (an unmanaged browser)
+        listener: kiosk                  # optional: gateway (default), kiosk (an unmanaged browser) or forwardAuth
         objectId: 790e6855-...           # optional: the token's oid (a rollout's percentOfUsers share uses it)
         expect:
           result: block                  # allow | block

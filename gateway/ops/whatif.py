@@ -118,7 +118,8 @@ class WhatIf:
                              accepts_html=question.client_app_type is ClientAppType.browser,
                              declared_client_app_type=question.client_app_type,
                              kiosk_location=self._kiosk_location(question.listener),
-                             device_certificate=_certificate(question))
+                             device_certificate=_certificate(question),
+                             forward_auth=self._forward_auth(question.listener))
 
     def identity(self, question: Question) -> Identity:
         """The token the question stands for: its ``deviceid`` is the question's device, which
@@ -157,11 +158,19 @@ class WhatIf:
 
     def _kiosk_location(self, listener: Listener) -> str | None:
         """A kiosk request is an unmanaged browser at the kiosk location, whatever device it names."""
-        if listener is Listener.gateway:
+        if listener is not Listener.kiosk:
             return None
         if self.config.gateway_file.kiosk is None:
             raise WhatIfError("this config has no kiosk listener")
         return self.config.gateway_file.kiosk.location
+
+    def _forward_auth(self, listener: Listener) -> bool:
+        """An edge proxy asks about the request: no client certificate reaches the gateway."""
+        if listener is not Listener.forward_auth:
+            return False
+        if self.config.gateway_file.forward_auth is None:
+            raise WhatIfError("this config has no forwardAuth listener")
+        return True
 
     def _client_id(self, app: str | None) -> str | None:
         """The token's client id (``azp``) for a configured application's name or a client id."""
@@ -176,8 +185,9 @@ class WhatIf:
 
 
 def _certificate(question: Question) -> DeviceCertificate | None:
-    """A verified certificate naming the question's certificate device (the kiosk never asks for one)."""
-    if question.device_certificate is None or question.listener is Listener.kiosk:
+    """A verified certificate naming the question's certificate device (the kiosk never asks for one;
+    an edge proxy terminates TLS, so none reaches the forward-auth listener)."""
+    if question.device_certificate is None or question.listener is not Listener.gateway:
         return None
     return DeviceCertificate(device_key=DeviceKey.azure_ad_device_id, device_value=question.device_certificate.lower(),
                              subject="(What If)", issuer="(What If)")

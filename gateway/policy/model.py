@@ -122,10 +122,12 @@ class PolicyResultKind(StrEnum):
 
 
 class Listener(StrEnum):
-    """Where a request came in: the TLS reverse proxy, or the kiosk forward proxy."""
+    """Where a request came in: the TLS reverse proxy, the kiosk forward proxy, or an edge proxy
+    asking the forward-auth listener (it sees neither the answer nor the client's certificate)."""
 
     gateway = "gateway"
     kiosk = "kiosk"
+    forward_auth = "forwardAuth"
 
 
 class RolloutCohort(StrEnum):
@@ -151,6 +153,8 @@ class Restriction(StrEnum):
     legacy_active_sync = "legacyActiveSync"  # Basic without a certificate of a compliant device of that user
     block_downloads = "blockDownloads"
     block_uploads = "blockUploads"
+    # a session control only the reverse proxy enforces, on a request an edge asked about (forward-auth)
+    needs_reverse_proxy = "sessionControlNeedsReverseProxy"
 
 
 class DeviceKey(StrEnum):
@@ -211,6 +215,7 @@ class AccessRequest:
     kiosk_location: str | None = None  # set for requests through the kiosk proxy: an unmanaged browser
     # the connection's client certificate (reverse listener only; None: none was presented)
     device_certificate: DeviceCertificate | None = None
+    forward_auth: bool = False  # an edge proxy asked (forward-auth): the gateway never sees the answer
 
     @classmethod
     def unread(cls, *, correlation_id: str, client_ip: str, request_line: bytes,

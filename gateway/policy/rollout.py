@@ -43,6 +43,8 @@ def in_share(policy_name: str, user: str, percent: int) -> bool:
 
 
 def request_listener(request: AccessRequest) -> Listener:
+    if request.forward_auth:
+        return Listener.forward_auth
     return Listener.kiosk if request.kiosk_location is not None else Listener.gateway
 
 

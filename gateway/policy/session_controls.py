@@ -20,6 +20,10 @@ from gateway.policy.model import Restriction, SessionControls
 DOWNLOAD_BLOCKED = "downloads are blocked in this session"
 UPLOAD_BLOCKED = "uploads are blocked in this session"
 REASONS = {Restriction.block_downloads: DOWNLOAD_BLOCKED, Restriction.block_uploads: UPLOAD_BLOCKED}
+NEEDS_REVERSE_PROXY = ("{control} applies to this request, and only Portcullis's reverse proxy enforces it; "
+                       "this host is decided for an edge proxy (forward-auth), so the request is refused")
+# what an edge proxy asking forward-auth cannot do: see a download in the answer, present the client's certificate
+EDGE_UNENFORCEABLE = ("blockDownloads", "tokenProtection")
 
 
 FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "application/json"})
@@ -36,6 +40,13 @@ def request_restriction(controls: SessionControls, *, method: str, content_type:
     if controls.block_uploads and is_upload(method, content_type, content_length, chunked):
         return Restriction.block_uploads
     return None
+
+
+def edge_unenforceable(controls: SessionControls) -> str | None:
+    """The first session control in force that an edge proxy cannot enforce (``EDGE_UNENFORCEABLE``), or None."""
+    if controls.block_downloads:
+        return "blockDownloads"
+    return "tokenProtection" if controls.token_protection else None
 
 
 def is_upload(method: str, content_type: str, content_length: str, chunked: bool = False) -> bool:

@@ -420,7 +420,7 @@ async def decide(side: Side, request: RecordedRequest, claims: Claims, devices: 
                            path=request.target, method=request.method, client_ip=request.client_ip or default_ip,
                            user_agent=request.user_agent, accepts_html=request.accepts_html,
                            content_type=request.content_type, content_length=request.content_length,
-                           chunked=request.chunked, kiosk_location=kiosk_location,
+                           chunked=request.chunked, kiosk_location=kiosk_location, forward_auth=request.forward_auth,
                            device_certificate=request.device_certificate if kiosk_location is None else None)
     signals = RecordedSignals(request, devices, kiosk_location, recording)
     try:

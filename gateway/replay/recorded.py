@@ -103,6 +103,7 @@ class RecordedRequest:
     content_length: str = ""
     chunked: bool = False
     kiosk: bool = False
+    forward_auth: bool = False  # an edge proxy asked the forward-auth listener
     authorization: tuple[str, ...] = ()
     session_cookie: bool = False
     authenticated: bool | None = None  # did the gateway get past authentication? None: not recorded
@@ -194,6 +195,7 @@ def _from_log_record(record: dict[str, Any], place: str) -> RecordedRequest:
         content_type="application/octet-stream" if upload else "",
         content_length="1" if upload else "",
         kiosk=request.get("listener") == Listener.kiosk,
+        forward_auth=request.get("listener") == Listener.forward_auth,
         authenticated=DecisionResult(record["result"]) is not DecisionResult.unauthenticated,
         recorded=_recorded_decision(record),
         evaluation_input=_recorded_input(record, given) if isinstance(given, dict) else None,

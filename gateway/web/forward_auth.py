@@ -1,22 +1,28 @@
 """The forward-auth listener: an edge proxy that already runs (nginx ``auth_request``, Caddy
-``forward_auth``, Traefik ``ForwardAuth``) asks, for each request, whether it may go upstream; the
-answer is decided by the one pipeline through ``AccessService.authorize``, with the same policies,
-signals, decision log and metrics as the reverse proxy.
+``forward_auth``, Traefik ``ForwardAuth``, Envoy ``ext_authz``) asks, for each request, whether it
+may go upstream; the answer is decided by the one pipeline through ``AccessService.authorize``,
+with the same policies, signals, decision log and metrics as the reverse proxy.
 
-The edge names the original request in headers, by its convention:
+The edge names the original request by its convention:
 
     nginx            X-Original-URI, X-Original-Method, Host (the snippet sets them)
     Caddy, Traefik   X-Forwarded-Uri, X-Forwarded-Method, X-Forwarded-Host
+    Envoy            the check request itself: its method, its path after ``/envoy`` (the
+                     snippet's ``path_prefix``; Envoy appends the original path and query), Host
 
 and the client's address in X-Forwarded-For (read as the reverse proxy reads it, from the right).
-These headers are believed only from ``forwardAuth.trustedProxies``: a request from any other
-address is refused (403) before any of them is read, and one that names no original request, or
-names it twice or in both conventions, is refused (400). Every refusal is a logged decision.
+These are believed only from ``forwardAuth.trustedProxies``: a request from any other address is
+refused (403) before any of them is read (with ``forwardAuth.tls.proxyCaFiles`` the handshake
+also requires a proxy certificate from those CAs, and with ``proxyNames`` a request whose
+certificate names none of them is refused 403 too), and one that names no original request, or names it
+twice or in more than one convention, is refused (400). Every refusal is a logged decision. Any
+method is accepted, since Envoy's check keeps the original one (WebDAV's included).
 
 Answers: 200 (empty) with the headers the edge adds upstream, exactly those the reverse proxy sets
 (``X-Portcullis-*``, ``X-Forwarded-*``, the signed assertion); otherwise the gateway's own answer
 (401 with its challenge, 403 with the block page or JSON, 503, a 302 to sign in). Caddy, Traefik
-and Envoy relay that answer to the client. nginx relays only the status (and a 401's challenge)
+and Envoy relay that answer to the client (Envoy allows only a 200 and answers a 5xx with its
+``status_on_error``: deploy/envoy/). nginx relays only the status (and a 401's challenge)
 and turns anything but 2xx, 401 and 403 into 500: its snippet (deploy/nginx/) maps the 302 to the
 sign-in redirect, and fetches the refusal itself from ``/.portcullis-answer/<correlation id>``,
 where each refusal to an nginx question waits, once, for a few seconds.
@@ -31,15 +37,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from cachetools import TTLCache
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.app.workers import ONLY_WORKER, Worker
@@ -51,15 +59,15 @@ from gateway.policy.model import AccessRequest
 from gateway.routing import METHOD, NEVER_FORWARDED
 from gateway.web import pages
 from gateway.web.browser_pages import browser_app
-from gateway.web.embedded import serving
+from gateway.web.embedded import server_tls, serving
 from gateway.web.pages import GatewayResponse
 
 logger = logging.getLogger(__name__)
 
-ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 NOT_A_PROXY = "forward-auth request from an address that is not one of forwardAuth.trustedProxies"
+NOT_A_NAMED_PROXY = "forward-auth request with a proxy certificate that names none of forwardAuth.tls.proxyNames"
 NO_ORIGINAL = "forward-auth request without the original method, URI and host"
-TWO_CONVENTIONS = "forward-auth request naming the original request in both nginx and Caddy/Traefik headers"
+TWO_CONVENTIONS = "forward-auth request naming the original request in two conventions (nginx, Caddy/Traefik, Envoy)"
 REPEATED = "forward-auth request repeating a header that names the original request"
 NO_CLIENT = "forward-auth request without X-Forwarded-For naming the client"
 BAD_METHOD = "the original method is not an upper-case method token"
@@ -89,6 +97,9 @@ class Convention:
 
 NGINX = Convention("nginx", "x-original-method", "x-original-uri", "host")
 FORWARDED = Convention("forwarded", "x-forwarded-method", "x-forwarded-uri", "x-forwarded-host")
+# Envoy's HTTP ext_authz names the original in the check request's own method and path
+ENVOY = Convention("envoy", ":method", ":path", "host")
+ENVOY_PREFIX = "/envoy"  # http_service.path_prefix in deploy/envoy/envoy.yaml
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +121,9 @@ class ForwardAuth:
         return self.service.config.gateway_file.forward_auth
 
     def app(self) -> ASGIApp:
+        # every path and every method: an Envoy check keeps the original method (PROPFIND too)
         questions = Starlette(routes=[Route(ANSWER_PATH + "{correlation_id}", self.answer, methods=["GET"]),
-                                      Route("/{path:path}", self.decide, methods=ALL_METHODS)])
+                                      Mount("/", app=request_response(self.decide))])
         pages = browser_app(self.service)
 
         async def pages_or_question(scope: Scope, receive: Receive, send: Send) -> None:
@@ -123,26 +135,34 @@ class ForwardAuth:
             await (refusal if refusal is not None else pages)(scope, receive, send)
         return pages_or_question
 
-    def _page_refusal(self, request: Request) -> Response | None:
-        peer = request.client.host if request.client else ""
-        host = _host(request.headers.get("host", "")) or ""
-        page = AccessRequest(correlation_id=new_correlation_id(), host=host, path=request.url.path,
-                             method=request.method, client_ip=peer, user_agent=request.headers.get("user-agent", ""),
-                             accepts_html=False)
+    def _the_edge(self, request: Request) -> tuple[ForwardAuthSettings | None, str | None]:
+        """The section in force, and why the caller is not the edge (None: it is). Checked before
+        anything the caller sent is read, for questions, pages and held answers alike."""
         settings = self.settings
+        peer = request.client.host if request.client else ""
         if settings is None or not trusted_peer(peer, settings.trusted_proxies):
-            return self._refused(page, 403, NOT_A_PROXY)
-        return None if self._serves(settings, host) else self._refused(page, 403, NOT_SERVED)
+            return settings, NOT_A_PROXY
+        if settings.tls is not None and settings.tls.proxy_names and \
+                not _names_a_proxy(request.scope, settings.tls.proxy_names):
+            return settings, NOT_A_NAMED_PROXY
+        return settings, None
+
+    def _page_refusal(self, request: Request) -> Response | None:
+        settings, not_the_edge = self._the_edge(request)
+        if settings is None or not_the_edge is not None:
+            return self._refused(_nobody(request, new_correlation_id()), 403, not_the_edge or NOT_A_PROXY)
+        host = _host(request.headers.get("host", "")) or ""
+        if self._serves(settings, host):
+            return None
+        return self._refused(replace(_nobody(request, new_correlation_id()), host=host, path=request.url.path,
+                                     method=request.method), 403, NOT_SERVED)
 
     async def answer(self, request: Request) -> Response:
         """A refusal's answer, for the nginx snippet's error page; once, and to the edge only."""
-        peer = request.client.host if request.client else ""
-        settings = self.settings
+        settings, not_the_edge = self._the_edge(request)
         correlation_id = request.path_params["correlation_id"]
-        if settings is None or not trusted_peer(peer, settings.trusted_proxies):
-            nobody = AccessRequest(correlation_id=new_correlation_id(), host="", path=request.url.path, method="GET",
-                                   client_ip=peer, user_agent="", accepts_html=False)
-            return self._refused(nobody, 403, NOT_A_PROXY)
+        if settings is None or not_the_edge is not None:
+            return self._refused(_nobody(request, new_correlation_id()), 403, not_the_edge or NOT_A_PROXY)
         held = self.answers.pop(correlation_id, None)
         if held is None:
             logger.warning("[%s] forward-auth: %s", correlation_id, ANSWER_GONE)
@@ -154,12 +174,11 @@ class ForwardAuth:
         correlation_id = new_correlation_id()
         peer = request.client.host if request.client else ""
         headers = request.headers
-        nobody = AccessRequest(correlation_id=correlation_id, host="", path="", method="", client_ip=peer,
-                               user_agent="", accepts_html=False)
-        settings = self.settings
-        if settings is None or not trusted_peer(peer, settings.trusted_proxies):
-            return self._refused(nobody, 403, NOT_A_PROXY)
-        original = _original(headers)
+        nobody = _nobody(request, correlation_id)
+        settings, not_the_edge = self._the_edge(request)
+        if settings is None or not_the_edge is not None:
+            return self._refused(nobody, 403, not_the_edge or NOT_A_PROXY)
+        original = _original(request)
         if isinstance(original, str):
             return self._refused(nobody, 400, original)
         client_ip, problem = client_address(peer, headers.getlist("x-forwarded-for"), settings.trusted_proxies)
@@ -169,7 +188,7 @@ class ForwardAuth:
             user_agent=headers.get("user-agent", ""), accepts_html="text/html" in headers.get("accept", "").lower(),
             content_type=headers.get("content-type", ""), content_length=headers.get(ORIGINAL_LENGTH, ""),
             chunked="chunked" in headers.get(ORIGINAL_TRANSFER_ENCODING, "").lower(),
-            authority=original.host_header.lower())
+            authority=original.host_header.lower(), forward_auth=True)
         hold = bool(headers.getlist(NGINX.uri))  # nginx fetches a refusal's answer from ANSWER_PATH
         refusal = self._request_refusal(settings, access, original, headers.getlist("x-forwarded-for"), problem)
         if refusal is not None:
@@ -210,6 +229,13 @@ class ForwardAuth:
         return _response(outcome.response)
 
 
+def _nobody(request: Request, correlation_id: str) -> AccessRequest:
+    """A request of the caller itself, naming nothing it sent: what a refusal before any header is logged as."""
+    return AccessRequest(correlation_id=correlation_id, host="", path="", method="",
+                         client_ip=request.client.host if request.client else "", user_agent="", accepts_html=False,
+                         forward_auth=True)
+
+
 def _response(page: GatewayResponse) -> Response:
     response = Response(page.body, page.status_code)
     for name, value in page.headers:
@@ -221,14 +247,16 @@ def _size(page: GatewayResponse) -> int:
     return len(page.body) + sum(len(name) + len(value) for name, value in page.headers)
 
 
-def _original(headers: Headers) -> Original | str:
+def _original(request: Request) -> Original | str:
     """The original request's method, target and Host in one convention, or why there is none."""
-    nginx = headers.getlist(NGINX.uri)
-    forwarded = headers.getlist(FORWARDED.uri)
-    if nginx and forwarded:
+    headers = request.headers
+    named = [convention for convention, present in ((NGINX, headers.getlist(NGINX.uri)),
+                                                    (FORWARDED, headers.getlist(FORWARDED.uri)),
+                                                    (ENVOY, _envoy_target(request) is not None)) if present]
+    if len(named) > 1:
         return TWO_CONVENTIONS
-    convention = NGINX if nginx else FORWARDED
-    values = [headers.getlist(name) for name in (convention.method, convention.uri, convention.host)]
+    convention = named[0] if named else FORWARDED
+    values = [_field(request, name) for name in (convention.method, convention.uri, convention.host)]
     if any(len(value) > 1 for value in values):
         return REPEATED
     if not all(value and value[0] for value in values):
@@ -237,12 +265,62 @@ def _original(headers: Headers) -> Original | str:
     return Original(method=method, target=target, host_header=host)
 
 
+def _field(request: Request, name: str) -> list[str]:
+    """The values of a header, or of the check request's own method or path (Envoy)."""
+    if name == ENVOY.method:
+        return [request.method]
+    if name == ENVOY.uri:
+        target = _envoy_target(request)
+        return [target] if target else []
+    return request.headers.getlist(name)
+
+
+def _envoy_target(request: Request) -> str | None:
+    """The original target Envoy appended to ``ENVOY_PREFIX`` (still encoded, with its query), or
+    None when the path is not under the prefix."""
+    path = request.scope["raw_path"].decode("latin-1")
+    if not path.startswith(ENVOY_PREFIX + "/"):
+        return None
+    query = request.scope["query_string"].decode("latin-1")
+    return path.removeprefix(ENVOY_PREFIX) + (f"?{query}" if query else "")
+
+
 def _host(host_header: str) -> str | None:
     """The host name of a Host value (lower case, at most a numeric port), or None if it is not one."""
     name, colon, port = host_header.lower().partition(":")
     if colon and not (port.isdigit() and len(port) <= 5):
         return None
     return name if HOST_NAME.match(name) else None
+
+
+def _names_a_proxy(scope: Scope, proxy_names: list[str]) -> bool:
+    """The verified client certificate (ASGI's TLS extension, set by ``serving``) names one of
+    ``proxy_names``: a SAN DNS name or the subject CN (either case, no wildcards), or a SAN URI
+    (exactly). No certificate in the scope: False."""
+    chain = scope.get("extensions", {}).get("tls", {}).get("client_cert_chain") or []
+    if not chain:
+        return False
+    try:
+        certificate = x509.load_pem_x509_certificate(chain[0].encode())
+        common_names = [str(a.value) for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = alternative.get_values_for_type(x509.DNSName)
+        uris = alternative.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        dns, uris = [], []
+    except ValueError:  # OpenSSL verified it, but cryptography cannot read it: it names nobody
+        return False
+    names = {name.lower().rstrip(".") for name in [*dns, *common_names]}
+    return any(wanted.lower().rstrip(".") in names or wanted in uris for wanted in proxy_names)
+
+
+def _listener_tls(service: AccessService, settings: ForwardAuthSettings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if tls is None:
+        return None
+    path = service.config.path
+    return server_tls(path(tls.certificate_file), path(tls.key_file) if tls.key_file is not None else None,
+                      [path(file) for file in tls.proxy_ca_files])
 
 
 @contextlib.asynccontextmanager
@@ -257,5 +335,5 @@ async def forward_auth_listener(service: AccessService, *,
         return
     app = ForwardAuth(service).app()
     async with serving(app, settings.listen.host, worker.own_port(settings.listen.port),
-                       name="the forward-auth listener") as address:
+                       name="the forward-auth listener", tls=_listener_tls(service, settings)) as address:
         yield address

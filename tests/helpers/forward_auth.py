@@ -49,7 +49,9 @@ def endpoint(running: Started) -> str:
     return f"http://{host}:{port}"
 
 
-def ask(running: Started, headers: dict[str, str], *, source: str = "127.0.0.1") -> httpx.Response:
-    """One forward-auth question, as an edge asks it (from ``source``)."""
+def ask(running: Started, headers: dict[str, str], *, source: str = "127.0.0.1", method: str = "GET",
+        path: str = "/") -> httpx.Response:
+    """One forward-auth question, as an edge asks it (from ``source``; Envoy's keeps the original
+    method and puts the original target in the path)."""
     with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=10) as client:
-        return client.get(f"{endpoint(running)}/", headers=headers)
+        return client.request(method, f"{endpoint(running)}{path}", headers=headers)

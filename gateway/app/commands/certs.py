@@ -57,10 +57,25 @@ def _certs_init(args: argparse.Namespace) -> int:
         print(f"{path}: certificate and key for {', '.join(certificate.hosts)}")
     print(f"CA: {ca_file} (trust it on kiosks and test clients: curl --cacert {ca_file}; Chromium and Firefox: "
           f"import it as an authority)\nhosts: {', '.join(hosts)}")
+    _forward_auth_certificate(args.config, gateway_file)
     device_ca = demo_device_ca(args.config, gateway_file)
     if device_ca is not None:  # a demo config trusts the demo device CA: make it, or no device can be verified
         print(f"demo device CA (demo and tests only): {ensure_device_ca(device_ca.parent)}")
     return 0
+
+
+def _forward_auth_certificate(config_dir: Path, gateway_file: PortcullisFile) -> None:
+    """``forwardAuth.tls.certificateFile`` (certificate and key) for ``forwardAuth.listen.host``, signed
+    by the CA beside it, when it is missing; one that exists is never replaced (it may be the PKI's)."""
+    forward_auth = gateway_file.forward_auth
+    tls = forward_auth.tls if forward_auth is not None else None
+    if forward_auth is None or tls is None or tls.key_file is not None:
+        return
+    path = resolve(config_dir, tls.certificate_file)
+    if not path.exists():
+        ca_file = ensure_server_certificate(path, [forward_auth.listen.host])
+        print(f"{path}: forward-auth listener certificate and key for {forward_auth.listen.host} "
+              f"(the edge trusts {ca_file})")
 
 
 def _device_cert(args: argparse.Namespace) -> int:

@@ -31,7 +31,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     whatif.add_argument("--platform", type=DevicePlatform, choices=list(DevicePlatform),
                         help="device platform when the device is not in the inventory")
     whatif.add_argument("--listener", type=Listener, choices=list(Listener), default=Listener.gateway,
-                        help="the listener the request comes through (kiosk: an unmanaged browser)")
+                        help="the listener the request comes through (kiosk: an unmanaged browser; "
+                             "forwardAuth: an edge proxy asks)")
     whatif.add_argument("--device-certificate", metavar="DEVICE_ID",
                         help="the connection's device certificate (verified) names this device; --device is the "
                              "token's device")
