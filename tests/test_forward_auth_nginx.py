@@ -15,7 +15,7 @@ from gateway.app.demo import ACTIVESYNC, ACTIVESYNC_UA, ALEX_IPHONE, BLAKE_ANDRO
 from gateway.http.headers import CORRELATION_ID
 from gateway.web import forward_auth
 from tests.conftest import Gateway, Ports, free_port
-from tests.helpers.edges import granted
+from tests.helpers.edges import sign_in_and_out
 from tests.helpers.forward_auth import OUTSIDER, ask, endpoint, forward_auth_gateway
 from tests.helpers.mtd import level, push
 from tests.helpers.nginx import needs_nginx, nginx_edge
@@ -110,22 +110,7 @@ def test_a_refusals_answer_is_held_once_and_for_the_edge_only(edge: int, portcul
 
 def test_a_browser_signs_in_and_out_through_nginx(edge: int, portcullis: Started) -> None:
     """The sign-in callback and logout under /.portcullis/ go to Portcullis, never upstream."""
-    browser = {"User-Agent": BROWSER_UA, "Accept": "text/html"}
-    start = through_nginx(edge, "/owa/?folder=inbox", method="GET", headers=browser)
-    assert start.status_code == 302
-    callback = granted(start.headers["Location"])
-    binding = start.headers["Set-Cookie"].split(";", 1)[0]
-    signed_in = through_nginx(edge, callback, method="GET", headers={**browser, "Cookie": binding})
-    assert signed_in.status_code == 302 and signed_in.headers["Location"] == f"https://{MAIL}/owa/?folder=inbox"
-    session = signed_in.headers["Set-Cookie"].split(";", 1)[0]
-    inbox = through_nginx(edge, "/owa/?folder=inbox", method="GET", headers={**browser, "Cookie": session})
-    assert inbox.status_code == 200 and received(inbox)["receivedHeaders"]["x-portcullis-user"] == "alex@contoso.test"
-
-    out = through_nginx(edge, "/.portcullis/logout", headers={**browser, "Cookie": session,
-                                                              "Origin": f"https://{MAIL}"})
-    assert out.status_code == 200 and "Max-Age=0" in out.headers["Set-Cookie"]
-    again = through_nginx(edge, "/owa/?folder=inbox", method="GET", headers={**browser, "Cookie": session})
-    assert again.status_code == 302 and again.headers["Location"].startswith(portcullis.gateway.idp.issuer)
+    sign_in_and_out(edge, portcullis.gateway.idp.issuer)
 
 
 def test_portcullis_pages_are_served_by_portcullis_not_the_backend(edge: int) -> None:

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from gateway.app.demo import ACTIVESYNC_UA, ALEX_IPHONE
+from gateway.app.demo import ACTIVESYNC_UA, ALEX_IPHONE, BROWSER_UA
 from gateway.app.edges import EDGES
 
 MAIL = "mail.contoso.test"
@@ -50,3 +50,25 @@ def granted(authorize: str) -> str:
     assert answer.status_code == 302, answer.text
     callback = urlsplit(answer.headers["Location"])
     return f"{callback.path}?{callback.query}"
+
+
+def sign_in_and_out(port: int, issuer: str) -> dict[str, Any]:
+    """A browser signs in through the edge on ``port`` (the callback under /.portcullis/ goes to
+    Portcullis), opens OWA, and signs out (/.portcullis/logout): afterwards it is sent to sign in
+    again. What the backend received while signed in."""
+    browser = {"User-Agent": BROWSER_UA, "Accept": "text/html"}
+    start = through_edge(port, "/owa/?folder=inbox", method="GET", headers=browser)
+    assert start.status_code == 302
+    callback = granted(start.headers["Location"])
+    binding = start.headers["Set-Cookie"].split(";", 1)[0]
+    signed_in = through_edge(port, callback, method="GET", headers={**browser, "Cookie": binding})
+    assert signed_in.status_code == 302 and signed_in.headers["Location"] == f"https://{MAIL}/owa/?folder=inbox"
+    session = signed_in.headers["Set-Cookie"].split(";", 1)[0]
+    inbox = received(through_edge(port, "/owa/?folder=inbox", method="GET", headers={**browser, "Cookie": session}))
+    assert inbox["receivedHeaders"]["x-portcullis-user"] == "alex@contoso.test"
+
+    out = through_edge(port, "/.portcullis/logout", headers={**browser, "Cookie": session, "Origin": f"https://{MAIL}"})
+    assert out.status_code == 200 and "Max-Age=0" in out.headers["Set-Cookie"]
+    again = through_edge(port, "/owa/?folder=inbox", method="GET", headers={**browser, "Cookie": session})
+    assert again.status_code == 302 and again.headers["Location"].startswith(issuer)
+    return inbox
