@@ -84,3 +84,17 @@ def test_a_missing_edge_is_named_with_its_package() -> None:
     missing = dataclasses.replace(EDGES["caddy"], name="caddy-not-on-this-machine", candidates=("/nonexistent/caddy",))
     with pytest.raises(RuntimeError, match=r"^caddy-not-on-this-machine is not installed: apt-get install caddy$"):
         missing.binary()
+
+
+@needs_nginx
+def test_an_edge_port_in_use_stops_the_demo_with_one_clear_line(tmp_path: Path) -> None:
+    """Another program on the edge's port: the demo says so and exits, rather than serve with an
+    edge that failed to bind (the other program would answer on its port)."""
+    config_dir = demo_config_copy(tmp_path, Ports.fresh())
+    taken = free_port()
+    with socket.create_server(("127.0.0.1", taken)):
+        result = subprocess.run([PORTCULLIS, "demo", "--config", str(config_dir), "--edge", "nginx",
+                                 "--edge-port", str(taken)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"portcullis: nginx cannot listen on 127.0.0.1:{taken}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -173,6 +173,15 @@ def _wait_listening(process: subprocess.Popen[bytes], port: int, log: Path, name
     raise RuntimeError(f"{name} is not listening on 127.0.0.1:{port} after {START_SECONDS} s: {_tail(log)}")
 
 
+def _check_free(name: str, port: int) -> None:
+    """A port another program listens on is said clearly (waiting for the edge to listen there would
+    find the other program, and the edge's own failure to bind would go unseen)."""
+    try:
+        socket.create_server(("127.0.0.1", port)).close()
+    except OSError as error:
+        raise RuntimeError(f"{name} cannot listen on 127.0.0.1:{port}: {os.strerror(error.errno or 0)}") from error
+
+
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-LOG_TAIL:] if log.is_file() else ""
 
@@ -186,6 +195,7 @@ def running_edge(name: str, directory: Path, *, port: int, forward_auth: int, si
     the shipped ones; ``lines``: more directives in each site (both for tests, e.g. TLS to Portcullis)."""
     edge = EDGES[name]
     binary = edge.binary()
+    _check_free(name, port)
     directory.mkdir(parents=True, exist_ok=True)
     config = edge.write_config(directory, port, forward_auth, sites, snippets or edge.snippet_directory(), lines)
     # Caddy keeps its state under $HOME / $XDG_*: here, in the edge's own directory
