@@ -72,6 +72,14 @@ mitmproxy's flow files (``mitmproxy.addons.save``, ``mitmproxy.io``)
     recorded_flows' ``BoundedFlowFile`` stands in for the file (lives there).
     ``test_the_flow_reader_reads_only_through_the_bounded_file``.
 
+mitmproxy's addon manager (``mitmproxy.addonmanager``)
+15. ``AddonManager`` subclassed by ``HookTable``, the runner's ``master.addons``: its ``chain``,
+    ``add``, ``remove``, ``register``, ``clear`` (which change what a hook reaches),
+    ``trigger_event`` and ``handle_lifecycle`` (replaced: the same dispatch from a table of each
+    hook's callables, built once per change of the chain, instead of a walk of every addon for
+    every hook of every flow), ``traverse`` and the module's ``logger``, ``cut_traceback``.
+    ``test_the_hook_table_dispatches_as_mitmproxys_addon_manager``.
+
 Undocumented names that are not private, listed so that an upgrade looks at them too
 (``test_undocumented_helpers_keep_their_signatures``): ``mitmproxy.net.http.http1``'s
 ``assemble_response`` (strict_http) and ``connection_close`` (AccessGate),
@@ -83,7 +91,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import os
+import sys
 import types
 from collections.abc import Callable
 from datetime import datetime
@@ -93,7 +103,7 @@ from typing import Any, BinaryIO, Protocol
 import h11
 from h11._readers import ChunkedReader
 from h11._receivebuffer import ReceiveBuffer
-from mitmproxy import connection, ctx, flowfilter, io, version
+from mitmproxy import addonmanager, connection, ctx, exceptions, flowfilter, hooks, io, version
 from mitmproxy.addons import proxyserver
 from mitmproxy.addons.asgiapp import serve
 from mitmproxy.flow import Flow
@@ -319,3 +329,127 @@ class _StateWriter(io.FilteredFlowWriter):
             return
         tnetstring.dump(self.state(f), self.fo)
         self.fo.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# mitmproxy's addon manager (15)
+
+type HookCallables = tuple[tuple[Callable[..., Any], ...], ...]
+
+
+def _changing(name: str) -> Any:
+    """``list.<name>``, telling the chain's owner first."""
+    def method(self: _Chain, *args: Any, **kwargs: Any) -> Any:
+        self._changed()
+        return getattr(list, name)(self, *args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+class _Chain(list[Any]):
+    """The addon chain: any change to it (mitmproxy's ``add`` and ``remove``, or a test that inserts
+    an addon) empties the hook table that was built from it."""
+
+    def __init__(self, addons: Any, changed: Callable[[], None]) -> None:
+        super().__init__(addons)
+        self._changed = changed
+
+    append = _changing("append")
+    extend = _changing("extend")
+    insert = _changing("insert")
+    remove = _changing("remove")
+    pop = _changing("pop")
+    clear = _changing("clear")
+    sort = _changing("sort")
+    reverse = _changing("reverse")
+    __setitem__ = _changing("__setitem__")
+    __delitem__ = _changing("__delitem__")
+    __iadd__ = _changing("__iadd__")
+    __imul__ = _changing("__imul__")
+
+
+class HookTable(addonmanager.AddonManager):
+    """mitmproxy's addon manager, dispatching each hook from a table: per hook name, for each addon
+    of the chain that has it (in chain order), its callables and its sub-addons'. mitmproxy walks
+    every addon (and its sub-addons) for every hook of every flow, and runs each flow hook a second
+    time as ``update``; the table skips the addons without the hook, and ``update`` when no addon
+    has it. The table is rebuilt after any change of the chain or of what is registered. The same
+    semantics otherwise: an addon's error is logged as mitmproxy logs it and the next addon runs;
+    ``AddonHalt`` stops the chain; ``OptionsError`` propagates."""
+
+    def __init__(self, master: Any) -> None:
+        self._table: dict[str, HookCallables] = {}
+        super().__init__(master)
+
+    @property
+    def chain(self) -> _Chain:
+        return self._chain
+
+    @chain.setter
+    def chain(self, addons: list[Any]) -> None:  # mitmproxy assigns a new list in __init__, remove and clear
+        self._table.clear()
+        self._chain = _Chain(addons, self._table.clear)
+
+    def hook_callables(self, name: str) -> HookCallables:
+        found = self._table.get(name)
+        if found is None:
+            found = tuple(funcs for funcs in (self._callables(addon, name) for addon in self._chain) if funcs)
+            self._table[name] = found
+        return found
+
+    @staticmethod
+    def _callables(addon: Any, name: str) -> tuple[Callable[..., Any], ...]:
+        """What mitmproxy's ``_iter_hooks`` yields for one addon of the chain."""
+        found = []
+        for each in addonmanager.traverse([addon]):
+            func = getattr(each, name, None)
+            if not func or isinstance(func, types.ModuleType):
+                continue
+            if not callable(func):
+                raise exceptions.AddonManagerError(f"Addon handler {name} ({each}) not callable")
+            found.append(func)
+        return tuple(found)
+
+    def register(self, addon: Any) -> Any:
+        self._table.clear()  # a registered addon's sub-addons join its parent's callables
+        return super().register(addon)
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        table = self.hook_callables(event.name)
+        if not table:
+            return
+        args = event.args()
+        for funcs in table:
+            try:
+                for func in funcs:
+                    result = func(*args)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
+            except exceptions.AddonHalt:
+                return
+            except exceptions.OptionsError:
+                raise
+            except Exception:  # noqa: BLE001  (an addon's error: logged as mitmproxy's safecall logs it; the next addon runs)
+                _log_addon_error()
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        message = event.args()[0]
+        await self.trigger_event(event)
+        if isinstance(message, Flow) and self.hook_callables("update"):
+            await self.trigger_event(hooks.UpdateHook([message]))
+
+
+def use_hook_table(master: Any) -> HookTable:
+    """Before any addon is added: the master's addons become a ``HookTable`` (the manager mitmproxy
+    made is disconnected from the options it listened to)."""
+    require_tested_versions()
+    assert not master.addons.chain, "the hook table replaces an empty addon manager only"
+    master.options.changed.disconnect(master.addons._configure_all)
+    master.addons = HookTable(master)
+    return master.addons
+
+
+def _log_addon_error() -> None:
+    etype, value, tb = sys.exc_info()
+    tb = addonmanager.cut_traceback(tb, "trigger_event")
+    addonmanager.logger.error(f"Addon error: {value}", exc_info=(etype, value, tb))  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ from addons.device_certificates import CertificateVerdicts, DeviceCertificates
 from addons.drain import Drain, KeepAliveLimits
 from addons.framing import PassThroughDeadline, RequestFraming, UpstreamFraming, UpstreamHttp1
 from addons.kiosk_proxy import KioskProxy
-from addons.mitm_internals import listen_addresses, listen_with_reuse_port
+from addons.mitm_internals import listen_addresses, listen_with_reuse_port, use_hook_table
 from addons.recorded_flows import record_flows
 from addons.routing import Routing
 from addons.server_names import ServerNames
@@ -87,6 +87,7 @@ def build_master(service: AccessService, endpoints: dict[str, ASGIApp] | None = 
     settings = config.gateway_file.gateway
     opts = options.Options()
     master = Master(opts, with_termlog=False)
+    use_hook_table(master)  # each hook reaches only the addons that have it (addons/mitm_internals.py)
     ready = Ready()
     strict_http.install()  # strict request framing in mitmproxy's HTTP/1 layer (see addons/strict_http.py)
     request_framing = RequestFraming(client_limits(settings.client_limits), service)

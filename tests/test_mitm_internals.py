@@ -20,13 +20,14 @@ from typing import Any
 import h11
 import mitmproxy.options
 import pytest
-from mitmproxy import connection, hooks, http, io, version
+from mitmproxy import connection, exceptions, hooks, http, io, version
 from mitmproxy.addons import core, next_layer, proxyserver
 from mitmproxy.addons.save import Save
 from mitmproxy.master import Master
 from mitmproxy.proxy import events, mode_servers
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.layers.http import _hooks as hooks_of_http
 from mitmproxy.test import tflow
 from mitmproxy.utils import human
 
@@ -254,6 +255,102 @@ def test_a_start_hook_subclass_is_dispatched_to_addons_by_its_name() -> None:
         for hook in (RefusedBodyReadHook(flow), ErrorAnsweredHook(flow)):
             context.master.addons.invoke_addon_sync(listener, hook)
     assert listener.heard == [("refused_body_read", flow), ("error_answered", flow)], touch(7, "hook dispatch")
+
+
+# ---------------------------------------------------------------------------------------------
+# mitmproxy's addon manager (15)
+
+class AddonBug(Exception):
+    pass
+
+
+def recording_chain(heard: list[str]) -> list[object]:
+    """Addons of every shape the manager handles: sync and async hooks, sub-addons, an addon that
+    fails (logged, the next one runs), one that halts the chain, one after it, an ``update``."""
+    return [*_plain_addons(heard), *_unusual_addons(heard)]
+
+
+def _plain_addons(heard: list[str]) -> list[object]:
+    class Sync:
+        def requestheaders(self, flow: http.HTTPFlow) -> None:
+            heard.append(f"sync {flow.id == probe.id}")
+
+    class Async:
+        async def requestheaders(self, flow: http.HTTPFlow) -> None:
+            await asyncio.sleep(0)
+            heard.append("async")
+
+    class Child:
+        def request(self, flow: http.HTTPFlow) -> None:
+            heard.append("child request")
+
+    class Parent:
+        def __init__(self) -> None:
+            self.addons = [Child()]
+
+        def request(self, flow: http.HTTPFlow) -> None:
+            heard.append("parent request")
+
+    return [Sync(), Async(), Parent()]
+
+
+def _unusual_addons(heard: list[str]) -> list[object]:
+    class Failing:
+        def requestheaders(self, flow: http.HTTPFlow) -> None:
+            heard.append("failing")
+            raise AddonBug("a bug in an addon")
+
+    class Halting:
+        def request(self, flow: http.HTTPFlow) -> None:
+            heard.append("halting")
+            raise exceptions.AddonHalt
+
+    class Late:
+        def requestheaders(self, flow: http.HTTPFlow) -> None:
+            heard.append("late requestheaders")
+
+        def request(self, flow: http.HTTPFlow) -> None:
+            heard.append("late request (never: halted)")
+
+        def update(self, flows: list[http.HTTPFlow]) -> None:
+            heard.append(f"update {len(flows)}")
+
+    return [Failing(), Halting(), Late()]
+
+
+probe = tflow.tflow()
+
+
+async def dispatched(hook_table: bool, caplog: pytest.LogCaptureFixture) -> list[str]:
+    heard: list[str] = []
+    previous = (getattr(mitmproxy.ctx, "master", None), getattr(mitmproxy.ctx, "options", None))
+    master = Master(mitmproxy.options.Options(), with_termlog=False)
+    try:
+        if hook_table:
+            assert isinstance(mitm_internals.use_hook_table(master), mitm_internals.HookTable)
+        chain = recording_chain(heard)
+        master.addons.add(*chain[:-1])
+        caplog.clear()
+        await master.addons.handle_lifecycle(hooks_of_http.HttpRequestHeadersHook(probe))
+        await master.addons.handle_lifecycle(hooks_of_http.HttpRequestHook(probe))
+        heard.append(f"logged {[r.getMessage() for r in caplog.records if r.levelname == 'ERROR']}")
+        master.addons.chain.append(chain[-1])  # as a test or a dynamic addon would: the table follows
+        await master.addons.handle_lifecycle(hooks_of_http.HttpRequestHeadersHook(probe))
+        master.addons.remove(chain[0])
+        await master.addons.handle_lifecycle(hooks_of_http.HttpRequestHeadersHook(probe))
+    finally:
+        master._legacy_log_events.uninstall()  # its log handler writes to this (then closed) loop
+        mitmproxy.ctx.master, mitmproxy.ctx.options = previous  # type: ignore[assignment]
+    return heard
+
+
+def test_the_hook_table_dispatches_as_mitmproxys_addon_manager(caplog: pytest.LogCaptureFixture) -> None:
+    """15: the same callables in the same order, errors logged alike, AddonHalt, update and changes
+    of the chain (an appended addon is reached, a removed one no more) as mitmproxy's own manager."""
+    ours, theirs = asyncio.run(dispatched(True, caplog)), asyncio.run(dispatched(False, caplog))
+    assert ours == theirs, touch(15, "AddonManager's dispatch")
+    assert "late requestheaders" in ours and "update 1" in ours and "logged ['Addon error: a bug in an addon']" in ours
+    assert "late request (never: halted)" not in ours
 
 
 # ---------------------------------------------------------------------------------------------

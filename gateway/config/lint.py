@@ -149,7 +149,7 @@ def _session_controls_an_edge_cannot_enforce(config: Config) -> Iterator[ConfigP
     name, data = config.source(POLICIES_FILE)
     for index, policy in enumerate(config.policies):
         controls = policy.session_controls
-        if policy.state is PolicyState.disabled or controls is None:
+        if policy.state is PolicyState.disabled or controls is None or _only_through_the_kiosk(config, policy):
             continue
         applies_to = resources_of(policy, set(config.resources)) | _carrying(config, policy)
         hosts = sorted(at_edge & {host for resource in applies_to for host in config.resources[resource].hosts})
@@ -159,6 +159,13 @@ def _session_controls_an_edge_cannot_enforce(config: Config) -> Iterator[ConfigP
                 yield locate(data, ("policies", index, "sessionControls", control), name,
                              EDGE_CANNOT_ENFORCE.format(name=policy.name, control=control, hosts=", ".join(hosts),
                                                         why=EDGE_WHY[control]))
+
+
+def _only_through_the_kiosk(config: Config, policy: ConditionalAccessPolicy) -> bool:
+    """The policy's locations are the kiosk's only: no request an edge asks about is ever in it."""
+    kiosk, locations = config.gateway_file.kiosk, policy.conditions.locations
+    return kiosk is not None and locations is not None and set(locations.include) == {kiosk.location} and \
+        kiosk.location not in config.gateway_file.named_locations
 
 
 def _apps_listed_twice(config: Config) -> Iterator[ConfigProblem]:

@@ -45,6 +45,7 @@ from cachetools import TTLCache
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route, request_response
@@ -83,6 +84,10 @@ ANSWER_BYTES = 8 * 1024 * 1024  # and all answers held together at most this man
 # framing of the original request (the edge sends no body): its upload, for blockUploads
 ORIGINAL_LENGTH = "x-original-content-length"
 ORIGINAL_TRANSFER_ENCODING = "x-original-transfer-encoding"
+# an edge that names neither (Traefik cannot): a request that may carry a body is taken to carry one
+# of unknown length, so blockUploads refuses what it cannot rule out (a form or JSON post still passes)
+UNKNOWN_LENGTH = "unknown"
+WITHOUT_BODY = frozenset({"GET", "HEAD"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +191,7 @@ class ForwardAuth:
             correlation_id=correlation_id, host=_host(original.host_header) or "", path=original.target,
             target=original.target, method=original.method, client_ip=client_ip,
             user_agent=headers.get("user-agent", ""), accepts_html="text/html" in headers.get("accept", "").lower(),
-            content_type=headers.get("content-type", ""), content_length=headers.get(ORIGINAL_LENGTH, ""),
+            content_type=headers.get("content-type", ""), content_length=_original_length(headers, original),
             chunked="chunked" in headers.get(ORIGINAL_TRANSFER_ENCODING, "").lower(),
             authority=original.host_header.lower(), forward_auth=True)
         hold = bool(headers.getlist(NGINX.uri))  # nginx fetches a refusal's answer from ANSWER_PATH
@@ -227,6 +232,13 @@ class ForwardAuth:
             held = [(name, value) for name, value in outcome.response.headers if name.lower() != "www-authenticate"]
             self.answers[outcome.record["correlationId"]] = replace(outcome.response, headers=tuple(held))
         return _response(outcome.response)
+
+
+def _original_length(headers: Headers, original: Original) -> str:
+    """The original body's declared length, "" for none, or UNKNOWN_LENGTH when the edge did not say."""
+    if ORIGINAL_LENGTH in headers or ORIGINAL_TRANSFER_ENCODING in headers or original.method in WITHOUT_BODY:
+        return headers.get(ORIGINAL_LENGTH, "")
+    return UNKNOWN_LENGTH
 
 
 def _nobody(request: Request, correlation_id: str) -> AccessRequest:
