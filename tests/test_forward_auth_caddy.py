@@ -22,7 +22,7 @@ from gateway.app.demo import (
     activesync,
     scenario_token,
 )
-from gateway.app.edges import Site
+from gateway.app.edges import Site, running_edge
 from gateway.decision.service import utc_now
 from gateway.http.headers import CORRELATION_ID
 from gateway.policy.model import DeviceThreatLevel
@@ -238,3 +238,22 @@ def test_block_uploads_holds_through_caddy_for_a_body_of_either_framing(
             for body in (b"x" * 1024, iter([b"x" * 1000, b"y" * 24])):  # Content-Length, chunked
                 refused = through_edge(port, path, token=token, headers=binary, content=body)
                 assert refused.status_code == 403 and UPLOAD_BLOCKED in refused.text, refused.text[:300]
+
+
+@pytest.mark.parametrize("matcher", ["/owa/* ", "/* ", ""])
+def test_a_sites_own_handle_blocks_are_still_asked_about(portcullis: Started, demo_ports: Ports, tmp_path: Path,
+                                                          matcher: str) -> None:
+    """Caddy runs `handle` blocks before `route` and `reverse_proxy`, whatever their place in the
+    site: the question must come before them, or a site with routing of its own is open; and the
+    gateway's pages must still reach Portcullis, not the site's handler."""
+    assert portcullis.running.forward_auth is not None
+    own_routing = f"handle {matcher}{{\n\treverse_proxy 127.0.0.1:{demo_ports.mail}\n}}"
+    with running_edge("caddy", tmp_path / "caddy", port=free_port(), forward_auth=portcullis.running.forward_auth[1],
+                      sites=[Site(MAIL, demo_ports.mail)], lines=own_routing) as port:
+        nobody = through_edge(port, "/owa/", method="GET", headers={"User-Agent": BROWSER_UA, "Accept": "text/html"})
+        assert nobody.status_code == 302 and '"backend"' not in nobody.text
+        alex = received(through_edge(port, "/owa/", method="GET", token=outlook_token(portcullis.gateway),
+                                     headers={"User-Agent": BROWSER_UA}))
+        assert alex["receivedHeaders"]["x-portcullis-user"] == "alex@contoso.test"
+        metadata = through_edge(port, "/.well-known/oauth-protected-resource", method="GET")
+        assert metadata.status_code == 200 and metadata.json()["resource"] == f"https://{MAIL}"
