@@ -81,7 +81,8 @@ TARGETS = ("direct", "mitmdump", "portcullis", "portcullis-2w", "nginx", "nginx-
 FORWARD_AUTH_TARGETS = ("nginx-fa", "caddy-fa")
 SNIPPETS = REPO / "deploy" / "nginx"  # the shipped nginx snippets, included as they are
 ENTRY_POINTS = ("/gateway/cli.py", "/gateway/__main__.py")  # on every stack of the main thread: not a hot spot
-NOT_OURS = ("mitmproxy", "TLS (pyOpenSSL, ssl)", "HTTP/1 parsing (h11, http1)", "asyncio", "logging")
+NOT_OURS = ("mitmproxy", "TLS (pyOpenSSL, ssl)", "HTTP/1 parsing (h11, http1)", "ASGI (uvicorn, starlette)", "asyncio",
+            "logging")
 
 
 class BenchError(Exception):
@@ -828,6 +829,8 @@ class Frame:
             return "HTTP/1 parsing (h11, http1)"
         if "/mitmproxy/" in path:
             return "mitmproxy"
+        if "/uvicorn/" in path or "/starlette/" in path:  # the forward-auth listener's server
+            return "ASGI (uvicorn, starlette)"
         if "/asyncio/" in path:
             return "asyncio"
         if "/logging/" in path:
@@ -900,25 +903,28 @@ def parse_profile(raw: str) -> Profile:
     return profile
 
 
-def profile_run(target: Target, seconds: float, directory: Path, log: Path) -> tuple[Profile, WrkResult]:
-    """py-spy samples the 1-worker gateway during a keep-alive c32 run (``--nonblocking`` so the
-    gateway is never paused; the run's req/s is lower than the table's because of sampling)."""
-    output = directory / "profile.txt"
+def profile_run(target: Target, seconds: float, directory: Path, log: Path,
+                pid: int | None = None) -> tuple[Profile, WrkResult]:
+    """py-spy samples the 1-worker gateway (or process ``pid``: the forward-auth Portcullis behind
+    an edge) during a keep-alive c32 run (``--nonblocking`` so it is never paused; the run's req/s
+    is lower than the table's because of sampling)."""
+    output = directory / f"profile-{target.key}.txt"
     sample_seconds = max(2, int(seconds) - 2)
-    argv = [str(VENV_BIN / "py-spy"), "record", "--pid", str(target.server.pid), "--duration", str(sample_seconds),
-            "--rate", str(PROFILE_RATE), "--nonblocking", "--full-filenames", "--format", "raw",
-            "--output", str(output)]
+    argv = [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid or target.server.pid),
+            "--duration", str(sample_seconds), "--rate", str(PROFILE_RATE), "--nonblocking", "--full-filenames",
+            "--format", "raw", "--output", str(output)]
     result: list[WrkResult] = []
     load = threading.Thread(target=lambda: result.append(run_wrk(target, KEEP_ALIVE_32, seconds, log)))
     wait_until_quiet()
     load.start()  # wrk first; sampling starts once it runs at full load
     time.sleep(1)
-    with (directory / "py-spy.log").open("wb") as spy_log:
-        spy = subprocess.run(argv, stdout=spy_log, stderr=subprocess.STDOUT,  # noqa: S603  (our own command)
+    spy_log = directory / f"py-spy-{target.key}.log"
+    with spy_log.open("wb") as spy_output:
+        spy = subprocess.run(argv, stdout=spy_output, stderr=subprocess.STDOUT,  # noqa: S603  (our own command)
                              timeout=sample_seconds + 60)
     load.join()
     if spy.returncode != 0 or not output.exists():
-        raise BenchError(f"py-spy failed ({spy.returncode}): {(directory / 'py-spy.log').read_text()[-1000:]}")
+        raise BenchError(f"py-spy failed ({spy.returncode}): {spy_log.read_text()[-1000:]}")
     return parse_profile(output.read_text()), result[0]
 
 
@@ -1135,7 +1141,8 @@ def parse_arguments(argv: Sequence[str] | None) -> Settings:
                         help="a smoke check: 2 s runs, 10,000 devices, 1,000 cold tokens")
     parser.add_argument("--only", metavar="ROWS", help=f"comma-separated targets among {', '.join(TARGETS)}")
     parser.add_argument("--profile", action="store_true",
-                        help="also sample the 1-worker gateway with py-spy during a keep-alive c32 run")
+                        help="also sample the 1-worker gateway, and the forward-auth Portcullis behind nginx, "
+                             "with py-spy during a keep-alive c32 run")
     parser.add_argument("--count-statuses", action="store_true",
                         help="count every non-2xx in Lua on the warm runs too (exact, but costs wrk CPU; "
                              "wrk alone counts statuses >= 400)")
@@ -1295,13 +1302,31 @@ def check_all(targets: list[Target], unavailable: list[Row], ca: trustme.CA) -> 
         print(f"  {row.target:<28} {row.note}")
 
 
-def try_profile(target: Target, seconds: float, root: Path, log: Path) -> tuple[Profile, WrkResult] | str:
+ProfileResult = tuple[Profile, WrkResult] | str
+
+
+def try_profile(target: Target, seconds: float, root: Path, log: Path, pid: int | None = None) -> ProfileResult:
     """The profile is an extra: when py-spy cannot attach (permissions), say so and keep the table."""
-    print("profiling Portcullis (1 worker) with py-spy ...", flush=True)
+    print(f"profiling {'the forward-auth Portcullis behind ' if pid else ''}{target.label} with py-spy ...",
+          flush=True)
     try:
-        return profile_run(target, seconds, root, log)
+        return profile_run(target, seconds, root, log, pid)
     except (BenchError, OSError, subprocess.SubprocessError) as error:
         return f"no profile: {error}"
+
+
+def profiles(targets: list[Target], settings: Settings, root: Path, log: Path) -> list[tuple[str, ProfileResult]]:
+    """With ``--profile``: the 1-worker reverse proxy, and the forward-auth Portcullis behind nginx."""
+    found: list[tuple[str, ProfileResult]] = []
+    if not settings.profile:
+        return found
+    for target in targets:
+        if target.key == "portcullis":
+            found.append(("Portcullis reverse proxy (1 worker)", try_profile(target, settings.seconds, root, log)))
+        elif target.key == "nginx-fa" and target.decider is not None:
+            found.append(("the forward-auth endpoint (Portcullis behind nginx)",
+                          try_profile(target, settings.seconds, root, log, target.decider.server.pid)))
+    return found
 
 
 def run(settings: Settings) -> int:
@@ -1328,14 +1353,12 @@ def run(settings: Settings) -> int:
             print("cold caches (a fresh gateway; each request a new token and device):", flush=True)
             workers_available = not any(row.target == "Portcullis, 2 workers" for row in unavailable)
             cold = run_cold(root, backend, backend_port, fixtures, settings, log, workers_available)
-        ours = next((t for t in targets if t.key == "portcullis"), None)
-        profile = try_profile(ours, settings.seconds, root, log) if settings.profile and ours else None
-        report(rows, cold, targets, profile)
+        report(rows, cold, targets, profiles(targets, settings, root, log))
     return 0
 
 
 def report(rows: list[Row], cold: list[ColdRun], targets: list[Target],
-           profile: tuple[Profile, WrkResult] | str | None) -> None:
+           profiled: list[tuple[str, ProfileResult]]) -> None:
     all_rows = rows + [run.row for run in cold]
     labels = {t.key: t.label for t in targets} | {"portcullis-2w": "Portcullis, 2 workers"}
     print("\nresults\n")
@@ -1349,8 +1372,8 @@ def report(rows: list[Row], cold: list[ColdRun], targets: list[Target],
     print("\nmemory\n")
     print("\n".join(f"- {line}" for line in memory_lines(cold, [t for t in targets if t.key.startswith("portcullis")]
                                                           + forward_auth_memory(targets))))
-    if profile is not None:
-        print("\nprofile\n")
+    for title, profile in profiled:
+        print(f"\nprofile: {title}\n")
         print(profile if isinstance(profile, str) else "\n".join(profile_lines(*profile)))
 
 
