@@ -1307,8 +1307,7 @@ ProfileResult = tuple[Profile, WrkResult] | str
 
 def try_profile(target: Target, seconds: float, root: Path, log: Path, pid: int | None = None) -> ProfileResult:
     """The profile is an extra: when py-spy cannot attach (permissions), say so and keep the table."""
-    print(f"profiling {'the forward-auth Portcullis behind ' if pid else ''}{target.label} with py-spy ...",
-          flush=True)
+    print(f"profiling {target.label}{' (the Portcullis it asks)' if pid else ''} with py-spy ...", flush=True)
     try:
         return profile_run(target, seconds, root, log, pid)
     except (BenchError, OSError, subprocess.SubprocessError) as error:
