@@ -1,8 +1,9 @@
 """Throughput, latency and CPU per request of Portcullis next to a stock mitmdump and nginx.
 
-All side by side in one run on 127.0.0.1, loaded by wrk. Run by hand, not in CI (it needs nginx and wrk):
+All side by side in one run on 127.0.0.1, loaded by wrk. Run by hand, not in CI (it needs nginx and wrk;
+Caddy for the caddy-fa row):
 
-    apt-get install nginx wrk
+    apt-get install nginx wrk caddy
     .venv/bin/python bench/throughput.py [--duration 10] [--quick] [--only ROWS] [--profile] [--repeat N]
 
 bench/README.md explains every row and column, what makes a row invalid, and the last results.
@@ -13,11 +14,14 @@ Targets (``--only`` takes their keys, comma-separated):
     portcullis     ``portcullis run`` (one worker): token, device, policy, decision log, assertion
     portcullis-2w  ``portcullis run --workers 2`` (reported as unavailable where the option is missing)
     nginx          nginx (one worker) as a TLS reverse proxy: the ceiling of one proxy hop
+    nginx-fa       nginx (TLS, one worker) with the shipped deploy/nginx/ snippets asking Portcullis's
+                   forward-auth listener about every request, then proxying to the backend
+    caddy-fa       Caddy (TLS) with forward_auth to the same listener (unavailable without caddy)
     cold           a fresh Portcullis per worker count; every request a new token and a new device
 
 Every target gets the same request (Host, path, headers; see throughput_support/load.lua) under four
 loads: keep-alive and ``Connection: close``, at 1 connection (``-t1 -c1``) and 32 (``-t2 -c32``).
-The Portcullis rows carry a valid RS256 token for a compliant device among 100,000 in the SQLite
+The Portcullis and forward-auth rows carry a valid RS256 token for a compliant device among 100,000 in the SQLite
 inventory; nginx serves the issuer's discovery document and JWKS as static files.
 """
 
@@ -45,6 +49,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import jwt
@@ -72,9 +77,12 @@ START_TIMEOUT = 60.0
 PROFILE_RATE = 250  # py-spy samples per second
 NOISY_CORES = 0.25  # other processes used more than this during a run: its numbers are suspect
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-TARGETS = ("direct", "mitmdump", "portcullis", "portcullis-2w", "nginx", "cold")
+TARGETS = ("direct", "mitmdump", "portcullis", "portcullis-2w", "nginx", "nginx-fa", "caddy-fa", "cold")
+FORWARD_AUTH_TARGETS = ("nginx-fa", "caddy-fa")
+SNIPPETS = REPO / "deploy" / "nginx"  # the shipped nginx snippets, included as they are
 ENTRY_POINTS = ("/gateway/cli.py", "/gateway/__main__.py")  # on every stack of the main thread: not a hot spot
-NOT_OURS = ("mitmproxy", "TLS (pyOpenSSL, ssl)", "HTTP/1 parsing (h11, http1)", "asyncio", "logging")
+NOT_OURS = ("mitmproxy", "TLS (pyOpenSSL, ssl)", "HTTP/1 parsing (h11, http1)", "ASGI (uvicorn, starlette)", "asyncio",
+            "logging")
 
 
 class BenchError(Exception):
@@ -93,10 +101,13 @@ def machine_lines() -> list[str]:
 
     nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()  # noqa: S607  (from PATH)
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]  # noqa: S607
+    caddy = shutil.which("caddy")
+    caddy_version = subprocess.run([caddy, "version"], capture_output=True,  # noqa: S603  (from PATH)
+                                   text=True).stdout.split(" ")[0].strip() if caddy else "none"
     return [f"date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {code_version()}",
             f"cpu: {cpu}, {os.cpu_count()} cores; kernel {os.uname().release}",
             f"python {sys.version.split()[0]}, mitmproxy {mitmproxy.version.VERSION}, "
-            f"{nginx.removeprefix('nginx version: ')}, {wrk.split(' Copyright')[0]}"]
+            f"{nginx.removeprefix('nginx version: ')}, {wrk.split(' Copyright')[0]}, caddy {caddy_version}"]
 
 
 def code_version() -> str:
@@ -274,12 +285,13 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
 
 
-def start(stack: contextlib.ExitStack, name: str, argv: list[str], log: Path, cwd: Path) -> Server:
+def start(stack: contextlib.ExitStack, name: str, argv: list[str], log: Path, cwd: Path,
+          env: dict[str, str] | None = None) -> Server:
     """Start ``argv`` and register its stop with ``stack`` before anything else can fail."""
     with log.open("wb") as output:
         process = subprocess.Popen(  # noqa: S603  (our own fixed commands)
             argv, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     server = Server(name, process, log)
     stack.callback(server.stop)
     return server
@@ -340,13 +352,17 @@ def start_nginx(stack: contextlib.ExitStack, name: str, template: str, directory
 
 
 def write_portcullis_config(directory: Path, port: int, backend: int, certificates: Certificates,
-                            database: Path) -> Path:
+                            database: Path, forward_auth: int | None = None) -> Path:
+    """The generated config; with ``forward_auth`` (a port) plus a ``forwardAuth`` section."""
     config = directory / "config"
     config.mkdir(parents=True)
     values = {"PORT": port, "HOST": HOST, "CERT": certificates.combined, "STATE": directory / "state",
               "ISSUER": issuer_url(backend), "BACKEND": backend, "AUDIENCE": AUDIENCE, "CLIENT_ID": OUTLOOK,
               "DATABASE": database}
-    (config / "portcullis.yaml").write_text(fill_template("portcullis.yaml", values))
+    text = fill_template("portcullis.yaml", values)
+    if forward_auth is not None:
+        text += fill_template("forward-auth.portcullis.yaml", {"FORWARD_AUTH": forward_auth})
+    (config / "portcullis.yaml").write_text(text)
     shutil.copy(SUPPORT / "policies.yaml", config / "policies.yaml")
     return config
 
@@ -357,10 +373,11 @@ class Unavailable:
 
 
 def start_portcullis(stack: contextlib.ExitStack, name: str, directory: Path, port: int, backend: int,
-                     certificates: Certificates, database: Path, workers: int) -> Server | Unavailable:
+                     certificates: Certificates, database: Path, workers: int,
+                     forward_auth: int | None = None) -> Server | Unavailable:
     """``portcullis run`` on a generated config; with ``workers`` > 1 the option may not exist yet
     (argparse's usage error, exit 2): that row is reported as unavailable, the others still run."""
-    config = write_portcullis_config(directory, port, backend, certificates, database)
+    config = write_portcullis_config(directory, port, backend, certificates, database, forward_auth)
     argv = [str(VENV_BIN / "portcullis"), "run", "--config", str(config)]
     if workers > 1:
         argv += ["--workers", str(workers)]
@@ -373,6 +390,107 @@ def start_portcullis(stack: contextlib.ExitStack, name: str, directory: Path, po
             return Unavailable(next((line for line in log.splitlines() if "error:" in line), log))
         raise
     wait_for_workers(server, port, workers)
+    if forward_auth is not None:
+        wait_listening(server, forward_auth)
+    return server
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward auth: the Portcullis the edges ask, and its decision log counted around each run
+
+
+@dataclass(frozen=True)
+class Decider:
+    """The Portcullis behind the forward-auth rows: its CPU and its decision log are read around
+    each run, so the endpoint's own cost and the decisions per request are measured, not assumed."""
+
+    server: Server
+    listener: int  # the forward-auth port
+    decisions: Path  # its decisionLog.path
+
+
+def start_decider(stack: contextlib.ExitStack, root: Path, backend: int, fixtures: Fixtures) -> Decider:
+    """One Portcullis (1 worker) on the same generated config as the Portcullis row, plus a
+    ``forwardAuth`` section; both edges ask its listener."""
+    listener, directory = free_port(), root / "portcullis-fa"
+    server = start_portcullis(stack, "portcullis forward-auth", directory, free_port(), backend,
+                              fixtures.certificates, fixtures.database, 1, forward_auth=listener)
+    assert isinstance(server, Server)  # only a --workers option can be unavailable
+    return Decider(server, listener, directory / "state" / "decisions.jsonl")
+
+
+@dataclass(frozen=True)
+class LogMark:
+    """Where the decision log ended: its current file (by inode, since rotation renames it) and size."""
+
+    inode: int
+    size: int
+
+
+def decision_files(path: Path) -> list[Path]:
+    """The decision log and its rotated files (``decisions.jsonl.1``, ...), newest first."""
+    rotated = sorted((p for p in path.parent.glob(f"{path.name}.*") if p.suffix[1:].isdigit()),
+                     key=lambda p: int(p.suffix[1:]))
+    return [p for p in (path, *rotated) if p.is_file()]
+
+
+def mark_decision_log(path: Path) -> LogMark:
+    with contextlib.suppress(FileNotFoundError):
+        status = path.stat()
+        return LogMark(status.st_ino, status.st_size)
+    return LogMark(-1, 0)  # nothing written yet: every line counts
+
+
+def _lines(handle: BinaryIO, offset: int = 0) -> int:
+    handle.seek(offset)
+    return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+
+
+def decisions_since(path: Path, mark: LogMark) -> int | None:
+    """Records written since ``mark``: the rest of the file it was taken on (rotated since, maybe)
+    and every newer file. None when that file was rotated away (deleted) meanwhile."""
+    count = 0
+    for file in decision_files(path):
+        try:
+            with file.open("rb") as handle:
+                if os.fstat(handle.fileno()).st_ino == mark.inode:
+                    return count + _lines(handle, mark.size)
+                count += _lines(handle)
+        except FileNotFoundError:
+            return None
+    return count if mark.inode == -1 else None
+
+
+def wait_for_decision_log(path: Path, quiet: float = 0.3, limit: float = 10.0) -> None:
+    """Until the writer thread is through (it writes a batch every 50 ms): no file changed for ``quiet`` s."""
+    def state() -> list[tuple[str, int]]:
+        found = []
+        for file in decision_files(path):
+            with contextlib.suppress(FileNotFoundError):
+                found.append((file.name, file.stat().st_size))
+        return found
+
+    deadline, last, since = time.monotonic() + limit, state(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.05)
+        if (now := state()) != last:
+            last, since = now, time.monotonic()
+
+
+def start_caddy(stack: contextlib.ExitStack, directory: Path, values: dict[str, object]) -> Server | Unavailable:
+    """Caddy with forward_auth (throughput_support/forward-auth.Caddyfile), its data and config
+    directories in ``directory``; unavailable, not an error, where caddy is not installed."""
+    caddy = shutil.which("caddy")
+    if caddy is None:
+        return Unavailable("caddy is not installed (apt-get install caddy)")
+    directory.mkdir(parents=True)
+    conf = directory / "Caddyfile"
+    conf.write_text(fill_template("forward-auth.Caddyfile", {"DIR": directory, **values}))
+    home = {"HOME": str(directory), "XDG_DATA_HOME": str(directory / "data"),
+            "XDG_CONFIG_HOME": str(directory / "config")}
+    server = start(stack, "caddy", [caddy, "run", "--config", str(conf), "--adapter", "caddyfile"],
+                   directory / "out.log", directory, env=home)
+    wait_listening(server, int(str(values["PORT"])))
     return server
 
 
@@ -387,7 +505,8 @@ class Target:
     scheme: str
     port: int
     server: Server
-    token: str | None = None  # a bearer token for the Portcullis rows
+    token: str | None = None  # a bearer token for the Portcullis and forward-auth rows
+    decider: Decider | None = None  # the forward-auth rows: the Portcullis the edge asks
 
     @property
     def url(self) -> str:
@@ -411,6 +530,23 @@ def check_target(target: Target, ca: trustme.CA) -> str:
                          f"{response.text[:300]}\n{target.server.log_tail()}")
     correlation = response.headers.get("x-portcullis-correlation-id")
     return f"200{f', correlation id {correlation}' if correlation else ''}"
+
+
+def check_decided(target: Target, ca: trustme.CA) -> str:
+    """``check_target``; behind an edge, also that this one request was decided by Portcullis (one
+    decision log record), so the edge is wired to the listener and caches nothing."""
+    decider = target.decider
+    if decider is None:
+        return check_target(target, ca)
+    wait_for_decision_log(decider.decisions)
+    mark = mark_decision_log(decider.decisions)
+    summary = check_target(target, ca)
+    wait_for_decision_log(decider.decisions)
+    decisions = decisions_since(decider.decisions, mark)
+    if decisions != 1:
+        raise BenchError(f"{target.label}: one request made {decisions} decision log records in "
+                         f"{decider.decisions}, not 1\n{decider.server.log_tail()}")
+    return f"{summary}, decided by the forward-auth listener on {decider.listener} (pid {decider.server.pid})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,6 +580,9 @@ class WrkResult:
     cpu_seconds: float  # the server's process tree, over the run
     wrk_cores: float = 0.0  # wrk's CPU over the run, in cores
     other_cores: float = 0.0  # everything else on the machine (other tenants, tests), in cores
+    connections: int = 0  # wrk's -c: requests still in flight when it stops were decided but not counted
+    decider_cpu_seconds: float | None = None  # forward-auth rows: the Portcullis the edge asks, over the run
+    decisions: int | None = None  # forward-auth rows: its decision log records written during the run
 
     @property
     def rps(self) -> float:
@@ -452,6 +591,16 @@ class WrkResult:
     @property
     def cpu_us_per_request(self) -> float:
         return self.cpu_seconds / self.requests * 1e6 if self.requests else 0.0
+
+    @property
+    def decider_us_per_request(self) -> float | None:
+        if self.decider_cpu_seconds is None or not self.requests:
+            return None
+        return self.decider_cpu_seconds / self.requests * 1e6
+
+    @property
+    def decisions_per_request(self) -> float | None:
+        return self.decisions / self.requests if self.decisions is not None and self.requests else None
 
     def problems(self) -> list[str]:
         """Why this row is not a valid measurement (empty when it is)."""
@@ -464,6 +613,11 @@ class WrkResult:
                          "'Connection: close' (so wrk reused it: not a close run)")
         if not self.requests:
             found.append("no requests completed")
+        if self.decider_cpu_seconds is not None and self.decisions is None:
+            found.append("the decision log rotated its file away during the run: decisions not counted")
+        elif self.decisions is not None and self.requests and not (
+                self.requests <= self.decisions <= self.requests * 1.01 + self.connections):
+            found.append(f"{self.decisions:,} decisions for {self.requests:,} requests: not one decision per request")
         return found
 
 
@@ -497,13 +651,14 @@ def children_cpu_seconds() -> float:
 class CpuSnapshot:
     server: dict[int, float]
     backend: dict[int, float]
+    decider: dict[int, float]
     wrk: float
     host: float
 
     @classmethod
-    def take(cls, server: Server, backend: Server | None) -> CpuSnapshot:
+    def take(cls, server: Server, backend: Server | None, decider: Decider | None = None) -> CpuSnapshot:
         return cls(cpu_seconds(server.pids()), cpu_seconds(backend.pids()) if backend else {},
-                   children_cpu_seconds(), host_busy_seconds())
+                   cpu_seconds(decider.server.pids()) if decider else {}, children_cpu_seconds(), host_busy_seconds())
 
 
 def _tree_delta(before: dict[int, float], after: dict[int, float]) -> float:
@@ -514,14 +669,17 @@ def run_wrk(target: Target, load: Load, seconds: float, log: Path, *, tokens_fil
             count_statuses: bool = False, backend: Server | None = None) -> WrkResult:
     """One wrk run. CPU is the server tree's utime+stime delta over it; wrk's own CPU and what the
     rest of the machine used meanwhile (``other``: neither server, backend nor wrk) are kept too,
-    because on two cores both can decide the result. With ``tokens_file`` (one pass, then stop)
-    wrk is interrupted once every thread is done, and the rate is over that pass only: wrk itself
-    would report the whole ``-d`` duration."""
+    because on two cores both can decide the result. Behind an edge (``target.decider``) the
+    Portcullis it asks is measured apart: its CPU, and its decision log records written meanwhile.
+    With ``tokens_file`` (one pass, then stop) wrk is interrupted once every thread is done, and the
+    rate is over that pass only: wrk itself would report the whole ``-d`` duration."""
     done_prefix = str(log.parent / f"pass-done-{time.monotonic_ns()}-") if tokens_file else "-"
     token_argument = f"@{tokens_file}" if tokens_file else (target.token or "-")
     argv = wrk_argv(target, load, seconds, token_argument, count_statuses or tokens_file is not None, done_prefix)
     backend = backend if backend is not None and backend is not target.server else None
-    before = CpuSnapshot.take(target.server, backend)
+    decider = target.decider
+    mark = mark_decision_log(decider.decisions) if decider else None
+    before = CpuSnapshot.take(target.server, backend, decider)
     started = time.monotonic()
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # noqa: S603
     pass_seconds = _wait_for_pass(process, done_prefix, load.threads, seconds) if tokens_file else None
@@ -533,7 +691,12 @@ def run_wrk(target: Target, load: Load, seconds: float, log: Path, *, tokens_fil
         process.kill()
         process.communicate()
         raise BenchError(f"wrk did not finish within {seconds + 120:.0f} s: {' '.join(argv)}") from None
-    after = CpuSnapshot.take(target.server, backend)
+    after = CpuSnapshot.take(target.server, backend, decider)
+    decider_seconds = decisions = None
+    if decider is not None and mark is not None:
+        wait_for_decision_log(decider.decisions)  # the records of the last requests, and the CPU writing them
+        decider_seconds = _tree_delta(before.decider, cpu_seconds(decider.server.pids()))
+        decisions = decisions_since(decider.decisions, mark)
     with log.open("a") as output:
         output.write(f"$ {' '.join(argv)}\n{stdout}{stderr}\n")
     values = parse_wrk(stdout)
@@ -541,7 +704,8 @@ def run_wrk(target: Target, load: Load, seconds: float, log: Path, *, tokens_fil
     measured = pass_seconds or time.monotonic() - started
     server = _tree_delta(before.server, after.server)
     wrk = after.wrk - before.wrk
-    other = (after.host - before.host) - server - _tree_delta(before.backend, after.backend) - wrk
+    other = (after.host - before.host) - server - _tree_delta(before.backend, after.backend) - wrk \
+        - _tree_delta(before.decider, after.decider)
     return WrkResult(
         requests=values["counted"] if pass_seconds else values["requests"], seconds=elapsed,
         p50_ms=values["p50_us"] / 1000, p99_ms=values["p99_us"] / 1000,
@@ -549,6 +713,7 @@ def run_wrk(target: Target, load: Load, seconds: float, log: Path, *, tokens_fil
         non2xx=values["non2xx"] if values["counted"] > 0 else None,
         kept_open=values["kept_open"] if load.connection == "close" else 0,
         cpu_seconds=server, wrk_cores=wrk / measured, other_cores=max(0.0, other / measured),
+        connections=load.connections, decider_cpu_seconds=decider_seconds, decisions=decisions,
     )
 
 
@@ -664,6 +829,8 @@ class Frame:
             return "HTTP/1 parsing (h11, http1)"
         if "/mitmproxy/" in path:
             return "mitmproxy"
+        if "/uvicorn/" in path or "/starlette/" in path:  # the forward-auth listener's server
+            return "ASGI (uvicorn, starlette)"
         if "/asyncio/" in path:
             return "asyncio"
         if "/logging/" in path:
@@ -736,25 +903,28 @@ def parse_profile(raw: str) -> Profile:
     return profile
 
 
-def profile_run(target: Target, seconds: float, directory: Path, log: Path) -> tuple[Profile, WrkResult]:
-    """py-spy samples the 1-worker gateway during a keep-alive c32 run (``--nonblocking`` so the
-    gateway is never paused; the run's req/s is lower than the table's because of sampling)."""
-    output = directory / "profile.txt"
+def profile_run(target: Target, seconds: float, directory: Path, log: Path,
+                pid: int | None = None) -> tuple[Profile, WrkResult]:
+    """py-spy samples the 1-worker gateway (or process ``pid``: the forward-auth Portcullis behind
+    an edge) during a keep-alive c32 run (``--nonblocking`` so it is never paused; the run's req/s
+    is lower than the table's because of sampling)."""
+    output = directory / f"profile-{target.key}.txt"
     sample_seconds = max(2, int(seconds) - 2)
-    argv = [str(VENV_BIN / "py-spy"), "record", "--pid", str(target.server.pid), "--duration", str(sample_seconds),
-            "--rate", str(PROFILE_RATE), "--nonblocking", "--full-filenames", "--format", "raw",
-            "--output", str(output)]
+    argv = [str(VENV_BIN / "py-spy"), "record", "--pid", str(pid or target.server.pid),
+            "--duration", str(sample_seconds), "--rate", str(PROFILE_RATE), "--nonblocking", "--full-filenames",
+            "--format", "raw", "--output", str(output)]
     result: list[WrkResult] = []
     load = threading.Thread(target=lambda: result.append(run_wrk(target, KEEP_ALIVE_32, seconds, log)))
     wait_until_quiet()
     load.start()  # wrk first; sampling starts once it runs at full load
     time.sleep(1)
-    with (directory / "py-spy.log").open("wb") as spy_log:
-        spy = subprocess.run(argv, stdout=spy_log, stderr=subprocess.STDOUT,  # noqa: S603  (our own command)
+    spy_log = directory / f"py-spy-{target.key}.log"
+    with spy_log.open("wb") as spy_output:
+        spy = subprocess.run(argv, stdout=spy_output, stderr=subprocess.STDOUT,  # noqa: S603  (our own command)
                              timeout=sample_seconds + 60)
     load.join()
     if spy.returncode != 0 or not output.exists():
-        raise BenchError(f"py-spy failed ({spy.returncode}): {(directory / 'py-spy.log').read_text()[-1000:]}")
+        raise BenchError(f"py-spy failed ({spy.returncode}): {spy_log.read_text()[-1000:]}")
     return parse_profile(output.read_text()), result[0]
 
 
@@ -780,21 +950,36 @@ def format_row(row: Row) -> str:
         return f"{row.target:<28} {row.load:<20} {row.note}"
     r = row.result
     return (f"{row.target:<28} {row.load:<20} {r.rps:>9,.0f} req/s  p50 {r.p50_ms:>7.2f} ms  "
-            f"p99 {r.p99_ms:>7.2f} ms  CPU {r.cpu_us_per_request:>6,.0f} µs/req  wrk {r.wrk_cores:.2f} cores  "
-            f"other {r.other_cores:.2f} cores  {r.requests:>7,} requests  {remarks(row)}")
+            f"p99 {r.p99_ms:>7.2f} ms  CPU {r.cpu_us_per_request:>6,.0f} µs/req  {forward_auth_text(r)}"
+            f"wrk {r.wrk_cores:.2f} cores  other {r.other_cores:.2f} cores  {r.requests:>7,} requests  {remarks(row)}")
+
+
+def forward_auth_text(result: WrkResult) -> str:
+    """The forward-auth rows' extra: the endpoint's own CPU per request and decisions per request."""
+    if result.decider_us_per_request is None:
+        return ""
+    per_request = result.decisions_per_request
+    return (f"+ forward-auth {result.decider_us_per_request:,.0f} µs/req, "
+            f"{'n/a' if per_request is None else f'{per_request:.3f}'} decisions/req  ")
+
+
+def _or_blank(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def markdown_table(rows: list[Row]) -> list[str]:
-    lines = ["| target | load | req/s | p50 ms | p99 ms | CPU µs/req | requests | wrk cores | other cores | remarks |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| target | load | req/s | p50 ms | p99 ms | CPU µs/req | forward-auth CPU µs/req | decisions/req "
+             "| requests | wrk cores | other cores | remarks |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in rows:
         if row.result is None:
-            lines.append(f"| {row.target} | {row.load} | | | | | | | | {row.note} |")
+            lines.append(f"| {row.target} | {row.load} | | | | | | | | | | {row.note} |")
             continue
         r = row.result
         lines.append(f"| {row.target} | {row.load} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-                     f"{r.cpu_us_per_request:,.0f} | {r.requests:,} | {r.wrk_cores:.2f} | {r.other_cores:.2f} | "
-                     f"{remarks(row)} |")
+                     f"{r.cpu_us_per_request:,.0f} | {_or_blank(r.decider_us_per_request, ',.0f')} | "
+                     f"{_or_blank(r.decisions_per_request, '.3f')} | {r.requests:,} | {r.wrk_cores:.2f} | "
+                     f"{r.other_cores:.2f} | {remarks(row)} |")
     return lines
 
 
@@ -809,18 +994,24 @@ def ratio_lines(rows: list[Row], labels: dict[str, str]) -> list[str]:
         return result if result is not None and not result.problems() else None
 
     lines = []
-    checks = [
+    checks: list[tuple[str, str, str, float | None]] = [
         ("Portcullis (1 worker) / stock mitmdump req/s, keep-alive c32", "portcullis", "mitmdump", 1.5),
         ("Portcullis (2 workers) / Portcullis (1 worker) req/s, keep-alive c32", "portcullis-2w", "portcullis", 1.8),
+        ("nginx + Portcullis forward-auth / Portcullis reverse proxy (1 worker) req/s, keep-alive c32",
+         "nginx-fa", "portcullis", 5.0),
+        ("Caddy + Portcullis forward-auth / Portcullis reverse proxy (1 worker) req/s, keep-alive c32",
+         "caddy-fa", "portcullis", None),
     ]
     for text, numerator, denominator, goal in checks:
         load = KEEP_ALIVE_32
         top, bottom = valid(numerator, load), valid(denominator, load)
+        wanted = f"target >= {goal}" if goal is not None else "no target"
         if top is None or bottom is None:
-            lines.append(f"{text}: n/a (target >= {goal})")
+            lines.append(f"{text}: n/a ({wanted})")
         else:
             value = top.rps / bottom.rps
-            lines.append(f"{text}: {value:.2f} (target >= {goal}) {'PASS' if value >= goal else 'FAIL'}")
+            verdict = "" if goal is None else " PASS" if value >= goal else " FAIL"
+            lines.append(f"{text}: {value:.2f} ({wanted}){verdict}")
     ours, stock = valid("portcullis", KEEP_ALIVE_1), valid("mitmdump", KEEP_ALIVE_1)
     text = "added p50 latency, Portcullis (1 worker) over stock mitmdump, keep-alive c1"
     if ours is None or stock is None:
@@ -828,6 +1019,35 @@ def ratio_lines(rows: list[Row], labels: dict[str, str]) -> list[str]:
     else:
         added = ours.p50_ms - stock.p50_ms
         lines.append(f"{text}: {added:+.3f} ms (target <= 0.2 ms) {'PASS' if added <= 0.2 else 'FAIL'}")
+    return lines + forward_auth_lines(valid, lambda key, load: find(rows, labels.get(key, ""), load))
+
+
+def forward_auth_lines(valid: Callable[[str, Load], WrkResult | None],
+                       measured: Callable[[str, Load], WrkResult | None]) -> list[str]:
+    """CPU per request of the forward-auth endpoint alone next to the reverse proxy's and the edge's,
+    at keep-alive c32 (valid rows only), and the decisions per request of every forward-auth run."""
+    proxy, nginx = valid("portcullis", KEEP_ALIVE_32), valid("nginx", KEEP_ALIVE_32)
+    lines = []
+    for key, edge in (("nginx-fa", "nginx"), ("caddy-fa", "Caddy")):
+        result = valid(key, KEEP_ALIVE_32)
+        if result is None or result.decider_us_per_request is None:
+            continue
+        endpoint = result.decider_us_per_request
+        text = (f"CPU per request, keep-alive c32, {edge} + forward-auth: the forward-auth endpoint alone (Portcullis) "
+                f"{endpoint:,.0f} µs, the {edge} edge {result.cpu_us_per_request:,.0f} µs")
+        if key == "nginx-fa" and nginx is not None:
+            text += f" (the plain nginx TLS proxy: {nginx.cpu_us_per_request:,.0f} µs)"
+        if proxy is not None and endpoint:
+            text += (f"; the Portcullis reverse proxy (1 worker) {proxy.cpu_us_per_request:,.0f} µs: "
+                     f"reverse proxy / forward-auth endpoint {proxy.cpu_us_per_request / endpoint:.1f}x")
+        lines.append(text)
+    for key, edge in (("nginx-fa", "nginx"), ("caddy-fa", "Caddy")):
+        runs = [(load, measured(key, load)) for load in LOADS]
+        counted = [f"{load.label} {r.decisions_per_request:.3f}" for load, r in runs
+                   if r is not None and r.decisions_per_request is not None]
+        if counted:
+            lines.append(f"decisions per request (decision log records / requests), {edge} + forward-auth: "
+                         f"{', '.join(counted)} (1.0: every request decided, none served from an edge cache)")
     return lines
 
 
@@ -855,6 +1075,15 @@ def memory_lines(cold: list[ColdRun], warm: list[Target]) -> list[str]:
             lines.append(f"{target.label}, after the warm runs: pid {pid}: VmHWM {values.get('VmHWM', 0) / 1024:.0f} "
                          f"MiB, VmRSS {values.get('VmRSS', 0) / 1024:.0f} MiB")
     return lines
+
+
+def forward_auth_memory(targets: list[Target]) -> list[Target]:
+    """The Portcullis behind the edges, once, as a target of its own for ``memory_lines``."""
+    edge = next((t for t in targets if t.decider is not None), None)
+    if edge is None or edge.decider is None:
+        return []
+    return [Target("portcullis-fa", "Portcullis forward-auth (1 worker)", "http", edge.decider.listener,
+                   edge.decider.server)]
 
 
 def share(count: int, total: int) -> str:
@@ -912,7 +1141,8 @@ def parse_arguments(argv: Sequence[str] | None) -> Settings:
                         help="a smoke check: 2 s runs, 10,000 devices, 1,000 cold tokens")
     parser.add_argument("--only", metavar="ROWS", help=f"comma-separated targets among {', '.join(TARGETS)}")
     parser.add_argument("--profile", action="store_true",
-                        help="also sample the 1-worker gateway with py-spy during a keep-alive c32 run")
+                        help="also sample the 1-worker gateway, and the forward-auth Portcullis behind nginx, "
+                             "with py-spy during a keep-alive c32 run")
     parser.add_argument("--count-statuses", action="store_true",
                         help="count every non-2xx in Lua on the warm runs too (exact, but costs wrk CPU; "
                              "wrk alone counts statuses >= 400)")
@@ -928,10 +1158,11 @@ def parse_arguments(argv: Sequence[str] | None) -> Settings:
                     count_statuses=args.count_statuses, keep=args.keep, repeat=max(1, args.repeat))
 
 
-def check_tools() -> None:
+def check_tools(profile: bool) -> None:
     missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
-    missing += [str(path) for path in (VENV_BIN / "mitmdump", VENV_BIN / "portcullis", VENV_BIN / "py-spy")
-                if not path.exists()]
+    missing += [str(path) for path in (VENV_BIN / "mitmdump", VENV_BIN / "portcullis") if not path.exists()]
+    if profile and not (VENV_BIN / "py-spy").exists():
+        missing.append(f"{VENV_BIN / 'py-spy'} (for --profile: .venv/bin/pip install py-spy)")
     if missing:
         raise BenchError(f"missing: {', '.join(missing)} (apt-get install nginx wrk; ./dev test sets up .venv)")
 
@@ -1013,7 +1244,32 @@ def start_targets(stack: contextlib.ExitStack, root: Path, backend: Server, back
                              {"PORT": port, "BACKEND": backend_port, "CERT": certificates.chain,
                               "KEY": certificates.key})
         targets.append(Target("nginx", "nginx TLS proxy (1 worker)", "https", port, server))
+    if only & set(FORWARD_AUTH_TARGETS):
+        forward_auth_targets(stack, root, backend_port, fixtures, only, targets, unavailable)
     return targets, unavailable
+
+
+def forward_auth_targets(stack: contextlib.ExitStack, root: Path, backend_port: int, fixtures: Fixtures,
+                         only: frozenset[str], targets: list[Target], unavailable: list[Row]) -> None:
+    """The edges that ask one Portcullis's forward-auth listener about every request, with the
+    same token as the Portcullis row (so each request is a token and device cache hit, decided)."""
+    decider = start_decider(stack, root, backend_port, fixtures)
+    certificates = fixtures.certificates
+    values = {"HOST": HOST, "BACKEND": backend_port, "FORWARD_AUTH": decider.listener, "CERT": certificates.chain,
+              "KEY": certificates.key}
+    if "nginx-fa" in only:
+        port = free_port()
+        server = start_nginx(stack, "nginx forward-auth", "forward-auth.nginx.conf", root / "nginx-fa",
+                             {"PORT": port, "SNIPPETS": SNIPPETS, **values})
+        targets.append(Target("nginx-fa", "nginx + Portcullis forward-auth", "https", port, server,
+                              fixtures.warm_token, decider))
+    if "caddy-fa" in only:
+        label, port = "Caddy + Portcullis forward-auth", free_port()
+        started = start_caddy(stack, root / "caddy-fa", {"PORT": port, **values})
+        if isinstance(started, Unavailable):
+            unavailable.append(Row(label, "all", None, f"unavailable: {started.reason}"))
+        else:
+            targets.append(Target("caddy-fa", label, "https", port, started, fixtures.warm_token, decider))
 
 
 def run_cold(root: Path, backend: Server, backend_port: int, fixtures: Fixtures, settings: Settings,
@@ -1041,22 +1297,39 @@ def check_all(targets: list[Target], unavailable: list[Row], ca: trustme.CA) -> 
     print("servers (each answered one request as wrk will send it):")
     for target in targets:
         print(f"  {target.label:<28} {target.url.replace(HOST, '127.0.0.1')}  pid {target.server.pid}: "
-              f"{check_target(target, ca)}", flush=True)
+              f"{check_decided(target, ca)}", flush=True)
     for row in unavailable:
         print(f"  {row.target:<28} {row.note}")
 
 
-def try_profile(target: Target, seconds: float, root: Path, log: Path) -> tuple[Profile, WrkResult] | str:
+ProfileResult = tuple[Profile, WrkResult] | str
+
+
+def try_profile(target: Target, seconds: float, root: Path, log: Path, pid: int | None = None) -> ProfileResult:
     """The profile is an extra: when py-spy cannot attach (permissions), say so and keep the table."""
-    print("profiling Portcullis (1 worker) with py-spy ...", flush=True)
+    print(f"profiling {target.label}{' (the Portcullis it asks)' if pid else ''} with py-spy ...", flush=True)
     try:
-        return profile_run(target, seconds, root, log)
+        return profile_run(target, seconds, root, log, pid)
     except (BenchError, OSError, subprocess.SubprocessError) as error:
         return f"no profile: {error}"
 
 
+def profiles(targets: list[Target], settings: Settings, root: Path, log: Path) -> list[tuple[str, ProfileResult]]:
+    """With ``--profile``: the 1-worker reverse proxy, and the forward-auth Portcullis behind nginx."""
+    found: list[tuple[str, ProfileResult]] = []
+    if not settings.profile:
+        return found
+    for target in targets:
+        if target.key == "portcullis":
+            found.append(("Portcullis reverse proxy (1 worker)", try_profile(target, settings.seconds, root, log)))
+        elif target.key == "nginx-fa" and target.decider is not None:
+            found.append(("the forward-auth endpoint (Portcullis behind nginx)",
+                          try_profile(target, settings.seconds, root, log, target.decider.server.pid)))
+    return found
+
+
 def run(settings: Settings) -> int:
-    check_tools()
+    check_tools(settings.profile)
     print("\n".join(machine_lines()), flush=True)
     with contextlib.ExitStack() as stack:
         root = Path(tempfile.mkdtemp(prefix="portcullis-bench-"))
@@ -1079,14 +1352,12 @@ def run(settings: Settings) -> int:
             print("cold caches (a fresh gateway; each request a new token and device):", flush=True)
             workers_available = not any(row.target == "Portcullis, 2 workers" for row in unavailable)
             cold = run_cold(root, backend, backend_port, fixtures, settings, log, workers_available)
-        ours = next((t for t in targets if t.key == "portcullis"), None)
-        profile = try_profile(ours, settings.seconds, root, log) if settings.profile and ours else None
-        report(rows, cold, targets, profile)
+        report(rows, cold, targets, profiles(targets, settings, root, log))
     return 0
 
 
 def report(rows: list[Row], cold: list[ColdRun], targets: list[Target],
-           profile: tuple[Profile, WrkResult] | str | None) -> None:
+           profiled: list[tuple[str, ProfileResult]]) -> None:
     all_rows = rows + [run.row for run in cold]
     labels = {t.key: t.label for t in targets} | {"portcullis-2w": "Portcullis, 2 workers"}
     print("\nresults\n")
@@ -1098,9 +1369,10 @@ def report(rows: list[Row], cold: list[ColdRun], targets: list[Target],
     print("\nratios\n")
     print("\n".join(f"- {line}" for line in ratio_lines(rows, labels) + peak_lines(cold)))
     print("\nmemory\n")
-    print("\n".join(f"- {line}" for line in memory_lines(cold, [t for t in targets if t.key.startswith("portcullis")])))
-    if profile is not None:
-        print("\nprofile\n")
+    print("\n".join(f"- {line}" for line in memory_lines(cold, [t for t in targets if t.key.startswith("portcullis")]
+                                                          + forward_auth_memory(targets))))
+    for title, profile in profiled:
+        print(f"\nprofile: {title}\n")
         print(profile if isinstance(profile, str) else "\n".join(profile_lines(*profile)))
 
 
