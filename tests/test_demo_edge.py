@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ruamel.yaml import YAML
 
 from gateway.app.demo import SCENARIOS
 from gateway.app.edges import EDGES
@@ -97,4 +98,21 @@ def test_an_edge_port_in_use_stops_the_demo_with_one_clear_line(tmp_path: Path) 
                                  "--edge-port", str(taken)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"portcullis: nginx cannot listen on 127.0.0.1:{taken}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@needs_caddy
+def test_a_forward_auth_listener_over_tls_is_refused_with_a_clear_line(tmp_path: Path) -> None:
+    """The demo's edge asks over plain HTTP: a config whose listener wants TLS is refused, not served
+    with an edge whose every question fails."""
+    config_dir = demo_config_copy(tmp_path, Ports.fresh())
+    yaml = YAML()
+    data = yaml.load(config_dir / "portcullis.yaml")
+    data["forwardAuth"] = {"listen": {"host": "127.0.0.1", "port": free_port()},
+                           "tls": {"certificateFile": "../certs/forward-auth.pem"}}
+    yaml.dump(data, config_dir / "portcullis.yaml")
+    result = subprocess.run([PORTCULLIS, "demo", "--config", str(config_dir), "--edge", "caddy"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "portcullis: demo --edge asks the forward-auth listener over plain HTTP" in result.stderr
     assert "Traceback" not in result.stderr

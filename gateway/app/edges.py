@@ -39,6 +39,8 @@ class Site:
 
 @dataclass(frozen=True, slots=True)
 class Edge:
+    """How to run one edge: its binary, its snippets, its config and command line."""
+
     name: str
     package: str  # Debian's, named when the binary is missing
     candidates: tuple[str, ...]  # where the binary may be when it is not on PATH
@@ -47,6 +49,7 @@ class Edge:
     command: Callable[[str, Path, Path], list[str]]
 
     def find(self) -> str | None:
+        """The edge's executable on PATH or where Debian puts it, or None."""
         return shutil.which(self.name) or next((c for c in self.candidates if Path(c).is_file()), None)
 
     def binary(self) -> str:
@@ -212,8 +215,16 @@ def with_forward_auth(config: Config) -> Config:
     one on a free loopback port trusting loopback (the edge runs beside the demo)."""
     if config.gateway_file.forward_auth is not None:
         return config
-    section = ForwardAuthSettings(listen=ForwardAuthListen(host="127.0.0.1", port=0))
-    return replace(config, gateway_file=config.gateway_file.model_copy(update={"forward_auth": section}))
+    added = ForwardAuthSettings(listen=ForwardAuthListen(host="127.0.0.1", port=0))
+    return replace(config, gateway_file=config.gateway_file.model_copy(update={"forward_auth": added}))
+
+
+def check_plain_forward_auth(config: Config) -> None:
+    """The demo's edge asks over plain HTTP: a ``forwardAuth.tls`` section would refuse it."""
+    section = config.gateway_file.forward_auth
+    if section is not None and section.tls is not None:
+        raise ValueError("demo --edge asks the forward-auth listener over plain HTTP: use a config without "
+                         "forwardAuth.tls (docs/forward-auth.md shows an edge asking over TLS)")
 
 
 def demo_sites(config: Config) -> list[Site]:

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 
 from gateway.app import bootstrap
 from gateway.app.commands.common import DEFAULT_CONFIG
-from gateway.app.edges import EDGES, demo_sites, edge_banner, running_edge, with_forward_auth
+from gateway.app.edges import (
+    EDGES,
+    check_plain_forward_auth,
+    demo_sites,
+    edge_banner,
+    running_edge,
+    with_forward_auth,
+)
 from gateway.app.workers import ONLY_WORKER, Supervisor, Worker, hold_reloads, release_reloads, worker_command
 from gateway.config import Config, load_config, load_gateway_file
 from gateway.config.files import missing_certificates
@@ -164,6 +171,7 @@ async def _serve(config_dir: Path, *, demo: bool, record: Path | None = None, wo
     device_ca = _demo_device_certificates(config_dir) if demo else None  # before loading: the config trusts it
     loaded = bootstrap.load(config_dir, worker)
     if edge is not None:
+        check_plain_forward_auth(loaded.config)
         loaded = replace(loaded, config=with_forward_auth(loaded.config))
     if not demo:
         raise_if(missing_certificates(loaded.config, config_dir))  # the demo makes its own; a gateway must have them
