@@ -176,7 +176,7 @@ def _wait_listening(process: subprocess.Popen[bytes], port: int, log: Path, name
     raise RuntimeError(f"{name} is not listening on 127.0.0.1:{port} after {START_SECONDS} s: {_tail(log)}")
 
 
-def _check_free(name: str, port: int) -> None:
+def check_port_free(name: str, port: int) -> None:
     """A port another program listens on is said clearly (waiting for the edge to listen there would
     find the other program, and the edge's own failure to bind would go unseen)."""
     try:
@@ -198,7 +198,7 @@ def running_edge(name: str, directory: Path, *, port: int, forward_auth: int, si
     the shipped ones; ``lines``: more directives in each site (both for tests, e.g. TLS to Portcullis)."""
     edge = EDGES[name]
     binary = edge.binary()
-    _check_free(name, port)
+    check_port_free(name, port)
     directory.mkdir(parents=True, exist_ok=True)
     config = edge.write_config(directory, port, forward_auth, sites, snippets or edge.snippet_directory(), lines)
     # Caddy keeps its state under $HOME / $XDG_*: here, in the edge's own directory

@@ -21,6 +21,7 @@ from gateway.app.commands.common import DEFAULT_CONFIG
 from gateway.app.edges import (
     EDGES,
     check_plain_forward_auth,
+    check_port_free,
     demo_sites,
     edge_banner,
     running_edge,
@@ -135,6 +136,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.edge is not None:
         EDGES[args.edge].binary()  # a missing edge is said before anything starts
         EDGES[args.edge].snippet_directory()
+        check_port_free(args.edge, args.edge_port)
         edge = DemoEdge(args.edge, args.edge_port)
     hold_reloads()
     asyncio.run(_serve(args.config, demo=True, record=args.record, edge=edge))
