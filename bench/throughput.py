@@ -77,6 +77,7 @@ START_TIMEOUT = 60.0
 PROFILE_RATE = 250  # py-spy samples per second
 NOISY_CORES = 0.25  # other processes used more than this during a run: its numbers are suspect
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CADDY_SNIPPET = Path(__file__).resolve().parents[1] / "deploy" / "caddy" / "Caddyfile"  # imported as shipped
 TARGETS = ("direct", "mitmdump", "portcullis", "portcullis-2w", "nginx", "nginx-fa", "caddy-fa", "cold")
 FORWARD_AUTH_TARGETS = ("nginx-fa", "caddy-fa")
 SNIPPETS = REPO / "deploy" / "nginx"  # the shipped nginx snippets, included as they are
@@ -485,7 +486,7 @@ def start_caddy(stack: contextlib.ExitStack, directory: Path, values: dict[str, 
         return Unavailable("caddy is not installed (apt-get install caddy)")
     directory.mkdir(parents=True)
     conf = directory / "Caddyfile"
-    conf.write_text(fill_template("forward-auth.Caddyfile", {"DIR": directory, **values}))
+    conf.write_text(fill_template("forward-auth.Caddyfile", {"DIR": directory, "SNIPPET": CADDY_SNIPPET, **values}))
     home = {"HOME": str(directory), "XDG_DATA_HOME": str(directory / "data"),
             "XDG_CONFIG_HOME": str(directory / "config")}
     server = start(stack, "caddy", [caddy, "run", "--config", str(conf), "--adapter", "caddyfile"],
