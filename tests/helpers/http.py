@@ -29,8 +29,15 @@ def raw_exchange(gateway: Gateway, request: str) -> str:
     gateway.ca.configure_trust(context)
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as raw, \
             context.wrap_socket(raw, server_hostname=MAIL) as tls:
-        tls.sendall(request.encode())
+        _send_until_answered(tls, request.encode())
         return b"".join(iter(lambda: tls.recv(65536), b"")).decode(errors="replace")
+
+
+def _send_until_answered(tls: ssl.SSLSocket, data: bytes) -> None:
+    """Send ``data``; a head the gateway refuses as too large (431) is answered, and the connection
+    closed, before the rest is read, so the send may end early: its answer is read next."""
+    with contextlib.suppress(ssl.SSLEOFError, ConnectionError):
+        tls.sendall(data)
 
 
 @dataclass(frozen=True)
