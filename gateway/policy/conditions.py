@@ -8,6 +8,7 @@ same page.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Collection, Mapping
@@ -71,7 +72,12 @@ def compile_resources(resources: Mapping[str, Resource]) -> ResourceIndex:
 
 def path_has_prefix(path: str, prefix: str) -> bool:
     """Prefix match on whole segments: ``/owa/`` matches ``/owa`` and ``/owa/x``, not ``/owax``."""
-    return PathPattern.compile("", prefix).regex.match(path) is not None
+    return _prefix_pattern(prefix).regex.match(path) is not None
+
+
+@functools.lru_cache(maxsize=256)  # the prefixes are the code's and the config's: a handful
+def _prefix_pattern(prefix: str) -> PathPattern:
+    return PathPattern.compile("", prefix)
 
 
 def matching_patterns(index: ResourceIndex, host: str, path: str) -> list[PathPattern]:

@@ -127,6 +127,8 @@ class PolicySet:
 
     def contexts_of(self, resources: tuple[str, ...]) -> frozenset[str]:
         """The authentication contexts (c1..c99) these resources carry."""
+        if not self.contexts_by_resource:  # most configs: no resource carries one
+            return frozenset()
         return frozenset().union(*(self.contexts_by_resource.get(r, frozenset()) for r in resources))
 
     def session_controls_for_browsers(self) -> SessionControls:
