@@ -1301,6 +1301,33 @@ def check_all(targets: list[Target], unavailable: list[Row], ca: trustme.CA) -> 
               f"{check_decided(target, ca)}", flush=True)
     for row in unavailable:
         print(f"  {row.target:<28} {row.note}")
+    print(f"TLS session resumption ({RESUMPTION_PROBES} new connections, each offering the session of the one "
+          "before, as wrk's do with Connection: close):")
+    for target in targets:
+        if target.scheme == "https":
+            print(f"  {target.label:<28} {resumed(target, ca)} of {RESUMPTION_PROBES} resumed", flush=True)
+
+
+RESUMPTION_PROBES = 20
+
+
+def resumed(target: Target, ca: trustme.CA) -> int:
+    """How many of ``RESUMPTION_PROBES`` connections resumed the TLS session the one before got. A
+    process has its own session ticket keys: with several workers sharing the port (SO_REUSEPORT),
+    a ticket from one is a full handshake at another, which is what a close row pays for."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    session, count = None, 0
+    request = f"GET /resumption-probe HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
+    for _ in range(RESUMPTION_PROBES):
+        with socket.create_connection(("127.0.0.1", target.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname=HOST, session=session) as tls:
+            tls.sendall(request)
+            while tls.recv(65536):  # the answer (a 401 will do), and TLS 1.3's ticket with it
+                pass
+            count += bool(tls.session_reused)
+            session = tls.session
+    return count
 
 
 ProfileResult = tuple[Profile, WrkResult] | str
