@@ -354,18 +354,10 @@ class _Chain(list[Any]):
         super().__init__(addons)
         self._changed = changed
 
-    append = _changing("append")
-    extend = _changing("extend")
-    insert = _changing("insert")
-    remove = _changing("remove")
-    pop = _changing("pop")
-    clear = _changing("clear")
-    sort = _changing("sort")
-    reverse = _changing("reverse")
-    __setitem__ = _changing("__setitem__")
-    __delitem__ = _changing("__delitem__")
-    __iadd__ = _changing("__iadd__")
-    __imul__ = _changing("__imul__")
+
+for _method in ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse", "__setitem__",
+                "__delitem__", "__iadd__", "__imul__"):  # every list method that changes the list
+    setattr(_Chain, _method, _changing(_method))
 
 
 class HookTable(addonmanager.AddonManager):

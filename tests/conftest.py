@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from tests.helpers.scale_out import Instance
 
 REPO = Path(__file__).resolve().parents[1]
+# fixtures kept beside their helpers: ``portcullis``, a gateway with a forward-auth listener (the edges' tests)
+pytest_plugins = ["tests.helpers.forward_auth"]
 HOSTS = ["mail.contoso.test", "docs.contoso.test", "portcullis.contoso.test"]
 MTD_SECRET = "test-mtd-shared-secret-0123456789"
 os.environ["PORTCULLIS_DEMO_MTD_SECRET"] = MTD_SECRET  # the demo config's partner reads it at start

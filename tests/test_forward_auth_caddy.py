@@ -31,7 +31,7 @@ from gateway.web import forward_auth
 from tests.conftest import Gateway, Ports, free_port
 from tests.helpers.caddy import caddy_edge, needs_caddy
 from tests.helpers.edges import DOCS, MAIL, received, sign_in_and_out, through_edge
-from tests.helpers.forward_auth import OUTSIDER, ask, forward_auth_config, forward_auth_gateway
+from tests.helpers.forward_auth import OUTSIDER, ask, forward_auth_config
 from tests.helpers.running import Started, started
 from tests.helpers.signals import second_connection
 from tests.helpers.tokens import outlook_token
@@ -42,12 +42,6 @@ FORGED = {"X-Original-URI": ACTIVESYNC, "X-Forwarded-Uri": ACTIVESYNC, "X-Origin
           "X-Forwarded-Method": "POST", "X-Forwarded-Host": DOCS, "X-Forwarded-For": "10.0.0.1",
           "X-Portcullis-User": "admin@contoso.test", "X-Portcullis-Device-Id": "forged",
           "X-Portcullis-Client-App": "forged", "X-Portcullis-Assertion": "forged"}
-
-
-@pytest.fixture(scope="module")
-def portcullis(gateway: Gateway, demo_ports: Ports, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
-    with forward_auth_gateway(gateway, tmp_path_factory.mktemp("forward-auth"), demo_ports) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

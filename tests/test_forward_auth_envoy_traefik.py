@@ -7,7 +7,7 @@ rules to the answer: what would reach the upstream, what the client would get.""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -19,8 +19,7 @@ from ruamel.yaml import YAML
 from gateway.app.demo import ACTIVESYNC, ACTIVESYNC_UA, BLAKE_ANDROID, BROWSER_UA, OFFICE, activesync
 from gateway.http.headers import CORRELATION_ID
 from gateway.web import forward_auth
-from tests.conftest import Gateway, Ports
-from tests.helpers.forward_auth import OUTSIDER, ask, forward_auth_gateway
+from tests.helpers.forward_auth import OUTSIDER, ask
 from tests.helpers.running import Started
 from tests.helpers.tokens import outlook_token
 
@@ -139,12 +138,6 @@ class Edge(Protocol):
 
 
 EDGES: dict[str, Callable[[], Edge]] = {"envoy": Envoy, "traefik": Traefik}
-
-
-@pytest.fixture(scope="module")
-def portcullis(gateway: Gateway, demo_ports: Ports, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
-    with forward_auth_gateway(gateway, tmp_path_factory.mktemp("forward-auth"), demo_ports) as running:
-        yield running
 
 
 @pytest.fixture(params=sorted(EDGES))

@@ -14,9 +14,9 @@ import pytest
 from gateway.app.demo import ACTIVESYNC, ACTIVESYNC_UA, ALEX_IPHONE, BLAKE_ANDROID, BROWSER_UA, activesync
 from gateway.http.headers import CORRELATION_ID
 from gateway.web import forward_auth
-from tests.conftest import Gateway, Ports, free_port
+from tests.conftest import Ports, free_port
 from tests.helpers.edges import sign_in_and_out
-from tests.helpers.forward_auth import OUTSIDER, ask, endpoint, forward_auth_gateway
+from tests.helpers.forward_auth import OUTSIDER, ask, endpoint
 from tests.helpers.mtd import level, push
 from tests.helpers.nginx import needs_nginx, nginx_edge
 from tests.helpers.running import Started
@@ -25,12 +25,6 @@ from tests.helpers.tokens import outlook_token
 pytestmark = needs_nginx
 
 MAIL = "mail.contoso.test"
-
-
-@pytest.fixture(scope="module")
-def portcullis(gateway: Gateway, demo_ports: Ports, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
-    with forward_auth_gateway(gateway, tmp_path_factory.mktemp("forward-auth"), demo_ports) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 from ruamel.yaml import YAML
 
 from gateway.app import bootstrap
@@ -33,6 +34,13 @@ def forward_auth_config(gateway: Gateway, directory: Path, demo_ports: Ports,
     data["upstreamAssertion"] = {"keyFile": str(session_key)}
     yaml.dump(data, path)
     return config_dir
+
+
+@pytest.fixture(scope="module")
+def portcullis(gateway: Gateway, demo_ports: Ports, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
+    """The edges' tests' gateway with a forward-auth listener, one per test module (import it there)."""
+    with forward_auth_gateway(gateway, tmp_path_factory.mktemp("forward-auth"), demo_ports) as running:
+        yield running
 
 
 @contextlib.contextmanager
