@@ -15,7 +15,7 @@ from gateway.app.demo import ACTIVESYNC, ACTIVESYNC_UA, ALEX_IPHONE, BLAKE_ANDRO
 from gateway.http.headers import CORRELATION_ID
 from gateway.web import forward_auth
 from tests.conftest import Ports, free_port
-from tests.helpers.edges import sign_in_and_out
+from tests.helpers.edges import sent_to_sign_in, sign_in_and_out
 from tests.helpers.forward_auth import OUTSIDER, ask, endpoint
 from tests.helpers.mtd import level, push
 from tests.helpers.nginx import needs_nginx, nginx_edge
@@ -130,9 +130,7 @@ def test_a_risk_raise_takes_effect_on_the_next_request(edge: int, portcullis: St
 def test_a_browser_without_a_session_is_redirected_to_sign_in(edge: int, portcullis: Started) -> None:
     answer = through_nginx(edge, "/owa/", method="GET",
                            headers={"User-Agent": BROWSER_UA, "Accept": "text/html"})
-    assert answer.status_code == 302
-    assert answer.headers["Location"].startswith(portcullis.gateway.idp.issuer)
-    assert "__Host-portcullis-signin" in answer.headers["Set-Cookie"]
+    assert sent_to_sign_in(answer, portcullis.gateway.idp.issuer), answer.headers
 
 
 def test_headers_a_client_sends_neither_change_the_decision_nor_reach_the_backend(

@@ -72,3 +72,9 @@ def sign_in_and_out(port: int, issuer: str) -> dict[str, Any]:
     again = through_edge(port, "/owa/?folder=inbox", method="GET", headers={**browser, "Cookie": session})
     assert again.status_code == 302 and again.headers["Location"].startswith(issuer)
     return inbox
+
+
+def sent_to_sign_in(answer: httpx.Response, issuer: str) -> bool:
+    """A browser without a session: redirected to the issuer, with the sign-in binding cookie."""
+    return answer.status_code == 302 and answer.headers["Location"].startswith(issuer) and \
+        "__Host-portcullis-signin" in answer.headers["Set-Cookie"]
