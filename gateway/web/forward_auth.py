@@ -129,7 +129,7 @@ class ForwardAuth:
         # every path and every method: an Envoy check keeps the original method (PROPFIND too)
         questions = Starlette(routes=[Route(ANSWER_PATH + "{correlation_id}", self.answer, methods=["GET"]),
                                       Mount("/", app=request_response(self.decide))])
-        pages = browser_app(self.service)
+        browser_pages = browser_app(self.service)
 
         async def pages_or_question(scope: Scope, receive: Receive, send: Send) -> None:
             """The browser's pages on a protected host (from the edge, for a host decided here), or a question."""
@@ -137,7 +137,7 @@ class ForwardAuth:
                 await questions(scope, receive, send)
                 return
             refusal = self._page_refusal(Request(scope))
-            await (refusal if refusal is not None else pages)(scope, receive, send)
+            await (refusal if refusal is not None else browser_pages)(scope, receive, send)
         return pages_or_question
 
     def _the_edge(self, request: Request) -> tuple[ForwardAuthSettings | None, str | None]:
