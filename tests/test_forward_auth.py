@@ -279,3 +279,11 @@ def test_block_uploads_refuses_what_an_edge_that_names_no_framing_cannot_rule_ou
     if status == 403:
         record = running.gateway.decision(answer.headers[CORRELATION_ID])
         assert (record["restriction"], record["status"]["failureReason"]) == ("blockUploads", UPLOAD_BLOCKED)
+
+
+def test_a_method_no_parser_knows_is_decided_and_logged_whatever_parser_is_installed(edge: Started) -> None:
+    """Envoy's check keeps the original method: the listener parses with h11 even where httptools
+    is installed (llhttp would refuse an unknown method itself, unanswered by Portcullis, unlogged)."""
+    answer = ask(edge, {"Host": MAIL, "X-Forwarded-For": CLIENT, **bearer(outlook_token(edge.gateway))},
+                 method="VERSION-CONTROL", path="/envoy/owa/")
+    assert edge.gateway.decision(answer.headers[CORRELATION_ID])["request"]["method"] == "VERSION-CONTROL"

@@ -84,13 +84,17 @@ async def serving(app: ASGIApp, host: str, port: int, *, name: str,
     """uvicorn in the running loop. The socket is bound first, so a port in use is a clear error;
     client addresses are the ones the socket saw (uvicorn never reads X-Forwarded-For: the audit
     log and the forward-auth listener's proxy check name the real peer). With ``tls`` (see
-    ``server_tls``) it speaks HTTPS, and each request's scope carries ASGI's TLS extension."""
+    ``server_tls``) it speaks HTTPS, and each request's scope carries ASGI's TLS extension. Always
+    h11, never httptools even where it is installed: llhttp refuses a method it does not know
+    before the app sees it (an Envoy check keeps the original one), so that refusal would be
+    neither answered by Portcullis nor logged."""
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as error:
         raise RuntimeError(f"{name} cannot listen on {host}:{port}: {error.strerror}") from error
+    protocol = PeerCertificateProtocol if tls is not None else H11Protocol
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, proxy_headers=False,
-                            timeout_graceful_shutdown=2, http=PeerCertificateProtocol if tls is not None else "auto",
+                            timeout_graceful_shutdown=2, http=protocol,
                             ssl_context_factory=_given(tls) if tls is not None else None)
     server = EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
