@@ -399,6 +399,8 @@ def access_token_in_query(target: str) -> bool:
     """RFC 6750's URI query parameter: never read (URLs end up in logs), and never forwarded for
     the upstream to read either, beside or instead of the token the gateway checked."""
     query = target.partition("?")[2]
+    if "%" not in query and "access_token" not in query.lower():  # decoding could not make the name: no parse
+        return False
     return any(name.lower() == "access_token" for name, _ in parse_qsl(query, keep_blank_values=True))
 
 

@@ -35,6 +35,7 @@ from urllib.parse import unquote
 ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 TARGET_CHARACTERS = re.compile(r"[!-~]+")  # visible ASCII: what RFC 3986 allows unencoded, and more
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 EXPLICIT_LOGON = "autodiscover.json"
 MAX_QUERY_DECODINGS = 8  # ``%25`` nested deeper than this is refused, not decoded further
 
@@ -50,14 +51,15 @@ def canonical_path(target: str) -> str | None:
         decoded = unquote(path, errors="strict") if "%" in path else path
     except UnicodeDecodeError:
         return None
-    if any(c in decoded for c in ";?") or any(_folds_to_ascii(c) for c in decoded if not c.isascii()):
+    plain = decoded.isascii()  # most paths: no case folding onto ASCII, NFKC leaves them as they are
+    if ";" in decoded or "?" in decoded or (not plain and any(_folds_to_ascii(c) for c in decoded if not c.isascii())):
         return None
-    if ESCAPE.search(decoded) or any(c in decoded for c in "\\\x00") or "%2f" in path.lower():
-        return None
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+    if ESCAPE.search(decoded) or "\\" in decoded or "%2f" in path.lower() or CONTROL.search(decoded):
         return None
     if not _plain_segments(decoded) or _explicit_logon(decoded, query):
         return None
+    if plain:
+        return decoded
     folded = unicodedata.normalize("NFKC", decoded)
     if folded != decoded and (any(folded.count(c) != decoded.count(c) for c in "/\\")
                               or not _plain_segments(folded)):

@@ -58,6 +58,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
+        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         self.decisions = Counter("portcullis_decisions", "Access decisions",
                                  ["result", "policy", "reason", "app"], registry=registry)
         self.policy_results = Counter("portcullis_policy_results", "Per-policy results of decisions (Entra's "
@@ -83,11 +84,19 @@ class GatewayMetrics:
                                       ["action", "outcome"], registry=registry)
 
     def record_decision(self, decision: Decision, app_name: str | None) -> None:
-        policy = decision.failed_policy_id or "none"
-        self.decisions.labels(decision.result.value, policy, reason_label(decision),
-                              app_name or "unregistered").inc()
+        self._child(self.decisions, (decision.result.value, decision.failed_policy_id or "none",
+                                     reason_label(decision), app_name or "unregistered")).inc()
         for result in decision.policies:
-            self.policy_results.labels(result.name, result.result.value).inc()
+            self._child(self.policy_results, (result.name, result.result.value)).inc()
+
+    def _child(self, metric: Counter, labels: tuple[str, ...]) -> Counter:
+        """``metric.labels(*labels)``, kept: prometheus_client validates and locks on every call,
+        and keeps every child anyway (the label values are the config's and fixed vocabularies)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def policy_hits(self) -> dict[str, dict[str, int]]:
         """Per policy, how many decisions had each result since start (the dashboard's table)."""

@@ -212,11 +212,18 @@ def platform_not_matched(condition: Platforms, platform: DevicePlatform | None) 
     return f"device platform {shown!r} is not included"
 
 
+@functools.lru_cache(maxsize=4096)  # parsed once per address while it is sending (addresses are immutable)
+def _address(client_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(client_ip)
+    except ValueError:
+        return None
+
+
 def locations_of(client_ip: str, named: Mapping[str, tuple[tuple[Network, ...], bool]]) -> tuple[set[str], bool]:
     """The named locations the address is in, and whether any of them is trusted."""
-    try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
+    address = _address(client_ip)
+    if address is None:
         return set(), False
     inside = {name for name, (networks, _) in named.items() if any(address in n for n in networks)}
     return inside, any(named[name][1] for name in inside)
