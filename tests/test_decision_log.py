@@ -22,7 +22,7 @@ from ruamel.yaml import YAML
 
 from gateway.app import bootstrap
 from gateway.app.demo import DREW_IPHONE, EXCHANGE, OUTLOOK_MOBILE, SHAREPOINT, activesync
-from gateway.decision.log import DecisionLog, Pseudonymizer, log_files
+from gateway.decision.log import DecisionLog, Pseudonymizer, find_record, log_files
 from gateway.ops.metrics import GatewayMetrics
 from tests.conftest import Background, Gateway, Ports
 from tests.helpers.decision_log import listener, logged, own_config
@@ -129,6 +129,34 @@ def test_records_are_never_lost_silently_when_the_disk_is_slow(tmp_path: Path) -
     written = (tmp_path / "decisions.jsonl").read_text().splitlines()
     assert len(written) == 10 - log.dropped
     assert [r["correlationId"] for r in log.recent()][-1] == "c0"  # every record stays visible in memory
+
+
+def test_a_record_that_cannot_be_written_is_counted_and_costs_only_itself(tmp_path: Path) -> None:
+    metrics = GatewayMetrics()
+    log = DecisionLog(tmp_path / "decisions.jsonl", on_error=metrics.log_errors.inc)
+    log.write({"correlationId": "before"})
+    log.write({"correlationId": "broken", "value": object()})  # no JSON for it
+    log.write({"correlationId": "after"})
+    log.close()
+    written = [json.loads(line)["correlationId"]
+               for line in (tmp_path / "decisions.jsonl").read_text(encoding="utf-8").split("\n") if line]
+    assert written == ["before", "after"] and metrics.log_errors._value.get() == 1
+
+
+def test_any_text_a_client_sends_stays_on_its_line_and_is_found(tmp_path: Path) -> None:
+    """Each record is one line however its strings are spelled (a User-Agent is the client's):
+    non-ASCII as UTF-8, U+2028 and U+2029 (JavaScript's line breaks), control characters escaped."""
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path, keep_recent=1)
+    spelled = {"userPrincipalName": "zoë@contoso.test", "userAgent": "a\u2028b\u2029c\r\nd\x00e\x1bf"}
+    log.write({"correlationId": "spelled", **spelled})
+    log.write({"correlationId": "next"})
+    log.close()
+    lines = path.read_bytes().split(b"\n")
+    assert len(lines) == 3 and lines[2] == b""  # two records, two lines
+    assert json.loads(lines[0]) == {"correlationId": "spelled", **spelled}
+    found = find_record(log_files(path), "spelled")
+    assert found is not None and found["userAgent"] == spelled["userAgent"]
 
 
 def test_the_log_rotates_by_size_and_old_records_stay_findable(tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any, cast
 
+import orjson
+
 from gateway.policy.compliance import is_compliant
 from gateway.policy.grant_controls import app_protection_state
 from gateway.policy.model import (
@@ -392,7 +394,7 @@ class DecisionLog:
         lines = []
         for record in batch:
             try:
-                lines.append(json.dumps(record, separators=(",", ":")))
+                lines.append(orjson.dumps(record).decode())  # compact like json.dumps, about 6x faster
             except (TypeError, ValueError):  # one record that cannot be written must not take the batch
                 self._write_failed()
         try:
