@@ -383,6 +383,9 @@ class HookTable(addonmanager.AddonManager):
         self._chain = _Chain(addons, self._table.clear)
 
     def hook_callables(self, name: str) -> HookCallables:
+        """Per addon of the chain that has hook ``name``, its callables and its sub-addons'. A
+        sub-addon list changed in place after the addon joined (mitmproxy's script loader does;
+        no gateway addon has sub-addons) is seen once the chain changes next."""
         found = self._table.get(name)
         if found is None:
             found = tuple(funcs for funcs in (self._callables(addon, name) for addon in self._chain) if funcs)
