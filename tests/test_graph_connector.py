@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -240,6 +241,19 @@ def test_endless_throttling_gives_up_with_signal_unavailable() -> None:
     run(state, scenario)
 
 
+def app_registrations_sync(store: SqliteDeviceStore,
+                           apps: SqliteAppRegistrations) -> Callable[[str], Awaitable[int]]:
+    """One app registrations sync against the Graph server at ``base``: how many it wrote."""
+    async def scenario(base: str) -> int:
+        client = GraphClient(settings(base))
+        try:
+            return await GraphInventory(store, StoreInventory(store), client,
+                                        clock=lambda: NOW).sync_app_registrations(apps)
+        finally:
+            await client.close()
+    return scenario
+
+
 def test_app_registrations_sync_through_paging_and_throttling_in_one_transaction(tmp_path: Path) -> None:
     state = GraphState(devices=[], throttle=[429, 503], app_registrations=[
         app_registration(1), app_registration(2, android=True, flaggedReasons=["rootedDevice"]),
@@ -250,15 +264,7 @@ def test_app_registrations_sync_through_paging_and_throttling_in_one_transaction
     apps = SqliteAppRegistrations(tmp_path / "d.sqlite")  # beside the devices, in the same file
     apps.replace_all([app_registration_gone()], now=NOW)  # Intune no longer lists it: pruned
 
-    async def scenario(base: str) -> int:
-        client = GraphClient(settings(base))
-        try:
-            return await GraphInventory(store, StoreInventory(store), client,
-                                        clock=lambda: NOW).sync_app_registrations(apps)
-        finally:
-            await client.close()
-
-    assert run(state, scenario) == 3
+    assert run(state, app_registrations_sync(store, apps)) == 3
     registrations = {r.registration_id: r for r in apps.registrations()}
     assert sorted(registrations) == ["android-registration-2", "ios-registration-1", "ios-registration-3"]
     ios, android = registrations["ios-registration-1"], registrations["android-registration-2"]
@@ -298,15 +304,7 @@ def test_an_empty_app_registrations_answer_prunes_nothing(tmp_path: Path) -> Non
     apps.replace_all([app_registration_gone()], now=NOW)
     store = SqliteDeviceStore(tmp_path / "d.sqlite")
 
-    async def scenario(base: str) -> int:
-        client = GraphClient(settings(base))
-        try:
-            return await GraphInventory(store, StoreInventory(store), client,
-                                        clock=lambda: NOW).sync_app_registrations(apps)
-        finally:
-            await client.close()
-
-    assert run(GraphState(devices=[]), scenario) == 0
+    assert run(GraphState(devices=[]), app_registrations_sync(store, apps)) == 0
     assert apps.count() == 1
 
 

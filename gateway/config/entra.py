@@ -402,6 +402,9 @@ def _string_list(value: Any) -> list[str]:
 NO_RISK = ("Portcullis has no Entra ID Protection risk; its risk signal is the device's MTD threat level "
            "(grantControls.maxDeviceThreatLevel)")
 
+DIRECTORY_ROLES = Unsupported(Outcome.report_only, "Portcullis matches users and groups, not Entra directory roles")
+GUESTS = Unsupported(Outcome.report_only, "Portcullis does not tell guests and external users from members")
+
 GRAPH_FIELDS: dict[str, Copy | Convert | Unsupported] = {
     "id": IGNORED, "templateId": IGNORED, "createdDateTime": IGNORED, "modifiedDateTime": IGNORED,
     "description": IGNORED, "deletedDateTime": IGNORED,
@@ -414,14 +417,10 @@ GRAPH_FIELDS: dict[str, Copy | Convert | Unsupported] = {
     "conditions.users.excludeUsers": Convert(_users_to_portcullis("conditions.users.excludeUsers")),
     "conditions.users.includeGroups": Copy("conditions.users.includeGroups"),
     "conditions.users.excludeGroups": Copy("conditions.users.excludeGroups"),
-    "conditions.users.includeRoles": Unsupported(Outcome.report_only, "Portcullis matches users and groups, not "
-                                                 "Entra directory roles"),
-    "conditions.users.excludeRoles": Unsupported(Outcome.report_only, "Portcullis matches users and groups, not "
-                                                 "Entra directory roles"),
-    "conditions.users.includeGuestsOrExternalUsers": Unsupported(Outcome.report_only, "Portcullis does not tell "
-                                                                 "guests and external users from members"),
-    "conditions.users.excludeGuestsOrExternalUsers": Unsupported(Outcome.report_only, "Portcullis does not tell "
-                                                                 "guests and external users from members"),
+    "conditions.users.includeRoles": DIRECTORY_ROLES,
+    "conditions.users.excludeRoles": DIRECTORY_ROLES,
+    "conditions.users.includeGuestsOrExternalUsers": GUESTS,
+    "conditions.users.excludeGuestsOrExternalUsers": GUESTS,
     "conditions.applications": OBJECT,
     "conditions.applications.includeApplications": Convert(
         _apps_to_portcullis("conditions.resources.include"), "conditions.resources.include",
